@@ -1,0 +1,29 @@
+"""Errors meant for people: each names the file, key or row, what was expected and how to fix it."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input (recipe, data, run directory). The CLI prints it without a
+    traceback and exits with code 2."""
+
+    exit_code = 2
+
+
+class RecipeError(UserError):
+    """One or more problems in a recipe, collected so the user fixes them in one pass."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
+
+
+class DataError(UserError):
+    """A problem with a data source or a row of it."""
+
+
+class RunDirError(UserError):
+    """The run directory holds something that this launch must not touch."""

@@ -1,0 +1,287 @@
+"""Model: tokenizer, quantization, placement for the launch mode, LoRA adapters.
+
+Each known trap of QLoRA is handled in the one function that owns the choice, with a comment that
+says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+from .recipe import ModelConfig, QuantizationConfig, Recipe
+
+log = logging.getLogger("qlora_sft")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class LaunchMode:
+    """Where this process runs, as far as model loading cares."""
+
+    kind: str  # "cpu" | "single_gpu" | "ddp" | "deepspeed" | "fsdp"
+    world_size: int
+    local_rank: int
+    zero_stage: int = 0
+
+    @property
+    def shards_parameters(self) -> bool:
+        """ZeRO-3 and FSDP shard parameters across ranks."""
+        return self.kind == "fsdp" or (self.kind == "deepspeed" and self.zero_stage == 3)
+
+    def describe(self) -> str:
+        extra = f" ZeRO-{self.zero_stage}" if self.kind == "deepspeed" else ""
+        return f"{self.kind}{extra}, world size {self.world_size}"
+
+
+def detect_launch_mode() -> LaunchMode:
+    """Read the launch mode from accelerate's state (set by `accelerate launch` / torchrun)."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState()
+    dt = state.distributed_type
+    if dt == DistributedType.DEEPSPEED:
+        plugin = getattr(state, "deepspeed_plugin", None)
+        stage = 0
+        if plugin is None:
+            from accelerate.utils import DeepSpeedPlugin
+
+            plugin = DeepSpeedPlugin()
+        stage = int(getattr(plugin, "zero_stage", 0) or 0)
+        return LaunchMode("deepspeed", state.num_processes, state.local_process_index, stage)
+    if dt == DistributedType.FSDP:
+        return LaunchMode("fsdp", state.num_processes, state.local_process_index)
+    if state.device.type == "cpu":
+        return LaunchMode("cpu", state.num_processes, state.local_process_index)
+    if state.num_processes > 1:
+        return LaunchMode("ddp", state.num_processes, state.local_process_index)
+    return LaunchMode("single_gpu", 1, state.local_process_index)
+
+
+def resolve_compute_dtype(q: QuantizationConfig, model: ModelConfig, device_type: str) -> torch.dtype:
+    """`auto`: bfloat16 where the GPU supports it, float16 on older GPUs, float32 on the CPU."""
+    choice = q.compute_dtype if q.method != "none" else model.dtype
+    if choice != "auto":
+        return DTYPES[choice]
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device_type in ("xpu", "mps"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype, mode: LaunchMode) -> Any:
+    """BitsAndBytesConfig for the recipe, or None for plain LoRA."""
+    from transformers import BitsAndBytesConfig
+
+    if q.method == "none":
+        return None
+    if q.method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    storage = q.quant_storage
+    if storage == "auto":
+        # ZeRO-3 and FSDP flatten and shard parameters, which needs one dtype for all of them: the
+        # packed 4-bit weights must be stored in the compute dtype (peft#1432, axolotl#1482).
+        storage_dtype = compute_dtype if mode.shards_parameters else torch.uint8
+    else:
+        storage_dtype = DTYPES.get(storage, torch.uint8)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.method,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage_dtype,
+    )
+
+
+def placement(mode: LaunchMode, quantized: bool) -> dict[str, Any]:
+    """from_pretrained placement kwargs for the launch mode (the one place that decides it)."""
+    if mode.shards_parameters:
+        # ZeRO-3/FSDP place and shard the weights themselves: no device map, and the low-memory
+        # path so each rank does not materialise a full copy first.
+        return {"device_map": None, "low_cpu_mem_usage": True}
+    if mode.kind == "cpu":
+        return {"device_map": {"": "cpu"}} if quantized else {}
+    if mode.kind in ("ddp", "deepspeed", "single_gpu"):
+        # DDP with a quantized model needs each rank's full copy on its own GPU: "auto" would spread
+        # layers over every visible GPU and DDP then fails (or silently runs on GPU 0).
+        from accelerate import PartialState
+
+        return {"device_map": {"": PartialState().device}}
+    return {}
+
+
+def local_model_path(cfg: ModelConfig, base_dir: str | Path | None = None) -> str:
+    """A local folder as given or relative to the recipe; otherwise the hub id unchanged."""
+    p = Path(cfg.name_or_path).expanduser()
+    if p.exists():
+        return str(p)
+    if base_dir is not None and not p.is_absolute() and (Path(base_dir) / p).exists():
+        return str(Path(base_dir) / p)
+    if p.is_absolute() or cfg.name_or_path.startswith((".", "~")) or cfg.name_or_path.count("/") > 1:
+        raise UserError(f"model.name_or_path: folder {cfg.name_or_path} not found")
+    return cfg.name_or_path
+
+
+def load_tokenizer(cfg: ModelConfig, base_dir: str | Path | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    path = local_model_path(cfg, base_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as exc:
+        raise UserError(
+            f"model.name_or_path={cfg.name_or_path!r}: could not load its tokenizer ({str(exc).splitlines()[0]}). "
+            "Use a local folder with tokenizer files, or a hub id where the hub is reachable."
+        ) from None
+    ensure_pad_token(tok)
+    tok.padding_side = "right"
+    return tok
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Use a pad token distinct from EOS. With pad == eos, collators that mask padding labels
+    also mask the real EOS, so the model never learns to stop (trl#1623)."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    vocab = tokenizer.get_vocab()
+    candidates = [
+        "<|finetune_right_pad_id|>",  # Llama 3.1
+        "<pad>",
+        "<|pad|>",
+        "[PAD]",
+        "<|reserved_special_token_0|>",
+        tokenizer.unk_token,
+    ]
+    for cand in candidates:
+        if cand and cand in vocab and vocab[cand] != tokenizer.eos_token_id:
+            tokenizer.pad_token = cand
+            return
+    # Add one. It is never attended to nor trained; `resize_for_pad` grows the embeddings if needed.
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+
+
+def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str | Path | None = None) -> Any:
+    """Base model (quantized, placed for the launch mode) with LoRA adapters, ready to train."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    device_type = "cpu" if mode.kind == "cpu" else "cuda"
+    compute_dtype = resolve_compute_dtype(recipe.quantization, recipe.model, device_type)
+    qconfig = quantization_config(recipe.quantization, compute_dtype, mode)
+    if qconfig is not None and recipe.quantization.method != "none" and device_type == "cpu":
+        _check_bnb_cpu()
+    path = local_model_path(recipe.model, base_dir)
+    model_dtype = DTYPES[recipe.model.dtype] if recipe.model.dtype != "auto" else compute_dtype
+    kwargs: dict[str, Any] = {
+        "dtype": model_dtype,
+        "attn_implementation": recipe.model.attn_implementation,
+        "trust_remote_code": recipe.model.trust_remote_code,
+        "revision": recipe.model.revision,
+        **placement(mode, qconfig is not None),
+    }
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    resize_for_pad(model, tokenizer)
+    model.config.use_cache = False  # no KV cache while training (and checkpointing needs it off)
+
+    gc = bool(recipe.train.args.get("gradient_checkpointing", True))
+    if qconfig is not None:
+        # Casts norms/embeddings to fp32 for stable training and wires input grads for checkpointing.
+        # Non-reentrant checkpointing: the reentrant variant breaks under DDP with LoRA (parameters
+        # "marked ready twice") and needs inputs that require grad.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if device_type == "cpu":
+        keep_cpu_4bit_trainable(model)
+
+    lora = recipe.lora
+    target = lora.target_modules
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target if isinstance(target, str) else list(target),
+        modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, peft_config)
+    except ValueError as exc:
+        raise UserError(f"lora.target_modules={target!r}: {exc}") from None
+    return model
+
+
+def resize_for_pad(model: Any, tokenizer: Any) -> None:
+    """Grow the embeddings only if an added pad token does not fit in the existing rows."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def keep_cpu_4bit_trainable(model: Any) -> None:
+    """bitsandbytes' CPU Linear4bit repacks its weight for a fast inference kernel the first time it
+    runs in eval mode without grad (e.g. an evaluation pass) on CPUs with AVX512-BF16. That kernel
+    has no autograd formula, so every later training step silently drops the gradient through the
+    base layers. Keep the trainable layout for models we train."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _check_bnb_cpu() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # pragma: no cover
+        raise UserError(f"quantization needs bitsandbytes, which failed to import: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    trainable_params: int
+    total_params: int
+    adapter_mb: float
+    base_footprint_gb: float
+
+    def lines(self) -> list[str]:
+        return [
+            f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} "
+            f"({100 * self.trainable_params / max(1, self.total_params):.3f}%)",
+            f"adapter size: {self.adapter_mb:.1f} MB",
+            f"base model memory footprint: {self.base_footprint_gb * 1000:.1f} MB"
+            if self.base_footprint_gb < 1
+            else f"base model memory footprint: {self.base_footprint_gb:.2f} GB",
+        ]
+
+
+def summarize(model: Any) -> ModelSummary:
+    trainable = 0
+    adapter_bytes = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            trainable += p.numel()
+            adapter_bytes += p.numel() * p.element_size()
+    _, total = model.get_nb_trainable_parameters()
+    footprint = model.get_base_model().get_memory_footprint() if hasattr(model, "get_base_model") else 0
+    return ModelSummary(trainable, int(total), adapter_bytes / 1e6, footprint / 1e9)

@@ -1,0 +1,764 @@
+"""The recipe: the one YAML file a user edits.
+
+This is the only module that knows the YAML shape. It loads a file, applies `section.key=value`
+overrides (YAML-typed), validates everything at once (unknown keys with a suggestion, wrong types,
+out-of-range values, contradictions) and returns a frozen, typed `Recipe`. Nothing here loads a
+model or data.
+
+Each section is a dataclass whose fields carry their documentation as attribute docstrings; the
+README's recipe reference is generated from them (`qlora_sft.docs`), so docs and code cannot drift.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import difflib
+import functools
+import hashlib
+import inspect
+import itertools
+import json
+import os
+import textwrap
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import RecipeError
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    """Run name. The run directory is `output_dir/name`."""
+    output_dir: str = "runs"
+    """Root folder for run directories (relative paths are relative to the working directory)."""
+    seed: int = 42
+    """Seed for model init (LoRA), data mixing, shuffling and the eval split."""
+    overwrite: bool = False
+    """Start a different recipe in an existing run directory: the old directory is moved aside to
+    `<name>.replaced-<time>` (never deleted). Without it such a launch is refused."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = ""
+    """Local folder (with config.json) or hub id of the base model. Required."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name_or_path` is a hub id."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Dtype of the non-quantized weights. `auto` = the compute dtype."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: `sdpa`, `eager`, `flash_attention_2`, `flex_attention`."""
+    trust_remote_code: bool = False
+    """Allow model/tokenizer code from the model's repository to run. Off by default."""
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    method: Literal["nf4", "fp4", "int8", "none"] = "nf4"
+    """Base weight quantization: `nf4` (QLoRA), `fp4`, `int8` (LLM.int8) or `none` (plain LoRA)."""
+    double_quant: bool = True
+    """Quantize the 4-bit quantization constants too (saves ~0.4 bit/param). 4-bit methods only."""
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Dtype of matmuls on dequantized weights. `auto` = bfloat16 on GPUs that support it,
+    float16 on other GPUs, float32 on the CPU."""
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
+    """Storage dtype of packed 4-bit weights. `auto` = uint8, or the compute dtype under
+    ZeRO-3/FSDP (which shard parameters and need one dtype throughout)."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = field(default=16, metadata={"min": 1})
+    """LoRA rank (>= 1): capacity and size of the adapter."""
+    alpha: float = field(default=32.0, metadata={"gt": 0})
+    """LoRA scaling numerator; the update is scaled by alpha / r."""
+    dropout: float = field(default=0.05, metadata={"min": 0, "lt": 1})
+    """Dropout on the LoRA input, in [0, 1)."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules that get adapters: `all-linear` or a list of module names (e.g. [q_proj, v_proj])."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (e.g. [lm_head]); off by default."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases are trained."""
+
+
+@dataclass(frozen=True)
+class DataSource:
+    path: str = ""
+    """Local .jsonl/.json/.parquet/.csv file, a `datasets.save_to_disk` folder, or a hub dataset id."""
+    format: Literal["auto", "alpaca", "dolly", "sharegpt", "messages", "prompt_completion", "text"] = "auto"
+    """Row format; `auto` detects it from the first row's fields."""
+    weight: float = field(default=1.0, metadata={"gt": 0})
+    """Rows taken from this source = weight x its row count (0.5: a seeded random half; 2: every
+    row twice). Ignored when `ratio` is set."""
+    ratio: float | None = field(default=None, metadata={"gt": 0, "max": 1})
+    """Share of the mixed dataset (0-1). Give it for every source or none; the mix is the largest
+    one that needs no repetition."""
+    split: str = "train"
+    """Split of a hub dataset or a DatasetDict folder."""
+    subset: str | None = None
+    """Config (subset) name of a hub dataset."""
+    system_prompt: str | None = None
+    """System message added to rows of this source that have none."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[DataSource, ...] = ()
+    """Training sources (at least one), mixed by `weight` or `ratio` with `run.seed`."""
+    eval_sources: tuple[DataSource, ...] = ()
+    """Separate evaluation sources. When set, `eval_fraction` is not used."""
+    eval_fraction: float = field(default=0.05, metadata={"min": 0, "lt": 1})
+    """Fraction of the mixed rows held out for evaluation (0 = no eval)."""
+    max_length: int = field(default=1024, metadata={"min": 8})
+    """Tokens per example; longer rows are truncated (and counted)."""
+    assistant_only_loss: bool = True
+    """Train on assistant tokens only (with their end-of-turn token). False: train on every token."""
+    chat_template: str = "auto"
+    """`auto` = the tokenizer's own template; or `chatml`, `llama2` (`[INST]`), `alpaca`
+    (`### Response:`) for base models without one, or a path to a .jinja file."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """`error`: stop at the first bad row, naming source, row and problem. `skip`: drop bad rows
+    and report counts by reason."""
+    packing: bool = False
+    """Pack several examples into one row (best-fit decreasing, padding-free, each example keeps
+    its own positions so attention never crosses examples)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    global_batch_size: int | None = field(default=None, metadata={"min": 1})
+    """Examples (or packed rows) per optimizer step over all processes. Gradient accumulation is
+    derived from it: global = micro batch x processes x accumulation, so the recipe optimises the
+    same way on 1 or N GPUs. Unset: `gradient_accumulation_steps` is used as given."""
+    args: Mapping[str, Any] = field(default_factory=dict)
+    """Every other key of `train:` is a `trl.SFTConfig` field (learning_rate,
+    per_device_train_batch_size, num_train_epochs, max_steps, logging_steps, save_steps, ...)."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint of the run directory; `never`: start
+    over (refused if checkpoints exist, unless `run.overwrite`); or a path to a checkpoint."""
+    keep_last: int | None = field(default=None, metadata={"min": 1})
+    """Keep only the newest N complete checkpoints (older ones are deleted once a newer one is
+    complete). Unset: keep all."""
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "model": ModelConfig,
+    "quantization": QuantizationConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+# Project defaults for SFTConfig fields that differ from TRL's defaults (QLoRA paper values).
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2.0e-4,
+    "per_device_train_batch_size": 4,
+    "gradient_checkpointing": True,
+}
+
+# SFTConfig fields that another part of the recipe owns: setting them under `train:` is an error
+# that names the owner, so a value never comes from two places.
+TRAIN_OWNED: dict[str, str] = {
+    "output_dir": "run.output_dir and run.name",
+    "seed": "run.seed",
+    "data_seed": "run.seed",
+    "max_length": "data.max_length",
+    "packing": "data.packing",
+    "padding_free": "data.packing",
+    "assistant_only_loss": "data.assistant_only_loss",
+    "completion_only_loss": "data.assistant_only_loss",
+    "dataset_text_field": "data.sources[].format",
+    "chat_template_path": "data.chat_template",
+    "resume_from_checkpoint": "checkpoint.resume",
+    "model_init_kwargs": "the model section",
+    "trust_remote_code": "model.trust_remote_code",
+    "bf16": "quantization.compute_dtype (model.dtype when quantization.method is none)",
+    "fp16": "quantization.compute_dtype (model.dtype when quantization.method is none)",
+    "report_to": "qlora-sft (tensorboard + logs/metrics.jsonl are always written)",
+    "logging_dir": "qlora-sft (logs go to <run dir>/logs)",
+    "save_total_limit": "checkpoint.keep_last",
+    "pad_token": "qlora-sft (a pad token distinct from EOS is chosen for you)",
+    "eos_token": "the tokenizer",
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    run: RunConfig
+    model: ModelConfig
+    quantization: QuantizationConfig
+    lora: LoraConfig
+    data: DataConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    source: str | None = None
+    """The file the recipe was read from (None when built in code)."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain YAML-able data (same shape as the file)."""
+        out: dict[str, Any] = {}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            if name == "train":
+                d = {"global_batch_size": section.global_batch_size, **dict(section.args)}
+            else:
+                d = _plain(dataclasses.asdict(section))
+            out[name] = d
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def fingerprint(self, ignore: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """Flat `section.key -> value` view, minus the keys in `ignore`."""
+        flat = _flatten(self.to_dict())
+        return {k: v for k, v in flat.items() if k not in ignore}
+
+    def hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Field documentation (attribute docstrings)
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass: the string literal right after each field."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
+    return docs
+
+
+def type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(annotation))
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return f"list of {type_name(args[0])}" if args else "list"
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading YAML with line numbers
+# --------------------------------------------------------------------------------------------
+
+
+def _line_map(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_line_map(value_node, key + "."))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            key = f"{prefix}{i}"
+            lines[key] = item.start_mark.line + 1
+            lines.update(_line_map(item, key + "."))
+    return lines
+
+
+def read_yaml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a recipe file: (data, `dotted.key -> line number`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError([f"recipe file not found: {p} (give the path to a .yaml recipe)"])
+    text = p.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"not valid YAML: {exc}"], source=str(p)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(["the top level must be a mapping of sections (run:, model:, ...)"], str(p))
+    return data, (_line_map(node) if node is not None else {})
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Apply `section.key=value` overrides; values are parsed as YAML (`1e-4`, `true`, `[a, b]`).
+    A numeric segment indexes a list (`data.sources.0.weight=2`). Returns (new data, problems)."""
+    data = copy.deepcopy(data)
+    problems: list[str] = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override `{item}` is not of the form section.key=value")
+            continue
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            problems.append(f"override `{item}`: the key must be section.key (e.g. train.learning_rate)")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node: Any = data
+        ok = True
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    problems.append(f"override `{dotted}`: `{part}` is not an index of the list")
+                    ok = False
+                    break
+                node = node[int(part)]
+            else:
+                if not isinstance(node.get(part, {}), dict | list):
+                    problems.append(f"override `{dotted}`: `{'.'.join(parts[: i + 1])}` is not a section")
+                    ok = False
+                    break
+                node = node.setdefault(part, {})
+        if not ok:
+            continue
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                problems.append(f"override `{dotted}`: `{last}` is not an index of the list")
+                continue
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data, problems
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+class _Ctx:
+    def __init__(self, source: str | None, lines: Mapping[str, int]):
+        self.source = source
+        self.lines = lines
+        self.problems: list[str] = []
+
+    def where(self, key: str) -> str:
+        line = self.lines.get(key)
+        if self.source and line:
+            return f"{self.source}:{line}: "
+        return ""
+
+    def add(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.where(key)}`{key}` {message}")
+
+
+# Names users bring from peft / bitsandbytes / notebooks, and the recipe key they mean.
+ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target": "target_modules",
+    "quant_type": "method",
+    "bnb_4bit_quant_type": "method",
+    "use_double_quant": "double_quant",
+    "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "compute_dtype",
+    "bnb_4bit_quant_storage": "quant_storage",
+    "model_name": "name_or_path",
+    "model_id": "name_or_path",
+    "path": "name_or_path",
+    "torch_dtype": "dtype",
+    "max_seq_length": "max_length",
+    "max_seq_len": "max_length",
+    "dataset": "sources",
+    "datasets": "sources",
+    "batch_size": "per_device_train_batch_size",
+    "lr": "learning_rate",
+    "epochs": "num_train_epochs",
+    "grad_accum": "gradient_accumulation_steps",
+}
+
+
+def _suggest(name: str, options: list[str], prefix: str = "") -> str:
+    """`; did you mean `prefix.closest`?` (aliases first, then difflib), or ''."""
+    alias = ALIASES.get(name.lower())
+    if alias in options:
+        return f"; did you mean `{prefix}{alias}`?"
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f"; did you mean `{prefix}{match[0]}`?" if match else ""
+
+
+def _check_value(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Is `value` an instance of `annotation` (the subset of typing the recipe uses)? Returns
+    (ok, normalised value)."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True, value
+    if origin is Literal:
+        return value in typing.get_args(annotation), value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            ok, v = _check_value(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if annotation is type(None):
+        return value is None, value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            return False, value
+        (item_t, *_) = typing.get_args(annotation) or (Any,)
+        out = []
+        for v in value:
+            ok, nv = _check_value(v, item_t)
+            if not ok:
+                return False, value
+            out.append(nv)
+        return True, (list(out) if origin is list else tuple(out))
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if annotation is str:
+        return isinstance(value, str), value
+    if origin in (dict, Mapping) or annotation in (dict, Mapping):
+        return isinstance(value, dict), value
+    return True, value
+
+
+def _check_range(key: str, value: Any, meta: Mapping[str, Any], ctx: _Ctx) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if "min" in meta and value < meta["min"]:
+        ctx.add(key, f"is {value}; it must be >= {meta['min']}")
+    if "gt" in meta and value <= meta["gt"]:
+        ctx.add(key, f"is {value}; it must be > {meta['gt']}")
+    if "max" in meta and value > meta["max"]:
+        ctx.add(key, f"is {value}; it must be <= {meta['max']}")
+    if "lt" in meta and value >= meta["lt"]:
+        ctx.add(key, f"is {value}; it must be < {meta['lt']}")
+
+
+def _build_section(cls: type, raw: Any, key: str, ctx: _Ctx) -> Any:
+    """Build one dataclass section from raw YAML data, recording problems in ctx."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        ctx.add(key, f"must be a mapping of keys, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        full = f"{key}.{name}"
+        if name not in fields:
+            ctx.add(full, f"is not a recipe key{_suggest(str(name), list(fields), key + '.')}")
+            continue
+        ann = hints[name]
+        # Nested lists of sources.
+        if name in ("sources", "eval_sources"):
+            if value is None:
+                value = []
+            if isinstance(value, dict):
+                value = [value]
+            if not isinstance(value, list):
+                ctx.add(full, "must be a list of sources (each with at least `path:`)")
+                continue
+            items = []
+            for i, item in enumerate(value):
+                if isinstance(item, str):
+                    item = {"path": item}
+                items.append(_build_section(DataSource, item, f"{full}.{i}", ctx))
+            kwargs[name] = tuple(items)
+            continue
+        ok, norm = _check_value(value, ann)
+        if not ok:
+            shown = json.dumps(value, default=str)
+            ctx.add(full, f"is {shown}; expected {type_name(ann)}")
+            continue
+        _check_range(full, norm, fields[name].metadata, ctx)
+        kwargs[name] = norm
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - all keys were checked above
+        ctx.add(key, str(exc))
+        return cls()
+
+
+@functools.cache
+def sft_field_types() -> dict[str, Any]:
+    """Field name -> annotation of `trl.SFTConfig` (the vocabulary of the `train:` section)."""
+    from trl import SFTConfig
+
+    try:
+        hints = typing.get_type_hints(SFTConfig)
+    except Exception:  # unresolvable forward references in some versions: accept any value
+        hints = {}
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(SFTConfig) if f.init}
+
+
+def _lenient(annotation: Any) -> Any:
+    """SFTConfig annotations include enums and dicts; only check plain scalar types."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [_lenient(a) for a in typing.get_args(annotation)]
+        if any(a is Any for a in args):
+            return Any
+        return typing.Union[tuple(args)]  # noqa: UP007
+    if annotation in (bool, int, float, str, type(None)) or origin is Literal:
+        return annotation
+    return Any
+
+
+def _build_train(raw: Any, ctx: _Ctx) -> TrainConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        ctx.add("train", f"must be a mapping of keys, got {type(raw).__name__}")
+        return TrainConfig()
+    sft = sft_field_types()
+    args: dict[str, Any] = dict(TRAIN_DEFAULTS)
+    gbs = None
+    for name, value in raw.items():
+        full = f"train.{name}"
+        if name == "global_batch_size":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                ctx.add(full, f"is {value!r}; expected a positive integer (or null)")
+            else:
+                gbs = value
+            continue
+        if name in TRAIN_OWNED:
+            ctx.add(full, f"is set by {TRAIN_OWNED[name]}; remove it from `train:`")
+            continue
+        if name not in sft:
+            hint = _suggest(str(name), [*sft, "global_batch_size"], "train.")
+            other = _owner_of(str(name))
+            if other:
+                hint = f"; it belongs to `{other}`"
+            ctx.add(full, f"is not a trl.SFTConfig field{hint}")
+            continue
+        ann = _lenient(sft[name])
+        ok, norm = _check_value(value, ann)
+        if not ok:
+            ctx.add(full, f"is {json.dumps(value, default=str)}; expected {type_name(ann)}")
+            continue
+        args[name] = norm
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"):
+        v = args.get(name)
+        if v is not None and isinstance(v, int) and v < 1:
+            ctx.add(f"train.{name}", f"is {v}; it must be >= 1")
+    return TrainConfig(global_batch_size=gbs, args=types.MappingProxyType(args))
+
+
+def _owner_of(name: str) -> str | None:
+    """If `name` is a key of another section, return `section.name`."""
+    for section, cls in SECTIONS.items():
+        if section == "train":
+            continue
+        if name in {f.name for f in dataclasses.fields(cls)}:
+            return f"{section}.{name}"
+    return None
+
+
+def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Ctx) -> None:
+    q = recipe.quantization
+    explicit_q = raw.get("quantization") or {}
+    if q.method in ("int8", "none") and isinstance(explicit_q, dict) and explicit_q.get("double_quant"):
+        ctx.add(
+            "quantization.double_quant",
+            f"is true but quantization.method is {q.method}; double quantization applies to nf4/fp4 "
+            "only. Remove double_quant or use method nf4.",
+        )
+    if q.method in ("int8", "none") and q.quant_storage != "auto":
+        ctx.add(
+            "quantization.quant_storage",
+            f"applies to 4-bit methods only (method is {q.method}); remove it",
+        )
+    if not recipe.model.name_or_path:
+        ctx.add("model.name_or_path", "is required: a local model folder or a hub id")
+    if not recipe.data.sources:
+        ctx.add("data.sources", "needs at least one source (e.g. `- path: data/train.jsonl`)")
+    ratios = [s.ratio for s in recipe.data.sources]
+    if any(r is not None for r in ratios):
+        if any(r is None for r in ratios):
+            ctx.add("data.sources", "sets `ratio` on some sources but not all; give every source a ratio or none")
+        elif abs(sum(r for r in ratios if r) - 1.0) > 1e-6:
+            ctx.add("data.sources", f"ratios sum to {sum(r for r in ratios if r):g}; they must sum to 1")
+    if recipe.data.eval_sources and "eval_fraction" in (raw.get("data") or {}) and recipe.data.eval_fraction:
+        ctx.add("data.eval_fraction", "is set together with data.eval_sources; use one of them")
+    if not recipe.run.name or "/" in recipe.run.name or recipe.run.name in (".", ".."):
+        ctx.add("run.name", f"is {recipe.run.name!r}; use a plain folder name (no slashes)")
+    if recipe.checkpoint.resume not in ("auto", "never") and not recipe.checkpoint.resume:
+        ctx.add("checkpoint.resume", "must be auto, never, or a checkpoint path")
+
+    args = recipe.train.args
+    micro = args.get("per_device_train_batch_size", 1)
+    gbs = recipe.train.global_batch_size
+    if gbs is not None and isinstance(micro, int) and micro >= 1:
+        if gbs % micro:
+            ctx.add(
+                "train.global_batch_size",
+                f"is {gbs}, not divisible by train.per_device_train_batch_size={micro}. "
+                f"Use a multiple of {micro} (e.g. {micro * max(1, round(gbs / micro))}).",
+            )
+        ga = args.get("gradient_accumulation_steps")
+        if ga is not None and "gradient_accumulation_steps" in (raw.get("train") or {}):
+            ctx.add(
+                "train.gradient_accumulation_steps",
+                "is set together with train.global_batch_size; accumulation is derived from the "
+                "global batch. Remove one of them.",
+            )
+    steps, epochs = args.get("max_steps", -1), args.get("num_train_epochs", 3.0)
+    if (steps is None or steps <= 0) and epochs is not None and epochs <= 0:
+        ctx.add("train.num_train_epochs", "must be > 0 when train.max_steps is not set")
+    if "eval_strategy" in args and args["eval_strategy"] != "no":
+        if not recipe.data.eval_sources and recipe.data.eval_fraction == 0:
+            ctx.add(
+                "train.eval_strategy",
+                "asks for evaluation but there is no eval split; set data.eval_fraction or data.eval_sources",
+            )
+
+
+def build_recipe(
+    data: Mapping[str, Any],
+    source: str | None = None,
+    lines: Mapping[str, int] | None = None,
+) -> Recipe:
+    """Validate raw recipe data and build a frozen Recipe; raises RecipeError listing every problem."""
+    ctx = _Ctx(source, lines or {})
+    for name in data:
+        if name not in SECTIONS and name != "launch":  # `launch:` is written into run dirs, informational
+            ctx.add(str(name), f"is not a recipe section{_suggest(str(name), list(SECTIONS))}")
+    built: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        if name == "train":
+            built[name] = _build_train(data.get(name), ctx)
+        else:
+            built[name] = _build_section(cls, data.get(name), name, ctx)
+    recipe = Recipe(**built, source=source)
+    _check_contradictions(recipe, data, ctx)
+    if ctx.problems:
+        raise RecipeError(ctx.problems, source)
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    data, lines = read_yaml(path)
+    data, problems = apply_overrides(data, list(overrides or []))
+    if problems:
+        raise RecipeError(problems, str(path))
+    return build_recipe(data, source=str(path), lines=lines)
+
+
+def replace(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """A validated copy of `recipe` with `section.key=value` overrides applied."""
+    data, problems = apply_overrides(recipe.to_dict(), overrides)
+    if problems:
+        raise RecipeError(problems, recipe.source)
+    return build_recipe(data, source=recipe.source)
+
+
+# --------------------------------------------------------------------------------------------
+# Global batch arithmetic
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    world_size: int
+    micro_batch: int
+    grad_accum: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.micro_batch * self.grad_accum
+
+    def describe(self) -> str:
+        return (
+            f"{self.world_size} process(es) x micro batch {self.micro_batch} x gradient accumulation "
+            f"{self.grad_accum} = global batch {self.global_batch}"
+        )
+
+
+def resolve_batch(train: TrainConfig, world_size: int) -> BatchPlan:
+    """Gradient accumulation from the global batch, the micro batch and the world size."""
+    micro = int(train.args.get("per_device_train_batch_size", 1))
+    if train.global_batch_size is None:
+        return BatchPlan(world_size, micro, int(train.args.get("gradient_accumulation_steps", 1)))
+    per_step = micro * world_size
+    if train.global_batch_size % per_step:
+        fits = sorted({d for d in range(1, world_size * micro + 1) if train.global_batch_size % d == 0})
+        raise RecipeError(
+            [
+                f"`train.global_batch_size` is {train.global_batch_size}, not divisible by "
+                f"micro batch {micro} x {world_size} process(es) = {per_step}. Use a global batch that "
+                f"is a multiple of {per_step}, or a micro batch that divides "
+                f"{train.global_batch_size // world_size if train.global_batch_size % world_size == 0 else 'it'}"
+                f" (divisors up to {per_step}: {fits})."
+            ]
+        )
+    return BatchPlan(world_size, micro, train.global_batch_size // per_step)

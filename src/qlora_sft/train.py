@@ -1,0 +1,195 @@
+"""The training entrypoint: recipe -> data -> model -> trl.SFTTrainer -> train -> final save.
+
+Every launcher (`qlora-sft train`, `accelerate launch -m qlora_sft train`, sbatch, submitit) ends
+here; they only decide how many processes run where. Read top to bottom: each step is one call
+into the module that owns it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint, data, model
+from .recipe import BatchPlan, Recipe, resolve_batch
+
+log = logging.getLogger("qlora_sft")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path
+    global_step: int
+    train_loss: float | None
+    eval_loss: float | None
+
+
+def setup_logging(is_main: bool, rank: int = 0) -> None:
+    """INFO on the main process, warnings and errors only elsewhere (each tagged with its rank)."""
+    handler = logging.StreamHandler(sys.stdout if is_main else sys.stderr)
+    prefix = "" if is_main else f"[rank {rank}] "
+    handler.setFormatter(logging.Formatter(f"{prefix}%(asctime)s qlora-sft %(levelname)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+    import datasets
+    import transformers
+
+    # transformers 5.x renames gradient_checkpointing -> activation_checkpointing; the old names
+    # still work everywhere we support, so the rename notices are noise for users.
+    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6", category=FutureWarning)
+    transformers.logging.set_verbosity_warning() if is_main else transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def sft_args(recipe: Recipe, batch: BatchPlan, mode: model.LaunchMode, compute_dtype: Any, has_eval: bool) -> Any:
+    """trl.SFTConfig from the recipe's `train:` section plus what the project derives."""
+    import torch
+    from trl import SFTConfig
+
+    args = dict(recipe.train.args)
+    args.update(
+        output_dir=str(recipe.run_dir),
+        seed=recipe.run.seed,
+        data_seed=recipe.run.seed,
+        per_device_train_batch_size=batch.micro_batch,
+        gradient_accumulation_steps=batch.grad_accum,
+        max_length=recipe.data.max_length,
+        packing=recipe.data.packing,
+        padding_free=recipe.data.packing,
+        report_to="none",  # tensorboard and metrics.jsonl are added as callbacks, main process only
+        bf16=compute_dtype == torch.bfloat16,
+        fp16=compute_dtype == torch.float16,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        save_total_limit=None,
+    )
+    if has_eval:
+        args.setdefault("eval_strategy", "steps")
+        if args["eval_strategy"] == "steps":
+            args.setdefault("eval_steps", args.get("save_steps", 500))
+    else:
+        args["eval_strategy"] = "no"
+        args.pop("eval_on_start", None)
+    if mode.world_size > 1 and mode.kind in ("ddp", "cpu"):
+        # Every LoRA parameter is used in every step, so DDP need not search the graph for unused
+        # ones (that search also conflicts with gradient checkpointing).
+        args.setdefault("ddp_find_unused_parameters", False)
+    if mode.kind == "cpu":
+        args["use_cpu"] = True
+    return SFTConfig(**args)
+
+
+def metrics_callback(path: Path) -> Any:
+    """Append one JSON object per log event to logs/metrics.jsonl (main process only)."""
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            if not state.is_world_process_zero or not logs:
+                return
+            record = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3), **logs}
+            with path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    return MetricsCallback()
+
+
+def train(recipe: Recipe, extra_callbacks: list[Any] | None = None) -> TrainResult:
+    from accelerate import PartialState
+    from trl import SFTTrainer
+
+    # 1. Where am I? (the launcher decided; the recipe is the same everywhere)
+    state = PartialState()
+    setup_logging(state.is_main_process, state.process_index)
+    mode = model.detect_launch_mode()
+    batch = resolve_batch(recipe.train, mode.world_size)
+    base_dir = Path(recipe.source).parent if recipe.source else None
+    log.info("launch: %s; %s", mode.describe(), batch.describe())
+
+    # 2. Run directory: refuse a different recipe, write the resolved one.
+    launch = {
+        "mode": mode.kind,
+        "world_size": mode.world_size,
+        "zero_stage": mode.zero_stage,
+        "micro_batch": batch.micro_batch,
+        "grad_accum": batch.grad_accum,
+        "global_batch": batch.global_batch,
+    }
+    run_dir = checkpoint.prepare_run_dir(recipe, launch)
+    resume_from = checkpoint.find_resume(recipe)
+
+    # 3. Tokenizer and data (main process first, cached) — before any model memory is spent.
+    tokenizer = model.load_tokenizer(recipe.model, base_dir)
+    data.set_chat_template(tokenizer, recipe.data.chat_template, recipe.model.name_or_path, base_dir)
+    prepared = data.prepare_data(
+        recipe.data, tokenizer, recipe.run.seed, Path(recipe.run.output_dir) / ".cache", base_dir
+    )
+    for line in prepared.report.lines():
+        log.info("data: %s", line)
+
+    # 4. Model: quantized, placed for the launch mode, with LoRA adapters.
+    device_type = "cpu" if mode.kind == "cpu" else "cuda"
+    compute_dtype = model.resolve_compute_dtype(recipe.quantization, recipe.model, device_type)
+    peft_model = model.load_model(recipe, tokenizer, mode, base_dir)
+    for line in model.summarize(peft_model).lines():
+        log.info("model: %s", line)
+
+    # 5. Trainer.
+    args = sft_args(recipe, batch, mode, compute_dtype, prepared.eval is not None)
+    callbacks = [
+        checkpoint.completion_callback(
+            {"recipe_hash": recipe.hash(), "world_size": mode.world_size, "global_batch": batch.global_batch}
+        ),
+        *(extra_callbacks or []),
+    ]
+    if state.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks += [
+            metrics_callback(run_dir / "logs" / "metrics.jsonl"),
+            TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "logs"))),
+        ]
+    trainer = SFTTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+    # 6. Train (continuing from the newest complete checkpoint, if any).
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    eval_loss = None
+    if prepared.eval is not None:
+        eval_loss = trainer.evaluate().get("eval_loss")
+
+    # 7. Final adapter + tokenizer (Trainer.save_model writes from the main process and gathers
+    # sharded weights), then the completion marker.
+    final_dir = run_dir / "final"
+    trainer.save_model(str(final_dir))
+    with checkpoint.main_process_writes() as is_main:
+        if is_main:
+            checkpoint.write_manifest(
+                final_dir,
+                {"step": trainer.state.global_step, "recipe_hash": recipe.hash(), "world_size": mode.world_size},
+            )
+    log.info("done: adapter in %s (step %d)", final_dir, trainer.state.global_step)
+    return TrainResult(run_dir, final_dir, trainer.state.global_step, result.training_loss, eval_loss)
+
+
+def main(recipe: Recipe) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train(recipe)
+    return 0

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+DATA = TESTS / "data"
+sys.path.insert(0, str(TESTS))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+COLOURS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red", "sun": "yellow"}
+
+
+def write_toy_data(path: Path, n: int = 160, seed: int = 0) -> Path:
+    """A learnable toy task: a fixed answer per question."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            k = rng.choice(sorted(COLOURS))
+            f.write(
+                json.dumps(
+                    {
+                        "instruction": f"What is the colour of the {k}?",
+                        "input": "",
+                        "output": f"The {k} is {COLOURS[k]}.",
+                    }
+                )
+                + "\n"
+            )
+    return path
+
+
+def recipe_dict(model_dir: Path, data_path: Path, out_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "run": {"name": "tiny", "output_dir": str(out_dir), "seed": 0},
+        "model": {"name_or_path": str(model_dir)},
+        "quantization": {"method": "nf4"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"sources": [{"path": str(data_path)}], "eval_fraction": 0.1, "max_length": 64},
+        "train": {
+            "global_batch_size": 8,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 5e-3,
+            "max_steps": 30,
+            "logging_steps": 5,
+            "save_steps": 10,
+            "dataloader_num_workers": 0,
+        },
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return base
+
+
+def write_recipe(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture()
+def toy_data(tmp_path: Path) -> Path:
+    return write_toy_data(tmp_path / "toy.jsonl")

@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from qlora_sft.errors import RecipeError
+from qlora_sft.recipe import (
+    TRAIN_DEFAULTS,
+    apply_overrides,
+    build_recipe,
+    field_docs,
+    load_recipe,
+    resolve_batch,
+)
+
+MINIMAL = {
+    "model": {"name_or_path": "some/model"},
+    "data": {"sources": [{"path": "train.jsonl"}]},
+}
+
+
+def problems(data: dict, overrides: list[str] | None = None) -> list[str]:
+    data, override_problems = apply_overrides(data, overrides or [])
+    assert not override_problems
+    with pytest.raises(RecipeError) as exc:
+        build_recipe(data, source="r.yaml")
+    return exc.value.problems
+
+
+def test_minimal_recipe_gets_defaults():
+    r = build_recipe(MINIMAL)
+    assert r.quantization.method == "nf4" and r.quantization.double_quant is True
+    assert r.lora.r == 16 and r.lora.target_modules == "all-linear"
+    assert r.model.trust_remote_code is False
+    assert r.train.args["learning_rate"] == TRAIN_DEFAULTS["learning_rate"]
+    assert r.run_dir == Path("runs") / "run"
+    assert r.data.sources[0].format == "auto"
+
+
+def test_unknown_key_names_file_line_and_suggestion(tmp_path: Path):
+    f = tmp_path / "r.yaml"
+    f.write_text("model:\n  name_or_path: x/y\nlora:\n  rank: 8\ndata:\n  sources: [{path: a.jsonl}]\n")
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(f)
+    (msg,) = exc.value.problems
+    assert f"{f}:4:" in msg
+    assert "`lora.rank` is not a recipe key; did you mean `lora.r`?" in msg
+
+
+def test_all_problems_are_reported_together():
+    data = {
+        **MINIMAL,
+        "lora": {"r": 0, "dropout": 1.5, "alpah": 3},
+        "quantization": {"method": "nf5"},
+        "trian": {},
+        "train": {"learning_rat": 1e-4, "max_length": 10},
+    }
+    ps = problems(data)
+    text = "\n".join(ps)
+    assert "`lora.r` is 0; it must be >= 1" in text
+    assert "`lora.dropout` is 1.5; it must be < 1" in text
+    assert "did you mean `lora.alpha`" in text
+    assert '`quantization.method` is "nf5"; expected nf4 | fp4 | int8 | none' in text
+    assert "`trian` is not a recipe section; did you mean `train`?" in text
+    assert "did you mean `train.learning_rate`" in text
+    assert "`train.max_length` is set by data.max_length" in text
+    assert len(ps) == 7
+
+
+def test_wrong_types():
+    text = "\n".join(
+        problems(
+            {
+                **MINIMAL,
+                "lora": {"r": "sixteen"},
+                "run": {"overwrite": "yes"},
+                "train": {"per_device_train_batch_size": 2.5},
+            }
+        )
+    )
+    assert '`lora.r` is "sixteen"; expected int' in text
+    assert '`run.overwrite` is "yes"; expected bool' in text
+    assert "`train.per_device_train_batch_size` is 2.5; expected int" in text
+
+
+def test_contradictions():
+    text = "\n".join(problems({**MINIMAL, "quantization": {"method": "int8", "double_quant": True}}))
+    assert "double quantization applies to nf4/fp4 only" in text
+    # int8 with the default double_quant is fine
+    assert build_recipe({**MINIMAL, "quantization": {"method": "int8"}}).quantization.method == "int8"
+    text = "\n".join(problems({**MINIMAL, "train": {"global_batch_size": 10, "per_device_train_batch_size": 4}}))
+    assert "not divisible by train.per_device_train_batch_size=4" in text
+    text = "\n".join(problems({**MINIMAL, "train": {"global_batch_size": 8, "gradient_accumulation_steps": 2}}))
+    assert "set together with train.global_batch_size" in text
+    text = "\n".join(problems({"data": {"sources": []}}))
+    assert "`model.name_or_path` is required" in text and "needs at least one source" in text
+    ratios = {
+        "model": {"name_or_path": "m"},
+        "data": {"sources": [{"path": "a", "ratio": 0.5}, {"path": "b", "ratio": 0.3}]},
+    }
+    assert "ratios sum to 0.8" in "\n".join(problems(ratios))
+
+
+def test_overrides_are_yaml_typed():
+    data, errs = apply_overrides(
+        MINIMAL,
+        [
+            "train.learning_rate=1e-4",
+            "run.name=try2",
+            "lora.target_modules=[q_proj, v_proj]",
+            "data.sources.0.weight=2",
+            "run.overwrite=true",
+        ],
+    )
+    assert not errs
+    r = build_recipe(data)
+    assert r.train.args["learning_rate"] == pytest.approx(1e-4)
+    assert r.run.name == "try2" and r.run.overwrite is True
+    assert r.lora.target_modules == ["q_proj", "v_proj"]
+    assert r.data.sources[0].weight == 2.0
+    _, errs = apply_overrides(MINIMAL, ["nonsense", "data.sources.5.path=x", "lora=3"])
+    assert len(errs) == 3
+
+
+def test_resolved_recipe_round_trips(tmp_path: Path):
+    r = build_recipe(MINIMAL)
+    f = tmp_path / "resolved.yaml"
+    f.write_text(r.to_yaml())
+    again = load_recipe(f)
+    assert again.to_dict() == r.to_dict()
+    assert again.hash() == r.hash()
+
+
+def test_global_batch_arithmetic():
+    r = build_recipe({**MINIMAL, "train": {"global_batch_size": 16, "per_device_train_batch_size": 4}})
+    assert resolve_batch(r.train, 1).grad_accum == 4
+    assert resolve_batch(r.train, 2).grad_accum == 2
+    assert resolve_batch(r.train, 4).grad_accum == 1
+    with pytest.raises(RecipeError, match="not divisible by micro batch 4 x 8 process"):
+        resolve_batch(r.train, 8)
+    plain = build_recipe({**MINIMAL, "train": {"gradient_accumulation_steps": 3, "per_device_train_batch_size": 2}})
+    assert resolve_batch(plain.train, 2).global_batch == 12
+
+
+def test_every_field_is_documented():
+    from qlora_sft.recipe import SECTIONS, DataSource
+
+    for cls in [*SECTIONS.values(), DataSource]:
+        import dataclasses
+
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+
+
+def test_bundled_recipes_validate():
+    for path in sorted((REPO / "configs" / "recipes").glob("*.yaml")):
+        load_recipe(path)
+
+
+def test_cli_exit_code_2_without_traceback(tmp_path: Path):
+    f = tmp_path / "r.yaml"
+    f.write_text(yaml.safe_dump({**MINIMAL, "lora": {"rank": 4}}))
+    cmd = [sys.executable, "-m", "qlora_sft", "validate", str(f)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "did you mean `lora.r`" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "qlora_sft", "--debug", *cmd[3:]], capture_output=True, text=True)
+    assert out.returncode != 0 and "Traceback" in out.stderr
