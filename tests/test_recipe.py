@@ -173,3 +173,10 @@ def test_cli_exit_code_2_without_traceback(tmp_path: Path):
     assert "Traceback" not in out.stderr
     out = subprocess.run([sys.executable, "-m", "qlora_sft", "--debug", *cmd[3:]], capture_output=True, text=True)
     assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_readme_recipe_reference_is_generated_from_the_code():
+    from qlora_sft.docs import splice
+
+    readme = (REPO / "README.md").read_text()
+    assert splice(readme) == readme, "README.md is stale: run `python -m qlora_sft.docs --write`"

@@ -78,6 +78,7 @@ def build_tiny_model(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=False,
+        initializer_range=0.2,  # logits large enough that LoRA can move the loss quickly
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

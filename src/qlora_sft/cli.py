@@ -42,7 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="mark trained tokens in colour (default: on a terminal), else with [[ ]]",
     )
+    p = sub.add_parser("plan", help="what a launch will do: world size, batch arithmetic, memory per GPU")
+    _recipe_args(p)
+    p.add_argument("--config", help="accelerate config file of the launch (default: one process)")
+    p.add_argument("--gpus", type=int, help="GPUs (processes) per node (default: the config's num_processes)")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--gpu-mem", type=float, help="GPU memory in GiB: list which bundled configs fit")
     return parser
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import plan_lines
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    for line in plan_lines(recipe, args.config, args.gpus, args.nodes, args.gpu_mem, Path(args.recipe).parent):
+        print(line)
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -94,7 +110,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "validate": cmd_validate}
+COMMANDS = {"train": cmd_train, "validate": cmd_validate, "plan": cmd_plan}
 
 
 def quiet_library_noise() -> None:
@@ -106,7 +122,13 @@ def quiet_library_noise() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_library_noise()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow the options (`plan R --gpus 8 train.x=1`).
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:

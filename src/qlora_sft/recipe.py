@@ -750,15 +750,18 @@ def resolve_batch(train: TrainConfig, world_size: int) -> BatchPlan:
     if train.global_batch_size is None:
         return BatchPlan(world_size, micro, int(train.args.get("gradient_accumulation_steps", 1)))
     per_step = micro * world_size
-    if train.global_batch_size % per_step:
-        fits = sorted({d for d in range(1, world_size * micro + 1) if train.global_batch_size % d == 0})
+    gbs = train.global_batch_size
+    if gbs % per_step:
+        micros = [m for m in range(1, gbs + 1) if gbs % (m * world_size) == 0]
+        fix = (
+            f"or set train.per_device_train_batch_size to one of {micros}"
+            if micros
+            else f"({gbs} is smaller than the {world_size} processes)"
+        )
         raise RecipeError(
             [
-                f"`train.global_batch_size` is {train.global_batch_size}, not divisible by "
-                f"micro batch {micro} x {world_size} process(es) = {per_step}. Use a global batch that "
-                f"is a multiple of {per_step}, or a micro batch that divides "
-                f"{train.global_batch_size // world_size if train.global_batch_size % world_size == 0 else 'it'}"
-                f" (divisors up to {per_step}: {fits})."
+                f"`train.global_batch_size` is {gbs}, not divisible by micro batch {micro} x {world_size} "
+                f"process(es) = {per_step}. Use a global batch that is a multiple of {per_step}, {fix}."
             ]
         )
     return BatchPlan(world_size, micro, train.global_batch_size // per_step)

@@ -1,0 +1,279 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import DATA
+
+from qlora_sft import data
+from qlora_sft.data import Example, build_data, mark_trained, mix, normalize_row, tokenize_example
+from qlora_sft.errors import DataError
+from qlora_sft.model import ensure_pad_token
+from qlora_sft.recipe import DataConfig, DataSource
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tiny import build_tokenizer
+
+    t = build_tokenizer()
+    ensure_pad_token(t)
+    return t
+
+
+def cfg(*paths: str | DataSource, **kw) -> DataConfig:
+    sources = tuple(p if isinstance(p, DataSource) else DataSource(path=str(p)) for p in paths)
+    kw.setdefault("eval_fraction", 0.0)
+    return DataConfig(sources=sources, **kw)
+
+
+EXPECTED_FIRST = {
+    "alpaca.jsonl": (
+        "alpaca",
+        [
+            {"role": "user", "content": "What is the colour of the sky?"},
+            {"role": "assistant", "content": "The sky is blue."},
+        ],
+    ),
+    "dolly.jsonl": (
+        "dolly",
+        [{"role": "user", "content": "What colour is grass?"}, {"role": "assistant", "content": "Grass is green."}],
+    ),
+    "sharegpt.json": (
+        "sharegpt",
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"},
+        ],
+    ),
+    "messages.jsonl": (
+        "messages",
+        [
+            {"role": "user", "content": "What is the colour of snow?"},
+            {"role": "assistant", "content": "Snow is white."},
+        ],
+    ),
+    "prompt_completion.jsonl": (
+        "prompt_completion",
+        [{"role": "user", "content": "Reverse: a b c"}, {"role": "assistant", "content": "c b a"}],
+    ),
+    "mixed.csv": ("alpaca", [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_FIRST))
+def test_every_format_is_detected_and_normalised(name: str):
+    fmt, messages = EXPECTED_FIRST[name]
+    per_source, reports = data.load_examples([DataSource(path=str(DATA / name))], "error")
+    assert reports[0].format == fmt
+    assert per_source[0][0].messages == messages
+    assert reports[0].rows == reports[0].kept == len(per_source[0])
+
+
+def test_format_details():
+    # alpaca input is appended to the instruction; sharegpt aliases map to roles
+    rows = data.load_examples([DataSource(path=str(DATA / "alpaca.jsonl"))], "error")[0][0]
+    assert rows[1].messages[0]["content"] == "Translate to French.\n\ncat"
+    conv = data.load_examples([DataSource(path=str(DATA / "sharegpt.json"))], "error")[0][0][1].messages
+    assert [m["role"] for m in conv] == ["user", "assistant", "user", "assistant"]
+    msgs = data.load_examples([DataSource(path=str(DATA / "messages.jsonl"))], "error")[0][0][1].messages
+    assert msgs[-1] == {"role": "assistant", "content": "chien"}  # content parts joined
+    text = data.load_examples([DataSource(path=str(DATA / "text.jsonl"))], "error")[0][0][0]
+    assert text.text == "alpha beta gamma delta" and text.messages is None
+    # the format can be forced, and a system prompt added per source
+    forced = data.load_examples(
+        [DataSource(path=str(DATA / "dolly.jsonl"), format="dolly", system_prompt="S")], "error"
+    )
+    assert forced[0][0][0].messages[0] == {"role": "system", "content": "S"}
+
+
+def test_parquet_and_save_to_disk(tmp_path: Path):
+    import datasets
+
+    ds = datasets.Dataset.from_list([json.loads(x) for x in (DATA / "alpaca.jsonl").read_text().splitlines()])
+    ds.to_parquet(str(tmp_path / "a.parquet"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
+    for path in ("a.parquet", "saved"):
+        ex, rep = data.load_examples([DataSource(path=str(tmp_path / path))], "error")
+        assert rep[0].format == "alpaca" and len(ex[0]) == 3
+
+
+def test_missing_file_and_offline_hub_id_fail_clearly(monkeypatch):
+    with pytest.raises(DataError, match="not found .*Fix `path:`"):
+        data.load_examples([DataSource(path="no/such/file.jsonl")], "error")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="hub dataset failed.*looks offline"):
+        data.load_examples([DataSource(path="someone/some-dataset")], "error")
+
+
+def test_bad_rows_error_names_source_row_and_problem():
+    with pytest.raises(DataError) as exc:
+        data.load_examples([DataSource(path=str(DATA / "bad_rows.jsonl"), format="alpaca")], "error")
+    msg = str(exc.value)
+    assert "bad_rows.jsonl row 2: missing field `output`" in msg
+    assert "data.on_bad_row=skip" in msg
+
+
+def test_bad_rows_skip_counts_by_reason():
+    ex, rep = data.load_examples([DataSource(path=str(DATA / "bad_rows.jsonl"), format="alpaca")], "skip")
+    assert [e.row for e in ex[0]] == [1, 6]
+    assert rep[0].skipped == {"missing_field": 1, "empty_assistant_turn": 1, "wrong_type": 1, "invalid_json": 1}
+    ex, rep = data.load_examples([DataSource(path=str(DATA / "bad_roles.jsonl"))], "skip")
+    assert len(ex[0]) == 1
+    assert rep[0].skipped == {"roles_out_of_order": 1, "no_assistant_turn": 1, "unknown_role": 1}
+
+
+def test_empty_dataset_is_an_error(tmp_path: Path, tok):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="has no rows"):
+        build_data(cfg(empty), tok, 0)
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text('{"instruction": "x", "input": ""}\n')
+    with pytest.raises(DataError, match="no training examples are left"):
+        build_data(cfg(DataSource(path=str(only_bad), format="alpaca"), on_bad_row="skip"), tok, 0)
+
+
+def test_assistant_only_mask_is_exact(tok):
+    messages = [
+        {"role": "user", "content": "What is the colour of the sky?"},
+        {"role": "assistant", "content": "The sky is blue."},
+    ]
+    t = tokenize_example(Example(messages, None, "x", 1), tok, 512, True)
+    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    trained = [i for i, x in enumerate(t.labels) if x != -100]
+    assert trained == list(range(n_prompt, len(t.input_ids)))
+    assert tok.decode([t.input_ids[i] for i in trained]) == "The sky is blue.<|im_end|>\n"
+    assert [t.labels[i] for i in trained] == [t.input_ids[i] for i in trained]
+    # multi-turn: both assistant turns trained, the user turn between them not
+    conv = [*messages, {"role": "user", "content": "And grass?"}, {"role": "assistant", "content": "Green."}]
+    t2 = tokenize_example(Example(conv, None, "x", 1), tok, 512, True, keep_text=True)
+    assert mark_trained(t2).count("[[") == 2
+    assert "[[The sky is blue.<|im_end|>\n]]<|im_start|>user\nAnd grass?<|im_end|>\n" in mark_trained(t2)
+    # assistant_only_loss=false trains everything
+    t3 = tokenize_example(Example(messages, None, "x", 1), tok, 512, False)
+    assert t3.labels == t3.input_ids
+
+
+def test_text_rows_train_every_token_and_end_with_eos(tok):
+    t = tokenize_example(Example(None, "alpha beta", "x", 1), tok, 512, True)
+    assert t.input_ids[-1] == tok.eos_token_id and t.labels == t.input_ids
+
+
+def test_truncation_is_counted_and_fully_truncated_rows_are_reported(tmp_path: Path, tok):
+    rows = tmp_path / "long.jsonl"
+    long_q = "alpha beta gamma " * 40
+    rows.write_text(
+        json.dumps({"instruction": "short", "input": "", "output": "x " * 80})
+        + "\n"
+        + json.dumps({"instruction": long_q, "input": "", "output": "y"})
+        + "\n"
+        + json.dumps({"instruction": "ok", "input": "", "output": "fine"})
+        + "\n"
+    )
+    with pytest.raises(DataError, match="row 2: no trained tokens are left after truncation to data.max_length=48"):
+        build_data(cfg(rows, max_length=48), tok, 0)
+    prepared = build_data(cfg(rows, max_length=48, on_bad_row="skip"), tok, 0)
+    assert prepared.report.truncated == 1 and prepared.report.dropped_no_loss == 1
+    assert prepared.report.train_rows == 2 and prepared.report.tokens_max == 48
+
+
+def test_eos_is_trained_in_every_example_and_pad_differs(tok):
+    prepared = build_data(cfg(DATA / "alpaca.jsonl", DATA / "sharegpt.json", DATA / "messages.jsonl"), tok, 0)
+    assert prepared.report.eos_trained_fraction == 1.0
+    assert prepared.report.end_token == "<|im_end|>"
+    assert tok.pad_token_id != tok.eos_token_id
+    for ids, labels in zip(prepared.train["input_ids"], prepared.train["labels"], strict=True):
+        last = max(i for i, x in enumerate(labels) if x != -100)
+        assert tok.eos_token_id in labels[last - 1 : last + 1], tok.decode(ids)
+
+
+def test_pad_token_is_never_eos():
+    from tiny import build_tokenizer
+
+    t = build_tokenizer()
+    t.pad_token = t.eos_token
+    ensure_pad_token(t)
+    assert t.pad_token == "<pad>" and t.pad_token_id != t.eos_token_id
+
+
+def _ex(tag: str, n: int) -> list[Example]:
+    return [Example(None, f"{tag}{i}", tag, i) for i in range(n)]
+
+
+def test_mixing_by_weight_and_ratio_is_seeded():
+    a, b = _ex("a", 100), _ex("b", 40)
+    mixed, counts = mix([a, b], [DataSource(path="a", weight=0.5), DataSource(path="b", weight=2.0)], seed=1)
+    assert counts == [50, 80] and len(mixed) == 130
+    assert sum(e.source == "b" for e in mixed) == 80 and len({e.text for e in mixed if e.source == "a"}) == 50
+    again, _ = mix([a, b], [DataSource(path="a", weight=0.5), DataSource(path="b", weight=2.0)], seed=1)
+    assert [e.text for e in again] == [e.text for e in mixed]
+    other, _ = mix([a, b], [DataSource(path="a", weight=0.5), DataSource(path="b", weight=2.0)], seed=2)
+    assert [e.text for e in other] != [e.text for e in mixed]
+    # ratios: the largest mix without repetition: b (40 rows) limits to 40 / 0.25 = 160 -> 120 a + 40 b
+    # but a has only 100 rows, so a limits: 100 / 0.75 = 133 -> 100 a + 33 b
+    mixed, counts = mix([a, b], [DataSource(path="a", ratio=0.75), DataSource(path="b", ratio=0.25)], seed=1)
+    assert counts == [100, 33]
+
+
+def test_eval_split_by_fraction_and_by_source(tok):
+    prepared = build_data(
+        cfg(DATA / "alpaca.jsonl", DATA / "dolly.jsonl", DATA / "messages.jsonl", eval_fraction=0.3), tok, 0
+    )
+    assert prepared.report.train_rows == 5 and prepared.report.eval_rows == 2
+    prepared = build_data(
+        DataConfig(
+            sources=(DataSource(path=str(DATA / "alpaca.jsonl")),),
+            eval_sources=(DataSource(path=str(DATA / "dolly.jsonl")),),
+        ),
+        tok,
+        0,
+    )
+    assert prepared.report.train_rows == 3 and prepared.report.eval_rows == 2
+
+
+def test_named_chat_templates(tok):
+    import copy
+
+    from qlora_sft.data import set_chat_template
+
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A"},
+    ]
+    for name, expect in {
+        "llama2": "<|im_start|>[INST] <<SYS>>\nS\n<</SYS>>\n\nQ [/INST][[ A <|im_end|>]]",
+        "alpaca": "S\n\n### Instruction:\nQ\n\n### Response:\n[[A<|im_end|>\n\n]]",
+        "chatml": "<|im_start|>assistant\n[[A<|im_end|>\n]]",
+    }.items():
+        t = copy.deepcopy(tok)
+        set_chat_template(t, name, "tiny")
+        out = mark_trained(tokenize_example(Example(messages, None, "x", 1), t, 512, True, keep_text=True))
+        assert expect in out, (name, out)
+    t = copy.deepcopy(tok)
+    t.chat_template = None
+    with pytest.raises(DataError, match="has no chat template"):
+        set_chat_template(t, "auto", "tiny")
+
+
+def test_prepare_data_caches_for_other_ranks(tmp_path: Path, tok):
+    c = cfg(DATA / "alpaca.jsonl", DATA / "dolly.jsonl")
+    first = data.prepare_data(c, tok, 0, tmp_path / "cache")
+    folders = list((tmp_path / "cache").iterdir())
+    assert len(folders) == 1 and (folders[0] / "report.json").is_file()
+    again = data.prepare_data(c, tok, 0, tmp_path / "cache")
+    assert again.train["input_ids"] == first.train["input_ids"]
+    assert again.report.to_dict() == first.report.to_dict()
+    # a different recipe gets a different cache entry
+    data.prepare_data(cfg(DATA / "alpaca.jsonl", DATA / "dolly.jsonl", max_length=100), tok, 0, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_normalize_rejects_non_mapping_rows():
+    with pytest.raises(data.BadRow, match="row must be a mapping"):
+        normalize_row(["a"], "alpaca")

@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import recipe_dict, write_recipe
+
+from qlora_sft.errors import RunDirError
+from qlora_sft.recipe import build_recipe, load_recipe
+from qlora_sft.train import train
+
+
+def losses(run_dir: Path, key: str = "loss") -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One real QLoRA run on the tiny Llama (bitsandbytes NF4 on the CPU), shared by the tests below."""
+    from conftest import write_toy_data
+
+    root = tmp_path_factory.mktemp("train")
+    data = write_toy_data(root / "toy.jsonl")
+    recipe = build_recipe(recipe_dict(tiny_model, data, root / "runs"), source=None)
+    result = train(recipe)
+    return recipe, result
+
+
+def test_loss_goes_down_and_everything_is_written(trained):
+    recipe, result = trained
+    run_dir = result.run_dir
+    train_losses = losses(run_dir)
+    assert [s for s, _ in train_losses] == [5, 10, 15, 20, 25, 30]
+    first, last = train_losses[0][1], train_losses[-1][1]
+    assert last < 0.5 * first, train_losses
+    assert [s for s, _ in losses(run_dir, "eval_loss")][-1] == 30
+    assert result.global_step == 30 and result.eval_loss is not None
+    assert (run_dir / "recipe.yaml").is_file() and (run_dir / "final" / "COMPLETE").is_file()
+    for step in (10, 20, 30):
+        assert (run_dir / f"checkpoint-{step}" / "COMPLETE").is_file()
+    assert list((run_dir / "logs").glob("events.out.tfevents.*"))
+    saved = load_recipe(run_dir / "recipe.yaml")
+    assert saved.to_dict() == recipe.to_dict()
+
+
+def test_final_adapter_loads_with_peft_on_a_4bit_base(trained, tiny_model: Path):
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _, result = trained
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=q, device_map={"": "cpu"})
+    model = PeftModel.from_pretrained(base, result.final_dir)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
+    assert q_proj.lora_A["default"].weight.shape == (8, 64)
+    assert q_proj.lora_B["default"].weight.abs().sum() > 0  # trained (B starts at zero)
+
+
+def test_same_recipe_resumes_different_recipe_is_refused(trained, tiny_model: Path):
+    recipe, _ = trained
+    from qlora_sft.checkpoint import check_run_dir
+
+    assert check_run_dir(recipe) == "resume"
+    changed = build_recipe({**recipe.to_dict(), "lora": {**recipe.to_dict()["lora"], "r": 4}})
+    with pytest.raises(RunDirError, match=r"different recipe:\n    lora.r: 8 -> 4") as exc:
+        check_run_dir(changed)
+    assert "nothing was changed" in str(exc.value)
+    # changing only how long to train is a resume, not a different recipe
+    longer = build_recipe({**recipe.to_dict(), "train": {**recipe.to_dict()["train"], "max_steps": 40}})
+    assert check_run_dir(longer) == "resume"
+
+
+def test_overwrite_moves_the_old_run_aside(tmp_path: Path, tiny_model: Path, toy_data: Path):
+    from qlora_sft.checkpoint import prepare_run_dir
+
+    run_dir = tmp_path / "runs" / "tiny"
+    (run_dir / "checkpoint-5").mkdir(parents=True)
+    (run_dir / "checkpoint-5" / "adapter_model.safetensors").write_text("precious")
+    recipe = build_recipe(recipe_dict(tiny_model, toy_data, tmp_path / "runs"))
+    with pytest.raises(RunDirError, match="is not a qlora-sft run"):
+        prepare_run_dir(recipe, {})
+    assert (run_dir / "checkpoint-5" / "adapter_model.safetensors").read_text() == "precious"
+    recipe = build_recipe(recipe_dict(tiny_model, toy_data, tmp_path / "runs", run={"overwrite": True}))
+    prepare_run_dir(recipe, {})
+    (aside,) = tmp_path.glob("runs/tiny.replaced-*")
+    assert (aside / "checkpoint-5" / "adapter_model.safetensors").read_text() == "precious"
+    assert (run_dir / "recipe.yaml").is_file()
+
+
+def test_resume_continues_from_newest_complete_checkpoint(tiny_model: Path, tmp_path: Path, toy_data: Path, caplog):
+    base = recipe_dict(tiny_model, toy_data, tmp_path / "runs", train={"max_steps": 10, "save_steps": 5})
+    train(build_recipe(base))
+    run_dir = tmp_path / "runs" / "tiny"
+    (run_dir / "checkpoint-10" / "COMPLETE").unlink()  # as if killed while saving step 10
+    longer = recipe_dict(tiny_model, toy_data, tmp_path / "runs", train={"max_steps": 15, "save_steps": 5})
+    result = train(build_recipe(longer))
+    assert result.global_step == 15
+    steps = [s for s, _ in losses(run_dir)]
+    # steps 5 and 10 logged by the first run, then 10 again and 15 after resuming from checkpoint-5
+    assert steps == [5, 10, 10, 15]
+    assert (run_dir / "checkpoint-10").is_dir()  # the incomplete one was not deleted
+
+
+def test_eval_pass_does_not_break_cpu_4bit_gradients(tiny_model: Path, tmp_path: Path, toy_data: Path):
+    """bitsandbytes repacks CPU 4-bit weights for inference on the first no-grad eval forward;
+    after that, training silently loses the gradient through the base layers."""
+    from qlora_sft.model import LaunchMode, load_model, load_tokenizer
+
+    recipe = build_recipe(recipe_dict(tiny_model, toy_data, tmp_path))
+    tok = load_tokenizer(recipe.model)
+    x = torch.randint(0, len(tok), (2, 16))
+
+    def grads(eval_first: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = load_model(recipe, tok, LaunchMode("cpu", 1, 0))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=x)
+            model.train()
+        model(input_ids=x, labels=x).loss.backward()
+        return model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.grad.clone()
+
+    assert torch.allclose(grads(False), grads(True))
+
+
+def test_validate_shows_report_and_marked_example(tiny_model: Path, tmp_path: Path, toy_data: Path):
+    f = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, toy_data, tmp_path / "runs"))
+    out = subprocess.run([sys.executable, "-m", "qlora_sft", "validate", str(f)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "160 rows, 160 kept" in out.stdout
+    assert "split: 144 train rows, 16 eval rows" in out.stdout
+    assert "fraction of tokens that carry loss" in out.stdout
+    assert "trains its end token '<|im_end|>': 100.0%" in out.stdout
+    assert "<|im_start|>assistant\n[[The " in out.stdout and "<|im_end|>\n]]" in out.stdout
+    assert not (tmp_path / "runs").exists()  # validate writes nothing
