@@ -40,12 +40,23 @@ class LaunchMode:
         return f"{self.kind}{extra}, world size {self.world_size}"
 
 
+def distributed_state() -> Any:
+    """accelerate's process state, created here first so that CPU ranks work: without a GPU (or with
+    ACCELERATE_USE_CPU=true) the state must be created with cpu=True, otherwise ranks started by
+    `accelerate launch`/torchrun each believe they are alone (gloo is used for CPU ranks)."""
+    import os
+
+    from accelerate import PartialState
+
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
 def detect_launch_mode() -> LaunchMode:
     """Read the launch mode from accelerate's state (set by `accelerate launch` / torchrun)."""
-    from accelerate import PartialState
     from accelerate.utils import DistributedType
 
-    state = PartialState()
+    state = distributed_state()
     dt = state.distributed_type
     if dt == DistributedType.DEEPSPEED:
         plugin = getattr(state, "deepspeed_plugin", None)
@@ -63,6 +74,35 @@ def detect_launch_mode() -> LaunchMode:
     if state.num_processes > 1:
         return LaunchMode("ddp", state.num_processes, state.local_process_index)
     return LaunchMode("single_gpu", 1, state.local_process_index)
+
+
+def check_launch_compat(recipe: Recipe, mode_kind: str, zero_stage: int = 0) -> list[str]:
+    """Combinations that cannot work in a launch mode, as recipe problems (checked before loading).
+    ZeRO-3 and FSDP flatten parameters into shards of one dtype, so the packed 4-bit storage, the
+    model dtype and the mixed-precision (compute) dtype must all be the same (peft#1432,
+    axolotl#1482, peft#2014); LLM.int8 weights cannot be sharded at all."""
+    q, problems = recipe.quantization, []
+    shards = mode_kind == "fsdp" or (mode_kind == "deepspeed" and zero_stage == 3)
+    where = "FSDP" if mode_kind == "fsdp" else f"DeepSpeed ZeRO-{zero_stage}"
+    if not shards:
+        return problems
+    if q.method == "int8":
+        problems.append(f"`quantization.method` is int8, which {where} cannot shard; use nf4 (QLoRA) or none, "
+                        "or launch with DDP / ZeRO-2")
+    compute = q.compute_dtype if q.method != "none" else recipe.model.dtype
+    if q.method in ("nf4", "fp4") and q.quant_storage not in ("auto", compute) and compute != "auto":
+        problems.append(f"`quantization.quant_storage` is {q.quant_storage} but the compute dtype is {compute}; "
+                        f"{where} needs them equal. Remove quant_storage (auto picks the compute dtype).")
+    elif q.method in ("nf4", "fp4") and q.quant_storage in ("uint8",):
+        problems.append(f"`quantization.quant_storage` is uint8; {where} needs the 4-bit weights stored in the "
+                        "compute dtype. Remove quant_storage (auto picks it).")
+    if recipe.model.dtype != "auto" and compute != "auto" and recipe.model.dtype != compute:
+        problems.append(f"`model.dtype` is {recipe.model.dtype} but the compute dtype is {compute}; {where} needs "
+                        "one dtype for every sharded parameter. Set model.dtype: auto.")
+    if compute == "float32" and q.method in ("nf4", "fp4"):
+        problems.append(f"`quantization.compute_dtype` is float32; under {where} use bfloat16 (or float16 on GPUs "
+                        "without bf16) so storage, weights and mixed precision agree")
+    return problems
 
 
 def resolve_compute_dtype(q: QuantizationConfig, model: ModelConfig, device_type: str) -> torch.dtype:
@@ -194,7 +234,13 @@ def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str |
     model.config.use_cache = False  # no KV cache while training (and checkpointing needs it off)
 
     gc = bool(recipe.train.args.get("gradient_checkpointing", True))
-    if qconfig is not None:
+    if qconfig is not None and mode.shards_parameters:
+        # prepare_model_for_kbit_training upcasts every non-quantized weight to fp32, which breaks the
+        # one-dtype rule of ZeRO-3/FSDP shards; keep the model dtype and only wire checkpointing.
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    elif qconfig is not None:
         # Casts norms/embeddings to fp32 for stable training and wires input grads for checkpointing.
         # Non-reentrant checkpointing: the reentrant variant breaks under DDP with LoRA (parameters
         # "marked ready twice") and needs inputs that require grad.

@@ -227,6 +227,14 @@ def plan_lines(
     launch = read_launch_config(config) if config else LaunchConfig("(none: one process)", "single")
     per_node = gpus if gpus is not None else (launch.num_processes // max(1, launch.num_machines))
     world = max(1, per_node * nodes) if launch.kind != "single" else 1
+    from .model import check_launch_compat
+
+    kind = {"zero2": "deepspeed", "zero3": "deepspeed"}.get(launch.kind, launch.kind)
+    problems = check_launch_compat(recipe, kind, 3 if launch.kind == "zero3" else 2 if launch.kind == "zero2" else 0)
+    if problems:
+        from .errors import RecipeError
+
+        raise RecipeError(problems, recipe.source)
     batch = resolve_batch(recipe.train, world)
     shape = ModelShape.from_config(read_model_config(recipe.model.name_or_path, base_dir), recipe.model.name_or_path)
     out = [

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint, data, model
+from .errors import RecipeError
 from .recipe import BatchPlan, Recipe, resolve_batch
 
 log = logging.getLogger("qlora_sft")
@@ -68,9 +69,12 @@ def sft_args(recipe: Recipe, batch: BatchPlan, mode: model.LaunchMode, compute_d
         report_to="none",  # tensorboard and metrics.jsonl are added as callbacks, main process only
         bf16=compute_dtype == torch.bfloat16,
         fp16=compute_dtype == torch.float16,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
         save_total_limit=None,
     )
+    if not (mode.kind == "deepspeed" and mode.zero_stage == 3):
+        # Non-reentrant checkpointing (DDP with LoRA breaks with the reentrant variant). Under ZeRO-3
+        # TRL switches PEFT models to reentrant checkpointing itself, as DeepSpeed requires.
+        args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if has_eval:
         args.setdefault("eval_strategy", "steps")
         if args["eval_strategy"] == "steps":
@@ -103,13 +107,16 @@ def metrics_callback(path: Path) -> Any:
 
 
 def train(recipe: Recipe, extra_callbacks: list[Any] | None = None) -> TrainResult:
-    from accelerate import PartialState
+    from transformers import set_seed
     from trl import SFTTrainer
 
     # 1. Where am I? (the launcher decided; the recipe is the same everywhere)
-    state = PartialState()
+    state = model.distributed_state()
     setup_logging(state.is_main_process, state.process_index)
     mode = model.detect_launch_mode()
+    problems = model.check_launch_compat(recipe, mode.kind, mode.zero_stage)
+    if problems:
+        raise RecipeError(problems, recipe.source)
     batch = resolve_batch(recipe.train, mode.world_size)
     base_dir = Path(recipe.source).parent if recipe.source else None
     log.info("launch: %s; %s", mode.describe(), batch.describe())
@@ -138,6 +145,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None) -> TrainResu
     # 4. Model: quantized, placed for the launch mode, with LoRA adapters.
     device_type = "cpu" if mode.kind == "cpu" else "cuda"
     compute_dtype = model.resolve_compute_dtype(recipe.quantization, recipe.model, device_type)
+    set_seed(recipe.run.seed)  # the LoRA initialisation is random: same seed, same start on every rank
     peft_model = model.load_model(recipe, tokenizer, mode, base_dir)
     for line in model.summarize(peft_model).lines():
         log.info("model: %s", line)
