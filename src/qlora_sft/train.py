@@ -106,6 +106,27 @@ def metrics_callback(path: Path) -> Any:
     return MetricsCallback()
 
 
+def rank_memory_callback(logs_dir: Path, rank: int) -> Any:
+    """Each rank records its own peak GPU memory in logs/rank<i>.json at the end of training (its
+    own file: ranks never share one)."""
+    from transformers import TrainerCallback
+
+    class RankMemoryCallback(TrainerCallback):
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            import torch
+
+            record: dict[str, Any] = {"rank": rank, "global_step": state.global_step}
+            if torch.cuda.is_available():
+                record.update(
+                    device=torch.cuda.get_device_name(),
+                    peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
+                )
+            (logs_dir / f"rank{rank}.json").write_text(json.dumps(record, indent=2))
+
+    return RankMemoryCallback()
+
+
 def train(recipe: Recipe, extra_callbacks: list[Any] | None = None) -> TrainResult:
     from transformers import set_seed
     from trl import SFTTrainer
@@ -156,6 +177,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None) -> TrainResu
         checkpoint.completion_callback(
             {"recipe_hash": recipe.hash(), "world_size": mode.world_size, "global_batch": batch.global_batch}
         ),
+        rank_memory_callback(run_dir / "logs", state.process_index),
         *(extra_callbacks or []),
     ]
     if state.is_main_process:

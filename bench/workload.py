@@ -1,0 +1,173 @@
+"""Benchmark workloads: a model of a real shape with random weights (saved once to a cache folder),
+a word-level tokenizer (one word = one token, so lengths are exact) with a chatml template, and
+chat data with a ShareGPT-like length distribution.
+
+Speed and memory do not depend on the weights' values, so random weights stand in for the real
+checkpoints, which cannot be downloaded here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # Llama-3.1-8B
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+    ),
+    # Llama-3.2-1B
+    "llama3-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=131072,
+    ),
+    # a small shape for smoke tests of the benchmark itself
+    "llama-smoke": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+    ),
+}
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+WORDS = 4000
+
+
+def build_tokenizer() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "<s>"]
+    vocab = {t: i for i, t in enumerate(special)}
+    for role in ("user", "assistant", "system"):
+        vocab[role] = len(vocab)
+    for i in range(WORDS):
+        vocab[f"w{i}"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>"
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_model(shape: str, folder: Path, seed: int = 0, shard_gib: float = 4.0) -> Path:
+    """Random bf16 weights of the shape, generated on the GPU tensor by tensor and saved as sharded
+    safetensors (no full model is ever built in CPU memory). Reused when already there."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    config = LlamaConfig(
+        **SHAPES[shape],
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        torch_dtype="bfloat16",
+    )
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shard: dict[str, torch.Tensor] = {}
+    size, index, n = 0, {}, 0
+
+    def flush() -> None:
+        nonlocal shard, size, n
+        if not shard:
+            return
+        n += 1
+        name = f"model-{n:05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        index.update({k: name for k in shard})
+        shard, size = {}, 0
+
+    for name, p in meta.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if name.endswith("norm.weight"):
+            t = torch.ones(p.shape, dtype=torch.bfloat16)
+        else:
+            t = (
+                (torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * 0.02)
+                .to(torch.bfloat16)
+                .cpu()
+            )
+        shard[name] = t
+        size += t.numel() * 2
+        if size >= shard_gib * 2**30:
+            flush()
+    flush()
+    total = sum((folder / f).stat().st_size for f in set(index.values()))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1)
+    )
+    config.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def sharegpt_lengths(n: int, seed: int = 0, median: int = 350, sigma: float = 0.9, max_len: int = 2048) -> list[int]:
+    """Conversation lengths in tokens: log-normal around the median, capped (ShareGPT-like)."""
+    rng = random.Random(seed)
+    return [max(24, min(max_len, round(math.exp(rng.gauss(math.log(median), sigma))))) for _ in range(n)]
+
+
+def make_data(path: Path, n: int, seed: int = 0, median: int = 350, max_len: int = 2048) -> Path:
+    """Chat rows whose rendered length follows `sharegpt_lengths` (chatml adds 10 tokens)."""
+    if path.is_file():
+        return path
+    rng = random.Random(seed + 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for total in sharegpt_lengths(n, seed, median, max_len=max_len):
+            body = max(4, total - 10)
+            user = max(2, int(body * rng.uniform(0.1, 0.4)))
+            words = [f"w{rng.randrange(WORDS)}" for _ in range(body)]
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": " ".join(words[:user])},
+                            {"role": "assistant", "content": " ".join(words[user:])},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    return path
