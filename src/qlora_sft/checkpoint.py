@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +31,9 @@ log = logging.getLogger("qlora_sft")
 
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
+STAGING = ".staging"
+PREEMPTED = "PREEMPTED"
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved a checkpoint, start me again"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 # Keys that may change between launches of the same run (they do not change what is trained).
@@ -142,6 +147,7 @@ def prepare_run_dir(recipe: Recipe, launch: dict[str, Any]) -> Path:
                 run_dir.rename(aside)
                 log.warning("run.overwrite: moved the previous run %s aside to %s", run_dir, aside)
             (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            (run_dir / PREEMPTED).unlink(missing_ok=True)  # this launch is the requeued one
             resolved = recipe.to_dict()
             resolved["launch"] = launch
             atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
@@ -201,6 +207,10 @@ def find_resume(recipe: Recipe) -> Path | None:
             why = info.reason if info else "not a folder"
             raise RunDirError(f"checkpoint.resume={choice}: cannot resume from it ({why})")
         return path
+    staging = recipe.run_dir / STAGING
+    if staging.is_dir():
+        for p in sorted(staging.glob("checkpoint-*")):
+            log.warning("skipping %s for resume: an interrupted save (it never completed); left in place", p)
     for info in list_checkpoints(recipe.run_dir):
         if info.complete:
             return info.path
@@ -215,19 +225,213 @@ def write_manifest(ckpt: Path, meta: dict[str, Any]) -> None:
         for p in sorted(ckpt.rglob("*"))
         if p.is_file() and p.name not in (COMPLETE, MANIFEST) and not p.name.startswith(".")
     }
+    latest = ckpt / "latest"  # DeepSpeed's tag file: the folder holding its per-rank shards
+    if latest.is_file():
+        meta = {**meta, "deepspeed_tag": latest.read_text().strip()}
     atomic_write_text(ckpt / MANIFEST, json.dumps({**meta, "files": files}, indent=2))
     atomic_write_text(ckpt / COMPLETE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
 
 
-def completion_callback(meta: dict[str, Any]) -> Any:
-    """A TrainerCallback that marks each checkpoint complete once every rank has saved."""
+def publish(staged: Path, final: Path, meta: dict[str, Any]) -> None:
+    """Complete a staged folder (manifest, then marker) and rename it into place. Main process
+    only, after every rank has written its part. A folder already at `final` (the same step saved
+    again after a resume) is moved back into staging first, never deleted before the new one is
+    in place."""
+    write_manifest(staged, meta)
+    old = None
+    if final.exists():
+        old = staged.parent / f"{final.name}.old-{time.time_ns()}"
+        os.rename(final, old)
+    os.rename(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def apply_retention(run_dir: Path, keep_last: int | None) -> list[Path]:
+    """Delete complete checkpoints older than the newest `keep_last` complete ones of this run.
+    Incomplete checkpoints are left for the user to inspect. Main process only."""
+    if not keep_last:
+        return []
+    complete = [c for c in list_checkpoints(run_dir) if c.complete]
+    removed = []
+    for info in complete[keep_last:]:
+        shutil.rmtree(info.path)
+        removed.append(info.path)
+        log.info("checkpoint.keep_last=%d: removed %s", keep_last, info.path)
+    return removed
+
+
+class Fault:
+    """Fault injection for tests, from QLORA_SFT_FAULT="<action>@<step>[:<rank>]":
+    `kill@8:1` SIGKILLs rank 1 as step 8 begins; `crashsave@10:0` SIGKILLs rank 0 while
+    checkpoint 10 is saved (files written, marker not yet). Off unless the variable is set."""
+
+    def __init__(self, spec: str | None = None):
+        spec = spec if spec is not None else os.environ.get("QLORA_SFT_FAULT", "")
+        self.action = ""
+        self.step = -1
+        self.rank: int | None = None
+        m = re.fullmatch(r"(kill|crashsave)@(\d+)(?::(\d+))?", spec.strip())
+        if m:
+            self.action, self.step = m.group(1), int(m.group(2))
+            self.rank = int(m.group(3)) if m.group(3) is not None else None
+
+    def maybe(self, action: str, step: int, rank: int) -> None:
+        if self.action == action and self.step == step and self.rank in (None, rank):
+            log.warning("QLORA_SFT_FAULT: %s at step %d on rank %d", action, step, rank)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CheckpointingMixin:
+    """Mixed into the Trainer: complete-or-absent checkpoints (see the module docstring).
+
+    Set before training: `ckpt_meta` (manifest fields), `keep_last`, `fault`."""
+
+    ckpt_meta: dict[str, Any]
+    keep_last: int | None = None
+    fault: Fault = Fault("")
+    _staging_save = False
+
+    def _get_output_dir(self, trial: Any) -> str:  # Trainer hook: where checkpoint-<step> is written
+        base = super()._get_output_dir(trial)  # type: ignore[misc]
+        return str(Path(base) / STAGING) if self._staging_save else base
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        state = self.state  # type: ignore[attr-defined]
+        args = self.args  # type: ignore[attr-defined]
+        run_dir = Path(super()._get_output_dir(trial))  # type: ignore[misc]
+        name = f"checkpoint-{state.global_step}"
+        staged = run_dir / STAGING / name
+        with main_process_writes() as is_main:
+            if is_main:
+                shutil.rmtree(staged, ignore_errors=True)  # leftovers of an interrupted save
+                staged.parent.mkdir(parents=True, exist_ok=True)
+        self._staging_save = True
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            self._staging_save = False
+        self.fault.maybe("crashsave", state.global_step, args.process_index)
+        with main_process_writes() as is_main:
+            if is_main:
+                publish(staged, run_dir / name, self.manifest(state.global_step))
+                apply_retention(run_dir, self.keep_last)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Resume loads the adapter through peft's `load_adapter`, which upcasts adapter weights to
+        fp32, while a fresh QLoRA run trains them in bf16 (TRL casts them): a resumed run would then
+        drift from an uninterrupted one. Restore each trainable parameter's dtype."""
+        target = model if model is not None else self.model  # type: ignore[attr-defined]
+        dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+        for n, p in target.named_parameters():
+            if n in dtypes and p.dtype != dtypes[n]:
+                p.data = p.data.to(dtypes[n])
+
+    def manifest(self, step: int) -> dict[str, Any]:
+        state = self.state  # type: ignore[attr-defined]
+        gb = self.ckpt_meta.get("global_batch", 0)
+        return {**self.ckpt_meta, "step": step, "epoch": state.epoch, "examples_consumed": step * gb}
+
+    def save_final(self, final: Path) -> None:
+        """The end-of-training adapter + tokenizer, staged and published like a checkpoint."""
+        staged = final.parent / STAGING / final.name
+        with main_process_writes() as is_main:
+            if is_main:
+                shutil.rmtree(staged, ignore_errors=True)
+        self.save_model(str(staged))  # type: ignore[attr-defined]
+        with main_process_writes() as is_main:
+            if is_main:
+                publish(staged, final, self.manifest(self.state.global_step))  # type: ignore[attr-defined]
+
+
+def check_resume(path: Path, world_size: int, global_batch: int, mode_kind: str) -> dict[str, Any]:
+    """Refuse resumes that would restore silently partially. Returns the manifest."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    old_ws, old_gb = manifest.get("world_size"), manifest.get("global_batch")
+    if old_gb and old_gb != global_batch:
+        raise RunDirError(
+            f"{path} was saved with global batch {old_gb}, this launch has {global_batch}: the data position "
+            "and the schedule would not match. Keep train.global_batch_size as it was (the micro batch and "
+            "the number of GPUs may change)."
+        )
+    if old_ws != world_size:
+        if manifest.get("deepspeed_tag") or mode_kind == "deepspeed":
+            raise RunDirError(
+                f"{path} holds a DeepSpeed checkpoint of {old_ws} rank(s) (tag {manifest.get('deepspeed_tag')}); "
+                f"this launch has {world_size}. DeepSpeed cannot load optimizer shards across world sizes: "
+                f"relaunch with {old_ws} processes, or convert it with DeepSpeed's universal checkpoint tool "
+                f"(python -m deepspeed.checkpoint.ds_to_universal --input_folder {path}/"
+                f"{manifest.get('deepspeed_tag', 'global_stepN')} --output_folder <dir>) and resume from that."
+            )
+        log.warning(
+            "resuming %s, saved by %s rank(s), on %d rank(s): same global batch %s and data position (step %s); "
+            "per-rank RNG streams are not restored, so dropout masks differ from an uninterrupted run",
+            path,
+            old_ws,
+            world_size,
+            global_batch,
+            manifest.get("step"),
+        )
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Preemption
+# --------------------------------------------------------------------------------------------
+
+
+def parse_signal(name: str) -> signal.Signals:
+    name = name.upper()
+    return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+
+
+def preemption_callback(signals: list[str]) -> Any:
+    """A TrainerCallback: the handler only records the signal; at each step boundary the ranks agree
+    (all-reduce MAX) and, if any rank was signalled, save a checkpoint together and stop."""
+    import torch
     from transformers import TrainerCallback
 
-    class CompletionCallback(TrainerCallback):
-        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            with main_process_writes() as is_main:
-                if is_main and ckpt.is_dir():
-                    write_manifest(ckpt, {**meta, "step": state.global_step})
+    class Preemption(TrainerCallback):
+        def __init__(self) -> None:
+            self.signalled_at: float | None = None
+            self.signal_name = ""
+            self.stopped_at_step: int | None = None
+            for name in signals:
+                signal.signal(parse_signal(name), self._handler)
 
-    return CompletionCallback()
+        def _handler(self, signum: int, frame: Any) -> None:  # only sets a flag: no I/O, no collectives
+            if self.signalled_at is None:
+                self.signalled_at = time.time()
+                self.signal_name = signal.Signals(signum).name
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            flag = 1 if self.signalled_at is not None else 0
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                from accelerate import PartialState
+
+                t = torch.tensor([flag], device=PartialState().device)
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+                flag = int(t.item())
+            if flag and self.stopped_at_step is None:
+                if self.signalled_at is None:  # another rank got the signal
+                    self.signalled_at = time.time()
+                    self.signal_name = "another rank's signal"
+                self.stopped_at_step = state.global_step
+                control.should_save = True
+                control.should_training_stop = True
+                log.warning(
+                    "preemption (%s): saving a checkpoint at step %d and stopping", self.signal_name, state.global_step
+                )
+
+    return Preemption()
+
+
+def fault_callback(fault: Fault, rank: int) -> Any:
+    from transformers import TrainerCallback
+
+    class FaultCallback(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            fault.maybe("kill", state.global_step + 1, rank)
+
+    return FaultCallback()

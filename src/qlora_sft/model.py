@@ -87,21 +87,31 @@ def check_launch_compat(recipe: Recipe, mode_kind: str, zero_stage: int = 0) -> 
     if not shards:
         return problems
     if q.method == "int8":
-        problems.append(f"`quantization.method` is int8, which {where} cannot shard; use nf4 (QLoRA) or none, "
-                        "or launch with DDP / ZeRO-2")
+        problems.append(
+            f"`quantization.method` is int8, which {where} cannot shard; use nf4 (QLoRA) or none, "
+            "or launch with DDP / ZeRO-2"
+        )
     compute = q.compute_dtype if q.method != "none" else recipe.model.dtype
     if q.method in ("nf4", "fp4") and q.quant_storage not in ("auto", compute) and compute != "auto":
-        problems.append(f"`quantization.quant_storage` is {q.quant_storage} but the compute dtype is {compute}; "
-                        f"{where} needs them equal. Remove quant_storage (auto picks the compute dtype).")
+        problems.append(
+            f"`quantization.quant_storage` is {q.quant_storage} but the compute dtype is {compute}; "
+            f"{where} needs them equal. Remove quant_storage (auto picks the compute dtype)."
+        )
     elif q.method in ("nf4", "fp4") and q.quant_storage in ("uint8",):
-        problems.append(f"`quantization.quant_storage` is uint8; {where} needs the 4-bit weights stored in the "
-                        "compute dtype. Remove quant_storage (auto picks it).")
+        problems.append(
+            f"`quantization.quant_storage` is uint8; {where} needs the 4-bit weights stored in the "
+            "compute dtype. Remove quant_storage (auto picks it)."
+        )
     if recipe.model.dtype != "auto" and compute != "auto" and recipe.model.dtype != compute:
-        problems.append(f"`model.dtype` is {recipe.model.dtype} but the compute dtype is {compute}; {where} needs "
-                        "one dtype for every sharded parameter. Set model.dtype: auto.")
+        problems.append(
+            f"`model.dtype` is {recipe.model.dtype} but the compute dtype is {compute}; {where} needs "
+            "one dtype for every sharded parameter. Set model.dtype: auto."
+        )
     if compute == "float32" and q.method in ("nf4", "fp4"):
-        problems.append(f"`quantization.compute_dtype` is float32; under {where} use bfloat16 (or float16 on GPUs "
-                        "without bf16) so storage, weights and mixed precision agree")
+        problems.append(
+            f"`quantization.compute_dtype` is float32; under {where} use bfloat16 (or float16 on GPUs "
+            "without bf16) so storage, weights and mixed precision agree"
+        )
     return problems
 
 

@@ -21,6 +21,7 @@ import inspect
 import itertools
 import json
 import os
+import signal
 import textwrap
 import types
 import typing
@@ -157,6 +158,9 @@ class CheckpointConfig:
     keep_last: int | None = field(default=None, metadata={"min": 1})
     """Keep only the newest N complete checkpoints (older ones are deleted once a newer one is
     complete). Unset: keep all."""
+    signals: list[str] = field(default_factory=lambda: ["USR1", "TERM"])
+    """Signals that mean "save and stop" (what SLURM sends before a time limit or preemption): the
+    ranks save a complete checkpoint at the next step boundary and exit with code 75."""
 
 
 SECTIONS: dict[str, type] = {
@@ -653,6 +657,10 @@ def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Ctx) -> 
         ctx.add("run.name", f"is {recipe.run.name!r}; use a plain folder name (no slashes)")
     if recipe.checkpoint.resume not in ("auto", "never") and not recipe.checkpoint.resume:
         ctx.add("checkpoint.resume", "must be auto, never, or a checkpoint path")
+    for name in recipe.checkpoint.signals:
+        sig = f"SIG{name.upper().removeprefix('SIG')}"
+        if sig not in signal.Signals.__members__ or sig in ("SIGKILL", "SIGSTOP"):
+            ctx.add("checkpoint.signals", f"has {name!r}, not a catchable signal name (e.g. USR1, TERM)")
 
     args = recipe.train.args
     micro = args.get("per_device_train_batch_size", 1)

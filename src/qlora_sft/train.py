@@ -31,6 +31,7 @@ class TrainResult:
     global_step: int
     train_loss: float | None
     eval_loss: float | None
+    preempted: bool = False
 
 
 def setup_logging(is_main: bool, rank: int = 0) -> None:
@@ -153,6 +154,8 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None) -> TrainResu
     }
     run_dir = checkpoint.prepare_run_dir(recipe, launch)
     resume_from = checkpoint.find_resume(recipe)
+    if resume_from is not None:
+        checkpoint.check_resume(resume_from, mode.world_size, batch.global_batch, mode.kind)
 
     # 3. Tokenizer and data (main process first, cached) — before any model memory is spent.
     tokenizer = model.load_tokenizer(recipe.model, base_dir)
@@ -173,10 +176,11 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None) -> TrainResu
 
     # 5. Trainer.
     args = sft_args(recipe, batch, mode, compute_dtype, prepared.eval is not None)
+    fault = checkpoint.Fault()
+    preemption = checkpoint.preemption_callback(list(recipe.checkpoint.signals))
     callbacks = [
-        checkpoint.completion_callback(
-            {"recipe_hash": recipe.hash(), "world_size": mode.world_size, "global_batch": batch.global_batch}
-        ),
+        preemption,
+        checkpoint.fault_callback(fault, state.process_index),
         rank_memory_callback(run_dir / "logs", state.process_index),
         *(extra_callbacks or []),
     ]
@@ -188,7 +192,8 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None) -> TrainResu
             metrics_callback(run_dir / "logs" / "metrics.jsonl"),
             TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "logs"))),
         ]
-    trainer = SFTTrainer(
+    trainer_cls = type("QloraSFTTrainer", (checkpoint.CheckpointingMixin, SFTTrainer), {})
+    trainer = trainer_cls(
         model=peft_model,
         args=args,
         train_dataset=prepared.train,
@@ -196,30 +201,57 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None) -> TrainResu
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    trainer.ckpt_meta = {
+        "recipe_hash": recipe.hash(),
+        "world_size": mode.world_size,
+        "global_batch": batch.global_batch,
+        "mode": mode.kind,
+        "zero_stage": mode.zero_stage,
+    }
+    trainer.keep_last = recipe.checkpoint.keep_last
+    trainer.fault = fault
 
     # 6. Train (continuing from the newest complete checkpoint, if any).
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    final_dir = run_dir / "final"
+    if preemption.stopped_at_step is not None:
+        # Saved at the step boundary all ranks agreed on; tell the launcher to requeue us.
+        waited = time.time() - (preemption.signalled_at or time.time())
+        with checkpoint.main_process_writes() as is_main:
+            if is_main:
+                checkpoint.atomic_write_text(
+                    run_dir / checkpoint.PREEMPTED,
+                    json.dumps(
+                        {
+                            "step": trainer.state.global_step,
+                            "signal": preemption.signal_name,
+                            "seconds_from_signal_to_exit": round(waited, 3),
+                        }
+                    )
+                    + "\n",
+                )
+        log.warning(
+            "preempted: checkpoint-%d is complete; %.1f s from signal to exit; exiting with code %d "
+            "so the launcher requeues the job",
+            trainer.state.global_step,
+            waited,
+            checkpoint.REQUEUE_EXIT_CODE,
+        )
+        return TrainResult(run_dir, final_dir, trainer.state.global_step, None, None, preempted=True)
     eval_loss = None
     if prepared.eval is not None:
         eval_loss = trainer.evaluate().get("eval_loss")
 
     # 7. Final adapter + tokenizer (Trainer.save_model writes from the main process and gathers
-    # sharded weights), then the completion marker.
-    final_dir = run_dir / "final"
-    trainer.save_model(str(final_dir))
-    with checkpoint.main_process_writes() as is_main:
-        if is_main:
-            checkpoint.write_manifest(
-                final_dir,
-                {"step": trainer.state.global_step, "recipe_hash": recipe.hash(), "world_size": mode.world_size},
-            )
+    # sharded weights), staged and published with its completion marker.
+    trainer.save_final(final_dir)
     log.info("done: adapter in %s (step %d)", final_dir, trainer.state.global_step)
     return TrainResult(run_dir, final_dir, trainer.state.global_step, result.training_loss, eval_loss)
 
 
 def main(recipe: Recipe) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train(recipe)
-    return 0
+    result = train(recipe)
+    return checkpoint.REQUEUE_EXIT_CODE if result.preempted else 0
