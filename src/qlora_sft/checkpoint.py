@@ -40,6 +40,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 RESUMABLE_CHANGES = (
     "run.overwrite",
     "checkpoint.",
+    "cluster.",
     "train.max_steps",
     "train.num_train_epochs",
     "train.logging_steps",

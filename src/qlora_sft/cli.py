@@ -48,7 +48,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, help="GPUs (processes) per node (default: the config's num_processes)")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes")
     p.add_argument("--gpu-mem", type=float, help="GPU memory in GiB: list which bundled configs fit")
+    p.add_argument("--run-dir", action="store_true", help="only print the run directory (for scripts)")
+    p = sub.add_parser("submit", help="submit the recipe with submitit (SLURM, or --cluster local)")
+    _recipe_args(p)
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--tasks-per-node", type=int, help="ranks per node (default: GPUs per node, or 1)")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--time", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--mem")
+    p.add_argument("--constraint")
+    p.add_argument("--extra-sbatch", action="append", help="another sbatch option, e.g. --extra-sbatch=--exclusive")
+    p.add_argument("--cluster", choices=["slurm", "local"], help="default: slurm where sbatch exists, else local")
+    p.add_argument("--folder", help="submitit job folder (default <output_dir>/<name>.submitit/<job id>)")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
     return parser
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .submit import submit
+
+    job = submit(
+        args.recipe,
+        args.overrides,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        time=args.time,
+        cpus_per_task=args.cpus_per_task,
+        mem=args.mem,
+        constraint=args.constraint,
+        extra_sbatch=args.extra_sbatch,
+        cluster=args.cluster,
+        folder=args.folder,
+    )
+    print(f"submitted job {job.job_id}")
+    print(f"  job folder: {job.paths.folder}")
+    print(f"  stdout:     {job.paths.stdout}")
+    print(f"  stderr:     {job.paths.stderr}")
+    if args.wait:
+        print(f"result: {job.result()}")
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -56,6 +102,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.run_dir:
+        print(recipe.run_dir.resolve())
+        return 0
     for line in plan_lines(recipe, args.config, args.gpus, args.nodes, args.gpu_mem, Path(args.recipe).parent):
         print(line)
     return 0
@@ -110,7 +159,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "validate": cmd_validate, "plan": cmd_plan}
+COMMANDS = {"train": cmd_train, "validate": cmd_validate, "plan": cmd_plan, "submit": cmd_submit}
 
 
 def quiet_library_noise() -> None:

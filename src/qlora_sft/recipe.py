@@ -163,6 +163,38 @@ class CheckpointConfig:
     ranks save a complete checkpoint at the next step boundary and exit with code 75."""
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    nodes: int = field(default=1, metadata={"min": 1})
+    """Nodes for `qlora-sft submit` (flags override every key of this section)."""
+    gpus_per_node: int = field(default=1, metadata={"min": 0})
+    """GPUs per node; one task (rank) per GPU. 0: CPU ranks (see tasks_per_node)."""
+    tasks_per_node: int | None = field(default=None, metadata={"min": 1})
+    """Ranks per node; default: gpus_per_node (or 1 without GPUs)."""
+    partition: str | None = None
+    """SLURM partition."""
+    account: str | None = None
+    """SLURM account."""
+    qos: str | None = None
+    """SLURM quality of service."""
+    time: str = "04:00:00"
+    """Time limit: minutes, HH:MM:SS or D-HH:MM:SS."""
+    cpus_per_task: int | None = field(default=None, metadata={"min": 1})
+    """CPU cores per task (rank)."""
+    mem: str | None = None
+    """Memory per node, SLURM syntax (e.g. 200G)."""
+    constraint: str | None = None
+    """SLURM node constraint (e.g. h100)."""
+    extra_sbatch: list[str] = field(default_factory=list)
+    """More sbatch options, each `--key=value` or `--flag` (e.g. [--exclusive])."""
+    signal_grace_s: int = field(default=300, metadata={"min": 10})
+    """Seconds before the time limit at which SLURM signals the job to save and requeue."""
+    job_name: str = "qlora-sft"
+    """SLURM job name."""
+    folder: str | None = None
+    """submitit's job folder (logs, pickles); default `<output_dir>/<name>.submitit/`."""
+
+
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "model": ModelConfig,
@@ -171,6 +203,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
+    "cluster": ClusterConfig,
 }
 
 # Project defaults for SFTConfig fields that differ from TRL's defaults (QLoRA paper values).
@@ -215,6 +248,7 @@ class Recipe:
     data: DataConfig
     train: TrainConfig
     checkpoint: CheckpointConfig
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: str | None = None
     """The file the recipe was read from (None when built in code)."""
 

@@ -142,6 +142,10 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None) -> TrainResu
     batch = resolve_batch(recipe.train, mode.world_size)
     base_dir = Path(recipe.source).parent if recipe.source else None
     log.info("launch: %s; %s", mode.describe(), batch.describe())
+    if "SLURM_JOB_ID" in os.environ:
+        log.info(
+            "SLURM job %s, restart count %s", os.environ["SLURM_JOB_ID"], os.environ.get("SLURM_RESTART_COUNT", "0")
+        )
 
     # 2. Run directory: refuse a different recipe, write the resolved one.
     launch = {

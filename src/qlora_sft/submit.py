@@ -1,0 +1,205 @@
+"""Submit a recipe with submitit: to SLURM (`AutoExecutor`) or, with `cluster="local"`, to this
+workstation. One task per GPU; each task is one rank of the same `train` entrypoint.
+
+    from qlora_sft import submit
+    job = submit("configs/recipes/X.yaml", nodes=2, gpus_per_node=8, partition="gpu",
+                 overrides=["train.learning_rate=1e-4"])
+    print(job.job_id); job.result()
+
+Executor parameters come from the keyword arguments, else from the recipe's optional `cluster:`
+section. The recipe and the run directory are checked before anything is submitted.
+
+Preemption: submitit asks SLURM for `--signal=USR2@<grace>` and catches USR2 in every task. The
+training registers its own handler for it (a flag; ranks agree at the next step boundary and save
+a complete checkpoint), and once that checkpoint exists the job hands the signal back to submitit,
+whose handler calls `QloraJob.checkpoint()` and requeues the job. The requeued job resumes from the
+checkpoint like any relaunch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .recipe import ClusterConfig, load_recipe
+
+log = logging.getLogger("qlora_sft")
+
+TORCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def parse_time(value: str | int) -> int:
+    """SLURM time -> minutes. Accepts minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    if isinstance(value, int):
+        return max(1, value)
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", str(value).strip())
+    if not m:
+        raise UserError(f"cluster.time={value!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
+    days = int(m.group(1) or 0)
+    parts = [int(x) for x in m.group(2).split(":")]
+    if m.group(1):  # D-HH[:MM[:SS]]
+        h, mi, sec = [*parts, 0, 0][:3]
+    elif len(parts) == 3:
+        h, mi, sec = parts
+    elif len(parts) == 2:  # MM:SS
+        h, mi, sec = 0, parts[0], parts[1]
+    else:
+        h, mi, sec = 0, parts[0], 0
+    return max(1, days * 1440 + h * 60 + mi + (1 if sec else 0))
+
+
+def parse_sbatch_lines(lines: Sequence[str]) -> dict[str, Any]:
+    """`--key=value` / `--flag` lines -> submitit's slurm_additional_parameters."""
+    out: dict[str, Any] = {}
+    for line in lines:
+        text = line.strip().removeprefix("#SBATCH").strip()
+        if not text.startswith("--"):
+            raise UserError(f"cluster.extra_sbatch: {line!r} is not an sbatch option (--key=value or --flag)")
+        key, _, value = text[2:].partition("=")
+        out[key.replace("-", "_")] = value if value else True
+    return out
+
+
+def executor_parameters(cfg: ClusterConfig, **given: Any) -> dict[str, Any]:
+    """submitit parameters from the recipe's cluster section, overridden by explicit arguments."""
+    merged = {k: getattr(cfg, k) for k in ClusterConfig.__dataclass_fields__}
+    merged.update({k: v for k, v in given.items() if v is not None})
+    gpus = int(merged["gpus_per_node"])
+    tasks = int(merged["tasks_per_node"] or (gpus if gpus > 0 else 1))
+    params: dict[str, Any] = {
+        "nodes": int(merged["nodes"]),
+        "tasks_per_node": tasks,
+        "timeout_min": parse_time(merged["time"]),
+        "slurm_signal_delay_s": int(merged["signal_grace_s"]),
+        "name": merged["job_name"],
+    }
+    if gpus > 0:
+        params["gpus_per_node"] = gpus
+    if merged["cpus_per_task"]:
+        params["cpus_per_task"] = int(merged["cpus_per_task"])
+    for key in ("partition", "account", "qos", "mem", "constraint"):
+        if merged[key]:
+            params[f"slurm_{key}"] = merged[key]
+    if merged["extra_sbatch"]:
+        params["slurm_additional_parameters"] = parse_sbatch_lines(merged["extra_sbatch"])
+    return params
+
+
+def export_torch_env() -> dict[str, str]:
+    """Set the torch.distributed variables from submitit's job environment and check them before
+    any process group starts (submitit leaves them unset: submitit PR #1703)."""
+    import submitit
+
+    env = submitit.JobEnvironment()
+    if env.num_tasks > 1:
+        import torch
+
+        submitit.helpers.TorchDistributedEnvironment().export(
+            set_cuda_visible_devices=torch.cuda.is_available(), overwrite=True
+        )
+    else:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+    missing = [k for k in TORCH_ENV if not os.environ.get(k)]
+    if missing or int(os.environ["RANK"]) != env.global_rank or int(os.environ["WORLD_SIZE"]) != env.num_tasks:
+        raise RuntimeError(
+            f"torch.distributed environment not set from submitit's job environment (missing {missing}, "
+            f"RANK={os.environ.get('RANK')} vs task {env.global_rank}, WORLD_SIZE={os.environ.get('WORLD_SIZE')} "
+            f"vs {env.num_tasks} tasks)"
+        )
+    return {k: os.environ[k] for k in TORCH_ENV}
+
+
+class QloraJob:
+    """The submitted callable: one task = one rank of `qlora_sft.train`. Checkpointable: on
+    preemption submitit calls `checkpoint()`, which resubmits the same arguments; the new job
+    resumes from the newest complete checkpoint."""
+
+    def __call__(self, recipe_path: str, overrides: list[str], cwd: str) -> dict[str, Any]:
+        import submitit
+
+        from .train import setup_logging, train
+
+        os.chdir(cwd)
+        env = export_torch_env()
+        setup_logging(env["RANK"] == "0", int(env["RANK"]))
+        log.info("submitit task %s: %s", submitit.JobEnvironment().global_rank, env)
+        sig = submitit.JobEnvironment._usr_sig()  # submitit's preemption signal (USR2)
+        submitit_handler = signal.getsignal(sig)
+        recipe = load_recipe(recipe_path, overrides)
+        signals = [*recipe.checkpoint.signals, signal.Signals(sig).name]
+        recipe = load_recipe(recipe_path, [*overrides, f"checkpoint.signals=[{','.join(signals)}]"])
+        result = train(recipe)
+        if result.preempted and callable(submitit_handler):
+            # The checkpoint is complete on every rank: now let submitit checkpoint() and requeue.
+            submitit_handler(sig, None)
+        return {
+            "run_dir": str(result.run_dir),
+            "global_step": result.global_step,
+            "preempted": result.preempted,
+            "eval_loss": result.eval_loss,
+        }
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(QloraJob(), *args, **kwargs)
+
+
+def submit(
+    recipe: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    *,
+    nodes: int | None = None,
+    gpus_per_node: int | None = None,
+    tasks_per_node: int | None = None,
+    partition: str | None = None,
+    account: str | None = None,
+    qos: str | None = None,
+    time: str | int | None = None,
+    cpus_per_task: int | None = None,
+    mem: str | None = None,
+    constraint: str | None = None,
+    extra_sbatch: Sequence[str] | None = None,
+    cluster: str | None = None,
+    folder: str | os.PathLike[str] | None = None,
+) -> Any:
+    """Validate the recipe and its run directory, then submit. Returns the submitit Job."""
+    import submitit
+
+    from .checkpoint import check_run_dir
+
+    overrides = list(overrides)
+    r = load_recipe(recipe, overrides)
+    check_run_dir(r)
+    params = executor_parameters(
+        r.cluster,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        tasks_per_node=tasks_per_node,
+        partition=partition,
+        account=account,
+        qos=qos,
+        time=time,
+        cpus_per_task=cpus_per_task,
+        mem=mem,
+        constraint=constraint,
+        extra_sbatch=list(extra_sbatch) if extra_sbatch is not None else None,
+    )
+    folder = Path(folder or r.cluster.folder or (r.run_dir.parent / f"{r.run.name}.submitit")) / "%j"
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_python=sys.executable)
+    if executor.cluster == "local":
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+        params.pop("name", None)
+    executor.update_parameters(**params)
+    job = executor.submit(QloraJob(), str(Path(recipe).resolve()), overrides, str(Path.cwd()))
+    log.info("submitted job %s (%s) with %s", job.job_id, executor.cluster, params)
+    return job

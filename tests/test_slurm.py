@@ -1,0 +1,430 @@
+"""The sbatch templates and submitit against a real SLURM (slurmctld + slurmd on this machine,
+started by tests/slurm/cluster.sh). In CI the cluster must come up: these tests fail, never skip,
+when CI=true."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, recipe_dict, write_recipe, write_toy_data
+
+pytestmark = pytest.mark.slurm
+
+CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
+GOLDEN = REPO / "tests" / "slurm" / "golden"
+WEIRD = "dir with spaces;$(touch PWNED)`touch PWNED2`&& 'q' \"dq\""
+
+
+@pytest.fixture(scope="session")
+def slurm() -> dict[str, str]:
+    if not shutil.which("slurmctld") or os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail(
+                "SLURM is not installed, or not root, in CI: .ci/run must install it "
+                "(apt-get install slurmctld slurmd slurm-client munge)"
+            )
+        pytest.skip("SLURM not installed (apt-get install -y slurmctld slurmd slurm-client munge) or not root")
+    state = Path(os.environ.get("QLORA_SFT_SLURM_DIR", "/tmp/qlora-sft-slurm"))
+    probe = subprocess.run(
+        ["sinfo", "-h", "-N", "-o", "%t"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SLURM_CONF": str(state / "slurm.conf")},
+    )
+    started_here = probe.returncode != 0 or "idle" not in probe.stdout  # .ci/run may have started it
+    if started_here:
+        out = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, f"cannot start SLURM:\n{out.stdout}\n{out.stderr}"
+    env = dict(os.environ)
+    env.update(
+        SLURM_CONF=str(state / "slurm.conf"),
+        PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+        QLORA_SFT_HOME=str(REPO),
+        QLORA_SFT_PROCS_PER_NODE="2",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
+    yield env
+    if started_here:
+        subprocess.run([str(CLUSTER), "stop"], capture_output=True, text=True, timeout=60)
+
+
+def sbatch(env: dict[str, str], cwd: Path, template: str, *args: str, sbatch_args: tuple[str, ...] = ()) -> int:
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--gpus-per-node=0",
+        "--cpus-per-task=2",
+        "--signal=B:USR1@30",
+        *sbatch_args,
+        str(REPO / "slurm" / template),
+        *args,
+    ]
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip().split(";")[0])
+
+
+def job_info(env: dict[str, str], job: int) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", str(job)], env=env, capture_output=True, text=True)
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def wait_state(env: dict[str, str], job: int, states: set[str], timeout: float = 600) -> dict[str, str]:
+    deadline = time.time() + timeout
+    info: dict[str, str] = {}
+    while time.time() < deadline:
+        info = job_info(env, job)
+        if info.get("JobState") in states:
+            return info
+        time.sleep(1)
+    raise AssertionError(f"job {job} never reached {states}: {info}")
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("slurm") / WEIRD  # paths full of spaces and shell characters
+    root.mkdir(parents=True)
+    data = write_toy_data(root / "toy.jsonl", n=160)
+    train = {
+        "max_steps": 24,
+        "logging_steps": 1,
+        "save_steps": 4,
+        "global_batch_size": 8,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 5e-3,
+    }
+    recipe = write_recipe(root / "recipe.yaml", recipe_dict(tiny_model, data, root / "runs", train=train))
+    return root, recipe
+
+
+@pytest.fixture(scope="module")
+def straight(slurm, workdir):
+    root, recipe = workdir
+    job = sbatch(slurm, root, "single_node.sbatch", str(recipe), "run.name=straight")
+    info = wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    log = (root / f"slurm-qlora-sft-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    return job, log
+
+
+def test_single_node_job_runs_two_ranks_to_completion(straight, workdir):
+    _, log = straight
+    root, _ = workdir
+    run_dir = root / "runs" / "straight"
+    assert (run_dir / "final" / "COMPLETE").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoint-24").glob("rng_state*")) == [
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    ]
+    assert "1 node(s) x 2 process(es) = 2" in log and "training finished" in log
+    assert "SLURM job" in log and "restart count 0" in log
+    assert not list(root.glob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))
+
+
+def test_preempted_job_saves_requeues_resumes_and_matches(slurm, workdir, straight):
+    root, recipe = workdir
+    job = sbatch(slurm, root, "single_node.sbatch", str(recipe), "run.name=preempted")
+    run_dir = root / "runs" / "preempted"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (run_dir / "logs" / "metrics.jsonl").is_file() and len(losses(run_dir)) >= 6:
+            break
+        time.sleep(0.3)
+    # what SLURM does before a time limit with --signal=B:USR1@N: USR1 to the batch shell only
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=slurm, check=True)
+    info = wait_state(slurm, job, {"PENDING", "REQUEUED", "COMPLETED", "FAILED"}, timeout=300)
+    log = (root / f"slurm-qlora-sft-{job}.out").read_text()
+    assert info["JobState"] in ("PENDING", "REQUEUED"), log[-4000:]
+    assert "requeueing job" in log
+    stopped = json.loads((run_dir / "PREEMPTED").read_text())["step"]
+    assert (run_dir / f"checkpoint-{stopped}" / "COMPLETE").is_file()
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
+    info = wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"})
+    log = (root / f"slurm-qlora-sft-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert info.get("Restarts") == "1"
+    assert "restart 1" in log and f"resuming from {run_dir}/checkpoint-{stopped}" in log
+    assert not (run_dir / "PREEMPTED").exists()
+    assert (run_dir / "final" / "COMPLETE").is_file()
+    got, want = losses(run_dir), losses(root / "runs" / "straight")
+    assert max(got) == 24
+    for step in range(stopped + 1, 25):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+
+
+def test_failed_run_is_not_requeued(slurm, workdir):
+    root, recipe = workdir
+    job = sbatch(slurm, root, "single_node.sbatch", str(recipe), "run.name=broken", "model.name_or_path=/nope/model")
+    info = wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"})
+    log = (root / f"slurm-qlora-sft-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info.get("Restarts") == "0", log[-3000:]
+    assert "not requeueing" in log or "does not validate" in log
+
+
+def test_multi_node_template_under_srun_with_one_node(slurm, workdir):
+    root, recipe = workdir
+    job = sbatch(
+        slurm, root, "multi_node.sbatch", str(recipe), "run.name=multi", "train.max_steps=4", sbatch_args=("--nodes=1",)
+    )
+    info = wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"})
+    log = (root / f"slurm-qlora-sft-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    assert f"rendezvous {host}:{20000 + job % 20000}" in log
+    assert (root / "runs" / "multi" / "final" / "COMPLETE").is_file()
+
+
+def render(env: dict[str, str], nodes: int, nodelist: str, gpus: int, recipe: str, *overrides: str) -> str:
+    e = {
+        **env,
+        "QLORA_SFT_DRY_RUN": "1",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_JOB_NODELIST": nodelist,
+        "SLURM_GPUS_ON_NODE": str(gpus),
+        "QLORA_SFT_PYTHON": "python",
+    }
+    e.pop("QLORA_SFT_PROCS_PER_NODE", None)
+    out = subprocess.run(
+        ["bash", str(REPO / "slurm" / "multi_node.sbatch"), recipe, *overrides],
+        env=e,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.replace(str(REPO), "<repo>")
+
+
+@pytest.mark.parametrize(("nodes", "nodelist"), [(1, "gpu01"), (2, "gpu[01-02]"), (4, "gpu[07-10]")])
+def test_rendered_multi_node_command_matches_golden(slurm, nodes: int, nodelist: str):
+    got = render(
+        slurm, nodes, nodelist, 8, "configs/recipes/demo.yaml", "train.learning_rate=1e-4", "run.name=x;$(touch PWNED)"
+    )
+    golden = GOLDEN / f"multi_node_{nodes}.txt"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(got)
+    assert got == golden.read_text()
+    first = re.match(r"gpu\[?(\d+)", nodelist).group(1)
+    assert f"MASTER_ADDR=gpu{first}" in got and f"QLORA_SFT_NUM_PROCESSES={nodes * 8}" in got
+    # per-task variables are expanded by each task, not once in the batch shell
+    assert '--machine_rank\\ \\"\\$SLURM_NODEID\\"' in got
+    assert not list(REPO.glob("PWNED*"))
+
+
+def test_per_task_ranks_and_no_silent_localhost(slurm, tmp_path: Path):
+    """Evaluate the rendered task command the way each node's shell does: distinct machine ranks."""
+    got = render(slurm, 3, "n[1-3]", 4, "configs/recipes/demo.yaml")
+    task = re.search(r"bash -c (.*) qlora-sft configs/recipes/demo\.yaml", got).group(1)
+    script = subprocess.run(["bash", "-c", f"printf %s {task}"], capture_output=True, text=True).stdout
+    ranks = []
+    for node in range(3):
+        env = {
+            "SLURM_NODEID": str(node),
+            "QLORA_SFT_PY": "echo",
+            "QLORA_SFT_NUM_MACHINES": "3",
+            "QLORA_SFT_NUM_PROCESSES": "12",
+            "MASTER_ADDR": "n1",
+            "MASTER_PORT": "24242",
+            "QLORA_SFT_ACCELERATE_CONFIG": "c.yaml",
+            "PATH": os.environ["PATH"],
+        }
+        out = subprocess.run(["bash", "-c", script, "qlora-sft", "r.yaml"], env=env, capture_output=True, text=True)
+        ranks.append(re.search(r"--machine_rank (\d+)", out.stdout).group(1))
+        assert "--num_processes 12" in out.stdout and "--main_process_ip n1" in out.stdout
+    assert ranks == ["0", "1", "2"]
+    e = {**slurm, "SLURM_JOB_NODELIST": "", "SLURM_JOB_ID": "1", "QLORA_SFT_DRY_RUN": "1"}
+    e.pop("MASTER_ADDR", None)
+    out = subprocess.run(
+        ["bash", str(REPO / "slurm" / "multi_node.sbatch"), "configs/recipes/demo.yaml"],
+        env=e,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert out.returncode == 2 and "cannot find the first node" in out.stderr
+
+
+def submitit_job_done(job, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not job.done() and time.time() < deadline:
+        time.sleep(1)
+    assert job.done(), f"submitit job {job.job_id} did not finish"
+
+
+def test_submitit_two_tasks_run_to_completion(slurm, workdir, monkeypatch):
+    from qlora_sft import submit
+
+    root, recipe = workdir
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(root)
+    job = submit(
+        recipe,
+        ["run.name=submitit", "train.max_steps=8"],
+        nodes=1,
+        gpus_per_node=0,
+        tasks_per_node=2,
+        cpus_per_task=1,
+        time="00:20:00",
+        cluster="slurm",
+    )
+    submitit_job_done(job)
+    results = job.results()  # one per task
+    assert len(results) == 2 and all(r["global_step"] == 8 for r in results), job.stderr()
+    run_dir = root / "runs" / "submitit"
+    assert (run_dir / "final" / "COMPLETE").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoint-8").glob("rng_state*")) == [
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    ]
+    assert "'WORLD_SIZE': '2'" in job.stdout()
+
+
+def test_submitit_job_requeued_by_preemption_resumes(slurm, workdir, straight, monkeypatch):
+    from qlora_sft import submit
+
+    root, recipe = workdir
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(root)
+    job = submit(
+        recipe,
+        ["run.name=submitit-preempted"],
+        nodes=1,
+        gpus_per_node=0,
+        tasks_per_node=2,
+        cpus_per_task=1,
+        time="00:20:00",
+        cluster="slurm",
+    )
+    run_dir = root / "runs" / "submitit-preempted"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (run_dir / "logs" / "metrics.jsonl").is_file() and len(losses(run_dir)) >= 6:
+            break
+        time.sleep(0.3)
+    # submitit's preemption signal, to every task the way SLURM delivers --signal=USR2@N
+    subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], env=slurm, check=True)
+    info = wait_state(slurm, int(job.job_id), {"PENDING", "REQUEUED", "COMPLETED", "FAILED"}, timeout=300)
+    assert info["JobState"] in ("PENDING", "REQUEUED"), job.stderr()
+    stopped = json.loads((run_dir / "PREEMPTED").read_text())["step"]
+    assert (run_dir / f"checkpoint-{stopped}" / "COMPLETE").is_file()
+    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], env=slurm, check=True)
+    submitit_job_done(job)
+    assert all(r["global_step"] == 24 and not r["preempted"] for r in job.results()), job.stderr()
+    got, want = losses(run_dir), losses(root / "runs" / "straight")
+    for step in range(stopped + 1, 25):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+
+
+def test_started_under_sbatch_finished_under_accelerate_launch(slurm, workdir, straight):
+    """The run directory is the same whoever launches: a preempted sbatch job, cancelled while
+    queued again, is finished on the workstation with accelerate launch."""
+    from test_distributed import ACCELERATE, CONFIGS, cpu_env, free_port
+
+    root, recipe = workdir
+    job = sbatch(slurm, root, "single_node.sbatch", str(recipe), "run.name=handover")
+    run_dir = root / "runs" / "handover"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (run_dir / "logs" / "metrics.jsonl").is_file() and len(losses(run_dir)) >= 6:
+            break
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=slurm, check=True)
+    wait_state(slurm, job, {"PENDING", "REQUEUED"}, timeout=300)
+    subprocess.run(["scancel", str(job)], env=slurm, check=True)
+    stopped = json.loads((run_dir / "PREEMPTED").read_text())["step"]
+    out = subprocess.run(
+        [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            str(CONFIGS / "multi_gpu.yaml"),
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "qlora_sft",
+            "train",
+            str(recipe),
+            "run.name=handover",
+        ],
+        cwd=root,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"checkpoint-{stopped}" in out.stdout
+    got, want = losses(run_dir), losses(root / "runs" / "straight")
+    for step in range(stopped + 1, 25):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+
+
+def test_submit_local_executor_on_a_workstation(tmp_path: Path, tiny_model: Path, monkeypatch):
+    from qlora_sft import submit
+
+    data = write_toy_data(tmp_path / "toy.jsonl", n=60)
+    recipe = write_recipe(
+        tmp_path / "r.yaml", recipe_dict(tiny_model, data, tmp_path / "runs", train={"max_steps": 3, "save_steps": 3})
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    job = submit(recipe, [], gpus_per_node=0, tasks_per_node=2, cluster="local", time=10)
+    submitit_job_done(job, timeout=300)
+    assert [r["global_step"] for r in job.results()] == [3, 3], job.stderr()
+    assert (tmp_path / "runs" / "tiny" / "final" / "COMPLETE").is_file()
+
+
+def test_submit_refuses_bad_recipes_before_submitting(tmp_path: Path, tiny_model: Path):
+    from qlora_sft.errors import RecipeError
+
+    data = write_toy_data(tmp_path / "toy.jsonl", n=10)
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, data, tmp_path / "runs"))
+    out = subprocess.run(
+        [sys.executable, "-m", "qlora_sft", "submit", str(recipe), "lora.rank=4", "--cluster", "local"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2 and "did you mean `lora.r`" in out.stderr
+    assert not (tmp_path / "runs").exists()
+    from qlora_sft.recipe import build_recipe
+    from qlora_sft.submit import executor_parameters, parse_sbatch_lines
+
+    r = build_recipe(
+        recipe_dict(
+            tiny_model,
+            data,
+            tmp_path,
+            cluster={"partition": "gpu", "gpus_per_node": 8, "extra_sbatch": ["--exclusive", "--reservation=r1"]},
+        )
+    )
+    params = executor_parameters(r.cluster, nodes=2, time="1-00:00:00")
+    assert params["nodes"] == 2 and params["tasks_per_node"] == 8 and params["gpus_per_node"] == 8
+    assert params["timeout_min"] == 1440 and params["slurm_partition"] == "gpu"
+    assert params["slurm_additional_parameters"] == {"exclusive": True, "reservation": "r1"}
+    with pytest.raises(RecipeError):
+        build_recipe(recipe_dict(tiny_model, data, tmp_path, cluster={"nodez": 2}))
+    with pytest.raises(Exception, match="not an sbatch option"):
+        parse_sbatch_lines(["exclusive"])
