@@ -57,9 +57,9 @@ RESUMABLE_CHANGES = (
 def main_process_writes() -> Iterator[bool]:
     """All ranks meet, the main process writes shared files inside the block (the block gets True
     there, False elsewhere), all ranks meet again. Use it for every shared file."""
-    from accelerate import PartialState
+    from .model import distributed_state
 
-    state = PartialState()
+    state = distributed_state()
     state.wait_for_everyone()
     try:
         yield state.is_main_process
@@ -409,9 +409,9 @@ def preemption_callback(signals: list[str]) -> Any:
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             flag = 1 if self.signalled_at is not None else 0
             if torch.distributed.is_available() and torch.distributed.is_initialized():
-                from accelerate import PartialState
+                from .model import distributed_state
 
-                t = torch.tensor([flag], device=PartialState().device)
+                t = torch.tensor([flag], device=distributed_state().device)
                 torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
                 flag = int(t.item())
             if flag and self.stopped_at_step is None:

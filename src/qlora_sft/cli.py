@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
 
@@ -65,7 +66,131 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", choices=["slurm", "local"], help="default: slurm where sbatch exists, else local")
     p.add_argument("--folder", help="submitit job folder (default <output_dir>/<name>.submitit/<job id>)")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    p = sub.add_parser("export", help="merge the adapter into the base: one folder that loads with transformers")
+    p.add_argument("path", help="run directory (final/ or newest complete checkpoint), checkpoint or adapter folder")
+    p.add_argument("--out", help="output folder (default <run dir>/merged)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument(
+        "--base",
+        choices=["dequantized", "original"],
+        help="merge onto the base as training saw it (default when trained in 4/8 bit) or the original",
+    )
+    p.add_argument("--base-model", help="base model folder or hub id (default: the run's model.name_or_path)")
+    p.add_argument("--shard-size", default="5GB", help="maximum size of an output shard (e.g. 5GB, 500MB)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-verify", action="store_true", help="skip the logit check")
+
+    p = sub.add_parser("chat", help="talk to a merged model or an adapter (interactive, or --prompt)")
+    p.add_argument("path", help="merged model folder, adapter folder, or run directory")
+    p.add_argument("--prompt", help="answer this one prompt and exit")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return parser
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import main_process_writes
+    from .export import export
+    from .train import setup_logging
+
+    setup_logging(True)
+    result = None
+    with main_process_writes() as is_main:  # other ranks of an accelerate launch only wait
+        if is_main:
+            result = export(
+                args.path,
+                args.out,
+                dtype=args.dtype,
+                base=args.base,
+                base_model=args.base_model,
+                shard_size=args.shard_size,
+                device=args.device,
+                overwrite=args.overwrite,
+                verify=not args.no_verify,
+            )
+    if result is None:
+        return 0
+    print(
+        f"merged model: {result.out} ({result.shards} shard(s), {result.seconds:.1f} s, peak RSS during the merge "
+        f"{result.merge_peak_rss_mb:.0f} MB)"
+    )
+    if result.merged_vs_trained is not None:
+        print(f"  merged vs adapter on the training-time base: {result.merged_vs_trained.line()}")
+    if result.original_vs_trained is not None:
+        print(f"  original base + adapter vs the training-time model: {result.original_vs_trained.line()}")
+    return 0 if result.ok else 1
+
+
+def load_chat_model(path: str, device: str) -> tuple[Any, Any]:
+    """A merged folder, an adapter (+ its base), or a run directory (merged/ if exported, else final/)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if (p / "recipe.yaml").is_file():
+        p = p / "merged" if (p / "merged" / "config.json").is_file() else p / "final"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if (p / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        from .export import resolve_source
+
+        source = resolve_source(p)
+        base = AutoModelForCausalLM.from_pretrained(source.base_path, dtype=dtype, device_map={"": device})
+        model = PeftModel.from_pretrained(base, p)
+    elif (p / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, device_map={"": device})
+    else:
+        raise UserError(f"chat: {p} is neither a model folder nor an adapter")
+    tokenizer = AutoTokenizer.from_pretrained(p)
+    return model.eval(), tokenizer
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    model, tokenizer = load_chat_model(args.path, args.device)
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+    def answer(text: str) -> str:
+        messages.append({"role": "user", "content": text})
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(model.device)
+        sampling = (
+            {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+        )
+        with torch.no_grad():
+            out = model.generate(
+                **ids,
+                max_new_tokens=args.max_new_tokens,
+                streamer=streamer,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                **sampling,
+            )
+        reply = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": reply})
+        return reply
+
+    if args.prompt is not None:
+        answer(args.prompt)
+        return 0
+    print("qlora-sft chat: type a message, Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if text.strip():
+            answer(text)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -159,7 +284,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "validate": cmd_validate, "plan": cmd_plan, "submit": cmd_submit}
+COMMANDS = {
+    "train": cmd_train,
+    "validate": cmd_validate,
+    "plan": cmd_plan,
+    "submit": cmd_submit,
+    "export": cmd_export,
+    "chat": cmd_chat,
+}
 
 
 def quiet_library_noise() -> None:

@@ -776,11 +776,12 @@ def prepare_data(
     """`build_data`, run by the main process first and cached under `cache_root/<key>`; the other
     ranks then load the cache (or, where the folder is not shared between nodes, build their own)."""
     import datasets
-    from accelerate import PartialState
+
+    from .model import distributed_state
 
     key = cache_key(cfg, tokenizer, seed, base_dir)
     folder = Path(cache_root) / f"data-{key}"
-    state = PartialState()
+    state = distributed_state()
 
     def load() -> PreparedData | None:
         if not (folder / "report.json").is_file():

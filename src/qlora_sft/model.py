@@ -162,9 +162,7 @@ def placement(mode: LaunchMode, quantized: bool) -> dict[str, Any]:
     if mode.kind in ("ddp", "deepspeed", "single_gpu"):
         # DDP with a quantized model needs each rank's full copy on its own GPU: "auto" would spread
         # layers over every visible GPU and DDP then fails (or silently runs on GPU 0).
-        from accelerate import PartialState
-
-        return {"device_map": {"": PartialState().device}}
+        return {"device_map": {"": distributed_state().device}}
     return {}
 
 

@@ -1,0 +1,634 @@
+"""Export: adapter -> one merged model folder that loads with plain `transformers`.
+
+    qlora-sft export runs/X                              # final/ (or the newest complete checkpoint) -> runs/X/merged/
+    qlora-sft export runs/X/checkpoint-400 --out merged/ --dtype bf16 --base dequantized --shard-size 5GB
+
+Two merge bases:
+  dequantized  (default when training used 4-bit or 8-bit weights) the base weights exactly as
+               training saw them: quantized with the recipe's settings and dequantized again, plus
+               the LoRA delta. The merged model reproduces the trained model.
+  original     the full-precision base plus the delta, as the notebooks do (`merge_and_unload` on a
+               freshly loaded fp16 model). It differs from what was trained; verification says how much.
+
+The merge streams: it reads the base checkpoint one tensor at a time (safetensors), applies the
+deltas of the layers in it and writes output shards of `--shard-size`, so peak memory stays near
+one output shard plus the adapter, whatever the model size. Output is written under a temporary
+name and renamed when complete; verification runs by default (logits of the merged model against
+the adapter applied on the training-time base, on a few fixed prompts) and a failed check leaves
+the folder renamed `*.incomplete` with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import resource
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger("qlora_sft")
+
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+FALLBACK_PROMPTS = [
+    "Explain in one sentence what a neural network is.",
+    "Write a haiku about autumn.",
+    "What is 17 times 23?",
+    "Give three tips for writing clear code.",
+]
+
+
+def parse_size(text: str | int) -> int:
+    """`5GB`, `500MB`, `2GiB`, or bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B?|B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise UserError(f"--shard-size {text!r}: use e.g. 5GB, 500MB or a number of bytes")
+    value, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(value * base**power)
+
+
+# --------------------------------------------------------------------------------------------
+# What to export
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    adapter_dir: Path
+    run_dir: Path | None
+    base_path: str
+    quant: dict[str, Any]  # method, double_quant, compute_dtype
+    recipe: dict[str, Any] | None
+    step: int | None
+    adapter_config: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_source(path: str | Path, base_override: str | None = None) -> Source:
+    """A run directory (final/, else its newest complete checkpoint), a checkpoint, or an adapter."""
+    import yaml
+
+    from .checkpoint import inspect_checkpoint, list_checkpoints
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"export: {p} does not exist (give a run directory, a checkpoint or an adapter folder)")
+    run_dir: Path | None = None
+    if (p / "recipe.yaml").is_file():  # a run directory
+        run_dir = p
+        final = p / "final"
+        if final.is_dir() and inspect_checkpoint(final).complete:
+            p = final
+        else:
+            complete = [c for c in list_checkpoints(p) if c.complete]
+            if not complete:
+                raise UserError(f"export: {run_dir} has no complete final/ or checkpoint to export")
+            p = complete[0].path
+    elif (p.parent / "recipe.yaml").is_file():
+        run_dir = p.parent
+    if not (p / "adapter_config.json").is_file():
+        raise UserError(f"export: {p} holds no adapter (adapter_config.json missing)")
+    if (p / "manifest.json").exists() and not inspect_checkpoint(p).complete:
+        raise UserError(f"export: {p} is not a complete checkpoint ({inspect_checkpoint(p).reason})")
+    adapter_config = json.loads((p / "adapter_config.json").read_text())
+    recipe = None
+    quant = {"method": "none", "double_quant": False, "compute_dtype": "float32"}
+    base = base_override or adapter_config.get("base_model_name_or_path") or ""
+    if run_dir is not None:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+        quant = {**quant, **(recipe.get("quantization") or {})}
+        base = base_override or (recipe.get("model") or {}).get("name_or_path") or base
+    if adapter_config.get("use_dora"):
+        raise UserError("export: DoRA adapters are not supported by the streaming merge")
+    step = None
+    if (p / "manifest.json").is_file():
+        step = json.loads((p / "manifest.json").read_text()).get("step")
+    return Source(p, run_dir, base, quant, recipe, step, adapter_config)
+
+
+def base_files(base: str) -> tuple[Path, list[Path]]:
+    """The base model folder and its safetensors files (checked before anything is written)."""
+    folder = Path(base)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(
+                snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+            )
+        except Exception as exc:
+            raise UserError(
+                f"export: base model {base!r} not found locally and not downloadable ({type(exc).__name__}). "
+                "Pass --base-model PATH to the base model folder."
+            ) from None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"export: no .safetensors weights in {folder}")
+    return folder, files
+
+
+# --------------------------------------------------------------------------------------------
+# The streaming merge
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraPair:
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+
+def read_adapter(adapter_dir: Path, config: dict[str, Any]) -> tuple[dict[str, LoraPair], dict[str, torch.Tensor]]:
+    """LoRA pairs keyed by the base weight name they modify, and full tensors saved with the adapter
+    (modules_to_save) keyed by the base name they replace."""
+    from safetensors.torch import load_file
+
+    f = adapter_dir / "adapter_model.safetensors"
+    if not f.is_file():
+        raise UserError(f"export: {f} missing")
+    sd = load_file(str(f))
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    full: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        name = key.removeprefix("base_model.model.")
+        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.default)?\.weight", name)
+        if m:
+            pairs.setdefault(f"{m.group(1)}.weight", {})[m.group(2)] = t
+        elif ".lora_" in name:
+            raise UserError(f"export: adapter tensor {key} is not a LoRA A/B weight (unsupported adapter type)")
+        else:
+            full[name.replace(".modules_to_save.default.", ".")] = t
+    out: dict[str, LoraPair] = {}
+    for weight, ab in pairs.items():
+        module = weight.removesuffix(".weight")
+        mr = next((v for k, v in rank_pattern.items() if re.search(rf"(^|\.){re.escape(k)}$", module)), r)
+        ma = next((v for k, v in alpha_pattern.items() if re.search(rf"(^|\.){re.escape(k)}$", module)), alpha)
+        scale = ma / math.sqrt(mr) if config.get("use_rslora") else ma / mr
+        if "A" not in ab or "B" not in ab:
+            raise UserError(f"export: adapter has an incomplete LoRA pair for {module}")
+        if ab["A"].ndim != 2 or ab["B"].ndim != 2 or ab["A"].numel() == 0:
+            raise UserError(f"export: LoRA weights of {module} are empty or not 2-D ({tuple(ab['A'].shape)})")
+        out[weight] = LoraPair(ab["A"], ab["B"], scale)
+    return out, full
+
+
+def quantized_weight_names(base_folder: Path, method: str) -> set[str]:
+    """Weights that training held in 4/8 bits: every nn.Linear transformers replaces with a bnb
+    layer (all but the output head and the modules transformers keeps in full precision)."""
+    if method == "none":
+        return set()
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    config = AutoConfig.from_pretrained(base_folder)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    skip = set(get_keys_to_not_convert(model) or [])
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(
+            name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skip
+        ):
+            names.add(f"{name}.weight")
+    return names
+
+
+def dequantized(w: torch.Tensor, quant: dict[str, Any]) -> torch.Tensor:
+    """The weight as training saw it: quantized with the recipe's settings, dequantized (fp32)."""
+    import bitsandbytes.functional as F
+
+    method = quant["method"]
+    if method in ("nf4", "fp4"):
+        packed, state = F.quantize_4bit(
+            w.float(), blocksize=64, compress_statistics=bool(quant.get("double_quant")), quant_type=method
+        )
+        return F.dequantize_4bit(packed, state).float()
+    if method == "int8":
+        # LLM.int8 stores row-wise absmax int8 weights; the matmul uses them dequantized.
+        cb, scb, _ = F.int8_vectorwise_quant(w.to(torch.float16))
+        return cb.float() * scb.float().unsqueeze(1) / 127.0
+    return w.float()
+
+
+def merged_tensors(
+    files: list[Path],
+    pairs: dict[str, LoraPair],
+    full: dict[str, torch.Tensor],
+    quantized: set[str],
+    quant: dict[str, Any],
+    base_kind: str,
+    dtype: torch.dtype,
+    device: str,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged tensor) one base tensor at a time."""
+    from safetensors import safe_open
+
+    seen: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for name in st.keys():
+                t = st.get_tensor(name)
+                if name in full:
+                    t = full[name]
+                elif name in pairs or (base_kind == "dequantized" and name in quantized):
+                    w = t.to(device)
+                    w = dequantized(w, quant) if base_kind == "dequantized" and name in quantized else w.float()
+                    if name in pairs:
+                        p = pairs[name]
+                        a, b = p.A.to(device).float(), p.B.to(device).float()
+                        if (b.shape[0], a.shape[1]) != tuple(w.shape):
+                            raise UserError(
+                                f"export: adapter does not fit the base model: {name} is {tuple(w.shape)} in the "
+                                f"base but the LoRA delta is {(b.shape[0], a.shape[1])}. Is --base-model the model "
+                                "that was trained?"
+                            )
+                        w = w + (b @ a) * p.scale
+                    t = w.cpu()
+                seen.add(name)
+                yield name, t.to(dtype) if t.is_floating_point() else t
+    missing = [n for n in pairs if n not in seen]
+    if missing:
+        raise UserError(
+            f"export: the base model has no weights for adapter layers {missing[:3]} "
+            f"({len(missing)} in all). Is --base-model the model that was trained?"
+        )
+
+
+def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, shard_bytes: int) -> dict[str, Any]:
+    """Write tensors into shards of at most `shard_bytes` (a tensor larger than that gets its own)
+    plus the index; returns the index."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = total = 0
+    names: list[list[str]] = []
+    tmp_files: list[Path] = []
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            path = out / f".shard-{len(tmp_files):05d}.safetensors"
+            save_file(current, str(path), metadata={"format": "pt"})
+            tmp_files.append(path)
+            names.append(list(current))
+            current, size = {}, 0
+
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > shard_bytes:
+            flush()
+        current[name] = t.contiguous()
+        size += nbytes
+        total += nbytes
+    flush()
+    del shards
+    n = len(tmp_files)
+    weight_map: dict[str, str] = {}
+    for i, (path, keys) in enumerate(zip(tmp_files, names, strict=True)):
+        final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        path.rename(out / final)
+        weight_map.update({k: final for k in keys})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    if n > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return index
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    max_abs: float
+    mean_abs: float
+    top1_agreement: float
+
+    def line(self) -> str:
+        return (
+            f"max |dlogit| {self.max_abs:.4g}, mean |dlogit| {self.mean_abs:.4g}, "
+            f"top-1 agreement {self.top1_agreement:.2%}"
+        )
+
+
+def compare(a: torch.Tensor, b: torch.Tensor) -> Comparison:
+    d = (a.float() - b.float()).abs()
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    return Comparison(d.max().item(), d.mean().item(), agree)
+
+
+def tolerance_ok(c: Comparison, dtype: torch.dtype) -> bool:
+    """Merged vs adapter-on-training-base. fp32 sums in another order: tiny differences. bf16/fp16
+    round each merged weight: differences grow with depth; the predictions must still agree."""
+    if dtype == torch.float32:
+        return c.max_abs <= 1e-2 and c.top1_agreement >= 0.999
+    return c.top1_agreement >= 0.95 and c.mean_abs <= 0.1
+
+
+def verification_prompts(source: Source, tokenizer: Any, n: int = 4, max_tokens: int = 96) -> list[list[int]]:
+    """Token ids of a few fixed prompts: eval rows of the run when its data is at hand, else generic ones."""
+    texts: list[str] = []
+    if source.recipe is not None:
+        try:
+            from . import data
+            from .recipe import build_recipe
+
+            rec = build_recipe({k: v for k, v in source.recipe.items() if k != "launch"})
+            prepared = data.build_data(rec.data, tokenizer, rec.run.seed)
+            rows = prepared.eval if prepared.eval is not None else prepared.train
+            return [list(ids[:max_tokens]) for ids in rows["input_ids"][:n]]
+        except Exception as exc:  # data moved or unreadable: fall back to fixed prompts
+            log.info("verification: eval data not available (%s); using fixed prompts", exc)
+    for p in FALLBACK_PROMPTS[:n]:
+        msgs = [{"role": "user", "content": p}]
+        try:
+            texts.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+        except Exception:
+            texts.append(p)
+    return [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
+
+
+@torch.no_grad()
+def logits_of(model: Any, prompts: list[list[int]]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    outs = [model(input_ids=torch.tensor([p], device=device)).logits[0].float().cpu() for p in prompts]
+    return torch.cat(outs)
+
+
+def training_time_model(source: Source, base_folder: Path, device: str) -> Any:
+    """The adapter applied (unmerged) on the base exactly as training loaded it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .model import DTYPES as MODEL_DTYPES
+    from .model import keep_cpu_4bit_trainable
+
+    q = source.quant
+    compute = q.get("compute_dtype", "auto")
+    dtype = MODEL_DTYPES.get(compute) if compute != "auto" else (torch.float32 if device == "cpu" else torch.bfloat16)
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
+    if q["method"] in ("nf4", "fp4"):
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q["method"],
+            bnb_4bit_use_double_quant=bool(q.get("double_quant")),
+            bnb_4bit_compute_dtype=dtype,
+        )
+    elif q["method"] == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    base = AutoModelForCausalLM.from_pretrained(base_folder, **kwargs)
+    if device == "cpu":
+        # compute as training did (dequantize + matmul in the compute dtype), not with bitsandbytes'
+        # bf16 CPU inference kernel
+        keep_cpu_4bit_trainable(base)
+    return exact_adapter(PeftModel.from_pretrained(base, source.adapter_dir).eval())
+
+
+def exact_adapter(model: Any) -> Any:
+    """Compute the LoRA branch in fp32 (QLoRA trains the adapter weights in bf16, and a bf16 branch
+    adds its own rounding noise): the reference is then the adapter itself, not bf16 arithmetic."""
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    return model
+
+
+def original_base_model(source: Source, base_folder: Path, device: str) -> Any:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32, device_map={"": device})
+    return exact_adapter(PeftModel.from_pretrained(base, source.adapter_dir).eval())
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    ok: bool
+    merged_vs_trained: Comparison | None
+    original_vs_trained: Comparison | None
+    merge_peak_rss_mb: float
+    seconds: float
+    shards: int
+
+
+def export(
+    path: str | Path,
+    out: str | Path | None = None,
+    *,
+    dtype: str = "bf16",
+    base: str | None = None,
+    base_model: str | None = None,
+    shard_size: str | int = "5GB",
+    device: str = "cpu",
+    overwrite: bool = False,
+    verify: bool = True,
+) -> ExportResult:
+    """Merge, write, verify. Main process only (see `main_process_writes`)."""
+    t0 = time.time()
+    source = resolve_source(path, base_model)
+    if dtype not in DTYPES:
+        raise UserError(f"export: --dtype {dtype!r}: use bf16, fp16 or fp32")
+    out_dir = Path(out) if out else (source.run_dir or source.adapter_dir.parent) / "merged"
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(
+            f"export: {out_dir} exists and is not empty; pass --overwrite to replace it, or --out elsewhere"
+        )
+    method = source.quant["method"]
+    base_kind = base or ("dequantized" if method != "none" else "original")
+    if base_kind not in ("dequantized", "original"):
+        raise UserError(f"export: --base {base_kind!r}: use dequantized or original")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("export: --device cuda but no GPU is visible")
+    shard_bytes = parse_size(shard_size)
+    base_folder, files = base_files(source.base_path)
+    pairs, full = read_adapter(source.adapter_dir, source.adapter_config)
+    quantized = quantized_weight_names(base_folder, method)
+    if method != "none" and not quantized:
+        raise UserError(f"export: found no quantized layers in {base_folder} for method {method}")
+    log.info(
+        "export: %s (%d LoRA layers, base %s, %s merge) -> %s [%s, shards of %s]",
+        source.adapter_dir,
+        len(pairs),
+        base_folder,
+        base_kind,
+        out_dir,
+        dtype,
+        shard_size,
+    )
+
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        rss_before = peak_rss_mb()
+        index = write_shards(
+            merged_tensors(files, pairs, full, quantized, source.quant, base_kind, DTYPES[dtype], device),
+            tmp,
+            shard_bytes,
+        )
+        merge_rss = peak_rss_mb()
+        copy_model_files(base_folder, source, tmp, DTYPES[dtype])
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n_shards = len(set(index["weight_map"].values()))
+    log.info(
+        "export: merged %d tensors into %d shard(s); peak RSS %.0f MB (%.0f MB before the merge)",
+        len(index["weight_map"]),
+        n_shards,
+        merge_rss,
+        rss_before,
+    )
+
+    merged_vs, original_vs = None, None
+    ok = True
+    if verify:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        prompts = verification_prompts(source, tokenizer)
+        ref_model = training_time_model(source, base_folder, device)
+        ref = logits_of(ref_model, prompts)
+        del ref_model
+        merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[dtype], device_map={"": device}).eval()
+        merged_vs = compare(logits_of(merged, prompts), ref)
+        del merged
+        if method != "none":
+            orig = original_base_model(source, base_folder, device)
+            original_vs = compare(logits_of(orig, prompts), ref)
+            del orig
+        ok = tolerance_ok(merged_vs, DTYPES[dtype]) if base_kind == "dequantized" or method == "none" else True
+        log.info(
+            "verify: merged (%s base, %s) vs adapter on the training-time base: %s", base_kind, dtype, merged_vs.line()
+        )
+        if original_vs is not None:
+            log.info(
+                "verify: the original full-precision base + adapter vs the training-time model: %s", original_vs.line()
+            )
+    write_model_card(tmp, source, base_kind, dtype, merged_vs, original_vs, merge_rss, ok)
+    final = out_dir if ok else out_dir.with_name(out_dir.name + ".incomplete")
+    if final.exists():
+        aside = final.with_name(f"{final.name}.old-{os.getpid()}")
+        final.rename(aside)
+        tmp.rename(final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    seconds = time.time() - t0
+    if not ok:
+        log.error("export: the merged model does not reproduce the adapter within tolerance; left in %s", final)
+    else:
+        log.info("export: done in %.1f s: %s", seconds, final)
+    return ExportResult(final, ok, merged_vs, original_vs, merge_rss, seconds, n_shards)
+
+
+def copy_model_files(base_folder: Path, source: Source, out: Path, dtype: torch.dtype) -> None:
+    """config.json (without quantization), generation_config.json, tokenizer + chat template (the
+    run's tokenizer, saved with the adapter, which has the chat template training used)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(base_folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    tok_dir = source.adapter_dir if (source.adapter_dir / "tokenizer_config.json").is_file() else base_folder
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.save_pretrained(out)
+    try:
+        gen = GenerationConfig.from_pretrained(base_folder)
+    except OSError:
+        gen = GenerationConfig.from_model_config(config)
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
+    if eos is not None:
+        ids = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+        gen.eos_token_id = sorted({i for i in [*ids, eos] if i is not None})
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def write_model_card(
+    out: Path,
+    source: Source,
+    base_kind: str,
+    dtype: str,
+    merged_vs: Comparison | None,
+    original_vs: Comparison | None,
+    merge_rss: float,
+    ok: bool,
+) -> None:
+    import yaml
+
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"base_model: {source.base_path}",
+        "tags: [qlora-sft, merged-lora]",
+        "---",
+        "",
+        f"# Merged model ({'verified' if ok else 'FAILED verification'})",
+        "",
+        f"- base model: `{source.base_path}`",
+        f"- adapter: `{source.adapter_dir}` (training step {source.step if source.step is not None else 'unknown'})",
+        f"- training quantization: {source.quant['method']}"
+        + (f", double quant {source.quant.get('double_quant')}" if source.quant["method"] in ("nf4", "fp4") else ""),
+        f"- merge base: **{base_kind}**, weights in {dtype}",
+        f"- peak RSS during the merge: {merge_rss:.0f} MB",
+        "",
+        "Loads with plain transformers: `AutoModelForCausalLM.from_pretrained(<this folder>)`.",
+        "",
+        "## Verification",
+        "",
+    ]
+    if merged_vs is None:
+        lines.append("Not run (--no-verify).")
+    else:
+        lines.append("Logits on fixed prompts, against the adapter applied on the base as training loaded it:")
+        lines.append("")
+        lines.append(f"- this merged model: {merged_vs.line()}")
+        if original_vs is not None:
+            lines.append(f"- the original full-precision base + adapter (the notebook merge): {original_vs.line()}")
+    if source.recipe is not None:
+        lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(source.recipe, sort_keys=False).rstrip(), "```"]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
