@@ -58,3 +58,12 @@ def test_qlora_fine_tunes_smollm2_a_few_steps(smollm2: Path, tmp_path: Path, mon
     assert len(evals) >= 2 and evals[-1] < evals[0], evals
     assert (result.final_dir / "adapter_model.safetensors").stat().st_size > 1_000_000
     assert (result.final_dir / "COMPLETE").is_file()
+
+    # export: the dequantized merge reproduces the trained model; the notebook merge does not
+    from qlora_sft.export import export
+
+    exported = export(result.run_dir, dtype="bf16")
+    assert exported.ok, exported
+    assert exported.merged_vs_trained.top1_agreement >= 0.95
+    assert exported.original_vs_trained.relative > 3 * exported.merged_vs_trained.relative
+    assert (exported.out / "config.json").is_file() and (exported.out / "README.md").is_file()

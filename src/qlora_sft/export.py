@@ -337,26 +337,28 @@ class Comparison:
     max_abs: float
     mean_abs: float
     top1_agreement: float
+    relative: float  # mean |dlogit| / std of the reference logits
 
     def line(self) -> str:
         return (
-            f"max |dlogit| {self.max_abs:.4g}, mean |dlogit| {self.mean_abs:.4g}, "
-            f"top-1 agreement {self.top1_agreement:.2%}"
+            f"max |dlogit| {self.max_abs:.4g}, mean |dlogit| {self.mean_abs:.4g} ({self.relative:.2%} of the logits' "
+            f"std), top-1 agreement {self.top1_agreement:.2%}"
         )
 
 
-def compare(a: torch.Tensor, b: torch.Tensor) -> Comparison:
-    d = (a.float() - b.float()).abs()
-    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-    return Comparison(d.max().item(), d.mean().item(), agree)
+def compare(a: torch.Tensor, ref: torch.Tensor) -> Comparison:
+    d = (a.float() - ref.float()).abs()
+    agree = (a.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    return Comparison(d.max().item(), d.mean().item(), agree, d.mean().item() / max(ref.float().std().item(), 1e-9))
 
 
 def tolerance_ok(c: Comparison, dtype: torch.dtype) -> bool:
-    """Merged vs adapter-on-training-base. fp32 sums in another order: tiny differences. bf16/fp16
-    round each merged weight: differences grow with depth; the predictions must still agree."""
+    """Merged vs adapter-on-training-base. In fp32 only the summation order differs. In bf16/fp16
+    every merged weight is rounded once more (relative error 2^-9 / 2^-11), which moves logits by a
+    few percent of their spread; the predictions must still agree."""
     if dtype == torch.float32:
-        return c.max_abs <= 1e-2 and c.top1_agreement >= 0.999
-    return c.top1_agreement >= 0.95 and c.mean_abs <= 0.1
+        return c.relative <= 1e-3 and c.top1_agreement >= 0.999
+    return c.relative <= 0.1 and c.top1_agreement >= 0.95
 
 
 def verification_prompts(source: Source, tokenizer: Any, n: int = 4, max_tokens: int = 96) -> list[list[int]]:
