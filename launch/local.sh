@@ -25,6 +25,10 @@ config="${ACCELERATE_CONFIG:-}"
 if [ -z "$config" ]; then
   if [ "$gpus" -gt 1 ]; then config="$root/configs/accelerate/multi_gpu.yaml"; else config="$root/configs/accelerate/single_gpu.yaml"; fi
 fi
+# Let the launcher pass USR1 (the usual "save and stop" signal) on to the ranks, and give them time
+# to save before it kills them (torchrun forwards only TERM/INT/HUP/QUIT by default).
+export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+export PET_SHUTDOWN_TIMEOUT="${PET_SHUTDOWN_TIMEOUT:-300}"
 args=(--config_file "$config")
 if [ "$gpus" -gt 1 ]; then args+=(--num_processes "$gpus"); fi
 echo "launch/local.sh: $gpus GPU(s) -> $config" >&2

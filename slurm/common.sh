@@ -61,8 +61,9 @@ qlora_sft_run() {
   export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
   export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-$procs} / procs > 0 ? ${SLURM_CPUS_PER_TASK:-$procs} / procs : 1 ))}"
-  export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
-  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-${QLORA_SFT_SHUTDOWN_GRACE:-300}}"
+  # (torchrun's --signals-to-handle / --shutdown-timeout, read from PET_* by torchrun and accelerate)
+  export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+  export PET_SHUTDOWN_TIMEOUT="${PET_SHUTDOWN_TIMEOUT:-${QLORA_SFT_SHUTDOWN_GRACE:-300}}"
 
   qlora_sft_log "job $job restart ${SLURM_RESTART_COUNT:-0}: $nodes node(s) x $procs process(es) = $total;" \
     "rendezvous $MASTER_ADDR:$MASTER_PORT; recipe $recipe $*"

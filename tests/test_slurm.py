@@ -428,3 +428,26 @@ def test_submit_refuses_bad_recipes_before_submitting(tmp_path: Path, tiny_model
         build_recipe(recipe_dict(tiny_model, data, tmp_path, cluster={"nodez": 2}))
     with pytest.raises(Exception, match="not an sbatch option"):
         parse_sbatch_lines(["exclusive"])
+
+
+def test_signal_to_the_job_step_stops_every_rank_at_the_same_step(slurm, workdir):
+    """SLURM's other way (`--signal=USR1@N` without B:, or scancel without --batch): the signal goes to
+    the step's processes, launcher and ranks alike. Every rank stops at the same step, one complete
+    checkpoint exists, and the job requeues."""
+    root, recipe = workdir
+    job = sbatch(slurm, root, "single_node.sbatch", str(recipe), "run.name=stepsignal", "train.max_steps=400",
+                 "train.save_steps=1000")
+    run_dir = root / "runs" / "stepsignal"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (run_dir / "logs" / "metrics.jsonl").is_file() and len(losses(run_dir)) >= 3:
+            break
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--signal=USR1", str(job)], env=slurm, check=True)
+    wait_state(slurm, job, {"PENDING", "REQUEUED"}, timeout=300)
+    subprocess.run(["scancel", str(job)], env=slurm, check=True)
+    log = (root / f"slurm-qlora-sft-{job}.out").read_text()
+    stops = [int(x) for x in re.findall(r"preempted: checkpoint-(\d+) is complete", log)]
+    assert len(stops) == 2 and stops[0] == stops[1], log[-3000:]
+    assert [p.name for p in run_dir.glob("checkpoint-*")] == [f"checkpoint-{stops[0]}"]
+    assert (run_dir / f"checkpoint-{stops[0]}" / "COMPLETE").is_file()

@@ -233,11 +233,52 @@ def write_manifest(ckpt: Path, meta: dict[str, Any]) -> None:
     atomic_write_text(ckpt / COMPLETE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
 
 
+class InvalidAdapterError(RuntimeError):
+    """A saved adapter holds no real LoRA weights (e.g. ZeRO-3 partitions saved as Size([0]))."""
+
+
+def check_adapter(folder: Path) -> int:
+    """Re-read a saved adapter: every lora_A/lora_B must be 2-D, non-empty and of the configured
+    rank. Guards against the empty adapters ZeRO-3 and FSDP can save (trl#4416, peft#2892,
+    DeepSpeed#7900). Returns the number of LoRA tensors; raises InvalidAdapterError."""
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    config_file = folder / "adapter_config.json"
+    if not weights.is_file() or not config_file.is_file():
+        raise InvalidAdapterError(f"{folder}: adapter_model.safetensors or adapter_config.json was not written")
+    config = json.loads(config_file.read_text())
+    r, pattern = int(config.get("r", 0)), config.get("rank_pattern") or {}
+    n, problems = 0, []
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            m = re.search(r"(.+)\.lora_([AB])(?:\.\w+)?\.weight$", key)
+            if not m:
+                continue
+            n += 1
+            shape = tuple(f.get_slice(key).get_shape())
+            module = m.group(1).removeprefix("base_model.model.")
+            rank = next((v for k, v in pattern.items() if re.search(rf"(^|\.){re.escape(k)}$", module)), r)
+            want = shape[0] if m.group(2) == "A" else (shape[1] if len(shape) == 2 else -1)
+            if len(shape) != 2 or 0 in shape or want != rank:
+                problems.append(f"{key} has shape {shape}")
+    if n == 0:
+        problems.append("no lora_A/lora_B tensors at all")
+    if problems:
+        raise InvalidAdapterError(
+            f"the adapter saved in {folder} is not a real LoRA adapter of rank {r}: {'; '.join(problems[:4])}"
+            f"{' ...' if len(problems) > 4 else ''}. Under ZeRO-3/FSDP this means partitioned parameters were "
+            "saved without gathering them; the checkpoint was not published."
+        )
+    return n
+
+
 def publish(staged: Path, final: Path, meta: dict[str, Any]) -> None:
-    """Complete a staged folder (manifest, then marker) and rename it into place. Main process
-    only, after every rank has written its part. A folder already at `final` (the same step saved
-    again after a resume) is moved back into staging first, never deleted before the new one is
-    in place."""
+    """Check the adapter, complete a staged folder (manifest, then marker) and rename it into place.
+    Main process only, after every rank has written its part. A folder already at `final` (the same
+    step saved again after a resume) is moved back into staging first, never deleted before the new
+    one is in place."""
+    check_adapter(staged)
     write_manifest(staged, meta)
     old = None
     if final.exists():

@@ -52,6 +52,79 @@ def distributed_state() -> Any:
     return PartialState(cpu=cpu)
 
 
+def check_ranks() -> list[dict[str, Any]]:
+    """Pre-flight, before any model loads: every process reports (rank, local rank, host); the
+    ranks must be unique, 0..N-1, and N must equal the world size the launcher set. Catches the
+    classic multi-node mistake where every node believes it is rank 0 (accelerate#2816)."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    state = distributed_state()
+    me = {
+        "rank": state.process_index,
+        "local_rank": state.local_process_index,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    everyone = [me]
+    if dist.is_available() and dist.is_initialized():
+        everyone = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(everyone, me)
+    problem = rank_problem(everyone, int(os.environ.get("WORLD_SIZE", state.num_processes)))
+    if problem:
+        raise UserError(
+            f"launch: {problem}. Check the launcher: machine_rank/--node_rank per node, "
+            "--num_processes = GPUs in total, the same MASTER_ADDR/MASTER_PORT everywhere."
+        )
+    return everyone
+
+
+def rank_problem(reports: list[dict[str, Any]], launcher_world_size: int) -> str | None:
+    ranks = sorted(r["rank"] for r in reports)
+    if len(set(ranks)) != len(ranks):
+        dup = sorted({x for x in ranks if ranks.count(x) > 1})
+        return f"duplicate ranks {dup} across processes {[(r['host'], r['rank']) for r in reports]}"
+    if ranks != list(range(len(ranks))):
+        return f"ranks {ranks} are not 0..{len(ranks) - 1}"
+    if len(ranks) != launcher_world_size:
+        return f"{len(ranks)} processes joined but the launcher's world size is {launcher_world_size}"
+    return None
+
+
+def memory_report(model: Any) -> list[str]:
+    """After loading: is ZeRO-3 partitioning active, and how much memory each rank holds."""
+    import torch.distributed as dist
+
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        zero3 = is_deepspeed_zero3_enabled()
+    except Exception:  # pragma: no cover
+        zero3 = False
+    state = distributed_state()
+    if torch.cuda.is_available():
+        mine = torch.cuda.memory_allocated() / 2**30
+        what = "GPU memory allocated"
+    else:
+        import resource
+
+        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        what = "peak RSS"
+    everyone = [mine]
+    if dist.is_available() and dist.is_initialized():
+        everyone = [0.0] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    fsdp = state.distributed_type.name == "FSDP" if hasattr(state.distributed_type, "name") else False
+    lines = [
+        f"ZeRO-3 partitioning: {'active' if zero3 else 'not active'}"
+        + ("; FSDP shards parameters when the trainer wraps the model" if fsdp else "")
+    ]
+    lines.append(f"{what} after loading, per rank: " + ", ".join(f"{x:.2f} GiB" for x in everyone))
+    return lines
+
+
 def detect_launch_mode() -> LaunchMode:
     """Read the launch mode from accelerate's state (set by `accelerate launch` / torchrun)."""
     from accelerate.utils import DistributedType

@@ -134,9 +134,10 @@ class DataConfig:
     on_bad_row: Literal["error", "skip"] = "error"
     """`error`: stop at the first bad row, naming source, row and problem. `skip`: drop bad rows
     and report counts by reason."""
-    packing: bool = False
-    """Pack several examples into one row (best-fit decreasing, padding-free, each example keeps
-    its own positions so attention never crosses examples)."""
+    packing: bool = True
+    """Pack several examples into one row of up to max_length tokens (best-fit decreasing,
+    padding-free: each example keeps its own positions, so attention never crosses examples; tested).
+    Then the batch sizes count packed rows. False: one padded example per row."""
 
 
 @dataclass(frozen=True)

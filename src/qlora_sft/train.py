@@ -135,6 +135,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None) -> TrainResu
     # 1. Where am I? (the launcher decided; the recipe is the same everywhere)
     state = model.distributed_state()
     setup_logging(state.is_main_process, state.process_index)
+    model.check_ranks()
     mode = model.detect_launch_mode()
     problems = model.check_launch_compat(recipe, mode.kind, mode.zero_stage)
     if problems:
@@ -175,7 +176,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None) -> TrainResu
     compute_dtype = model.resolve_compute_dtype(recipe.quantization, recipe.model, device_type)
     set_seed(recipe.run.seed)  # the LoRA initialisation is random: same seed, same start on every rank
     peft_model = model.load_model(recipe, tokenizer, mode, base_dir)
-    for line in model.summarize(peft_model).lines():
+    for line in [*model.summarize(peft_model).lines(), *model.memory_report(peft_model)]:
         log.info("model: %s", line)
 
     # 5. Trainer.
