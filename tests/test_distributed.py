@@ -224,7 +224,7 @@ def test_plan_prints_batch_arithmetic_and_memory(tiny_model: Path, tmp_path: Pat
     assert out.returncode == 0, out.stderr
     assert "world size 2" in out.stdout
     assert "2 process(es) x micro batch 4 x gradient accumulation 2 = global batch 16" in out.stdout
-    assert "data: 90 training examples -> 6 optimizer steps per epoch" in out.stdout
+    assert "data: 90 training examples -> at most 6 optimizer steps per epoch (packing" in out.stdout
     assert "estimated peak GPU memory per rank" in out.stdout and "deepspeed_zero3.yaml" in out.stdout
     assert not (tmp_path / "runs").exists()
 

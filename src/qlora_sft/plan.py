@@ -247,8 +247,11 @@ def plan_lines(
     rows = count_rows(recipe, base_dir)
     if rows is not None:
         steps = math.ceil(rows / batch.global_batch)
-        what = "packed rows (fewer steps after packing)" if recipe.data.packing else "examples"
-        out.append(f"data: {rows} training {what} -> {steps} optimizer steps per epoch")
+        if recipe.data.packing:
+            out.append(f"data: {rows} training examples -> at most {steps} optimizer steps per epoch (packing puts "
+                       f"several examples in a row of {recipe.data.max_length} tokens: fewer steps)")
+        else:
+            out.append(f"data: {rows} training examples -> {steps} optimizer steps per epoch")
     max_steps = int(recipe.train.args.get("max_steps", -1))
     if max_steps > 0:
         out.append(f"training: max_steps = {max_steps}")

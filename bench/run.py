@@ -1,0 +1,386 @@
+"""Throughput and memory of qlora-sft against the plain notebook recipe, on the same GPU, same model,
+same data, in one run.
+
+    python bench/run.py --shape llama3-8b --mode baseline,peer,project [--steps 20] [--ablation]
+
+  baseline  the seed notebooks' recipe: bitsandbytes NF4 + double quant, peft LoRA r=16 on all 7
+            projections, TRL SFTTrainer, padded batches of 4, no packing, SDPA, gradient
+            checkpointing, paged AdamW 32-bit
+  peer      what a well-informed TRL user gets with correct packing: the same plus
+            packing_strategy="bfd", padding_free=True, Liger kernels
+  project   `qlora-sft train` with the recipe's defaults (plus `--project-overrides`)
+  --ablation  the project path again with one choice switched back at a time
+
+Each mode runs in its own process. Reported per mode: real (non-padding) tokens/s over the steps
+after the warm-up, the padding fraction of computed tokens, peak GPU memory
+(torch.cuda.max_memory_allocated), time to the first optimizer step, and MFU:
+
+    MFU = real tokens/s x (6 N + 6 L h c) / peak bf16 FLOP/s
+
+with N the non-embedding parameters (the frozen base's forward, its input-gradient backward and
+the gradient-checkpointing recompute: 3 x 2N per token; LoRA adds < 1%), L layers, h hidden size and
+c the mean attended context per token (half the mean example length), and the GPU's dense bf16
+peak (989 TFLOP/s for H100/H200 SXM). Writes bench/results/<date>-<gpu>-<shape>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "src"))
+
+from workload import SHAPES, make_data, make_model  # noqa: E402
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+ABLATION = {
+    "no packing": ["data.packing=false"],
+    "attn eager": ["model.attn_implementation=eager"],
+    "optim paged_adamw_32bit": ["train.optim=paged_adamw_32bit"],
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Workers (one process each)
+# --------------------------------------------------------------------------------------------
+
+
+class StepTimer:
+    """A TrainerCallback recording wall time at each optimizer step end (after a CUDA sync)."""
+
+    def __new__(cls, out: list[float]) -> Any:
+        import torch
+        from transformers import TrainerCallback
+
+        class _T(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                out.append(time.time())
+
+        return _T()
+
+
+def counting_collator(inner: Any, counts: dict[str, int]) -> Any:
+    """Wrap a collator: count computed tokens (the padded tensor) and real tokens per batch."""
+
+    def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = inner(examples)
+        counts["computed"] += int(batch["input_ids"].numel())
+        real = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+        counts["real"] += int(real)
+        return batch
+
+    return collate
+
+
+def notebook_worker(mode: str, model_dir: Path, data_path: Path, steps: int, max_length: int, out: Path) -> None:
+    """The baseline (and peer) written the way the seed notebooks do it: bnb + peft + TRL, no qlora-sft."""
+    import datasets
+    import torch
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    t0 = time.time()
+    gpu = torch.cuda.is_available()  # the CPU only serves smoke tests of this script
+    dtype = torch.bfloat16 if gpu else torch.float32
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        quantization_config=bnb,
+        device_map={"": 0 if gpu else "cpu"},
+        attn_implementation="sdpa",
+        dtype=dtype,
+    )
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    ds = datasets.load_dataset("json", data_files=str(data_path), split="train")
+    peer = mode == "peer"
+    args = SFTConfig(
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=2 if peer else 4,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=2e-4,
+        optim="paged_adamw_32bit" if gpu else "adamw_torch",
+        bf16=gpu,
+        use_cpu=not gpu,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=max_length,
+        packing=peer,
+        packing_strategy="bfd",
+        padding_free=peer,
+        use_liger_kernel=peer and gpu,
+        dataloader_num_workers=2,
+    )
+    counts = {"computed": 0, "real": 0}
+    collator = (
+        None if peer else counting_collator(DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id), counts)
+    )
+    times: list[float] = []
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=lora,
+        data_collator=collator,
+        callbacks=[StepTimer(times)],
+    )
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    trainer.train()
+    tokens = [r["num_tokens"] for r in trainer.state.log_history if "num_tokens" in r]
+    write_worker_result(out, times, tokens, start - t0, start, counts)
+
+
+def project_worker(
+    model_dir: Path, data_path: Path, steps: int, max_length: int, out: Path, overrides: list[str]
+) -> None:
+    """`qlora-sft train` exactly as users run it (in-process, to time it from the inside)."""
+    import torch
+    import yaml
+
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    t0 = time.time()
+    recipe_path = out / "recipe.yaml"
+    recipe_path.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"name": "project", "output_dir": str(out / "runs")},
+                "model": {"name_or_path": str(model_dir)},
+                "data": {
+                    "sources": [{"path": str(data_path)}],
+                    "eval_fraction": 0.0,
+                    "max_length": max_length,
+                    "on_bad_row": "skip",
+                },
+                "train": {
+                    "per_device_train_batch_size": 2,
+                    "max_steps": steps,
+                    "logging_steps": 1,
+                    "save_steps": 10**6,
+                    "learning_rate": 2e-4,
+                    "dataloader_num_workers": 2,
+                },
+            }
+        )
+    )
+    recipe = load_recipe(recipe_path, overrides)
+    times: list[float] = []
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    train(recipe, extra_callbacks=[StepTimer(times)])
+    rows = [json.loads(x) for x in (recipe.run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    tokens = [r["num_tokens"] for r in rows if "num_tokens" in r and "loss" in r]
+    write_worker_result(out, times, tokens, start - t0, start, {"computed": 0, "real": 0})
+
+
+def write_worker_result(
+    out: Path, times: list[float], tokens: list[float], load_s: float, start: float, counts: dict[str, int]
+) -> None:
+    import torch
+
+    warm = min(5, max(1, len(times) // 4))
+    tps = (tokens[-1] - tokens[warm - 1]) / (times[-1] - times[warm - 1]) if len(times) > warm else None
+    padding = 1 - counts["real"] / counts["computed"] if counts["computed"] else 0.0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    (out / "result.json").write_text(
+        json.dumps(
+            {
+                "tokens_per_s": tps,
+                "padding_fraction": padding,
+                "peak_gib": peak,
+                "load_s": load_s,
+                "time_to_first_step_s": times[0] - start if times else None,
+                "steps": len(times),
+                "step_times": [b - a for a, b in itertools.pairwise(times)],
+            }
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def mfu(tps: float | None, shape: str, mean_len: float, gpu: str) -> float | None:
+    s = SHAPES[shape]
+    h, i, L = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    kv = s["num_key_value_heads"] * h // s["num_attention_heads"]
+    n = L * (2 * h * h + 2 * h * kv + 3 * h * i)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+    if tps is None or peak is None:
+        return None
+    return tps * (6 * n + 6 * L * h * mean_len / 2) / (peak * 1e12)
+
+
+def run_worker(name: str, argv: list[str], out: Path, timeout: int) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *argv, "--worker-out", str(out)]
+    with (out / "log.txt").open("w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=os.environ)
+    res = json.loads((out / "result.json").read_text()) if (out / "result.json").is_file() else {}
+    res.update(mode=name, returncode=proc.returncode)
+    if proc.returncode:
+        res["log_tail"] = (out / "log.txt").read_text()[-2500:]
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--mode", default="baseline,peer,project")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--rows", type=int, default=3000)
+    ap.add_argument("--ablation", action="store_true")
+    ap.add_argument("--project-overrides", nargs="*", default=[])
+    ap.add_argument("--cache", default=str(HERE / ".cache"))
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--worker")
+    ap.add_argument("--worker-out")
+    ap.add_argument("--overrides", nargs="*", default=[])
+    args = ap.parse_args()
+
+    cache = Path(args.cache)
+    model_dir = cache / args.shape
+    data_path = cache / f"sharegpt-like-{args.rows}.jsonl"
+    if args.worker:
+        out = Path(args.worker_out)
+        if args.worker == "project":
+            project_worker(model_dir, data_path, args.steps, args.max_length, out, args.overrides)
+        else:
+            notebook_worker(args.worker, model_dir, data_path, args.steps, args.max_length, out)
+        return 0
+
+    import torch
+
+    t0 = time.time()
+    make_model(args.shape, model_dir)
+    make_data(data_path, n=args.rows, max_len=args.max_length)
+    lengths = [
+        sum(len(m["content"].split()) for m in json.loads(x)["messages"]) + 6
+        for x in data_path.read_text().splitlines()
+    ]
+    mean_len = sum(lengths) / len(lengths)
+    print(f"workload ready in {time.time() - t0:.0f} s; mean example length {mean_len:.0f} tokens", flush=True)
+    common = [
+        "--shape",
+        args.shape,
+        "--steps",
+        str(args.steps),
+        "--max-length",
+        str(args.max_length),
+        "--rows",
+        str(args.rows),
+        "--cache",
+        str(cache),
+    ]
+    runs = cache / "bench-runs" / args.shape
+    import shutil
+
+    shutil.rmtree(runs, ignore_errors=True)
+    results: dict[str, dict[str, Any]] = {}
+    for mode in args.mode.split(","):
+        extra = ["--overrides", *args.project_overrides] if mode == "project" and args.project_overrides else []
+        results[mode] = run_worker(mode, [mode, *common, *extra], runs / mode, args.timeout)
+        print(json.dumps({k: v for k, v in results[mode].items() if k != "step_times"}), flush=True)
+    if args.ablation:
+        for label, overrides in ABLATION.items():
+            key = f"project, {label}"
+            results[key] = run_worker(
+                key,
+                ["project", *common, "--overrides", *args.project_overrides, *overrides],
+                runs / key.replace(" ", "_").replace(",", ""),
+                args.timeout,
+            )
+            print(json.dumps({k: v for k, v in results[key].items() if k != "step_times"}), flush=True)
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    for r in results.values():
+        r["mfu"] = mfu(r.get("tokens_per_s"), args.shape, mean_len, gpu)
+
+    def tps(name: str) -> float | None:
+        return (results.get(name) or {}).get("tokens_per_s")
+
+    payload = {
+        "gpu": gpu,
+        "shape": args.shape,
+        "num_gpus": 1,
+        "date": dt.date.today().isoformat(),
+        "command": "python bench/run.py " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__,
+        "baseline_tokens_per_s": tps("baseline"),
+        "peer_tokens_per_s": tps("peer"),
+        "project_tokens_per_s": tps("project"),
+        "ratio": tps("project") / tps("baseline") if tps("project") and tps("baseline") else None,
+        "peer_ratio": tps("project") / tps("peer") if tps("project") and tps("peer") else None,
+        "baseline_peak_gib": (results.get("baseline") or {}).get("peak_gib"),
+        "project_peak_gib": (results.get("project") or {}).get("peak_gib"),
+        "mfu": (results.get("project") or {}).get("mfu"),
+        "mean_example_tokens": mean_len,
+        "results": results,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / f"{payload['date']}-{gpu.replace(' ', '_')}-{args.shape}"
+    base.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    lines = [
+        f"# {args.shape} on {gpu}: {args.steps} steps, max_length {args.max_length}",
+        "",
+        f"Command: `{payload['command']}`",
+        "",
+        "| mode | real tokens/s | x baseline | padding | peak GiB | first step s | MFU |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results.items():
+        t = r.get("tokens_per_s")
+        ratio = f"{t / tps('baseline'):.2f}" if t and tps("baseline") else "-"
+        lines.append(
+            f"| {name} | {t:.0f} | {ratio} | {r.get('padding_fraction', 0):.0%} | {r.get('peak_gib') or 0:.2f} | "
+            f"{r.get('time_to_first_step_s') or 0:.1f} | {r['mfu']:.1%} |"
+            if t and r.get("mfu") is not None
+            else f"| {name} | {t or 'failed'} | {ratio} | - | {r.get('peak_gib')} | - | - |"
+        )
+    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
