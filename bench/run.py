@@ -72,17 +72,27 @@ class StepTimer:
         return _T()
 
 
-def counting_collator(inner: Any, counts: dict[str, int]) -> Any:
-    """Wrap a collator: count computed tokens (the padded tensor) and real tokens per batch."""
+def count_tokens(trainer: Any, counts: dict[str, int]) -> None:
+    """Count computed tokens (the input tensor) and real tokens (not padding) of every training batch,
+    in the main process (collators may run in dataloader workers). Padded batches carry an attention
+    mask; padding-free rows are padded, if at all, with pad tokens at their end."""
+    inner = trainer.training_step
+    pad_id = trainer.processing_class.pad_token_id
 
-    def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = inner(examples)
-        counts["computed"] += int(batch["input_ids"].numel())
-        real = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
-        counts["real"] += int(real)
-        return batch
+    def training_step(model: Any, inputs: dict[str, Any], *a: Any, **kw: Any) -> Any:
+        ids = inputs["input_ids"]
+        counts["computed"] += int(ids.numel())
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            counts["real"] += int(mask.sum())
+        else:
+            not_pad = (ids != pad_id).int()
+            # everything up to the last non-pad token of each row is real
+            last = ids.shape[1] - not_pad.flip(-1).argmax(-1)
+            counts["real"] += int((last * not_pad.any(-1)).sum())
+        return inner(model, inputs, *a, **kw)
 
-    return collate
+    trainer.training_step = training_step
 
 
 def notebook_worker(mode: str, model_dir: Path, data_path: Path, steps: int, max_length: int, out: Path) -> None:
@@ -92,7 +102,6 @@ def notebook_worker(mode: str, model_dir: Path, data_path: Path, steps: int, max
     from peft import LoraConfig, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     t0 = time.time()
     gpu = torch.cuda.is_available()  # the CPU only serves smoke tests of this script
@@ -142,9 +151,6 @@ def notebook_worker(mode: str, model_dir: Path, data_path: Path, steps: int, max
         dataloader_num_workers=2,
     )
     counts = {"computed": 0, "real": 0}
-    collator = (
-        None if peer else counting_collator(DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id), counts)
-    )
     times: list[float] = []
     trainer = SFTTrainer(
         model=model,
@@ -152,9 +158,9 @@ def notebook_worker(mode: str, model_dir: Path, data_path: Path, steps: int, max
         train_dataset=ds,
         processing_class=tok,
         peft_config=lora,
-        data_collator=collator,
         callbacks=[StepTimer(times)],
     )
+    count_tokens(trainer, counts)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
@@ -199,13 +205,14 @@ def project_worker(
     )
     recipe = load_recipe(recipe_path, overrides)
     times: list[float] = []
+    counts = {"computed": 0, "real": 0}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
-    train(recipe, extra_callbacks=[StepTimer(times)])
+    train(recipe, extra_callbacks=[StepTimer(times)], on_trainer=lambda t: count_tokens(t, counts))
     rows = [json.loads(x) for x in (recipe.run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     tokens = [r["num_tokens"] for r in rows if "num_tokens" in r and "loss" in r]
-    write_worker_result(out, times, tokens, start - t0, start, {"computed": 0, "real": 0})
+    write_worker_result(out, times, tokens, start - t0, start, counts)
 
 
 def write_worker_result(

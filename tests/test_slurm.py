@@ -435,8 +435,15 @@ def test_signal_to_the_job_step_stops_every_rank_at_the_same_step(slurm, workdir
     the step's processes, launcher and ranks alike. Every rank stops at the same step, one complete
     checkpoint exists, and the job requeues."""
     root, recipe = workdir
-    job = sbatch(slurm, root, "single_node.sbatch", str(recipe), "run.name=stepsignal", "train.max_steps=400",
-                 "train.save_steps=1000")
+    job = sbatch(
+        slurm,
+        root,
+        "single_node.sbatch",
+        str(recipe),
+        "run.name=stepsignal",
+        "train.max_steps=400",
+        "train.save_steps=1000",
+    )
     run_dir = root / "runs" / "stepsignal"
     deadline = time.time() + 300
     while time.time() < deadline:

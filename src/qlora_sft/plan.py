@@ -248,8 +248,10 @@ def plan_lines(
     if rows is not None:
         steps = math.ceil(rows / batch.global_batch)
         if recipe.data.packing:
-            out.append(f"data: {rows} training examples -> at most {steps} optimizer steps per epoch (packing puts "
-                       f"several examples in a row of {recipe.data.max_length} tokens: fewer steps)")
+            out.append(
+                f"data: {rows} training examples -> at most {steps} optimizer steps per epoch (packing puts "
+                f"several examples in a row of {recipe.data.max_length} tokens: fewer steps)"
+            )
         else:
             out.append(f"data: {rows} training examples -> {steps} optimizer steps per epoch")
     max_steps = int(recipe.train.args.get("max_steps", -1))

@@ -128,7 +128,9 @@ def rank_memory_callback(logs_dir: Path, rank: int) -> Any:
     return RankMemoryCallback()
 
 
-def train(recipe: Recipe, extra_callbacks: list[Any] | None = None) -> TrainResult:
+def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: Any = None) -> TrainResult:
+    """Run the recipe. `extra_callbacks` are added to the Trainer; `on_trainer(trainer)` is called once
+    the trainer exists (the benchmark uses it to count tokens)."""
     from transformers import set_seed
     from trl import SFTTrainer
 
@@ -215,6 +217,8 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None) -> TrainResu
     }
     trainer.keep_last = recipe.checkpoint.keep_last
     trainer.fault = fault
+    if on_trainer is not None:
+        on_trainer(trainer)
 
     # 6. Train (continuing from the newest complete checkpoint, if any).
     if resume_from is not None:
