@@ -12,8 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, recipe_dict, write_recipe, write_toy_data
-from test_distributed import ACCELERATE, CONFIGS, cpu_env, free_port, metrics
+from conftest import (
+    REPO,
+    accelerate_cmd,
+    cpu_env,
+    losses_by_step,
+    recipe_dict,
+    wait_for_losses,
+    write_recipe,
+    write_toy_data,
+)
 
 from qlora_sft import checkpoint
 from qlora_sft.errors import RunDirError
@@ -39,23 +47,7 @@ def launch(
     if ranks == 1:
         cmd = [sys.executable, "-m", "qlora_sft", "train", str(recipe), *extra]
     else:
-        cmd = [
-            ACCELERATE,
-            "launch",
-            "--config_file",
-            str(CONFIGS / "multi_gpu.yaml"),
-            "--mixed_precision",
-            "no",
-            "--num_processes",
-            str(ranks),
-            "--main_process_port",
-            str(free_port()),
-            "-m",
-            "qlora_sft",
-            "train",
-            str(recipe),
-            *extra,
-        ]
+        cmd = accelerate_cmd("train", str(recipe), *extra, ranks=ranks)
     if not wait:
         return subprocess.Popen(
             cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -71,12 +63,6 @@ def rank_pids(launcher_pid: int) -> list[int]:
     return sorted(
         k.pid for k in kids if "qlora_sft" in " ".join(k.cmdline()) and "accelerate" not in " ".join(k.cmdline())
     )
-
-
-def losses_by_step(run_dir: Path) -> dict[int, float]:
-    """The loss logged at each step (the last one logged wins: a resumed run re-logs nothing twice
-    unless it redid the step)."""
-    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +126,7 @@ def test_preemption_signal_saves_and_exits_for_requeue(setup):
     r = recipe("preempt", max_steps=400, save_steps=1000)
     proc = launch(r, root, wait=False)
     run_dir = root / "runs" / "preempt"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if (run_dir / "logs" / "metrics.jsonl").is_file() and len(losses_by_step(run_dir)) >= 3:
-            break
-        time.sleep(0.2)
+    wait_for_losses(run_dir, 3)
     workers = rank_pids(proc.pid)
     assert len(workers) == 2, workers
     os.kill(workers[-1], signal.SIGUSR1)  # one rank only: the other learns it at the step boundary
@@ -172,9 +154,8 @@ def test_single_process_preemption_exit_code_is_75(setup):
     r = recipe("preempt1", max_steps=400, save_steps=1000)
     proc = launch(r, root, ranks=1, wait=False)
     run_dir = root / "runs" / "preempt1"
-    while not ((run_dir / "logs" / "metrics.jsonl").is_file() and losses_by_step(run_dir)):
-        time.sleep(0.2)
-        assert proc.poll() is None
+    wait_for_losses(run_dir, 1)
+    assert proc.poll() is None
     os.kill(proc.pid, signal.SIGTERM)
     os.kill(proc.pid, signal.SIGTERM)  # a second signal while saving changes nothing
     proc.communicate(timeout=300)

@@ -4,43 +4,33 @@ users run on GPUs), two launchers as two "nodes", and the bundled launch configs
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, recipe_dict, write_recipe, write_toy_data
+from conftest import (
+    ACCELERATE,
+    CONFIGS,
+    REPO,
+    accelerate_cmd,
+    cpu_env,
+    free_port,
+    metrics,
+    recipe_dict,
+    write_recipe,
+    write_toy_data,
+)
 
 pytestmark = pytest.mark.multiprocess
-
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
-CONFIGS = REPO / "configs" / "accelerate"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    return env
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     out = subprocess.run(cmd, cwd=cwd, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{out.stdout[-4000:]}\nstderr:\n{out.stderr[-6000:]}"
     return out
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
 TRAIN = {
@@ -65,20 +55,7 @@ def ddp_runs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
         root / "one.yaml", recipe_dict(tiny_model, data, root / "runs", run={"name": "one"}, train=TRAIN)
     )
     ddp = run(
-        [
-            ACCELERATE,
-            "launch",
-            "--config_file",
-            str(CONFIGS / "multi_gpu.yaml"),
-            "--mixed_precision",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            "-m",
-            "qlora_sft",
-            "train",
-            str(two),
-        ],
+        accelerate_cmd("train", str(two)),
         root,
     )
     single = run([sys.executable, "-m", "qlora_sft", "train", str(one)], root)

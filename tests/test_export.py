@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import recipe_dict, write_toy_data
+from conftest import accelerate_cmd, cpu_env, recipe_dict, write_toy_data
 
 from qlora_sft.errors import UserError
 from qlora_sft.export import export
@@ -215,26 +215,8 @@ def test_chat_prompt_and_eof(run4bit: Path, tmp_path: Path):
 
 
 def test_export_under_accelerate_launch_runs_on_the_main_process_only(run4bit: Path, tmp_path: Path):
-    from test_distributed import ACCELERATE, CONFIGS, cpu_env, free_port
-
     out = subprocess.run(
-        [
-            ACCELERATE,
-            "launch",
-            "--config_file",
-            str(CONFIGS / "multi_gpu.yaml"),
-            "--mixed_precision",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            "-m",
-            "qlora_sft",
-            "export",
-            str(run4bit),
-            "--out",
-            str(tmp_path / "merged"),
-            "--no-verify",
-        ],
+        accelerate_cmd("export", str(run4bit), "--out", str(tmp_path / "merged"), "--no-verify"),
         env=cpu_env(),
         capture_output=True,
         text=True,

@@ -7,12 +7,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import recipe_dict, write_recipe, write_toy_data
+from conftest import accelerate_cmd, cpu_env, recipe_dict, wait_for_losses, write_recipe, write_toy_data
 
 from qlora_sft import checkpoint
 from qlora_sft.recipe import build_recipe
@@ -115,9 +114,6 @@ def test_signal_to_the_launcher_reaches_every_rank(tiny_model: Path, tmp_path: P
     """torchrun forwards only TERM/INT/HUP/QUIT unless told otherwise (pytorch#154849). With the
     environment launch/local.sh and the SLURM templates set, USR1 sent to `accelerate launch`
     reaches both ranks, which stop at the same step with one complete checkpoint."""
-    from test_checkpoint import losses_by_step
-    from test_distributed import ACCELERATE, CONFIGS, cpu_env, free_port
-
     data = write_toy_data(tmp_path / "t.jsonl", n=160)
     recipe = write_recipe(
         tmp_path / "r.yaml",
@@ -130,20 +126,7 @@ def test_signal_to_the_launcher_reaches_every_rank(tiny_model: Path, tmp_path: P
     )
     env = {**cpu_env(), "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
     proc = subprocess.Popen(
-        [
-            ACCELERATE,
-            "launch",
-            "--config_file",
-            str(CONFIGS / "multi_gpu.yaml"),
-            "--mixed_precision",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            "-m",
-            "qlora_sft",
-            "train",
-            str(recipe),
-        ],
+        accelerate_cmd("train", str(recipe)),
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -151,9 +134,7 @@ def test_signal_to_the_launcher_reaches_every_rank(tiny_model: Path, tmp_path: P
         text=True,
     )
     run_dir = tmp_path / "runs" / "tiny"
-    deadline = time.time() + 300
-    while time.time() < deadline and not ((run_dir / "logs" / "metrics.jsonl").is_file() and losses_by_step(run_dir)):
-        time.sleep(0.2)
+    wait_for_losses(run_dir, 1)
     os.kill(proc.pid, signal.SIGUSR1)  # the launcher, not the ranks
     out, _ = proc.communicate(timeout=300)
     stops = [int(x) for x in __import__("re").findall(r"preempted: checkpoint-(\d+) is complete", out)]

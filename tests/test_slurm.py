@@ -14,7 +14,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, recipe_dict, write_recipe, write_toy_data
+from conftest import (
+    REPO,
+    accelerate_cmd,
+    cpu_env,
+    losses_by_step,
+    recipe_dict,
+    wait_for_losses,
+    write_recipe,
+    write_toy_data,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -91,11 +100,6 @@ def wait_state(env: dict[str, str], job: int, states: set[str], timeout: float =
     raise AssertionError(f"job {job} never reached {states}: {info}")
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("slurm") / WEIRD  # paths full of spaces and shell characters
@@ -141,11 +145,7 @@ def test_preempted_job_saves_requeues_resumes_and_matches(slurm, workdir, straig
     root, recipe = workdir
     job = sbatch(slurm, root, "single_node.sbatch", str(recipe), "run.name=preempted")
     run_dir = root / "runs" / "preempted"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if (run_dir / "logs" / "metrics.jsonl").is_file() and len(losses(run_dir)) >= 6:
-            break
-        time.sleep(0.3)
+    wait_for_losses(run_dir, 6)
     # what SLURM does before a time limit with --signal=B:USR1@N: USR1 to the batch shell only
     subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=slurm, check=True)
     info = wait_state(slurm, job, {"PENDING", "REQUEUED", "COMPLETED", "FAILED"}, timeout=300)
@@ -162,7 +162,7 @@ def test_preempted_job_saves_requeues_resumes_and_matches(slurm, workdir, straig
     assert "restart 1" in log and f"resuming from {run_dir}/checkpoint-{stopped}" in log
     assert not (run_dir / "PREEMPTED").exists()
     assert (run_dir / "final" / "COMPLETE").is_file()
-    got, want = losses(run_dir), losses(root / "runs" / "straight")
+    got, want = losses_by_step(run_dir), losses_by_step(root / "runs" / "straight")
     assert max(got) == 24
     for step in range(stopped + 1, 25):
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
@@ -316,11 +316,7 @@ def test_submitit_job_requeued_by_preemption_resumes(slurm, workdir, straight, m
         cluster="slurm",
     )
     run_dir = root / "runs" / "submitit-preempted"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if (run_dir / "logs" / "metrics.jsonl").is_file() and len(losses(run_dir)) >= 6:
-            break
-        time.sleep(0.3)
+    wait_for_losses(run_dir, 6)
     # submitit's preemption signal, to every task the way SLURM delivers --signal=USR2@N
     subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], env=slurm, check=True)
     info = wait_state(slurm, int(job.job_id), {"PENDING", "REQUEUED", "COMPLETED", "FAILED"}, timeout=300)
@@ -330,7 +326,7 @@ def test_submitit_job_requeued_by_preemption_resumes(slurm, workdir, straight, m
     subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], env=slurm, check=True)
     submitit_job_done(job)
     assert all(r["global_step"] == 24 and not r["preempted"] for r in job.results()), job.stderr()
-    got, want = losses(run_dir), losses(root / "runs" / "straight")
+    got, want = losses_by_step(run_dir), losses_by_step(root / "runs" / "straight")
     for step in range(stopped + 1, 25):
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
 
@@ -338,36 +334,16 @@ def test_submitit_job_requeued_by_preemption_resumes(slurm, workdir, straight, m
 def test_started_under_sbatch_finished_under_accelerate_launch(slurm, workdir, straight):
     """The run directory is the same whoever launches: a preempted sbatch job, cancelled while
     queued again, is finished on the workstation with accelerate launch."""
-    from test_distributed import ACCELERATE, CONFIGS, cpu_env, free_port
-
     root, recipe = workdir
     job = sbatch(slurm, root, "single_node.sbatch", str(recipe), "run.name=handover")
     run_dir = root / "runs" / "handover"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if (run_dir / "logs" / "metrics.jsonl").is_file() and len(losses(run_dir)) >= 6:
-            break
-        time.sleep(0.3)
+    wait_for_losses(run_dir, 6)
     subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=slurm, check=True)
     wait_state(slurm, job, {"PENDING", "REQUEUED"}, timeout=300)
     subprocess.run(["scancel", str(job)], env=slurm, check=True)
     stopped = json.loads((run_dir / "PREEMPTED").read_text())["step"]
     out = subprocess.run(
-        [
-            ACCELERATE,
-            "launch",
-            "--config_file",
-            str(CONFIGS / "multi_gpu.yaml"),
-            "--mixed_precision",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            "-m",
-            "qlora_sft",
-            "train",
-            str(recipe),
-            "run.name=handover",
-        ],
+        accelerate_cmd("train", str(recipe), "run.name=handover"),
         cwd=root,
         env=cpu_env(),
         capture_output=True,
@@ -376,7 +352,7 @@ def test_started_under_sbatch_finished_under_accelerate_launch(slurm, workdir, s
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"checkpoint-{stopped}" in out.stdout
-    got, want = losses(run_dir), losses(root / "runs" / "straight")
+    got, want = losses_by_step(run_dir), losses_by_step(root / "runs" / "straight")
     for step in range(stopped + 1, 25):
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
 
@@ -445,11 +421,7 @@ def test_signal_to_the_job_step_stops_every_rank_at_the_same_step(slurm, workdir
         "train.save_steps=1000",
     )
     run_dir = root / "runs" / "stepsignal"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if (run_dir / "logs" / "metrics.jsonl").is_file() and len(losses(run_dir)) >= 3:
-            break
-        time.sleep(0.3)
+    wait_for_losses(run_dir, 3)
     subprocess.run(["scancel", "--signal=USR1", str(job)], env=slurm, check=True)
     wait_state(slurm, job, {"PENDING", "REQUEUED"}, timeout=300)
     subprocess.run(["scancel", str(job)], env=slurm, check=True)
