@@ -12,7 +12,6 @@ and counted by reason (`on_bad_row: skip`).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import csv
 import hashlib
@@ -806,8 +805,3 @@ def prepare_data(
                     tmp.rename(folder)
                 shutil.rmtree(tmp, ignore_errors=True)
     return prepared
-
-
-def token_counts(dataset: Any) -> collections.Counter[int]:
-    """Histogram of example lengths (used by plan and the benchmark)."""
-    return collections.Counter(len(x) for x in dataset["input_ids"])

@@ -287,7 +287,6 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, shard_b
     plus the index; returns the index."""
     from safetensors.torch import save_file
 
-    shards: list[dict[str, torch.Tensor]] = []
     current: dict[str, torch.Tensor] = {}
     size = total = 0
     names: list[list[str]] = []
@@ -310,7 +309,6 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, shard_b
         size += nbytes
         total += nbytes
     flush()
-    del shards
     n = len(tmp_files)
     weight_map: dict[str, str] = {}
     for i, (path, keys) in enumerate(zip(tmp_files, names, strict=True)):
