@@ -391,25 +391,22 @@ def logits_of(model: Any, prompts: list[list[int]]) -> torch.Tensor:
 
 def training_time_model(source: Source, base_folder: Path, device: str) -> Any:
     """The adapter applied (unmerged) on the base exactly as training loaded it."""
+    import dataclasses
+
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    from .model import DTYPES as MODEL_DTYPES
-    from .model import keep_cpu_4bit_trainable
+    from .model import LaunchMode, keep_cpu_4bit_trainable, quantization_config, resolve_compute_dtype
+    from .recipe import ModelConfig, QuantizationConfig
 
-    q = source.quant
-    compute = q.get("compute_dtype", "auto")
-    dtype = MODEL_DTYPES.get(compute) if compute != "auto" else (torch.float32 if device == "cpu" else torch.bfloat16)
+    # the same two functions training used to pick the compute dtype and the bitsandbytes config
+    fields = {f.name for f in dataclasses.fields(QuantizationConfig)}
+    q = QuantizationConfig(**{k: v for k, v in source.quant.items() if k in fields})
+    dtype = resolve_compute_dtype(q, ModelConfig(name_or_path=source.base_path), device)
+    qconfig = quantization_config(q, dtype, LaunchMode("cpu" if device == "cpu" else "single_gpu", 1, 0))
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
-    if q["method"] in ("nf4", "fp4"):
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q["method"],
-            bnb_4bit_use_double_quant=bool(q.get("double_quant")),
-            bnb_4bit_compute_dtype=dtype,
-        )
-    elif q["method"] == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
     base = AutoModelForCausalLM.from_pretrained(base_folder, **kwargs)
     if device == "cpu":
         # compute as training did (dequantize + matmul in the compute dtype), not with bitsandbytes'
