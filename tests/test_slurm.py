@@ -89,6 +89,14 @@ def job_info(env: dict[str, str], job: int) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
 
 
+def controller_log(env: dict[str, str], job: int) -> str:
+    """slurmctld's lines about one job: why it was killed, requeued or not started."""
+    path = Path(env["SLURM_CONF"]).parent / "slurmctld.log"
+    if not path.is_file():
+        return ""
+    return "\n".join(line for line in path.read_text(errors="replace").splitlines() if f"JobId={job} " in line + " ")
+
+
 def wait_state(env: dict[str, str], job: int, states: set[str], timeout: float = 600) -> dict[str, str]:
     deadline = time.time() + timeout
     info: dict[str, str] = {}
@@ -97,7 +105,16 @@ def wait_state(env: dict[str, str], job: int, states: set[str], timeout: float =
         if info.get("JobState") in states:
             return info
         time.sleep(1)
-    raise AssertionError(f"job {job} never reached {states}: {info}")
+    raise AssertionError(f"job {job} never reached {states}: {info}\n{controller_log(env, job)}")
+
+
+def release_requeued(env: dict[str, str], job: int) -> None:
+    """Start a requeued job now instead of after SLURM's requeue delay (BeginTime = requeue + 120 s).
+    Not in the same second as the requeue: slurmd refuses a credential created no later than the
+    revocation of the previous run's ("Killing non-startable batch job: Job credential revoked"),
+    which is what that delay protects against."""
+    wait_state(env, job, {"PENDING"}, timeout=120)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], env=env, check=True)
 
 
 @pytest.fixture(scope="module")
@@ -154,10 +171,10 @@ def test_preempted_job_saves_requeues_resumes_and_matches(slurm, workdir, straig
     assert "requeueing job" in log
     stopped = json.loads((run_dir / "PREEMPTED").read_text())["step"]
     assert (run_dir / f"checkpoint-{stopped}" / "COMPLETE").is_file()
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
+    release_requeued(slurm, job)
     info = wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"})
     log = (root / f"slurm-qlora-sft-{job}.out").read_text()
-    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert info["JobState"] == "COMPLETED", log[-4000:] + "\n" + controller_log(slurm, job)
     assert info.get("Restarts") == "1"
     assert "restart 1" in log and f"resuming from {run_dir}/checkpoint-{stopped}" in log
     assert not (run_dir / "PREEMPTED").exists()
@@ -323,7 +340,7 @@ def test_submitit_job_requeued_by_preemption_resumes(slurm, workdir, straight, m
     assert info["JobState"] in ("PENDING", "REQUEUED"), job.stderr()
     stopped = json.loads((run_dir / "PREEMPTED").read_text())["step"]
     assert (run_dir / f"checkpoint-{stopped}" / "COMPLETE").is_file()
-    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], env=slurm, check=True)
+    release_requeued(slurm, int(job.job_id))
     submitit_job_done(job)
     assert all(r["global_step"] == 24 and not r["preempted"] for r in job.results()), job.stderr()
     got, want = losses_by_step(run_dir), losses_by_step(root / "runs" / "straight")
