@@ -44,11 +44,26 @@ sys.path.insert(0, str(REPO / "src"))
 from workload import SHAPES, make_data, make_model  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+# The project path with one default switched back at a time (label -> recipe overrides).
 ABLATION = {
-    "no packing": ["data.packing=false"],
-    "attn eager": ["model.attn_implementation=eager"],
+    "attention sdpa (dense block mask)": ["model.attn_implementation=sdpa"],
+    "no liger kernels": ["model.liger_kernels=false"],
+    "fp32 upcast of frozen weights": ["model.upcast_frozen=true"],
+    "micro batch 2x2048 tokens": ["train.micro_batch_tokens=4096"],
     "optim paged_adamw_32bit": ["train.optim=paged_adamw_32bit"],
+    "no packing (padded rows of 4)": ["data.packing=false"],
+    "torch.compile": ["train.torch_compile=true"],
 }
+PEAK_2X2048 = "micro batch 2x2048 tokens"
+# Profiler buckets: CUDA kernel names (lower case) -> what they do.
+KERNEL_BUCKETS = [
+    ("dequantize (NF4)", ("dequant", "kdequant")),
+    ("attention", ("flash", "fmha", "attention", "varlen", "sdpa", "efficient_attention")),
+    ("optimizer", ("optimizer", "adam", "kpercentile", "multi_tensor")),
+    ("loss (chunked lm_head)", ("logprob", "log_prob", "chunked", "cross_entropy", "logsumexp")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "sm90", "sm80")),
+    ("norm/rope/swiglu (liger)", ("rms", "rope", "swiglu", "silu", "liger")),
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,6 +85,60 @@ class StepTimer:
                 out.append(time.time())
 
         return _T()
+
+
+class StepProfiler:
+    """A TrainerCallback profiling one optimizer step (CUDA kernel time by bucket -> profile.json)."""
+
+    def __new__(cls, step: int, out: Path) -> Any:
+        import torch
+        from transformers import TrainerCallback
+
+        class _P(TrainerCallback):
+            prof: Any = None
+
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if state.global_step == step - 1:
+                    torch.cuda.synchronize()
+                    self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                    self.prof.__enter__()
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if self.prof is None:
+                    return
+                torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                (out / "profile.json").write_text(json.dumps(kernel_breakdown(self.prof), indent=1))
+                self.prof = None
+
+        return _P()
+
+
+def kernel_breakdown(prof: Any) -> dict[str, Any]:
+    """Device time of one step by bucket (first matching bucket wins), plus the top kernels."""
+    buckets: dict[str, float] = {name: 0.0 for name, _ in KERNEL_BUCKETS}
+    buckets["other (elementwise, copies, LoRA glue)"] = 0.0
+    kernels: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)
+        if not us:
+            continue
+        key = ev.key.lower()
+        kernels[ev.key[:90]] = kernels.get(ev.key[:90], 0.0) + us
+        for name, needles in KERNEL_BUCKETS:
+            if any(n in key for n in needles):
+                buckets[name] += us
+                break
+        else:
+            buckets["other (elementwise, copies, LoRA glue)"] += us
+    total = sum(buckets.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
+    return {
+        "device_ms": total / 1e3,
+        "buckets_ms": {k: v / 1e3 for k, v in buckets.items()},
+        "buckets_share": {k: (v / total if total else 0.0) for k, v in buckets.items()},
+        "top_kernels_ms": {k: v / 1e3 for k, v in top},
+    }
 
 
 def count_tokens(trainer: Any, counts: dict[str, int]) -> None:
@@ -170,7 +239,7 @@ def notebook_worker(mode: str, model_dir: Path, data_path: Path, steps: int, max
 
 
 def project_worker(
-    model_dir: Path, data_path: Path, steps: int, max_length: int, out: Path, overrides: list[str]
+    model_dir: Path, data_path: Path, steps: int, max_length: int, out: Path, overrides: list[str], profile_step: int
 ) -> None:
     """`qlora-sft train` exactly as users run it (in-process, to time it from the inside)."""
     import torch
@@ -193,7 +262,6 @@ def project_worker(
                     "on_bad_row": "skip",
                 },
                 "train": {
-                    "per_device_train_batch_size": 2,
                     "max_steps": steps,
                     "logging_steps": 1,
                     "save_steps": 10**6,
@@ -209,7 +277,10 @@ def project_worker(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
-    train(recipe, extra_callbacks=[StepTimer(times)], on_trainer=lambda t: count_tokens(t, counts))
+    callbacks = [StepTimer(times)]
+    if profile_step:
+        callbacks.append(StepProfiler(profile_step, out))
+    train(recipe, extra_callbacks=callbacks, on_trainer=lambda t: count_tokens(t, counts))
     rows = [json.loads(x) for x in (recipe.run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     tokens = [r["num_tokens"] for r in rows if "num_tokens" in r and "loss" in r]
     write_worker_result(out, times, tokens, start - t0, start, counts)
@@ -261,6 +332,8 @@ def run_worker(name: str, argv: list[str], out: Path, timeout: int) -> dict[str,
     with (out / "log.txt").open("w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=os.environ)
     res = json.loads((out / "result.json").read_text()) if (out / "result.json").is_file() else {}
+    if (out / "profile.json").is_file():
+        res["profile"] = json.loads((out / "profile.json").read_text())
     res.update(mode=name, returncode=proc.returncode)
     if proc.returncode:
         res["log_tail"] = (out / "log.txt").read_text()[-2500:]
@@ -275,6 +348,10 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--rows", type=int, default=3000)
     ap.add_argument("--ablation", action="store_true")
+    ap.add_argument("--ablation-only", default="", help="comma-separated ablation labels (default: all)")
+    ap.add_argument(
+        "--profile-step", type=int, default=0, help="profile this step in an extra, untimed run of the project mode"
+    )
     ap.add_argument("--project-overrides", nargs="*", default=[])
     ap.add_argument("--cache", default=str(HERE / ".cache"))
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -290,7 +367,7 @@ def main() -> int:
     if args.worker:
         out = Path(args.worker_out)
         if args.worker == "project":
-            project_worker(model_dir, data_path, args.steps, args.max_length, out, args.overrides)
+            project_worker(model_dir, data_path, args.steps, args.max_length, out, args.overrides, args.profile_step)
         else:
             notebook_worker(args.worker, model_dir, data_path, args.steps, args.max_length, out)
         return 0
@@ -323,12 +400,27 @@ def main() -> int:
 
     shutil.rmtree(runs, ignore_errors=True)
     results: dict[str, dict[str, Any]] = {}
+    project_extra = ["--overrides", *args.project_overrides] if args.project_overrides else []
     for mode in args.mode.split(","):
-        extra = ["--overrides", *args.project_overrides] if mode == "project" and args.project_overrides else []
+        extra = project_extra if mode == "project" else []
         results[mode] = run_worker(mode, [mode, *common, *extra], runs / mode, args.timeout)
         print(json.dumps({k: v for k, v in results[mode].items() if k != "step_times"}), flush=True)
+    profile = None
+    if args.profile_step:
+        # A run of its own: the profiler slows the step it records, which must not count in tokens/s.
+        prof_run = run_worker(
+            "project, profiled",
+            ["project", *common, *project_extra, "--profile-step", str(args.profile_step)],
+            runs / "project-profiled",
+            args.timeout,
+        )
+        profile = prof_run.get("profile")
+        print(json.dumps({"profile": profile, "returncode": prof_run["returncode"]}), flush=True)
     if args.ablation:
+        chosen = [x.strip() for x in args.ablation_only.split(",") if x.strip()]
         for label, overrides in ABLATION.items():
+            if chosen and not any(c in label for c in chosen):
+                continue
             key = f"project, {label}"
             results[key] = run_worker(
                 key,
@@ -360,6 +452,8 @@ def main() -> int:
         "baseline_peak_gib": (results.get("baseline") or {}).get("peak_gib"),
         "project_peak_gib": (results.get("project") or {}).get("peak_gib"),
         "mfu": (results.get("project") or {}).get("mfu"),
+        "peak_gib_2x2048": (results.get(f"project, {PEAK_2X2048}") or {}).get("peak_gib"),
+        "profile": profile,
         "mean_example_tokens": mean_len,
         "results": results,
     }
@@ -384,6 +478,29 @@ def main() -> int:
             if t and r.get("mfu") is not None
             else f"| {name} | {t or 'failed'} | {ratio} | - | {r.get('peak_gib')} | - | - |"
         )
+    def num(value: float | None, fmt: str) -> str:
+        return "not measured" if value is None else format(value, fmt)
+
+    lines += [
+        "",
+        f"- project / baseline: {num(payload['ratio'], '.2f')}x; project / peer: {num(payload['peer_ratio'], '.2f')}x",
+        f"- peak GiB: baseline {num(payload['baseline_peak_gib'], '.2f')}, "
+        f"project {num(payload['project_peak_gib'], '.2f')}, "
+        f"project with micro batches of 2x2048 tokens (peak_gib_2x2048) {num(payload['peak_gib_2x2048'], '.2f')}",
+        f"- mean example length {mean_len:.0f} tokens; tokens/s counts real (non-padding) tokens after "
+        f"{min(5, max(1, args.steps // 4))} warm-up steps",
+        "- MFU = real tokens/s x (6 N + 6 L h c) / 989 TFLOP/s (dense bf16 peak), N = non-embedding "
+        "parameters, L layers, h hidden size, c = mean attended context (half the mean example length); "
+        "6 N = frozen-base forward + gradient-checkpointing recompute + input-gradient backward",
+    ]
+    prof = payload.get("profile")
+    if prof:
+        lines += ["", f"## One project step, CUDA kernel time ({prof['device_ms']:.0f} ms on the device)", ""]
+        lines += ["| bucket | ms | share |", "| --- | --- | --- |"]
+        for k, v in prof["buckets_ms"].items():
+            lines.append(f"| {k} | {v:.1f} | {prof['buckets_share'][k]:.1%} |")
+        lines += ["", "Top kernels:", "", "| kernel | ms |", "| --- | --- |"]
+        lines += [f"| `{k}` | {v:.1f} |" for k, v in list(prof["top_kernels_ms"].items())[:12]]
     base.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

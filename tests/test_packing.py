@@ -11,14 +11,20 @@ from conftest import recipe_dict, write_toy_data
 from qlora_sft.recipe import build_recipe
 
 
-@pytest.fixture(scope="module")
-def model_and_batch(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["sdpa", "varlen"])
+def model_and_batch(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny model with either packed-attention path: `sdpa` (transformers' dense block mask from
+    the positions) and `varlen` (the GPU default; on the CPU the same boundaries drive SDPA per example)."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from qlora_sft.model import LaunchMode, load_model, load_tokenizer
 
     root = tmp_path_factory.mktemp("packing")
-    recipe = build_recipe(recipe_dict(tiny_model, write_toy_data(root / "t.jsonl"), root))
+    recipe = build_recipe(
+        recipe_dict(
+            tiny_model, write_toy_data(root / "t.jsonl"), root, model={"attn_implementation": request.param}
+        )
+    )
     tok = load_tokenizer(recipe.model)
     torch.manual_seed(0)
     model = load_model(recipe, tok, LaunchMode("cpu", 1, 0)).eval()
@@ -50,6 +56,21 @@ def test_packed_logits_equal_one_by_one(model_and_batch):
             assert torch.allclose(got, alone, atol=1e-4), (got - alone).abs().max()
 
 
+def test_packed_loss_per_example_equals_one_by_one(model_and_batch):
+    """The training loss path (labels through the model's own loss) on the packed row gives each
+    example the same per-token loss as running that example alone."""
+    model, examples, batch = model_and_batch
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
+        for ex, got in zip(examples, per_example(logp, examples), strict=True):
+            ids = torch.tensor(ex)
+            packed_loss = -got[:-1].gather(-1, ids[1:, None]).mean()
+            alone = model(input_ids=ids[None], labels=ids[None], use_cache=False).loss
+            assert packed_loss == pytest.approx(float(alone), abs=1e-5)
+
+
 def test_a_kv_cache_would_lose_the_boundaries_and_training_never_has_one(model_and_batch):
     """transformers detects packed rows from position_ids only without an attention mask and without a
     cache; with a cache the examples silently attend to each other. Training and evaluation run with
@@ -59,7 +80,11 @@ def test_a_kv_cache_would_lose_the_boundaries_and_training_never_has_one(model_a
     with torch.no_grad():
         cached = model(**inputs, use_cache=True).logits[0]
         alone = model(input_ids=torch.tensor([examples[1]]), use_cache=False).logits[0]
-    assert (per_example(cached, examples)[1] - alone).abs().max() > 1e-2  # the trap is real
+    gap = (per_example(cached, examples)[1] - alone).abs().max()
+    if model.config._attn_implementation == "varlen":
+        assert gap < 1e-4  # the boundaries travel as cu_seq_lens, so even a cache keeps them
+    else:
+        assert gap > 1e-2  # the trap is real
     assert model.config.use_cache is False
 
 
@@ -96,3 +121,67 @@ def test_packed_and_unpacked_evaluation_agree(tiny_model: Path, tmp_path: Path):
         )
         losses[packing] = trainer.evaluate()["eval_loss"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4), losses
+
+
+def test_varlen_boundaries_from_positions_match_the_collator():
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from qlora_sft.attention import boundaries
+
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+        [{"input_ids": list(range(1, n + 1))} for n in (3, 5, 1, 4)]
+    )
+    cu, longest = boundaries(batch["position_ids"])
+    assert cu.tolist() == batch["cu_seq_lens_q"].tolist() == [0, 3, 8, 9, 13]
+    assert longest == batch["max_length_q"] == 5
+
+
+def test_varlen_attention_uses_the_collator_boundaries_and_falls_back_to_sdpa():
+    """Called the way transformers calls it: with cu_seq_lens (no sync), with positions only, and with
+    a padding mask (no packing: plain SDPA)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from qlora_sft.attention import varlen_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    q, k, v = torch.randn(1, 4, 9, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2]])
+    cu = torch.tensor([0, 4, 6, 9], dtype=torch.int32)
+    with_cu, _ = varlen_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=4)
+    with_pos, _ = varlen_attention_forward(module, q, k, v, None, position_ids=pos)
+    assert torch.equal(with_cu, with_pos)
+    for s, e in ((0, 4), (4, 6), (6, 9)):  # each example on its own
+        alone, _ = sdpa_attention_forward(module, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None)
+        assert torch.allclose(with_cu[:, s:e], alone, atol=1e-6)
+    mask = torch.ones(1, 1, 9, 9, dtype=torch.bool).tril()
+    masked, _ = varlen_attention_forward(module, q, k, v, mask)
+    plain, _ = sdpa_attention_forward(module, q, k, v, mask)
+    assert torch.equal(masked, plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_varlen_kernel_matches_sdpa_per_example_on_gpu():
+    from qlora_sft.attention import _per_example_sdpa, available_on_cuda, varlen_attention_forward
+
+    if not available_on_cuda():
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    lens = [700, 33, 1200, 115]
+    T = sum(lens)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(1, 32, T, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 8, T, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, 8, T, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out, _ = varlen_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu.cuda(), max_length_q=max(lens))
+    ref = _per_example_sdpa(*(t[0].transpose(0, 1) for t in (q, k, v)), cu, 128**-0.5).unsqueeze(0)
+    assert (out.float() - ref.float()).abs().max() < 2e-2
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert (a.float() - b.float()).abs().max() < 5e-2

@@ -301,9 +301,10 @@ def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str |
         _check_bnb_cpu()
     path = local_model_path(recipe.model, base_dir)
     model_dtype = DTYPES[recipe.model.dtype] if recipe.model.dtype != "auto" else compute_dtype
+    attn = resolve_attn_implementation(recipe, device_type, path)
     kwargs: dict[str, Any] = {
         "dtype": model_dtype,
-        "attn_implementation": recipe.model.attn_implementation,
+        "attn_implementation": attn,
         "trust_remote_code": recipe.model.trust_remote_code,
         "revision": recipe.model.revision,
         **placement(mode, qconfig is not None),
@@ -313,22 +314,24 @@ def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str |
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     resize_for_pad(model, tokenizer)
     model.config.use_cache = False  # no KV cache while training (and checkpointing needs it off)
+    log.info("attention: %s", attn)
+    if use_liger(recipe.model, device_type):
+        apply_liger(model)
 
     gc = bool(recipe.train.args.get("gradient_checkpointing", True))
-    if qconfig is not None and mode.shards_parameters:
-        # prepare_model_for_kbit_training upcasts every non-quantized weight to fp32, which breaks the
-        # one-dtype rule of ZeRO-3/FSDP shards; keep the model dtype and only wire checkpointing.
-        if gc:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-    elif qconfig is not None:
-        # Casts norms/embeddings to fp32 for stable training and wires input grads for checkpointing.
-        # Non-reentrant checkpointing: the reentrant variant breaks under DDP with LoRA (parameters
-        # "marked ready twice") and needs inputs that require grad.
+    if qconfig is not None and recipe.model.upcast_frozen and not mode.shards_parameters:
+        # Casts norms/embeddings to fp32 and wires input grads for checkpointing. Non-reentrant
+        # checkpointing: the reentrant variant breaks under DDP with LoRA (parameters "marked ready
+        # twice") and needs inputs that require grad.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     elif gc:
+        # The default: prepare_model_for_kbit_training's fp32 upcast would double the memory of the
+        # embeddings and lm_head (2 GB more for an 8B model) and make the residual stream and lm_head
+        # matmuls fp32, for weights that are frozen; under ZeRO-3/FSDP it also breaks the one-dtype
+        # rule of the shards. Keep the model dtype and only wire checkpointing (get_peft_model
+        # freezes everything but the adapters).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if device_type == "cpu":
@@ -350,6 +353,59 @@ def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str |
     except ValueError as exc:
         raise UserError(f"lora.target_modules={target!r}: {exc}") from None
     return model
+
+
+def resolve_attn_implementation(recipe: Recipe, device_type: str, path: str) -> str:
+    """`auto` -> `varlen` (flash attention per packed example) on CUDA with packing, for models with
+    plain causal attention; `sdpa` otherwise. `varlen` is registered with transformers here."""
+    from . import attention
+
+    choice = recipe.model.attn_implementation
+    if choice == "auto":
+        choice = "sdpa"
+        if device_type == "cuda" and recipe.data.packing and attention.available_on_cuda():
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(
+                path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+            )
+            text = config.get_text_config()
+            sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
+            layer_types = set(getattr(text, "layer_types", None) or ["full_attention"])
+            if not sliding and layer_types <= {"full_attention"}:
+                choice = "varlen"
+    if choice == attention.NAME:
+        attention.register()
+    return choice
+
+
+def use_liger(cfg: ModelConfig, device_type: str) -> bool:
+    if cfg.liger_kernels is False:
+        return False
+    if device_type != "cuda":
+        if cfg.liger_kernels is True:
+            log.warning("model.liger_kernels: Liger's kernels need a CUDA GPU; running without them")
+        return False
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception as exc:
+        if cfg.liger_kernels is True:
+            raise UserError(
+                f"model.liger_kernels is true but liger-kernel does not import ({exc}). "
+                "Install it (`pip install 'qlora-sft[fast]'`) or set model.liger_kernels: auto"
+            ) from None
+        log.info("liger-kernel not installed: running without its fused kernels (pip install 'qlora-sft[fast]')")
+        return False
+    return True
+
+
+def apply_liger(model: Any) -> None:
+    """Liger's RMSNorm, SwiGLU and RoPE kernels on this model instance (not its loss: TRL computes the
+    loss in chunks from the hidden states already)."""
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    log.info("liger kernels: rms_norm, swiglu, rope")
 
 
 def resize_for_pad(model: Any, tokenizer: Any) -> None:

@@ -8,14 +8,15 @@ term, plus which bundled launch configs fit a GPU of the given size.
 The memory model (bytes, per rank; B = micro batch, T = data.max_length, h = hidden size,
 I = MLP size, L = layers, V = vocabulary, n = LoRA parameters, W = ranks sharing a shard):
   4-bit weights      N_linear x (0.5 + quantization constants)          / W under ZeRO-3/FSDP
-  other weights      (embeddings, lm_head, norms) x 4 (fp32 after prepare_model_for_kbit_training),
+  other weights      (embeddings, lm_head, norms) x 2 (compute dtype; x 4 with model.upcast_frozen),
                      / W under ZeRO-3/FSDP
-  LoRA               n x 2 (bf16) weights + n x 2 gradients (/ W from ZeRO-2 on)
-  optimizer          n x 8 (AdamW fp32 moments) or n x 2 (8-bit), / W under ZeRO, 0 when offloaded
+  LoRA               n x 4 (fp32) weights + n x 4 gradients (/ W from ZeRO-2 on)
+  optimizer          n x 8 (AdamW fp32 moments) or n x 2 (8-bit, the GPU default), / W under ZeRO,
+                     0 when offloaded
   activations        checkpointed layer inputs B*T*h*2*L + one layer recomputed in backward
                      B*T*(16h + 6I)*2 (no T^2 term: SDPA/flash attention), or all layers without
                      checkpointing
-  logits             the fused LM head computes the loss in chunks: B*T*h*2*2 + chunk x V x 4 x 3
+  logits             TRL's fused LM head tiles the vocabulary (no B*T x V logits): B*T*h*2*2
   workspace          the largest dequantized weight (bf16) x 2 + 0.25 GiB allocator slack
 """
 
@@ -30,11 +31,10 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-from .recipe import Recipe, resolve_batch
+from .recipe import GPU_OPTIM, Recipe, resolve_batch
 
 GIB = 1024**3
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
-LOSS_CHUNK = 1024  # tokens per chunk of the fused LM-head loss (upper bound used by the estimate)
 
 
 @dataclass(frozen=True)
@@ -168,17 +168,17 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, launch: LaunchConfig, wor
     double = recipe.quantization.double_quant
     micro = int(recipe.train.args.get("per_device_train_batch_size", 1))
     tokens = micro * recipe.data.max_length
-    h, inter, layers, vocab = shape.hidden, shape.intermediate, shape.layers, shape.vocab
+    h, inter, layers = shape.hidden, shape.intermediate, shape.layers
     shard = world if launch.shards_params else 1
     if q in ("nf4", "fp4"):
         per_param = 0.5 + ((1 / 64) + 4 / (64 * 256) if double else 4 / 64)
-        other_bytes = 4  # prepare_model_for_kbit_training upcasts the rest to fp32
+        other_bytes = 4 if recipe.model.upcast_frozen else 2
     elif q == "int8":
-        per_param, other_bytes = 1.0 + 4 / 4096, 4
+        per_param, other_bytes = 1.0 + 4 / 4096, 4 if recipe.model.upcast_frozen else 2
     else:
         per_param, other_bytes = 2.0, 2
     n_lora = shape.lora_params(recipe.lora.r, recipe.lora.target_modules)
-    optim = str(recipe.train.args.get("optim", "adamw_torch"))
+    optim = str(recipe.train.args.get("optim", GPU_OPTIM))
     optim_bytes = 2 if "8bit" in optim else 8
     zero = launch.kind in ("zero2", "zero3")
     gc = bool(recipe.train.args.get("gradient_checkpointing", True))
@@ -187,12 +187,12 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, launch: LaunchConfig, wor
     parts = {
         "4-bit base weights" if q in ("nf4", "fp4") else f"{q} base weights": shape.linear_params * per_param / shard,
         "embeddings, lm_head, norms": shape.other_params * other_bytes / shard,
-        "LoRA weights + grads": n_lora * 2 + n_lora * 2 / (world if zero or launch.kind == "fsdp" else 1),
+        "LoRA weights + grads": n_lora * 4 + n_lora * 4 / (world if zero or launch.kind == "fsdp" else 1),
         "optimizer states": 0.0
         if launch.offload
         else n_lora * optim_bytes / (world if zero or launch.kind == "fsdp" else 1),
         "activations": (tokens * h * 2 * layers + layer_act) if gc else layer_act * layers,
-        "logits (fused loss)": tokens * h * 2 * 2 + min(tokens, LOSS_CHUNK) * vocab * 4 * 3,
+        "logits (fused loss)": tokens * h * 2 * 2,
         "workspace": biggest * 2 * 2 + 0.25 * GIB,
     }
     return MemoryEstimate({k: v / GIB for k, v in parts.items()})

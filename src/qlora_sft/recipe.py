@@ -60,8 +60,19 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) when `name_or_path` is a hub id."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Dtype of the non-quantized weights. `auto` = the compute dtype."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel passed to transformers: `sdpa`, `eager`, `flash_attention_2`, `flex_attention`."""
+    attn_implementation: str = "auto"
+    """Attention kernel. `auto`: `varlen` on CUDA GPUs when packing is on (torch's variable-length
+    flash attention over each packed example; no dense mask), `sdpa` otherwise. Or any name
+    transformers knows: `sdpa`, `eager`, `flash_attention_2`, `flex_attention`, `varlen`."""
+    liger_kernels: bool | Literal["auto"] = "auto"
+    """Liger's fused Triton kernels for RMSNorm, SwiGLU and RoPE (the loss is already computed in
+    chunks without full logits). `auto`: on where a CUDA GPU and the `liger-kernel` package are
+    present (`pip install qlora-sft[fast]`)."""
+    upcast_frozen: bool = False
+    """Cast the frozen non-quantized weights (embeddings, norms, lm_head) to fp32, as
+    peft's `prepare_model_for_kbit_training` does. Off: they stay in the compute dtype, which
+    saves their memory twice over and keeps the residual stream in bf16; LoRA weights are fp32
+    either way."""
     trust_remote_code: bool = False
     """Allow model/tokenizer code from the model's repository to run. Off by default."""
 
@@ -146,6 +157,11 @@ class TrainConfig:
     """Examples (or packed rows) per optimizer step over all processes. Gradient accumulation is
     derived from it: global = micro batch x processes x accumulation, so the recipe optimises the
     same way on 1 or N GPUs. Unset: `gradient_accumulation_steps` is used as given."""
+    micro_batch_tokens: int = field(default=8192, metadata={"min": 8})
+    """With packing, the micro batch is chosen by tokens rather than rows: when
+    `per_device_train_batch_size` is not given it is `micro_batch_tokens // data.max_length` packed
+    rows (at least 1; the largest such number that divides `global_batch_size`). Lower it if a step
+    runs out of GPU memory. Without packing the micro batch defaults to 4 rows."""
     args: Mapping[str, Any] = field(default_factory=dict)
     """Every other key of `train:` is a `trl.SFTConfig` field (learning_rate,
     per_device_train_batch_size, num_train_epochs, max_steps, logging_steps, save_steps, ...)."""
@@ -210,9 +226,12 @@ SECTIONS: dict[str, type] = {
 # Project defaults for SFTConfig fields that differ from TRL's defaults (QLoRA paper values).
 TRAIN_DEFAULTS: dict[str, Any] = {
     "learning_rate": 2.0e-4,
-    "per_device_train_batch_size": 4,
+    "per_device_train_batch_size": 4,  # without packing; with packing see train.micro_batch_tokens
     "gradient_checkpointing": True,
 }
+# On a CUDA GPU, when `train.optim` is not given: the paged 8-bit AdamW of bitsandbytes (a quarter
+# of the optimizer-state memory of 32-bit AdamW, and no OOM on a long-sequence spike).
+GPU_OPTIM = "paged_adamw_8bit"
 
 # SFTConfig fields that another part of the recipe owns: setting them under `train:` is an error
 # that names the owner, so a value never comes from two places.
@@ -621,8 +640,15 @@ def _build_train(raw: Any, ctx: _Ctx) -> TrainConfig:
     sft = sft_field_types()
     args: dict[str, Any] = dict(TRAIN_DEFAULTS)
     gbs = None
+    extra: dict[str, Any] = {}
     for name, value in raw.items():
         full = f"train.{name}"
+        if name == "micro_batch_tokens":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 8:
+                ctx.add(full, f"is {value!r}; expected an integer >= 8")
+            else:
+                extra[name] = value
+            continue
         if name == "global_batch_size":
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 ctx.add(full, f"is {value!r}; expected a positive integer (or null)")
@@ -649,7 +675,19 @@ def _build_train(raw: Any, ctx: _Ctx) -> TrainConfig:
         v = args.get(name)
         if v is not None and isinstance(v, int) and v < 1:
             ctx.add(f"train.{name}", f"is {v}; it must be >= 1")
-    return TrainConfig(global_batch_size=gbs, args=types.MappingProxyType(args))
+    return TrainConfig(global_batch_size=gbs, args=types.MappingProxyType(args), **extra)
+
+
+def _micro_batch_by_tokens(train: TrainConfig, data: DataConfig, raw_train: Any) -> TrainConfig:
+    """With packing and no explicit `per_device_train_batch_size`: as many packed rows as fit in
+    `micro_batch_tokens` (the largest such count that divides the global batch)."""
+    if not data.packing or (isinstance(raw_train, dict) and "per_device_train_batch_size" in raw_train):
+        return train
+    micro = max(1, train.micro_batch_tokens // data.max_length)
+    if train.global_batch_size is not None:
+        micro = max(m for m in range(1, micro + 1) if train.global_batch_size % m == 0)
+    args = {**train.args, "per_device_train_batch_size": micro}
+    return dataclasses.replace(train, args=types.MappingProxyType(args))
 
 
 def _owner_of(name: str) -> str | None:
@@ -741,6 +779,7 @@ def build_recipe(
             built[name] = _build_train(data.get(name), ctx)
         else:
             built[name] = _build_section(cls, data.get(name), name, ctx)
+    built["train"] = _micro_batch_by_tokens(built["train"], built["data"], data.get("train"))
     recipe = Recipe(**built, source=source)
     _check_contradictions(recipe, data, ctx)
     if ctx.problems:

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import checkpoint, data, model
 from .errors import RecipeError
-from .recipe import BatchPlan, Recipe, resolve_batch
+from .recipe import GPU_OPTIM, BatchPlan, Recipe, resolve_batch
 
 log = logging.getLogger("qlora_sft")
 
@@ -89,6 +89,8 @@ def sft_args(recipe: Recipe, batch: BatchPlan, mode: model.LaunchMode, compute_d
         args.setdefault("ddp_find_unused_parameters", False)
     if mode.kind == "cpu":
         args["use_cpu"] = True
+    elif "optim" not in recipe.train.args:
+        args["optim"] = GPU_OPTIM
     return SFTConfig(**args)
 
 
