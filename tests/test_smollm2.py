@@ -64,6 +64,6 @@ def test_qlora_fine_tunes_smollm2_a_few_steps(smollm2: Path, tmp_path: Path, mon
 
     exported = export(result.run_dir, dtype="bf16")
     assert exported.ok, exported
-    assert exported.merged_vs_trained.top1_agreement >= 0.95
+    assert exported.merged_vs_trained.decided_agreement >= 0.98
     assert exported.original_vs_trained.relative > 3 * exported.merged_vs_trained.relative
     assert (exported.out / "config.json").is_file() and (exported.out / "README.md").is_file()

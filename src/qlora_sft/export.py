@@ -330,33 +330,61 @@ def peak_rss_mb() -> float:
 # --------------------------------------------------------------------------------------------
 
 
+# A position is decided when the reference's top token leads the runner-up by at least this
+# fraction of the logits' std. Below it the reference itself is a near-tie (common in untrained and
+# random-weight models with a 128k vocabulary), and rounding the weights to bf16 picks either token.
+DECIDED_MARGIN = 0.1
+
+
 @dataclass
 class Comparison:
     max_abs: float
     mean_abs: float
-    top1_agreement: float
+    top1_agreement: float  # over all positions
     relative: float  # mean |dlogit| / std of the reference logits
+    decided_agreement: float = 1.0  # over the positions the reference decides (DECIDED_MARGIN)
+    decided_positions: int = 0
+    positions: int = 0
 
     def line(self) -> str:
         return (
             f"max |dlogit| {self.max_abs:.4g}, mean |dlogit| {self.mean_abs:.4g} ({self.relative:.2%} of the logits' "
-            f"std), top-1 agreement {self.top1_agreement:.2%}"
+            f"std), top-1 agreement {self.top1_agreement:.2%} ({self.decided_agreement:.2%} on the "
+            f"{self.decided_positions} of {self.positions} positions where the reference's top token leads by "
+            f">= {DECIDED_MARGIN:g} std)"
         )
 
 
 def compare(a: torch.Tensor, ref: torch.Tensor) -> Comparison:
-    d = (a.float() - ref.float()).abs()
-    agree = (a.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    return Comparison(d.max().item(), d.mean().item(), agree, d.mean().item() / max(ref.float().std().item(), 1e-9))
+    a, ref = a.float(), ref.float()
+    d = (a - ref).abs()
+    std = max(ref.std().item(), 1e-9)
+    same = a.argmax(-1) == ref.argmax(-1)
+    top2 = ref.topk(2, dim=-1).values
+    decided = (top2[:, 0] - top2[:, 1]) >= DECIDED_MARGIN * std
+    n_decided = int(decided.sum().item())
+    decided_agree = same[decided].float().mean().item() if n_decided else 1.0
+    return Comparison(
+        d.max().item(),
+        d.mean().item(),
+        same.float().mean().item(),
+        d.mean().item() / std,
+        decided_agree,
+        n_decided,
+        int(same.numel()),
+    )
 
 
 def tolerance_ok(c: Comparison, dtype: torch.dtype) -> bool:
-    """Merged vs adapter-on-training-base. In fp32 only the summation order differs. In bf16/fp16
-    every merged weight is rounded once more (relative error 2^-9 / 2^-11), which moves logits by a
-    few percent of their spread; the predictions must still agree."""
+    """Merged vs adapter-on-training-base, both computed in fp32. With fp32 weights only the
+    summation order differs: everything must agree. In bf16/fp16 every merged weight is rounded once
+    more (relative error 2^-9 / 2^-11), which moves logits by a few percent of their spread and
+    flips near-ties (on a random-weight 8B model: 2.4% of the std, 94% top-1 agreement overall,
+    bench/results/*-export-bf16.log); where the reference clearly prefers a token, the merged model
+    must prefer it too."""
     if dtype == torch.float32:
         return c.relative <= 1e-3 and c.top1_agreement >= 0.999
-    return c.relative <= 0.1 and c.top1_agreement >= 0.95
+    return c.relative <= 0.1 and c.decided_agreement >= 0.98
 
 
 def verification_prompts(source: Source, tokenizer: Any, n: int = 4, max_tokens: int = 96) -> list[list[int]]:
@@ -390,19 +418,22 @@ def logits_of(model: Any, prompts: list[list[int]]) -> torch.Tensor:
 
 
 def training_time_model(source: Source, base_folder: Path, device: str) -> Any:
-    """The adapter applied (unmerged) on the base exactly as training loaded it."""
+    """The adapter applied (unmerged) on the base quantized exactly as training loaded it, computed
+    in float32: the trained model is its weights (the 4-bit base dequantized plus the adapter), and
+    the bf16 arithmetic of a training step is rounding noise, not part of it. On a GPU that noise
+    alone moved an 8B model's logits by ~6% of their spread (bench/results/*-export.log)."""
     import dataclasses
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from .model import LaunchMode, keep_cpu_4bit_trainable, quantization_config, resolve_compute_dtype
-    from .recipe import ModelConfig, QuantizationConfig
+    from .model import LaunchMode, keep_cpu_4bit_trainable, quantization_config
+    from .recipe import QuantizationConfig
 
-    # the same two functions training used to pick the compute dtype and the bitsandbytes config
+    # the bitsandbytes config training used (quant type, double quant, storage), fp32 compute
     fields = {f.name for f in dataclasses.fields(QuantizationConfig)}
     q = QuantizationConfig(**{k: v for k, v in source.quant.items() if k in fields})
-    dtype = resolve_compute_dtype(q, ModelConfig(name_or_path=source.base_path), device)
+    dtype = torch.float32
     qconfig = quantization_config(q, dtype, LaunchMode("cpu" if device == "cpu" else "single_gpu", 1, 0))
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
     if qconfig is not None:
@@ -527,7 +558,9 @@ def export(
         ref_model = training_time_model(source, base_folder, device)
         ref = logits_of(ref_model, prompts)
         del ref_model
-        merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[dtype], device_map={"": device}).eval()
+        # the exported weights as stored, computed in fp32 like the reference: what is measured is
+        # the merge and the rounding to --dtype, not bf16 arithmetic
+        merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, device_map={"": device}).eval()
         merged_vs = compare(logits_of(merged, prompts), ref)
         del merged
         if method != "none":
