@@ -478,6 +478,7 @@ def main() -> int:
             if t and r.get("mfu") is not None
             else f"| {name} | {t or 'failed'} | {ratio} | - | {r.get('peak_gib')} | - | - |"
         )
+
     def num(value: float | None, fmt: str) -> str:
         return "not measured" if value is None else format(value, fmt)
 

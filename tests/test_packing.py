@@ -21,9 +21,7 @@ def model_and_batch(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_f
 
     root = tmp_path_factory.mktemp("packing")
     recipe = build_recipe(
-        recipe_dict(
-            tiny_model, write_toy_data(root / "t.jsonl"), root, model={"attn_implementation": request.param}
-        )
+        recipe_dict(tiny_model, write_toy_data(root / "t.jsonl"), root, model={"attn_implementation": request.param})
     )
     tok = load_tokenizer(recipe.model)
     torch.manual_seed(0)
