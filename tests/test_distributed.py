@@ -256,3 +256,14 @@ def test_impossible_launch_combinations_fail_before_loading(tiny_model: Path, tm
         cwd=REPO,
     )
     assert out.returncode == 2 and "cannot shard" in out.stderr
+
+
+def test_adapter_trained_under_ddp_exports_and_reproduces(ddp_runs, tmp_path: Path):
+    """A DDP checkpoint is the same peft format as a one-process one: it merges and verifies."""
+    from qlora_sft.export import export
+
+    two, *_ = ddp_runs
+    res = export(two / "checkpoint-6", out=tmp_path / "merged", dtype="fp32")
+    assert res.ok and res.merged_vs_trained is not None
+    assert res.merged_vs_trained.top1_agreement == 1.0 and res.merged_vs_trained.relative < 1e-3
+    assert (tmp_path / "merged" / "config.json").is_file()
