@@ -114,7 +114,8 @@ def release_requeued(env: dict[str, str], job: int) -> None:
     revocation of the previous run's ("Killing non-startable batch job: Job credential revoked"),
     which is what that delay protects against."""
     wait_state(env, job, {"PENDING"}, timeout=120)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], env=env, check=True)
+    time.sleep(2)  # (StartTime=now+N would wait for the scheduler's next cycle; now starts it at once)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
 
 
 @pytest.fixture(scope="module")
