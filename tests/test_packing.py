@@ -183,3 +183,106 @@ def test_varlen_kernel_matches_sdpa_per_example_on_gpu():
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
     for a, b in zip(grads, ref_grads, strict=True):
         assert (a.float() - b.float()).abs().max() < 5e-2
+
+
+def _tiny_pair(config_cls: type, **kw):
+    """The same random weights under `sdpa` and `varlen`."""
+    import copy
+
+    from qlora_sft import attention
+
+    attention.register()
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, **kw)
+    models = {}
+    for impl in ("sdpa", "varlen"):
+        c = copy.deepcopy(cfg)
+        c._attn_implementation = impl
+        models[impl] = type_for(config_cls)(c).eval()
+    models["varlen"].load_state_dict(models["sdpa"].state_dict())
+    return models
+
+
+def type_for(config_cls: type) -> type:
+    import transformers
+
+    return getattr(transformers, config_cls.__name__.replace("Config", "ForCausalLM"))
+
+
+@torch.no_grad()
+def test_varlen_keeps_several_packed_rows_apart():
+    """Two packed rows without a mask (not what TRL's collator emits, but any caller may): the mask
+    function hands SDPA the block-diagonal mask from the positions."""
+    from transformers import LlamaConfig
+
+    models = _tiny_pair(LlamaConfig, num_attention_heads=4, num_key_value_heads=2)
+    a, b, c, d = (torch.randint(0, 100, (n,)) for n in (5, 7, 6, 6))
+    ids = torch.stack([torch.cat([a, b]), torch.cat([c, d])])
+    pos = torch.stack([torch.cat([torch.arange(5), torch.arange(7)]), torch.cat([torch.arange(6), torch.arange(6)])])
+    for m in models.values():
+        out = m(input_ids=ids, position_ids=pos, use_cache=False).logits
+        for row, (s, x) in ((0, (5, b)), (1, (6, d))):
+            alone = m(input_ids=x[None], use_cache=False).logits[0]
+            assert (out[row, s:] - alone).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_varlen_runs_mla_value_heads_and_attention_dropout_per_example():
+    """DeepSeek's MLA (value heads narrower than query/key heads) and attention dropout are not what
+    the kernel takes: varlen runs them one example at a time, exactly; auto never picks varlen for them."""
+    from transformers import DeepseekV3Config, LlamaConfig
+
+    from qlora_sft.model import varlen_unsuitable
+
+    models = _tiny_pair(
+        DeepseekV3Config,
+        moe_intermediate_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=2,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+    )
+    a, b = torch.randint(0, 100, (5,)), torch.randint(0, 100, (7,))
+    row, pos = torch.cat([a, b])[None], torch.cat([torch.arange(5), torch.arange(7)])[None]
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    m = models["varlen"]
+    out = m(input_ids=row, position_ids=pos, cu_seq_lens_q=cu, max_length_q=7, use_cache=False).logits[0]
+    assert (out[5:] - m(input_ids=b[None], use_cache=False).logits[0]).abs().max() < 1e-5
+    assert varlen_unsuitable(m.config) == ("its value heads (12) differ from its query/key heads (24)", True)
+
+    llama = _tiny_pair(LlamaConfig, num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.5)["varlen"]
+    assert varlen_unsuitable(llama.config)[1] is True
+    llama.train()
+    kw = dict(input_ids=row, position_ids=pos, cu_seq_lens_q=cu, max_length_q=7, use_cache=False)
+    assert (llama(**kw).logits - llama(**kw).logits).abs().max() > 1e-3  # dropout is applied
+    llama.eval()
+    assert torch.equal(llama(**kw).logits, llama(**kw).logits)
+
+
+def test_varlen_refuses_what_it_cannot_compute():
+    """Softcapping / sliding windows would be silently dropped, and a packed row on top of a KV cache
+    without a mask would be cut at the wrong offsets: all refused, with what to use instead."""
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig
+
+    from qlora_sft.attention import varlen_attention_forward
+    from qlora_sft.model import varlen_unsuitable
+
+    assert varlen_unsuitable(LlamaConfig()) is None
+    assert varlen_unsuitable(MistralConfig())[1] is False
+    assert varlen_unsuitable(Gemma2Config())[1] is False
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 1, True
+    q = k = v = torch.randn(1, 2, 6, 8)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    with pytest.raises(ValueError, match="softcap"):
+        varlen_attention_forward(module, q, k, v, None, position_ids=pos, softcap=50.0)
+    with pytest.raises(ValueError, match="KV cache"):
+        varlen_attention_forward(module, q, torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8), None, position_ids=pos)

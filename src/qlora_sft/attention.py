@@ -12,7 +12,11 @@ device-to-host sync per layer):
   * elsewhere (CPU tests): SDPA on each example in turn; the same boundaries, so the CPU tests
     check the logic that the GPU kernel runs on.
 
-Batches with an attention mask (no packing) or a single sequence fall back to plain SDPA.
+Batches with an attention mask (no packing), several rows, or a single sequence go to transformers'
+SDPA path, which builds the block-diagonal mask from the positions itself. Packed rows that the
+kernel cannot take (attention dropout in training, value heads narrower than query heads as in
+DeepSeek's MLA) run per example. Softcapping, sliding windows and attention sinks are refused: they
+need `eager`/`sdpa`/`flex_attention`.
 """
 
 from __future__ import annotations
@@ -41,7 +45,20 @@ def varlen_kernel() -> Any:
 
 
 def available_on_cuda() -> bool:
-    return torch.cuda.is_available() and varlen_kernel() is not None
+    """The kernel exists and the GPU runs flash attention (Ampere, sm80, or newer)."""
+    if not torch.cuda.is_available() or varlen_kernel() is None:
+        return False
+    return torch.cuda.get_device_capability() >= (8, 0) and torch.backends.cuda.is_flash_attention_available()
+
+
+def half_dtype() -> torch.dtype:
+    """The half precision flash kernels run in: autocast's, else bf16 where supported, else fp16."""
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+UNSUPPORTED = ("softcap", "sliding_window", "s_aux")
 
 
 def boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -94,20 +111,26 @@ def _call_kernel(
 
 
 def _per_example_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float, dropout: float = 0.0
 ) -> torch.Tensor:
-    """The same contract as the kernel, one example at a time (devices without the kernel)."""
+    """The same contract as the kernel, one example at a time (devices without the kernel, and
+    what the kernel cannot do: attention dropout, value heads of another size)."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
     edges = cu.tolist()
     for s, e in itertools.pairwise(edges):
         if e <= s:
             continue
         seg = torch.nn.functional.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, scale=scale
+            q[s:e].transpose(0, 1),
+            k[s:e].transpose(0, 1),
+            v[s:e].transpose(0, 1),
+            is_causal=True,
+            scale=scale,
+            dropout_p=dropout,
         )
         out[s:e] = seg.transpose(0, 1)
     return out
@@ -127,35 +150,50 @@ def varlen_attention_forward(
     (B, T, Hq, D)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    unsupported = [name for name in UNSUPPORTED if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(
+            f"attn_implementation 'varlen' does not implement {', '.join(unsupported)} "
+            f"({type(module).__name__}); use model.attn_implementation: sdpa (or eager / flex_attention)"
+        )
     cu = kwargs.get("cu_seq_lens_q")
     max_len = kwargs.get("max_length_q")
     position_ids = kwargs.get("position_ids")
     if attention_mask is not None or query.shape[0] != 1 or (cu is None and not _is_packed(position_ids)):
+        # (several rows: _varlen_mask gave SDPA the block-diagonal mask from the positions)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(
+            "attn_implementation 'varlen' got a packed row on top of a KV cache without an attention "
+            "mask; pass attention_mask (generate() does) or use sdpa"
+        )
     if cu is None or max_len is None:
         cu, max_len = boundaries(position_ids)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
-    kernel = varlen_kernel() if q.is_cuda else None
+    dropout = dropout if module.training else 0.0
+    kernel = varlen_kernel() if q.is_cuda and not dropout and v.shape[-1] == q.shape[-1] else None
     if kernel is not None:
         cu = cu.to(device=q.device, dtype=torch.int32)
         if q.dtype not in (torch.float16, torch.bfloat16):
             # flash kernels take half precision only; a fp32 residual stream (model.upcast_frozen)
             # attends in the autocast dtype, as SDPA's flash path would
-            half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+            half = half_dtype()
             out = _call_kernel(kernel, q.to(half), k.to(half), v.to(half), cu, int(max_len), scale).to(q.dtype)
         else:
             out = _call_kernel(kernel, q, k, v, cu, int(max_len), scale)
     else:
-        out = _per_example_sdpa(q, k, v, cu, scale)
+        out = _per_example_sdpa(q, k, v, cu, scale, dropout)
     return out.unsqueeze(0), None
 
 
 def _varlen_mask(*args: Any, **kwargs: Any) -> Any:
-    """No mask for padding-free rows (the boundaries travel as cu_seq_lens); SDPA's mask otherwise."""
+    """No mask for one padding-free row (the boundaries travel as cu_seq_lens); SDPA's mask
+    otherwise, which for several packed rows is block-diagonal from the positions."""
     from transformers.masking_utils import sdpa_mask
 
-    if kwargs.get("attention_mask") is None and kwargs.get("padding_mask") is None:
+    one_row = kwargs.get("batch_size", 1) == 1
+    if one_row and kwargs.get("attention_mask") is None and kwargs.get("padding_mask") is None:
         return None
     return sdpa_mask(*args, **kwargs)
 

@@ -361,22 +361,48 @@ def resolve_attn_implementation(recipe: Recipe, device_type: str, path: str) -> 
     from . import attention
 
     choice = recipe.model.attn_implementation
+    wants_varlen = choice == attention.NAME or (
+        choice == "auto" and device_type == "cuda" and recipe.data.packing and attention.available_on_cuda()
+    )
     if choice == "auto":
         choice = "sdpa"
-        if device_type == "cuda" and recipe.data.packing and attention.available_on_cuda():
-            from transformers import AutoConfig
+    if wants_varlen:
+        from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(
-                path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-            )
-            text = config.get_text_config()
-            sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
-            layer_types = set(getattr(text, "layer_types", None) or ["full_attention"])
-            if not sliding and layer_types <= {"full_attention"}:
-                choice = "varlen"
+        config = AutoConfig.from_pretrained(
+            path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        )
+        unsuitable = varlen_unsuitable(config.get_text_config())
+        if unsuitable is None:
+            choice = attention.NAME
+        elif recipe.model.attn_implementation == attention.NAME:
+            reason, exact = unsuitable
+            if not exact:
+                raise UserError(f"model.attn_implementation: varlen cannot run {path}: {reason}; use sdpa (or auto)")
+            log.warning("attention: varlen runs %s one example at a time (%s); sdpa may be faster", path, reason)
+            choice = attention.NAME
     if choice == attention.NAME:
         attention.register()
     return choice
+
+
+def varlen_unsuitable(text: Any) -> tuple[str, bool] | None:
+    """Why the varlen kernel does not suit this model's attention, and whether varlen still computes
+    it exactly (one example at a time, slower); None when the kernel runs it as is."""
+    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        return "it uses sliding-window attention", False
+    if not set(getattr(text, "layer_types", None) or ["full_attention"]) <= {"full_attention"}:
+        return "it mixes attention types across layers", False
+    for key in ("attn_logit_softcapping", "attn_softcapping"):
+        if getattr(text, key, None):
+            return f"it softcaps attention logits ({key})", False
+    v_dim = getattr(text, "v_head_dim", None)
+    qk_dim = getattr(text, "qk_head_dim", None) or getattr(text, "head_dim", None)
+    if v_dim is not None and qk_dim is not None and v_dim != qk_dim:
+        return f"its value heads ({v_dim}) differ from its query/key heads ({qk_dim})", True
+    if getattr(text, "attention_dropout", 0.0):
+        return f"it uses attention dropout ({text.attention_dropout})", True
+    return None
 
 
 def use_liger(cfg: ModelConfig, device_type: str) -> bool:
