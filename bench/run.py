@@ -286,12 +286,17 @@ def project_worker(
     write_worker_result(out, times, tokens, start - t0, start, counts)
 
 
+def warmup_steps(steps: int) -> int:
+    """Steps left out of tokens/s (allocator growth, first-step compilation and caching)."""
+    return min(5, max(1, steps // 4))
+
+
 def write_worker_result(
     out: Path, times: list[float], tokens: list[float], load_s: float, start: float, counts: dict[str, int]
 ) -> None:
     import torch
 
-    warm = min(5, max(1, len(times) // 4))
+    warm = warmup_steps(len(times))
     tps = (tokens[-1] - tokens[warm - 1]) / (times[-1] - times[warm - 1]) if len(times) > warm else None
     padding = 1 - counts["real"] / counts["computed"] if counts["computed"] else 0.0
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
@@ -315,12 +320,17 @@ def write_worker_result(
 # --------------------------------------------------------------------------------------------
 
 
+def peak_tflops(gpu: str) -> float | None:
+    """Dense bf16 peak of the GPU, where known."""
+    return next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+
+
 def mfu(tps: float | None, shape: str, mean_len: float, gpu: str) -> float | None:
     s = SHAPES[shape]
     h, i, L = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
     kv = s["num_key_value_heads"] * h // s["num_attention_heads"]
     n = L * (2 * h * h + 2 * h * kv + 3 * h * i)
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+    peak = peak_tflops(gpu)
     if tps is None or peak is None:
         return None
     return tps * (6 * n + 6 * L * h * mean_len / 2) / (peak * 1e12)
@@ -489,9 +499,10 @@ def main() -> int:
         f"project {num(payload['project_peak_gib'], '.2f')}, "
         f"project with micro batches of 2x2048 tokens (peak_gib_2x2048) {num(payload['peak_gib_2x2048'], '.2f')}",
         f"- mean example length {mean_len:.0f} tokens; tokens/s counts real (non-padding) tokens after "
-        f"{min(5, max(1, args.steps // 4))} warm-up steps",
-        "- MFU = real tokens/s x (6 N + 6 L h c) / 989 TFLOP/s (dense bf16 peak), N = non-embedding "
-        "parameters, L layers, h hidden size, c = mean attended context (half the mean example length); "
+        f"{warmup_steps(args.steps)} warm-up steps",
+        f"- MFU = real tokens/s x (6 N + 6 L h c) / {num(peak_tflops(gpu), '.0f')} TFLOP/s (dense bf16 peak), "
+        "N = non-embedding parameters, L layers, h hidden size, c = mean attended context (half the mean "
+        "example length); "
         "6 N = frozen-base forward + gradient-checkpointing recompute + input-gradient backward",
     ]
     prof = payload.get("profile")
