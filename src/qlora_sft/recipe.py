@@ -639,27 +639,25 @@ def _build_train(raw: Any, ctx: _Ctx) -> TrainConfig:
         return TrainConfig()
     sft = sft_field_types()
     args: dict[str, Any] = dict(TRAIN_DEFAULTS)
-    gbs = None
+    # qlora-sft's own keys (global_batch_size, micro_batch_tokens): checked like every other section
+    own = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "args"}
+    hints = typing.get_type_hints(TrainConfig)
     extra: dict[str, Any] = {}
     for name, value in raw.items():
         full = f"train.{name}"
-        if name == "micro_batch_tokens":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 8:
-                ctx.add(full, f"is {value!r}; expected an integer >= 8")
-            else:
-                extra[name] = value
-            continue
-        if name == "global_batch_size":
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                ctx.add(full, f"is {value!r}; expected a positive integer (or null)")
-            else:
-                gbs = value
+        if name in own:
+            ok, norm = _check_value(value, hints[name])
+            if not ok:
+                ctx.add(full, f"is {json.dumps(value, default=str)}; expected {type_name(hints[name])}")
+                continue
+            _check_range(full, norm, own[name].metadata, ctx)
+            extra[name] = norm
             continue
         if name in TRAIN_OWNED:
             ctx.add(full, f"is set by {TRAIN_OWNED[name]}; remove it from `train:`")
             continue
         if name not in sft:
-            hint = _suggest(str(name), [*sft, "global_batch_size"], "train.")
+            hint = _suggest(str(name), [*sft, *own], "train.")
             other = _owner_of(str(name))
             if other:
                 hint = f"; it belongs to `{other}`"
@@ -675,7 +673,7 @@ def _build_train(raw: Any, ctx: _Ctx) -> TrainConfig:
         v = args.get(name)
         if v is not None and isinstance(v, int) and v < 1:
             ctx.add(f"train.{name}", f"is {v}; it must be >= 1")
-    return TrainConfig(global_batch_size=gbs, args=types.MappingProxyType(args), **extra)
+    return TrainConfig(args=types.MappingProxyType(args), **extra)
 
 
 def _micro_batch_by_tokens(train: TrainConfig, data: DataConfig, raw_train: Any) -> TrainConfig:
