@@ -189,24 +189,20 @@ def _tiny_pair(config_cls: type, **kw):
     """The same random weights under `sdpa` and `varlen`."""
     import copy
 
+    from transformers import AutoModelForCausalLM
+
     from qlora_sft import attention
 
     attention.register()
     torch.manual_seed(0)
     cfg = config_cls(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, **kw)
+    # (from_config sets the implementation on the config it is given: one copy per model)
     models = {}
     for impl in ("sdpa", "varlen"):
-        c = copy.deepcopy(cfg)
-        c._attn_implementation = impl
-        models[impl] = type_for(config_cls)(c).eval()
+        models[impl] = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl).eval()
     models["varlen"].load_state_dict(models["sdpa"].state_dict())
+    assert {i: m.config._attn_implementation for i, m in models.items()} == {"sdpa": "sdpa", "varlen": "varlen"}
     return models
-
-
-def type_for(config_cls: type) -> type:
-    import transformers
-
-    return getattr(transformers, config_cls.__name__.replace("Config", "ForCausalLM"))
 
 
 @torch.no_grad()

@@ -24,12 +24,9 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
-import logging
 from typing import Any
 
 import torch
-
-log = logging.getLogger("qlora_sft")
 
 NAME = "varlen"
 
@@ -78,6 +75,11 @@ def _is_packed(position_ids: torch.Tensor | None) -> bool:
     return bool((position_ids.reshape(-1)[1:] == 0).any())
 
 
+def _repeat_kv(k: torch.Tensor, v: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, Hkv, D) -> (T, Hkv x groups, D): each KV head serves `groups` query heads (GQA)."""
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
 @functools.cache
 def _parameters(kernel: Any) -> frozenset[str]:
     """The kernel's keyword names, read once (the kernel runs in every layer of every step)."""
@@ -96,8 +98,7 @@ def _call_kernel(
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
         else:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
+            k, v = _repeat_kv(k, v, groups)
     if "is_causal" in params:
         kwargs["is_causal"] = True
     else:
@@ -117,8 +118,7 @@ def _per_example_sdpa(
     what the kernel cannot do: attention dropout, value heads of another size)."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+        k, v = _repeat_kv(k, v, groups)
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
     edges = cu.tolist()
     for s, e in itertools.pairwise(edges):

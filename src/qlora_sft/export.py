@@ -342,9 +342,9 @@ class Comparison:
     mean_abs: float
     top1_agreement: float  # over all positions
     relative: float  # mean |dlogit| / std of the reference logits
-    decided_agreement: float = 1.0  # over the positions the reference decides (DECIDED_MARGIN)
-    decided_positions: int = 0
-    positions: int = 0
+    decided_agreement: float  # over the positions the reference decides (DECIDED_MARGIN)
+    decided_positions: int
+    positions: int
 
     def line(self) -> str:
         return (

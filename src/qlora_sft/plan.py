@@ -170,13 +170,14 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, launch: LaunchConfig, wor
     tokens = micro * recipe.data.max_length
     h, inter, layers = shape.hidden, shape.intermediate, shape.layers
     shard = world if launch.shards_params else 1
+    # frozen non-quantized weights: compute dtype, fp32 with model.upcast_frozen (quantized models only)
+    other_bytes = 4 if recipe.model.upcast_frozen and q != "none" else 2
     if q in ("nf4", "fp4"):
         per_param = 0.5 + ((1 / 64) + 4 / (64 * 256) if double else 4 / 64)
-        other_bytes = 4 if recipe.model.upcast_frozen else 2
     elif q == "int8":
-        per_param, other_bytes = 1.0 + 4 / 4096, 4 if recipe.model.upcast_frozen else 2
+        per_param = 1.0 + 4 / 4096
     else:
-        per_param, other_bytes = 2.0, 2
+        per_param = 2.0
     n_lora = shape.lora_params(recipe.lora.r, recipe.lora.target_modules)
     optim = str(recipe.train.args.get("optim", GPU_OPTIM))
     optim_bytes = 2 if "8bit" in optim else 8
