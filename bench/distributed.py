@@ -1,12 +1,28 @@
-"""The same QLoRA recipe in every launch mode, on real GPUs: 1 GPU, DDP, ZeRO-2, ZeRO-3, FSDP.
+"""The same QLoRA recipe in every launch mode on real GPUs: 1 GPU, DDP, ZeRO-2, ZeRO-3, FSDP.
 
-    python bench/distributed.py --shape llama3-8b --steps 20
+    python bench/distributed.py --shape llama3-8b --gpus 2 --steps 10
+    python bench/distributed.py --shape llama3-8b --gpus 1 --modes 1gpu,fsdp,zero3 \
+        --kill-resume fsdp,zero3 --export fsdp,zero3
+    python bench/distributed.py --shape llama3-70b --prequantized --gpus 1 --modes fsdp --steps 10
 
-For each mode it runs `accelerate launch --config_file configs/accelerate/<mode>.yaml -m qlora_sft
-train <recipe>` (the command users run), then reads the run directory: real tokens/s (steps after
-the warm-up), peak GPU memory per rank (logs/rank<i>.json), the loss at each of the first 10 steps,
-and the `qlora-sft plan` estimate of peak memory for the same launch. Writes
-bench/results/<date>-<gpu>-<shape>-distributed.{json,md}.
+For each mode it runs `accelerate launch --config_file configs/accelerate/<config> --num_processes
+N -m qlora_sft train <recipe>` (the command users run) with the project's defaults (packing,
+varlen attention, Liger where installed, micro batch by tokens, paged 8-bit AdamW; LoRA dropout 0
+so that the modes see the same numbers), then reads the run directory: real tokens/s over the
+steps after the warm-up, peak and steady (after step 1) GPU memory and the parameter bytes each
+rank holds after wrapping (logs/rank<i>.json), peak CPU memory while loading, the loss at each of
+the first 10 steps, and `qlora-sft plan`'s estimate for the same launch.
+
+--kill-resume MODES   also run each mode with rank 0 SIGKILLed as step 7 begins (checkpoint-5 is
+                      the newest complete one), relaunch it, and compare the resumed losses with
+                      the uninterrupted run's
+--export MODES        `qlora-sft export` each mode's final adapter on the GPU and record whether the
+                      merged model verifies against it
+--gpu-cap GIB         cap every rank's GPU memory (QLORA_SFT_GPU_MEMORY_GIB) to behave like a
+                      smaller card
+--prequantized        build the model directly in NF4 (bf16 storage): 70B in ~41 GB of disk
+
+Writes bench/results/<date>-<gpu>-<shape>-distributed.{json,md}.
 """
 
 from __future__ import annotations
@@ -15,10 +31,12 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -30,18 +48,22 @@ sys.path.insert(0, str(REPO / "src"))
 from workload import make_data, make_model  # noqa: E402
 
 MODES = {
-    "1gpu": ("single_gpu.yaml", 1),
-    "ddp": ("multi_gpu.yaml", 2),
-    "zero2": ("deepspeed_zero2.yaml", 2),
-    "zero3": ("deepspeed_zero3.yaml", 2),
-    "fsdp": ("fsdp_qlora.yaml", 2),
+    "1gpu": "single_gpu.yaml",
+    "ddp": "multi_gpu.yaml",
+    "zero2": "deepspeed_zero2.yaml",
+    "zero3": "deepspeed_zero3.yaml",
+    "fsdp": "fsdp_qlora.yaml",
+    "fsdp_offload": "fsdp_qlora_offload.yaml",
 }
+WARMUP_STEPS = 4  # tokens/s is measured from the end of step 5 to the last step
+KILL_AT_STEP = 7
+SAVE_STEPS = 5
 
 
-def recipe_for(model: Path, data: Path, out: Path, steps: int, micro: int, gbs: int, max_length: int) -> dict:
+def recipe_for(model: Path, data: Path, out: Path, steps: int, gbs: int, max_length: int) -> dict:
     return {
         "run": {"name": "bench", "output_dir": str(out), "seed": 0},
-        "model": {"name_or_path": str(model), "attn_implementation": "sdpa"},
+        "model": {"name_or_path": str(model)},
         "quantization": {"method": "nf4", "double_quant": True},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {
@@ -52,14 +74,12 @@ def recipe_for(model: Path, data: Path, out: Path, steps: int, micro: int, gbs: 
         },
         "train": {
             "global_batch_size": gbs,
-            "per_device_train_batch_size": micro,
             "learning_rate": 2e-4,
             "max_steps": steps,
             "logging_steps": 1,
             "save_steps": 100000,
             "lr_scheduler_type": "constant",
             "dataloader_num_workers": 2,
-            "optim": "adamw_torch",
         },
     }
 
@@ -72,8 +92,10 @@ def tokens_per_s(rows: list[dict], skip: int) -> float | None:
     return (b["num_tokens"] - a["num_tokens"]) / (b["time"] - a["time"])
 
 
-def run_mode(name: str, recipe_path: Path, out: Path, log_dir: Path) -> dict:
-    config, gpus = MODES[name]
+def launch(
+    mode: str, gpus: int, recipe_path: Path, name: str, log: Path, env: dict[str, str], overrides: list[str]
+) -> tuple[int, float]:
+    config = MODES[mode]
     cmd = [
         sys.executable,
         "-m",
@@ -81,135 +103,242 @@ def run_mode(name: str, recipe_path: Path, out: Path, log_dir: Path) -> dict:
         "--config_file",
         str(REPO / "configs" / "accelerate" / config),
         "--num_processes",
-        str(gpus),
+        str(1 if mode == "1gpu" else gpus),
         "--main_process_port",
-        str(29500 + hash(name) % 1000),
+        str(29500 + sum(map(ord, name)) % 1000),
         "-m",
         "qlora_sft",
         "train",
         str(recipe_path),
         f"run.name={name}",
+        *overrides,
     ]
     t0 = time.time()
-    with (log_dir / f"{name}.log").open("w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
-    run_dir = out / name
-    result: dict = {
-        "mode": name,
-        "config": config,
-        "gpus": gpus,
-        "returncode": proc.returncode,
-        "wall_s": round(time.time() - t0, 1),
-        "command": " ".join(cmd),
-    }
+    with log.open("a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
+    return proc.returncode, time.time() - t0
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    if not metrics.is_file():
+        return {}
+    return {r["step"]: r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r}
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     metrics = run_dir / "logs" / "metrics.jsonl"
     if metrics.is_file():
         rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-        result["losses_first_10"] = [r["loss"] for r in rows if "loss" in r][:10]
-        result["tokens_per_s"] = tokens_per_s(rows, skip=4)
-        result["steps"] = max((r["step"] for r in rows), default=0)
-    peaks = [json.loads(p.read_text()) for p in sorted((run_dir / "logs").glob("rank*.json"))]
-    result["peak_gib_per_rank"] = [round(p.get("peak_allocated_gib", 0), 2) for p in peaks]
-    if proc.returncode != 0:
-        result["log_tail"] = (log_dir / f"{name}.log").read_text()[-3000:]
-    return result
+        by_step = losses(run_dir)
+        out["losses_first_10"] = [by_step[s] for s in sorted(by_step)][:10]
+        out["tokens_per_s"] = tokens_per_s(rows, WARMUP_STEPS)
+        out["steps"] = max((r["step"] for r in rows), default=0)
+    ranks = [json.loads(p.read_text()) for p in sorted((run_dir / "logs").glob("rank*.json"))]
+
+    def per_rank(key: str) -> list[float | None]:
+        return [round(r[key], 2) if r.get(key) is not None else None for r in ranks]
+
+    out["peak_gib_per_rank"] = per_rank("peak_allocated_gib")
+    out["steady_gib_per_rank"] = per_rank("steady_gib")
+    out["held_parameter_gib_per_rank"] = per_rank("held_parameter_gib")
+    out["unsharded_parameter_gib"] = per_rank("unsharded_parameter_gib")[0] if ranks else None
+    out["peak_rss_gib_loading_per_rank"] = per_rank("peak_rss_gib_loading")
+    return out
 
 
-def plan_estimate(recipe_path: Path, config: str, gpus: int) -> float:
-    from qlora_sft.plan import ModelShape, estimate_memory, read_launch_config, read_model_config
+def plan_estimate(recipe_path: Path, mode: str, gpus: int) -> float:
+    from qlora_sft import launch as launch_mode
+    from qlora_sft.plan import ModelShape, estimate_memory, read_model_config
     from qlora_sft.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
-    launch = read_launch_config(REPO / "configs" / "accelerate" / config)
+    lm = launch_mode.from_config_file(REPO / "configs" / "accelerate" / MODES[mode], 1 if mode == "1gpu" else gpus)
     shape = ModelShape.from_config(read_model_config(recipe.model.name_or_path))
-    return round(estimate_memory(shape, recipe, launch, gpus if launch.kind != "single" else 1).total, 2)
+    return round(estimate_memory(shape, recipe, lm).total, 2)
+
+
+def kill_and_resume(mode: str, gpus: int, recipe_path: Path, runs: Path, log: Path, env: dict[str, str]) -> dict:
+    """Rank 0 is killed as step KILL_AT_STEP begins; the relaunch must resume from checkpoint-SAVE_STEPS."""
+    name = f"{mode}-killed"
+    shutil.rmtree(runs / name, ignore_errors=True)
+    save = [f"train.save_steps={SAVE_STEPS}"]
+    rc_killed, _ = launch(
+        mode, gpus, recipe_path, name, log, {**env, "QLORA_SFT_FAULT": f"kill@{KILL_AT_STEP}:0"}, save
+    )
+    complete = sorted(p.name for p in (runs / name).glob("checkpoint-*") if (p / "COMPLETE").is_file())
+    rc_resumed, wall = launch(mode, gpus, recipe_path, name, log, env, save)
+    text = log.read_text()
+    resumed = losses(runs / name)
+    full = losses(runs / mode)
+    after = [s for s in sorted(resumed) if s > SAVE_STEPS and s in full]
+    return {
+        "killed_returncode": rc_killed,
+        "checkpoints_after_kill": complete,
+        "resumed_returncode": rc_resumed,
+        "resumed_from_log": f"resuming from {runs / name / f'checkpoint-{SAVE_STEPS}'}" in text,
+        "resumed_losses": {s: resumed[s] for s in after},
+        "uninterrupted_losses": {s: full[s] for s in after},
+        "max_abs_loss_diff": max((abs(resumed[s] - full[s]) for s in after), default=None),
+        "resumed_wall_s": round(wall, 1),
+    }
+
+
+def export(mode: str, runs: Path, log: Path, env: dict[str, str]) -> dict:
+    out = runs / f"{mode}-merged"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "qlora_sft", "export", str(runs / mode), "--out", str(out), "--device", "cuda"]
+    t0 = time.time()
+    with log.open("a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
+    verify = [line for line in log.read_text().splitlines() if "verify: merged" in line]
+    result = {"returncode": proc.returncode, "seconds": round(time.time() - t0, 1), "verified": proc.returncode == 0}
+    if verify:
+        result["verify_line"] = verify[-1].split("verify: ", 1)[-1]
+    shutil.rmtree(out, ignore_errors=True)  # 16 GB for the 8B shape; the result is the verification
+    return result
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama3-8b")
-    ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--modes", default="1gpu,ddp,zero2,zero3,fsdp")
+    ap.add_argument("--gpus", type=int, default=2, help="processes for the multi-process modes")
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--global-batch", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--rows", type=int, default=4000)
+    ap.add_argument("--gpu-cap", type=float, help="cap each rank's GPU memory at this many GiB")
+    ap.add_argument("--kill-resume", default="", help="modes to also kill at step 7 and resume")
+    ap.add_argument("--export", default="", help="modes whose final adapter to export and verify")
+    ap.add_argument("--prequantized", action="store_true", help="write the model directly in NF4 (bf16 storage)")
+    ap.add_argument("--overrides", nargs="*", default=[], help="recipe overrides for every mode")
     ap.add_argument("--cache", default=str(REPO / "bench" / ".cache"))
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args()
 
     import torch
 
     cache = Path(args.cache)
     t0 = time.time()
-    model = make_model(args.shape, cache / args.shape)
-    data = make_data(cache / "sharegpt-like.jsonl", n=4000)
-    print(f"workload ready in {time.time() - t0:.0f} s", flush=True)
+    model_dir = cache / (args.shape + ("-nf4" if args.prequantized else ""))
+    model = make_model(args.shape, model_dir, prequantized=args.prequantized)
+    data = make_data(cache / "sharegpt-like.jsonl", n=args.rows)
+    print(f"workload ready in {time.time() - t0:.0f} s ({model})", flush=True)
     runs = cache / "runs" / args.shape
+    recipe = recipe_for(model, data, runs, args.steps, args.global_batch, args.max_length)
     recipe_path = cache / f"{args.shape}-recipe.yaml"
-    recipe_path.write_text(
-        yaml.safe_dump(
-            recipe_for(model, data, runs, args.steps, args.micro, args.global_batch, args.max_length), sort_keys=False
-        )
-    )
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     log_dir = cache / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if args.gpu_cap:
+        env["QLORA_SFT_GPU_MEMORY_GIB"] = str(args.gpu_cap)
+    kill_modes = [m for m in args.kill_resume.split(",") if m]
+    export_modes = [m for m in args.export.split(",") if m]
     results = []
-    for name in args.modes.split(","):
-        import shutil
-
-        shutil.rmtree(runs / name, ignore_errors=True)
-        r = run_mode(name, recipe_path, runs, log_dir)
-        r["plan_estimate_gib"] = plan_estimate(recipe_path, MODES[name][0], MODES[name][1])
+    for mode in args.modes.split(","):
+        shutil.rmtree(runs / mode, ignore_errors=True)
+        log = log_dir / f"{args.shape}-{mode}.log"
+        log.write_text("")
+        rc, wall = launch(mode, args.gpus, recipe_path, mode, log, env, args.overrides)
+        r: dict[str, Any] = {
+            "mode": mode,
+            "config": MODES[mode],
+            "gpus": 1 if mode == "1gpu" else args.gpus,
+            "returncode": rc,
+            "wall_s": round(wall, 1),
+            **read_run(runs / mode),
+            "plan_estimate_gib": plan_estimate(recipe_path, mode, args.gpus),
+        }
+        if rc == 0 and mode in kill_modes:
+            r["kill_resume"] = kill_and_resume(mode, args.gpus, recipe_path, runs, log, env)
+        if rc == 0 and mode in export_modes:
+            r["export"] = export(mode, runs, log, env)
+        if rc != 0 or (r.get("kill_resume") or {}).get("resumed_returncode"):
+            r["log_tail"] = log.read_text()[-4000:]
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "log_tail"}), flush=True)
         if "log_tail" in r:
             print(r["log_tail"], flush=True)
 
     by = {r["mode"]: r for r in results}
-    checks = {}
-    if "1gpu" in by and "ddp" in by and by["1gpu"].get("losses_first_10") and by["ddp"].get("losses_first_10"):
-        a, b = by["1gpu"]["losses_first_10"], by["ddp"]["losses_first_10"]
-        checks["max_abs_loss_diff_1gpu_ga2_vs_ddp"] = max(abs(x - y) for x, y in zip(a, b, strict=False))
-        if by["1gpu"].get("tokens_per_s") and by["ddp"].get("tokens_per_s"):
-            checks["ddp_speedup_vs_1gpu"] = by["ddp"]["tokens_per_s"] / by["1gpu"]["tokens_per_s"]
+    checks: dict[str, float] = {}
+    ref = by.get("1gpu", {}).get("losses_first_10")
+    for r in results:
+        if ref and r["mode"] != "1gpu" and r.get("losses_first_10"):
+            checks[f"max_abs_loss_diff_vs_1gpu_{r['mode']}"] = max(
+                abs(a - b) for a, b in zip(ref, r["losses_first_10"], strict=False)
+            )
+        if by.get("1gpu", {}).get("tokens_per_s") and r.get("tokens_per_s") and r["mode"] != "1gpu":
+            checks[f"speedup_vs_1gpu_{r['mode']}"] = r["tokens_per_s"] / by["1gpu"]["tokens_per_s"]
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     stamp = dt.date.today().isoformat()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = out / f"{stamp}-{gpu.replace(' ', '_')}-{args.shape}-distributed"
+    base = out / f"{stamp}-{gpu.replace(' ', '_')}-{args.shape}-distributed{args.tag}"
     payload = {
         "gpu": gpu,
         "shape": args.shape,
+        "num_gpus": args.gpus,
+        "per_gpu_cap_gib": args.gpu_cap,
+        "prequantized": args.prequantized,
         "steps": args.steps,
-        "micro_batch": args.micro,
         "global_batch": args.global_batch,
         "max_length": args.max_length,
         "torch": torch.__version__,
-        "command": " ".join(sys.argv),
+        "command": "python bench/distributed.py " + " ".join(sys.argv[1:]),
         "results": results,
         "checks": checks,
     }
     base.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    base.with_suffix(".md").write_text("\n".join(render(payload)) + "\n")
+    print("\n".join(render(payload)))
+    return 0 if all(r["returncode"] == 0 for r in results) else 1
+
+
+def render(p: dict) -> list[str]:
+    cap = f", each GPU capped at {p['per_gpu_cap_gib']:g} GiB" if p.get("per_gpu_cap_gib") else ""
     lines = [
-        f"# Launch modes on {gpu}: {args.shape}, QLoRA NF4, global batch {args.global_batch}, "
-        f"micro batch {args.micro}, max_length {args.max_length}, {args.steps} steps",
+        f"# Launch modes on {p['gpu']}: {p['shape']}{' (pre-quantized NF4)' if p.get('prequantized') else ''}, "
+        f"QLoRA NF4, global batch {p['global_batch']} x {p['max_length']} tokens, {p['steps']} steps{cap}",
         "",
-        f"Command: `python {' '.join(sys.argv)}`",
+        f"Command: `{p['command']}`",
         "",
-        "| mode | GPUs | real tokens/s | peak GiB per rank (measured) | plan estimate GiB | error | loss steps 1-10 |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | GPUs | tokens/s | peak GiB per rank | steady GiB per rank | params held GiB per rank | "
+        "plan GiB | peak RSS loading GiB | losses steps 1-10 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in results:
-        peak = max(r.get("peak_gib_per_rank") or [0])
-        est = r["plan_estimate_gib"]
-        err = f"{(est - peak) / peak:+.0%}" if peak else "n/a"
-        tps = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else f"failed (rc {r['returncode']})"
-        losses = ", ".join(f"{x:.4f}" for x in r.get("losses_first_10", []))
-        lines.append(f"| {r['mode']} | {r['gpus']} | {tps} | {r.get('peak_gib_per_rank')} | {est} | {err} | {losses} |")
-    lines += ["", "Checks: " + ", ".join(f"{k} = {v:.4g}" for k, v in checks.items())]
-    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    for r in p["results"]:
+        tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else f"failed (rc {r['returncode']})"
+        loss = ", ".join(f"{x:.4f}" for x in r.get("losses_first_10", []))
+        lines.append(
+            f"| {r['mode']} | {r['gpus']} | {tps} | {r.get('peak_gib_per_rank')} | {r.get('steady_gib_per_rank')} | "
+            f"{r.get('held_parameter_gib_per_rank')} | {r['plan_estimate_gib']} | "
+            f"{r.get('peak_rss_gib_loading_per_rank')} | {loss} |"
+        )
+    for r in p["results"]:
+        if "kill_resume" in r:
+            k = r["kill_resume"]
+            lines.append(
+                f"\nKill and resume ({r['mode']}): rank 0 killed at step {KILL_AT_STEP} (rc {k['killed_returncode']}), "
+                f"complete checkpoints {k['checkpoints_after_kill']}, relaunch rc {k['resumed_returncode']}, resumed "
+                f"from checkpoint-{SAVE_STEPS}: {k['resumed_from_log']}; max |loss difference| of steps "
+                f"{SAVE_STEPS + 1}-{p['steps']} against the uninterrupted run: {k['max_abs_loss_diff']}"
+            )
+        if "export" in r:
+            e = r["export"]
+            verify = e.get("verify_line", "no verify line")
+            lines.append(f"\nExport ({r['mode']}): rc {e['returncode']} in {e['seconds']} s; {verify}")
+    if p.get("checks"):
+        lines += ["", "Checks: " + ", ".join(f"{k} = {v:.4g}" for k, v in p["checks"].items())]
+    return lines
 
 
 if __name__ == "__main__":

@@ -27,6 +27,18 @@ SHAPES: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
         max_position_embeddings=131072,
     ),
+    # Llama-3.1-70B
+    "llama3-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+    ),
     # Llama-3.2-1B
     "llama3-1b": dict(
         hidden_size=2048,
@@ -82,9 +94,15 @@ def build_tokenizer() -> Any:
     return fast
 
 
-def make_model(shape: str, folder: Path, seed: int = 0, shard_gib: float = 4.0) -> Path:
-    """Random bf16 weights of the shape, generated on the GPU tensor by tensor and saved as sharded
-    safetensors (no full model is ever built in CPU memory). Reused when already there."""
+def make_model(shape: str, folder: Path, seed: int = 0, shard_gib: float = 4.0, prequantized: bool = False) -> Path:
+    """Random weights of the shape, generated tensor by tensor (on the GPU when there is one) and
+    saved as sharded safetensors; no full model is ever built in memory. Reused when already there.
+
+    `prequantized`: the linear layers are written directly in bitsandbytes NF4 (double quant, bf16
+    storage), the format `save_pretrained` of a 4-bit model writes, with a `quantization_config` in
+    config.json, as `*-bnb-4bit` checkpoints on the hub are. A 70B model is about 41 GB this way
+    instead of 141 GB in bf16, so it fits the GPU machine's disk; the trainer reads it as a user's
+    pre-quantized checkpoint. The values are what quantizing the same random bf16 weights gives."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -117,19 +135,19 @@ def make_model(shape: str, folder: Path, seed: int = 0, shard_gib: float = 4.0) 
         index.update({k: name for k in shard})
         shard, size = {}, 0
 
+    linear = {f"{name}.weight" for name, m in meta.named_modules() if isinstance(m, torch.nn.Linear)}
+    linear.discard("lm_head.weight")  # transformers keeps the output head in 16 bits
     for name, p in meta.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         if name.endswith("norm.weight"):
-            t = torch.ones(p.shape, dtype=torch.bfloat16)
+            tensors = {name: torch.ones(p.shape, dtype=torch.bfloat16)}
         else:
-            t = (
-                (torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * 0.02)
-                .to(torch.bfloat16)
-                .cpu()
-            )
-        shard[name] = t
-        size += t.numel() * 2
+            t = (torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(torch.bfloat16)
+            tensors = quantized(name, t) if prequantized and name in linear else {name: t.cpu()}
+        for key, t in tensors.items():
+            shard[key] = t
+            size += t.numel() * t.element_size()
         if size >= shard_gib * 2**30:
             flush()
     flush()
@@ -137,9 +155,33 @@ def make_model(shape: str, folder: Path, seed: int = 0, shard_gib: float = 4.0) 
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1)
     )
+    if prequantized:
+        from transformers import BitsAndBytesConfig
+
+        config.quantization_config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_quant_storage=torch.bfloat16,
+        ).to_dict()
     config.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def quantized(name: str, weight: Any) -> dict[str, Any]:
+    """One linear weight as a bitsandbytes 4-bit checkpoint stores it: the packed NF4 data (bf16
+    storage) plus its quantization state under `<name>.absmax`, `.quant_map`, ... (CPU tensors)."""
+    import torch
+    from bitsandbytes.functional import quantize_4bit
+
+    packed, state = quantize_4bit(
+        weight, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=torch.bfloat16
+    )
+    out = {name: packed.cpu()}
+    out.update({f"{name}.{k}": v.cpu() for k, v in state.as_dict(packed=True).items()})
+    return out
 
 
 def sharegpt_lengths(n: int, seed: int = 0, median: int = 350, sigma: float = 0.9, max_len: int = 2048) -> list[int]:

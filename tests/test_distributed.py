@@ -230,21 +230,33 @@ def test_local_sh_picks_single_gpu_without_gpus(tiny_model: Path, tmp_path: Path
 
 
 def test_impossible_launch_combinations_fail_before_loading(tiny_model: Path, tmp_path: Path):
-    from qlora_sft.model import check_launch_compat
+    from qlora_sft.launch import LaunchMode, check_launch_compat, from_config_file
     from qlora_sft.recipe import build_recipe
 
     def recipe(**q):
         return build_recipe(recipe_dict(tiny_model, tmp_path / "x.jsonl", tmp_path, quantization=q))
 
-    assert check_launch_compat(recipe(method="int8"), "ddp") == []
-    (p,) = check_launch_compat(recipe(method="int8"), "deepspeed", 3)
+    zero3, fsdp = LaunchMode("deepspeed", 2, zero_stage=3), LaunchMode("fsdp", 2)
+    assert check_launch_compat(recipe(method="int8"), LaunchMode("ddp", 2)) == []
+    (p,) = check_launch_compat(recipe(method="int8"), zero3)
     assert "int8, which DeepSpeed ZeRO-3 cannot shard" in p
-    (p,) = check_launch_compat(recipe(method="int8"), "fsdp")
+    (p,) = check_launch_compat(recipe(method="int8"), fsdp)
     assert "FSDP cannot shard" in p
-    (p,) = check_launch_compat(recipe(compute_dtype="bfloat16", quant_storage="float16"), "fsdp")
+    (p,) = check_launch_compat(recipe(compute_dtype="bfloat16", quant_storage="float16"), fsdp)
     assert "quant_storage` is float16 but the compute dtype is bfloat16" in p
-    assert check_launch_compat(recipe(compute_dtype="bfloat16"), "fsdp") == []
-    assert check_launch_compat(recipe(compute_dtype="bfloat16", quant_storage="uint8"), "deepspeed", 2) == []
+    assert check_launch_compat(recipe(compute_dtype="bfloat16"), fsdp) == []
+    assert (
+        check_launch_compat(
+            recipe(compute_dtype="bfloat16", quant_storage="uint8"), LaunchMode("deepspeed", 2, zero_stage=2)
+        )
+        == []
+    )
+    # the bundled configs are accepted as they are; FSDP2 and sharded state dicts are refused with the reason
+    assert check_launch_compat(recipe(), from_config_file(CONFIGS / "fsdp_qlora.yaml")) == []
+    (p,) = check_launch_compat(recipe(), LaunchMode("fsdp", 2, fsdp_version=2))
+    assert "FSDP2" in p and "bitsandbytes#1945" in p
+    (p,) = check_launch_compat(recipe(), LaunchMode("fsdp", 2, state_dict_type="SHARDED_STATE_DICT"))
+    assert "FULL_STATE_DICT" in p
     # the plan command refuses the same way, exit code 2
     f = write_recipe(
         tmp_path / "r.yaml", recipe_dict(tiny_model, tmp_path / "x.jsonl", tmp_path, quantization={"method": "int8"})

@@ -17,7 +17,8 @@ def model_and_batch(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_f
     the positions) and `varlen` (the GPU default; on the CPU the same boundaries drive SDPA per example)."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from qlora_sft.model import LaunchMode, load_model, load_tokenizer
+    from qlora_sft.launch import LaunchMode
+    from qlora_sft.model import load_model, load_tokenizer
 
     root = tmp_path_factory.mktemp("packing")
     recipe = build_recipe(
@@ -25,7 +26,7 @@ def model_and_batch(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_f
     )
     tok = load_tokenizer(recipe.model)
     torch.manual_seed(0)
-    model = load_model(recipe, tok, LaunchMode("cpu", 1, 0)).eval()
+    model = load_model(recipe, tok, LaunchMode("cpu")).eval()
     for name, p in model.named_parameters():  # a non-trivial adapter
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -92,7 +93,8 @@ def test_packed_and_unpacked_evaluation_agree(tiny_model: Path, tmp_path: Path):
     from trl import SFTTrainer
 
     from qlora_sft import data
-    from qlora_sft.model import LaunchMode, load_model, load_tokenizer
+    from qlora_sft.launch import LaunchMode
+    from qlora_sft.model import load_model, load_tokenizer
     from qlora_sft.recipe import resolve_batch
     from qlora_sft.train import sft_args
 
@@ -111,8 +113,8 @@ def test_packed_and_unpacked_evaluation_agree(tiny_model: Path, tmp_path: Path):
         tok = load_tokenizer(recipe.model)
         prepared = data.build_data(recipe.data, tok, 0)
         torch.manual_seed(0)
-        model = load_model(recipe, tok, LaunchMode("cpu", 1, 0))
-        mode = LaunchMode("cpu", 1, 0)
+        model = load_model(recipe, tok, LaunchMode("cpu"))
+        mode = LaunchMode("cpu")
         args = sft_args(recipe, resolve_batch(recipe.train, 1), mode, torch.float32, True)
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval, processing_class=tok

@@ -60,7 +60,7 @@ def test_adapter_check_accepts_real_adapters_and_rejects_wrong_rank(tmp_path: Pa
 
 def test_ranks_must_be_unique_and_match_the_launcher():
     """Every node believing it is rank 0 (accelerate#2816) is caught before any model loads."""
-    from qlora_sft.model import rank_problem
+    from qlora_sft.launch import rank_problem
 
     ok = [{"rank": 0, "host": "a"}, {"rank": 1, "host": "b"}]
     assert rank_problem(ok, 2) is None

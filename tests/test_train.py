@@ -116,7 +116,8 @@ def test_resume_continues_from_newest_complete_checkpoint(tiny_model: Path, tmp_
 def test_eval_pass_does_not_break_cpu_4bit_gradients(tiny_model: Path, tmp_path: Path, toy_data: Path):
     """bitsandbytes repacks CPU 4-bit weights for inference on the first no-grad eval forward;
     after that, training silently loses the gradient through the base layers."""
-    from qlora_sft.model import LaunchMode, load_model, load_tokenizer
+    from qlora_sft.launch import LaunchMode
+    from qlora_sft.model import load_model, load_tokenizer
 
     recipe = build_recipe(recipe_dict(tiny_model, toy_data, tmp_path))
     tok = load_tokenizer(recipe.model)
@@ -124,7 +125,7 @@ def test_eval_pass_does_not_break_cpu_4bit_gradients(tiny_model: Path, tmp_path:
 
     def grads(eval_first: bool) -> torch.Tensor:
         torch.manual_seed(0)
-        model = load_model(recipe, tok, LaunchMode("cpu", 1, 0))
+        model = load_model(recipe, tok, LaunchMode("cpu"))
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1)

@@ -39,6 +39,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Keys that may change between launches of the same run (they do not change what is trained).
 RESUMABLE_CHANGES = (
     "run.overwrite",
+    "model.loader",
     "checkpoint.",
     "cluster.",
     "train.max_steps",
@@ -57,7 +58,7 @@ RESUMABLE_CHANGES = (
 def main_process_writes() -> Iterator[bool]:
     """All ranks meet, the main process writes shared files inside the block (the block gets True
     there, False elsewhere), all ranks meet again. Use it for every shared file."""
-    from .model import distributed_state
+    from .launch import distributed_state
 
     state = distributed_state()
     state.wait_for_everyone()
@@ -450,7 +451,7 @@ def preemption_callback(signals: list[str]) -> Any:
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             flag = 1 if self.signalled_at is not None else 0
             if torch.distributed.is_available() and torch.distributed.is_initialized():
-                from .model import distributed_state
+                from .launch import distributed_state
 
                 t = torch.tensor([flag], device=distributed_state().device)
                 torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)

@@ -776,7 +776,7 @@ def prepare_data(
     ranks then load the cache (or, where the folder is not shared between nodes, build their own)."""
     import datasets
 
-    from .model import distributed_state
+    from .launch import distributed_state
 
     key = cache_key(cfg, tokenizer, seed, base_dir)
     folder = Path(cache_root) / f"data-{key}"

@@ -128,20 +128,12 @@ def score(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[float
 def load_for_scoring(recipe: Any, adapter: Path | None) -> tuple[Any, Any]:
     """The base model as training sees it (same quantization), optionally with the adapter."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    from . import data, model
+    from . import data, launch, model
 
-    mode = model.detect_launch_mode()
     tokenizer = model.load_tokenizer(recipe.model)
     data.set_chat_template(tokenizer, recipe.data.chat_template, recipe.model.name_or_path)
-    device_type = "cpu" if mode.kind == "cpu" else "cuda"
-    dtype = model.resolve_compute_dtype(recipe.quantization, recipe.model, device_type)
-    qconfig = model.quantization_config(recipe.quantization, dtype, mode)
-    kwargs: dict[str, Any] = {"dtype": dtype, **model.placement(mode, qconfig is not None)}
-    if qconfig is not None:
-        kwargs["quantization_config"] = qconfig
-    m = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, **kwargs)
+    m = model.load_base(recipe, launch.detect())
     model.resize_for_pad(m, tokenizer)
     if adapter is not None:
         m = PeftModel.from_pretrained(m, adapter)

@@ -427,14 +427,15 @@ def training_time_model(source: Source, base_folder: Path, device: str) -> Any:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from .model import LaunchMode, keep_cpu_4bit_trainable, quantization_config
+    from .launch import LaunchMode
+    from .model import keep_cpu_4bit_trainable, quantization_config
     from .recipe import QuantizationConfig
 
     # the bitsandbytes config training used (quant type, double quant, storage), fp32 compute
     fields = {f.name for f in dataclasses.fields(QuantizationConfig)}
     q = QuantizationConfig(**{k: v for k, v in source.quant.items() if k in fields})
     dtype = torch.float32
-    qconfig = quantization_config(q, dtype, LaunchMode("cpu" if device == "cpu" else "single_gpu", 1, 0))
+    qconfig = quantization_config(q, dtype, LaunchMode("cpu" if device == "cpu" else "single_gpu"))
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig

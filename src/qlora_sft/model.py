@@ -14,190 +14,10 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .launch import DTYPES, LaunchMode, distributed_state
 from .recipe import ModelConfig, QuantizationConfig, Recipe
 
 log = logging.getLogger("qlora_sft")
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-@dataclass(frozen=True)
-class LaunchMode:
-    """Where this process runs, as far as model loading cares."""
-
-    kind: str  # "cpu" | "single_gpu" | "ddp" | "deepspeed" | "fsdp"
-    world_size: int
-    local_rank: int
-    zero_stage: int = 0
-
-    @property
-    def shards_parameters(self) -> bool:
-        """ZeRO-3 and FSDP shard parameters across ranks."""
-        return self.kind == "fsdp" or (self.kind == "deepspeed" and self.zero_stage == 3)
-
-    def describe(self) -> str:
-        extra = f" ZeRO-{self.zero_stage}" if self.kind == "deepspeed" else ""
-        return f"{self.kind}{extra}, world size {self.world_size}"
-
-
-def distributed_state() -> Any:
-    """accelerate's process state, created here first so that CPU ranks work: without a GPU (or with
-    ACCELERATE_USE_CPU=true) the state must be created with cpu=True, otherwise ranks started by
-    `accelerate launch`/torchrun each believe they are alone (gloo is used for CPU ranks)."""
-    import os
-
-    from accelerate import PartialState
-
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
-    return PartialState(cpu=cpu)
-
-
-def check_ranks() -> list[dict[str, Any]]:
-    """Pre-flight, before any model loads: every process reports (rank, local rank, host); the
-    ranks must be unique, 0..N-1, and N must equal the world size the launcher set. Catches the
-    classic multi-node mistake where every node believes it is rank 0 (accelerate#2816)."""
-    import os
-    import socket
-
-    import torch.distributed as dist
-
-    state = distributed_state()
-    me = {
-        "rank": state.process_index,
-        "local_rank": state.local_process_index,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-    }
-    everyone = [me]
-    if dist.is_available() and dist.is_initialized():
-        everyone = [None] * dist.get_world_size()  # type: ignore[list-item]
-        dist.all_gather_object(everyone, me)
-    problem = rank_problem(everyone, int(os.environ.get("WORLD_SIZE", state.num_processes)))
-    if problem:
-        raise UserError(
-            f"launch: {problem}. Check the launcher: machine_rank/--node_rank per node, "
-            "--num_processes = GPUs in total, the same MASTER_ADDR/MASTER_PORT everywhere."
-        )
-    return everyone
-
-
-def rank_problem(reports: list[dict[str, Any]], launcher_world_size: int) -> str | None:
-    ranks = sorted(r["rank"] for r in reports)
-    if len(set(ranks)) != len(ranks):
-        dup = sorted({x for x in ranks if ranks.count(x) > 1})
-        return f"duplicate ranks {dup} across processes {[(r['host'], r['rank']) for r in reports]}"
-    if ranks != list(range(len(ranks))):
-        return f"ranks {ranks} are not 0..{len(ranks) - 1}"
-    if len(ranks) != launcher_world_size:
-        return f"{len(ranks)} processes joined but the launcher's world size is {launcher_world_size}"
-    return None
-
-
-def memory_report(model: Any) -> list[str]:
-    """After loading: is ZeRO-3 partitioning active, and how much memory each rank holds."""
-    import torch.distributed as dist
-
-    try:
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        zero3 = is_deepspeed_zero3_enabled()
-    except Exception:  # pragma: no cover
-        zero3 = False
-    state = distributed_state()
-    if torch.cuda.is_available():
-        mine = torch.cuda.memory_allocated() / 2**30
-        what = "GPU memory allocated"
-    else:
-        import resource
-
-        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        what = "peak RSS"
-    everyone = [mine]
-    if dist.is_available() and dist.is_initialized():
-        everyone = [0.0] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-    fsdp = state.distributed_type.name == "FSDP" if hasattr(state.distributed_type, "name") else False
-    lines = [
-        f"ZeRO-3 partitioning: {'active' if zero3 else 'not active'}"
-        + ("; FSDP shards parameters when the trainer wraps the model" if fsdp else "")
-    ]
-    lines.append(f"{what} after loading, per rank: " + ", ".join(f"{x:.2f} GiB" for x in everyone))
-    return lines
-
-
-def detect_launch_mode() -> LaunchMode:
-    """Read the launch mode from accelerate's state (set by `accelerate launch` / torchrun)."""
-    from accelerate.utils import DistributedType
-
-    state = distributed_state()
-    dt = state.distributed_type
-    if dt == DistributedType.DEEPSPEED:
-        plugin = getattr(state, "deepspeed_plugin", None)
-        stage = 0
-        if plugin is None:
-            from accelerate.utils import DeepSpeedPlugin
-
-            plugin = DeepSpeedPlugin()
-        stage = int(getattr(plugin, "zero_stage", 0) or 0)
-        return LaunchMode("deepspeed", state.num_processes, state.local_process_index, stage)
-    if dt == DistributedType.FSDP:
-        return LaunchMode("fsdp", state.num_processes, state.local_process_index)
-    if state.device.type == "cpu":
-        return LaunchMode("cpu", state.num_processes, state.local_process_index)
-    if state.num_processes > 1:
-        return LaunchMode("ddp", state.num_processes, state.local_process_index)
-    return LaunchMode("single_gpu", 1, state.local_process_index)
-
-
-def check_launch_compat(recipe: Recipe, mode_kind: str, zero_stage: int = 0) -> list[str]:
-    """Combinations that cannot work in a launch mode, as recipe problems (checked before loading).
-    ZeRO-3 and FSDP flatten parameters into shards of one dtype, so the packed 4-bit storage, the
-    model dtype and the mixed-precision (compute) dtype must all be the same (peft#1432,
-    axolotl#1482, peft#2014); LLM.int8 weights cannot be sharded at all."""
-    q, problems = recipe.quantization, []
-    shards = mode_kind == "fsdp" or (mode_kind == "deepspeed" and zero_stage == 3)
-    where = "FSDP" if mode_kind == "fsdp" else f"DeepSpeed ZeRO-{zero_stage}"
-    if not shards:
-        return problems
-    if q.method == "int8":
-        problems.append(
-            f"`quantization.method` is int8, which {where} cannot shard; use nf4 (QLoRA) or none, "
-            "or launch with DDP / ZeRO-2"
-        )
-    compute = q.compute_dtype if q.method != "none" else recipe.model.dtype
-    if q.method in ("nf4", "fp4") and q.quant_storage not in ("auto", compute) and compute != "auto":
-        problems.append(
-            f"`quantization.quant_storage` is {q.quant_storage} but the compute dtype is {compute}; "
-            f"{where} needs them equal. Remove quant_storage (auto picks the compute dtype)."
-        )
-    elif q.method in ("nf4", "fp4") and q.quant_storage in ("uint8",):
-        problems.append(
-            f"`quantization.quant_storage` is uint8; {where} needs the 4-bit weights stored in the "
-            "compute dtype. Remove quant_storage (auto picks it)."
-        )
-    if recipe.model.dtype != "auto" and compute != "auto" and recipe.model.dtype != compute:
-        problems.append(
-            f"`model.dtype` is {recipe.model.dtype} but the compute dtype is {compute}; {where} needs "
-            "one dtype for every sharded parameter. Set model.dtype: auto."
-        )
-    if compute == "float32" and q.method in ("nf4", "fp4"):
-        problems.append(
-            f"`quantization.compute_dtype` is float32; under {where} use bfloat16 (or float16 on GPUs "
-            "without bf16) so storage, weights and mixed precision agree"
-        )
-    return problems
-
-
-def resolve_compute_dtype(q: QuantizationConfig, model: ModelConfig, device_type: str) -> torch.dtype:
-    """`auto`: bfloat16 where the GPU supports it, float16 on older GPUs, float32 on the CPU."""
-    choice = q.compute_dtype if q.method != "none" else model.dtype
-    if choice != "auto":
-        return DTYPES[choice]
-    if device_type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device_type in ("xpu", "mps"):
-        return torch.bfloat16
-    return torch.float32
 
 
 def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype, mode: LaunchMode) -> Any:
@@ -224,19 +44,145 @@ def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype, mode:
     )
 
 
-def placement(mode: LaunchMode, quantized: bool) -> dict[str, Any]:
-    """from_pretrained placement kwargs for the launch mode (the one place that decides it)."""
-    if mode.shards_parameters:
-        # ZeRO-3/FSDP place and shard the weights themselves: no device map, and the low-memory
-        # path so each rank does not materialise a full copy first.
-        return {"device_map": None, "low_cpu_mem_usage": True}
+def checkpoint_quantization(q: QuantizationConfig, config: Any, path: str) -> QuantizationConfig:
+    """The quantization a checkpoint dictates: a pre-quantized bitsandbytes 4-bit checkpoint keeps the
+    quant type and double quantization it was saved with (its packed bytes are used as stored)."""
+    import dataclasses
+
+    from .loader import prequantized_config
+
+    stored = prequantized_config(config)
+    if stored is None:
+        return q
+    if q.method not in ("nf4", "fp4"):
+        raise UserError(
+            f"model.name_or_path {path} is stored in bitsandbytes 4-bit but quantization.method is {q.method}; "
+            f"set quantization.method: {stored.get('bnb_4bit_quant_type', 'nf4')} (or train on the full-precision "
+            "original)"
+        )
+    actual = dataclasses.replace(
+        q,
+        method=stored.get("bnb_4bit_quant_type", "nf4"),
+        double_quant=bool(stored.get("bnb_4bit_use_double_quant", False)),
+    )
+    if (actual.method, actual.double_quant) != (q.method, q.double_quant):
+        log.warning(
+            "model: %s is pre-quantized as %s (double quant %s); the recipe's %s (double quant %s) does not apply",
+            path,
+            actual.method,
+            actual.double_quant,
+            q.method,
+            q.double_quant,
+        )
+    return actual
+
+
+def uses_low_memory_loader(cfg: ModelConfig, mode: LaunchMode) -> bool:
+    """`model.loader: auto` reads tensor by tensor where parameters are sharded (FSDP, ZeRO-3)."""
+    return cfg.loader == "low_memory" or (cfg.loader == "auto" and mode.shards_parameters)
+
+
+def weight_devices(mode: LaunchMode) -> tuple[torch.device, torch.device]:
+    """(where the low-memory loader puts the weights' data, where it quantizes and keeps the
+    quantization constants). Under FSDP/ZeRO-3 only rank 0 materialises the model, in CPU memory:
+    FSDP moves it to the GPU one wrapped layer at a time and shards it, broadcasting each layer to
+    the other ranks (sync_module_states), and the ZeRO-3 partitioning (`partition_for_zero3`)
+    broadcasts parameter by parameter. The other ranks hold no data until then (meta)."""
+    cpu = torch.device("cpu")
+    if mode.kind == "cpu":
+        return cpu, cpu
+    gpu = distributed_state().device
+    if not mode.shards_parameters:
+        return gpu, gpu
+    if mode.rank == 0 or (mode.kind == "fsdp" and not mode.sync_module_states):
+        return cpu, gpu
+    return torch.device("meta"), gpu
+
+
+def from_pretrained_placement(mode: LaunchMode, quantized: bool) -> dict[str, Any]:
+    """`from_pretrained` placement for the launch mode (model.loader: transformers)."""
     if mode.kind == "cpu":
         return {"device_map": {"": "cpu"}} if quantized else {}
-    if mode.kind in ("ddp", "deepspeed", "single_gpu"):
-        # DDP with a quantized model needs each rank's full copy on its own GPU: "auto" would spread
-        # layers over every visible GPU and DDP then fails (or silently runs on GPU 0).
-        return {"device_map": {"": distributed_state().device}}
-    return {}
+    # DDP with a quantized model needs each rank's full copy on its own GPU: "auto" would spread
+    # layers over every visible GPU and DDP then fails (or silently runs on GPU 0). Under ZeRO-3/FSDP
+    # transformers quantizes onto this GPU too: every rank holds the whole 4-bit model until it is
+    # sharded (the low-memory loader avoids that).
+    return {"device_map": {"": distributed_state().device}}
+
+
+def load_base(
+    recipe: Recipe, mode: LaunchMode, base_dir: str | Path | None = None, *, compute_dtype: torch.dtype | None = None
+) -> Any:
+    """The base model as training sees it: quantized with the recipe's settings (or as a
+    pre-quantized checkpoint stores it), placed for the launch mode. `compute_dtype` overrides the
+    recipe's (export computes its reference in fp32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import loader
+
+    compute = compute_dtype or mode.compute_dtype(recipe.quantization, recipe.model)
+    path = local_model_path(recipe.model, base_dir)
+    cfg = recipe.model
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"model.name_or_path={cfg.name_or_path!r}: cannot read its config.json ({str(exc).splitlines()[0]})"
+        ) from None
+    q = checkpoint_quantization(recipe.quantization, config, path)
+    qconfig = quantization_config(q, compute, mode)
+    if qconfig is not None and mode.device_type == "cpu":
+        _check_bnb_cpu()
+    model_dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else compute
+    attn = resolve_attn_implementation(recipe, mode.device_type, config, path)
+    if uses_low_memory_loader(cfg, mode):
+        data_device, compute_device = weight_devices(mode)
+        base = loader.load_low_memory(
+            path,
+            qconfig,
+            dtype=model_dtype,
+            data_device=data_device,
+            compute_device=compute_device,
+            attn_implementation=attn,
+            trust_remote_code=cfg.trust_remote_code,
+            revision=cfg.revision,
+        )
+    else:
+        kwargs: dict[str, Any] = {
+            "dtype": model_dtype,
+            "attn_implementation": attn,
+            "trust_remote_code": cfg.trust_remote_code,
+            "revision": cfg.revision,
+            **from_pretrained_placement(mode, qconfig is not None),
+        }
+        if qconfig is not None:
+            kwargs["quantization_config"] = qconfig
+        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if mode.device_type == "cpu":
+        keep_cpu_4bit_trainable(base)
+    log.info(
+        "model: %s loader, attention %s, %s",
+        "low-memory" if uses_low_memory_loader(cfg, mode) else "transformers",
+        attn,
+        quantization_line(qconfig, model_dtype),
+    )
+    return base
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def quantization_line(qconfig: Any, model_dtype: torch.dtype) -> str:
+    if qconfig is None:
+        return f"weights in {dtype_name(model_dtype)} (no quantization)"
+    if getattr(qconfig, "load_in_8bit", False):
+        return "LLM.int8 weights"
+    return (
+        f"{qconfig.bnb_4bit_quant_type} weights (double quant {qconfig.bnb_4bit_use_double_quant}) stored as "
+        f"{dtype_name(qconfig.bnb_4bit_quant_storage)}, compute {dtype_name(qconfig.bnb_4bit_compute_dtype)}, "
+        f"other weights {dtype_name(model_dtype)}"
+    )
 
 
 def local_model_path(cfg: ModelConfig, base_dir: str | Path | None = None) -> str:
@@ -292,34 +238,17 @@ def ensure_pad_token(tokenizer: Any) -> None:
 def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str | Path | None = None) -> Any:
     """Base model (quantized, placed for the launch mode) with LoRA adapters, ready to train."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
 
-    device_type = "cpu" if mode.kind == "cpu" else "cuda"
-    compute_dtype = resolve_compute_dtype(recipe.quantization, recipe.model, device_type)
-    qconfig = quantization_config(recipe.quantization, compute_dtype, mode)
-    if qconfig is not None and recipe.quantization.method != "none" and device_type == "cpu":
-        _check_bnb_cpu()
-    path = local_model_path(recipe.model, base_dir)
-    model_dtype = DTYPES[recipe.model.dtype] if recipe.model.dtype != "auto" else compute_dtype
-    attn = resolve_attn_implementation(recipe, device_type, path)
-    kwargs: dict[str, Any] = {
-        "dtype": model_dtype,
-        "attn_implementation": attn,
-        "trust_remote_code": recipe.model.trust_remote_code,
-        "revision": recipe.model.revision,
-        **placement(mode, qconfig is not None),
-    }
-    if qconfig is not None:
-        kwargs["quantization_config"] = qconfig
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    compute_dtype = mode.compute_dtype(recipe.quantization, recipe.model)
+    model = load_base(recipe, mode, base_dir)
+    quantized = getattr(model, "hf_quantizer", None) is not None
     resize_for_pad(model, tokenizer)
     model.config.use_cache = False  # no KV cache while training (and checkpointing needs it off)
-    log.info("attention: %s", attn)
-    if use_liger(recipe.model, device_type):
+    if use_liger(recipe.model, mode.device_type):
         apply_liger(model)
 
     gc = bool(recipe.train.args.get("gradient_checkpointing", True))
-    if qconfig is not None and recipe.model.upcast_frozen and not mode.shards_parameters:
+    if quantized and recipe.model.upcast_frozen and not mode.shards_parameters:
         # Casts norms/embeddings to fp32 and wires input grads for checkpointing. Non-reentrant
         # checkpointing: the reentrant variant breaks under DDP with LoRA (parameters "marked ready
         # twice") and needs inputs that require grad.
@@ -334,8 +263,6 @@ def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str |
         # freezes everything but the adapters).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if device_type == "cpu":
-        keep_cpu_4bit_trainable(model)
 
     lora = recipe.lora
     target = lora.target_modules
@@ -352,10 +279,70 @@ def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str |
         model = get_peft_model(model, peft_config)
     except ValueError as exc:
         raise UserError(f"lora.target_modules={target!r}: {exc}") from None
+    if mode.shards_parameters:
+        check_sharded_dtypes(model, compute_dtype, mode)
     return model
 
 
-def resolve_attn_implementation(recipe: Recipe, device_type: str, path: str) -> str:
+def check_sharded_dtypes(model: Any, compute_dtype: torch.dtype, mode: LaunchMode) -> None:
+    """Before any training: under FSDP/ZeRO-3 every frozen weight, the packed 4-bit ones included,
+    must be in the compute dtype. Shards are flattened per dtype, and integer storage cannot be
+    flattened at all (torch: "Cannot flatten integer dtype tensors"; accelerate's FSDP2 path leaves
+    such weights unsharded with only a warning). The adapters may differ: they are wrapped apart."""
+    wrong = [
+        f"{name} ({'4-bit, stored as ' if type(p).__name__ == 'Params4bit' else ''}{dtype_name(p.dtype)})"
+        for name, p in model.named_parameters()
+        if not p.requires_grad and p.dtype != compute_dtype
+    ]
+    if wrong:
+        want = dtype_name(compute_dtype)
+        raise UserError(
+            f"{mode.describe()}: {len(wrong)} frozen weights are not in the compute dtype {want}, so they cannot be "
+            f"sharded: {', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}. A pre-quantized checkpoint stored "
+            "as uint8 loaded with model.loader: transformers does this; use model.loader: auto (it re-types the "
+            "packed bytes), and leave quantization.quant_storage and model.dtype at auto."
+        )
+
+
+def partition_for_zero3(trainer: Any, mode: LaunchMode, compute_dtype: torch.dtype) -> None:
+    """ZeRO-3: partition the parameters across ranks before the Trainer hands the model to
+    DeepSpeed. A model that was not built under `deepspeed.zero.Init` is moved to the GPU whole by
+    DeepSpeed's engine and only then partitioned, so a model larger than one GPU would not fit;
+    transformers builds quantized models without zero.Init. `zero.Init(module=...)` moves one
+    parameter at a time to the GPU, broadcasts rank 0's values (the other ranks loaded none: their
+    placeholders are untouched CPU pages) and keeps this rank's partition."""
+    if not (mode.kind == "deepspeed" and mode.zero_stage == 3):
+        return
+    import copy
+
+    import deepspeed
+
+    model = trainer.model
+    hidden = int(getattr(model.config, "hidden_size", 0) or 0)
+    config = copy.deepcopy(trainer.accelerator.state.deepspeed_plugin.deepspeed_config)
+    zero = config.setdefault("zero_optimization", {})
+    # the hidden-size dependent values transformers fills in when training starts
+    sizes = {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    for section in (config, zero):
+        for key in [k for k, v in section.items() if v == "auto"]:
+            del section[key]
+    for p in model.parameters():
+        if p.device.type == "meta":
+            p.data = torch.empty(p.shape, dtype=p.dtype, device="cpu")
+        if p.is_floating_point() and p.dtype != compute_dtype:
+            p.data = p.data.to(compute_dtype)  # as DeepSpeed's engine casts every parameter
+    deepspeed.zero.Init(module=model, config_dict_or_path=config, dtype=compute_dtype, mem_efficient_linear=False)
+    log.info("ZeRO-3: parameters partitioned across %d rank(s) before DeepSpeed's engine starts", mode.world_size)
+
+
+def resolve_attn_implementation(recipe: Recipe, device_type: str, config: Any, path: str) -> str:
     """`auto` -> `varlen` (flash attention per packed example) on CUDA with packing, for models with
     plain causal attention; `sdpa` otherwise. `varlen` is registered with transformers here."""
     from . import attention
@@ -367,11 +354,6 @@ def resolve_attn_implementation(recipe: Recipe, device_type: str, path: str) -> 
     if choice == "auto":
         choice = "sdpa"
     if wants_varlen:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(
-            path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-        )
         unsuitable = varlen_unsuitable(config.get_text_config())
         if unsuitable is None:
             choice = attention.NAME

@@ -7,17 +7,27 @@ term, plus which bundled launch configs fit a GPU of the given size.
 
 The memory model (bytes, per rank; B = micro batch, T = data.max_length, h = hidden size,
 I = MLP size, L = layers, V = vocabulary, n = LoRA parameters, W = ranks sharing a shard):
-  4-bit weights      N_linear x (0.5 + quantization constants)          / W under ZeRO-3/FSDP
-  other weights      (embeddings, lm_head, norms) x 2 (compute dtype; x 4 with model.upcast_frozen),
-                     / W under ZeRO-3/FSDP
-  LoRA               n x 4 (fp32) weights + n x 4 gradients (/ W from ZeRO-2 on)
-  optimizer          n x 8 (AdamW fp32 moments) or n x 2 (8-bit, the GPU default), / W under ZeRO,
-                     0 when offloaded
-  activations        checkpointed layer inputs B*T*h*2*L + one layer recomputed in backward
-                     B*T*(16h + 6I)*2 (no T^2 term: SDPA/flash attention), or all layers without
-                     checkpointing
-  logits             TRL's fused LM head tiles the vocabulary (no B*T x V logits): B*T*h*2*2
-  workspace          the largest dequantized weight (bf16) x 2 + 0.25 GiB allocator slack
+  4-bit base weights    N_linear x 0.5                                 / W under ZeRO-3/FSDP
+  quantization consts   N_linear x (1/64 + 4/(64*256)) with double quant, x 4/64 without: absmax etc.,
+                        on every rank's GPU (not sharded: bitsandbytes needs them beside every shard)
+  other weights         (embeddings, lm_head, norms) x 2 (compute dtype; x 4 with model.upcast_frozen),
+                        / W under ZeRO-3/FSDP
+  gathered for compute  sharded modes with W > 1: FSDP holds the root unit (embeddings, lm_head, final
+                        norm) gathered through the step plus two decoder layers (the one computing and
+                        the one prefetched); ZeRO-3 gathers one module at a time, the largest being the
+                        embedding or lm_head (V x h x 2)
+  LoRA                  n x 4 (fp32) weights + n x 4 gradients (/ W under FSDP and ZeRO-3; gradients
+                        / W under ZeRO-2)
+  optimizer             n x 8 (AdamW fp32 moments) or n x 2 (8-bit, the GPU default), / W under ZeRO
+                        and FSDP
+  offload               (FSDP offload_params, ZeRO offload): the sharded weights, LoRA and optimizer
+                        live in CPU memory; the GPU keeps the quantization constants, what is gathered
+                        for compute, activations and workspace
+  activations           checkpointed layer inputs B*T*h*2*L + one layer recomputed in backward
+                        B*T*(16h + 6I)*2 (no T^2 term: SDPA/flash attention), or all layers without
+                        checkpointing
+  logits                TRL's fused LM head tiles the vocabulary (no B*T x V logits): B*T*h*2*2
+  workspace             the largest dequantized weight (bf16) x 2 + 0.25 GiB allocator slack
 """
 
 from __future__ import annotations
@@ -28,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .errors import UserError
+from . import launch
+from .errors import RecipeError, UserError
+from .launch import LaunchMode
 from .recipe import GPU_OPTIM, Recipe, resolve_batch
 
 GIB = 1024**3
@@ -110,50 +120,6 @@ def read_model_config(name_or_path: str, base_dir: Path | None = None) -> dict[s
         ) from None
 
 
-@dataclass(frozen=True)
-class LaunchConfig:
-    """What an accelerate config file means for memory and world size."""
-
-    name: str
-    kind: str  # single | ddp | zero2 | zero3 | fsdp
-    offload: bool = False
-    num_processes: int = 1
-    num_machines: int = 1
-
-    @property
-    def shards_params(self) -> bool:
-        return self.kind in ("zero3", "fsdp")
-
-
-def read_launch_config(path: str | Path) -> LaunchConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"accelerate config {p} not found")
-    cfg = yaml.safe_load(p.read_text()) or {}
-    dt = str(cfg.get("distributed_type", "NO")).upper()
-    n, m = int(cfg.get("num_processes", 1)), int(cfg.get("num_machines", 1))
-    if dt == "DEEPSPEED":
-        ds = cfg.get("deepspeed_config", {}) or {}
-        stage, offload = int(ds.get("zero_stage", 0) or 0), False
-        file = ds.get("deepspeed_config_file")
-        if file:
-            fp = Path(file)
-            if not fp.is_file():
-                fp = p.parent.parent.parent / file if not fp.is_absolute() else fp
-            if not fp.is_file():
-                raise UserError(f"{p}: deepspeed_config_file {file} not found")
-            js = json.loads(fp.read_text())
-            zo = js.get("zero_optimization", {})
-            stage = int(zo.get("stage", 0))
-            offload = bool(zo.get("offload_optimizer") or zo.get("offload_param"))
-        return LaunchConfig(p.name, "zero3" if stage == 3 else "zero2", offload, n, m)
-    if dt == "FSDP":
-        return LaunchConfig(p.name, "fsdp", bool((cfg.get("fsdp_config") or {}).get("fsdp_offload_params")), n, m)
-    if dt in ("MULTI_GPU", "MULTI_CPU"):
-        return LaunchConfig(p.name, "ddp", False, n, m)
-    return LaunchConfig(p.name, "single", False, 1, 1)
-
-
 @dataclass
 class MemoryEstimate:
     parts: dict[str, float] = field(default_factory=dict)  # GiB
@@ -163,40 +129,63 @@ class MemoryEstimate:
         return sum(self.parts.values())
 
 
-def estimate_memory(shape: ModelShape, recipe: Recipe, launch: LaunchConfig, world: int) -> MemoryEstimate:
+def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode) -> MemoryEstimate:
     q = recipe.quantization.method
     double = recipe.quantization.double_quant
+    world = mode.world_size
     micro = int(recipe.train.args.get("per_device_train_batch_size", 1))
     tokens = micro * recipe.data.max_length
     h, inter, layers = shape.hidden, shape.intermediate, shape.layers
-    shard = world if launch.shards_params else 1
+    shard = world if mode.shards_parameters else 1
+    lora_shard = world if mode.shards_parameters else 1
+    grad_shard = world if mode.shards_gradients else 1
+    offload = mode.offload and mode.kind in ("fsdp", "deepspeed")
     # frozen non-quantized weights: compute dtype, fp32 with model.upcast_frozen (quantized models only)
-    other_bytes = 4 if recipe.model.upcast_frozen and q != "none" else 2
+    other_bytes = 4 if recipe.model.upcast_frozen and q != "none" and not mode.shards_parameters else 2
     if q in ("nf4", "fp4"):
-        per_param = 0.5 + ((1 / 64) + 4 / (64 * 256) if double else 4 / 64)
+        data_bytes, const_bytes = 0.5, ((1 / 64) + 4 / (64 * 256) if double else 4 / 64)
     elif q == "int8":
-        per_param = 1.0 + 4 / 4096
+        data_bytes, const_bytes = 1.0, 4 / 4096
     else:
-        per_param = 2.0
+        data_bytes, const_bytes = 2.0, 0.0
     n_lora = shape.lora_params(recipe.lora.r, recipe.lora.target_modules)
     optim = str(recipe.train.args.get("optim", GPU_OPTIM))
     optim_bytes = 2 if "8bit" in optim else 8
-    zero = launch.kind in ("zero2", "zero3")
     gc = bool(recipe.train.args.get("gradient_checkpointing", True))
     layer_act = tokens * (16 * h + 6 * inter) * 2
     biggest = max(a * b for a, b in shape.linears().values())
+    layer_weights = sum(a * b for a, b in shape.linears().values()) * data_bytes
+    gathered = 0.0
+    if mode.shards_parameters and world > 1:
+        if mode.kind == "fsdp":
+            gathered = shape.other_params * other_bytes + 2 * layer_weights
+        else:
+            gathered = shape.vocab * h * other_bytes
+    weights_name = "4-bit base weights" if q in ("nf4", "fp4") else f"{q} base weights"
+    kept = 0.0 if offload else 1.0  # what offload moves to CPU memory
     parts = {
-        "4-bit base weights" if q in ("nf4", "fp4") else f"{q} base weights": shape.linear_params * per_param / shard,
-        "embeddings, lm_head, norms": shape.other_params * other_bytes / shard,
-        "LoRA weights + grads": n_lora * 4 + n_lora * 4 / (world if zero or launch.kind == "fsdp" else 1),
-        "optimizer states": 0.0
-        if launch.offload
-        else n_lora * optim_bytes / (world if zero or launch.kind == "fsdp" else 1),
+        weights_name: kept * shape.linear_params * data_bytes / shard,
+        "quantization constants": shape.linear_params * const_bytes,
+        "embeddings, lm_head, norms": kept * shape.other_params * other_bytes / shard,
+        "gathered for compute": gathered,
+        "LoRA weights + grads": kept * (n_lora * 4 / lora_shard + n_lora * 4 / grad_shard),
+        "optimizer states": kept * n_lora * optim_bytes / grad_shard,
         "activations": (tokens * h * 2 * layers + layer_act) if gc else layer_act * layers,
         "logits (fused loss)": tokens * h * 2 * 2,
         "workspace": biggest * 2 * 2 + 0.25 * GIB,
     }
     return MemoryEstimate({k: v / GIB for k, v in parts.items()})
+
+
+def loading_host_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode) -> float | None:
+    """GiB of CPU memory the low-memory loader needs on rank 0 under FSDP/ZeRO-3 (the whole model as
+    it will be trained, before it is sharded), or None where weights load straight to the GPU."""
+    from .model import uses_low_memory_loader
+
+    if not (mode.shards_parameters and uses_low_memory_loader(recipe.model, mode)):
+        return None
+    data = 0.5 if recipe.quantization.method in ("nf4", "fp4") else 2.0
+    return (shape.linear_params * data + shape.other_params * 2) / GIB
 
 
 def count_rows(recipe: Recipe, base_dir: Path | None) -> int | None:
@@ -225,24 +214,19 @@ def plan_lines(
     gpu_mem: float | None = None,
     base_dir: Path | None = None,
 ) -> list[str]:
-    launch = read_launch_config(config) if config else LaunchConfig("(none: one process)", "single")
-    per_node = gpus if gpus is not None else (launch.num_processes // max(1, launch.num_machines))
-    world = max(1, per_node * nodes) if launch.kind != "single" else 1
-    from .model import check_launch_compat
-
-    kind = {"zero2": "deepspeed", "zero3": "deepspeed"}.get(launch.kind, launch.kind)
-    problems = check_launch_compat(recipe, kind, 3 if launch.kind == "zero3" else 2 if launch.kind == "zero2" else 0)
+    mode = launch.from_config_file(config, gpus, nodes) if config else launch.single_process()
+    world = mode.world_size
+    problems = launch.check_launch_compat(recipe, mode)
     if problems:
-        from .errors import RecipeError
-
         raise RecipeError(problems, recipe.source)
     batch = resolve_batch(recipe.train, world)
     shape = ModelShape.from_config(read_model_config(recipe.model.name_or_path, base_dir), recipe.model.name_or_path)
+    per_node = world // max(1, nodes) if mode.kind != "single_gpu" else 1
     out = [
         f"recipe: {recipe.source or '(in code)'}; model {recipe.model.name_or_path}: {shape.layers} layers, hidden "
         f"{shape.hidden}, MLP {shape.intermediate}, vocab {shape.vocab}",
-        f"launch: {launch.name} ({launch.kind}{', offload' if launch.offload else ''}), {nodes} node(s) x "
-        f"{per_node if launch.kind != 'single' else 1} process(es) = world size {world}",
+        f"launch: {mode.source} ({mode.label()}), {nodes if mode.kind != 'single_gpu' else 1} node(s) x "
+        f"{per_node} process(es) = world size {world}",
         f"batch: {batch.describe()}",
     ]
     rows = count_rows(recipe, base_dir)
@@ -258,22 +242,31 @@ def plan_lines(
     max_steps = int(recipe.train.args.get("max_steps", -1))
     if max_steps > 0:
         out.append(f"training: max_steps = {max_steps}")
-    est = estimate_memory(shape, recipe, launch, world)
+    est = estimate_memory(shape, recipe, mode)
     out.append(
         f"estimated peak GPU memory per rank: {est.total:.2f} GiB "
         f"(micro batch {batch.micro_batch} x {recipe.data.max_length} tokens)"
     )
     out += [f"  {k:28} {v:7.2f} GiB" for k, v in est.parts.items()]
+    host = loading_host_memory(shape, recipe, mode)
+    if host is not None:
+        out.append(
+            f"CPU memory while loading: rank 0 holds the model ({host:.1f} GiB) until it is sharded; the other "
+            "ranks hold none"
+        )
     if gpu_mem is not None:
         out.append(f"bundled configs on a {gpu_mem:g} GiB GPU ({nodes} node(s) x {per_node} GPU(s)):")
         for cfg_path in bundled_configs():
-            lc = read_launch_config(cfg_path)
-            w = 1 if lc.kind == "single" else max(1, per_node * nodes)
+            candidate = launch.from_config_file(cfg_path, per_node, nodes)
+            impossible = launch.check_launch_compat(recipe, candidate)
+            if impossible:
+                out.append(f"  {cfg_path.name:30} cannot run: {impossible[0][:100]}")
+                continue
             try:
-                resolve_batch(recipe.train, w)
-                e = estimate_memory(shape, recipe, lc, w).total
+                resolve_batch(recipe.train, candidate.world_size)
+                e = estimate_memory(shape, recipe, candidate).total
                 verdict = "fits" if e <= gpu_mem else "does not fit"
                 out.append(f"  {cfg_path.name:30} {e:7.2f} GiB  {verdict}")
-            except Exception as exc:  # batch not divisible for this world size
+            except RecipeError as exc:  # batch not divisible for this world size
                 out.append(f"  {cfg_path.name:30} cannot run: {str(exc).splitlines()[-1][:100]}")
     return out

@@ -75,6 +75,13 @@ class ModelConfig:
     either way."""
     trust_remote_code: bool = False
     """Allow model/tokenizer code from the model's repository to run. Off by default."""
+    loader: Literal["auto", "transformers", "low_memory"] = "auto"
+    """How the base weights are read. `low_memory`: the safetensors shards one tensor at a time, each
+    linear weight quantized as it is read and placed for the launch mode; under FSDP/ZeRO-3 only
+    rank 0 holds the weights (in CPU memory) until they are sharded, so no GPU ever holds the whole
+    model and one larger than a GPU loads. Reads bitsandbytes 4-bit checkpoints too.
+    `transformers`: `from_pretrained` (every rank quantizes the whole model onto its GPU).
+    `auto`: low_memory under FSDP and ZeRO-3, transformers otherwise."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, data, model
+from . import checkpoint, data, launch, model
 from .errors import RecipeError
 from .recipe import GPU_OPTIM, BatchPlan, Recipe, resolve_batch
 
@@ -52,7 +52,7 @@ def setup_logging(is_main: bool, rank: int = 0) -> None:
     datasets.disable_progress_bars()
 
 
-def sft_args(recipe: Recipe, batch: BatchPlan, mode: model.LaunchMode, compute_dtype: Any, has_eval: bool) -> Any:
+def sft_args(recipe: Recipe, batch: BatchPlan, mode: launch.LaunchMode, compute_dtype: Any, has_eval: bool) -> Any:
     """trl.SFTConfig from the recipe's `train:` section plus what the project derives."""
     import torch
     from trl import SFTConfig
@@ -109,27 +109,6 @@ def metrics_callback(path: Path) -> Any:
     return MetricsCallback()
 
 
-def rank_memory_callback(logs_dir: Path, rank: int) -> Any:
-    """Each rank records its own peak GPU memory in logs/rank<i>.json at the end of training (its
-    own file: ranks never share one)."""
-    from transformers import TrainerCallback
-
-    class RankMemoryCallback(TrainerCallback):
-        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            import torch
-
-            record: dict[str, Any] = {"rank": rank, "global_step": state.global_step}
-            if torch.cuda.is_available():
-                record.update(
-                    device=torch.cuda.get_device_name(),
-                    peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
-                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
-                )
-            (logs_dir / f"rank{rank}.json").write_text(json.dumps(record, indent=2))
-
-    return RankMemoryCallback()
-
-
 def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: Any = None) -> TrainResult:
     """Run the recipe. `extra_callbacks` are added to the Trainer; `on_trainer(trainer)` is called once
     the trainer exists (the benchmark uses it to count tokens)."""
@@ -137,23 +116,26 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     from trl import SFTTrainer
 
     # 1. Where am I? (the launcher decided; the recipe is the same everywhere)
-    state = model.distributed_state()
+    state = launch.distributed_state()
     setup_logging(state.is_main_process, state.process_index)
-    model.check_ranks()
-    mode = model.detect_launch_mode()
-    problems = model.check_launch_compat(recipe, mode.kind, mode.zero_stage)
+    launch.check_ranks()
+    mode = launch.detect()
+    problems = launch.check_launch_compat(recipe, mode)
     if problems:
         raise RecipeError(problems, recipe.source)
     batch = resolve_batch(recipe.train, mode.world_size)
     base_dir = Path(recipe.source).parent if recipe.source else None
     log.info("launch: %s; %s", mode.describe(), batch.describe())
+    cap = launch.apply_gpu_memory_cap()
+    if cap is not None:
+        log.info("GPU memory capped at %.1f GiB per rank (%s)", cap, launch.GPU_MEMORY_CAP_ENV)
     if "SLURM_JOB_ID" in os.environ:
         log.info(
             "SLURM job %s, restart count %s", os.environ["SLURM_JOB_ID"], os.environ.get("SLURM_RESTART_COUNT", "0")
         )
 
     # 2. Run directory: refuse a different recipe, write the resolved one.
-    launch = {
+    launch_block = {
         "mode": mode.kind,
         "world_size": mode.world_size,
         "zero_stage": mode.zero_stage,
@@ -161,7 +143,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
         "grad_accum": batch.grad_accum,
         "global_batch": batch.global_batch,
     }
-    run_dir = checkpoint.prepare_run_dir(recipe, launch)
+    run_dir = checkpoint.prepare_run_dir(recipe, launch_block)
     resume_from = checkpoint.find_resume(recipe)
     if resume_from is not None:
         checkpoint.check_resume(resume_from, mode.world_size, batch.global_batch, mode.kind)
@@ -176,11 +158,10 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
         log.info("data: %s", line)
 
     # 4. Model: quantized, placed for the launch mode, with LoRA adapters.
-    device_type = "cpu" if mode.kind == "cpu" else "cuda"
-    compute_dtype = model.resolve_compute_dtype(recipe.quantization, recipe.model, device_type)
+    compute_dtype = mode.compute_dtype(recipe.quantization, recipe.model)
     set_seed(recipe.run.seed)  # the LoRA initialisation is random: same seed, same start on every rank
     peft_model = model.load_model(recipe, tokenizer, mode, base_dir)
-    for line in [*model.summarize(peft_model).lines(), *model.memory_report(peft_model)]:
+    for line in [*model.summarize(peft_model).lines(), launch.loading_memory_line()]:
         log.info("model: %s", line)
 
     # 5. Trainer.
@@ -190,7 +171,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     callbacks = [
         preemption,
         checkpoint.fault_callback(fault, state.process_index),
-        rank_memory_callback(run_dir / "logs", state.process_index),
+        launch.sharding_callback(mode, run_dir / "logs", state.process_index),
         *(extra_callbacks or []),
     ]
     if state.is_main_process:
@@ -219,6 +200,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     }
     trainer.keep_last = recipe.checkpoint.keep_last
     trainer.fault = fault
+    model.partition_for_zero3(trainer, mode, compute_dtype)
     if on_trainer is not None:
         on_trainer(trainer)
 

@@ -1,0 +1,469 @@
+"""Where this process runs: launch mode, ranks, device, compute dtype, whether parameters are sharded.
+
+One `LaunchMode` type serves a running process (`detect()`, from accelerate's state and the
+launcher's environment) and a plan (`from_config_file()`, from an accelerate config file), so
+`train` and `plan` speak one vocabulary. Rank checks, the recipe/launch compatibility rules and the
+per-rank memory report live here too: the one place that knows about topology.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+from .recipe import ModelConfig, QuantizationConfig, Recipe
+
+log = logging.getLogger("qlora_sft")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+KINDS = ("cpu", "single_gpu", "ddp", "deepspeed", "fsdp")
+# Caps each rank's GPU memory (GiB) so a run behaves like a smaller card: the benchmark's size proofs
+# and a user rehearsing a 24 GiB cluster on a larger workstation GPU.
+GPU_MEMORY_CAP_ENV = "QLORA_SFT_GPU_MEMORY_GIB"
+
+
+@dataclass(frozen=True)
+class LaunchMode:
+    """How many processes run where, and what that means for the model."""
+
+    kind: str  # one of KINDS
+    world_size: int = 1
+    local_rank: int = 0
+    rank: int = 0
+    zero_stage: int = 0
+    offload: bool = False  # ZeRO offload_param/offload_optimizer, or FSDP offload_params
+    fsdp_version: int = 1
+    sync_module_states: bool = True  # FSDP: rank 0's weights are broadcast when wrapping
+    state_dict_type: str = "FULL_STATE_DICT"  # FSDP
+    num_machines: int = 1
+    source: str = ""  # the accelerate config file it was read from (plan), if any
+
+    @property
+    def shards_parameters(self) -> bool:
+        """ZeRO-3 and FSDP shard parameters across ranks."""
+        return self.kind == "fsdp" or (self.kind == "deepspeed" and self.zero_stage == 3)
+
+    @property
+    def shards_gradients(self) -> bool:
+        """ZeRO-2/3 and FSDP shard gradients and optimizer states."""
+        return self.kind == "fsdp" or (self.kind == "deepspeed" and self.zero_stage >= 2)
+
+    @property
+    def device_type(self) -> str:
+        return "cpu" if self.kind == "cpu" else "cuda"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def label(self) -> str:
+        """Short name: cpu, single_gpu, ddp, zero2, zero3, fsdp (+ offload)."""
+        name = f"zero{self.zero_stage}" if self.kind == "deepspeed" else self.kind
+        return name + ("+offload" if self.offload else "")
+
+    def describe(self) -> str:
+        extra = f" ZeRO-{self.zero_stage}" if self.kind == "deepspeed" else ""
+        if self.kind == "fsdp":
+            extra = f" (FSDP{self.fsdp_version}, {self.state_dict_type.lower().replace('_', ' ')})"
+        return f"{self.kind}{extra}{', offload' if self.offload else ''}, world size {self.world_size}"
+
+    def compute_dtype(self, q: QuantizationConfig, model: ModelConfig) -> torch.dtype:
+        """`auto`: bfloat16 where the GPU supports it, float16 on older GPUs, float32 on the CPU."""
+        return resolve_compute_dtype(q, model, self.device_type)
+
+
+def resolve_compute_dtype(q: QuantizationConfig, model: ModelConfig, device_type: str) -> torch.dtype:
+    """The compute dtype for a device type (export and chat use it without a launch)."""
+    choice = q.compute_dtype if q.method != "none" else model.dtype
+    if choice != "auto":
+        return DTYPES[choice]
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+    if device_type in ("xpu", "mps"):
+        return torch.bfloat16
+    return torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# A running process
+# --------------------------------------------------------------------------------------------
+
+
+def distributed_state() -> Any:
+    """accelerate's process state, created here first so that CPU ranks work: without a GPU (or with
+    ACCELERATE_USE_CPU=true) the state must be created with cpu=True, otherwise ranks started by
+    `accelerate launch`/torchrun each believe they are alone (gloo is used for CPU ranks)."""
+    from accelerate import PartialState
+
+    cpu = _env_flag("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def _env_flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def detect() -> LaunchMode:
+    """The launch mode of this process, from accelerate's process state and the variables
+    `accelerate launch` sets. FSDP is read from the environment: accelerate's PartialState calls an
+    FSDP launch MULTI_GPU (only the Accelerator, created later by the Trainer, says FSDP), and the
+    model must know it before loading (4-bit storage dtype, placement)."""
+    state = distributed_state()
+    common = {"world_size": state.num_processes, "local_rank": state.local_process_index, "rank": state.process_index}
+    cpu = state.device.type == "cpu"
+    if not cpu and _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        stage, offload = _deepspeed_settings(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
+        if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in os.environ and not os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            stage = int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+            offload = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") not in ("none", "")
+        return LaunchMode("deepspeed", zero_stage=stage, offload=offload, **common)
+    if not cpu and _env_flag("ACCELERATE_USE_FSDP"):
+        return LaunchMode(
+            "fsdp",
+            offload=_env_flag("FSDP_OFFLOAD_PARAMS"),
+            fsdp_version=int(os.environ.get("FSDP_VERSION", "1") or 1),
+            sync_module_states=_env_flag("FSDP_SYNC_MODULE_STATES", True)
+            or _env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING"),
+            state_dict_type=os.environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT") or "FULL_STATE_DICT",
+            **common,
+        )
+    if cpu:
+        return LaunchMode("cpu", **common)
+    if state.num_processes > 1:
+        return LaunchMode("ddp", **common)
+    return LaunchMode("single_gpu", **common)
+
+
+def _deepspeed_settings(
+    config_file: str | os.PathLike[str] | None, relative_to: Path | None = None
+) -> tuple[int, bool]:
+    """(ZeRO stage, offload) from a DeepSpeed JSON config."""
+    if not config_file:
+        return 0, False
+    fp = Path(config_file)
+    if not fp.is_file() and relative_to is not None and not fp.is_absolute():
+        fp = relative_to / config_file
+    if not fp.is_file():
+        raise UserError(f"DeepSpeed config file {config_file} not found")
+    try:
+        zo = json.loads(fp.read_text()).get("zero_optimization", {})
+    except json.JSONDecodeError as exc:
+        raise UserError(f"DeepSpeed config file {fp} is not valid JSON: {exc}") from None
+    offload = any((zo.get(k) or {}).get("device", "none") != "none" for k in ("offload_param", "offload_optimizer"))
+    return int(zo.get("stage", 0)), offload
+
+
+def from_config_file(path: str | os.PathLike[str], gpus_per_node: int | None = None, nodes: int = 1) -> LaunchMode:
+    """What an accelerate config file means, for `plan` (no process is started). `gpus_per_node`
+    and `nodes` override the file's process counts as `accelerate launch` flags would."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"accelerate config {p} not found")
+    cfg = yaml.safe_load(p.read_text()) or {}
+    dist_type = str(cfg.get("distributed_type", "NO")).upper()
+    machines = int(cfg.get("num_machines", 1))
+    per_node = gpus_per_node if gpus_per_node is not None else int(cfg.get("num_processes", 1)) // max(1, machines)
+    world = max(1, per_node * nodes)
+    common = {"world_size": world, "num_machines": nodes, "source": p.name}
+    if dist_type == "DEEPSPEED":
+        ds = cfg.get("deepspeed_config", {}) or {}
+        stage, offload = int(ds.get("zero_stage", 0) or 0), False
+        if ds.get("deepspeed_config_file"):
+            # relative paths in the bundled configs are relative to the repository root
+            stage, offload = _deepspeed_settings(ds["deepspeed_config_file"], p.resolve().parent.parent.parent)
+        return LaunchMode("deepspeed", zero_stage=stage, offload=offload, **common)
+    if dist_type == "FSDP":
+        fs = cfg.get("fsdp_config", {}) or {}
+        return LaunchMode(
+            "fsdp",
+            offload=bool(fs.get("fsdp_offload_params")),
+            fsdp_version=int(fs.get("fsdp_version", 1)),
+            sync_module_states=bool(
+                fs.get("fsdp_sync_module_states", True) or fs.get("fsdp_cpu_ram_efficient_loading")
+            ),
+            state_dict_type=str(fs.get("fsdp_state_dict_type", "FULL_STATE_DICT")),
+            **common,
+        )
+    if dist_type in ("MULTI_GPU", "MULTI_CPU"):
+        return LaunchMode("ddp", **common)
+    return LaunchMode("single_gpu", source=p.name)
+
+
+def single_process() -> LaunchMode:
+    """One process on one GPU (plan without a config file)."""
+    return LaunchMode("single_gpu", source="(none: one process)")
+
+
+def with_world_size(mode: LaunchMode, world_size: int) -> LaunchMode:
+    return replace(mode, world_size=world_size)
+
+
+def check_ranks() -> list[dict[str, Any]]:
+    """Pre-flight, before any model loads: every process reports (rank, local rank, host); the
+    ranks must be unique, 0..N-1, and N must equal the world size the launcher set. Catches the
+    classic multi-node mistake where every node believes it is rank 0 (accelerate#2816)."""
+    import torch.distributed as dist
+
+    state = distributed_state()
+    me = {
+        "rank": state.process_index,
+        "local_rank": state.local_process_index,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    everyone = [me]
+    if dist.is_available() and dist.is_initialized():
+        everyone = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(everyone, me)
+    problem = rank_problem(everyone, int(os.environ.get("WORLD_SIZE", state.num_processes)))
+    if problem:
+        raise UserError(
+            f"launch: {problem}. Check the launcher: machine_rank/--node_rank per node, "
+            "--num_processes = GPUs in total, the same MASTER_ADDR/MASTER_PORT everywhere."
+        )
+    return everyone
+
+
+def rank_problem(reports: list[dict[str, Any]], launcher_world_size: int) -> str | None:
+    ranks = sorted(r["rank"] for r in reports)
+    if len(set(ranks)) != len(ranks):
+        dup = sorted({x for x in ranks if ranks.count(x) > 1})
+        return f"duplicate ranks {dup} across processes {[(r['host'], r['rank']) for r in reports]}"
+    if ranks != list(range(len(ranks))):
+        return f"ranks {ranks} are not 0..{len(ranks) - 1}"
+    if len(ranks) != launcher_world_size:
+        return f"{len(ranks)} processes joined but the launcher's world size is {launcher_world_size}"
+    return None
+
+
+def apply_gpu_memory_cap() -> float | None:
+    """With QLORA_SFT_GPU_MEMORY_GIB set, cap this process's GPU memory at that many GiB (the
+    caching allocator refuses more, as on a smaller card). Returns the cap, or None."""
+    raw = os.environ.get(GPU_MEMORY_CAP_ENV)
+    if not raw or not torch.cuda.is_available():
+        return None
+    try:
+        cap = float(raw)
+    except ValueError:
+        raise UserError(f"{GPU_MEMORY_CAP_ENV}={raw!r}: give a number of GiB (e.g. 24)") from None
+    device = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if not 0 < cap <= total:
+        raise UserError(f"{GPU_MEMORY_CAP_ENV}={raw}: must be > 0 and at most this GPU's {total:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    return cap
+
+
+# --------------------------------------------------------------------------------------------
+# What cannot work in a launch mode (checked before anything loads)
+# --------------------------------------------------------------------------------------------
+
+
+def check_launch_compat(recipe: Recipe, mode: LaunchMode) -> list[str]:
+    """Combinations that cannot work in a launch mode, as recipe problems. ZeRO-3 and FSDP flatten
+    parameters into shards of one dtype, so the packed 4-bit storage, the model dtype and the
+    mixed-precision (compute) dtype must all be the same (peft#1432, axolotl#1482, peft#2014);
+    LLM.int8 weights cannot be sharded at all."""
+    q, problems = recipe.quantization, []
+    if mode.kind == "fsdp":
+        problems += _fsdp_problems(mode)
+    if not mode.shards_parameters:
+        return problems
+    where = "FSDP" if mode.kind == "fsdp" else f"DeepSpeed ZeRO-{mode.zero_stage}"
+    if q.method == "int8":
+        problems.append(
+            f"`quantization.method` is int8, which {where} cannot shard; use nf4 (QLoRA) or none, "
+            "or launch with DDP / ZeRO-2"
+        )
+    compute = q.compute_dtype if q.method != "none" else recipe.model.dtype
+    if q.method in ("nf4", "fp4") and q.quant_storage not in ("auto", compute) and compute != "auto":
+        problems.append(
+            f"`quantization.quant_storage` is {q.quant_storage} but the compute dtype is {compute}; "
+            f"{where} needs them equal. Remove quant_storage (auto picks the compute dtype)."
+        )
+    elif q.method in ("nf4", "fp4") and q.quant_storage in ("uint8",):
+        problems.append(
+            f"`quantization.quant_storage` is uint8; {where} needs the 4-bit weights stored in the "
+            "compute dtype. Remove quant_storage (auto picks it)."
+        )
+    if recipe.model.dtype != "auto" and compute != "auto" and recipe.model.dtype != compute:
+        problems.append(
+            f"`model.dtype` is {recipe.model.dtype} but the compute dtype is {compute}; {where} needs "
+            "one dtype for every sharded parameter. Set model.dtype: auto."
+        )
+    if compute == "float32" and q.method in ("nf4", "fp4"):
+        problems.append(
+            f"`quantization.compute_dtype` is float32; under {where} use bfloat16 (or float16 on GPUs "
+            "without bf16) so storage, weights and mixed precision agree"
+        )
+    if recipe.model.upcast_frozen and q.method != "none":
+        problems.append(
+            f"`model.upcast_frozen` is true; under {where} every frozen weight must stay in the compute "
+            "dtype (one dtype per shard). Set model.upcast_frozen: false."
+        )
+    return problems
+
+
+def _fsdp_problems(mode: LaunchMode) -> list[str]:
+    src = f" ({mode.source})" if mode.source else ""
+    problems = []
+    if mode.fsdp_version != 1:
+        problems.append(
+            f"the accelerate config{src} asks for FSDP{mode.fsdp_version}; qlora-sft runs QLoRA under FSDP1 "
+            "(fsdp_version: 1, as configs/accelerate/fsdp_qlora.yaml): accelerate leaves 4-bit weights "
+            "unsharded under FSDP2 and bitsandbytes#1945 reports wrong outputs after FSDP2 sharding"
+        )
+    if not mode.state_dict_type.upper().startswith("FULL"):
+        problems.append(
+            f"the accelerate config{src} sets fsdp_state_dict_type: {mode.state_dict_type}; checkpoints must "
+            "hold the adapter as adapter_model.safetensors (export and resume read it), which needs "
+            "FULL_STATE_DICT (only the LoRA weights are written; the 4-bit base is never saved)"
+        )
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Per-rank memory: what each rank holds once the model is wrapped, and after a step
+# --------------------------------------------------------------------------------------------
+
+
+def held_parameter_bytes(model: Any) -> tuple[int, int]:
+    """(bytes of parameters this rank holds, bytes of the unsharded parameters). Under ZeRO-3 a
+    parameter's local part is its `ds_tensor`; under FSDP1 (use_orig_params=False) the flat
+    parameters are the local shards and `_unpadded_unsharded_size` gives the whole."""
+    held = total = 0
+    for p in model.parameters():  # each shared parameter once
+        size = p.element_size()
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: the partition, plus the whole tensor if it persists
+            held += p.ds_tensor.numel() * p.ds_tensor.element_size()
+            held += p.data.numel() * size if getattr(p, "ds_persist", False) else 0
+            total += p.ds_numel * size
+        elif hasattr(p, "_unpadded_unsharded_size"):  # FSDP1 flat parameter: its data is this rank's shard
+            held += p.numel() * size
+            total += p._unpadded_unsharded_size.numel() * size
+        else:
+            held += p.numel() * size
+            total += p.numel() * size
+    return held, total
+
+
+def gather_floats(value: float) -> list[float]:
+    """One float from every rank, in rank order (this rank's alone without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    everyone = [0.0] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident CPU memory so far."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def memory_now_gib() -> tuple[float, str]:
+    """(GiB, what): GPU memory allocated on this rank, or the process's peak RSS on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**30, "GPU memory allocated"
+    return peak_rss_gib(), "peak RSS"
+
+
+def loading_memory_line() -> str:
+    """After loading, per rank: GPU memory held and the peak CPU memory of loading (the low-memory
+    loader keeps rank 0's weights in CPU memory under FSDP/ZeRO-3 until they are sharded)."""
+    rss = gather_floats(peak_rss_gib())
+    line = "peak CPU RSS while loading, per rank: " + ", ".join(f"{x:.2f} GiB" for x in rss)
+    if torch.cuda.is_available():
+        gpu = gather_floats(torch.cuda.memory_allocated() / 2**30)
+        line = "GPU memory after loading, per rank: " + ", ".join(f"{x:.2f} GiB" for x in gpu) + "; " + line
+    return line
+
+
+def sharding_callback(mode: LaunchMode, logs_dir: Path, rank: int) -> Any:
+    """A TrainerCallback that reports, once the Trainer has wrapped the model (FSDP/DeepSpeed wrap
+    in `accelerator.prepare`, before the first step), the parameter bytes each rank holds, and after
+    the first optimizer step the steady GPU memory per rank (load-time copies freed). Under ZeRO-3
+    or FSDP with several ranks, a rank that still holds every parameter stops the run: training
+    unsharded would silently need the whole model on every GPU. Each rank writes its numbers into
+    its own logs/rank<i>.json."""
+    from transformers import TrainerCallback
+
+    class ShardingReport(TrainerCallback):
+        def __init__(self) -> None:
+            self.record: dict[str, Any] = {"rank": rank}
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            # `model` is the Trainer's model after accelerator.prepare: FSDP-wrapped under FSDP, the
+            # PeftModel with ZeRO-3-partitioned parameters under DeepSpeed
+            if model is None:
+                return
+            held, total = held_parameter_bytes(model)
+            held_all = gather_floats(held / 2**30)
+            total_gib = total / 2**30
+            self.record.update(
+                held_parameter_gib=held / 2**30, unsharded_parameter_gib=total_gib, peak_rss_gib_loading=peak_rss_gib()
+            )
+            log.info(
+                "sharding: parameters held per rank after wrapping: %s (unsharded %.2f GiB; %s)",
+                ", ".join(f"{x:.2f} GiB" for x in held_all),
+                total_gib,
+                mode.describe(),
+            )
+            if mode.shards_parameters and mode.world_size > 1 and max(held_all) > 0.9 * total_gib:
+                raise RuntimeError(
+                    f"{mode.describe()}: a rank holds {max(held_all):.2f} of {total_gib:.2f} GiB of parameters after "
+                    "wrapping, so the model is not sharded. Stopping instead of training unsharded: check that the "
+                    "4-bit weights are stored in the compute dtype (the log's model lines) and that the accelerate "
+                    "config is the bundled one."
+                )
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if "steady_gib" in self.record:
+                return
+            now, what = memory_now_gib()
+            everyone = gather_floats(now)
+            self.record["steady_gib"] = now
+            self.record["steady_what"] = what
+            log.info(
+                "memory: %s per rank after step %d (steady, load-time copies freed): %s",
+                what,
+                state.global_step,
+                ", ".join(f"{x:.2f} GiB" for x in everyone),
+            )
+            self.write()
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.record["global_step"] = state.global_step
+            if torch.cuda.is_available():
+                self.record.update(
+                    device=torch.cuda.get_device_name(),
+                    peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
+                )
+            self.write()
+
+        def write(self) -> None:
+            # each rank writes only its own file
+            path = logs_dir / f"rank{rank}.json"
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(self.record, indent=2))
+            os.replace(tmp, path)
+
+    return ShardingReport()
