@@ -351,7 +351,8 @@ class CheckpointingMixin:
                 staged.parent.mkdir(parents=True, exist_ok=True)
         self._staging_save = True
         try:
-            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+            with peft_sees_fsdp_names(self):
+                super()._save_checkpoint(model, trial)  # type: ignore[misc]
         finally:
             self._staging_save = False
         self.fault.maybe("crashsave", state.global_step, args.process_index)
@@ -366,7 +367,8 @@ class CheckpointingMixin:
         drift from an uninterrupted one. Restore each trainable parameter's dtype."""
         target = model if model is not None else self.model  # type: ignore[attr-defined]
         dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
-        super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+        with peft_sees_fsdp_names(self):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
         for n, p in target.named_parameters():
             if n in dtypes and p.dtype != dtypes[n]:
                 p.data = p.data.to(dtypes[n])
@@ -382,10 +384,49 @@ class CheckpointingMixin:
         with main_process_writes() as is_main:
             if is_main:
                 shutil.rmtree(staged, ignore_errors=True)
-        self.save_model(str(staged))  # type: ignore[attr-defined]
+        with peft_sees_fsdp_names(self):
+            self.save_model(str(staged))  # type: ignore[attr-defined]
         with main_process_writes() as is_main:
             if is_main:
                 publish(staged, final, self.manifest(self.state.global_step))  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def peft_sees_fsdp_names(trainer: Any) -> Iterator[None]:
+    """peft (0.21) picks a model's adapter tensors out of a state dict by the model's module names.
+    Under FSDP1 those names carry a `_fsdp_wrapped_module.` segment per wrapped unit (every decoder
+    layer and every LoRA layer is one), while FSDP's full state dict has plain keys: peft then finds
+    no adapter tensor, saves an empty adapter and, on resume, loads nothing without a word (seen on an
+    H100: the adapter check refused the save; `test_checkpoint.py` reproduces it on the CPU). While
+    the Trainer saves or loads, the FSDP-wrapped model and the PeftModel inside it report their
+    module names as the state dict spells them. Nothing changes outside FSDP."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        yield
+        return
+    models = [trainer.model, trainer.accelerator.unwrap_model(trainer.model)]
+    with plain_fsdp_names(*models):
+        yield
+
+
+@contextlib.contextmanager
+def plain_fsdp_names(*models: Any) -> Iterator[None]:
+    """`named_modules()` of each model without FSDP's `_fsdp_wrapped_module.` segments (an instance
+    attribute over the class method, removed on exit)."""
+    patched = []
+    for m in {id(m): m for m in models}.values():
+        method = type(m).named_modules
+
+        def named_modules(*args: Any, _model: Any = m, _method: Any = method, **kwargs: Any) -> Iterator[Any]:
+            for name, module in _method(_model, *args, **kwargs):
+                yield name.replace("_fsdp_wrapped_module.", ""), module
+
+        m.named_modules = named_modules
+        patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.named_modules
 
 
 def check_resume(path: Path, world_size: int, global_batch: int, mode_kind: str) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,46 +104,57 @@ def distributed_state() -> Any:
     `accelerate launch`/torchrun each believe they are alone (gloo is used for CPU ranks)."""
     from accelerate import PartialState
 
-    cpu = _env_flag("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
     return PartialState(cpu=cpu)
-
-
-def _env_flag(name: str, default: bool = False) -> bool:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def detect() -> LaunchMode:
     """The launch mode of this process, from accelerate's process state and the variables
     `accelerate launch` sets. FSDP is read from the environment: accelerate's PartialState calls an
     FSDP launch MULTI_GPU (only the Accelerator, created later by the Trainer, says FSDP), and the
-    model must know it before loading (4-bit storage dtype, placement)."""
+    model must know it before loading (4-bit storage dtype, placement). Reading the state instead
+    was why FSDP-QLoRA crashed with "Cannot flatten integer dtype tensors"."""
     state = distributed_state()
-    common = {"world_size": state.num_processes, "local_rank": state.local_process_index, "rank": state.process_index}
-    cpu = state.device.type == "cpu"
-    if not cpu and _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        stage, offload = _deepspeed_settings(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
-        if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in os.environ and not os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-            stage = int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
-            offload = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") not in ("none", "")
-        return LaunchMode("deepspeed", zero_stage=stage, offload=offload, **common)
-    if not cpu and _env_flag("ACCELERATE_USE_FSDP"):
-        return LaunchMode(
-            "fsdp",
-            offload=_env_flag("FSDP_OFFLOAD_PARAMS"),
-            fsdp_version=int(os.environ.get("FSDP_VERSION", "1") or 1),
-            sync_module_states=_env_flag("FSDP_SYNC_MODULE_STATES", True)
-            or _env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING"),
-            state_dict_type=os.environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT") or "FULL_STATE_DICT",
-            **common,
-        )
+    return mode_from_environment(
+        os.environ,
+        world_size=state.num_processes,
+        local_rank=state.local_process_index,
+        rank=state.process_index,
+        cpu=state.device.type == "cpu",
+    )
+
+
+def mode_from_environment(
+    env: Mapping[str, str], *, world_size: int, local_rank: int, rank: int, cpu: bool
+) -> LaunchMode:
+    """The launch mode that `accelerate launch`'s variables describe (CPU ranks are always DDP:
+    accelerate runs neither DeepSpeed nor FSDP on CPUs)."""
+    common = {"world_size": world_size, "local_rank": local_rank, "rank": rank}
+
+    def flag(name: str, default: bool = False) -> bool:
+        value = env.get(name)
+        return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+
     if cpu:
         return LaunchMode("cpu", **common)
-    if state.num_processes > 1:
-        return LaunchMode("ddp", **common)
-    return LaunchMode("single_gpu", **common)
+    if flag("ACCELERATE_USE_DEEPSPEED"):
+        config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if config_file:
+            stage, offload = _deepspeed_settings(config_file)
+        else:
+            stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2)
+            offload = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") not in ("none", "")
+        return LaunchMode("deepspeed", zero_stage=stage, offload=offload, **common)
+    if flag("ACCELERATE_USE_FSDP"):
+        return LaunchMode(
+            "fsdp",
+            offload=flag("FSDP_OFFLOAD_PARAMS"),
+            fsdp_version=int(env.get("FSDP_VERSION", "1") or 1),
+            sync_module_states=flag("FSDP_SYNC_MODULE_STATES", True) or flag("FSDP_CPU_RAM_EFFICIENT_LOADING"),
+            state_dict_type=env.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT") or "FULL_STATE_DICT",
+            **common,
+        )
+    return LaunchMode("ddp" if world_size > 1 else "single_gpu", **common)
 
 
 def _deepspeed_settings(
@@ -205,10 +217,6 @@ def from_config_file(path: str | os.PathLike[str], gpus_per_node: int | None = N
 def single_process() -> LaunchMode:
     """One process on one GPU (plan without a config file)."""
     return LaunchMode("single_gpu", source="(none: one process)")
-
-
-def with_world_size(mode: LaunchMode, world_size: int) -> LaunchMode:
-    return replace(mode, world_size=world_size)
 
 
 def check_ranks() -> list[dict[str, Any]]:

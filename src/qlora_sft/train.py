@@ -109,6 +109,44 @@ def metrics_callback(path: Path) -> Any:
     return MetricsCallback()
 
 
+def profile_callback(step: int, path: Path) -> Any:
+    """QLORA_SFT_PROFILE_STEP=N: torch.profiler over optimizer step N; each rank writes the top kernels
+    and operators by device and CPU time to logs/profile-rank<i>.txt (its own file)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class ProfileCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.prof: Any = None
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step + 1 == step:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.prof = torch.profiler.profile(activities=activities)
+                self.prof.__enter__()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.prof is None:
+                return
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            events = self.prof.key_averages()
+            device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            text = (
+                events.table(sort_by=device_key, row_limit=30)
+                + "\n"
+                + events.table(sort_by="cpu_time_total", row_limit=30)
+            )
+            path.write_text(text)
+            log.info("profile of step %d written to %s", step, path)
+            self.prof = None
+
+    return ProfileCallback()
+
+
 def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: Any = None) -> TrainResult:
     """Run the recipe. `extra_callbacks` are added to the Trainer; `on_trainer(trainer)` is called once
     the trainer exists (the benchmark uses it to count tokens)."""
@@ -174,6 +212,9 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
         launch.sharding_callback(mode, run_dir / "logs", state.process_index),
         *(extra_callbacks or []),
     ]
+    if os.environ.get("QLORA_SFT_PROFILE_STEP"):
+        step = int(os.environ["QLORA_SFT_PROFILE_STEP"])
+        callbacks.append(profile_callback(step, run_dir / "logs" / f"profile-rank{state.process_index}.txt"))
     if state.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
