@@ -121,11 +121,18 @@ def launch(
     return proc.returncode, time.time() - t0
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path, skip_lines: int = 0) -> dict[int, float]:
+    """Loss per step from logs/metrics.jsonl (from line `skip_lines` on: a relaunch appends)."""
     metrics = run_dir / "logs" / "metrics.jsonl"
     if not metrics.is_file():
         return {}
-    return {r["step"]: r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r}
+    rows = metrics.read_text().splitlines()[skip_lines:]
+    return {r["step"]: r["loss"] for r in map(json.loads, rows) if "loss" in r}
+
+
+def metrics_lines(run_dir: Path) -> int:
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -170,9 +177,10 @@ def kill_and_resume(mode: str, gpus: int, recipe_path: Path, runs: Path, log: Pa
         mode, gpus, recipe_path, name, log, {**env, "QLORA_SFT_FAULT": f"kill@{KILL_AT_STEP}:0"}, save
     )
     complete = sorted(p.name for p in (runs / name).glob("checkpoint-*") if (p / "COMPLETE").is_file())
+    before = metrics_lines(runs / name)
     rc_resumed, wall = launch(mode, gpus, recipe_path, name, log, env, save)
     text = log.read_text()
-    resumed = losses(runs / name)
+    resumed = losses(runs / name, skip_lines=before)  # the relaunch's steps only
     full = losses(runs / mode)
     after = [s for s in sorted(resumed) if s > SAVE_STEPS and s in full]
     return {

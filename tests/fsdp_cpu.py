@@ -25,7 +25,7 @@ def main(model_dir: str, out: str) -> None:
 
     from qlora_sft.checkpoint import plain_fsdp_names
     from qlora_sft.loader import load_low_memory
-    from qlora_sft.model import keep_cpu_4bit_trainable
+    from qlora_sft.model import fp32_buffer_modules, keep_cpu_4bit_trainable
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -55,11 +55,14 @@ def main(model_dir: str, out: str) -> None:
         device_id=cpu,
         auto_wrap_policy=fsdp_auto_wrap_policy(model),
         use_orig_params=False,
+        # as accelerate + transformers set it up for QLoRA, and as qlora-sft keeps the rotary buffers
+        ignored_modules=fp32_buffer_modules(model),
         mixed_precision=MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16),
     )
     loss = wrapped(input_ids=ids, labels=ids).loss
     loss.backward()
     flat_dtypes = sorted({str(p.dtype) for p in wrapped.parameters()})
+    buffer_dtypes = sorted({str(b.dtype) for b in wrapped.buffers() if b.is_floating_point()})
     # (accelerate gathers with offload_to_cpu=True; on CPU ranks FSDP's offload path fails on its own)
     full = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
     with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, full):
@@ -77,6 +80,7 @@ def main(model_dir: str, out: str) -> None:
         "loss": float(loss),
         "loss_unsharded": loss_unsharded,
         "flat_param_dtypes": flat_dtypes,
+        "float_buffer_dtypes": buffer_dtypes,
         "reference_keys": sorted(reference),
         "saved_keys": sorted(saved),
         "saved_equal_reference": all(torch.equal(saved[k].to(reference[k].dtype), reference[k]) for k in reference),

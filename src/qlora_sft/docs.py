@@ -58,7 +58,8 @@ def reference() -> str:
                 "warmup_steps, optim, logging_steps, save_steps, eval_steps, ...), plus `global_batch_size` and "
                 "`micro_batch_tokens`. qlora-sft's defaults where they differ from TRL's: "
                 + ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in TRAIN_DEFAULTS.items())
-                + f", and `optim: {GPU_OPTIM}` on CUDA GPUs"
+                + f", and `optim: {GPU_OPTIM}` on CUDA GPUs (`adamw_torch_fused` under FSDP, which cannot checkpoint "
+                "bitsandbytes optimizer state)"
                 + ". Keys another section owns are refused here: "
                 + ", ".join(f"`{k}` ({v})" for k, v in TRAIN_OWNED.items())
                 + "."

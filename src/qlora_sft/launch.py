@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .recipe import ModelConfig, QuantizationConfig, Recipe
+from .recipe import GPU_OPTIM, ModelConfig, QuantizationConfig, Recipe
 
 log = logging.getLogger("qlora_sft")
 
@@ -75,6 +75,13 @@ class LaunchMode:
         if self.kind == "fsdp":
             extra = f" (FSDP{self.fsdp_version}, {self.state_dict_type.lower().replace('_', ' ')})"
         return f"{self.kind}{extra}{', offload' if self.offload else ''}, world size {self.world_size}"
+
+    @property
+    def default_optim(self) -> str:
+        """`train.optim` when the recipe names none (GPU launches): bitsandbytes' paged 8-bit AdamW,
+        except under FSDP, which can neither gather nor restore bitsandbytes optimizer state (it
+        keeps its tensors in a nested dict; a resume fails), so torch's fused AdamW there."""
+        return "adamw_torch_fused" if self.kind == "fsdp" else GPU_OPTIM
 
     def compute_dtype(self, q: QuantizationConfig, model: ModelConfig) -> torch.dtype:
         """`auto`: bfloat16 where the GPU supports it, float16 on older GPUs, float32 on the CPU."""
@@ -287,7 +294,7 @@ def check_launch_compat(recipe: Recipe, mode: LaunchMode) -> list[str]:
     LLM.int8 weights cannot be sharded at all."""
     q, problems = recipe.quantization, []
     if mode.kind == "fsdp":
-        problems += _fsdp_problems(mode)
+        problems += _fsdp_problems(recipe, mode)
     if not mode.shards_parameters:
         return problems
     where = "FSDP" if mode.kind == "fsdp" else f"DeepSpeed ZeRO-{mode.zero_stage}"
@@ -325,9 +332,22 @@ def check_launch_compat(recipe: Recipe, mode: LaunchMode) -> list[str]:
     return problems
 
 
-def _fsdp_problems(mode: LaunchMode) -> list[str]:
+def is_bitsandbytes_optim(name: str) -> bool:
+    """transformers' optimizer names that bitsandbytes implements."""
+    name = name.lower()
+    return "bnb" in name or "8bit" in name or name.startswith(("paged_", "lion", "ademamix", "rmsprop_bnb"))
+
+
+def _fsdp_problems(recipe: Recipe, mode: LaunchMode) -> list[str]:
     src = f" ({mode.source})" if mode.source else ""
     problems = []
+    optim = str(recipe.train.args.get("optim", ""))
+    if optim and is_bitsandbytes_optim(optim):
+        problems.append(
+            f"`train.optim` is {optim}, a bitsandbytes optimizer; FSDP can neither gather nor restore its state "
+            "(bitsandbytes keeps it in a nested dict), so checkpoints would not resume. Remove train.optim (under "
+            "FSDP the default is adamw_torch_fused; LoRA's optimizer state is small and sharded)"
+        )
     if mode.fsdp_version != 1:
         problems.append(
             f"the accelerate config{src} asks for FSDP{mode.fsdp_version}; qlora-sft runs QLoRA under FSDP1 "

@@ -7,6 +7,7 @@ says why.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -304,6 +305,45 @@ def check_sharded_dtypes(model: Any, compute_dtype: torch.dtype, mode: LaunchMod
         )
 
 
+def prepare_sharding(trainer: Any, mode: LaunchMode, compute_dtype: torch.dtype) -> None:
+    """The last placement step, once the Trainer exists and before it wraps the model (FSDP and
+    DeepSpeed wrap in `accelerator.prepare`, when training starts)."""
+    if mode.kind == "fsdp":
+        keep_buffers_fp32_under_fsdp(trainer)
+    elif mode.kind == "deepspeed" and mode.zero_stage == 3:
+        partition_for_zero3(trainer, mode, compute_dtype)
+
+
+def fp32_buffer_modules(model: Any) -> list[Any]:
+    """Modules that hold floating-point buffers and no parameters of their own: the rotary
+    embeddings (`inv_freq`)."""
+    return [
+        m
+        for m in model.modules()
+        if any(b.is_floating_point() for b in m.buffers(recurse=False))
+        and not any(True for _ in m.parameters(recurse=False))
+    ]
+
+
+def keep_buffers_fp32_under_fsdp(trainer: Any) -> None:
+    """FSDP's bf16 mixed precision casts every buffer to bf16, the rotary frequencies included:
+    rounded to 8 bits of mantissa, the angle of position 2000 is off by up to several radians, so
+    attention sees wrong positions at long range (DeepSpeed keeps fp32 buffers; one GPU never casts
+    them). FSDP leaves the buffers of ignored modules alone, so the parameterless modules that own
+    fp32 buffers are ignored, and moved to this GPU (FSDP does not move ignored modules)."""
+    plugin = trainer.accelerator.state.fsdp_plugin
+    device = trainer.accelerator.device
+    modules = fp32_buffer_modules(trainer.model)
+    for m in modules:
+        m.to(device)
+    existing = plugin.ignored_modules
+    if isinstance(existing, str):
+        pattern = re.compile(existing)
+        existing = [m for name, m in trainer.model.named_modules() if pattern.fullmatch(name)]
+    plugin.ignored_modules = list(existing or []) + [m for m in modules if m not in (existing or [])]
+    log.info("FSDP: %d module(s) with fp32 buffers (rotary embeddings) kept out of bf16 casting", len(modules))
+
+
 def partition_for_zero3(trainer: Any, mode: LaunchMode, compute_dtype: torch.dtype) -> None:
     """ZeRO-3: partition the parameters across ranks before the Trainer hands the model to
     DeepSpeed. A model that was not built under `deepspeed.zero.Init` is moved to the GPU whole by
@@ -311,8 +351,6 @@ def partition_for_zero3(trainer: Any, mode: LaunchMode, compute_dtype: torch.dty
     transformers builds quantized models without zero.Init. `zero.Init(module=...)` moves one
     parameter at a time to the GPU, broadcasts rank 0's values (the other ranks loaded none: their
     placeholders are untouched CPU pages) and keeps this rank's partition."""
-    if not (mode.kind == "deepspeed" and mode.zero_stage == 3):
-        return
     import copy
 
     import deepspeed

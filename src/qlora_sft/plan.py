@@ -41,7 +41,7 @@ from typing import Any
 from . import launch
 from .errors import RecipeError, UserError
 from .launch import LaunchMode
-from .recipe import GPU_OPTIM, Recipe, resolve_batch
+from .recipe import Recipe, resolve_batch
 
 GIB = 1024**3
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
@@ -149,7 +149,7 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode) -> Memo
     else:
         data_bytes, const_bytes = 2.0, 0.0
     n_lora = shape.lora_params(recipe.lora.r, recipe.lora.target_modules)
-    optim = str(recipe.train.args.get("optim", GPU_OPTIM))
+    optim = str(recipe.train.args.get("optim", mode.default_optim))
     optim_bytes = 2 if "8bit" in optim else 8
     gc = bool(recipe.train.args.get("gradient_checkpointing", True))
     layer_act = tokens * (16 * h + 6 * inter) * 2

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import checkpoint, data, launch, model
 from .errors import RecipeError
-from .recipe import GPU_OPTIM, BatchPlan, Recipe, resolve_batch
+from .recipe import BatchPlan, Recipe, resolve_batch
 
 log = logging.getLogger("qlora_sft")
 
@@ -90,7 +90,7 @@ def sft_args(recipe: Recipe, batch: BatchPlan, mode: launch.LaunchMode, compute_
     if mode.kind == "cpu":
         args["use_cpu"] = True
     elif "optim" not in recipe.train.args:
-        args["optim"] = GPU_OPTIM
+        args["optim"] = mode.default_optim
     return SFTConfig(**args)
 
 
@@ -241,7 +241,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     }
     trainer.keep_last = recipe.checkpoint.keep_last
     trainer.fault = fault
-    model.partition_for_zero3(trainer, mode, compute_dtype)
+    model.prepare_sharding(trainer, mode, compute_dtype)
     if on_trainer is not None:
         on_trainer(trainer)
 
