@@ -165,7 +165,7 @@ def load_base(
         "model: %s loader, attention %s, %s",
         "low-memory" if uses_low_memory_loader(cfg, mode) else "transformers",
         attn,
-        quantization_line(qconfig, model_dtype),
+        quantization_line(base, qconfig, model_dtype),
     )
     return base
 
@@ -174,14 +174,18 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def quantization_line(qconfig: Any, model_dtype: torch.dtype) -> str:
+def quantization_line(model: Any, qconfig: Any, model_dtype: torch.dtype) -> str:
+    """What was loaded, read off the model (a pre-quantized checkpoint keeps its own storage dtype
+    under `model.loader: transformers`)."""
     if qconfig is None:
         return f"weights in {dtype_name(model_dtype)} (no quantization)"
     if getattr(qconfig, "load_in_8bit", False):
         return "LLM.int8 weights"
+    packed = next((p for p in model.parameters() if type(p).__name__ == "Params4bit"), None)
+    storage = packed.dtype if packed is not None else qconfig.bnb_4bit_quant_storage
     return (
         f"{qconfig.bnb_4bit_quant_type} weights (double quant {qconfig.bnb_4bit_use_double_quant}) stored as "
-        f"{dtype_name(qconfig.bnb_4bit_quant_storage)}, compute {dtype_name(qconfig.bnb_4bit_compute_dtype)}, "
+        f"{dtype_name(storage)}, compute {dtype_name(qconfig.bnb_4bit_compute_dtype)}, "
         f"other weights {dtype_name(model_dtype)}"
     )
 
