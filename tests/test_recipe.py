@@ -127,6 +127,17 @@ def test_overrides_are_yaml_typed():
     assert len(errs) == 3
 
 
+def test_unquoted_no_is_the_string_no_where_trl_wants_a_string():
+    # YAML 1.1 reads `save_strategy: no` as false; SFTConfig wants the string
+    data, _ = apply_overrides(MINIMAL, ["train.save_strategy=no", "train.eval_strategy=no"])
+    r = build_recipe(data)
+    assert r.train.args["save_strategy"] == "no" and r.train.args["eval_strategy"] == "no"
+    (p,) = problems(MINIMAL, ["train.save_strategy=yes"])
+    assert "train.save_strategy` is true; expected a string" in p
+    (p,) = problems(MINIMAL, ["train.max_steps=no"])
+    assert "train.max_steps` is false; expected int" in p
+
+
 def test_resolved_recipe_round_trips(tmp_path: Path):
     r = build_recipe(MINIMAL)
     f = tmp_path / "resolved.yaml"

@@ -625,6 +625,15 @@ def sft_field_types() -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(SFTConfig) if f.init}
 
 
+def _admits(annotation: Any, kind: type) -> bool:
+    """Does the annotation accept values of `kind` (Any does)?"""
+    if annotation is kind or annotation is Any:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_admits(a, kind) for a in typing.get_args(annotation))
+    return False
+
+
 def _lenient(annotation: Any) -> Any:
     """SFTConfig annotations include enums and dicts; only check plain scalar types."""
     origin = typing.get_origin(annotation)
@@ -670,6 +679,12 @@ def _build_train(raw: Any, ctx: _Ctx) -> TrainConfig:
                 hint = f"; it belongs to `{other}`"
             ctx.add(full, f"is not a trl.SFTConfig field{hint}")
             continue
+        if isinstance(value, bool) and _admits(sft[name], str) and not _admits(sft[name], bool):
+            # YAML 1.1 reads an unquoted `no` as false (`save_strategy: no`); these fields take strings
+            if value:
+                ctx.add(full, 'is true; expected a string (quote it: "yes")')
+                continue
+            value = "no"
         ann = _lenient(sft[name])
         ok, norm = _check_value(value, ann)
         if not ok:
