@@ -12,10 +12,11 @@ I = MLP size, L = layers, V = vocabulary, n = LoRA parameters, W = ranks sharing
                         on every rank's GPU (not sharded: bitsandbytes needs them beside every shard)
   other weights         (embeddings, lm_head, norms) x 2 (compute dtype; x 4 with model.upcast_frozen),
                         / W under ZeRO-3/FSDP
-  gathered for compute  sharded modes with W > 1: FSDP holds the root unit (embeddings, lm_head, final
-                        norm) gathered through the step plus two decoder layers (the one computing and
-                        the one prefetched); ZeRO-3 gathers one module at a time, the largest being the
-                        embedding or lm_head (V x h x 2)
+  gathered for compute  FSDP: the root unit (embeddings, lm_head, final norm) gathered whole (during
+                        the step with W > 1; when a checkpoint's full state dict is written with W = 1),
+                        plus with W > 1 or offload two decoder layers (the one computing and the one
+                        prefetched); ZeRO-3 with W > 1 or offload gathers one module at a time, the
+                        largest being the embedding or lm_head (V x h x 2)
   LoRA                  n x 4 (fp32) weights + n x 4 gradients (/ W under FSDP and ZeRO-3; gradients
                         / W under ZeRO-2)
   optimizer             n x 8 (AdamW fp32 moments) or n x 2 (8-bit, the GPU default), / W under ZeRO
@@ -24,7 +25,9 @@ I = MLP size, L = layers, V = vocabulary, n = LoRA parameters, W = ranks sharing
                         live in CPU memory; the GPU keeps the quantization constants, what is gathered
                         for compute, activations and workspace
   activations           checkpointed layer inputs B*T*h*2*L + one layer recomputed in backward
-                        B*T*(16h + 6I)*2 (no T^2 term: SDPA/flash attention), or all layers without
+                        B*T*(6h + 2I)*2 (varlen/flash attention, Liger's fused SwiGLU and norms: no T^2
+                        term; fitted to the H100/H200 runs of the 1B, 8B and 70B shapes in
+                        bench/results, within 15% of every measured peak), or all layers without
                         checkpointing
   logits                TRL's fused LM head tiles the vocabulary (no B*T x V logits): B*T*h*2*2
   workspace             the largest dequantized weight (bf16) x 2 + 0.25 GiB allocator slack
@@ -152,15 +155,15 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode) -> Memo
     optim = str(recipe.train.args.get("optim", mode.default_optim))
     optim_bytes = 2 if "8bit" in optim else 8
     gc = bool(recipe.train.args.get("gradient_checkpointing", True))
-    layer_act = tokens * (16 * h + 6 * inter) * 2
+    layer_act = tokens * (6 * h + 2 * inter) * 2
     biggest = max(a * b for a, b in shape.linears().values())
     layer_weights = sum(a * b for a, b in shape.linears().values()) * data_bytes
     gathered = 0.0
-    if mode.shards_parameters and world > 1:
-        if mode.kind == "fsdp":
-            gathered = shape.other_params * other_bytes + 2 * layer_weights
-        else:
-            gathered = shape.vocab * h * other_bytes
+    moves_weights = world > 1 or offload  # weights arrive from other ranks or from CPU memory
+    if mode.kind == "fsdp":
+        gathered = shape.other_params * other_bytes + (2 * layer_weights if moves_weights else 0)
+    elif mode.shards_parameters and moves_weights:
+        gathered = shape.vocab * h * other_bytes
     weights_name = "4-bit base weights" if q in ("nf4", "fp4") else f"{q} base weights"
     kept = 0.0 if offload else 1.0  # what offload moves to CPU memory
     parts = {

@@ -1,0 +1,363 @@
+"""The sharded launch modes as far as CPUs reach: the low-memory loader (against transformers'
+own), pre-quantized checkpoints, the meta placement of non-zero ranks, torch's FSDP1 over the 4-bit
+model on two CPU ranks, the launch-mode reading, the dtype guard, and `plan`'s memory model against
+the GPU measurements committed in bench/results. The FSDP and ZeRO-3 runs themselves need GPUs
+(accelerate turns them into DDP on CPUs): their numbers are in bench/results and the README."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONFIGS, REPO, TESTS, free_port, losses_by_step, recipe_dict, write_recipe
+
+from qlora_sft.errors import UserError
+
+
+def bnb_config(storage: torch.dtype, compute: torch.dtype = torch.float32, double: bool = True):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+def low_memory(path: Path, q, dtype=torch.float32, device: str = "cpu"):
+    from qlora_sft.loader import load_low_memory
+
+    return load_low_memory(
+        str(path), q, dtype=dtype, data_device=torch.device(device), compute_device=torch.device("cpu")
+    )
+
+
+def reference(path: Path, q, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=q, device_map={"": "cpu"})
+
+
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+IDS = torch.tensor([[3, 17, 42, 99, 5, 8, 250, 31]])
+
+
+@pytest.mark.parametrize(
+    "storage,dtype",
+    [(torch.uint8, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)],
+    ids=["uint8-fp32", "bf16-fp32", "bf16-bf16"],
+)
+def test_low_memory_loader_builds_what_from_pretrained_builds(tiny_model: Path, storage, dtype):
+    import bitsandbytes as bnb
+
+    q = bnb_config(storage, compute=dtype)
+    ref, new = reference(tiny_model, q, dtype), low_memory(tiny_model, q, dtype)
+    ref_params, new_params = dict(ref.named_parameters()), dict(new.named_parameters())
+    assert ref_params.keys() == new_params.keys()
+    quantized = 0
+    for name, a in ref_params.items():
+        b = new_params[name]
+        assert type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(raw_bytes(a), raw_bytes(b)), name  # the same packed bytes, bit for bit
+        if isinstance(a, bnb.nn.Params4bit):
+            quantized += 1
+            assert torch.equal(a.quant_state.absmax, b.quant_state.absmax), name
+    assert quantized == 14  # 2 layers x 7 projections
+    assert new.is_loaded_in_4bit and new.hf_quantizer is not None
+    assert new.config.quantization_config.bnb_4bit_quant_storage == storage
+    with torch.no_grad():
+        assert torch.equal(ref(IDS).logits, new(IDS).logits)
+
+
+def test_tied_embeddings_stay_tied(tmp_path: Path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tied")
+    q = bnb_config(torch.bfloat16)
+    new = low_memory(tmp_path / "tied", q)
+    assert new.lm_head.weight is new.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(reference(tmp_path / "tied", q)(IDS).logits, new(IDS).logits)
+
+
+def test_prequantized_checkpoint_is_read_as_stored_and_retyped(tiny_model: Path, tmp_path: Path):
+    """A `*-bnb-4bit` checkpoint (uint8 storage, as save_pretrained writes it) loads with bf16
+    storage for FSDP/ZeRO-3: the same bytes, the same dequantized weights, the same logits."""
+    import bitsandbytes as bnb
+
+    four_bit = reference(tiny_model, bnb_config(torch.uint8))
+    four_bit.save_pretrained(tmp_path / "tiny-bnb-4bit")
+    stored = json.loads((tmp_path / "tiny-bnb-4bit" / "config.json").read_text())["quantization_config"]
+    assert stored["bnb_4bit_quant_storage"] == "uint8"
+    new = low_memory(tmp_path / "tiny-bnb-4bit", bnb_config(torch.bfloat16))
+    packed = {n: p for n, p in new.named_parameters() if isinstance(p, bnb.nn.Params4bit)}
+    assert len(packed) == 14 and {p.dtype for p in packed.values()} == {torch.bfloat16}
+    for name, p in four_bit.named_parameters():
+        if isinstance(p, bnb.nn.Params4bit):
+            q = packed[name]
+            assert torch.equal(raw_bytes(p), raw_bytes(q))
+            assert torch.equal(
+                bnb.functional.dequantize_4bit(p.data, p.quant_state),
+                bnb.functional.dequantize_4bit(q.data, q.quant_state),
+            )
+    with torch.no_grad():
+        assert torch.equal(four_bit(IDS).logits, new(IDS).logits)
+
+
+def test_prequantized_checkpoint_in_a_recipe(tiny_model: Path, tmp_path: Path, caplog):
+    """Through `load_base`: the checkpoint's quant type and double quant win over the recipe's
+    (with a warning), and a recipe without 4-bit quantization is refused before loading."""
+    from qlora_sft.launch import LaunchMode
+    from qlora_sft.model import load_base
+    from qlora_sft.recipe import build_recipe
+
+    reference(tiny_model, bnb_config(torch.uint8)).save_pretrained(tmp_path / "bnb4")
+    (tmp_path / "bnb4").joinpath("tokenizer.json").write_text((tiny_model / "tokenizer.json").read_text())
+
+    def recipe(**q):
+        return build_recipe(recipe_dict(tmp_path / "bnb4", tmp_path / "x.jsonl", tmp_path, quantization=q))
+
+    for loader in ("transformers", "low_memory"):
+        r = build_recipe(
+            recipe_dict(
+                tmp_path / "bnb4",
+                tmp_path / "x.jsonl",
+                tmp_path,
+                quantization={"method": "nf4", "double_quant": False},
+                model={"loader": loader},
+            )
+        )
+        with caplog.at_level("WARNING", logger="qlora_sft"):
+            base = load_base(r, LaunchMode("cpu"))
+        assert "pre-quantized as nf4 (double quant True)" in caplog.text
+        assert base.config.quantization_config.bnb_4bit_use_double_quant is True
+    with pytest.raises(UserError, match="stored in bitsandbytes 4-bit but quantization.method is none"):
+        load_base(recipe(method="none"), LaunchMode("cpu"))
+
+
+def test_meta_ranks_hold_no_weights_but_everything_to_receive_them(tiny_model: Path):
+    """Under FSDP/ZeRO-3 the ranks other than 0 load nothing (meta) but keep the quantization
+    constants; given rank 0's weights (what sync_module_states / ZeRO-3's broadcast does), they
+    compute exactly what rank 0 computes."""
+    import bitsandbytes as bnb
+
+    q = bnb_config(torch.bfloat16)
+    rank0 = low_memory(tiny_model, q)
+    other = low_memory(tiny_model, q, device="meta")
+    assert {p.device.type for p in other.parameters()} == {"meta"}
+    assert all(m.quant_state is not None for m in other.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert all(b.device.type == "cpu" for b in other.buffers())  # rotary frequencies are computed, not loaded
+    for module in other.modules():  # FSDP's param_init_fn: storage for the parameters, garbage until the broadcast
+        for name, p in list(module.named_parameters(recurse=False)):
+            module._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="cpu"), p.requires_grad)
+    other.load_state_dict(rank0.state_dict(), strict=False)
+    for module in other.modules():  # what bitsandbytes does when FSDP hands a layer its plain weight view
+        if isinstance(module, bnb.nn.Linear4bit):
+            bnb.nn.modules.fix_4bit_weight_quant_state_from_module(module)
+    with torch.no_grad():
+        assert torch.equal(rank0(IDS).logits, other(IDS).logits)
+
+
+def test_checkpoint_names_that_do_not_match_fail_clearly(tiny_model: Path, tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "renamed"
+    bad.mkdir()
+    for f in tiny_model.iterdir():
+        if f.name != "model.safetensors":
+            (bad / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(tiny_model / "model.safetensors"))
+    sd["model.layers.0.mlp.fc_in.weight"] = sd.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError) as exc:
+        low_memory(bad, bnb_config(torch.bfloat16))
+    text = str(exc.value)
+    assert "model.layers.0.mlp.up_proj.weight" in text and "model.layers.0.mlp.fc_in.weight" in text
+    assert "model.loader: transformers" in text
+
+
+def test_fsdp1_shards_the_4bit_model_and_finds_its_adapter(tiny_model: Path, tmp_path: Path):
+    """Two CPU ranks (gloo) run torch's FSDP1 over the model from the low-memory loader, as the
+    Trainer wraps it: bf16-stored 4-bit weights flatten, the loss equals the unsharded model's (the
+    rotary buffers stay fp32), and the adapter goes out of FSDP's full state dict and back in (peft
+    0.21 alone finds none of it: its lookup uses module names with FSDP's segments)."""
+    out = tmp_path / "report.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    cmd = [
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(TESTS / "fsdp_cpu.py"),
+        str(tiny_model),
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["world"] == 2
+    assert r["flat_param_dtypes"] == ["torch.bfloat16"]  # 4-bit weights, norms, embeddings and LoRA: one dtype
+    assert r["float_buffer_dtypes"] == ["torch.float32"]
+    assert r["loss"] == pytest.approx(r["loss_unsharded"], rel=1e-3)
+    assert len(r["reference_keys"]) == 28 and r["saved_keys"] == r["reference_keys"]
+    assert r["saved_equal_reference"]
+    assert r["unexpected_on_load"] == 0 and r["loaded_all_twos"]
+
+
+def test_launch_mode_from_the_launchers_environment(tmp_path: Path):
+    from qlora_sft.launch import from_config_file, mode_from_environment
+
+    ranks = {"world_size": 2, "local_rank": 1, "rank": 1}
+    fsdp = mode_from_environment(
+        {
+            "ACCELERATE_USE_FSDP": "true",
+            "FSDP_VERSION": "1",
+            "FSDP_OFFLOAD_PARAMS": "false",
+            "FSDP_SYNC_MODULE_STATES": "true",
+            "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+        },
+        cpu=False,
+        **ranks,
+    )
+    assert fsdp.kind == "fsdp" and fsdp.shards_parameters and fsdp.rank == 1 and not fsdp.offload
+    assert fsdp.default_optim == "adamw_torch_fused"
+    zero3 = mode_from_environment(
+        {
+            "ACCELERATE_USE_DEEPSPEED": "true",
+            "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "configs/deepspeed/zero3.json"),
+        },
+        cpu=False,
+        **ranks,
+    )
+    assert (zero3.kind, zero3.zero_stage, zero3.offload, zero3.shards_parameters) == ("deepspeed", 3, False, True)
+    offload = mode_from_environment(
+        {
+            "ACCELERATE_USE_DEEPSPEED": "true",
+            "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "configs/deepspeed/zero3_offload.json"),
+        },
+        cpu=False,
+        **ranks,
+    )
+    assert offload.offload
+    # accelerate runs neither FSDP nor DeepSpeed on CPU ranks: they are DDP there
+    assert mode_from_environment({"ACCELERATE_USE_FSDP": "true"}, cpu=True, **ranks).kind == "cpu"
+    assert mode_from_environment({}, cpu=False, **ranks).kind == "ddp"
+    # the bundled accelerate configs, read as plan reads them
+    assert from_config_file(CONFIGS / "fsdp_qlora.yaml").label() == "fsdp"
+    assert from_config_file(CONFIGS / "fsdp_qlora_offload.yaml").label() == "fsdp+offload"
+    assert from_config_file(CONFIGS / "deepspeed_zero3.yaml", gpus_per_node=4, nodes=2).world_size == 8
+    assert from_config_file(CONFIGS / "deepspeed_zero2.yaml").label() == "zero2"
+
+
+def test_uint8_weights_are_refused_before_sharding(tiny_model: Path):
+    """What crashed FSDP inside torch ("Cannot flatten integer dtype tensors") is a clear error
+    that names the weights and the fix, before any training."""
+    from qlora_sft.launch import LaunchMode
+    from qlora_sft.model import check_sharded_dtypes
+
+    model = reference(tiny_model, bnb_config(torch.uint8, compute=torch.bfloat16), torch.bfloat16)
+    with pytest.raises(UserError) as exc:
+        check_sharded_dtypes(model, torch.bfloat16, LaunchMode("fsdp", 2))
+    text = str(exc.value)
+    assert "14 frozen weights are not in the compute dtype bfloat16" in text
+    assert "4-bit, stored as uint8" in text and "model.loader: auto" in text
+    bf16 = reference(tiny_model, bnb_config(torch.bfloat16, compute=torch.bfloat16), torch.bfloat16)
+    check_sharded_dtypes(bf16, torch.bfloat16, LaunchMode("fsdp", 2))  # passes
+
+
+def test_training_with_the_low_memory_loader_equals_the_transformers_loader(
+    tiny_model: Path, toy_data: Path, tmp_path: Path
+):
+    losses = {}
+    for loader in ("transformers", "low_memory"):
+        recipe = write_recipe(
+            tmp_path / f"{loader}.yaml",
+            recipe_dict(
+                tiny_model,
+                toy_data,
+                tmp_path / "runs",
+                run={"name": loader},
+                model={"loader": loader},
+                train={"max_steps": 6, "logging_steps": 1, "save_steps": 100},
+            ),
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "qlora_sft", "train", str(recipe)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"{'low-memory' if loader == 'low_memory' else 'transformers'} loader" in proc.stdout
+        losses[loader] = losses_by_step(tmp_path / "runs" / loader)
+    assert len(losses["transformers"]) == 6
+    assert losses["low_memory"] == losses["transformers"]
+
+
+def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
+    """`plan`'s per-rank memory for FSDP and ZeRO-3, against every launch measured on a GPU in
+    bench/results (within 15% of the measured peak), and its verdicts for the 70B shape."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from distributed import MODES, recipe_for
+    from transformers import LlamaConfig
+    from workload import SHAPES
+
+    from qlora_sft import launch
+    from qlora_sft.plan import ModelShape, estimate_memory, plan_lines
+    from qlora_sft.recipe import build_recipe
+
+    checked = 0
+    for result in sorted((REPO / "bench" / "results").glob("*-distributed*.json")):
+        run = json.loads(result.read_text())
+        folder = tmp_path / run["shape"]
+        LlamaConfig(**SHAPES[run["shape"]]).save_pretrained(folder)
+        recipe = build_recipe(
+            recipe_for(folder, tmp_path / "d.jsonl", tmp_path, run["steps"], run["global_batch"], run["max_length"])
+        )
+        shape = ModelShape.from_config(json.loads((folder / "config.json").read_text()))
+        for r in run["results"]:
+            peaks = [p for p in r.get("peak_gib_per_rank") or [] if p]
+            if r["returncode"] != 0 or not peaks:
+                continue
+            peak = max(peaks)
+            mode = launch.from_config_file(CONFIGS / MODES[r["mode"]], r["gpus"])
+            estimate = estimate_memory(shape, recipe, mode).total
+            assert abs(estimate - peak) / peak <= 0.15, (result.name, r["mode"], estimate, peak)
+            checked += 1
+    assert checked >= 5  # 8B on 1 GPU, FSDP and ZeRO-3 (H100); 70B under FSDP (H200)
+
+    folder = tmp_path / "llama3-70b"
+    LlamaConfig(**SHAPES["llama3-70b"]).save_pretrained(folder)
+    r70 = recipe_dict(folder, tmp_path / "d.jsonl", tmp_path, data={"max_length": 2048}, train={"global_batch_size": 8})
+    recipe = write_recipe(tmp_path / "r70.yaml", r70)
+    from qlora_sft.recipe import load_recipe
+
+    rec = load_recipe(recipe, ["train.per_device_train_batch_size=1"])
+    one = plan_lines(rec, None, gpu_mem=24)
+    assert any(line.strip().startswith("single_gpu.yaml") and "does not fit" in line for line in one)
+    two = plan_lines(rec, str(CONFIGS / "fsdp_qlora_offload.yaml"), gpus=2, gpu_mem=24)
+    assert any(line.strip().startswith("fsdp_qlora_offload.yaml") and line.endswith(" fits") for line in two)
+    assert any("CPU memory while loading: rank 0 holds the model" in line for line in two)
