@@ -13,9 +13,10 @@ steps after the warm-up, peak and steady (after step 1) GPU memory and the param
 rank holds after wrapping (logs/rank<i>.json), peak CPU memory while loading, the loss at each of
 the first 10 steps, and `qlora-sft plan`'s estimate for the same launch.
 
---kill-resume MODES   also run each mode with rank 0 SIGKILLed as step 7 begins (checkpoint-5 is
-                      the newest complete one), relaunch it, and compare the resumed losses with
-                      the uninterrupted run's
+--kill-resume MODES   also run each mode saving every steps/2 steps with rank 0 SIGKILLed two steps
+                      after the first save (10 steps: killed as step 7 begins, checkpoint-5 the
+                      newest complete one), relaunch it, and compare the resumed losses with the
+                      uninterrupted run's
 --export MODES        `qlora-sft export` each mode's final adapter on the GPU and record whether the
                       merged model verifies against it
 --gpu-cap GIB         cap every rank's GPU memory (QLORA_SFT_GPU_MEMORY_GIB) to behave like a
@@ -56,8 +57,6 @@ MODES = {
     "fsdp_offload": "fsdp_qlora_offload.yaml",
 }
 WARMUP_STEPS = 4  # tokens/s is measured from the end of step 5 to the last step
-KILL_AT_STEP = 7
-SAVE_STEPS = 5
 
 
 def recipe_for(model: Path, data: Path, out: Path, steps: int, gbs: int, max_length: int) -> dict:
@@ -168,26 +167,31 @@ def plan_estimate(recipe_path: Path, mode: str, gpus: int) -> float:
     return round(estimate_memory(shape, recipe, lm).total, 2)
 
 
-def kill_and_resume(mode: str, gpus: int, recipe_path: Path, runs: Path, log: Path, env: dict[str, str]) -> dict:
-    """Rank 0 is killed as step KILL_AT_STEP begins; the relaunch must resume from checkpoint-SAVE_STEPS."""
+def kill_and_resume(
+    mode: str, gpus: int, steps: int, recipe_path: Path, runs: Path, log: Path, env: dict[str, str]
+) -> dict:
+    """Checkpoints every steps/2 steps; rank 0 is killed two steps after the first one; the relaunch
+    must resume from it and continue as the uninterrupted run did."""
+    save_steps = max(1, steps // 2)
+    kill_at = min(steps, save_steps + 2)
     name = f"{mode}-killed"
     shutil.rmtree(runs / name, ignore_errors=True)
-    save = [f"train.save_steps={SAVE_STEPS}"]
-    rc_killed, _ = launch(
-        mode, gpus, recipe_path, name, log, {**env, "QLORA_SFT_FAULT": f"kill@{KILL_AT_STEP}:0"}, save
-    )
+    save = [f"train.save_steps={save_steps}"]
+    rc_killed, _ = launch(mode, gpus, recipe_path, name, log, {**env, "QLORA_SFT_FAULT": f"kill@{kill_at}:0"}, save)
     complete = sorted(p.name for p in (runs / name).glob("checkpoint-*") if (p / "COMPLETE").is_file())
     before = metrics_lines(runs / name)
     rc_resumed, wall = launch(mode, gpus, recipe_path, name, log, env, save)
     text = log.read_text()
     resumed = losses(runs / name, skip_lines=before)  # the relaunch's steps only
     full = losses(runs / mode)
-    after = [s for s in sorted(resumed) if s > SAVE_STEPS and s in full]
+    after = [s for s in sorted(resumed) if s > save_steps and s in full]
     return {
+        "killed_at_step": kill_at,
+        "save_steps": save_steps,
         "killed_returncode": rc_killed,
         "checkpoints_after_kill": complete,
         "resumed_returncode": rc_resumed,
-        "resumed_from_log": f"resuming from {runs / name / f'checkpoint-{SAVE_STEPS}'}" in text,
+        "resumed_from_log": f"resuming from {runs / name / f'checkpoint-{save_steps}'}" in text,
         "resumed_losses": {s: resumed[s] for s in after},
         "uninterrupted_losses": {s: full[s] for s in after},
         "max_abs_loss_diff": max((abs(resumed[s] - full[s]) for s in after), default=None),
@@ -266,7 +270,7 @@ def main() -> int:
             "plan_estimate_gib": plan_estimate(recipe_path, mode, args.gpus),
         }
         if rc == 0 and mode in kill_modes:
-            r["kill_resume"] = kill_and_resume(mode, args.gpus, recipe_path, runs, log, env)
+            r["kill_resume"] = kill_and_resume(mode, args.gpus, args.steps, recipe_path, runs, log, env)
         if rc == 0 and mode in export_modes:
             r["export"] = export(mode, runs, log, env)
         if rc != 0 or (r.get("kill_resume") or {}).get("resumed_returncode"):
@@ -324,7 +328,10 @@ def render(p: dict) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in p["results"]:
-        tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else f"failed (rc {r['returncode']})"
+        if r.get("tokens_per_s"):
+            tps = f"{r['tokens_per_s']:,.0f}"
+        else:
+            tps = f"failed (rc {r['returncode']})" if r["returncode"] else f"n/a (<= {WARMUP_STEPS + 1} steps)"
         loss = ", ".join(f"{x:.4f}" for x in r.get("losses_first_10", []))
         lines.append(
             f"| {r['mode']} | {r['gpus']} | {tps} | {r.get('peak_gib_per_rank')} | {r.get('steady_gib_per_rank')} | "
@@ -335,10 +342,11 @@ def render(p: dict) -> list[str]:
         if "kill_resume" in r:
             k = r["kill_resume"]
             lines.append(
-                f"\nKill and resume ({r['mode']}): rank 0 killed at step {KILL_AT_STEP} (rc {k['killed_returncode']}), "
-                f"complete checkpoints {k['checkpoints_after_kill']}, relaunch rc {k['resumed_returncode']}, resumed "
-                f"from checkpoint-{SAVE_STEPS}: {k['resumed_from_log']}; max |loss difference| of steps "
-                f"{SAVE_STEPS + 1}-{p['steps']} against the uninterrupted run: {k['max_abs_loss_diff']}"
+                f"\nKill and resume ({r['mode']}): rank 0 killed at step {k['killed_at_step']} (rc "
+                f"{k['killed_returncode']}), complete checkpoints {k['checkpoints_after_kill']}, relaunch rc "
+                f"{k['resumed_returncode']}, resumed from checkpoint-{k['save_steps']}: {k['resumed_from_log']}; max "
+                f"|loss difference| of steps {k['save_steps'] + 1}-{p['steps']} against the uninterrupted run: "
+                f"{k['max_abs_loss_diff']}"
             )
         if "export" in r:
             e = r["export"]

@@ -63,3 +63,52 @@ def test_bench_run_writes_results_with_ratios(tmp_path: Path):
     assert data["results"]["baseline"]["padding_fraction"] > 0  # padded batches of 4
     assert data["results"]["project"]["padding_fraction"] < 0.01  # packed, padding-free rows (measured)
     assert (tmp_path / "results" / result.name.replace(".json", ".md")).is_file()
+
+
+def test_bench_distributed_runs_kills_resumes_and_writes_results(tmp_path: Path):
+    """bench/distributed.py end to end on the CPU (the launch-mode matrix itself needs GPUs): a run,
+    a run killed after its first checkpoint and relaunched, the results file with the keys the GPU
+    results carry. On the CPU the resumed losses equal the uninterrupted run's exactly."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "distributed.py"),
+            "--shape",
+            "llama-smoke",
+            "--gpus",
+            "1",
+            "--modes",
+            "1gpu",
+            "--steps",
+            "4",
+            "--global-batch",
+            "2",
+            "--max-length",
+            "256",
+            "--rows",
+            "200",
+            "--kill-resume",
+            "1gpu",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    (result,) = (tmp_path / "results").glob("*-llama-smoke-distributed.json")
+    data = json.loads(result.read_text())
+    assert {"gpu", "shape", "num_gpus", "per_gpu_cap_gib", "results"} <= data.keys()
+    (r,) = data["results"]
+    for key in ("mode", "gpus", "returncode", "tokens_per_s", "peak_gib_per_rank", "steady_gib_per_rank"):
+        assert key in r, key
+    assert r["returncode"] == 0 and len(r["losses_first_10"]) == 4 and r["plan_estimate_gib"] > 0
+    k = r["kill_resume"]
+    assert k["killed_returncode"] != 0 and k["checkpoints_after_kill"] == ["checkpoint-2"]
+    assert k["resumed_returncode"] == 0 and k["resumed_from_log"]
+    assert sorted(k["resumed_losses"]) == ["3", "4"] and k["max_abs_loss_diff"] == 0.0

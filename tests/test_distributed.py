@@ -161,7 +161,13 @@ def test_bundled_accelerate_configs_load_and_name_existing_files(path: Path):
 
     cfg = load_config_from_file(str(path))  # accelerate's own parser: unknown keys fail here
     raw = yaml.safe_load(path.read_text())
-    expected = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "multi_node": "MULTI_GPU", "fsdp_qlora": "FSDP"}
+    expected = {
+        "single_gpu": "NO",
+        "multi_gpu": "MULTI_GPU",
+        "multi_node": "MULTI_GPU",
+        "fsdp_qlora": "FSDP",
+        "fsdp_qlora_offload": "FSDP",
+    }
     kind = expected.get(path.stem, "DEEPSPEED")
     assert str(cfg.distributed_type).split(".")[-1] == kind
     if kind == "DEEPSPEED":

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .loader import checkpoint_files
 
 log = logging.getLogger("qlora_sft")
 
@@ -124,31 +125,6 @@ def resolve_source(path: str | Path, base_override: str | None = None) -> Source
     if (p / "manifest.json").is_file():
         step = json.loads((p / "manifest.json").read_text()).get("step")
     return Source(p, run_dir, base, quant, recipe, step, adapter_config)
-
-
-def base_files(base: str) -> tuple[Path, list[Path]]:
-    """The base model folder and its safetensors files (checked before anything is written)."""
-    folder = Path(base)
-    if not folder.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(
-                snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
-            )
-        except Exception as exc:
-            raise UserError(
-                f"export: base model {base!r} not found locally and not downloadable ({type(exc).__name__}). "
-                "Pass --base-model PATH to the base model folder."
-            ) from None
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"export: no .safetensors weights in {folder}")
-    return folder, files
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,7 +485,10 @@ def export(
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("export: --device cuda but no GPU is visible")
     shard_bytes = parse_size(shard_size)
-    base_folder, files = base_files(source.base_path)
+    try:
+        base_folder, files = checkpoint_files(source.base_path)
+    except UserError as exc:
+        raise UserError(f"export: {exc} Pass --base-model PATH to the base model folder.") from None
     pairs, full = read_adapter(source.adapter_dir, source.adapter_config)
     quantized = quantized_weight_names(base_folder, method)
     if method != "none" and not quantized:

@@ -101,9 +101,15 @@ def export_torch_env() -> dict[str, str]:
     if env.num_tasks > 1:
         import torch
 
+        chosen_port = os.environ.get("MASTER_PORT")
         submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=torch.cuda.is_available(), overwrite=True
         )
+        # submitit picks a random port in 20000-60000, inside Linux's ephemeral range, where it can
+        # collide with any open connection (seen in CI: EADDRINUSE). Use the sbatch templates' rule
+        # instead (20000 + job id mod 20000), or the port the user set.
+        job = int(re.sub(r"\D.*$", "", str(env.job_id)) or 0)
+        os.environ["MASTER_PORT"] = chosen_port or str(20000 + job % 20000)
     else:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
