@@ -1,9 +1,9 @@
 """The same QLoRA recipe in every launch mode on real GPUs: 1 GPU, DDP, ZeRO-2, ZeRO-3, FSDP.
 
-    python bench/distributed.py --shape llama3-8b --gpus 2 --steps 10
-    python bench/distributed.py --shape llama3-8b --gpus 1 --modes 1gpu,fsdp,zero3 \
+    python -m bench.distributed --shape llama3-8b --gpus 2 --steps 10
+    python -m bench.distributed --shape llama3-8b --gpus 1 --modes 1gpu,fsdp,zero3 \
         --kill-resume fsdp,zero3 --export fsdp,zero3
-    python bench/distributed.py --shape llama3-70b --prequantized --gpus 1 --modes fsdp --steps 10
+    python -m bench.distributed --shape llama3-70b --prequantized --gpus 1 --modes fsdp --steps 10
 
 For each mode it runs `accelerate launch --config_file configs/accelerate/<config> --num_processes
 N -m qlora_sft train <recipe>` (the command users run) with the project's defaults (packing,
@@ -29,7 +29,6 @@ Writes bench/results/<date>-<gpu>-<shape>-distributed.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import shutil
@@ -41,12 +40,11 @@ from typing import Any
 
 import yaml
 
+from . import measure, report
+from .workload import make_data, make_model
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO / "src"))
-
-from workload import make_data, make_model  # noqa: E402
 
 MODES = {
     "1gpu": "single_gpu.yaml",
@@ -56,7 +54,6 @@ MODES = {
     "fsdp": "fsdp_qlora.yaml",
     "fsdp_offload": "fsdp_qlora_offload.yaml",
 }
-WARMUP_STEPS = 4  # tokens/s is measured from the end of step 5 to the last step
 
 
 def recipe_for(model: Path, data: Path, out: Path, steps: int, gbs: int, max_length: int) -> dict:
@@ -81,14 +78,6 @@ def recipe_for(model: Path, data: Path, out: Path, steps: int, gbs: int, max_len
             "dataloader_num_workers": 2,
         },
     }
-
-
-def tokens_per_s(rows: list[dict], skip: int) -> float | None:
-    steps = [r for r in rows if "loss" in r and "num_tokens" in r]
-    if len(steps) <= skip + 1:
-        return None
-    a, b = steps[skip], steps[-1]
-    return (b["num_tokens"] - a["num_tokens"]) / (b["time"] - a["time"])
 
 
 def launch(
@@ -141,7 +130,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         rows = [json.loads(x) for x in metrics.read_text().splitlines()]
         by_step = losses(run_dir)
         out["losses_first_10"] = [by_step[s] for s in sorted(by_step)][:10]
-        out["tokens_per_s"] = tokens_per_s(rows, WARMUP_STEPS)
+        out["tokens_per_s"] = measure.tokens_per_s_from_metrics(rows)
         out["steps"] = max((r["step"] for r in rows), default=0)
     ranks = [json.loads(p.read_text()) for p in sorted((run_dir / "logs").glob("rank*.json"))]
 
@@ -290,11 +279,7 @@ def main() -> int:
             )
         if by.get("1gpu", {}).get("tokens_per_s") and r.get("tokens_per_s") and r["mode"] != "1gpu":
             checks[f"speedup_vs_1gpu_{r['mode']}"] = r["tokens_per_s"] / by["1gpu"]["tokens_per_s"]
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    stamp = dt.date.today().isoformat()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = out / f"{stamp}-{gpu.replace(' ', '_')}-{args.shape}-distributed{args.tag}"
+    gpu = report.gpu_name()
     payload = {
         "gpu": gpu,
         "shape": args.shape,
@@ -305,39 +290,59 @@ def main() -> int:
         "global_batch": args.global_batch,
         "max_length": args.max_length,
         "torch": torch.__version__,
-        "command": "python bench/distributed.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.distributed " + " ".join(sys.argv[1:]),
         "results": results,
         "checks": checks,
     }
-    base.with_suffix(".json").write_text(json.dumps(payload, indent=2))
-    base.with_suffix(".md").write_text("\n".join(render(payload)) + "\n")
-    print("\n".join(render(payload)))
+    report.write(
+        report.results_base(Path(args.out), gpu, args.shape, f"-distributed{args.tag}"), payload, render(payload)
+    )
     return 0 if all(r["returncode"] == 0 for r in results) else 1
 
 
 def render(p: dict) -> list[str]:
     cap = f", each GPU capped at {p['per_gpu_cap_gib']:g} GiB" if p.get("per_gpu_cap_gib") else ""
+    rows = []
+    for r in p["results"]:
+        if r.get("tokens_per_s"):
+            tps = f"{r['tokens_per_s']:,.0f}"
+        else:
+            warm = measure.warmup_steps(p["steps"])
+            tps = f"failed (rc {r['returncode']})" if r["returncode"] else f"n/a (<= {warm + 1} steps)"
+        rows.append(
+            [
+                r["mode"],
+                r["gpus"],
+                tps,
+                r.get("peak_gib_per_rank"),
+                r.get("steady_gib_per_rank"),
+                r.get("held_parameter_gib_per_rank"),
+                r["plan_estimate_gib"],
+                r.get("peak_rss_gib_loading_per_rank"),
+                ", ".join(f"{x:.4f}" for x in r.get("losses_first_10", [])),
+            ]
+        )
+    header = [
+        "mode",
+        "GPUs",
+        "tokens/s",
+        "peak GiB per rank",
+        "steady GiB per rank",
+        "params held GiB per rank",
+        "plan GiB",
+        "peak RSS loading GiB",
+        "losses steps 1-10",
+    ]
     lines = [
         f"# Launch modes on {p['gpu']}: {p['shape']}{' (pre-quantized NF4)' if p.get('prequantized') else ''}, "
         f"QLoRA NF4, global batch {p['global_batch']} x {p['max_length']} tokens, {p['steps']} steps{cap}",
         "",
         f"Command: `{p['command']}`",
         "",
-        "| mode | GPUs | tokens/s | peak GiB per rank | steady GiB per rank | params held GiB per rank | "
-        "plan GiB | peak RSS loading GiB | losses steps 1-10 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *report.table(header, rows),
+        "",
+        f"tokens/s after {measure.warmup_steps(p['steps'])} warm-up steps.",
     ]
-    for r in p["results"]:
-        if r.get("tokens_per_s"):
-            tps = f"{r['tokens_per_s']:,.0f}"
-        else:
-            tps = f"failed (rc {r['returncode']})" if r["returncode"] else f"n/a (<= {WARMUP_STEPS + 1} steps)"
-        loss = ", ".join(f"{x:.4f}" for x in r.get("losses_first_10", []))
-        lines.append(
-            f"| {r['mode']} | {r['gpus']} | {tps} | {r.get('peak_gib_per_rank')} | {r.get('steady_gib_per_rank')} | "
-            f"{r.get('held_parameter_gib_per_rank')} | {r['plan_estimate_gib']} | "
-            f"{r.get('peak_rss_gib_loading_per_rank')} | {loss} |"
-        )
     for r in p["results"]:
         if "kill_resume" in r:
             k = r["kill_resume"]

@@ -1,7 +1,7 @@
 """Throughput and memory of qlora-sft against the plain notebook recipe, on the same GPU, same model,
 same data, in one run.
 
-    python bench/run.py --shape llama3-8b --mode baseline,peer,project [--steps 20] [--ablation]
+    python -m bench.run --shape llama3-8b --mode baseline,peer,project [--steps 20] [--ablation]
 
   baseline  the seed notebooks' recipe: bitsandbytes NF4 + double quant, peft LoRA r=16 on all 7
             projections, TRL SFTTrainer, padded batches of 4, no packing, SDPA, gradient
@@ -13,37 +13,30 @@ same data, in one run.
 
 Each mode runs in its own process. Reported per mode: real (non-padding) tokens/s over the steps
 after the warm-up, the padding fraction of computed tokens, peak GPU memory
-(torch.cuda.max_memory_allocated), time to the first optimizer step, and MFU:
-
-    MFU = real tokens/s x (6 N + 6 L h c) / peak bf16 FLOP/s
-
-with N the non-embedding parameters (the frozen base's forward, its input-gradient backward and
-the gradient-checkpointing recompute: 3 x 2N per token; LoRA adds < 1%), L layers, h hidden size and
-c the mean attended context per token (half the mean example length), and the GPU's dense bf16
-peak (989 TFLOP/s for H100/H200 SXM). Writes bench/results/<date>-<gpu>-<shape>.{json,md}.
+(torch.cuda.max_memory_allocated), time to the first optimizer step, and MFU (`measure.mfu`).
+Writes bench/results/<date>-<gpu>-<shape>.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from qlora_sft.plan import ModelShape
+
+from . import measure, report
+from .workload import SHAPES, make_data, make_model
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO / "src"))
-
-from workload import SHAPES, make_data, make_model  # noqa: E402
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 # The project path with one default switched back at a time (label -> recipe overrides).
 ABLATION = {
     "attention sdpa (dense block mask)": ["model.attn_implementation=sdpa"],
@@ -55,113 +48,9 @@ ABLATION = {
     "torch.compile": ["train.torch_compile=true"],
 }
 PEAK_2X2048 = "micro batch 2x2048 tokens"
-# Profiler buckets: CUDA kernel names (lower case) -> what they do.
-KERNEL_BUCKETS = [
-    ("dequantize (NF4)", ("dequant", "kdequant")),
-    ("attention", ("flash", "fmha", "attention", "varlen", "sdpa", "efficient_attention")),
-    ("optimizer", ("optimizer", "adam", "kpercentile", "multi_tensor")),
-    ("loss (chunked lm_head)", ("logprob", "log_prob", "chunked", "cross_entropy", "logsumexp")),
-    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "sm90", "sm80")),
-    ("norm/rope/swiglu (liger)", ("rms", "rope", "swiglu", "silu", "liger")),
-]
-
-
 # --------------------------------------------------------------------------------------------
 # Workers (one process each)
 # --------------------------------------------------------------------------------------------
-
-
-class StepTimer:
-    """A TrainerCallback recording wall time at each optimizer step end (after a CUDA sync)."""
-
-    def __new__(cls, out: list[float]) -> Any:
-        import torch
-        from transformers import TrainerCallback
-
-        class _T(TrainerCallback):
-            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                out.append(time.time())
-
-        return _T()
-
-
-class StepProfiler:
-    """A TrainerCallback profiling one optimizer step (CUDA kernel time by bucket -> profile.json)."""
-
-    def __new__(cls, step: int, out: Path) -> Any:
-        import torch
-        from transformers import TrainerCallback
-
-        class _P(TrainerCallback):
-            prof: Any = None
-
-            def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                if state.global_step == step - 1:
-                    torch.cuda.synchronize()
-                    self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-                    self.prof.__enter__()
-
-            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                if self.prof is None:
-                    return
-                torch.cuda.synchronize()
-                self.prof.__exit__(None, None, None)
-                (out / "profile.json").write_text(json.dumps(kernel_breakdown(self.prof), indent=1))
-                self.prof = None
-
-        return _P()
-
-
-def kernel_breakdown(prof: Any) -> dict[str, Any]:
-    """Device time of one step by bucket (first matching bucket wins), plus the top kernels."""
-    buckets: dict[str, float] = {name: 0.0 for name, _ in KERNEL_BUCKETS}
-    buckets["other (elementwise, copies, LoRA glue)"] = 0.0
-    kernels: dict[str, float] = {}
-    for ev in prof.key_averages():
-        us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)
-        if not us:
-            continue
-        key = ev.key.lower()
-        kernels[ev.key[:90]] = kernels.get(ev.key[:90], 0.0) + us
-        for name, needles in KERNEL_BUCKETS:
-            if any(n in key for n in needles):
-                buckets[name] += us
-                break
-        else:
-            buckets["other (elementwise, copies, LoRA glue)"] += us
-    total = sum(buckets.values())
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
-    return {
-        "device_ms": total / 1e3,
-        "buckets_ms": {k: v / 1e3 for k, v in buckets.items()},
-        "buckets_share": {k: (v / total if total else 0.0) for k, v in buckets.items()},
-        "top_kernels_ms": {k: v / 1e3 for k, v in top},
-    }
-
-
-def count_tokens(trainer: Any, counts: dict[str, int]) -> None:
-    """Count computed tokens (the input tensor) and real tokens (not padding) of every training batch,
-    in the main process (collators may run in dataloader workers). Padded batches carry an attention
-    mask; padding-free rows are padded, if at all, with pad tokens at their end."""
-    inner = trainer.training_step
-    pad_id = trainer.processing_class.pad_token_id
-
-    def training_step(model: Any, inputs: dict[str, Any], *a: Any, **kw: Any) -> Any:
-        ids = inputs["input_ids"]
-        counts["computed"] += int(ids.numel())
-        mask = inputs.get("attention_mask")
-        if mask is not None:
-            counts["real"] += int(mask.sum())
-        else:
-            not_pad = (ids != pad_id).int()
-            # everything up to the last non-pad token of each row is real
-            last = ids.shape[1] - not_pad.flip(-1).argmax(-1)
-            counts["real"] += int((last * not_pad.any(-1)).sum())
-        return inner(model, inputs, *a, **kw)
-
-    trainer.training_step = training_step
 
 
 def notebook_worker(mode: str, model_dir: Path, data_path: Path, steps: int, max_length: int, out: Path) -> None:
@@ -220,22 +109,22 @@ def notebook_worker(mode: str, model_dir: Path, data_path: Path, steps: int, max
         dataloader_num_workers=2,
     )
     counts = {"computed": 0, "real": 0}
-    times: list[float] = []
+    timer = measure.StepTimer()
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=ds,
         processing_class=tok,
         peft_config=lora,
-        callbacks=[StepTimer(times)],
+        callbacks=[timer],
     )
-    count_tokens(trainer, counts)
+    measure.count_tokens(trainer, counts)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
     trainer.train()
     tokens = [r["num_tokens"] for r in trainer.state.log_history if "num_tokens" in r]
-    write_worker_result(out, times, tokens, start - t0, start, counts)
+    write_worker_result(out, timer.times, tokens, start - t0, start, counts)
 
 
 def project_worker(
@@ -272,23 +161,18 @@ def project_worker(
         )
     )
     recipe = load_recipe(recipe_path, overrides)
-    times: list[float] = []
     counts = {"computed": 0, "real": 0}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
-    callbacks = [StepTimer(times)]
+    timer = measure.StepTimer()
+    callbacks: list[Any] = [timer]
     if profile_step:
-        callbacks.append(StepProfiler(profile_step, out))
-    train(recipe, extra_callbacks=callbacks, on_trainer=lambda t: count_tokens(t, counts))
+        callbacks.append(measure.StepProfiler(profile_step, out))
+    train(recipe, extra_callbacks=callbacks, on_trainer=lambda t: measure.count_tokens(t, counts))
     rows = [json.loads(x) for x in (recipe.run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     tokens = [r["num_tokens"] for r in rows if "num_tokens" in r and "loss" in r]
-    write_worker_result(out, times, tokens, start - t0, start, counts)
-
-
-def warmup_steps(steps: int) -> int:
-    """Steps left out of tokens/s (allocator growth, first-step compilation and caching)."""
-    return min(5, max(1, steps // 4))
+    write_worker_result(out, timer.times, tokens, start - t0, start, counts)
 
 
 def write_worker_result(
@@ -296,8 +180,7 @@ def write_worker_result(
 ) -> None:
     import torch
 
-    warm = warmup_steps(len(times))
-    tps = (tokens[-1] - tokens[warm - 1]) / (times[-1] - times[warm - 1]) if len(times) > warm else None
+    tps = measure.tokens_per_s(times, tokens)
     padding = 1 - counts["real"] / counts["computed"] if counts["computed"] else 0.0
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     (out / "result.json").write_text(
@@ -320,27 +203,11 @@ def write_worker_result(
 # --------------------------------------------------------------------------------------------
 
 
-def peak_tflops(gpu: str) -> float | None:
-    """Dense bf16 peak of the GPU, where known."""
-    return next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
-
-
-def mfu(tps: float | None, shape: str, mean_len: float, gpu: str) -> float | None:
-    s = SHAPES[shape]
-    h, i, L = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
-    kv = s["num_key_value_heads"] * h // s["num_attention_heads"]
-    n = L * (2 * h * h + 2 * h * kv + 3 * h * i)
-    peak = peak_tflops(gpu)
-    if tps is None or peak is None:
-        return None
-    return tps * (6 * n + 6 * L * h * mean_len / 2) / (peak * 1e12)
-
-
 def run_worker(name: str, argv: list[str], out: Path, timeout: int) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *argv, "--worker-out", str(out)]
+    cmd = [sys.executable, "-m", "bench.run", "--worker", *argv, "--worker-out", str(out)]
     with (out / "log.txt").open("w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=os.environ)
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=os.environ)
     res = json.loads((out / "result.json").read_text()) if (out / "result.json").is_file() else {}
     if (out / "profile.json").is_file():
         res["profile"] = json.loads((out / "profile.json").read_text())
@@ -406,8 +273,6 @@ def main() -> int:
         str(cache),
     ]
     runs = cache / "bench-runs" / args.shape
-    import shutil
-
     shutil.rmtree(runs, ignore_errors=True)
     results: dict[str, dict[str, Any]] = {}
     project_extra = ["--overrides", *args.project_overrides] if args.project_overrides else []
@@ -440,9 +305,10 @@ def main() -> int:
             )
             print(json.dumps({k: v for k, v in results[key].items() if k != "step_times"}), flush=True)
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    gpu = report.gpu_name()
+    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()), args.shape)
     for r in results.values():
-        r["mfu"] = mfu(r.get("tokens_per_s"), args.shape, mean_len, gpu)
+        r["mfu"] = measure.mfu(r.get("tokens_per_s"), shape, mean_len, gpu)
 
     def tps(name: str) -> float | None:
         return (results.get(name) or {}).get("tokens_per_s")
@@ -451,8 +317,7 @@ def main() -> int:
         "gpu": gpu,
         "shape": args.shape,
         "num_gpus": 1,
-        "date": dt.date.today().isoformat(),
-        "command": "python bench/run.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.run " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
         "baseline_tokens_per_s": tps("baseline"),
         "peer_tokens_per_s": tps("peer"),
@@ -467,55 +332,60 @@ def main() -> int:
         "mean_example_tokens": mean_len,
         "results": results,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = out / f"{payload['date']}-{gpu.replace(' ', '_')}-{args.shape}"
-    base.with_suffix(".json").write_text(json.dumps(payload, indent=2))
-    lines = [
-        f"# {args.shape} on {gpu}: {args.steps} steps, max_length {args.max_length}",
-        "",
-        f"Command: `{payload['command']}`",
-        "",
-        "| mode | real tokens/s | x baseline | padding | peak GiB | first step s | MFU |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    report.write(report.results_base(Path(args.out), gpu, args.shape), payload, render(payload, args))
+    return 0
+
+
+def render(p: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    results, base_tps = p["results"], p["baseline_tokens_per_s"]
+    rows = []
     for name, r in results.items():
         t = r.get("tokens_per_s")
-        ratio = f"{t / tps('baseline'):.2f}" if t and tps("baseline") else "-"
-        lines.append(
-            f"| {name} | {t:.0f} | {ratio} | {r.get('padding_fraction', 0):.0%} | {r.get('peak_gib') or 0:.2f} | "
-            f"{r.get('time_to_first_step_s') or 0:.1f} | {r['mfu']:.1%} |"
-            if t and r.get("mfu") is not None
-            else f"| {name} | {t or 'failed'} | {ratio} | - | {r.get('peak_gib')} | - | - |"
-        )
-
-    def num(value: float | None, fmt: str) -> str:
-        return "not measured" if value is None else format(value, fmt)
-
-    lines += [
+        ratio = f"{t / base_tps:.2f}" if t and base_tps else "-"
+        if t and r.get("mfu") is not None:
+            rows.append(
+                [
+                    name,
+                    f"{t:.0f}",
+                    ratio,
+                    f"{r.get('padding_fraction', 0):.0%}",
+                    f"{r.get('peak_gib') or 0:.2f}",
+                    f"{r.get('time_to_first_step_s') or 0:.1f}",
+                    f"{r['mfu']:.1%}",
+                ]
+            )
+        else:
+            rows.append([name, t or "failed", ratio, "-", r.get("peak_gib"), "-", "-"])
+    num = report.number
+    lines = [
+        f"# {args.shape} on {p['gpu']}: {args.steps} steps, max_length {args.max_length}",
         "",
-        f"- project / baseline: {num(payload['ratio'], '.2f')}x; project / peer: {num(payload['peer_ratio'], '.2f')}x",
-        f"- peak GiB: baseline {num(payload['baseline_peak_gib'], '.2f')}, "
-        f"project {num(payload['project_peak_gib'], '.2f')}, "
-        f"project with micro batches of 2x2048 tokens (peak_gib_2x2048) {num(payload['peak_gib_2x2048'], '.2f')}",
-        f"- mean example length {mean_len:.0f} tokens; tokens/s counts real (non-padding) tokens after "
-        f"{warmup_steps(args.steps)} warm-up steps",
-        f"- MFU = real tokens/s x (6 N + 6 L h c) / {num(peak_tflops(gpu), '.0f')} TFLOP/s (dense bf16 peak), "
-        "N = non-embedding parameters, L layers, h hidden size, c = mean attended context (half the mean "
-        "example length); "
-        "6 N = frozen-base forward + gradient-checkpointing recompute + input-gradient backward",
+        f"Command: `{p['command']}`",
+        "",
+        *report.table(["mode", "real tokens/s", "x baseline", "padding", "peak GiB", "first step s", "MFU"], rows),
+        "",
+        f"- project / baseline: {num(p['ratio'], '.2f')}x; project / peer: {num(p['peer_ratio'], '.2f')}x",
+        f"- peak GiB: baseline {num(p['baseline_peak_gib'], '.2f')}, project {num(p['project_peak_gib'], '.2f')}, "
+        f"project with micro batches of 2x2048 tokens (peak_gib_2x2048) {num(p['peak_gib_2x2048'], '.2f')}",
+        f"- mean example length {p['mean_example_tokens']:.0f} tokens; tokens/s counts real (non-padding) tokens "
+        f"after {measure.warmup_steps(args.steps)} warm-up steps",
+        f"- MFU = real tokens/s x (6 N + 6 L h c) / {num(measure.peak_tflops(p['gpu']), '.0f')} TFLOP/s (dense "
+        "bf16 peak), N = non-embedding parameters, L layers, h hidden size, c = mean attended context (half the "
+        "mean example length); 6 N = frozen-base forward + gradient-checkpointing recompute + input-gradient "
+        "backward",
     ]
-    prof = payload.get("profile")
+    prof = p.get("profile")
     if prof:
         lines += ["", f"## One project step, CUDA kernel time ({prof['device_ms']:.0f} ms on the device)", ""]
-        lines += ["| bucket | ms | share |", "| --- | --- | --- |"]
-        for k, v in prof["buckets_ms"].items():
-            lines.append(f"| {k} | {v:.1f} | {prof['buckets_share'][k]:.1%} |")
-        lines += ["", "Top kernels:", "", "| kernel | ms |", "| --- | --- |"]
-        lines += [f"| `{k}` | {v:.1f} |" for k, v in list(prof["top_kernels_ms"].items())[:12]]
-    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+        lines += report.table(
+            ["bucket", "ms", "share"],
+            [[k, f"{v:.1f}", f"{prof['buckets_share'][k]:.1%}"] for k, v in prof["buckets_ms"].items()],
+        )
+        lines += ["", "Top kernels:", ""]
+        lines += report.table(
+            ["kernel", "ms"], [[f"`{k}`", f"{v:.1f}"] for k, v in list(prof["top_kernels_ms"].items())[:12]]
+        )
+    return lines
 
 
 if __name__ == "__main__":

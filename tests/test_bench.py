@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_bench_run_writes_results_with_ratios(tmp_path: Path):
@@ -17,7 +17,8 @@ def test_bench_run_writes_results_with_ratios(tmp_path: Path):
     out = subprocess.run(
         [
             sys.executable,
-            str(REPO / "bench" / "run.py"),
+            "-m",
+            "bench.run",
             "--shape",
             "llama-smoke",
             "--mode",
@@ -40,6 +41,7 @@ def test_bench_run_writes_results_with_ratios(tmp_path: Path):
         capture_output=True,
         text=True,
         env=env,
+        cwd=REPO,
         timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
@@ -73,7 +75,8 @@ def test_bench_distributed_runs_kills_resumes_and_writes_results(tmp_path: Path)
     out = subprocess.run(
         [
             sys.executable,
-            str(REPO / "bench" / "distributed.py"),
+            "-m",
+            "bench.distributed",
             "--shape",
             "llama-smoke",
             "--gpus",
@@ -98,6 +101,7 @@ def test_bench_distributed_runs_kills_resumes_and_writes_results(tmp_path: Path)
         capture_output=True,
         text=True,
         env=env,
+        cwd=REPO,
         timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from helpers import DATA
 
 from qlora_sft import data
 from qlora_sft.data import Example, build_data, mark_trained, mix, normalize_row, tokenize_example

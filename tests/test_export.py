@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_cmd, cpu_env, recipe_dict, write_toy_data
+from helpers import accelerate_cmd, cpu_env, recipe_dict, write_toy_data
 
 from qlora_sft.errors import UserError
 from qlora_sft.export import export

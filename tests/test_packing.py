@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import recipe_dict, write_toy_data
+from helpers import recipe_dict, write_toy_data
 
 from qlora_sft.recipe import build_recipe
 

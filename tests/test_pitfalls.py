@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_cmd, cpu_env, recipe_dict, wait_for_losses, write_recipe, write_toy_data
+from helpers import accelerate_cmd, cpu_env, recipe_dict, wait_for_losses, write_recipe, write_toy_data
 
 from qlora_sft import checkpoint
 from qlora_sft.recipe import build_recipe

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 from qlora_sft.errors import RecipeError
 from qlora_sft.recipe import (
@@ -145,6 +145,12 @@ def test_resolved_recipe_round_trips(tmp_path: Path):
     again = load_recipe(f)
     assert again.to_dict() == r.to_dict()
     assert again.hash() == r.hash()
+    # a run without 4-bit weights reads its own recipe.yaml back (double_quant resolves to false);
+    # before, its relaunch into the same run directory was refused as unreadable
+    plain = build_recipe({**MINIMAL, "quantization": {"method": "none"}})
+    assert plain.quantization.double_quant is False
+    f.write_text(plain.to_yaml())
+    assert load_recipe(f).to_dict() == plain.to_dict()
 
 
 def test_global_batch_arithmetic():

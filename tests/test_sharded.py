@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, REPO, TESTS, free_port, losses_by_step, recipe_dict, write_recipe
+from helpers import CONFIGS, REPO, TESTS, free_port, losses_by_step, recipe_dict, write_recipe
 
 from qlora_sft.errors import UserError
 
@@ -320,11 +320,10 @@ def test_training_with_the_low_memory_loader_equals_the_transformers_loader(
 def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
     """`plan`'s per-rank memory for FSDP and ZeRO-3, against every launch measured on a GPU in
     bench/results (within 15% of the measured peak), and its verdicts for the 70B shape."""
-    sys.path.insert(0, str(REPO / "bench"))
-    from distributed import MODES, recipe_for
     from transformers import LlamaConfig
-    from workload import SHAPES
 
+    from bench.distributed import MODES, recipe_for
+    from bench.workload import SHAPES
     from qlora_sft import launch
     from qlora_sft.plan import ModelShape, estimate_memory, plan_lines
     from qlora_sft.recipe import build_recipe

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     REPO,
     accelerate_cmd,
     cpu_env,

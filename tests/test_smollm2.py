@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from qlora_sft.demo import convert_gguf, find_gguf, generate
 from qlora_sft.recipe import load_recipe

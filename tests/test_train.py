@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import recipe_dict, write_recipe
+from helpers import recipe_dict, write_recipe
 
 from qlora_sft.errors import RunDirError
 from qlora_sft.recipe import build_recipe, load_recipe
@@ -22,7 +22,7 @@ def losses(run_dir: Path, key: str = "loss") -> list[tuple[int, float]]:
 @pytest.fixture(scope="module")
 def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """One real QLoRA run on the tiny Llama (bitsandbytes NF4 on the CPU), shared by the tests below."""
-    from conftest import write_toy_data
+    from helpers import write_toy_data
 
     root = tmp_path_factory.mktemp("train")
     data = write_toy_data(root / "toy.jsonl")

@@ -5,11 +5,14 @@ prepare_run_dir      refuse a different recipe in an existing run directory; wri
 CompletionCallback   after the Trainer saves a checkpoint, the main process writes
                      manifest.json and then COMPLETE, last
 find_resume          the newest complete checkpoint; incomplete ones are skipped with the reason
+Checkpointing        everything checkpointing wires into one training run: the Trainer class,
+                     the preemption and fault callbacks, the manifest fields, the PREEMPTED marker
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -97,6 +100,9 @@ def recipe_differences(old: Recipe, new: Recipe) -> list[str]:
 def read_run_recipe(run_dir: Path) -> Recipe:
     data = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
     data.pop("launch", None)
+    quant = data.get("quantization") or {}
+    if quant.get("method") in ("none", "int8"):
+        quant.pop("double_quant", None)  # written as true by versions before it resolved to false
     return build_recipe(data, source=str(run_dir / "recipe.yaml"))
 
 
@@ -326,13 +332,10 @@ class Fault:
 
 
 class CheckpointingMixin:
-    """Mixed into the Trainer: complete-or-absent checkpoints (see the module docstring).
+    """Mixed into the Trainer by `Checkpointing.trainer`: complete-or-absent checkpoints (see the
+    module docstring). `ckpt` is the run's Checkpointing."""
 
-    Set before training: `ckpt_meta` (manifest fields), `keep_last`, `fault`."""
-
-    ckpt_meta: dict[str, Any]
-    keep_last: int | None = None
-    fault: Fault = Fault("")
+    ckpt: Checkpointing
     _staging_save = False
 
     def _get_output_dir(self, trial: Any) -> str:  # Trainer hook: where checkpoint-<step> is written
@@ -355,11 +358,11 @@ class CheckpointingMixin:
                 super()._save_checkpoint(model, trial)  # type: ignore[misc]
         finally:
             self._staging_save = False
-        self.fault.maybe("crashsave", state.global_step, args.process_index)
+        self.ckpt.fault.maybe("crashsave", state.global_step, args.process_index)
         with main_process_writes() as is_main:
             if is_main:
                 publish(staged, run_dir / name, self.manifest(state.global_step))
-                apply_retention(run_dir, self.keep_last)
+                apply_retention(run_dir, self.ckpt.keep_last)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         """Resume loads the adapter through peft's `load_adapter`, which upcasts adapter weights to
@@ -375,8 +378,8 @@ class CheckpointingMixin:
 
     def manifest(self, step: int) -> dict[str, Any]:
         state = self.state  # type: ignore[attr-defined]
-        gb = self.ckpt_meta.get("global_batch", 0)
-        return {**self.ckpt_meta, "step": step, "epoch": state.epoch, "examples_consumed": step * gb}
+        meta = self.ckpt.meta
+        return {**meta, "step": step, "epoch": state.epoch, "examples_consumed": step * meta.get("global_batch", 0)}
 
     def save_final(self, final: Path) -> None:
         """The end-of-training adapter + tokenizer, staged and published like a checkpoint."""
@@ -389,6 +392,70 @@ class CheckpointingMixin:
         with main_process_writes() as is_main:
             if is_main:
                 publish(staged, final, self.manifest(self.state.global_step))  # type: ignore[attr-defined]
+
+
+@functools.cache
+def trainer_class(base: type) -> type:
+    """`base` (a Trainer class) with complete-or-absent checkpoints mixed in."""
+    return type(f"Checkpointing{base.__name__}", (CheckpointingMixin, base), {})
+
+
+def run_metadata(recipe: Recipe, mode: Any, batch: Any) -> dict[str, Any]:
+    """What a launch was: written as recipe.yaml's `launch:` block and into every manifest (resume
+    checks the world size and global batch against it)."""
+    return {
+        "recipe_hash": recipe.hash(),
+        "mode": mode.kind,
+        "world_size": mode.world_size,
+        "zero_stage": mode.zero_stage,
+        "micro_batch": batch.micro_batch,
+        "grad_accum": batch.grad_accum,
+        "global_batch": batch.global_batch,
+    }
+
+
+class Checkpointing:
+    """Everything checkpointing wires into one training run: the Trainer class with staged,
+    published checkpoints, the preemption and fault-injection callbacks, and the PREEMPTED marker
+    for the launcher."""
+
+    def __init__(self, recipe: Recipe, meta: dict[str, Any], rank: int):
+        self.meta = meta
+        self.keep_last = recipe.checkpoint.keep_last
+        self.rank = rank
+        self.fault = Fault()
+        self.preemption = preemption_callback(list(recipe.checkpoint.signals))
+
+    def callbacks(self) -> list[Any]:
+        return [self.preemption, fault_callback(self.fault, self.rank)]
+
+    def trainer(self, base: type, **kwargs: Any) -> Any:
+        """An instance of `base` (e.g. trl.SFTTrainer) that checkpoints this way."""
+        trainer = trainer_class(base)(**kwargs)
+        trainer.ckpt = self
+        return trainer
+
+    @property
+    def preempted(self) -> bool:
+        return self.preemption.stopped_at_step is not None
+
+    def record_preemption(self, run_dir: Path, step: int) -> float:
+        """After a preemption stop (the checkpoint at `step` is complete): the main process writes
+        PREEMPTED for launchers that lose the exit code. Returns seconds from the signal."""
+        p = self.preemption
+        waited = time.time() - (p.signalled_at or time.time())
+        with main_process_writes() as is_main:
+            if is_main:
+                record = {"step": step, "signal": p.signal_name, "seconds_from_signal_to_exit": round(waited, 3)}
+                atomic_write_text(run_dir / PREEMPTED, json.dumps(record) + "\n")
+        log.warning(
+            "preempted: checkpoint-%d is complete; %.1f s from signal to exit; exiting with code %d "
+            "so the launcher requeues the job",
+            step,
+            waited,
+            REQUEUE_EXIT_CODE,
+        )
+        return waited
 
 
 @contextlib.contextmanager

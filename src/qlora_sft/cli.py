@@ -136,13 +136,21 @@ def load_chat_model(path: str, device: str) -> tuple[Any, Any]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if (p / "adapter_config.json").is_file():
+        # the adapter on its base as training loaded it (the recipe's quantization), not on the
+        # full-precision base: that is another model (see Export and chat in the README)
+        import dataclasses
+
         from peft import PeftModel
 
         from .export import resolve_source
+        from .launch import LaunchMode
+        from .model import load_base
 
         source = resolve_source(p)
-        base = AutoModelForCausalLM.from_pretrained(source.base_path, dtype=dtype, device_map={"": device})
-        model = PeftModel.from_pretrained(base, p)
+        recipe = source.recipe
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name_or_path=source.base_path))
+        mode = LaunchMode("cpu" if device == "cpu" else "single_gpu")
+        model = PeftModel.from_pretrained(load_base(recipe, mode, compute_dtype=dtype), p)
     elif (p / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, device_map={"": device})
     else:

@@ -20,6 +20,7 @@ the folder renamed `*.incomplete` with a non-zero exit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ import torch
 
 from .errors import UserError
 from .loader import checkpoint_files
+from .recipe import QuantizationConfig, Recipe
 
 log = logging.getLogger("qlora_sft")
 
@@ -79,17 +81,53 @@ class Source:
     adapter_dir: Path
     run_dir: Path | None
     base_path: str
-    quant: dict[str, Any]  # method, double_quant, compute_dtype
-    recipe: dict[str, Any] | None
+    recipe: Recipe  # the run's recipe as trained; for an adapter alone, one that names only its base
     step: int | None
     adapter_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trained_with_recipe(self) -> bool:
+        return self.run_dir is not None
+
+    @property
+    def quant(self) -> QuantizationConfig:
+        return self.recipe.quantization
+
+    def recipe_on(self, base_folder: Path) -> Recipe:
+        """The recipe with its model at the resolved base folder, computing attention with SDPA
+        (varlen's kernels run in 16 bits; the reference is computed in fp32)."""
+        model = dataclasses.replace(
+            self.recipe.model, name_or_path=str(base_folder), attn_implementation="sdpa", dtype="auto"
+        )
+        return dataclasses.replace(self.recipe, model=model)
+
+
+def adapter_alone_recipe(base: str) -> Recipe:
+    """For an adapter folder without its run: only the base is known (no quantization, as peft
+    would load it)."""
+    from .recipe import (
+        CheckpointConfig,
+        DataConfig,
+        LoraConfig,
+        ModelConfig,
+        RunConfig,
+        TrainConfig,
+    )
+
+    return Recipe(
+        RunConfig(),
+        ModelConfig(name_or_path=base),
+        QuantizationConfig(method="none", double_quant=False),
+        LoraConfig(),
+        DataConfig(),
+        TrainConfig(),
+        CheckpointConfig(),
+    )
 
 
 def resolve_source(path: str | Path, base_override: str | None = None) -> Source:
     """A run directory (final/, else its newest complete checkpoint), a checkpoint, or an adapter."""
-    import yaml
-
-    from .checkpoint import inspect_checkpoint, list_checkpoints
+    from .checkpoint import inspect_checkpoint, list_checkpoints, read_run_recipe
 
     p = Path(path)
     if not p.exists():
@@ -112,19 +150,18 @@ def resolve_source(path: str | Path, base_override: str | None = None) -> Source
     if (p / "manifest.json").exists() and not inspect_checkpoint(p).complete:
         raise UserError(f"export: {p} is not a complete checkpoint ({inspect_checkpoint(p).reason})")
     adapter_config = json.loads((p / "adapter_config.json").read_text())
-    recipe = None
-    quant = {"method": "none", "double_quant": False, "compute_dtype": "float32"}
-    base = base_override or adapter_config.get("base_model_name_or_path") or ""
-    if run_dir is not None:
-        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-        quant = {**quant, **(recipe.get("quantization") or {})}
-        base = base_override or (recipe.get("model") or {}).get("name_or_path") or base
     if adapter_config.get("use_dora"):
         raise UserError("export: DoRA adapters are not supported by the streaming merge")
+    base = base_override or adapter_config.get("base_model_name_or_path") or ""
+    if run_dir is not None:
+        recipe = read_run_recipe(run_dir)
+        base = base_override or recipe.model.name_or_path or base
+    else:
+        recipe = adapter_alone_recipe(base)
     step = None
     if (p / "manifest.json").is_file():
         step = json.loads((p / "manifest.json").read_text()).get("step")
-    return Source(p, run_dir, base, quant, recipe, step, adapter_config)
+    return Source(p, run_dir, base, recipe, step, adapter_config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,14 +234,14 @@ def quantized_weight_names(base_folder: Path, method: str) -> set[str]:
     return names
 
 
-def dequantized(w: torch.Tensor, quant: dict[str, Any]) -> torch.Tensor:
+def dequantized(w: torch.Tensor, quant: QuantizationConfig) -> torch.Tensor:
     """The weight as training saw it: quantized with the recipe's settings, dequantized (fp32)."""
     import bitsandbytes.functional as F
 
-    method = quant["method"]
+    method = quant.method
     if method in ("nf4", "fp4"):
         packed, state = F.quantize_4bit(
-            w.float(), blocksize=64, compress_statistics=bool(quant.get("double_quant")), quant_type=method
+            w.float(), blocksize=64, compress_statistics=quant.double_quant, quant_type=method
         )
         return F.dequantize_4bit(packed, state).float()
     if method == "int8":
@@ -219,24 +256,37 @@ def merged_tensors(
     pairs: dict[str, LoraPair],
     full: dict[str, torch.Tensor],
     quantized: set[str],
-    quant: dict[str, Any],
+    quant: QuantizationConfig,
     base_kind: str,
     dtype: torch.dtype,
     device: str,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, merged tensor) one base tensor at a time."""
+    """Yield (name, merged tensor) one base tensor at a time. A pre-quantized base's packed weights
+    are dequantized as stored (its 4-bit values are both the original and the trained base)."""
     from safetensors import safe_open
+
+    from .loader import is_quant_state_key, stored_quant_state
 
     seen: set[str] = set()
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as st:
+            present = set(st.keys())
             for name in st.keys():
+                if is_quant_state_key(name, present):
+                    continue  # read with its weight
                 t = st.get_tensor(name)
+                state = stored_quant_state(st, name, present, torch.device(device))
+                if state is not None:
+                    import bitsandbytes.functional as F
+
+                    t = F.dequantize_4bit(t.to(device), state).float().cpu()
                 if name in full:
                     t = full[name]
-                elif name in pairs or (base_kind == "dequantized" and name in quantized):
+                elif name in pairs or (state is None and base_kind == "dequantized" and name in quantized):
                     w = t.to(device)
-                    w = dequantized(w, quant) if base_kind == "dequantized" and name in quantized else w.float()
+                    if state is None and base_kind == "dequantized" and name in quantized:
+                        w = dequantized(w, quant)
+                    w = w.float()
                     if name in pairs:
                         p = pairs[name]
                         a, b = p.A.to(device).float(), p.B.to(device).float()
@@ -366,12 +416,11 @@ def tolerance_ok(c: Comparison, dtype: torch.dtype) -> bool:
 def verification_prompts(source: Source, tokenizer: Any, n: int = 4, max_tokens: int = 96) -> list[list[int]]:
     """Token ids of a few fixed prompts: eval rows of the run when its data is at hand, else generic ones."""
     texts: list[str] = []
-    if source.recipe is not None:
+    if source.trained_with_recipe:
         try:
             from . import data
-            from .recipe import build_recipe
 
-            rec = build_recipe({k: v for k, v in source.recipe.items() if k != "launch"})
+            rec = source.recipe
             prepared = data.build_data(rec.data, tokenizer, rec.run.seed)
             rows = prepared.eval if prepared.eval is not None else prepared.train
             return [list(ids[:max_tokens]) for ids in rows["input_ids"][:n]]
@@ -394,32 +443,18 @@ def logits_of(model: Any, prompts: list[list[int]]) -> torch.Tensor:
 
 
 def training_time_model(source: Source, base_folder: Path, device: str) -> Any:
-    """The adapter applied (unmerged) on the base quantized exactly as training loaded it, computed
-    in float32: the trained model is its weights (the 4-bit base dequantized plus the adapter), and
-    the bf16 arithmetic of a training step is rounding noise, not part of it. On a GPU that noise
-    alone moved an 8B model's logits by ~6% of their spread (bench/results/*-export.log)."""
-    import dataclasses
-
+    """The adapter applied (unmerged) on the base loaded exactly as training loaded it
+    (`model.load_base`: the recipe's quantization, or the checkpoint's if it is pre-quantized),
+    computed in float32: the trained model is its weights (the 4-bit base dequantized plus the
+    adapter), and the bf16 arithmetic of a training step is rounding noise, not part of it. On a
+    GPU that noise alone moved an 8B model's logits by ~6% of their spread (bench/results/*-export.log)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from .launch import LaunchMode
-    from .model import keep_cpu_4bit_trainable, quantization_config
-    from .recipe import QuantizationConfig
+    from .model import load_base
 
-    # the bitsandbytes config training used (quant type, double quant, storage), fp32 compute
-    fields = {f.name for f in dataclasses.fields(QuantizationConfig)}
-    q = QuantizationConfig(**{k: v for k, v in source.quant.items() if k in fields})
-    dtype = torch.float32
-    qconfig = quantization_config(q, dtype, LaunchMode("cpu" if device == "cpu" else "single_gpu"))
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
-    if qconfig is not None:
-        kwargs["quantization_config"] = qconfig
-    base = AutoModelForCausalLM.from_pretrained(base_folder, **kwargs)
-    if device == "cpu":
-        # compute as training did (dequantize + matmul in the compute dtype), not with bitsandbytes'
-        # bf16 CPU inference kernel
-        keep_cpu_4bit_trainable(base)
+    mode = LaunchMode("cpu" if device == "cpu" else "single_gpu")
+    base = load_base(source.recipe_on(base_folder), mode, compute_dtype=torch.float32)
     return exact_adapter(PeftModel.from_pretrained(base, source.adapter_dir).eval())
 
 
@@ -433,10 +468,15 @@ def exact_adapter(model: Any) -> Any:
 
 
 def original_base_model(source: Source, base_folder: Path, device: str) -> Any:
+    """The notebook merge's base: the full-precision weights, never quantized (fp32 compute)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32, device_map={"": device})
+    from .launch import LaunchMode
+    from .model import load_base
+
+    recipe = source.recipe_on(base_folder)
+    recipe = dataclasses.replace(recipe, quantization=QuantizationConfig(method="none", double_quant=False))
+    base = load_base(recipe, LaunchMode("cpu" if device == "cpu" else "single_gpu"), compute_dtype=torch.float32)
     return exact_adapter(PeftModel.from_pretrained(base, source.adapter_dir).eval())
 
 
@@ -456,6 +496,150 @@ class ExportResult:
     shards: int
 
 
+@dataclass
+class ExportPlan:
+    """What `export` will do, checked before anything is written."""
+
+    out_dir: Path
+    dtype: torch.dtype
+    dtype_name: str
+    base_kind: str  # dequantized | original
+    base_folder: Path
+    files: list[Path]
+    shard_bytes: int
+    device: str
+
+
+def plan_export(
+    source: Source,
+    out: str | Path | None,
+    dtype: str,
+    base: str | None,
+    shard_size: str | int,
+    device: str,
+    overwrite: bool,
+) -> ExportPlan:
+    if dtype not in DTYPES:
+        raise UserError(f"export: --dtype {dtype!r}: use bf16, fp16 or fp32")
+    out_dir = Path(out) if out else (source.run_dir or source.adapter_dir.parent) / "merged"
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(
+            f"export: {out_dir} exists and is not empty; pass --overwrite to replace it, or --out elsewhere"
+        )
+    base_kind = base or ("dequantized" if source.quant.method != "none" else "original")
+    if base_kind not in ("dequantized", "original"):
+        raise UserError(f"export: --base {base_kind!r}: use dequantized or original")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("export: --device cuda but no GPU is visible")
+    shard_bytes = parse_size(shard_size)
+    try:
+        base_folder, files = checkpoint_files(source.base_path, what="base model")
+    except UserError as exc:
+        raise UserError(f"export: {exc} Pass --base-model PATH to the base model folder.") from None
+    return ExportPlan(out_dir, DTYPES[dtype], dtype, base_kind, base_folder, files, shard_bytes, device)
+
+
+def merge(source: Source, plan: ExportPlan) -> tuple[Path, dict[str, Any], float]:
+    """Stream the merged weights into a temporary folder beside the output, with config and
+    tokenizer. Returns (folder, shard index, peak RSS of the merge in MB); nothing is left behind on
+    failure."""
+    pairs, full = read_adapter(source.adapter_dir, source.adapter_config)
+    method = source.quant.method
+    quantized = quantized_weight_names(plan.base_folder, method)
+    if method != "none" and not quantized:
+        raise UserError(f"export: found no quantized layers in {plan.base_folder} for method {method}")
+    log.info(
+        "export: %s (%d LoRA layers, base %s, %s merge) -> %s [%s, shards of %s bytes]",
+        source.adapter_dir,
+        len(pairs),
+        plan.base_folder,
+        plan.base_kind,
+        plan.out_dir,
+        plan.dtype_name,
+        plan.shard_bytes,
+    )
+    tmp = plan.out_dir.with_name(f"{plan.out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        rss_before = peak_rss_mb()
+        tensors = merged_tensors(
+            plan.files, pairs, full, quantized, source.quant, plan.base_kind, plan.dtype, plan.device
+        )
+        index = write_shards(tensors, tmp, plan.shard_bytes)
+        merge_rss = peak_rss_mb()
+        copy_model_files(plan.base_folder, source, tmp, plan.dtype)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "export: merged %d tensors into %d shard(s); peak RSS %.0f MB (%.0f MB before the merge)",
+        len(index["weight_map"]),
+        len(set(index["weight_map"].values())),
+        merge_rss,
+        rss_before,
+    )
+    return tmp, index, merge_rss
+
+
+def verify_merge(source: Source, plan: ExportPlan, merged_dir: Path) -> tuple[Comparison, Comparison | None, bool]:
+    """Logits of the merged folder against the adapter on the training-time base (and, for a
+    quantized run, of the notebook merge: the original base plus the adapter), on a few prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    prompts = verification_prompts(source, tokenizer)
+    ref_model = training_time_model(source, plan.base_folder, plan.device)
+    ref = logits_of(ref_model, prompts)
+    del ref_model
+    # the exported weights as stored, computed in fp32 like the reference: what is measured is the
+    # merge and the rounding to --dtype, not bf16 arithmetic
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map={"": plan.device})
+    merged_vs = compare(logits_of(merged.eval(), prompts), ref)
+    del merged
+    original_vs = None
+    if source.quant.method != "none" and not is_prequantized(plan.base_folder):
+        orig = original_base_model(source, plan.base_folder, plan.device)
+        original_vs = compare(logits_of(orig, prompts), ref)
+        del orig
+    ok = (
+        tolerance_ok(merged_vs, plan.dtype)
+        if plan.base_kind == "dequantized" or source.quant.method == "none"
+        else True
+    )
+    log.info(
+        "verify: merged (%s base, %s) vs adapter on the training-time base: %s",
+        plan.base_kind,
+        plan.dtype_name,
+        merged_vs.line(),
+    )
+    if original_vs is not None:
+        log.info(
+            "verify: the original full-precision base + adapter vs the training-time model: %s", original_vs.line()
+        )
+    return merged_vs, original_vs, ok
+
+
+def is_prequantized(base_folder: Path) -> bool:
+    """A bitsandbytes 4-bit checkpoint: its dequantized weights are the original (no other base)."""
+    config = json.loads((base_folder / "config.json").read_text())
+    return (config.get("quantization_config") or {}).get("quant_method") == "bitsandbytes"
+
+
+def publish(tmp: Path, out_dir: Path, ok: bool) -> Path:
+    """Rename the finished folder into place (`<out>.incomplete` when verification failed); a folder
+    already there is moved aside first and removed only once the new one is in place."""
+    final = out_dir if ok else out_dir.with_name(out_dir.name + ".incomplete")
+    if final.exists():
+        aside = final.with_name(f"{final.name}.old-{os.getpid()}")
+        final.rename(aside)
+        tmp.rename(final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    return final
+
+
 def export(
     path: str | Path,
     out: str | Path | None = None,
@@ -468,108 +652,20 @@ def export(
     overwrite: bool = False,
     verify: bool = True,
 ) -> ExportResult:
-    """Merge, write, verify. Main process only (see `main_process_writes`)."""
+    """Merge, verify, publish. Main process only (see `main_process_writes`)."""
     t0 = time.time()
     source = resolve_source(path, base_model)
-    if dtype not in DTYPES:
-        raise UserError(f"export: --dtype {dtype!r}: use bf16, fp16 or fp32")
-    out_dir = Path(out) if out else (source.run_dir or source.adapter_dir.parent) / "merged"
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(
-            f"export: {out_dir} exists and is not empty; pass --overwrite to replace it, or --out elsewhere"
-        )
-    method = source.quant["method"]
-    base_kind = base or ("dequantized" if method != "none" else "original")
-    if base_kind not in ("dequantized", "original"):
-        raise UserError(f"export: --base {base_kind!r}: use dequantized or original")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("export: --device cuda but no GPU is visible")
-    shard_bytes = parse_size(shard_size)
-    try:
-        base_folder, files = checkpoint_files(source.base_path)
-    except UserError as exc:
-        raise UserError(f"export: {exc} Pass --base-model PATH to the base model folder.") from None
-    pairs, full = read_adapter(source.adapter_dir, source.adapter_config)
-    quantized = quantized_weight_names(base_folder, method)
-    if method != "none" and not quantized:
-        raise UserError(f"export: found no quantized layers in {base_folder} for method {method}")
-    log.info(
-        "export: %s (%d LoRA layers, base %s, %s merge) -> %s [%s, shards of %s]",
-        source.adapter_dir,
-        len(pairs),
-        base_folder,
-        base_kind,
-        out_dir,
-        dtype,
-        shard_size,
-    )
-
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        rss_before = peak_rss_mb()
-        index = write_shards(
-            merged_tensors(files, pairs, full, quantized, source.quant, base_kind, DTYPES[dtype], device),
-            tmp,
-            shard_bytes,
-        )
-        merge_rss = peak_rss_mb()
-        copy_model_files(base_folder, source, tmp, DTYPES[dtype])
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    n_shards = len(set(index["weight_map"].values()))
-    log.info(
-        "export: merged %d tensors into %d shard(s); peak RSS %.0f MB (%.0f MB before the merge)",
-        len(index["weight_map"]),
-        n_shards,
-        merge_rss,
-        rss_before,
-    )
-
-    merged_vs, original_vs = None, None
-    ok = True
-    if verify:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tmp)
-        prompts = verification_prompts(source, tokenizer)
-        ref_model = training_time_model(source, base_folder, device)
-        ref = logits_of(ref_model, prompts)
-        del ref_model
-        # the exported weights as stored, computed in fp32 like the reference: what is measured is
-        # the merge and the rounding to --dtype, not bf16 arithmetic
-        merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, device_map={"": device}).eval()
-        merged_vs = compare(logits_of(merged, prompts), ref)
-        del merged
-        if method != "none":
-            orig = original_base_model(source, base_folder, device)
-            original_vs = compare(logits_of(orig, prompts), ref)
-            del orig
-        ok = tolerance_ok(merged_vs, DTYPES[dtype]) if base_kind == "dequantized" or method == "none" else True
-        log.info(
-            "verify: merged (%s base, %s) vs adapter on the training-time base: %s", base_kind, dtype, merged_vs.line()
-        )
-        if original_vs is not None:
-            log.info(
-                "verify: the original full-precision base + adapter vs the training-time model: %s", original_vs.line()
-            )
-    write_model_card(tmp, source, base_kind, dtype, merged_vs, original_vs, merge_rss, ok)
-    final = out_dir if ok else out_dir.with_name(out_dir.name + ".incomplete")
-    if final.exists():
-        aside = final.with_name(f"{final.name}.old-{os.getpid()}")
-        final.rename(aside)
-        tmp.rename(final)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    plan = plan_export(source, out, dtype, base, shard_size, device, overwrite)
+    tmp, index, merge_rss = merge(source, plan)
+    merged_vs, original_vs, ok = verify_merge(source, plan, tmp) if verify else (None, None, True)
+    write_model_card(tmp, source, plan.base_kind, plan.dtype_name, merged_vs, original_vs, merge_rss, ok)
+    final = publish(tmp, plan.out_dir, ok)
     seconds = time.time() - t0
     if not ok:
         log.error("export: the merged model does not reproduce the adapter within tolerance; left in %s", final)
     else:
         log.info("export: done in %.1f s: %s", seconds, final)
-    return ExportResult(final, ok, merged_vs, original_vs, merge_rss, seconds, n_shards)
+    return ExportResult(final, ok, merged_vs, original_vs, merge_rss, seconds, len(set(index["weight_map"].values())))
 
 
 def copy_model_files(base_folder: Path, source: Source, out: Path, dtype: torch.dtype) -> None:
@@ -608,7 +704,6 @@ def write_model_card(
     merge_rss: float,
     ok: bool,
 ) -> None:
-    import yaml
 
     lines = [
         "---",
@@ -621,8 +716,8 @@ def write_model_card(
         "",
         f"- base model: `{source.base_path}`",
         f"- adapter: `{source.adapter_dir}` (training step {source.step if source.step is not None else 'unknown'})",
-        f"- training quantization: {source.quant['method']}"
-        + (f", double quant {source.quant.get('double_quant')}" if source.quant["method"] in ("nf4", "fp4") else ""),
+        f"- training quantization: {source.quant.method}"
+        + (f", double quant {source.quant.double_quant}" if source.quant.method in ("nf4", "fp4") else ""),
         f"- merge base: **{base_kind}**, weights in {dtype}",
         f"- peak RSS during the merge: {merge_rss:.0f} MB",
         "",
@@ -639,6 +734,6 @@ def write_model_card(
         lines.append(f"- this merged model: {merged_vs.line()}")
         if original_vs is not None:
             lines.append(f"- the original full-precision base + adapter (the notebook merge): {original_vs.line()}")
-    if source.recipe is not None:
-        lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(source.recipe, sort_keys=False).rstrip(), "```"]
+    if source.trained_with_recipe:
+        lines += ["", "## Recipe", "", "```yaml", source.recipe.to_yaml().rstrip(), "```"]
     (out / "README.md").write_text("\n".join(lines) + "\n")

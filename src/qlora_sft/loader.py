@@ -49,8 +49,9 @@ QUANT_STATE_SUFFIXES = (
 )
 
 
-def checkpoint_files(name_or_path: str, revision: str | None = None) -> tuple[Path, list[Path]]:
-    """The model folder and its safetensors files (a hub id is fetched where the hub is reachable)."""
+def checkpoint_files(name_or_path: str, revision: str | None = None, what: str = "model") -> tuple[Path, list[Path]]:
+    """The model folder and its safetensors files (a hub id is fetched where the hub is reachable).
+    `what` names the model in errors."""
     folder = Path(name_or_path)
     if not folder.is_dir():
         try:
@@ -65,7 +66,7 @@ def checkpoint_files(name_or_path: str, revision: str | None = None) -> tuple[Pa
             )
         except Exception as exc:
             raise UserError(
-                f"model {name_or_path!r} not found locally and not downloadable ({type(exc).__name__}). "
+                f"{what} {name_or_path!r} not found locally and not downloadable ({type(exc).__name__}). "
                 "Give the path to a local model folder."
             ) from None
     index = folder / "model.safetensors.index.json"
@@ -74,8 +75,24 @@ def checkpoint_files(name_or_path: str, revision: str | None = None) -> tuple[Pa
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise UserError(f"{folder}: no .safetensors weights (the low-memory loader reads safetensors only)")
+        raise UserError(f"{what} folder {folder} holds no .safetensors weights (only safetensors are read)")
     return folder, files
+
+
+def is_quant_state_key(key: str, present: set[str]) -> bool:
+    """A quantization constant stored beside a pre-quantized weight (read together with it)."""
+    return key.endswith(QUANT_STATE_SUFFIXES) and re.sub(r"\.weight\..*$", ".weight", key) in present
+
+
+def stored_quant_state(f: Any, key: str, present: set[str], device: torch.device) -> Any:
+    """The bitsandbytes QuantState stored beside weight `key` of an open safetensors file, or None
+    when the weight is not pre-quantized."""
+    from bitsandbytes.functional import QuantState
+
+    keys = [key + s for s in QUANT_STATE_SUFFIXES if key + s in present]
+    if not keys:
+        return None
+    return QuantState.from_dict({k[len(key) + 1 :]: f.get_tensor(k) for k in keys}, device=device)
 
 
 def prequantized_config(config: Any) -> dict[str, Any] | None:
@@ -181,7 +198,7 @@ def _fill(
             keys = list(f.keys())
             present = set(keys)
             for key in keys:
-                if key.endswith(QUANT_STATE_SUFFIXES) and re.sub(r"\.weight\..*$", ".weight", key) in present:
+                if is_quant_state_key(key, present):
                     continue  # read together with its weight
                 if key not in params:
                     stats.skipped.append(key)
@@ -217,15 +234,13 @@ def _quantized_weight(
     stats: LoadStats,
 ) -> Any:
     import bitsandbytes as bnb
-    from bitsandbytes.functional import QuantState, quantize_4bit
+    from bitsandbytes.functional import quantize_4bit
 
     storage = module.quant_storage if getattr(module, "quant_storage", None) is not None else old.quant_storage
     t = f.get_tensor(key)
     stats.bytes_read += t.numel() * t.element_size()
-    stats_keys = [key + s for s in QUANT_STATE_SUFFIXES if key + s in present]
-    if stats_keys:  # pre-quantized: packed bytes as stored, quantization constants beside them
-        qs_dict = {k[len(key) + 1 :]: f.get_tensor(k) for k in stats_keys}
-        qs = QuantState.from_dict(qs_dict, device=compute_device)
+    qs = stored_quant_state(f, key, present, compute_device)
+    if qs is not None:  # pre-quantized: packed bytes as stored, quantization constants beside them
         packed = t
         if packed.dtype != storage:
             nbytes = packed.numel() * packed.element_size()

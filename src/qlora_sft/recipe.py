@@ -233,9 +233,8 @@ SECTIONS: dict[str, type] = {
 # Project defaults for SFTConfig fields that differ from TRL's defaults (QLoRA paper values).
 TRAIN_DEFAULTS: dict[str, Any] = {
     "learning_rate": 2.0e-4,
-    "per_device_train_batch_size": 4,  # without packing; with packing see train.micro_batch_tokens
     "gradient_checkpointing": True,
-}
+}  # the micro batch (per_device_train_batch_size) is derived: see "Global batch arithmetic" below
 # On a CUDA GPU, when `train.optim` is not given: the paged 8-bit AdamW of bitsandbytes (a quarter
 # of the optimizer-state memory of 32-bit AdamW, and no OOM on a long-sequence spike).
 GPU_OPTIM = "paged_adamw_8bit"
@@ -698,18 +697,6 @@ def _build_train(raw: Any, ctx: _Ctx) -> TrainConfig:
     return TrainConfig(args=types.MappingProxyType(args), **extra)
 
 
-def _micro_batch_by_tokens(train: TrainConfig, data: DataConfig, raw_train: Any) -> TrainConfig:
-    """With packing and no explicit `per_device_train_batch_size`: as many packed rows as fit in
-    `micro_batch_tokens` (the largest such count that divides the global batch)."""
-    if not data.packing or (isinstance(raw_train, dict) and "per_device_train_batch_size" in raw_train):
-        return train
-    micro = max(1, train.micro_batch_tokens // data.max_length)
-    if train.global_batch_size is not None:
-        micro = max(m for m in range(1, micro + 1) if train.global_batch_size % m == 0)
-    args = {**train.args, "per_device_train_batch_size": micro}
-    return dataclasses.replace(train, args=types.MappingProxyType(args))
-
-
 def _owner_of(name: str) -> str | None:
     """If `name` is a key of another section, return `section.name`."""
     for section, cls in SECTIONS.items():
@@ -756,22 +743,7 @@ def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Ctx) -> 
             ctx.add("checkpoint.signals", f"has {name!r}, not a catchable signal name (e.g. USR1, TERM)")
 
     args = recipe.train.args
-    micro = args.get("per_device_train_batch_size", 1)
-    gbs = recipe.train.global_batch_size
-    if gbs is not None and isinstance(micro, int) and micro >= 1:
-        if gbs % micro:
-            ctx.add(
-                "train.global_batch_size",
-                f"is {gbs}, not divisible by train.per_device_train_batch_size={micro}. "
-                f"Use a multiple of {micro} (e.g. {micro * max(1, round(gbs / micro))}).",
-            )
-        ga = args.get("gradient_accumulation_steps")
-        if ga is not None and "gradient_accumulation_steps" in (raw.get("train") or {}):
-            ctx.add(
-                "train.gradient_accumulation_steps",
-                "is set together with train.global_batch_size; accumulation is derived from the "
-                "global batch. Remove one of them.",
-            )
+    _batch_problems(recipe, raw, ctx)
     steps, epochs = args.get("max_steps", -1), args.get("num_train_epochs", 3.0)
     if (steps is None or steps <= 0) and epochs is not None and epochs <= 0:
         ctx.add("train.num_train_epochs", "must be > 0 when train.max_steps is not set")
@@ -799,11 +771,15 @@ def build_recipe(
             built[name] = _build_train(data.get(name), ctx)
         else:
             built[name] = _build_section(cls, data.get(name), name, ctx)
-    built["train"] = _micro_batch_by_tokens(built["train"], built["data"], data.get("train"))
+    built["train"] = _with_micro_batch(built["train"], built["data"], data.get("train"))
     recipe = Recipe(**built, source=source)
     _check_contradictions(recipe, data, ctx)
     if ctx.problems:
         raise RecipeError(ctx.problems, source)
+    if recipe.quantization.method not in ("nf4", "fp4") and recipe.quantization.double_quant:
+        # the default (true) means nothing without 4-bit weights; resolved as false, so that the
+        # recipe.yaml a run writes reads back (an explicit true is refused above)
+        recipe = dataclasses.replace(recipe, quantization=dataclasses.replace(recipe.quantization, double_quant=False))
     return recipe
 
 
@@ -827,6 +803,54 @@ def replace(recipe: Recipe, overrides: list[str]) -> Recipe:
 # --------------------------------------------------------------------------------------------
 # Global batch arithmetic
 # --------------------------------------------------------------------------------------------
+
+
+# One place owns how examples are grouped: the micro batch a recipe gets when it names none, the
+# checks of a global batch against it, and gradient accumulation for a launch
+# (global = micro batch x processes x accumulation).
+
+UNPACKED_MICRO_BATCH = 4  # padded rows per micro batch without packing
+
+
+def default_micro_batch(train: TrainConfig, data: DataConfig) -> int:
+    """With packing, as many packed rows as fit in `train.micro_batch_tokens` (the largest such
+    count that divides the global batch); without packing, 4 padded rows."""
+    if not data.packing:
+        return UNPACKED_MICRO_BATCH
+    micro = max(1, train.micro_batch_tokens // data.max_length)
+    if train.global_batch_size is not None:
+        micro = max(m for m in range(1, micro + 1) if train.global_batch_size % m == 0)
+    return micro
+
+
+def _with_micro_batch(train: TrainConfig, data: DataConfig, raw_train: Any) -> TrainConfig:
+    """The train section with its micro batch set, unless the recipe sets one."""
+    if isinstance(raw_train, dict) and "per_device_train_batch_size" in raw_train:
+        return train
+    args = {**train.args, "per_device_train_batch_size": default_micro_batch(train, data)}
+    return dataclasses.replace(train, args=types.MappingProxyType(args))
+
+
+def _batch_problems(recipe: Recipe, raw: Mapping[str, Any], ctx: _Ctx) -> None:
+    args = recipe.train.args
+    micro = args.get("per_device_train_batch_size", 1)
+    gbs = recipe.train.global_batch_size
+    if gbs is None or not isinstance(micro, int) or micro < 1:
+        return
+    if gbs % micro:
+        ctx.add(
+            "train.global_batch_size",
+            f"is {gbs}, not divisible by train.per_device_train_batch_size={micro}. "
+            f"Use a multiple of {micro} (e.g. {micro * max(1, round(gbs / micro))}).",
+        )
+    if args.get("gradient_accumulation_steps") is not None and "gradient_accumulation_steps" in (
+        raw.get("train") or {}
+    ):
+        ctx.add(
+            "train.gradient_accumulation_steps",
+            "is set together with train.global_batch_size; accumulation is derived from the "
+            "global batch. Remove one of them.",
+        )
 
 
 @dataclass(frozen=True)

@@ -173,15 +173,8 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
         )
 
     # 2. Run directory: refuse a different recipe, write the resolved one.
-    launch_block = {
-        "mode": mode.kind,
-        "world_size": mode.world_size,
-        "zero_stage": mode.zero_stage,
-        "micro_batch": batch.micro_batch,
-        "grad_accum": batch.grad_accum,
-        "global_batch": batch.global_batch,
-    }
-    run_dir = checkpoint.prepare_run_dir(recipe, launch_block)
+    meta = checkpoint.run_metadata(recipe, mode, batch)
+    run_dir = checkpoint.prepare_run_dir(recipe, meta)
     resume_from = checkpoint.find_resume(recipe)
     if resume_from is not None:
         checkpoint.check_resume(resume_from, mode.world_size, batch.global_batch, mode.kind)
@@ -204,11 +197,9 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
 
     # 5. Trainer.
     args = sft_args(recipe, batch, mode, compute_dtype, prepared.eval is not None)
-    fault = checkpoint.Fault()
-    preemption = checkpoint.preemption_callback(list(recipe.checkpoint.signals))
+    ckpt = checkpoint.Checkpointing(recipe, meta, state.process_index)
     callbacks = [
-        preemption,
-        checkpoint.fault_callback(fault, state.process_index),
+        *ckpt.callbacks(),
         launch.sharding_callback(mode, run_dir / "logs", state.process_index),
         *(extra_callbacks or []),
     ]
@@ -223,8 +214,8 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
             metrics_callback(run_dir / "logs" / "metrics.jsonl"),
             TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "logs"))),
         ]
-    trainer_cls = type("QloraSFTTrainer", (checkpoint.CheckpointingMixin, SFTTrainer), {})
-    trainer = trainer_cls(
+    trainer = ckpt.trainer(
+        SFTTrainer,
         model=peft_model,
         args=args,
         train_dataset=prepared.train,
@@ -232,15 +223,6 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    trainer.ckpt_meta = {
-        "recipe_hash": recipe.hash(),
-        "world_size": mode.world_size,
-        "global_batch": batch.global_batch,
-        "mode": mode.kind,
-        "zero_stage": mode.zero_stage,
-    }
-    trainer.keep_last = recipe.checkpoint.keep_last
-    trainer.fault = fault
     model.prepare_sharding(trainer, mode, compute_dtype)
     if on_trainer is not None:
         on_trainer(trainer)
@@ -250,29 +232,8 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
         log.info("resuming from %s", resume_from)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     final_dir = run_dir / "final"
-    if preemption.stopped_at_step is not None:
-        # Saved at the step boundary all ranks agreed on; tell the launcher to requeue us.
-        waited = time.time() - (preemption.signalled_at or time.time())
-        with checkpoint.main_process_writes() as is_main:
-            if is_main:
-                checkpoint.atomic_write_text(
-                    run_dir / checkpoint.PREEMPTED,
-                    json.dumps(
-                        {
-                            "step": trainer.state.global_step,
-                            "signal": preemption.signal_name,
-                            "seconds_from_signal_to_exit": round(waited, 3),
-                        }
-                    )
-                    + "\n",
-                )
-        log.warning(
-            "preempted: checkpoint-%d is complete; %.1f s from signal to exit; exiting with code %d "
-            "so the launcher requeues the job",
-            trainer.state.global_step,
-            waited,
-            checkpoint.REQUEUE_EXIT_CODE,
-        )
+    if ckpt.preempted:  # saved at the step boundary all ranks agreed on: the launcher requeues us
+        ckpt.record_preemption(run_dir, trainer.state.global_step)
         return TrainResult(run_dir, final_dir, trainer.state.global_step, None, None, preempted=True)
     eval_loss = None
     if prepared.eval is not None:

@@ -1,0 +1,122 @@
+"""Shared test helpers: paths, launching CPU ranks, recipes and toy data, reading a run's metrics.
+(Fixtures are in conftest.py; tests import these from here.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+DATA = TESTS / "data"
+
+COLOURS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red", "sun": "yellow"}
+
+
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+CONFIGS = REPO / "configs" / "accelerate"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env() -> dict[str, str]:
+    """Environment for CPU ranks: the DDP config runs as gloo ranks, one thread each."""
+    env = dict(os.environ)
+    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def accelerate_cmd(*args: str, ranks: int = 2, config: str = "multi_gpu.yaml") -> list[str]:
+    """`accelerate launch` of the bundled DDP config as CPU ranks, then `-m qlora_sft <args>`."""
+    return [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(CONFIGS / config),
+        "--mixed_precision",
+        "no",
+        "--num_processes",
+        str(ranks),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "qlora_sft",
+        *args,
+    ]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_by_step(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    """The value logged at each step (the last one logged wins)."""
+    return {r["step"]: r[key] for r in metrics(run_dir) if key in r}
+
+
+def wait_for_losses(run_dir: Path, n: int, timeout: float = 300) -> None:
+    """Wait until a running job has logged at least `n` training steps."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "logs" / "metrics.jsonl").is_file() and len(losses_by_step(run_dir)) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{run_dir} logged fewer than {n} steps within {timeout} s")
+
+
+def write_toy_data(path: Path, n: int = 160, seed: int = 0) -> Path:
+    """A learnable toy task: a fixed answer per question."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            k = rng.choice(sorted(COLOURS))
+            f.write(
+                json.dumps(
+                    {
+                        "instruction": f"What is the colour of the {k}?",
+                        "input": "",
+                        "output": f"The {k} is {COLOURS[k]}.",
+                    }
+                )
+                + "\n"
+            )
+    return path
+
+
+def recipe_dict(model_dir: Path, data_path: Path, out_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "run": {"name": "tiny", "output_dir": str(out_dir), "seed": 0},
+        "model": {"name_or_path": str(model_dir)},
+        "quantization": {"method": "nf4"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"sources": [{"path": str(data_path)}], "eval_fraction": 0.1, "max_length": 64},
+        "train": {
+            "global_batch_size": 8,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 5e-3,
+            "max_steps": 30,
+            "logging_steps": 5,
+            "save_steps": 10,
+            "dataloader_num_workers": 0,
+        },
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return base
+
+
+def write_recipe(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
