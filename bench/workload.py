@@ -14,6 +14,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+from qlora_sft.data import CHAT_TEMPLATES
+
 SHAPES: dict[str, dict[str, Any]] = {
     # Llama-3.1-8B
     "llama3-8b": dict(
@@ -65,12 +67,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     ),
 }
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+CHATML = CHAT_TEMPLATES["chatml"]
 WORDS = 4000
 
 

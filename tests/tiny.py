@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+from qlora_sft.data import CHAT_TEMPLATES
+
+CHATML = CHAT_TEMPLATES["chatml"]
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 

@@ -325,7 +325,8 @@ class Fault:
             self.action, self.step = m.group(1), int(m.group(2))
             self.rank = int(m.group(3)) if m.group(3) is not None else None
 
-    def maybe(self, action: str, step: int, rank: int) -> None:
+    def trigger(self, action: str, step: int, rank: int) -> None:
+        """SIGKILL this process when the configured fault is `action` at `step` on this rank."""
         if self.action == action and self.step == step and self.rank in (None, rank):
             log.warning("QLORA_SFT_FAULT: %s at step %d on rank %d", action, step, rank)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -358,7 +359,7 @@ class CheckpointingMixin:
                 super()._save_checkpoint(model, trial)  # type: ignore[misc]
         finally:
             self._staging_save = False
-        self.ckpt.fault.maybe("crashsave", state.global_step, args.process_index)
+        self.ckpt.fault.trigger("crashsave", state.global_step, args.process_index)
         with main_process_writes() as is_main:
             if is_main:
                 publish(staged, run_dir / name, self.manifest(state.global_step))
@@ -583,6 +584,6 @@ def fault_callback(fault: Fault, rank: int) -> Any:
 
     class FaultCallback(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            fault.maybe("kill", state.global_step + 1, rank)
+            fault.trigger("kill", state.global_step + 1, rank)
 
     return FaultCallback()

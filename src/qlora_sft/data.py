@@ -55,6 +55,15 @@ FORMAT_FIELDS = {
     "text": "text",
 }
 
+
+def eval_rows_held_out(rows: int, fraction: float) -> int:
+    """Rows of the mix held out for evaluation with `data.eval_fraction` (at least one when the
+    fraction is set, never all)."""
+    if fraction <= 0 or rows < 2:
+        return 0
+    return min(rows - 1, max(1, math.floor(rows * fraction)))
+
+
 # Named chat templates for base models without one. Each renders a conversation so that the text
 # up to an assistant turn (with the generation prompt) is a prefix of the text through that turn:
 # that is how the assistant spans are found.
@@ -699,9 +708,7 @@ def build_data(
         reports += eval_reports
         train_rows = mixed
     else:
-        n_eval = 0
-        if cfg.eval_fraction > 0 and len(mixed) >= 2:
-            n_eval = min(len(mixed) - 1, max(1, math.floor(len(mixed) * cfg.eval_fraction)))
+        n_eval = eval_rows_held_out(len(mixed), cfg.eval_fraction)
         eval_rows, train_rows = mixed[:n_eval], mixed[n_eval:]
 
     report = DataReport(sources=reports, end_token=end_of_turn_token(tokenizer))

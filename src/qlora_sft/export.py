@@ -37,19 +37,14 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .launch import DTYPES as TORCH_DTYPES
 from .loader import checkpoint_files
 from .recipe import QuantizationConfig, Recipe
 
 log = logging.getLogger("qlora_sft")
 
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
+# --dtype choices, and the recipe's dtype names
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, **TORCH_DTYPES}
 FALLBACK_PROMPTS = [
     "Explain in one sentence what a neural network is.",
     "Write a haiku about autumn.",
@@ -405,9 +400,8 @@ def tolerance_ok(c: Comparison, dtype: torch.dtype) -> bool:
     """Merged vs adapter-on-training-base, both computed in fp32. With fp32 weights only the
     summation order differs: everything must agree. In bf16/fp16 every merged weight is rounded once
     more (relative error 2^-9 / 2^-11), which moves logits by a few percent of their spread and
-    flips near-ties (on a random-weight 8B model: 2.4% of the std, 94% top-1 agreement overall,
-    bench/results/*-export-bf16.log); where the reference clearly prefers a token, the merged model
-    must prefer it too."""
+    flips near-ties (measured on an 8B shape: bench/results/*-export-bf16.log); where the reference
+    clearly prefers a token, the merged model must prefer it too."""
     if dtype == torch.float32:
         return c.relative <= 1e-3 and c.top1_agreement >= 0.999
     return c.relative <= 0.1 and c.decided_agreement >= 0.98
@@ -446,8 +440,8 @@ def training_time_model(source: Source, base_folder: Path, device: str) -> Any:
     """The adapter applied (unmerged) on the base loaded exactly as training loaded it
     (`model.load_base`: the recipe's quantization, or the checkpoint's if it is pre-quantized),
     computed in float32: the trained model is its weights (the 4-bit base dequantized plus the
-    adapter), and the bf16 arithmetic of a training step is rounding noise, not part of it. On a
-    GPU that noise alone moved an 8B model's logits by ~6% of their spread (bench/results/*-export.log)."""
+    adapter), and the bf16 arithmetic of a training step is rounding noise, not part of it (on a GPU
+    that noise alone moves an 8B model's logits by several percent of their spread: README, Export)."""
     from peft import PeftModel
 
     from .launch import LaunchMode
@@ -455,10 +449,10 @@ def training_time_model(source: Source, base_folder: Path, device: str) -> Any:
 
     mode = LaunchMode("cpu" if device == "cpu" else "single_gpu")
     base = load_base(source.recipe_on(base_folder), mode, compute_dtype=torch.float32)
-    return exact_adapter(PeftModel.from_pretrained(base, source.adapter_dir).eval())
+    return adapter_in_fp32(PeftModel.from_pretrained(base, source.adapter_dir).eval())
 
 
-def exact_adapter(model: Any) -> Any:
+def adapter_in_fp32(model: Any) -> Any:
     """Compute the LoRA branch in fp32 (QLoRA trains the adapter weights in bf16, and a bf16 branch
     adds its own rounding noise): the reference is then the adapter itself, not bf16 arithmetic."""
     for name, p in model.named_parameters():
@@ -477,7 +471,7 @@ def original_base_model(source: Source, base_folder: Path, device: str) -> Any:
     recipe = source.recipe_on(base_folder)
     recipe = dataclasses.replace(recipe, quantization=QuantizationConfig(method="none", double_quant=False))
     base = load_base(recipe, LaunchMode("cpu" if device == "cpu" else "single_gpu"), compute_dtype=torch.float32)
-    return exact_adapter(PeftModel.from_pretrained(base, source.adapter_dir).eval())
+    return adapter_in_fp32(PeftModel.from_pretrained(base, source.adapter_dir).eval())
 
 
 # --------------------------------------------------------------------------------------------

@@ -200,9 +200,7 @@ def count_rows(recipe: Recipe, base_dir: Path | None) -> int | None:
         return None
     mixed, _ = data.mix(per_source, recipe.data.sources, recipe.run.seed)
     n = len(mixed)
-    if not recipe.data.eval_sources and recipe.data.eval_fraction > 0 and n >= 2:
-        n -= min(n - 1, max(1, math.floor(n * recipe.data.eval_fraction)))
-    return n
+    return n if recipe.data.eval_sources else n - data.eval_rows_held_out(n, recipe.data.eval_fraction)
 
 
 def bundled_configs() -> list[Path]:

@@ -454,7 +454,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[st
 # --------------------------------------------------------------------------------------------
 
 
-class _Ctx:
+class _Problems:
     def __init__(self, source: str | None, lines: Mapping[str, int]):
         self.source = source
         self.lines = lines
@@ -553,7 +553,7 @@ def _check_value(value: Any, annotation: Any) -> tuple[bool, Any]:
     return True, value
 
 
-def _check_range(key: str, value: Any, meta: Mapping[str, Any], ctx: _Ctx) -> None:
+def _check_range(key: str, value: Any, meta: Mapping[str, Any], ctx: _Problems) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         return
     if "min" in meta and value < meta["min"]:
@@ -566,7 +566,7 @@ def _check_range(key: str, value: Any, meta: Mapping[str, Any], ctx: _Ctx) -> No
         ctx.add(key, f"is {value}; it must be < {meta['lt']}")
 
 
-def _build_section(cls: type, raw: Any, key: str, ctx: _Ctx) -> Any:
+def _build_section(cls: type, raw: Any, key: str, ctx: _Problems) -> Any:
     """Build one dataclass section from raw YAML data, recording problems in ctx."""
     if raw is None:
         raw = {}
@@ -633,11 +633,11 @@ def _admits(annotation: Any, kind: type) -> bool:
     return False
 
 
-def _lenient(annotation: Any) -> Any:
+def _checkable_type(annotation: Any) -> Any:
     """SFTConfig annotations include enums and dicts; only check plain scalar types."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        args = [_lenient(a) for a in typing.get_args(annotation)]
+        args = [_checkable_type(a) for a in typing.get_args(annotation)]
         if any(a is Any for a in args):
             return Any
         return typing.Union[tuple(args)]  # noqa: UP007
@@ -646,7 +646,7 @@ def _lenient(annotation: Any) -> Any:
     return Any
 
 
-def _build_train(raw: Any, ctx: _Ctx) -> TrainConfig:
+def _build_train(raw: Any, ctx: _Problems) -> TrainConfig:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -684,7 +684,7 @@ def _build_train(raw: Any, ctx: _Ctx) -> TrainConfig:
                 ctx.add(full, 'is true; expected a string (quote it: "yes")')
                 continue
             value = "no"
-        ann = _lenient(sft[name])
+        ann = _checkable_type(sft[name])
         ok, norm = _check_value(value, ann)
         if not ok:
             ctx.add(full, f"is {json.dumps(value, default=str)}; expected {type_name(ann)}")
@@ -707,7 +707,7 @@ def _owner_of(name: str) -> str | None:
     return None
 
 
-def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Ctx) -> None:
+def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems) -> None:
     q = recipe.quantization
     explicit_q = raw.get("quantization") or {}
     if q.method in ("int8", "none") and isinstance(explicit_q, dict) and explicit_q.get("double_quant"):
@@ -761,7 +761,7 @@ def build_recipe(
     lines: Mapping[str, int] | None = None,
 ) -> Recipe:
     """Validate raw recipe data and build a frozen Recipe; raises RecipeError listing every problem."""
-    ctx = _Ctx(source, lines or {})
+    ctx = _Problems(source, lines or {})
     for name in data:
         if name not in SECTIONS and name != "launch":  # `launch:` is written into run dirs, informational
             ctx.add(str(name), f"is not a recipe section{_suggest(str(name), list(SECTIONS))}")
@@ -831,7 +831,7 @@ def _with_micro_batch(train: TrainConfig, data: DataConfig, raw_train: Any) -> T
     return dataclasses.replace(train, args=types.MappingProxyType(args))
 
 
-def _batch_problems(recipe: Recipe, raw: Mapping[str, Any], ctx: _Ctx) -> None:
+def _batch_problems(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems) -> None:
     args = recipe.train.args
     micro = args.get("per_device_train_batch_size", 1)
     gbs = recipe.train.global_batch_size
