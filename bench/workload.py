@@ -16,55 +16,31 @@ from typing import Any
 
 from qlora_sft.data import CHAT_TEMPLATES
 
+
+def llama(
+    hidden: int, mlp: int, layers: int, heads: int, kv_heads: int, tied: bool, vocab: int = 128256
+) -> dict[str, Any]:
+    """LlamaConfig fields of a Llama-3 style shape (RoPE theta 500k, 128k context) or, with a 32k
+    vocabulary, a small Llama-2 style one (theta 10k, 4k context)."""
+    llama3 = vocab == 128256
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": mlp,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "rope_theta": 500000.0 if llama3 else 10000.0,
+        "tie_word_embeddings": tied,
+        "max_position_embeddings": 131072 if llama3 else 4096,
+    }
+
+
 SHAPES: dict[str, dict[str, Any]] = {
-    # Llama-3.1-8B
-    "llama3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-        max_position_embeddings=131072,
-    ),
-    # Llama-3.1-70B
-    "llama3-70b": dict(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-        max_position_embeddings=131072,
-    ),
-    # Llama-3.2-1B
-    "llama3-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_theta=500000.0,
-        tie_word_embeddings=True,
-        max_position_embeddings=131072,
-    ),
-    # a small shape for smoke tests of the benchmark itself
-    "llama-smoke": dict(
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=32000,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        max_position_embeddings=4096,
-    ),
+    "llama3-8b": llama(4096, 14336, 32, 32, 8, tied=False),  # Llama-3.1-8B
+    "llama3-70b": llama(8192, 28672, 80, 64, 8, tied=False),  # Llama-3.1-70B
+    "llama3-1b": llama(2048, 8192, 16, 32, 8, tied=True),  # Llama-3.2-1B
+    "llama-smoke": llama(512, 1536, 4, 8, 4, tied=False, vocab=32000),  # smoke tests of the benchmark itself
 }
 
 CHATML = CHAT_TEMPLATES["chatml"]

@@ -12,39 +12,32 @@ from pathlib import Path
 from helpers import REPO
 
 
-def test_bench_run_writes_results_with_ratios(tmp_path: Path):
+def run_bench(module: str, tmp_path: Path, *args: str) -> None:
+    """`python -m bench.<module> --shape llama-smoke ...` with its cache and results under tmp_path."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.run",
-            "--shape",
-            "llama-smoke",
-            "--mode",
-            "baseline,peer,project",
-            "--steps",
-            "4",
-            "--max-length",
-            "256",
-            "--rows",
-            "200",
-            "--cache",
-            str(tmp_path / "cache"),
-            "--out",
-            str(tmp_path / "results"),
-            # 4 packed rows per micro batch like the baseline's 4 padded ones (the GPU default of
-            # 8192 tokens is 32 rows here and takes minutes on two CPU cores)
-            "--project-overrides",
-            "train.micro_batch_tokens=1024",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=900,
-    )
+    files = ["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "results")]
+    cmd = [sys.executable, "-m", f"bench.{module}", "--shape", "llama-smoke", *args, *files]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+
+
+def test_bench_run_writes_results_with_ratios(tmp_path: Path):
+    run_bench(
+        "run",
+        tmp_path,
+        "--mode",
+        "baseline,peer,project",
+        "--steps",
+        "4",
+        "--max-length",
+        "256",
+        "--rows",
+        "200",
+        # 4 packed rows per micro batch like the baseline's 4 padded ones (the GPU default of 8192
+        # tokens is 32 rows here and takes minutes on two CPU cores)
+        "--project-overrides",
+        "train.micro_batch_tokens=1024",
+    )
     (result,) = (tmp_path / "results").glob("*-llama-smoke.json")
     data = json.loads(result.read_text())
     for key in (
@@ -71,40 +64,12 @@ def test_bench_distributed_runs_kills_resumes_and_writes_results(tmp_path: Path)
     """bench/distributed.py end to end on the CPU (the launch-mode matrix itself needs GPUs): a run,
     a run killed after its first checkpoint and relaunched, the results file with the keys the GPU
     results carry. On the CPU the resumed losses equal the uninterrupted run's exactly."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.distributed",
-            "--shape",
-            "llama-smoke",
-            "--gpus",
-            "1",
-            "--modes",
-            "1gpu",
-            "--steps",
-            "4",
-            "--global-batch",
-            "2",
-            "--max-length",
-            "256",
-            "--rows",
-            "200",
-            "--kill-resume",
-            "1gpu",
-            "--cache",
-            str(tmp_path / "cache"),
-            "--out",
-            str(tmp_path / "results"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=900,
+    run_bench(
+        "distributed",
+        tmp_path,
+        *("--gpus", "1", "--modes", "1gpu", "--steps", "4", "--global-batch", "2"),
+        *("--max-length", "256", "--rows", "200", "--kill-resume", "1gpu"),
     )
-    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
     (result,) = (tmp_path / "results").glob("*-llama-smoke-distributed.json")
     data = json.loads(result.read_text())
     assert {"gpu", "shape", "num_gpus", "per_gpu_cap_gib", "results"} <= data.keys()

@@ -80,24 +80,14 @@ def test_low_memory_loader_builds_what_from_pretrained_builds(tiny_model: Path, 
 
 
 def test_tied_embeddings_stay_tied(tmp_path: Path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny import build_tiny_model
 
-    cfg = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tied")
+    folder = build_tiny_model(tmp_path / "tied", tied=True)
     q = bnb_config(torch.bfloat16)
-    new = low_memory(tmp_path / "tied", q)
+    new = low_memory(folder, q)
     assert new.lm_head.weight is new.model.embed_tokens.weight
     with torch.no_grad():
-        assert torch.equal(reference(tmp_path / "tied", q)(IDS).logits, new(IDS).logits)
+        assert torch.equal(reference(folder, q)(IDS).logits, new(IDS).logits)
 
 
 def test_prequantized_checkpoint_is_read_as_stored_and_retyped(tiny_model: Path, tmp_path: Path):

@@ -53,6 +53,7 @@ def build_tiny_model(
     seed: int = 0,
     pad_token: str | None = None,
     chat_template: str | None = CHATML,
+    tied: bool = False,
 ) -> Path:
     """Save a tiny Llama + tokenizer into `folder` and return it."""
     import torch
@@ -74,7 +75,7 @@ def build_tiny_model(
         max_position_embeddings=1024,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         initializer_range=0.2,  # logits large enough that LoRA can move the loss quickly
     )
     torch.manual_seed(seed)
