@@ -108,8 +108,11 @@ def export_torch_env() -> dict[str, str]:
         # submitit picks a random port in 20000-60000, inside Linux's ephemeral range, where it can
         # collide with any open connection (seen in CI: EADDRINUSE). Use the sbatch templates' rule
         # instead (20000 + job id mod 20000), or the port the user set.
-        job = int(re.sub(r"\D.*$", "", str(env.job_id)) or 0)
-        os.environ["MASTER_PORT"] = chosen_port or str(20000 + job % 20000)
+        job = os.environ.get("SLURM_JOB_ID", "")
+        if chosen_port:
+            os.environ["MASTER_PORT"] = chosen_port
+        elif os.environ.get("MASTER_PORT") and job.isdigit():
+            os.environ["MASTER_PORT"] = str(20000 + int(job) % 20000)
     else:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
