@@ -120,3 +120,34 @@ def recipe_dict(model_dir: Path, data_path: Path, out_dir: Path, **sections: dic
 def write_recipe(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def wandb_records(path: Path) -> list[Any]:
+    """The protobuf records of a W&B run file (`run-<id>.wandb`, what an offline run writes): the
+    LevelDB log format W&B uses (7-byte file header `:W&B` + magic + version; 32 KiB blocks of records
+    with a 7-byte header: crc32, length, type full/first/middle/last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    raw = path.read_bytes()
+    ident, magic, _version = struct.unpack("<4sHB", raw[:7])
+    assert ident == b":W&B" and magic == 0xBEE1, f"{path} is not a W&B run file"
+    block, records, pending, pos = 32768, [], b"", 7
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        if left < 7:  # the block's tail is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        data = raw[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending = data if kind in (1, 2) else pending + data
+        if kind in (1, 4):  # full, or the last piece of a record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records

@@ -51,6 +51,7 @@ RESUMABLE_CHANGES = (
     "train.save_steps",
     "train.eval_steps",
     "train.dataloader_num_workers",
+    "train.report_to",
     "train.per_device_eval_batch_size",
     "train.per_device_train_batch_size",
     "train.gradient_accumulation_steps",

@@ -257,7 +257,7 @@ TRAIN_OWNED: dict[str, str] = {
     "trust_remote_code": "model.trust_remote_code",
     "bf16": "quantization.compute_dtype (model.dtype when quantization.method is none)",
     "fp16": "quantization.compute_dtype (model.dtype when quantization.method is none)",
-    "report_to": "qlora-sft (tensorboard + logs/metrics.jsonl are always written)",
+    "run_name": "run.name (trackers name their run after it)",
     "logging_dir": "qlora-sft (logs go to <run dir>/logs)",
     "save_total_limit": "checkpoint.keep_last",
     "pad_token": "qlora-sft (a pad token distinct from EOS is chosen for you)",
@@ -690,6 +690,10 @@ def _build_train(raw: Any, ctx: _Problems) -> TrainConfig:
             ctx.add(full, f"is {json.dumps(value, default=str)}; expected {type_name(ann)}")
             continue
         args[name] = norm
+    from .tracking import report_to_problems
+
+    for problem in report_to_problems(args.get("report_to")):
+        ctx.add("train.report_to", problem)
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"):
         v = args.get(name)
         if v is not None and isinstance(v, int) and v < 1:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, data, launch, model
+from . import checkpoint, data, launch, model, tracking
 from .errors import RecipeError
 from .recipe import BatchPlan, Recipe, resolve_batch
 
@@ -67,7 +67,10 @@ def sft_args(recipe: Recipe, batch: BatchPlan, mode: launch.LaunchMode, compute_
         max_length=recipe.data.max_length,
         packing=recipe.data.packing,
         padding_free=recipe.data.packing,
-        report_to="none",  # tensorboard and metrics.jsonl are added as callbacks, main process only
+        # tensorboard and metrics.jsonl are added as callbacks (main process only); the trackers of
+        # train.report_to are transformers' own callbacks
+        report_to=tracking.integrations(recipe.train.args.get("report_to")),
+        run_name=recipe.run.name,
         bf16=compute_dtype == torch.bfloat16,
         fp16=compute_dtype == torch.float16,
         save_total_limit=None,
@@ -198,6 +201,9 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     # 5. Trainer.
     args = sft_args(recipe, batch, mode, compute_dtype, prepared.eval is not None)
     ckpt = checkpoint.Checkpointing(recipe, meta, state.process_index)
+    report_to = recipe.train.args.get("report_to")
+    if state.is_main_process:
+        tracking.start(report_to, run_dir / "logs", recipe.run.name, {"recipe": recipe.to_dict(), "launch": meta})
     callbacks = [
         *ckpt.callbacks(),
         launch.sharding_callback(mode, run_dir / "logs", state.process_index),
@@ -214,6 +220,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
             metrics_callback(run_dir / "logs" / "metrics.jsonl"),
             TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "logs"))),
         ]
+        log.info("logging to %s", tracking.describe(report_to))
     trainer = ckpt.trainer(
         SFTTrainer,
         model=peft_model,
@@ -234,6 +241,8 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     final_dir = run_dir / "final"
     if ckpt.preempted:  # saved at the step boundary all ranks agreed on: the launcher requeues us
         ckpt.record_preemption(run_dir, trainer.state.global_step)
+        if state.is_main_process:
+            tracking.finish(report_to, preempted=True)
         return TrainResult(run_dir, final_dir, trainer.state.global_step, None, None, preempted=True)
     eval_loss = None
     if prepared.eval is not None:
@@ -242,6 +251,8 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     # 7. Final adapter + tokenizer (Trainer.save_model writes from the main process and gathers
     # sharded weights), staged and published with its completion marker.
     trainer.save_final(final_dir)
+    if state.is_main_process:
+        tracking.finish(report_to)
     log.info("done: adapter in %s (step %d)", final_dir, trainer.state.global_step)
     return TrainResult(run_dir, final_dir, trainer.state.global_step, result.training_loss, eval_loss)
 
