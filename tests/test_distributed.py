@@ -4,6 +4,7 @@ users run on GPUs), two launchers as two "nodes", and the bundled launch configs
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -210,6 +211,49 @@ def test_plan_prints_batch_arithmetic_and_memory(tiny_model: Path, tmp_path: Pat
     assert "data: 90 training examples -> at most 6 optimizer steps per epoch (packing" in out.stdout
     assert "estimated peak GPU memory per rank" in out.stdout and "deepspeed_zero3.yaml" in out.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_plan_works_from_an_installed_wheel(tiny_model: Path, tmp_path: Path):
+    """The bundled configs ship inside the wheel: `plan --gpu-mem` lists them when qlora-sft is
+    installed from it and run away from the source tree."""
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(REPO),
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("qlora_sft-*.whl")
+    site = tmp_path / "site"
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+    )
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, tmp_path / "x.jsonl", tmp_path / "runs"))
+    code = "import sys, qlora_sft, qlora_sft.cli as c; print(qlora_sft.__file__); sys.exit(c.main(sys.argv[1:]))"
+    out = subprocess.run(
+        [sys.executable, "-c", code, "plan", str(recipe), "--gpu-mem", "24"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith(str(site))  # the wheel's copy, not the source tree's
+    for name in ("fsdp_qlora.yaml", "fsdp_qlora_offload.yaml", "deepspeed_zero3.yaml", "single_gpu.yaml"):
+        assert name in out.stdout
 
 
 def test_local_sh_picks_single_gpu_without_gpus(tiny_model: Path, tmp_path: Path):

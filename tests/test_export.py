@@ -254,3 +254,30 @@ def test_bf16_tolerance_forgives_flipped_near_ties_but_not_flipped_decisions():
     assert c.relative <= 0.1 and c.decided_agreement == pytest.approx(0.95)
     assert not tolerance_ok(c, torch.bfloat16)
     assert DECIDED_MARGIN * ref.std().item() < 3.0
+
+
+def test_chat_on_the_adapter_answers_as_the_exported_model(run4bit: Path, tmp_path: Path):
+    """`chat` on an adapter runs the model as trained (the 4-bit base with the recipe's settings),
+    so its greedy answer is the merged export's; on the full-precision base it would be another
+    model (the notebook merge)."""
+    import torch
+
+    from qlora_sft.cli import load_chat_model
+
+    merged = export(run4bit, tmp_path / "merged", dtype="fp32").out
+
+    def greedy(path: Path) -> list[int]:
+        model, tok = load_chat_model(str(path), "cpu")
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": "What is the colour of the grass?"}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        return out[0, ids["input_ids"].shape[1] :].tolist()
+
+    from_adapter = greedy(run4bit / "final")
+    assert from_adapter == greedy(merged)
+    assert len(from_adapter) > 0

@@ -141,3 +141,19 @@ def test_signal_to_the_launcher_reaches_every_rank(tiny_model: Path, tmp_path: P
     assert len(stops) == 2 and stops[0] == stops[1], out[-3000:]
     assert checkpoint.inspect_checkpoint(run_dir / f"checkpoint-{stops[0]}").complete
     assert len([p for p in run_dir.glob("checkpoint-*")]) == 1
+
+
+def test_a_gpu_launch_without_cuda_stops_instead_of_training_on_the_cpu():
+    from qlora_sft.errors import UserError
+    from qlora_sft.launch import check_devices
+
+    for env, what in (
+        ({"WORLD_SIZE": "2"}, "2 processes"),
+        ({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "1"}, "FSDP"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed"),
+    ):
+        with pytest.raises(UserError, match=f"started {what} for GPUs, but this process sees no CUDA GPU"):
+            check_devices(env, cuda=False)
+    check_devices({"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "true"}, cuda=False)  # CPU ranks on purpose
+    check_devices({"WORLD_SIZE": "1"}, cuda=False)  # one process falls back to the CPU
+    check_devices({"WORLD_SIZE": "8", "ACCELERATE_USE_FSDP": "true"}, cuda=True)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,22 @@ def test_readme_recipe_reference_is_generated_from_the_code():
 
     readme = (REPO / "README.md").read_text()
     assert splice(readme) == readme, "README.md is stale: run `python -m qlora_sft.docs --write`"
+
+
+def test_command_line_consistency(tmp_path: Path):
+    """--version; --debug before or after the command; an override's error names the override."""
+    f = tmp_path / "r.yaml"
+    f.write_text(yaml.safe_dump({**MINIMAL, "train": {"learning_rate": 1e-4}}))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "qlora_sft", *args], capture_output=True, text=True)
+
+    version = cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("qlora-sft ")
+    for args in (("validate", str(f), "train.learning_rate=abc", "--debug"), ("--debug", "validate", str(f))):
+        assert "Traceback" in cli(*args).stderr
+    plain = cli("validate", str(f), "train.learning_rate=abc", "lora.r=0")
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert 'override `train.learning_rate=abc`: `train.learning_rate` is "abc"; expected float' in plain.stderr
+    assert "override `lora.r=0`: `lora.r` is 0; it must be >= 1" in plain.stderr
+    assert not re.search(rf"{re.escape(str(f))}:\d", plain.stderr)  # no line of the file is blamed

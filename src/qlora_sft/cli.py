@@ -28,13 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qlora-sft",
         description="One QLoRA supervised fine-tuning recipe, from one GPU to a SLURM cluster.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for recipe and data errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
 
-    p = sub.add_parser("train", help="fine-tune (as one process, or as a rank under accelerate launch)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for recipe and data errors")
+    parser.add_argument("--version", action="version", version=f"qlora-sft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    # --debug also after the command (`qlora-sft train R.yaml --debug`): SUPPRESS keeps the value
+    # given before the command when it is not repeated after it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
+        "train", parents=[common], help="fine-tune (as one process, or as a rank under accelerate launch)"
+    )
     _recipe_args(p)
 
-    p = sub.add_parser("validate", help="check the recipe and data without training; show an example")
+    p = sub.add_parser("validate", parents=[common], help="check the recipe and data without training; show an example")
     _recipe_args(p)
     p.add_argument("--examples", type=int, default=1, help="how many rendered examples to show")
     p.add_argument(
@@ -43,14 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="mark trained tokens in colour (default: on a terminal), else with [[ ]]",
     )
-    p = sub.add_parser("plan", help="what a launch will do: world size, batch arithmetic, memory per GPU")
+    p = sub.add_parser(
+        "plan", parents=[common], help="what a launch will do: world size, batch arithmetic, memory per GPU"
+    )
     _recipe_args(p)
     p.add_argument("--config", help="accelerate config file of the launch (default: one process)")
     p.add_argument("--gpus", type=int, help="GPUs (processes) per node (default: the config's num_processes)")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes")
     p.add_argument("--gpu-mem", type=float, help="GPU memory in GiB: list which bundled configs fit")
     p.add_argument("--run-dir", action="store_true", help="only print the run directory (for scripts)")
-    p = sub.add_parser("submit", help="submit the recipe with submitit (SLURM, or --cluster local)")
+    p = sub.add_parser("submit", parents=[common], help="submit the recipe with submitit (SLURM, or --cluster local)")
     _recipe_args(p)
     p.add_argument("--nodes", type=int)
     p.add_argument("--gpus-per-node", type=int)
@@ -66,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", choices=["slurm", "local"], help="default: slurm where sbatch exists, else local")
     p.add_argument("--folder", help="submitit job folder (default <output_dir>/<name>.submitit/<job id>)")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
-    p = sub.add_parser("export", help="merge the adapter into the base: one folder that loads with transformers")
+    p = sub.add_parser(
+        "export", parents=[common], help="merge the adapter into the base: one folder that loads with transformers"
+    )
     p.add_argument("path", help="run directory (final/ or newest complete checkpoint), checkpoint or adapter folder")
     p.add_argument("--out", help="output folder (default <run dir>/merged)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"])
     p.add_argument(
         "--base",
         choices=["dequantized", "original"],
@@ -81,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-verify", action="store_true", help="skip the logit check")
 
-    p = sub.add_parser("chat", help="talk to a merged model or an adapter (interactive, or --prompt)")
+    p = sub.add_parser("chat", parents=[common], help="talk to a merged model or an adapter (interactive, or --prompt)")
     p.add_argument("path", help="merged model folder, adapter folder, or run directory")
     p.add_argument("--prompt", help="answer this one prompt and exit")
     p.add_argument("--system", help="system message")

@@ -226,6 +226,32 @@ def single_process() -> LaunchMode:
     return LaunchMode("single_gpu", source="(none: one process)")
 
 
+def check_devices(env: Mapping[str, str] | None = None, cuda: bool | None = None) -> None:
+    """Before anything starts: a launch that asked for GPUs (several processes, DeepSpeed or FSDP)
+    in a process that sees no CUDA GPU stops here, instead of quietly training on CPU ranks. One
+    process falls back to the CPU (a laptop smoke test); ACCELERATE_USE_CPU=true asks for CPU ranks."""
+    env = os.environ if env is None else env
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda or env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        what = "DeepSpeed"
+    elif env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        what = "FSDP"
+    elif world > 1:
+        what = f"{world} processes"
+    else:
+        return
+    raise UserError(
+        f"launch: the launcher started {what} for GPUs, but this process sees no CUDA GPU (torch "
+        f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES="
+        f"{env.get('CUDA_VISIBLE_DEVICES', '(unset)')}). Check the job's GPU request (e.g. --gpus-per-node), "
+        "the driver (nvidia-smi) and that torch is a CUDA build; to run CPU ranks on purpose, set "
+        "ACCELERATE_USE_CPU=true."
+    )
+
+
 def check_ranks() -> list[dict[str, Any]]:
     """Pre-flight, before any model loads: every process reports (rank, local rank, host); the
     ranks must be unique, 0..N-1, and N must equal the world size the launcher set. Catches the

@@ -47,7 +47,11 @@ from .launch import LaunchMode
 from .recipe import Recipe, resolve_batch
 
 GIB = 1024**3
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+def configs_dir() -> Path:
+    """The bundled configs: inside an installed wheel (qlora_sft/configs), else the source tree's."""
+    packaged = Path(__file__).resolve().parent / "configs"
+    return packaged if (packaged / "accelerate").is_dir() else Path(__file__).resolve().parents[2] / "configs"
+
 
 
 @dataclass(frozen=True)
@@ -204,7 +208,7 @@ def count_rows(recipe: Recipe, base_dir: Path | None) -> int | None:
 
 
 def bundled_configs() -> list[Path]:
-    return sorted(p for p in REPO_CONFIGS.glob("*.yaml") if p.name != "multi_node.yaml")
+    return sorted(p for p in (configs_dir() / "accelerate").glob("*.yaml") if p.name != "multi_node.yaml")
 
 
 def plan_lines(

@@ -455,12 +455,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[st
 
 
 class _Problems:
-    def __init__(self, source: str | None, lines: Mapping[str, int]):
+    """The problems of one recipe, each prefixed with where the key came from: the file and line,
+    or the command-line override that set it."""
+
+    def __init__(self, source: str | None, lines: Mapping[str, int], overrides: Mapping[str, str] | None = None):
         self.source = source
         self.lines = lines
+        self.overrides = overrides or {}
         self.problems: list[str] = []
 
     def where(self, key: str) -> str:
+        override = next((o for k, o in self.overrides.items() if key == k or key.startswith(k + ".")), None)
+        if override is not None:
+            return f"override `{override}`: "
         line = self.lines.get(key)
         if self.source and line:
             return f"{self.source}:{line}: "
@@ -763,9 +770,12 @@ def build_recipe(
     data: Mapping[str, Any],
     source: str | None = None,
     lines: Mapping[str, int] | None = None,
+    overrides: Mapping[str, str] | None = None,
 ) -> Recipe:
-    """Validate raw recipe data and build a frozen Recipe; raises RecipeError listing every problem."""
-    ctx = _Problems(source, lines or {})
+    """Validate raw recipe data and build a frozen Recipe; raises RecipeError listing every problem.
+    `overrides` maps the dotted keys set on the command line to the override text, so their
+    problems name the override rather than a line of the file."""
+    ctx = _Problems(source, lines or {}, overrides)
     for name in data:
         if name not in SECTIONS and name != "launch":  # `launch:` is written into run dirs, informational
             ctx.add(str(name), f"is not a recipe section{_suggest(str(name), list(SECTIONS))}")
@@ -793,7 +803,8 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
     data, problems = apply_overrides(data, list(overrides or []))
     if problems:
         raise RecipeError(problems, str(path))
-    return build_recipe(data, source=str(path), lines=lines)
+    given = {o.split("=", 1)[0].strip(): o for o in overrides or []}
+    return build_recipe(data, source=str(path), lines=lines, overrides=given)
 
 
 def replace(recipe: Recipe, overrides: list[str]) -> Recipe:

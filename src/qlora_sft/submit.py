@@ -132,12 +132,14 @@ class QloraJob:
     preemption submitit calls `checkpoint()`, which resubmits the same arguments; the new job
     resumes from the newest complete checkpoint."""
 
-    def __call__(self, recipe_path: str, overrides: list[str], cwd: str) -> dict[str, Any]:
+    def __call__(self, recipe_path: str, overrides: list[str], cwd: str, cpu_ranks: bool = False) -> dict[str, Any]:
         import submitit
 
         from .train import setup_logging, train
 
         os.chdir(cwd)
+        if cpu_ranks:  # a job that asked for no GPUs runs CPU ranks on purpose (see launch.check_devices)
+            os.environ["ACCELERATE_USE_CPU"] = "true"
         env = export_torch_env()
         setup_logging(env["RANK"] == "0", int(env["RANK"]))
         log.info("submitit task %s: %s", submitit.JobEnvironment().global_rank, env)
@@ -209,6 +211,7 @@ def submit(
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
         params.pop("name", None)
     executor.update_parameters(**params)
-    job = executor.submit(QloraJob(), str(Path(recipe).resolve()), overrides, str(Path.cwd()))
+    cpu_ranks = "gpus_per_node" not in params
+    job = executor.submit(QloraJob(), str(Path(recipe).resolve()), overrides, str(Path.cwd()), cpu_ranks)
     log.info("submitted job %s (%s) with %s", job.job_id, executor.cluster, params)
     return job

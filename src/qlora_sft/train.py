@@ -157,6 +157,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     from trl import SFTTrainer
 
     # 1. Where am I? (the launcher decided; the recipe is the same everywhere)
+    launch.check_devices()
     state = launch.distributed_state()
     setup_logging(state.is_main_process, state.process_index)
     launch.check_ranks()
