@@ -48,6 +48,42 @@ def test_loss_goes_down_and_everything_is_written(trained):
     assert saved.to_dict() == recipe.to_dict()
 
 
+def test_loss_curves_are_drawn(trained, tmp_path: Path):
+    """logs/loss.png is written while training (main process); `qlora-sft plot` draws several runs."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    _, result = trained
+    png = result.run_dir / "logs" / "loss.png"
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 400
+    from qlora_sft.plots import series
+
+    curves = series(result.run_dir)
+    assert sorted(curves["loss"]) == [5, 10, 15, 20, 25, 30] and 30 in curves["eval_loss"]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qlora_sft",
+            "plot",
+            str(result.run_dir),
+            str(result.run_dir),
+            "--out",
+            str(tmp_path / "two.png"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    with Image.open(tmp_path / "two.png") as im:
+        assert im.format == "PNG"
+    missing = subprocess.run([sys.executable, "-m", "qlora_sft", "plot", str(tmp_path)], capture_output=True, text=True)
+    assert missing.returncode == 2 and "has no logs/metrics.jsonl" in missing.stderr
+
+
 def test_final_adapter_loads_with_peft_on_a_4bit_base(trained, tiny_model: Path):
     import bitsandbytes as bnb
     from peft import PeftModel

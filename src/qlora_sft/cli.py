@@ -1,4 +1,4 @@
-"""`qlora-sft train | validate` (the same CLI as `python -m qlora_sft`)."""
+"""`qlora-sft train | validate | plan | submit | export | chat | plot` (the same CLI as `python -m qlora_sft`)."""
 
 from __future__ import annotations
 
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-verify", action="store_true", help="skip the logit check")
 
+    p = sub.add_parser("plot", parents=[common], help="draw the loss curves of one or more runs into a PNG")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", help="PNG to write (default: <run>/logs/loss.png for one run, loss.png for several)")
     p = sub.add_parser("chat", parents=[common], help="talk to a merged model or an adapter (interactive, or --prompt)")
     p.add_argument("path", help="merged model folder, adapter folder, or run directory")
     p.add_argument("--prompt", help="answer this one prompt and exit")
@@ -305,6 +308,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import draw
+
+    runs = [Path(r) for r in args.runs]
+    default = runs[0] / "logs" / "loss.png" if len(runs) == 1 else Path("loss.png")
+    print(draw(runs, Path(args.out) if args.out else default))
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "validate": cmd_validate,
@@ -312,6 +324,7 @@ COMMANDS = {
     "submit": cmd_submit,
     "export": cmd_export,
     "chat": cmd_chat,
+    "plot": cmd_plot,
 }
 
 

@@ -47,11 +47,12 @@ from .launch import LaunchMode
 from .recipe import Recipe, resolve_batch
 
 GIB = 1024**3
+
+
 def configs_dir() -> Path:
     """The bundled configs: inside an installed wheel (qlora_sft/configs), else the source tree's."""
     packaged = Path(__file__).resolve().parent / "configs"
     return packaged if (packaged / "accelerate").is_dir() else Path(__file__).resolve().parents[2] / "configs"
-
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, data, launch, model, tracking
+from . import checkpoint, data, launch, model, plots, tracking
 from .errors import RecipeError
 from .recipe import BatchPlan, Recipe, resolve_batch
 
@@ -220,6 +220,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
         callbacks += [
             metrics_callback(run_dir / "logs" / "metrics.jsonl"),
             TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "logs"))),
+            plots.loss_plot_callback(run_dir),
         ]
         log.info("logging to %s", tracking.describe(report_to))
     trainer = ckpt.trainer(

@@ -1,0 +1,92 @@
+"""Loss curves: `logs/loss.png` of a run (written while it trains), and `qlora-sft plot RUN ...`.
+
+Reads logs/metrics.jsonl only, so it works on any run directory, finished or not, and the plot of a
+resumed run shows each step once (the value logged last)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+def series(run_dir: Path) -> dict[str, dict[int, float]]:
+    """train loss, eval loss and learning rate by step (the last value logged for a step wins)."""
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"plot: {run_dir} has no logs/metrics.jsonl (is it a qlora-sft run directory?)")
+    out: dict[str, dict[int, float]] = {"loss": {}, "eval_loss": {}, "learning_rate": {}}
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        for key, values in out.items():
+            if key in row:
+                values[int(row["step"])] = float(row[key])
+    return out
+
+
+def draw(run_dirs: list[Path], out: Path) -> Path:
+    """Train (solid) and eval (dashed, points) loss against step for each run; with one run, its
+    learning rate on a second axis. Written with matplotlib's Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    lr_axis: Any = None
+    for i, run_dir in enumerate(run_dirs):
+        s = series(run_dir)
+        color = f"C{i}"
+        name = run_dir.name if len(run_dirs) > 1 else "train"
+        if s["loss"]:
+            ax.plot(sorted(s["loss"]), [s["loss"][k] for k in sorted(s["loss"])], color=color, label=f"{name} loss")
+        if s["eval_loss"]:
+            steps = sorted(s["eval_loss"])
+            label = f"{run_dir.name} eval loss" if len(run_dirs) > 1 else "eval loss"
+            ax.plot(steps, [s["eval_loss"][k] for k in steps], "o--", color=color, label=label)
+        if len(run_dirs) == 1 and s["learning_rate"]:
+            lr_axis = ax.twinx()
+            steps = sorted(s["learning_rate"])
+            lr_axis.plot(steps, [s["learning_rate"][k] for k in steps], color="grey", alpha=0.5, label="learning rate")
+            lr_axis.set_ylabel("learning rate")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if lr_axis is not None:
+        more = lr_axis.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    if handles:
+        ax.legend(handles, labels, loc="upper right", fontsize=8)
+    ax.set_title(", ".join(r.name for r in run_dirs))
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def loss_plot_callback(run_dir: Path) -> Any:
+    """Main process: redraw logs/loss.png after every checkpoint, every evaluation (the final one
+    comes after training) and at the end of training."""
+    from transformers import TrainerCallback
+
+    class LossPlot(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.draw()
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.draw()
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.draw()
+
+        def draw(self) -> None:
+            if (run_dir / "logs" / "metrics.jsonl").is_file():
+                draw([run_dir], run_dir / "logs" / "loss.png")
+
+    return LossPlot()
