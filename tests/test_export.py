@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -281,3 +282,32 @@ def test_chat_on_the_adapter_answers_as_the_exported_model(run4bit: Path, tmp_pa
     from_adapter = greedy(run4bit / "final")
     assert from_adapter == greedy(merged)
     assert len(from_adapter) > 0
+
+
+def test_push_to_hub_refuses_before_any_merge_work(run4bit: Path, tmp_path: Path):
+    """The hub is unreachable here, so the upload itself is not exercised: what is tested is that
+    every refusal comes first, says why, and leaves nothing behind."""
+    from helpers import free_port
+
+    def export_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "qlora_sft", "export", str(run4bit), "--out", str(tmp_path / "m"), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused at once
+    cases = [
+        (("--push-to-hub", "me/model"), {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": closed}, "cannot be reached"),
+        (
+            ("--push-to-hub", "me/model", "--adapter-only"),
+            {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": closed},
+            "cannot be reached",
+        ),
+        (("--push-to-hub", "me/model"), {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+        (("--push-to-hub", "not a repo"), {"HF_HUB_OFFLINE": "0"}, "give ORG/NAME"),
+        (("--push-to-hub", "me/model", "--no-verify"), {}, "uploads only a verified merge"),
+        (("--private",), {}, "go with --push-to-hub"),
+    ]
+    for args, env, message in cases:
+        out = export_cli(*args, **env)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr[-1500:])
+        assert "merged" not in out.stdout.lower()
+        assert not (tmp_path / "m").exists() and not list(tmp_path.glob("m.*"))

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-verify", action="store_true", help="skip the logit check")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the verified merged folder (token: HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    p.add_argument("--revision", help="with --push-to-hub: upload to this branch")
+    p.add_argument("--adapter-only", action="store_true", help="with --push-to-hub: upload the adapter, no merge")
 
     p = sub.add_parser("plot", parents=[common], help="draw the loss curves of one or more runs into a PNG")
     p.add_argument("runs", nargs="+", help="run directories")
@@ -109,10 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import main_process_writes
-    from .export import export
+    from .export import HubTarget, export
     from .train import setup_logging
 
     setup_logging(True)
+    hub = None
+    if args.push_to_hub:
+        hub = HubTarget(args.push_to_hub, args.private, args.revision, args.adapter_only)
+    elif args.private or args.revision or args.adapter_only:
+        raise UserError("export: --private, --revision and --adapter-only go with --push-to-hub ORG/NAME")
     result = None
     with main_process_writes() as is_main:  # other ranks of an accelerate launch only wait
         if is_main:
@@ -126,8 +135,12 @@ def cmd_export(args: argparse.Namespace) -> int:
                 device=args.device,
                 overwrite=args.overwrite,
                 verify=not args.no_verify,
+                hub=hub,
             )
     if result is None:
+        return 0
+    if result.uploaded_to and result.merged_vs_trained is None:
+        print(f"adapter uploaded: {result.uploaded_to}")
         return 0
     print(
         f"merged model: {result.out} ({result.shards} shard(s), {result.seconds:.1f} s, peak RSS during the merge "
@@ -137,6 +150,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"  merged vs adapter on the training-time base: {result.merged_vs_trained.line()}")
     if result.original_vs_trained is not None:
         print(f"  original base + adapter vs the training-time model: {result.original_vs_trained.line()}")
+    if result.uploaded_to:
+        print(f"uploaded: {result.uploaded_to}")
     return 0 if result.ok else 1
 
 

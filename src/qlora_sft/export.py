@@ -488,6 +488,7 @@ class ExportResult:
     merge_peak_rss_mb: float
     seconds: float
     shards: int
+    uploaded_to: str | None = None
 
 
 @dataclass
@@ -645,21 +646,90 @@ def export(
     device: str = "cpu",
     overwrite: bool = False,
     verify: bool = True,
+    hub: HubTarget | None = None,
 ) -> ExportResult:
-    """Merge, verify, publish. Main process only (see `main_process_writes`)."""
+    """Merge, verify, publish, and with `hub` upload what was verified. Main process only (see
+    `main_process_writes`)."""
     t0 = time.time()
     source = resolve_source(path, base_model)
+    if hub is not None and not hub.adapter_only and not verify:
+        raise UserError("export: --push-to-hub uploads only a verified merge; drop --no-verify (or use --adapter-only)")
+    token = hub_token(hub) if hub is not None else None
+    if hub is not None and hub.adapter_only:
+        url = push_to_hub(source.adapter_dir, hub, token or "", f"qlora-sft adapter {source.adapter_dir.name}")
+        log.info("export: uploaded the adapter %s to %s", source.adapter_dir, url)
+        return ExportResult(source.adapter_dir, True, None, None, 0.0, time.time() - t0, 0, url)
     plan = plan_export(source, out, dtype, base, shard_size, device, overwrite)
     tmp, index, merge_rss = merge(source, plan)
     merged_vs, original_vs, ok = verify_merge(source, plan, tmp) if verify else (None, None, True)
     write_model_card(tmp, source, plan.base_kind, plan.dtype_name, merged_vs, original_vs, merge_rss, ok)
     final = publish(tmp, plan.out_dir, ok)
-    seconds = time.time() - t0
+    url = None
     if not ok:
         log.error("export: the merged model does not reproduce the adapter within tolerance; left in %s", final)
+        if hub is not None:
+            log.error("export: nothing was uploaded to %s", hub.repo_id)
     else:
-        log.info("export: done in %.1f s: %s", seconds, final)
-    return ExportResult(final, ok, merged_vs, original_vs, merge_rss, seconds, len(set(index["weight_map"].values())))
+        if hub is not None:
+            url = push_to_hub(final, hub, token or "", f"qlora-sft merged model ({plan.dtype_name}, verified)")
+            log.info("export: uploaded %s to %s", final, url)
+        log.info("export: done in %.1f s: %s", time.time() - t0, final)
+    shards = len(set(index["weight_map"].values()))
+    return ExportResult(final, ok, merged_vs, original_vs, merge_rss, time.time() - t0, shards, url)
+
+
+# --------------------------------------------------------------------------------------------
+# Push to the hub (after verification only)
+# --------------------------------------------------------------------------------------------
+
+HUB_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class HubTarget:
+    repo_id: str
+    private: bool = False
+    revision: str | None = None
+    adapter_only: bool = False
+
+
+def hub_token(target: HubTarget) -> str:
+    """Before any merge work: the hub answers within seconds and a token is known (HF_TOKEN or
+    `hf auth login`), or a clear error says which is missing. Returns the token."""
+    import requests
+    from huggingface_hub import constants, get_token
+
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", target.repo_id):
+        raise UserError(f"export: --push-to-hub {target.repo_id!r}: give ORG/NAME (or USER/NAME)")
+    if constants.HF_HUB_OFFLINE:
+        raise UserError("export: --push-to-hub: HF_HUB_OFFLINE is set; unset it to upload (nothing was merged)")
+    endpoint = constants.ENDPOINT
+    try:
+        requests.head(endpoint, timeout=HUB_TIMEOUT_S, allow_redirects=True)
+    except requests.RequestException as exc:
+        raise UserError(
+            f"export: --push-to-hub: the hub at {endpoint} cannot be reached ({type(exc).__name__}); nothing was "
+            "merged or uploaded. Export without --push-to-hub here and upload the folder from a machine with "
+            "network access (`hf upload ORG/NAME runs/X/merged`)."
+        ) from None
+    token = get_token()
+    if not token:
+        raise UserError("export: --push-to-hub: no hub token; set HF_TOKEN or run `hf auth login` (nothing was merged)")
+    return token
+
+
+def push_to_hub(folder: Path, target: HubTarget, token: str, message: str) -> str:
+    """Upload a finished folder (the verified merge, or the adapter) to `target`; returns its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(target.repo_id, private=target.private, exist_ok=True, repo_type="model")
+    if target.revision:
+        api.create_branch(target.repo_id, branch=target.revision, exist_ok=True)
+    info = api.upload_folder(
+        folder_path=str(folder), repo_id=target.repo_id, revision=target.revision, commit_message=message
+    )
+    return str(getattr(info, "commit_url", None) or target.repo_id)
 
 
 def copy_model_files(base_folder: Path, source: Source, out: Path, dtype: torch.dtype) -> None:
