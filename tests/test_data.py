@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 from helpers import DATA
 
 from qlora_sft import data
-from qlora_sft.data import Example, build_data, mark_trained, mix, normalize_row, tokenize_example
+from qlora_sft.data import BadRow, Example, build_data, mark_trained, mix, normalize_row, tokenize_example
 from qlora_sft.errors import DataError
 from qlora_sft.model import ensure_pad_token
 from qlora_sft.recipe import DataConfig, DataSource
@@ -277,3 +278,79 @@ def test_prepare_data_caches_for_other_ranks(tmp_path: Path, tok):
 def test_normalize_rejects_non_mapping_rows():
     with pytest.raises(data.BadRow, match="row must be a mapping"):
         normalize_row(["a"], "alpaca")
+
+
+def test_todays_templates_and_tool_calls_train_exactly_the_assistant_turns():
+    """Qwen3's template renders earlier assistant turns without their <think> block, so the text up to
+    an assistant turn is not a prefix of the whole conversation and rendering prefixes cannot find the
+    turns. The spans come from `{% generation %}` markers instead: the template's own, or TRL's
+    training variant of it (TRL ships Qwen3's and Llama 3's, used here as installed). Tool calls are
+    trained, tool results never."""
+    import trl
+
+    from qlora_sft.data import marked_template
+
+    templates = Path(trl.__file__).parent / "chat_templates"
+    row = {
+        "messages": [
+            {"role": "user", "content": "What colour is the sky?"},
+            {"role": "assistant", "content": "The sky is blue."},
+            {"role": "user", "content": "What is 2 * 3?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": "multiply", "arguments": '{"a": 2, "b": 3}'}}],
+            },
+            {"role": "tool", "name": "multiply", "content": "6"},
+            {"role": "assistant", "content": "It is 6."},
+        ]
+    }
+    messages, _ = normalize_row(row, "messages")
+    assert messages[3]["tool_calls"][0]["function"]["arguments"] == {"a": 2, "b": 3}
+    from tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.chat_template = (templates / "qwen3.jinja").read_text()
+    whole = tok.apply_chat_template(messages, tokenize=False)
+    assert not whole.startswith(tok.apply_chat_template(messages[:2], tokenize=False))  # not prefix-preserving
+    assert marked_template(tok) == (templates / "qwen3_training.jinja").read_text()
+    marked = mark_trained(tokenize_example(Example(messages, None, "x", 1), tok, 4096, True, keep_text=True))
+    trained = re.findall(r"\[\[(.*?)\]\]", marked, re.S)
+    think = "<think>\n\n</think>\n\n"
+    call = '<tool_call>\n{"name": "multiply", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+    assert trained == [
+        f"{think}The sky is blue.<|im_end|>\n",
+        f"{think}{call}<|im_end|>\n",
+        f"{think}It is 6.<|im_end|>\n",
+    ]
+    assert "<tool_response>\n6\n</tool_response>" in marked and "6\n</tool_response>]]" not in marked
+
+    tok.chat_template = (templates / "llama3.jinja").read_text()
+    plain = [*messages[:3], {"role": "assistant", "content": "Six."}]
+    marked = mark_trained(tokenize_example(Example(plain, None, "x", 1), tok, 4096, True, keep_text=True))
+    assert re.findall(r"\[\[(.*?)\]\]", marked, re.S) == ["The sky is blue.<|eot_id|>", "Six.<|eot_id|>"]
+
+
+def test_tool_turns_are_checked():
+    call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}
+    for turns, reason in (
+        ([{"role": "user", "content": "q"}, {"role": "tool", "content": "6"}], "roles_out_of_order"),
+        ([{"role": "user", "content": "q"}, call, {"role": "assistant", "content": "a"}], "roles_out_of_order"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], "empty_assistant_turn"),
+        ([{"role": "user", "content": "q"}, {**call, "tool_calls": [{"function": {}}]}], "wrong_type"),
+    ):
+        with pytest.raises(BadRow) as exc:
+            normalize_row({"messages": turns}, "messages")
+        assert exc.value.reason == reason, turns
+    ok, _ = normalize_row(
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                call,
+                {"role": "tool", "content": "6"},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+        "messages",
+    )
+    assert [m["role"] for m in ok] == ["user", "assistant", "tool", "assistant"]

@@ -31,7 +31,7 @@ from .errors import DataError
 from .recipe import DataConfig, DataSource
 
 # Bump when the tokenised output for the same inputs changes, to invalidate caches.
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: assistant spans from generation markers (TRL training templates), tool calls
 
 ROLE_ALIASES = {
     "system": "system",
@@ -44,6 +44,9 @@ ROLE_ALIASES = {
     "bing": "assistant",
     "bard": "assistant",
     "model": "assistant",
+    "tool": "tool",
+    "ipython": "tool",
+    "function": "tool",
 }
 
 FORMAT_FIELDS = {
@@ -109,7 +112,7 @@ class BadRow(Exception):
 class Example:
     """One normalised row: chat `messages`, or plain `text`; with where it came from."""
 
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None  # role, content (+ tool_calls on assistant turns, name on tool turns)
     text: str | None
     source: str
     row: int
@@ -342,15 +345,17 @@ def _content(value: Any, where: str) -> str:
     raise BadRow("wrong_type", f"{where}: content must be a string, got {type(value).__name__}")
 
 
-def _turns(turns: Any, role_key: str, content_key: str, field_name: str) -> list[dict[str, str]]:
+def _turns(turns: Any, role_key: str, content_key: str, field_name: str) -> list[dict[str, Any]]:
     if not isinstance(turns, list):
         raise BadRow("wrong_type", f"field `{field_name}` must be a list of turns, got {type(turns).__name__}")
     out = []
     for i, turn in enumerate(turns):
+        where = f"`{field_name}[{i}]`"
         if not isinstance(turn, dict):
-            raise BadRow("wrong_type", f"`{field_name}[{i}]` must be a mapping")
-        if role_key not in turn or content_key not in turn:
-            raise BadRow("missing_field", f"`{field_name}[{i}]` needs `{role_key}` and `{content_key}`")
+            raise BadRow("wrong_type", f"{where} must be a mapping")
+        calls = turn.get("tool_calls")
+        if role_key not in turn or (content_key not in turn and not calls):
+            raise BadRow("missing_field", f"{where} needs `{role_key}` and `{content_key}`")
         raw_role = turn[role_key]
         role = ROLE_ALIASES.get(str(raw_role).lower()) if isinstance(raw_role, str) else None
         if role is None:
@@ -358,12 +363,47 @@ def _turns(turns: Any, role_key: str, content_key: str, field_name: str) -> list
                 "unknown_role",
                 f"`{field_name}[{i}].{role_key}` is {raw_role!r}; expected one of {sorted(ROLE_ALIASES)}",
             )
-        out.append({"role": role, "content": _content(turn[content_key], f"`{field_name}[{i}]`")})
+        content = turn.get(content_key)
+        message: dict[str, Any] = {"role": role, "content": "" if content is None else _content(content, where)}
+        if calls:
+            if role != "assistant":
+                raise BadRow("wrong_type", f"{where}: only assistant turns carry `tool_calls`")
+            message["tool_calls"] = _tool_calls(calls, where)
+        if role == "tool":
+            for key in ("name", "tool_call_id"):
+                if isinstance(turn.get(key), str):
+                    message[key] = turn[key]
+        out.append(message)
     return out
 
 
-def check_conversation(messages: list[dict[str, str]]) -> None:
-    """Optional system first, then user/assistant alternating, ending with a non-empty assistant."""
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """OpenAI-style tool calls: [{"type": "function", "function": {"name": ..., "arguments": {...}}}]
+    (arguments as an object or a JSON string; a bare {"name", "arguments"} is accepted too)."""
+    if not isinstance(calls, list):
+        raise BadRow("wrong_type", f"{where}.tool_calls must be a list")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise BadRow("wrong_type", f"{where}.tool_calls[{j}] needs a function name")
+        arguments = fn.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                raise BadRow("wrong_type", f"{where}.tool_calls[{j}].arguments is not JSON") from None
+        entry: dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def check_conversation(messages: list[dict[str, Any]]) -> None:
+    """Optional system first, then user and assistant turns alternating, ending with an assistant
+    turn; an assistant turn with tool calls is followed by the tools' results (role `tool`), then by
+    the assistant again."""
     if not messages:
         raise BadRow("empty", "no turns")
     body = messages[1:] if messages[0]["role"] == "system" else messages
@@ -371,15 +411,29 @@ def check_conversation(messages: list[dict[str, str]]) -> None:
         raise BadRow("roles_out_of_order", "a system turn may only come first")
     if not body:
         raise BadRow("no_assistant_turn", "no user/assistant turns")
-    for i, m in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if m["role"] != expected:
-            order = " -> ".join(t["role"] for t in messages)
-            raise BadRow("roles_out_of_order", f"roles out of order ({order}); expected user/assistant alternating")
+    order = " -> ".join(t["role"] for t in messages)
+    expected = "user"
+    for m in body:
+        role = m["role"]
+        if role == "tool":
+            if expected not in ("tool", "tool or assistant"):
+                raise BadRow("roles_out_of_order", f"a tool result without a tool call before it ({order})")
+            expected = "tool or assistant"
+        elif expected == "tool or assistant" and role == "assistant":
+            expected = "tool" if m.get("tool_calls") else "user"
+        elif role != expected:
+            raise BadRow(
+                "roles_out_of_order",
+                f"roles out of order ({order}); expected user/assistant alternating, tool results after tool calls",
+            )
+        elif role == "assistant":
+            expected = "tool" if m.get("tool_calls") else "user"
+        else:
+            expected = "assistant"
     if body[-1]["role"] != "assistant":
         raise BadRow("no_assistant_turn", "the conversation does not end with an assistant turn")
     for m in body:
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
             raise BadRow("empty_assistant_turn", "an assistant turn is empty")
         if m["role"] == "user" and not m["content"].strip():
             raise BadRow("empty_user_turn", "a user turn is empty")
@@ -387,7 +441,7 @@ def check_conversation(messages: list[dict[str, str]]) -> None:
 
 def normalize_row(
     row: Any, fmt: str, system_prompt: str | None = None
-) -> tuple[list[dict[str, str]] | None, str | None]:
+) -> tuple[list[dict[str, Any]] | None, str | None]:
     """One raw row -> (messages, None) or (None, text). Raises BadRow."""
     if isinstance(row, BadRow):
         raise row
@@ -571,14 +625,59 @@ class Tokenized:
     offsets: list[tuple[int, int]] = field(default_factory=list)
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+_MARKED_TEMPLATES: dict[str, str | None] = {}
+
+
+def marked_template(tokenizer: Any) -> str | None:
+    """A chat template with `{% generation %}` markers around the assistant turns, which tells exactly
+    which tokens are the assistant's however the template renders earlier turns: the tokenizer's own
+    if it has them, else TRL's training variant of it (Qwen3, Llama 3, Gemma, DeepSeek, ... ship in
+    TRL), else None (the assistant spans are then found by rendering prefixes)."""
+    template = tokenizer.chat_template
+    if not isinstance(template, str):
+        return None
+    if template not in _MARKED_TEMPLATES:
+        from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+        if has_generation_markers(template):
+            _MARKED_TEMPLATES[template] = template
+        else:
+            try:
+                _MARKED_TEMPLATES[template] = get_training_chat_template(tokenizer)
+            except Exception:  # a template TRL has no variant of, or cannot inspect
+                _MARKED_TEMPLATES[template] = None
+    return _MARKED_TEMPLATES[template]
+
+
+def _marked_labels(
+    ex: Example, tokenizer: Any, template: str
+) -> tuple[str, list[int], list[int], list[tuple[int, int]]]:
+    """(text, input ids, labels, offsets) with the tokens inside the template's generation markers
+    as labels."""
+    assert ex.messages is not None
+    text = tokenizer.apply_chat_template(ex.messages, chat_template=template, tokenize=False)
+    marked = tokenizer.apply_chat_template(
+        ex.messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    if ids != list(marked["input_ids"]):  # pragma: no cover - the same text, tokenized the same way
+        raise DataError(f"{ex.source} row {ex.row}: the chat template's tokens differ between two renderings")
+    labels = [tid if keep else -100 for tid, keep in zip(ids, marked["assistant_masks"], strict=True)]
+    return text, ids, labels, [tuple(o) for o in enc["offset_mapping"]]
 
 
 def tokenize_example(
     ex: Example, tokenizer: Any, max_length: int, assistant_only_loss: bool, keep_text: bool = False
 ) -> Tokenized:
-    """Render with the chat template and tokenize; label assistant spans (or everything)."""
+    """Render with the chat template and tokenize; label assistant spans (or everything). The
+    assistant spans come from the template's generation markers where it has them (or TRL has a
+    training variant of it), else from rendering the conversation up to each assistant turn."""
+    template = marked_template(tokenizer) if assistant_only_loss and ex.messages is not None else None
     if ex.text is not None:
         enc = tokenizer(ex.text, add_special_tokens=True, return_offsets_mapping=keep_text)
         ids = list(enc["input_ids"])
@@ -588,6 +687,8 @@ def tokenize_example(
             offsets.append((len(ex.text), len(ex.text)))
         labels = list(ids)
         text = ex.text
+    elif template is not None:
+        text, ids, labels, offsets = _marked_labels(ex, tokenizer, template)
     else:
         assert ex.messages is not None
         text = _render(tokenizer, ex.messages, False)
@@ -602,8 +703,9 @@ def tokenize_example(
                     raise DataError(
                         f"{ex.source} row {ex.row}: the chat template does not render conversations "
                         "incrementally (the text up to an assistant turn is not a prefix of the full "
-                        "text), so the assistant spans cannot be found. Use another data.chat_template "
-                        "or data.assistant_only_loss=false."
+                        "text) and has no {% generation %} markers (nor does TRL ship a training variant "
+                        "of it), so the assistant spans cannot be found. Use a template with generation "
+                        "markers (data.chat_template: path/to/template.jinja) or data.assistant_only_loss=false."
                     )
                 spans.append((len(before), len(through)))
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
