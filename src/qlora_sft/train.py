@@ -247,8 +247,12 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
             tracking.finish(report_to, preempted=True)
         return TrainResult(run_dir, final_dir, trainer.state.global_step, None, None, preempted=True)
     eval_loss = None
-    if prepared.eval is not None:
-        eval_loss = trainer.evaluate().get("eval_loss")
+    if prepared.eval is not None:  # the evaluation at the last step, when the schedule just ran one
+        last = [e for e in trainer.state.log_history if "eval_loss" in e]
+        if last and last[-1].get("step") == trainer.state.global_step:
+            eval_loss = last[-1]["eval_loss"]
+        else:
+            eval_loss = trainer.evaluate().get("eval_loss")
 
     # 7. Final adapter + tokenizer (Trainer.save_model writes from the main process and gathers
     # sharded weights), staged and published with its completion marker.
