@@ -186,3 +186,93 @@ def make_data(path: Path, n: int, seed: int = 0, median: int = 350, max_len: int
                 + "\n"
             )
     return path
+
+
+# Text-like chat rows (for data-preparation benchmarks): English words drawn by Zipf frequency,
+# in sentences and paragraphs, in multi-turn ShareGPT conversations. A real BPE tokenizer cuts
+# them roughly as it cuts prose, so tokenising them costs what tokenising real chats costs.
+_COMMON = (
+    "the of and to a in is it you that he was for on are with as I his they be at one have this from or had by "
+    "not word but what some we can out other were all there when up use your how said an each she which do their "
+    "time if will way about many then them write would like so these her long make thing see him two has look "
+    "more day could go come did number sound no most people my over know water than call first who may down "
+    "side been now find any new work part take get place made live where after back little only round man year "
+    "came show every good me give our under name very through just form sentence great think say help low line "
+    "differ turn cause much mean before move right boy old too same tell does set three want air well also play "
+    "small end put home read hand port large spell add even land here must big high such follow act why ask men "
+    "change went light kind off need house picture try us again animal point mother world near build self earth "
+    "father head stand own page should country found answer school grow study still learn plant cover food sun "
+    "four between state keep eye never last let thought city tree cross farm hard start might story saw far sea "
+    "draw left late run while press close night real life few north open seem together next white children "
+    "begin got walk example ease paper group always music those both mark often letter until mile river car feet "
+    "care second book carry took science eat room friend began idea fish mountain stop once base hear horse cut "
+    "sure watch color face wood main enough plain girl usual young ready above ever red list though feel talk "
+    "bird soon body dog family direct pose leave song measure door product black short numeral class wind "
+    "question happen complete ship area half rock order fire south problem piece told knew pass since top whole "
+    "king space heard best hour better true during hundred five remember step early hold west ground interest "
+    "reach fast verb sing listen six table travel less morning ten simple several vowel toward war lay against "
+    "pattern slow center love person money serve appear road map rain rule govern pull cold notice voice unit "
+    "power town fine certain fly fall lead cry dark machine note wait plan figure star box noun field rest "
+    "correct able pound done beauty drive stood contain front teach week final gave green oh quick develop ocean "
+    "warm free minute strong special mind behind clear tail produce fact street inch multiply nothing course stay "
+    "wheel full force blue object decide surface deep moon island foot system busy test record boat common gold "
+    "possible plane stead dry wonder laugh thousand ago ran check game shape equate hot miss brought heat snow "
+    "tire bring yes distant fill east paint language among function variable model training dataset python "
+    "error value return install configure network server memory gradient tensor batch layer output input"
+).split()
+_PUNCT = [".", ".", ".", ".", "?", "!", ":", ";"]
+
+
+def _sentence(rng: random.Random, weights: list[float]) -> str:
+    words = rng.choices(_COMMON, weights, k=rng.randint(5, 22))
+    for i in range(1, len(words) - 1):
+        if rng.random() < 0.06:
+            words[i] += ","
+        elif rng.random() < 0.02:
+            words[i] = str(rng.randint(2, 2030))
+    words[0] = words[0].capitalize()
+    return " ".join(words) + rng.choice(_PUNCT)
+
+
+def _passage(rng: random.Random, weights: list[float], words: int) -> str:
+    paragraphs, current, count = [], [], 0
+    while count < words:
+        s = _sentence(rng, weights)
+        current.append(s)
+        count += s.count(" ") + 1
+        if rng.random() < 0.2:
+            paragraphs.append(" ".join(current))
+            current = []
+    if current:
+        paragraphs.append(" ".join(current))
+    return "\n\n".join(paragraphs)
+
+
+def text_chat_rows(n: int, seed: int = 0, median_words: int = 190) -> Any:
+    """`n` ShareGPT conversations of English-like text: 1-4 exchanges, replies about 3x the questions,
+    total words log-normal around `median_words` (about 370 SmolLM2 tokens on average with its chat
+    template). Yields rows; the same seed gives the same rows."""
+    rng = random.Random(seed)
+    weights = [1.0 / (rank + 1) for rank in range(len(_COMMON))]  # Zipf
+    for _ in range(n):
+        total = max(12, min(3000, round(math.exp(rng.gauss(math.log(median_words), 0.75)))))
+        exchanges = rng.choice((1, 1, 1, 2, 2, 3, 4))
+        turns = []
+        for _ in range(exchanges):
+            share = total / exchanges
+            turns.append({"from": "human", "value": _passage(rng, weights, max(3, round(share * 0.25)))})
+            turns.append({"from": "gpt", "value": _passage(rng, weights, max(3, round(share * 0.75)))})
+        yield {"conversations": turns}
+
+
+def make_text_data(path: Path, n: int, seed: int = 0) -> Path:
+    """`text_chat_rows` as a JSON-lines file (written once; kept if it exists)."""
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        for row in text_chat_rows(n, seed):
+            f.write(json.dumps(row) + "\n")
+    tmp.rename(path)
+    return path

@@ -1,0 +1,138 @@
+"""Data preparation at scale, on the CPU: rows/s and peak memory of `prepare_data` (read, normalise,
+mix, tokenize, mask, pack, write the cache), each size and `data.num_proc` in a fresh process.
+
+    python -m bench.data --tokenizer data/models/smollm2-135m-instruct
+    python -m bench.data --rows 20000 200000 1000000 --num-proc 1 2
+
+Rows are `workload.text_chat_rows` (English-like multi-turn ShareGPT conversations, written once as
+JSON lines under --cache). Writes `bench/results/<date>-cpu-data{tag}.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.workload import make_text_data
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (MiB)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_one(rows_file: Path, tokenizer_path: str, num_proc: int, packing: bool) -> dict[str, Any]:
+    """One preparation, in this (fresh) process: time, peak RSS of this process and of its workers."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from qlora_sft import data
+    from qlora_sft.recipe import DataConfig, DataSource
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    fields = {f.name for f in dataclasses.fields(DataConfig)}
+    extra = {"num_proc": num_proc} if "num_proc" in fields else {}
+    if not extra and num_proc != 1:
+        raise SystemExit("this version of qlora_sft has no data.num_proc")
+    cfg = DataConfig(sources=[DataSource(path=str(rows_file), format="sharegpt")], packing=packing, **extra)
+    baseline = rss_mb()
+    with tempfile.TemporaryDirectory(dir=rows_file.parent) as cache:
+        start = time.perf_counter()
+        prepared = data.prepare_data(cfg, tokenizer, 0, cache)
+        seconds = time.perf_counter() - start
+    rows = prepared.report.sources[0].rows
+    return {
+        "rows": rows,
+        "num_proc": num_proc,
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(rows / seconds, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "baseline_rss_mb": round(baseline, 1),
+        "peak_above_baseline_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline, 1),
+        "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "train_rows": prepared.report.train_rows,
+        "tokens_mean": round(prepared.report.tokens_mean, 1),
+        "code": data.__file__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[20_000, 200_000, 1_000_000])
+    ap.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--tokenizer", default="data/models/smollm2-135m-instruct", help="a local tokenizer folder")
+    ap.add_argument("--no-packing", action="store_true", help="leave packing out of what is timed")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "qlora-sft-bench-data")
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument("--one", nargs=2, metavar=("FILE", "NUM_PROC"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        result = measure_one(Path(args.one[0]), args.tokenizer, int(args.one[1]), not args.no_packing)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    results: list[dict[str, Any]] = []
+    for rows in args.rows:
+        rows_file = make_text_data(args.cache / f"text-chat-{rows}.jsonl", rows)
+        for num_proc in args.num_proc:
+            cmd = [sys.executable, "-m", "bench.data", "--one", str(rows_file), str(num_proc)]
+            cmd += ["--tokenizer", args.tokenizer] + (["--no-packing"] if args.no_packing else [])
+            print(f"== {rows:,} rows, num_proc {num_proc}", flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                tail = (proc.stdout + proc.stderr)[-3000:]
+                results.append({"rows": rows, "num_proc": num_proc, "error": f"exit {proc.returncode}: {tail}"})
+                print(tail, flush=True)
+                continue
+            results.append(json.loads(line[len("RESULT ") :]))
+            print(json.dumps(results[-1]), flush=True)
+    rows_table = [
+        [
+            f"{r['rows']:,}",
+            r["num_proc"],
+            report.number(r.get("rows_per_s"), ",.0f"),
+            report.number(r.get("seconds"), ".1f"),
+            report.number(r.get("peak_rss_mb"), ",.0f"),
+            report.number(r.get("peak_above_baseline_mb"), ",.0f"),
+            report.number(r.get("worker_peak_rss_mb"), ",.0f"),
+            "failed" if "error" in r else "",
+        ]
+        for r in results
+    ]
+    markdown = [
+        f"# Data preparation on the CPU ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}",
+        "",
+        "`prepare_data` end to end (read, normalise, tokenize with masks, pack, write the cache) of",
+        f"`text_chat_rows` conversations, tokenizer {args.tokenizer}, packing {'off' if args.no_packing else 'on'}.",
+        "Each row is a fresh process; peak RSS is the main process's (ru_maxrss), the baseline is its RSS",
+        "after imports and the tokenizer, workers' peak is the largest worker's.",
+        "",
+        *report.table(
+            ["rows", "num_proc", "rows/s", "seconds", "peak RSS MB", "above baseline MB", "worker peak MB", ""],
+            rows_table,
+        ),
+    ]
+    payload = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "tokenizer": args.tokenizer}
+    payload["packing"] = not args.no_packing
+    payload["results"] = results
+    base = args.out / f"{time.strftime('%Y-%m-%d')}-cpu-data{args.tag}"
+    report.write(base, payload, markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
