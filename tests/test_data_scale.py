@@ -106,7 +106,7 @@ def case_digests(tmp: Path, **build: Any) -> dict[str, dict[str, str]]:
         out[name] = {
             "train": digest(prepared.train[:]),
             "eval": digest(prepared.eval[:] if prepared.eval is not None else None),
-            "report": digest(json.loads(json.dumps(prepared.report.to_dict()).replace(str(tmp), "<tmp>"))),
+            "report": digest(json.loads(json.dumps(prepared.report.to_dict()).replace(str(tmp), "<tmp>").replace(str(DATA), "<data>"))),
             "packed": digest(packed[:]),
             "rows": f"{len(prepared.train)} train, {len(packed)} packed",
         }
