@@ -9,6 +9,8 @@
 #   QLORA_SFT_PYTHON         python with qlora-sft installed (default: python on PATH)
 #   MASTER_PORT              rendezvous port (default 20000 + job id mod 20000)
 #   QLORA_SFT_SHUTDOWN_GRACE seconds the launcher waits for ranks to save before killing them (default 300)
+#   QLORA_SFT_PREPARE=0      skip `qlora-sft prepare` before the ranks start (default: prepare once
+#                            here, on the batch host, so no rank tokenizes while the others wait)
 #   QLORA_SFT_DRY_RUN=1      print what would run instead of running it
 #   NCCL_*, TORCH_*          passed through; defaults below only fill what you did not set
 
@@ -74,6 +76,16 @@ qlora_sft_run() {
     return 2
   fi
 
+  # Tokenize once, here, with this step's CPUs; the ranks then find the cache (a cache built before,
+  # e.g. by `qlora-sft prepare` on a login node or by the job's previous run, is reused in seconds).
+  local prepare=("$py" -m qlora_sft prepare "$recipe" "$@")
+  if [ "${QLORA_SFT_PREPARE:-1}" != 0 ] && [ -z "${QLORA_SFT_DRY_RUN:-}" ]; then
+    if ! "${prepare[@]}"; then
+      qlora_sft_log "error: preparing the data failed (see above); not starting"
+      return 2
+    fi
+  fi
+
   # One task per node. Per-task values ($SLURM_NODEID) stay quoted here and are expanded by each
   # task's own shell; the recipe and overrides travel as arguments, never through a shell string.
   local task
@@ -89,6 +101,7 @@ qlora_sft_run() {
   local cmd=(srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "$task" qlora-sft "$recipe" "$@")
   if [ -n "${QLORA_SFT_DRY_RUN:-}" ]; then
     printf 'run_dir=%s\n' "$run_dir"
+    if [ "${QLORA_SFT_PREPARE:-1}" != 0 ]; then printf 'prepare: '; printf '%q ' "${prepare[@]}"; printf '\n'; fi
     printf 'env MASTER_ADDR=%s MASTER_PORT=%s QLORA_SFT_NUM_PROCESSES=%s\n' "$MASTER_ADDR" "$MASTER_PORT" "$total"
     printf '%q ' "${cmd[@]}"
     printf '\n'

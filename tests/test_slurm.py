@@ -156,6 +156,9 @@ def test_single_node_job_runs_two_ranks_to_completion(straight, workdir):
     ]
     assert "1 node(s) x 2 process(es) = 2" in log and "training finished" in log
     assert "SLURM job" in log and "restart count 0" in log
+    # the batch script tokenized once before the ranks started; the ranks found that cache
+    assert "`train` finds it there" in log
+    assert "data: found the prepared cache" in log and "(built by `qlora-sft prepare`" in log
     assert not list(root.glob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))
 
 
@@ -192,7 +195,8 @@ def test_failed_run_is_not_requeued(slurm, workdir):
     info = wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"})
     log = (root / f"slurm-qlora-sft-{job}.out").read_text()
     assert info["JobState"] == "FAILED" and info.get("Restarts") == "0", log[-3000:]
-    assert "not requeueing" in log or "does not validate" in log
+    # stopped by the recipe check, the data preparation or training, and never requeued
+    assert "not requeueing" in log or "not starting" in log, log[-3000:]
 
 
 def test_multi_node_template_under_srun_with_one_node(slurm, workdir):

@@ -1,4 +1,5 @@
-"""`qlora-sft train | validate | plan | submit | export | chat | plot` (the same CLI as `python -m qlora_sft`)."""
+"""`qlora-sft train | validate | prepare | plan | submit | export | chat | plot` (the same CLI as
+`python -m qlora_sft`)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="mark trained tokens in colour (default: on a terminal), else with [[ ]]",
     )
     p = sub.add_parser(
+        "prepare",
+        parents=[common],
+        help="read, tokenize and cache the data once (all cores), before a launch; prints the validate report",
+    )
+    _recipe_args(p)
+    p = sub.add_parser(
         "plan", parents=[common], help="what a launch will do: world size, batch arithmetic, memory per GPU"
     )
     _recipe_args(p)
@@ -77,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", choices=["slurm", "local"], help="default: slurm where sbatch exists, else local")
     p.add_argument("--folder", help="submitit job folder (default <output_dir>/<name>.submitit/<job id>)")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    p.add_argument(
+        "--prepare",
+        action="store_true",
+        help="prepare (tokenize, cache) the data here first: data errors before queueing",
+    )
     p = sub.add_parser(
         "export", parents=[common], help="merge the adapter into the base: one folder that loads with transformers"
     )
@@ -251,6 +263,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         extra_sbatch=args.extra_sbatch,
         cluster=args.cluster,
         folder=args.folder,
+        prepare=args.prepare,
     )
     print(f"submitted job {job.job_id}")
     print(f"  job folder: {job.paths.folder}")
@@ -282,7 +295,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return main(recipe)
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def _data_report(recipe: Any, base_dir: Path, tokenizer: Any, keep: bool) -> list[str]:
+    """The data report of `validate` (keep=False: the cache if one exists, else built and dropped)
+    and `prepare` (keep=True: built into the run's cache, or found there)."""
+    import time
+
+    from . import data
+
+    cache_root = Path(recipe.run.output_dir) / ".cache"
+    folder = data.cache_folder(recipe.data, tokenizer, recipe.run.seed, cache_root, base_dir)
+    start = time.perf_counter()
+    prepared = data.load_prepared(folder)
+    if prepared is not None:
+        prepared.found = True
+        where = prepared.origin()
+    elif recipe.data.streaming:
+        prepared = data.stream_data(recipe.data, tokenizer, recipe.run.seed, base_dir)
+        where = prepared.origin()
+    elif keep:
+        prepared = data.prepare_data(recipe.data, tokenizer, recipe.run.seed, cache_root, base_dir, by="prepare")
+        where = f"{prepared.origin()}; `train` finds it there"
+    else:
+        prepared = data.build_data(recipe.data, tokenizer, recipe.run.seed, base_dir)
+        where = f"not cached (built in {time.perf_counter() - start:.1f} s; `qlora-sft prepare` keeps it for training)"
+    return [*prepared.report.lines(), f"data: {where}"]
+
+
+def _recipe_header(args: argparse.Namespace) -> tuple[Any, Path, Any]:
+    """Load the recipe, print its summary, and load the tokenizer with the recipe's chat template."""
     from . import data, model
     from .recipe import load_recipe, resolve_batch
 
@@ -298,9 +338,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"  run directory: {recipe.run_dir}")
     tokenizer = model.load_tokenizer(recipe.model, base_dir)
     data.set_chat_template(tokenizer, recipe.data.chat_template, recipe.model.name_or_path, base_dir)
-    prepared = data.build_data(recipe.data, tokenizer, recipe.run.seed, base_dir)
+    return recipe, base_dir, tokenizer
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import itertools
+
+    from . import data
+
+    recipe, base_dir, tokenizer = _recipe_header(args)
     print("data:")
-    for line in prepared.report.lines():
+    for line in _data_report(recipe, base_dir, tokenizer, keep=False):
         print(f"  {line}")
     print(
         f"  tokenizer: eos {tokenizer.eos_token!r}, pad {tokenizer.pad_token!r} (distinct from eos: "
@@ -308,9 +356,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     )
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     marks = ("\x1b[1;32m", "\x1b[0m") if color else ("[[", "]]")
-    per_source, _ = data.load_examples(recipe.data.sources, recipe.data.on_bad_row, base_dir)
-    shown = [ex for rows in per_source for ex in rows][: max(0, args.examples)]
-    for ex in shown:
+    rows = itertools.chain.from_iterable(
+        data.iter_examples(src, recipe.data.on_bad_row, data.SourceReport(src.path, src.format), base_dir)
+        for src in recipe.data.sources
+    )
+    for ex in itertools.islice(rows, max(0, args.examples)):
         tok = data.tokenize_example(
             ex, tokenizer, recipe.data.max_length, recipe.data.assistant_only_loss, keep_text=True
         )
@@ -320,6 +370,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"{', truncated' if tok.truncated else ''}); trained tokens are marked {marks[0]}like this{marks[1]}:"
         )
         print(data.mark_trained(tok, *marks))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .train import setup_logging
+
+    setup_logging(True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    recipe, base_dir, tokenizer = _recipe_header(args)
+    print("data:")
+    for line in _data_report(recipe, base_dir, tokenizer, keep=True):
+        print(f"  {line}")
     return 0
 
 
@@ -335,6 +397,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 COMMANDS = {
     "train": cmd_train,
     "validate": cmd_validate,
+    "prepare": cmd_prepare,
     "plan": cmd_plan,
     "submit": cmd_submit,
     "export": cmd_export,

@@ -12,26 +12,32 @@ and counted by reason (`on_bad_row: skip`).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import hashlib
 import json
+import logging
 import math
 import os
 import random
 import re
 import shutil
-import statistics
+import socket
+import tempfile
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import DataError
 from .recipe import DataConfig, DataSource
 
+log = logging.getLogger("qlora_sft")
+
 # Bump when the tokenised output for the same inputs changes, to invalidate caches.
-CACHE_VERSION = "2"  # 2: assistant spans from generation markers (TRL training templates), tool calls
+CACHE_VERSION = "3"  # 2: assistant spans from generation markers, tool calls; 3: cache folder layout
 
 ROLE_ALIASES = {
     "system": "system",
@@ -142,6 +148,7 @@ class DataReport:
     loss_token_fraction: float = 0.0
     eos_trained_fraction: float = 0.0
     end_token: str = ""
+    streamed_sample: int = 0  # streaming: the statistics describe the first rows only
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,7 +167,14 @@ class DataReport:
                 f"source {s.path} [{s.format}]: {s.rows} rows, {s.kept} kept, {s.used} used in the mix, "
                 f"skipped: {skipped}"
             )
-        out.append(f"split: {self.train_rows} train rows, {self.eval_rows} eval rows")
+        if self.streamed_sample:
+            out.append(
+                "streaming: training rows are read and tokenized as training goes (their number is unknown); "
+                f"the figures here describe the first {self.streamed_sample} rows of each source"
+            )
+            out.append(f"split: train rows as the stream yields them, {self.eval_rows} eval rows")
+        else:
+            out.append(f"split: {self.train_rows} train rows, {self.eval_rows} eval rows")
         out.append(
             f"tokens per train example: mean {self.tokens_mean:.1f}, p95 {self.tokens_p95}, max "
             f"{self.tokens_max}, total {self.tokens_total}; truncated rows: {self.truncated}"
@@ -216,14 +230,8 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
         return
     suffix = local.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with local.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield lineno, BadRow("invalid_json", f"line is not valid JSON ({exc.msg})")
+        for lineno, line in _json_lines(local):
+            yield lineno, parse_document(line)
     elif suffix == ".json":
         try:
             data = json.loads(local.read_text(encoding="utf-8"))
@@ -261,6 +269,32 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
             f"data source {local}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet, .csv, "
             "or a datasets.save_to_disk folder"
         )
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, str]]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield lineno, line
+
+
+def parse_document(document: str) -> Any:
+    """A row from its JSON text; a BadRow when the text is not JSON."""
+    try:
+        return json.loads(document)
+    except json.JSONDecodeError as exc:
+        return BadRow("invalid_json", f"line is not valid JSON ({exc.msg})")
+
+
+def read_documents(src: DataSource, base_dir: str | os.PathLike[str] | None = None) -> Iterator[tuple[int, str]]:
+    """Yield (row number, the row as JSON text) from a source without holding it: JSON lines as they
+    are in the file (parsed later, where the work is spread over processes), other rows serialised."""
+    local = resolve_path(src.path, base_dir)
+    if local is not None and local.is_file() and local.suffix.lower() in (".jsonl", ".ndjson"):
+        yield from _json_lines(local)
+        return
+    for rowno, row in read_source(src, base_dir):
+        yield rowno, json.dumps(row, ensure_ascii=False, default=str)
 
 
 def _read_saved(folder: Path, src: DataSource) -> Iterator[tuple[int, Any]]:
@@ -504,65 +538,84 @@ def normalize_row(
     return messages, None
 
 
+def source_format(src: DataSource, first_row: Any, rowno: int) -> str:
+    """The source's format: as set, or detected from its first row."""
+    if src.format != "auto":
+        return src.format
+    detected = detect_format(first_row)
+    if detected is None:
+        keys = sorted(first_row) if isinstance(first_row, dict) else type(first_row).__name__
+        raise DataError(
+            f"{src.path} row {rowno}: cannot tell the format from its fields {keys}. Set "
+            "`format:` on this source to one of: " + "; ".join(f"{k} ({v})" for k, v in FORMAT_FIELDS.items())
+        )
+    return detected
+
+
+def bad_row_error(path: str, rowno: int, fmt: str, message: str) -> DataError:
+    return DataError(
+        f"{path} row {rowno}: {message} (format {fmt}: {FORMAT_FIELDS[fmt]}). Fix the row, or set "
+        "data.on_bad_row=skip to drop bad rows and see counts by reason."
+    )
+
+
+def iter_examples(
+    src: DataSource, on_bad_row: str, report: SourceReport, base_dir: str | os.PathLike[str] | None = None
+) -> Iterator[Example]:
+    """A source's rows, normalised one at a time; bad rows raise DataError or are counted in
+    `report`, per `on_bad_row`."""
+    fmt = ""
+    for rowno, document in read_documents(src, base_dir):
+        row = parse_document(document)
+        if not fmt:
+            fmt = report.format = source_format(src, row, rowno)
+        report.rows += 1
+        try:
+            messages, text = normalize_row(row, fmt, src.system_prompt)
+        except BadRow as bad:
+            if on_bad_row == "error":
+                raise bad_row_error(src.path, rowno, fmt, str(bad)) from None
+            report.skipped[bad.reason] = report.skipped.get(bad.reason, 0) + 1
+            continue
+        report.kept += 1
+        yield Example(messages, text, src.path, rowno)
+    if report.rows == 0:
+        raise DataError(f"data source {src.path} has no rows")
+
+
 def load_examples(
     sources: Sequence[DataSource], on_bad_row: str, base_dir: str | os.PathLike[str] | None = None
 ) -> tuple[list[list[Example]], list[SourceReport]]:
-    """Read and normalise every source. Bad rows raise DataError or are counted, per `on_bad_row`."""
-    per_source: list[list[Example]] = []
-    reports: list[SourceReport] = []
-    for src in sources:
-        fmt = src.format
-        report = SourceReport(path=src.path, format=fmt)
-        examples: list[Example] = []
-        for rowno, row in read_source(src, base_dir):
-            report.rows += 1
-            if fmt == "auto":
-                detected = detect_format(row)
-                if detected is None:
-                    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                    raise DataError(
-                        f"{src.path} row {rowno}: cannot tell the format from its fields {keys}. Set "
-                        f"`format:` on this source to one of: "
-                        + "; ".join(f"{k} ({v})" for k, v in FORMAT_FIELDS.items())
-                    )
-                fmt = report.format = detected
-            try:
-                messages, text = normalize_row(row, fmt, src.system_prompt)
-            except BadRow as bad:
-                if on_bad_row == "error":
-                    raise DataError(
-                        f"{src.path} row {rowno}: {bad} (format {fmt}: {FORMAT_FIELDS[fmt]}). Fix the row, or set "
-                        "data.on_bad_row=skip to drop bad rows and see counts by reason."
-                    ) from None
-                report.skipped[bad.reason] = report.skipped.get(bad.reason, 0) + 1
-                continue
-            examples.append(Example(messages, text, src.path, rowno))
-        report.kept = len(examples)
-        if report.rows == 0:
-            raise DataError(f"data source {src.path} has no rows")
-        per_source.append(examples)
-        reports.append(report)
+    """Every source's examples in memory (small data, tests; `build_data` streams instead)."""
+    reports = [SourceReport(path=src.path, format=src.format) for src in sources]
+    per_source = [list(iter_examples(src, on_bad_row, r, base_dir)) for src, r in zip(sources, reports, strict=True)]
     return per_source, reports
 
 
-def mix(per_source: list[list[Example]], sources: Sequence[DataSource], seed: int) -> tuple[list[Example], list[int]]:
-    """Mix sources by `ratio` (shares of the result, largest mix without repetition) or `weight`
-    (rows taken = weight x rows: fractions sample without replacement, whole parts repeat).
-    Seeded; returns (mixed rows, rows used per source)."""
-    rng = random.Random(seed)
-    counts: list[int]
+T = TypeVar("T")
+
+
+def mix_counts(kept: Sequence[int], sources: Sequence[DataSource]) -> list[int]:
+    """Rows each source gives the mix: by `ratio` (shares of the result, the largest mix without
+    repetition) or by `weight` (weight x rows)."""
     if all(s.ratio is not None for s in sources):
-        total = min((len(ex) / s.ratio) for ex, s in zip(per_source, sources, strict=True) if s.ratio)
-        counts = [min(len(ex), round(total * (s.ratio or 0))) for ex, s in zip(per_source, sources, strict=True)]
-    else:
-        counts = [round(len(ex) * s.weight) for ex, s in zip(per_source, sources, strict=True)]
-    mixed: list[Example] = []
-    for examples, n in zip(per_source, counts, strict=True):
-        if not examples:
+        total = min((n / s.ratio) for n, s in zip(kept, sources, strict=True) if s.ratio)
+        return [min(n, round(total * (s.ratio or 0))) for n, s in zip(kept, sources, strict=True)]
+    return [round(n * s.weight) for n, s in zip(kept, sources, strict=True)]
+
+
+def mix(per_source: Sequence[Sequence[T]], sources: Sequence[DataSource], seed: int) -> tuple[list[T], list[int]]:
+    """Mix sources by `mix_counts` (fractions sample without replacement, whole parts repeat), seeded;
+    returns (mixed rows, rows used per source). Rows may be examples or their positions."""
+    rng = random.Random(seed)
+    counts = mix_counts([len(rows) for rows in per_source], sources)
+    mixed: list[T] = []
+    for rows, n in zip(per_source, counts, strict=True):
+        if not rows:
             continue
-        whole, rest = divmod(n, len(examples))
-        mixed.extend(examples * whole)
-        mixed.extend(rng.sample(examples, rest))
+        whole, rest = divmod(n, len(rows))
+        mixed.extend(list(rows) * whole)
+        mixed.extend(rng.sample(list(rows), rest))
     rng.shuffle(mixed)
     return mixed, counts
 
@@ -653,74 +706,116 @@ def marked_template(tokenizer: Any) -> str | None:
     return _MARKED_TEMPLATES[template]
 
 
-def _marked_labels(
-    ex: Example, tokenizer: Any, template: str
-) -> tuple[str, list[int], list[int], list[tuple[int, int]]]:
-    """(text, input ids, labels, offsets) with the tokens inside the template's generation markers
-    as labels."""
+def _marked(ex: Example, tokenizer: Any, template: str, keep_text: bool) -> Tokenized:
+    """Token ids with the tokens inside the template's generation markers as labels (untruncated)."""
     assert ex.messages is not None
-    text = tokenizer.apply_chat_template(ex.messages, chat_template=template, tokenize=False)
     marked = tokenizer.apply_chat_template(
         ex.messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    if ids != list(marked["input_ids"]):  # pragma: no cover - the same text, tokenized the same way
-        raise DataError(f"{ex.source} row {ex.row}: the chat template's tokens differ between two renderings")
+    ids = list(marked["input_ids"])
     labels = [tid if keep else -100 for tid, keep in zip(ids, marked["assistant_masks"], strict=True)]
-    return text, ids, labels, [tuple(o) for o in enc["offset_mapping"]]
+    if not keep_text:
+        return Tokenized(ids, labels, False)
+    text = tokenizer.apply_chat_template(ex.messages, chat_template=template, tokenize=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(enc["input_ids"]) != ids:  # pragma: no cover - the same text, tokenized the same way
+        raise DataError(f"{ex.source} row {ex.row}: the chat template's tokens differ between two renderings")
+    return Tokenized(ids, labels, False, text, [tuple(o) for o in enc["offset_mapping"]])
+
+
+def _assistant_spans(ex: Example, tokenizer: Any, text: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns (with their end-of-turn text) in the rendered `text`,
+    from rendering the conversation up to and through each assistant turn."""
+    assert ex.messages is not None
+    spans: list[tuple[int, int]] = []
+    last = len(ex.messages) - 1
+    for i, m in enumerate(ex.messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, ex.messages[:i], True)
+        through = text if i == last else _render(tokenizer, ex.messages[: i + 1], False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise DataError(
+                f"{ex.source} row {ex.row}: the chat template does not render conversations "
+                "incrementally (the text up to an assistant turn is not a prefix of the full "
+                "text) and has no {% generation %} markers (nor does TRL ship a training variant "
+                "of it), so the assistant spans cannot be found. Use a template with generation "
+                "markers (data.chat_template: path/to/template.jinja) or data.assistant_only_loss=false."
+            )
+        spans.append((len(before), len(through)))
+    return spans
+
+
+def _span_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Labels: the ids of tokens that overlap a span, -100 elsewhere."""
+    import numpy as np
+
+    if not ids:
+        return []
+    o = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    inside = np.zeros(len(ids), dtype=bool)
+    for start, end in spans:
+        inside |= (o[:, 0] < end) & (o[:, 1] > start)
+    return np.where(inside, np.asarray(ids, dtype=np.int64), -100).tolist()
+
+
+def tokenize_batch(
+    examples: Sequence[Example], tokenizer: Any, max_length: int, assistant_only_loss: bool, keep_text: bool = False
+) -> list[Tokenized]:
+    """Render with the chat template and tokenize; label assistant spans (or everything); truncate.
+    The assistant spans come from the template's generation markers where it has them (or TRL has a
+    training variant of it), else from rendering the conversation up to each assistant turn. Texts
+    are tokenized together (one call per batch)."""
+    out: list[Tokenized | None] = [None] * len(examples)
+    template = marked_template(tokenizer) if assistant_only_loss else None
+    plain: list[int] = []  # plain-text rows
+    chats: list[tuple[int, str, list[tuple[int, int]] | None]] = []  # (index, text, spans) to tokenize here
+    for i, ex in enumerate(examples):
+        if ex.text is not None:
+            plain.append(i)
+        elif template is not None:
+            out[i] = _marked(ex, tokenizer, template, keep_text)
+        else:
+            text = _render(tokenizer, ex.messages or [], False)
+            chats.append((i, text, _assistant_spans(ex, tokenizer, text) if assistant_only_loss else None))
+    if plain:
+        texts = [examples[i].text or "" for i in plain]
+        enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=keep_text)
+        for k, i in enumerate(plain):
+            ids = list(enc["input_ids"][k])
+            offsets = [tuple(o) for o in enc["offset_mapping"][k]] if keep_text else []
+            if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+                ids.append(tokenizer.eos_token_id)
+                offsets.append((len(texts[k]), len(texts[k])))
+            out[i] = Tokenized(ids, list(ids), False, texts[k] if keep_text else "", offsets)
+    if chats:
+        enc = tokenizer([t for _, t, _ in chats], add_special_tokens=False, return_offsets_mapping=True)
+        for k, (i, text, spans) in enumerate(chats):
+            ids = list(enc["input_ids"][k])
+            offsets = [tuple(o) for o in enc["offset_mapping"][k]]
+            labels = _span_labels(ids, offsets, spans) if spans is not None else list(ids)
+            out[i] = Tokenized(ids, labels, False, text if keep_text else "", offsets if keep_text else [])
+    result: list[Tokenized] = []
+    for tok in out:
+        assert tok is not None
+        n = len(tok.input_ids)
+        result.append(
+            Tokenized(
+                tok.input_ids[:max_length],
+                tok.labels[:max_length],
+                n > max_length,
+                tok.text,
+                tok.offsets[:max_length] if keep_text else [],
+            )
+        )
+    return result
 
 
 def tokenize_example(
     ex: Example, tokenizer: Any, max_length: int, assistant_only_loss: bool, keep_text: bool = False
 ) -> Tokenized:
-    """Render with the chat template and tokenize; label assistant spans (or everything). The
-    assistant spans come from the template's generation markers where it has them (or TRL has a
-    training variant of it), else from rendering the conversation up to each assistant turn."""
-    template = marked_template(tokenizer) if assistant_only_loss and ex.messages is not None else None
-    if ex.text is not None:
-        enc = tokenizer(ex.text, add_special_tokens=True, return_offsets_mapping=keep_text)
-        ids = list(enc["input_ids"])
-        offsets = [tuple(o) for o in enc.get("offset_mapping", [])]
-        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-            ids.append(tokenizer.eos_token_id)
-            offsets.append((len(ex.text), len(ex.text)))
-        labels = list(ids)
-        text = ex.text
-    elif template is not None:
-        text, ids, labels, offsets = _marked_labels(ex, tokenizer, template)
-    else:
-        assert ex.messages is not None
-        text = _render(tokenizer, ex.messages, False)
-        spans: list[tuple[int, int]] = []
-        if assistant_only_loss:
-            for i, m in enumerate(ex.messages):
-                if m["role"] != "assistant":
-                    continue
-                before = _render(tokenizer, ex.messages[:i], True)
-                through = _render(tokenizer, ex.messages[: i + 1], False)
-                if not (text.startswith(through) and through.startswith(before)):
-                    raise DataError(
-                        f"{ex.source} row {ex.row}: the chat template does not render conversations "
-                        "incrementally (the text up to an assistant turn is not a prefix of the full "
-                        "text) and has no {% generation %} markers (nor does TRL ship a training variant "
-                        "of it), so the assistant spans cannot be found. Use a template with generation "
-                        "markers (data.chat_template: path/to/template.jinja) or data.assistant_only_loss=false."
-                    )
-                spans.append((len(before), len(through)))
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        offsets = [tuple(o) for o in enc["offset_mapping"]]
-        if assistant_only_loss:
-            labels = [
-                tid if any(a < end and b > start for start, end in spans) else -100
-                for tid, (a, b) in zip(ids, offsets, strict=True)
-            ]
-        else:
-            labels = list(ids)
-    truncated = len(ids) > max_length
-    ids, labels = ids[:max_length], labels[:max_length]
-    return Tokenized(ids, labels, truncated, text if keep_text else "", offsets[:max_length] if keep_text else [])
+    """`tokenize_batch` of one example."""
+    return tokenize_batch([ex], tokenizer, max_length, assistant_only_loss, keep_text)[0]
 
 
 def mark_trained(tok: Tokenized, open_mark: str = "[[", close_mark: str = "]]") -> str:
@@ -753,10 +848,326 @@ def mark_trained(tok: Tokenized, open_mark: str = "[[", close_mark: str = "]]") 
 
 @dataclass
 class PreparedData:
-    train: Any  # datasets.Dataset with input_ids, labels
+    train: Any  # datasets.Dataset (or IterableDataset, streaming) with input_ids, labels
     eval: Any | None
     report: DataReport
-    first_example: Example | None = None
+    cache: str = ""  # the cache folder it was loaded from
+    built: dict[str, Any] = field(default_factory=dict)  # who built the cache, when, in how long
+    found: bool = False  # the cache existed before this process asked for it
+
+    def origin(self) -> str:
+        """Where the data came from, for the log."""
+        if self.report.streamed_sample:
+            return "streamed: rows are read and tokenized as training consumes them" + (
+                f"; eval rows from {self.cache}" if self.cache else ""
+            )
+        if not self.cache:
+            return "built in memory (not cached)"
+        b = self.built
+        how = f"by `qlora-sft {b.get('by', 'train')}` on {b.get('host', '?')} at {b.get('at', '?')}"
+        how += f" in {b.get('seconds', '?')} s"
+        return f"{'found' if self.found else 'using'} the prepared cache {self.cache} (built {how})"
+
+
+# Worker processes tokenize shards of at least this many rows (fewer rows: no workers, whose start
+# costs more than they save).
+ROWS_PER_PROCESS = 2000
+ENCODE_BATCH = 500  # rows per tokenizer call in the workers
+DOCUMENT_BATCH = 10_000  # rows per Arrow record batch while reading a source
+
+
+def resolve_num_proc(num_proc: int | str) -> int:
+    """`data.num_proc`: `auto` is every core this process may run on (its CPU affinity: what SLURM
+    or taskset gave it)."""
+    if num_proc != "auto":
+        return int(num_proc)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _encoded_features() -> Any:
+    import datasets
+
+    ids = datasets.List(datasets.Value("int64"))
+    return datasets.Features(
+        {
+            "row": datasets.Value("int64"),
+            "bad": datasets.Value("string"),  # why the row was skipped ("" = used)
+            "input_ids": ids,
+            "labels": ids,
+            "loss_tokens": datasets.Value("int64"),
+            "truncated": datasets.Value("bool"),
+            "end_trained": datasets.Value("int8"),  # 1/0: the final turn trains its end token; -1: n/a
+        }
+    )
+
+
+def encode_documents(
+    batch: dict[str, list[Any]],
+    *,
+    path: str,
+    fmt: str,
+    system_prompt: str | None,
+    on_bad_row: str,
+    tokenizer: Any,
+    max_length: int,
+    assistant_only_loss: bool,
+    end_id: int | None,
+) -> dict[str, list[Any]]:
+    """A batch of (row, document) -> tokens, labels and what the report counts (`datasets.map`)."""
+    examples: list[Example] = []
+    reasons: list[str] = []
+    for rowno, document in zip(batch["row"], batch["document"], strict=True):
+        try:
+            messages, text = normalize_row(parse_document(document), fmt, system_prompt)
+        except BadRow as bad:
+            if on_bad_row == "error":
+                raise bad_row_error(path, rowno, fmt, str(bad)) from None
+            reasons.append(bad.reason)
+            continue
+        examples.append(Example(messages, text, path, rowno))
+        reasons.append("")
+    tokens = iter(zip(examples, tokenize_batch(examples, tokenizer, max_length, assistant_only_loss), strict=True))
+    out: dict[str, list[Any]] = {k: [] for k in _encoded_features()}
+    for rowno, reason in zip(batch["row"], reasons, strict=True):
+        out["row"].append(rowno)
+        out["bad"].append(reason)
+        if reason:
+            for key, empty in (("input_ids", []), ("labels", []), ("loss_tokens", 0), ("truncated", False)):
+                out[key].append(empty)
+            out["end_trained"].append(-1)
+            continue
+        ex, tok = next(tokens)
+        trained = [i for i, x in enumerate(tok.labels) if x != -100]
+        end = -1
+        if ex.messages is not None and not tok.truncated and trained:
+            # The final labelled tokens must include the end-of-turn token (trailing whitespace
+            # after it may be labelled too).
+            last = trained[-1]
+            end = int(end_id is not None and end_id in tok.labels[max(0, last - 2) : last + 1])
+        out["input_ids"].append(tok.input_ids)
+        out["labels"].append(tok.labels)
+        out["loss_tokens"].append(len(trained))
+        out["truncated"].append(tok.truncated)
+        out["end_trained"].append(end)
+    return out
+
+
+def _write_documents(src: DataSource, base_dir: str | os.PathLike[str] | None, path: Path) -> Any:
+    """A source's rows as JSON text in an Arrow file, written in record batches (memory does not
+    grow with the rows)."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    features = datasets.Features({"row": datasets.Value("int64"), "document": datasets.Value("large_string")})
+    with ArrowWriter(features=features, path=str(path)) as writer:
+        rows: list[int] = []
+        documents: list[str] = []
+        for rowno, document in read_documents(src, base_dir):
+            rows.append(rowno)
+            documents.append(document)
+            if len(rows) >= DOCUMENT_BATCH:
+                writer.write_batch({"row": rows, "document": documents})
+                rows, documents = [], []
+        if rows:
+            writer.write_batch({"row": rows, "document": documents})
+        count, _ = writer.finalize()
+    if count == 0:
+        raise DataError(f"data source {src.path} has no rows")
+    return datasets.Dataset.from_file(str(path))
+
+
+@dataclass
+class _Encoded:
+    """One source, tokenized: its documents and encoded rows (Arrow, under the work folder)."""
+
+    src: DataSource
+    documents: Any
+    tokens: Any
+    report: SourceReport
+
+
+def _encode_source(
+    src: DataSource,
+    name: str,
+    cfg: DataConfig,
+    tokenizer: Any,
+    end_id: int | None,
+    base_dir: str | os.PathLike[str] | None,
+    work: Path,
+) -> _Encoded:
+    """One source read and tokenized by `data.num_proc` processes."""
+    import pyarrow.compute as pc
+
+    report = SourceReport(path=src.path, format=src.format)
+    started = time.perf_counter()
+    documents = _write_documents(src, base_dir, work / f"{name}-documents.arrow")
+    report.rows = len(documents)
+    first = documents[0]
+    fmt = report.format = source_format(src, parse_document(first["document"]), first["row"])
+    workers = min(resolve_num_proc(cfg.num_proc), max(1, report.rows // ROWS_PER_PROCESS))
+    log.info("data: %s: %d rows read; tokenizing with %d process(es)", src.path, report.rows, workers)
+    encoded = documents.map(
+        encode_documents,
+        batched=True,
+        batch_size=ENCODE_BATCH,
+        num_proc=workers if workers > 1 else None,
+        fn_kwargs={
+            "path": src.path,
+            "fmt": fmt,
+            "system_prompt": src.system_prompt,
+            "on_bad_row": cfg.on_bad_row,
+            "tokenizer": tokenizer,
+            "max_length": cfg.max_length,
+            "assistant_only_loss": cfg.assistant_only_loss,
+            "end_id": end_id,
+        },
+        remove_columns=["document"],
+        features=_encoded_features(),
+        cache_file_name=str(work / f"{name}-tokens.arrow"),
+        load_from_cache_file=False,
+        new_fingerprint=f"{name}-{os.getpid()}-{time.time_ns()}",
+        desc=f"tokenizing {src.path}",
+    )
+    bad = encoded.data.column("bad")
+    for entry in pc.value_counts(pc.filter(bad, pc.not_equal(bad, ""))).to_pylist():
+        report.skipped[entry["values"]] = int(entry["counts"])
+    report.kept = report.rows - sum(report.skipped.values())
+    log.info(
+        "data: %s: %d rows tokenized in %.0f s (%.0f rows/s)",
+        src.path,
+        report.rows,
+        time.perf_counter() - started,
+        report.rows / max(1e-9, time.perf_counter() - started),
+    )
+    return _Encoded(src, documents, encoded, report)
+
+
+def _scratch_folder() -> Path:
+    """A temporary folder for `build_data`'s Arrow files, removed when the process exits."""
+    path = Path(tempfile.mkdtemp(prefix="qlora-sft-data-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def _column(dataset: Any, name: str) -> Any:
+    """One column of an Arrow-backed dataset as a numpy array (lists: their lengths)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = dataset.data.column(name)
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        column = pc.list_value_length(column)
+    return column.to_numpy()
+
+
+def _no_loss_error(cfg: DataConfig, tokenizer: Any, parts: list[_Encoded], position: int) -> DataError:
+    """The error for a used row without trained tokens (`position` in the parts' concatenation),
+    with its untruncated length."""
+    for part in parts:
+        if position >= len(part.documents):
+            position -= len(part.documents)
+            continue
+        src, doc = part.src, part.documents[position]
+        messages, text = normalize_row(parse_document(doc["document"]), part.report.format, src.system_prompt)
+        ex = Example(messages, text, src.path, doc["row"])
+        full = tokenize_example(ex, tokenizer, 10**9, cfg.assistant_only_loss)
+        return DataError(
+            f"{src.path} row {doc['row']}: no trained tokens are left after truncation to "
+            f"data.max_length={cfg.max_length} (the row has {len(full.input_ids)} tokens). "
+            "Raise data.max_length, shorten the row, or set data.on_bad_row=skip."
+        )
+    raise AssertionError(position)  # pragma: no cover
+
+
+def build_data(
+    cfg: DataConfig,
+    tokenizer: Any,
+    seed: int,
+    base_dir: str | os.PathLike[str] | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+) -> PreparedData:
+    """Read, normalise, tokenize, mix and split (no caching; see `prepare_data`). Rows stream from
+    the sources into Arrow files under `workdir` (a temporary folder by default), are tokenized by
+    `data.num_proc` processes, and are mixed and split as row positions: memory does not grow with
+    the number of rows. The datasets returned read from `workdir`."""
+    import datasets
+    import numpy as np
+
+    work = Path(workdir) if workdir is not None else _scratch_folder()
+    work.mkdir(parents=True, exist_ok=True)
+    report = DataReport(end_token=end_of_turn_token(tokenizer))
+    end_id = tokenizer.convert_tokens_to_ids(report.end_token) if report.end_token else None
+    parts = [
+        _encode_source(src, f"train-{i}", cfg, tokenizer, end_id, base_dir, work) for i, src in enumerate(cfg.sources)
+    ]
+    report.sources = [p.report for p in parts]
+    kept, offset = [], 0
+    for p in parts:
+        kept.append((np.flatnonzero(_column(p.tokens, "bad") == "") + offset).tolist())
+        offset += len(p.tokens)
+    mixed, counts = mix(kept, cfg.sources, seed)
+    del kept
+    for r, n in zip(report.sources, counts, strict=True):
+        r.used = n
+    train_all = datasets.concatenate_datasets([p.tokens for p in parts])
+    if cfg.eval_sources:
+        eval_parts = [
+            _encode_source(src, f"eval-{i}", cfg, tokenizer, end_id, base_dir, work)
+            for i, src in enumerate(cfg.eval_sources)
+        ]
+        for p in eval_parts:
+            p.report.used = p.report.kept
+            p.report.path = f"{p.report.path} (eval)"
+        report.sources += [p.report for p in eval_parts]
+        eval_all = datasets.concatenate_datasets([p.tokens for p in eval_parts])
+        eval_idx = np.flatnonzero(_column(eval_all, "bad") == "")
+        train_idx = np.asarray(mixed, dtype=np.int64)
+    else:
+        n_eval = eval_rows_held_out(len(mixed), cfg.eval_fraction)
+        eval_all, eval_parts = train_all, parts
+        eval_idx = np.asarray(mixed[:n_eval], dtype=np.int64)
+        train_idx = np.asarray(mixed[n_eval:], dtype=np.int64)
+    del mixed
+
+    # Rows with no trained tokens left (truncation cut every assistant token): an error, or dropped.
+    train_loss = _column(train_all, "loss_tokens")
+    eval_loss = train_loss if eval_all is train_all else _column(eval_all, "loss_tokens")
+    for idx, loss, split_parts in ((train_idx, train_loss, parts), (eval_idx, eval_loss, eval_parts)):
+        empty = np.flatnonzero(loss[idx] == 0)
+        if cfg.on_bad_row == "error" and len(empty):
+            raise _no_loss_error(cfg, tokenizer, split_parts, int(idx[empty[0]]))
+    report.dropped_no_loss = int((train_loss[train_idx] == 0).sum())
+    train_idx = train_idx[train_loss[train_idx] > 0]
+    eval_idx = eval_idx[eval_loss[eval_idx] > 0]
+    if not len(train_idx):
+        raise DataError(
+            "no training examples are left after filtering ("
+            + "; ".join(
+                r.path + ": " + (", ".join(f"{k} {v}" for k, v in r.skipped.items()) or "0 rows")
+                for r in report.sources
+            )
+            + "). Check the data files and data.on_bad_row."
+        )
+
+    lengths = _column(train_all, "input_ids")[train_idx]
+    end = _column(train_all, "end_trained")[train_idx]
+    report.train_rows = len(train_idx)
+    report.eval_rows = len(eval_idx)
+    report.tokens_total = int(lengths.sum())
+    report.tokens_mean = report.tokens_total / len(lengths)
+    report.tokens_max = int(lengths.max())
+    report.tokens_p95 = int(np.sort(lengths)[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)])
+    report.truncated = int(_column(train_all, "truncated")[train_idx].sum())
+    report.loss_token_fraction = int(train_loss[train_idx].sum()) / report.tokens_total
+    chat_rows = int((end >= 0).sum())
+    report.eos_trained_fraction = int((end == 1).sum()) / chat_rows if chat_rows else 0.0
+    columns = ["input_ids", "labels"]
+    train = train_all.select(train_idx).select_columns(columns)
+    evald = eval_all.select(eval_idx).select_columns(columns) if len(eval_idx) else None
+    return PreparedData(train, evald, report)
 
 
 def _source_fingerprint(src: DataSource, base_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
@@ -780,10 +1191,14 @@ def _tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     }
 
 
+# Data settings that change how the cache is built, not what it holds.
+OUTPUT_INDEPENDENT = ("num_proc",)
+
+
 def cache_key(cfg: DataConfig, tokenizer: Any, seed: int, base_dir: str | os.PathLike[str] | None) -> str:
     blob = {
         "version": CACHE_VERSION,
-        "data": asdict(cfg),
+        "data": {k: v for k, v in asdict(cfg).items() if k not in OUTPUT_INDEPENDENT},
         "seed": seed,
         "sources": [_source_fingerprint(s, base_dir) for s in (*cfg.sources, *cfg.eval_sources)],
         "tokenizer": _tokenizer_fingerprint(tokenizer),
@@ -791,87 +1206,253 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int, base_dir: str | os.Pat
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def build_data(
+STREAM_SAMPLE = 1000  # rows per source that `stream_data` tokenizes up front for its report
+
+
+def _stream_documents(src: DataSource, base_dir: str | os.PathLike[str] | None) -> Iterator[dict[str, Any]]:
+    for rowno, document in read_documents(src, base_dir):
+        yield {"row": rowno, "document": document}
+
+
+def _has_loss(batch: dict[str, list[Any]]) -> list[bool]:
+    return [not bad and n > 0 for bad, n in zip(batch["bad"], batch["loss_tokens"], strict=True)]
+
+
+def stream_data(
     cfg: DataConfig, tokenizer: Any, seed: int, base_dir: str | os.PathLike[str] | None = None
 ) -> PreparedData:
-    """Read, normalise, mix, split and tokenize (no caching; see `prepare_data`)."""
+    """`data.streaming`: the training rows as a `datasets.IterableDataset` that reads each source
+    as it goes, shuffles through a buffer of `data.shuffle_buffer` rows, and normalises and
+    tokenizes with the same code as `build_data` (a bad row raises or is skipped as training meets
+    it); sources interleave by `ratio` until the first runs out. The report describes the first
+    rows of each source (tokenized here, so a broken template or format fails before training)."""
     import datasets
 
-    per_source, reports = load_examples(cfg.sources, cfg.on_bad_row, base_dir)
-    mixed, counts = mix(per_source, cfg.sources, seed)
-    for report, n in zip(reports, counts, strict=True):
-        report.used = n
-    if cfg.eval_sources:
-        eval_per_source, eval_reports = load_examples(cfg.eval_sources, cfg.on_bad_row, base_dir)
-        eval_rows = [e for ex in eval_per_source for e in ex]
-        for r in eval_reports:
-            r.used = r.kept
-            r.path = f"{r.path} (eval)"
-        reports += eval_reports
-        train_rows = mixed
-    else:
-        n_eval = eval_rows_held_out(len(mixed), cfg.eval_fraction)
-        eval_rows, train_rows = mixed[:n_eval], mixed[n_eval:]
-
-    report = DataReport(sources=reports, end_token=end_of_turn_token(tokenizer))
-
-    def encode(rows: list[Example], split: str) -> tuple[dict[str, list[Any]], list[int]]:
-        cols: dict[str, list[Any]] = {"input_ids": [], "labels": []}
-        lengths: list[int] = []
-        end_id = tokenizer.convert_tokens_to_ids(report.end_token) if report.end_token else None
-        trained = loss_tokens = eos_ok = chat_rows = 0
-        for ex in rows:
-            tok = tokenize_example(ex, tokenizer, cfg.max_length, cfg.assistant_only_loss)
-            n_loss = sum(1 for x in tok.labels if x != -100)
-            if n_loss == 0:
-                if cfg.on_bad_row == "error":
-                    full = tokenize_example(ex, tokenizer, 10**9, cfg.assistant_only_loss)
-                    raise DataError(
-                        f"{ex.source} row {ex.row}: no trained tokens are left after truncation to "
-                        f"data.max_length={cfg.max_length} (the row has {len(full.input_ids)} tokens). "
-                        "Raise data.max_length, shorten the row, or set data.on_bad_row=skip."
-                    )
-                if split == "train":
-                    report.dropped_no_loss += 1
-                continue
-            if split == "train":
-                report.truncated += int(tok.truncated)
-                trained += len(tok.input_ids)
-                loss_tokens += n_loss
-                if ex.messages is not None and not tok.truncated:
-                    chat_rows += 1
-                    last = max(i for i, x in enumerate(tok.labels) if x != -100)
-                    # The final labelled tokens must include the end-of-turn token (trailing
-                    # whitespace after it may be labelled too).
-                    if end_id is not None and end_id in tok.labels[max(0, last - 2) : last + 1]:
-                        eos_ok += 1
-            cols["input_ids"].append(tok.input_ids)
-            cols["labels"].append(tok.labels)
-            lengths.append(len(tok.input_ids))
-        if split == "train":
-            report.loss_token_fraction = loss_tokens / trained if trained else 0.0
-            report.eos_trained_fraction = eos_ok / chat_rows if chat_rows else 0.0
-        return cols, lengths
-
-    train_cols, lengths = encode(train_rows, "train")
-    eval_cols, _ = encode(eval_rows, "eval")
-    if not train_cols["input_ids"]:
-        raise DataError(
-            "no training examples are left after filtering ("
-            + "; ".join(
-                r.path + ": " + (", ".join(f"{k} {v}" for k, v in r.skipped.items()) or "0 rows") for r in reports
-            )
-            + "). Check the data files and data.on_bad_row."
+    report = DataReport(end_token=end_of_turn_token(tokenizer))
+    end_id = tokenizer.convert_tokens_to_ids(report.end_token) if report.end_token else None
+    documents = datasets.Features({"row": datasets.Value("int64"), "document": datasets.Value("large_string")})
+    streams, samples = [], []
+    for src in cfg.sources:
+        first = next(read_documents(src, base_dir), None)
+        if first is None:
+            raise DataError(f"data source {src.path} has no rows")
+        fmt = source_format(src, parse_document(first[1]), first[0])
+        kwargs = {
+            "path": src.path,
+            "fmt": fmt,
+            "system_prompt": src.system_prompt,
+            "on_bad_row": cfg.on_bad_row,
+            "tokenizer": tokenizer,
+            "max_length": cfg.max_length,
+            "assistant_only_loss": cfg.assistant_only_loss,
+            "end_id": end_id,
+        }
+        raw = datasets.IterableDataset.from_generator(
+            _stream_documents, gen_kwargs={"src": src, "base_dir": base_dir}, features=documents
         )
-    report.train_rows = len(train_cols["input_ids"])
-    report.eval_rows = len(eval_cols["input_ids"])
+        sample = [d for _, d in zip(range(STREAM_SAMPLE), _stream_documents(src, base_dir), strict=False)]
+        encoded = encode_documents(
+            {"row": [d["row"] for d in sample], "document": [d["document"] for d in sample]}, **kwargs
+        )
+        samples.append((src, fmt, encoded))
+        stream = raw.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer) if cfg.shuffle_buffer > 1 else raw
+        stream = stream.map(
+            encode_documents,
+            batched=True,
+            batch_size=ENCODE_BATCH,
+            fn_kwargs=kwargs,
+            remove_columns=["document"],
+            features=_encoded_features(),
+        )
+        streams.append(stream.filter(_has_loss, batched=True, batch_size=ENCODE_BATCH))
+    if len(streams) == 1:
+        train = streams[0]
+    else:
+        train = datasets.interleave_datasets(
+            streams,
+            probabilities=[s.ratio or 0.0 for s in cfg.sources],
+            seed=seed,
+            stopping_strategy="first_exhausted",
+        )
+    train = train.select_columns(["input_ids", "labels"])
+
+    for src, fmt, encoded in samples:
+        n = len(encoded["row"])
+        report.streamed_sample = max(report.streamed_sample, n)
+        skipped: dict[str, int] = {}
+        for reason in encoded["bad"]:
+            if reason:
+                skipped[reason] = skipped.get(reason, 0) + 1
+        kept = n - sum(skipped.values())
+        report.sources.append(SourceReport(src.path, fmt, n, kept, kept, skipped))
+    rows = [
+        (ids, loss, trunc, end)
+        for _, _, e in samples
+        for ids, loss, trunc, end, bad in zip(
+            e["input_ids"], e["loss_tokens"], e["truncated"], e["end_trained"], e["bad"], strict=True
+        )
+        if not bad and loss > 0
+    ]
+    report.dropped_no_loss = sum(
+        1 for _, _, e in samples for bad, loss in zip(e["bad"], e["loss_tokens"], strict=True) if not bad and not loss
+    )
+    if not rows:
+        raise DataError(
+            f"none of the first {report.streamed_sample} rows of the sources has trained tokens; check the data, "
+            "data.max_length and data.on_bad_row"
+        )
+    lengths = sorted(len(ids) for ids, _, _, _ in rows)
     report.tokens_total = sum(lengths)
-    report.tokens_mean = statistics.fmean(lengths)
-    report.tokens_max = max(lengths)
-    report.tokens_p95 = sorted(lengths)[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)]
-    train = datasets.Dataset.from_dict(train_cols)
-    evald = datasets.Dataset.from_dict(eval_cols) if eval_cols["input_ids"] else None
-    return PreparedData(train, evald, report, train_rows[0] if train_rows else None)
+    report.tokens_mean = report.tokens_total / len(lengths)
+    report.tokens_max = lengths[-1]
+    report.tokens_p95 = lengths[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)]
+    report.truncated = sum(1 for _, _, trunc, _ in rows if trunc)
+    report.loss_token_fraction = sum(loss for _, loss, _, _ in rows) / report.tokens_total
+    chats = [end for _, _, _, end in rows if end >= 0]
+    report.eos_trained_fraction = sum(chats) / len(chats) if chats else 0.0
+    return PreparedData(train, None, report)
+
+
+def load_prepared(folder: Path) -> PreparedData | None:
+    """A complete cache folder written by `prepare_data`, or None."""
+    import datasets
+
+    if not (folder / "report.json").is_file():
+        return None
+    meta = json.loads((folder / "report.json").read_text())
+    train = datasets.load_from_disk(str(folder / "train"))
+    evald = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
+    return PreparedData(train, evald, DataReport.from_dict(meta["report"]), str(folder), meta.get("built", {}))
+
+
+def cache_folder(
+    cfg: DataConfig,
+    tokenizer: Any,
+    seed: int,
+    cache_root: str | os.PathLike[str],
+    base_dir: str | os.PathLike[str] | None,
+) -> Path:
+    return Path(cache_root) / f"data-{cache_key(cfg, tokenizer, seed, base_dir)}"
+
+
+def _lock_holder(lock: Path) -> dict[str, Any]:
+    try:
+        return json.loads(lock.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _holder_died(holder: dict[str, Any]) -> bool:
+    """The lock's process ran on this host and is gone."""
+    if holder.get("host") != socket.gethostname() or not holder.get("pid"):
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _wait_for_cache(folder: Path, since: float, until_unlocked: bool = False, poll: float = 1.0) -> PreparedData | None:
+    """Wait (no collective, no timeout) until another process has written the cache; fail when it
+    failed or died. `until_unlocked`: return None when nobody holds the lock and there is no cache
+    (the caller may build it). Logs every minute."""
+    lock, failed = folder.with_name(folder.name + ".lock"), folder.with_name(folder.name + ".failed")
+    start, next_note = time.monotonic(), 60.0
+    while True:
+        prepared = load_prepared(folder)
+        if prepared is not None:
+            return prepared
+        holder = _lock_holder(lock) if lock.exists() else None
+        if holder is None and failed.exists() and failed.stat().st_mtime >= since - 5:
+            raise DataError(f"preparing the data failed in another process: {failed.read_text().strip()}")
+        if until_unlocked and (holder is None or _holder_died(holder)):
+            return None  # nobody builds it (any more): the caller takes the lock
+        waited = time.monotonic() - start
+        if waited >= next_note:
+            who = f"{holder.get('host')} pid {holder.get('pid')}" if holder else "the main process"
+            log.info(
+                "data: waiting %.0f s for %s to finish the data cache %s (if that process is gone, delete %s)",
+                waited,
+                who,
+                folder,
+                lock,
+            )
+            next_note += 60.0
+        time.sleep(poll)
+
+
+def build_cache(folder: Path, build: Any, by: str = "train") -> PreparedData | None:
+    """Build the cache folder once: the process that creates its lock file builds (into a temporary
+    folder, renamed when complete), the others wait for it. Returns what this process loaded, or
+    None if another process holds the lock."""
+    lock, failed = folder.with_name(folder.name + ".lock"), folder.with_name(folder.name + ".failed")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        holder = _lock_holder(lock)
+        if _holder_died(holder):
+            log.warning("data: removing the lock of a process that died (%s)", holder)
+            lock.unlink(missing_ok=True)
+            return build_cache(folder, build, by)
+        return None
+    started = time.time()
+    with os.fdopen(fd, "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": started}, f)
+    tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        failed.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        prepared = build(tmp / "work")
+        prepared.train.save_to_disk(str(tmp / "train"))
+        if prepared.eval is not None:
+            prepared.eval.save_to_disk(str(tmp / "eval"))
+        built = {
+            "by": by,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "seconds": round(time.time() - started, 1),
+        }
+        (tmp / "report.json").write_text(json.dumps({"report": prepared.report.to_dict(), "built": built}, indent=2))
+        del prepared
+        shutil.rmtree(tmp / "work", ignore_errors=True)
+        with contextlib.suppress(OSError):  # a process on another node may have won the rename
+            tmp.rename(folder)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            failed.write_text(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+    return load_prepared(folder)
+
+
+def _prepare_stream(
+    cfg: DataConfig,
+    tokenizer: Any,
+    seed: int,
+    cache_root: str | os.PathLike[str],
+    base_dir: str | os.PathLike[str] | None,
+    by: str,
+) -> PreparedData:
+    """The training stream (under several ranks, accelerate's default for iterable datasets has the
+    main process read it and send each rank its share of every batch), and the eval
+    sources prepared and cached like non-streamed data."""
+    prepared = stream_data(cfg, tokenizer, seed, base_dir)
+    if cfg.eval_sources:
+        held = replace(cfg, sources=cfg.eval_sources, eval_sources=(), eval_fraction=0.0, streaming=False)
+        evald = prepare_data(held, tokenizer, seed, cache_root, base_dir, by)
+        prepared.eval = evald.train
+        prepared.report.eval_rows = evald.report.train_rows
+        for r in evald.report.sources:
+            prepared.report.sources.append(replace(r, path=f"{r.path} (eval)"))
+        prepared.cache, prepared.built, prepared.found = evald.cache, evald.built, evald.found
+    return prepared
 
 
 def prepare_data(
@@ -880,37 +1461,29 @@ def prepare_data(
     seed: int,
     cache_root: str | os.PathLike[str],
     base_dir: str | os.PathLike[str] | None = None,
+    by: str = "train",
 ) -> PreparedData:
-    """`build_data`, run by the main process first and cached under `cache_root/<key>`; the other
-    ranks then load the cache (or, where the folder is not shared between nodes, build their own)."""
-    import datasets
-
+    """`build_data`, cached under `cache_root/data-<key>` (the key covers the data section, the
+    sources' files, the tokenizer and the seed). One process per node builds it (the local main
+    process, or `qlora-sft prepare` beforehand); every other process waits for the cache folder by
+    polling it, never in a collective that could time out. Where the folder is shared between
+    nodes, the first node builds and the others wait."""
     from .launch import distributed_state
 
-    key = cache_key(cfg, tokenizer, seed, base_dir)
-    folder = Path(cache_root) / f"data-{key}"
-    state = distributed_state()
-
-    def load() -> PreparedData | None:
-        if not (folder / "report.json").is_file():
-            return None
-        report = DataReport.from_dict(json.loads((folder / "report.json").read_text()))
-        train = datasets.load_from_disk(str(folder / "train"))
-        evald = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
-        return PreparedData(train, evald, report)
-
-    with state.main_process_first():
-        prepared = load()
-        if prepared is None:
-            prepared = build_data(cfg, tokenizer, seed, base_dir)
-            if state.is_local_main_process:
-                tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-                shutil.rmtree(tmp, ignore_errors=True)
-                prepared.train.save_to_disk(str(tmp / "train"))
-                if prepared.eval is not None:
-                    prepared.eval.save_to_disk(str(tmp / "eval"))
-                (tmp / "report.json").write_text(json.dumps(prepared.report.to_dict(), indent=2))
-                with contextlib.suppress(OSError):  # another node may have won the rename
-                    tmp.rename(folder)
-                shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.streaming:
+        return _prepare_stream(cfg, tokenizer, seed, cache_root, base_dir, by)
+    folder = cache_folder(cfg, tokenizer, seed, cache_root, base_dir)
+    since = time.time()
+    prepared = load_prepared(folder)
+    if prepared is not None:
+        prepared.found = True
+        return prepared
+    if distributed_state().is_local_main_process:
+        # build it, or wait while another process (another node, `qlora-sft prepare`) holds the lock
+        while prepared is None:
+            prepared = build_cache(folder, lambda work: build_data(cfg, tokenizer, seed, base_dir, work), by)
+            prepared = prepared or _wait_for_cache(folder, since, until_unlocked=True)
+        return prepared
+    prepared = _wait_for_cache(folder, since)
+    assert prepared is not None
     return prepared

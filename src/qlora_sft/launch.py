@@ -8,6 +8,7 @@ per-rank memory report live here too: the one place that knows about topology.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -105,14 +106,18 @@ def resolve_compute_dtype(q: QuantizationConfig, model: ModelConfig, device_type
 # --------------------------------------------------------------------------------------------
 
 
-def distributed_state() -> Any:
+def distributed_state(timeout_s: float | None = None) -> Any:
     """accelerate's process state, created here first so that CPU ranks work: without a GPU (or with
     ACCELERATE_USE_CPU=true) the state must be created with cpu=True, otherwise ranks started by
-    `accelerate launch`/torchrun each believe they are alone (gloo is used for CPU ranks)."""
+    `accelerate launch`/torchrun each believe they are alone (gloo is used for CPU ranks).
+    `timeout_s` (the recipe's train.ddp_timeout) is the process group's collective timeout; it
+    counts only where the state is created (train does that first)."""
     from accelerate import PartialState
 
     cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
-    return PartialState(cpu=cpu)
+    if timeout_s is None:
+        return PartialState(cpu=cpu)
+    return PartialState(cpu=cpu, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def detect() -> LaunchMode:
@@ -324,6 +329,11 @@ def check_launch_compat(recipe: Recipe, mode: LaunchMode) -> list[str]:
     if not mode.shards_parameters:
         return problems
     where = "FSDP" if mode.kind == "fsdp" else f"DeepSpeed ZeRO-{mode.zero_stage}"
+    if recipe.train.offload_activations is True:
+        problems.append(
+            f"`train.offload_activations` is true, which is not supported under {where} (it is built and "
+            "tested for one GPU and DDP). Remove it: auto leaves it off there."
+        )
     if q.method == "int8":
         problems.append(
             f"`quantization.method` is int8, which {where} cannot shard; use nf4 (QLoRA) or none, "
@@ -356,6 +366,15 @@ def check_launch_compat(recipe: Recipe, mode: LaunchMode) -> list[str]:
             "dtype (one dtype per shard). Set model.upcast_frozen: false."
         )
     return problems
+
+
+def offloads_activations(recipe: Recipe, mode: LaunchMode) -> bool:
+    """`train.offload_activations`, resolved for this launch (it needs gradient checkpointing)."""
+    if not recipe.train.args.get("gradient_checkpointing", True):
+        return False
+    if recipe.train.offload_activations == "auto":
+        return mode.device_type == "cuda" and not mode.shards_parameters
+    return bool(recipe.train.offload_activations)
 
 
 def is_bitsandbytes_optim(name: str) -> bool:

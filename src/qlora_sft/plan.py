@@ -197,14 +197,22 @@ def loading_host_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode) -> 
 
 
 def count_rows(recipe: Recipe, base_dir: Path | None) -> int | None:
+    """Training rows after the mix and the eval split, counted while streaming the sources (rows
+    that `skip` would drop are not counted; nothing is tokenized)."""
     from . import data
 
+    if recipe.data.streaming:
+        return None  # a stream's length is unknown until it is read
     try:
-        per_source, _ = data.load_examples(recipe.data.sources, "skip", base_dir)
+        kept = []
+        for src in recipe.data.sources:
+            report = data.SourceReport(src.path, src.format)
+            for _ in data.iter_examples(src, "skip", report, base_dir):
+                pass
+            kept.append(report.kept)
     except Exception:
         return None
-    mixed, _ = data.mix(per_source, recipe.data.sources, recipe.run.seed)
-    n = len(mixed)
+    n = sum(data.mix_counts(kept, recipe.data.sources))
     return n if recipe.data.eval_sources else n - data.eval_rows_held_out(n, recipe.data.eval_fraction)
 
 

@@ -156,6 +156,17 @@ class DataConfig:
     """Pack several examples into one row of up to max_length tokens (best-fit decreasing,
     padding-free: each example keeps its own positions, so attention never crosses examples; tested).
     Then the batch sizes count packed rows. False: one padded example per row."""
+    streaming: bool = False
+    """Read the training sources as a stream (local files or hub datasets, never loaded whole):
+    rows are normalised and tokenized as training consumes them, through a shuffle buffer. Needs
+    `train.max_steps`; sources mix by `ratio`; evaluation comes from `eval_sources` only. See the
+    README for what changes (row counts, bad rows, resume)."""
+    shuffle_buffer: int = field(default=10_000, metadata={"min": 1})
+    """With `streaming`: rows held in the shuffle buffer (1 = the sources' order)."""
+    num_proc: int | Literal["auto"] = field(default="auto", metadata={"min": 1})
+    """Processes that read and tokenize the data (one process per node prepares it; the other
+    ranks wait for its cache). `auto`: every core this process may use (its CPU affinity, e.g. what
+    SLURM gave the job). The output does not depend on it."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +180,12 @@ class TrainConfig:
     `per_device_train_batch_size` is not given it is `micro_batch_tokens // data.max_length` packed
     rows (at least 1; the largest such number that divides `global_batch_size`). Lower it if a step
     runs out of GPU memory. Without packing the micro batch defaults to 4 rows."""
+    offload_activations: bool | Literal["auto"] = "auto"
+    """With gradient checkpointing, hold each decoder layer's input in pinned host memory between the
+    forward and the backward pass (copied without waiting; the layer is recomputed from it), instead
+    of on the GPU: for an 8B Llama at 4 x 2048 tokens per micro batch, 2 GiB less GPU memory.
+    `auto`: on for one CUDA GPU and DDP, off under FSDP and ZeRO-3 (and on the CPU, where there is
+    no host to offload to); `true` forces it (CPU ranks too)."""
     args: Mapping[str, Any] = field(default_factory=dict)
     """Every other key of `train:` is a `trl.SFTConfig` field (learning_rate,
     per_device_train_batch_size, num_train_epochs, max_steps, logging_steps, save_steps, ...)."""
@@ -744,6 +761,8 @@ def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems
             ctx.add("data.sources", f"ratios sum to {sum(r for r in ratios if r):g}; they must sum to 1")
     if recipe.data.eval_sources and "eval_fraction" in (raw.get("data") or {}) and recipe.data.eval_fraction:
         ctx.add("data.eval_fraction", "is set together with data.eval_sources; use one of them")
+    if recipe.data.streaming:
+        _streaming_problems(recipe, raw, ctx)
     if not recipe.run.name or "/" in recipe.run.name or recipe.run.name in (".", ".."):
         ctx.add("run.name", f"is {recipe.run.name!r}; use a plain folder name (no slashes)")
     if recipe.checkpoint.resume not in ("auto", "never") and not recipe.checkpoint.resume:
@@ -759,11 +778,34 @@ def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems
     if (steps is None or steps <= 0) and epochs is not None and epochs <= 0:
         ctx.add("train.num_train_epochs", "must be > 0 when train.max_steps is not set")
     if "eval_strategy" in args and args["eval_strategy"] != "no":
-        if not recipe.data.eval_sources and recipe.data.eval_fraction == 0:
+        if not recipe.data.eval_sources and (recipe.data.eval_fraction == 0 or recipe.data.streaming):
             ctx.add(
                 "train.eval_strategy",
                 "asks for evaluation but there is no eval split; set data.eval_fraction or data.eval_sources",
             )
+
+
+def _streaming_problems(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems) -> None:
+    """What a stream cannot do: know its length, hold a fraction out, or weigh sources by size."""
+    steps = recipe.train.args.get("max_steps", -1)
+    if steps is None or steps <= 0:
+        ctx.add(
+            "data.streaming",
+            "needs train.max_steps: a stream has no length to count epochs in (set train.max_steps=N)",
+        )
+    if "eval_fraction" in (raw.get("data") or {}) and recipe.data.eval_fraction:
+        ctx.add(
+            "data.eval_fraction",
+            "cannot hold a fraction of a stream out (its length is unknown); with data.streaming, "
+            "evaluate on data.eval_sources (read in full) or remove data.eval_fraction",
+        )
+    sources = recipe.data.sources
+    if len(sources) > 1 and any(s.ratio is None for s in sources):
+        ctx.add(
+            "data.sources",
+            "with data.streaming, several sources mix by `ratio` (each source's share of the stream); "
+            "`weight` needs row counts. Give every source a ratio",
+        )
 
 
 def build_recipe(
@@ -790,6 +832,9 @@ def build_recipe(
     _check_contradictions(recipe, data, ctx)
     if ctx.problems:
         raise RecipeError(ctx.problems, source)
+    if recipe.data.streaming and recipe.data.eval_fraction and not recipe.data.eval_sources:
+        # the default held-out fraction means nothing for a stream (an explicit one is refused above)
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, eval_fraction=0.0))
     if recipe.quantization.method not in ("nf4", "fp4") and recipe.quantization.double_quant:
         # the default (true) means nothing without 4-bit weights; resolved as false, so that the
         # recipe.yaml a run writes reads back (an explicit true is refused above)

@@ -182,8 +182,11 @@ def submit(
     extra_sbatch: Sequence[str] | None = None,
     cluster: str | None = None,
     folder: str | os.PathLike[str] | None = None,
+    prepare: bool = False,
 ) -> Any:
-    """Validate the recipe and its run directory, then submit. Returns the submitit Job."""
+    """Validate the recipe and its run directory, then submit. Returns the submitit Job.
+    `prepare`: read, tokenize and cache the data in this process first (with every core it may
+    use), so data errors show before the job is queued and the ranks find the cache."""
     import submitit
 
     from .checkpoint import check_run_dir
@@ -191,6 +194,11 @@ def submit(
     overrides = list(overrides)
     r = load_recipe(recipe, overrides)
     check_run_dir(r)
+    if prepare:
+        from .train import tokenizer_and_data
+
+        prepared = tokenizer_and_data(r, Path(recipe).parent, by="prepare")[1]
+        log.info("data: %s", prepared.origin())
     params = executor_parameters(
         r.cluster,
         nodes=nodes,

@@ -97,6 +97,19 @@ def sft_args(recipe: Recipe, batch: BatchPlan, mode: launch.LaunchMode, compute_
     return SFTConfig(**args)
 
 
+def offload_callback() -> Any:
+    """At the start of training, after transformers and TRL have (re)enabled gradient checkpointing,
+    switch the checkpointed layers to `model.offloaded_checkpoint` (train.offload_activations)."""
+    from transformers import TrainerCallback
+
+    class OffloadActivations(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            n = model.offload_checkpointed_inputs(kw["model"])
+            log.info("activations: the inputs of %d checkpointed layers wait in pinned host memory", n)
+
+    return OffloadActivations()
+
+
 def metrics_callback(path: Path) -> Any:
     """Append one JSON object per log event to logs/metrics.jsonl (main process only)."""
     from transformers import TrainerCallback
@@ -158,7 +171,9 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
 
     # 1. Where am I? (the launcher decided; the recipe is the same everywhere)
     launch.check_devices()
-    state = launch.distributed_state()
+    # train.ddp_timeout (transformers' default 1800 s) is the process group's timeout: the group is
+    # created here, before the Trainer, which would otherwise be too late to apply it.
+    state = launch.distributed_state(float(recipe.train.args.get("ddp_timeout") or 1800))
     setup_logging(state.is_main_process, state.process_index)
     launch.check_ranks()
     mode = launch.detect()
@@ -183,12 +198,10 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     if resume_from is not None:
         checkpoint.check_resume(resume_from, mode.world_size, batch.global_batch, mode.kind)
 
-    # 3. Tokenizer and data (main process first, cached) — before any model memory is spent.
-    tokenizer = model.load_tokenizer(recipe.model, base_dir)
-    data.set_chat_template(tokenizer, recipe.data.chat_template, recipe.model.name_or_path, base_dir)
-    prepared = data.prepare_data(
-        recipe.data, tokenizer, recipe.run.seed, Path(recipe.run.output_dir) / ".cache", base_dir
-    )
+    # 3. Tokenizer and data (one process per node builds the cache, the others wait for it; or
+    # `qlora-sft prepare` built it before the launch) — before any model memory is spent.
+    tokenizer, prepared = tokenizer_and_data(recipe, base_dir)
+    log.info("data: %s", prepared.origin())
     for line in prepared.report.lines():
         log.info("data: %s", line)
 
@@ -210,6 +223,8 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
         launch.sharding_callback(mode, run_dir / "logs", state.process_index),
         *(extra_callbacks or []),
     ]
+    if launch.offloads_activations(recipe, mode):
+        callbacks.append(offload_callback())
     if os.environ.get("QLORA_SFT_PROFILE_STEP"):
         step = int(os.environ["QLORA_SFT_PROFILE_STEP"])
         callbacks.append(profile_callback(step, run_dir / "logs" / f"profile-rank{state.process_index}.txt"))
@@ -261,6 +276,15 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
         tracking.finish(report_to)
     log.info("done: adapter in %s (step %d)", final_dir, trainer.state.global_step)
     return TrainResult(run_dir, final_dir, trainer.state.global_step, result.training_loss, eval_loss)
+
+
+def tokenizer_and_data(recipe: Recipe, base_dir: Path | None, by: str = "train") -> tuple[Any, data.PreparedData]:
+    """The tokenizer with the recipe's chat template, and the prepared data (cached under
+    <output_dir>/.cache)."""
+    tokenizer = model.load_tokenizer(recipe.model, base_dir)
+    data.set_chat_template(tokenizer, recipe.data.chat_template, recipe.model.name_or_path, base_dir)
+    cache_root = Path(recipe.run.output_dir) / ".cache"
+    return tokenizer, data.prepare_data(recipe.data, tokenizer, recipe.run.seed, cache_root, base_dir, by=by)
 
 
 def main(recipe: Recipe) -> int:
