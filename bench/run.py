@@ -1,13 +1,15 @@
 """Throughput and memory of qlora-sft against the plain notebook recipe, on the same GPU, same model,
 same data, in one run.
 
-    python -m bench.run --shape llama3-8b --mode baseline,peer,project [--steps 20] [--ablation]
+    python -m bench.run --shape llama3-8b --mode baseline,peer,unsloth,project [--steps 20] [--ablation]
 
   baseline  the seed notebooks' recipe: bitsandbytes NF4 + double quant, peft LoRA r=16 on all 7
             projections, TRL SFTTrainer, padded batches of 4, no packing, SDPA, gradient
             checkpointing, paged AdamW 32-bit
   peer      what a well-informed TRL user gets with correct packing: the same plus
             packing_strategy="bfd", padding_free=True, Liger kernels
+  unsloth   unsloth's own recipe (bench/unsloth_peer.py), from its own target directory
+            (`--unsloth-site`: its trl/datasets pins conflict with the project's)
   project   `qlora-sft train` with the recipe's defaults (plus `--project-overrides`)
   --ablation  the project path again with one choice switched back at a time
 
@@ -39,6 +41,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 # The project path with one default switched back at a time (label -> recipe overrides).
 ABLATION = {
+    "no activation offload": ["train.offload_activations=false"],
+    "lora dropout 0.05": ["lora.dropout=0.05"],
     "attention sdpa (dense block mask)": ["model.attn_implementation=sdpa"],
     "no liger kernels": ["model.liger_kernels=false"],
     "fp32 upcast of frozen weights": ["model.upcast_frozen=true"],
@@ -203,11 +207,21 @@ def write_worker_result(
 # --------------------------------------------------------------------------------------------
 
 
-def run_worker(name: str, argv: list[str], out: Path, timeout: int) -> dict[str, Any]:
+def run_worker(
+    name: str, argv: list[str], out: Path, timeout: int, cmd: list[str] | None = None, site: str = ""
+) -> dict[str, Any]:
+    """One mode in its own process (`cmd`, default a `bench.run --worker`); `site` goes first on its
+    PYTHONPATH."""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "bench.run", "--worker", *argv, "--worker-out", str(out)]
-    with (out / "log.txt").open("w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=os.environ)
+    cmd = cmd or [sys.executable, "-m", "bench.run", "--worker", *argv, "--worker-out", str(out)]
+    env = dict(os.environ)
+    if site:
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (site, env.get("PYTHONPATH", "")) if x)
+    try:
+        with (out / "log.txt").open("w") as log:
+            proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"mode": name, "returncode": "timeout", "log_tail": (out / "log.txt").read_text()[-2500:]}
     res = json.loads((out / "result.json").read_text()) if (out / "result.json").is_file() else {}
     if (out / "profile.json").is_file():
         res["profile"] = json.loads((out / "profile.json").read_text())
@@ -231,6 +245,7 @@ def main() -> int:
     )
     ap.add_argument("--project-overrides", nargs="*", default=[])
     ap.add_argument("--cache", default=str(HERE / ".cache"))
+    ap.add_argument("--unsloth-site", default=str(REPO / ".site-unsloth"), help="unsloth's own target directory")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--worker")
@@ -272,15 +287,56 @@ def main() -> int:
         "--cache",
         str(cache),
     ]
+
+    def write_results() -> None:
+        """The results so far (written after every mode: a run cut short keeps what it measured)."""
+        gpu = report.gpu_name()
+        shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()), args.shape)
+        for r in results.values():
+            r["mfu"] = measure.mfu(r.get("tokens_per_s"), shape, mean_len, gpu)
+
+        def tps(name: str) -> float | None:
+            return (results.get(name) or {}).get("tokens_per_s")
+
+        payload = {
+            "gpu": gpu,
+            "shape": args.shape,
+            "num_gpus": 1,
+            "command": "python -m bench.run " + " ".join(sys.argv[1:]),
+            "torch": torch.__version__,
+            "baseline_tokens_per_s": tps("baseline"),
+            "peer_tokens_per_s": tps("peer"),
+            "project_tokens_per_s": tps("project"),
+            "ratio": tps("project") / tps("baseline") if tps("project") and tps("baseline") else None,
+            "peer_ratio": tps("project") / tps("peer") if tps("project") and tps("peer") else None,
+            "unsloth_tokens_per_s": tps("unsloth"),
+            "unsloth_peak_gib": (results.get("unsloth") or {}).get("peak_gib"),
+            "unsloth_ratio": tps("project") / tps("unsloth") if tps("project") and tps("unsloth") else None,
+            "baseline_peak_gib": (results.get("baseline") or {}).get("peak_gib"),
+            "project_peak_gib": (results.get("project") or {}).get("peak_gib"),
+            "mfu": (results.get("project") or {}).get("mfu"),
+            "peak_gib_2x2048": (results.get(f"project, {PEAK_2X2048}") or {}).get("peak_gib"),
+            "profile": profile,
+            "mean_example_tokens": mean_len,
+            "results": results,
+        }
+        report.write(report.results_base(Path(args.out), gpu, args.shape), payload, render(payload, args))
+
     runs = cache / "bench-runs" / args.shape
     shutil.rmtree(runs, ignore_errors=True)
     results: dict[str, dict[str, Any]] = {}
+    profile = None
     project_extra = ["--overrides", *args.project_overrides] if args.project_overrides else []
     for mode in args.mode.split(","):
         extra = project_extra if mode == "project" else []
-        results[mode] = run_worker(mode, [mode, *common, *extra], runs / mode, args.timeout)
+        if mode == "unsloth":
+            cmd = [sys.executable, "-m", "bench.unsloth_peer", str(model_dir), str(data_path), str(runs / mode)]
+            cmd += ["--steps", str(args.steps), "--max-length", str(args.max_length)]
+            results[mode] = run_worker(mode, [], runs / mode, args.timeout, cmd=cmd, site=args.unsloth_site)
+        else:
+            results[mode] = run_worker(mode, [mode, *common, *extra], runs / mode, args.timeout)
         print(json.dumps({k: v for k, v in results[mode].items() if k != "step_times"}), flush=True)
-    profile = None
+        write_results()
     if args.profile_step:
         # A run of its own: the profiler slows the step it records, which must not count in tokens/s.
         prof_run = run_worker(
@@ -304,35 +360,9 @@ def main() -> int:
                 args.timeout,
             )
             print(json.dumps({k: v for k, v in results[key].items() if k != "step_times"}), flush=True)
+            write_results()
 
-    gpu = report.gpu_name()
-    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()), args.shape)
-    for r in results.values():
-        r["mfu"] = measure.mfu(r.get("tokens_per_s"), shape, mean_len, gpu)
-
-    def tps(name: str) -> float | None:
-        return (results.get(name) or {}).get("tokens_per_s")
-
-    payload = {
-        "gpu": gpu,
-        "shape": args.shape,
-        "num_gpus": 1,
-        "command": "python -m bench.run " + " ".join(sys.argv[1:]),
-        "torch": torch.__version__,
-        "baseline_tokens_per_s": tps("baseline"),
-        "peer_tokens_per_s": tps("peer"),
-        "project_tokens_per_s": tps("project"),
-        "ratio": tps("project") / tps("baseline") if tps("project") and tps("baseline") else None,
-        "peer_ratio": tps("project") / tps("peer") if tps("project") and tps("peer") else None,
-        "baseline_peak_gib": (results.get("baseline") or {}).get("peak_gib"),
-        "project_peak_gib": (results.get("project") or {}).get("peak_gib"),
-        "mfu": (results.get("project") or {}).get("mfu"),
-        "peak_gib_2x2048": (results.get(f"project, {PEAK_2X2048}") or {}).get("peak_gib"),
-        "profile": profile,
-        "mean_example_tokens": mean_len,
-        "results": results,
-    }
-    report.write(report.results_base(Path(args.out), gpu, args.shape), payload, render(payload, args))
+    write_results()
     return 0
 
 
@@ -364,8 +394,10 @@ def render(p: dict[str, Any], args: argparse.Namespace) -> list[str]:
         "",
         *report.table(["mode", "real tokens/s", "x baseline", "padding", "peak GiB", "first step s", "MFU"], rows),
         "",
-        f"- project / baseline: {num(p['ratio'], '.2f')}x; project / peer: {num(p['peer_ratio'], '.2f')}x",
-        f"- peak GiB: baseline {num(p['baseline_peak_gib'], '.2f')}, project {num(p['project_peak_gib'], '.2f')}, "
+        f"- project / baseline: {num(p['ratio'], '.2f')}x; project / peer: {num(p['peer_ratio'], '.2f')}x; "
+        f"project / unsloth: {num(p.get('unsloth_ratio'), '.2f')}x",
+        f"- peak GiB: baseline {num(p['baseline_peak_gib'], '.2f')}, unsloth {num(p.get('unsloth_peak_gib'), '.2f')}, "
+        f"project {num(p['project_peak_gib'], '.2f')}, "
         f"project with micro batches of 2x2048 tokens (peak_gib_2x2048) {num(p['peak_gib_2x2048'], '.2f')}",
         f"- mean example length {p['mean_example_tokens']:.0f} tokens; tokens/s counts real (non-padding) tokens "
         f"after {measure.warmup_steps(args.steps)} warm-up steps",
