@@ -31,6 +31,43 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def rss_parts_mb() -> tuple[float, float]:
+    """(anonymous, file-backed) resident memory of this process now (MiB): the second is pages of
+    memory-mapped files (the Arrow files datasets reads), which the kernel can drop at any time."""
+    parts = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                parts[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return parts.get("RssAnon", 0.0), parts.get("RssFile", 0.0)
+
+
+class PeakSampler:
+    """Peak anonymous and file-backed RSS, sampled every 20 ms in a thread (the kernel keeps a
+    high-water mark for the total only)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.anon = self.file = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            anon, file = rss_parts_mb()
+            self.anon, self.file = max(self.anon, anon), max(self.file, file)
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def measure_one(rows_file: Path, tokenizer_path: str, num_proc: int) -> dict[str, Any]:
     """One preparation, in this (fresh) process: time, peak RSS of this process and of its workers;
     then the packing the launch does (TRL's best-fit decreasing over the prepared train split)."""
@@ -49,9 +86,11 @@ def measure_one(rows_file: Path, tokenizer_path: str, num_proc: int) -> dict[str
         raise SystemExit("this version of qlora_sft has no data.num_proc")
     cfg = DataConfig(sources=[DataSource(path=str(rows_file), format="sharegpt")], **extra)
     baseline = rss_mb()
+    anon_baseline, _ = rss_parts_mb()
     with tempfile.TemporaryDirectory(dir=rows_file.parent) as cache:
         start = time.perf_counter()
-        prepared = data.prepare_data(cfg, tokenizer, 0, cache)
+        with PeakSampler() as peaks:
+            prepared = data.prepare_data(cfg, tokenizer, 0, cache)
         seconds = time.perf_counter() - start
         prepare_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         from trl.data_utils import pack_dataset
@@ -68,6 +107,9 @@ def measure_one(rows_file: Path, tokenizer_path: str, num_proc: int) -> dict[str
         "peak_rss_mb": round(prepare_peak, 1),
         "baseline_rss_mb": round(baseline, 1),
         "peak_above_baseline_mb": round(prepare_peak - baseline, 1),
+        "peak_anon_mb": round(peaks.anon, 1),
+        "anon_above_baseline_mb": round(peaks.anon - anon_baseline, 1),
+        "peak_file_backed_mb": round(peaks.file, 1),
         "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "train_rows": prepared.report.train_rows,
         "tokens_mean": round(prepared.report.tokens_mean, 1),
@@ -117,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             report.number(r.get("seconds"), ".1f"),
             report.number(r.get("peak_rss_mb"), ",.0f"),
             report.number(r.get("peak_above_baseline_mb"), ",.0f"),
+            report.number(r.get("anon_above_baseline_mb"), ",.0f"),
+            report.number(r.get("peak_file_backed_mb"), ",.0f"),
             report.number(r.get("worker_peak_rss_mb"), ",.0f"),
             report.number(r.get("pack_seconds"), ".1f"),
             "failed" if "error" in r else "",
@@ -129,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         "`prepare_data` end to end (read, normalise, tokenize with masks, mix, split, write the cache) of",
         f"`text_chat_rows` conversations (ShareGPT format), tokenizer {args.tokenizer}. Each row is a fresh",
         "process; peak RSS is the main process's (ru_maxrss) during preparation, the baseline its RSS after",
-        "imports and the tokenizer; workers' peak is the largest worker's. `pack s`: TRL's best-fit",
+        "imports and the tokenizer. RSS splits into anonymous memory (the process's own; peak sampled every",
+        "20 ms) and file-backed pages of the memory-mapped Arrow files it reads (page cache the kernel may",
+        "drop at any time). Workers' peak is the largest worker's. `pack s`: TRL's best-fit",
         "decreasing packing of the prepared train split afterwards (what the launch does), not in rows/s.",
         "",
         *report.table(
@@ -140,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds",
                 "peak RSS MB",
                 "above baseline MB",
+                "anonymous above baseline MB",
+                "file-backed peak MB",
                 "worker peak MB",
                 "pack s",
                 "",

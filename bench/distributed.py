@@ -289,6 +289,7 @@ def main() -> int:
         "steps": args.steps,
         "global_batch": args.global_batch,
         "max_length": args.max_length,
+        "offload_activations": "auto",  # the recipe's value (results before 2026-11-24 ran without offloading)
         "torch": torch.__version__,
         "command": "python -m bench.distributed " + " ".join(sys.argv[1:]),
         "results": results,

@@ -131,6 +131,27 @@ def notebook_worker(mode: str, model_dir: Path, data_path: Path, steps: int, max
     write_worker_result(out, timer.times, tokens, start - t0, start, counts)
 
 
+def project_recipe(model_dir: Path, data_path: Path, out: Path, steps: int, max_length: int) -> dict[str, Any]:
+    """The project mode's recipe: the defaults, plus what the benchmark fixes (data, steps, lr)."""
+    return {
+        "run": {"name": "project", "output_dir": str(out / "runs")},
+        "model": {"name_or_path": str(model_dir)},
+        "data": {
+            "sources": [{"path": str(data_path)}],
+            "eval_fraction": 0.0,
+            "max_length": max_length,
+            "on_bad_row": "skip",
+        },
+        "train": {
+            "max_steps": steps,
+            "logging_steps": 1,
+            "save_steps": 10**6,
+            "learning_rate": 2e-4,
+            "dataloader_num_workers": 2,
+        },
+    }
+
+
 def project_worker(
     model_dir: Path, data_path: Path, steps: int, max_length: int, out: Path, overrides: list[str], profile_step: int
 ) -> None:
@@ -143,27 +164,7 @@ def project_worker(
 
     t0 = time.time()
     recipe_path = out / "recipe.yaml"
-    recipe_path.write_text(
-        yaml.safe_dump(
-            {
-                "run": {"name": "project", "output_dir": str(out / "runs")},
-                "model": {"name_or_path": str(model_dir)},
-                "data": {
-                    "sources": [{"path": str(data_path)}],
-                    "eval_fraction": 0.0,
-                    "max_length": max_length,
-                    "on_bad_row": "skip",
-                },
-                "train": {
-                    "max_steps": steps,
-                    "logging_steps": 1,
-                    "save_steps": 10**6,
-                    "learning_rate": 2e-4,
-                    "dataloader_num_workers": 2,
-                },
-            }
-        )
-    )
+    recipe_path.write_text(yaml.safe_dump(project_recipe(model_dir, data_path, out, steps, max_length)))
     recipe = load_recipe(recipe_path, overrides)
     counts = {"computed": 0, "real": 0}
     if torch.cuda.is_available():

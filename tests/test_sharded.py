@@ -308,24 +308,26 @@ def test_training_with_the_low_memory_loader_equals_the_transformers_loader(
 
 
 def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
-    """`plan`'s per-rank memory for FSDP and ZeRO-3, against every launch measured on a GPU in
-    bench/results (within 15% of the measured peak), and its verdicts for the 70B shape."""
+    """`plan`'s per-rank memory (one GPU with activations offloaded or not, FSDP, ZeRO-3) against
+    every launch measured on a GPU in bench/results (within 15% of the measured peak), and its
+    verdicts for the 70B shape."""
     from transformers import LlamaConfig
 
     from bench.distributed import MODES, recipe_for
+    from bench.run import ABLATION, project_recipe
     from bench.workload import SHAPES
     from qlora_sft import launch
     from qlora_sft.plan import ModelShape, estimate_memory, plan_lines
-    from qlora_sft.recipe import build_recipe
+    from qlora_sft.recipe import build_recipe, load_recipe
 
     checked = 0
     for result in sorted((REPO / "bench" / "results").glob("*-distributed*.json")):
         run = json.loads(result.read_text())
         folder = tmp_path / run["shape"]
         LlamaConfig(**SHAPES[run["shape"]]).save_pretrained(folder)
-        recipe = build_recipe(
-            recipe_for(folder, tmp_path / "d.jsonl", tmp_path, run["steps"], run["global_batch"], run["max_length"])
-        )
+        raw = recipe_for(folder, tmp_path / "d.jsonl", tmp_path, run["steps"], run["global_batch"], run["max_length"])
+        raw["train"]["offload_activations"] = run.get("offload_activations", False)  # not in the older runs
+        recipe = build_recipe(raw)
         shape = ModelShape.from_config(json.loads((folder / "config.json").read_text()))
         for r in run["results"]:
             peaks = [p for p in r.get("peak_gib_per_rank") or [] if p]
@@ -338,12 +340,28 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
             checked += 1
     assert checked >= 5  # 8B on 1 GPU, FSDP and ZeRO-3 (H100); 70B under FSDP (H200)
 
+    # one GPU, bench.run's project mode and its ablations (activations offloaded or not, 4 or 2 rows)
+    for result in sorted((REPO / "bench" / "results").glob("*-unsloth.json")):
+        run = json.loads(result.read_text())
+        folder = tmp_path / run["shape"]
+        LlamaConfig(**SHAPES[run["shape"]]).save_pretrained(folder)
+        shape = ModelShape.from_config(json.loads((folder / "config.json").read_text()))
+        single = launch.from_config_file(CONFIGS / "single_gpu.yaml", 1)
+        for name, r in run["results"].items():
+            if not name.startswith("project") or not r.get("peak_gib"):
+                continue
+            overrides = ABLATION[name.removeprefix("project, ")] if name != "project" else []
+            path = write_recipe(tmp_path / "p.yaml", project_recipe(folder, tmp_path / "d.jsonl", tmp_path, 20, 2048))
+            recipe = load_recipe(path, overrides)
+            estimate = estimate_memory(shape, recipe, single).total
+            assert abs(estimate - r["peak_gib"]) / r["peak_gib"] <= 0.15, (result.name, name, estimate, r["peak_gib"])
+            checked += 1
+    assert checked >= 11  # and the 8B and 1B shapes, offloaded or not
+
     folder = tmp_path / "llama3-70b"
     LlamaConfig(**SHAPES["llama3-70b"]).save_pretrained(folder)
     r70 = recipe_dict(folder, tmp_path / "d.jsonl", tmp_path, data={"max_length": 2048}, train={"global_batch_size": 8})
     recipe = write_recipe(tmp_path / "r70.yaml", r70)
-    from qlora_sft.recipe import load_recipe
-
     rec = load_recipe(recipe, ["train.per_device_train_batch_size=1"])
     one = plan_lines(rec, None, gpu_mem=24)
     assert any(line.strip().startswith("single_gpu.yaml") and "does not fit" in line for line in one)

@@ -160,6 +160,9 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode) -> Memo
     optim = str(recipe.train.args.get("optim", mode.default_optim))
     optim_bytes = 2 if "8bit" in optim else 8
     gc = bool(recipe.train.args.get("gradient_checkpointing", True))
+    # offloaded: the H100 runs of 2026-11-24 kept about 4 layers' inputs on the GPU (copies in flight,
+    # the layer being recomputed and its gradient), at 8B and at 1B
+    held = min(4, layers) if launch.offloads_activations(recipe, mode) else layers
     layer_act = tokens * (6 * h + 2 * inter) * 2
     biggest = max(a * b for a, b in shape.linears().values())
     layer_weights = sum(a * b for a, b in shape.linears().values()) * data_bytes
@@ -178,7 +181,9 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode) -> Memo
         "gathered for compute": gathered,
         "LoRA weights + grads": kept * (n_lora * 4 / lora_shard + n_lora * 4 / grad_shard),
         "optimizer states": kept * n_lora * optim_bytes / grad_shard,
-        "activations": (tokens * h * 2 * layers + layer_act) if gc else layer_act * layers,
+        # with checkpointing every layer's input stays until the backward pass, on the GPU or, with
+        # train.offload_activations, in host memory
+        "activations": (tokens * h * 2 * held + layer_act) if gc else layer_act * layers,
         "logits (fused loss)": tokens * h * 2 * 2,
         "workspace": biggest * 2 * 2 + 0.25 * GIB,
     }
