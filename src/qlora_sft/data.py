@@ -904,6 +904,20 @@ def _encoded_features() -> Any:
     )
 
 
+def _encode_kwargs(src: DataSource, fmt: str, cfg: DataConfig, tokenizer: Any, end_id: int | None) -> dict[str, Any]:
+    """`encode_documents`' settings for one source (the Arrow pipeline's and the stream's)."""
+    return {
+        "path": src.path,
+        "fmt": fmt,
+        "system_prompt": src.system_prompt,
+        "on_bad_row": cfg.on_bad_row,
+        "tokenizer": tokenizer,
+        "max_length": cfg.max_length,
+        "assistant_only_loss": cfg.assistant_only_loss,
+        "end_id": end_id,
+    }
+
+
 def encode_documents(
     batch: dict[str, list[Any]],
     *,
@@ -1014,16 +1028,7 @@ def _encode_source(
         batched=True,
         batch_size=ENCODE_BATCH,
         num_proc=workers if workers > 1 else None,
-        fn_kwargs={
-            "path": src.path,
-            "fmt": fmt,
-            "system_prompt": src.system_prompt,
-            "on_bad_row": cfg.on_bad_row,
-            "tokenizer": tokenizer,
-            "max_length": cfg.max_length,
-            "assistant_only_loss": cfg.assistant_only_loss,
-            "end_id": end_id,
-        },
+        fn_kwargs=_encode_kwargs(src, fmt, cfg, tokenizer, end_id),
         remove_columns=["document"],
         features=_encoded_features(),
         cache_file_name=str(work / f"{name}-tokens.arrow"),
@@ -1237,16 +1242,7 @@ def stream_data(
         if first is None:
             raise DataError(f"data source {src.path} has no rows")
         fmt = source_format(src, parse_document(first[1]), first[0])
-        kwargs = {
-            "path": src.path,
-            "fmt": fmt,
-            "system_prompt": src.system_prompt,
-            "on_bad_row": cfg.on_bad_row,
-            "tokenizer": tokenizer,
-            "max_length": cfg.max_length,
-            "assistant_only_loss": cfg.assistant_only_loss,
-            "end_id": end_id,
-        }
+        kwargs = _encode_kwargs(src, fmt, cfg, tokenizer, end_id)
         raw = datasets.IterableDataset.from_generator(
             _stream_documents, gen_kwargs={"src": src, "base_dir": base_dir}, features=documents
         )
