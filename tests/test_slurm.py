@@ -68,7 +68,12 @@ def slurm() -> dict[str, str]:
         subprocess.run([str(CLUSTER), "stop"], capture_output=True, text=True, timeout=60)
 
 
-def sbatch(env: dict[str, str], cwd: Path, template: str, *args: str, sbatch_args: tuple[str, ...] = ()) -> int:
+def sbatch(
+    env: dict[str, str], cwd: Path, template: str, *args: str, sbatch_args: tuple[str, ...] = (), prepare: bool = False
+) -> int:
+    """Submit a template. `prepare`: let it run `qlora-sft prepare` before srun, as it does by default
+    (tested once, in `straight`; the other jobs skip it to keep the suite short)."""
+    env = {**env, "QLORA_SFT_PREPARE": "1" if prepare else "0"}
     cmd = [
         "sbatch",
         "--parsable",
@@ -138,7 +143,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> tuple
 @pytest.fixture(scope="module")
 def straight(slurm, workdir):
     root, recipe = workdir
-    job = sbatch(slurm, root, "single_node.sbatch", str(recipe), "run.name=straight")
+    job = sbatch(slurm, root, "single_node.sbatch", str(recipe), "run.name=straight", prepare=True)
     info = wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
     log = (root / f"slurm-qlora-sft-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-4000:]
