@@ -302,7 +302,7 @@ def _data_report(recipe: Any, base_dir: Path, tokenizer: Any, keep: bool) -> lis
 
     from . import data
 
-    cache_root = Path(recipe.run.output_dir) / ".cache"
+    cache_root = recipe.data_cache_root
     folder = data.cache_folder(recipe.data, tokenizer, recipe.run.seed, cache_root, base_dir)
     start = time.perf_counter()
     prepared = data.load_prepared(folder)
@@ -323,7 +323,7 @@ def _data_report(recipe: Any, base_dir: Path, tokenizer: Any, keep: bool) -> lis
 
 def _recipe_header(args: argparse.Namespace) -> tuple[Any, Path, Any]:
     """Load the recipe, print its summary, and load the tokenizer with the recipe's chat template."""
-    from . import data, model
+    from . import model
     from .recipe import load_recipe, resolve_batch
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -336,9 +336,7 @@ def _recipe_header(args: argparse.Namespace) -> tuple[Any, Path, Any]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     print(f"  batch: {resolve_batch(recipe.train, world).describe()}")
     print(f"  run directory: {recipe.run_dir}")
-    tokenizer = model.load_tokenizer(recipe.model, base_dir)
-    data.set_chat_template(tokenizer, recipe.data.chat_template, recipe.model.name_or_path, base_dir)
-    return recipe, base_dir, tokenizer
+    return recipe, base_dir, model.recipe_tokenizer(recipe, base_dir)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

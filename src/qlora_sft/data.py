@@ -1087,6 +1087,21 @@ def _no_loss_error(cfg: DataConfig, tokenizer: Any, parts: list[_Encoded], posit
     raise AssertionError(position)  # pragma: no cover
 
 
+def _token_stats(report: DataReport, lengths: Any, loss: Any, truncated: Any, end: Any) -> None:
+    """The report's token statistics from the used train rows' lengths, trained-token counts,
+    truncation flags and end-token flags (numpy arrays, one entry per row)."""
+    import numpy as np
+
+    report.tokens_total = int(lengths.sum())
+    report.tokens_mean = report.tokens_total / len(lengths)
+    report.tokens_max = int(lengths.max())
+    report.tokens_p95 = int(np.sort(lengths)[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)])
+    report.truncated = int(truncated.sum())
+    report.loss_token_fraction = int(loss.sum()) / report.tokens_total
+    chat_rows = int((end >= 0).sum())
+    report.eos_trained_fraction = int((end == 1).sum()) / chat_rows if chat_rows else 0.0
+
+
 def build_data(
     cfg: DataConfig,
     tokenizer: Any,
@@ -1157,18 +1172,15 @@ def build_data(
             + "). Check the data files and data.on_bad_row."
         )
 
-    lengths = _column(train_all, "input_ids")[train_idx]
-    end = _column(train_all, "end_trained")[train_idx]
     report.train_rows = len(train_idx)
     report.eval_rows = len(eval_idx)
-    report.tokens_total = int(lengths.sum())
-    report.tokens_mean = report.tokens_total / len(lengths)
-    report.tokens_max = int(lengths.max())
-    report.tokens_p95 = int(np.sort(lengths)[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)])
-    report.truncated = int(_column(train_all, "truncated")[train_idx].sum())
-    report.loss_token_fraction = int(train_loss[train_idx].sum()) / report.tokens_total
-    chat_rows = int((end >= 0).sum())
-    report.eos_trained_fraction = int((end == 1).sum()) / chat_rows if chat_rows else 0.0
+    _token_stats(
+        report,
+        _column(train_all, "input_ids")[train_idx],
+        train_loss[train_idx],
+        _column(train_all, "truncated")[train_idx],
+        _column(train_all, "end_trained")[train_idx],
+    )
     columns = ["input_ids", "labels"]
     train = train_all.select(train_idx).select_columns(columns)
     evald = eval_all.select(eval_idx).select_columns(columns) if len(eval_idx) else None
@@ -1232,6 +1244,7 @@ def stream_data(
     it); sources interleave by `ratio` until the first runs out. The report describes the first
     rows of each source (tokenized here, so a broken template or format fails before training)."""
     import datasets
+    import numpy as np
 
     report = DataReport(end_token=end_of_turn_token(tokenizer))
     end_id = tokenizer.convert_tokens_to_ids(report.end_token) if report.end_token else None
@@ -1281,31 +1294,21 @@ def stream_data(
                 skipped[reason] = skipped.get(reason, 0) + 1
         kept = n - sum(skipped.values())
         report.sources.append(SourceReport(src.path, fmt, n, kept, kept, skipped))
-    rows = [
-        (ids, loss, trunc, end)
-        for _, _, e in samples
-        for ids, loss, trunc, end, bad in zip(
-            e["input_ids"], e["loss_tokens"], e["truncated"], e["end_trained"], e["bad"], strict=True
-        )
-        if not bad and loss > 0
-    ]
-    report.dropped_no_loss = sum(
-        1 for _, _, e in samples for bad, loss in zip(e["bad"], e["loss_tokens"], strict=True) if not bad and not loss
-    )
-    if not rows:
+
+    def column(key: str) -> Any:  # the samples' values of one column, as one array
+        return np.asarray([v for _, _, e in samples for v in e[key]])
+
+    loss = column("loss_tokens")
+    used = column("bad") == ""
+    report.dropped_no_loss = int((used & (loss == 0)).sum())
+    keep = used & (loss > 0)
+    if not keep.any():
         raise DataError(
             f"none of the first {report.streamed_sample} rows of the sources has trained tokens; check the data, "
             "data.max_length and data.on_bad_row"
         )
-    lengths = sorted(len(ids) for ids, _, _, _ in rows)
-    report.tokens_total = sum(lengths)
-    report.tokens_mean = report.tokens_total / len(lengths)
-    report.tokens_max = lengths[-1]
-    report.tokens_p95 = lengths[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)]
-    report.truncated = sum(1 for _, _, trunc, _ in rows if trunc)
-    report.loss_token_fraction = sum(loss for _, loss, _, _ in rows) / report.tokens_total
-    chats = [end for _, _, _, end in rows if end >= 0]
-    report.eos_trained_fraction = sum(chats) / len(chats) if chats else 0.0
+    lengths = np.asarray([len(ids) for _, _, e in samples for ids in e["input_ids"]], dtype=np.int64)
+    _token_stats(report, lengths[keep], loss[keep], column("truncated")[keep], column("end_trained")[keep])
     return PreparedData(train, None, report)
 
 

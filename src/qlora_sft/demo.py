@@ -129,10 +129,9 @@ def load_for_scoring(recipe: Any, adapter: Path | None) -> tuple[Any, Any]:
     """The base model as training sees it (same quantization), optionally with the adapter."""
     from peft import PeftModel
 
-    from . import data, launch, model
+    from . import launch, model
 
-    tokenizer = model.load_tokenizer(recipe.model)
-    data.set_chat_template(tokenizer, recipe.data.chat_template, recipe.model.name_or_path)
+    tokenizer = model.recipe_tokenizer(recipe)
     m = model.load_base(recipe, launch.detect())
     model.resize_for_pad(m, tokenizer)
     if adapter is not None:

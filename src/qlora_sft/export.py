@@ -415,11 +415,12 @@ def verification_prompts(source: Source, tokenizer: Any, n: int = 4, max_tokens:
             from . import data
 
             rec = source.recipe
-            cache_root = Path(rec.run.output_dir) / ".cache"
             if rec.data.streaming:  # the first rows of the stream, in the sources' order
                 stream = data.stream_data(dataclasses.replace(rec.data, shuffle_buffer=1), tokenizer, rec.run.seed)
                 return [list(row["input_ids"][:max_tokens]) for row in stream.train.take(n)]
-            prepared = data.load_prepared(data.cache_folder(rec.data, tokenizer, rec.run.seed, cache_root, None))
+            prepared = data.load_prepared(
+                data.cache_folder(rec.data, tokenizer, rec.run.seed, rec.data_cache_root, None)
+            )
             if prepared is None:  # the run's cache is gone: build it again (in a temporary folder)
                 prepared = data.build_data(rec.data, tokenizer, rec.run.seed)
             rows = prepared.eval if prepared.eval is not None else prepared.train

@@ -218,6 +218,15 @@ def load_tokenizer(cfg: ModelConfig, base_dir: str | Path | None = None) -> Any:
     return tok
 
 
+def recipe_tokenizer(recipe: Recipe, base_dir: str | Path | None = None) -> Any:
+    """The recipe's tokenizer with the recipe's chat template (as training renders the data)."""
+    from . import data
+
+    tokenizer = load_tokenizer(recipe.model, base_dir)
+    data.set_chat_template(tokenizer, recipe.data.chat_template, recipe.model.name_or_path, base_dir)
+    return tokenizer
+
+
 def ensure_pad_token(tokenizer: Any) -> None:
     """Use a pad token distinct from EOS. With pad == eos, collators that mask padding labels
     also mask the real EOS, so the model never learns to stop (trl#1623)."""

@@ -299,6 +299,11 @@ class Recipe:
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
 
+    @property
+    def data_cache_root(self) -> Path:
+        """Where prepared data is cached (`data-<key>` folders, shared by the runs of one output_dir)."""
+        return Path(self.run.output_dir) / ".cache"
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain YAML-able data (same shape as the file)."""
         out: dict[str, Any] = {}

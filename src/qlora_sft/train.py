@@ -281,10 +281,10 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
 def tokenizer_and_data(recipe: Recipe, base_dir: Path | None, by: str = "train") -> tuple[Any, data.PreparedData]:
     """The tokenizer with the recipe's chat template, and the prepared data (cached under
     <output_dir>/.cache)."""
-    tokenizer = model.load_tokenizer(recipe.model, base_dir)
-    data.set_chat_template(tokenizer, recipe.data.chat_template, recipe.model.name_or_path, base_dir)
-    cache_root = Path(recipe.run.output_dir) / ".cache"
-    return tokenizer, data.prepare_data(recipe.data, tokenizer, recipe.run.seed, cache_root, base_dir, by=by)
+    tokenizer = model.recipe_tokenizer(recipe, base_dir)
+    return tokenizer, data.prepare_data(
+        recipe.data, tokenizer, recipe.run.seed, recipe.data_cache_root, base_dir, by=by
+    )
 
 
 def main(recipe: Recipe) -> int:
