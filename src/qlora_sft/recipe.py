@@ -183,7 +183,8 @@ class TrainConfig:
     offload_activations: bool | Literal["auto"] = "auto"
     """With gradient checkpointing, hold each decoder layer's input in pinned host memory between the
     forward and the backward pass (copied without waiting; the layer is recomputed from it), instead
-    of on the GPU: for an 8B Llama at 4 x 2048 tokens per micro batch, 2 GiB less GPU memory.
+    of on the GPU: for an 8B Llama at 4 x 2048 tokens per micro batch, 1.74 GiB less GPU memory
+    for about 5% of speed (measured on an H100).
     `auto`: on for one CUDA GPU and DDP, off under FSDP and ZeRO-3 (and on the CPU, where there is
     no host to offload to); `true` forces it (CPU ranks too)."""
     args: Mapping[str, Any] = field(default_factory=dict)
