@@ -42,6 +42,7 @@ REPO = HERE.parent
 # The project path with one default switched back at a time (label -> recipe overrides).
 ABLATION = {
     "no activation offload": ["train.offload_activations=false"],
+    "no fused LoRA": ["lora.fused=false"],
     "lora dropout 0.05": ["lora.dropout=0.05"],
     "attention sdpa (dense block mask)": ["model.attn_implementation=sdpa"],
     "no liger kernels": ["model.liger_kernels=false"],
@@ -177,11 +178,18 @@ def project_worker(
     train(recipe, extra_callbacks=callbacks, on_trainer=lambda t: measure.count_tokens(t, counts))
     rows = [json.loads(x) for x in (recipe.run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     tokens = [r["num_tokens"] for r in rows if "num_tokens" in r and "loss" in r]
-    write_worker_result(out, timer.times, tokens, start - t0, start, counts)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    write_worker_result(out, timer.times, tokens, start - t0, start, counts, losses)
 
 
 def write_worker_result(
-    out: Path, times: list[float], tokens: list[float], load_s: float, start: float, counts: dict[str, int]
+    out: Path,
+    times: list[float],
+    tokens: list[float],
+    load_s: float,
+    start: float,
+    counts: dict[str, int],
+    losses: list[float] | None = None,
 ) -> None:
     import torch
 
@@ -198,6 +206,7 @@ def write_worker_result(
                 "time_to_first_step_s": times[0] - start if times else None,
                 "steps": len(times),
                 "step_times": [b - a for a, b in itertools.pairwise(times)],
+                "losses": losses or [],
             }
         )
     )
@@ -336,7 +345,7 @@ def main() -> int:
             results[mode] = run_worker(mode, [], runs / mode, args.timeout, cmd=cmd, site=args.unsloth_site)
         else:
             results[mode] = run_worker(mode, [mode, *common, *extra], runs / mode, args.timeout)
-        print(json.dumps({k: v for k, v in results[mode].items() if k != "step_times"}), flush=True)
+        print(json.dumps({k: v for k, v in results[mode].items() if k not in ("step_times", "losses")}), flush=True)
         write_results()
     if args.profile_step:
         # A run of its own: the profiler slows the step it records, which must not count in tokens/s.
@@ -360,7 +369,7 @@ def main() -> int:
                 runs / key.replace(" ", "_").replace(",", ""),
                 args.timeout,
             )
-            print(json.dumps({k: v for k, v in results[key].items() if k != "step_times"}), flush=True)
+            print(json.dumps({k: v for k, v in results[key].items() if k not in ("step_times", "losses")}), flush=True)
             write_results()
 
     write_results()

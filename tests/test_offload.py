@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 
-def lora_grads(model_dir: Path, offload: bool) -> tuple[float, dict[str, object]]:
+def lora_grads(model_dir: Path, offload: bool, device: str = "cpu") -> tuple[list[float], dict[str, object]]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -17,7 +17,7 @@ def lora_grads(model_dir: Path, offload: bool) -> tuple[float, dict[str, object]
     from qlora_sft import model as model_mod
 
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.enable_input_require_grads()
     peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear"))
@@ -27,19 +27,26 @@ def lora_grads(model_dir: Path, offload: bool) -> tuple[float, dict[str, object]
     peft.train()
     if offload:
         assert model_mod.offload_checkpointed_inputs(peft) == base.config.num_hidden_layers
-    ids = torch.randint(3, base.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, base.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1)).to(device)
     torch.manual_seed(123)  # the same dropout masks in both runs
-    loss = peft(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in peft.named_parameters() if p.requires_grad}
+    losses = []
+    for _ in range(2):  # a second step: the first layer's input is not taken for the last one's
+        loss = peft(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    return losses, {n: p.grad.cpu().clone() for n, p in peft.named_parameters() if p.requires_grad}
 
 
-def test_offloaded_checkpoint_gives_the_same_gradients(tiny_model: Path):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_offloaded_checkpoint_gives_the_same_gradients(tiny_model: Path, device: str):
+    """On CUDA the copies run on a side stream and the backward prefetches the next layer's input."""
     import torch
 
-    loss_a, a = lora_grads(tiny_model, offload=False)
-    loss_b, b = lora_grads(tiny_model, offload=True)
-    assert loss_a == loss_b
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    loss_a, a = lora_grads(tiny_model, offload=False, device=device)
+    loss_b, b = lora_grads(tiny_model, offload=True, device=device)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         assert a[name].abs().max() > 0, name

@@ -334,6 +334,11 @@ def check_launch_compat(recipe: Recipe, mode: LaunchMode) -> list[str]:
             f"`train.offload_activations` is true, which is not supported under {where} (it is built and "
             "tested for one GPU and DDP). Remove it: auto leaves it off there."
         )
+    if recipe.lora.fused is True:
+        problems.append(
+            f"`lora.fused` is true, which is not supported under {where} (the sharded base layers must "
+            "run their own forward to be gathered). Remove it: auto leaves it off there."
+        )
     if q.method == "int8":
         problems.append(
             f"`quantization.method` is int8, which {where} cannot shard; use nf4 (QLoRA) or none, "

@@ -6,6 +6,7 @@ says why.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -295,17 +296,189 @@ def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str |
         raise UserError(f"lora.target_modules={target!r}: {exc}") from None
     if mode.shards_parameters:
         check_sharded_dtypes(model, compute_dtype, mode)
+    if uses_fused_lora(recipe, mode):
+        log.info("lora: %d adapted 4-bit layers fused (lora.fused)", fuse_lora_layers(model))
     return model
+
+
+class FusedLoraMatmul(torch.autograd.Function):
+    """`x W^T + s (x A^T) B^T` for a frozen 4-bit W and a LoRA pair (A, B), s = alpha / r, with the
+    LoRA term added into the base GEMM's output in place (`addmm_`, its scale an `alpha` of the
+    GEMM) instead of peft's copy of the output, scaling and sum, each a pass over the output. The
+    backward does the same: `g W + s (g B) A` into one buffer, and the adapter gradients from the
+    rank-r products. Saved for the backward: x (which the layer's callers hold anyway) and x A^T
+    (r columns). The matmuls run in the compute dtype; the adapter gradients are returned in the
+    adapters' own dtype, as autocast returns them."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: Any, scaling: float) -> torch.Tensor:
+        from bitsandbytes.functional import dequantize_4bit
+
+        dtype = base.compute_dtype or x.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        a_c, b_c = a.to(dtype), b.to(dtype)
+        xa = x2 @ a_c.t()
+        out = x2 @ dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype).t()
+        out.addmm_(xa, b_c.t(), alpha=scaling)
+        if base.bias is not None:
+            out += base.bias.to(dtype)
+        ctx.save_for_backward(x2, xa, a_c, b_c)
+        ctx.base, ctx.scaling, ctx.x_dtype, ctx.x_shape = base, scaling, x.dtype, x.shape
+        ctx.w_dtypes = (a.dtype, b.dtype)
+        return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        from bitsandbytes.functional import dequantize_4bit
+
+        x2, xa, a_c, b_c = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+        gxa = (g @ b_c).mul_(ctx.scaling)  # d/d(xA^T), r columns
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            weight = ctx.base.weight
+            grad_x = g @ dequantize_4bit(weight.data, weight.quant_state).to(x2.dtype)
+            grad_x.addmm_(gxa, a_c)
+            grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_a = (gxa.t() @ x2).to(ctx.w_dtypes[0])
+        if ctx.needs_input_grad[2]:
+            grad_b = (g.t() @ xa).mul_(ctx.scaling).to(ctx.w_dtypes[1])
+        return grad_x, grad_a, grad_b, None, None
+
+
+@functools.cache
+def fused_lora_class() -> type:
+    """peft's LoRA layer for bitsandbytes 4-bit base layers, with `FusedLoraMatmul` as its forward
+    wherever it applies (one plain LoRA adapter, active and unmerged, without dropout, and no extra
+    arguments); everything else, and every other use of the layer, is peft's."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    class FusedLinear4bit(Linear4bit):
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            adapters = self.active_adapters
+            name = adapters[0] if len(adapters) == 1 else None
+            if (
+                args
+                or kwargs
+                or name is None
+                or self.disable_adapters
+                or self.merged
+                or name not in self.lora_A
+                or name in getattr(self, "lora_variant", {})
+                or not isinstance(self.lora_dropout[name], torch.nn.Identity)
+            ):
+                return super().forward(x, *args, **kwargs)
+            base = self.get_base_layer()
+            if base.compute_dtype is None:
+                base.set_compute_type(x)
+                base.compute_type_is_set = True
+            return FusedLoraMatmul.apply(
+                x, self.lora_A[name].weight, self.lora_B[name].weight, base, self.scaling[name]
+            )
+
+    return FusedLinear4bit
+
+
+def fuse_lora_layers(model: Any) -> int:
+    """Give every peft LoRA layer over a bitsandbytes 4-bit layer the fused forward (`lora.fused`);
+    returns how many. Only the class changes: parameters, state dict, saving and merging stay peft's."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    fused = fused_lora_class()
+    count = 0
+    for module in model.modules():
+        if type(module) is Linear4bit:
+            module.__class__ = fused
+            count += 1
+    return count
+
+
+def uses_fused_lora(recipe: Recipe, mode: LaunchMode) -> bool:
+    """`lora.fused`, resolved for this launch."""
+    if recipe.lora.fused is False or mode.shards_parameters:
+        return False
+    return recipe.quantization.method in ("nf4", "fp4") and recipe.lora.dropout == 0
+
+
+class HeldInput:
+    """One checkpointed layer's input while it waits for the backward pass: in pinned host memory,
+    copied there and back on a side stream (`copy_stream`) so the copies overlap the compute
+    stream's work instead of queueing in it. Every GPU block involved belongs to the compute stream,
+    which waits for the copy before the block can be freed or read, so no block outlives its use:
+    the forward's input is released once the layer's forward is queued (`release`), after its copy
+    to the host; `fetch` starts the copy back into a block allocated on the compute stream (the layer whose
+    backward runs just before prefetches it); `take` makes the compute stream wait for it."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.device = hidden.device
+        self.gpu: torch.Tensor | None = None
+        self.source: torch.Tensor | None = None
+        self.done: Any = None
+        cuda = hidden.device.type == "cuda"
+        self.host: torch.Tensor | None = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=cuda)
+        if not cuda:
+            self.host.copy_(hidden.detach())
+            return
+        stream = copy_stream(hidden.device)
+        stream.wait_stream(torch.cuda.current_stream(hidden.device))  # the input is computed
+        with torch.cuda.stream(stream):
+            self.host.copy_(hidden.detach(), non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record(stream)
+        self.source = hidden  # kept until the copy has read it (`release`)
+
+    def release(self) -> None:
+        """Let the forward's input go once the compute stream has waited for its copy."""
+        if self.source is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.done)
+            self.source = None
+
+    def fetch(self) -> None:
+        if self.gpu is not None or self.host is None:
+            return
+        self.release()
+        if self.device.type != "cuda":
+            self.gpu = self.host.to(self.device)
+            return
+        compute = torch.cuda.current_stream(self.device)
+        self.gpu = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+        stream = copy_stream(self.device)
+        stream.wait_stream(compute)  # the block may be one the compute stream just freed
+        with torch.cuda.stream(stream):
+            self.gpu.copy_(self.host, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record(stream)
+
+    def take(self) -> torch.Tensor:
+        self.fetch()
+        gpu, self.gpu, self.host = self.gpu, None, None
+        assert gpu is not None
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).wait_event(self.done)
+        return gpu
+
+
+_COPY_STREAMS: dict[torch.device, Any] = {}
+_LAST_HELD: dict[torch.device, HeldInput] = {}
+
+
+def copy_stream(device: torch.device) -> Any:
+    """The side stream that carries offloaded activations to the host and back, one per GPU."""
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
 
 
 class OffloadedCheckpoint(torch.autograd.Function):
     """Gradient checkpointing of one decoder layer whose input waits for the backward pass in pinned
     host memory instead of on the GPU (unsloth's "unsloth" checkpointing; torchtune's activation
-    offloading does the same for all saved tensors). The forward copies the layer input to the host
-    on the compute stream without waiting and runs the layer without saving anything; the backward
-    copies it back, recomputes the layer with the forward's autocast and RNG state, and
+    offloading does the same for all saved tensors). The forward starts the copy of the layer input
+    to the host on a side stream and runs the layer without saving anything; the backward takes the
+    input back (prefetched while the layer above ran its backward), starts the copy of the layer
+    below's input, recomputes the layer with the forward's autocast and RNG state, and
     backpropagates through it. What stays on the GPU between forward and backward is one layer's
-    activations at a time, not every layer's input (for an 8B Llama with 4 x 2048 tokens, 1.74 GiB
+    activations at a time, not every layer's input (for an 8B Llama with 4 x 2048 tokens, 1.68 GiB
     less on an H100)."""
 
     @staticmethod
@@ -320,16 +493,21 @@ class OffloadedCheckpoint(torch.autograd.Function):
         }
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if kind == "cuda" else None
-        held = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=kind == "cuda")
-        held.copy_(hidden.detach(), non_blocking=kind == "cuda")
-        ctx.held = held
+        ctx.held = HeldInput(hidden)
+        # the layer below runs its backward next: this one's backward prefetches its input
+        ctx.below = _LAST_HELD.get(hidden.device)
+        _LAST_HELD[hidden.device] = ctx.held
         with torch.no_grad():
-            return run(hidden, *args)
+            out = run(hidden, *args)
+        ctx.held.release()  # the stream waits here, after the layer's kernels, for the copy
+        return out
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:
-        hidden = ctx.held.to(ctx.device, non_blocking=True).requires_grad_(True)
-        ctx.held = None
+        hidden = ctx.held.take().detach().requires_grad_(True)
+        if ctx.below is not None:
+            ctx.below.fetch()
+        ctx.held = ctx.below = None
         devices = [ctx.device] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
             torch.set_rng_state(ctx.cpu_rng)

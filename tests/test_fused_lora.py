@@ -1,0 +1,114 @@
+"""`lora.fused`: the fused 4-bit + LoRA layer computes what peft's layer computes (outputs, the
+adapters' gradients and the input gradient through checkpointed layers, on real bitsandbytes NF4
+weights), hands every case it does not cover back to peft, and is resolved and refused per launch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def nf4_peft_model(model_dir: Path, dropout: float = 0.0, device: str = "cpu"):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora_sft import model as model_mod
+
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, quantization_config=q, device_map={"": device}
+    )
+    model_mod.keep_cpu_4bit_trainable(base)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # B = 0 would leave A without gradient
+    peft.train()
+    return peft
+
+
+def loss_and_grads(peft, fused: bool) -> tuple[float, dict[str, object]]:
+    import torch
+
+    from qlora_sft import model as model_mod
+
+    if fused:
+        layers = model_mod.fuse_lora_layers(peft)
+        assert layers == 7 * peft.config.num_hidden_layers
+    ids = torch.randint(3, peft.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(123)
+    loss = peft(input_ids=ids.to(peft.device), labels=ids.to(peft.device)).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.cpu().clone() for n, p in peft.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_fused_layer_gives_peft_losses_and_gradients(tiny_model: Path, device: str):
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    loss_a, a = loss_and_grads(nf4_peft_model(tiny_model, device=device), fused=False)
+    loss_b, b = loss_and_grads(nf4_peft_model(tiny_model, device=device), fused=True)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert a.keys() == b.keys() and len(a) == 2 * 7 * 2
+    for name in a:
+        assert a[name].abs().max() > 0, name
+        # lora_A of the first layers gets its gradient through every later layer's input gradient
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_layer_hands_other_cases_to_peft(tiny_model: Path):
+    """Dropout, disabled adapters and merged weights run peft's forward: the same outputs as
+    the unfused model."""
+    import torch
+
+    from qlora_sft import model as model_mod
+
+    ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(2))
+    plain = nf4_peft_model(tiny_model, dropout=0.2)
+    fused = nf4_peft_model(tiny_model, dropout=0.2)
+    model_mod.fuse_lora_layers(fused)
+    for m in (plain, fused):
+        m.eval()  # dropout off: peft's forward, deterministic
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, fused(input_ids=ids).logits)
+        with fused.disable_adapter():
+            off = fused(input_ids=ids).logits
+        with plain.disable_adapter():
+            torch.testing.assert_close(plain(input_ids=ids).logits, off)
+        assert not torch.allclose(off, fused(input_ids=ids).logits)
+
+
+def test_fused_resolution_and_refusals():
+    from qlora_sft import launch
+    from qlora_sft.errors import UserError
+    from qlora_sft.model import uses_fused_lora
+    from qlora_sft.recipe import build_recipe
+
+    def mode(kind: str, zero: int = 0) -> launch.LaunchMode:
+        return launch.LaunchMode(kind=kind, world_size=2, zero_stage=zero)
+
+    base = {"model": {"name_or_path": "m"}, "data": {"sources": [{"path": "a.jsonl"}]}}
+    auto = build_recipe(base)
+    assert auto.lora.fused == "auto" and auto.lora.dropout == 0
+    assert uses_fused_lora(auto, mode("ddp")) and uses_fused_lora(auto, mode("cpu"))
+    assert not uses_fused_lora(auto, mode("fsdp"))
+    assert not uses_fused_lora(auto, mode("deepspeed", zero=3))
+    assert not uses_fused_lora(build_recipe({**base, "lora": {"dropout": 0.05}}), mode("ddp"))
+    assert not uses_fused_lora(build_recipe({**base, "quantization": {"method": "none"}}), mode("ddp"))
+    forced = build_recipe({**base, "lora": {"fused": True}})
+    problems = launch.check_launch_compat(forced, mode("fsdp"))
+    assert any("`lora.fused` is true" in p for p in problems), problems
+    with pytest.raises(UserError, match=r"lora\.fused.*lora\.dropout is 0\.05"):
+        build_recipe({**base, "lora": {"fused": True, "dropout": 0.05}})
