@@ -61,7 +61,8 @@ class StepTimer(TrainerCallback):
 
 
 class StepProfiler(TrainerCallback):
-    """Profiles optimizer step `step` (CUDA kernel time by bucket) into `out`/profile.json."""
+    """Profiles optimizer step `step` into `out`/profile.json: CUDA kernel time by bucket, and the
+    blocks alive at the step's memory peak by the line that allocated them (`peak_breakdown`)."""
 
     def __init__(self, step: int, out: Path) -> None:
         self.step, self.out, self.prof = step, out, None

@@ -251,7 +251,10 @@ def main() -> int:
     ap.add_argument("--ablation", action="store_true")
     ap.add_argument("--ablation-only", default="", help="comma-separated ablation labels (default: all)")
     ap.add_argument(
-        "--profile-step", type=int, default=0, help="profile this step in an extra, untimed run of the project mode"
+        "--profile-step",
+        type=int,
+        default=0,
+        help="profile this step (kernel time, what is alive at the memory peak) in an extra, untimed project run",
     )
     ap.add_argument("--project-overrides", nargs="*", default=[])
     ap.add_argument("--cache", default=str(HERE / ".cache"))

@@ -164,6 +164,8 @@ def test_varlen_attention_uses_the_collator_boundaries_and_falls_back_to_sdpa():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_varlen_kernel_matches_sdpa_per_example_on_gpu():
+    """GQA (4 query heads per KV head) included: K/V go to the kernel as they are where it computes
+    GQA itself (`_takes_fewer_kv_heads`), repeated otherwise; both must match SDPA."""
     from qlora_sft.attention import _per_example_sdpa, available_on_cuda, varlen_attention_forward
 
     if not available_on_cuda():

@@ -86,23 +86,49 @@ def _parameters(kernel: Any) -> frozenset[str]:
     return frozenset(inspect.signature(kernel).parameters)
 
 
+def _causal(params: frozenset[str]) -> dict[str, Any]:
+    return {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+
+
+@functools.cache
+def _takes_fewer_kv_heads(kernel: Any) -> bool:
+    """Whether a kernel without `enable_gqa` computes GQA from K/V with fewer heads as they are
+    (torch 2.11's passes them to the flash kernel, which does), so they need not be repeated (one
+    copy of K and V per query head, 128 MiB per layer for an 8B Llama at 8192 tokens, and the
+    sum over the copies in the backward). Checked once, on this GPU, against repeated K/V: the
+    output and the gradients of q, k and v."""
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, device="cuda", generator=g).to(torch.bfloat16).requires_grad_(True)
+
+        q, k, v, w = rand(24, 4, 64), rand(24, 2, 64), rand(24, 2, 64), rand(24, 4, 64)
+        cu = torch.tensor([0, 9, 24], dtype=torch.int32, device="cuda")
+        kwargs = _causal(_parameters(kernel))
+        with torch.enable_grad():
+            results = []
+            for kk, vv in ((k, v), _repeat_kv(k, v, 2)):
+                out = kernel(q, kk, vv, cu, cu, 15, 15, **kwargs)
+                results.append([out, *torch.autograd.grad((out.float() * w.float()).sum(), (q, k, v))])
+        return all(torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2) for a, b in zip(*results, strict=True))
+    except Exception:  # any refusal or difference means: repeat them
+        return False
+
+
 def _call_kernel(
     kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float
 ) -> torch.Tensor:
     """q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D), causal within each example. Adapts to the
     kernel's signature, which changed between torch releases (`is_causal` -> `window_size`, GQA)."""
     params = _parameters(kernel)
-    kwargs: dict[str, Any] = {}
+    kwargs = _causal(params)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
-        else:
+        elif not (q.is_cuda and _takes_fewer_kv_heads(kernel)):
             k, v = _repeat_kv(k, v, groups)
-    if "is_causal" in params:
-        kwargs["is_causal"] = True
-    else:
-        kwargs["window_size"] = (-1, 0)
     default_scale = q.shape[-1] ** -0.5
     if "scale" in params:
         kwargs["scale"] = scale
