@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 
-def nf4_peft_model(model_dir: Path, dropout: float = 0.0, device: str = "cpu"):
+def nf4_peft_model(model_dir: Path, dropout: float = 0.0, device: str = "cpu", bias: str = "none"):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -29,7 +29,8 @@ def nf4_peft_model(model_dir: Path, dropout: float = 0.0, device: str = "cpu"):
     model_mod.keep_cpu_4bit_trainable(base)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.enable_input_require_grads()
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", bias=bias)
+    peft = get_peft_model(base, lora)
     for name, p in peft.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)  # B = 0 would leave A without gradient
@@ -37,7 +38,8 @@ def nf4_peft_model(model_dir: Path, dropout: float = 0.0, device: str = "cpu"):
     return peft
 
 
-def loss_and_grads(peft, fused: bool) -> tuple[float, dict[str, object]]:
+def loss_and_grads(peft, fused: bool, autocast: bool = False) -> tuple[float, dict[str, object], int]:
+    """Loss, gradients, and how many times the fused function computed a layer."""
     import torch
 
     from qlora_sft import model as model_mod
@@ -46,10 +48,23 @@ def loss_and_grads(peft, fused: bool) -> tuple[float, dict[str, object]]:
         layers = model_mod.fuse_lora_layers(peft)
         assert layers == 7 * peft.config.num_hidden_layers
     ids = torch.randint(3, peft.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(123)
-    loss = peft(input_ids=ids.to(peft.device), labels=ids.to(peft.device)).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.cpu().clone() for n, p in peft.named_parameters() if p.requires_grad}
+    calls = []
+    compute = model_mod.FusedLoraMatmul.compute
+
+    def counted(*args):
+        calls.append(1)
+        return compute(*args)
+
+    model_mod.FusedLoraMatmul.compute = staticmethod(counted)
+    try:
+        torch.manual_seed(123)
+        with torch.autocast(peft.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = peft(input_ids=ids.to(peft.device), labels=ids.to(peft.device)).loss
+        loss.backward()
+    finally:
+        model_mod.FusedLoraMatmul.compute = staticmethod(compute)
+    grads = {n: p.grad.cpu().clone() for n, p in peft.named_parameters() if p.requires_grad}
+    return loss.item(), grads, len(calls)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -58,8 +73,10 @@ def test_fused_layer_gives_peft_losses_and_gradients(tiny_model: Path, device: s
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    loss_a, a = loss_and_grads(nf4_peft_model(tiny_model, device=device), fused=False)
-    loss_b, b = loss_and_grads(nf4_peft_model(tiny_model, device=device), fused=True)
+    loss_a, a, calls_a = loss_and_grads(nf4_peft_model(tiny_model, device=device), fused=False)
+    loss_b, b, calls_b = loss_and_grads(nf4_peft_model(tiny_model, device=device), fused=True)
+    layers = 7 * 2
+    assert (calls_a, calls_b) == (0, 2 * layers)  # each layer's forward and its checkpointed recompute
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     assert a.keys() == b.keys() and len(a) == 2 * 7 * 2
     for name in a:
@@ -68,9 +85,19 @@ def test_fused_layer_gives_peft_losses_and_gradients(tiny_model: Path, device: s
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_fused_layer_under_autocast_with_another_compute_dtype(tiny_model: Path):
+    """bf16 autocast around fp32 compute layers: the fused function picks its own dtypes (fp32
+    here) instead of failing on mixed ones; peft's layer runs its LoRA matmuls in bf16."""
+    loss_a, _, _ = loss_and_grads(nf4_peft_model(tiny_model), fused=False, autocast=True)
+    loss_b, grads, calls = loss_and_grads(nf4_peft_model(tiny_model), fused=True, autocast=True)
+    assert calls == 2 * 7 * 2
+    assert loss_a == pytest.approx(loss_b, rel=2e-2)
+    assert all(g.abs().max() > 0 for g in grads.values())
+
+
 def test_fused_layer_hands_other_cases_to_peft(tiny_model: Path):
-    """Dropout, disabled adapters and merged weights run peft's forward: the same outputs as
-    the unfused model."""
+    """Dropout (in training, where it draws masks), disabled adapters and merged weights run
+    peft's forward: the same outputs as the unfused model, and the fused function never runs."""
     import torch
 
     from qlora_sft import model as model_mod
@@ -79,15 +106,47 @@ def test_fused_layer_hands_other_cases_to_peft(tiny_model: Path):
     plain = nf4_peft_model(tiny_model, dropout=0.2)
     fused = nf4_peft_model(tiny_model, dropout=0.2)
     model_mod.fuse_lora_layers(fused)
-    for m in (plain, fused):
-        m.eval()  # dropout off: peft's forward, deterministic
-    with torch.no_grad():
-        torch.testing.assert_close(plain(input_ids=ids).logits, fused(input_ids=ids).logits)
-        with fused.disable_adapter():
-            off = fused(input_ids=ids).logits
-        with plain.disable_adapter():
-            torch.testing.assert_close(plain(input_ids=ids).logits, off)
-        assert not torch.allclose(off, fused(input_ids=ids).logits)
+    compute = model_mod.FusedLoraMatmul.compute
+    model_mod.FusedLoraMatmul.compute = None  # any call would fail
+    try:
+        with torch.no_grad():
+            outs = []
+            for m in (plain, fused):
+                torch.manual_seed(5)  # the same dropout masks
+                outs.append(m(input_ids=ids).logits)
+            torch.testing.assert_close(*outs)
+            for m in (plain, fused):
+                m.eval()
+            with fused.disable_adapter():
+                off = fused(input_ids=ids).logits
+            with plain.disable_adapter():
+                torch.testing.assert_close(plain(input_ids=ids).logits, off)
+            assert not torch.allclose(off, fused(input_ids=ids).logits)
+            for m in (plain, fused):
+                m.base_model.merge_adapter()
+            torch.testing.assert_close(plain(input_ids=ids).logits, fused(input_ids=ids).logits)
+    finally:
+        model_mod.FusedLoraMatmul.compute = compute
+
+
+def test_trained_biases_run_peft_layers(tiny_model: Path, tmp_path: Path):
+    """lora.bias: all on a model with biases: those layers run peft's forward, so their biases get
+    their gradients (the fused function does not train them)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.attention_bias = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "biased")
+    loss_a, a, _ = loss_and_grads(nf4_peft_model(tmp_path / "biased", bias="all"), fused=False)
+    loss_b, b, calls = loss_and_grads(nf4_peft_model(tmp_path / "biased", bias="all"), fused=True)
+    assert calls == 2 * 3 * 2  # gate, up and down have no bias: fused (attention_bias covers q, k, v, o)
+    biases = [n for n in a if n.endswith("base_layer.bias")]
+    assert len(biases) == 4 * 2
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for name in biases:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_fused_resolution_and_refusals():
@@ -112,3 +171,6 @@ def test_fused_resolution_and_refusals():
     assert any("`lora.fused` is true" in p for p in problems), problems
     with pytest.raises(UserError, match=r"lora\.fused.*lora\.dropout is 0\.05"):
         build_recipe({**base, "lora": {"fused": True, "dropout": 0.05}})
+    assert not uses_fused_lora(build_recipe({**base, "lora": {"bias": "all"}}), mode("ddp"))
+    with pytest.raises(UserError, match=r"lora\.fused.*lora\.bias is all"):
+        build_recipe({**base, "lora": {"fused": True, "bias": "all"}})

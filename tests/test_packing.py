@@ -286,3 +286,27 @@ def test_varlen_refuses_what_it_cannot_compute():
         varlen_attention_forward(module, q, k, v, None, position_ids=pos, softcap=50.0)
     with pytest.raises(ValueError, match="KV cache"):
         varlen_attention_forward(module, q, torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8), None, position_ids=pos)
+
+
+def test_gqa_probe_inside_a_checkpointed_forward():
+    """The one-time check whether the varlen kernel takes fewer K/V heads runs its own autograd:
+    called first from inside a checkpointed layer's forward (non-reentrant checkpointing, as under
+    FSDP/ZeRO-3), it must neither fail there nor break that layer's backward. A stand-in kernel
+    that computes GQA, on the CPU."""
+    from torch.utils.checkpoint import checkpoint
+
+    from qlora_sft.attention import _per_example_sdpa, _takes_fewer_kv_heads
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=True):
+        return _per_example_sdpa(q, k, v, cu_q, q.shape[-1] ** -0.5)
+
+    seen = []
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        seen.append(_takes_fewer_kv_heads(kernel, "cpu"))
+        return (x * 2).sin()
+
+    x = torch.randn(8, requires_grad=True)
+    checkpoint(layer, x, use_reentrant=False).sum().backward()
+    assert seen[0] is True
+    torch.testing.assert_close(x.grad, 2 * (x * 2).cos())

@@ -91,22 +91,23 @@ def _causal(params: frozenset[str]) -> dict[str, Any]:
 
 
 @functools.cache
-def _takes_fewer_kv_heads(kernel: Any) -> bool:
+def _takes_fewer_kv_heads(kernel: Any, device: str = "cuda") -> bool:
     """Whether a kernel without `enable_gqa` computes GQA from K/V with fewer heads as they are
     (torch 2.11's passes them to the flash kernel, which does), so they need not be repeated (one
     copy of K and V per query head, 128 MiB per layer for an 8B Llama at 8192 tokens, and the
     sum over the copies in the backward). Checked once, on this GPU, against repeated K/V: the
     output and the gradients of q, k and v."""
     try:
-        g = torch.Generator(device="cuda").manual_seed(0)
+        g = torch.Generator(device=device).manual_seed(0)
 
         def rand(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, device="cuda", generator=g).to(torch.bfloat16).requires_grad_(True)
+            return torch.randn(*shape, device=device, generator=g).to(torch.bfloat16).requires_grad_(True)
 
         q, k, v, w = rand(24, 4, 64), rand(24, 2, 64), rand(24, 2, 64), rand(24, 4, 64)
-        cu = torch.tensor([0, 9, 24], dtype=torch.int32, device="cuda")
+        cu = torch.tensor([0, 9, 24], dtype=torch.int32, device=device)
         kwargs = _causal(_parameters(kernel))
-        with torch.enable_grad():
+        # its own autograd, outside any checkpointing of the forward that may call it first
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             results = []
             for kk, vv in ((k, v), _repeat_kv(k, v, 2)):
                 out = kernel(q, kk, vv, cu, cu, 15, 15, **kwargs)
@@ -231,4 +232,7 @@ def register() -> str:
 
     AttentionInterface.register(NAME, varlen_attention_forward)
     AttentionMaskInterface.register(NAME, _varlen_mask)
+    kernel = varlen_kernel()
+    if kernel is not None and torch.cuda.is_available() and "enable_gqa" not in _parameters(kernel):
+        _takes_fewer_kv_heads(kernel)  # checked now, before any forward
     return NAME

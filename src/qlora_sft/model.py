@@ -312,6 +312,11 @@ class FusedLoraMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: Any, scaling: float) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):  # every dtype below is chosen here
+            return FusedLoraMatmul.compute(ctx, x, a, b, base, scaling)
+
+    @staticmethod
+    def compute(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: Any, scaling: float) -> torch.Tensor:
         from bitsandbytes.functional import dequantize_4bit
 
         dtype = base.compute_dtype or x.dtype
@@ -352,6 +357,7 @@ def fused_lora_class() -> type:
     """peft's LoRA layer for bitsandbytes 4-bit base layers, with `FusedLoraMatmul` as its forward
     wherever it applies (one plain LoRA adapter, active and unmerged, without dropout, and no extra
     arguments); everything else, and every other use of the layer, is peft's."""
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
     from peft.tuners.lora.bnb import Linear4bit
 
     class FusedLinear4bit(Linear4bit):
@@ -370,6 +376,11 @@ def fused_lora_class() -> type:
             ):
                 return super().forward(x, *args, **kwargs)
             base = self.get_base_layer()
+            fix_4bit_weight_quant_state_from_module(base)  # as bitsandbytes' own forward does
+            if getattr(base.weight.quant_state, "packing_format_for_cpu", False) or (
+                base.bias is not None and base.bias.requires_grad
+            ):  # repacked for bitsandbytes' CPU inference, or a trained bias (lora.bias): peft's
+                return super().forward(x, *args, **kwargs)
             if base.compute_dtype is None:
                 base.set_compute_type(x)
                 base.compute_type_is_set = True
@@ -398,7 +409,8 @@ def uses_fused_lora(recipe: Recipe, mode: LaunchMode) -> bool:
     """`lora.fused`, resolved for this launch."""
     if recipe.lora.fused is False or mode.shards_parameters:
         return False
-    return recipe.quantization.method in ("nf4", "fp4") and recipe.lora.dropout == 0
+    lora = recipe.lora
+    return recipe.quantization.method in ("nf4", "fp4") and lora.dropout == 0 and lora.bias == "none"
 
 
 class HeldInput:
@@ -449,6 +461,7 @@ class HeldInput:
             self.gpu.copy_(self.host, non_blocking=True)
             self.done = torch.cuda.Event()
             self.done.record(stream)
+        self.gpu.record_stream(stream)  # a block dropped before `take` outlives the copy
 
     def take(self) -> torch.Tensor:
         self.fetch()
@@ -527,7 +540,10 @@ class OffloadedCheckpoint(torch.autograd.Function):
 
 def offloaded_checkpoint(run: Any, hidden: torch.Tensor, *args: Any) -> Any:
     """A `_gradient_checkpointing_func` for transformers' decoder layers (called as
-    `func(partial(forward, **kwargs), hidden_states, *positional)`)."""
+    `func(partial(forward, **kwargs), hidden_states, *positional)`). A forward without gradients
+    (evaluation in train mode) has no backward to wait for: it runs the layer as is."""
+    if not torch.is_grad_enabled():
+        return run(hidden, *args)
     return OffloadedCheckpoint.apply(run, hidden, *args)
 
 

@@ -118,8 +118,8 @@ class LoraConfig:
     LoRA update `(x A^T) B^T x alpha/r` added into its output by the same GEMM (no separate
     scaling, sum and defensive copy of the output, forward and backward); the adapter weights,
     saving and merging are peft's. `auto`: on wherever it applies (4-bit base layers, `dropout` 0,
-    no DoRA, one GPU, DDP or the CPU); layers it does not apply to run peft's own forward. `true`
-    refuses recipes it cannot serve (dropout > 0, FSDP, ZeRO-3)."""
+    `bias` none, no DoRA, one GPU, DDP or the CPU); layers it does not apply to run peft's own
+    forward. `true` refuses recipes it cannot serve (dropout > 0, trained biases, FSDP, ZeRO-3)."""
 
 
 @dataclass(frozen=True)
@@ -782,6 +782,12 @@ def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems
             "lora.fused",
             f"is true but lora.dropout is {recipe.lora.dropout:g}; the fused layer has no dropout. Set "
             "lora.dropout: 0, or lora.fused: auto (peft's layer then runs)",
+        )
+    if recipe.lora.fused is True and recipe.lora.bias != "none":
+        ctx.add(
+            "lora.fused",
+            f"is true but lora.bias is {recipe.lora.bias}; the fused layer trains no biases. Set "
+            "lora.bias: none, or lora.fused: auto (peft's layer then runs)",
         )
     if recipe.lora.fused is True and recipe.quantization.method not in ("nf4", "fp4"):
         ctx.add(
