@@ -91,12 +91,12 @@ def _causal(params: frozenset[str]) -> dict[str, Any]:
 
 
 @functools.cache
-def _takes_fewer_kv_heads(kernel: Any, device: str = "cuda") -> bool:
+def _takes_fewer_kv_heads(kernel: Any, device: str) -> bool:
     """Whether a kernel without `enable_gqa` computes GQA from K/V with fewer heads as they are
     (torch 2.11's passes them to the flash kernel, which does), so they need not be repeated (one
     copy of K and V per query head, 128 MiB per layer for an 8B Llama at 8192 tokens, and the
-    sum over the copies in the backward). Checked once, on this GPU, against repeated K/V: the
-    output and the gradients of q, k and v."""
+    sum over the copies in the backward). Checked once per device, at the first call (on the rank's
+    own GPU), against repeated K/V: the output and the gradients of q, k and v."""
     try:
         g = torch.Generator(device=device).manual_seed(0)
 
@@ -128,7 +128,7 @@ def _call_kernel(
     if groups > 1:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
-        elif not (q.is_cuda and _takes_fewer_kv_heads(kernel)):
+        elif not (q.is_cuda and _takes_fewer_kv_heads(kernel, str(q.device))):
             k, v = _repeat_kv(k, v, groups)
     default_scale = q.shape[-1] ** -0.5
     if "scale" in params:
@@ -232,7 +232,4 @@ def register() -> str:
 
     AttentionInterface.register(NAME, varlen_attention_forward)
     AttentionMaskInterface.register(NAME, _varlen_mask)
-    kernel = varlen_kernel()
-    if kernel is not None and torch.cuda.is_available() and "enable_gqa" not in _parameters(kernel):
-        _takes_fewer_kv_heads(kernel)  # checked now, before any forward
     return NAME
