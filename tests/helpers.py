@@ -25,6 +25,17 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 CONFIGS = REPO / "configs" / "accelerate"
 
 
+# the smallest recipe that builds: enough for tests of how keys resolve and what is refused
+MINIMAL_RECIPE: dict[str, Any] = {"model": {"name_or_path": "m"}, "data": {"sources": [{"path": "a.jsonl"}]}}
+
+
+def two_rank_mode(kind: str, zero: int = 0) -> Any:
+    """A `LaunchMode` of 2 ranks (`kind`: ddp, fsdp, deepspeed with `zero` stage, cpu)."""
+    from qlora_sft import launch
+
+    return launch.LaunchMode(kind=kind, world_size=2, zero_stage=zero)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

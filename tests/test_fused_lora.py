@@ -150,15 +150,15 @@ def test_trained_biases_run_peft_layers(tiny_model: Path, tmp_path: Path):
 
 
 def test_fused_resolution_and_refusals():
+    from helpers import MINIMAL_RECIPE
+    from helpers import two_rank_mode as mode
+
     from qlora_sft import launch
     from qlora_sft.errors import UserError
     from qlora_sft.model import uses_fused_lora
     from qlora_sft.recipe import build_recipe
 
-    def mode(kind: str, zero: int = 0) -> launch.LaunchMode:
-        return launch.LaunchMode(kind=kind, world_size=2, zero_stage=zero)
-
-    base = {"model": {"name_or_path": "m"}, "data": {"sources": [{"path": "a.jsonl"}]}}
+    base = MINIMAL_RECIPE
     auto = build_recipe(base)
     assert auto.lora.fused == "auto" and auto.lora.dropout == 0
     assert uses_fused_lora(auto, mode("ddp")) and uses_fused_lora(auto, mode("cpu"))

@@ -54,13 +54,13 @@ def test_offloaded_checkpoint_gives_the_same_gradients(tiny_model: Path, device:
 
 
 def test_offload_resolution_and_refusals():
+    from helpers import MINIMAL_RECIPE
+    from helpers import two_rank_mode as mode
+
     from qlora_sft import launch
     from qlora_sft.recipe import build_recipe
 
-    def mode(kind: str, zero: int = 0) -> launch.LaunchMode:
-        return launch.LaunchMode(kind=kind, world_size=2, zero_stage=zero)
-
-    base = {"model": {"name_or_path": "m"}, "data": {"sources": [{"path": "a.jsonl"}]}}
+    base = MINIMAL_RECIPE
     auto = build_recipe(base)
     assert auto.train.offload_activations == "auto"
     assert launch.offloads_activations(auto, mode("ddp"))
