@@ -217,6 +217,11 @@ def write_worker_result(
 # --------------------------------------------------------------------------------------------
 
 
+def summary(result: dict[str, Any]) -> str:
+    """One mode's result as printed while the run goes on (without the per-step lists)."""
+    return json.dumps({k: v for k, v in result.items() if k not in ("step_times", "losses")})
+
+
 def run_worker(
     name: str, argv: list[str], out: Path, timeout: int, cmd: list[str] | None = None, site: str = ""
 ) -> dict[str, Any]:
@@ -348,7 +353,7 @@ def main() -> int:
             results[mode] = run_worker(mode, [], runs / mode, args.timeout, cmd=cmd, site=args.unsloth_site)
         else:
             results[mode] = run_worker(mode, [mode, *common, *extra], runs / mode, args.timeout)
-        print(json.dumps({k: v for k, v in results[mode].items() if k not in ("step_times", "losses")}), flush=True)
+        print(summary(results[mode]), flush=True)
         write_results()
     if args.profile_step:
         # A run of its own: the profiler slows the step it records, which must not count in tokens/s.
@@ -372,7 +377,7 @@ def main() -> int:
                 runs / key.replace(" ", "_").replace(",", ""),
                 args.timeout,
             )
-            print(json.dumps({k: v for k, v in results[key].items() if k not in ("step_times", "losses")}), flush=True)
+            print(summary(results[key]), flush=True)
             write_results()
 
     write_results()

@@ -17,7 +17,7 @@ import torch
 
 from .errors import UserError
 from .launch import DTYPES, LaunchMode, distributed_state
-from .recipe import ModelConfig, QuantizationConfig, Recipe
+from .recipe import ModelConfig, QuantizationConfig, Recipe, fused_lora_obstacles
 
 log = logging.getLogger("qlora_sft")
 
@@ -407,10 +407,7 @@ def fuse_lora_layers(model: Any) -> int:
 
 def uses_fused_lora(recipe: Recipe, mode: LaunchMode) -> bool:
     """`lora.fused`, resolved for this launch."""
-    if recipe.lora.fused is False or mode.shards_parameters:
-        return False
-    lora = recipe.lora
-    return recipe.quantization.method in ("nf4", "fp4") and lora.dropout == 0 and lora.bias == "none"
+    return recipe.lora.fused is not False and not mode.shards_parameters and not fused_lora_obstacles(recipe)
 
 
 class HeldInput:
@@ -472,15 +469,13 @@ class HeldInput:
         return gpu
 
 
-_COPY_STREAMS: dict[torch.device, Any] = {}
 _LAST_HELD: dict[torch.device, HeldInput] = {}
 
 
+@functools.cache
 def copy_stream(device: torch.device) -> Any:
     """The side stream that carries offloaded activations to the host and back, one per GPU."""
-    if device not in _COPY_STREAMS:
-        _COPY_STREAMS[device] = torch.cuda.Stream(device)
-    return _COPY_STREAMS[device]
+    return torch.cuda.Stream(device)
 
 
 class OffloadedCheckpoint(torch.autograd.Function):

@@ -777,24 +777,9 @@ def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems
         ctx.add("data.eval_fraction", "is set together with data.eval_sources; use one of them")
     if recipe.data.streaming:
         _streaming_problems(recipe, raw, ctx)
-    if recipe.lora.fused is True and recipe.lora.dropout > 0:
-        ctx.add(
-            "lora.fused",
-            f"is true but lora.dropout is {recipe.lora.dropout:g}; the fused layer has no dropout. Set "
-            "lora.dropout: 0, or lora.fused: auto (peft's layer then runs)",
-        )
-    if recipe.lora.fused is True and recipe.lora.bias != "none":
-        ctx.add(
-            "lora.fused",
-            f"is true but lora.bias is {recipe.lora.bias}; the fused layer trains no biases. Set "
-            "lora.bias: none, or lora.fused: auto (peft's layer then runs)",
-        )
-    if recipe.lora.fused is True and recipe.quantization.method not in ("nf4", "fp4"):
-        ctx.add(
-            "lora.fused",
-            f"is true but quantization.method is {recipe.quantization.method}; the fused layer computes "
-            "4-bit (nf4/fp4) base layers. Remove lora.fused",
-        )
+    if recipe.lora.fused is True:
+        for reason in fused_lora_obstacles(recipe):
+            ctx.add("lora.fused", f"is true but {reason}, or set lora.fused: auto (peft's layer then runs)")
     if not recipe.run.name or "/" in recipe.run.name or recipe.run.name in (".", ".."):
         ctx.add("run.name", f"is {recipe.run.name!r}; use a plain folder name (no slashes)")
     if recipe.checkpoint.resume not in ("auto", "never") and not recipe.checkpoint.resume:
@@ -815,6 +800,22 @@ def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems
                 "train.eval_strategy",
                 "asks for evaluation but there is no eval split; set data.eval_fraction or data.eval_sources",
             )
+
+
+def fused_lora_obstacles(recipe: Recipe) -> list[str]:
+    """Why the fused 4-bit + LoRA layer (`lora.fused`) cannot compute this recipe's adapters, on
+    any launch (FSDP and ZeRO-3 rule it out too: `launch.check_launch_compat`)."""
+    lora, method = recipe.lora, recipe.quantization.method
+    reasons = []
+    if lora.dropout > 0:
+        reasons.append(f"lora.dropout is {lora.dropout:g}; the fused layer has no dropout. Set lora.dropout: 0")
+    if lora.bias != "none":
+        reasons.append(f"lora.bias is {lora.bias}; the fused layer trains no biases. Set lora.bias: none")
+    if method not in ("nf4", "fp4"):
+        reasons.append(
+            f"quantization.method is {method}; the fused layer computes 4-bit (nf4/fp4) base layers. Remove lora.fused"
+        )
+    return reasons
 
 
 def _streaming_problems(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems) -> None:
