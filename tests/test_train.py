@@ -144,9 +144,16 @@ def test_resume_continues_from_newest_complete_checkpoint(tiny_model: Path, tmp_
     result = train(build_recipe(longer))
     assert result.global_step == 15
     steps = [s for s, _ in losses(run_dir)]
-    # steps 5 and 10 logged by the first run, then 10 again and 15 after resuming from checkpoint-5
-    assert steps == [5, 10, 10, 15]
-    assert (run_dir / "checkpoint-10").is_dir()  # the incomplete one was not deleted
+    # step 5 of the first run, then 10 and 15 after resuming from checkpoint-5: the first run's line of
+    # step 10 (replayed) moved to metrics.replayed.jsonl, so every step is logged once
+    assert steps == [5, 10, 15]
+    replayed = [json.loads(line) for line in (run_dir / "logs" / "metrics.replayed.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in replayed if "loss" in r] == [10]
+    assert (run_dir / "checkpoint-10" / "COMPLETE").is_file()
+    (kept,) = run_dir.glob("checkpoint-10.incomplete-*")  # the interrupted save was kept, not deleted
+    assert not (kept / "COMPLETE").exists() and (kept / "adapter_model.safetensors").is_file()
+    (final_10,) = run_dir.glob("final.step-10")  # the shorter run's final adapter, kept aside
+    assert json.loads((final_10 / "manifest.json").read_text())["step"] == 10
 
 
 def test_eval_pass_does_not_break_cpu_4bit_gradients(tiny_model: Path, tmp_path: Path, toy_data: Path):

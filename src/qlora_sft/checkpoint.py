@@ -1,10 +1,15 @@
-"""Run directories and checkpoints: who writes what, and what counts as complete.
+"""Run directories and checkpoints: who writes what, what counts as complete, and what resumes.
 
 main_process_writes  the one helper for shared files: barrier, main process writes, barrier
-prepare_run_dir      refuse a different recipe in an existing run directory; write recipe.yaml
-CompletionCallback   after the Trainer saves a checkpoint, the main process writes
-                     manifest.json and then COMPLETE, last
-find_resume          the newest complete checkpoint; incomplete ones are skipped with the reason
+main_process_decides the main process checks something for everyone (a lock, the run directory) and
+                     every rank raises the same error, so no rank waits at a barrier for one that left
+RunLock              one live writer per run directory: a lock file naming its holder, taken over only
+                     from a holder that is provably gone
+prepare_run_dir      refuse a different recipe or a live run in an existing run directory; write recipe.yaml
+finished_run         a run whose final/ is complete for this recipe's length: a relaunch does nothing
+CompletionCallback   (in the Trainer mixin) after the Trainer saves a checkpoint, the main process
+                     checks it, writes manifest.json with a digest of every file, then COMPLETE, last
+find_resume          the newest complete and intact checkpoint; others are skipped with the reason, and kept
 Checkpointing        everything checkpointing wires into one training run: the Trainer class,
                      the preemption and fault callbacks, the manifest fields, the PREEMPTED marker
 """
@@ -15,20 +20,22 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .errors import RecipeError, RunDirError
-from .recipe import Recipe, build_recipe
+from .errors import RecipeError, RunDirError, UserError
+from .files import atomic_write_text, file_digest, is_no_space, no_space_message
+from .recipe import RUN_RECIPE, Recipe, read_run_recipe, run_recipe_differences, write_run_recipe
 
 log = logging.getLogger("qlora_sft")
 
@@ -36,26 +43,18 @@ COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
 STAGING = ".staging"
 PREEMPTED = "PREEMPTED"
+LOCK = "LOCK"
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved a checkpoint, start me again"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+ADAPTER_FILE = "adapter_model.safetensors"
+# Folders of a run directory that belong to the run (export refuses to write over them)
+RUN_ENTRIES = ("final", "logs", STAGING, RUN_RECIPE, LOCK, PREEMPTED)
 
-# Keys that may change between launches of the same run (they do not change what is trained).
-RESUMABLE_CHANGES = (
-    "run.overwrite",
-    "model.loader",
-    "checkpoint.",
-    "cluster.",
-    "train.max_steps",
-    "train.num_train_epochs",
-    "train.logging_steps",
-    "train.save_steps",
-    "train.eval_steps",
-    "train.dataloader_num_workers",
-    "train.report_to",
-    "train.per_device_eval_batch_size",
-    "train.per_device_train_batch_size",
-    "train.gradient_accumulation_steps",
-)
+
+def distributed() -> bool:
+    import torch
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 @contextlib.contextmanager
@@ -72,10 +71,186 @@ def main_process_writes() -> Iterator[bool]:
         state.wait_for_everyone()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def main_process_decides(work: Callable[[], Any]) -> Any:
+    """Run `work` on the main process only and give its result to every rank. If it raises an error
+    meant for people (UserError), every rank raises it, so that all ranks stop together instead of
+    the others waiting at the next barrier until the process group times out."""
+    from .launch import distributed_state
+
+    state = distributed_state()
+    outcome: list[Any] = [None, None]
+    if state.is_main_process:
+        try:
+            outcome = [work(), None]
+        except UserError as exc:
+            outcome = [None, (type(exc), str(exc))]
+    if distributed():
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(outcome, src=0)
+    result, error = outcome
+    if error is not None:
+        cls, message = error
+        raise (cls if issubclass(cls, RunDirError) else UserError)(message)
+    return result
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (one small all-reduce)."""
+    if not distributed():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    from .launch import distributed_state
+
+    t = torch.tensor([1.0 if flag else 0.0], device=distributed_state().device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# --------------------------------------------------------------------------------------------
+# One live writer per run directory
+# --------------------------------------------------------------------------------------------
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process on this host (clock ticks since boot), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return "?"
+        return "?"
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _slurm_job_running(job_id: str) -> bool | None:
+    """Whether SLURM still runs (or holds) the job; None when SLURM cannot be asked."""
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=20, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return False if "Invalid job id" in out.stderr else None
+    return bool(out.stdout.strip())
+
+
+class RunLock:
+    """`<run dir>/LOCK`: held by the main process of the one job that writes the run directory, for
+    as long as it runs. It names its holder (host, pid, start time, SLURM job). The holder keeps an
+    flock on it, which the kernel releases when the process dies however it dies. A later launch
+    takes the lock over only when the holder is provably gone: its flock is free and it ran on this
+    host (a dead pid), or it was this same SLURM job before a requeue, or SLURM says its job ended.
+    Otherwise the launch is refused with who holds it."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK
+        self.fd: int | None = None
+
+    @staticmethod
+    def me() -> dict[str, Any]:
+        pid = os.getpid()
+        return {
+            "host": socket.gethostname(),
+            "pid": pid,
+            "pid_start": _process_start(pid),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        }
+
+    @staticmethod
+    def describe(holder: dict[str, Any]) -> str:
+        job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+        return f"{holder.get('host', '?')} pid {holder.get('pid', '?')}{job}, since {holder.get('started', '?')}"
+
+    @staticmethod
+    def gone(holder: dict[str, Any], flock_free: bool) -> str | None:
+        """Why the holder is provably gone, or None."""
+        me = RunLock.me()
+        job = holder.get("slurm_job_id")
+        restarts = int(holder.get("slurm_restart_count") or 0)
+        if job and job == me["slurm_job_id"] and restarts < me["slurm_restart_count"]:
+            return f"SLURM requeued job {job}"
+        if holder.get("host") == me["host"]:
+            pid = int(holder.get("pid") or 0)
+            start = _process_start(pid) if pid else None
+            if start is None:
+                return f"process {pid} has exited"
+            if holder.get("pid_start") not in (None, "?") and start != holder.get("pid_start"):
+                return f"process {pid} has exited (its pid belongs to another process now)"
+            if flock_free and pid != os.getpid():
+                return None  # alive but not holding the lock: not provably gone
+            return None
+        if job:
+            running = _slurm_job_running(str(job))
+            if running is False:
+                return f"SLURM job {job} is no longer running"
+        return None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._read(fd)
+                os.close(fd)
+                raise RunDirError(self._held_message(holder)) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the holder removed the file between our open and our flock: try again
+                os.close(fd)
+                continue
+            holder = self._read(fd)
+            if holder and holder.get("pid") != os.getpid():
+                why = self.gone(holder, flock_free=True)
+                if why is None:
+                    os.close(fd)
+                    raise RunDirError(self._held_message(holder))
+                log.warning("run directory lock of %s taken over: %s", self.describe(holder), why)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(self.me()) + "\n").encode(), 0)
+            os.fsync(fd)
+            self.fd = fd
+            return
+        raise RunDirError(f"could not take the lock {self.path}: it keeps being replaced by another process")
+
+    def _read(self, fd: int) -> dict[str, Any]:
+        try:
+            raw = os.pread(fd, 65536, 0)
+            return json.loads(raw.decode() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def _held_message(self, holder: dict[str, Any]) -> str:
+        return (
+            f"run directory {self.path.parent} is in use by another qlora-sft job ({self.describe(holder)}): one "
+            "job writes a run directory at a time. Wait for it, or use another run.name. If that job is gone (its "
+            f"node crashed) and this is certain, delete {self.path} and relaunch."
+        )
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
+                self.path.unlink()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.fd = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,39 +258,30 @@ def atomic_write_text(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _ignorable(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
-
-
-def recipe_differences(old: Recipe, new: Recipe) -> list[str]:
-    a, b = old.fingerprint(), new.fingerprint()
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if _ignorable(key):
-            continue
-        if a.get(key) != b.get(key):
-            diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
-    return diffs
-
-
-def read_run_recipe(run_dir: Path) -> Recipe:
-    data = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
-    data.pop("launch", None)
-    quant = data.get("quantization") or {}
-    if quant.get("method") in ("none", "int8"):
-        quant.pop("double_quant", None)  # written as true by versions before it resolved to false
-    return build_recipe(data, source=str(run_dir / "recipe.yaml"))
+def trained_anything(run_dir: Path) -> bool:
+    """Did any launch into this run directory take a training step? (checkpoints, final/, a staged
+    save, or a logged step)"""
+    if (run_dir / "final").exists() or any(
+        p.is_dir() and (CHECKPOINT_RE.match(p.name) or p.name.startswith(("checkpoint-", "final.")))
+        for p in run_dir.iterdir()
+    ):
+        return True
+    if (run_dir / STAGING).is_dir() and any((run_dir / STAGING).iterdir()):
+        return True
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size > 0
 
 
 def check_run_dir(recipe: Recipe) -> str:
-    """What launching `recipe` would do with its run directory: 'new', 'resume' or 'replace'.
-    Raises RunDirError when it must not be touched. Reads only; safe on any rank."""
+    """What launching `recipe` would do with its run directory: 'new', 'resume', 'restart' (a
+    launch that failed before its first training step left it: nothing to protect) or 'replace'.
+    Raises RunDirError when it must not be touched. Reads only."""
     run_dir = recipe.run_dir
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return "new"
     if recipe.run.overwrite:
-        return "replace" if (run_dir / "recipe.yaml").exists() or any(run_dir.iterdir()) else "new"
-    if not (run_dir / "recipe.yaml").exists():
+        return "replace"
+    if not (run_dir / RUN_RECIPE).exists():
         raise RunDirError(
             f"run directory {run_dir} exists and is not a qlora-sft run (no recipe.yaml). Choose another "
             "run.name / run.output_dir, or set run.overwrite=true to move it aside."
@@ -123,6 +289,8 @@ def check_run_dir(recipe: Recipe) -> str:
     try:
         old = read_run_recipe(run_dir)
     except RecipeError as exc:
+        if not trained_anything(run_dir):
+            return "restart"
         raise RunDirError(
             f"{run_dir}/recipe.yaml cannot be read as a recipe ({exc}). Set run.overwrite=true to move the "
             "old run aside, or choose another run.name."
@@ -132,7 +300,9 @@ def check_run_dir(recipe: Recipe) -> str:
             f"checkpoint.resume=never but {run_dir} already has checkpoints. Set run.overwrite=true to move "
             "the old run aside and start over, or use another run.name."
         )
-    diffs = recipe_differences(old, recipe)
+    diffs = run_recipe_differences(old, recipe)
+    if diffs and not trained_anything(run_dir):
+        return "restart"
     if diffs:
         shown = "\n".join(f"    {d}" for d in diffs[:12])
         more = f"\n    ... and {len(diffs) - 12} more" if len(diffs) > 12 else ""
@@ -144,23 +314,70 @@ def check_run_dir(recipe: Recipe) -> str:
     return "resume"
 
 
-def prepare_run_dir(recipe: Recipe, launch: dict[str, Any]) -> Path:
-    """Check the run directory on every rank, then let the main process move an old run aside
-    (with run.overwrite) and write the resolved recipe. Returns the run directory."""
-    action = check_run_dir(recipe)
+def prepare_run_dir(recipe: Recipe, launch: dict[str, Any]) -> RunLock | None:
+    """The main process checks the run directory, takes its lock (refusing a directory another live
+    job writes), moves an old run aside (with run.overwrite) and writes the resolved recipe; every
+    rank gets the same outcome. Returns the held lock on the main process (release it when done),
+    None elsewhere."""
     run_dir = recipe.run_dir
-    with main_process_writes() as is_main:
-        if is_main:
-            if action == "replace":
-                aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-                run_dir.rename(aside)
-                log.warning("run.overwrite: moved the previous run %s aside to %s", run_dir, aside)
+    held: list[RunLock] = []
+
+    def work() -> None:
+        action = check_run_dir(recipe)
+        if action == "replace":
+            old = RunLock(run_dir)
+            old.acquire()  # a live job in the old run directory keeps it
+            aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(aside)
+            old.path = aside / LOCK  # the lock moved with the folder: release it there
+            old.release()
+            log.warning("run.overwrite: moved the previous run %s aside to %s", run_dir, aside)
+        lock = RunLock(run_dir)
+        lock.acquire()
+        held.append(lock)
+        try:
+            if action == "restart":
+                log.info("%s: the previous launch took no training step; starting with this recipe", run_dir)
             (run_dir / "logs").mkdir(parents=True, exist_ok=True)
             (run_dir / PREEMPTED).unlink(missing_ok=True)  # this launch is the requeued one
-            resolved = recipe.to_dict()
-            resolved["launch"] = launch
-            atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    return run_dir
+            write_run_recipe(run_dir, recipe, launch)
+        except OSError as exc:
+            lock.release()
+            if is_no_space(exc):
+                raise RunDirError(f"writing {run_dir / RUN_RECIPE}: {no_space_message(run_dir)}") from None
+            raise
+
+    main_process_decides(work)
+    return held[0] if held else None
+
+
+def finished_run(recipe: Recipe) -> str | None:
+    """If the run directory's final/ is complete and this recipe asks for no more training (the same
+    max_steps, or the same epochs without max_steps), the line that says so; else None."""
+    final = recipe.run_dir / "final"
+    if not final.is_dir():
+        return None
+    info = inspect_checkpoint(final)
+    if not info.complete:
+        return None
+    manifest = json.loads((final / MANIFEST).read_text())
+    steps = recipe.train.args.get("max_steps", -1)
+    steps = -1 if steps is None else int(steps)
+    done = manifest.get("step", 0)
+    if steps > 0:
+        finished = done >= steps
+    else:
+        finished = manifest.get("max_steps_arg", -1) in (-1, None) and float(
+            recipe.train.args.get("num_train_epochs", 3.0)
+        ) <= float(manifest.get("num_train_epochs", -1) or -1)
+    if not finished:
+        return None
+    return (
+        f"run {recipe.run_dir} finished at step {done}: {final} is complete (written "
+        f"{manifest.get('completed', '?')}). Nothing to do. To train longer, raise train.max_steps (or "
+        f"train.num_train_epochs): training continues from checkpoint-{done}; or start a new run with another "
+        "run.name."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,28 +393,51 @@ class CheckpointInfo:
     reason: str = ""
 
 
-def inspect_checkpoint(path: Path) -> CheckpointInfo:
-    """Is this checkpoint complete? Marker present, manifest readable, every listed file present
-    with its recorded size."""
+def inspect_checkpoint(path: Path, verify: bool = False) -> CheckpointInfo:
+    """Is this checkpoint complete? Marker present, manifest readable, every listed file present with
+    its recorded size; with `verify`, every file's bytes match the digest the manifest recorded and
+    the adapter's tensors are finite (what a resume or an export relies on)."""
     m = CHECKPOINT_RE.match(path.name)
     step = int(m.group(1)) if m else -1
     if not (path / COMPLETE).is_file():
         return CheckpointInfo(step, path, False, f"no {COMPLETE} marker (interrupted while saving)")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         return CheckpointInfo(step, path, False, f"{MANIFEST} unreadable ({exc})")
-    for rel, size in manifest.get("files", {}).items():
+    for rel, entry in files.items():
+        size, digest = (entry["size"], entry.get("digest")) if isinstance(entry, dict) else (entry, None)
         f = path / rel
         if not f.is_file():
             return CheckpointInfo(step, path, False, f"file {rel} is missing")
         if f.stat().st_size != size:
             return CheckpointInfo(step, path, False, f"file {rel} has {f.stat().st_size} bytes, expected {size}")
+        if verify and digest and file_digest(f) != digest:
+            return CheckpointInfo(step, path, False, f"file {rel} does not match its checksum (corrupted)")
+    if verify and (path / ADAPTER_FILE).is_file():
+        bad = nonfinite_tensors(path / ADAPTER_FILE)
+        if bad:
+            return CheckpointInfo(step, path, False, f"{ADAPTER_FILE} holds non-finite values ({', '.join(bad[:3])})")
     return CheckpointInfo(step, path, True)
 
 
+def nonfinite_tensors(file: Path) -> list[str]:
+    """Names of the tensors of a safetensors file that hold NaN or inf."""
+    import torch
+    from safetensors import safe_open
+
+    bad = []
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(key)
+    return bad
+
+
 def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
-    """All checkpoint-<step> folders of a run, newest first."""
+    """All checkpoint-<step> folders of a run, newest first (sizes checked, not digests)."""
     if not run_dir.is_dir():
         return []
     found = [inspect_checkpoint(p) for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
@@ -205,13 +445,20 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
 
 
 def find_resume(recipe: Recipe) -> Path | None:
-    """The checkpoint to resume from per `checkpoint.resume`, warning about skipped ones."""
+    """The checkpoint to resume from per `checkpoint.resume`: the newest one that is complete and
+    intact (every file matches its digest). Skipped ones are named with the reason, and kept."""
     choice = recipe.checkpoint.resume
     if choice == "never":
         return None
     if choice != "auto":
         path = Path(choice)
-        info = inspect_checkpoint(path) if path.is_dir() else None
+        if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / MANIFEST).is_file():
+            raise RunDirError(
+                f"checkpoint.resume={choice}: that folder is an adapter, not a checkpoint of a run (no {MANIFEST}, "
+                "optimizer or trainer state). To start training from an adapter's weights, set lora.init_from: "
+                f"{choice} (a new run, new optimizer)."
+            )
+        info = inspect_checkpoint(path, verify=True) if path.is_dir() else None
         if info is None or not info.complete:
             why = info.reason if info else "not a folder"
             raise RunDirError(f"checkpoint.resume={choice}: cannot resume from it ({why})")
@@ -222,36 +469,42 @@ def find_resume(recipe: Recipe) -> Path | None:
             log.warning("skipping %s for resume: an interrupted save (it never completed); left in place", p)
     for info in list_checkpoints(recipe.run_dir):
         if info.complete:
+            info = inspect_checkpoint(info.path, verify=True)
+        if info.complete:
             return info.path
-        log.warning("skipping %s for resume: %s", info.path, info.reason)
+        log.warning("skipping %s for resume: %s; left in place", info.path, info.reason)
     return None
 
 
 def write_manifest(ckpt: Path, meta: dict[str, Any]) -> None:
-    """Record every file with its size, then the marker, last. Main process only."""
+    """Record every file with its size and digest, then the marker, last. Main process only, after
+    every rank has written its files (read back once, from the page cache they were just written to)."""
     files = {
-        str(p.relative_to(ckpt)): p.stat().st_size
+        str(p.relative_to(ckpt)): {"size": p.stat().st_size, "digest": file_digest(p)}
         for p in sorted(ckpt.rglob("*"))
         if p.is_file() and p.name not in (COMPLETE, MANIFEST) and not p.name.startswith(".")
     }
     latest = ckpt / "latest"  # DeepSpeed's tag file: the folder holding its per-rank shards
     if latest.is_file():
         meta = {**meta, "deepspeed_tag": latest.read_text().strip()}
-    atomic_write_text(ckpt / MANIFEST, json.dumps({**meta, "files": files}, indent=2))
-    atomic_write_text(ckpt / COMPLETE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+    completed = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic_write_text(ckpt / MANIFEST, json.dumps({**meta, "completed": completed, "files": files}, indent=2))
+    atomic_write_text(ckpt / COMPLETE, completed + "\n")
 
 
 class InvalidAdapterError(RuntimeError):
-    """A saved adapter holds no real LoRA weights (e.g. ZeRO-3 partitions saved as Size([0]))."""
+    """A saved adapter holds no real LoRA weights (e.g. ZeRO-3 partitions saved as Size([0])), or
+    non-finite ones."""
 
 
 def check_adapter(folder: Path) -> int:
     """Re-read a saved adapter: every lora_A/lora_B must be 2-D, non-empty and of the configured
-    rank. Guards against the empty adapters ZeRO-3 and FSDP can save (trl#4416, peft#2892,
-    DeepSpeed#7900). Returns the number of LoRA tensors; raises InvalidAdapterError."""
+    rank, and every tensor finite. Guards against the empty adapters ZeRO-3 and FSDP can save
+    (trl#4416, peft#2892, DeepSpeed#7900) and against publishing a diverged run. Returns the number
+    of LoRA tensors; raises InvalidAdapterError."""
     from safetensors import safe_open
 
-    weights = folder / "adapter_model.safetensors"
+    weights = folder / ADAPTER_FILE
     config_file = folder / "adapter_config.json"
     if not weights.is_file() or not config_file.is_file():
         raise InvalidAdapterError(f"{folder}: adapter_model.safetensors or adapter_config.json was not written")
@@ -278,23 +531,43 @@ def check_adapter(folder: Path) -> int:
             f"{' ...' if len(problems) > 4 else ''}. Under ZeRO-3/FSDP this means partitioned parameters were "
             "saved without gathering them; the checkpoint was not published."
         )
+    bad = nonfinite_tensors(weights)
+    if bad:
+        raise InvalidAdapterError(
+            f"the adapter saved in {folder} holds NaN/inf values ({', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}): training diverged. It was not published."
+        )
     return n
+
+
+def keep_aside(path: Path, why: str) -> Path:
+    """Move a folder out of the way, next to where it was (never deleted): `<name>.<why>-<time>`."""
+    aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}")
+    os.rename(path, aside)
+    return aside
 
 
 def publish(staged: Path, final: Path, meta: dict[str, Any]) -> None:
     """Check the adapter, complete a staged folder (manifest, then marker) and rename it into place.
-    Main process only, after every rank has written its part. A folder already at `final` (the same
-    step saved again after a resume) is moved back into staging first, never deleted before the new
-    one is in place."""
+    Main process only, after every rank has written its part. A folder already at `final` is kept
+    aside, never deleted: an incomplete or corrupt checkpoint of the same step (skipped at resume),
+    one of a timeline abandoned by an explicit `checkpoint.resume`, or the final/ of a shorter run."""
     check_adapter(staged)
     write_manifest(staged, meta)
-    old = None
     if final.exists():
-        old = staged.parent / f"{final.name}.old-{time.time_ns()}"
-        os.rename(final, old)
+        info = inspect_checkpoint(final)
+        why = "replaced" if info.complete else "incomplete"
+        if final.name == "final" and info.complete:
+            step = json.loads((final / MANIFEST).read_text()).get("step", "?")
+            aside = final.with_name(f"final.step-{step}")
+            if aside.exists():
+                aside = keep_aside(final, why)
+            else:
+                os.rename(final, aside)
+        else:
+            aside = keep_aside(final, why)
+        log.warning("%s already existed (%s): kept aside as %s", final, why, aside.name)
     os.rename(staged, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def apply_retention(run_dir: Path, keep_last: int | None) -> list[Path]:
@@ -311,17 +584,236 @@ def apply_retention(run_dir: Path, keep_last: int | None) -> list[Path]:
     return removed
 
 
+def trim_replayed_metrics(run_dir: Path, step: int) -> int:
+    """Resuming from checkpoint-`step` replays the steps after it: their lines in logs/metrics.jsonl
+    (written before the interruption) move to logs/metrics.replayed.jsonl, so that every step appears
+    once in metrics.jsonl. Main process only. Returns how many lines moved."""
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    if not metrics.is_file():
+        return 0
+    keep, moved = [], []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            later = int(json.loads(line).get("step", 0)) > step
+        except (ValueError, AttributeError, TypeError):
+            later = False
+        (moved if later else keep).append(line)
+    if moved:
+        with (run_dir / "logs" / "metrics.replayed.jsonl").open("a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in moved))
+        atomic_write_text(metrics, "".join(line + "\n" for line in keep))
+    return len(moved)
+
+
+# --------------------------------------------------------------------------------------------
+# What a resume restores: the data it continues on, the adapter, the optimizer state
+# --------------------------------------------------------------------------------------------
+
+
+def data_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """What differs between the data a checkpoint was trained on and the data of this launch."""
+    if not saved:
+        return []
+    changes = []
+    old_files = {f[0]: f for f in saved.get("files", [])}
+    new_files = {f[0]: f for f in now.get("files", [])}
+    for path in sorted(set(old_files) | set(new_files)):
+        a, b = old_files.get(path), new_files.get(path)
+        if a is None:
+            changes.append(f"{path}: new file")
+        elif b is None:
+            changes.append(f"{path}: gone")
+        elif a[1] != b[1]:
+            changes.append(f"{path}: {a[1]:,} bytes -> {b[1]:,} bytes")
+        elif a[2] != b[2]:
+            changes.append(
+                f"{path}: modified at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(b[2] / 1e9))} "
+                f"(was {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(a[2] / 1e9))}), same size"
+            )
+    for key in ("train_rows", "eval_rows"):
+        if saved.get(key) is not None and saved.get(key) != now.get(key):
+            changes.append(f"{key.replace('_', ' ')}: {saved.get(key)} -> {now.get(key)}")
+    return changes
+
+
+def check_data_unchanged(checkpoint: Path, now: dict[str, Any], allow: bool) -> None:
+    """Refuse to resume over changed training data (the order of examples and the eval split would
+    no longer be the ones the checkpoint continued), unless `checkpoint.allow_data_change`."""
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    changes = data_changes(manifest.get("data"), now)
+    if not changes:
+        return
+    shown = "\n".join(f"    {c}" for c in changes[:10])
+    if allow:
+        log.warning("resuming %s over changed data (checkpoint.allow_data_change):\n%s", checkpoint, shown)
+        return
+    raise RunDirError(
+        f"the training data changed since {checkpoint} was written:\n{shown}\n"
+        "Resuming would re-split and re-order the examples, so some would be seen twice or never, and the eval "
+        "split would change. Restore the data, or set checkpoint.allow_data_change=true to continue knowingly, or "
+        "start a new run (another run.name)."
+    )
+
+
+def repage_optimizer_state(optimizer: Any) -> int:
+    """After a bitsandbytes paged optimizer's state is loaded, put its large state tensors back in
+    paged (CUDA managed) memory. torch.save keeps the Python attribute `is_paged=True` that
+    bitsandbytes sets on them, so the loaded copies claim to be paged while being ordinary tensors:
+    loaded onto the GPU (what the Trainer does when world_size > 1) the next step's prefetch fails
+    on them (`Error invalid argument at line 578 in pythonInterface.cpp`, the process exits); loaded
+    onto the CPU (one process) bitsandbytes never moves them to the GPU and steps on host memory.
+    Here every state tensor bitsandbytes would page is copied into a fresh paged buffer on its
+    parameter's device, and the stale tag is dropped from the others. Returns how many were paged."""
+    try:
+        import bitsandbytes.functional as F
+        from bitsandbytes.optim.optimizer import Optimizer8bit
+    except ImportError:  # pragma: no cover
+        return 0
+    import torch
+
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if not isinstance(opt, Optimizer8bit):
+        return 0
+    paged = 0
+    for p, state in opt.state.items():
+        if not isinstance(p, torch.Tensor):
+            continue
+        for key, value in list(state.items()):
+            if not isinstance(value, torch.Tensor):
+                continue
+            # bitsandbytes' own rule (Optimizer8bit.get_state_buffer): paged on CUDA from 1e5 elements
+            if opt.is_paged and key in ("state1", "state2") and p.device.type == "cuda" and p.numel() >= 1e5:
+                buf = F.get_paged(*value.shape, dtype=value.dtype, device=p.device)
+                buf.copy_(value)
+                opt.page_mng.paged_tensors.append(buf)
+                state[key] = buf
+                paged += 1
+            elif getattr(value, "is_paged", False):
+                state[key] = value.to(p.device, copy=True)  # a new tensor, without the stale tag
+    if paged:
+        torch.cuda.synchronize()
+    return paged
+
+
+def _fsdp_units(model: Any) -> list[tuple[str, Any]]:
+    """(plain name, unit) of the FSDP1 units that hold trainable parameters."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return [
+        (name.replace("_fsdp_wrapped_module.", ""), m)
+        for name, m in model.named_modules()
+        if isinstance(m, FSDP) and any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+
+
+def adapter_parameters(model: Any, writeback: bool = False) -> Iterator[tuple[str, Any]]:
+    """(name, full parameter) of every trainable parameter, names as in the PeftModel (FSDP and
+    DDP wrappers left out). Under FSDP1 each unit holding trainable parameters is unsharded in turn
+    (collective: every rank iterates in the same order), with `writeback` copying changes back to
+    the shards; under ZeRO-3 the parameters are gathered (read only)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if any(isinstance(m, FSDP) for m in model.modules()):
+        for unit_name, unit in _fsdp_units(model):
+            with FSDP.summon_full_params(unit, recurse=False, writeback=writeback):
+                for name, p in unit.named_parameters():
+                    if "_fsdp_wrapped_module" in name.replace("_fsdp_wrapped_module.", "", 1):
+                        continue  # a nested unit's: visited as its own unit
+                    if p.requires_grad:
+                        full = f"{unit_name}.{name.replace('_fsdp_wrapped_module.', '')}".lstrip(".")
+                        yield full.removeprefix("module."), p
+        return
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if any(hasattr(p, "ds_id") for _, p in params):  # DeepSpeed ZeRO-3: gather to read
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            yield from ((n.removeprefix("module."), p) for n, p in params)
+        return
+    yield from ((n.removeprefix("module."), p) for n, p in params)
+
+
+def _saved_key(name: str, adapter: str) -> str:
+    """peft's name for a parameter in adapter_model.safetensors: the adapter name left out."""
+    return name.replace(f".{adapter}", "")
+
+
+def load_adapter_in_place(model: Any, folder: Path, adapter: str = "default") -> int:
+    """Copy a checkpoint's adapter into the model's trainable parameters, in place (each keeps its
+    storage and dtype: under FSDP the flat parameter's shard is what the optimizer steps, and a
+    parameter given new storage would no longer be the one trained). Every trainable parameter must
+    be in the file with its shape. Returns how many were loaded."""
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / ADAPTER_FILE))
+    missing, wrong, n = [], [], 0
+    with torch.no_grad():
+        for name, p in adapter_parameters(model, writeback=True):
+            t = saved.get(_saved_key(name, adapter))
+            if t is None:
+                missing.append(_saved_key(name, adapter))
+            elif tuple(t.shape) != tuple(p.shape):
+                wrong.append(f"{name} {tuple(t.shape)} vs {tuple(p.shape)}")
+            else:
+                p.copy_(t.to(device=p.device, dtype=p.dtype))
+                n += 1
+    if missing or wrong or n == 0:
+        raise RunDirError(
+            f"{folder / ADAPTER_FILE} does not fit this model: "
+            + "; ".join(
+                [f"{len(missing)} trainable weights missing ({', '.join(missing[:3])})"] * bool(missing)
+                + [f"shapes differ: {', '.join(wrong[:3])}"] * bool(wrong)
+                + ["no trainable weights"] * (n == 0 and not missing and not wrong)
+            )
+            + ". Was it written by this recipe (lora.r, lora.target_modules, the base model)?"
+        )
+    return n
+
+
+def resume_problems(model: Any, optimizer: Any, folder: Path, adapter: str = "default") -> list[str]:
+    """After a resume has loaded everything: the model's trainable weights equal the checkpoint's
+    adapter exactly, and the optimizer holds state for every trainable parameter (a missing state
+    would restart its moments from zero: the run would silently drift from an uninterrupted one).
+    Checked on every rank (collective under FSDP/ZeRO-3)."""
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / ADAPTER_FILE))
+    problems = []
+    for name, p in adapter_parameters(model):
+        t = saved.get(_saved_key(name, adapter))
+        if t is None:
+            problems.append(f"{name} is not in {ADAPTER_FILE}")
+        elif not torch.equal(p.detach().cpu(), t.to(p.dtype)):
+            diff = (p.detach().float().cpu() - t.float()).abs().max().item()
+            problems.append(f"{name} differs from the checkpoint's value (max |diff| {diff:.3g})")
+    opt = getattr(optimizer, "optimizer", optimizer)
+    if opt is not None and hasattr(opt, "param_groups") and not hasattr(opt, "zero_optimization"):
+        trainable = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        empty = sum(1 for p in trainable if not opt.state.get(p))
+        if empty:
+            problems.append(f"the optimizer has no state for {empty} of {len(trainable)} trainable parameters")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# The Trainer, checkpointing this way
+# --------------------------------------------------------------------------------------------
+
+
 class Fault:
     """Fault injection for tests, from QLORA_SFT_FAULT="<action>@<step>[:<rank>]":
     `kill@8:1` SIGKILLs rank 1 as step 8 begins; `crashsave@10:0` SIGKILLs rank 0 while
-    checkpoint 10 is saved (files written, marker not yet). Off unless the variable is set."""
+    checkpoint 10 is saved (files written, marker not yet); `nan@3` makes the loss of step 3 (and
+    later ones) NaN on every rank. Off unless the variable is set."""
 
     def __init__(self, spec: str | None = None):
         spec = spec if spec is not None else os.environ.get("QLORA_SFT_FAULT", "")
         self.action = ""
         self.step = -1
         self.rank: int | None = None
-        m = re.fullmatch(r"(kill|crashsave)@(\d+)(?::(\d+))?", spec.strip())
+        m = re.fullmatch(r"(kill|crashsave|nan)@(\d+)(?::(\d+))?", spec.strip())
         if m:
             self.action, self.step = m.group(1), int(m.group(2))
             self.rank = int(m.group(3)) if m.group(3) is not None else None
@@ -333,16 +825,25 @@ class Fault:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class NonFiniteError(UserError):
+    """Training diverged: the loss or the gradient norm stayed non-finite."""
+
+
 class CheckpointingMixin:
-    """Mixed into the Trainer by `Checkpointing.trainer`: complete-or-absent checkpoints (see the
-    module docstring). `ckpt` is the run's Checkpointing."""
+    """Mixed into the Trainer by `Checkpointing.trainer`: complete-or-absent checkpoints, exact
+    resume (adapter copied in place and verified, paged optimizer state re-paged, optimizer state
+    checked), and a stop on non-finite training that publishes nothing non-finite. `ckpt` is the
+    run's Checkpointing."""
 
     ckpt: Checkpointing
     _staging_save = False
+    _nonfinite: list[tuple[int, str]]
 
     def _get_output_dir(self, trial: Any) -> str:  # Trainer hook: where checkpoint-<step> is written
         base = super()._get_output_dir(trial)  # type: ignore[misc]
         return str(Path(base) / STAGING) if self._staging_save else base
+
+    # -- saving ----------------------------------------------------------------------------------
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         state = self.state  # type: ignore[attr-defined]
@@ -355,45 +856,148 @@ class CheckpointingMixin:
                 shutil.rmtree(staged, ignore_errors=True)  # leftovers of an interrupted save
                 staged.parent.mkdir(parents=True, exist_ok=True)
         self._staging_save = True
+        error: BaseException | None = None
         try:
             with peft_sees_fsdp_names(self):
                 super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        except Exception as exc:  # every rank must learn that the save failed, or the others wait
+            error = exc
         finally:
             self._staging_save = False
+        self._after_save(staged, error, lambda: run_dir / name, what=name)
         self.ckpt.fault.trigger("crashsave", state.global_step, args.process_index)
         with main_process_writes() as is_main:
             if is_main:
                 publish(staged, run_dir / name, self.manifest(state.global_step))
                 apply_retention(run_dir, self.ckpt.keep_last)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        """Resume loads the adapter through peft's `load_adapter`, which upcasts adapter weights to
-        fp32, while a fresh QLoRA run trains them in bf16 (TRL casts them): a resumed run would then
-        drift from an uninterrupted one. Restore each trainable parameter's dtype."""
-        target = model if model is not None else self.model  # type: ignore[attr-defined]
-        dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
-        with peft_sees_fsdp_names(self):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
-        for n, p in target.named_parameters():
-            if n in dtypes and p.dtype != dtypes[n]:
-                p.data = p.data.to(dtypes[n])
+    def _after_save(self, staged: Path, error: BaseException | None, final: Callable[[], Path], what: str) -> None:
+        """All ranks agree whether the save worked; if not, the staged files go and every rank raises
+        the same error (a full disk says which, and what is still safe)."""
+        failed = any_rank(error is not None)
+        if not failed:
+            return
+        with main_process_writes() as is_main:
+            if is_main:
+                shutil.rmtree(staged, ignore_errors=True)
+        run_dir = staged.parent.parent
+        newest = next((c.path.name for c in list_checkpoints(run_dir) if c.complete), None)
+        safe = f"the newest complete checkpoint is {newest}" if newest else "no complete checkpoint exists yet"
+        if error is not None and is_no_space(error):
+            raise UserError(
+                f"saving {what}: {no_space_message(staged)}; nothing of {what} was kept and {safe}. Free space "
+                "(or lower checkpoint.keep_last) and relaunch the same command: training resumes from there."
+            ) from error
+        if error is not None:
+            raise error
+        raise UserError(f"saving {what} failed on another rank (see its log); {safe}")
+
+    def _maybe_log_save_evaluate(self, tr_loss: Any, grad_norm: Any, *args: Any, **kwargs: Any) -> None:
+        """Every optimizer step: a step whose loss or gradient norm is not finite is neither saved
+        nor evaluated; after `train.nonfinite_patience` such steps in a row, training stops with an
+        error (the same decision on every rank)."""
+        import torch
+
+        state = self.state  # type: ignore[attr-defined]
+        fault = self.ckpt.fault
+        if fault.action == "nan" and state.global_step >= fault.step and tr_loss is not None:
+            tr_loss.fill_(float("nan"))
+        loss_ok = tr_loss is None or bool(torch.isfinite(tr_loss).all())
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        # with fp16 loss scaling, an overflowing gradient only skips the step (the scaler's job)
+        scaler = getattr(getattr(self, "accelerator", None), "scaler", None)
+        norm_ok = math.isfinite(norm) or (scaler is not None and loss_ok)
+        bad = any_rank(not (loss_ok and norm_ok))
+        if not hasattr(self, "_nonfinite"):
+            self._nonfinite = []
+        if bad:
+            what = f"loss {'finite' if loss_ok else 'nan/inf'}, grad norm {norm:g}"
+            self._nonfinite.append((state.global_step, what))
+            self.control.should_save = False  # type: ignore[attr-defined]
+            self.control.should_evaluate = False  # type: ignore[attr-defined]
+            if len(self._nonfinite) >= self.ckpt.nonfinite_patience:
+                self._stop_nonfinite()
+        else:
+            self._nonfinite = []
+        super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)  # type: ignore[misc]
+
+    def _stop_nonfinite(self) -> None:
+        steps = self._nonfinite
+        run_dir = Path(super()._get_output_dir(None))  # type: ignore[misc]
+        newest = next((c.path.name for c in list_checkpoints(run_dir) if c.complete), None)
+        lr = self.args.learning_rate  # type: ignore[attr-defined]
+        raise NonFiniteError(
+            f"training diverged: the loss or gradient norm was not finite for {len(steps)} optimizer steps in a row "
+            f"(steps {steps[0][0]}-{steps[-1][0]}; step {steps[0][0]}: {steps[0][1]}). Nothing was saved from those "
+            f"steps; {'the newest complete checkpoint is ' + newest if newest else 'no checkpoint was written'}. "
+            f"Lower train.learning_rate (now {lr:g}) or check the data; train.nonfinite_patience "
+            f"(now {self.ckpt.nonfinite_patience}) sets how many such steps are tolerated."
+        )
 
     def manifest(self, step: int) -> dict[str, Any]:
         state = self.state  # type: ignore[attr-defined]
         meta = self.ckpt.meta
-        return {**meta, "step": step, "epoch": state.epoch, "examples_consumed": step * meta.get("global_batch", 0)}
+        return {
+            **meta,
+            "step": step,
+            "epoch": state.epoch,
+            "max_steps": state.max_steps,
+            "examples_consumed": step * meta.get("global_batch", 0),
+        }
 
     def save_final(self, final: Path) -> None:
-        """The end-of-training adapter + tokenizer, staged and published like a checkpoint."""
+        """The end-of-training adapter + tokenizer, staged and published like a checkpoint. Not when
+        the last steps were not finite: nothing non-finite is published."""
+        if getattr(self, "_nonfinite", None):
+            self._stop_nonfinite()
         staged = final.parent / STAGING / final.name
         with main_process_writes() as is_main:
             if is_main:
                 shutil.rmtree(staged, ignore_errors=True)
-        with peft_sees_fsdp_names(self):
-            self.save_model(str(staged))  # type: ignore[attr-defined]
+        error: BaseException | None = None
+        try:
+            with peft_sees_fsdp_names(self):
+                self.save_model(str(staged))  # type: ignore[attr-defined]
+        except Exception as exc:
+            error = exc
+        self._after_save(staged, error, lambda: final, what=final.name)
         with main_process_writes() as is_main:
             if is_main:
                 publish(staged, final, self.manifest(self.state.global_step))  # type: ignore[attr-defined]
+
+    # -- resuming --------------------------------------------------------------------------------
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """The adapter is copied into the trainable parameters in place (`load_adapter_in_place`)
+        instead of peft's `load_adapter`, which gives the adapter weights new fp32 storage: a fresh
+        QLoRA run trains them in bf16 (TRL casts them), and under FSDP the parameter with new storage
+        is no longer the shard the optimizer steps."""
+        target = model if model is not None else self.model  # type: ignore[attr-defined]
+        folder = Path(resume_from_checkpoint)
+        if (folder / ADAPTER_FILE).is_file() and hasattr(self.accelerator.unwrap_model(target), "peft_config"):  # type: ignore[attr-defined]
+            n = load_adapter_in_place(target, folder)
+            log.info("resume: %d adapter tensors of %s copied into the model", n, folder.name)
+            return
+        with peft_sees_fsdp_names(self):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        if checkpoint is None:
+            return
+        paged = repage_optimizer_state(self.optimizer)  # type: ignore[attr-defined]
+        if paged:
+            log.info("resume: %d optimizer state tensors back in paged memory", paged)
+        model = self.model_wrapped if self.is_fsdp_enabled else self.model  # type: ignore[attr-defined]
+        problems = resume_problems(model, self.optimizer, Path(checkpoint))  # type: ignore[attr-defined]
+        if any_rank(bool(problems)):
+            raise RunDirError(
+                f"resuming from {checkpoint} did not restore the training state exactly: "
+                + ("; ".join(problems[:4]) if problems else "another rank found a difference (see its log)")
+                + ". Stopping instead of continuing on a different run. Resume from another checkpoint "
+                "(checkpoint.resume=PATH) or report this."
+            )
+        log.info("resume: adapter and optimizer state verified against %s", Path(checkpoint).name)
 
 
 @functools.cache
@@ -405,6 +1009,7 @@ def trainer_class(base: type) -> type:
 def run_metadata(recipe: Recipe, mode: Any, batch: Any) -> dict[str, Any]:
     """What a launch was: written as recipe.yaml's `launch:` block and into every manifest (resume
     checks the world size and global batch against it)."""
+    steps = recipe.train.args.get("max_steps", -1)
     return {
         "recipe_hash": recipe.hash(),
         "mode": mode.kind,
@@ -413,6 +1018,8 @@ def run_metadata(recipe: Recipe, mode: Any, batch: Any) -> dict[str, Any]:
         "micro_batch": batch.micro_batch,
         "grad_accum": batch.grad_accum,
         "global_batch": batch.global_batch,
+        "max_steps_arg": -1 if steps is None else int(steps),
+        "num_train_epochs": float(recipe.train.args.get("num_train_epochs", 3.0)),
     }
 
 
@@ -424,6 +1031,7 @@ class Checkpointing:
     def __init__(self, recipe: Recipe, meta: dict[str, Any], rank: int):
         self.meta = meta
         self.keep_last = recipe.checkpoint.keep_last
+        self.nonfinite_patience = recipe.train.nonfinite_patience
         self.rank = rank
         self.fault = Fault()
         self.preemption = preemption_callback(list(recipe.checkpoint.signals))
@@ -498,25 +1106,41 @@ def plain_fsdp_names(*models: Any) -> Iterator[None]:
             del m.named_modules
 
 
+# Launch modes whose checkpoints hold the same optimizer state format (torch's / bitsandbytes'
+# state dict of the whole optimizer): a checkpoint of one resumes in another
+PLAIN_STATE_MODES = ("cpu", "single_gpu", "ddp")
+
+
 def check_resume(path: Path, world_size: int, global_batch: int, mode_kind: str) -> dict[str, Any]:
-    """Refuse resumes that would restore silently partially. Returns the manifest."""
+    """Refuse resumes that would restore silently partially, before anything loads. Returns the
+    manifest. A checkpoint of one process, DDP or CPU ranks resumes on any number of those (the
+    optimizer state is whole); a DeepSpeed or FSDP checkpoint resumes only in its own mode and world
+    size (sharded or differently keyed optimizer state)."""
     manifest = json.loads((path / MANIFEST).read_text())
-    old_ws, old_gb = manifest.get("world_size"), manifest.get("global_batch")
+    old_ws, old_gb, old_mode = manifest.get("world_size"), manifest.get("global_batch"), manifest.get("mode")
     if old_gb and old_gb != global_batch:
         raise RunDirError(
             f"{path} was saved with global batch {old_gb}, this launch has {global_batch}: the data position "
             "and the schedule would not match. Keep train.global_batch_size as it was (the micro batch and "
             "the number of GPUs may change)."
         )
-    if old_ws != world_size:
-        if manifest.get("deepspeed_tag") or mode_kind == "deepspeed":
+    if manifest.get("deepspeed_tag") or mode_kind == "deepspeed" or old_mode == "deepspeed":
+        if old_mode not in (None, "deepspeed") or mode_kind != "deepspeed" or old_ws != world_size:
             raise RunDirError(
                 f"{path} holds a DeepSpeed checkpoint of {old_ws} rank(s) (tag {manifest.get('deepspeed_tag')}); "
-                f"this launch has {world_size}. DeepSpeed cannot load optimizer shards across world sizes: "
-                f"relaunch with {old_ws} processes, or convert it with DeepSpeed's universal checkpoint tool "
-                f"(python -m deepspeed.checkpoint.ds_to_universal --input_folder {path}/"
+                f"this launch is {mode_kind} with {world_size}. DeepSpeed's optimizer state is sharded per rank: "
+                f"relaunch with DeepSpeed and {old_ws} processes, or convert it with DeepSpeed's universal "
+                f"checkpoint tool (python -m deepspeed.checkpoint.ds_to_universal --input_folder {path}/"
                 f"{manifest.get('deepspeed_tag', 'global_stepN')} --output_folder <dir>) and resume from that."
             )
+    elif (old_mode == "fsdp") != (mode_kind == "fsdp") or (mode_kind == "fsdp" and old_ws != world_size):
+        raise RunDirError(
+            f"{path} was saved by a {old_mode} launch of {old_ws} rank(s); this launch is {mode_kind} with "
+            f"{world_size}. FSDP checkpoints keep the optimizer state by FSDP's parameter names and are resumed "
+            f"only under FSDP with the same number of processes: relaunch as it was ({old_mode}, {old_ws} "
+            "processes), then change the launch after a later checkpoint of a plain run, or start a new run."
+        )
+    if old_ws != world_size:
         log.warning(
             "resuming %s, saved by %s rank(s), on %d rank(s): same global batch %s and data position (step %s); "
             "per-rank RNG streams are not restored, so dropout masks differ from an uninterrupted run",

@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.add_argument("--revision", help="with --push-to-hub: upload to this branch")
     p.add_argument("--adapter-only", action="store_true", help="with --push-to-hub: upload the adapter, no merge")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the base model's own code (auto_map) to run; a run's recipe.yaml cannot allow it",
+    )
 
     p = sub.add_parser("plot", parents=[common], help="draw the loss curves of one or more runs into a PNG")
     p.add_argument("runs", nargs="+", help="run directories")
@@ -120,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the model's own code (auto_map) to run; a run's recipe.yaml cannot allow it",
+    )
     return parser
 
 
@@ -148,6 +158,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite,
                 verify=not args.no_verify,
                 hub=hub,
+                trust_remote_code=args.trust_remote_code,
             )
     if result is None:
         return 0
@@ -167,8 +178,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def load_chat_model(path: str, device: str) -> tuple[Any, Any]:
-    """A merged folder, an adapter (+ its base), or a run directory (merged/ if exported, else final/)."""
+def load_chat_model(path: str, device: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """A merged folder, an adapter (+ its base), or a run directory (merged/ if exported, else final/).
+    A model's own code runs only with `trust_remote_code` (the command's flag)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -189,16 +201,18 @@ def load_chat_model(path: str, device: str) -> tuple[Any, Any]:
         from .launch import LaunchMode
         from .model import load_base
 
-        source = resolve_source(p)
+        source = resolve_source(p, trust_remote_code=trust_remote_code, command="chat")
         recipe = source.recipe
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name_or_path=source.base_path))
         mode = LaunchMode("cpu" if device == "cpu" else "single_gpu")
         model = PeftModel.from_pretrained(load_base(recipe, mode, compute_dtype=dtype), p)
     elif (p / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, device_map={"": device})
+        model = AutoModelForCausalLM.from_pretrained(
+            p, dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code
+        )
     else:
         raise UserError(f"chat: {p} is neither a model folder nor an adapter")
-    tokenizer = AutoTokenizer.from_pretrained(p)
+    tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer
 
 
@@ -206,7 +220,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
-    model, tokenizer = load_chat_model(args.path, args.device)
+    model, tokenizer = load_chat_model(args.path, args.device, args.trust_remote_code)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 

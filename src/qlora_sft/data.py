@@ -1486,3 +1486,17 @@ def prepare_data(
     prepared = _wait_for_cache(folder, since)
     assert prepared is not None
     return prepared
+
+
+def data_fingerprint(
+    cfg: DataConfig, base_dir: str | os.PathLike[str] | None, report: DataReport
+) -> dict[str, Any]:
+    """What a checkpoint records of the data it was trained on (a resume over changed data is
+    refused): every local file of every source (path, size, modification time) and the split's
+    row counts. Hub datasets are named by the recipe (id, split, revision), which resume compares."""
+    files = [
+        list(entry)
+        for src in (*cfg.sources, *cfg.eval_sources)
+        for entry in _source_fingerprint(src, base_dir).get("files", [])
+    ]
+    return {"files": files, "train_rows": report.train_rows, "eval_rows": report.eval_rows}

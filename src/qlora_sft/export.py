@@ -120,9 +120,41 @@ def adapter_alone_recipe(base: str) -> Recipe:
     )
 
 
-def resolve_source(path: str | Path, base_override: str | None = None) -> Source:
-    """A run directory (final/, else its newest complete checkpoint), a checkpoint, or an adapter."""
-    from .checkpoint import inspect_checkpoint, list_checkpoints, read_run_recipe
+def remote_code_gate(recipe: Recipe, base_path: str, trust_remote_code: bool, command: str) -> Recipe:
+    """`export` and `chat` run a model repository's own code only when their command line says
+    --trust-remote-code, whatever a run directory's recipe.yaml says (run directories are copied and
+    shared). Without the flag, a base whose config.json maps its classes to code files (`auto_map`)
+    is refused, naming those files; a base without such code loads as usual."""
+    import dataclasses
+
+    if trust_remote_code or not recipe.model.trust_remote_code:
+        return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, trust_remote_code=trust_remote_code))
+    config = Path(base_path) / "config.json"
+    auto_map = {}
+    if config.is_file():
+        try:
+            auto_map = json.loads(config.read_text()).get("auto_map") or {}
+        except ValueError:
+            auto_map = {}
+    else:
+        auto_map = {"(the hub repository's code)": base_path}
+    if auto_map:
+        modules = sorted({str(v).split("--")[-1].rsplit(".", 1)[0] + ".py" for v in auto_map.values()})
+        raise UserError(
+            f"{command}: the run's recipe.yaml sets model.trust_remote_code: true, and loading {base_path} would run "
+            f"its own code ({', '.join(modules)} from {base_path}). A run directory does not decide that: pass "
+            f"--trust-remote-code to `qlora-sft {command}` if you trust that code."
+        )
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, trust_remote_code=False))
+
+
+def resolve_source(
+    path: str | Path, base_override: str | None = None, trust_remote_code: bool = False, command: str = "export"
+) -> Source:
+    """A run directory (final/, else its newest complete checkpoint), a checkpoint, or an adapter.
+    Remote code runs only with `trust_remote_code` (the command's flag; see `remote_code_gate`)."""
+    from .checkpoint import inspect_checkpoint, list_checkpoints
+    from .recipe import read_run_recipe
 
     p = Path(path)
     if not p.exists():
@@ -142,8 +174,22 @@ def resolve_source(path: str | Path, base_override: str | None = None) -> Source
         run_dir = p.parent
     if not (p / "adapter_config.json").is_file():
         raise UserError(f"export: {p} holds no adapter (adapter_config.json missing)")
-    if (p / "manifest.json").exists() and not inspect_checkpoint(p).complete:
-        raise UserError(f"export: {p} is not a complete checkpoint ({inspect_checkpoint(p).reason})")
+    if (p / "manifest.json").exists():
+        info = inspect_checkpoint(p, verify=True)  # every file against its digest, the adapter finite
+        if not info.complete:
+            raise UserError(
+                f"export: {p} cannot be exported: {info.reason}. Export another checkpoint of the run "
+                f"(qlora-sft export {run_dir or p.parent}/checkpoint-<step>)."
+            )
+    elif (p / "adapter_model.safetensors").is_file():
+        from .checkpoint import nonfinite_tensors
+
+        bad = nonfinite_tensors(p / "adapter_model.safetensors")
+        if bad:
+            raise UserError(
+                f"export: {p}/adapter_model.safetensors holds NaN/inf values ({', '.join(bad[:3])}): the training "
+                "that wrote it diverged; there is nothing to merge"
+            )
     adapter_config = json.loads((p / "adapter_config.json").read_text())
     if adapter_config.get("use_dora"):
         raise UserError("export: DoRA adapters are not supported by the streaming merge")
@@ -153,6 +199,7 @@ def resolve_source(path: str | Path, base_override: str | None = None) -> Source
         base = base_override or recipe.model.name_or_path or base
     else:
         recipe = adapter_alone_recipe(base)
+    recipe = remote_code_gate(recipe, base, trust_remote_code, command)
     step = None
     if (p / "manifest.json").is_file():
         step = json.loads((p / "manifest.json").read_text()).get("step")
@@ -207,7 +254,7 @@ def read_adapter(adapter_dir: Path, config: dict[str, Any]) -> tuple[dict[str, L
     return out, full
 
 
-def quantized_weight_names(base_folder: Path, method: str) -> set[str]:
+def quantized_weight_names(base_folder: Path, method: str, trust_remote_code: bool = False) -> set[str]:
     """Weights that training held in 4/8 bits: every nn.Linear transformers replaces with a bnb
     layer (all but the output head and the modules transformers keeps in full precision)."""
     if method == "none":
@@ -216,9 +263,9 @@ def quantized_weight_names(base_folder: Path, method: str) -> set[str]:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.quantizers.base import get_keys_to_not_convert
 
-    config = AutoConfig.from_pretrained(base_folder)
+    config = AutoConfig.from_pretrained(base_folder, trust_remote_code=trust_remote_code)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     skip = set(get_keys_to_not_convert(model) or [])
     names = set()
     for name, module in model.named_modules():
@@ -524,10 +571,7 @@ def plan_export(
     if dtype not in DTYPES:
         raise UserError(f"export: --dtype {dtype!r}: use bf16, fp16 or fp32")
     out_dir = Path(out) if out else (source.run_dir or source.adapter_dir.parent) / "merged"
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(
-            f"export: {out_dir} exists and is not empty; pass --overwrite to replace it, or --out elsewhere"
-        )
+    check_out_dir(out_dir, source, overwrite)
     base_kind = base or ("dequantized" if source.quant.method != "none" else "original")
     if base_kind not in ("dequantized", "original"):
         raise UserError(f"export: --base {base_kind!r}: use dequantized or original")
@@ -541,13 +585,56 @@ def plan_export(
     return ExportPlan(out_dir, DTYPES[dtype], dtype, base_kind, base_folder, files, shard_bytes, device)
 
 
+# Written into every merged folder: `--overwrite` replaces only folders that carry it (an earlier
+# export); any other folder at --out is moved aside, never deleted.
+EXPORT_MARKER = "qlora-sft-export.json"
+
+
+def check_out_dir(out_dir: Path, source: Source, overwrite: bool) -> None:
+    """Where the merged model may go: never over or around the run (or adapter) being exported nor
+    into its checkpoints, logs or final/; never over a folder holding a qlora-sft run; a non-empty
+    folder only with --overwrite."""
+    from .checkpoint import CHECKPOINT_RE, RUN_ENTRIES
+
+    out = out_dir.resolve()
+    for protected in filter(None, (source.run_dir, source.adapter_dir)):
+        prot = protected.resolve()
+        if out == prot or prot.is_relative_to(out):
+            what = "run" if protected == source.run_dir else "adapter"
+            where = "" if out == prot else "a folder around "
+            default = (source.run_dir or source.adapter_dir.parent) / "merged"
+            raise UserError(
+                f"export: --out {out_dir} is {where}the {what} being exported ({protected}); writing there would "
+                f"replace it. Choose a folder outside it (the default is {default})."
+            )
+        if out.is_relative_to(prot):
+            first = out.relative_to(prot).parts[0]
+            if first in RUN_ENTRIES or CHECKPOINT_RE.match(first) or first.startswith(("checkpoint-", "final.")):
+                raise UserError(
+                    f"export: --out {out_dir} is inside {protected / first}, which belongs to the run; choose another "
+                    f"folder (e.g. {protected / 'merged'})"
+                )
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(
+            f"export: {out_dir} exists and is not empty; pass --overwrite to replace it, or --out elsewhere"
+        )
+    runs = [p for p in (out_dir, *out_dir.iterdir()) if p.is_dir() and (p / "recipe.yaml").is_file()]
+    if runs:
+        raise UserError(
+            f"export: --out {out_dir} holds a qlora-sft run ({runs[0]}); --overwrite replaces an earlier export, "
+            "never a run. Choose another --out."
+        )
+
+
 def merge(source: Source, plan: ExportPlan) -> tuple[Path, dict[str, Any], float]:
     """Stream the merged weights into a temporary folder beside the output, with config and
     tokenizer. Returns (folder, shard index, peak RSS of the merge in MB); nothing is left behind on
     failure."""
     pairs, full = read_adapter(source.adapter_dir, source.adapter_config)
     method = source.quant.method
-    quantized = quantized_weight_names(plan.base_folder, method)
+    quantized = quantized_weight_names(plan.base_folder, method, source.recipe.model.trust_remote_code)
     if method != "none" and not quantized:
         raise UserError(f"export: found no quantized layers in {plan.base_folder} for method {method}")
     log.info(
@@ -589,14 +676,17 @@ def verify_merge(source: Source, plan: ExportPlan, merged_dir: Path) -> tuple[Co
     quantized run, of the notebook merge: the original base plus the adapter), on a few prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    trust = source.recipe.model.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=trust)
     prompts = verification_prompts(source, tokenizer)
     ref_model = training_time_model(source, plan.base_folder, plan.device)
     ref = logits_of(ref_model, prompts)
     del ref_model
     # the exported weights as stored, computed in fp32 like the reference: what is measured is the
     # merge and the rounding to --dtype, not bf16 arithmetic
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map={"": plan.device})
+    merged = AutoModelForCausalLM.from_pretrained(
+        merged_dir, dtype=torch.float32, device_map={"": plan.device}, trust_remote_code=trust
+    )
     merged_vs = compare(logits_of(merged.eval(), prompts), ref)
     del merged
     original_vs = None
@@ -629,16 +719,21 @@ def is_prequantized(base_folder: Path) -> bool:
 
 
 def publish(tmp: Path, out_dir: Path, ok: bool) -> Path:
-    """Rename the finished folder into place (`<out>.incomplete` when verification failed); a folder
-    already there is moved aside first and removed only once the new one is in place."""
+    """Rename the finished folder into place (`<out>.incomplete` when verification failed). A folder
+    already there is an earlier export (it has the marker): moved aside, and removed once the new
+    one is in place; or anything else: moved aside to `<out>.replaced-<time>` and kept."""
     final = out_dir if ok else out_dir.with_name(out_dir.name + ".incomplete")
-    if final.exists():
-        aside = final.with_name(f"{final.name}.old-{os.getpid()}")
-        final.rename(aside)
+    if not final.exists():
         tmp.rename(final)
+        return final
+    ours = (final / EXPORT_MARKER).is_file()
+    aside = final.with_name(f"{final.name}.{'old' if ours else 'replaced'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    final.rename(aside)
+    tmp.rename(final)
+    if ours:
         shutil.rmtree(aside, ignore_errors=True)
     else:
-        tmp.rename(final)
+        log.warning("export: %s was not written by qlora-sft export: moved aside to %s (kept)", final, aside)
     return final
 
 
@@ -654,11 +749,12 @@ def export(
     overwrite: bool = False,
     verify: bool = True,
     hub: HubTarget | None = None,
+    trust_remote_code: bool = False,
 ) -> ExportResult:
     """Merge, verify, publish, and with `hub` upload what was verified. Main process only (see
     `main_process_writes`)."""
     t0 = time.time()
-    source = resolve_source(path, base_model)
+    source = resolve_source(path, base_model, trust_remote_code)
     if hub is not None and not hub.adapter_only and not verify:
         raise UserError("export: --push-to-hub uploads only a verified merge; drop --no-verify (or use --adapter-only)")
     token = hub_token(hub) if hub is not None else None
@@ -670,6 +766,8 @@ def export(
     tmp, index, merge_rss = merge(source, plan)
     merged_vs, original_vs, ok = verify_merge(source, plan, tmp) if verify else (None, None, True)
     write_model_card(tmp, source, plan.base_kind, plan.dtype_name, merged_vs, original_vs, merge_rss, ok)
+    marker = {"adapter": str(source.adapter_dir.resolve()), "step": source.step, "verified": ok if verify else None}
+    (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     final = publish(tmp, plan.out_dir, ok)
     url = None
     if not ok:
@@ -744,12 +842,13 @@ def copy_model_files(base_folder: Path, source: Source, out: Path, dtype: torch.
     run's tokenizer, saved with the adapter, which has the chat template training used)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    config = AutoConfig.from_pretrained(base_folder)
+    trust = source.recipe.model.trust_remote_code
+    config = AutoConfig.from_pretrained(base_folder, trust_remote_code=trust)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = dtype
     tok_dir = source.adapter_dir if (source.adapter_dir / "tokenizer_config.json").is_file() else base_folder
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust)
     config.pad_token_id = tokenizer.pad_token_id
     config.save_pretrained(out)
     try:

@@ -639,13 +639,49 @@ def partition_for_zero3(trainer: Any, mode: LaunchMode, compute_dtype: torch.dty
     for section in (config, zero):
         for key in [k for k, v in section.items() if v == "auto"]:
             del section[key]
+    materialize_placeholders(model)
     for p in model.parameters():
-        if p.device.type == "meta":
-            p.data = torch.empty(p.shape, dtype=p.dtype, device="cpu")
         if p.is_floating_point() and p.dtype != compute_dtype:
             p.data = p.data.to(compute_dtype)  # as DeepSpeed's engine casts every parameter
     deepspeed.zero.Init(module=model, config_dict_or_path=config, dtype=compute_dtype, mem_efficient_linear=False)
     log.info("ZeRO-3: parameters partitioned across %d rank(s) before DeepSpeed's engine starts", mode.world_size)
+
+
+def materialize_placeholders(model: Any, device: str = "cpu") -> int:
+    """Give every parameter still on the meta device (the weights the low-memory loader leaves
+    unloaded on ranks other than 0 under ZeRO-3, and the LoRA weights peft creates beside them)
+    uninitialised storage on `device`, to be overwritten by rank 0's broadcast. The parameter is
+    replaced in its module, keeping its class (bitsandbytes' `Params4bit` with its quantization
+    state and settings), `requires_grad` and ties (one new parameter for all modules that share
+    one): a meta parameter's data cannot be swapped in place (`p.data = ...` raises "variable and
+    tensor have incompatible tensor type"). Returns how many parameters were replaced."""
+    import bitsandbytes as bnb
+
+    new_for: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or p.device.type != "meta":
+                continue
+            new = new_for.get(id(p))
+            if new is None:
+                data = torch.empty(p.shape, dtype=p.dtype, device=device)
+                if isinstance(p, bnb.nn.Params4bit):
+                    new = bnb.nn.Params4bit(
+                        data,
+                        requires_grad=False,
+                        quant_state=p.quant_state,
+                        blocksize=p.blocksize,
+                        compress_statistics=p.compress_statistics,
+                        quant_type=p.quant_type,
+                        quant_storage=p.quant_storage,
+                        module=p.module,
+                        bnb_quantized=p.bnb_quantized,
+                    )
+                else:
+                    new = torch.nn.Parameter(data, requires_grad=p.requires_grad)
+                new_for[id(p)] = new
+            module._parameters[name] = new
+    return len(new_for)
 
 
 def resolve_attn_implementation(recipe: Recipe, device_type: str, config: Any, path: str) -> str:

@@ -32,6 +32,7 @@ class TrainResult:
     train_loss: float | None
     eval_loss: float | None
     preempted: bool = False
+    finished: bool = False  # the run had finished before this launch: nothing was trained
 
 
 def setup_logging(is_main: bool, rank: int = 0) -> None:
@@ -166,9 +167,6 @@ def profile_callback(step: int, path: Path) -> Any:
 def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: Any = None) -> TrainResult:
     """Run the recipe. `extra_callbacks` are added to the Trainer; `on_trainer(trainer)` is called once
     the trainer exists (the benchmark uses it to count tokens)."""
-    from transformers import set_seed
-    from trl import SFTTrainer
-
     # 1. Where am I? (the launcher decided; the recipe is the same everywhere)
     launch.check_devices()
     # train.ddp_timeout (transformers' default 1800 s) is the process group's timeout: the group is
@@ -191,12 +189,44 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
             "SLURM job %s, restart count %s", os.environ["SLURM_JOB_ID"], os.environ.get("SLURM_RESTART_COUNT", "0")
         )
 
-    # 2. Run directory: refuse a different recipe, write the resolved one.
+    # 2. Run directory: a finished run stays finished; refuse a different recipe or a directory
+    # another live job writes (its lock); write the resolved recipe; pick the checkpoint to resume.
+    done = checkpoint.finished_run(recipe)
+    if done is not None:
+        log.info("%s", done)
+        return TrainResult(recipe.run_dir, recipe.run_dir / "final", -1, None, None, finished=True)
     meta = checkpoint.run_metadata(recipe, mode, batch)
-    run_dir = checkpoint.prepare_run_dir(recipe, meta)
-    resume_from = checkpoint.find_resume(recipe)
-    if resume_from is not None:
-        checkpoint.check_resume(resume_from, mode.world_size, batch.global_batch, mode.kind)
+    lock = checkpoint.prepare_run_dir(recipe, meta)
+    try:
+        return _train(recipe, mode, batch, meta, state, base_dir, extra_callbacks, on_trainer)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(
+    recipe: Recipe,
+    mode: launch.LaunchMode,
+    batch: BatchPlan,
+    meta: dict[str, Any],
+    state: Any,
+    base_dir: Path | None,
+    extra_callbacks: list[Any] | None,
+    on_trainer: Any,
+) -> TrainResult:
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    run_dir = recipe.run_dir
+
+    def pick_checkpoint() -> str | None:
+        found = checkpoint.find_resume(recipe)
+        if found is not None:
+            checkpoint.check_resume(found, mode.world_size, batch.global_batch, mode.kind)
+        return str(found) if found is not None else None
+
+    picked = checkpoint.main_process_decides(pick_checkpoint)  # verified once, by the main process
+    resume_from = Path(picked) if picked is not None else None
 
     # 3. Tokenizer and data (one process per node builds the cache, the others wait for it; or
     # `qlora-sft prepare` built it before the launch) — before any model memory is spent.
@@ -204,6 +234,14 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     log.info("data: %s", prepared.origin())
     for line in prepared.report.lines():
         log.info("data: %s", line)
+    meta["data"] = data.data_fingerprint(recipe.data, base_dir, prepared.report)
+    if resume_from is not None:
+        allow = recipe.checkpoint.allow_data_change
+        checkpoint.main_process_decides(lambda: checkpoint.check_data_unchanged(resume_from, meta["data"], allow))
+        with checkpoint.main_process_writes() as is_main:
+            step = int(resume_from.name.rsplit("-", 1)[-1])
+            if is_main and (moved := checkpoint.trim_replayed_metrics(run_dir, step)):
+                log.info("logs: %d lines of steps after %s moved to metrics.replayed.jsonl", moved, resume_from.name)
 
     # 4. Model: quantized, placed for the launch mode, with LoRA adapters.
     compute_dtype = mode.compute_dtype(recipe.quantization, recipe.model)
