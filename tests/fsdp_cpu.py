@@ -39,7 +39,7 @@ def main(model_dir: str, out: str) -> None:
     )
     cpu = torch.device("cpu")
     base = load_low_memory(model_dir, q, dtype=bf16, data_device=cpu, compute_device=cpu)
-    keep_cpu_4bit_trainable(base)  # as training does on the CPU (README pitfall 11)
+    keep_cpu_4bit_trainable(base)  # as training does on the CPU (docs/pitfalls.md, pitfall 11)
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
     for p in model.parameters():

@@ -1,5 +1,5 @@
-"""One regression test per known failure mode of QLoRA at scale (see README, "Known pitfalls").
-Items tested elsewhere are named in the README next to their test."""
+"""One regression test per known failure mode of QLoRA at scale (see docs/pitfalls.md).
+Items tested elsewhere are named in docs/pitfalls.md next to their test."""
 
 from __future__ import annotations
 

@@ -193,11 +193,12 @@ def test_cli_exit_code_2_without_traceback(tmp_path: Path):
     assert out.returncode != 0 and "Traceback" in out.stderr
 
 
-def test_readme_recipe_reference_is_generated_from_the_code():
-    from qlora_sft.docs import splice
+def test_recipe_reference_is_generated_from_the_code():
+    from qlora_sft.docs import PAGE, splice
 
-    readme = (REPO / "README.md").read_text()
-    assert splice(readme) == readme, "README.md is stale: run `python -m qlora_sft.docs --write`"
+    page = (REPO / PAGE).read_text(encoding="utf-8")
+    assert splice(page) == page, f"{PAGE} is stale: run `python -m qlora_sft.docs --write`"
+    assert "recipe-reference:start" not in (REPO / "README.md").read_text(encoding="utf-8")
 
 
 def test_command_line_consistency(tmp_path: Path):

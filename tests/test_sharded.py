@@ -2,7 +2,7 @@
 own), pre-quantized checkpoints, the meta placement of non-zero ranks, torch's FSDP1 over the 4-bit
 model on two CPU ranks, the launch-mode reading, the dtype guard, and `plan`'s memory model against
 the GPU measurements committed in bench/results. The FSDP and ZeRO-3 runs themselves need GPUs
-(accelerate turns them into DDP on CPUs): their numbers are in bench/results and the README."""
+(accelerate turns them into DDP on CPUs): their numbers are in bench/results and docs/larger-models.md."""
 
 from __future__ import annotations
 

@@ -192,7 +192,7 @@ def load_chat_model(path: str, device: str, trust_remote_code: bool = False) -> 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if (p / "adapter_config.json").is_file():
         # the adapter on its base as training loaded it (the recipe's quantization), not on the
-        # full-precision base: that is another model (see Export and chat in the README)
+        # full-precision base: that is another model (see docs/export.md)
         import dataclasses
 
         from peft import PeftModel

@@ -495,7 +495,7 @@ def training_time_model(source: Source, base_folder: Path, device: str) -> Any:
     (`model.load_base`: the recipe's quantization, or the checkpoint's if it is pre-quantized),
     computed in float32: the trained model is its weights (the 4-bit base dequantized plus the
     adapter), and the bf16 arithmetic of a training step is rounding noise, not part of it (on a GPU
-    that noise alone moves an 8B model's logits by several percent of their spread: README, Export)."""
+    that noise alone moves an 8B model's logits by several percent of their spread: docs/export.md)."""
     from peft import PeftModel
 
     from .launch import LaunchMode

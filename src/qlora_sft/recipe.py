@@ -6,7 +6,7 @@ out-of-range values, contradictions) and returns a frozen, typed `Recipe`. Nothi
 model or data.
 
 Each section is a dataclass whose fields carry their documentation as attribute docstrings; the
-README's recipe reference is generated from them (`qlora_sft.docs`), so docs and code cannot drift.
+recipe reference (docs/recipe-reference.md) is generated from them (`qlora_sft.docs`), so docs and code cannot drift.
 """
 
 from __future__ import annotations
@@ -167,8 +167,8 @@ class DataConfig:
     streaming: bool = False
     """Read the training sources as a stream (local files or hub datasets, never loaded whole):
     rows are normalised and tokenized as training consumes them, through a shuffle buffer. Needs
-    `train.max_steps`; sources mix by `ratio`; evaluation comes from `eval_sources` only. See the
-    README for what changes (row counts, bad rows, resume)."""
+    `train.max_steps`; sources mix by `ratio`; evaluation comes from `eval_sources` only. See
+    [Data](data.md#streaming) for what changes (row counts, bad rows, resume)."""
     shuffle_buffer: int = field(default=10_000, metadata={"min": 1})
     """With `streaming`: rows held in the shuffle buffer (1 = the sources' order)."""
     num_proc: int | Literal["auto"] = field(default="auto", metadata={"min": 1})
