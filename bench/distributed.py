@@ -1,9 +1,15 @@
 """The same QLoRA recipe in every launch mode on real GPUs: 1 GPU, DDP, ZeRO-2, ZeRO-3, FSDP.
 
-    python -m bench.distributed --shape llama3-8b --gpus 2 --steps 10
-    python -m bench.distributed --shape llama3-8b --gpus 1 --modes 1gpu,fsdp,zero3 \
-        --kill-resume fsdp,zero3 --export fsdp,zero3
-    python -m bench.distributed --shape llama3-70b --prequantized --gpus 1 --modes fsdp --steps 10
+    python -m bench.distributed --shape llama3-8b --gpus 2            # the whole table, one results file
+    python -m bench.distributed --shape llama3-8b --gpus 2 --modes 1gpu,ddp,fsdp
+    python -m bench.distributed --shape llama3-8b --gpus 2 --modes zero2,zero3 --append   # same file
+    python -m bench.distributed --shape llama3-70b --prequantized --gpus 2 --gpu-cap 24 --modes fsdp,fsdp_offload
+
+Modes: 1gpu, ddp, zero2, zero3, fsdp (one FSDP unit per decoder layer, adapters replicated: the
+default), fsdp_offload; ablation rows fsdp_peft (peft's units, as before 2026-11-30), fsdp_nofuse,
+fsdp_nooffload, fsdp_offload_peft. Checks written beside the results: speedup against one GPU,
+tokens/s and peak against DDP for the sharded modes, the largest loss difference against one GPU,
+the largest resumed loss difference, and plan's estimate against each peak.
 
 For each mode it runs `accelerate launch --config_file configs/accelerate/<config> --num_processes
 N -m qlora_sft train <recipe>` (the command users run) with the project's defaults (packing,
@@ -13,12 +19,14 @@ steps after the warm-up, peak and steady (after step 1) GPU memory and the param
 rank holds after wrapping (logs/rank<i>.json), peak CPU memory while loading, the loss at each of
 the first 10 steps, and `qlora-sft plan`'s estimate for the same launch.
 
---kill-resume MODES   also run each mode saving every steps/2 steps with rank 0 SIGKILLed two steps
-                      after the first save (10 steps: killed as step 7 begins, checkpoint-5 the
-                      newest complete one), relaunch it, and compare the resumed losses with the
-                      uninterrupted run's
---export MODES        `qlora-sft export` each mode's final adapter on the GPU and record whether the
-                      merged model verifies against it
+--kill-resume MODES   (default: all) also run each mode saving every steps/2 steps with rank 0
+                      SIGKILLed two steps after the first save (10 steps: killed as step 7 begins,
+                      checkpoint-5 the newest complete one), relaunch it with the same overrides,
+                      and compare the resumed losses with the uninterrupted run's; `none` skips
+--export MODES        (default: the sharded modes) `qlora-sft export` each mode's final adapter on
+                      the GPU and record whether the merged model verifies against it
+--append              keep the other modes' rows of the results file of the same tag (a table
+                      split over several calls of a time-limited machine)
 --gpu-cap GIB         cap every rank's GPU memory (QLORA_SFT_GPU_MEMORY_GIB) to behave like a
                       smaller card
 --prequantized        build the model directly in NF4 (bf16 storage): 70B in ~41 GB of disk
@@ -35,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +55,27 @@ from .workload import make_data, make_model
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
+@dataclass(frozen=True)
+class Mode:
+    config: str  # configs/accelerate/<config>
+    env: tuple[tuple[str, str], ...] = ()  # extra environment of the launch
+    overrides: tuple[str, ...] = ()  # extra recipe overrides (ablation rows)
+
+
 MODES = {
-    "1gpu": "single_gpu.yaml",
-    "ddp": "multi_gpu.yaml",
-    "zero2": "deepspeed_zero2.yaml",
-    "zero3": "deepspeed_zero3.yaml",
-    "fsdp": "fsdp_qlora.yaml",
-    "fsdp_offload": "fsdp_qlora_offload.yaml",
+    "1gpu": Mode("single_gpu.yaml"),
+    "ddp": Mode("multi_gpu.yaml"),
+    "zero2": Mode("deepspeed_zero2.yaml"),
+    "zero3": Mode("deepspeed_zero3.yaml"),
+    "fsdp": Mode("fsdp_qlora.yaml"),  # one unit per decoder layer, adapters replicated (the default)
+    "fsdp_offload": Mode("fsdp_qlora_offload.yaml"),
+    # ablation rows of FSDP
+    "fsdp_peft": Mode("fsdp_qlora.yaml", (("QLORA_SFT_FSDP_UNITS", "peft"),)),  # peft's units (before 2026-11-30)
+    "fsdp_nofuse": Mode("fsdp_qlora.yaml", overrides=("lora.fused=false",)),
+    "fsdp_nooffload": Mode("fsdp_qlora.yaml", overrides=("train.offload_activations=false",)),
+    "fsdp_offload_peft": Mode("fsdp_qlora_offload.yaml", (("QLORA_SFT_FSDP_UNITS", "peft"),)),
 }
+SHARDED = ("zero3", "fsdp", "fsdp_offload")
 
 
 def recipe_for(model: Path, data: Path, out: Path, steps: int, gbs: int, max_length: int) -> dict:
@@ -83,13 +105,16 @@ def recipe_for(model: Path, data: Path, out: Path, steps: int, gbs: int, max_len
 def launch(
     mode: str, gpus: int, recipe_path: Path, name: str, log: Path, env: dict[str, str], overrides: list[str]
 ) -> tuple[int, float]:
-    config = MODES[mode]
+    """`accelerate launch` of the mode's config with the recipe, the mode's own environment and
+    overrides, and `overrides` (those of the command line, given to every launch of every mode)."""
+    m = MODES[mode]
+    env = {**env, **dict(m.env)}
     cmd = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--config_file",
-        str(REPO / "configs" / "accelerate" / config),
+        str(REPO / "configs" / "accelerate" / m.config),
         "--num_processes",
         str(1 if mode == "1gpu" else gpus),
         "--main_process_port",
@@ -99,6 +124,7 @@ def launch(
         "train",
         str(recipe_path),
         f"run.name={name}",
+        *m.overrides,
         *overrides,
     ]
     t0 = time.time()
@@ -145,33 +171,51 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def plan_estimate(recipe_path: Path, mode: str, gpus: int) -> float:
+def plan_estimate(recipe_path: Path, mode: str, gpus: int, overrides: list[str]) -> float:
     from qlora_sft import launch as launch_mode
     from qlora_sft.plan import ModelShape, estimate_memory, read_model_config
     from qlora_sft.recipe import load_recipe
 
-    recipe = load_recipe(recipe_path)
-    lm = launch_mode.from_config_file(REPO / "configs" / "accelerate" / MODES[mode], 1 if mode == "1gpu" else gpus)
+    m = MODES[mode]
+    recipe = load_recipe(recipe_path, [*m.overrides, *overrides])
+    saved = {k: os.environ.get(k) for k, _ in m.env}
+    os.environ.update(dict(m.env))
+    try:
+        lm = launch_mode.from_config_file(REPO / "configs" / "accelerate" / m.config, 1 if mode == "1gpu" else gpus)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     shape = ModelShape.from_config(read_model_config(recipe.model.name_or_path))
     return round(estimate_memory(shape, recipe, lm).total, 2)
 
 
 def kill_and_resume(
-    mode: str, gpus: int, steps: int, recipe_path: Path, runs: Path, log: Path, env: dict[str, str]
+    mode: str,
+    gpus: int,
+    steps: int,
+    recipe_path: Path,
+    runs: Path,
+    log: Path,
+    env: dict[str, str],
+    overrides: list[str],
 ) -> dict:
     """Checkpoints every steps/2 steps; rank 0 is killed two steps after the first one; the relaunch
-    must resume from it and continue as the uninterrupted run did."""
+    (the same command, the same overrides) must resume from it and continue as the uninterrupted run
+    did, and qlora-sft's own resume check must have verified the adapter and optimizer state."""
     save_steps = max(1, steps // 2)
     kill_at = min(steps, save_steps + 2)
     name = f"{mode}-killed"
     shutil.rmtree(runs / name, ignore_errors=True)
-    save = [f"train.save_steps={save_steps}"]
+    save = [*overrides, f"train.save_steps={save_steps}"]
     rc_killed, _ = launch(mode, gpus, recipe_path, name, log, {**env, "QLORA_SFT_FAULT": f"kill@{kill_at}:0"}, save)
     complete = sorted(p.name for p in (runs / name).glob("checkpoint-*") if (p / "COMPLETE").is_file())
-    before = metrics_lines(runs / name)
+    start = len(log.read_text())
     rc_resumed, wall = launch(mode, gpus, recipe_path, name, log, env, save)
-    text = log.read_text()
-    resumed = losses(runs / name, skip_lines=before)  # the relaunch's steps only
+    text = log.read_text()[start:]
+    resumed = losses(runs / name)  # replayed steps appear once (the killed run's lines moved aside)
     full = losses(runs / mode)
     after = [s for s in sorted(resumed) if s > save_steps and s in full]
     return {
@@ -181,6 +225,7 @@ def kill_and_resume(
         "checkpoints_after_kill": complete,
         "resumed_returncode": rc_resumed,
         "resumed_from_log": f"resuming from {runs / name / f'checkpoint-{save_steps}'}" in text,
+        "resume_verified": "adapter and optimizer state verified" in text,
         "resumed_losses": {s: resumed[s] for s in after},
         "uninterrupted_losses": {s: full[s] for s in after},
         "max_abs_loss_diff": max((abs(resumed[s] - full[s]) for s in after), default=None),
@@ -208,15 +253,20 @@ def export(mode: str, runs: Path, log: Path, env: dict[str, str]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama3-8b")
-    ap.add_argument("--modes", default="1gpu,ddp,zero2,zero3,fsdp")
+    ap.add_argument("--modes", default="1gpu,ddp,zero2,zero3,fsdp,fsdp_offload", help=f"of {', '.join(MODES)}")
     ap.add_argument("--gpus", type=int, default=2, help="processes for the multi-process modes")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--rows", type=int, default=4000)
     ap.add_argument("--gpu-cap", type=float, help="cap each rank's GPU memory at this many GiB")
-    ap.add_argument("--kill-resume", default="", help="modes to also kill at step 7 and resume")
-    ap.add_argument("--export", default="", help="modes whose final adapter to export and verify")
+    ap.add_argument(
+        "--kill-resume", default="all", help="modes to also kill at step 7 and resume (default all; 'none')"
+    )
+    ap.add_argument(
+        "--export", default="sharded", help=f"modes whose final adapter to export and verify (default {SHARDED})"
+    )
+    ap.add_argument("--append", action="store_true", help="add to the results file of the same tag (split runs)")
     ap.add_argument("--prequantized", action="store_true", help="write the model directly in NF4 (bf16 storage)")
     ap.add_argument("--overrides", nargs="*", default=[], help="recipe overrides for every mode")
     ap.add_argument("--cache", default=str(REPO / "bench" / ".cache"))
@@ -241,25 +291,38 @@ def main() -> int:
     env = dict(os.environ)
     if args.gpu_cap:
         env["QLORA_SFT_GPU_MEMORY_GIB"] = str(args.gpu_cap)
-    kill_modes = [m for m in args.kill_resume.split(",") if m]
-    export_modes = [m for m in args.export.split(",") if m]
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        ap.error(f"unknown modes {unknown}; use {', '.join(MODES)}")
+    kill_modes = modes if args.kill_resume == "all" else [m for m in args.kill_resume.split(",") if m != "none"]
+    export_modes = list(SHARDED) if args.export == "sharded" else [m for m in args.export.split(",") if m != "none"]
+    gpu = report.gpu_name()
+    base = report.results_base(Path(args.out), gpu, args.shape, f"-distributed{args.tag}")
+    earlier = base.with_suffix(".json")
     results = []
-    for mode in args.modes.split(","):
+    if args.append and earlier.is_file():
+        results = [r for r in json.loads(earlier.read_text())["results"] if r["mode"] not in modes]
+    for mode in modes:
         shutil.rmtree(runs / mode, ignore_errors=True)
         log = log_dir / f"{args.shape}-{mode}.log"
         log.write_text("")
         rc, wall = launch(mode, args.gpus, recipe_path, mode, log, env, args.overrides)
         r: dict[str, Any] = {
             "mode": mode,
-            "config": MODES[mode],
+            "config": MODES[mode].config,
+            "env": dict(MODES[mode].env),
+            "overrides": [*MODES[mode].overrides, *args.overrides],
             "gpus": 1 if mode == "1gpu" else args.gpus,
             "returncode": rc,
             "wall_s": round(wall, 1),
             **read_run(runs / mode),
-            "plan_estimate_gib": plan_estimate(recipe_path, mode, args.gpus),
+            "plan_estimate_gib": plan_estimate(recipe_path, mode, args.gpus, args.overrides),
         }
         if rc == 0 and mode in kill_modes:
-            r["kill_resume"] = kill_and_resume(mode, args.gpus, args.steps, recipe_path, runs, log, env)
+            r["kill_resume"] = kill_and_resume(
+                mode, args.gpus, args.steps, recipe_path, runs, log, env, args.overrides
+            )
         if rc == 0 and mode in export_modes:
             r["export"] = export(mode, runs, log, env)
         if rc != 0 or (r.get("kill_resume") or {}).get("resumed_returncode"):
@@ -279,7 +342,17 @@ def main() -> int:
             )
         if by.get("1gpu", {}).get("tokens_per_s") and r.get("tokens_per_s") and r["mode"] != "1gpu":
             checks[f"speedup_vs_1gpu_{r['mode']}"] = r["tokens_per_s"] / by["1gpu"]["tokens_per_s"]
-    gpu = report.gpu_name()
+        ddp = by.get("ddp", {})
+        if r["mode"].startswith(("fsdp", "zero3")) and ddp.get("tokens_per_s") and r.get("tokens_per_s"):
+            checks[f"tokens_per_s_vs_ddp_{r['mode']}"] = r["tokens_per_s"] / ddp["tokens_per_s"]
+            if all(ddp.get("peak_gib_per_rank") or [None]) and all(r.get("peak_gib_per_rank") or [None]):
+                checks[f"peak_vs_ddp_{r['mode']}"] = max(r["peak_gib_per_rank"]) / max(ddp["peak_gib_per_rank"])
+        k = r.get("kill_resume") or {}
+        if k.get("max_abs_loss_diff") is not None:
+            checks[f"max_resumed_loss_diff_{r['mode']}"] = k["max_abs_loss_diff"]
+        peaks = [x for x in r.get("peak_gib_per_rank") or [] if x]
+        if peaks and r.get("plan_estimate_gib"):
+            checks[f"plan_vs_peak_{r['mode']}"] = r["plan_estimate_gib"] / max(peaks) - 1
     payload = {
         "gpu": gpu,
         "shape": args.shape,
@@ -295,9 +368,7 @@ def main() -> int:
         "results": results,
         "checks": checks,
     }
-    report.write(
-        report.results_base(Path(args.out), gpu, args.shape, f"-distributed{args.tag}"), payload, render(payload)
-    )
+    report.write(base, payload, render(payload))
     return 0 if all(r["returncode"] == 0 for r in results) else 1
 
 
@@ -350,7 +421,8 @@ def render(p: dict) -> list[str]:
             lines.append(
                 f"\nKill and resume ({r['mode']}): rank 0 killed at step {k['killed_at_step']} (rc "
                 f"{k['killed_returncode']}), complete checkpoints {k['checkpoints_after_kill']}, relaunch rc "
-                f"{k['resumed_returncode']}, resumed from checkpoint-{k['save_steps']}: {k['resumed_from_log']}; max "
+                f"{k['resumed_returncode']}, resumed from checkpoint-{k['save_steps']}: {k['resumed_from_log']}, "
+                f"state verified: {k.get('resume_verified')}; max "
                 f"|loss difference| of steps {k['save_steps'] + 1}-{p['steps']} against the uninterrupted run: "
                 f"{k['max_abs_loss_diff']}"
             )

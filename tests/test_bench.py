@@ -68,7 +68,8 @@ def test_bench_distributed_runs_kills_resumes_and_writes_results(tmp_path: Path)
         "distributed",
         tmp_path,
         *("--gpus", "1", "--modes", "1gpu", "--steps", "4", "--global-batch", "2"),
-        *("--max-length", "256", "--rows", "200", "--kill-resume", "1gpu"),
+        *("--max-length", "256", "--rows", "200", "--kill-resume", "1gpu", "--export", "none"),
+        *("--overrides", "train.learning_rate=1e-3"),
     )
     (result,) = (tmp_path / "results").glob("*-llama-smoke-distributed.json")
     data = json.loads(result.read_text())
@@ -81,3 +82,9 @@ def test_bench_distributed_runs_kills_resumes_and_writes_results(tmp_path: Path)
     assert k["killed_returncode"] != 0 and k["checkpoints_after_kill"] == ["checkpoint-2"]
     assert k["resumed_returncode"] == 0 and k["resumed_from_log"]
     assert sorted(k["resumed_losses"]) == ["3", "4"] and k["max_abs_loss_diff"] == 0.0
+    assert k["resume_verified"] and data["checks"]["max_resumed_loss_diff_1gpu"] == 0.0
+    # the killed run and its relaunch ran the overridden recipe too (not only the uninterrupted one)
+    import yaml
+
+    killed = yaml.safe_load((tmp_path / "cache" / "runs" / "llama-smoke" / "1gpu-killed" / "recipe.yaml").read_text())
+    assert killed["train"]["learning_rate"] == 1e-3 and r["overrides"] == ["train.learning_rate=1e-3"]

@@ -699,10 +699,14 @@ def _fsdp_units(model: Any) -> list[tuple[str, Any]]:
     """(plain name, unit) of the FSDP1 units that hold trainable parameters."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    def trains(unit: Any) -> bool:
+        handle = getattr(unit, "_handle", None)
+        return handle is not None and handle.flat_param.requires_grad
+
     return [
         (name.replace("_fsdp_wrapped_module.", ""), m)
         for name, m in model.named_modules()
-        if isinstance(m, FSDP) and any(p.requires_grad for p in m.parameters(recurse=False))
+        if isinstance(m, FSDP) and trains(m)
     ]
 
 
@@ -714,6 +718,13 @@ def adapter_parameters(model: Any, writeback: bool = False) -> Iterator[tuple[st
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     if any(isinstance(m, FSDP) for m in model.modules()):
+        from torch.distributed.fsdp._flat_param import FlatParameter
+        from torch.distributed.fsdp._runtime_utils import _lazy_init
+
+        if isinstance(model, FSDP):
+            # the root first: a unit unsharded before the root's (lazy) initialisation would take the
+            # root's role, and the first forward would then fail (or, worse, run as two roots)
+            _lazy_init(model, model)
         for unit_name, unit in _fsdp_units(model):
             with FSDP.summon_full_params(unit, recurse=False, writeback=writeback):
                 for name, p in unit.named_parameters():
@@ -722,6 +733,9 @@ def adapter_parameters(model: Any, writeback: bool = False) -> Iterator[tuple[st
                     if p.requires_grad:
                         full = f"{unit_name}.{name.replace('_fsdp_wrapped_module.', '')}".lstrip(".")
                         yield full.removeprefix("module."), p
+        for name, p in model.named_parameters():  # parameters FSDP ignores (replicated adapters)
+            if p.requires_grad and not isinstance(p, FlatParameter):
+                yield name.replace("_fsdp_wrapped_module.", "").removeprefix("module."), p
         return
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if any(hasattr(p, "ds_id") for _, p in params):  # DeepSpeed ZeRO-3: gather to read
@@ -773,9 +787,9 @@ def load_adapter_in_place(model: Any, folder: Path, adapter: str = "default") ->
 
 def resume_problems(model: Any, optimizer: Any, folder: Path, adapter: str = "default") -> list[str]:
     """After a resume has loaded everything: the model's trainable weights equal the checkpoint's
-    adapter exactly, and the optimizer holds state for every trainable parameter (a missing state
-    would restart its moments from zero: the run would silently drift from an uninterrupted one).
-    Checked on every rank (collective under FSDP/ZeRO-3)."""
+    adapter exactly, and the optimizer (None: not checked) holds state for every trainable parameter
+    (a missing state would restart its moments from zero: the run would silently drift from an
+    uninterrupted one). Checked on every rank (collective under FSDP/ZeRO-3)."""
     import torch
     from safetensors.torch import load_file
 
@@ -789,7 +803,7 @@ def resume_problems(model: Any, optimizer: Any, folder: Path, adapter: str = "de
             diff = (p.detach().float().cpu() - t.float()).abs().max().item()
             problems.append(f"{name} differs from the checkpoint's value (max |diff| {diff:.3g})")
     opt = getattr(optimizer, "optimizer", optimizer)
-    if opt is not None and hasattr(opt, "param_groups") and not hasattr(opt, "zero_optimization"):
+    if opt is not None and hasattr(opt, "param_groups"):
         trainable = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
         empty = sum(1 for p in trainable if not opt.state.get(p))
         if empty:
@@ -989,7 +1003,9 @@ class CheckpointingMixin:
         if paged:
             log.info("resume: %d optimizer state tensors back in paged memory", paged)
         model = self.model_wrapped if self.is_fsdp_enabled else self.model  # type: ignore[attr-defined]
-        problems = resume_problems(model, self.optimizer, Path(checkpoint))  # type: ignore[attr-defined]
+        # DeepSpeed keeps its optimizer state in its own partitions (and restores it itself)
+        optimizer = None if self.is_deepspeed_enabled else self.optimizer  # type: ignore[attr-defined]
+        problems = resume_problems(model, optimizer, Path(checkpoint))
         if any_rank(bool(problems)):
             raise RunDirError(
                 f"resuming from {checkpoint} did not restore the training state exactly: "

@@ -30,6 +30,11 @@ KINDS = ("cpu", "single_gpu", "ddp", "deepspeed", "fsdp")
 # Caps each rank's GPU memory (GiB) so a run behaves like a smaller card: the benchmark's size proofs
 # and a user rehearsing a 24 GiB cluster on a larger workstation GPU.
 GPU_MEMORY_CAP_ENV = "QLORA_SFT_GPU_MEMORY_GIB"
+# How FSDP cuts the model into units: `layers` (default) one unit per decoder layer, embedding and
+# output head, the adapters replicated on every rank; `peft`: peft's policy (every LoRA layer its own
+# unit too), kept for comparison (docs/larger-models.md, bench/results).
+FSDP_UNITS_ENV = "QLORA_SFT_FSDP_UNITS"
+FSDP_UNITS = ("layers", "peft")
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class LaunchMode:
     fsdp_version: int = 1
     sync_module_states: bool = True  # FSDP: rank 0's weights are broadcast when wrapping
     state_dict_type: str = "FULL_STATE_DICT"  # FSDP
+    fsdp_units: str = "layers"  # FSDP: one of FSDP_UNITS
     num_machines: int = 1
     source: str = ""  # the accelerate config file it was read from (plan), if any
 
@@ -52,6 +58,19 @@ class LaunchMode:
     def shards_parameters(self) -> bool:
         """ZeRO-3 and FSDP shard parameters across ranks."""
         return self.kind == "fsdp" or (self.kind == "deepspeed" and self.zero_stage == 3)
+
+    @property
+    def adapters_replicated(self) -> bool:
+        """FSDP with one unit per decoder layer: the frozen weights are sharded and each layer runs its
+        own forward on gathered weights, while the adapters (and their gradients and optimizer state)
+        are whole on every rank, their gradients averaged as under DDP."""
+        return self.kind == "fsdp" and self.fsdp_units == "layers"
+
+    @property
+    def layers_run_whole(self) -> bool:
+        """Each layer's forward sees its whole weights: no sharding, or FSDP's layer units (not ZeRO-3,
+        which gathers each parameter only inside its own module's forward, nor FSDP's peft units)."""
+        return not self.shards_parameters or self.adapters_replicated
 
     @property
     def shards_gradients(self) -> bool:
@@ -164,9 +183,18 @@ def mode_from_environment(
             fsdp_version=int(env.get("FSDP_VERSION", "1") or 1),
             sync_module_states=flag("FSDP_SYNC_MODULE_STATES", True) or flag("FSDP_CPU_RAM_EFFICIENT_LOADING"),
             state_dict_type=env.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT") or "FULL_STATE_DICT",
+            fsdp_units=fsdp_units(env),
             **common,
         )
     return LaunchMode("ddp" if world_size > 1 else "single_gpu", **common)
+
+
+def fsdp_units(env: Mapping[str, str] | None = None) -> str:
+    """QLORA_SFT_FSDP_UNITS, checked: `layers` (default) or `peft`."""
+    value = (os.environ if env is None else env).get(FSDP_UNITS_ENV, "layers").strip().lower() or "layers"
+    if value not in FSDP_UNITS:
+        raise UserError(f"{FSDP_UNITS_ENV}={value!r}: use one of {', '.join(FSDP_UNITS)}")
+    return value
 
 
 def _deepspeed_settings(
@@ -219,6 +247,7 @@ def from_config_file(path: str | os.PathLike[str], gpus_per_node: int | None = N
                 fs.get("fsdp_sync_module_states", True) or fs.get("fsdp_cpu_ram_efficient_loading")
             ),
             state_dict_type=str(fs.get("fsdp_state_dict_type", "FULL_STATE_DICT")),
+            fsdp_units=fsdp_units(),
             **common,
         )
     if dist_type in ("MULTI_GPU", "MULTI_CPU"):
@@ -329,15 +358,22 @@ def check_launch_compat(recipe: Recipe, mode: LaunchMode) -> list[str]:
     if not mode.shards_parameters:
         return problems
     where = "FSDP" if mode.kind == "fsdp" else f"DeepSpeed ZeRO-{mode.zero_stage}"
-    if recipe.train.offload_activations is True:
+    if not mode.layers_run_whole:
+        units = f" with {FSDP_UNITS_ENV}=peft" if mode.kind == "fsdp" else ""
+        if recipe.train.offload_activations is True:
+            problems.append(
+                f"`train.offload_activations` is true, which is not supported under {where}{units} (it is built "
+                "and tested for one GPU, DDP and FSDP's layer units). Remove it: auto leaves it off there."
+            )
+        if recipe.lora.fused is True:
+            problems.append(
+                f"`lora.fused` is true, which is not supported under {where}{units} (the sharded base layers "
+                "must run their own forward to be gathered). Remove it: auto leaves it off there."
+            )
+    if mode.kind == "fsdp" and recipe.lora.bias != "none":
         problems.append(
-            f"`train.offload_activations` is true, which is not supported under {where} (it is built and "
-            "tested for one GPU and DDP). Remove it: auto leaves it off there."
-        )
-    if recipe.lora.fused is True:
-        problems.append(
-            f"`lora.fused` is true, which is not supported under {where} (the sharded base layers must "
-            "run their own forward to be gathered). Remove it: auto leaves it off there."
+            f"`lora.bias` is {recipe.lora.bias}: FSDP would have to shard a layer whose weight is frozen and whose "
+            "bias trains, which FSDP (version 1) cannot flatten together. Set lora.bias: none, or launch with DDP."
         )
     if q.method == "int8":
         problems.append(
@@ -378,7 +414,7 @@ def offloads_activations(recipe: Recipe, mode: LaunchMode) -> bool:
     if not recipe.train.args.get("gradient_checkpointing", True):
         return False
     if recipe.train.offload_activations == "auto":
-        return mode.device_type == "cuda" and not mode.shards_parameters
+        return mode.device_type == "cuda" and mode.layers_run_whole
     return bool(recipe.train.offload_activations)
 
 
