@@ -55,6 +55,7 @@ from .workload import make_data, make_model
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
+
 @dataclass(frozen=True)
 class Mode:
     config: str  # configs/accelerate/<config>
@@ -274,8 +275,6 @@ def main() -> int:
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args()
 
-    import torch
-
     cache = Path(args.cache)
     t0 = time.time()
     model_dir = cache / (args.shape + ("-nf4" if args.prequantized else ""))
@@ -320,18 +319,46 @@ def main() -> int:
             "plan_estimate_gib": plan_estimate(recipe_path, mode, args.gpus, args.overrides),
         }
         if rc == 0 and mode in kill_modes:
-            r["kill_resume"] = kill_and_resume(
-                mode, args.gpus, args.steps, recipe_path, runs, log, env, args.overrides
-            )
+            r["kill_resume"] = kill_and_resume(mode, args.gpus, args.steps, recipe_path, runs, log, env, args.overrides)
         if rc == 0 and mode in export_modes:
             r["export"] = export(mode, runs, log, env)
         if rc != 0 or (r.get("kill_resume") or {}).get("resumed_returncode"):
             r["log_tail"] = log.read_text()[-4000:]
         results.append(r)
+        write_results(base, args, results)
         print(json.dumps({k: v for k, v in r.items() if k != "log_tail"}), flush=True)
         if "log_tail" in r:
             print(r["log_tail"], flush=True)
 
+    write_results(base, args, results)
+    return 0 if all(r["returncode"] == 0 for r in results) else 1
+
+
+def write_results(base: Path, args: argparse.Namespace, results: list[dict]) -> None:
+    """The results file, rewritten after every mode (a call cut short by its time limit keeps what ran)."""
+    import torch
+
+    payload = {
+        "gpu": report.gpu_name(),
+        "shape": args.shape,
+        "num_gpus": args.gpus,
+        "per_gpu_cap_gib": args.gpu_cap,
+        "prequantized": args.prequantized,
+        "steps": args.steps,
+        "global_batch": args.global_batch,
+        "max_length": args.max_length,
+        "offload_activations": "auto",  # the recipe's value (results before 2026-11-24 ran without offloading)
+        "torch": torch.__version__,
+        "command": "python -m bench.distributed " + " ".join(sys.argv[1:]),
+        "results": results,
+        "checks": checks_of(results),
+    }
+    report.write(base, payload, render(payload))
+
+
+def checks_of(results: list[dict]) -> dict[str, float]:
+    """The goals' numbers: speedup against one GPU, sharded modes against DDP, loss differences
+    against one GPU and after a resume, plan's estimate against each peak."""
     by = {r["mode"]: r for r in results}
     checks: dict[str, float] = {}
     ref = by.get("1gpu", {}).get("losses_first_10")
@@ -353,23 +380,7 @@ def main() -> int:
         peaks = [x for x in r.get("peak_gib_per_rank") or [] if x]
         if peaks and r.get("plan_estimate_gib"):
             checks[f"plan_vs_peak_{r['mode']}"] = r["plan_estimate_gib"] / max(peaks) - 1
-    payload = {
-        "gpu": gpu,
-        "shape": args.shape,
-        "num_gpus": args.gpus,
-        "per_gpu_cap_gib": args.gpu_cap,
-        "prequantized": args.prequantized,
-        "steps": args.steps,
-        "global_batch": args.global_batch,
-        "max_length": args.max_length,
-        "offload_activations": "auto",  # the recipe's value (results before 2026-11-24 ran without offloading)
-        "torch": torch.__version__,
-        "command": "python -m bench.distributed " + " ".join(sys.argv[1:]),
-        "results": results,
-        "checks": checks,
-    }
-    report.write(base, payload, render(payload))
-    return 0 if all(r["returncode"] == 0 for r in results) else 1
+    return checks
 
 
 def render(p: dict) -> list[str]:

@@ -1488,9 +1488,7 @@ def prepare_data(
     return prepared
 
 
-def data_fingerprint(
-    cfg: DataConfig, base_dir: str | os.PathLike[str] | None, report: DataReport
-) -> dict[str, Any]:
+def data_fingerprint(cfg: DataConfig, base_dir: str | os.PathLike[str] | None, report: DataReport) -> dict[str, Any]:
     """What a checkpoint records of the data it was trained on (a resume over changed data is
     refused): every local file of every source (path, size, modification time) and the split's
     row counts. Hub datasets are named by the recipe (id, split, revision), which resume compares."""

@@ -588,9 +588,7 @@ def adapter_modules(model: Any) -> list[Any]:
     """The modules whose own parameters all train: peft's LoRA layers (lora_A/lora_B and the like)
     and the trained copies of `modules_to_save`."""
     return [
-        m
-        for m in model.modules()
-        if (own := list(m.parameters(recurse=False))) and all(p.requires_grad for p in own)
+        m for m in model.modules() if (own := list(m.parameters(recurse=False))) and all(p.requires_grad for p in own)
     ]
 
 
