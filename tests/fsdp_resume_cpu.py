@@ -46,6 +46,7 @@ def build(model_dir: str, units: str):
     from qlora_sft.loader import load_low_memory
     from qlora_sft.model import (
         adapter_modules,
+        broadcast_from_rank0,
         fp32_buffer_modules,
         keep_cpu_4bit_trainable,
         layer_units_policy,
@@ -60,9 +61,15 @@ def build(model_dir: str, units: str):
         bnb_4bit_compute_dtype=bf16,
         bnb_4bit_quant_storage=bf16,
     )
-    # rank 0 reads the weights, the other ranks hold placeholders (what the low-memory loader does
-    # under FSDP); FSDP's sync_module_states would broadcast them: here every rank loads them
-    base = load_low_memory(model_dir, q, dtype=bf16, data_device=cpu, compute_device=cpu)
+    # rank 0 reads the weights, the other ranks hold placeholders (meta), as the low-memory loader
+    # does under FSDP; FSDP materialises them (param_init_fn) and broadcasts rank 0's values
+    # (sync_module_states), as accelerate sets it up. torch refuses sync_module_states for CPU
+    # tensors only because NCCL needs GPU tensors; gloo broadcasts CPU tensors.
+    import torch.distributed.fsdp._init_utils as fsdp_init
+
+    fsdp_init._check_module_states_for_sync_module_states = lambda states: None
+    data_device = torch.device("meta") if dist.get_rank() != 0 else cpu
+    base = load_low_memory(model_dir, q, dtype=bf16, data_device=data_device, compute_device=cpu)
     keep_cpu_4bit_trainable(base)
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -86,7 +93,10 @@ def build(model_dir: str, units: str):
         use_orig_params=False,
         ignored_modules=ignored,
         mixed_precision=MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16),
+        sync_module_states=True,
+        param_init_fn=lambda m: m.to_empty(device=cpu, recurse=False),  # accelerate's
     )
+    broadcast_from_rank0(params)  # what fsdp_layer_units does after the Trainer's wrapping
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
     return model, wrapped, optimizer, params
 

@@ -353,7 +353,7 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
     from bench.workload import SHAPES
     from qlora_sft import launch
     from qlora_sft.plan import ModelShape, estimate_memory, plan_lines
-    from qlora_sft.recipe import build_recipe, load_recipe
+    from qlora_sft.recipe import load_recipe
 
     checked = 0
     for result in sorted((REPO / "bench" / "results").glob("*-distributed*.json")):
@@ -362,14 +362,20 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
         LlamaConfig(**SHAPES[run["shape"]]).save_pretrained(folder)
         raw = recipe_for(folder, tmp_path / "d.jsonl", tmp_path, run["steps"], run["global_batch"], run["max_length"])
         raw["train"]["offload_activations"] = run.get("offload_activations", False)  # not in the older runs
-        recipe = build_recipe(raw)
+        path = write_recipe(tmp_path / "run.yaml", raw)
         shape = ModelShape.from_config(json.loads((folder / "config.json").read_text()))
         for r in run["results"]:
             peaks = [p for p in r.get("peak_gib_per_rank") or [] if p]
             if r["returncode"] != 0 or not peaks:
                 continue
             peak = max(peaks)
-            mode = launch.from_config_file(CONFIGS / MODES[r["mode"]], r["gpus"])
+            recipe = load_recipe(path, r.get("overrides", []))
+            # runs before 2026-11-30 record no environment: their FSDP used peft's units
+            env = r.get("env", {"QLORA_SFT_FSDP_UNITS": "peft"})
+            with pytest.MonkeyPatch.context() as mp:
+                for key, value in env.items():
+                    mp.setenv(key, value)
+                mode = launch.from_config_file(CONFIGS / MODES[r["mode"]].config, r["gpus"])
             estimate = estimate_memory(shape, recipe, mode).total
             assert abs(estimate - peak) / peak <= 0.15, (result.name, r["mode"], estimate, peak)
             checked += 1

@@ -594,9 +594,11 @@ def adapter_modules(model: Any) -> list[Any]:
 
 def layer_units_policy(model: Any) -> Any:
     """FSDP auto-wrap policy of `QLORA_SFT_FSDP_UNITS=layers`: one unit per decoder layer (the model's
-    `_no_split_modules` classes), plus the input embedding and the output head each as their own unit
-    when they are not tied (so each is gathered only while it is used). Adapters are left out of every
-    unit (`fsdp_layer_units` makes them ignored modules)."""
+    `_no_split_modules` classes), plus the input embedding as its own unit when it is not tied to the
+    output head (gathered only while it is used). The output head stays in the root unit: TRL computes
+    the loss from the hidden states and `lm_head.weight` directly, in chunks, without calling the
+    head's forward, so a unit of its own would never be gathered. Adapters are left out of every unit
+    (`fsdp_layer_units` makes them ignored modules)."""
     import functools as ft
 
     from peft.utils.other import _get_no_split_modules
@@ -612,8 +614,8 @@ def layer_units_policy(model: Any) -> Any:
         )
     ends = []
     emb, head = base.get_input_embeddings(), base.get_output_embeddings()
-    if emb is not None and head is not None and emb.weight is not head.weight:
-        ends = [emb, head]
+    if emb is not None and (head is None or emb.weight is not head.weight):
+        ends = [emb]
     layer_policy = ft.partial(transformer_auto_wrap_policy, transformer_layer_cls=classes)
     end_policy = ft.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: any(m is e for e in ends))
     return ft.partial(_or_policy, policies=[layer_policy, end_policy])
@@ -641,23 +643,30 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
 
 
 def replicate_adapters(modules: list[Any], device: torch.device) -> list[torch.nn.Parameter]:
-    """Put the adapter modules whole on this rank's device, identical on every rank: placeholders
-    (meta, on ranks that loaded no weights) get storage, and every parameter is broadcast from
-    rank 0. Returns their parameters."""
-    import torch.distributed as dist
-
+    """Put the adapter modules whole on this rank's device (placeholders, meta on ranks that loaded no
+    weights, get storage). Their values become identical on every rank only with
+    `broadcast_from_rank0`, called after FSDP has wrapped the model. Returns their parameters."""
     for m in modules:
         materialize_placeholders(m, device=str(device))
         m.to(device)
-    params = [p for m in modules for p in m.parameters(recurse=False)]
+    return [p for m in modules for p in m.parameters(recurse=False)]
+
+
+def broadcast_from_rank0(params: list[torch.nn.Parameter]) -> None:
+    """Rank 0's values of `params` on every rank (in place). For the FSDP-ignored adapters this must
+    come after wrapping: on a rank whose layers were placeholders, FSDP's `param_init_fn` (`to_empty`)
+    runs over each unit's whole module tree, the ignored adapters inside it included, and leaves them
+    uninitialised, while its `sync_module_states` broadcast covers only the parameters it shards
+    (seen as NaN on CPU ranks, and as a loss 0.034 off one GPU's on two H200s)."""
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         for p in params:
             dist.broadcast(p.data, src=0)
-    return params
 
 
 def fsdp_layer_units(trainer: Any) -> None:
-    """FSDP (version 1) cut into one unit per decoder layer, embedding and output head, with the
+    """FSDP (version 1) cut into one unit per decoder layer and the embedding, with the
     adapters replicated: a few large units keep the step GPU-bound, where peft's policy (every LoRA
     Linear its own unit, 897 FSDP forwards per step for an 8B Llama) made it CPU-bound (3x slower per
     GPU than DDP, measured on two H200s). FSDP1 cannot put trainable adapters in the same flat
@@ -687,9 +696,11 @@ def fsdp_layer_units(trainer: Any) -> None:
 
         trainer_module.update_fsdp_plugin_peft = update_then_layer_units
         try:
-            return prepare(*args, **kwargs)
+            out = prepare(*args, **kwargs)
         finally:
             trainer_module.update_fsdp_plugin_peft = update
+        broadcast_from_rank0(params)  # after wrapping (and after a resume's load, which it keeps)
+        return out
 
     def step_then_average(*args: Any, **kwargs: Any) -> Any:
         loss = step(*args, **kwargs)
@@ -700,7 +711,7 @@ def fsdp_layer_units(trainer: Any) -> None:
     trainer._prepare_for_training = prepare_with_layer_units
     trainer.training_step = step_then_average
     log.info(
-        "FSDP: one unit per decoder layer (+ embedding, output head); %d adapter modules (%.1f M parameters) "
+        "FSDP: one unit per decoder layer (+ embedding); %d adapter modules (%.1f M parameters) "
         "replicated on every rank",
         len(adapters),
         sum(p.numel() for p in params) / 1e6,

@@ -128,6 +128,9 @@ def read_model_config(name_or_path: str, base_dir: Path | None = None) -> dict[s
         ) from None
 
 
+ZERO3_MAX_LIVE_PARAMETERS = 1e9  # configs/deepspeed/zero3*.json
+
+
 @dataclass
 class MemoryEstimate:
     parts: dict[str, float] = field(default_factory=dict)  # GiB
@@ -145,8 +148,9 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode) -> Memo
     tokens = micro * recipe.data.max_length
     h, inter, layers = shape.hidden, shape.intermediate, shape.layers
     shard = world if mode.shards_parameters else 1
-    lora_shard = world if mode.shards_parameters else 1
-    grad_shard = world if mode.shards_gradients else 1
+    # FSDP's layer units keep the adapters whole on every rank (weights, gradients, optimizer state)
+    lora_shard = world if mode.shards_parameters and not mode.adapters_replicated else 1
+    grad_shard = world if mode.shards_gradients and not mode.adapters_replicated else 1
     offload = mode.offload and mode.kind in ("fsdp", "deepspeed")
     # frozen non-quantized weights: compute dtype, fp32 with model.upcast_frozen (quantized models only)
     other_bytes = 4 if recipe.model.upcast_frozen and q != "none" and not mode.shards_parameters else 2
@@ -168,10 +172,23 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode) -> Memo
     layer_weights = sum(a * b for a, b in shape.linears().values()) * data_bytes
     gathered = 0.0
     moves_weights = world > 1 or offload  # weights arrive from other ranks or from CPU memory
+    head = shape.vocab * h * other_bytes
     if mode.kind == "fsdp":
-        gathered = shape.other_params * other_bytes + (2 * layer_weights if moves_weights else 0)
+        # the root unit stays gathered from forward to backward: with layer units it holds the norm
+        # and the output head (the embedding is its own unit, gathered only while it runs), with
+        # peft's units the embedding too; plus the layer running and the one prefetched
+        root = (head if not shape.tied else 0) + h if mode.adapters_replicated else shape.other_params * other_bytes
+        gathered = root + (2 * layer_weights if moves_weights else 0)
+        if world > 1:
+            # measured on two H200s (2026-11-30, every FSDP run, both unit layouts): ranks other than
+            # 0 hold one more output-head-sized tensor (0.98 GiB at 8B) from loading on; the peak per
+            # rank is theirs
+            gathered += head
     elif mode.shards_parameters and moves_weights:
-        gathered = shape.vocab * h * other_bytes
+        # DeepSpeed keeps up to stage3_max_live_parameters gathered elements resident (1e9 in the
+        # bundled config: 1.86 GiB of bf16-stored 4-bit weights at 8B, measured 2026-11-30)
+        total = shape.linear_params * data_bytes / 2 + shape.other_params
+        gathered = min(ZERO3_MAX_LIVE_PARAMETERS, total) * 2
     weights_name = "4-bit base weights" if q in ("nf4", "fp4") else f"{q} base weights"
     kept = 0.0 if offload else 1.0  # what offload moves to CPU memory
     parts = {
