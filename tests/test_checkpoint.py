@@ -186,16 +186,20 @@ def test_corrupt_or_unmarked_checkpoints_are_skipped_not_deleted(tmp_path: Path,
     data = write_toy_data(tmp_path / "toy.jsonl", n=40)
     recipe = build_recipe(recipe_dict(tiny_model, data, tmp_path / "runs"))
     run_dir = recipe.run_dir
+    import torch
+    from safetensors.torch import save_file
+
     for step in (2, 4, 6):
         d = run_dir / f"checkpoint-{step}"
         d.mkdir(parents=True)
-        (d / "adapter_model.safetensors").write_bytes(b"x" * 100)
+        save_file({"w": torch.full((25,), float(step))}, str(d / "adapter_model.safetensors"))
         checkpoint.write_manifest(d, {"step": step, "world_size": 1, "global_batch": 8})
     assert checkpoint.find_resume(recipe) == run_dir / "checkpoint-6"
+    size = (run_dir / "checkpoint-6" / "adapter_model.safetensors").stat().st_size
     (run_dir / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"x" * 40)  # truncated
     (run_dir / "checkpoint-4" / checkpoint.COMPLETE).unlink()  # marker gone
     infos = {i.step: i for i in checkpoint.list_checkpoints(run_dir)}
-    assert "has 40 bytes, expected 100" in infos[6].reason
+    assert f"has 40 bytes, expected {size}" in infos[6].reason
     assert "no COMPLETE marker" in infos[4].reason
     assert checkpoint.find_resume(recipe) == run_dir / "checkpoint-2"
     assert (run_dir / "checkpoint-6").is_dir() and (run_dir / "checkpoint-4").is_dir()
@@ -224,11 +228,34 @@ def test_deepspeed_checkpoint_on_another_world_size_is_refused(tmp_path: Path):
     (d / "latest").write_text("global_step5")
     checkpoint.write_manifest(d, {"step": 5, "world_size": 4, "global_batch": 16})
     assert json.loads((d / checkpoint.MANIFEST).read_text())["deepspeed_tag"] == "global_step5"
-    with pytest.raises(RunDirError, match=r"DeepSpeed checkpoint of 4 rank\(s\).*this launch has 2.*ds_to_universal"):
+    with pytest.raises(RunDirError, match=r"of 4 rank\(s\).*this launch is deepspeed with 2.*ds_to_uni"):
         checkpoint.check_resume(d, world_size=2, global_batch=16, mode_kind="deepspeed")
+    with pytest.raises(RunDirError, match=r"DeepSpeed checkpoint of 4 rank\(s\).*this launch is ddp with 4"):
+        checkpoint.check_resume(d, world_size=4, global_batch=16, mode_kind="ddp")
     with pytest.raises(RunDirError, match="saved with global batch 16, this launch has 32"):
         checkpoint.check_resume(d, world_size=4, global_batch=32, mode_kind="deepspeed")
     assert checkpoint.check_resume(d, world_size=4, global_batch=16, mode_kind="deepspeed")["step"] == 5
+
+
+def test_which_launch_changes_a_checkpoint_survives(tmp_path: Path):
+    """Refused before anything loads: a checkpoint of one launch mode family resumed in another, or
+    an FSDP checkpoint on another world size (its optimizer state is keyed by FSDP's parameter names).
+    Allowed: one process, CPU ranks and DDP on any number of processes, same global batch."""
+    ddp = tmp_path / "checkpoint-3"
+    ddp.mkdir()
+    checkpoint.write_manifest(ddp, {"step": 3, "world_size": 2, "global_batch": 8, "mode": "ddp"})
+    assert checkpoint.check_resume(ddp, world_size=1, global_batch=8, mode_kind="single_gpu")["step"] == 3
+    assert checkpoint.check_resume(ddp, world_size=4, global_batch=8, mode_kind="ddp")["step"] == 3
+    with pytest.raises(RunDirError, match=r"saved by a ddp launch of 2 rank\(s\); this launch is fsdp with 2"):
+        checkpoint.check_resume(ddp, world_size=2, global_batch=8, mode_kind="fsdp")
+    fsdp = tmp_path / "checkpoint-4"
+    fsdp.mkdir()
+    checkpoint.write_manifest(fsdp, {"step": 4, "world_size": 2, "global_batch": 8, "mode": "fsdp"})
+    assert checkpoint.check_resume(fsdp, world_size=2, global_batch=8, mode_kind="fsdp")["step"] == 4
+    with pytest.raises(RunDirError, match=r"fsdp launch of 2 rank\(s\); this launch is fsdp with 4.*as it was"):
+        checkpoint.check_resume(fsdp, world_size=4, global_batch=8, mode_kind="fsdp")
+    with pytest.raises(RunDirError, match="this launch is ddp with 2"):
+        checkpoint.check_resume(fsdp, world_size=2, global_batch=8, mode_kind="ddp")
 
 
 def test_checkpoint_files_are_listed_in_the_manifest(setup, uninterrupted):
@@ -236,8 +263,9 @@ def test_checkpoint_files_are_listed_in_the_manifest(setup, uninterrupted):
     ckpt = root / "runs" / "straight" / "checkpoint-12"
     manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())
     assert manifest["step"] == 12 and manifest["examples_consumed"] == 96 and manifest["world_size"] == 2
-    for rel, size in manifest["files"].items():
-        assert (ckpt / rel).stat().st_size == size
+    for rel, entry in manifest["files"].items():  # every file with its size and digest
+        assert (ckpt / rel).stat().st_size == entry["size"]
+        assert entry["digest"] == checkpoint.file_digest(ckpt / rel)
     assert {
         "optimizer.pt",
         "scheduler.pt",

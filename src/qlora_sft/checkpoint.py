@@ -416,7 +416,10 @@ def inspect_checkpoint(path: Path, verify: bool = False) -> CheckpointInfo:
         if verify and digest and file_digest(f) != digest:
             return CheckpointInfo(step, path, False, f"file {rel} does not match its checksum (corrupted)")
     if verify and (path / ADAPTER_FILE).is_file():
-        bad = nonfinite_tensors(path / ADAPTER_FILE)
+        try:
+            bad = nonfinite_tensors(path / ADAPTER_FILE)
+        except Exception as exc:  # safetensors' own errors for a damaged file
+            return CheckpointInfo(step, path, False, f"{ADAPTER_FILE} cannot be read ({exc})")
         if bad:
             return CheckpointInfo(step, path, False, f"{ADAPTER_FILE} holds non-finite values ({', '.join(bad[:3])})")
     return CheckpointInfo(step, path, True)
