@@ -416,6 +416,84 @@ def _line_map(node: yaml.Node, prefix: str = "") -> dict[str, int]:
     return lines
 
 
+# A recipe is a few hundred values. YAML anchors and aliases (`&a` ... `*a`) let a small file stand
+# for an exponentially large document (nine levels of nine aliases: 387 million values from 1 KB),
+# which everything that walks the data (the line map, deep copies, JSON) would expand.
+MAX_RECIPE_NODES = 100_000
+
+
+class _AliasCycle(Exception):
+    """An alias that refers to a node containing it (`a: &a [*a]`): the document is infinite."""
+
+
+def _expanded_size(root: yaml.Node, limit: int = MAX_RECIPE_NODES) -> int:
+    """Values (scalars, mappings, lists, keys included) in the document once every alias is expanded,
+    counted once per node (memoized on node identity, so linear in the file however the aliases
+    nest) and capped at `limit + 1`. Raises _AliasCycle for a recursive alias."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise _AliasCycle
+        open_nodes.add(key)
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total = min(limit + 1, total + size(child))
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def _compose_recipe(text: str, source: str) -> tuple[Any, dict[str, int]]:
+    """Parse recipe text once: compose its node graph, refuse an alias bomb or a recursive alias
+    before anything expands it, then build the data and the line map from the same nodes."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, {}
+        try:
+            size = _expanded_size(node)
+        except _AliasCycle:
+            raise RecipeError(
+                [
+                    "an alias (`*name`) refers to the anchor (`&name`) it is inside of, so the recipe never "
+                    "ends. Write the values out instead of aliasing the mapping or list that contains them."
+                ],
+                source,
+            ) from None
+        if size > MAX_RECIPE_NODES:
+            where = ""
+            if isinstance(node, yaml.MappingNode):
+                key, _ = max(node.value, key=lambda pair: _expanded_size(pair[1]))
+                where = f" (most of them under `{key.value}`, line {key.start_mark.line + 1})"
+            raise RecipeError(
+                [
+                    f"expands to more than {MAX_RECIPE_NODES:,} values through YAML anchors and aliases "
+                    f"(`&name` ... `*name`){where}; a recipe is a few hundred. Remove the aliases that "
+                    "repeat other aliases (or the keys that hold them) and write the values out."
+                ],
+                source,
+            )
+        data = loader.construct_document(node)
+        lines = _line_map(node)  # after construction, which folds merge keys (`<<: *name`) into their mappings
+    finally:
+        loader.dispose()
+    return data, lines
+
+
 def read_yaml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, int]]:
     """Read a recipe file: (data, `dotted.key -> line number`)."""
     p = Path(path)
@@ -423,15 +501,18 @@ def read_yaml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, i
         raise RecipeError([f"recipe file not found: {p} (give the path to a .yaml recipe)"])
     text = p.read_text(encoding="utf-8")
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        data, lines = _compose_recipe(text, str(p))
     except yaml.YAMLError as exc:
         raise RecipeError([f"not valid YAML: {exc}"], source=str(p)) from None
+    except RecursionError:
+        raise RecipeError(
+            ["nests mappings or lists too deeply to read; a recipe is a few levels deep"], str(p)
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(["the top level must be a mapping of sections (run:, model:, ...)"], str(p))
-    return data, (_line_map(node) if node is not None else {})
+    return data, lines
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
