@@ -1,13 +1,17 @@
-"""Issue 24: a recipe is read in bounded time and memory."""
+"""Issue 24: a recipe is read in bounded time and memory, and every number the trainer would refuse
+after the model loads (or take and then train wrongly) is refused by `validate`, with its key."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
+from helpers import MINIMAL_RECIPE
 
 from qlora_sft.errors import RecipeError
 from qlora_sft.recipe import apply_overrides, build_recipe, load_recipe
@@ -91,6 +95,7 @@ def test_a_few_anchors_still_load_with_line_numbers(tmp_path: Path):
     assert f"{f}:2: `defaults` is not a recipe section" in text
     # a key merged into lora from the anchor is blamed on the anchor's line
     assert f"{f}:4: `lora.alpah` is not a recipe key; did you mean `lora.alpha`?" in text
+    assert f"{f}:14: `train.learning_rate` is -1.0; it must be > 0" in text
     f.write_text(
         "model: {name_or_path: m}\n"
         "lora: {r: 8, alpha: 16, dropout: 0.1}\n"
@@ -106,3 +111,110 @@ def test_a_few_anchors_still_load_with_line_numbers(tmp_path: Path):
     assert (r.lora.r, r.lora.alpha, r.lora.dropout) == (8, 16.0, 0.1)
     assert r.data.eval_sources[0] == r.data.sources[0] and r.data.sources[0].weight == 2.0
     assert r.data.eval_sources[1].path == "a.jsonl" and r.data.eval_sources[1].weight == 1.0
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("lora.alpha", ".nan"),
+        ("lora.dropout", ".nan"),
+        ("data.sources.0.weight", ".inf"),
+        ("train.learning_rate", ".inf"),
+        ("train.learning_rate", ".nan"),
+        ("train.learning_rate", "nan"),  # YAML 1.1 reads it as a string; the float field takes it
+        ("train.num_train_epochs", ".inf"),
+        ("train.weight_decay", ".nan"),
+        ("train.max_grad_norm", ".inf"),
+        ("train.lr_scheduler_kwargs", "{min_lr: .nan}"),
+    ],
+)
+def test_nan_and_infinity_are_refused_anywhere(key: str, value: str):
+    override = f"{key}={value}"
+    data, override_problems = apply_overrides(
+        {**MINIMAL_RECIPE, "data": {"sources": [{"path": "a.jsonl"}]}}, [override]
+    )
+    assert not override_problems
+    with pytest.raises(RecipeError) as exc:
+        build_recipe(data, source="r.yaml", overrides={key: override})
+    (msg,) = exc.value.problems
+    assert msg.startswith(f"override `{override}`: `{key}")
+    assert "expected a finite number" in msg
+
+
+def test_nonfinite_in_the_file_names_its_line(tmp_path: Path):
+    f = tmp_path / "r.yaml"
+    f.write_text("model: {name_or_path: m}\ndata:\n  sources:\n    - path: a.jsonl\n      weight: .inf\n")
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(f)
+    assert exc.value.problems == [f"{f}:5: `data.sources.0.weight` is inf; expected a finite number"]
+
+
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("learning_rate", -1, "is -1.0; it must be > 0"),
+        ("learning_rate", 0, "is 0.0; it must be > 0"),
+        ("max_steps", 0, "is 0; it must be >= 1, or -1 (the default)"),
+        ("max_steps", -5, "is -5; it must be >= 1, or -1"),
+        ("warmup_steps", -1, "is -1.0; it must be a whole number of steps (>= 0) or a fraction"),
+        ("warmup_steps", 2.5, "is 2.5; it must be a whole number of steps"),
+        ("weight_decay", -0.1, "is -0.1; it must be >= 0"),
+        ("max_grad_norm", -1, "is -1.0; it must be >= 0 (0 turns gradient clipping off)"),
+        ("adam_beta1", 1.0, "is 1.0; it must be in [0, 1)"),
+        ("adam_beta2", -0.5, "is -0.5; it must be in [0, 1)"),
+        ("adam_epsilon", 0, "is 0.0; it must be > 0"),
+        ("logging_steps", 0, "is 0.0; it must be a whole number of steps (>= 1) or a fraction of the training"),
+        ("logging_steps", 2.5, "is 2.5; it must be a whole number of steps"),
+        ("save_steps", 0, "is 0.0; it must be a whole number of steps"),
+        ("save_steps", -10, "is -10.0; it must be a whole number of steps"),
+        (
+            "eval_steps",
+            0,
+            "is 0.0; it must be a whole number of steps (>= 1) or a fraction of the training steps in (0, 1); "
+            "leave it out to evaluate every train.logging_steps",
+        ),
+        ("nonfinite_patience", 0, "is 0; it must be >= 1"),
+    ],
+)
+def test_numbers_the_trainer_would_refuse_are_refused_by_validate(key: str, value: float, expected: str):
+    ps = problems({**MINIMAL_RECIPE, "train": {key: value}})
+    assert len(ps) == 1 and ps[0].startswith(f"`train.{key}` {expected}"), ps
+
+
+def test_warmup_ratio_out_of_range_is_refused():
+    for value in (1.5, -0.1):
+        ps = problems({**MINIMAL_RECIPE, "train": {"warmup_ratio": value}})
+        # transformers 5 has no warmup_ratio (warmup_steps < 1 is the ratio); earlier ones check [0, 1]
+        assert len(ps) == 1 and ps[0].startswith("`train.warmup_ratio`"), ps
+        assert "warmup_steps" in ps[0] or "it must be in [0, 1]" in ps[0]
+
+
+def test_what_transformers_accepts_still_validates():
+    r = build_recipe(
+        {
+            **MINIMAL_RECIPE,
+            "train": {
+                "logging_steps": 0.1,  # a fraction of the training steps
+                "save_steps": 100,
+                "eval_steps": 0.25,
+                "warmup_steps": 0.03,
+                "max_grad_norm": 0,  # clipping off
+                "weight_decay": 0,
+                "adam_beta1": 0.0,
+                "max_steps": -1,
+                "num_train_epochs": 1.5,
+            },
+        }
+    )
+    assert r.train.args["logging_steps"] == 0.1 and r.train.args["max_grad_norm"] == 0.0
+    assert r.train.nonfinite_patience == 3 and r.checkpoint.allow_data_change is False
+    r = build_recipe(
+        {
+            **MINIMAL_RECIPE,
+            "train": {"nonfinite_patience": 1, "warmup_steps": 10},
+            "checkpoint": {"allow_data_change": True},
+        }
+    )
+    assert r.train.nonfinite_patience == 1 and r.checkpoint.allow_data_change is True
+    assert all(math.isfinite(v) for v in r.train.args.values() if isinstance(v, float))
+    assert yaml.safe_load(r.to_yaml())["checkpoint"]["allow_data_change"] is True
