@@ -20,12 +20,13 @@ import hashlib
 import inspect
 import itertools
 import json
+import math
 import os
 import signal
 import textwrap
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -422,6 +423,84 @@ def _line_map(node: yaml.Node, prefix: str = "") -> dict[str, int]:
     return lines
 
 
+# A recipe is a few hundred values. YAML anchors and aliases (`&a` ... `*a`) let a small file stand
+# for an exponentially large document (nine levels of nine aliases: 387 million values from 1 KB),
+# which everything that walks the data (the line map, deep copies, JSON) would expand.
+MAX_RECIPE_NODES = 100_000
+
+
+class _AliasCycle(Exception):
+    """An alias that refers to a node containing it (`a: &a [*a]`): the document is infinite."""
+
+
+def _expanded_size(root: yaml.Node, limit: int = MAX_RECIPE_NODES) -> int:
+    """Values (scalars, mappings, lists, keys included) in the document once every alias is expanded,
+    counted once per node (memoized on node identity, so linear in the file however the aliases
+    nest) and capped at `limit + 1`. Raises _AliasCycle for a recursive alias."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise _AliasCycle
+        open_nodes.add(key)
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total = min(limit + 1, total + size(child))
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def _compose_recipe(text: str, source: str) -> tuple[Any, dict[str, int]]:
+    """Parse recipe text once: compose its node graph, refuse an alias bomb or a recursive alias
+    before anything expands it, then build the data and the line map from the same nodes."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, {}
+        try:
+            size = _expanded_size(node)
+        except _AliasCycle:
+            raise RecipeError(
+                [
+                    "an alias (`*name`) refers to the anchor (`&name`) it is inside of, so the recipe never "
+                    "ends. Write the values out instead of aliasing the mapping or list that contains them."
+                ],
+                source,
+            ) from None
+        if size > MAX_RECIPE_NODES:
+            where = ""
+            if isinstance(node, yaml.MappingNode):
+                key, _ = max(node.value, key=lambda pair: _expanded_size(pair[1]))
+                where = f" (most of them under `{key.value}`, line {key.start_mark.line + 1})"
+            raise RecipeError(
+                [
+                    f"expands to more than {MAX_RECIPE_NODES:,} values through YAML anchors and aliases "
+                    f"(`&name` ... `*name`){where}; a recipe is a few hundred. Remove the aliases that "
+                    "repeat other aliases (or the keys that hold them) and write the values out."
+                ],
+                source,
+            )
+        data = loader.construct_document(node)
+        lines = _line_map(node)  # after construction, which folds merge keys (`<<: *name`) into their mappings
+    finally:
+        loader.dispose()
+    return data, lines
+
+
 def read_yaml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, int]]:
     """Read a recipe file: (data, `dotted.key -> line number`)."""
     p = Path(path)
@@ -429,15 +508,18 @@ def read_yaml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, i
         raise RecipeError([f"recipe file not found: {p} (give the path to a .yaml recipe)"])
     text = p.read_text(encoding="utf-8")
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        data, lines = _compose_recipe(text, str(p))
     except yaml.YAMLError as exc:
         raise RecipeError([f"not valid YAML: {exc}"], source=str(p)) from None
+    except RecursionError:
+        raise RecipeError(
+            ["nests mappings or lists too deeply to read; a recipe is a few levels deep"], str(p)
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(["the top level must be a mapping of sections (run:, model:, ...)"], str(p))
-    return data, (_line_map(node) if node is not None else {})
+    return data, lines
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
@@ -600,6 +682,8 @@ def _check_value(value: Any, annotation: Any) -> tuple[bool, Any]:
 def _check_range(key: str, value: Any, meta: Mapping[str, Any], ctx: _Problems) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         return
+    if not math.isfinite(value):
+        return  # NaN passes every comparison: `_nonfinite_problems` refuses it (and infinities)
     if "min" in meta and value < meta["min"]:
         ctx.add(key, f"is {value}; it must be >= {meta['min']}")
     if "gt" in meta and value <= meta["gt"]:
@@ -847,6 +931,71 @@ def _streaming_problems(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems) 
         )
 
 
+def _leaves(value: Any, key: str) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every scalar under `value`; list items are numbered (`data.sources.0.weight`)."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _leaves(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from _leaves(v, f"{key}.{i}")
+    else:
+        yield key, value
+
+
+def _nonfinite_problems(recipe: Recipe, ctx: _Problems) -> None:
+    """Refuse every NaN or infinity in the recipe (`.nan`, `.inf`, or `nan` in a number field): no
+    setting means anything with one, and a NaN passes every range check (comparisons with it are false)."""
+    for key, value in _leaves(recipe.to_dict(), ""):
+        if isinstance(value, float) and not math.isfinite(value):
+            ctx.add(key, f"is {value}; expected a finite number")
+
+
+def _whole_or_fraction(value: float) -> bool:
+    """A count of steps (a whole number >= 1) or a fraction of the training steps in (0, 1)."""
+    return 0 < value < 1 or (value >= 1 and value == int(value))
+
+
+_INTERVAL = "it must be a whole number of steps (>= 1) or a fraction of the training steps in (0, 1)"
+
+# `train:` values that transformers or torch refuse only once the model is loaded (the optimizer's
+# betas and epsilon, warmup < 0, a fractional step count > 1), or take without a word and then train
+# wrongly (a learning rate <= 0, max_steps 0 meaning "train by epochs", save_steps 0 never saving):
+# name -> (is the value acceptable, what is expected).
+TRAIN_VALUE_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "learning_rate": (lambda v: v > 0, "it must be > 0 (e.g. 2e-4)"),
+    "max_steps": (
+        lambda v: v == -1 or v >= 1,
+        "it must be >= 1, or -1 (the default) to train for train.num_train_epochs",
+    ),
+    "warmup_steps": (
+        lambda v: v == 0 or _whole_or_fraction(v),
+        "it must be a whole number of steps (>= 0) or a fraction of the training steps in [0, 1)",
+    ),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "it must be in [0, 1]"),
+    "weight_decay": (lambda v: v >= 0, "it must be >= 0"),
+    "max_grad_norm": (lambda v: v >= 0, "it must be >= 0 (0 turns gradient clipping off)"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "it must be in [0, 1) (e.g. 0.9)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "it must be in [0, 1) (e.g. 0.999)"),
+    "adam_epsilon": (lambda v: v > 0, "it must be > 0 (e.g. 1e-8)"),
+    "label_smoothing_factor": (lambda v: 0 <= v < 1, "it must be in [0, 1)"),
+    "num_train_epochs": (lambda v: v >= 0, "it must be >= 0"),
+    "logging_steps": (_whole_or_fraction, _INTERVAL),
+    "save_steps": (_whole_or_fraction, _INTERVAL),
+    "eval_steps": (_whole_or_fraction, _INTERVAL + "; leave it out to evaluate every train.logging_steps"),
+}
+
+
+def _train_value_problems(args: Mapping[str, Any], ctx: _Problems) -> None:
+    """Check the `train:` numbers of TRAIN_VALUE_RULES (non-finite ones are refused by `_nonfinite_problems`)."""
+    for name, (ok, expected) in TRAIN_VALUE_RULES.items():
+        value = args.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            continue
+        if not ok(value):
+            ctx.add(f"train.{name}", f"is {value}; {expected}")
+
+
 def build_recipe(
     data: Mapping[str, Any],
     source: str | None = None,
@@ -869,6 +1018,8 @@ def build_recipe(
     built["train"] = _with_micro_batch(built["train"], built["data"], data.get("train"))
     recipe = Recipe(**built, source=source)
     _check_contradictions(recipe, data, ctx)
+    _nonfinite_problems(recipe, ctx)
+    _train_value_problems(recipe.train.args, ctx)
     if ctx.problems:
         raise RecipeError(ctx.problems, source)
     if recipe.data.streaming and recipe.data.eval_fraction and not recipe.data.eval_sources:
