@@ -326,7 +326,8 @@ class Recipe:
         for name in SECTIONS:
             section = getattr(self, name)
             if name == "train":
-                d = {"global_batch_size": section.global_batch_size, **dict(section.args)}
+                own = {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name != "args"}
+                d = {**own, **dict(section.args)}
             else:
                 d = _plain(dataclasses.asdict(section))
             out[name] = d
