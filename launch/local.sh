@@ -49,6 +49,9 @@ if [ -n "$deepspeed" ]; then
   overrides+=("train.deepspeed=$ds_file")
 fi
 args=(--config_file "$config")
+# a DeepSpeed file the accelerate config names relative to its own folder, as an absolute path
+extra="$("$python_bin" -m qlora_sft.launch_config accelerate-args "$config")" || exit 2
+if [ -n "$extra" ]; then mapfile -t extra_args <<<"$extra"; args+=("${extra_args[@]}"); fi
 if [ "$gpus" -gt 1 ]; then args+=(--num_processes "$gpus"); fi
 echo "launch/local.sh: $gpus GPU(s) -> $config${deepspeed:+ with DeepSpeed $deepspeed}" >&2
 exec "$accelerate_bin" launch "${args[@]}" -m qlora_sft train "$@" ${overrides[@]+"${overrides[@]}"}

@@ -72,6 +72,10 @@ qlora_sft_run() {
   export MASTER_ADDR="$master_addr"
   export MASTER_PORT="${MASTER_PORT:-$((20000 + job % 20000))}"
   export QLORA_SFT_ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-$home/configs/accelerate/multi_gpu.yaml}"
+  # a DeepSpeed file the accelerate config names relative to its own folder, as an absolute path
+  local extra
+  extra="$("$py" -m qlora_sft.launch_config accelerate-args "$QLORA_SFT_ACCELERATE_CONFIG")" || return 2
+  if [ -n "$extra" ]; then export QLORA_SFT_DEEPSPEED_CONFIG_FILE="$(printf '%s\n' "$extra" | sed -n 2p)"; fi
   export QLORA_SFT_NUM_PROCESSES="$total"
   export QLORA_SFT_NUM_MACHINES="$nodes"
   export QLORA_SFT_PY="$py"
@@ -114,6 +118,7 @@ qlora_sft_run() {
     task+=' --num_machines "$QLORA_SFT_NUM_MACHINES" --machine_rank "$SLURM_NODEID" --num_processes "$QLORA_SFT_NUM_PROCESSES"'
     task+=' --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" --rdzv_backend static'
     [ "${ACCELERATE_USE_CPU:-}" = true ] && task+=' --mixed_precision no'
+    [ -n "${QLORA_SFT_DEEPSPEED_CONFIG_FILE:-}" ] && task+=' --deepspeed_config_file "$QLORA_SFT_DEEPSPEED_CONFIG_FILE"'
     task+=' -m qlora_sft train "$@"'
   fi
   local cmd=(srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "$task" qlora-sft "$recipe" "$@")

@@ -55,6 +55,9 @@ RESUMABLE_CHANGES = (
     "train.per_device_eval_batch_size",
     "train.per_device_train_batch_size",
     "train.gradient_accumulation_steps",
+    "train.deepspeed",  # the launch's DeepSpeed config (a launch may change; check_resume guards ZeRO shards)
+    "data.rebuild",
+    "data.allow_no_eos",
 )
 
 

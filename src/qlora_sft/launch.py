@@ -471,7 +471,7 @@ def held_parameter_bytes(model: Any) -> tuple[int, int]:
     parameter's local part is its `ds_tensor`; under FSDP1 (use_orig_params=False) the flat
     parameters are the local shards and `_unpadded_unsharded_size` gives the whole."""
     held = total = 0
-    for p in model.parameters():  # each shared parameter once
+    for p in fsdp_flat_parameters(model) or model.parameters():  # each shared parameter once
         size = p.element_size()
         if hasattr(p, "ds_tensor"):  # ZeRO-3: the partition, plus the whole tensor if it persists
             held += p.ds_tensor.numel() * p.ds_tensor.element_size()
@@ -484,6 +484,18 @@ def held_parameter_bytes(model: Any) -> tuple[int, int]:
             held += p.numel() * size
             total += p.numel() * size
     return held, total
+
+
+def fsdp_flat_parameters(model: Any) -> list[Any]:
+    """FSDP1's flat parameters (this rank's shards), which `model.parameters()` does not yield under
+    `use_orig_params: true` (it yields views of the original parameters, of which a rank holds parts):
+    read from each FSDP unit, so both settings are counted alike. Empty outside FSDP1."""
+    flat = []
+    for m in model.modules():
+        handle = getattr(m, "_handle", None) if type(m).__name__ == "FullyShardedDataParallel" else None
+        if handle is not None and getattr(handle, "flat_param", None) is not None:
+            flat.append(handle.flat_param)
+    return flat
 
 
 def gather_floats(value: float) -> list[float]:

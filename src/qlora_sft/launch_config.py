@@ -15,7 +15,9 @@ A relative path resolves against the file that names it (a DeepSpeed JSON named 
 YAML: the YAML's folder); a path on the command line, against the working directory.
 
 `python -m qlora_sft.launch_config deepspeed FILE` is the launch scripts' check of a DeepSpeed JSON
-named with `--deepspeed` (readable, deepspeed installed): it prints the file's absolute path.
+named with `--deepspeed` (readable, deepspeed installed): it prints the file's absolute path;
+`... accelerate-args CONFIG` prints what `accelerate launch` needs besides `--config_file CONFIG` to
+read that config as qlora-sft does (a DeepSpeed file named relative to the YAML).
 """
 
 from __future__ import annotations
@@ -57,13 +59,14 @@ def resolve_path(path: str | os.PathLike[str], named_by: str | os.PathLike[str] 
 
 def _bundled_root(named_by: Path) -> Path | None:
     """The folder above `configs/` when `named_by` is one of the bundled accelerate configs."""
-    from .plan import configs_dir
-
+    # (plan.configs_dir's rule, without importing torch: the launch scripts call this module)
+    here = Path(__file__).resolve().parent
+    configs = here / "configs" if (here / "configs" / "accelerate").is_dir() else here.parents[1] / "configs"
     try:
-        named_by.resolve().relative_to(configs_dir().resolve())
+        named_by.resolve().relative_to(configs.resolve())
     except ValueError:
         return None
-    return configs_dir().resolve().parent
+    return configs.resolve().parent
 
 
 # --------------------------------------------------------------------------------------------
@@ -852,12 +855,38 @@ def param_shards(mode: Any, nodes: int = 1) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def accelerate_args(config: str | os.PathLike[str]) -> list[str]:
+    """Arguments for `accelerate launch --config_file CONFIG` that make it read the config as this
+    module does: a DeepSpeed file the YAML names relative to its own folder is passed as an absolute
+    path (accelerate would open it from the working directory). Checks deepspeed is installed for a
+    DeepSpeed config (not in a dry run)."""
+    cfg = read_accelerate(config)
+    if cfg.deepspeed is None:
+        return []
+    if not os.environ.get("QLORA_SFT_DRY_RUN"):
+        require_deepspeed(f"{cfg.path.name} (distributed_type: DEEPSPEED)")
+    if cfg.deepspeed.from_accelerate_yaml:
+        return []
+    return ["--deepspeed_config_file", str(cfg.deepspeed.path)]
+
+
+USAGE = """usage: python -m qlora_sft.launch_config deepspeed FILE.json
+       python -m qlora_sft.launch_config accelerate-args ACCELERATE_CONFIG.yaml"""
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`deepspeed FILE`: check a DeepSpeed JSON named on the command line (and that deepspeed is
+    installed, unless QLORA_SFT_DRY_RUN) and print its absolute path. `accelerate-args CONFIG`: print
+    the extra `accelerate launch` arguments for an accelerate config, one per line."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 2 or args[0] != "deepspeed":
-        print("usage: python -m qlora_sft.launch_config deepspeed FILE.json", file=sys.stderr)
+    if len(args) != 2 or args[0] not in ("deepspeed", "accelerate-args"):
+        print(USAGE, file=sys.stderr)
         return 2
     try:
+        if args[0] == "accelerate-args":
+            for arg in accelerate_args(args[1]):
+                print(arg)
+            return 0
         ds = read_deepspeed(args[1])
         if not os.environ.get("QLORA_SFT_DRY_RUN"):
             require_deepspeed(f"--deepspeed {args[1]}")

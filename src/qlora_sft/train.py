@@ -207,9 +207,9 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
         )
 
     # 2. Run directory: refuse a different recipe, write the resolved one.
+    init_adapter.check_before_loading(recipe, base_dir)  # lora.init_from; checkpoint.resume=<an adapter>
     meta = checkpoint.run_metadata(recipe, mode, batch)
     run_dir = checkpoint.prepare_run_dir(recipe, meta)
-    init_adapter.check_before_loading(recipe, base_dir)  # lora.init_from; checkpoint.resume=<an adapter>
     resume_from = checkpoint.find_resume(recipe)
     if resume_from is not None:
         checkpoint.check_resume(resume_from, mode.world_size, batch.global_batch, mode.kind)
