@@ -496,6 +496,28 @@ def test_fsdp_wrap_classes_are_checked_against_the_model(tiny_model: Path):
         launch_config.check_wrap_classes(model, wrong)
 
 
+def test_fsdp_ignored_modules_are_honoured(tiny_model: Path, tmp_path: Path):
+    """`fsdp_ignored_modules` (a regex accelerate hands the plugin) is kept, with the rotary
+    embeddings added to it (their fp32 buffers stay out of FSDP's bf16 casting)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_sft.model import keep_buffers_fp32_under_fsdp
+
+    path = fsdp_yaml(tmp_path, "ignored", fsdp_ignored_modules="model\\.norm")
+    assert from_config_file(path).fsdp.ignored_modules == "model\\.norm"
+    assert mode_from_environment(accelerate_env(path), cpu=False, **RANKS).fsdp.ignored_modules == "model\\.norm"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    plugin = SimpleNamespace(ignored_modules="model\\.norm")
+    trainer = SimpleNamespace(
+        model=model, accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), device=torch.device("cpu"))
+    )
+    keep_buffers_fp32_under_fsdp(trainer)
+    assert model.model.norm in plugin.ignored_modules and model.model.rotary_emb in plugin.ignored_modules
+
+
 @pytest.mark.multiprocess
 def test_fsdp1_with_use_orig_params_shards_trains_and_saves_the_adapter(tiny_model: Path, tmp_path: Path):
     """LLaMA-Factory's `fsdp_use_orig_params: true` on two CPU ranks (torch's FSDP1, as accelerate wraps
@@ -580,7 +602,6 @@ def test_resume_from_an_adapter_points_at_init_from(tmp_path: Path, shape_recipe
     assert not (tmp_path / "runs" / "tiny").exists()  # refused before the run directory and the model
 
 
-@pytest.mark.slow
 def test_training_starts_from_an_existing_adapter(tiny_model: Path, tmp_path: Path):
     """An adapter trained by one run seeds the next (new optimizer, step 0): its weights are the start,
     and the new run's first loss is the old run's last, not a fresh adapter's first."""
