@@ -4,13 +4,27 @@
 #
 #   launch/local.sh RECIPE [section.key=value ...]
 #   ACCELERATE_CONFIG=configs/accelerate/deepspeed_zero3.yaml launch/local.sh RECIPE
+#   launch/local.sh --deepspeed zero3_bf16.json RECIPE      (your own DeepSpeed JSON; or ACCELERATE_CONFIG=X.json)
+#
+# `--deepspeed X.json` trains with that DeepSpeed config, as `train.deepspeed=X.json` (relative to the
+# working directory); it is checked, with deepspeed's presence, before any process starts.
 #
 # Environment: ACCELERATE_CONFIG (an accelerate config file; default: single_gpu.yaml or
 # multi_gpu.yaml by GPU count), NUM_GPUS (default: the visible GPU count), ACCELERATE (the
 # accelerate executable). Run it from the folder your recipe's relative paths start from.
 set -euo pipefail
+deepspeed=""
+case "${1:-}" in
+  --deepspeed) deepspeed="${2:-}"; shift 2 || true ;;
+  --deepspeed=*) deepspeed="${1#--deepspeed=}"; shift ;;
+esac
+case "${ACCELERATE_CONFIG:-}" in
+  *.json)
+    if [ -n "$deepspeed" ]; then echo "$0: ACCELERATE_CONFIG and --deepspeed both name a DeepSpeed JSON; give one" >&2; exit 2; fi
+    deepspeed="$ACCELERATE_CONFIG"; unset ACCELERATE_CONFIG ;;
+esac
 if [ $# -lt 1 ]; then
-  echo "usage: $0 RECIPE [section.key=value ...]" >&2
+  echo "usage: $0 [--deepspeed X.json] RECIPE [section.key=value ...]" >&2
   exit 2
 fi
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +43,15 @@ fi
 # to save before it kills them (torchrun forwards only TERM/INT/HUP/QUIT by default).
 export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
 export PET_SHUTDOWN_TIMEOUT="${PET_SHUTDOWN_TIMEOUT:-300}"
+overrides=()
+if [ -n "$deepspeed" ]; then
+  ds_file="$("$python_bin" -m qlora_sft.launch_config deepspeed "$deepspeed")" || exit 2
+  overrides+=("train.deepspeed=$ds_file")
+fi
 args=(--config_file "$config")
+# a DeepSpeed file the accelerate config names relative to its own folder, as an absolute path
+extra="$("$python_bin" -m qlora_sft.launch_config accelerate-args "$config")" || exit 2
+if [ -n "$extra" ]; then mapfile -t extra_args <<<"$extra"; args+=("${extra_args[@]}"); fi
 if [ "$gpus" -gt 1 ]; then args+=(--num_processes "$gpus"); fi
-echo "launch/local.sh: $gpus GPU(s) -> $config" >&2
-exec "$accelerate_bin" launch "${args[@]}" -m qlora_sft train "$@"
+echo "launch/local.sh: $gpus GPU(s) -> $config${deepspeed:+ with DeepSpeed $deepspeed}" >&2
+exec "$accelerate_bin" launch "${args[@]}" -m qlora_sft train "$@" ${overrides[@]+"${overrides[@]}"}

@@ -3,7 +3,11 @@
 # decides what training does: that is the recipe.
 #
 # Environment (all optional; export before sbatch, or set in the template):
-#   ACCELERATE_CONFIG        accelerate config (default configs/accelerate/multi_gpu.yaml)
+#   ACCELERATE_CONFIG        accelerate config (default configs/accelerate/multi_gpu.yaml); a DeepSpeed
+#                            JSON here is the same as --deepspeed
+#   --deepspeed X.json       (first argument of the template) train with this DeepSpeed config, as
+#                            train.deepspeed=X.json (relative to the submit folder); checked, with
+#                            deepspeed's presence, before srun
 #   QLORA_SFT_GPUS_PER_NODE  processes per node (default: the GPUs SLURM gave the job on each node)
 #   QLORA_SFT_PROCS_PER_NODE processes per node when the job has no GPUs (CPU ranks over gloo; default 1)
 #   QLORA_SFT_PYTHON         python with qlora-sft installed (default: python on PATH)
@@ -25,14 +29,28 @@ qlora_sft_gpus_on_node() {
 }
 
 qlora_sft_run() {
+  local deepspeed=""
+  case "${1:-}" in
+    --deepspeed) deepspeed="${2:-}"; shift 2 || true ;;
+    --deepspeed=*) deepspeed="${1#--deepspeed=}"; shift ;;
+  esac
+  case "${ACCELERATE_CONFIG:-}" in
+    *.json) deepspeed="${deepspeed:-$ACCELERATE_CONFIG}"; unset ACCELERATE_CONFIG ;;
+  esac
   if [ $# -lt 1 ]; then
-    echo "usage: sbatch $0 RECIPE [section.key=value ...]" >&2
+    echo "usage: sbatch $0 [--deepspeed X.json] RECIPE [section.key=value ...]" >&2
     return 2
   fi
   local recipe="$1"
   shift
   local home="${QLORA_SFT_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}"
   local py="${QLORA_SFT_PYTHON:-$(command -v python || command -v python3)}"
+  if [ -n "$deepspeed" ]; then
+    # a DeepSpeed JSON is a recipe key for every rank (train.deepspeed), checked once here
+    local ds_file
+    ds_file="$("$py" -m qlora_sft.launch_config deepspeed "$deepspeed")" || return 2
+    set -- "$@" "train.deepspeed=$ds_file"
+  fi
   local nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
   local job="${SLURM_JOB_ID:-0}"
   local gpus procs
@@ -54,6 +72,10 @@ qlora_sft_run() {
   export MASTER_ADDR="$master_addr"
   export MASTER_PORT="${MASTER_PORT:-$((20000 + job % 20000))}"
   export QLORA_SFT_ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-$home/configs/accelerate/multi_gpu.yaml}"
+  # a DeepSpeed file the accelerate config names relative to its own folder, as an absolute path
+  local extra
+  extra="$("$py" -m qlora_sft.launch_config accelerate-args "$QLORA_SFT_ACCELERATE_CONFIG")" || return 2
+  if [ -n "$extra" ]; then export QLORA_SFT_DEEPSPEED_CONFIG_FILE="$(printf '%s\n' "$extra" | sed -n 2p)"; fi
   export QLORA_SFT_NUM_PROCESSES="$total"
   export QLORA_SFT_NUM_MACHINES="$nodes"
   export QLORA_SFT_PY="$py"
@@ -96,6 +118,7 @@ qlora_sft_run() {
     task+=' --num_machines "$QLORA_SFT_NUM_MACHINES" --machine_rank "$SLURM_NODEID" --num_processes "$QLORA_SFT_NUM_PROCESSES"'
     task+=' --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" --rdzv_backend static'
     [ "${ACCELERATE_USE_CPU:-}" = true ] && task+=' --mixed_precision no'
+    [ -n "${QLORA_SFT_DEEPSPEED_CONFIG_FILE:-}" ] && task+=' --deepspeed_config_file "$QLORA_SFT_DEEPSPEED_CONFIG_FILE"'
     task+=' -m qlora_sft train "$@"'
   fi
   local cmd=(srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "$task" qlora-sft "$recipe" "$@")

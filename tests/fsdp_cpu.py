@@ -1,6 +1,7 @@
 """Run by tests/test_sharded.py under `torchrun` (gloo, CPU ranks): the 4-bit model from the
 low-memory loader, with LoRA, wrapped by torch's FSDP1 the way accelerate wraps it for the Trainer
-(peft's auto-wrap policy, bf16 mixed precision, use_orig_params=False), trains one step; then its
+(peft's auto-wrap policy, bf16 mixed precision, use_orig_params=False, or True with a third
+argument `use_orig_params`), trains one step; then its
 adapter goes out through a full state dict and back in, as the Trainer's FSDP checkpoints do.
 
 accelerate turns an FSDP launch on CPUs into plain DDP, so the project's own FSDP path needs GPUs;
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 
-def main(model_dir: str, out: str) -> None:
+def main(model_dir: str, out: str, use_orig_params: bool = False) -> None:
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from peft.utils.other import fsdp_auto_wrap_policy
     from torch.distributed.fsdp import FullStateDictConfig, MixedPrecision, StateDictType
@@ -54,11 +55,14 @@ def main(model_dir: str, out: str) -> None:
         model,
         device_id=cpu,
         auto_wrap_policy=fsdp_auto_wrap_policy(model),
-        use_orig_params=False,
+        use_orig_params=use_orig_params,  # False as the bundled config; True as LLaMA-Factory's and TRL's
         # as accelerate + transformers set it up for QLoRA, and as qlora-sft keeps the rotary buffers
         ignored_modules=fp32_buffer_modules(model),
         mixed_precision=MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16),
     )
+    from qlora_sft.launch import held_parameter_bytes
+
+    held, unsharded = held_parameter_bytes(wrapped)  # what the sharding report checks after wrapping
     loss = wrapped(input_ids=ids, labels=ids).loss
     loss.backward()
     flat_dtypes = sorted({str(p.dtype) for p in wrapped.parameters()})
@@ -87,6 +91,8 @@ def main(model_dir: str, out: str) -> None:
         "unpatched_keys": len(as_peft_sees_it),
         "unexpected_on_load": len(result.unexpected_keys),
         "loaded_all_twos": bool(lora_after) and all(bool((v == 2).all()) for v in lora_after.values()),
+        "held_parameter_bytes": held,
+        "unsharded_parameter_bytes": unsharded,
     }
     if rank == 0:
         with open(out, "w") as f:
@@ -95,4 +101,4 @@ def main(model_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], len(sys.argv) > 3 and sys.argv[3] == "use_orig_params")

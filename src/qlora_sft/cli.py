@@ -59,11 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="read, tokenize and cache the data once (all cores), before a launch; prints the validate report",
     )
     _recipe_args(p)
+    p.add_argument("--rebuild", action="store_true", help="rebuild the cache even if one exists (data.rebuild)")
     p = sub.add_parser(
         "plan", parents=[common], help="what a launch will do: world size, batch arithmetic, memory per GPU"
     )
     _recipe_args(p)
-    p.add_argument("--config", help="accelerate config file of the launch (default: one process)")
+    p.add_argument(
+        "--config", help="the launch's accelerate config (YAML) or DeepSpeed config (JSON) (default: one process)"
+    )
     p.add_argument("--gpus", type=int, help="GPUs (processes) per node (default: the config's num_processes)")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes")
     p.add_argument("--gpu-mem", type=float, help="GPU memory in GiB: list which bundled configs fit")
@@ -84,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", choices=["slurm", "local"], help="default: slurm where sbatch exists, else local")
     p.add_argument("--folder", help="submitit job folder (default <output_dir>/<name>.submitit/<job id>)")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    p.add_argument("--deepspeed", metavar="X.json", help="train with this DeepSpeed config (as train.deepspeed=X.json)")
     p.add_argument(
         "--prepare",
         action="store_true",
@@ -278,6 +282,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         cluster=args.cluster,
         folder=args.folder,
         prepare=args.prepare,
+        deepspeed=args.deepspeed,
     )
     print(f"submitted job {job.job_id}")
     print(f"  job folder: {job.paths.folder}")
@@ -293,12 +298,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_named_files(recipe, Path(args.recipe).parent)
     if args.run_dir:
         print(recipe.run_dir.resolve())
         return 0
     for line in plan_lines(recipe, args.config, args.gpus, args.nodes, args.gpu_mem, Path(args.recipe).parent):
         print(line)
     return 0
+
+
+def check_named_files(recipe: Any, base_dir: Path) -> None:
+    """The files a recipe names besides its data, checked before anything loads: its DeepSpeed JSON
+    (`train.deepspeed`) against the recipe, the adapter of `lora.init_from`, and that
+    `checkpoint.resume` names a checkpoint."""
+    from .errors import RecipeError
+    from .init_adapter import check_before_loading
+    from .launch_config import recipe_problems
+
+    problems = recipe_problems(recipe)
+    if problems:
+        raise RecipeError(problems, recipe.source)
+    check_before_loading(recipe, base_dir)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -319,7 +339,7 @@ def _data_report(recipe: Any, base_dir: Path, tokenizer: Any, keep: bool) -> lis
     cache_root = recipe.data_cache_root
     folder = data.cache_folder(recipe.data, tokenizer, recipe.run.seed, cache_root, base_dir)
     start = time.perf_counter()
-    prepared = data.load_prepared(folder)
+    prepared = None if recipe.data.rebuild else data.load_prepared(folder)  # data.rebuild: never the old one
     if prepared is not None:
         prepared.found = True
         where = prepared.origin()
@@ -332,6 +352,7 @@ def _data_report(recipe: Any, base_dir: Path, tokenizer: Any, keep: bool) -> lis
     else:
         prepared = data.build_data(recipe.data, tokenizer, recipe.run.seed, base_dir)
         where = f"not cached (built in {time.perf_counter() - start:.1f} s; `qlora-sft prepare` keeps it for training)"
+    data.check_end_tokens(prepared.report, recipe.data)
     return [*prepared.report.lines(), f"data: {where}"]
 
 
@@ -340,8 +361,10 @@ def _recipe_header(args: argparse.Namespace) -> tuple[Any, Path, Any]:
     from . import model
     from .recipe import load_recipe, resolve_batch
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    rebuild = ["data.rebuild=true"] if getattr(args, "rebuild", False) else []
+    recipe = load_recipe(args.recipe, [*args.overrides, *rebuild])
     base_dir = Path(args.recipe).parent
+    check_named_files(recipe, base_dir)
     print(f"recipe {args.recipe}: OK")
     print(
         f"  model: {recipe.model.name_or_path} ({recipe.quantization.method}, LoRA r={recipe.lora.r}, "

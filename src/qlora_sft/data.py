@@ -17,6 +17,7 @@ import contextlib
 import csv
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -134,6 +135,7 @@ class SourceReport:
     kept: int = 0
     used: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    limit: str = ""  # data.sources[i].max_rows, as text ("" = every row read)
 
 
 @dataclass
@@ -151,6 +153,7 @@ class DataReport:
     eos_trained_fraction: float = 0.0
     end_token: str = ""
     streamed_sample: int = 0  # streaming: the statistics describe the first rows only
+    chat_rows: int = 0  # train rows that are conversations (the end-token fraction counts these)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,8 +169,8 @@ class DataReport:
         for s in self.sources:
             skipped = ", ".join(f"{k}: {v}" for k, v in sorted(s.skipped.items())) or "none"
             out.append(
-                f"source {s.path} [{s.format}]: {s.rows} rows, {s.kept} kept, {s.used} used in the mix, "
-                f"skipped: {skipped}"
+                f"source {s.path} [{s.format}]: {s.rows} rows{f' ({s.limit})' if s.limit else ''}, {s.kept} kept, "
+                f"{s.used} used in the mix, skipped: {skipped}"
             )
         if self.streamed_sample:
             out.append(
@@ -188,7 +191,33 @@ class DataReport:
                 f"examples whose final assistant turn trains its end token {self.end_token!r}: "
                 f"{self.eos_trained_fraction:.1%}"
             )
+            if self.chat_rows and 0 < self.eos_trained_fraction < EOS_WARN_BELOW:
+                out.append(
+                    f"warning: {1 - self.eos_trained_fraction:.1%} of the conversations train no end token "
+                    f"{self.end_token!r} (truncated, or a template that does not end the assistant turn with it): "
+                    "the model learns to stop from the rest only"
+                )
         return out
+
+
+# Below this fraction of conversations that train their end-of-turn token, the report warns; at 0 a
+# recipe is refused (`check_end_tokens`).
+EOS_WARN_BELOW = 0.95
+
+
+def check_end_tokens(report: DataReport, cfg: DataConfig) -> None:
+    """Refuse training data in which no conversation trains the end-of-turn token (the model would
+    never learn to stop), unless `data.allow_no_eos`. Rows in `text` format are not counted."""
+    if not report.chat_rows or report.eos_trained_fraction > 0 or cfg.allow_no_eos:
+        return
+    raise DataError(
+        f"none of the {report.chat_rows} conversations trains the end-of-turn token {report.end_token!r}: the "
+        "chat template does not end assistant turns with a token the tokenizer has (or every row is truncated "
+        "before it), so the model would never learn to stop. Use a template whose end token is in the tokenizer "
+        "(data.chat_template: auto for models with their own template; chatml, llama2 or alpaca for base models; "
+        "`qlora-sft validate` shows what is trained), or, for continued-pretraining style data, set "
+        "data.allow_no_eos: true"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,7 +434,36 @@ def parse_document(document: str) -> Any:
 
 def read_documents(src: DataSource, base_dir: str | os.PathLike[str] | None = None) -> Iterator[tuple[int, str]]:
     """Yield (row number, the row as JSON text) from a source without holding it: JSON lines as they
-    are in the file (parsed later, where the work is spread over processes), other rows serialised."""
+    are in the file (parsed later, where the work is spread over processes), other rows serialised.
+    `max_rows` limits the rows (`limited_rows`)."""
+    if src.max_rows is not None:
+        yield from limited_rows(src, lambda: _all_documents(src, base_dir))
+        return
+    yield from _all_documents(src, base_dir)
+
+
+def limited_rows(src: DataSource, rows: Any) -> Iterator[Any]:
+    """`data.sources[i].max_rows`: the first N rows of `rows()` (an iterator factory), or with
+    `max_rows_seed` a seeded sample of N of them in their order (a first pass counts the rows)."""
+    n = src.max_rows
+    if src.max_rows_seed is None:
+        yield from itertools.islice(rows(), n)
+        return
+    total = sum(1 for _ in rows())
+    chosen = set(random.Random(src.max_rows_seed).sample(range(total), min(n, total)))
+    yield from (row for i, row in enumerate(rows()) if i in chosen)
+
+
+def limit_text(src: DataSource) -> str:
+    """How a source's rows were limited, for the report ('' when every row is read)."""
+    if src.max_rows is None:
+        return ""
+    if src.max_rows_seed is None:
+        return f"the first {src.max_rows} rows (max_rows)"
+    return f"a sample of {src.max_rows} rows drawn with seed {src.max_rows_seed} (max_rows, max_rows_seed)"
+
+
+def _all_documents(src: DataSource, base_dir: str | os.PathLike[str] | None = None) -> Iterator[tuple[int, str]]:
     local = resolve_path(src.path, base_dir)
     if local is not None and local.is_file() and local.suffix.lower() in (".jsonl", ".ndjson"):
         yield from _json_lines(local)
@@ -1154,7 +1212,7 @@ def _encode_source(
     """One source read and tokenized by `data.num_proc` processes."""
     import pyarrow.compute as pc
 
-    report = SourceReport(path=src.path, format=src.format)
+    report = SourceReport(path=src.path, format=src.format, limit=limit_text(src))
     started = time.perf_counter()
     documents = _write_documents(src, base_dir, work / f"{name}-documents.arrow")
     report.rows = len(documents)
@@ -1237,7 +1295,7 @@ def _token_stats(report: DataReport, lengths: Any, loss: Any, truncated: Any, en
     report.tokens_p95 = int(np.sort(lengths)[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)])
     report.truncated = int(truncated.sum())
     report.loss_token_fraction = int(loss.sum()) / report.tokens_total
-    chat_rows = int((end >= 0).sum())
+    chat_rows = report.chat_rows = int((end >= 0).sum())
     report.eos_trained_fraction = int((end == 1).sum()) / chat_rows if chat_rows else 0.0
 
 
@@ -1323,6 +1381,7 @@ def build_data(
     columns = ["input_ids", "labels"]
     train = train_all.select(train_idx).select_columns(columns)
     evald = eval_all.select(eval_idx).select_columns(columns) if len(eval_idx) else None
+    check_end_tokens(report, cfg)
     return PreparedData(train, evald, report)
 
 
@@ -1348,7 +1407,7 @@ def _tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
 
 
 # Data settings that change how the cache is built, not what it holds.
-OUTPUT_INDEPENDENT = ("num_proc",)
+OUTPUT_INDEPENDENT = ("num_proc", "allow_no_eos", "rebuild")
 
 
 def cache_key(cfg: DataConfig, tokenizer: Any, seed: int, base_dir: str | os.PathLike[str] | None) -> str:
@@ -1432,7 +1491,7 @@ def stream_data(
             if reason:
                 skipped[reason] = skipped.get(reason, 0) + 1
         kept = n - sum(skipped.values())
-        report.sources.append(SourceReport(src.path, fmt, n, kept, kept, skipped))
+        report.sources.append(SourceReport(src.path, fmt, n, kept, kept, skipped, limit_text(src)))
 
     def column(key: str) -> Any:  # the samples' values of one column, as one array
         return np.asarray([v for _, _, e in samples for v in e[key]])
@@ -1448,6 +1507,7 @@ def stream_data(
         )
     lengths = np.asarray([len(ids) for _, _, e in samples for ids in e["input_ids"]], dtype=np.int64)
     _token_stats(report, lengths[keep], loss[keep], column("truncated")[keep], column("end_trained")[keep])
+    check_end_tokens(report, cfg)
     return PreparedData(train, None, report)
 
 
@@ -1570,6 +1630,24 @@ def build_cache(folder: Path, build: Any, by: str = "train") -> PreparedData | N
     return load_prepared(folder)
 
 
+def set_cache_aside(folder: Path) -> None:
+    """`data.rebuild`: every process of the launch meets; one process per node moves the existing
+    cache folder aside and deletes it (qlora-sft wrote it); all meet again, so no process can find
+    the old cache, before the usual build-once-and-wait starts. The meetings come before the long
+    work, so no collective waits for a build."""
+    from .launch import distributed_state
+
+    state = distributed_state()
+    state.wait_for_everyone()
+    if state.is_local_main_process and folder.exists():
+        aside = folder.with_name(f"{folder.name}.old-{socket.gethostname()}-{os.getpid()}")
+        with contextlib.suppress(OSError):  # another node's process may have moved it first
+            folder.rename(aside)
+            log.info("data: data.rebuild: the prepared cache %s is rebuilt", folder)
+        shutil.rmtree(aside, ignore_errors=True)
+    state.wait_for_everyone()
+
+
 def _prepare_stream(
     cfg: DataConfig,
     tokenizer: Any,
@@ -1611,10 +1689,13 @@ def prepare_data(
     if cfg.streaming:
         return _prepare_stream(cfg, tokenizer, seed, cache_root, base_dir, by)
     folder = cache_folder(cfg, tokenizer, seed, cache_root, base_dir)
+    if cfg.rebuild:
+        set_cache_aside(folder)
     since = time.time()
     prepared = load_prepared(folder)
     if prepared is not None:
         prepared.found = True
+        check_end_tokens(prepared.report, cfg)
         return prepared
     if distributed_state().is_local_main_process:
         # build it, or wait while another process (another node, `qlora-sft prepare`) holds the lock

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from . import launch_config
 from .errors import UserError
 from .recipe import GPU_OPTIM, ModelConfig, QuantizationConfig, Recipe
 
@@ -53,6 +54,13 @@ class LaunchMode:
     fsdp_units: str = "layers"  # FSDP: one of FSDP_UNITS
     num_machines: int = 1
     source: str = ""  # the accelerate config file it was read from (plan), if any
+    # the launch config files, read fully (qlora_sft.launch_config): FSDP settings, the DeepSpeed
+    # config, accelerate's mixed_precision, and what they break or change whatever the recipe
+    fsdp: Any = None
+    deepspeed: Any = None
+    mixed_precision: str = ""
+    config_problems: tuple[str, ...] = ()
+    config_notes: tuple[str, ...] = ()
 
     @property
     def shards_parameters(self) -> bool:
@@ -168,14 +176,10 @@ def mode_from_environment(
 
     if cpu:
         return LaunchMode("cpu", **common)
+    common["mixed_precision"] = env.get("ACCELERATE_MIXED_PRECISION", "")
     if flag("ACCELERATE_USE_DEEPSPEED"):
-        config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-        if config_file:
-            stage, offload = _deepspeed_settings(config_file)
-        else:
-            stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2)
-            offload = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") not in ("none", "")
-        return LaunchMode("deepspeed", zero_stage=stage, offload=offload, **common)
+        ds = deepspeed_from_environment(env)
+        return LaunchMode("deepspeed", zero_stage=ds.stage, offload=ds.offload, deepspeed=ds, **common)
     if flag("ACCELERATE_USE_FSDP"):
         return LaunchMode(
             "fsdp",
@@ -184,6 +188,7 @@ def mode_from_environment(
             sync_module_states=flag("FSDP_SYNC_MODULE_STATES", True) or flag("FSDP_CPU_RAM_EFFICIENT_LOADING"),
             state_dict_type=env.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT") or "FULL_STATE_DICT",
             fsdp_units=fsdp_units(env),
+            fsdp=launch_config.FsdpSettings.from_environment(env),
             **common,
         )
     return LaunchMode("ddp" if world_size > 1 else "single_gpu", **common)
@@ -197,62 +202,106 @@ def fsdp_units(env: Mapping[str, str] | None = None) -> str:
     return value
 
 
-def _deepspeed_settings(
-    config_file: str | os.PathLike[str] | None, relative_to: Path | None = None
-) -> tuple[int, bool]:
-    """(ZeRO stage, offload) from a DeepSpeed JSON config."""
-    if not config_file:
-        return 0, False
-    fp = Path(config_file)
-    if not fp.is_file() and relative_to is not None and not fp.is_absolute():
-        fp = relative_to / config_file
-    if not fp.is_file():
-        raise UserError(f"DeepSpeed config file {config_file} not found")
-    try:
-        zo = json.loads(fp.read_text()).get("zero_optimization", {})
-    except json.JSONDecodeError as exc:
-        raise UserError(f"DeepSpeed config file {fp} is not valid JSON: {exc}") from None
-    offload = any((zo.get(k) or {}).get("device", "none") != "none" for k in ("offload_param", "offload_optimizer"))
-    return int(zo.get("stage", 0)), offload
+
+def deepspeed_from_environment(env: Mapping[str, str]) -> launch_config.DeepSpeedConfig:
+    """The DeepSpeed config a rank of a DeepSpeed launch gets: the JSON file the launcher names, or
+    the one accelerate builds from its `deepspeed_config:` keys (ACCELERATE_DEEPSPEED_* variables)."""
+    config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if config_file and config_file != "none":
+        return launch_config.read_deepspeed(config_file)
+    keys = {
+        "zero_stage": env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"),
+        "offload_optimizer_device": env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none"),
+        "offload_param_device": env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none"),
+        "zero3_save_16bit_model": env.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false").lower() == "true",
+    }
+    gas = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
+    keys["gradient_accumulation_steps"] = int(gas) if gas.isdigit() else gas
+    clipping = env.get("ACCELERATE_GRADIENT_CLIPPING")
+    if clipping and clipping != "auto":
+        keys["gradient_clipping"] = float(clipping)
+    return launch_config.deepspeed_from_accelerate(keys, Path("(accelerate's deepspeed_config)"))
 
 
 def from_config_file(path: str | os.PathLike[str], gpus_per_node: int | None = None, nodes: int = 1) -> LaunchMode:
-    """What an accelerate config file means, for `plan` (no process is started). `gpus_per_node`
-    and `nodes` override the file's process counts as `accelerate launch` flags would."""
-    import yaml
-
+    """What a launch config file means, for `plan` (no process is started): an accelerate config, or
+    a DeepSpeed JSON (launched with accelerate's DeepSpeed plugin). `gpus_per_node` and `nodes`
+    override the file's process counts as `accelerate launch` flags would."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"accelerate config {p} not found")
-    cfg = yaml.safe_load(p.read_text()) or {}
-    dist_type = str(cfg.get("distributed_type", "NO")).upper()
-    machines = int(cfg.get("num_machines", 1))
-    per_node = gpus_per_node if gpus_per_node is not None else int(cfg.get("num_processes", 1)) // max(1, machines)
+    if p.suffix.lower() == ".json":
+        ds = launch_config.read_deepspeed(p)
+        world = max(1, (gpus_per_node or 1) * nodes)
+        return LaunchMode(
+            "deepspeed",
+            world_size=world,
+            num_machines=nodes,
+            zero_stage=ds.stage,
+            offload=ds.offload,
+            source=p.name,
+            deepspeed=ds,
+        )
+    return mode_from_accelerate(launch_config.read_accelerate(p), gpus_per_node, nodes)
+
+
+def mode_from_accelerate(cfg: launch_config.AccelerateConfig, gpus_per_node: int | None, nodes: int) -> LaunchMode:
+    """The launch mode an accelerate config describes (every key read: qlora_sft.launch_config)."""
+    machines = cfg.num_machines
+    per_node = gpus_per_node if gpus_per_node is not None else cfg.num_processes // max(1, machines)
     world = max(1, per_node * nodes)
-    common = {"world_size": world, "num_machines": nodes, "source": p.name}
-    if dist_type == "DEEPSPEED":
-        ds = cfg.get("deepspeed_config", {}) or {}
-        stage, offload = int(ds.get("zero_stage", 0) or 0), False
-        if ds.get("deepspeed_config_file"):
-            # relative paths in the bundled configs are relative to the repository root
-            stage, offload = _deepspeed_settings(ds["deepspeed_config_file"], p.resolve().parent.parent.parent)
-        return LaunchMode("deepspeed", zero_stage=stage, offload=offload, **common)
-    if dist_type == "FSDP":
-        fs = cfg.get("fsdp_config", {}) or {}
+    common: dict[str, Any] = {
+        "world_size": world,
+        "num_machines": nodes,
+        "source": cfg.path.name,
+        "mixed_precision": cfg.mixed_precision,
+        "config_problems": cfg.problems,
+        "config_notes": cfg.notes,
+    }
+    if cfg.distributed_type == "DEEPSPEED" and cfg.deepspeed is not None:
+        ds = cfg.deepspeed
+        return LaunchMode("deepspeed", zero_stage=ds.stage, offload=ds.offload, deepspeed=ds, **common)
+    if cfg.distributed_type == "FSDP" and cfg.fsdp is not None:
+        fs = cfg.fsdp
         return LaunchMode(
             "fsdp",
-            offload=bool(fs.get("fsdp_offload_params")),
-            fsdp_version=int(fs.get("fsdp_version", 1)),
-            sync_module_states=bool(
-                fs.get("fsdp_sync_module_states", True) or fs.get("fsdp_cpu_ram_efficient_loading")
-            ),
-            state_dict_type=str(fs.get("fsdp_state_dict_type", "FULL_STATE_DICT")),
+            offload=fs.offload_params,
+            fsdp_version=fs.version,
+            sync_module_states=fs.sync_module_states or fs.cpu_ram_efficient_loading,
+            state_dict_type=fs.state_dict_type,
+            fsdp=fs,
             fsdp_units=fsdp_units(),
             **common,
         )
-    if dist_type in ("MULTI_GPU", "MULTI_CPU"):
+    if cfg.distributed_type in ("MULTI_GPU", "MULTI_CPU"):
         return LaunchMode("ddp", **common)
-    return LaunchMode("single_gpu", source=p.name)
+    common.update(world_size=1, num_machines=1)
+    return LaunchMode("single_gpu", **common)
+
+
+def plan_mode(recipe: Recipe, config: str | os.PathLike[str] | None, gpus: int | None, nodes: int) -> LaunchMode:
+    """The launch `plan` describes: the config file given (accelerate YAML or DeepSpeed JSON), with
+    the recipe's own DeepSpeed JSON (`train.deepspeed`) as `train` would start it."""
+    mode = from_config_file(config, gpus, nodes) if config else None
+    ds = launch_config.recipe_deepspeed(recipe)
+    if ds is None:
+        return mode or single_process()
+    if mode is not None and mode.kind == "fsdp":
+        raise UserError(
+            f"train.deepspeed names {ds.path}, but {mode.source} is an FSDP config; use one (remove "
+            "train.deepspeed, or plan with a DDP config)"
+        )
+    if mode is not None and mode.deepspeed is not None and mode.deepspeed.path.resolve() != ds.path.resolve():
+        raise UserError(f"two DeepSpeed configs: {mode.source} names {mode.deepspeed.path}, train.deepspeed {ds.path}")
+    world = mode.world_size if mode is not None and mode.kind != "single_gpu" else max(1, (gpus or 1) * nodes)
+    return LaunchMode(
+        "deepspeed",
+        world_size=world,
+        num_machines=nodes,
+        zero_stage=ds.stage,
+        offload=ds.offload,
+        source=f"train.deepspeed: {ds.path.name}",
+        deepspeed=ds,
+        mixed_precision=mode.mixed_precision if mode is not None else "",
+    )
 
 
 def single_process() -> LaunchMode:
@@ -459,7 +508,7 @@ def held_parameter_bytes(model: Any) -> tuple[int, int]:
     parameter's local part is its `ds_tensor`; under FSDP1 (use_orig_params=False) the flat
     parameters are the local shards and `_unpadded_unsharded_size` gives the whole."""
     held = total = 0
-    for p in model.parameters():  # each shared parameter once
+    for p in fsdp_flat_parameters(model) or model.parameters():  # each shared parameter once
         size = p.element_size()
         if hasattr(p, "ds_tensor"):  # ZeRO-3: the partition, plus the whole tensor if it persists
             held += p.ds_tensor.numel() * p.ds_tensor.element_size()
@@ -472,6 +521,18 @@ def held_parameter_bytes(model: Any) -> tuple[int, int]:
             held += p.numel() * size
             total += p.numel() * size
     return held, total
+
+
+def fsdp_flat_parameters(model: Any) -> list[Any]:
+    """FSDP1's flat parameters (this rank's shards), which `model.parameters()` does not yield under
+    `use_orig_params: true` (it yields views of the original parameters, of which a rank holds parts):
+    read from each FSDP unit, so both settings are counted alike. Empty outside FSDP1."""
+    flat = []
+    for m in model.modules():
+        handle = getattr(m, "_handle", None) if type(m).__name__ == "FullyShardedDataParallel" else None
+        if handle is not None and getattr(handle, "flat_param", None) is not None:
+            flat.append(handle.flat_param)
+    return flat
 
 
 def gather_floats(value: float) -> list[float]:

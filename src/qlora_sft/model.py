@@ -294,6 +294,9 @@ def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str |
         model = get_peft_model(model, peft_config)
     except ValueError as exc:
         raise UserError(f"lora.target_modules={target!r}: {exc}") from None
+    from .init_adapter import load_weights
+
+    load_weights(model, recipe, base_dir)  # lora.init_from: start from an existing adapter's weights
     if mode.shards_parameters:
         check_sharded_dtypes(model, compute_dtype, mode)
     if uses_fused_lora(recipe, mode):

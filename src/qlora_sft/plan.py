@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import launch
+from . import launch, launch_config
 from .errors import RecipeError, UserError
 from .launch import LaunchMode
 from .recipe import Recipe, resolve_batch
@@ -147,10 +147,12 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode) -> Memo
     micro = int(recipe.train.args.get("per_device_train_batch_size", 1))
     tokens = micro * recipe.data.max_length
     h, inter, layers = shape.hidden, shape.intermediate, shape.layers
-    shard = world if mode.shards_parameters else 1
+    shard = launch_config.param_shards(mode, mode.num_machines)  # FSDP NO_SHARD / HYBRID_SHARD shard less
     # FSDP's layer units keep the adapters whole on every rank (weights, gradients, optimizer state)
-    lora_shard = world if mode.shards_parameters and not mode.adapters_replicated else 1
-    grad_shard = world if mode.shards_gradients and not mode.adapters_replicated else 1
+    lora_shard = 1 if mode.adapters_replicated else shard
+    grad_shard = shard if mode.kind == "fsdp" else (world if mode.shards_gradients else 1)
+    if mode.adapters_replicated:
+        grad_shard = 1
     offload = mode.offload and mode.kind in ("fsdp", "deepspeed")
     # frozen non-quantized weights: compute dtype, fp32 with model.upcast_frozen (quantized models only)
     other_bytes = 4 if recipe.model.upcast_frozen and q != "none" and not mode.shards_parameters else 2
@@ -176,14 +178,17 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode) -> Memo
     if mode.kind == "fsdp":
         # the root unit stays gathered from forward to backward: with layer units it holds the norm
         # and the output head (the embedding is its own unit, gathered only while it runs), with
-        # peft's units the embedding too; plus the layer running and the one prefetched
+        # peft's units the embedding too; plus the layers running and prefetched
         root = (head if not shape.tied else 0) + h if mode.adapters_replicated else shape.other_params * other_bytes
-        gathered = root + (2 * layer_weights if moves_weights else 0)
+        units = min(layers, fsdp_gathered_layers(mode))
+        gathered = root + (units * layer_weights if moves_weights else 0)
         if world > 1:
             # measured on two H200s (2026-11-30, every FSDP run, both unit layouts): ranks other than
             # 0 hold one more output-head-sized tensor (0.98 GiB at 8B) from loading on; the peak per
             # rank is theirs
             gathered += head
+        if mode.fsdp is not None and mode.fsdp.sharding_strategy == "NO_SHARD":  # every rank holds it whole
+            gathered = 0.0
     elif mode.shards_parameters and moves_weights:
         # DeepSpeed keeps up to stage3_max_live_parameters gathered elements resident (1e9 in the
         # bundled config: 1.86 GiB of bf16-stored 4-bit weights at 8B, measured 2026-11-30)
@@ -205,6 +210,18 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode) -> Memo
         "workspace": biggest * 2 * 2 + 0.25 * GIB,
     }
     return MemoryEstimate({k: v / GIB for k, v in parts.items()})
+
+
+def fsdp_gathered_layers(mode: LaunchMode) -> int:
+    """Decoder layers FSDP holds gathered at once: the one computing, plus the next with backward or
+    forward prefetch; every layer where weights stay gathered from the forward to the backward
+    (SHARD_GRAD_OP, HYBRID_SHARD_ZERO2)."""
+    fs = mode.fsdp
+    if fs is None:  # a mode built in code: the bundled config's BACKWARD_PRE
+        return 2
+    if not fs.reshards_after_forward and fs.sharding_strategy != "NO_SHARD":
+        return 10**6  # (capped by the caller's layer count)
+    return 2 if fs.prefetches else 1
 
 
 def loading_host_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode) -> float | None:
@@ -238,6 +255,29 @@ def count_rows(recipe: Recipe, base_dir: Path | None) -> int | None:
     return n if recipe.data.eval_sources else n - data.eval_rows_held_out(n, recipe.data.eval_fraction)
 
 
+def plan_compute_dtype(recipe: Recipe) -> str | None:
+    """The recipe's compute dtype where it is fixed; None for `auto` (it depends on the GPU)."""
+    q = recipe.quantization
+    setting = q.compute_dtype if q.method != "none" else recipe.model.dtype
+    return None if setting == "auto" else setting
+
+
+def launch_config_lines(recipe: Recipe, mode: LaunchMode) -> list[str]:
+    """What the launch config files set (FSDP settings, the DeepSpeed config) and the notes about
+    them: nothing in them is passed over in silence."""
+    out = []
+    if mode.fsdp is not None:
+        out.append(f"fsdp: {mode.fsdp.describe()}")
+    if mode.deepspeed is not None:
+        out.append(f"deepspeed: {mode.deepspeed.describe()}")
+        if not launch_config.deepspeed_installed():
+            out.append(f"note: deepspeed is not installed here; where training runs: {launch_config.DEEPSPEED_INSTALL}")
+    if mode.mixed_precision and mode.mixed_precision != "no":
+        out.append(f"mixed precision: {mode.mixed_precision} (the accelerate config; agrees with the recipe)")
+    out += [f"note: {n}" for n in launch_config.launch_notes(recipe, mode)]
+    return out
+
+
 def bundled_configs() -> list[Path]:
     return sorted(p for p in (configs_dir() / "accelerate").glob("*.yaml") if p.name != "multi_node.yaml")
 
@@ -250,12 +290,16 @@ def plan_lines(
     gpu_mem: float | None = None,
     base_dir: Path | None = None,
 ) -> list[str]:
-    mode = launch.from_config_file(config, gpus, nodes) if config else launch.single_process()
+    mode = launch.plan_mode(recipe, config, gpus, nodes)
     world = mode.world_size
     problems = launch.check_launch_compat(recipe, mode)
+    try:
+        batch = resolve_batch(recipe.train, world)
+    except RecipeError as exc:
+        raise RecipeError([*problems, *exc.problems], recipe.source) from None
+    problems += launch_config.launch_problems(recipe, mode, batch, plan_compute_dtype(recipe))
     if problems:
         raise RecipeError(problems, recipe.source)
-    batch = resolve_batch(recipe.train, world)
     shape = ModelShape.from_config(read_model_config(recipe.model.name_or_path, base_dir), recipe.model.name_or_path)
     per_node = world // max(1, nodes) if mode.kind != "single_gpu" else 1
     out = [
@@ -264,6 +308,7 @@ def plan_lines(
         f"launch: {mode.source} ({mode.label()}), {nodes if mode.kind != 'single_gpu' else 1} node(s) x "
         f"{per_node} process(es) = world size {world}",
         f"batch: {batch.describe()}",
+        *launch_config_lines(recipe, mode),
     ]
     rows = count_rows(recipe, base_dir)
     if rows is not None:

@@ -121,6 +121,11 @@ class LoraConfig:
     saving and merging are peft's. `auto`: on wherever it applies (4-bit base layers, `dropout` 0,
     `bias` none, no DoRA, one GPU, DDP or the CPU); layers it does not apply to run peft's own
     forward. `true` refuses recipes it cannot serve (dropout > 0, trained biases, FSDP, ZeRO-3)."""
+    init_from: str | None = None
+    """Start from an existing LoRA adapter: a peft adapter folder (adapter_config.json +
+    adapter_model.safetensors; local, relative to the recipe, or a hub id). Training starts from its
+    weights with a new optimizer, schedule and step 0 (a new run, unlike `checkpoint.resume`, which
+    continues a run). Its base model, `r`, `alpha` and target modules must match this recipe's."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,12 @@ class DataSource:
     """Config (subset) name of a hub dataset."""
     system_prompt: str | None = None
     """System message added to rows of this source that have none."""
+    max_rows: int | None = field(default=None, metadata={"min": 1})
+    """Read at most this many rows of the source (before bad rows are skipped and before mixing): the
+    first N, or with `max_rows_seed` a seeded random sample of N (in file order). Unset: every row."""
+    max_rows_seed: int | None = None
+    """With `max_rows`: draw the N rows at random with this seed instead of taking the first N (reads
+    the source twice; not with `data.streaming`)."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,13 @@ class DataConfig:
     """Processes that read and tokenize the data (one process per node prepares it; the other
     ranks wait for its cache). `auto`: every core this process may use (its CPU affinity, e.g. what
     SLURM gave the job). The output does not depend on it."""
+    allow_no_eos: bool = False
+    """Train although no example trains the template's end-of-turn token (the model would never learn
+    to stop): for continued-pretraining style data. Off: such a recipe is refused."""
+    rebuild: bool = False
+    """Rebuild the prepared data cache even if one exists for this recipe (as `qlora-sft prepare
+    --rebuild`): for changes the cache key cannot see (a hub dataset or tokenizer updated in place).
+    Every launch with it rebuilds; prefer the one-off `prepare --rebuild`."""
 
 
 @dataclass(frozen=True)
@@ -295,6 +313,10 @@ TRAIN_OWNED: dict[str, str] = {
     "save_total_limit": "checkpoint.keep_last",
     "pad_token": "qlora-sft (a pad token distinct from EOS is chosen for you)",
     "eos_token": "the tokenizer",
+    # forced by train.sft_args / the launch (they would be replaced without a word)
+    "use_cpu": "the launch (a process without a GPU runs on the CPU; ACCELERATE_USE_CPU=true asks for CPU ranks)",
+    "fsdp": "the accelerate config of the launch (distributed_type: FSDP with fsdp_config:)",
+    "fsdp_config": "the accelerate config of the launch (distributed_type: FSDP with fsdp_config:)",
 }
 
 
@@ -882,6 +904,7 @@ def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems
 
     args = recipe.train.args
     _batch_problems(recipe, raw, ctx)
+    _migration_problems(recipe, ctx)
     steps, epochs = args.get("max_steps", -1), args.get("num_train_epochs", 3.0)
     if (steps is None or steps <= 0) and epochs is not None and epochs <= 0:
         ctx.add("train.num_train_epochs", "must be > 0 when train.max_steps is not set")
@@ -891,6 +914,74 @@ def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems
                 "train.eval_strategy",
                 "asks for evaluation but there is no eval split; set data.eval_fraction or data.eval_sources",
             )
+
+
+def _migration_problems(recipe: Recipe, ctx: _Problems) -> None:
+    """Keys qlora-sft would otherwise replace or drop without a word (what `train.sft_args` forces),
+    and the per-source row limits."""
+    args = recipe.train.args
+    kwargs = args.get("gradient_checkpointing_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        ctx.add("train.gradient_checkpointing_kwargs", "must be a mapping (e.g. {preserve_rng_state: true})")
+    elif kwargs and kwargs.get("use_reentrant") is True:
+        ctx.add(
+            "train.gradient_checkpointing_kwargs",
+            "sets use_reentrant: true; qlora-sft checkpoints with the non-reentrant variant (the reentrant one "
+            "breaks DDP with LoRA: parameters marked ready twice; under ZeRO-3 TRL switches to it itself). "
+            "Remove use_reentrant (its other keys are kept)",
+        )
+    no_eval = not recipe.data.eval_sources and (recipe.data.eval_fraction == 0 or recipe.data.streaming)
+    if args.get("eval_on_start") and no_eval:
+        ctx.add(
+            "train.eval_on_start",
+            "asks for an evaluation before training but there is no eval split; set data.eval_fraction or "
+            "data.eval_sources, or remove eval_on_start",
+        )
+    for kind in ("sources", "eval_sources"):
+        for i, src in enumerate(getattr(recipe.data, kind)):
+            if src.max_rows_seed is not None and src.max_rows is None:
+                ctx.add(f"data.{kind}.{i}.max_rows_seed", "is set without max_rows; set max_rows: N (rows to draw)")
+            if src.max_rows_seed is not None and recipe.data.streaming and kind == "sources":
+                ctx.add(
+                    f"data.{kind}.{i}.max_rows_seed",
+                    "needs the whole source to draw from, which a stream does not have; with data.streaming "
+                    "take the first max_rows rows (remove max_rows_seed)",
+                )
+
+
+def _with_resolved_paths(recipe: Recipe, ctx: _Problems) -> Recipe:
+    """Paths to files other than data, resolved as the recipe names them (relative to the recipe's
+    folder; an override's, to the working directory), so that the run's recipe.yaml names the same
+    file from anywhere: `train.deepspeed` (a DeepSpeed JSON) and a local `lora.init_from`."""
+    args = dict(recipe.train.args)
+    ds = args.get("deepspeed")
+    if isinstance(ds, dict):
+        ctx.add(
+            "train.deepspeed",
+            "is a mapping; give the path of a DeepSpeed JSON file (e.g. configs/deepspeed/zero3.json)",
+        )
+    elif isinstance(ds, str) and ds:
+        args["deepspeed"] = str(_resolve_named_path(ds, "train.deepspeed", ctx))
+    init = recipe.lora.init_from
+    lora = recipe.lora
+    if init:
+        local = _resolve_named_path(init, "lora.init_from", ctx)
+        if local.exists() or init.startswith((".", "/", "~")) or init.count("/") != 1:
+            lora = dataclasses.replace(lora, init_from=str(local))  # else a hub id (org/name)
+    if args == dict(recipe.train.args) and lora is recipe.lora:
+        return recipe
+    train = dataclasses.replace(recipe.train, args=types.MappingProxyType(args))
+    return dataclasses.replace(recipe, train=train, lora=lora)
+
+
+def _resolve_named_path(path: str, key: str, ctx: _Problems) -> Path:
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    named_on_command_line = any(key == k or key.startswith(k + ".") for k in ctx.overrides)
+    if ctx.source and not named_on_command_line:
+        return (Path(ctx.source).resolve().parent / p).resolve()
+    return p.resolve()
 
 
 def fused_lora_obstacles(recipe: Recipe) -> list[str]:
@@ -1021,6 +1112,7 @@ def build_recipe(
     _check_contradictions(recipe, data, ctx)
     _nonfinite_problems(recipe, ctx)
     _train_value_problems(recipe.train.args, ctx)
+    recipe = _with_resolved_paths(recipe, ctx)
     if ctx.problems:
         raise RecipeError(ctx.problems, source)
     if recipe.data.streaming and recipe.data.eval_fraction and not recipe.data.eval_sources:
@@ -1167,6 +1259,9 @@ RESUMABLE_CHANGES = (
     "train.per_device_train_batch_size",
     "train.gradient_accumulation_steps",
     "train.nonfinite_patience",
+    "train.deepspeed",  # the launch's DeepSpeed config (a launch may change; check_resume guards ZeRO shards)
+    "data.rebuild",
+    "data.allow_no_eos",
 )
 
 

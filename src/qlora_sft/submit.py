@@ -165,6 +165,17 @@ class QloraJob:
         return submitit.helpers.DelayedSubmission(QloraJob(), *args, **kwargs)
 
 
+def check_submitted_files(recipe: Any, base_dir: Path) -> None:
+    """Before a job is queued: the recipe's DeepSpeed JSON and adapter (as `validate` checks them),
+    and deepspeed installed where the recipe asks for it."""
+    from .cli import check_named_files
+    from .launch_config import require_deepspeed
+
+    check_named_files(recipe, base_dir)
+    if recipe.train.args.get("deepspeed"):
+        require_deepspeed(f"train.deepspeed ({Path(recipe.train.args['deepspeed']).name})")
+
+
 def submit(
     recipe: str | os.PathLike[str],
     overrides: Sequence[str] = (),
@@ -183,6 +194,7 @@ def submit(
     cluster: str | None = None,
     folder: str | os.PathLike[str] | None = None,
     prepare: bool = False,
+    deepspeed: str | os.PathLike[str] | None = None,
 ) -> Any:
     """Validate the recipe and its run directory, then submit. Returns the submitit Job.
     `prepare`: read, tokenize and cache the data in this process first (with every core it may
@@ -192,7 +204,10 @@ def submit(
     from .checkpoint import check_run_dir
 
     overrides = list(overrides)
+    if deepspeed is not None:  # `--deepspeed X.json` is train.deepspeed, named on the command line
+        overrides.append(f"train.deepspeed={Path(deepspeed).resolve()}")
     r = load_recipe(recipe, overrides)
+    check_submitted_files(r, Path(recipe).parent)
     check_run_dir(r)
     if prepare:
         from .train import tokenizer_and_data

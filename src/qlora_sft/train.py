@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, data, launch, model, plots, tracking
+from . import checkpoint, data, init_adapter, launch, launch_config, model, plots, tracking
 from .errors import RecipeError
 from .recipe import BatchPlan, Recipe, resolve_batch
 
@@ -59,6 +59,9 @@ def sft_args(recipe: Recipe, batch: BatchPlan, mode: launch.LaunchMode, compute_
     from trl import SFTConfig
 
     args = dict(recipe.train.args)
+    # train.deepspeed is started as accelerate's DeepSpeed launch (launch_config.prepare_environment),
+    # the path every DeepSpeed launch takes: the Trainer finds the plugin in accelerate's state
+    args.pop("deepspeed", None)
     args.update(
         output_dir=str(recipe.run_dir),
         seed=recipe.run.seed,
@@ -79,12 +82,17 @@ def sft_args(recipe: Recipe, batch: BatchPlan, mode: launch.LaunchMode, compute_
     if not (mode.kind == "deepspeed" and mode.zero_stage == 3):
         # Non-reentrant checkpointing (DDP with LoRA breaks with the reentrant variant). Under ZeRO-3
         # TRL switches PEFT models to reentrant checkpointing itself, as DeepSpeed requires.
-        args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        # (recipe.py refuses use_reentrant: true; the recipe's other keys are kept)
+        kwargs = args.get("gradient_checkpointing_kwargs") or {}
+        args["gradient_checkpointing_kwargs"] = {**kwargs, "use_reentrant": False}
     if has_eval:
         args.setdefault("eval_strategy", "steps")
         if args["eval_strategy"] == "steps":
             args.setdefault("eval_steps", args.get("save_steps", 500))
     else:
+        for key in ("eval_strategy", "eval_on_start"):
+            if recipe.train.args.get(key) not in (None, False, "no"):
+                log.warning("train.%s is set but the data has no eval rows: no evaluation runs", key)
         args["eval_strategy"] = "no"
         args.pop("eval_on_start", None)
     if mode.world_size > 1 and mode.kind in ("ddp", "cpu"):
@@ -168,6 +176,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     """Run the recipe. `extra_callbacks` are added to the Trainer; `on_trainer(trainer)` is called once
     the trainer exists (the benchmark uses it to count tokens)."""
     # 1. Where am I? (the launcher decided; the recipe is the same everywhere)
+    launch_config.prepare_environment(recipe)  # train.deepspeed starts DeepSpeed; deepspeed installed?
     launch.check_devices()
     # train.ddp_timeout (transformers' default 1800 s) is the process group's timeout: the group is
     # created here, before the Trainer, which would otherwise be too late to apply it.
@@ -179,8 +188,14 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     if problems:
         raise RecipeError(problems, recipe.source)
     batch = resolve_batch(recipe.train, mode.world_size)
+    compute_name = model.dtype_name(mode.compute_dtype(recipe.quantization, recipe.model))
+    problems = launch_config.launch_problems(recipe, mode, batch, compute_name)
+    if problems:
+        raise RecipeError(problems, recipe.source)
     base_dir = Path(recipe.source).parent if recipe.source else None
     log.info("launch: %s; %s", mode.describe(), batch.describe())
+    for note in launch_config.launch_notes(recipe, mode):
+        log.info("launch: %s", note)
     cap = launch.apply_gpu_memory_cap()
     if cap is not None:
         log.info("GPU memory capped at %.1f GiB per rank (%s)", cap, launch.GPU_MEMORY_CAP_ENV)
@@ -195,6 +210,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     if done is not None:
         log.info("%s", done)
         return TrainResult(recipe.run_dir, recipe.run_dir / "final", -1, None, None, finished=True)
+    init_adapter.check_before_loading(recipe, base_dir)  # lora.init_from; checkpoint.resume=<an adapter>
     meta = checkpoint.run_metadata(recipe, mode, batch)
     lock = checkpoint.prepare_run_dir(recipe, meta)
     try:
@@ -247,6 +263,7 @@ def _train(
     compute_dtype = mode.compute_dtype(recipe.quantization, recipe.model)
     set_seed(recipe.run.seed)  # the LoRA initialisation is random: same seed, same start on every rank
     peft_model = model.load_model(recipe, tokenizer, mode, base_dir)
+    launch_config.check_wrap_classes(peft_model, mode.fsdp if mode.kind == "fsdp" else None)
     for line in [*model.summarize(peft_model).lines(), launch.loading_memory_line()]:
         log.info("model: %s", line)
 
