@@ -4,6 +4,7 @@ weights), hands every case it does not cover back to peft, and is resolved and r
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -162,13 +163,16 @@ def test_fused_resolution_and_refusals():
     auto = build_recipe(base)
     assert auto.lora.fused == "auto" and auto.lora.dropout == 0
     assert uses_fused_lora(auto, mode("ddp")) and uses_fused_lora(auto, mode("cpu"))
-    assert not uses_fused_lora(auto, mode("fsdp"))
+    assert uses_fused_lora(auto, mode("fsdp"))  # one unit per layer: each layer runs its own forward, gathered
+    peft_units = dataclasses.replace(mode("fsdp"), fsdp_units="peft")
+    assert not uses_fused_lora(auto, peft_units)
     assert not uses_fused_lora(auto, mode("deepspeed", zero=3))
     assert not uses_fused_lora(build_recipe({**base, "lora": {"dropout": 0.05}}), mode("ddp"))
     assert not uses_fused_lora(build_recipe({**base, "quantization": {"method": "none"}}), mode("ddp"))
     forced = build_recipe({**base, "lora": {"fused": True}})
-    problems = launch.check_launch_compat(forced, mode("fsdp"))
-    assert any("`lora.fused` is true" in p for p in problems), problems
+    assert not any("`lora.fused`" in p for p in launch.check_launch_compat(forced, mode("fsdp")))
+    problems = launch.check_launch_compat(forced, peft_units)
+    assert any("`lora.fused` is true" in p and "QLORA_SFT_FSDP_UNITS=peft" in p for p in problems), problems
     with pytest.raises(UserError, match=r"lora\.fused.*lora\.dropout is 0\.05"):
         build_recipe({**base, "lora": {"fused": True, "dropout": 0.05}})
     assert not uses_fused_lora(build_recipe({**base, "lora": {"bias": "all"}}), mode("ddp"))

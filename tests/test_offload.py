@@ -4,6 +4,7 @@ replay the forward's random numbers), and training under DDP is unchanged by it.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,9 @@ def test_offload_resolution_and_refusals():
     auto = build_recipe(base)
     assert auto.train.offload_activations == "auto"
     assert launch.offloads_activations(auto, mode("ddp"))
-    assert not launch.offloads_activations(auto, mode("fsdp"))
+    assert launch.offloads_activations(auto, mode("fsdp"))  # one unit per layer: the layer inputs can wait on the host
+    assert not launch.offloads_activations(auto, dataclasses.replace(mode("fsdp"), fsdp_units="peft"))
+    assert not launch.offloads_activations(auto, mode("deepspeed", zero=3))
     assert not launch.offloads_activations(auto, mode("cpu"))
     no_gc = build_recipe({**base, "train": {"gradient_checkpointing": False}})
     assert not launch.offloads_activations(no_gc, mode("ddp"))
