@@ -913,13 +913,13 @@ class CheckpointingMixin:
         """Every optimizer step: a step whose loss or gradient norm is not finite is neither saved
         nor evaluated; after `train.nonfinite_patience` such steps in a row, training stops with an
         error (the same decision on every rank)."""
-        import torch
 
         state = self.state  # type: ignore[attr-defined]
-        fault = self.ckpt.fault
-        if fault.action == "nan" and state.global_step >= fault.step and tr_loss is not None:
-            tr_loss.fill_(float("nan"))
-        loss_ok = tr_loss is None or bool(torch.isfinite(tr_loss).all())
+        # the Trainer keeps non-finite micro-step losses out of tr_loss (logging_nan_inf_filter):
+        # `training_step` notes them
+        flags = getattr(self, "_losses_finite", None)
+        loss_ok = flags is None or bool(flags)
+        self._losses_finite = None
         norm = float(grad_norm) if grad_norm is not None else 0.0
         # with fp16 loss scaling, an overflowing gradient only skips the step (the scaler's job)
         scaler = getattr(getattr(self, "accelerator", None), "scaler", None)
@@ -937,6 +937,17 @@ class CheckpointingMixin:
         else:
             self._nonfinite = []
         super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)  # type: ignore[misc]
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Notes whether every micro-step loss of the current optimizer step is finite (kept on the
+        device; read once per optimizer step)."""
+        import torch
+
+        loss = super().training_step(*args, **kwargs)  # type: ignore[misc]
+        finite = torch.isfinite(loss.detach()).all()
+        flags = getattr(self, "_losses_finite", None)
+        self._losses_finite = finite if flags is None else (flags & finite)
+        return loss
 
     def _stop_nonfinite(self) -> None:
         steps = self._nonfinite
@@ -1227,7 +1238,13 @@ def fault_callback(fault: Fault, rank: int) -> Any:
     from transformers import TrainerCallback
 
     class FaultCallback(TrainerCallback):
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             fault.trigger("kill", state.global_step + 1, rank)
+            if fault.action == "nan" and fault.step == state.global_step + 1 and model is not None:
+                import torch
+
+                log.warning("QLORA_SFT_FAULT: a trainable weight becomes NaN as step %d begins", fault.step)
+                with torch.no_grad():
+                    next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
 
     return FaultCallback()

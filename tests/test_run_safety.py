@@ -1,0 +1,313 @@
+"""Nothing lost, nothing silently changed: the run directory under misuse, corruption, bad numbers and
+untrusted runs (issue 24). Each test is a case a user hit: export --overwrite next to the run, a
+finished run relaunched, two launches at once, a run that diverges, a same-size corrupt file, remote
+code named by a copied run directory, changed data under a resume, a full disk, a launch that failed
+before training."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO, losses_by_step, recipe_dict, write_recipe, write_toy_data
+
+from qlora_sft import checkpoint
+from qlora_sft.errors import RunDirError, UserError
+from qlora_sft.export import export
+from qlora_sft.recipe import build_recipe, read_run_recipe
+from qlora_sft.train import setup_logging, train
+
+SHORT = {"max_steps": 4, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-2}
+
+
+def recipe_of(tiny_model: Path, root: Path, name: str = "a", **train_args) -> object:
+    data = root / "toy.jsonl"
+    if not data.exists():
+        write_toy_data(data, n=48)
+    return build_recipe(recipe_dict(tiny_model, data, root / "runs", run={"name": name}, train={**SHORT, **train_args}))
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Two finished runs side by side, a and b."""
+    root = tmp_path_factory.mktemp("safety")
+    for name in ("a", "b"):
+        train(recipe_of(tiny_model, root, name))
+    return root
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# 1. export --overwrite never deletes the run or anything it did not create
+
+
+def test_export_refuses_an_out_that_is_or_holds_the_run(finished: Path):
+    runs = finished / "runs"
+    before = {name: snapshot(runs / name) for name in ("a", "b")}
+    for out, why in [
+        (runs, "a folder around the run being exported"),
+        (runs / "a", "is the run being exported"),
+        (runs / "a" / "checkpoint-2", "belongs to the run"),
+        (runs / "a" / "final", "belongs to the run"),
+        (runs / "a" / "logs" / "merged", "belongs to the run"),
+    ]:
+        with pytest.raises(UserError, match=why):
+            export(runs / "a", out, overwrite=True)
+    with pytest.raises(UserError, match=r"holds a qlora-sft run .*never a run"):
+        export(runs / "a", runs / "b", overwrite=True)
+    assert {name: snapshot(runs / name) for name in ("a", "b")} == before  # nothing touched
+
+
+def test_export_overwrite_moves_a_foreign_folder_aside_and_replaces_its_own(finished: Path, tmp_path: Path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    result = export(finished / "runs" / "a", out, overwrite=True)
+    assert result.ok and (out / "config.json").is_file() and (out / "qlora-sft-export.json").is_file()
+    (aside,) = tmp_path.glob("merged.replaced-*")
+    assert (aside / "notes.txt").read_text() == "my notes"  # kept, not deleted
+    export(finished / "runs" / "a", out, overwrite=True)  # an earlier export: replaced
+    assert not list(tmp_path.glob("merged.old-*")) and len(list(tmp_path.glob("merged.replaced-*"))) == 1
+
+
+# 2. a finished run stays finished
+
+
+def test_relaunching_a_finished_run_does_nothing(finished: Path, tiny_model: Path, capsys):
+    run = finished / "runs" / "a"
+    before = snapshot(run)
+    result = train(recipe_of(tiny_model, finished, "a"))
+    assert result.finished and result.global_step == -1
+    assert snapshot(run) == before
+    out = capsys.readouterr().out
+    assert "finished at step 4" in out and "raise train.max_steps" in out
+
+
+def test_training_longer_continues_from_the_final_step(tiny_model: Path, tmp_path: Path):
+    first = train(recipe_of(tiny_model, tmp_path, "longer"))
+    assert first.global_step == 4
+    longer = train(recipe_of(tiny_model, tmp_path, "longer", max_steps=6))
+    assert longer.global_step == 6 and not longer.finished
+    run = tmp_path / "runs" / "longer"
+    assert sorted(losses_by_step(run)) == [1, 2, 3, 4, 5, 6]  # continued from checkpoint-4, each step once
+    assert json.loads((run / "final" / "manifest.json").read_text())["step"] == 6
+    assert json.loads((run / "final.step-4" / "manifest.json").read_text())["step"] == 4  # kept aside
+
+
+# 3. one live writer per run directory
+
+
+def test_a_second_launch_on_a_live_run_is_refused_naming_the_holder(tiny_model: Path, tmp_path: Path):
+    recipe = recipe_of(tiny_model, tmp_path, "busy", max_steps=400, save_steps=1000)
+    path = write_recipe(tmp_path / "busy.yaml", recipe.to_dict())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    first = subprocess.Popen([sys.executable, "-m", "qlora_sft", "train", str(path)], env=env, cwd=tmp_path)
+    lock = tmp_path / "runs" / "busy" / checkpoint.LOCK
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (lock.is_file() and str(first.pid) in lock.read_text()):
+            time.sleep(0.2)
+        assert str(first.pid) in lock.read_text()
+        second = subprocess.run(
+            [sys.executable, "-m", "qlora_sft", "train", str(path)],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert second.returncode == 2
+        assert f"in use by another qlora-sft job ({socket.gethostname()} pid {first.pid}" in second.stderr
+        assert f"delete {lock}" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    # killed: its lock names a dead process on this host, so the relaunch takes it over
+    holder = json.loads(lock.read_text())
+    assert checkpoint.RunLock.gone(holder, flock_free=True) is not None
+    lock_again = checkpoint.RunLock(lock.parent)
+    lock_again.acquire()
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    lock_again.release()
+    assert not lock.exists()
+
+
+def test_a_lock_held_elsewhere_is_taken_over_only_when_provably_gone(tmp_path: Path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    other = {"host": "node-17", "pid": 4242, "started": "2026-11-30 01:00:00", "slurm_job_id": None}
+    (run / checkpoint.LOCK).write_text(json.dumps(other))
+    with pytest.raises(RunDirError, match=r"in use by another qlora-sft job \(node-17 pid 4242"):
+        checkpoint.RunLock(run).acquire()
+    # the same SLURM job, requeued: its previous incarnation has ended
+    monkeypatch.setenv("SLURM_JOB_ID", "881")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    (run / checkpoint.LOCK).write_text(json.dumps({**other, "slurm_job_id": "881", "slurm_restart_count": 0}))
+    lock = checkpoint.RunLock(run)
+    lock.acquire()
+    assert json.loads((run / checkpoint.LOCK).read_text())["slurm_restart_count"] == 1
+    lock.release()
+
+
+# 4. non-finite training stops, and nothing non-finite is published
+
+
+def test_divergence_stops_with_the_step_and_publishes_nothing_nonfinite(tiny_model: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("QLORA_SFT_FAULT", "nan@3")  # a LoRA weight becomes NaN as step 3 begins
+    recipe = recipe_of(tiny_model, tmp_path, "nan", max_steps=10, save_steps=2)
+    with pytest.raises(checkpoint.NonFiniteError, match=r"not finite for 3 optimizer steps in a row \(steps 3-5") as e:
+        train(recipe)
+    assert "the newest complete checkpoint is checkpoint-2" in str(e.value)
+    run = tmp_path / "runs" / "nan"
+    assert [c.step for c in checkpoint.list_checkpoints(run)] == [2]  # steps 3-5 were never saved
+    assert not (run / "final").exists()
+    assert checkpoint.nonfinite_tensors(run / "checkpoint-2" / "adapter_model.safetensors") == []
+
+
+def test_a_nonfinite_adapter_is_neither_resumed_nor_exported(finished: Path, tmp_path: Path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished / "runs" / "a", run)
+    for ckpt in (run / "checkpoint-4", run / "final"):
+        tensors = load_file(str(ckpt / "adapter_model.safetensors"))
+        first = sorted(tensors)[0]
+        tensors[first] = torch.full_like(tensors[first], float("nan"))
+        save_file(tensors, str(ckpt / "adapter_model.safetensors"))
+        # a manifest that matches (as a version without the finiteness check would have written it)
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        checkpoint.write_manifest(ckpt, {k: v for k, v in manifest.items() if k not in ("files", "completed")})
+    info = checkpoint.inspect_checkpoint(run / "checkpoint-4", verify=True)
+    assert not info.complete and "holds non-finite values" in info.reason
+    saved = read_run_recipe(run)
+    recipe = dataclasses.replace(saved, run=dataclasses.replace(saved.run, output_dir=str(tmp_path), name="copy"))
+    assert checkpoint.find_resume(recipe) == run / "checkpoint-2"  # the NaN checkpoint is skipped
+    with pytest.raises(UserError, match=r"final cannot be exported: adapter_model.safetensors holds non-finite"):
+        export(run, tmp_path / "out")
+
+
+# 5. same-size corruption: found by the checksum, the previous checkpoint used, the file named
+
+
+def test_same_size_corruption_falls_back_to_the_previous_checkpoint(finished: Path, tmp_path: Path, capsys):
+    run_root = tmp_path / "runs"
+    shutil.copytree(finished / "runs" / "a", run_root / "a")
+    state = run_root / "a" / "checkpoint-4" / "trainer_state.json"
+    state.write_bytes(b"\0" * state.stat().st_size)  # garbage of the right size
+    saved = read_run_recipe(run_root / "a")
+    recipe = dataclasses.replace(saved, run=dataclasses.replace(saved.run, output_dir=str(run_root)))
+    setup_logging(True)  # the log handler on this test's captured stdout
+    assert checkpoint.find_resume(recipe) == run_root / "a" / "checkpoint-2"
+    out = capsys.readouterr()
+    assert "checkpoint-4 for resume: file trainer_state.json does not match its checksum" in out.out + out.err
+    assert (run_root / "a" / "checkpoint-4").is_dir()  # kept for the user to inspect
+    adapter = run_root / "a" / "checkpoint-2" / "adapter_model.safetensors"
+    raw = bytearray(adapter.read_bytes())
+    raw[-10:] = b"0123456789"
+    adapter.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"checkpoint-2 cannot be exported: file adapter_model.safetensors does not"):
+        export(run_root / "a" / "checkpoint-2", tmp_path / "out")
+
+
+def _recipe_dict(run: Path) -> dict:
+    import yaml
+
+    data = yaml.safe_load((run / "recipe.yaml").read_text())
+    data.pop("launch", None)
+    return data
+
+
+# 6. remote code runs only when the command says so
+
+
+def test_export_and_chat_run_remote_code_only_with_the_flag(finished: Path, tmp_path: Path, tiny_model: Path):
+    base = tmp_path / "custom-base"
+    shutil.copytree(tiny_model, base)
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (base / "config.json").write_text(json.dumps(config))
+    run = tmp_path / "shared-run"
+    shutil.copytree(finished / "runs" / "a", run)
+    raw = _recipe_dict(run)
+    raw["model"]["name_or_path"] = str(base)
+    raw["model"]["trust_remote_code"] = True
+    (run / "recipe.yaml").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match=r"would run its own code \(modeling_evil.py from .*--trust-remote-code"):
+        export(run, tmp_path / "merged")
+    out = subprocess.run(
+        [sys.executable, "-m", "qlora_sft", "chat", str(run / "checkpoint-4"), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    assert out.returncode == 2 and "modeling_evil.py" in out.stderr and "--trust-remote-code" in out.stderr
+
+
+# 8. resuming over changed data is refused, unless allowed
+
+
+def test_resume_over_changed_data_is_refused_naming_the_change(tiny_model: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("QLORA_SFT_FAULT", "")
+    recipe = recipe_of(tiny_model, tmp_path, "data", max_steps=4, save_steps=2)
+    train(build_recipe({**recipe.to_dict(), "train": {**recipe.to_dict()["train"], "max_steps": 2}}))
+    data = tmp_path / "toy.jsonl"
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[::-1] + lines[:30]) + "\n")  # reshuffled, 30 rows added
+    with pytest.raises(RunDirError, match=r"training data changed since .*checkpoint-2 was written:\n.*toy.jsonl: "):
+        train(recipe)
+    allowed = build_recipe(
+        {**recipe.to_dict(), "checkpoint": {**recipe.to_dict()["checkpoint"], "allow_data_change": True}}
+    )
+    assert train(allowed).global_step == 4
+
+
+# 9. a full disk says where, and what is still safe
+
+
+def test_a_full_disk_during_a_save_names_the_disk_and_the_safe_checkpoint(
+    tiny_model: Path, tmp_path: Path, monkeypatch
+):
+    import torch
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt") and "checkpoint-4" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        calls["n"] += 1
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(
+        UserError, match=r"saving checkpoint-4: no space left on .*newest complete checkpoint is checkpoint-2"
+    ):
+        train(recipe_of(tiny_model, tmp_path, "full", max_steps=6, save_steps=2))
+    run = tmp_path / "runs" / "full"
+    assert not list((run / checkpoint.STAGING).glob("checkpoint-4*"))  # the half-written save was removed
+    assert not list(run.rglob(".*.tmp-*"))
+    assert [c.step for c in checkpoint.list_checkpoints(run) if c.complete] == [2]
+
+
+# 10. a launch that failed before training does not block the corrected relaunch
+
+
+def test_a_launch_that_trained_nothing_does_not_block_the_corrected_one(tiny_model: Path, tmp_path: Path):
+    bad = recipe_of(tiny_model, tmp_path, "fix")
+    bad_dict = bad.to_dict()
+    bad_dict["data"]["sources"] = [{"path": str(tmp_path / "missing.jsonl")}]
+    with pytest.raises(UserError):
+        train(build_recipe(bad_dict))
+    assert (tmp_path / "runs" / "fix" / "recipe.yaml").is_file()  # it got as far as writing its recipe
+    assert train(bad).global_step == 4
