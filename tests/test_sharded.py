@@ -168,6 +168,41 @@ def test_meta_ranks_hold_no_weights_but_everything_to_receive_them(tiny_model: P
         assert torch.equal(rank0(IDS).logits, other(IDS).logits)
 
 
+def test_zero3_placeholders_of_other_ranks_get_real_storage_keeping_their_kind(tiny_model: Path):
+    """What rank 1 holds before ZeRO-3 partitions the model (the low-memory loader's meta weights,
+    and peft's LoRA weights created beside them on meta) gets CPU storage, as `partition_for_zero3`
+    needs: `p.data = ...` on a meta parameter fails ("incompatible tensor type", what stopped ZeRO-3
+    with two ranks on two H200s); replacing the parameter keeps bitsandbytes' Params4bit with its
+    quantization state, requires_grad, and tied weights tied."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from tiny import build_tiny_model
+
+    from qlora_sft.model import materialize_placeholders
+
+    q = bnb_config(torch.bfloat16)
+    tied = build_tiny_model(Path(tiny_model).parent / "tiny-tied-z3", tied=True)
+    rank1 = low_memory(tied, q, device="meta")
+    model = get_peft_model(rank1, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    meta = [p for p in model.parameters() if p.device.type == "meta"]
+    assert meta and any(type(p).__name__ == "Params4bit" for p in meta)
+    with pytest.raises(RuntimeError, match="incompatible tensor type"):
+        meta[0].data = torch.empty(meta[0].shape, dtype=meta[0].dtype)  # the old way
+    before = {n: (type(p), p.requires_grad, getattr(p, "quant_state", None)) for n, p in model.named_parameters()}
+    assert materialize_placeholders(model) == len({id(p) for p in meta})
+    after = dict(model.named_parameters())
+    assert all(p.device.type == "cpu" for p in after.values())
+    for name, (kind, grad, state) in before.items():
+        assert type(after[name]) is kind and after[name].requires_grad == grad, name
+        assert getattr(after[name], "quant_state", None) is state, name
+    base = model.get_base_model()
+    assert base.get_input_embeddings().weight is base.get_output_embeddings().weight  # still tied
+    for p in model.parameters():  # what partition_for_zero3 does next
+        if p.is_floating_point():
+            p.data = p.data.to(torch.bfloat16)
+    assert all(isinstance(m.weight, bnb.nn.Params4bit) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+
+
 def test_checkpoint_names_that_do_not_match_fail_clearly(tiny_model: Path, tmp_path: Path):
     from safetensors.torch import load_file, save_file
 
