@@ -18,11 +18,11 @@ import torch.distributed as dist
 
 
 def main(model_dir: str, out: str, use_orig_params: bool = False) -> None:
+    from helpers import bf16_nf4_config
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from peft.utils.other import fsdp_auto_wrap_policy
     from torch.distributed.fsdp import FullStateDictConfig, MixedPrecision, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from transformers import BitsAndBytesConfig
 
     from qlora_sft.checkpoint import plain_fsdp_names
     from qlora_sft.loader import load_low_memory
@@ -31,13 +31,7 @@ def main(model_dir: str, out: str, use_orig_params: bool = False) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     bf16 = torch.bfloat16
-    q = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=bf16,
-        bnb_4bit_quant_storage=bf16,
-    )
+    q = bf16_nf4_config()
     cpu = torch.device("cpu")
     base = load_low_memory(model_dir, q, dtype=bf16, data_device=cpu, compute_device=cpu)
     keep_cpu_4bit_trainable(base)  # as training does on the CPU (docs/pitfalls.md, pitfall 11)

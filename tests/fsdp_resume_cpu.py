@@ -37,11 +37,11 @@ def batches(rank: int) -> list[torch.Tensor]:
 
 
 def build(model_dir: str, units: str):
+    from helpers import bf16_nf4_config
     from peft import LoraConfig, get_peft_model
     from peft.utils.other import fsdp_auto_wrap_policy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import MixedPrecision
-    from transformers import BitsAndBytesConfig
 
     from qlora_sft.loader import load_low_memory
     from qlora_sft.model import (
@@ -54,13 +54,7 @@ def build(model_dir: str, units: str):
     )
 
     bf16, cpu = torch.bfloat16, torch.device("cpu")
-    q = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=bf16,
-        bnb_4bit_quant_storage=bf16,
-    )
+    q = bf16_nf4_config()
     # rank 0 reads the weights, the other ranks hold placeholders (meta), as the low-memory loader
     # does under FSDP; FSDP materialises them (param_init_fn) and broadcasts rank 0's values
     # (sync_module_states), as accelerate sets it up. torch refuses sync_module_states for CPU

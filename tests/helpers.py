@@ -162,3 +162,32 @@ def wandb_records(path: Path) -> list[Any]:
             records.append(record)
             pending = b""
     return records
+
+
+def recipe_problems(data: dict[str, Any], overrides: list[str] | None = None) -> list[str]:
+    """The problems `build_recipe` reports for raw recipe data (+ overrides); the recipe must fail."""
+    import pytest
+
+    from qlora_sft.errors import RecipeError
+    from qlora_sft.recipe import apply_overrides, build_recipe
+
+    data, override_problems = apply_overrides(data, overrides or [])
+    assert not override_problems
+    with pytest.raises(RecipeError) as exc:
+        build_recipe(data, source="r.yaml")
+    return exc.value.problems
+
+
+def bf16_nf4_config() -> Any:
+    """NF4 with double quantization, computed and stored in bf16: QLoRA as FSDP shards it."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    bf16 = torch.bfloat16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=bf16,
+        bnb_4bit_quant_storage=bf16,
+    )

@@ -109,6 +109,9 @@ def case_digests(tmp: Path, num_proc: int | None = None, **build: Any) -> dict[s
         packed = pack_dataset(prepared.train.select_columns(["input_ids", "labels"]), cfg.max_length, "bfd")
         report = prepared.report.to_dict()
         assert report.pop("streamed_sample", 0) == 0  # a field added after the pin; zero when not streaming
+        # fields added after the pin (data.sources[].max_rows and the end-token count of conversations)
+        assert 0 <= report.pop("chat_rows") <= report["train_rows"]
+        assert all(src.pop("limit") == "" for src in report["sources"])
         report = json.loads(json.dumps(report).replace(str(tmp), "<tmp>").replace(str(DATA), "<data>"))
         out[name] = {
             "train": digest(prepared.train[:]),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, recipe_problems
 
 from qlora_sft.errors import RecipeError
 from qlora_sft.recipe import (
@@ -25,12 +25,7 @@ MINIMAL = {
 }
 
 
-def problems(data: dict, overrides: list[str] | None = None) -> list[str]:
-    data, override_problems = apply_overrides(data, overrides or [])
-    assert not override_problems
-    with pytest.raises(RecipeError) as exc:
-        build_recipe(data, source="r.yaml")
-    return exc.value.problems
+problems = recipe_problems
 
 
 def test_minimal_recipe_gets_defaults():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import MINIMAL_RECIPE
+from helpers import MINIMAL_RECIPE, recipe_problems
 
 from qlora_sft.errors import RecipeError
 from qlora_sft.recipe import apply_overrides, build_recipe, load_recipe
@@ -33,12 +33,7 @@ junk:
 """
 
 
-def problems(data: dict, overrides: list[str] | None = None) -> list[str]:
-    data, override_problems = apply_overrides(data, overrides or [])
-    assert not override_problems
-    with pytest.raises(RecipeError) as exc:
-        build_recipe(data, source="r.yaml")
-    return exc.value.problems
+problems = recipe_problems
 
 
 def test_alias_bomb_is_refused_at_once_naming_the_file(tmp_path: Path):

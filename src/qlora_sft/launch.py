@@ -202,7 +202,6 @@ def fsdp_units(env: Mapping[str, str] | None = None) -> str:
     return value
 
 
-
 def deepspeed_from_environment(env: Mapping[str, str]) -> launch_config.DeepSpeedConfig:
     """The DeepSpeed config a rank of a DeepSpeed launch gets: the JSON file the launcher names, or
     the one accelerate builds from its `deepspeed_config:` keys (ACCELERATE_DEEPSPEED_* variables)."""
@@ -230,16 +229,7 @@ def from_config_file(path: str | os.PathLike[str], gpus_per_node: int | None = N
     p = Path(path)
     if p.suffix.lower() == ".json":
         ds = launch_config.read_deepspeed(p)
-        world = max(1, (gpus_per_node or 1) * nodes)
-        return LaunchMode(
-            "deepspeed",
-            world_size=world,
-            num_machines=nodes,
-            zero_stage=ds.stage,
-            offload=ds.offload,
-            source=p.name,
-            deepspeed=ds,
-        )
+        return deepspeed_mode(ds, max(1, (gpus_per_node or 1) * nodes), nodes, p.name)
     return mode_from_accelerate(launch_config.read_accelerate(p), gpus_per_node, nodes)
 
 
@@ -292,15 +282,21 @@ def plan_mode(recipe: Recipe, config: str | os.PathLike[str] | None, gpus: int |
     if mode is not None and mode.deepspeed is not None and mode.deepspeed.path.resolve() != ds.path.resolve():
         raise UserError(f"two DeepSpeed configs: {mode.source} names {mode.deepspeed.path}, train.deepspeed {ds.path}")
     world = mode.world_size if mode is not None and mode.kind != "single_gpu" else max(1, (gpus or 1) * nodes)
+    mixed = mode.mixed_precision if mode is not None else ""
+    return deepspeed_mode(ds, world, nodes, f"train.deepspeed: {ds.path.name}", mixed)
+
+
+def deepspeed_mode(ds: Any, world: int, nodes: int, source: str, mixed_precision: str = "") -> LaunchMode:
+    """The launch a DeepSpeed JSON describes, for `plan` (its ZeRO stage and offload read from it)."""
     return LaunchMode(
         "deepspeed",
         world_size=world,
         num_machines=nodes,
         zero_stage=ds.stage,
         offload=ds.offload,
-        source=f"train.deepspeed: {ds.path.name}",
+        source=source,
         deepspeed=ds,
-        mixed_precision=mode.mixed_precision if mode is not None else "",
+        mixed_precision=mixed_precision,
     )
 
 
