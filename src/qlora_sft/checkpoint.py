@@ -924,9 +924,17 @@ class CheckpointingMixin:
         # with fp16 loss scaling, an overflowing gradient only skips the step (the scaler's job)
         scaler = getattr(getattr(self, "accelerator", None), "scaler", None)
         norm_ok = math.isfinite(norm) or (scaler is not None and loss_ok)
-        bad = any_rank(not (loss_ok and norm_ok))
         if not hasattr(self, "_nonfinite"):
             self._nonfinite = []
+        if getattr(self, "_checked_step", None) == state.global_step:  # the epoch end's second call
+            bad_before = bool(self._nonfinite) and self._nonfinite[-1][0] == state.global_step
+            if bad_before:
+                self.control.should_save = False  # type: ignore[attr-defined]
+                self.control.should_evaluate = False  # type: ignore[attr-defined]
+            super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)  # type: ignore[misc]
+            return
+        self._checked_step = state.global_step
+        bad = any_rank(not (loss_ok and norm_ok))
         if bad:
             what = f"loss {'finite' if loss_ok else 'nan/inf'}, grad norm {norm:g}"
             self._nonfinite.append((state.global_step, what))
