@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
-from .launch import DTYPES, FSDP_UNITS_ENV, LaunchMode, distributed_state
-from .recipe import ModelConfig, QuantizationConfig, Recipe, fused_lora_obstacles
+from ..errors import UserError
+from ..launch import DTYPES, FSDP_UNITS_ENV, LaunchMode, distributed_state
+from ..recipe import ModelConfig, QuantizationConfig, Recipe, fused_lora_obstacles
 
 log = logging.getLogger("qlora_sft")
 
@@ -51,7 +51,7 @@ def checkpoint_quantization(q: QuantizationConfig, config: Any, path: str) -> Qu
     quant type and double quantization it was saved with (its packed bytes are used as stored)."""
     import dataclasses
 
-    from .loader import prequantized_config
+    from ..loader import prequantized_config
 
     stored = prequantized_config(config)
     if stored is None:
@@ -120,7 +120,7 @@ def load_base(
     recipe's (export computes its reference in fp32)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from . import loader
+    from .. import loader
 
     compute = compute_dtype or mode.compute_dtype(recipe.quantization, recipe.model)
     path = local_model_path(recipe.model, base_dir)
@@ -221,7 +221,7 @@ def load_tokenizer(cfg: ModelConfig, base_dir: str | Path | None = None) -> Any:
 
 def recipe_tokenizer(recipe: Recipe, base_dir: str | Path | None = None) -> Any:
     """The recipe's tokenizer with the recipe's chat template (as training renders the data)."""
-    from . import data
+    from .. import data
 
     tokenizer = load_tokenizer(recipe.model, base_dir)
     data.set_chat_template(tokenizer, recipe.data.chat_template, recipe.model.name_or_path, base_dir)
@@ -294,7 +294,7 @@ def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str |
         model = get_peft_model(model, peft_config)
     except ValueError as exc:
         raise UserError(f"lora.target_modules={target!r}: {exc}") from None
-    from .init_adapter import load_weights
+    from ..init_adapter import load_weights
 
     load_weights(model, recipe, base_dir)  # lora.init_from: start from an existing adapter's weights
     if mode.shards_parameters:
@@ -826,7 +826,7 @@ def materialize_placeholders(model: Any, device: str = "cpu") -> int:
 def resolve_attn_implementation(recipe: Recipe, device_type: str, config: Any, path: str) -> str:
     """`auto` -> `varlen` (flash attention per packed example) on CUDA with packing, for models with
     plain causal attention; `sdpa` otherwise. `varlen` is registered with transformers here."""
-    from . import attention
+    from .. import attention
 
     choice = recipe.model.attn_implementation
     wants_varlen = choice == attention.NAME or (

@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import DataError
-from .recipe import DataConfig, DataSource
+from ..errors import DataError
+from ..recipe import DataConfig, DataSource
 
 log = logging.getLogger("qlora_sft")
 
@@ -1635,7 +1635,7 @@ def set_cache_aside(folder: Path) -> None:
     cache folder aside and deletes it (qlora-sft wrote it); all meet again, so no process can find
     the old cache, before the usual build-once-and-wait starts. The meetings come before the long
     work, so no collective waits for a build."""
-    from .launch import distributed_state
+    from ..launch import distributed_state
 
     state = distributed_state()
     state.wait_for_everyone()
@@ -1684,7 +1684,7 @@ def prepare_data(
     process, or `qlora-sft prepare` beforehand); every other process waits for the cache folder by
     polling it, never in a collective that could time out. Where the folder is shared between
     nodes, the first node builds and the others wait."""
-    from .launch import distributed_state
+    from ..launch import distributed_state
 
     if cfg.streaming:
         return _prepare_stream(cfg, tokenizer, seed, cache_root, base_dir, by)
