@@ -14,7 +14,7 @@ import pytest
 from helpers import DATA
 
 from qlora_sft import data
-from qlora_sft.data import build_data
+from qlora_sft.data import build_data, sources
 from qlora_sft.errors import DataError
 from qlora_sft.model import ensure_pad_token
 from qlora_sft.recipe import DataConfig, DataSource
@@ -87,7 +87,7 @@ def test_a_character_split_across_read_chunks_is_not_an_error(tmp_path: Path):
     f = tmp_path / "big.jsonl"
     pad = b" " * ((1 << 20) - 1)  # the 2-byte "é" of the next line straddles the first chunk's end
     f.write_bytes(pad + b'\n{"a": "\xc3\xa9"}\n' + b'{"a": "\xe9"}\n')
-    assert data._first_non_utf8(f) == (3, f.stat().st_size - 4, 0xE9)
+    assert sources._first_non_utf8(f) == (3, f.stat().st_size - 4, 0xE9)
 
 
 def test_utf16_is_named_as_such(tmp_path: Path):

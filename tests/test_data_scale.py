@@ -140,9 +140,9 @@ def test_arrow_pipeline_matches_the_pinned_output(tmp_path: Path):
 
 def test_worker_processes_change_nothing(tmp_path: Path, monkeypatch):
     """Two worker processes (each source split between them) make the same bytes."""
-    from qlora_sft import data
+    from qlora_sft.data import encode
 
-    monkeypatch.setattr(data, "ROWS_PER_PROCESS", 50)
+    monkeypatch.setattr(encode, "ROWS_PER_PROCESS", 50)
     assert case_digests(tmp_path, num_proc=2) == json.loads(PINNED.read_text())
 
 

@@ -1,0 +1,278 @@
+"""The prepared cache: `prepare_data` builds the data once under `cache_root/data-<key>` (the key
+covers the data section, the sources' files, the tokenizer and the seed). One process per node
+builds it, holding a lock file; every other process waits by polling the folder, never in a
+collective; `data.rebuild` sets an old cache aside first. Streamed training data gets its eval
+sources prepared and cached the same way. `data_fingerprint` is what a checkpoint records of the
+data, from the same fingerprints of the sources' files."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from ..recipe import DataConfig, DataSource
+from .encode import PreparedData, build_data
+from .report import DataReport, check_end_tokens
+from .sources import resolve_path
+from .stream import stream_data
+
+log = logging.getLogger("qlora_sft")
+
+
+# Bump when the tokenised output for the same inputs changes, to invalidate caches.
+CACHE_VERSION = "3"  # 2: assistant spans from generation markers, tool calls; 3: cache folder layout
+
+
+def _source_fingerprint(src: DataSource, base_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+    local = resolve_path(src.path, base_dir)
+    fp: dict[str, Any] = {"source": asdict(src)}
+    if local is not None:
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        fp["files"] = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return fp
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    return {
+        "name": getattr(tokenizer, "name_or_path", ""),
+        "class": type(tokenizer).__name__,
+        "len": len(tokenizer),
+        "template": getattr(tokenizer, "chat_template", None),
+        "eos": tokenizer.eos_token,
+        "bos": tokenizer.bos_token,
+        "add_bos": getattr(tokenizer, "add_bos_token", None),
+    }
+
+
+# Data settings that change how the cache is built, not what it holds.
+OUTPUT_INDEPENDENT = ("num_proc", "allow_no_eos", "rebuild")
+
+
+def cache_key(cfg: DataConfig, tokenizer: Any, seed: int, base_dir: str | os.PathLike[str] | None) -> str:
+    blob = {
+        "version": CACHE_VERSION,
+        "data": {k: v for k, v in asdict(cfg).items() if k not in OUTPUT_INDEPENDENT},
+        "seed": seed,
+        "sources": [_source_fingerprint(s, base_dir) for s in (*cfg.sources, *cfg.eval_sources)],
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def load_prepared(folder: Path) -> PreparedData | None:
+    """A complete cache folder written by `prepare_data`, or None."""
+    import datasets
+
+    if not (folder / "report.json").is_file():
+        return None
+    meta = json.loads((folder / "report.json").read_text())
+    train = datasets.load_from_disk(str(folder / "train"))
+    evald = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
+    return PreparedData(train, evald, DataReport.from_dict(meta["report"]), str(folder), meta.get("built", {}))
+
+
+def cache_folder(
+    cfg: DataConfig,
+    tokenizer: Any,
+    seed: int,
+    cache_root: str | os.PathLike[str],
+    base_dir: str | os.PathLike[str] | None,
+) -> Path:
+    return Path(cache_root) / f"data-{cache_key(cfg, tokenizer, seed, base_dir)}"
+
+
+def _lock_holder(lock: Path) -> dict[str, Any]:
+    try:
+        return json.loads(lock.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _holder_died(holder: dict[str, Any]) -> bool:
+    """The lock's process ran on this host and is gone."""
+    if holder.get("host") != socket.gethostname() or not holder.get("pid"):
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _wait_for_cache(folder: Path, since: float, until_unlocked: bool = False, poll: float = 1.0) -> PreparedData | None:
+    """Wait (no collective, no timeout) until another process has written the cache; fail when it
+    failed or died. `until_unlocked`: return None when nobody holds the lock and there is no cache
+    (the caller may build it). Logs every minute."""
+    lock, failed = folder.with_name(folder.name + ".lock"), folder.with_name(folder.name + ".failed")
+    start, next_note = time.monotonic(), 60.0
+    while True:
+        prepared = load_prepared(folder)
+        if prepared is not None:
+            return prepared
+        holder = _lock_holder(lock) if lock.exists() else None
+        if holder is None and failed.exists() and failed.stat().st_mtime >= since - 5:
+            raise DataError(f"preparing the data failed in another process: {failed.read_text().strip()}")
+        if until_unlocked and (holder is None or _holder_died(holder)):
+            return None  # nobody builds it (any more): the caller takes the lock
+        waited = time.monotonic() - start
+        if waited >= next_note:
+            who = f"{holder.get('host')} pid {holder.get('pid')}" if holder else "the main process"
+            log.info(
+                "data: waiting %.0f s for %s to finish the data cache %s (if that process is gone, delete %s)",
+                waited,
+                who,
+                folder,
+                lock,
+            )
+            next_note += 60.0
+        time.sleep(poll)
+
+
+def build_cache(folder: Path, build: Any, by: str = "train") -> PreparedData | None:
+    """Build the cache folder once: the process that creates its lock file builds (into a temporary
+    folder, renamed when complete), the others wait for it. Returns what this process loaded, or
+    None if another process holds the lock."""
+    lock, failed = folder.with_name(folder.name + ".lock"), folder.with_name(folder.name + ".failed")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        holder = _lock_holder(lock)
+        if _holder_died(holder):
+            log.warning("data: removing the lock of a process that died (%s)", holder)
+            lock.unlink(missing_ok=True)
+            return build_cache(folder, build, by)
+        return None
+    started = time.time()
+    with os.fdopen(fd, "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": started}, f)
+    tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        failed.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        prepared = build(tmp / "work")
+        prepared.train.save_to_disk(str(tmp / "train"))
+        if prepared.eval is not None:
+            prepared.eval.save_to_disk(str(tmp / "eval"))
+        built = {
+            "by": by,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "seconds": round(time.time() - started, 1),
+        }
+        (tmp / "report.json").write_text(json.dumps({"report": prepared.report.to_dict(), "built": built}, indent=2))
+        del prepared
+        shutil.rmtree(tmp / "work", ignore_errors=True)
+        with contextlib.suppress(OSError):  # a process on another node may have won the rename
+            tmp.rename(folder)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            failed.write_text(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+    return load_prepared(folder)
+
+
+def set_cache_aside(folder: Path) -> None:
+    """`data.rebuild`: every process of the launch meets; one process per node moves the existing
+    cache folder aside and deletes it (qlora-sft wrote it); all meet again, so no process can find
+    the old cache, before the usual build-once-and-wait starts. The meetings come before the long
+    work, so no collective waits for a build."""
+    from ..launch import distributed_state
+
+    state = distributed_state()
+    state.wait_for_everyone()
+    if state.is_local_main_process and folder.exists():
+        aside = folder.with_name(f"{folder.name}.old-{socket.gethostname()}-{os.getpid()}")
+        with contextlib.suppress(OSError):  # another node's process may have moved it first
+            folder.rename(aside)
+            log.info("data: data.rebuild: the prepared cache %s is rebuilt", folder)
+        shutil.rmtree(aside, ignore_errors=True)
+    state.wait_for_everyone()
+
+
+def _prepare_stream(
+    cfg: DataConfig,
+    tokenizer: Any,
+    seed: int,
+    cache_root: str | os.PathLike[str],
+    base_dir: str | os.PathLike[str] | None,
+    by: str,
+) -> PreparedData:
+    """The training stream (under several ranks, accelerate's default for iterable datasets has the
+    main process read it and send each rank its share of every batch), and the eval
+    sources prepared and cached like non-streamed data."""
+    prepared = stream_data(cfg, tokenizer, seed, base_dir)
+    if cfg.eval_sources:
+        held = replace(cfg, sources=cfg.eval_sources, eval_sources=(), eval_fraction=0.0, streaming=False)
+        evald = prepare_data(held, tokenizer, seed, cache_root, base_dir, by)
+        prepared.eval = evald.train
+        prepared.report.eval_rows = evald.report.train_rows
+        for r in evald.report.sources:
+            prepared.report.sources.append(replace(r, path=f"{r.path} (eval)"))
+        prepared.cache, prepared.built, prepared.found = evald.cache, evald.built, evald.found
+    return prepared
+
+
+def prepare_data(
+    cfg: DataConfig,
+    tokenizer: Any,
+    seed: int,
+    cache_root: str | os.PathLike[str],
+    base_dir: str | os.PathLike[str] | None = None,
+    by: str = "train",
+) -> PreparedData:
+    """`build_data`, cached under `cache_root/data-<key>` (the key covers the data section, the
+    sources' files, the tokenizer and the seed). One process per node builds it (the local main
+    process, or `qlora-sft prepare` beforehand); every other process waits for the cache folder by
+    polling it, never in a collective that could time out. Where the folder is shared between
+    nodes, the first node builds and the others wait."""
+    from ..launch import distributed_state
+
+    if cfg.streaming:
+        return _prepare_stream(cfg, tokenizer, seed, cache_root, base_dir, by)
+    folder = cache_folder(cfg, tokenizer, seed, cache_root, base_dir)
+    if cfg.rebuild:
+        set_cache_aside(folder)
+    since = time.time()
+    prepared = load_prepared(folder)
+    if prepared is not None:
+        prepared.found = True
+        check_end_tokens(prepared.report, cfg)
+        return prepared
+    if distributed_state().is_local_main_process:
+        # build it, or wait while another process (another node, `qlora-sft prepare`) holds the lock
+        while prepared is None:
+            prepared = build_cache(folder, lambda work: build_data(cfg, tokenizer, seed, base_dir, work), by)
+            prepared = prepared or _wait_for_cache(folder, since, until_unlocked=True)
+        return prepared
+    prepared = _wait_for_cache(folder, since)
+    assert prepared is not None
+    return prepared
+
+
+def data_fingerprint(cfg: DataConfig, base_dir: str | os.PathLike[str] | None, report: DataReport) -> dict[str, Any]:
+    """What a checkpoint records of the data it was trained on (a resume over changed data is
+    refused): every local file of every source (path, size, modification time) and the split's
+    row counts. Hub datasets are named by the recipe (id, split, revision), which resume compares."""
+    files = [
+        list(entry)
+        for src in (*cfg.sources, *cfg.eval_sources)
+        for entry in _source_fingerprint(src, base_dir).get("files", [])
+    ]
+    return {"files": files, "train_rows": report.train_rows, "eval_rows": report.eval_rows}

@@ -1,0 +1,353 @@
+"""Row formats -> chat messages: alpaca | dolly | sharegpt | messages | prompt_completion | text, set
+on a source or detected from its first row. Each row is normalised to an `Example` (messages whose
+roles are checked, or plain text) or refused as a `BadRow` with a reason (`on_bad_row` decides
+whether that stops the run or is counted). Then the mix of the sources (by ratio or weight, seeded)
+and the rows held out for evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..errors import DataError
+from ..recipe import DataSource
+from .report import SourceReport
+from .sources import BadRow, parse_document, read_documents
+
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "prompter": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+    "tool": "tool",
+    "ipython": "tool",
+    "function": "tool",
+}
+
+FORMAT_FIELDS = {
+    "alpaca": "instruction, input (optional), output",
+    "dolly": "instruction, context (optional), response",
+    "sharegpt": "conversations: [{from, value}, ...]",
+    "messages": "messages: [{role, content}, ...]",
+    "prompt_completion": "prompt, completion",
+    "text": "text",
+}
+
+
+@dataclass
+class Example:
+    """One normalised row: chat `messages`, or plain `text`; with where it came from."""
+
+    messages: list[dict[str, Any]] | None  # role, content (+ tool_calls on assistant turns, name on tool turns)
+    text: str | None
+    source: str
+    row: int
+
+
+def detect_format(row: Any) -> str | None:
+    if not isinstance(row, dict):
+        return None
+    keys = set(row)
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion"
+    if "instruction" in keys and "response" in keys:
+        return "dolly"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+def _text_field(row: dict[str, Any], key: str, required: bool = True) -> str:
+    if key not in row or row[key] is None:
+        if required:
+            raise BadRow("missing_field", f"missing field `{key}`")
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise BadRow("wrong_type", f"field `{key}` must be a string, got {type(value).__name__}")
+    return value
+
+
+def _content(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # OpenAI content parts: [{"type": "text", "text": ...}]
+        parts = []
+        for part in value:
+            if isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            else:
+                raise BadRow("wrong_type", f"{where}: only text content parts are supported")
+        return "".join(parts)
+    raise BadRow("wrong_type", f"{where}: content must be a string, got {type(value).__name__}")
+
+
+def _turns(turns: Any, role_key: str, content_key: str, field_name: str) -> list[dict[str, Any]]:
+    if not isinstance(turns, list):
+        raise BadRow("wrong_type", f"field `{field_name}` must be a list of turns, got {type(turns).__name__}")
+    out = []
+    for i, turn in enumerate(turns):
+        where = f"`{field_name}[{i}]`"
+        if not isinstance(turn, dict):
+            raise BadRow("wrong_type", f"{where} must be a mapping")
+        calls = turn.get("tool_calls")
+        if role_key not in turn or (content_key not in turn and not calls):
+            raise BadRow("missing_field", f"{where} needs `{role_key}` and `{content_key}`")
+        raw_role = turn[role_key]
+        role = ROLE_ALIASES.get(str(raw_role).lower()) if isinstance(raw_role, str) else None
+        if role is None:
+            raise BadRow(
+                "unknown_role",
+                f"`{field_name}[{i}].{role_key}` is {raw_role!r}; expected one of {sorted(ROLE_ALIASES)}",
+            )
+        content = turn.get(content_key)
+        message: dict[str, Any] = {"role": role, "content": "" if content is None else _content(content, where)}
+        if calls:
+            if role != "assistant":
+                raise BadRow("wrong_type", f"{where}: only assistant turns carry `tool_calls`")
+            message["tool_calls"] = _tool_calls(calls, where)
+        if role == "tool":
+            for key in ("name", "tool_call_id"):
+                if isinstance(turn.get(key), str):
+                    message[key] = turn[key]
+        out.append(message)
+    return out
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """OpenAI-style tool calls: [{"type": "function", "function": {"name": ..., "arguments": {...}}}]
+    (arguments as an object or a JSON string; a bare {"name", "arguments"} is accepted too)."""
+    if not isinstance(calls, list):
+        raise BadRow("wrong_type", f"{where}.tool_calls must be a list")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise BadRow("wrong_type", f"{where}.tool_calls[{j}] needs a function name")
+        arguments = fn.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                raise BadRow("wrong_type", f"{where}.tool_calls[{j}].arguments is not JSON") from None
+        entry: dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def check_conversation(messages: list[dict[str, Any]]) -> None:
+    """Optional system first, then user and assistant turns alternating, ending with an assistant
+    turn; an assistant turn with tool calls is followed by the tools' results (role `tool`), then by
+    the assistant again."""
+    if not messages:
+        raise BadRow("empty", "no turns")
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    if any(m["role"] == "system" for m in body):
+        raise BadRow("roles_out_of_order", "a system turn may only come first")
+    if not body:
+        raise BadRow("no_assistant_turn", "no user/assistant turns")
+    order = " -> ".join(t["role"] for t in messages)
+    expected = "user"
+    for m in body:
+        role = m["role"]
+        if role == "tool":
+            if expected not in ("tool", "tool or assistant"):
+                raise BadRow("roles_out_of_order", f"a tool result without a tool call before it ({order})")
+            expected = "tool or assistant"
+        elif expected == "tool or assistant" and role == "assistant":
+            expected = "tool" if m.get("tool_calls") else "user"
+        elif role != expected:
+            raise BadRow(
+                "roles_out_of_order",
+                f"roles out of order ({order}); expected user/assistant alternating, tool results after tool calls",
+            )
+        elif role == "assistant":
+            expected = "tool" if m.get("tool_calls") else "user"
+        else:
+            expected = "assistant"
+    if body[-1]["role"] != "assistant":
+        raise BadRow("no_assistant_turn", "the conversation does not end with an assistant turn")
+    for m in body:
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
+            raise BadRow("empty_assistant_turn", "an assistant turn is empty")
+        if m["role"] == "user" and not m["content"].strip():
+            raise BadRow("empty_user_turn", "a user turn is empty")
+
+
+def normalize_row(
+    row: Any, fmt: str, system_prompt: str | None = None
+) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """One raw row -> (messages, None) or (None, text). Raises BadRow."""
+    if isinstance(row, BadRow):
+        raise row
+    if not isinstance(row, dict):
+        raise BadRow("wrong_type", f"row must be a mapping of fields, got {type(row).__name__}")
+    if fmt == "text":
+        text = _text_field(row, "text")
+        if not text.strip():
+            raise BadRow("empty_text", "field `text` is empty")
+        return None, text
+    if fmt == "alpaca":
+        instruction = _text_field(row, "instruction")
+        extra = _text_field(row, "input", required=False)
+        output = _text_field(row, "output")
+        user = instruction + (f"\n\n{extra}" if extra.strip() else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        if isinstance(row.get("system"), str) and row["system"].strip():
+            messages.insert(0, {"role": "system", "content": row["system"]})
+    elif fmt == "dolly":
+        instruction = _text_field(row, "instruction")
+        context = _text_field(row, "context", required=False)
+        response = _text_field(row, "response")
+        user = instruction + (f"\n\n{context}" if context.strip() else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+    elif fmt == "sharegpt":
+        if "conversations" not in row:
+            raise BadRow("missing_field", "missing field `conversations`")
+        messages = _turns(row["conversations"], "from", "value", "conversations")
+        if (
+            isinstance(row.get("system"), str)
+            and row["system"].strip()
+            and (not messages or messages[0]["role"] != "system")
+        ):
+            messages.insert(0, {"role": "system", "content": row["system"]})
+    elif fmt == "messages":
+        if "messages" not in row:
+            raise BadRow("missing_field", "missing field `messages`")
+        messages = _turns(row["messages"], "role", "content", "messages")
+    elif fmt == "prompt_completion":
+        for key in ("prompt", "completion"):
+            if key not in row or row[key] is None:
+                raise BadRow("missing_field", f"missing field `{key}`")
+        prompt, completion = row["prompt"], row["completion"]
+        p_msgs = (
+            _turns(prompt, "role", "content", "prompt")
+            if isinstance(prompt, list)
+            else [{"role": "user", "content": _text_field(row, "prompt")}]
+        )
+        c_msgs = (
+            _turns(completion, "role", "content", "completion")
+            if isinstance(completion, list)
+            else [{"role": "assistant", "content": _text_field(row, "completion")}]
+        )
+        messages = p_msgs + c_msgs
+    else:  # pragma: no cover - formats are validated by the recipe
+        raise ValueError(fmt)
+    if system_prompt and (not messages or messages[0]["role"] != "system"):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    check_conversation(messages)
+    return messages, None
+
+
+def source_format(src: DataSource, first_row: Any, rowno: int) -> str:
+    """The source's format: as set, or detected from its first row."""
+    if src.format != "auto":
+        return src.format
+    if isinstance(first_row, BadRow):  # not JSON: there are no fields to tell the format from
+        raise DataError(
+            f"{src.path} row {rowno}: {first_row}; the format is detected from the first row. Fix the row, or "
+            "set `format:` on this source (then data.on_bad_row decides what happens to it)."
+        )
+    detected = detect_format(first_row)
+    if detected is None:
+        keys = sorted(first_row) if isinstance(first_row, dict) else type(first_row).__name__
+        raise DataError(
+            f"{src.path} row {rowno}: cannot tell the format from its fields {keys}. Set "
+            "`format:` on this source to one of: " + "; ".join(f"{k} ({v})" for k, v in FORMAT_FIELDS.items())
+        )
+    return detected
+
+
+def bad_row_error(path: str, rowno: int, fmt: str, message: str) -> DataError:
+    return DataError(
+        f"{path} row {rowno}: {message} (format {fmt}: {FORMAT_FIELDS[fmt]}). Fix the row, or set "
+        "data.on_bad_row=skip to drop bad rows and see counts by reason."
+    )
+
+
+def iter_examples(
+    src: DataSource, on_bad_row: str, report: SourceReport, base_dir: str | os.PathLike[str] | None = None
+) -> Iterator[Example]:
+    """A source's rows, normalised one at a time; bad rows raise DataError or are counted in
+    `report`, per `on_bad_row`."""
+    fmt = ""
+    for rowno, document in read_documents(src, base_dir):
+        row = parse_document(document)
+        if not fmt:
+            fmt = report.format = source_format(src, row, rowno)
+        report.rows += 1
+        try:
+            messages, text = normalize_row(row, fmt, src.system_prompt)
+        except BadRow as bad:
+            if on_bad_row == "error":
+                raise bad_row_error(src.path, rowno, fmt, str(bad)) from None
+            report.skipped[bad.reason] = report.skipped.get(bad.reason, 0) + 1
+            continue
+        report.kept += 1
+        yield Example(messages, text, src.path, rowno)
+    if report.rows == 0:
+        raise DataError(f"data source {src.path} has no rows")
+
+
+def load_examples(
+    sources: Sequence[DataSource], on_bad_row: str, base_dir: str | os.PathLike[str] | None = None
+) -> tuple[list[list[Example]], list[SourceReport]]:
+    """Every source's examples in memory (small data, tests; `build_data` streams instead)."""
+    reports = [SourceReport(path=src.path, format=src.format) for src in sources]
+    per_source = [list(iter_examples(src, on_bad_row, r, base_dir)) for src, r in zip(sources, reports, strict=True)]
+    return per_source, reports
+
+
+T = TypeVar("T")
+
+
+def mix_counts(kept: Sequence[int], sources: Sequence[DataSource]) -> list[int]:
+    """Rows each source gives the mix: by `ratio` (shares of the result, the largest mix without
+    repetition) or by `weight` (weight x rows)."""
+    if all(s.ratio is not None for s in sources):
+        total = min((n / s.ratio) for n, s in zip(kept, sources, strict=True) if s.ratio)
+        return [min(n, round(total * (s.ratio or 0))) for n, s in zip(kept, sources, strict=True)]
+    return [round(n * s.weight) for n, s in zip(kept, sources, strict=True)]
+
+
+def mix(per_source: Sequence[Sequence[T]], sources: Sequence[DataSource], seed: int) -> tuple[list[T], list[int]]:
+    """Mix sources by `mix_counts` (fractions sample without replacement, whole parts repeat), seeded;
+    returns (mixed rows, rows used per source). Rows may be examples or their positions."""
+    rng = random.Random(seed)
+    counts = mix_counts([len(rows) for rows in per_source], sources)
+    mixed: list[T] = []
+    for rows, n in zip(per_source, counts, strict=True):
+        if not rows:
+            continue
+        whole, rest = divmod(n, len(rows))
+        mixed.extend(list(rows) * whole)
+        mixed.extend(rng.sample(list(rows), rest))
+    rng.shuffle(mixed)
+    return mixed, counts
+
+
+def eval_rows_held_out(rows: int, fraction: float) -> int:
+    """Rows of the mix held out for evaluation with `data.eval_fraction` (at least one when the
+    fraction is set, never all)."""
+    if fraction <= 0 or rows < 2:
+        return 0
+    return min(rows - 1, max(1, math.floor(rows * fraction)))

@@ -1,0 +1,331 @@
+"""Reading sources: a local .jsonl/.json/.parquet/.csv file, a folder written by datasets'
+save_to_disk, or a hub dataset id -> (row number, raw row) (`read_source`), or the row as JSON text
+(`read_documents`, what the Arrow pipeline and the stream read); `max_rows` limits a source's rows.
+
+A source that cannot be read fails here, naming the file and the fix: not found, a broken link or a
+symlink loop, a device or a pipe, text that is not UTF-8, JSON or parquet that does not parse. A row
+that is not JSON becomes a `BadRow`, counted or refused by `data.on_bad_row` like any other bad row.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import itertools
+import json
+import os
+import random
+import re
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from ..recipe import DataSource
+
+
+class BadRow(Exception):
+    """A row that cannot be used; `reason` is a short key for counting, the message explains."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+FILE_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".ndjson"}
+
+
+def resolve_path(path: str, base_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """A local path as given (relative to the working directory), else relative to `base_dir`
+    (the recipe's folder); None when it exists in neither place."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    if base_dir is not None and not p.is_absolute():
+        q = Path(base_dir) / p
+        if q.exists():
+            return q
+    return None
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path)) and Path(path).suffix not in FILE_SUFFIXES
+
+
+def _refuse_broken_link(path: str, base_dir: str | os.PathLike[str] | None) -> None:
+    """A path that `resolve_path` did not find because it is a symlink loop or a link to nothing is
+    named as such (not as "not found", nor tried as a hub dataset id)."""
+    p = Path(path).expanduser()
+    candidates = [p] + ([Path(base_dir) / p] if base_dir is not None and not p.is_absolute() else [])
+    for candidate in candidates:
+        try:
+            os.stat(candidate)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise DataError(
+                    f"data source {path!r}: {candidate} is a symlink loop (its links lead back to themselves; "
+                    f"`ls -l {candidate}` shows where it points). Point `path:` at the data file itself, or fix "
+                    "the link."
+                ) from None
+            if os.path.islink(candidate):
+                raise DataError(
+                    f"data source {path!r}: {candidate} is a symlink to {os.readlink(candidate)}, which does not "
+                    "exist. Point `path:` at the data file itself, or fix the link."
+                ) from None
+
+
+SPECIAL_FILES = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _refuse_special_file(path: str, local: Path) -> None:
+    """Only a regular file or a folder is a local source: a device or a pipe (/dev/zero, a FIFO) would be
+    read without end, or wait forever for a writer."""
+    mode = os.stat(local).st_mode
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = next((name for test, name in SPECIAL_FILES if test(mode)), "a special file")
+    target = f" (a link to {local.resolve()})" if local.is_symlink() else ""
+    raise DataError(
+        f"data source {path!r}: {local}{target} is {kind}, not a regular file or folder; it would be read "
+        "without end or wait for a writer. A data source is a .jsonl/.json/.parquet/.csv file, a folder written "
+        "by datasets' save_to_disk, or a hub dataset id: write the data to a file first and point `path:` at it."
+    )
+
+
+def _first_non_utf8(path: Path) -> tuple[int, int, int] | None:
+    """(line, byte offset, byte) of the first byte of `path` that is not UTF-8, read in chunks; None if
+    there is none."""
+    line, offset, carry = 1, 0, b""
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            buf = carry + chunk
+            if not buf:
+                return None
+            try:
+                buf.decode("utf-8")
+                good, bad = len(buf), None
+            except UnicodeDecodeError as exc:
+                cut = exc.reason == "unexpected end of data" and bool(chunk)  # a character the chunk cut in two
+                good, bad = exc.start, (None if cut else exc.start)
+            line += buf.count(b"\n", 0, good)
+            if bad is not None:
+                return line, offset + bad, buf[bad]
+            offset += good
+            carry = buf[good:]
+            if not chunk:
+                return None
+
+
+def _not_utf8(path: Path, rows_are_lines: bool) -> DataError:
+    """The error for a local file that is not UTF-8: where (the row of a JSON lines file, or the line and
+    byte offset), and how to re-encode it."""
+    found = _first_non_utf8(path)
+    if found is None:  # pragma: no cover - only a decode error brings us here
+        return DataError(f"{path}: not UTF-8 text. Re-encode it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).")
+    line, offset, byte = found
+    where = f"row {line}" if rows_are_lines else f"line {line}"
+    with path.open("rb") as f:
+        utf16 = f.read(2) in (b"\xff\xfe", b"\xfe\xff")
+    encoding = "utf-16" if utf16 else "latin1"
+    fixed = path.with_name(f"{path.stem}.utf8{path.suffix}")
+    return DataError(
+        f"{path} {where} (byte offset {offset}): byte 0x{byte:02x} is not UTF-8; data files are read as UTF-8 "
+        f"text{' and this one looks like UTF-16' if utf16 else ''}. Re-encode the file, e.g. "
+        f"`iconv -f {encoding} -t utf-8 {path} > {fixed}` (with the encoding it was written in), and point "
+        "`path:` at the new file."
+    )
+
+
+def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None) -> Iterator[tuple[int, Any]]:
+    """Yield (row number, raw row) from a source. Row numbers are 1-based (the line for jsonl)."""
+    local = resolve_path(src.path, base_dir)
+    if local is None:
+        _refuse_broken_link(src.path, base_dir)
+        if not _looks_like_hub_id(src.path):
+            raise DataError(
+                f"data source {src.path!r} not found (looked in {Path.cwd()}"
+                + (f" and {base_dir}" if base_dir else "")
+                + "). Fix `path:` in data.sources."
+            )
+        yield from _read_hub(src)
+        return
+    _refuse_special_file(src.path, local)
+    if local.is_dir():
+        yield from _read_saved(local, src)
+        return
+    suffix = local.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        for lineno, line in _json_lines(local):
+            yield lineno, parse_document(line)
+    elif suffix == ".json":
+        try:
+            text = local.read_text(encoding="utf-8-sig")  # -sig: a leading byte order mark is dropped
+        except UnicodeDecodeError:
+            raise _not_utf8(local, rows_are_lines=False) from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            # A .json file may also be JSON lines.
+            rows = []
+            with local.open(encoding="utf-8-sig") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as line_exc:
+                        # "Extra data" after a first value that parsed: JSON lines, so name the line that is not
+                        where, msg = (lineno, line_exc.msg) if exc.msg == "Extra data" else (exc.lineno, exc.msg)
+                        raise DataError(f"{local}: not valid JSON (line {where}: {msg})") from None
+            yield from enumerate(rows, 1)
+            return
+        if isinstance(data, dict):
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if "data" in data and isinstance(data["data"], list):
+                data = data["data"]
+            elif len(lists) == 1:
+                data = lists[0]
+            else:
+                raise DataError(f'{local}: expected a JSON list of rows (or {{"data": [...]}})')
+        if not isinstance(data, list):
+            raise DataError(f"{local}: expected a JSON list of rows, got {type(data).__name__}")
+        yield from enumerate(data, 1)
+    elif suffix == ".csv":
+        with local.open(encoding="utf-8-sig", newline="") as f:  # -sig: a leading byte order mark is dropped
+            try:
+                for i, row in enumerate(csv.DictReader(f), 1):
+                    yield i, dict(row)
+            except UnicodeDecodeError:
+                raise _not_utf8(local, rows_are_lines=False) from None
+    elif suffix == ".parquet":
+        import datasets
+
+        try:
+            ds = datasets.Dataset.from_parquet(str(local))
+        except Exception as exc:
+            raise DataError(
+                f"data source {local}: not a readable parquet file ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}). Write it again (e.g. pandas' to_parquet or "
+                "datasets' to_parquet), or give the rows as .jsonl."
+            ) from None
+        yield from enumerate(ds, 1)  # type: ignore[arg-type]
+    else:
+        raise DataError(
+            f"data source {local}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet, .csv, "
+            "or a datasets.save_to_disk folder"
+        )
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, str]]:
+    with path.open(encoding="utf-8-sig") as f:  # -sig: a leading byte order mark is dropped
+        try:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield lineno, line
+        except UnicodeDecodeError:
+            raise _not_utf8(path, rows_are_lines=True) from None
+
+
+def parse_document(document: str) -> Any:
+    """A row from its JSON text; a BadRow when the text is not JSON."""
+    try:
+        return json.loads(document)
+    except json.JSONDecodeError as exc:
+        return BadRow("invalid_json", f"line is not valid JSON ({exc.msg})")
+
+
+def read_documents(src: DataSource, base_dir: str | os.PathLike[str] | None = None) -> Iterator[tuple[int, str]]:
+    """Yield (row number, the row as JSON text) from a source without holding it: JSON lines as they
+    are in the file (parsed later, where the work is spread over processes), other rows serialised.
+    `max_rows` limits the rows (`limited_rows`)."""
+    if src.max_rows is not None:
+        yield from limited_rows(src, lambda: _all_documents(src, base_dir))
+        return
+    yield from _all_documents(src, base_dir)
+
+
+def limited_rows(src: DataSource, rows: Any) -> Iterator[Any]:
+    """`data.sources[i].max_rows`: the first N rows of `rows()` (an iterator factory), or with
+    `max_rows_seed` a seeded sample of N of them in their order (a first pass counts the rows)."""
+    n = src.max_rows
+    if src.max_rows_seed is None:
+        yield from itertools.islice(rows(), n)
+        return
+    total = sum(1 for _ in rows())
+    chosen = set(random.Random(src.max_rows_seed).sample(range(total), min(n, total)))
+    yield from (row for i, row in enumerate(rows()) if i in chosen)
+
+
+def limit_text(src: DataSource) -> str:
+    """How a source's rows were limited, for the report ('' when every row is read)."""
+    if src.max_rows is None:
+        return ""
+    if src.max_rows_seed is None:
+        return f"the first {src.max_rows} rows (max_rows)"
+    return f"a sample of {src.max_rows} rows drawn with seed {src.max_rows_seed} (max_rows, max_rows_seed)"
+
+
+def _all_documents(src: DataSource, base_dir: str | os.PathLike[str] | None = None) -> Iterator[tuple[int, str]]:
+    local = resolve_path(src.path, base_dir)
+    if local is not None and local.is_file() and local.suffix.lower() in (".jsonl", ".ndjson"):
+        yield from _json_lines(local)
+        return
+    for rowno, row in read_source(src, base_dir):
+        yield rowno, json.dumps(row, ensure_ascii=False, default=str)
+
+
+def _read_saved(folder: Path, src: DataSource) -> Iterator[tuple[int, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except Exception as exc:
+        raise DataError(
+            f"data source {folder}: a folder must be written by datasets' save_to_disk ({exc}){_folder_hint(folder)}"
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if src.split not in ds:
+            raise DataError(f"data source {folder}: no split {src.split!r}; it has {sorted(ds)}")
+        ds = ds[src.split]
+    yield from enumerate(ds, 1)  # type: ignore[arg-type]
+
+
+def _folder_hint(folder: Path) -> str:
+    """What a folder that is not a datasets folder holds instead: its data files, or nothing."""
+    try:
+        entries = sorted(p.name for p in folder.iterdir())
+    except OSError:
+        return ""
+    if not entries:
+        return "; it is empty"
+    files = [name for name in entries if Path(name).suffix.lower() in FILE_SUFFIXES]
+    if files:
+        shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        return f"; it holds {shown}: give each file as a source of its own (`- path: {folder / files[0]}`)"
+    return ""
+
+
+def _read_hub(src: DataSource) -> Iterator[tuple[int, Any]]:
+    import datasets
+
+    offline = any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+    hint = "This machine looks offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set). " if offline else ""
+    try:
+        ds = datasets.load_dataset(src.path, name=src.subset, split=src.split)
+    except Exception as exc:
+        raise DataError(
+            f"data source {src.path!r} is not a local file or folder, and loading it as a hub dataset failed: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. {hint}"
+            "Check the path, or download the dataset where a hub is reachable (datasets' save_to_disk) and "
+            "point `path:` at the folder."
+        ) from None
+    yield from enumerate(ds, 1)  # type: ignore[arg-type]

@@ -1,0 +1,122 @@
+"""`lora.fused`: a frozen 4-bit layer and its LoRA pair computed in one autograd function
+(`FusedLoraMatmul`), given to peft's bitsandbytes LoRA layers by changing their class
+(`fuse_lora_layers`): parameters, state dict, saving and merging stay peft's."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from ..launch import LaunchMode
+from ..recipe import Recipe, fused_lora_obstacles
+
+
+class FusedLoraMatmul(torch.autograd.Function):
+    """`x W^T + s (x A^T) B^T` for a frozen 4-bit W and a LoRA pair (A, B), s = alpha / r, with the
+    LoRA term added into the base GEMM's output in place (`addmm_`, its scale an `alpha` of the
+    GEMM) instead of peft's copy of the output, scaling and sum, each a pass over the output. The
+    backward does the same: `g W + s (g B) A` into one buffer, and the adapter gradients from the
+    rank-r products. Saved for the backward: x (which the layer's callers hold anyway) and x A^T
+    (r columns). The matmuls run in the compute dtype; the adapter gradients are returned in the
+    adapters' own dtype, as autocast returns them."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: Any, scaling: float) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):  # every dtype below is chosen here
+            return FusedLoraMatmul.compute(ctx, x, a, b, base, scaling)
+
+    @staticmethod
+    def compute(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: Any, scaling: float) -> torch.Tensor:
+        from bitsandbytes.functional import dequantize_4bit
+
+        dtype = base.compute_dtype or x.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        a_c, b_c = a.to(dtype), b.to(dtype)
+        xa = x2 @ a_c.t()
+        out = x2 @ dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype).t()
+        out.addmm_(xa, b_c.t(), alpha=scaling)
+        if base.bias is not None:
+            out += base.bias.to(dtype)
+        ctx.save_for_backward(x2, xa, a_c, b_c)
+        ctx.base, ctx.scaling, ctx.x_dtype, ctx.x_shape = base, scaling, x.dtype, x.shape
+        ctx.w_dtypes = (a.dtype, b.dtype)
+        return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        from bitsandbytes.functional import dequantize_4bit
+
+        x2, xa, a_c, b_c = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+        gxa = (g @ b_c).mul_(ctx.scaling)  # d/d(xA^T), r columns
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            weight = ctx.base.weight
+            grad_x = g @ dequantize_4bit(weight.data, weight.quant_state).to(x2.dtype)
+            grad_x.addmm_(gxa, a_c)
+            grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_a = (gxa.t() @ x2).to(ctx.w_dtypes[0])
+        if ctx.needs_input_grad[2]:
+            grad_b = (g.t() @ xa).mul_(ctx.scaling).to(ctx.w_dtypes[1])
+        return grad_x, grad_a, grad_b, None, None
+
+
+@functools.cache
+def fused_lora_class() -> type:
+    """peft's LoRA layer for bitsandbytes 4-bit base layers, with `FusedLoraMatmul` as its forward
+    wherever it applies (one plain LoRA adapter, active and unmerged, without dropout, and no extra
+    arguments); everything else, and every other use of the layer, is peft's."""
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+    from peft.tuners.lora.bnb import Linear4bit
+
+    class FusedLinear4bit(Linear4bit):
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            adapters = self.active_adapters
+            name = adapters[0] if len(adapters) == 1 else None
+            if (
+                args
+                or kwargs
+                or name is None
+                or self.disable_adapters
+                or self.merged
+                or name not in self.lora_A
+                or name in getattr(self, "lora_variant", {})
+                or not isinstance(self.lora_dropout[name], torch.nn.Identity)
+            ):
+                return super().forward(x, *args, **kwargs)
+            base = self.get_base_layer()
+            fix_4bit_weight_quant_state_from_module(base)  # as bitsandbytes' own forward does
+            if getattr(base.weight.quant_state, "packing_format_for_cpu", False) or (
+                base.bias is not None and base.bias.requires_grad
+            ):  # repacked for bitsandbytes' CPU inference, or a trained bias (lora.bias): peft's
+                return super().forward(x, *args, **kwargs)
+            if base.compute_dtype is None:
+                base.set_compute_type(x)
+                base.compute_type_is_set = True
+            return FusedLoraMatmul.apply(
+                x, self.lora_A[name].weight, self.lora_B[name].weight, base, self.scaling[name]
+            )
+
+    return FusedLinear4bit
+
+
+def fuse_lora_layers(model: Any) -> int:
+    """Give every peft LoRA layer over a bitsandbytes 4-bit layer the fused forward (`lora.fused`);
+    returns how many. Only the class changes: parameters, state dict, saving and merging stay peft's."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    fused = fused_lora_class()
+    count = 0
+    for module in model.modules():
+        if type(module) is Linear4bit:
+            module.__class__ = fused
+            count += 1
+    return count
+
+
+def uses_fused_lora(recipe: Recipe, mode: LaunchMode) -> bool:
+    """`lora.fused`, resolved for this launch."""
+    return recipe.lora.fused is not False and mode.layers_run_whole and not fused_lora_obstacles(recipe)

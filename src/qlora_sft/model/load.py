@@ -1,0 +1,459 @@
+"""Loading for training: the tokenizer (a pad token distinct from EOS, the recipe's chat template),
+the quantization (the recipe's, or what a pre-quantized checkpoint dictates), `load_base` placed
+for the launch mode (transformers' loader or the low-memory one), the attention implementation,
+Liger's kernels, and `load_model`: the base with LoRA adapters, fused with the 4-bit layers where
+`lora.fused` resolves on, its frozen weights checked for sharding. `summarize` for the log."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..launch import DTYPES, LaunchMode, distributed_state
+from ..recipe import ModelConfig, QuantizationConfig, Recipe
+from .fused_lora import fuse_lora_layers, uses_fused_lora
+
+log = logging.getLogger("qlora_sft")
+
+
+def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype, mode: LaunchMode) -> Any:
+    """BitsAndBytesConfig for the recipe, or None for plain LoRA."""
+    from transformers import BitsAndBytesConfig
+
+    if q.method == "none":
+        return None
+    if q.method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    storage = q.quant_storage
+    if storage == "auto":
+        # ZeRO-3 and FSDP flatten and shard parameters, which needs one dtype for all of them: the
+        # packed 4-bit weights must be stored in the compute dtype (peft#1432, axolotl#1482).
+        storage_dtype = compute_dtype if mode.shards_parameters else torch.uint8
+    else:
+        storage_dtype = DTYPES.get(storage, torch.uint8)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.method,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage_dtype,
+    )
+
+
+def checkpoint_quantization(q: QuantizationConfig, config: Any, path: str) -> QuantizationConfig:
+    """The quantization a checkpoint dictates: a pre-quantized bitsandbytes 4-bit checkpoint keeps the
+    quant type and double quantization it was saved with (its packed bytes are used as stored)."""
+    import dataclasses
+
+    from ..loader import prequantized_config
+
+    stored = prequantized_config(config)
+    if stored is None:
+        return q
+    if q.method not in ("nf4", "fp4"):
+        raise UserError(
+            f"model.name_or_path {path} is stored in bitsandbytes 4-bit but quantization.method is {q.method}; "
+            f"set quantization.method: {stored.get('bnb_4bit_quant_type', 'nf4')} (or train on the full-precision "
+            "original)"
+        )
+    actual = dataclasses.replace(
+        q,
+        method=stored.get("bnb_4bit_quant_type", "nf4"),
+        double_quant=bool(stored.get("bnb_4bit_use_double_quant", False)),
+    )
+    if (actual.method, actual.double_quant) != (q.method, q.double_quant):
+        log.warning(
+            "model: %s is pre-quantized as %s (double quant %s); the recipe's %s (double quant %s) does not apply",
+            path,
+            actual.method,
+            actual.double_quant,
+            q.method,
+            q.double_quant,
+        )
+    return actual
+
+
+def uses_low_memory_loader(cfg: ModelConfig, mode: LaunchMode) -> bool:
+    """`model.loader: auto` reads tensor by tensor where parameters are sharded (FSDP, ZeRO-3)."""
+    return cfg.loader == "low_memory" or (cfg.loader == "auto" and mode.shards_parameters)
+
+
+def weight_devices(mode: LaunchMode) -> tuple[torch.device, torch.device]:
+    """(where the low-memory loader puts the weights' data, where it quantizes and keeps the
+    quantization constants). Under FSDP/ZeRO-3 only rank 0 materialises the model, in CPU memory:
+    FSDP moves it to the GPU one wrapped layer at a time and shards it, broadcasting each layer to
+    the other ranks (sync_module_states), and the ZeRO-3 partitioning (`partition_for_zero3`)
+    broadcasts parameter by parameter. The other ranks hold no data until then (meta)."""
+    cpu = torch.device("cpu")
+    if mode.kind == "cpu":
+        return cpu, cpu
+    gpu = distributed_state().device
+    if not mode.shards_parameters:
+        return gpu, gpu
+    if mode.rank == 0 or (mode.kind == "fsdp" and not mode.sync_module_states):
+        return cpu, gpu
+    return torch.device("meta"), gpu
+
+
+def from_pretrained_placement(mode: LaunchMode, quantized: bool) -> dict[str, Any]:
+    """`from_pretrained` placement for the launch mode (model.loader: transformers)."""
+    if mode.kind == "cpu":
+        return {"device_map": {"": "cpu"}} if quantized else {}
+    # DDP with a quantized model needs each rank's full copy on its own GPU: "auto" would spread
+    # layers over every visible GPU and DDP then fails (or silently runs on GPU 0). Under ZeRO-3/FSDP
+    # transformers quantizes onto this GPU too: every rank holds the whole 4-bit model until it is
+    # sharded (the low-memory loader avoids that).
+    return {"device_map": {"": distributed_state().device}}
+
+
+def load_base(
+    recipe: Recipe, mode: LaunchMode, base_dir: str | Path | None = None, *, compute_dtype: torch.dtype | None = None
+) -> Any:
+    """The base model as training sees it: quantized with the recipe's settings (or as a
+    pre-quantized checkpoint stores it), placed for the launch mode. `compute_dtype` overrides the
+    recipe's (export computes its reference in fp32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .. import loader
+
+    compute = compute_dtype or mode.compute_dtype(recipe.quantization, recipe.model)
+    path = local_model_path(recipe.model, base_dir)
+    cfg = recipe.model
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"model.name_or_path={cfg.name_or_path!r}: cannot read its config.json ({str(exc).splitlines()[0]})"
+        ) from None
+    q = checkpoint_quantization(recipe.quantization, config, path)
+    qconfig = quantization_config(q, compute, mode)
+    if qconfig is not None and mode.device_type == "cpu":
+        _check_bnb_cpu()
+    model_dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else compute
+    attn = resolve_attn_implementation(recipe, mode.device_type, config, path)
+    if uses_low_memory_loader(cfg, mode):
+        data_device, compute_device = weight_devices(mode)
+        base = loader.load_low_memory(
+            path,
+            qconfig,
+            dtype=model_dtype,
+            data_device=data_device,
+            compute_device=compute_device,
+            attn_implementation=attn,
+            trust_remote_code=cfg.trust_remote_code,
+            revision=cfg.revision,
+        )
+    else:
+        kwargs: dict[str, Any] = {
+            "dtype": model_dtype,
+            "attn_implementation": attn,
+            "trust_remote_code": cfg.trust_remote_code,
+            "revision": cfg.revision,
+            **from_pretrained_placement(mode, qconfig is not None),
+        }
+        if qconfig is not None:
+            kwargs["quantization_config"] = qconfig
+        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if mode.device_type == "cpu":
+        keep_cpu_4bit_trainable(base)
+    log.info(
+        "model: %s loader, attention %s, %s",
+        "low-memory" if uses_low_memory_loader(cfg, mode) else "transformers",
+        attn,
+        quantization_line(base, qconfig, model_dtype),
+    )
+    return base
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def quantization_line(model: Any, qconfig: Any, model_dtype: torch.dtype) -> str:
+    """What was loaded, read off the model (a pre-quantized checkpoint keeps its own storage dtype
+    under `model.loader: transformers`)."""
+    if qconfig is None:
+        return f"weights in {dtype_name(model_dtype)} (no quantization)"
+    if getattr(qconfig, "load_in_8bit", False):
+        return "LLM.int8 weights"
+    packed = next((p for p in model.parameters() if type(p).__name__ == "Params4bit"), None)
+    storage = packed.dtype if packed is not None else qconfig.bnb_4bit_quant_storage
+    return (
+        f"{qconfig.bnb_4bit_quant_type} weights (double quant {qconfig.bnb_4bit_use_double_quant}) stored as "
+        f"{dtype_name(storage)}, compute {dtype_name(qconfig.bnb_4bit_compute_dtype)}, "
+        f"other weights {dtype_name(model_dtype)}"
+    )
+
+
+def local_model_path(cfg: ModelConfig, base_dir: str | Path | None = None) -> str:
+    """A local folder as given or relative to the recipe; otherwise the hub id unchanged."""
+    p = Path(cfg.name_or_path).expanduser()
+    if p.exists():
+        return str(p)
+    if base_dir is not None and not p.is_absolute() and (Path(base_dir) / p).exists():
+        return str(Path(base_dir) / p)
+    if p.is_absolute() or cfg.name_or_path.startswith((".", "~")) or cfg.name_or_path.count("/") > 1:
+        raise UserError(f"model.name_or_path: folder {cfg.name_or_path} not found")
+    return cfg.name_or_path
+
+
+def load_tokenizer(cfg: ModelConfig, base_dir: str | Path | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    path = local_model_path(cfg, base_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as exc:
+        raise UserError(
+            f"model.name_or_path={cfg.name_or_path!r}: could not load its tokenizer ({str(exc).splitlines()[0]}). "
+            "Use a local folder with tokenizer files, or a hub id where the hub is reachable."
+        ) from None
+    ensure_pad_token(tok)
+    tok.padding_side = "right"
+    return tok
+
+
+def recipe_tokenizer(recipe: Recipe, base_dir: str | Path | None = None) -> Any:
+    """The recipe's tokenizer with the recipe's chat template (as training renders the data)."""
+    from .. import data
+
+    tokenizer = load_tokenizer(recipe.model, base_dir)
+    data.set_chat_template(tokenizer, recipe.data.chat_template, recipe.model.name_or_path, base_dir)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Use a pad token distinct from EOS. With pad == eos, collators that mask padding labels
+    also mask the real EOS, so the model never learns to stop (trl#1623)."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    vocab = tokenizer.get_vocab()
+    candidates = [
+        "<|finetune_right_pad_id|>",  # Llama 3.1
+        "<pad>",
+        "<|pad|>",
+        "[PAD]",
+        "<|reserved_special_token_0|>",
+        tokenizer.unk_token,
+    ]
+    for cand in candidates:
+        if cand and cand in vocab and vocab[cand] != tokenizer.eos_token_id:
+            tokenizer.pad_token = cand
+            return
+    # Add one. It is never attended to nor trained; `resize_for_pad` grows the embeddings if needed.
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+
+
+def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str | Path | None = None) -> Any:
+    """Base model (quantized, placed for the launch mode) with LoRA adapters, ready to train."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    compute_dtype = mode.compute_dtype(recipe.quantization, recipe.model)
+    model = load_base(recipe, mode, base_dir)
+    quantized = getattr(model, "hf_quantizer", None) is not None
+    resize_for_pad(model, tokenizer)
+    model.config.use_cache = False  # no KV cache while training (and checkpointing needs it off)
+    if use_liger(recipe.model, mode.device_type):
+        apply_liger(model)
+
+    gc = bool(recipe.train.args.get("gradient_checkpointing", True))
+    if quantized and recipe.model.upcast_frozen and not mode.shards_parameters:
+        # Casts norms/embeddings to fp32 and wires input grads for checkpointing. Non-reentrant
+        # checkpointing: the reentrant variant breaks under DDP with LoRA (parameters "marked ready
+        # twice") and needs inputs that require grad.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif gc:
+        # The default: prepare_model_for_kbit_training's fp32 upcast would double the memory of the
+        # embeddings and lm_head (2 GB more for an 8B model) and make the residual stream and lm_head
+        # matmuls fp32, for weights that are frozen; under ZeRO-3/FSDP it also breaks the one-dtype
+        # rule of the shards. Keep the model dtype and only wire checkpointing (get_peft_model
+        # freezes everything but the adapters).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+    lora = recipe.lora
+    target = lora.target_modules
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target if isinstance(target, str) else list(target),
+        modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, peft_config)
+    except ValueError as exc:
+        raise UserError(f"lora.target_modules={target!r}: {exc}") from None
+    from ..init_adapter import load_weights
+
+    load_weights(model, recipe, base_dir)  # lora.init_from: start from an existing adapter's weights
+    if mode.shards_parameters:
+        check_sharded_dtypes(model, compute_dtype, mode)
+    if uses_fused_lora(recipe, mode):
+        log.info("lora: %d adapted 4-bit layers fused (lora.fused)", fuse_lora_layers(model))
+    return model
+
+
+def check_sharded_dtypes(model: Any, compute_dtype: torch.dtype, mode: LaunchMode) -> None:
+    """Before any training: under FSDP/ZeRO-3 every frozen weight, the packed 4-bit ones included,
+    must be in the compute dtype. Shards are flattened per dtype, and integer storage cannot be
+    flattened at all (torch: "Cannot flatten integer dtype tensors"; accelerate's FSDP2 path leaves
+    such weights unsharded with only a warning). The adapters may differ: they are wrapped apart."""
+    wrong = [
+        f"{name} ({'4-bit, stored as ' if type(p).__name__ == 'Params4bit' else ''}{dtype_name(p.dtype)})"
+        for name, p in model.named_parameters()
+        if not p.requires_grad and p.dtype != compute_dtype
+    ]
+    if wrong:
+        want = dtype_name(compute_dtype)
+        raise UserError(
+            f"{mode.describe()}: {len(wrong)} frozen weights are not in the compute dtype {want}, so they cannot be "
+            f"sharded: {', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}. A pre-quantized checkpoint stored "
+            "as uint8 loaded with model.loader: transformers does this; use model.loader: auto (it re-types the "
+            "packed bytes), and leave quantization.quant_storage and model.dtype at auto."
+        )
+
+
+def resolve_attn_implementation(recipe: Recipe, device_type: str, config: Any, path: str) -> str:
+    """`auto` -> `varlen` (flash attention per packed example) on CUDA with packing, for models with
+    plain causal attention; `sdpa` otherwise. `varlen` is registered with transformers here."""
+    from .. import attention
+
+    choice = recipe.model.attn_implementation
+    wants_varlen = choice == attention.NAME or (
+        choice == "auto" and device_type == "cuda" and recipe.data.packing and attention.available_on_cuda()
+    )
+    if choice == "auto":
+        choice = "sdpa"
+    if wants_varlen:
+        unsuitable = varlen_unsuitable(config.get_text_config())
+        if unsuitable is None:
+            choice = attention.NAME
+        elif recipe.model.attn_implementation == attention.NAME:
+            reason, exact = unsuitable
+            if not exact:
+                raise UserError(f"model.attn_implementation: varlen cannot run {path}: {reason}; use sdpa (or auto)")
+            log.warning("attention: varlen runs %s one example at a time (%s); sdpa may be faster", path, reason)
+            choice = attention.NAME
+    if choice == attention.NAME:
+        attention.register()
+    return choice
+
+
+def varlen_unsuitable(text: Any) -> tuple[str, bool] | None:
+    """Why the varlen kernel does not suit this model's attention, and whether varlen still computes
+    it exactly (one example at a time, slower); None when the kernel runs it as is."""
+    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        return "it uses sliding-window attention", False
+    if not set(getattr(text, "layer_types", None) or ["full_attention"]) <= {"full_attention"}:
+        return "it mixes attention types across layers", False
+    for key in ("attn_logit_softcapping", "attn_softcapping"):
+        if getattr(text, key, None):
+            return f"it softcaps attention logits ({key})", False
+    v_dim = getattr(text, "v_head_dim", None)
+    qk_dim = getattr(text, "qk_head_dim", None) or getattr(text, "head_dim", None)
+    if v_dim is not None and qk_dim is not None and v_dim != qk_dim:
+        return f"its value heads ({v_dim}) differ from its query/key heads ({qk_dim})", True
+    if getattr(text, "attention_dropout", 0.0):
+        return f"it uses attention dropout ({text.attention_dropout})", True
+    return None
+
+
+def use_liger(cfg: ModelConfig, device_type: str) -> bool:
+    if cfg.liger_kernels is False:
+        return False
+    if device_type != "cuda":
+        if cfg.liger_kernels is True:
+            log.warning("model.liger_kernels: Liger's kernels need a CUDA GPU; running without them")
+        return False
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception as exc:
+        if cfg.liger_kernels is True:
+            raise UserError(
+                f"model.liger_kernels is true but liger-kernel does not import ({exc}). "
+                "Install it (`pip install 'qlora-sft[fast]'`) or set model.liger_kernels: auto"
+            ) from None
+        log.info("liger-kernel not installed: running without its fused kernels (pip install 'qlora-sft[fast]')")
+        return False
+    return True
+
+
+def apply_liger(model: Any) -> None:
+    """Liger's RMSNorm, SwiGLU and RoPE kernels on this model instance (not its loss: TRL computes the
+    loss in chunks from the hidden states already)."""
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    log.info("liger kernels: rms_norm, swiglu, rope")
+
+
+def resize_for_pad(model: Any, tokenizer: Any) -> None:
+    """Grow the embeddings only if an added pad token does not fit in the existing rows."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def keep_cpu_4bit_trainable(model: Any) -> None:
+    """bitsandbytes' CPU Linear4bit repacks its weight for a fast inference kernel the first time it
+    runs in eval mode without grad (e.g. an evaluation pass) on CPUs with AVX512-BF16. That kernel
+    has no autograd formula, so every later training step silently drops the gradient through the
+    base layers. Keep the trainable layout for models we train."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _check_bnb_cpu() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # pragma: no cover
+        raise UserError(f"quantization needs bitsandbytes, which failed to import: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    trainable_params: int
+    total_params: int
+    adapter_mb: float
+    base_footprint_gb: float
+
+    def lines(self) -> list[str]:
+        return [
+            f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} "
+            f"({100 * self.trainable_params / max(1, self.total_params):.3f}%)",
+            f"adapter size: {self.adapter_mb:.1f} MB",
+            f"base model memory footprint: {self.base_footprint_gb * 1000:.1f} MB"
+            if self.base_footprint_gb < 1
+            else f"base model memory footprint: {self.base_footprint_gb:.2f} GB",
+        ]
+
+
+def summarize(model: Any) -> ModelSummary:
+    trainable = 0
+    adapter_bytes = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            trainable += p.numel()
+            adapter_bytes += p.numel() * p.element_size()
+    _, total = model.get_nb_trainable_parameters()
+    footprint = model.get_base_model().get_memory_footprint() if hasattr(model, "get_base_model") else 0
+    return ModelSummary(trainable, int(total), adapter_bytes / 1e6, footprint / 1e9)

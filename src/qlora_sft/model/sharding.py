@@ -1,0 +1,265 @@
+"""The last placement step under FSDP and ZeRO-3, once the Trainer exists (`prepare_sharding`): FSDP
+cut into one unit per decoder layer with the adapters replicated on every rank (their gradients
+averaged like DDP's), buffers kept in fp32 (the rotary frequencies), ZeRO-3's partitioning before
+DeepSpeed's engine starts, and `materialize_placeholders` for the meta parameters of the ranks that
+loaded no weights."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..launch import FSDP_UNITS_ENV, LaunchMode
+
+log = logging.getLogger("qlora_sft")
+
+
+def prepare_sharding(trainer: Any, mode: LaunchMode, compute_dtype: torch.dtype) -> None:
+    """The last placement step, once the Trainer exists and before it wraps the model (FSDP and
+    DeepSpeed wrap in `accelerator.prepare`, when training starts)."""
+    if mode.kind == "fsdp":
+        keep_buffers_fp32_under_fsdp(trainer)
+        if mode.adapters_replicated:
+            fsdp_layer_units(trainer)
+    elif mode.kind == "deepspeed" and mode.zero_stage == 3:
+        partition_for_zero3(trainer, mode, compute_dtype)
+
+
+def adapter_modules(model: Any) -> list[Any]:
+    """The modules whose own parameters all train: peft's LoRA layers (lora_A/lora_B and the like)
+    and the trained copies of `modules_to_save`."""
+    return [
+        m for m in model.modules() if (own := list(m.parameters(recurse=False))) and all(p.requires_grad for p in own)
+    ]
+
+
+def layer_units_policy(model: Any) -> Any:
+    """FSDP auto-wrap policy of `QLORA_SFT_FSDP_UNITS=layers`: one unit per decoder layer (the model's
+    `_no_split_modules` classes), plus the input embedding as its own unit when it is not tied to the
+    output head (gathered only while it is used). The output head stays in the root unit: TRL computes
+    the loss from the hidden states and `lm_head.weight` directly, in chunks, without calling the
+    head's forward, so a unit of its own would never be gathered. Adapters are left out of every unit
+    (`fsdp_layer_units` makes them ignored modules)."""
+    import functools as ft
+
+    from peft.utils.other import _get_no_split_modules
+    from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(_get_no_split_modules(base) or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not classes:
+        raise UserError(
+            f"FSDP: {type(base).__name__} names no decoder layer class (_no_split_modules), so it cannot be cut into "
+            f"one unit per layer; set {FSDP_UNITS_ENV}=peft"
+        )
+    ends = []
+    emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if emb is not None and (head is None or emb.weight is not head.weight):
+        ends = [emb]
+    layer_policy = ft.partial(transformer_auto_wrap_policy, transformer_layer_cls=classes)
+    end_policy = ft.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: any(m is e for e in ends))
+    return ft.partial(_or_policy, policies=[layer_policy, end_policy])
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """All-reduce the gradients of parameters that every rank holds whole, and average them (what
+    DDP does), one flat buffer per dtype."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat.div_(world)
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+            g.copy_(synced)
+
+
+def replicate_adapters(modules: list[Any], device: torch.device) -> list[torch.nn.Parameter]:
+    """Put the adapter modules whole on this rank's device (placeholders, meta on ranks that loaded no
+    weights, get storage). Their values become identical on every rank only with
+    `broadcast_from_rank0`, called after FSDP has wrapped the model. Returns their parameters."""
+    for m in modules:
+        materialize_placeholders(m, device=str(device))
+        m.to(device)
+    return [p for m in modules for p in m.parameters(recurse=False)]
+
+
+def broadcast_from_rank0(params: list[torch.nn.Parameter]) -> None:
+    """Rank 0's values of `params` on every rank (in place). For the FSDP-ignored adapters this must
+    come after wrapping: on a rank whose layers were placeholders, FSDP's `param_init_fn` (`to_empty`)
+    runs over each unit's whole module tree, the ignored adapters inside it included, and leaves them
+    uninitialised, while its `sync_module_states` broadcast covers only the parameters it shards
+    (seen as NaN on CPU ranks, and as a loss 0.034 off one GPU's on two H200s)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
+def fsdp_layer_units(trainer: Any) -> None:
+    """FSDP (version 1) cut into one unit per decoder layer and the embedding, with the
+    adapters replicated: a few large units keep the step GPU-bound, where peft's policy (every LoRA
+    Linear its own unit, 897 FSDP forwards per step for an 8B Llama) made it CPU-bound (3x slower per
+    GPU than DDP, measured on two H200s). FSDP1 cannot put trainable adapters in the same flat
+    parameter as frozen 4-bit weights (accelerate then upcasts the whole flat parameter, packed bytes
+    included, to fp32), so the adapters are FSDP-ignored modules: whole on every rank, their
+    gradients averaged after each accumulation window like DDP's, before clipping (FSDP's clip
+    counts non-sharded parameters locally). Their optimizer state (small for LoRA) is then not
+    sharded. The Trainer sets peft's wrap policy right before wrapping; here it is set back."""
+    import transformers.trainer as trainer_module
+
+    plugin = trainer.accelerator.state.fsdp_plugin
+    device = trainer.accelerator.device
+    adapters = adapter_modules(trainer.model)
+    params = replicate_adapters(adapters, device)
+    existing = list(plugin.ignored_modules or [])
+    plugin.ignored_modules = existing + [m for m in adapters if m not in existing]
+    policy = layer_units_policy(trainer.model)
+    plugin.auto_wrap_policy = policy
+    prepare, step = trainer._prepare_for_training, trainer.training_step
+
+    def prepare_with_layer_units(*args: Any, **kwargs: Any) -> Any:
+        update = trainer_module.update_fsdp_plugin_peft
+
+        def update_then_layer_units(model: Any, accelerator: Any) -> None:
+            update(model, accelerator)  # keeps its mixed precision from the 4-bit storage dtype
+            accelerator.state.fsdp_plugin.auto_wrap_policy = policy
+
+        trainer_module.update_fsdp_plugin_peft = update_then_layer_units
+        try:
+            out = prepare(*args, **kwargs)
+        finally:
+            trainer_module.update_fsdp_plugin_peft = update
+        broadcast_from_rank0(params)  # after wrapping (and after a resume's load, which it keeps)
+        return out
+
+    def step_then_average(*args: Any, **kwargs: Any) -> Any:
+        loss = step(*args, **kwargs)
+        if trainer.accelerator.sync_gradients:
+            average_gradients(params)
+        return loss
+
+    trainer._prepare_for_training = prepare_with_layer_units
+    trainer.training_step = step_then_average
+    log.info(
+        "FSDP: one unit per decoder layer (+ embedding); %d adapter modules (%.1f M parameters) "
+        "replicated on every rank",
+        len(adapters),
+        sum(p.numel() for p in params) / 1e6,
+    )
+
+
+def fp32_buffer_modules(model: Any) -> list[Any]:
+    """Modules that hold floating-point buffers and no parameters of their own: the rotary
+    embeddings (`inv_freq`)."""
+    return [
+        m
+        for m in model.modules()
+        if any(b.is_floating_point() for b in m.buffers(recurse=False))
+        and not any(True for _ in m.parameters(recurse=False))
+    ]
+
+
+def keep_buffers_fp32_under_fsdp(trainer: Any) -> None:
+    """FSDP's bf16 mixed precision casts every buffer to bf16, the rotary frequencies included:
+    rounded to 8 bits of mantissa, the angle of position 2000 is off by up to several radians, so
+    attention sees wrong positions at long range (DeepSpeed keeps fp32 buffers; one GPU never casts
+    them). FSDP leaves the buffers of ignored modules alone, so the parameterless modules that own
+    fp32 buffers are ignored, and moved to this GPU (FSDP does not move ignored modules)."""
+    plugin = trainer.accelerator.state.fsdp_plugin
+    device = trainer.accelerator.device
+    modules = fp32_buffer_modules(trainer.model)
+    for m in modules:
+        m.to(device)
+    existing = plugin.ignored_modules
+    if isinstance(existing, str):
+        pattern = re.compile(existing)
+        existing = [m for name, m in trainer.model.named_modules() if pattern.fullmatch(name)]
+    plugin.ignored_modules = list(existing or []) + [m for m in modules if m not in (existing or [])]
+    log.info("FSDP: %d module(s) with fp32 buffers (rotary embeddings) kept out of bf16 casting", len(modules))
+
+
+def partition_for_zero3(trainer: Any, mode: LaunchMode, compute_dtype: torch.dtype) -> None:
+    """ZeRO-3: partition the parameters across ranks before the Trainer hands the model to
+    DeepSpeed. A model that was not built under `deepspeed.zero.Init` is moved to the GPU whole by
+    DeepSpeed's engine and only then partitioned, so a model larger than one GPU would not fit;
+    transformers builds quantized models without zero.Init. `zero.Init(module=...)` moves one
+    parameter at a time to the GPU, broadcasts rank 0's values (the other ranks loaded none: their
+    placeholders are untouched CPU pages) and keeps this rank's partition."""
+    import copy
+
+    import deepspeed
+
+    model = trainer.model
+    hidden = int(getattr(model.config, "hidden_size", 0) or 0)
+    config = copy.deepcopy(trainer.accelerator.state.deepspeed_plugin.deepspeed_config)
+    zero = config.setdefault("zero_optimization", {})
+    # the hidden-size dependent values transformers fills in when training starts
+    sizes = {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    for section in (config, zero):
+        for key in [k for k, v in section.items() if v == "auto"]:
+            del section[key]
+    materialize_placeholders(model)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != compute_dtype:
+            p.data = p.data.to(compute_dtype)  # as DeepSpeed's engine casts every parameter
+    deepspeed.zero.Init(module=model, config_dict_or_path=config, dtype=compute_dtype, mem_efficient_linear=False)
+    log.info("ZeRO-3: parameters partitioned across %d rank(s) before DeepSpeed's engine starts", mode.world_size)
+
+
+def materialize_placeholders(model: Any, device: str = "cpu") -> int:
+    """Give every parameter still on the meta device (the weights the low-memory loader leaves
+    unloaded on ranks other than 0 under ZeRO-3, and the LoRA weights peft creates beside them)
+    uninitialised storage on `device`, to be overwritten by rank 0's broadcast. The parameter is
+    replaced in its module, keeping its class (bitsandbytes' `Params4bit` with its quantization
+    state and settings), `requires_grad` and ties (one new parameter for all modules that share
+    one): a meta parameter's data cannot be swapped in place (`p.data = ...` raises "variable and
+    tensor have incompatible tensor type"). Returns how many parameters were replaced."""
+    import bitsandbytes as bnb
+
+    new_for: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or p.device.type != "meta":
+                continue
+            new = new_for.get(id(p))
+            if new is None:
+                data = torch.empty(p.shape, dtype=p.dtype, device=device)
+                if isinstance(p, bnb.nn.Params4bit):
+                    new = bnb.nn.Params4bit(
+                        data,
+                        requires_grad=False,
+                        quant_state=p.quant_state,
+                        blocksize=p.blocksize,
+                        compress_statistics=p.compress_statistics,
+                        quant_type=p.quant_type,
+                        quant_storage=p.quant_storage,
+                        module=p.module,
+                        bnb_quantized=p.bnb_quantized,
+                    )
+                else:
+                    new = torch.nn.Parameter(data, requires_grad=p.requires_grad)
+                new_for[id(p)] = new
+            module._parameters[name] = new
+    return len(new_for)
