@@ -881,14 +881,25 @@ class CheckpointingMixin:
             error = exc
         finally:
             self._staging_save = False
-        self._after_save(staged, error, lambda: run_dir / name, what=name)
+        self._after_save(staged, error, what=name)
         self.ckpt.fault.trigger("crashsave", state.global_step, args.process_index)
+        self._publish(staged, run_dir / name, retention=True)
+
+    def _publish(self, staged: Path, final: Path, retention: bool = False) -> None:
+        """The main process publishes what every rank has written (manifest, marker, rename) and
+        applies retention; a failure there (a full disk while writing the manifest) stops every rank."""
+        error: BaseException | None = None
         with main_process_writes() as is_main:
             if is_main:
-                publish(staged, run_dir / name, self.manifest(state.global_step))
-                apply_retention(run_dir, self.ckpt.keep_last)
+                try:
+                    publish(staged, final, self.manifest(self.state.global_step))  # type: ignore[attr-defined]
+                    if retention:
+                        apply_retention(final.parent, self.ckpt.keep_last)
+                except Exception as exc:
+                    error = exc
+        self._after_save(staged, error, what=final.name)
 
-    def _after_save(self, staged: Path, error: BaseException | None, final: Callable[[], Path], what: str) -> None:
+    def _after_save(self, staged: Path, error: BaseException | None, what: str) -> None:
         """All ranks agree whether the save worked; if not, the staged files go and every rank raises
         the same error (a full disk says which, and what is still safe)."""
         failed = any_rank(error is not None)
@@ -996,10 +1007,8 @@ class CheckpointingMixin:
                 self.save_model(str(staged))  # type: ignore[attr-defined]
         except Exception as exc:
             error = exc
-        self._after_save(staged, error, lambda: final, what=final.name)
-        with main_process_writes() as is_main:
-            if is_main:
-                publish(staged, final, self.manifest(self.state.global_step))  # type: ignore[attr-defined]
+        self._after_save(staged, error, what=final.name)
+        self._publish(staged, final)
 
     # -- resuming --------------------------------------------------------------------------------
 
