@@ -92,6 +92,11 @@ def test_relaunching_a_finished_run_does_nothing(finished: Path, tiny_model: Pat
     assert snapshot(run) == before
     out = capsys.readouterr().out
     assert "finished at step 4" in out and "raise train.max_steps" in out
+    recipe = recipe_of(tiny_model, finished, "a")
+    named = dataclasses.replace(
+        recipe, checkpoint=dataclasses.replace(recipe.checkpoint, resume=str(run / "checkpoint-2"))
+    )
+    assert checkpoint.finished_run(named) is None  # naming a checkpoint asks to train from it again
 
 
 def test_training_longer_continues_from_the_final_step(tiny_model: Path, tmp_path: Path):
@@ -134,7 +139,7 @@ def test_a_second_launch_on_a_live_run_is_refused_naming_the_holder(tiny_model: 
         first.wait()
     # killed: its lock names a dead process on this host, so the relaunch takes it over
     holder = json.loads(lock.read_text())
-    assert checkpoint.RunLock.gone(holder, flock_free=True) is not None
+    assert checkpoint.RunLock.gone(holder) is not None
     lock_again = checkpoint.RunLock(lock.parent)
     lock_again.acquire()
     assert json.loads(lock.read_text())["pid"] == os.getpid()

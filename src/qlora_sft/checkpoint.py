@@ -172,7 +172,7 @@ class RunLock:
         return f"{holder.get('host', '?')} pid {holder.get('pid', '?')}{job}, since {holder.get('started', '?')}"
 
     @staticmethod
-    def gone(holder: dict[str, Any], flock_free: bool) -> str | None:
+    def gone(holder: dict[str, Any]) -> str | None:
         """Why the holder is provably gone, or None."""
         me = RunLock.me()
         job = holder.get("slurm_job_id")
@@ -186,9 +186,7 @@ class RunLock:
                 return f"process {pid} has exited"
             if holder.get("pid_start") not in (None, "?") and start != holder.get("pid_start"):
                 return f"process {pid} has exited (its pid belongs to another process now)"
-            if flock_free and pid != os.getpid():
-                return None  # alive but not holding the lock: not provably gone
-            return None
+            return None  # alive (whether or not it holds the flock): not provably gone
         if job:
             running = _slurm_job_running(str(job))
             if running is False:
@@ -216,7 +214,7 @@ class RunLock:
                 continue
             holder = self._read(fd)
             if holder and holder.get("pid") != os.getpid():
-                why = self.gone(holder, flock_free=True)
+                why = self.gone(holder)
                 if why is None:
                     os.close(fd)
                     raise RunDirError(self._held_message(holder))
@@ -353,9 +351,10 @@ def prepare_run_dir(recipe: Recipe, launch: dict[str, Any]) -> RunLock | None:
 
 def finished_run(recipe: Recipe) -> str | None:
     """If the run directory's final/ is complete and this recipe asks for no more training (the same
-    max_steps, or the same epochs without max_steps), the line that says so; else None."""
+    max_steps, or the same epochs without max_steps), the line that says so; else None. A launch that
+    names a checkpoint to resume from (`checkpoint.resume: PATH`) asks to train from there."""
     final = recipe.run_dir / "final"
-    if not final.is_dir():
+    if not final.is_dir() or recipe.checkpoint.resume not in ("auto", "never"):
         return None
     info = inspect_checkpoint(final)
     if not info.complete:

@@ -130,20 +130,20 @@ def remote_code_gate(recipe: Recipe, base_path: str, trust_remote_code: bool, co
     if trust_remote_code or not recipe.model.trust_remote_code:
         return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, trust_remote_code=trust_remote_code))
     config = Path(base_path) / "config.json"
-    auto_map = {}
-    if config.is_file():
+    if not config.is_file():
+        code = f"whatever code the hub repository {base_path} holds (it cannot be read before loading)"
+    else:
         try:
             auto_map = json.loads(config.read_text()).get("auto_map") or {}
         except ValueError:
             auto_map = {}
-    else:
-        auto_map = {"(the hub repository's code)": base_path}
-    if auto_map:
         modules = sorted({str(v).split("--")[-1].rsplit(".", 1)[0] + ".py" for v in auto_map.values()})
+        code = f"its own code ({', '.join(modules)} from {base_path})" if modules else ""
+    if code:
         raise UserError(
             f"{command}: the run's recipe.yaml sets model.trust_remote_code: true, and loading {base_path} would run "
-            f"its own code ({', '.join(modules)} from {base_path}). A run directory does not decide that: pass "
-            f"--trust-remote-code to `qlora-sft {command}` if you trust that code."
+            f"{code}. A run directory does not decide that: pass --trust-remote-code to `qlora-sft {command}` if "
+            "you trust that code."
         )
     return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, trust_remote_code=False))
 
