@@ -23,9 +23,13 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m qlora_sft.demo
 
+# Two workers, a test file each (a file's module fixtures, e.g. one SLURM cluster's jobs, stay on
+# one worker): most tests wait on process start-up and the scheduler, so two cores do twice the work.
+TEST_WORKERS ?= 2
+
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -36,11 +36,30 @@ def llama(
     }
 
 
+def qwen2(hidden: int, mlp: int, layers: int, heads: int, kv_heads: int, tied: bool) -> dict[str, Any]:
+    """Qwen2Config fields of a Qwen2.5 shape: a 152k vocabulary, biases on q/k/v, RoPE theta 1M."""
+    return {
+        "model_type": "qwen2",
+        "hidden_size": hidden,
+        "intermediate_size": mlp,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": 152064,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": tied,
+        "max_position_embeddings": 32768,
+    }
+
+
 SHAPES: dict[str, dict[str, Any]] = {
     "llama3-8b": llama(4096, 14336, 32, 32, 8, tied=False),  # Llama-3.1-8B
     "llama3-70b": llama(8192, 28672, 80, 64, 8, tied=False),  # Llama-3.1-70B
     "llama3-1b": llama(2048, 8192, 16, 32, 8, tied=True),  # Llama-3.2-1B
-    "llama-smoke": llama(512, 1536, 4, 8, 4, tied=False, vocab=32000),  # smoke tests of the benchmark itself
+    "qwen2.5-14b": qwen2(5120, 13824, 48, 40, 8, tied=False),  # Qwen2.5-14B
+    "qwen2.5-32b": qwen2(5120, 27648, 64, 40, 8, tied=False),  # Qwen2.5-32B
+    # smoke tests of the benchmark itself (on two CPU cores: small enough for seconds per step)
+    "llama-smoke": llama(256, 768, 2, 4, 2, tied=False, vocab=8192),
 }
 
 CHATML = CHAT_TEMPLATES["chatml"]
@@ -78,21 +97,23 @@ def make_model(shape: str, folder: Path, seed: int = 0, shard_gib: float = 4.0, 
     pre-quantized checkpoint. The values are what quantizing the same random bf16 weights gives."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
-    config = LlamaConfig(
-        **SHAPES[shape],
+    fields = dict(SHAPES[shape])
+    config = AutoConfig.for_model(
+        fields.pop("model_type", "llama"),
+        **fields,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         torch_dtype="bfloat16",
     )
     with torch.device("meta"):
-        meta = LlamaForCausalLM(config)
+        meta = AutoModelForCausalLM.from_config(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=device).manual_seed(seed)
     shard: dict[str, torch.Tensor] = {}

@@ -213,3 +213,34 @@ def test_command_line_consistency(tmp_path: Path):
     assert 'override `train.learning_rate=abc`: `train.learning_rate` is "abc"; expected float' in plain.stderr
     assert "override `lora.r=0`: `lora.r` is 0; it must be >= 1" in plain.stderr
     assert not re.search(rf"{re.escape(str(f))}:\d", plain.stderr)  # no line of the file is blamed
+
+
+def test_train_vocabulary_cache_checks_exactly_as_trl_itself(tmp_path: Path, monkeypatch):
+    """The `train:` vocabulary kept between commands (plan runs in a second) admits and refuses the
+    same values as SFTConfig's own annotations; a corrupt cache file is rebuilt, not trusted."""
+    import dataclasses
+    import typing
+
+    from trl import SFTConfig
+
+    from qlora_sft import recipe as r
+
+    monkeypatch.setenv("QLORA_SFT_CACHE", str(tmp_path))
+    r.sft_field_types.cache_clear()
+    built = r.sft_field_types()
+    (cache,) = tmp_path.glob("sft-fields-*.json")
+    r.sft_field_types.cache_clear()
+    read = r.sft_field_types()  # from the file this time
+    hints = typing.get_type_hints(SFTConfig)
+    live = {f.name: hints.get(f.name, typing.Any) for f in dataclasses.fields(SFTConfig) if f.init}
+    assert built.keys() == read.keys() == live.keys()
+    for name, annotation in live.items():
+        for got in (built[name], read[name]):
+            assert r._checkable_type(got) == r._checkable_type(annotation), name
+            for kind in (str, bool, int, float):
+                assert r._admits(got, kind) == r._admits(annotation, kind), (name, kind)
+    cache.write_text('{"fields": {"learning_rate": "complex"}}')  # corrupt, same name
+    r.sft_field_types.cache_clear()
+    assert r.sft_field_types().keys() == live.keys()
+    assert "complex" not in cache.read_text()
+    r.sft_field_types.cache_clear()

@@ -899,18 +899,21 @@ class CheckpointingMixin:
         self._after_save(staged, error, what=final.name)
 
     def _after_save(self, staged: Path, error: BaseException | None, what: str) -> None:
-        """All ranks agree whether the save worked; if not, the staged files go and every rank raises
-        the same error (a full disk says which, and what is still safe)."""
+        """All ranks agree whether the save worked; if not, every rank raises the same error (a full
+        disk says which, and what is still safe). The staged files stay under .staging for a look
+        (never resumed from, replaced by the next save of that step), except on a full disk, where
+        they go to give the space back."""
         failed = any_rank(error is not None)
         if not failed:
             return
+        no_space = error is not None and is_no_space(error)
         with main_process_writes() as is_main:
-            if is_main:
+            if is_main and no_space:
                 shutil.rmtree(staged, ignore_errors=True)
         run_dir = staged.parent.parent
         newest = next((c.path.name for c in list_checkpoints(run_dir) if c.complete), None)
         safe = f"the newest complete checkpoint is {newest}" if newest else "no complete checkpoint exists yet"
-        if error is not None and is_no_space(error):
+        if no_space:
             raise UserError(
                 f"saving {what}: {no_space_message(staged)}; nothing of {what} was kept and {safe}. Free space "
                 "(or lower checkpoint.keep_last) and relaunch the same command: training resumes from there."

@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if not args.push_to_hub and (args.private or args.revision or args.adapter_only):
+        raise UserError("export: --private, --revision and --adapter-only go with --push-to-hub ORG/NAME")
     from .checkpoint import main_process_writes
     from .export import HubTarget, export
     from .train import setup_logging
@@ -146,8 +148,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     hub = None
     if args.push_to_hub:
         hub = HubTarget(args.push_to_hub, args.private, args.revision, args.adapter_only)
-    elif args.private or args.revision or args.adapter_only:
-        raise UserError("export: --private, --revision and --adapter-only go with --push-to-hub ORG/NAME")
     result = None
     with main_process_writes() as is_main:  # other ranks of an accelerate launch only wait
         if is_main:

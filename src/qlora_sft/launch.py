@@ -16,9 +16,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from . import launch_config
 from .errors import UserError
@@ -26,7 +24,20 @@ from .recipe import GPU_OPTIM, ModelConfig, QuantizationConfig, Recipe
 
 log = logging.getLogger("qlora_sft")
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+if TYPE_CHECKING:
+    import torch
+
+
+def __getattr__(name: str) -> Any:
+    """`DTYPES` (recipe dtype name -> torch dtype), built on first use: importing this module does
+    not import torch, so `plan` and the SLURM templates' checks start in a second."""
+    if name == "DTYPES":
+        import torch
+
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 KINDS = ("cpu", "single_gpu", "ddp", "deepspeed", "fsdp")
 # Caps each rank's GPU memory (GiB) so a run behaves like a smaller card: the benchmark's size proofs
 # and a user rehearsing a 24 GiB cluster on a larger workstation GPU.
@@ -118,9 +129,11 @@ class LaunchMode:
 
 def resolve_compute_dtype(q: QuantizationConfig, model: ModelConfig, device_type: str) -> torch.dtype:
     """The compute dtype for a device type (export and chat use it without a launch)."""
+    import torch
+
     choice = q.compute_dtype if q.method != "none" else model.dtype
     if choice != "auto":
-        return DTYPES[choice]
+        return __getattr__("DTYPES")[choice]
     if device_type == "cuda":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
     if device_type in ("xpu", "mps"):
@@ -139,6 +152,7 @@ def distributed_state(timeout_s: float | None = None) -> Any:
     `accelerate launch`/torchrun each believe they are alone (gloo is used for CPU ranks).
     `timeout_s` (the recipe's train.ddp_timeout) is the process group's collective timeout; it
     counts only where the state is created (train does that first)."""
+    import torch
     from accelerate import PartialState
 
     cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
@@ -309,6 +323,8 @@ def check_devices(env: Mapping[str, str] | None = None, cuda: bool | None = None
     """Before anything starts: a launch that asked for GPUs (several processes, DeepSpeed or FSDP)
     in a process that sees no CUDA GPU stops here, instead of quietly training on CPU ranks. One
     process falls back to the CPU (a laptop smoke test); ACCELERATE_USE_CPU=true asks for CPU ranks."""
+    import torch
+
     env = os.environ if env is None else env
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if cuda or env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
@@ -372,6 +388,8 @@ def rank_problem(reports: list[dict[str, Any]], launcher_world_size: int) -> str
 def apply_gpu_memory_cap() -> float | None:
     """With QLORA_SFT_GPU_MEMORY_GIB set, cap this process's GPU memory at that many GiB (the
     caching allocator refuses more, as on a smaller card). Returns the cap, or None."""
+    import torch
+
     raw = os.environ.get(GPU_MEMORY_CAP_ENV)
     if not raw or not torch.cuda.is_available():
         return None
@@ -551,6 +569,8 @@ def peak_rss_gib() -> float:
 
 def memory_now_gib() -> tuple[float, str]:
     """(GiB, what): GPU memory allocated on this rank, or the process's peak RSS on the CPU."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.cuda.memory_allocated() / 2**30, "GPU memory allocated"
     return peak_rss_gib(), "peak RSS"
@@ -559,6 +579,8 @@ def memory_now_gib() -> tuple[float, str]:
 def loading_memory_line() -> str:
     """After loading, per rank: GPU memory held and the peak CPU memory of loading (the low-memory
     loader keeps rank 0's weights in CPU memory under FSDP/ZeRO-3 until they are sharded)."""
+    import torch
+
     rss = gather_floats(peak_rss_gib())
     line = "peak CPU RSS while loading, per rank: " + ", ".join(f"{x:.2f} GiB" for x in rss)
     if torch.cuda.is_available():
@@ -574,6 +596,7 @@ def sharding_callback(mode: LaunchMode, logs_dir: Path, rank: int) -> Any:
     or FSDP with several ranks, a rank that still holds every parameter stops the run: training
     unsharded would silently need the whole model on every GPU. Each rank writes its numbers into
     its own logs/rank<i>.json."""
+    import torch
     from transformers import TrainerCallback
 
     class ShardingReport(TrainerCallback):

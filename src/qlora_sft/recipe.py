@@ -12,6 +12,7 @@ recipe reference (docs/recipe-reference.md) is generated from them (`qlora_sft.d
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -763,16 +764,85 @@ def _build_section(cls: type, raw: Any, key: str, ctx: _Problems) -> Any:
         return cls()
 
 
+class _Other:
+    """Stands for an annotation the recipe check does not look into (an enum, a dict, a class)."""
+
+
+_SCALARS: dict[str, Any] = {"bool": bool, "int": int, "float": float, "str": str, "none": type(None)}
+
+
+def _reduce(annotation: Any) -> Any:
+    """An SFTConfig annotation reduced to what the recipe check uses: plain scalars, Literals, Any,
+    unions of these, and `_Other` for the rest (a union with `_Other` is checked as Any, but still
+    says whether it takes a str or a bool)."""
+    if annotation is Any:
+        return Any
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_reduce(a) for a in typing.get_args(annotation))]  # noqa: UP007
+    if annotation in _SCALARS.values() or origin is Literal:
+        return annotation
+    return _Other
+
+
+def _encode(annotation: Any) -> Any:
+    if annotation is Any:
+        return "any"
+    if annotation is _Other:
+        return "other"
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return {"union": [_encode(a) for a in typing.get_args(annotation)]}
+    if origin is Literal:
+        return {"literal": list(typing.get_args(annotation))}
+    return next(k for k, v in _SCALARS.items() if v is annotation)
+
+
+def _decode(data: Any) -> Any:
+    if isinstance(data, dict) and "union" in data:
+        return typing.Union[tuple(_decode(a) for a in data["union"])]  # noqa: UP007
+    if isinstance(data, dict):
+        return Literal[tuple(data["literal"])]
+    return {"any": Any, "other": _Other, **_SCALARS}[data]
+
+
+def _vocabulary_cache() -> Path:
+    """Where the `train:` vocabulary of the installed trl/transformers is kept between commands."""
+    from importlib.metadata import version
+
+    root = os.environ.get("QLORA_SFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qlora-sft"
+    )
+    return Path(root) / f"sft-fields-v1-trl-{version('trl')}-transformers-{version('transformers')}.json"
+
+
 @functools.cache
 def sft_field_types() -> dict[str, Any]:
-    """Field name -> annotation of `trl.SFTConfig` (the vocabulary of the `train:` section)."""
+    """Field name -> (reduced) annotation of `trl.SFTConfig`: the vocabulary of the `train:` section.
+
+    Importing trl costs seconds (it imports transformers' Trainer and peft); the vocabulary is
+    kept in a small file keyed by the installed trl and transformers versions, so `plan`,
+    `validate` and the SLURM templates' checks do not pay it twice. A missing, unreadable or
+    foreign file is rebuilt from trl itself."""
+    cache = _vocabulary_cache()
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, StopIteration):
+        data = json.loads(cache.read_text(encoding="utf-8"))
+        fields = {str(k): _decode(v) for k, v in data["fields"].items()}
+        if fields and "learning_rate" in fields:
+            return fields
     from trl import SFTConfig
 
     try:
         hints = typing.get_type_hints(SFTConfig)
     except Exception:  # unresolvable forward references in some versions: accept any value
         hints = {}
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(SFTConfig) if f.init}
+    fields = {f.name: _reduce(hints.get(f.name, Any)) for f in dataclasses.fields(SFTConfig) if f.init}
+    with contextlib.suppress(OSError, StopIteration):
+        from .files import atomic_write_text
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, json.dumps({"fields": {k: _encode(v) for k, v in fields.items()}}, indent=0))
+    return fields
 
 
 def _admits(annotation: Any, kind: type) -> bool:
