@@ -213,6 +213,41 @@ def test_plan_prints_batch_arithmetic_and_memory(tiny_model: Path, tmp_path: Pat
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(("shape", "gpu_mem"), [("qwen2.5-14b", 16.0), ("qwen2.5-32b", 24.0), ("qwen2.5-32b", 16.0)])
+def test_plan_names_the_largest_micro_batch_that_fits(shape: str, gpu_mem: float, tmp_path: Path):
+    """`plan --gpu-mem` names the most rows per micro batch whose estimate fits, for the consumer-GPU
+    shapes of the benchmark (config.json only: plan reads no weights), or says that none does."""
+    from bench.workload import SHAPES
+    from qlora_sft.launch import plan_mode
+    from qlora_sft.plan import ModelShape, estimate_memory, largest_micro_batch, plan_lines
+    from qlora_sft.recipe import build_recipe
+
+    model = tmp_path / shape
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], **SHAPES[shape]}))
+    data = write_toy_data(tmp_path / "toy.jsonl", n=20)
+    recipe = build_recipe(recipe_dict(model, data, tmp_path / "runs", data={"max_length": 2048}))
+    lines = plan_lines(recipe, gpu_mem=gpu_mem)
+    (line,) = [x for x in lines if x.startswith("largest micro batch")]
+    mode = plan_mode(recipe, None, None, 1)
+    dims = ModelShape.from_config(json.loads((model / "config.json").read_text()))
+    micro = largest_micro_batch(dims, recipe, mode, gpu_mem)
+    if micro:
+        assert estimate_memory(dims, recipe, mode, micro).total <= gpu_mem
+        assert estimate_memory(dims, recipe, mode, micro + 1).total > gpu_mem
+        assert f": {micro} x 2048 tokens (train.micro_batch_tokens={micro * 2048}, estimated" in line
+        gbs = recipe.train.global_batch_size
+        if gbs % micro:  # the recipe's global batch takes only a divisor
+            best = max(m for m in range(1, micro) if gbs % m == 0)
+            assert line.endswith(
+                f"train.global_batch_size {gbs} on 1 process(es) takes a micro batch that divides it: at most {best}"
+            )
+    else:
+        assert estimate_memory(dims, recipe, mode, 1).total > gpu_mem
+        assert "none; one row of 2048 tokens needs" in line
+    assert (shape, gpu_mem, bool(micro)) != ("qwen2.5-32b", 16.0, True)  # 4-bit 32B weights alone are ~17 GiB
+
+
 def test_plan_works_from_an_installed_wheel(tiny_model: Path, tmp_path: Path):
     """The bundled configs ship inside the wheel: `plan --gpu-mem` lists them when qlora-sft is
     installed from it and run away from the source tree."""

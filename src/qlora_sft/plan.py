@@ -140,11 +140,13 @@ class MemoryEstimate:
         return sum(self.parts.values())
 
 
-def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode) -> MemoryEstimate:
+def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: int | None = None) -> MemoryEstimate:
+    """Peak GPU memory per rank; `micro` (rows of data.max_length tokens) replaces the recipe's."""
     q = recipe.quantization.method
     double = recipe.quantization.double_quant
     world = mode.world_size
-    micro = int(recipe.train.args.get("per_device_train_batch_size", 1))
+    if micro is None:
+        micro = int(recipe.train.args.get("per_device_train_batch_size", 1))
     tokens = micro * recipe.data.max_length
     h, inter, layers = shape.hidden, shape.intermediate, shape.layers
     shard = launch_config.param_shards(mode, mode.num_machines)  # FSDP NO_SHARD / HYBRID_SHARD shard less
@@ -336,6 +338,7 @@ def plan_lines(
             "ranks hold none"
         )
     if gpu_mem is not None:
+        out.append(largest_micro_batch_line(shape, recipe, mode, gpu_mem))
         out.append(f"bundled configs on a {gpu_mem:g} GiB GPU ({nodes} node(s) x {per_node} GPU(s)):")
         for cfg_path in bundled_configs():
             candidate = launch.from_config_file(cfg_path, per_node, nodes)
@@ -351,3 +354,40 @@ def plan_lines(
             except RecipeError as exc:  # batch not divisible for this world size
                 out.append(f"  {cfg_path.name:30} cannot run: {str(exc).splitlines()[-1][:100]}")
     return out
+
+
+def largest_micro_batch(shape: ModelShape, recipe: Recipe, mode: LaunchMode, gpu_mem: float) -> int:
+    """The most rows of data.max_length tokens per micro batch whose estimate fits `gpu_mem` GiB with
+    this launch (0: not even one)."""
+    best = 0
+    for micro in range(1, 1025):
+        if estimate_memory(shape, recipe, mode, micro).total > gpu_mem:
+            break  # the estimate grows with the micro batch
+        best = micro
+    return best
+
+
+def largest_micro_batch_line(shape: ModelShape, recipe: Recipe, mode: LaunchMode, gpu_mem: float) -> str:
+    length = recipe.data.max_length
+    micro = largest_micro_batch(shape, recipe, mode, gpu_mem)
+    head = f"largest micro batch on a {gpu_mem:g} GiB GPU with this launch"
+    if micro == 0:
+        need = estimate_memory(shape, recipe, mode, 1).total
+        return (
+            f"{head}: none; one row of {length} tokens needs {need:.2f} GiB (shorter data.max_length, "
+            "train.offload_activations, or shard the model: see the configs below)"
+        )
+    key = "train.micro_batch_tokens" if recipe.data.packing else "train.per_device_train_batch_size"
+    value = micro * length if recipe.data.packing else micro
+    line = (
+        f"{head}: {micro} x {length} tokens ({key}={value}, estimated "
+        f"{estimate_memory(shape, recipe, mode, micro).total:.2f} GiB)"
+    )
+    gbs, world = recipe.train.global_batch_size, mode.world_size
+    if gbs is not None and gbs % (micro * world):
+        fits = [m for m in range(1, micro + 1) if gbs % (m * world) == 0]
+        line += (
+            f"; train.global_batch_size {gbs} on {world} process(es) takes a micro batch that divides it: "
+            f"at most {max(fits) if fits else 'none'}"
+        )
+    return line
