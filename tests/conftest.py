@@ -23,3 +23,26 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def toy_data(tmp_path: Path) -> Path:
     return write_toy_data(tmp_path / "toy.jsonl")
+
+
+# The longest files first (serial seconds on 2 cores, 2026-11-30): `make test` runs two workers that
+# each take a whole file, and a long file started last would leave the other worker idle at the end.
+LONGEST_FIRST = (
+    "test_slurm.py",
+    "test_checkpoint.py",
+    "test_data_scale.py",
+    "test_sharded.py",
+    "test_migration.py",
+    "test_bench.py",
+    "test_smollm2.py",
+    "test_distributed.py",
+    "test_export.py",
+    "test_run_safety.py",
+    "test_tracking.py",
+    "test_offload.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's order is kept
