@@ -9,6 +9,7 @@ per-rank memory report live here too: the one place that knows about topology.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import os
@@ -28,13 +29,19 @@ if TYPE_CHECKING:
     import torch
 
 
-def __getattr__(name: str) -> Any:
-    """`DTYPES` (recipe dtype name -> torch dtype), built on first use: importing this module does
-    not import torch, so `plan` and the SLURM templates' checks start in a second."""
-    if name == "DTYPES":
-        import torch
+@functools.cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """Recipe dtype name -> torch dtype, built on first use: importing this module does not import
+    torch, so `plan` and the SLURM templates' checks start in a second."""
+    import torch
 
-        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def __getattr__(name: str) -> Any:
+    """`DTYPES`: torch_dtypes(), for the modules that import it by name."""
+    if name == "DTYPES":
+        return torch_dtypes()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -133,7 +140,7 @@ def resolve_compute_dtype(q: QuantizationConfig, model: ModelConfig, device_type
 
     choice = q.compute_dtype if q.method != "none" else model.dtype
     if choice != "auto":
-        return __getattr__("DTYPES")[choice]
+        return torch_dtypes()[choice]
     if device_type == "cuda":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
     if device_type in ("xpu", "mps"):

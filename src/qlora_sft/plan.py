@@ -44,7 +44,7 @@ from typing import Any
 from . import launch, launch_config
 from .errors import RecipeError, UserError
 from .launch import LaunchMode
-from .recipe import Recipe, resolve_batch
+from .recipe import Recipe, micro_batches_dividing, resolve_batch
 
 GIB = 1024**3
 
@@ -385,7 +385,7 @@ def largest_micro_batch_line(shape: ModelShape, recipe: Recipe, mode: LaunchMode
     )
     gbs, world = recipe.train.global_batch_size, mode.world_size
     if gbs is not None and gbs % (micro * world):
-        fits = [m for m in range(1, micro + 1) if gbs % (m * world) == 0]
+        fits = micro_batches_dividing(gbs, world, most=micro)
         line += (
             f"; train.global_batch_size {gbs} on {world} process(es) takes a micro batch that divides it: "
             f"at most {max(fits) if fits else 'none'}"

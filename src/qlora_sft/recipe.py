@@ -1283,6 +1283,12 @@ class BatchPlan:
         )
 
 
+def micro_batches_dividing(global_batch: int, world_size: int, most: int | None = None) -> list[int]:
+    """The micro batches (up to `most`) that `world_size` processes can accumulate into `global_batch`."""
+    top = global_batch if most is None else min(most, global_batch)
+    return [m for m in range(1, top + 1) if global_batch % (m * world_size) == 0]
+
+
 def resolve_batch(train: TrainConfig, world_size: int) -> BatchPlan:
     """Gradient accumulation from the global batch, the micro batch and the world size."""
     micro = int(train.args.get("per_device_train_batch_size", 1))
@@ -1291,7 +1297,7 @@ def resolve_batch(train: TrainConfig, world_size: int) -> BatchPlan:
     per_step = micro * world_size
     gbs = train.global_batch_size
     if gbs % per_step:
-        micros = [m for m in range(1, gbs + 1) if gbs % (m * world_size) == 0]
+        micros = micro_batches_dividing(gbs, world_size)
         fix = (
             f"or set train.per_device_train_batch_size to one of {micros}"
             if micros
