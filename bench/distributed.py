@@ -318,13 +318,15 @@ def main() -> int:
             **read_run(runs / mode),
             "plan_estimate_gib": plan_estimate(recipe_path, mode, args.gpus, args.overrides),
         }
+        results.append(r)
+        write_results(base, args, results)  # after every phase: a call cut off by its time limit keeps it
         if rc == 0 and mode in kill_modes:
             r["kill_resume"] = kill_and_resume(mode, args.gpus, args.steps, recipe_path, runs, log, env, args.overrides)
+            write_results(base, args, results)
         if rc == 0 and mode in export_modes:
             r["export"] = export(mode, runs, log, env)
         if rc != 0 or (r.get("kill_resume") or {}).get("resumed_returncode"):
             r["log_tail"] = log.read_text()[-4000:]
-        results.append(r)
         write_results(base, args, results)
         print(json.dumps({k: v for k, v in r.items() if k != "log_tail"}), flush=True)
         if "log_tail" in r:
