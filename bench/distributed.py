@@ -273,7 +273,18 @@ def main() -> int:
     ap.add_argument("--cache", default=str(REPO / "bench" / ".cache"))
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="write one results file (--out, --tag) from these results files of one table split over several "
+        "calls, rows of later files replacing earlier rows of the same mode; runs nothing",
+    )
+    ap.add_argument("--note", action="append", default=[], help="a line for the results file (with --merge)")
     args = ap.parse_args()
+    if args.merge:
+        print(merge([Path(f) for f in args.merge], Path(args.out), args.tag, args.note))
+        return 0
 
     cache = Path(args.cache)
     t0 = time.time()
@@ -334,6 +345,66 @@ def main() -> int:
 
     write_results(base, args, results)
     return 0 if all(r["returncode"] == 0 for r in results) else 1
+
+
+def merge(files: list[Path], out: Path, tag: str, notes: list[str]) -> Path:
+    """One results file from those of a table split over several calls of a time-limited machine
+    (each call run with its own --out): the rows of later files replace earlier rows of the same
+    mode, every call's command is kept, and the checks and goals are computed over the union."""
+    parts = [json.loads(f.read_text()) for f in files]
+    for f, p in zip(files, parts, strict=True):
+        for key in ("gpu", "shape", "num_gpus", "per_gpu_cap_gib", "prequantized", "steps", "global_batch"):
+            if p.get(key) != parts[0].get(key):
+                raise SystemExit(f"{f}: {key} is {p.get(key)!r}, {files[0]} has {parts[0].get(key)!r}: not one table")
+    rows: dict[str, dict] = {}
+    for p in parts:
+        for r in p["results"]:
+            rows.pop(r["mode"], None)
+            rows[r["mode"]] = r
+    order = list(MODES)
+    payload = {
+        **{k: v for k, v in parts[0].items() if k not in ("command", "commands", "results", "checks", "notes")},
+        "commands": [c for p in parts for c in p.get("commands", [p.get("command", "")])],
+        "results": sorted(rows.values(), key=lambda r: order.index(r["mode"]) if r["mode"] in order else len(order)),
+        "notes": [n for p in parts for n in p.get("notes", [])] + notes,
+    }
+    payload["checks"] = checks_of(payload["results"])
+    base = report.results_base(out, parts[0]["gpu"], parts[0]["shape"], f"-distributed{tag}")
+    report.write(base, payload, render(payload))
+    return base.with_suffix(".json")
+
+
+# the acceptance goals of the launch-mode table: (check prefix, comparison, bound, what it means)
+GOALS = (
+    ("speedup_vs_1gpu_ddp", ">=", 1.9, "DDP on 2 GPUs at least 1.9x one GPU's tokens/s"),
+    ("tokens_per_s_vs_ddp_", ">=", 0.9, "sharded tokens/s at least 0.9x DDP's"),
+    ("peak_vs_ddp_", "<=", 0.75, "sharded peak per rank at most 0.75x DDP's"),
+    ("max_resumed_loss_diff_", "<=", 2e-3, "resumed losses within 2e-3 of the uninterrupted run"),
+    ("plan_vs_peak_", "abs<=", 0.15, "plan's estimate within 15% of the measured peak"),
+)
+
+
+def goals_of(payload: dict) -> list[str]:
+    """A line per goal and mode: met or missed, with the number; every sharded mode's export must
+    verify, and a goal a mode was not measured for is said to be not measured."""
+    checks = payload.get("checks", {})
+    lines = []
+    for prefix, op, bound, what in GOALS:
+        for key in sorted(k for k in checks if k.startswith(prefix)):
+            if prefix.endswith("_") and key[len(prefix) :].endswith(("_peft", "_nofuse", "_nooffload")):
+                continue  # ablation rows are not held to the goals
+            v = checks[key]
+            ok = v >= bound if op == ">=" else (v <= bound if op == "<=" else abs(v) <= bound)
+            lines.append(f"- {'met' if ok else '**missed**'}: {what}: {key} = {v:.4g}")
+    multi = payload.get("num_gpus", 1) > 1
+    for r in payload["results"]:
+        if r["mode"] in SHARDED:
+            e = r.get("export")
+            state = "not measured" if e is None else ("met" if e.get("verified") else "**missed**")
+            lines.append(f"- {state}: the merged export of the {r['mode']} adapter verifies")
+        if multi and r.get("returncode") == 0 and "kill_resume" not in r:
+            lines.append(f"- not measured: kill and resume of {r['mode']} in this run")
+    return lines
 
 
 def write_results(base: Path, args: argparse.Namespace, results: list[dict]) -> None:
@@ -422,7 +493,14 @@ def render(p: dict) -> list[str]:
         f"# Launch modes on {p['gpu']}: {p['shape']}{' (pre-quantized NF4)' if p.get('prequantized') else ''}, "
         f"QLoRA NF4, global batch {p['global_batch']} x {p['max_length']} tokens, {p['steps']} steps{cap}",
         "",
-        f"Command: `{p['command']}`",
+        *(
+            [f"Command: `{p['command']}`"]
+            if "commands" not in p
+            else [
+                "Commands (one table, split over calls of a time-limited machine):",
+                *(f"- `{c}`" for c in p["commands"]),
+            ]
+        ),
         "",
         *report.table(header, rows),
         "",
@@ -445,6 +523,9 @@ def render(p: dict) -> list[str]:
             lines.append(f"\nExport ({r['mode']}): rc {e['returncode']} in {e['seconds']} s; {verify}")
     if p.get("checks"):
         lines += ["", "Checks: " + ", ".join(f"{k} = {v:.4g}" for k, v in p["checks"].items())]
+        lines += ["", "Goals:", *goals_of(p)]
+    if p.get("notes"):
+        lines += ["", "Notes:", *(f"- {n}" for n in p["notes"])]
     return lines
 
 

@@ -88,3 +88,57 @@ def test_bench_distributed_runs_kills_resumes_and_writes_results(tmp_path: Path)
 
     killed = yaml.safe_load((tmp_path / "cache" / "runs" / "llama-smoke" / "1gpu-killed" / "recipe.yaml").read_text())
     assert killed["train"]["learning_rate"] == 1e-3 and r["overrides"] == ["train.learning_rate=1e-3"]
+
+
+def test_bench_distributed_merges_a_table_split_over_calls(tmp_path: Path):
+    """`--merge`: one results file from the files of calls that each ran some modes (the GPU
+    machine's commands are time-limited); a later file's row replaces an earlier row of the same
+    mode, every call's command is kept, and the goals are judged over the union: met, missed, or
+    not measured. Files of different tables are refused."""
+    sys.path.insert(0, str(REPO))
+    from bench import distributed
+
+    def call(command: str, rows: list[dict], **over: object) -> Path:
+        payload = {"gpu": "GPU X", "shape": "s", "num_gpus": 2, "per_gpu_cap_gib": None, "prequantized": False}
+        payload |= {"steps": 10, "global_batch": 8, "max_length": 2048, "command": command, "results": rows, **over}
+        path = tmp_path / f"{len(list(tmp_path.glob('*.json')))}.json"
+        path.write_text(json.dumps(payload))
+        return path
+
+    def row(mode: str, tps: float, peak: list[float], **more: object) -> dict:
+        losses = [2.0 - i / 10 for i in range(10)]
+        r = {"mode": mode, "gpus": 2, "returncode": 0, "tokens_per_s": tps, "peak_gib_per_rank": peak}
+        return r | {"plan_estimate_gib": 7.0, "losses_first_10": losses, **more}
+
+    resumed = {"killed_at_step": 7, "save_steps": 5, "killed_returncode": 1, "checkpoints_after_kill": []}
+    resumed |= {"resumed_returncode": 0, "resumed_from_log": True, "resume_verified": True, "max_abs_loss_diff": 1e-3}
+    a = call("first", [row("1gpu", 100.0, [7.0]), row("ddp", 195.0, [7.0], kill_resume=resumed), row("zero3", 1, [9])])
+    b = call(
+        "second",
+        [
+            row("zero3", 30.0, [9.0], export={"returncode": 0, "seconds": 9.0, "verified": True}),
+            row("fsdp", 190.0, [5.0, 5.1]),
+        ],
+    )
+    path = distributed.merge([a, b], tmp_path / "out", "-t", ["a note"])
+    merged = json.loads(path.read_text())
+    assert merged["commands"] == ["first", "second"] and merged["notes"] == ["a note"]
+    assert [r["mode"] for r in merged["results"]] == ["1gpu", "ddp", "zero3", "fsdp"]
+    assert merged["results"][2]["tokens_per_s"] == 30.0  # the later call's zero3 row
+    checks = merged["checks"]
+    assert checks["speedup_vs_1gpu_ddp"] == 1.95 and checks["tokens_per_s_vs_ddp_zero3"] == 30.0 / 195.0
+    md = path.with_suffix(".md").read_text()
+    assert "- met: DDP on 2 GPUs at least 1.9x one GPU's tokens/s: speedup_vs_1gpu_ddp = 1.95" in md
+    assert "- **missed**: sharded tokens/s at least 0.9x DDP's: tokens_per_s_vs_ddp_zero3 = 0.1538" in md
+    assert "- met: sharded peak per rank at most 0.75x DDP's: peak_vs_ddp_fsdp = 0.7286" in md
+    assert "- met: the merged export of the zero3 adapter verifies" in md
+    assert "- not measured: the merged export of the fsdp adapter verifies" in md
+    assert "- not measured: kill and resume of fsdp in this run" in md
+    assert "- met: resumed losses within 2e-3 of the uninterrupted run: max_resumed_loss_diff_ddp = 0.001" in md
+    other = call("third", [row("fsdp", 1.0, [1.0])], num_gpus=4)
+    try:
+        distributed.merge([a, other], tmp_path / "out", "-u", [])
+    except SystemExit as e:
+        assert "num_gpus is 4" in str(e) and "not one table" in str(e)
+    else:
+        raise AssertionError("files of different tables were merged")
