@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import REPO
 
 
@@ -21,6 +22,7 @@ def run_bench(module: str, tmp_path: Path, *args: str) -> None:
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
 
 
+@pytest.mark.bench
 def test_bench_run_writes_results_with_ratios(tmp_path: Path):
     run_bench(
         "run",
@@ -60,6 +62,7 @@ def test_bench_run_writes_results_with_ratios(tmp_path: Path):
     assert (tmp_path / "results" / result.name.replace(".json", ".md")).is_file()
 
 
+@pytest.mark.bench
 def test_bench_distributed_runs_kills_resumes_and_writes_results(tmp_path: Path):
     """bench/distributed.py end to end on the CPU (the launch-mode matrix itself needs GPUs): a run,
     a run killed after its first checkpoint and relaunched, the results file with the keys the GPU

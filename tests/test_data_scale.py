@@ -159,7 +159,7 @@ def test_memory_does_not_hold_the_rows(tmp_path: Path):
     few = write_chat_rows(tmp_path / "few.jsonl", n=20)
     data.build_data(DataConfig(sources=(DataSource(path=str(few)),), num_proc=1), tok, 0, workdir=tmp_path / "w")
     measured = {}
-    for n in (1000, 3000):
+    for n in (600, 1800):
         chats = write_chat_rows(tmp_path / f"chats{n}.jsonl", n=n)
         cfg = DataConfig(sources=(DataSource(path=str(chats)),), num_proc=1, max_length=2048)
         tracemalloc.start()
@@ -168,10 +168,10 @@ def test_memory_does_not_hold_the_rows(tmp_path: Path):
         tracemalloc.stop()
         tokens = prepared.report.tokens_total
         assert prepared.report.train_rows > 0.9 * n and prepared.train.cache_files  # read from Arrow files
-        # as Python lists, ids and labels alone would take > 2 x 8 bytes x tokens (36 MB at 3,000 rows)
+        # as Python lists, ids and labels alone would take > 2 x 8 bytes x tokens (22 MB at 1,800 rows)
         assert current < 8 * tokens / 4, (n, current, tokens)
         measured[n] = (peak, tokens)
-    (peak_small, tokens_small), (peak_big, tokens_big) = measured[1000], measured[3000]
+    (peak_small, tokens_small), (peak_big, tokens_big) = measured[600], measured[1800]
     assert tokens_big > 2.5 * tokens_small
     assert peak_big < 1.25 * peak_small, measured  # three times the rows, about the same peak
 
