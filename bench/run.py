@@ -48,6 +48,11 @@ ABLATION = {
     "no liger kernels": ["model.liger_kernels=false"],
     "fp32 upcast of frozen weights": ["model.upcast_frozen=true"],
     "micro batch 2x2048 tokens": ["train.micro_batch_tokens=4096"],
+    "embedding in host memory": ["model.embedding_in_host_memory=true"],
+    "micro batch 2x2048 tokens, embedding in host memory": [
+        "train.micro_batch_tokens=4096",
+        "model.embedding_in_host_memory=true",
+    ],
     "optim paged_adamw_32bit": ["train.optim=paged_adamw_32bit"],
     "no packing (padded rows of 4)": ["data.packing=false"],
     "torch.compile": ["train.torch_compile=true"],

@@ -1,6 +1,8 @@
 """`train.offload_activations`: a checkpointed layer whose input waits in host memory gives the
 same gradients as transformers' own checkpointing (LoRA dropout included, so the recompute must
-replay the forward's random numbers), and training under DDP is unchanged by it."""
+replay the forward's random numbers), and training under DDP is unchanged by it.
+`model.embedding_in_host_memory`: the input embedding table in host memory gives the same losses and
+gradients, in one process and under DDP, and is refused where it cannot work."""
 
 from __future__ import annotations
 
@@ -10,15 +12,24 @@ from pathlib import Path
 import pytest
 
 
-def lora_grads(model_dir: Path, offload: bool, device: str = "cpu") -> tuple[list[float], dict[str, object]]:
+def lora_grads(
+    model_dir: Path, offload: bool, device: str = "cpu", host_embedding: bool = False
+) -> tuple[list[float], dict[str, object]]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from qlora_sft import model as model_mod
+    from qlora_sft.model.offload import HostEmbedding, embedding_in_host_memory
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    if host_embedding:  # as load_model does: before checkpointing marks the embedding's output
+        table = base.get_input_embeddings().weight.numel() * 4
+        assert embedding_in_host_memory(base)[1] == table
+        emb = base.get_input_embeddings()
+        assert isinstance(emb, HostEmbedding) and emb.weight.device.type == "cpu" and not emb.weight.requires_grad
+        assert emb.weight.is_pinned() == (device == "cuda")
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.enable_input_require_grads()
     peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear"))
@@ -52,6 +63,63 @@ def test_offloaded_checkpoint_gives_the_same_gradients(tiny_model: Path, device:
     for name in a:
         assert a[name].abs().max() > 0, name
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_embedding_in_host_memory_gives_the_same_gradients(tiny_model: Path, device: str):
+    """The table on the host, the batch's rows copied to the compute device: the same losses and
+    LoRA gradients as the embedding on the device (with activation offloading too)."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    loss_a, a = lora_grads(tiny_model, offload=True, device=device)
+    loss_b, b = lora_grads(tiny_model, offload=True, device=device, host_embedding=True)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_embedding_in_host_memory_refusals(tiny_model: Path, tmp_path: Path):
+    """Refused, naming the key, where it cannot work: sharded or DeepSpeed launches, unquantized
+    models (the Trainer moves those to the GPU whole), tied embeddings (read from config.json before
+    any weight loads)."""
+    import json
+
+    from helpers import MINIMAL_RECIPE
+    from helpers import two_rank_mode as mode
+
+    from qlora_sft import launch
+    from qlora_sft.errors import UserError
+    from qlora_sft.model.load import check_untied_embeddings
+    from qlora_sft.recipe import build_recipe
+
+    on = build_recipe({**MINIMAL_RECIPE, "model": {**MINIMAL_RECIPE["model"], "embedding_in_host_memory": True}})
+    assert launch.check_launch_compat(on, mode("ddp")) == []
+    for kind, zero in (("fsdp", 0), ("deepspeed", 2), ("deepspeed", 3)):
+        (problem,) = [p for p in launch.check_launch_compat(on, mode(kind, zero=zero)) if "embedding_in_host" in p]
+        assert "`model.embedding_in_host_memory` is true" in problem and "Remove it" in problem
+    plain = build_recipe({**MINIMAL_RECIPE, "model": {**MINIMAL_RECIPE["model"], "embedding_in_host_memory": True}})
+    plain = dataclasses.replace(plain, quantization=dataclasses.replace(plain.quantization, method="none"))
+    assert any("unquantized model" in p for p in launch.check_launch_compat(plain, mode("ddp")))
+    untied = dataclasses.replace(on, model=dataclasses.replace(on.model, name_or_path=str(tiny_model)))
+    check_untied_embeddings(untied, None)  # the tiny model's embeddings are not tied
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    config = json.loads((tiny_model / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    # plan: the table leaves the GPU's estimate (untied: vocabulary x hidden x 2 bytes)
+    from qlora_sft.plan import GIB, ModelShape, estimate_memory
+
+    shape = ModelShape.from_config(config)
+    off = dataclasses.replace(untied, model=dataclasses.replace(untied.model, embedding_in_host_memory=False))
+    saved = estimate_memory(shape, off, mode("ddp")).total - estimate_memory(shape, untied, mode("ddp")).total
+    assert saved == pytest.approx(config["vocab_size"] * config["hidden_size"] * 2 / GIB)
+    with pytest.raises(UserError, match="ties its input embedding to its output head"):
+        check_untied_embeddings(
+            dataclasses.replace(on, model=dataclasses.replace(on.model, name_or_path=str(tied))), None
+        )
 
 
 def test_offload_resolution_and_refusals():
@@ -88,14 +156,17 @@ def test_ddp_losses_unchanged_by_offloading(tiny_model: Path, tmp_path: Path):
     data = write_toy_data(tmp_path / "toy.jsonl", n=64)
     train = {"max_steps": 4, "logging_steps": 1, "save_steps": 4, "global_batch_size": 8}
     runs = {}
-    for name, offload in (("plain", False), ("offload", True)):
+    for name, offload, host in (("plain", False, False), ("offload", True, False), ("host", True, True)):
         r = recipe_dict(tiny_model, data, tmp_path / "runs", run={"name": name}, train=train)
         r["train"]["offload_activations"] = offload
+        r["model"]["embedding_in_host_memory"] = host
         r["lora"]["dropout"] = 0.1
         recipe = write_recipe(tmp_path / f"{name}.yaml", r)
         out = subprocess.run(accelerate_cmd("train", str(recipe)), capture_output=True, text=True, env=cpu_env())
         assert out.returncode == 0, out.stderr[-4000:]
         assert ("checkpointed layers wait in pinned host memory" in out.stdout) == offload
+        assert ("input embedding in host memory" in out.stdout + out.stderr) == host
         runs[name] = losses_by_step(tmp_path / "runs" / name)
     assert sorted(runs["plain"]) == [1, 2, 3, 4]
     assert runs["plain"] == pytest.approx(runs["offload"], rel=1e-5), runs
+    assert runs["plain"] == pytest.approx(runs["host"], rel=1e-5), runs  # DDP accepts the table on the host

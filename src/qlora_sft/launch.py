@@ -423,6 +423,16 @@ def check_launch_compat(recipe: Recipe, mode: LaunchMode) -> list[str]:
     mixed-precision (compute) dtype must all be the same (peft#1432, axolotl#1482, peft#2014);
     LLM.int8 weights cannot be sharded at all."""
     q, problems = recipe.quantization, []
+    if recipe.model.embedding_in_host_memory and (mode.kind not in ("cpu", "single_gpu", "ddp") or q.method == "none"):
+        why = (
+            "an unquantized model, which the Trainer moves to the GPU whole"
+            if q.method == "none"
+            else f"{mode.describe()}, which places every weight itself"
+        )
+        problems.append(
+            f"`model.embedding_in_host_memory` is true with {why}; it works on one GPU and under DDP with a quantized "
+            "model. Remove it."
+        )
     if mode.kind == "fsdp":
         problems += _fsdp_problems(recipe, mode)
     if not mode.shards_parameters:

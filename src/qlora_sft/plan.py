@@ -196,6 +196,8 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
         # bundled config: 1.86 GiB of bf16-stored 4-bit weights at 8B, measured 2026-11-30)
         total = shape.linear_params * data_bytes / 2 + shape.other_params
         gathered = min(ZERO3_MAX_LIVE_PARAMETERS, total) * 2
+    # model.embedding_in_host_memory: the input embedding table is not on the GPU
+    host_embedding = shape.vocab * h * other_bytes if recipe.model.embedding_in_host_memory and not shape.tied else 0
     weights_name = "4-bit base weights" if q in ("nf4", "fp4") else f"{q} base weights"
     kept = 0.0 if offload else 1.0  # what offload moves to CPU memory
     # FSDP's layer units keep the adapters out of every unit (ignored modules): parameter offload does
@@ -204,7 +206,7 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
     parts = {
         weights_name: kept * shape.linear_params * data_bytes / shard,
         "quantization constants": shape.linear_params * const_bytes,
-        "embeddings, lm_head, norms": kept * shape.other_params * other_bytes / shard,
+        "embeddings, lm_head, norms": kept * shape.other_params * other_bytes / shard - host_embedding,
         "gathered for compute": gathered,
         "LoRA weights + grads": adapters_kept * (n_lora * 4 / lora_shard + n_lora * 4 / grad_shard),
         "optimizer states": adapters_kept * n_lora * optim_bytes / grad_shard,

@@ -254,9 +254,17 @@ def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str |
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     compute_dtype = mode.compute_dtype(recipe.quantization, recipe.model)
+    if recipe.model.embedding_in_host_memory:
+        check_untied_embeddings(recipe, base_dir)
     model = load_base(recipe, mode, base_dir)
     quantized = getattr(model, "hf_quantizer", None) is not None
     resize_for_pad(model, tokenizer)
+    host_embedding = None
+    if recipe.model.embedding_in_host_memory:
+        from .offload import embedding_in_host_memory
+
+        host_embedding, moved = embedding_in_host_memory(model)
+        log.info("model: input embedding in host memory (%.2f GiB off the GPU)", moved / 2**30)
     model.config.use_cache = False  # no KV cache while training (and checkpointing needs it off)
     if use_liger(recipe.model, mode.device_type):
         apply_liger(model)
@@ -296,11 +304,34 @@ def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str |
     from ..init_adapter import load_weights
 
     load_weights(model, recipe, base_dir)  # lora.init_from: start from an existing adapter's weights
+    if host_embedding is not None:
+        # DDP refuses a module with parameters on two device types unless told to leave some alone;
+        # the frozen embedding needs no gradient sync and is the same on every rank
+        model._ddp_params_and_buffers_to_ignore = [
+            n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight
+        ]
     if mode.shards_parameters:
         check_sharded_dtypes(model, compute_dtype, mode)
     if uses_fused_lora(recipe, mode):
         log.info("lora: %d adapted 4-bit layers fused (lora.fused)", fuse_lora_layers(model))
     return model
+
+
+def check_untied_embeddings(recipe: Recipe, base_dir: str | Path | None) -> None:
+    """`model.embedding_in_host_memory` needs an input embedding that is not the output head: the
+    head computes the loss on the GPU. Read from config.json, before any weight loads."""
+    from transformers import AutoConfig
+
+    cfg = recipe.model
+    config = AutoConfig.from_pretrained(
+        local_model_path(cfg, base_dir), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    text = getattr(config, "get_text_config", lambda: config)()
+    if getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)):
+        raise UserError(
+            f"model.embedding_in_host_memory is true, but {cfg.name_or_path} ties its input embedding to its output "
+            "head (tie_word_embeddings in config.json), which computes on the GPU. Remove the key for this model."
+        )
 
 
 def check_sharded_dtypes(model: Any, compute_dtype: torch.dtype, mode: LaunchMode) -> None:

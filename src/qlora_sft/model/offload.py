@@ -1,6 +1,8 @@
-"""`train.offload_activations`: gradient checkpointing whose layer inputs wait for the backward pass
-in pinned host memory, copied there and back on a side stream (`OffloadedCheckpoint`);
-`offload_checkpointed_inputs` points the checkpointed decoder layers at it."""
+"""What waits in host memory instead of on the GPU. `train.offload_activations`: gradient
+checkpointing whose layer inputs wait for the backward pass in pinned host memory, copied there and
+back on a side stream (`OffloadedCheckpoint`); `offload_checkpointed_inputs` points the checkpointed
+decoder layers at it. `model.embedding_in_host_memory`: the frozen input embedding table stays in
+host memory and only each batch's rows reach the GPU (`HostEmbedding`)."""
 
 from __future__ import annotations
 
@@ -151,3 +153,45 @@ def offload_checkpointed_inputs(model: Any) -> int:
     for m in layers:
         m._gradient_checkpointing_func = offloaded_checkpoint
     return len(layers)
+
+
+class HostEmbedding(torch.nn.Embedding):
+    """`model.embedding_in_host_memory`: the frozen input embedding kept in host memory (pinned on
+    a CUDA machine). Each forward copies the batch's token ids to the host, gathers only their rows
+    there and copies those rows (tokens x hidden, 64 MiB for 8,192 tokens of an 8B Llama) to the
+    compute device; the GPU never holds the vocabulary x hidden table. Its output needs no gradient
+    (the embedding is frozen; `enable_input_require_grads` marks it for checkpointing as before)."""
+
+    def __init__(self, embedding: torch.nn.Embedding) -> None:
+        device = embedding.weight.device
+        weight = embedding.weight.detach().to("cpu")
+        if device.type == "cuda":
+            weight = weight.pin_memory()
+        super().__init__(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            padding_idx=embedding.padding_idx,
+            _weight=weight,
+            _freeze=True,
+        )
+        self.compute_device = device
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.nn.functional.embedding(input_ids.to(self.weight.device), self.weight, self.padding_idx)
+        if self.compute_device.type == "cuda" and rows.device.type == "cpu":
+            rows = rows.pin_memory()
+        return rows.to(self.compute_device, non_blocking=True)
+
+
+def embedding_in_host_memory(model: Any) -> tuple[str, int]:
+    """Replace the model's input embedding with a `HostEmbedding` of the same weights, freeing its
+    GPU copy. Returns the parameter's name (for DDP to leave alone: DDP refuses a module whose
+    parameters are on two device types) and the bytes moved off the GPU."""
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is embedding.weight:
+        raise ValueError("tied input and output embeddings")  # the caller refuses this before loading
+    host = HostEmbedding(embedding)
+    model.set_input_embeddings(host)
+    name = next(n for n, p in model.named_parameters() if p is host.weight)
+    return name, host.weight.numel() * host.weight.element_size()
