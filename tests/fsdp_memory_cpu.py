@@ -1,0 +1,94 @@
+"""Run by tests/test_sharded.py under `torchrun --nproc_per_node 2` (gloo, CPU ranks): the 4-bit
+model with LoRA wrapped by accelerate's own FSDP1 `prepare_model`, set up by the project's
+`prepare_sharding` (layer units, adapters replicated), rank 0 holding the loaded weights and rank 1
+placeholders (meta) that FSDP materialises (accelerate's `param_init_fn`) and fills from rank 0
+(sync_module_states); then one training step.
+
+    python fsdp_memory_cpu.py MODEL_DIR OUT_DIR
+
+accelerate turns an FSDP launch on CPUs into DDP, so its state is set to FSDP here by hand. Each
+rank writes OUT_DIR/rank<i>.json: the bytes of the distinct tensor storages alive after the step
+(what the GPU's steady memory is on a GPU run) and the largest of them. Every rank holds the same
+shards and adapters, so the ranks must hold about the same bytes."""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+
+def live_storages() -> list[tuple[int, list[int], str]]:
+    """(bytes, shape, dtype) of each distinct tensor storage alive in this process, largest first."""
+    gc.collect()
+    found: dict[int, tuple[int, list[int], str]] = {}
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
+                continue
+            storage = obj.untyped_storage()
+        except Exception:
+            continue
+        if storage.data_ptr() and storage.nbytes() > found.get(storage.data_ptr(), (0,))[0]:
+            found[storage.data_ptr()] = (storage.nbytes(), list(obj.shape), str(obj.dtype))
+    return sorted(found.values(), reverse=True)
+
+
+def main(model_dir: str, out_dir: str) -> None:
+    import torch.distributed.fsdp._init_utils as fsdp_init
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from helpers import bf16_nf4_config
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.fsdp import MixedPrecision
+
+    from qlora_sft.launch import LaunchMode
+    from qlora_sft.loader import load_low_memory
+    from qlora_sft.model import keep_cpu_4bit_trainable, prepare_sharding
+
+    bf16, cpu = torch.bfloat16, torch.device("cpu")
+    accelerator = Accelerator(cpu=True)
+    rank = dist.get_rank()
+    # torch refuses sync_module_states for CPU tensors only because NCCL needs GPU tensors
+    fsdp_init._check_module_states_for_sync_module_states = lambda states: None
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=1,
+        use_orig_params=False,
+        mixed_precision_policy=MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16),
+    )
+    plugin.sync_module_states = True
+    plugin.param_init_fn = lambda m: m.to_empty(device=cpu, recurse=False)  # accelerate's, on this device
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.device = cpu  # accelerate's "cpu:0" is a device FSDP does not match with "cpu"
+    accelerator.state.fsdp_plugin = plugin
+
+    data_device = cpu if rank == 0 else torch.device("meta")
+    base = load_low_memory(model_dir, bf16_nf4_config(), dtype=bf16, data_device=data_device, compute_device=cpu)
+    keep_cpu_4bit_trainable(base)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    trainer = SimpleNamespace(
+        accelerator=accelerator,
+        model=model,
+        _prepare_for_training=lambda: accelerator.prepare(model),
+        training_step=None,
+    )
+    prepare_sharding(trainer, LaunchMode(kind="fsdp", world_size=dist.get_world_size(), rank=rank), bf16)
+    wrapped = trainer._prepare_for_training()
+    ids = torch.randint(1, 300, (2, 12), generator=torch.Generator().manual_seed(rank))
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    storages = live_storages()
+    report = {"rank": rank, "live_bytes": sum(s[0] for s in storages), "largest": storages[:5]}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
