@@ -186,8 +186,10 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
         gathered = root + (units * layer_weights if moves_weights else 0)
         if world > 1:
             # measured on two H200s (2026-11-30, every FSDP run, both unit layouts): ranks other than
-            # 0 hold one more output-head-sized tensor (0.98 GiB at 8B) from loading on; the peak per
-            # rank is theirs
+            # 0 held one more output-head-sized tensor (0.98 GiB at 8B), kept alive by accelerate's
+            # ensure_weights_retied wrapper; `release_retied_parameters` drops it since, but no GPU
+            # run has measured that yet, so plan keeps counting it (an over- rather than an
+            # under-estimate) until one does
             gathered += head
         if mode.fsdp is not None and mode.fsdp.sharding_strategy == "NO_SHARD":  # every rank holds it whole
             gathered = 0.0
