@@ -447,6 +447,49 @@ def quiet_library_noise() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+# the commands that load a quantized model (and so import bitsandbytes)
+LOADS_MODEL = ("train", "export", "chat")
+
+
+def import_bitsandbytes_without_compiling() -> None:
+    """Import bitsandbytes with `torch.compile` deferred to first call. bitsandbytes applies
+    `torch.compile` to its CPU fallback kernels when it is imported, and that call imports torch's
+    inductor compiler (about 3 s of every training process's start on two CPU cores) although no
+    kernel is compiled until one runs, which on a GPU is never. Deferred, the first call compiles
+    exactly as before. Modules (not plain functions) are compiled as usual."""
+    if "bitsandbytes" in sys.modules:
+        return
+    import functools
+
+    import torch
+
+    compile_now = torch.compile
+
+    def compile_on_first_call(model: Any = None, **kwargs: Any) -> Any:
+        if model is None:  # used as @torch.compile(...)
+            return lambda fn: compile_on_first_call(fn, **kwargs)
+        if isinstance(model, torch.nn.Module) or not callable(model):
+            return compile_now(model, **kwargs)
+        compiled: Any = None
+
+        @functools.wraps(model)
+        def call(*args: Any, **kw: Any) -> Any:
+            nonlocal compiled
+            if compiled is None:
+                compiled = compile_now(model, **kwargs)
+            return compiled(*args, **kw)
+
+        return call
+
+    torch.compile = compile_on_first_call
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        pass  # reported where the model loads
+    finally:
+        torch.compile = compile_now
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_library_noise()
     parser = build_parser()
@@ -458,6 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command in LOADS_MODEL:
+            import_bitsandbytes_without_compiling()
         return COMMANDS[args.command](args)
     except UserError as exc:
         if args.debug:
