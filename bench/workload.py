@@ -86,6 +86,14 @@ def build_tokenizer() -> Any:
     return fast
 
 
+def shape_config(shape: str, **extra: Any) -> Any:
+    """The transformers config of a benchmark shape (Llama or Qwen2), bf16."""
+    from transformers import AutoConfig
+
+    fields = dict(SHAPES[shape])
+    return AutoConfig.for_model(fields.pop("model_type", "llama"), **fields, torch_dtype="bfloat16", **extra)
+
+
 def make_model(shape: str, folder: Path, seed: int = 0, shard_gib: float = 4.0, prequantized: bool = False) -> Path:
     """Random weights of the shape, generated tensor by tensor (on the GPU when there is one) and
     saved as sharded safetensors; no full model is ever built in memory. Reused when already there.
@@ -97,20 +105,14 @@ def make_model(shape: str, folder: Path, seed: int = 0, shard_gib: float = 4.0, 
     pre-quantized checkpoint. The values are what quantizing the same random bf16 weights gives."""
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
-    fields = dict(SHAPES[shape])
-    config = AutoConfig.for_model(
-        fields.pop("model_type", "llama"),
-        **fields,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        torch_dtype="bfloat16",
+    config = shape_config(
+        shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)

@@ -416,11 +416,9 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
     """`plan`'s per-rank memory (one GPU with activations offloaded or not, FSDP, ZeRO-3) against
     every launch measured on a GPU in bench/results (within 15% of the measured peak), and its
     verdicts for the 70B shape."""
-    from transformers import LlamaConfig
-
     from bench.distributed import MODES, recipe_for
     from bench.run import ABLATION, project_recipe
-    from bench.workload import SHAPES
+    from bench.workload import shape_config
     from qlora_sft import launch
     from qlora_sft.plan import ModelShape, estimate_memory, plan_lines
     from qlora_sft.recipe import load_recipe
@@ -429,7 +427,7 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
     for result in sorted((REPO / "bench" / "results").glob("*-distributed*.json")):
         run = json.loads(result.read_text())
         folder = tmp_path / run["shape"]
-        LlamaConfig(**SHAPES[run["shape"]]).save_pretrained(folder)
+        shape_config(run["shape"]).save_pretrained(folder)
         raw = recipe_for(folder, tmp_path / "d.jsonl", tmp_path, run["steps"], run["global_batch"], run["max_length"])
         raw["train"]["offload_activations"] = run.get("offload_activations", False)  # not in the older runs
         path = write_recipe(tmp_path / "run.yaml", raw)
@@ -458,7 +456,7 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
     for result in sorted(singles):
         run = json.loads(result.read_text())
         folder = tmp_path / run["shape"]
-        LlamaConfig(**SHAPES[run["shape"]]).save_pretrained(folder)
+        shape_config(run["shape"]).save_pretrained(folder)
         shape = ModelShape.from_config(json.loads((folder / "config.json").read_text()))
         single = launch.from_config_file(CONFIGS / "single_gpu.yaml", 1)
         for name, r in run["results"].items():
@@ -473,7 +471,7 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
     assert checked >= 25  # and the 8B and 1B shapes, offloaded or not, fused or not
 
     folder = tmp_path / "llama3-70b"
-    LlamaConfig(**SHAPES["llama3-70b"]).save_pretrained(folder)
+    shape_config("llama3-70b").save_pretrained(folder)
     r70 = recipe_dict(folder, tmp_path / "d.jsonl", tmp_path, data={"max_length": 2048}, train={"global_batch_size": 8})
     recipe = write_recipe(tmp_path / "r70.yaml", r70)
     rec = load_recipe(recipe, ["train.per_device_train_batch_size=1"])
