@@ -137,7 +137,20 @@ def test_bench_distributed_merges_a_table_split_over_calls(tmp_path: Path):
     assert "- met: the merged export of the zero3 adapter verifies" in md
     assert "- not measured: the merged export of the fsdp adapter verifies" in md
     assert "- not measured: kill and resume of fsdp in this run" in md
-    assert "- met: resumed losses within 2e-3 of the uninterrupted run: max_resumed_loss_diff_ddp = 0.001" in md
+    assert "- met: resumed losses within 2e-3 of the uninterrupted run, from the checkpoint, state verified: ddp:" in md
+    # a relaunch that did not verify the state, and a launch that failed, are missed, never met
+    unverified = {**resumed, "resume_verified": False}
+    crashed = row("zero2", 500.0, [1.0], returncode=1)
+    c = call("fourth", [row("ddp", 195.0, [7.0], kill_resume=unverified), crashed])
+    md = distributed.merge([a, c], tmp_path / "out2", "-t", []).with_suffix(".md").read_text()
+    assert (
+        "- **missed**: resumed losses within 2e-3 of the uninterrupted run, from the checkpoint, state verified: ddp:"
+        in md
+    )
+    assert "- **missed**: zero2 failed (rc 1)" in md and "speedup_vs_1gpu_zero2" not in md
+    longer = call("fifth", [row("fsdp", 1.0, [1.0])], max_length=4096)
+    with pytest.raises(SystemExit, match="max_length is 4096"):
+        distributed.merge([a, longer], tmp_path / "out", "-v", [])
     other = call("third", [row("fsdp", 1.0, [1.0])], num_gpus=4)
     try:
         distributed.merge([a, other], tmp_path / "out", "-u", [])

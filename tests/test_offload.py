@@ -29,7 +29,7 @@ def lora_grads(
         assert embedding_in_host_memory(base)[1] == table
         emb = base.get_input_embeddings()
         assert isinstance(emb, HostEmbedding) and emb.weight.device.type == "cpu" and not emb.weight.requires_grad
-        assert emb.weight.is_pinned() == (device == "cuda")
+        assert not emb.weight.is_pinned()  # the table is never copied; only each batch's rows are pinned
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.enable_input_require_grads()
     peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear"))
@@ -100,9 +100,15 @@ def test_embedding_in_host_memory_refusals(tiny_model: Path, tmp_path: Path):
     for kind, zero in (("fsdp", 0), ("deepspeed", 2), ("deepspeed", 3)):
         (problem,) = [p for p in launch.check_launch_compat(on, mode(kind, zero=zero)) if "embedding_in_host" in p]
         assert "`model.embedding_in_host_memory` is true" in problem and "Remove it" in problem
-    plain = build_recipe({**MINIMAL_RECIPE, "model": {**MINIMAL_RECIPE["model"], "embedding_in_host_memory": True}})
-    plain = dataclasses.replace(plain, quantization=dataclasses.replace(plain.quantization, method="none"))
+    plain = dataclasses.replace(on, quantization=dataclasses.replace(on.quantization, method="none"))
     assert any("unquantized model" in p for p in launch.check_launch_compat(plain, mode("ddp")))
+    # settings that would move the table back to the GPU, silently, or train it
+    low = dataclasses.replace(on, model=dataclasses.replace(on.model, loader="low_memory"))
+    assert any("model.loader is low_memory" in p for p in launch.check_launch_compat(low, mode("ddp")))
+    full_eval = build_recipe({**MINIMAL_RECIPE, "model": on.to_dict()["model"], "train": {"bf16_full_eval": True}})
+    assert any("train.bf16_full_eval" in p for p in launch.check_launch_compat(full_eval, mode("single_gpu")))
+    saved = dataclasses.replace(on, lora=dataclasses.replace(on.lora, modules_to_save=["embed_tokens"]))
+    assert any("the embedding is trained" in p for p in launch.check_launch_compat(saved, mode("ddp")))
     untied = dataclasses.replace(on, model=dataclasses.replace(on.model, name_or_path=str(tiny_model)))
     check_untied_embeddings(untied, None)  # the tiny model's embeddings are not tied
     tied = tmp_path / "tied"
@@ -116,6 +122,21 @@ def test_embedding_in_host_memory_refusals(tiny_model: Path, tmp_path: Path):
     off = dataclasses.replace(untied, model=dataclasses.replace(untied.model, embedding_in_host_memory=False))
     saved = estimate_memory(shape, off, mode("ddp")).total - estimate_memory(shape, untied, mode("ddp")).total
     assert saved == pytest.approx(config["vocab_size"] * config["hidden_size"] * 2 / GIB)
+    # an embedding subclass may compute more than a lookup (Gemma scales its rows): left on the GPU
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_sft.model.offload import embedding_in_host_memory
+
+    class ScaledEmbedding(torch.nn.Embedding):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids) * 2.0
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    old = model.get_input_embeddings()
+    model.set_input_embeddings(ScaledEmbedding(old.num_embeddings, old.embedding_dim, _weight=old.weight.detach()))
+    with pytest.raises(UserError, match="not a plain torch Embedding"):
+        embedding_in_host_memory(model)
     with pytest.raises(UserError, match="ties its input embedding to its output head"):
         check_untied_embeddings(
             dataclasses.replace(on, model=dataclasses.replace(on.model, name_or_path=str(tied))), None
@@ -166,6 +187,10 @@ def test_ddp_losses_unchanged_by_offloading(tiny_model: Path, tmp_path: Path):
         assert out.returncode == 0, out.stderr[-4000:]
         assert ("checkpointed layers wait in pinned host memory" in out.stdout) == offload
         assert ("input embedding in host memory" in out.stdout + out.stderr) == host
+        # DDP is told to leave exactly the host table alone (on CPU ranks every parameter is on the
+        # CPU, so DDP's own device check cannot show it here; on a GPU it would refuse without this)
+        ignored = "DDP leaves base_model.model.model.embed_tokens.weight alone"
+        assert (ignored in out.stdout + out.stderr) == host, out.stdout[-3000:]
         runs[name] = losses_by_step(tmp_path / "runs" / name)
     assert sorted(runs["plain"]) == [1, 2, 3, 4]
     assert runs["plain"] == pytest.approx(runs["offload"], rel=1e-5), runs

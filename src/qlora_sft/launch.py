@@ -417,22 +417,38 @@ def apply_gpu_memory_cap() -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
+def _host_embedding_problems(recipe: Recipe, mode: LaunchMode) -> list[str]:
+    """`model.embedding_in_host_memory` where something would move the table back to the GPU
+    (silently undoing it) or train it."""
+    why = []
+    if mode.kind not in ("cpu", "single_gpu", "ddp"):
+        why.append(f"the launch is {mode.describe()}, which places every weight itself")
+    if recipe.quantization.method == "none":
+        why.append("the model is not quantized, and the Trainer moves an unquantized model to the GPU whole")
+    if recipe.model.loader == "low_memory":
+        why.append("model.loader is low_memory, whose model accelerate moves to the GPU whole on one GPU and DDP")
+    for key in ("bf16_full_eval", "fp16_full_eval"):
+        if recipe.train.args.get(key):
+            why.append(f"train.{key} is true, for which the Trainer moves the whole model to the GPU")
+    lora = recipe.lora
+    trained = [*(lora.modules_to_save or []), *([] if isinstance(lora.target_modules, str) else lora.target_modules)]
+    if any("embed" in name or name == "wte" for name in trained):
+        why.append("the embedding is trained (lora.modules_to_save or lora.target_modules name it)")
+    return [
+        f"`model.embedding_in_host_memory` is true, but {w}. It works on one GPU and under DDP with a quantized model "
+        "whose embedding is frozen. Remove it, or the other setting."
+        for w in why
+    ]
+
+
 def check_launch_compat(recipe: Recipe, mode: LaunchMode) -> list[str]:
     """Combinations that cannot work in a launch mode, as recipe problems. ZeRO-3 and FSDP flatten
     parameters into shards of one dtype, so the packed 4-bit storage, the model dtype and the
     mixed-precision (compute) dtype must all be the same (peft#1432, axolotl#1482, peft#2014);
     LLM.int8 weights cannot be sharded at all."""
     q, problems = recipe.quantization, []
-    if recipe.model.embedding_in_host_memory and (mode.kind not in ("cpu", "single_gpu", "ddp") or q.method == "none"):
-        why = (
-            "an unquantized model, which the Trainer moves to the GPU whole"
-            if q.method == "none"
-            else f"{mode.describe()}, which places every weight itself"
-        )
-        problems.append(
-            f"`model.embedding_in_host_memory` is true with {why}; it works on one GPU and under DDP with a quantized "
-            "model. Remove it."
-        )
+    if recipe.model.embedding_in_host_memory:
+        problems += _host_embedding_problems(recipe, mode)
     if mode.kind == "fsdp":
         problems += _fsdp_problems(recipe, mode)
     if not mode.shards_parameters:

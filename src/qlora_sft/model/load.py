@@ -310,6 +310,9 @@ def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str |
         model._ddp_params_and_buffers_to_ignore = [
             n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight
         ]
+        log.info(
+            "model: DDP leaves %s alone (frozen, in host memory)", ", ".join(model._ddp_params_and_buffers_to_ignore)
+        )
     if mode.shards_parameters:
         check_sharded_dtypes(model, compute_dtype, mode)
     if uses_fused_lora(recipe, mode):

@@ -156,41 +156,54 @@ def offload_checkpointed_inputs(model: Any) -> int:
 
 
 class HostEmbedding(torch.nn.Embedding):
-    """`model.embedding_in_host_memory`: the frozen input embedding kept in host memory (pinned on
-    a CUDA machine). Each forward copies the batch's token ids to the host, gathers only their rows
-    there and copies those rows (tokens x hidden, 64 MiB for 8,192 tokens of an 8B Llama) to the
-    compute device; the GPU never holds the vocabulary x hidden table. Its output needs no gradient
-    (the embedding is frozen; `enable_input_require_grads` marks it for checkpointing as before)."""
+    """`model.embedding_in_host_memory`: the frozen input embedding kept in host memory. Each
+    forward copies the batch's token ids to the host, gathers only their rows there, into pinned
+    memory on a CUDA machine, and copies those rows (tokens x hidden, 64 MiB for 8,192 tokens of an
+    8B Llama) to the compute device; the GPU never holds the vocabulary x hidden table. Its output
+    needs no gradient (the embedding is frozen; `enable_input_require_grads` marks it for
+    checkpointing as before)."""
 
     def __init__(self, embedding: torch.nn.Embedding) -> None:
         device = embedding.weight.device
-        weight = embedding.weight.detach().to("cpu")
-        if device.type == "cuda":
-            weight = weight.pin_memory()
         super().__init__(
             embedding.num_embeddings,
             embedding.embedding_dim,
             padding_idx=embedding.padding_idx,
-            _weight=weight,
+            _weight=embedding.weight.detach().to("cpu"),
             _freeze=True,
         )
         self.compute_device = device
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = torch.nn.functional.embedding(input_ids.to(self.weight.device), self.weight, self.padding_idx)
-        if self.compute_device.type == "cuda" and rows.device.type == "cpu":
-            rows = rows.pin_memory()
-        return rows.to(self.compute_device, non_blocking=True)
+        ids = input_ids.to(self.weight.device)
+        pinned = self.compute_device.type == "cuda" and self.weight.device.type == "cpu"
+        # the rows land in pinned memory (the caching host allocator keeps the block until the
+        # non-blocking copy that reads it is done); the table itself is never copied, so not pinned
+        rows = torch.empty((ids.numel(), self.embedding_dim), dtype=self.weight.dtype, pin_memory=pinned)
+        torch.index_select(self.weight, 0, ids.reshape(-1), out=rows)
+        return rows.view(*ids.shape, self.embedding_dim).to(self.compute_device, non_blocking=True)
 
 
 def embedding_in_host_memory(model: Any) -> tuple[str, int]:
     """Replace the model's input embedding with a `HostEmbedding` of the same weights, freeing its
     GPU copy. Returns the parameter's name (for DDP to leave alone: DDP refuses a module whose
-    parameters are on two device types) and the bytes moved off the GPU."""
+    parameters are on two device types) and the bytes moved off the GPU. Only a plain
+    `nn.Embedding` is replaced: a subclass may compute more in its forward (Gemma scales its rows)."""
+    from ..errors import UserError
+
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
     if head is not None and head.weight is embedding.weight:
-        raise ValueError("tied input and output embeddings")  # the caller refuses this before loading
+        raise UserError(
+            "model.embedding_in_host_memory: this model's input embedding is its output head (tied), which "
+            "computes on the GPU. Remove the key for this model."
+        )
+    if type(embedding) is not torch.nn.Embedding:
+        raise UserError(
+            f"model.embedding_in_host_memory: this model's input embedding is a {type(embedding).__name__}, not a "
+            "plain torch Embedding; its forward may do more than look rows up, so it stays on the GPU. Remove the key "
+            "for this model."
+        )
     host = HostEmbedding(embedding)
     model.set_input_embeddings(host)
     name = next(n for n, p in model.named_parameters() if p is host.weight)
