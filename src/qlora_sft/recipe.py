@@ -78,10 +78,11 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Allow model/tokenizer code from the model's repository to run. Off by default."""
     embedding_in_host_memory: bool = False
-    """Keep the frozen input embedding table in host memory (pinned): each step gathers its tokens'
-    rows on the CPU and copies only those to the GPU, so the GPU does not hold vocabulary x hidden
-    weights (1 GB at 8B for Llama-3's 128k vocabulary). One GPU and DDP, quantized models, untied
-    embeddings (the output head must stay on the GPU). Off by default: not yet measured on a GPU."""
+    """Keep the frozen input embedding table in host memory: each step gathers its tokens'
+    rows on the CPU (into pinned memory on a GPU machine) and copies only those to the GPU, so the
+    GPU does not hold vocabulary x hidden weights (1 GB at 8B for Llama-3's 128k vocabulary). One GPU
+    and DDP, quantized models, a frozen plain embedding not tied to the output head (refused
+    otherwise). Off by default: not yet measured on a GPU."""
     loader: Literal["auto", "transformers", "low_memory"] = "auto"
     """How the base weights are read. `low_memory`: the safetensors shards one tensor at a time, each
     linear weight quantized as it is read and placed for the launch mode; under FSDP/ZeRO-3 only
