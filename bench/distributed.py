@@ -7,9 +7,13 @@
 
 Modes: 1gpu, ddp, zero2, zero3, fsdp (one FSDP unit per decoder layer, adapters replicated: the
 default), fsdp_offload; ablation rows fsdp_peft (peft's units, as before 2026-11-30), fsdp_nofuse,
-fsdp_nooffload, fsdp_offload_peft. Checks written beside the results: speedup against one GPU,
-tokens/s and peak against DDP for the sharded modes, the largest loss difference against one GPU,
-the largest resumed loss difference, and plan's estimate against each peak.
+fsdp_nooffload, fsdp_offload_peft; ablation rows of ZeRO-3 that change its DeepSpeed JSON (a copy
+of configs/deepspeed/zero3.json written beside the logs): zero3_layers (each decoder layer one
+DeepSpeed leaf module, `leaf_module.classes`), zero3_persist (stage3_param_persistence_threshold
+1M elements: adapters, norms and biases stay whole on every rank), zero3_layers_persist. Checks
+written beside the results: speedup against one GPU, tokens/s and peak against DDP for the sharded
+modes, the largest loss difference against one GPU, the largest resumed loss difference, and
+plan's estimate against each peak.
 
 For each mode it runs `accelerate launch --config_file configs/accelerate/<config> --num_processes
 N -m qlora_sft train <recipe>` (the command users run) with the project's defaults (packing,
@@ -54,6 +58,7 @@ from .workload import make_data, make_model
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+DECODER_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer")  # of the benchmark shapes
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class Mode:
     config: str  # configs/accelerate/<config>
     env: tuple[tuple[str, str], ...] = ()  # extra environment of the launch
     overrides: tuple[str, ...] = ()  # extra recipe overrides (ablation rows)
+    zero: tuple[tuple[str, Any], ...] = ()  # DeepSpeed zero_optimization keys replaced (ablation rows)
 
 
 MODES = {
@@ -75,8 +81,38 @@ MODES = {
     "fsdp_nofuse": Mode("fsdp_qlora.yaml", overrides=("lora.fused=false",)),
     "fsdp_nooffload": Mode("fsdp_qlora.yaml", overrides=("train.offload_activations=false",)),
     "fsdp_offload_peft": Mode("fsdp_qlora_offload.yaml", (("QLORA_SFT_FSDP_UNITS", "peft"),)),
+    # ablation rows of ZeRO-3: each decoder layer one DeepSpeed leaf module (its parameters gathered
+    # at once, no hooks on the modules inside it), and/or parameters up to 1M elements (the
+    # adapters, norms and biases; not a packed 4-bit weight of these shapes) kept whole on every rank
+    "zero3_layers": Mode("deepspeed_zero3.yaml", zero=(("leaf_module", {"classes": list(DECODER_LAYERS)}),)),
+    "zero3_persist": Mode("deepspeed_zero3.yaml", zero=(("stage3_param_persistence_threshold", 1_000_000),)),
+    "zero3_layers_persist": Mode(
+        "deepspeed_zero3.yaml",
+        zero=(("leaf_module", {"classes": list(DECODER_LAYERS)}), ("stage3_param_persistence_threshold", 1_000_000)),
+    ),
 }
 SHARDED = ("zero3", "fsdp", "fsdp_offload")
+DEFAULT_MODES = ("1gpu", "ddp", "zero2", "zero3", "fsdp", "fsdp_offload")  # others are ablation rows
+
+
+def config_file(mode: str, work: Path) -> Path:
+    """The accelerate config of a mode: the bundled one, or for a row that changes DeepSpeed
+    settings a copy of it (under `work`) that names a changed copy of its DeepSpeed JSON."""
+    m = MODES[mode]
+    bundled = REPO / "configs" / "accelerate" / m.config
+    if not m.zero:
+        return bundled
+    accel = yaml.safe_load(bundled.read_text())
+    ds_file = REPO / accel["deepspeed_config"]["deepspeed_config_file"]
+    ds = json.loads(ds_file.read_text())
+    ds["zero_optimization"].update(dict(m.zero))
+    work.mkdir(parents=True, exist_ok=True)
+    ds_out = work / f"{mode}-deepspeed.json"
+    ds_out.write_text(json.dumps(ds, indent=1))
+    accel["deepspeed_config"]["deepspeed_config_file"] = str(ds_out)
+    out = work / f"{mode}-accelerate.yaml"
+    out.write_text(yaml.safe_dump(accel, sort_keys=False))
+    return out
 
 
 def recipe_for(model: Path, data: Path, out: Path, steps: int, gbs: int, max_length: int) -> dict:
@@ -115,7 +151,7 @@ def launch(
         "-m",
         "accelerate.commands.launch",
         "--config_file",
-        str(REPO / "configs" / "accelerate" / m.config),
+        str(config_file(mode, log.parent / "configs")),
         "--num_processes",
         str(1 if mode == "1gpu" else gpus),
         "--main_process_port",
@@ -172,7 +208,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def plan_estimate(recipe_path: Path, mode: str, gpus: int, overrides: list[str]) -> float:
+def plan_estimate(recipe_path: Path, mode: str, gpus: int, overrides: list[str], work: Path) -> float:
     from qlora_sft import launch as launch_mode
     from qlora_sft.plan import ModelShape, estimate_memory, read_model_config
     from qlora_sft.recipe import load_recipe
@@ -182,7 +218,7 @@ def plan_estimate(recipe_path: Path, mode: str, gpus: int, overrides: list[str])
     saved = {k: os.environ.get(k) for k, _ in m.env}
     os.environ.update(dict(m.env))
     try:
-        lm = launch_mode.from_config_file(REPO / "configs" / "accelerate" / m.config, 1 if mode == "1gpu" else gpus)
+        lm = launch_mode.from_config_file(config_file(mode, work), 1 if mode == "1gpu" else gpus)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -290,7 +326,7 @@ def main() -> int:
     t0 = time.time()
     model_dir = cache / (args.shape + ("-nf4" if args.prequantized else ""))
     model = make_model(args.shape, model_dir, prequantized=args.prequantized)
-    data = make_data(cache / "sharegpt-like.jsonl", n=args.rows)
+    data = make_data(cache / "sharegpt-like-v2.jsonl", n=args.rows)
     print(f"workload ready in {time.time() - t0:.0f} s ({model})", flush=True)
     runs = cache / "runs" / args.shape
     recipe = recipe_for(model, data, runs, args.steps, args.global_batch, args.max_length)
@@ -323,11 +359,12 @@ def main() -> int:
             "config": MODES[mode].config,
             "env": dict(MODES[mode].env),
             "overrides": [*MODES[mode].overrides, *args.overrides],
+            "deepspeed_changes": dict(MODES[mode].zero),
             "gpus": 1 if mode == "1gpu" else args.gpus,
             "returncode": rc,
             "wall_s": round(wall, 1),
             **read_run(runs / mode),
-            "plan_estimate_gib": plan_estimate(recipe_path, mode, args.gpus, args.overrides),
+            "plan_estimate_gib": plan_estimate(recipe_path, mode, args.gpus, args.overrides, log_dir / "configs"),
         }
         results.append(r)
         write_results(base, args, results)  # after every phase: a call cut off by its time limit keeps it
@@ -399,7 +436,7 @@ def goals_of(payload: dict) -> list[str]:
     lines = []
     for prefix, op, bound, what in GOALS:
         for key in sorted(k for k in checks if k.startswith(prefix)):
-            if prefix.endswith("_") and key[len(prefix) :].endswith(("_peft", "_nofuse", "_nooffload")):
+            if prefix.endswith("_") and key[len(prefix) :] not in DEFAULT_MODES:
                 continue  # ablation rows are not held to the goals
             v = checks[key]
             ok = v >= bound if op == ">=" else (v <= bound if op == "<=" else abs(v) <= bound)

@@ -278,7 +278,7 @@ def main() -> int:
 
     cache = Path(args.cache)
     model_dir = cache / args.shape
-    data_path = cache / f"sharegpt-like-{args.rows}.jsonl"
+    data_path = cache / f"sharegpt-like-v2-{args.rows}.jsonl"
     if args.worker:
         out = Path(args.worker_out)
         if args.worker == "project":

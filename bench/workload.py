@@ -64,20 +64,69 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 CHATML = CHAT_TEMPLATES["chatml"]
 WORDS = 4000
+SPECIAL = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "<s>"]
+ROLES = ("user", "assistant", "system")
 
 
-def build_tokenizer() -> Any:
+LETTERS = "abcdefghijklmnopqrstuvw"  # no x: an `x` starts a word, never sits inside one
+
+
+def word(i: int) -> str:
+    """The i-th word of the benchmark vocabulary: `x` and three letters (letters only, so that a
+    byte-level tokenizer's pre-tokenizer, which splits digits apart, keeps it whole)."""
+    n = len(LETTERS)
+    return "x" + LETTERS[i // (n * n) % n] + LETTERS[i // n % n] + LETTERS[i % n]
+
+
+def build_tokenizer(byte_level: bool = False) -> Any:
+    """One word = one token, with a chatml template. `byte_level`: a byte-level BPE (the kind
+    Qwen2's tokenizer class rebuilds from a checkpoint's vocabulary and merges: transformers loads
+    Qwen2 checkpoints with that class whatever tokenizer_config.json names), whose merges build each
+    word, with or without its leading space, as one token; chatml's newlines are one token each."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    special = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "<s>"]
-    vocab = {t: i for i, t in enumerate(special)}
-    for role in ("user", "assistant", "system"):
-        vocab[role] = len(vocab)
-    for i in range(WORDS):
-        vocab[f"w{i}"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    vocab = {t: i for i, t in enumerate(SPECIAL)}
+    words = [*ROLES, *(word(i) for i in range(WORDS))]
+    if byte_level:
+        from tokenizers import Regex, decoders
+
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+        for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+            vocab.setdefault(ch, len(vocab))
+        merges: list[tuple[str, str]] = []
+
+        def chain(piece: str) -> None:  # merges that build `piece` letter by letter from its start
+            for k in range(2, len(piece) + 1):
+                if piece[:k] not in vocab:
+                    vocab[piece[:k]] = len(vocab)
+                    merges.append((piece[: k - 1], piece[k - 1]))
+
+        # Merge order (rank) keeps every word whole: the words' own chains first (a word's next
+        # step always outranks any pair inside it), then a leading space onto a whole word, the
+        # role names last (their letter pairs also occur inside words).
+        body = [word(i) for i in range(WORDS)]
+        for w in body:
+            chain(w)
+        for w in body:
+            vocab["\u0120" + w] = len(vocab)  # \u0120: byte-level's leading space
+            merges.append(("\u0120", w))
+        for w in ROLES:
+            chain(w)
+        tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        tok.decoder = decoders.ByteLevel()
+    else:
+        for w in words:
+            vocab[w] = len(vocab)
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>"
     )
@@ -107,10 +156,11 @@ def make_model(shape: str, folder: Path, seed: int = 0, shard_gib: float = 4.0, 
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
+    tok = build_tokenizer(byte_level=SHAPES[shape].get("model_type") == "qwen2")
     if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+        tok.save_pretrained(folder)  # the weights are reused; the tokenizer is always this code's
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
     config = shape_config(
         shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
@@ -196,7 +246,7 @@ def make_data(path: Path, n: int, seed: int = 0, median: int = 350, max_len: int
         for total in sharegpt_lengths(n, seed, median, max_len=max_len):
             body = max(4, total - 10)
             user = max(2, int(body * rng.uniform(0.1, 0.4)))
-            words = [f"w{rng.randrange(WORDS)}" for _ in range(body)]
+            words = [word(rng.randrange(WORDS)) for _ in range(body)]
             f.write(
                 json.dumps(
                     {

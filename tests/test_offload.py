@@ -33,6 +33,9 @@ def lora_grads(
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.enable_input_require_grads()
     peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear"))
+    peft.to(device)  # as transformers' Trainer may: the host table must stay where it is
+    if host_embedding:
+        assert peft.get_input_embeddings().weight.device.type == "cpu"
     for name, p in peft.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)  # B = 0 would leave A without gradient
@@ -79,6 +82,24 @@ def test_embedding_in_host_memory_gives_the_same_gradients(tiny_model: Path, dev
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_host_embedding_table_stays_on_the_host_when_the_model_moves():
+    """Whatever moves or casts the model (transformers' Trainer moves a PeftModel to the GPU when it
+    does not see the quantization through it) leaves the table in host memory: a move to the meta
+    device stands in for the GPU here."""
+    import torch
+
+    from qlora_sft.model.offload import HostEmbedding
+
+    emb = torch.nn.Embedding(10, 4)
+    host = HostEmbedding(emb)
+    model = torch.nn.Sequential(host, torch.nn.Linear(4, 4))
+    model.to("meta")
+    assert host.weight.device.type == "cpu" and model[1].weight.device.type == "meta"
+    torch.testing.assert_close(host.weight, emb.weight.detach())
+    rows = host(torch.tensor([[1, 3]]))
+    torch.testing.assert_close(rows[0], emb.weight.detach()[[1, 3]])
 
 
 def test_embedding_in_host_memory_refusals(tiny_model: Path, tmp_path: Path):

@@ -174,6 +174,12 @@ class HostEmbedding(torch.nn.Embedding):
         )
         self.compute_device = device
 
+    def _apply(self, fn: Any, recurse: bool = True) -> HostEmbedding:
+        # The table stays in host memory whatever moves or casts the model: transformers' Trainer
+        # moves a PeftModel to the GPU when it does not see bitsandbytes' quantization through it,
+        # which took the table back to the GPU (found on an H200, 2026-11-30).
+        return self
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.to(self.weight.device)
         pinned = self.compute_device.type == "cuda" and self.weight.device.type == "cpu"
