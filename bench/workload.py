@@ -90,7 +90,6 @@ def build_tokenizer(byte_level: bool = False) -> Any:
     words = [*ROLES, *(word(i) for i in range(WORDS))]
     if byte_level:
         from tokenizers import Regex, decoders
-
         from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
         for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):

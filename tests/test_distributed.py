@@ -219,9 +219,10 @@ def test_plan_names_the_largest_micro_batch_that_fits(shape: str, gpu_mem: float
     shapes of the benchmark (config.json only: plan reads no weights), or says that none does."""
     from bench.workload import SHAPES
     from qlora_sft.launch import plan_mode
-    from qlora_sft.plan import ModelShape, estimate_memory, largest_micro_batch, plan_lines
+    from qlora_sft.plan import USABLE_FRACTION, ModelShape, estimate_memory, largest_micro_batch, plan_lines
     from qlora_sft.recipe import build_recipe
 
+    usable = gpu_mem * USABLE_FRACTION
     model = tmp_path / shape
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], **SHAPES[shape]}))
@@ -233,8 +234,8 @@ def test_plan_names_the_largest_micro_batch_that_fits(shape: str, gpu_mem: float
     dims = ModelShape.from_config(json.loads((model / "config.json").read_text()))
     micro = largest_micro_batch(dims, recipe, mode, gpu_mem)
     if micro:
-        assert estimate_memory(dims, recipe, mode, micro).total <= gpu_mem
-        assert estimate_memory(dims, recipe, mode, micro + 1).total > gpu_mem
+        assert estimate_memory(dims, recipe, mode, micro).total <= usable
+        assert estimate_memory(dims, recipe, mode, micro + 1).total > usable
         assert f": {micro} x 2048 tokens (train.micro_batch_tokens={micro * 2048}, estimated" in line
         gbs = recipe.train.global_batch_size
         if gbs % micro:  # the recipe's global batch takes only a divisor
@@ -243,9 +244,15 @@ def test_plan_names_the_largest_micro_batch_that_fits(shape: str, gpu_mem: float
                 f"train.global_batch_size {gbs} on 1 process(es) takes a micro batch that divides it: at most {best}"
             )
     else:
-        assert estimate_memory(dims, recipe, mode, 1).total > gpu_mem
+        assert estimate_memory(dims, recipe, mode, 1).total > usable
         assert "none; one row of 2048 tokens needs" in line
     assert (shape, gpu_mem, bool(micro)) != ("qwen2.5-32b", 16.0, True)  # 4-bit 32B weights alone are ~17 GiB
+    if (shape, gpu_mem) == ("qwen2.5-32b", 24.0):
+        # measured on an H200 capped at 24 GiB (bench/results, 2026-11-30): 4 x 2048 tokens trained
+        # (peak 21.33 GiB), 8 x 2048 failed
+        assert 4 <= micro < 8, micro
+    if (shape, gpu_mem) == ("qwen2.5-14b", 16.0):
+        assert micro >= 4  # measured: 4 x 2048 tokens trained in 16 GiB (peak 11.44 GiB)
 
 
 def test_plan_works_from_an_installed_wheel(tiny_model: Path, tmp_path: Path):

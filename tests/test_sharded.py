@@ -416,7 +416,7 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
     """`plan`'s per-rank memory (one GPU with activations offloaded or not, FSDP, ZeRO-3) against
     every launch measured on a GPU in bench/results (within 15% of the measured peak), and its
     verdicts for the 70B shape."""
-    from bench.distributed import MODES, recipe_for
+    from bench.distributed import config_file, recipe_for
     from bench.run import ABLATION, project_recipe
     from bench.workload import shape_config
     from qlora_sft import launch
@@ -443,7 +443,14 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
             with pytest.MonkeyPatch.context() as mp:
                 for key, value in env.items():
                     mp.setenv(key, value)
-                mode = launch.from_config_file(CONFIGS / MODES[r["mode"]].config, r["gpus"])
+                # the mode's config as the bench ran it (a changed copy of its DeepSpeed JSON for some rows)
+                config = config_file(r["mode"], tmp_path / "configs")
+                mode = launch.from_config_file(config, r["gpus"])
+            if "leaf_module" in r.get("deepspeed_changes", {}):
+                # ZeRO-3 leaf modules: plan does not model them, and says so
+                notes = "\n".join(plan_lines(recipe, str(config), r["gpus"]))
+                assert "leaf_module" in notes and "does not model it" in notes, notes
+                continue
             estimate = estimate_memory(shape, recipe, mode).total
             assert abs(estimate - peak) / peak <= 0.15, (result.name, r["mode"], estimate, peak)
             checked += 1
@@ -452,7 +459,7 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
     # one GPU, bench.run's project mode and its ablations (activations offloaded or not, 4 or 2 rows,
     # LoRA fused or not, dropout 0 or 0.05)
     results = REPO / "bench" / "results"
-    singles = [*results.glob("*-unsloth.json"), *results.glob("*-fused*.json")]
+    singles = [*results.glob("*-unsloth.json"), *results.glob("*-fused*.json"), *results.glob("*-host-embedding.json")]
     for result in sorted(singles):
         run = json.loads(result.read_text())
         folder = tmp_path / run["shape"]
