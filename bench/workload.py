@@ -87,7 +87,7 @@ def build_tokenizer(byte_level: bool = False) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIAL)}
-    words = [*ROLES, *(word(i) for i in range(WORDS))]
+    body = [word(i) for i in range(WORDS)]
     if byte_level:
         from tokenizers import Regex, decoders
         from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -105,7 +105,6 @@ def build_tokenizer(byte_level: bool = False) -> Any:
         # Merge order (rank) keeps every word whole: the words' own chains first (a word's next
         # step always outranks any pair inside it), then a leading space onto a whole word, the
         # role names last (their letter pairs also occur inside words).
-        body = [word(i) for i in range(WORDS)]
         for w in body:
             chain(w)
         for w in body:
@@ -122,7 +121,7 @@ def build_tokenizer(byte_level: bool = False) -> Any:
         )
         tok.decoder = decoders.ByteLevel()
     else:
-        for w in words:
+        for w in [*ROLES, *body]:
             vocab[w] = len(vocab)
         tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -294,21 +294,9 @@ def test_fsdp1_ranks_that_loaded_placeholders_hold_no_more_than_rank_0(tmp_path:
     param_init_fn, kept on the plugin, held rank 1's whole materialised `lm_head.weight` (a Llama
     names it tied, tied or not): 1 GiB more steady GPU memory on rank 1 for Llama-3-8B, 2 GiB for
     70B, on two H200s. A vocabulary of 32000 over 64 hidden units makes the head the largest tensor."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny import build_tiny_model
 
-    model_dir = tmp_path / "wide-vocab"
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(model_dir)
+    model_dir = build_tiny_model(tmp_path / "wide-vocab", vocab_size=32000)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port())]

@@ -54,8 +54,11 @@ def build_tiny_model(
     pad_token: str | None = None,
     chat_template: str | None = CHATML,
     tied: bool = False,
+    vocab_size: int | None = None,
 ) -> Path:
-    """Save a tiny Llama + tokenizer into `folder` and return it."""
+    """Save a tiny Llama + tokenizer into `folder` and return it. `vocab_size`: a model vocabulary
+    larger than the tokenizer's (as real checkpoints pad theirs), e.g. to make the head the largest
+    tensor."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -66,7 +69,7 @@ def build_tiny_model(
         tok.pad_token = pad_token
     tok.chat_template = chat_template
     config = LlamaConfig(
-        vocab_size=len(tok),
+        vocab_size=vocab_size or len(tok),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
