@@ -67,6 +67,17 @@ class Mode:
     env: tuple[tuple[str, str], ...] = ()  # extra environment of the launch
     overrides: tuple[str, ...] = ()  # extra recipe overrides (ablation rows)
     zero: tuple[tuple[str, Any], ...] = ()  # DeepSpeed zero_optimization keys replaced (ablation rows)
+    fsdp: tuple[tuple[str, Any], ...] = ()  # the accelerate config's fsdp_config keys replaced (ablation rows)
+
+    @property
+    def one_process(self) -> bool:
+        return self.config == "single_gpu.yaml"
+
+    def processes(self, gpus: int) -> int:
+        return 1 if self.one_process else gpus
+
+
+PROFILE_STEP = "5"  # the step the *_profiled rows profile (QLORA_SFT_PROFILE_STEP): after the warm-up
 
 
 MODES = {
@@ -90,27 +101,63 @@ MODES = {
         "deepspeed_zero3.yaml",
         zero=(("leaf_module", {"classes": list(DECODER_LAYERS)}), ("stage3_param_persistence_threshold", 1_000_000)),
     ),
+    # ablation rows of FSDP's gathers: the next unit's gather issued after the current unit's
+    # gradient computation (less memory held at once), and forward prefetch
+    "fsdp_bwd_post": Mode("fsdp_qlora.yaml", fsdp=(("fsdp_backward_prefetch", "BACKWARD_POST"),)),
+    "fsdp_fwd_prefetch": Mode("fsdp_qlora.yaml", fsdp=(("fsdp_forward_prefetch", True),)),
+    # the allocator's expandable segments under FSDP (reserved memory, what a capped card runs out
+    # of, closer to what is allocated)
+    "fsdp_expandable": Mode("fsdp_qlora.yaml", (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),)),
+    "fsdp_offload_expandable": Mode(
+        "fsdp_qlora_offload.yaml", (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),)
+    ),
+    # one step profiled on every rank (torch.profiler, and what is alive at the memory peak by the
+    # line that allocated it): where a mode's peak goes; its tokens/s include the profiled step
+    "ddp_profiled": Mode("multi_gpu.yaml", (("QLORA_SFT_PROFILE_STEP", PROFILE_STEP),)),
+    "fsdp_profiled": Mode("fsdp_qlora.yaml", (("QLORA_SFT_PROFILE_STEP", PROFILE_STEP),)),
+    "1gpu_profiled": Mode("single_gpu.yaml", (("QLORA_SFT_PROFILE_STEP", PROFILE_STEP),)),
+    # ablation rows of one GPU's memory (issue 29's levers): the frozen input embedding in host
+    # memory, 2 x 2048 tokens per micro batch (twice the accumulation), both, 32-bit AdamW instead
+    # of the paged 8-bit one, and the allocator's expandable segments (reserved memory closer to
+    # what is allocated)
+    "1gpu_hostemb": Mode("single_gpu.yaml", overrides=("model.embedding_in_host_memory=true",)),
+    "1gpu_mb2": Mode("single_gpu.yaml", overrides=("train.micro_batch_tokens=4096",)),
+    "1gpu_mb2_hostemb": Mode(
+        "single_gpu.yaml", overrides=("train.micro_batch_tokens=4096", "model.embedding_in_host_memory=true")
+    ),
+    "1gpu_adamw32": Mode("single_gpu.yaml", overrides=("train.optim=adamw_torch",)),
+    "1gpu_expandable": Mode("single_gpu.yaml", (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),)),
+    "1gpu_mb2_expandable": Mode(
+        "single_gpu.yaml",
+        (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),),
+        overrides=("train.micro_batch_tokens=4096",),
+    ),
 }
 SHARDED = ("zero3", "fsdp", "fsdp_offload")
 DEFAULT_MODES = ("1gpu", "ddp", "zero2", "zero3", "fsdp", "fsdp_offload")  # others are ablation rows
 
 
 def config_file(mode: str, work: Path) -> Path:
-    """The accelerate config of a mode: the bundled one, or for a row that changes DeepSpeed
-    settings a copy of it (under `work`) that names a changed copy of its DeepSpeed JSON."""
+    """The accelerate config of a mode: the bundled one, or for a row that changes FSDP or DeepSpeed
+    settings a copy of it (under `work`), with its fsdp_config keys replaced or naming a changed copy
+    of its DeepSpeed JSON."""
     m = MODES[mode]
     bundled = REPO / "configs" / "accelerate" / m.config
-    if not m.zero:
+    if not m.zero and not m.fsdp:
         return bundled
     accel = yaml.safe_load(bundled.read_text())
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / f"{mode}-accelerate.yaml"
+    if m.fsdp:
+        accel["fsdp_config"].update(dict(m.fsdp))
+        out.write_text(yaml.safe_dump(accel, sort_keys=False))
+        return out
     ds_file = REPO / accel["deepspeed_config"]["deepspeed_config_file"]
     ds = json.loads(ds_file.read_text())
     ds["zero_optimization"].update(dict(m.zero))
-    work.mkdir(parents=True, exist_ok=True)
     ds_out = work / f"{mode}-deepspeed.json"
     ds_out.write_text(json.dumps(ds, indent=1))
     accel["deepspeed_config"]["deepspeed_config_file"] = str(ds_out)
-    out = work / f"{mode}-accelerate.yaml"
     out.write_text(yaml.safe_dump(accel, sort_keys=False))
     return out
 
@@ -153,7 +200,7 @@ def launch(
         "--config_file",
         str(config_file(mode, log.parent / "configs")),
         "--num_processes",
-        str(1 if mode == "1gpu" else gpus),
+        str(m.processes(gpus)),
         "--main_process_port",
         str(29500 + sum(map(ord, name)) % 1000),
         "-m",
@@ -201,10 +248,15 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         return [round(r[key], 2) if r.get(key) is not None else None for r in ranks]
 
     out["peak_gib_per_rank"] = per_rank("peak_allocated_gib")
+    out["peak_reserved_gib_per_rank"] = per_rank("peak_reserved_gib")
     out["steady_gib_per_rank"] = per_rank("steady_gib")
     out["held_parameter_gib_per_rank"] = per_rank("held_parameter_gib")
     out["unsharded_parameter_gib"] = per_rank("unsharded_parameter_gib")[0] if ranks else None
     out["peak_rss_gib_loading_per_rank"] = per_rank("peak_rss_gib_loading")
+    peaks = [json.loads(p.read_text()) for p in sorted((run_dir / "logs").glob("memory-peak-rank*.json"))]
+    if peaks:  # a profiled row: what was alive at the profiled step's peak, per rank
+        out["profiled_step"] = int(PROFILE_STEP)
+        out["memory_at_peak_per_rank"] = peaks
     return out
 
 
@@ -218,7 +270,7 @@ def plan_estimate(recipe_path: Path, mode: str, gpus: int, overrides: list[str],
     saved = {k: os.environ.get(k) for k, _ in m.env}
     os.environ.update(dict(m.env))
     try:
-        lm = launch_mode.from_config_file(config_file(mode, work), 1 if mode == "1gpu" else gpus)
+        lm = launch_mode.from_config_file(config_file(mode, work), m.processes(gpus))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -360,7 +412,8 @@ def main() -> int:
             "env": dict(MODES[mode].env),
             "overrides": [*MODES[mode].overrides, *args.overrides],
             "deepspeed_changes": dict(MODES[mode].zero),
-            "gpus": 1 if mode == "1gpu" else args.gpus,
+            "fsdp_changes": dict(MODES[mode].fsdp),
+            "gpus": MODES[mode].processes(args.gpus),
             "returncode": rc,
             "wall_s": round(wall, 1),
             **read_run(runs / mode),
@@ -508,6 +561,9 @@ def checks_of(results: list[dict]) -> dict[str, float]:
             )
         if by.get("1gpu", {}).get("tokens_per_s") and r.get("tokens_per_s") and r["mode"] != "1gpu":
             checks[f"speedup_vs_1gpu_{r['mode']}"] = r["tokens_per_s"] / by["1gpu"]["tokens_per_s"]
+        one = by.get("1gpu", {}).get("peak_gib_per_rank")
+        if r["mode"].startswith("1gpu_") and one and one[0] and (r.get("peak_gib_per_rank") or [None])[0]:
+            checks[f"peak_vs_1gpu_{r['mode']}"] = r["peak_gib_per_rank"][0] / one[0]
         ddp = by.get("ddp", {})
         if r["mode"].startswith(("fsdp", "zero3")) and ddp.get("tokens_per_s") and r.get("tokens_per_s"):
             checks[f"tokens_per_s_vs_ddp_{r['mode']}"] = r["tokens_per_s"] / ddp["tokens_per_s"]

@@ -12,6 +12,7 @@ import torch
 from transformers import TrainerCallback
 
 from qlora_sft.plan import ModelShape
+from qlora_sft.train import peak_breakdown
 
 # Dense bf16 peak of the GPUs we know (TFLOP/s), for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
@@ -87,50 +88,6 @@ class StepProfiler(TrainerCallback):
         breakdown["memory"] = peak_breakdown(snapshot, self.held_before, torch.cuda.max_memory_allocated())
         (self.out / "profile.json").write_text(json.dumps(breakdown, indent=1))
         self.prof = None
-
-
-# frames from these packages name where a block was allocated; torch's own frames are skipped
-OWN_FRAMES = ("qlora_sft", "peft", "transformers", "bitsandbytes", "liger_kernel", "trl", "accelerate")
-
-
-def peak_breakdown(snapshot: dict[str, Any], held_before: int, peak: int, top: int = 30) -> dict[str, Any]:
-    """The blocks alive at the step's peak of allocated memory, by the line that allocated them (from
-    `torch.cuda.memory._snapshot()` recorded over the step). `held_before` is what was allocated
-    when recording started (weights, optimizer state): the peak is that plus the step's blocks."""
-    trace = next((t for t in snapshot.get("device_traces", []) if t), [])
-    live: dict[int, dict[str, Any]] = {}
-    current = best = best_at = 0
-    for i, ev in enumerate(trace):
-        if ev["action"] == "alloc":
-            live[ev["addr"]] = ev
-            current += ev["size"]
-            if current > best:
-                best, best_at = current, i
-        elif ev["action"] == "free_completed":
-            live.pop(ev["addr"], None)
-            current -= ev["size"]  # blocks allocated before recording started count too
-    live, freed_before_step = {}, 0
-    for ev in trace[: best_at + 1]:
-        if ev["action"] == "alloc":
-            live[ev["addr"]] = ev
-        elif ev["action"] == "free_completed":
-            if live.pop(ev["addr"], None) is None:
-                freed_before_step += ev["size"]  # a block allocated before recording started
-    groups: dict[str, int] = {}
-    for ev in live.values():
-        frames = ev.get("frames") or []
-        own = [f for f in frames if any(f"/{pkg}/" in f["filename"] for pkg in OWN_FRAMES)]
-        where = own[0] if own else (frames[0] if frames else {"filename": "?", "line": 0, "name": "?"})
-        key = f"{where['filename'].split('site-packages/')[-1]}:{where['line']} {where['name']}"
-        groups[key] = groups.get(key, 0) + ev["size"]
-    ranked = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
-    return {
-        "peak_gib": peak / 2**30,
-        "held_before_gib": held_before / 2**30,
-        "freed_before_peak_gib": freed_before_step / 2**30,
-        "above_held_before_at_peak_gib": best / 2**30,
-        "by_line_mib": {k: round(v / 2**20, 1) for k, v in ranked},
-    }
 
 
 def kernel_breakdown(prof: Any) -> dict[str, Any]:

@@ -158,3 +158,68 @@ def test_bench_distributed_merges_a_table_split_over_calls(tmp_path: Path):
         assert "num_gpus is 4" in str(e) and "not one table" in str(e)
     else:
         raise AssertionError("files of different tables were merged")
+
+
+def test_every_bench_mode_is_a_launch_the_project_accepts(tmp_path: Path):
+    """Each row of bench.distributed (ablation rows included) names a config the project reads as the
+    intended launch, with its changed FSDP or DeepSpeed keys in place, and overrides the recipe
+    loader accepts: a typo in a row must fail here, not after a GPU machine was started."""
+    sys.path.insert(0, str(REPO))
+    import yaml
+    from bench import distributed
+
+    from qlora_sft import launch
+    from qlora_sft.recipe import load_recipe
+
+    recipe = distributed.recipe_for(tmp_path / "model", tmp_path / "data.jsonl", tmp_path / "runs", 10, 8, 2048)
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    kinds = {"single_gpu.yaml": "single_gpu", "multi_gpu.yaml": "ddp", "fsdp_qlora.yaml": "fsdp"}
+    for name, m in distributed.MODES.items():
+        path = distributed.config_file(name, tmp_path / "configs")
+        lm = launch.from_config_file(path, m.processes(2))
+        assert lm.world_size == (1 if name.startswith("1gpu") else 2), name
+        if m.config in kinds:
+            assert lm.kind == kinds[m.config], name
+        accel = yaml.safe_load(path.read_text())
+        for key, value in m.fsdp:
+            assert accel["fsdp_config"][key] == value, (name, key)
+        if m.zero:
+            ds = json.loads(Path(accel["deepspeed_config"]["deepspeed_config_file"]).read_text())
+            for key, value in m.zero:
+                assert ds["zero_optimization"][key] == value, (name, key)
+        loaded = load_recipe(recipe_path, list(m.overrides))
+        for o in m.overrides:
+            section, rest = o.split(".", 1)
+            key, value = rest.split("=", 1)
+            got = getattr(loaded, section)
+            got = got.args.get(key) if section == "train" and not hasattr(got, key) else getattr(got, key)
+            assert str(got).lower() == value.lower(), (name, o, got)
+
+
+def test_peak_breakdown_names_what_is_alive_at_the_peak():
+    """`peak_breakdown` (the profiled step's memory file) from a recorded allocation trace: the peak
+    is found where the live bytes are largest, blocks freed before it do not count, and each live
+    block is charged to the first frame of a known package (torch's own frames skipped)."""
+    from qlora_sft.train import peak_breakdown
+
+    def frame(path: str, line: int, name: str) -> dict:
+        return {"filename": path, "line": line, "name": name}
+
+    torch_frame = frame("/x/site-packages/torch/nn/functional.py", 10, "linear")
+    head = [torch_frame, frame("/x/site-packages/liger_kernel/ops/flce.py", 77, "chunk")]
+    layer = [frame("/x/site-packages/qlora_sft/model/offload.py", 50, "fetch")]
+    mib = 2**20
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 300 * mib, "frames": layer},
+        {"action": "alloc", "addr": 2, "size": 200 * mib, "frames": head},
+        {"action": "free_completed", "addr": 1, "size": 300 * mib, "frames": layer},
+        {"action": "alloc", "addr": 3, "size": 400 * mib, "frames": head},  # peak: 600 MiB live
+        {"action": "free_completed", "addr": 99, "size": 50 * mib, "frames": []},  # held before recording
+        {"action": "free_completed", "addr": 3, "size": 400 * mib, "frames": head},
+        {"action": "alloc", "addr": 4, "size": 100 * mib, "frames": layer},
+    ]
+    out = peak_breakdown({"device_traces": [trace]}, held_before=2**30, peak=2**30 + 600 * mib)
+    assert out["above_held_before_at_peak_gib"] == 600 / 1024
+    assert out["by_line_mib"] == {"liger_kernel/ops/flce.py:77 chunk": 600.0}
+    assert out["held_before_gib"] == 1.0 and out["freed_before_peak_gib"] == 0.0
