@@ -103,7 +103,9 @@ MODES = {
     ),
     # ablation rows of FSDP's gathers: the next unit's gather issued after the current unit's
     # gradient computation (less memory held at once), and forward prefetch
+    # (BACKWARD_POST is the bundled config's since 2026-11-30 16:00 UTC, BACKWARD_PRE before)
     "fsdp_bwd_post": Mode("fsdp_qlora.yaml", fsdp=(("fsdp_backward_prefetch", "BACKWARD_POST"),)),
+    "fsdp_bwd_pre": Mode("fsdp_qlora.yaml", fsdp=(("fsdp_backward_prefetch", "BACKWARD_PRE"),)),
     "fsdp_fwd_prefetch": Mode("fsdp_qlora.yaml", fsdp=(("fsdp_forward_prefetch", True),)),
     # the allocator's expandable segments under FSDP (reserved memory, what a capped card runs out
     # of, closer to what is allocated)
@@ -111,6 +113,11 @@ MODES = {
     "fsdp_offload_expandable": Mode(
         "fsdp_qlora_offload.yaml", (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),)
     ),
+    "fsdp_offload_bwd_post": Mode("fsdp_qlora_offload.yaml", fsdp=(("fsdp_backward_prefetch", "BACKWARD_POST"),)),
+    # the allocator without expandable segments (qlora-sft turns them on unless PYTORCH_CUDA_ALLOC_CONF
+    # or PYTORCH_ALLOC_CONF is set, since 2026-11-30)
+    "1gpu_segments_off": Mode("single_gpu.yaml", (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),)),
+    "fsdp_segments_off": Mode("fsdp_qlora.yaml", (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),)),
     # one step profiled on every rank (torch.profiler, and what is alive at the memory peak by the
     # line that allocated it): where a mode's peak goes; its tokens/s include the profiled step
     "ddp_profiled": Mode("multi_gpu.yaml", (("QLORA_SFT_PROFILE_STEP", PROFILE_STEP),)),
@@ -413,6 +420,11 @@ def main() -> int:
             "overrides": [*MODES[mode].overrides, *args.overrides],
             "deepspeed_changes": dict(MODES[mode].zero),
             "fsdp_changes": dict(MODES[mode].fsdp),
+            # the FSDP settings as run (the bundled config changes; rows without this key ran
+            # BACKWARD_PRE, the bundled choice before 2026-11-30 16:00 UTC)
+            "accelerate_fsdp_config": yaml.safe_load(config_file(mode, log_dir / "configs").read_text()).get(
+                "fsdp_config"
+            ),
             "gpus": MODES[mode].processes(args.gpus),
             "returncode": rc,
             "wall_s": round(wall, 1),

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qlora_sft.launch import default_allocator_settings
 from qlora_sft.plan import ModelShape
 
 from . import measure, report
@@ -235,6 +236,8 @@ def run_worker(
     out.mkdir(parents=True, exist_ok=True)
     cmd = cmd or [sys.executable, "-m", "bench.run", "--worker", *argv, "--worker-out", str(out)]
     env = dict(os.environ)
+    if argv[:1] == ["project"]:
+        default_allocator_settings(env)  # as `qlora-sft train` sets it (the worker trains in-process)
     if site:
         env["PYTHONPATH"] = os.pathsep.join(x for x in (site, env.get("PYTHONPATH", "")) if x)
     try:

@@ -166,8 +166,8 @@ def test_every_bench_mode_is_a_launch_the_project_accepts(tmp_path: Path):
     loader accepts: a typo in a row must fail here, not after a GPU machine was started."""
     sys.path.insert(0, str(REPO))
     import yaml
-    from bench import distributed
 
+    from bench import distributed
     from qlora_sft import launch
     from qlora_sft.recipe import load_recipe
 

@@ -371,3 +371,30 @@ def test_adapter_trained_under_ddp_exports_and_reproduces(ddp_runs, tmp_path: Pa
     assert res.ok and res.merged_vs_trained is not None
     assert res.merged_vs_trained.top1_agreement == 1.0 and res.merged_vs_trained.relative < 1e-3
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_allocator_expandable_segments_by_default_and_the_users_settings_kept(tmp_path: Path, monkeypatch):
+    """`train`, `export` and `chat` turn on the CUDA allocator's expandable segments before torch starts
+    CUDA, unless the user configured the allocator under either of torch's names (then nothing is
+    changed or added); the children accelerate starts inherit the variable."""
+    from qlora_sft import cli
+    from qlora_sft.launch import DEFAULT_ALLOC_CONF, default_allocator_settings, describe_allocator_settings
+
+    env: dict[str, str] = {}
+    default_allocator_settings(env)
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": DEFAULT_ALLOC_CONF}
+    for users in (
+        {"PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync"},
+        {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"},
+    ):
+        env = dict(users)
+        default_allocator_settings(env)
+        assert env == users
+        assert describe_allocator_settings(env).startswith("=".join(next(iter(users.items()))))
+
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert cli.main(["plan", str(tmp_path / "missing.yaml")]) == 2  # plan loads no model: left alone
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    assert cli.main(["export", str(tmp_path / "no-run"), "--out", str(tmp_path / "out")]) == 2
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == DEFAULT_ALLOC_CONF

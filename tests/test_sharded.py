@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import CONFIGS, REPO, TESTS, free_port, losses_by_step, recipe_dict, write_recipe
 
 from qlora_sft.errors import UserError
@@ -431,8 +432,17 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
             with pytest.MonkeyPatch.context() as mp:
                 for key, value in env.items():
                     mp.setenv(key, value)
-                # the mode's config as the bench ran it (a changed copy of its DeepSpeed JSON for some rows)
+                # the mode's config as the bench ran it (a changed copy of its DeepSpeed JSON for some rows;
+                # FSDP rows as recorded, or BACKWARD_PRE, the bundled choice of runs that record none)
                 config = config_file(r["mode"], tmp_path / "configs")
+                accel = yaml.safe_load(config.read_text())
+                if "fsdp_config" in accel:
+                    accel["fsdp_config"].update(
+                        r.get("accelerate_fsdp_config")
+                        or {"fsdp_backward_prefetch": "BACKWARD_PRE", **r.get("fsdp_changes", {})}
+                    )
+                    config = tmp_path / f"as-run-{r['mode']}.yaml"
+                    config.write_text(yaml.safe_dump(accel))
                 mode = launch.from_config_file(config, r["gpus"])
             if "leaf_module" in r.get("deepspeed_changes", {}):
                 # ZeRO-3 leaf modules: plan does not model them, and says so

@@ -502,6 +502,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command in LOADS_MODEL:
+            from .launch import default_allocator_settings
+
+            default_allocator_settings()  # before torch touches CUDA
             import_bitsandbytes_without_compiling()
         return COMMANDS[args.command](args)
     except UserError as exc:

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -390,6 +390,32 @@ def rank_problem(reports: list[dict[str, Any]], launcher_world_size: int) -> str
     if len(ranks) != launcher_world_size:
         return f"{len(ranks)} processes joined but the launcher's world size is {launcher_world_size}"
     return None
+
+
+ALLOC_CONF_ENVS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch's names, the first wins
+DEFAULT_ALLOC_CONF = "expandable_segments:True"
+
+
+def default_allocator_settings(environ: MutableMapping[str, str] | None = None) -> None:
+    """Turn on the CUDA caching allocator's expandable segments, unless the user configured the
+    allocator (PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF set, even to other keys). Memory is then
+    reserved in segments that grow, not in fixed blocks split and left partly free: what a GPU (or
+    QLORA_SFT_GPU_MEMORY_GIB's cap) runs out of is reserved memory. Measured on H200s (2026-11-30,
+    Llama-3-8B): peak reserved 8.14 -> 7.74 GiB on one GPU, 8.27 -> 7.72 under FSDP, 7.78 -> 6.28
+    under FSDP with parameter offload, tokens/s unchanged. Called before torch initialises CUDA (the
+    allocator reads the variable then); child processes (accelerate's ranks) inherit it."""
+    env = os.environ if environ is None else environ
+    if not any(env.get(name) for name in ALLOC_CONF_ENVS):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = DEFAULT_ALLOC_CONF
+
+
+def describe_allocator_settings(environ: Mapping[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    for name in ALLOC_CONF_ENVS:
+        if env.get(name):
+            unset = " nor ".join(ALLOC_CONF_ENVS)
+            return f"{name}={env[name]} (qlora-sft sets {DEFAULT_ALLOC_CONF} where neither {unset} is set)"
+    return "torch's defaults (neither PYTORCH_ALLOC_CONF nor PYTORCH_CUDA_ALLOC_CONF set)"
 
 
 def apply_gpu_memory_cap() -> float | None:

@@ -15,8 +15,9 @@ I = MLP size, L = layers, V = vocabulary, n = LoRA parameters, W = ranks sharing
   gathered for compute  FSDP: the root unit (embeddings, lm_head, final norm) gathered whole (during
                         the step with W > 1; when a checkpoint's full state dict is written with W = 1),
                         plus with W > 1 or offload two decoder layers (the one computing and the one
-                        prefetched); ZeRO-3 with W > 1 or offload gathers one module at a time, the
-                        largest being the embedding or lm_head (V x h x 2)
+                        prefetched), plus the embedding (V x h x 2) with BACKWARD_PRE and layer units;
+                        ZeRO-3 with W > 1 or offload gathers one module at a time, the largest being the
+                        embedding or lm_head (V x h x 2)
   LoRA                  n x 4 (fp32) weights + n x 4 gradients (/ W under FSDP and ZeRO-3; gradients
                         / W under ZeRO-2)
   optimizer             n x 8 (AdamW fp32 moments) or n x 2 (8-bit, the GPU default), / W under ZeRO
@@ -184,12 +185,12 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
         root = (head if not shape.tied else 0) + h if mode.adapters_replicated else shape.other_params * other_bytes
         units = min(layers, fsdp_gathered_layers(mode))
         gathered = root + (units * layer_weights if moves_weights else 0)
-        if world > 1:
-            # measured on two H200s (2026-11-30, every FSDP run, both unit layouts): ranks other than
-            # 0 held one more output-head-sized tensor (0.98 GiB at 8B), kept alive by accelerate's
-            # ensure_weights_retied wrapper; `release_retied_parameters` drops it since, but no GPU
-            # run has measured that yet, so plan keeps counting it (an over- rather than an
-            # under-estimate) until one does
+        if mode.adapters_replicated and not shape.tied and moves_weights and fsdp_prefetches_embedding(mode):
+            # BACKWARD_PRE gathers the next unit before the current one's gradients are computed: the
+            # embedding's unit (its output requires grad for checkpointing, so FSDP gathers it in the
+            # backward too) arrives while the first decoder layer's backward still holds its
+            # activations. Measured on two H200s (2026-11-30, Llama-3-8B, what is alive at the peak):
+            # 6.73 GiB per rank with BACKWARD_PRE, 5.81 with BACKWARD_POST, the same tokens/s
             gathered += head
         if mode.fsdp is not None and mode.fsdp.sharding_strategy == "NO_SHARD":  # every rank holds it whole
             gathered = 0.0
@@ -226,11 +227,18 @@ def fsdp_gathered_layers(mode: LaunchMode) -> int:
     forward prefetch; every layer where weights stay gathered from the forward to the backward
     (SHARD_GRAD_OP, HYBRID_SHARD_ZERO2)."""
     fs = mode.fsdp
-    if fs is None:  # a mode built in code: the bundled config's BACKWARD_PRE
+    if fs is None:  # a mode built in code: the bundled config's BACKWARD_POST
         return 2
     if not fs.reshards_after_forward and fs.sharding_strategy != "NO_SHARD":
         return 10**6  # (capped by the caller's layer count)
     return 2 if fs.prefetches else 1
+
+
+def fsdp_prefetches_embedding(mode: LaunchMode) -> bool:
+    """Whether FSDP's backward prefetch gathers the embedding's unit while the first decoder layer's
+    backward runs (BACKWARD_PRE; not BACKWARD_POST, the bundled configs' choice since 2026-11-30)."""
+    fs = mode.fsdp
+    return fs is not None and fs.backward_prefetch == "BACKWARD_PRE"
 
 
 def loading_host_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode) -> float | None:

@@ -135,9 +135,11 @@ class QloraJob:
     def __call__(self, recipe_path: str, overrides: list[str], cwd: str, cpu_ranks: bool = False) -> dict[str, Any]:
         import submitit
 
+        from .launch import default_allocator_settings
         from .train import setup_logging, train
 
         os.chdir(cwd)
+        default_allocator_settings()  # as `qlora-sft train` does (before CUDA starts)
         if cpu_ranks:  # a job that asked for no GPUs runs CPU ranks on purpose (see launch.check_devices)
             os.environ["ACCELERATE_USE_CPU"] = "true"
         env = export_torch_env()

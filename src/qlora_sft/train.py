@@ -258,6 +258,8 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     for note in launch_config.launch_notes(recipe, mode):
         log.info("launch: %s", note)
     cap = launch.apply_gpu_memory_cap()
+    if mode.kind != "cpu":
+        log.info("CUDA allocator: %s", launch.describe_allocator_settings())
     if cap is not None:
         log.info("GPU memory capped at %.1f GiB per rank (%s)", cap, launch.GPU_MEMORY_CAP_ENV)
     if "SLURM_JOB_ID" in os.environ:
