@@ -10,7 +10,11 @@ default), fsdp_offload; ablation rows fsdp_peft (peft's units, as before 2026-11
 fsdp_nooffload, fsdp_offload_peft; ablation rows of ZeRO-3 that change its DeepSpeed JSON (a copy
 of configs/deepspeed/zero3.json written beside the logs): zero3_layers (each decoder layer one
 DeepSpeed leaf module, `leaf_module.classes`), zero3_persist (stage3_param_persistence_threshold
-1M elements: adapters, norms and biases stay whole on every rank), zero3_layers_persist. Checks
+1M elements: adapters, norms and biases stay whole on every rank), zero3_layers_persist; FSDP's
+prefetch (fsdp_bwd_pre, fsdp_bwd_post, fsdp_fwd_prefetch, fsdp_offload_bwd_post: a changed copy of
+the accelerate config), the allocator (*_expandable, *_segments_off), one GPU's memory levers
+(1gpu_hostemb, 1gpu_mb2, 1gpu_mb2_hostemb, 1gpu_adamw32) and profiled rows (*_profiled: one step
+profiled on every rank, what was alive at its memory peak in the row). Checks
 written beside the results: speedup against one GPU, tokens/s and peak against DDP for the sharded
 modes, the largest loss difference against one GPU, the largest resumed loss difference, and
 plan's estimate against each peak.
