@@ -36,12 +36,19 @@ def batches(rank: int) -> list[torch.Tensor]:
     return [torch.randint(1, 300, (2, 12), generator=g) for _ in range(STEPS)]
 
 
+def bundled_backward_prefetch() -> str:
+    import yaml
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp_qlora.yaml"
+    return yaml.safe_load(config.read_text())["fsdp_config"]["fsdp_backward_prefetch"]
+
+
 def build(model_dir: str, units: str):
     from helpers import bf16_nf4_config
     from peft import LoraConfig, get_peft_model
     from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import BackwardPrefetch, MixedPrecision
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import MixedPrecision
 
     from qlora_sft.loader import load_low_memory
     from qlora_sft.model import (
@@ -89,6 +96,7 @@ def build(model_dir: str, units: str):
         mixed_precision=MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16),
         sync_module_states=True,
         param_init_fn=lambda m: m.to_empty(device=cpu, recurse=False),  # accelerate's
+        backward_prefetch=BackwardPrefetch[bundled_backward_prefetch()],  # as the bundled config sets it
     )
     broadcast_from_rank0(params)  # what fsdp_layer_units does after the Trainer's wrapping
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
