@@ -223,3 +223,5 @@ def test_peak_breakdown_names_what_is_alive_at_the_peak():
     assert out["above_held_before_at_peak_gib"] == 600 / 1024
     assert out["by_line_mib"] == {"liger_kernel/ops/flce.py:77 chunk": 600.0}
     assert out["held_before_gib"] == 1.0 and out["freed_before_peak_gib"] == 0.0
+    # without the allocator's number, the step's peak is what was held plus the largest live total
+    assert peak_breakdown({"device_traces": [trace]}, held_before=2**30)["peak_gib"] == 1 + 600 / 1024

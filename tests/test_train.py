@@ -226,3 +226,22 @@ print(repr(back.float().sum().item()), (back.float() - w.float()).abs().max().it
     assert deferred[:2] == eager[:2] and deferred[1] == "True", outs  # the same dequantized values
     assert deferred[2:] == ["False", "True"], outs  # not at import; compiled at the kernel's first call
     assert eager[2] == "True", outs  # without the deferral the import alone loads the compiler
+
+
+def test_profile_step_writes_each_ranks_own_profile(tmp_path: Path):
+    """QLORA_SFT_PROFILE_STEP's callback profiles exactly the named step and writes this rank's file
+    (on a GPU also the memory-at-peak file, checked by the GPU benchmark rows `*_profiled`)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from qlora_sft.train import profile_callback
+
+    cb = profile_callback(3, tmp_path, rank=1)
+    for step in range(4):
+        state = SimpleNamespace(global_step=step)
+        cb.on_step_begin(None, state, None)
+        torch.ones(64, 64) @ torch.ones(64, 64)
+        cb.on_step_end(None, state, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile-rank1.txt"]
+    assert "aten::mm" in (tmp_path / "profile-rank1.txt").read_text()

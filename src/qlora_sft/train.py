@@ -138,10 +138,13 @@ def metrics_callback(path: Path) -> Any:
 OWN_FRAMES = ("qlora_sft", "peft", "transformers", "bitsandbytes", "liger_kernel", "trl", "accelerate")
 
 
-def peak_breakdown(snapshot: dict[str, Any], held_before: int, peak: int, top: int = 30) -> dict[str, Any]:
+def peak_breakdown(
+    snapshot: dict[str, Any], held_before: int, peak: int | None = None, top: int = 30
+) -> dict[str, Any]:
     """The blocks alive at the step's peak of allocated memory, by the line that allocated them (from
     `torch.cuda.memory._snapshot()` recorded over the step). `held_before` is what was allocated
-    when recording started (weights, optimizer state): the peak is that plus the step's blocks."""
+    when recording started (weights, optimizer state): the step's peak is that plus the step's
+    largest live total (or `peak`, the allocator's own number, where its statistics were reset)."""
     trace = next((t for t in snapshot.get("device_traces", []) if t), [])
     live: dict[int, dict[str, Any]] = {}
     current = best = best_at = 0
@@ -170,7 +173,7 @@ def peak_breakdown(snapshot: dict[str, Any], held_before: int, peak: int, top: i
         groups[key] = groups.get(key, 0) + ev["size"]
     ranked = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
     return {
-        "peak_gib": peak / 2**30,
+        "peak_gib": (held_before + best if peak is None else peak) / 2**30,
         "held_before_gib": held_before / 2**30,
         "freed_before_peak_gib": freed_before_step / 2**30,
         "above_held_before_at_peak_gib": best / 2**30,
@@ -198,8 +201,7 @@ def profile_callback(step: int, logs_dir: Path, rank: int) -> Any:
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if cuda:
                     activities.append(torch.profiler.ProfilerActivity.CUDA)
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
+                    torch.cuda.synchronize()  # (the run's peak statistics are left alone: the run reports them)
                     torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
                     self.held_before = torch.cuda.memory_allocated()
                 self.prof = torch.profiler.profile(activities=activities)
@@ -224,7 +226,7 @@ def profile_callback(step: int, logs_dir: Path, rank: int) -> Any:
             if cuda:
                 snapshot = torch.cuda.memory._snapshot()
                 torch.cuda.memory._record_memory_history(enabled=None)
-                peak = peak_breakdown(snapshot, self.held_before, torch.cuda.max_memory_allocated())
+                peak = peak_breakdown(snapshot, self.held_before)
                 path = logs_dir / f"memory-peak-rank{rank}.json"
                 path.write_text(json.dumps(peak, indent=1))
                 log.info("memory alive at step %d's peak (%.2f GiB) written to %s", step, peak["peak_gib"], path)
