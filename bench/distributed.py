@@ -57,6 +57,8 @@ from typing import Any
 
 import yaml
 
+from qlora_sft.launch import DEFAULT_ALLOC_CONF
+
 from . import measure, report
 from .workload import make_data, make_model
 
@@ -82,6 +84,9 @@ class Mode:
 
 
 PROFILE_STEP = "5"  # the step the *_profiled rows profile (QLORA_SFT_PROFILE_STEP): after the warm-up
+PROFILED = (("QLORA_SFT_PROFILE_STEP", PROFILE_STEP),)
+EXPANDABLE = (("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_ALLOC_CONF),)  # what qlora-sft sets unless the user did
+SEGMENTS_OFF = (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),)
 
 
 MODES = {
@@ -113,20 +118,18 @@ MODES = {
     "fsdp_fwd_prefetch": Mode("fsdp_qlora.yaml", fsdp=(("fsdp_forward_prefetch", True),)),
     # the allocator's expandable segments under FSDP (reserved memory, what a capped card runs out
     # of, closer to what is allocated)
-    "fsdp_expandable": Mode("fsdp_qlora.yaml", (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),)),
-    "fsdp_offload_expandable": Mode(
-        "fsdp_qlora_offload.yaml", (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),)
-    ),
+    "fsdp_expandable": Mode("fsdp_qlora.yaml", EXPANDABLE),
+    "fsdp_offload_expandable": Mode("fsdp_qlora_offload.yaml", EXPANDABLE),
     "fsdp_offload_bwd_post": Mode("fsdp_qlora_offload.yaml", fsdp=(("fsdp_backward_prefetch", "BACKWARD_POST"),)),
     # the allocator without expandable segments (qlora-sft turns them on unless PYTORCH_CUDA_ALLOC_CONF
     # or PYTORCH_ALLOC_CONF is set, since 2026-11-30)
-    "1gpu_segments_off": Mode("single_gpu.yaml", (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),)),
-    "fsdp_segments_off": Mode("fsdp_qlora.yaml", (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),)),
+    "1gpu_segments_off": Mode("single_gpu.yaml", SEGMENTS_OFF),
+    "fsdp_segments_off": Mode("fsdp_qlora.yaml", SEGMENTS_OFF),
     # one step profiled on every rank (torch.profiler, and what is alive at the memory peak by the
     # line that allocated it): where a mode's peak goes; its tokens/s include the profiled step
-    "ddp_profiled": Mode("multi_gpu.yaml", (("QLORA_SFT_PROFILE_STEP", PROFILE_STEP),)),
-    "fsdp_profiled": Mode("fsdp_qlora.yaml", (("QLORA_SFT_PROFILE_STEP", PROFILE_STEP),)),
-    "1gpu_profiled": Mode("single_gpu.yaml", (("QLORA_SFT_PROFILE_STEP", PROFILE_STEP),)),
+    "ddp_profiled": Mode("multi_gpu.yaml", PROFILED),
+    "fsdp_profiled": Mode("fsdp_qlora.yaml", PROFILED),
+    "1gpu_profiled": Mode("single_gpu.yaml", PROFILED),
     # ablation rows of one GPU's memory (issue 29's levers): the frozen input embedding in host
     # memory, 2 x 2048 tokens per micro batch (twice the accumulation), both, 32-bit AdamW instead
     # of the paged 8-bit one, and the allocator's expandable segments (reserved memory closer to
@@ -137,12 +140,8 @@ MODES = {
         "single_gpu.yaml", overrides=("train.micro_batch_tokens=4096", "model.embedding_in_host_memory=true")
     ),
     "1gpu_adamw32": Mode("single_gpu.yaml", overrides=("train.optim=adamw_torch",)),
-    "1gpu_expandable": Mode("single_gpu.yaml", (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),)),
-    "1gpu_mb2_expandable": Mode(
-        "single_gpu.yaml",
-        (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),),
-        overrides=("train.micro_batch_tokens=4096",),
-    ),
+    "1gpu_expandable": Mode("single_gpu.yaml", EXPANDABLE),
+    "1gpu_mb2_expandable": Mode("single_gpu.yaml", EXPANDABLE, overrides=("train.micro_batch_tokens=4096",)),
 }
 SHARDED = ("zero3", "fsdp", "fsdp_offload")
 DEFAULT_MODES = ("1gpu", "ddp", "zero2", "zero3", "fsdp", "fsdp_offload")  # others are ablation rows
