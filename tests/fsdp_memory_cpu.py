@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,12 +40,26 @@ def live_storages() -> list[tuple[int, list[int], str]]:
     return sorted(found.values(), reverse=True)
 
 
+def count_gathers(unit: Any) -> dict[str, Any]:
+    """Count the all-gathers of an FSDP1 unit's flat parameter, by the phase the caller sets."""
+    counts: dict[str, Any] = {"forward": 0, "backward": 0, "phase": "forward"}
+    all_gather = unit._handle._all_gather_flat_param
+
+    def counted(padded: torch.Tensor) -> torch.Tensor:
+        counts[counts["phase"]] += 1
+        return all_gather(padded)
+
+    unit._handle._all_gather_flat_param = counted
+    return counts
+
+
 def main(model_dir: str, out_dir: str) -> None:
     import torch.distributed.fsdp._init_utils as fsdp_init
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from helpers import bf16_nf4_config
     from peft import LoraConfig, get_peft_model
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import MixedPrecision
 
     from qlora_sft.launch import LaunchMode
@@ -70,8 +85,11 @@ def main(model_dir: str, out_dir: str) -> None:
     data_device = cpu if rank == 0 else torch.device("meta")
     base = load_low_memory(model_dir, bf16_nf4_config(), dtype=bf16, data_device=data_device, compute_device=cpu)
     keep_cpu_4bit_trainable(base)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as load_model does
+    base.enable_input_require_grads()
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.enable_input_require_grads()  # TRL's SFTTrainer adds its own hook too
     model.train()
     trainer = SimpleNamespace(
         accelerator=accelerator,
@@ -82,9 +100,34 @@ def main(model_dir: str, out_dir: str) -> None:
     prepare_sharding(trainer, LaunchMode(kind="fsdp", world_size=dist.get_world_size(), rank=rank), bf16)
     wrapped = trainer._prepare_for_training()
     ids = torch.randint(1, 300, (2, 12), generator=torch.Generator().manual_seed(rank))
-    wrapped(input_ids=ids, labels=ids).loss.backward()
+    (unit,) = [u for u in FSDP.fsdp_modules(wrapped) if isinstance(u.module, torch.nn.Embedding)]
+    gathers = count_gathers(unit)
+    gathers["phase"] = "forward"
+    loss = wrapped(input_ids=ids, labels=ids).loss
+    gathers["phase"] = "backward"
+    loss.backward()
     storages = live_storages()
     report = {"rank": rank, "live_bytes": sum(s[0] for s in storages), "largest": storages[:5]}
+    report["embedding_gathers"] = {k: gathers[k] for k in ("forward", "backward")}
+    adapters = [p for p in wrapped.parameters() if p.requires_grad]
+    grads = [p.grad.clone() for p in adapters]
+    report["adapter_grads_nonzero"] = sum(bool(g.abs().sum() > 0) for g in grads)
+    report["adapters"] = len(adapters)
+
+    # The same step as before the fix: the marking hook back on the embedding itself
+    (outer,) = unit._forward_hooks.values()
+    unit._forward_hooks.clear()
+    unit.module.register_forward_hook(outer)
+    for p in adapters:
+        p.grad = None
+    gathers.update(forward=0, backward=0, phase="forward")
+    loss_before = wrapped(input_ids=ids, labels=ids).loss
+    gathers["phase"] = "backward"
+    loss_before.backward()
+    report["embedding_gathers_marked_inside"] = {k: gathers[k] for k in ("forward", "backward")}
+    report["same_loss_and_grads"] = bool(loss_before == loss) and all(
+        torch.equal(p.grad, g) for p, g in zip(adapters, grads, strict=True)
+    )
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()

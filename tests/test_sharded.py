@@ -288,13 +288,16 @@ def test_fsdp1_resume_after_a_kill_continues_exactly(tiny_model: Path, tmp_path:
 
 
 @pytest.mark.multiprocess
-def test_fsdp1_ranks_that_loaded_placeholders_hold_no_more_than_rank_0(tmp_path: Path):
+def test_fsdp1_ranks_hold_the_same_and_gather_the_embedding_once(tmp_path: Path):
     """accelerate's FSDP1 wrapping, set up by `prepare_sharding`, on two CPU ranks: rank 0 loaded the
     weights, rank 1 placeholders that FSDP materialises and fills from rank 0. After a training step
     both hold the same live tensor bytes. accelerate's `ensure_weights_retied` wrapper of the
     param_init_fn, kept on the plugin, held rank 1's whole materialised `lm_head.weight` (a Llama
     names it tied, tied or not): 1 GiB more steady GPU memory on rank 1 for Llama-3-8B, 2 GiB for
-    70B, on two H200s. A vocabulary of 32000 over 64 hidden units makes the head the largest tensor."""
+    70B, on two H200s. A vocabulary of 32000 over 64 hidden units makes the head the largest tensor.
+    With checkpointing wired as `load_model` does, the frozen embedding's unit is all-gathered in the
+    forward only (`no_embedding_gather_in_backward`), with the same loss and gradients as when
+    FSDP gathered it again in the backward."""
     from tiny import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "wide-vocab", vocab_size=32000)
@@ -308,6 +311,12 @@ def test_fsdp1_ranks_that_loaded_placeholders_hold_no_more_than_rank_0(tmp_path:
     head = 32000 * 64 * 2  # bf16
     assert r0["live_bytes"] < 2 * head  # the shards, adapters and step: what each rank must hold
     assert r1["live_bytes"] <= r0["live_bytes"] + head // 20, (r0["largest"], r1["largest"])
+    for r in (r0, r1):
+        # The frozen embedding's unit is gathered for the forward only; marked from inside its unit
+        # (what transformers, peft and TRL do) FSDP gathered it again in the backward. Same step.
+        assert r["embedding_gathers"] == {"forward": 1, "backward": 0}
+        assert r["embedding_gathers_marked_inside"] == {"forward": 1, "backward": 1}
+        assert r["same_loss_and_grads"] and r["adapter_grads_nonzero"] == r["adapters"] // 2  # lora_B; lora_A's are 0 at B=0
 
 
 def test_launch_mode_from_the_launchers_environment(tmp_path: Path):

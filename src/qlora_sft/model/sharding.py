@@ -146,6 +146,9 @@ def fsdp_layer_units(trainer: Any) -> None:
         finally:
             trainer_module.update_fsdp_plugin_peft = update
         broadcast_from_rank0(params)  # after wrapping (and after a resume's load, which it keeps)
+        wrapped = out[0] if isinstance(out, tuple) else out
+        if no_embedding_gather_in_backward(wrapped):
+            log.info("FSDP: the embedding's unit is not gathered again in the backward (frozen, nothing to compute)")
         return out
 
     def step_then_average(*args: Any, **kwargs: Any) -> Any:
@@ -162,6 +165,38 @@ def fsdp_layer_units(trainer: Any) -> None:
         len(adapters),
         sum(p.numel() for p in params) / 1e6,
     )
+
+
+def no_embedding_gather_in_backward(wrapped: Any) -> bool:
+    """Keep FSDP1 from gathering the frozen input embedding's unit a second time, in the backward.
+
+    Checkpointing marks the embedding's output as requiring grad (transformers, peft and TRL each
+    register `enable_input_require_grads`'s forward hook on the embedding), and FSDP1 registers a
+    pre-backward hook, which unshards the unit, on every output of a unit that requires grad. The
+    gradient stops there (the table is frozen), so the gather is pure cost: on two H200s (Llama-3-8B,
+    BACKWARD_PRE) the embedding's 1,002 MiB was gathered during the first layer's backward, at the
+    step's peak. Here those hooks move from the embedding to the outside of its FSDP unit: the
+    output is marked after FSDP has registered its hooks, so the first decoder layer still receives
+    an input that requires grad (what reentrant or offloaded checkpointing needs) and the values are
+    unchanged. Returns whether a hook was moved (False where the embedding is no unit of its own or
+    no such hook exists)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    units = [u for u in FSDP.fsdp_modules(wrapped) if isinstance(u.module, torch.nn.Embedding)]
+    if len(units) != 1:
+        return False
+    unit, embedding = units[0], units[0].module
+    marking = [k for k, h in embedding._forward_hooks.items() if getattr(h, "__name__", "") == "make_inputs_require_grads"]
+    for key in marking:
+        for hooks in (embedding._forward_hooks, embedding._forward_hooks_with_kwargs, embedding._forward_hooks_always_called):
+            hooks.pop(key, None)
+    if marking:
+        unit.register_forward_hook(mark_output_requires_grad)
+    return bool(marking)
+
+
+def mark_output_requires_grad(module: Any, inputs: Any, output: torch.Tensor) -> None:
+    output.requires_grad_(True)
 
 
 def release_retied_parameters(accelerator: Any) -> None:
