@@ -186,10 +186,11 @@ def no_embedding_gather_in_backward(wrapped: Any) -> bool:
     if len(units) != 1:
         return False
     unit, embedding = units[0], units[0].module
-    marking = [k for k, h in embedding._forward_hooks.items() if getattr(h, "__name__", "") == "make_inputs_require_grads"]
+    hooks = embedding._forward_hooks
+    marking = [k for k, h in hooks.items() if getattr(h, "__name__", "") == "make_inputs_require_grads"]
     for key in marking:
-        for hooks in (embedding._forward_hooks, embedding._forward_hooks_with_kwargs, embedding._forward_hooks_always_called):
-            hooks.pop(key, None)
+        for table in (hooks, embedding._forward_hooks_with_kwargs, embedding._forward_hooks_always_called):
+            table.pop(key, None)
     if marking:
         unit.register_forward_hook(mark_output_requires_grad)
     return bool(marking)
