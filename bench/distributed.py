@@ -57,7 +57,7 @@ from typing import Any
 
 import yaml
 
-from qlora_sft.launch import DEFAULT_ALLOC_CONF
+from qlora_sft.launch import DEFAULT_ALLOC_CONF, EMBEDDING_GATHERED_ONCE
 
 from . import measure, report
 from .workload import make_data, make_model
@@ -434,6 +434,9 @@ def main() -> int:
             **read_run(runs / mode),
             "plan_estimate_gib": plan_estimate(recipe_path, mode, args.gpus, args.overrides, log_dir / "configs"),
         }
+        if r["accelerate_fsdp_config"]:
+            # rows without this key ran before the embedding's unit was kept from the backward's gather
+            r["fsdp_embedding_gathered_in_backward"] = EMBEDDING_GATHERED_ONCE not in log.read_text(errors="replace")
         results.append(r)
         write_results(base, args, results)  # after every phase: a call cut off by its time limit keeps it
         if rc == 0 and mode in kill_modes:

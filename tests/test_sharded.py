@@ -460,6 +460,12 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
                 assert "leaf_module" in notes and "does not model it" in notes, notes
                 continue
             estimate = estimate_memory(shape, recipe, mode).total
+            # Rows without the key ran before the embedding's unit was kept from the backward's gather:
+            # BACKWARD_PRE then brought the whole embedding in while the first layer's backward ran
+            gathered = r.get("fsdp_embedding_gathered_in_backward", True)
+            pre = mode.fsdp is not None and mode.fsdp.backward_prefetch == "BACKWARD_PRE"
+            if gathered and pre and mode.adapters_replicated and not shape.tied:
+                estimate += shape.vocab * shape.hidden * 2 / 2**30
             assert abs(estimate - peak) / peak <= 0.15, (result.name, r["mode"], estimate, peak)
             checked += 1
     assert checked >= 5  # 8B on 1 GPU, FSDP and ZeRO-3 (H100); 70B under FSDP (H200)

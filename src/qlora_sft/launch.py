@@ -53,6 +53,9 @@ GPU_MEMORY_CAP_ENV = "QLORA_SFT_GPU_MEMORY_GIB"
 # output head, the adapters replicated on every rank; `peft`: peft's policy (every LoRA layer its own
 # unit too), kept for comparison (docs/larger-models.md, bench/results).
 FSDP_UNITS_ENV = "QLORA_SFT_FSDP_UNITS"
+# logged by model.sharding once the frozen embedding's FSDP unit is kept from a second gather in the
+# backward; bench/distributed.py records per row whether its run logged it
+EMBEDDING_GATHERED_ONCE = "FSDP: the embedding's unit is not gathered again in the backward (frozen, nothing to do)"
 FSDP_UNITS = ("layers", "peft")
 
 

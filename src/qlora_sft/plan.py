@@ -30,8 +30,9 @@ I = MLP size, L = layers, V = vocabulary, n = LoRA parameters, W = ranks sharing
                         term; fitted to the H100/H200 runs of the 1B, 8B and 70B shapes in
                         bench/results, within 15% of every measured peak), or all layers without
                         checkpointing
+  LoRA dropout          (lora.dropout > 0) each adapted linear's dropped input, one layer: B*T*(6h + I)*2
   logits                TRL's fused LM head tiles the vocabulary (no B*T x V logits): B*T*h*2*2
-  workspace             the largest dequantized weight (bf16) x 2 + 0.25 GiB allocator slack
+  workspace             the largest dequantized weight (bf16) + 0.25 GiB allocator slack
 """
 
 from __future__ import annotations
@@ -185,13 +186,9 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
         root = (head if not shape.tied else 0) + h if mode.adapters_replicated else shape.other_params * other_bytes
         units = min(layers, fsdp_gathered_layers(mode))
         gathered = root + (units * layer_weights if moves_weights else 0)
-        if mode.adapters_replicated and not shape.tied and moves_weights and fsdp_prefetches_embedding(mode):
-            # BACKWARD_PRE gathers the next unit before the current one's gradients are computed: the
-            # embedding's unit (its output requires grad for checkpointing, so FSDP gathers it in the
-            # backward too) arrives while the first decoder layer's backward still holds its
-            # activations. Measured on two H200s (2026-11-30, Llama-3-8B, what is alive at the peak):
-            # 6.73 GiB per rank with BACKWARD_PRE, 5.81 with BACKWARD_POST, the same tokens/s
-            gathered += head
+        # The embedding's unit is gathered for the forward only (model.sharding keeps FSDP from
+        # gathering it again in the backward): with BACKWARD_PRE that gather arrived while the first
+        # decoder layer's backward held its activations, 0.82-0.92 GiB more per rank at 8B (two H200s)
         if mode.fsdp is not None and mode.fsdp.sharding_strategy == "NO_SHARD":  # every rank holds it whole
             gathered = 0.0
     elif mode.shards_parameters and moves_weights:
@@ -216,8 +213,13 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
         # with checkpointing every layer's input stays until the backward pass, on the GPU or, with
         # train.offload_activations, in host memory
         "activations": (tokens * h * 2 * held + layer_act) if gc else layer_act * layers,
+        # LoRA dropout keeps each adapted linear's dropped input (q, k, v, o, gate, up: h each; down:
+        # the intermediate size) for the backward, for the layer being recomputed under checkpointing
+        "LoRA dropout": (tokens * (6 * h + inter) * 2 * (1 if gc else layers)) if recipe.lora.dropout > 0 else 0.0,
         "logits (fused loss)": tokens * h * 2 * 2,
-        "workspace": biggest * 2 * 2 + 0.25 * GIB,
+        # one dequantized weight at a time (bitsandbytes' 112 MiB at 8B in the profiled FSDP step of
+        # two H200s, 2026-11-30, `memory-peak-rank<i>.json`)
+        "workspace": biggest * 2 + 0.25 * GIB,
     }
     return MemoryEstimate({k: v / GIB for k, v in parts.items()})
 
@@ -232,13 +234,6 @@ def fsdp_gathered_layers(mode: LaunchMode) -> int:
     if not fs.reshards_after_forward and fs.sharding_strategy != "NO_SHARD":
         return 10**6  # (capped by the caller's layer count)
     return 2 if fs.prefetches else 1
-
-
-def fsdp_prefetches_embedding(mode: LaunchMode) -> bool:
-    """Whether FSDP's backward prefetch gathers the embedding's unit while the first decoder layer's
-    backward runs (BACKWARD_PRE; not BACKWARD_POST, the bundled configs' choice since 2026-11-30)."""
-    fs = mode.fsdp
-    return fs is not None and fs.backward_prefetch == "BACKWARD_PRE"
 
 
 def loading_host_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode) -> float | None:

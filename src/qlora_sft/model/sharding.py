@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..launch import FSDP_UNITS_ENV, LaunchMode
+from ..launch import EMBEDDING_GATHERED_ONCE, FSDP_UNITS_ENV, LaunchMode
 
 log = logging.getLogger("qlora_sft")
 
@@ -148,7 +148,7 @@ def fsdp_layer_units(trainer: Any) -> None:
         broadcast_from_rank0(params)  # after wrapping (and after a resume's load, which it keeps)
         wrapped = out[0] if isinstance(out, tuple) else out
         if no_embedding_gather_in_backward(wrapped):
-            log.info("FSDP: the embedding's unit is not gathered again in the backward (frozen, nothing to compute)")
+            log.info(EMBEDDING_GATHERED_ONCE)
         return out
 
     def step_then_average(*args: Any, **kwargs: Any) -> Any:
