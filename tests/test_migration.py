@@ -475,9 +475,9 @@ def test_fsdp_settings_that_work_are_honoured_in_plan(tmp_path: Path):
     assert no_prefetch["gathered for compute"] < full["gathered for compute"]  # one layer, not two
     post = parts(fsdp_backward_prefetch="BACKWARD_POST")
     assert parts(fsdp_backward_prefetch="NO_PREFETCH", fsdp_forward_prefetch=True) == post
-    # BACKWARD_PRE (this config's) also holds the embedding's unit during the first layer's backward
-    embedding = shape.vocab * shape.hidden * 2 / 2**30
-    assert full["gathered for compute"] - post["gathered for compute"] == pytest.approx(embedding)
+    # BACKWARD_PRE (this config's) and BACKWARD_POST both hold the running layer and the next; the
+    # embedding's unit is not gathered again in the backward (model.sharding), whichever prefetch
+    assert full["gathered for compute"] == post["gathered for compute"]
     grad_op = parts(fsdp_sharding_strategy="SHARD_GRAD_OP")
     assert grad_op["gathered for compute"] > 4 * full["gathered for compute"]  # every layer kept gathered
     no_shard = parts(fsdp_sharding_strategy="NO_SHARD")
