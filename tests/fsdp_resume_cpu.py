@@ -59,6 +59,7 @@ def build(model_dir: str, units: str):
         layer_units_policy,
         replicate_adapters,
     )
+    from qlora_sft.model.sharding import no_embedding_gather_in_backward
 
     bf16, cpu = torch.bfloat16, torch.device("cpu")
     q = bf16_nf4_config()
@@ -72,6 +73,8 @@ def build(model_dir: str, units: str):
     data_device = torch.device("meta") if dist.get_rank() != 0 else cpu
     base = load_low_memory(model_dir, q, dtype=bf16, data_device=data_device, compute_device=cpu)
     keep_cpu_4bit_trainable(base)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as load_model does
+    base.enable_input_require_grads()
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
@@ -99,6 +102,8 @@ def build(model_dir: str, units: str):
         backward_prefetch=BackwardPrefetch[bundled_backward_prefetch()],  # as the bundled config sets it
     )
     broadcast_from_rank0(params)  # what fsdp_layer_units does after the Trainer's wrapping
+    if units == "layers":
+        assert no_embedding_gather_in_backward(wrapped)  # and this
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
     return model, wrapped, optimizer, params
 

@@ -260,7 +260,8 @@ def test_fsdp1_resume_after_a_kill_continues_exactly(tiny_model: Path, tmp_path:
     SIGKILLed after the checkpoint of step 3, the relaunch loads it with qlora-sft's resume code
     (the adapter copied in place, FSDP's optimizer state, the resume check), and steps 4-6 give the
     uninterrupted run's losses exactly; on every rank the optimizer state after loading equals what
-    was saved, and the adapters end identical. (On two H200s the Trainer's own FSDP resume drifted
+    was saved, and the adapters end identical. Checkpointing is wired as `load_model` wires it, and
+    with layer units the embedding's unit is kept from the backward's gather, as in training. (On two H200s the Trainer's own FSDP resume drifted
     by 0.037 over 5 steps; it did not show on CPU ranks, where loading through peft before FSDP's
     root is initialised fails outright.)"""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
