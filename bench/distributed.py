@@ -435,8 +435,11 @@ def main() -> int:
             "plan_estimate_gib": plan_estimate(recipe_path, mode, args.gpus, args.overrides, log_dir / "configs"),
         }
         if r["accelerate_fsdp_config"]:
-            # rows without this key ran before the embedding's unit was kept from the backward's gather
-            r["fsdp_embedding_gathered_in_backward"] = EMBEDDING_GATHERED_ONCE not in log.read_text(errors="replace")
+            # logged after the first training forward from what FSDP registered (None: the run never
+            # got there). Rows without this key ran before the embedding's unit was kept from the
+            # backward's gather.
+            once = EMBEDDING_GATHERED_ONCE in log.read_text(errors="replace")
+            r["fsdp_embedding_gathered_in_backward"] = False if once else (None if rc else True)
         results.append(r)
         write_results(base, args, results)  # after every phase: a call cut off by its time limit keeps it
         if rc == 0 and mode in kill_modes:

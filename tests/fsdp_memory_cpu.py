@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,9 +63,10 @@ def main(model_dir: str, out_dir: str) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import MixedPrecision
 
-    from qlora_sft.launch import LaunchMode
+    from qlora_sft.launch import EMBEDDING_GATHERED_ONCE, LaunchMode
     from qlora_sft.loader import load_low_memory
     from qlora_sft.model import keep_cpu_4bit_trainable, prepare_sharding
+    from qlora_sft.model.sharding import no_embedding_gather_in_backward
 
     bf16, cpu = torch.bfloat16, torch.device("cpu")
     accelerator = Accelerator(cpu=True)
@@ -97,6 +99,11 @@ def main(model_dir: str, out_dir: str) -> None:
         _prepare_for_training=lambda: accelerator.prepare(model),
         training_step=None,
     )
+    messages: list[str] = []
+    collect = logging.Handler(logging.INFO)
+    collect.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("qlora_sft").addHandler(collect)
+    logging.getLogger("qlora_sft").setLevel(logging.INFO)
     prepare_sharding(trainer, LaunchMode(kind="fsdp", world_size=dist.get_world_size(), rank=rank), bf16)
     wrapped = trainer._prepare_for_training()
     ids = torch.randint(1, 300, (2, 12), generator=torch.Generator().manual_seed(rank))
@@ -109,6 +116,7 @@ def main(model_dir: str, out_dir: str) -> None:
     storages = live_storages()
     report = {"rank": rank, "live_bytes": sum(s[0] for s in storages), "largest": storages[:5]}
     report["embedding_gathers"] = {k: gathers[k] for k in ("forward", "backward")}
+    report["logged_once"] = messages.count(EMBEDDING_GATHERED_ONCE)
     adapters = [p for p in wrapped.parameters() if p.requires_grad]
     grads = [p.grad.clone() for p in adapters]
     report["adapter_grads_nonzero"] = sum(bool(g.abs().sum() > 0) for g in grads)
@@ -118,6 +126,8 @@ def main(model_dir: str, out_dir: str) -> None:
     (outer,) = unit._forward_hooks.values()
     unit._forward_hooks.clear()
     unit.module.register_forward_hook(outer)
+    del messages[:]
+    no_embedding_gather_in_backward(wrapped)  # a marking hook it does not know: it moves nothing and says so
     for p in adapters:
         p.grad = None
     gathers.update(forward=0, backward=0, phase="forward")
@@ -125,6 +135,7 @@ def main(model_dir: str, out_dir: str) -> None:
     gathers["phase"] = "backward"
     loss_before.backward()
     report["embedding_gathers_marked_inside"] = {k: gathers[k] for k in ("forward", "backward")}
+    report["warned_marked_inside"] = [m for m in messages if "gathered again in every backward" in m]
     report["same_loss_and_grads"] = bool(loss_before == loss) and all(
         torch.equal(p.grad, g) for p, g in zip(adapters, grads, strict=True)
     )

@@ -261,9 +261,9 @@ def test_fsdp1_resume_after_a_kill_continues_exactly(tiny_model: Path, tmp_path:
     (the adapter copied in place, FSDP's optimizer state, the resume check), and steps 4-6 give the
     uninterrupted run's losses exactly; on every rank the optimizer state after loading equals what
     was saved, and the adapters end identical. Checkpointing is wired as `load_model` wires it, and
-    with layer units the embedding's unit is kept from the backward's gather, as in training. (On two H200s the Trainer's own FSDP resume drifted
-    by 0.037 over 5 steps; it did not show on CPU ranks, where loading through peft before FSDP's
-    root is initialised fails outright.)"""
+    with layer units the embedding's unit is kept from the backward's gather, as in training. (On
+    two H200s the Trainer's own FSDP resume drifted by 0.037 over 5 steps; it did not show on CPU
+    ranks, where loading through peft before FSDP's root is initialised fails outright.)"""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     torchrun = str(Path(sys.executable).with_name("torchrun"))
 
@@ -317,6 +317,9 @@ def test_fsdp1_ranks_hold_the_same_and_gather_the_embedding_once(tmp_path: Path)
         # (what transformers, peft and TRL do) FSDP gathered it again in the backward. Same step.
         assert r["embedding_gathers"] == {"forward": 1, "backward": 0}
         assert r["embedding_gathers_marked_inside"] == {"forward": 1, "backward": 1}
+        assert r["logged_once"] == 1  # after the first training forward, from what FSDP registered
+        (warning,) = r["warned_marked_inside"]  # a marking hook it cannot move: reported, with the cost
+        assert "GiB per rank" in warning and "(mark_output_requires_grad)" in warning
         assert r["same_loss_and_grads"]
         assert r["adapter_grads_nonzero"] == r["adapters"] // 2  # lora_B's; lora_A's are 0 while B is 0
 
@@ -465,7 +468,8 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
             # BACKWARD_PRE then brought the whole embedding in while the first layer's backward ran
             gathered = r.get("fsdp_embedding_gathered_in_backward", True)
             pre = mode.fsdp is not None and mode.fsdp.backward_prefetch == "BACKWARD_PRE"
-            if gathered and pre and mode.adapters_replicated and not shape.tied:
+            moves = r["gpus"] > 1 or mode.offload  # the embedding's weights arrive from other ranks or the CPU
+            if gathered and pre and moves and mode.adapters_replicated and not shape.tied:
                 estimate += shape.vocab * shape.hidden * 2 / 2**30
             assert abs(estimate - peak) / peak <= 0.15, (result.name, r["mode"], estimate, peak)
             checked += 1

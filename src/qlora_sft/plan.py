@@ -15,7 +15,7 @@ I = MLP size, L = layers, V = vocabulary, n = LoRA parameters, W = ranks sharing
   gathered for compute  FSDP: the root unit (embeddings, lm_head, final norm) gathered whole (during
                         the step with W > 1; when a checkpoint's full state dict is written with W = 1),
                         plus with W > 1 or offload two decoder layers (the one computing and the one
-                        prefetched), plus the embedding (V x h x 2) with BACKWARD_PRE and layer units;
+                        prefetched); the embedding's unit only in the forward (model.sharding);
                         ZeRO-3 with W > 1 or offload gathers one module at a time, the largest being the
                         embedding or lm_head (V x h x 2)
   LoRA                  n x 4 (fp32) weights + n x 4 gradients (/ W under FSDP and ZeRO-3; gradients
@@ -30,7 +30,9 @@ I = MLP size, L = layers, V = vocabulary, n = LoRA parameters, W = ranks sharing
                         term; fitted to the H100/H200 runs of the 1B, 8B and 70B shapes in
                         bench/results, within 15% of every measured peak), or all layers without
                         checkpointing
-  LoRA dropout          (lora.dropout > 0) each adapted linear's dropped input, one layer: B*T*(6h + I)*2
+  LoRA dropout          (lora.dropout > 0) each adapted linear's dropped input, B*T*(6h + I)*2 for the
+                        layer recomputed (every layer without checkpointing); all seven linears
+                        counted whatever lora.target_modules, the dropout mask's bytes not counted
   logits                TRL's fused LM head tiles the vocabulary (no B*T x V logits): B*T*h*2*2
   workspace             the largest dequantized weight (bf16) + 0.25 GiB allocator slack
 """
@@ -373,8 +375,8 @@ def plan_lines(
 # reserves more than the peak it hands out (fragmentation; a memory cap limits what it reserves), and
 # the estimate is within 15% either way. Measured (bench/results, 2026-11-30, one H200): reserved
 # over allocated peak 1.07 (8B, 4 x 2048) and 1.08 (14B, 8 x 2048) with expandable segments; capped
-# at 24 GiB, the 32B shape at 4 x 2048 peaked at 21.33 GiB (estimate now 20.81) and trained, and at
-# 8 x 2048 (estimate now 22.60) it failed.
+# at 24 GiB, the 32B shape at 4 x 2048 peaked at 21.33 GiB (estimate now 21.44) and trained, and at
+# 8 x 2048 (estimate now 23.22) it failed. 1 / 1.08 is 0.926: the margin is thin.
 USABLE_FRACTION = 0.92
 
 

@@ -147,8 +147,7 @@ def fsdp_layer_units(trainer: Any) -> None:
             trainer_module.update_fsdp_plugin_peft = update
         broadcast_from_rank0(params)  # after wrapping (and after a resume's load, which it keeps)
         wrapped = out[0] if isinstance(out, tuple) else out
-        if no_embedding_gather_in_backward(wrapped):
-            log.info(EMBEDDING_GATHERED_ONCE)
+        no_embedding_gather_in_backward(wrapped)  # logs what FSDP does after the first forward
         return out
 
     def step_then_average(*args: Any, **kwargs: Any) -> Any:
@@ -178,8 +177,9 @@ def no_embedding_gather_in_backward(wrapped: Any) -> bool:
     step's peak. Here those hooks move from the embedding to the outside of its FSDP unit: the
     output is marked after FSDP has registered its hooks, so the first decoder layer still receives
     an input that requires grad (what reentrant or offloaded checkpointing needs) and the values are
-    unchanged. Returns whether a hook was moved (False where the embedding is no unit of its own or
-    no such hook exists)."""
+    unchanged. After the first training forward it logs whether FSDP will gather the unit in the
+    backward (`EMBEDDING_GATHERED_ONCE`, or a warning naming the cost). Returns whether a hook was
+    moved (False where the embedding is no unit of its own or no such hook exists)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     units = [u for u in FSDP.fsdp_modules(wrapped) if isinstance(u.module, torch.nn.Embedding)]
@@ -187,13 +187,36 @@ def no_embedding_gather_in_backward(wrapped: Any) -> bool:
         return False
     unit, embedding = units[0], units[0].module
     hooks = embedding._forward_hooks
-    marking = [k for k, h in hooks.items() if getattr(h, "__name__", "") == "make_inputs_require_grads"]
+    marking = [k for k, h in hooks.items() if getattr(h, "__name__", "") in MARKING_HOOK_NAMES]
     for key in marking:
         for table in (hooks, embedding._forward_hooks_with_kwargs, embedding._forward_hooks_always_called):
             table.pop(key, None)
     if marking:
         unit.register_forward_hook(mark_output_requires_grad)
+    gib = embedding.weight.numel() * embedding.weight.element_size() / 2**30
+
+    def report_once(module: Any, inputs: Any, output: Any) -> None:
+        if not (torch.is_grad_enabled() and module.training):
+            return  # FSDP registers no backward hooks outside training
+        handle.remove()
+        if module._handle is not None and module._handle._needs_pre_backward_unshard:
+            log.warning(
+                "FSDP: the frozen embedding's unit will be gathered again in every backward (%.2f GiB per rank "
+                "more at that moment than plan counts): a hook outside qlora-sft marks its output as requiring "
+                "grad (%s)",
+                gib,
+                ", ".join(getattr(h, "__name__", repr(h)) for h in module.module._forward_hooks.values()) or "none",
+            )
+        else:
+            log.info(EMBEDDING_GATHERED_ONCE)
+
+    handle = unit.register_forward_hook(report_once)  # after the marking hook: FSDP's own hooks are set by then
     return bool(marking)
+
+
+# transformers' `enable_input_require_grads` (make_inputs_require_grads) and peft's and TRL's own
+# copies of it (make_inputs_require_grad)
+MARKING_HOOK_NAMES = ("make_inputs_require_grads", "make_inputs_require_grad")
 
 
 def mark_output_requires_grad(module: Any, inputs: Any, output: torch.Tensor) -> None:
