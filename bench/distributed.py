@@ -12,7 +12,9 @@ of configs/deepspeed/zero3.json written beside the logs): zero3_layers (each dec
 DeepSpeed leaf module, `leaf_module.classes`), zero3_persist (stage3_param_persistence_threshold
 1M elements: adapters, norms and biases stay whole on every rank), zero3_layers_persist; FSDP's
 prefetch (fsdp_bwd_pre, fsdp_bwd_post, fsdp_fwd_prefetch, fsdp_offload_bwd_post: a changed copy of
-the accelerate config), the allocator (*_expandable, *_segments_off), one GPU's memory levers
+the accelerate config), the root unit resharded before the decoder layers' backward
+(fsdp_release_head, fsdp_offload_release_head: QLORA_SFT_FSDP_RELEASE_HEAD=1), the allocator
+(*_expandable, *_segments_off), one GPU's memory levers
 (1gpu_hostemb, 1gpu_mb2, 1gpu_mb2_hostemb, 1gpu_adamw32) and profiled rows (*_profiled: one step
 profiled on every rank, what was alive at its memory peak in the row). Checks
 written beside the results: speedup against one GPU, tokens/s and peak against DDP for the sharded
@@ -57,7 +59,7 @@ from typing import Any
 
 import yaml
 
-from qlora_sft.launch import DEFAULT_ALLOC_CONF, EMBEDDING_GATHERED_ONCE
+from qlora_sft.launch import DEFAULT_ALLOC_CONF, EMBEDDING_GATHERED_ONCE, FSDP_RELEASE_HEAD_ENV
 
 from . import measure, report
 from .workload import make_data, make_model
@@ -87,6 +89,7 @@ PROFILE_STEP = "5"  # the step the *_profiled rows profile (QLORA_SFT_PROFILE_ST
 PROFILED = (("QLORA_SFT_PROFILE_STEP", PROFILE_STEP),)
 EXPANDABLE = (("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_ALLOC_CONF),)  # what qlora-sft sets unless the user did
 SEGMENTS_OFF = (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),)
+RELEASE_HEAD = ((FSDP_RELEASE_HEAD_ENV, "1"),)
 
 
 MODES = {
@@ -114,6 +117,9 @@ MODES = {
     # gradient computation (less memory held at once), and forward prefetch
     # (BACKWARD_POST is the bundled config's since 2026-11-30 16:00 UTC, BACKWARD_PRE before)
     "fsdp_bwd_post": Mode("fsdp_qlora.yaml", fsdp=(("fsdp_backward_prefetch", "BACKWARD_POST"),)),
+    # the root unit (output head, final norm) resharded once the loss's backward is past the final norm
+    "fsdp_release_head": Mode("fsdp_qlora.yaml", RELEASE_HEAD),
+    "fsdp_offload_release_head": Mode("fsdp_qlora_offload.yaml", RELEASE_HEAD),
     "fsdp_bwd_pre": Mode("fsdp_qlora.yaml", fsdp=(("fsdp_backward_prefetch", "BACKWARD_PRE"),)),
     "fsdp_fwd_prefetch": Mode("fsdp_qlora.yaml", fsdp=(("fsdp_forward_prefetch", True),)),
     # the allocator's expandable segments under FSDP (reserved memory, what a capped card runs out

@@ -14,6 +14,7 @@ shards and adapters, so the ranks must hold about the same bytes."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import sys
@@ -63,7 +64,7 @@ def main(model_dir: str, out_dir: str) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import MixedPrecision
 
-    from qlora_sft.launch import EMBEDDING_GATHERED_ONCE, LaunchMode
+    from qlora_sft.launch import EMBEDDING_GATHERED_ONCE, LaunchMode, fsdp_release_head
     from qlora_sft.loader import load_low_memory
     from qlora_sft.model import keep_cpu_4bit_trainable, prepare_sharding
     from qlora_sft.model.sharding import no_embedding_gather_in_backward
@@ -104,23 +105,37 @@ def main(model_dir: str, out_dir: str) -> None:
     collect.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("qlora_sft").addHandler(collect)
     logging.getLogger("qlora_sft").setLevel(logging.INFO)
-    prepare_sharding(trainer, LaunchMode(kind="fsdp", world_size=dist.get_world_size(), rank=rank), bf16)
+    mode = LaunchMode(kind="fsdp", world_size=dist.get_world_size(), rank=rank, fsdp_release_head=fsdp_release_head())
+    prepare_sharding(trainer, mode, bf16)
     wrapped = trainer._prepare_for_training()
     ids = torch.randint(1, 300, (2, 12), generator=torch.Generator().manual_seed(rank))
     (unit,) = [u for u in FSDP.fsdp_modules(wrapped) if isinstance(u.module, torch.nn.Embedding)]
     gathers = count_gathers(unit)
     gathers["phase"] = "forward"
+    root = wrapped._handle.flat_param
+    at_layer0: list[bool] = []  # the root (head, final norm) still gathered when layer 0's backward ends?
+
+    def probe(module: Any, args: Any, kwargs: Any) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden.register_hook(lambda g: at_layer0.append(root.data_ptr() != root._local_shard.data_ptr()))
+
+    layer0 = next(u for u in FSDP.fsdp_modules(wrapped) if type(u.module).__name__ == "LlamaDecoderLayer")
+    probing = layer0.register_forward_pre_hook(probe, with_kwargs=True)
     loss = wrapped(input_ids=ids, labels=ids).loss
     gathers["phase"] = "backward"
     loss.backward()
     storages = live_storages()
     report = {"rank": rank, "live_bytes": sum(s[0] for s in storages), "largest": storages[:5]}
+    probing.remove()
+    report["root_gathered_at_layer0_backward"] = at_layer0
+    report["loss"] = loss.item()
     report["embedding_gathers"] = {k: gathers[k] for k in ("forward", "backward")}
     report["logged_once"] = messages.count(EMBEDDING_GATHERED_ONCE)
     adapters = [p for p in wrapped.parameters() if p.requires_grad]
     grads = [p.grad.clone() for p in adapters]
     report["adapter_grads_nonzero"] = sum(bool(g.abs().sum() > 0) for g in grads)
     report["adapters"] = len(adapters)
+    report["adapter_grads_sha256"] = hashlib.sha256(b"".join(g.float().numpy().tobytes() for g in grads)).hexdigest()
 
     # The same step as before the fix: the marking hook back on the embedding itself
     (outer,) = unit._forward_hooks.values()

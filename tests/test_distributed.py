@@ -398,3 +398,20 @@ def test_allocator_expandable_segments_by_default_and_the_users_settings_kept(tm
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
     assert cli.main(["export", str(tmp_path / "no-run"), "--out", str(tmp_path / "out")]) == 2
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == DEFAULT_ALLOC_CONF
+
+
+def test_fsdp_environment_switches_are_checked():
+    """QLORA_SFT_FSDP_UNITS and QLORA_SFT_FSDP_RELEASE_HEAD: known values taken, anything else refused
+    with the variable, the value and what to use (read when the launch mode is resolved, before any
+    model is loaded)."""
+    from qlora_sft.errors import UserError
+    from qlora_sft.launch import fsdp_release_head, fsdp_units
+
+    assert fsdp_units({}) == "layers" and fsdp_units({"QLORA_SFT_FSDP_UNITS": " PEFT "}) == "peft"
+    assert fsdp_release_head({}) is False
+    assert fsdp_release_head({"QLORA_SFT_FSDP_RELEASE_HEAD": "1"}) is True
+    assert fsdp_release_head({"QLORA_SFT_FSDP_RELEASE_HEAD": "no"}) is False
+    with pytest.raises(UserError, match=r"QLORA_SFT_FSDP_RELEASE_HEAD='on': use 1 \(on\) or 0"):
+        fsdp_release_head({"QLORA_SFT_FSDP_RELEASE_HEAD": "on"})
+    with pytest.raises(UserError, match=r"QLORA_SFT_FSDP_UNITS='modules': use one of layers, peft"):
+        fsdp_units({"QLORA_SFT_FSDP_UNITS": "modules"})

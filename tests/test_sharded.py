@@ -298,7 +298,9 @@ def test_fsdp1_ranks_hold_the_same_and_gather_the_embedding_once(tmp_path: Path)
     70B, on two H200s. A vocabulary of 32000 over 64 hidden units makes the head the largest tensor.
     With checkpointing wired as `load_model` does, the frozen embedding's unit is all-gathered in the
     forward only (`no_embedding_gather_in_backward`), with the same loss and gradients as when
-    FSDP gathered it again in the backward."""
+    FSDP gathered it again in the backward. With QLORA_SFT_FSDP_RELEASE_HEAD=1 the root unit
+    (output head, final norm) is resharded before the decoder layers' backward, not after it, with
+    bit-identical loss and gradients."""
     from tiny import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "wide-vocab", vocab_size=32000)
@@ -309,6 +311,20 @@ def test_fsdp1_ranks_hold_the_same_and_gather_the_embedding_once(tmp_path: Path)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    # QLORA_SFT_FSDP_RELEASE_HEAD=1: the root unit (head, final norm) resharded once the loss's
+    # backward is past the final norm, not at the end of the backward; the same loss and gradients
+    released = tmp_path / "released"
+    released.mkdir()
+    cmd[-1], cmd[4] = str(released), str(free_port())
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**env, "QLORA_SFT_FSDP_RELEASE_HEAD": "1"}, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank, r in enumerate((r0, r1)):
+        rel = json.loads((released / f"rank{rank}.json").read_text())
+        assert r["root_gathered_at_layer0_backward"] == [True] and rel["root_gathered_at_layer0_backward"] == [False]
+        assert rel["loss"] == r["loss"] and rel["adapter_grads_sha256"] == r["adapter_grads_sha256"]
+        assert rel["live_bytes"] <= r["live_bytes"]
     head = 32000 * 64 * 2  # bf16
     assert r0["live_bytes"] < 2 * head  # the shards, adapters and step: what each rank must hold
     assert r1["live_bytes"] <= r0["live_bytes"] + head // 20, (r0["largest"], r1["largest"])

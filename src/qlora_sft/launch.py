@@ -53,6 +53,10 @@ GPU_MEMORY_CAP_ENV = "QLORA_SFT_GPU_MEMORY_GIB"
 # output head, the adapters replicated on every rank; `peft`: peft's policy (every LoRA layer its own
 # unit too), kept for comparison (docs/larger-models.md, bench/results).
 FSDP_UNITS_ENV = "QLORA_SFT_FSDP_UNITS"
+# `1`: reshard FSDP's root unit (output head, final norm) as soon as the loss's backward is done with
+# it, instead of at the end of the backward (model.sharding.release_root_after_head; not measured on
+# GPUs yet, so off by default)
+FSDP_RELEASE_HEAD_ENV = "QLORA_SFT_FSDP_RELEASE_HEAD"
 # logged by model.sharding once the frozen embedding's FSDP unit is kept from a second gather in the
 # backward; bench/distributed.py records per row whether its run logged it
 EMBEDDING_GATHERED_ONCE = "FSDP: the embedding's unit is not gathered again in the backward (frozen, nothing to do)"
@@ -73,6 +77,7 @@ class LaunchMode:
     sync_module_states: bool = True  # FSDP: rank 0's weights are broadcast when wrapping
     state_dict_type: str = "FULL_STATE_DICT"  # FSDP
     fsdp_units: str = "layers"  # FSDP: one of FSDP_UNITS
+    fsdp_release_head: bool = False  # FSDP layer units: QLORA_SFT_FSDP_RELEASE_HEAD=1
     num_machines: int = 1
     source: str = ""  # the accelerate config file it was read from (plan), if any
     # the launch config files, read fully (qlora_sft.launch_config): FSDP settings, the DeepSpeed
@@ -212,10 +217,19 @@ def mode_from_environment(
             sync_module_states=flag("FSDP_SYNC_MODULE_STATES", True) or flag("FSDP_CPU_RAM_EFFICIENT_LOADING"),
             state_dict_type=env.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT") or "FULL_STATE_DICT",
             fsdp_units=fsdp_units(env),
+            fsdp_release_head=fsdp_release_head(env),
             fsdp=launch_config.FsdpSettings.from_environment(env),
             **common,
         )
     return LaunchMode("ddp" if world_size > 1 else "single_gpu", **common)
+
+
+def fsdp_release_head(env: Mapping[str, str] | None = None) -> bool:
+    """QLORA_SFT_FSDP_RELEASE_HEAD, checked: `1` (or true/yes) turns it on, `0`, false, no or unset off."""
+    value = (os.environ if env is None else env).get(FSDP_RELEASE_HEAD_ENV, "").strip().lower()
+    if value not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise UserError(f"{FSDP_RELEASE_HEAD_ENV}={value!r}: use 1 (on) or 0 (off, the default)")
+    return value in ("1", "true", "yes")
 
 
 def fsdp_units(env: Mapping[str, str] | None = None) -> str:
@@ -283,6 +297,7 @@ def mode_from_accelerate(cfg: launch_config.AccelerateConfig, gpus_per_node: int
             state_dict_type=fs.state_dict_type,
             fsdp=fs,
             fsdp_units=fsdp_units(),
+            fsdp_release_head=fsdp_release_head(),
             **common,
         )
     if cfg.distributed_type in ("MULTI_GPU", "MULTI_CPU"):

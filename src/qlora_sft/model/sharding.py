@@ -25,7 +25,7 @@ def prepare_sharding(trainer: Any, mode: LaunchMode, compute_dtype: torch.dtype)
         release_retied_parameters(trainer.accelerator)
         keep_buffers_fp32_under_fsdp(trainer)
         if mode.adapters_replicated:
-            fsdp_layer_units(trainer)
+            fsdp_layer_units(trainer, release_head=mode.fsdp_release_head)
     elif mode.kind == "deepspeed" and mode.zero_stage == 3:
         partition_for_zero3(trainer, mode, compute_dtype)
 
@@ -111,7 +111,7 @@ def broadcast_from_rank0(params: list[torch.nn.Parameter]) -> None:
             dist.broadcast(p.data, src=0)
 
 
-def fsdp_layer_units(trainer: Any) -> None:
+def fsdp_layer_units(trainer: Any, release_head: bool = False) -> None:
     """FSDP (version 1) cut into one unit per decoder layer and the embedding, with the
     adapters replicated: a few large units keep the step GPU-bound, where peft's policy (every LoRA
     Linear its own unit, 897 FSDP forwards per step for an 8B Llama) made it CPU-bound (3x slower per
@@ -120,7 +120,9 @@ def fsdp_layer_units(trainer: Any) -> None:
     included, to fp32), so the adapters are FSDP-ignored modules: whole on every rank, their
     gradients averaged after each accumulation window like DDP's, before clipping (FSDP's clip
     counts non-sharded parameters locally). Their optimizer state (small for LoRA) is then not
-    sharded. The Trainer sets peft's wrap policy right before wrapping; here it is set back."""
+    sharded. The Trainer sets peft's wrap policy right before wrapping; here it is set back. After
+    wrapping: the embedding's unit gathered for the forward only, and with `release_head`
+    (QLORA_SFT_FSDP_RELEASE_HEAD=1) the root resharded before the decoder layers' backward."""
     import transformers.trainer as trainer_module
 
     plugin = trainer.accelerator.state.fsdp_plugin
@@ -148,6 +150,8 @@ def fsdp_layer_units(trainer: Any) -> None:
         broadcast_from_rank0(params)  # after wrapping (and after a resume's load, which it keeps)
         wrapped = out[0] if isinstance(out, tuple) else out
         no_embedding_gather_in_backward(wrapped)  # logs what FSDP does after the first forward
+        if release_head and release_root_after_head(wrapped):
+            log.info("FSDP: the root unit (output head, final norm) is resharded once the loss's backward is done")
         return out
 
     def step_then_average(*args: Any, **kwargs: Any) -> Any:
@@ -212,6 +216,40 @@ def no_embedding_gather_in_backward(wrapped: Any) -> bool:
 
     handle = unit.register_forward_hook(report_once)  # after the marking hook: FSDP's own hooks are set by then
     return bool(marking)
+
+
+def release_root_after_head(wrapped: Any) -> bool:
+    """`QLORA_SFT_FSDP_RELEASE_HEAD=1`: reshard FSDP1's root unit as soon as the backward is past the
+    final norm. FSDP1 never reshards the root after the forward, and the root's flat parameter is
+    frozen, so only the end-of-backward callback reshards it: the output head (1 GiB at 8B, 2 GiB at
+    70B, per rank once gathered) stays whole through every decoder layer's backward, where the
+    step peaks, though only the loss and the final norm use it. A gradient hook on the final norm's
+    input reshards it there; the end-of-backward callback then finds it resharded. The root is
+    gathered once per forward either way. Returns False where the model has no `model.norm` or the
+    root holds nothing sharded."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp._runtime_utils import _reshard
+
+    handle = getattr(wrapped, "_handle", None)
+    if not isinstance(wrapped, FSDP) or handle is None or not handle.uses_sharded_strategy:
+        return False
+    base = wrapped.module.get_base_model() if hasattr(wrapped.module, "get_base_model") else wrapped.module
+    norm = getattr(getattr(base, "model", None), "norm", None)
+    if not isinstance(norm, torch.nn.Module):
+        return False
+
+    def release(grad: torch.Tensor) -> None:
+        flat = handle.flat_param
+        if flat.data_ptr() != flat._local_shard.data_ptr():  # gathered (FSDP's own check)
+            _reshard(wrapped, handle, True)
+
+    def hook_input(module: Any, inputs: Any, output: Any) -> None:
+        hidden = inputs[0] if inputs else None
+        if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(release)
+
+    norm.register_forward_hook(hook_input)
+    return True
 
 
 # transformers' `enable_input_require_grads` (make_inputs_require_grads) and peft's and TRL's own
