@@ -59,7 +59,7 @@ from typing import Any
 
 import yaml
 
-from qlora_sft.launch import DEFAULT_ALLOC_CONF, EMBEDDING_GATHERED_ONCE, FSDP_RELEASE_HEAD_ENV
+from qlora_sft.launch import DEFAULT_ALLOC_CONF, EMBEDDING_GATHERED_ONCE, FSDP_RELEASE_HEAD_ENV, RELEASE_HEAD_APPLIED
 
 from . import measure, report
 from .workload import make_data, make_model
@@ -446,6 +446,8 @@ def main() -> int:
             # backward's gather.
             once = EMBEDDING_GATHERED_ONCE in log.read_text(errors="replace")
             r["fsdp_embedding_gathered_in_backward"] = False if once else (None if rc else True)
+        if dict(MODES[mode].env).get(FSDP_RELEASE_HEAD_ENV):  # did the run apply it (it warns why not)?
+            r["fsdp_release_head_applied"] = RELEASE_HEAD_APPLIED in log.read_text(errors="replace")
         results.append(r)
         write_results(base, args, results)  # after every phase: a call cut off by its time limit keeps it
         if rc == 0 and mode in kill_modes:

@@ -64,7 +64,7 @@ def main(model_dir: str, out_dir: str) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import MixedPrecision
 
-    from qlora_sft.launch import EMBEDDING_GATHERED_ONCE, LaunchMode, fsdp_release_head
+    from qlora_sft.launch import EMBEDDING_GATHERED_ONCE, RELEASE_HEAD_APPLIED, LaunchMode, fsdp_release_head
     from qlora_sft.loader import load_low_memory
     from qlora_sft.model import keep_cpu_4bit_trainable, prepare_sharding
     from qlora_sft.model.sharding import no_embedding_gather_in_backward
@@ -131,6 +131,7 @@ def main(model_dir: str, out_dir: str) -> None:
     report["loss"] = loss.item()
     report["embedding_gathers"] = {k: gathers[k] for k in ("forward", "backward")}
     report["logged_once"] = messages.count(EMBEDDING_GATHERED_ONCE)
+    report["release_head_applied"] = RELEASE_HEAD_APPLIED in messages
     adapters = [p for p in wrapped.parameters() if p.requires_grad]
     grads = [p.grad.clone() for p in adapters]
     report["adapter_grads_nonzero"] = sum(bool(g.abs().sum() > 0) for g in grads)

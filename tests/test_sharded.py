@@ -324,6 +324,7 @@ def test_fsdp1_ranks_hold_the_same_and_gather_the_embedding_once(tmp_path: Path)
         rel = json.loads((released / f"rank{rank}.json").read_text())
         assert r["root_gathered_at_layer0_backward"] == [True] and rel["root_gathered_at_layer0_backward"] == [False]
         assert rel["loss"] == r["loss"] and rel["adapter_grads_sha256"] == r["adapter_grads_sha256"]
+        assert rel["release_head_applied"] and not r["release_head_applied"]
         assert rel["live_bytes"] <= r["live_bytes"]
     head = 32000 * 64 * 2  # bf16
     assert r0["live_bytes"] < 2 * head  # the shards, adapters and step: what each rank must hold

@@ -57,6 +57,7 @@ FSDP_UNITS_ENV = "QLORA_SFT_FSDP_UNITS"
 # it, instead of at the end of the backward (model.sharding.release_root_after_head; not measured on
 # GPUs yet, so off by default)
 FSDP_RELEASE_HEAD_ENV = "QLORA_SFT_FSDP_RELEASE_HEAD"
+RELEASE_HEAD_APPLIED = "FSDP: the root unit (output head, final norm) is resharded once the loss's backward is done"
 # logged by model.sharding once the frozen embedding's FSDP unit is kept from a second gather in the
 # backward; bench/distributed.py records per row whether its run logged it
 EMBEDDING_GATHERED_ONCE = "FSDP: the embedding's unit is not gathered again in the backward (frozen, nothing to do)"

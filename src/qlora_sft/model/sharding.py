@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..launch import EMBEDDING_GATHERED_ONCE, FSDP_UNITS_ENV, LaunchMode
+from ..launch import EMBEDDING_GATHERED_ONCE, FSDP_RELEASE_HEAD_ENV, FSDP_UNITS_ENV, RELEASE_HEAD_APPLIED, LaunchMode
 
 log = logging.getLogger("qlora_sft")
 
@@ -151,7 +151,7 @@ def fsdp_layer_units(trainer: Any, release_head: bool = False) -> None:
         wrapped = out[0] if isinstance(out, tuple) else out
         no_embedding_gather_in_backward(wrapped)  # logs what FSDP does after the first forward
         if release_head and release_root_after_head(wrapped):
-            log.info("FSDP: the root unit (output head, final norm) is resharded once the loss's backward is done")
+            log.info(RELEASE_HEAD_APPLIED)
         return out
 
     def step_then_average(*args: Any, **kwargs: Any) -> Any:
@@ -225,23 +225,33 @@ def release_root_after_head(wrapped: Any) -> bool:
     70B, per rank once gathered) stays whole through every decoder layer's backward, where the
     step peaks, though only the loss and the final norm use it. A gradient hook on the final norm's
     input reshards it there; the end-of-backward callback then finds it resharded. The root is
-    gathered once per forward either way. Returns False where the model has no `model.norm` or the
-    root holds nothing sharded."""
+    gathered once per forward either way (under FULL_SHARD; FSDP's own rule decides when to free).
+    Returns False, with a warning saying why, where it cannot apply: no `model.norm`, nothing
+    sharded in the root, or a root holding anything the forward uses before the final norm (its
+    backward would need it again) or anything trainable."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp._runtime_utils import _reshard
+    from torch.distributed.fsdp._runtime_utils import _reshard, _should_free_in_backward
+
+    def refuse(why: str) -> bool:
+        log.warning("FSDP: %s=1 not applied: %s", FSDP_RELEASE_HEAD_ENV, why)
+        return False
 
     handle = getattr(wrapped, "_handle", None)
     if not isinstance(wrapped, FSDP) or handle is None or not handle.uses_sharded_strategy:
-        return False
+        return refuse("the root unit holds nothing sharded")
     base = wrapped.module.get_base_model() if hasattr(wrapped.module, "get_base_model") else wrapped.module
     norm = getattr(getattr(base, "model", None), "norm", None)
     if not isinstance(norm, torch.nn.Module):
-        return False
+        return refuse(f"{type(base).__name__} has no model.norm before its output head")
+    flat = handle.flat_param
+    allowed = ("lm_head.", "model.norm.", "model.embed_tokens.")  # a tied embedding is the head
+    others = [n for n in flat._fqns if not any(a in n for a in allowed)]
+    if flat.requires_grad or others:
+        return refuse(f"the root unit also holds {', '.join(others[:3]) or 'trainable parameters'}")
 
     def release(grad: torch.Tensor) -> None:
-        flat = handle.flat_param
         if flat.data_ptr() != flat._local_shard.data_ptr():  # gathered (FSDP's own check)
-            _reshard(wrapped, handle, True)
+            _reshard(wrapped, handle, _should_free_in_backward(wrapped, handle))
 
     def hook_input(module: Any, inputs: Any, output: Any) -> None:
         hidden = inputs[0] if inputs else None
