@@ -117,9 +117,6 @@ MODES = {
     # gradient computation (less memory held at once), and forward prefetch
     # (BACKWARD_POST is the bundled config's since 2026-11-30 16:00 UTC, BACKWARD_PRE before)
     "fsdp_bwd_post": Mode("fsdp_qlora.yaml", fsdp=(("fsdp_backward_prefetch", "BACKWARD_POST"),)),
-    # the root unit (output head, final norm) resharded once the loss's backward is past the final norm
-    "fsdp_release_head": Mode("fsdp_qlora.yaml", RELEASE_HEAD),
-    "fsdp_offload_release_head": Mode("fsdp_qlora_offload.yaml", RELEASE_HEAD),
     "fsdp_bwd_pre": Mode("fsdp_qlora.yaml", fsdp=(("fsdp_backward_prefetch", "BACKWARD_PRE"),)),
     "fsdp_fwd_prefetch": Mode("fsdp_qlora.yaml", fsdp=(("fsdp_forward_prefetch", True),)),
     # the allocator's expandable segments under FSDP (reserved memory, what a capped card runs out
@@ -127,6 +124,9 @@ MODES = {
     "fsdp_expandable": Mode("fsdp_qlora.yaml", EXPANDABLE),
     "fsdp_offload_expandable": Mode("fsdp_qlora_offload.yaml", EXPANDABLE),
     "fsdp_offload_bwd_post": Mode("fsdp_qlora_offload.yaml", fsdp=(("fsdp_backward_prefetch", "BACKWARD_POST"),)),
+    # the root unit (output head, final norm) resharded once the loss's backward is past the final norm
+    "fsdp_release_head": Mode("fsdp_qlora.yaml", RELEASE_HEAD),
+    "fsdp_offload_release_head": Mode("fsdp_qlora_offload.yaml", RELEASE_HEAD),
     # the allocator without expandable segments (qlora-sft turns them on unless PYTORCH_CUDA_ALLOC_CONF
     # or PYTORCH_ALLOC_CONF is set, since 2026-11-30)
     "1gpu_segments_off": Mode("single_gpu.yaml", SEGMENTS_OFF),
@@ -440,14 +440,15 @@ def main() -> int:
             **read_run(runs / mode),
             "plan_estimate_gib": plan_estimate(recipe_path, mode, args.gpus, args.overrides, log_dir / "configs"),
         }
+        logged = log.read_text(errors="replace")
         if r["accelerate_fsdp_config"]:
             # logged after the first training forward from what FSDP registered (None: the run never
             # got there). Rows without this key ran before the embedding's unit was kept from the
             # backward's gather.
-            once = EMBEDDING_GATHERED_ONCE in log.read_text(errors="replace")
+            once = EMBEDDING_GATHERED_ONCE in logged
             r["fsdp_embedding_gathered_in_backward"] = False if once else (None if rc else True)
         if dict(MODES[mode].env).get(FSDP_RELEASE_HEAD_ENV):  # did the run apply it (it warns why not)?
-            r["fsdp_release_head_applied"] = RELEASE_HEAD_APPLIED in log.read_text(errors="replace")
+            r["fsdp_release_head_applied"] = RELEASE_HEAD_APPLIED in logged
         results.append(r)
         write_results(base, args, results)  # after every phase: a call cut off by its time limit keeps it
         if rc == 0 and mode in kill_modes:
