@@ -13,7 +13,8 @@ DeepSpeed leaf module, `leaf_module.classes`), zero3_persist (stage3_param_persi
 1M elements: adapters, norms and biases stay whole on every rank), zero3_layers_persist; FSDP's
 prefetch (fsdp_bwd_pre, fsdp_bwd_post, fsdp_fwd_prefetch, fsdp_offload_bwd_post: a changed copy of
 the accelerate config), the root unit resharded before the decoder layers' backward
-(fsdp_release_head, fsdp_offload_release_head: QLORA_SFT_FSDP_RELEASE_HEAD=1), the allocator
+(the default since 2026-11-30; fsdp_keep_head, fsdp_offload_keep_head: QLORA_SFT_FSDP_RELEASE_HEAD=0,
+FSDP's own timing; fsdp_release_head, fsdp_offload_release_head: =1, as measured before), the allocator
 (*_expandable, *_segments_off), one GPU's memory levers
 (1gpu_hostemb, 1gpu_mb2, 1gpu_mb2_hostemb, 1gpu_adamw32) and profiled rows (*_profiled: one step
 profiled on every rank, what was alive at its memory peak in the row). Checks
@@ -90,6 +91,7 @@ PROFILED = (("QLORA_SFT_PROFILE_STEP", PROFILE_STEP),)
 EXPANDABLE = (("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_ALLOC_CONF),)  # what qlora-sft sets unless the user did
 SEGMENTS_OFF = (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),)
 RELEASE_HEAD = ((FSDP_RELEASE_HEAD_ENV, "1"),)
+KEEP_HEAD = ((FSDP_RELEASE_HEAD_ENV, "0"),)
 
 
 MODES = {
@@ -124,9 +126,13 @@ MODES = {
     "fsdp_expandable": Mode("fsdp_qlora.yaml", EXPANDABLE),
     "fsdp_offload_expandable": Mode("fsdp_qlora_offload.yaml", EXPANDABLE),
     "fsdp_offload_bwd_post": Mode("fsdp_qlora_offload.yaml", fsdp=(("fsdp_backward_prefetch", "BACKWARD_POST"),)),
-    # the root unit (output head, final norm) resharded once the loss's backward is past the final norm
+    # the root unit (output head, final norm) resharded once the loss's backward is past the final norm:
+    # asked for (the rows measured before it became the default), and kept gathered to the end of the
+    # backward as FSDP does on its own (the rows that measure what the default saves)
     "fsdp_release_head": Mode("fsdp_qlora.yaml", RELEASE_HEAD),
     "fsdp_offload_release_head": Mode("fsdp_qlora_offload.yaml", RELEASE_HEAD),
+    "fsdp_keep_head": Mode("fsdp_qlora.yaml", KEEP_HEAD),
+    "fsdp_offload_keep_head": Mode("fsdp_qlora_offload.yaml", KEEP_HEAD),
     # the allocator without expandable segments (qlora-sft turns them on unless PYTORCH_CUDA_ALLOC_CONF
     # or PYTORCH_ALLOC_CONF is set, since 2026-11-30)
     "1gpu_segments_off": Mode("single_gpu.yaml", SEGMENTS_OFF),
@@ -265,6 +271,10 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
     out["peak_gib_per_rank"] = per_rank("peak_allocated_gib")
     out["peak_reserved_gib_per_rank"] = per_rank("peak_reserved_gib")
+    # what a card of that size must hold besides the reserved peak (the CUDA context), and how often
+    # the allocator hit its limit and freed its cache to retry (a cap at the edge)
+    out["outside_allocator_gib_per_rank"] = per_rank("outside_allocator_gib")
+    out["alloc_retries_per_rank"] = [r.get("alloc_retries") for r in ranks]
     out["steady_gib_per_rank"] = per_rank("steady_gib")
     out["held_parameter_gib_per_rank"] = per_rank("held_parameter_gib")
     out["unsharded_parameter_gib"] = per_rank("unsharded_parameter_gib")[0] if ranks else None
@@ -447,7 +457,8 @@ def main() -> int:
             # backward's gather.
             once = EMBEDDING_GATHERED_ONCE in logged
             r["fsdp_embedding_gathered_in_backward"] = False if once else (None if rc else True)
-        if dict(MODES[mode].env).get(FSDP_RELEASE_HEAD_ENV):  # did the run apply it (it warns why not)?
+            # whether the run resharded the root (output head) before the layers' backward: the default
+            # since 2026-11-30 evening, off in the *_keep_head rows (rows without the key ran before)
             r["fsdp_release_head_applied"] = RELEASE_HEAD_APPLIED in logged
         results.append(r)
         write_results(base, args, results)  # after every phase: a call cut off by its time limit keeps it

@@ -17,6 +17,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -53,6 +54,47 @@ def count_gathers(unit: Any) -> dict[str, Any]:
 
     unit._handle._all_gather_flat_param = counted
     return counts
+
+
+def release_refusals() -> dict[str, Any]:
+    """`release_root_after_head` where it cannot apply: a root unit that also holds a layer the
+    forward runs before the final norm, and a model without `model.norm`. It must change nothing and
+    say why: a warning where the user asked for it (QLORA_SFT_FSDP_RELEASE_HEAD=1), an info line where
+    it was only the default."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from qlora_sft.launch import FSDP_RELEASE_HEAD_ENV
+    from qlora_sft.model.sharding import release_root_after_head
+
+    class Frozen(torch.nn.Module):  # no auto-wrap: one unit, the root, holds everything
+        def __init__(self, norm: bool) -> None:
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.Linear(8, 8)
+            if norm:
+                self.model.norm = torch.nn.LayerNorm(8)
+            self.lm_head = torch.nn.Linear(8, 16)
+            self.requires_grad_(False)
+
+    records: list[logging.LogRecord] = []
+    capture = logging.Handler(logging.INFO)
+    capture.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("qlora_sft").addHandler(capture)
+    out: dict[str, Any] = {}
+    for case, norm, asked in (("root holds a layer", True, "1"), ("no model.norm", False, None)):
+        if asked is None:
+            os.environ.pop(FSDP_RELEASE_HEAD_ENV, None)
+        else:
+            os.environ[FSDP_RELEASE_HEAD_ENV] = asked
+        del records[:]
+        wrapped = FSDP(Frozen(norm), device_id=torch.device("cpu"))
+        hooks = len(wrapped.module.model.norm._forward_hooks) if norm else 0
+        applied = release_root_after_head(wrapped)
+        added = (len(wrapped.module.model.norm._forward_hooks) if norm else 0) - hooks
+        out[case] = {"applied": applied, "hooks_added": added, "said": [(r.levelname, r.getMessage()) for r in records]}
+    os.environ.pop(FSDP_RELEASE_HEAD_ENV, None)
+    logging.getLogger("qlora_sft").removeHandler(capture)
+    return out
 
 
 def main(model_dir: str, out_dir: str) -> None:
@@ -155,6 +197,7 @@ def main(model_dir: str, out_dir: str) -> None:
     report["same_loss_and_grads"] = bool(loss_before == loss) and all(
         torch.equal(p.grad, g) for p, g in zip(adapters, grads, strict=True)
     )
+    report["release_refused"] = release_refusals()
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()

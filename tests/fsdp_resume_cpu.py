@@ -59,7 +59,7 @@ def build(model_dir: str, units: str):
         layer_units_policy,
         replicate_adapters,
     )
-    from qlora_sft.model.sharding import no_embedding_gather_in_backward
+    from qlora_sft.model.sharding import no_embedding_gather_in_backward, release_root_after_head
 
     bf16, cpu = torch.bfloat16, torch.device("cpu")
     q = bf16_nf4_config()
@@ -104,6 +104,7 @@ def build(model_dir: str, units: str):
     broadcast_from_rank0(params)  # what fsdp_layer_units does after the Trainer's wrapping
     if units == "layers":
         assert no_embedding_gather_in_backward(wrapped)  # and this
+        assert release_root_after_head(wrapped)  # and, by default, this
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
     return model, wrapped, optimizer, params
 

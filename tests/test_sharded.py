@@ -298,34 +298,44 @@ def test_fsdp1_ranks_hold_the_same_and_gather_the_embedding_once(tmp_path: Path)
     70B, on two H200s. A vocabulary of 32000 over 64 hidden units makes the head the largest tensor.
     With checkpointing wired as `load_model` does, the frozen embedding's unit is all-gathered in the
     forward only (`no_embedding_gather_in_backward`), with the same loss and gradients as when
-    FSDP gathered it again in the backward. With QLORA_SFT_FSDP_RELEASE_HEAD=1 the root unit
-    (output head, final norm) is resharded before the decoder layers' backward, not after it, with
-    bit-identical loss and gradients."""
+    FSDP gathered it again in the backward. By default the root unit (output head, final norm) is
+    resharded before the decoder layers' backward, not after it (QLORA_SFT_FSDP_RELEASE_HEAD=0), with
+    bit-identical loss and gradients; where it cannot apply it changes nothing and says why."""
     from tiny import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "wide-vocab", vocab_size=32000)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    env.pop("QLORA_SFT_FSDP_RELEASE_HEAD", None)  # the default, whatever the caller's shell says
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port())]
     cmd += [str(TESTS / "fsdp_memory_cpu.py"), str(model_dir), str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
-    # QLORA_SFT_FSDP_RELEASE_HEAD=1: the root unit (head, final norm) resharded once the loss's
-    # backward is past the final norm, not at the end of the backward; the same loss and gradients
-    released = tmp_path / "released"
-    released.mkdir()
-    cmd[-1], cmd[4] = str(released), str(free_port())
+    # By default the root unit (head, final norm) is resharded once the loss's backward is past the
+    # final norm; QLORA_SFT_FSDP_RELEASE_HEAD=0 leaves it to the end of the backward: the same loss
+    # and gradients, bit for bit
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    cmd[-1], cmd[4] = str(kept), str(free_port())
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, env={**env, "QLORA_SFT_FSDP_RELEASE_HEAD": "1"}, timeout=300
+        cmd, capture_output=True, text=True, env={**env, "QLORA_SFT_FSDP_RELEASE_HEAD": "0"}, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank, r in enumerate((r0, r1)):
-        rel = json.loads((released / f"rank{rank}.json").read_text())
-        assert r["root_gathered_at_layer0_backward"] == [True] and rel["root_gathered_at_layer0_backward"] == [False]
-        assert rel["loss"] == r["loss"] and rel["adapter_grads_sha256"] == r["adapter_grads_sha256"]
-        assert rel["release_head_applied"] and not r["release_head_applied"]
-        assert rel["live_bytes"] <= r["live_bytes"]
+        k = json.loads((kept / f"rank{rank}.json").read_text())
+        assert r["root_gathered_at_layer0_backward"] == [False] and k["root_gathered_at_layer0_backward"] == [True]
+        assert k["loss"] == r["loss"] and k["adapter_grads_sha256"] == r["adapter_grads_sha256"]
+        assert r["release_head_applied"] and not k["release_head_applied"]
+        assert r["live_bytes"] <= k["live_bytes"]
+        # where it cannot apply, nothing changes and the run says why: a warning if the user asked
+        refused = r["release_refused"]
+        asked, default = refused["root holds a layer"], refused["no model.norm"]
+        assert not asked["applied"] and asked["hooks_added"] == 0 and not default["applied"]
+        assert [lvl for lvl, _ in asked["said"]] == ["WARNING"], asked
+        assert "also holds model.layers.weight" in asked["said"][0][1], asked
+        assert [lvl for lvl, _ in default["said"]] == ["INFO"], default
+        assert "Frozen has no model.norm" in default["said"][0][1], default
     head = 32000 * 64 * 2  # bf16
     assert r0["live_bytes"] < 2 * head  # the shards, adapters and step: what each rank must hold
     assert r1["live_bytes"] <= r0["live_bytes"] + head // 20, (r0["largest"], r1["largest"])
@@ -459,7 +469,10 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
             peak = max(peaks)
             recipe = load_recipe(path, r.get("overrides", []))
             # runs before 2026-11-30 record no environment: their FSDP used peft's units
-            env = r.get("env", {"QLORA_SFT_FSDP_UNITS": "peft"})
+            env = dict(r.get("env", {"QLORA_SFT_FSDP_UNITS": "peft"}))
+            # FSDP rows record whether the run resharded the head before the layers' backward (the
+            # default since 2026-11-30 evening); rows without the key ran before it was
+            env.setdefault("QLORA_SFT_FSDP_RELEASE_HEAD", "1" if r.get("fsdp_release_head_applied") else "0")
             with pytest.MonkeyPatch.context() as mp:
                 for key, value in env.items():
                     mp.setenv(key, value)

@@ -13,7 +13,9 @@ I = MLP size, L = layers, V = vocabulary, n = LoRA parameters, W = ranks sharing
   other weights         (embeddings, lm_head, norms) x 2 (compute dtype; x 4 with model.upcast_frozen),
                         / W under ZeRO-3/FSDP
   gathered for compute  FSDP: the root unit (embeddings, lm_head, final norm) gathered whole (during
-                        the step with W > 1; when a checkpoint's full state dict is written with W = 1),
+                        the step with W > 1; when a checkpoint's full state dict is written with W = 1);
+                        with layer units it is resharded before the decoder layers' backward, so only
+                        what of it exceeds one recomputed layer's activations counts (with checkpointing),
                         plus with W > 1 or offload two decoder layers (the one computing and the one
                         prefetched); the embedding's unit only in the forward (model.sharding);
                         ZeRO-3 with W > 1 or offload gathers one module at a time, the largest being the
@@ -181,11 +183,19 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
     gathered = 0.0
     moves_weights = world > 1 or offload  # weights arrive from other ranks or from CPU memory
     head = shape.vocab * h * other_bytes
+    # LoRA dropout keeps each adapted linear's dropped input (q, k, v, o, gate, up: h each; down: the
+    # intermediate size) for the backward, for the layer being recomputed under checkpointing
+    dropout = (tokens * (6 * h + inter) * 2 * (1 if gc else layers)) if recipe.lora.dropout > 0 else 0.0
     if mode.kind == "fsdp":
         # the root unit stays gathered from forward to backward: with layer units it holds the norm
         # and the output head (the embedding is its own unit, gathered only while it runs), with
         # peft's units the embedding too; plus the layers running and prefetched
         root = (head if not shape.tied else 0) + h if mode.adapters_replicated else shape.other_params * other_bytes
+        if releases_head(mode) and gc:
+            # resharded once the loss's backward is past the final norm (model.sharding): the head then
+            # never meets a recomputed layer's activations, the peak of the decoder layers' backward
+            # (two H200s, 8B: 5.81 -> 5.02 GiB per rank, with parameter offload 3.30 -> 2.85)
+            root = max(0.0, root - layer_act - dropout)
         units = min(layers, fsdp_gathered_layers(mode))
         gathered = root + (units * layer_weights if moves_weights else 0)
         # The embedding's unit is gathered for the forward only (model.sharding keeps FSDP from
@@ -215,15 +225,24 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
         # with checkpointing every layer's input stays until the backward pass, on the GPU or, with
         # train.offload_activations, in host memory
         "activations": (tokens * h * 2 * held + layer_act) if gc else layer_act * layers,
-        # LoRA dropout keeps each adapted linear's dropped input (q, k, v, o, gate, up: h each; down:
-        # the intermediate size) for the backward, for the layer being recomputed under checkpointing
-        "LoRA dropout": (tokens * (6 * h + inter) * 2 * (1 if gc else layers)) if recipe.lora.dropout > 0 else 0.0,
+        "LoRA dropout": dropout,
         "logits (fused loss)": tokens * h * 2 * 2,
         # one dequantized weight at a time (bitsandbytes' 112 MiB at 8B in the profiled FSDP step of
         # two H200s, 2026-11-30, `memory-peak-rank<i>.json`)
         "workspace": biggest * 2 + 0.25 * GIB,
     }
     return MemoryEstimate({k: v / GIB for k, v in parts.items()})
+
+
+def releases_head(mode: LaunchMode) -> bool:
+    """Whether FSDP reshards the root unit (output head, final norm) before the decoder layers'
+    backward (model.sharding.release_root_after_head): layer units, QLORA_SFT_FSDP_RELEASE_HEAD not 0,
+    and a strategy that frees gathered weights in the backward. It also needs a `model.norm` before
+    the head (Llama, Qwen, Mistral, Gemma); a model without one is estimated as if it applied, and the
+    run logs that it did not."""
+    fs = mode.fsdp
+    frees = fs is None or (fs.reshards_after_forward and fs.sharding_strategy != "NO_SHARD")
+    return mode.kind == "fsdp" and mode.adapters_replicated and mode.fsdp_release_head and frees
 
 
 def fsdp_gathered_layers(mode: LaunchMode) -> int:
@@ -352,8 +371,8 @@ def plan_lines(
     if gpu_mem is not None:
         out.append(largest_micro_batch_line(shape, recipe, mode, gpu_mem))
         out.append(
-            f"bundled configs on a {gpu_mem:g} GiB GPU ({nodes} node(s) x {per_node} GPU(s); fits: estimate within "
-            f"{USABLE_FRACTION:.0%} of it):"
+            f"bundled configs on a {gpu_mem:g} GiB GPU ({nodes} node(s) x {per_node} GPU(s); fits: estimate at most "
+            f"{usable_gib(gpu_mem):.2f} GiB, {USABLE_FRACTION:.0%} of what the CUDA context leaves):"
         )
         for cfg_path in bundled_configs():
             candidate = launch.from_config_file(cfg_path, per_node, nodes)
@@ -376,13 +395,31 @@ def plan_lines(
 # the estimate is within 15% either way. Measured (bench/results, 2026-11-30, one H200): reserved
 # over allocated peak 1.07 (8B, 4 x 2048) and 1.08 (14B, 8 x 2048) with expandable segments; capped
 # at 24 GiB, the 32B shape at 4 x 2048 peaked at 21.33 GiB (estimate now 21.44) and trained, and at
-# 8 x 2048 (estimate now 23.22) it failed. 1 / 1.08 is 0.926: the margin is thin.
+# 8 x 2048 (estimate now 23.22) it failed. 1 / 1.08 is 0.926: the margin is thin. Later the same
+# night, plan's largest micro batches by this fraction alone trained under the caps: 32B at 5 x 2048
+# (21.94 GiB, estimate 21.88, reserved 22.77 of 24) and 14B at 13 x 2048 (15.17, estimate 14.69,
+# reserved 16.00: all the cap gave the allocator, with nothing left for the CUDA context a real
+# 16 GiB card also holds; hence usable_gib below).
 USABLE_FRACTION = 0.92
 
 
+# What a card's memory holds besides PyTorch's allocator: the CUDA context, about 0.3-0.45 GiB with
+# lazy module loading, PyTorch's default since CUDA 11.7 (PyTorch's maintainers: ~300-400 MiB;
+# unsloth-zoo measured 426 MiB with PyTorch 2.10 and CUDA 13 on an RTX 6000 Ada). Not yet measured
+# here: the benchmark records it per rank since 2026-12-01 (`outside_allocator_gib_per_rank`), and
+# QLORA_SFT_GPU_MEMORY_GIB counts what it measures against the cap the same way.
+CUDA_CONTEXT_GIB = 0.45
+
+
+def usable_gib(gpu_mem: float) -> float:
+    """What an estimate may reach on a GPU of `gpu_mem` GiB: USABLE_FRACTION of what the CUDA context
+    leaves."""
+    return max(0.0, (gpu_mem - CUDA_CONTEXT_GIB) * USABLE_FRACTION)
+
+
 def fits(estimate: float, gpu_mem: float) -> bool:
-    """Whether an estimate fits a GPU of `gpu_mem` GiB, with USABLE_FRACTION's headroom."""
-    return estimate <= gpu_mem * USABLE_FRACTION
+    """Whether an estimate fits a GPU of `gpu_mem` GiB (usable_gib)."""
+    return estimate <= usable_gib(gpu_mem)
 
 
 def largest_micro_batch(shape: ModelShape, recipe: Recipe, mode: LaunchMode, gpu_mem: float) -> int:
@@ -400,8 +437,9 @@ def largest_micro_batch_line(shape: ModelShape, recipe: Recipe, mode: LaunchMode
     length = recipe.data.max_length
     micro = largest_micro_batch(shape, recipe, mode, gpu_mem)
     head = (
-        f"largest micro batch on a {gpu_mem:g} GiB GPU with this launch (estimate within {USABLE_FRACTION:.0%} of it, "
-        "the rest for the allocator)"
+        f"largest micro batch on a {gpu_mem:g} GiB GPU with this launch (estimate at most "
+        f"{usable_gib(gpu_mem):.2f} GiB: {USABLE_FRACTION:.0%} of what the CUDA context's ~{CUDA_CONTEXT_GIB:g} GiB "
+        "leaves, the rest for the allocator)"
     )
     if micro == 0:
         need = estimate_memory(shape, recipe, mode, 1).total

@@ -263,7 +263,13 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     if mode.kind != "cpu":
         log.info("CUDA allocator: %s", launch.describe_allocator_settings())
     if cap is not None:
-        log.info("GPU memory capped at %.1f GiB per rank (%s)", cap, launch.GPU_MEMORY_CAP_ENV)
+        log.info(
+            "GPU memory capped at %.1f GiB per rank (%s): %.2f GiB already in use outside PyTorch's allocator "
+            "(the CUDA context) counts against it, as on a card of that size; the allocator may reserve the rest",
+            cap[0],
+            launch.GPU_MEMORY_CAP_ENV,
+            cap[1],
+        )
     if "SLURM_JOB_ID" in os.environ:
         log.info(
             "SLURM job %s, restart count %s", os.environ["SLURM_JOB_ID"], os.environ.get("SLURM_RESTART_COUNT", "0")
