@@ -10,7 +10,8 @@ default), fsdp_offload; ablation rows fsdp_peft (peft's units, as before 2026-11
 fsdp_nooffload, fsdp_offload_peft; ablation rows of ZeRO-3 that change its DeepSpeed JSON (a copy
 of configs/deepspeed/zero3.json written beside the logs): zero3_layers (each decoder layer one
 DeepSpeed leaf module, `leaf_module.classes`), zero3_persist (stage3_param_persistence_threshold
-1M elements: adapters, norms and biases stay whole on every rank), zero3_layers_persist; FSDP's
+1M elements: adapters, norms and biases stay whole on every rank), zero3_layers_persist,
+zero3_prefetch and zero3_layers_prefetch (stage3_prefetch_bucket_size 1e8 elements); FSDP's
 prefetch (fsdp_bwd_pre, fsdp_bwd_post, fsdp_fwd_prefetch, fsdp_offload_bwd_post: a changed copy of
 the accelerate config), the root unit resharded before the decoder layers' backward
 (the default since 2026-11-30; fsdp_keep_head, fsdp_offload_keep_head: QLORA_SFT_FSDP_RELEASE_HEAD=0,
@@ -114,6 +115,13 @@ MODES = {
     "zero3_layers_persist": Mode(
         "deepspeed_zero3.yaml",
         zero=(("leaf_module", {"classes": list(DECODER_LAYERS)}), ("stage3_param_persistence_threshold", 1_000_000)),
+    ),
+    # ZeRO-3's prefetch bucket: "auto" resolves to 0.9 x hidden^2 elements (15M at 8B, under a third of
+    # one decoder layer's packed 4-bit weights); 1e8 elements prefetch about two layers ahead
+    "zero3_prefetch": Mode("deepspeed_zero3.yaml", zero=(("stage3_prefetch_bucket_size", 100_000_000),)),
+    "zero3_layers_prefetch": Mode(
+        "deepspeed_zero3.yaml",
+        zero=(("leaf_module", {"classes": list(DECODER_LAYERS)}), ("stage3_prefetch_bucket_size", 100_000_000)),
     ),
     # ablation rows of FSDP's gathers: the next unit's gather issued after the current unit's
     # gradient computation (less memory held at once), and forward prefetch
