@@ -202,6 +202,88 @@ def test_a_nonfinite_adapter_is_neither_resumed_nor_exported(finished: Path, tmp
         export(run, tmp_path / "out")
 
 
+# 4b. a step out of GPU memory: what is kept and what to lower, and the smaller micro batch resumes
+
+
+def test_out_of_gpu_memory_names_the_checkpoint_and_a_smaller_micro_batch_resumes(
+    tiny_model: Path, tmp_path: Path, monkeypatch
+):
+    """A step that runs out of GPU memory (QLORA_SFT_FAULT raises torch's own error, as the CUDA
+    allocator would) stops with an error for people: the rank and step, the newest complete
+    checkpoint kept, and what to lower. Relaunched with half the micro batch (train.micro_batch_tokens
+    may change between launches of a run: the global batch stays), the run resumes from that
+    checkpoint and its steps match an uninterrupted run's."""
+    data = write_toy_data(tmp_path / "toy.jsonl", n=48)
+
+    def recipe(name: str, micro_batch_tokens: int, max_steps: int) -> object:
+        raw = recipe_dict(tiny_model, data, tmp_path / "runs", run={"name": name}, train={**SHORT})
+        raw["train"].pop("per_device_train_batch_size")  # packed rows of data.max_length (64) per micro batch
+        raw["train"].update(micro_batch_tokens=micro_batch_tokens, max_steps=max_steps)
+        return build_recipe(raw)
+
+    whole = train(recipe("whole", 256, 6))
+    monkeypatch.setenv("QLORA_SFT_FAULT", "oom@5")
+    with pytest.raises(UserError) as e:
+        train(recipe("oom", 256, 6))
+    text = str(e.value)
+    assert "rank 0 ran out of GPU memory in optimizer step 5 (CUDA out of memory. Tried to allocate 2.00 GiB" in text
+    run = tmp_path / "runs" / "oom"
+    assert f"{run / 'checkpoint-4'} is the newest complete checkpoint (step 4); a relaunch resumes" in text
+    assert "train.micro_batch_tokens" in text and "train.offload_activations=true" in text
+    assert [c.step for c in checkpoint.list_checkpoints(run) if c.complete] == [4, 2]
+    assert not (run / "final").exists()
+
+    monkeypatch.setenv("QLORA_SFT_FAULT", "")
+    smaller = recipe("oom", 128, 6)
+    assert smaller.train.args["per_device_train_batch_size"] == 2
+    result = train(smaller)
+    assert result.global_step == 6
+    got, want = losses_by_step(run), losses_by_step(whole.run_dir)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in (5, 6):  # trained after the resume, two micro batches of 2 rows where the first run took one of 4
+        assert abs(got[step] - want[step]) <= 1e-4 * abs(want[step]), (step, got[step], want[step])
+
+
+def test_gpu_outlook_says_what_fits_and_what_to_lower(tiny_model: Path, tmp_path: Path):
+    """train's pre-flight line and out-of-memory advice, from plan's numbers for the GPU it runs on."""
+    from qlora_sft.launch import plan_mode
+    from qlora_sft.plan import GpuOutlook, gpu_outlook, usable_gib
+
+    recipe = recipe_of(tiny_model, tmp_path)
+    mode = plan_mode(recipe, None, None, 1)
+    roomy = gpu_outlook(recipe, mode, None, 24.0)
+    assert roomy.fits and roomy.micro == 4 and roomy.max_length == 64 and roomy.largest_micro >= 4
+    tight = gpu_outlook(recipe, mode, None, roomy.estimate_gib)  # the estimate alone leaves no headroom
+    assert not tight.fits and tight.largest_micro < 4 and "it will likely run out of memory" in tight.line()
+    # the launch modes train sees on GPUs (read from the launcher's environment, as launch.detect does)
+    from qlora_sft.launch import mode_from_environment
+
+    ranks = {"world_size": 2, "local_rank": 0, "rank": 0}
+    zero3 = {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "configs/deepspeed/zero3.json"),
+    }
+    for env in ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_OFFLOAD_PARAMS": "true"}, zero3):
+        launched = mode_from_environment(env, cpu=False, **ranks)
+        outlook = gpu_outlook(recipe, launched, None, 24.0)
+        assert 0 < outlook.estimate_gib < 24 and outlook.fits, (launched.kind, outlook)
+
+    fits = GpuOutlook(gpu_gib=24.0, estimate_gib=13.0, largest_micro=8, micro=8, max_length=2048)
+    assert fits.fits and fits.line().endswith(f"of which an estimate may reach {usable_gib(24.0):.2f}: fits")
+    over = GpuOutlook(gpu_gib=16.0, estimate_gib=15.2, largest_micro=11, micro=13, max_length=2048)
+    assert not over.fits
+    assert "it will likely run out of memory. plan's largest micro batch on this GPU: 11 rows of 2048 tokens" in (
+        over.line()
+    )
+    assert "train.micro_batch_tokens=22528" in over.advice() and "--gpu-mem 16`" in over.advice()
+    unpacked = GpuOutlook(16.0, 15.2, 3, 4, 2048, packing=False)
+    assert "(train.per_device_train_batch_size=3;" in unpacked.advice()
+    none = GpuOutlook(gpu_gib=8.0, estimate_gib=40.0, largest_micro=0, micro=4, max_length=4096)
+    assert "Not even one row of 4096 tokens fits" in none.advice() and "fsdp_qlora.yaml" in none.advice()
+    above = GpuOutlook(gpu_gib=24.0, estimate_gib=13.0, largest_micro=8, micro=8, max_length=2048)
+    assert "so the peak is above it" in above.advice()  # what an out-of-memory error says when plan said it fits
+
+
 # 5. same-size corruption: found by the checksum, the previous checkpoint used, the file named
 
 

@@ -822,14 +822,15 @@ class Fault:
     """Fault injection for tests, from QLORA_SFT_FAULT="<action>@<step>[:<rank>]":
     `kill@8:1` SIGKILLs rank 1 as step 8 begins; `crashsave@10:0` SIGKILLs rank 0 while
     checkpoint 10 is saved (files written, marker not yet); `nan@3` makes the loss of step 3 (and
-    later ones) NaN on every rank. Off unless the variable is set."""
+    later ones) NaN on every rank; `oom@6:0` raises torch's out-of-memory error on rank 0 as step 6
+    begins, as the CUDA allocator would. Off unless the variable is set."""
 
     def __init__(self, spec: str | None = None):
         spec = spec if spec is not None else os.environ.get("QLORA_SFT_FAULT", "")
         self.action = ""
         self.step = -1
         self.rank: int | None = None
-        m = re.fullmatch(r"(kill|crashsave|nan)@(\d+)(?::(\d+))?", spec.strip())
+        m = re.fullmatch(r"(kill|crashsave|nan|oom)@(\d+)(?::(\d+))?", spec.strip())
         if m:
             self.action, self.step = m.group(1), int(m.group(2))
             self.rank = int(m.group(3)) if m.group(3) is not None else None
@@ -1259,6 +1260,13 @@ def fault_callback(fault: Fault, rank: int) -> Any:
     class FaultCallback(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             fault.trigger("kill", state.global_step + 1, rank)
+            if fault.action == "oom" and fault.step == state.global_step + 1 and fault.rank in (None, rank):
+                import torch
+
+                log.warning("QLORA_SFT_FAULT: out of GPU memory as step %d begins on rank %d", fault.step, rank)
+                raise torch.OutOfMemoryError(
+                    "CUDA out of memory. Tried to allocate 2.00 GiB (simulated by QLORA_SFT_FAULT)"
+                )
             if fault.action == "nan" and fault.step == state.global_step + 1 and model is not None:
                 import torch
 

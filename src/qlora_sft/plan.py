@@ -461,3 +461,72 @@ def largest_micro_batch_line(shape: ModelShape, recipe: Recipe, mode: LaunchMode
             f"at most {max(fits) if fits else 'none'}"
         )
     return line
+
+
+@dataclass(frozen=True)
+class GpuOutlook:
+    """plan's estimate for the launch being started, against the GPU it runs on (train logs it
+    before loading anything, and names it again if a step runs out of memory)."""
+
+    gpu_gib: float  # the GPU's memory, or QLORA_SFT_GPU_MEMORY_GIB's cap
+    estimate_gib: float  # peak per rank for the recipe's micro batch
+    largest_micro: int  # the most rows of data.max_length tokens per micro batch that fit (0: none)
+    micro: int  # the recipe's micro batch (rows)
+    max_length: int
+    packing: bool = True
+
+    @property
+    def fits(self) -> bool:
+        return fits(self.estimate_gib, self.gpu_gib)
+
+    def line(self) -> str:
+        head = (
+            f"plan estimates {self.estimate_gib:.2f} GiB per rank at micro batch {self.micro} x {self.max_length} "
+            f"tokens; this GPU has {self.gpu_gib:.1f} GiB, of which an estimate may reach "
+            f"{usable_gib(self.gpu_gib):.2f}"
+        )
+        if self.fits:
+            return f"{head}: fits"
+        return f"{head}: it will likely run out of memory. {self.advice()}"
+
+    def advice(self) -> str:
+        """What to lower, with plan's numbers for this GPU."""
+        length = self.max_length
+        if self.largest_micro == 0:
+            first = (
+                f"Not even one row of {length} tokens fits by plan's estimate: shorten data.max_length, or set "
+                "model.embedding_in_host_memory=true (one GPU, DDP) or train.offload_activations=true, or shard the "
+                "model over several GPUs (configs/accelerate/fsdp_qlora.yaml)"
+            )
+        elif self.largest_micro < self.micro:
+            rows = self.largest_micro
+            knob = (
+                f"train.micro_batch_tokens={rows * length}, or train.per_device_train_batch_size={rows} where the "
+                "recipe sets that"
+                if self.packing
+                else f"train.per_device_train_batch_size={rows}"
+            )
+            first = (
+                f"plan's largest micro batch on this GPU: {rows} rows of {length} tokens ({knob}; with "
+                "train.global_batch_size set, the run resumes with it)"
+            )
+        else:
+            first = (
+                "plan's estimate fits this micro batch, so the peak is above it: lower the micro batch "
+                "(train.micro_batch_tokens, or train.per_device_train_batch_size if the recipe sets it), or set "
+                "model.embedding_in_host_memory=true (one GPU, DDP) or train.offload_activations=true"
+            )
+        return f"{first}. `qlora-sft plan RECIPE --gpu-mem {self.gpu_gib:g}` lists the launch configs that fit."
+
+
+def gpu_outlook(recipe: Recipe, mode: LaunchMode, base_dir: Path | None, gpu_gib: float) -> GpuOutlook:
+    """plan's estimate for this recipe and launch mode on a GPU of `gpu_gib` (reads config.json)."""
+    shape = ModelShape.from_config(read_model_config(recipe.model.name_or_path, base_dir), recipe.model.name_or_path)
+    return GpuOutlook(
+        gpu_gib=gpu_gib,
+        estimate_gib=estimate_memory(shape, recipe, mode).total,
+        largest_micro=largest_micro_batch(shape, recipe, mode, gpu_gib),
+        micro=int(recipe.train.args.get("per_device_train_batch_size", 1)),
+        max_length=recipe.data.max_length,
+        packing=recipe.data.packing,
+    )

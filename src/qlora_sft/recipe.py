@@ -213,7 +213,8 @@ class TrainConfig:
     """With packing, the micro batch is chosen by tokens rather than rows: when
     `per_device_train_batch_size` is not given it is `micro_batch_tokens // data.max_length` packed
     rows (at least 1; the largest such number that divides `global_batch_size`). Lower it if a step
-    runs out of GPU memory. Without packing the micro batch defaults to 4 rows."""
+    runs out of GPU memory: it may change between launches of a run, which then resumes (with
+    `global_batch_size` set, the optimisation stays the same). Without packing the micro batch defaults to 4 rows."""
     offload_activations: bool | Literal["auto"] = "auto"
     """With gradient checkpointing, hold each decoder layer's input in pinned host memory between the
     forward and the backward pass (copied on a side stream, overlapping the compute; the layer is
@@ -1341,6 +1342,10 @@ RESUMABLE_CHANGES = (
     "train.per_device_eval_batch_size",
     "train.per_device_train_batch_size",
     "train.gradient_accumulation_steps",
+    # the micro batch and where activations wait: memory, not what is trained (the global batch, which
+    # check_resume guards, stays)
+    "train.micro_batch_tokens",
+    "train.offload_activations",
     "train.nonfinite_patience",
     "train.deepspeed",  # the launch's DeepSpeed config (a launch may change; check_resume guards ZeRO shards)
     "data.rebuild",

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, data, init_adapter, launch, launch_config, model, plots, tracking
-from .errors import RecipeError
+from . import checkpoint, data, init_adapter, launch, launch_config, model, plan, plots, tracking
+from .errors import RecipeError, UserError
 from .recipe import BatchPlan, Recipe, resolve_batch
 
 log = logging.getLogger("qlora_sft")
@@ -270,6 +270,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
             launch.GPU_MEMORY_CAP_ENV,
             cap[1],
         )
+    outlook = memory_outlook(recipe, mode, base_dir, cap[0] if cap else None, log_it=state.is_main_process)
     if "SLURM_JOB_ID" in os.environ:
         log.info(
             "SLURM job %s, restart count %s", os.environ["SLURM_JOB_ID"], os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -285,7 +286,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     meta = checkpoint.run_metadata(recipe, mode, batch)
     lock = checkpoint.prepare_run_dir(recipe, meta)
     try:
-        return _train(recipe, mode, batch, meta, state, base_dir, extra_callbacks, on_trainer)
+        return _train(recipe, mode, batch, meta, state, base_dir, extra_callbacks, on_trainer, outlook)
     finally:
         if lock is not None:
             lock.release()
@@ -300,7 +301,9 @@ def _train(
     base_dir: Path | None,
     extra_callbacks: list[Any] | None,
     on_trainer: Any,
+    outlook: plan.GpuOutlook | None = None,
 ) -> TrainResult:
+    import torch
     from transformers import set_seed
     from trl import SFTTrainer
 
@@ -380,7 +383,12 @@ def _train(
     # 6. Train (continuing from the newest complete checkpoint, if any).
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.OutOfMemoryError as exc:
+        raise OutOfGpuMemoryError(
+            out_of_memory_message(exc, run_dir, trainer.state.global_step + 1, state.process_index, outlook)
+        ) from exc
     final_dir = run_dir / "final"
     if ckpt.preempted:  # saved at the step boundary all ranks agreed on: the launcher requeues us
         ckpt.record_preemption(run_dir, trainer.state.global_step)
@@ -402,6 +410,70 @@ def _train(
         tracking.finish(report_to)
     log.info("done: adapter in %s (step %d)", final_dir, trainer.state.global_step)
     return TrainResult(run_dir, final_dir, trainer.state.global_step, result.training_loss, eval_loss)
+
+
+class OutOfGpuMemoryError(UserError):
+    """A training step ran out of GPU memory: what was lost (nothing past the newest complete
+    checkpoint) and what to lower."""
+
+
+def memory_outlook(
+    recipe: Recipe, mode: launch.LaunchMode, base_dir: Path | None, cap_gib: float | None, log_it: bool = True
+) -> plan.GpuOutlook | None:
+    """Before anything loads: plan's estimate for this launch against this GPU, logged (a warning
+    when it does not fit). Advisory: plan is within 15% of the measured peaks, so a launch it says
+    will not fit still starts. None on the CPU, or where plan cannot read the model's config."""
+    import torch
+
+    if mode.kind == "cpu" or not torch.cuda.is_available():
+        return None
+    gpu = cap_gib or torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    try:
+        outlook = plan.gpu_outlook(recipe, mode, base_dir, gpu)
+    except Exception as exc:  # advisory only: a model plan cannot read still trains
+        if log_it:
+            log.info("memory: no estimate from plan (%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    if log_it:  # the main process: every rank has the same GPU and the same estimate
+        (log.info if outlook.fits else log.warning)("memory: %s", outlook.line())
+    return outlook
+
+
+def out_of_memory_message(
+    exc: BaseException, run_dir: Path, step: int, rank: int, outlook: plan.GpuOutlook | None
+) -> str:
+    """What a user needs after a step ran out of GPU memory: where, how far plan's estimate was from
+    it, what is kept, and what to lower."""
+    import torch
+
+    what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    lines = [f"rank {rank} ran out of GPU memory in optimizer step {step} ({what[:300]})."]
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_reserved() / 2**30
+        lines.append(f"PyTorch had reserved up to {peak:.2f} GiB on this rank's GPU.")
+    if outlook is not None:
+        lines.append(
+            f"plan estimated {outlook.estimate_gib:.2f} GiB per rank on this {outlook.gpu_gib:.1f} GiB GPU "
+            f"(micro batch {outlook.micro} x {outlook.max_length} tokens)."
+        )
+    complete = [c for c in checkpoint.list_checkpoints(run_dir) if c.complete]
+    if complete:
+        lines.append(
+            f"Nothing before it is lost: {complete[0].path} is the newest complete checkpoint (step "
+            f"{complete[0].step}); a relaunch resumes from it."
+        )
+    else:
+        lines.append(f"No checkpoint of {run_dir} was complete yet: a relaunch starts from step 0.")
+    if outlook is not None:
+        lines.append(outlook.advice())
+    else:
+        lines.append(
+            "Lower the micro batch (train.micro_batch_tokens, or train.per_device_train_batch_size where the recipe "
+            "sets it; with train.global_batch_size set, the run resumes with it), or set "
+            "model.embedding_in_host_memory=true (one GPU, DDP) or train.offload_activations=true, or shard the model "
+            "(configs/accelerate/fsdp_qlora.yaml)."
+        )
+    return "\n".join(lines)
 
 
 def tokenizer_and_data(recipe: Recipe, base_dir: Path | None, by: str = "train") -> tuple[Any, data.PreparedData]:
