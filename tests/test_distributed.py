@@ -450,3 +450,29 @@ def test_gpu_memory_cap_counts_the_cuda_context_and_refuses_nonsense():
         with pytest.raises(SystemExit) as exc:
             cli.build_parser().parse_args(["plan", "r.yaml", "--gpu-mem", raw])
         assert exc.value.code == 2
+
+
+def test_gpu_memory_cap_on_a_gpu_behaves_like_a_card_of_that_size(monkeypatch):
+    """On a CUDA GPU, QLORA_SFT_GPU_MEMORY_GIB=2 lets PyTorch's allocator reserve 2 GiB less what the
+    GPU already holds outside it (the CUDA context): an allocation that a 2 GiB card could not hold
+    fails with torch's out-of-memory error, a smaller one succeeds."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from qlora_sft.launch import apply_gpu_memory_cap
+
+    monkeypatch.setenv("QLORA_SFT_GPU_MEMORY_GIB", "2")
+    torch.cuda.empty_cache()  # what is reserved is then what live tensors hold
+    try:
+        cap, outside = apply_gpu_memory_cap()
+        assert cap == 2.0 and 0 < outside < 2, outside  # a CUDA context exists once CUDA is in use
+        room = 2.0 - outside - torch.cuda.memory_reserved() / 2**30
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(int((room + 0.05) * 2**30), dtype=torch.uint8, device="cuda")
+        kept = torch.empty(int((room - 0.1) * 2**30), dtype=torch.uint8, device="cuda")
+        assert kept.numel() > 0
+        del kept
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
