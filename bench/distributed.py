@@ -296,7 +296,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
 def plan_estimate(recipe_path: Path, mode: str, gpus: int, overrides: list[str], work: Path) -> float:
     from qlora_sft import launch as launch_mode
-    from qlora_sft.plan import ModelShape, estimate_memory, read_model_config
+    from qlora_sft.plan import estimate_memory, recipe_shape
     from qlora_sft.recipe import load_recipe
 
     m = MODES[mode]
@@ -311,8 +311,7 @@ def plan_estimate(recipe_path: Path, mode: str, gpus: int, overrides: list[str],
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    shape = ModelShape.from_config(read_model_config(recipe.model.name_or_path))
-    return round(estimate_memory(shape, recipe, lm).total, 2)
+    return round(estimate_memory(recipe_shape(recipe), recipe, lm).total, 2)
 
 
 def kill_and_resume(

@@ -835,9 +835,13 @@ class Fault:
             self.action, self.step = m.group(1), int(m.group(2))
             self.rank = int(m.group(3)) if m.group(3) is not None else None
 
+    def due(self, action: str, step: int, rank: int) -> bool:
+        """Whether the configured fault is `action` at `step` on this rank."""
+        return self.action == action and self.step == step and self.rank in (None, rank)
+
     def trigger(self, action: str, step: int, rank: int) -> None:
         """SIGKILL this process when the configured fault is `action` at `step` on this rank."""
-        if self.action == action and self.step == step and self.rank in (None, rank):
+        if self.due(action, step, rank):
             log.warning("QLORA_SFT_FAULT: %s at step %d on rank %d", action, step, rank)
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -1260,7 +1264,7 @@ def fault_callback(fault: Fault, rank: int) -> Any:
     class FaultCallback(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             fault.trigger("kill", state.global_step + 1, rank)
-            if fault.action == "oom" and fault.step == state.global_step + 1 and fault.rank in (None, rank):
+            if fault.due("oom", state.global_step + 1, rank):
                 import torch
 
                 log.warning("QLORA_SFT_FAULT: out of GPU memory as step %d begins on rank %d", fault.step, rank)

@@ -134,6 +134,12 @@ def read_model_config(name_or_path: str, base_dir: Path | None = None) -> dict[s
         ) from None
 
 
+def recipe_shape(recipe: Recipe, base_dir: Path | None = None) -> ModelShape:
+    """The recipe's model dimensions, from its config.json (no weights read)."""
+    name = recipe.model.name_or_path
+    return ModelShape.from_config(read_model_config(name, base_dir), name)
+
+
 ZERO3_MAX_LIVE_PARAMETERS = 1e9  # configs/deepspeed/zero3*.json
 
 
@@ -333,7 +339,7 @@ def plan_lines(
     problems += launch_config.launch_problems(recipe, mode, batch, plan_compute_dtype(recipe))
     if problems:
         raise RecipeError(problems, recipe.source)
-    shape = ModelShape.from_config(read_model_config(recipe.model.name_or_path, base_dir), recipe.model.name_or_path)
+    shape = recipe_shape(recipe, base_dir)
     per_node = world // max(1, nodes) if mode.kind != "single_gpu" else 1
     out = [
         f"recipe: {recipe.source or '(in code)'}; model {recipe.model.name_or_path}: {shape.layers} layers, hidden "
@@ -447,10 +453,8 @@ def largest_micro_batch_line(shape: ModelShape, recipe: Recipe, mode: LaunchMode
             f"{head}: none; one row of {length} tokens needs {need:.2f} GiB (shorter data.max_length, "
             "train.offload_activations, or shard the model: see the configs below)"
         )
-    key = "train.micro_batch_tokens" if recipe.data.packing else "train.per_device_train_batch_size"
-    value = micro * length if recipe.data.packing else micro
     line = (
-        f"{head}: {micro} x {length} tokens ({key}={value}, estimated "
+        f"{head}: {micro} x {length} tokens ({micro_batch_setting(micro, length, recipe.data.packing)}, estimated "
         f"{estimate_memory(shape, recipe, mode, micro).total:.2f} GiB)"
     )
     gbs, world = recipe.train.global_batch_size, mode.world_size
@@ -461,6 +465,19 @@ def largest_micro_batch_line(shape: ModelShape, recipe: Recipe, mode: LaunchMode
             f"at most {max(fits) if fits else 'none'}"
         )
     return line
+
+
+def micro_batch_setting(rows: int, length: int, packing: bool) -> str:
+    """The recipe key and value that give `rows` rows of `length` tokens per micro batch."""
+    return f"train.micro_batch_tokens={rows * length}" if packing else f"train.per_device_train_batch_size={rows}"
+
+
+# What lowers a step's GPU memory, without plan's numbers
+LOWER_MEMORY = (
+    "lower the micro batch (train.micro_batch_tokens, or train.per_device_train_batch_size where the recipe sets it; "
+    "with train.global_batch_size set, the run resumes with it), or set model.embedding_in_host_memory=true (one "
+    "GPU, DDP) or train.offload_activations=true, or shard the model (configs/accelerate/fsdp_qlora.yaml)"
+)
 
 
 @dataclass(frozen=True)
@@ -500,28 +517,21 @@ class GpuOutlook:
             )
         elif self.largest_micro < self.micro:
             rows = self.largest_micro
-            knob = (
-                f"train.micro_batch_tokens={rows * length}, or train.per_device_train_batch_size={rows} where the "
-                "recipe sets that"
-                if self.packing
-                else f"train.per_device_train_batch_size={rows}"
-            )
+            knob = micro_batch_setting(rows, length, self.packing)
+            if self.packing:
+                knob += f", or train.per_device_train_batch_size={rows} where the recipe sets that"
             first = (
                 f"plan's largest micro batch on this GPU: {rows} rows of {length} tokens ({knob}; with "
                 "train.global_batch_size set, the run resumes with it)"
             )
         else:
-            first = (
-                "plan's estimate fits this micro batch, so the peak is above it: lower the micro batch "
-                "(train.micro_batch_tokens, or train.per_device_train_batch_size if the recipe sets it), or set "
-                "model.embedding_in_host_memory=true (one GPU, DDP) or train.offload_activations=true"
-            )
+            first = f"plan's estimate fits this micro batch, so the peak is above it: {LOWER_MEMORY}"
         return f"{first}. `qlora-sft plan RECIPE --gpu-mem {self.gpu_gib:g}` lists the launch configs that fit."
 
 
 def gpu_outlook(recipe: Recipe, mode: LaunchMode, base_dir: Path | None, gpu_gib: float) -> GpuOutlook:
     """plan's estimate for this recipe and launch mode on a GPU of `gpu_gib` (reads config.json)."""
-    shape = ModelShape.from_config(read_model_config(recipe.model.name_or_path, base_dir), recipe.model.name_or_path)
+    shape = recipe_shape(recipe, base_dir)
     return GpuOutlook(
         gpu_gib=gpu_gib,
         estimate_gib=estimate_memory(shape, recipe, mode).total,

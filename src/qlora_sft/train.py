@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint, data, init_adapter, launch, launch_config, model, plan, plots, tracking
-from .errors import RecipeError, UserError
+from .errors import RecipeError, UserError, first_line
 from .recipe import BatchPlan, Recipe, resolve_batch
 
 log = logging.getLogger("qlora_sft")
@@ -432,7 +432,7 @@ def memory_outlook(
         outlook = plan.gpu_outlook(recipe, mode, base_dir, gpu)
     except Exception as exc:  # advisory only: a model plan cannot read still trains
         if log_it:
-            log.info("memory: no estimate from plan (%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.info("memory: no estimate from plan (%s)", first_line(exc))
         return None
     if log_it:  # the main process: every rank has the same GPU and the same estimate
         (log.info if outlook.fits else log.warning)("memory: %s", outlook.line())
@@ -446,8 +446,7 @@ def out_of_memory_message(
     it, what is kept, and what to lower."""
     import torch
 
-    what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    lines = [f"rank {rank} ran out of GPU memory in optimizer step {step} ({what[:300]})."]
+    lines = [f"rank {rank} ran out of GPU memory in optimizer step {step} ({first_line(exc)[:300]})."]
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_reserved() / 2**30
         lines.append(f"PyTorch had reserved up to {peak:.2f} GiB on this rank's GPU.")
@@ -467,12 +466,7 @@ def out_of_memory_message(
     if outlook is not None:
         lines.append(outlook.advice())
     else:
-        lines.append(
-            "Lower the micro batch (train.micro_batch_tokens, or train.per_device_train_batch_size where the recipe "
-            "sets it; with train.global_batch_size set, the run resumes with it), or set "
-            "model.embedding_in_host_memory=true (one GPU, DDP) or train.offload_activations=true, or shard the model "
-            "(configs/accelerate/fsdp_qlora.yaml)."
-        )
+        lines.append(f"To fit: {plan.LOWER_MEMORY}.")
     return "\n".join(lines)
 
 
