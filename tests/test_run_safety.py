@@ -244,6 +244,28 @@ def test_out_of_gpu_memory_names_the_checkpoint_and_a_smaller_micro_batch_resume
         assert abs(got[step] - want[step]) <= 1e-4 * abs(want[step]), (step, got[step], want[step])
 
 
+def test_a_smaller_micro_batch_that_changes_the_global_batch_is_refused_at_resume(tiny_model: Path, tmp_path: Path):
+    """train.micro_batch_tokens may change between launches only where the global batch stays: without
+    train.global_batch_size, half the micro batch halves the global batch, and the resume is refused
+    before the model loads, naming both and the fix; the checkpoint is left as it was."""
+    data = write_toy_data(tmp_path / "toy.jsonl", n=48)
+
+    def recipe(micro_batch_tokens: int, max_steps: int) -> object:
+        raw = recipe_dict(tiny_model, data, tmp_path / "runs", train={**SHORT, "max_steps": max_steps})
+        del raw["train"]["per_device_train_batch_size"], raw["train"]["global_batch_size"]
+        raw["train"].update(micro_batch_tokens=micro_batch_tokens, gradient_accumulation_steps=2)
+        return build_recipe(raw)
+
+    train(recipe(256, 2))
+    run = tmp_path / "runs" / "tiny"
+    before = (run / "checkpoint-2" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(UserError, match=r"checkpoint-2 was saved with global batch 8, this launch has 4") as e:
+        train(recipe(128, 4))
+    assert "Keep train.global_batch_size as it was" in str(e.value)
+    assert (run / "checkpoint-2" / "adapter_model.safetensors").read_bytes() == before
+    assert [c.step for c in checkpoint.list_checkpoints(run)] == [2]
+
+
 def test_gpu_outlook_says_what_fits_and_what_to_lower(tiny_model: Path, tmp_path: Path):
     """train's pre-flight line and out-of-memory advice, from plan's numbers for the GPU it runs on."""
     from qlora_sft.launch import plan_mode
