@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 
+@functools.cache
 def gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    """The GPU's name, asked of a child process: the benchmark's driver keeps no CUDA context of its
+    own, which a capped mode would count against its cap (see `workload.make_model`)."""
+    probe = "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def results_base(out: Path, gpu: str, shape: str, suffix: str = "") -> Path:

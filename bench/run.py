@@ -32,7 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qlora_sft.launch import default_allocator_settings
+from qlora_sft.launch import (
+    GPU_MEMORY_CAP_ENV,
+    apply_gpu_memory_cap,
+    default_allocator_settings,
+    gpu_memory_outside_allocator_gib,
+)
 from qlora_sft.plan import ModelShape
 
 from . import measure, report
@@ -74,6 +79,7 @@ def notebook_worker(mode: str, model_dir: Path, data_path: Path, steps: int, max
 
     t0 = time.time()
     gpu = torch.cuda.is_available()  # the CPU only serves smoke tests of this script
+    apply_gpu_memory_cap()  # --gpu-cap, as `qlora-sft train` applies it
     dtype = torch.bfloat16 if gpu else torch.float32
     bnb = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
@@ -201,13 +207,19 @@ def write_worker_result(
 
     tps = measure.tokens_per_s(times, tokens)
     padding = 1 - counts["real"] / counts["computed"] if counts["computed"] else 0.0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    gpu = torch.cuda.is_available()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
     (out / "result.json").write_text(
         json.dumps(
             {
                 "tokens_per_s": tps,
                 "padding_fraction": padding,
                 "peak_gib": peak,
+                # what a card of a given size runs out of: PyTorch's reserved peak plus what is in use
+                # outside its allocator (the CUDA context, other libraries' buffers)
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if gpu else None,
+                "outside_allocator_gib": gpu_memory_outside_allocator_gib() if gpu else None,
+                "gpu_cap_gib": float(os.environ[GPU_MEMORY_CAP_ENV]) if os.environ.get(GPU_MEMORY_CAP_ENV) else None,
                 "load_s": load_s,
                 "time_to_first_step_s": times[0] - start if times else None,
                 "steps": len(times),
@@ -277,10 +289,17 @@ def main() -> int:
     ap.add_argument("--worker")
     ap.add_argument("--worker-out")
     ap.add_argument("--overrides", nargs="*", default=[])
+    ap.add_argument("--prequantized", action="store_true", help="write the model directly in NF4 (bf16 storage)")
+    ap.add_argument("--gpu-cap", type=float, help="cap the GPU's memory at this many GiB in every mode")
+    ap.add_argument(
+        "--micro-batch",
+        type=int,
+        help="packed rows of --max-length per micro batch for project and unsloth (default: each one's own, 4)",
+    )
     args = ap.parse_args()
 
     cache = Path(args.cache)
-    model_dir = cache / args.shape
+    model_dir = cache / (args.shape + ("-nf4" if args.prequantized else ""))
     data_path = cache / f"sharegpt-like-v2-{args.rows}.jsonl"
     if args.worker:
         out = Path(args.worker_out)
@@ -292,8 +311,14 @@ def main() -> int:
 
     import torch
 
+    if args.gpu_cap is not None:
+        if not 0 < args.gpu_cap < float("inf"):
+            ap.error(f"--gpu-cap {args.gpu_cap}: give a number of GiB above 0")
+        os.environ[GPU_MEMORY_CAP_ENV] = str(args.gpu_cap)  # every mode's process applies it
+    if args.micro_batch is not None and args.micro_batch < 1:
+        ap.error(f"--micro-batch {args.micro_batch}: give a number of rows, at least 1")
     t0 = time.time()
-    make_model(args.shape, model_dir)
+    make_model(args.shape, model_dir, prequantized=args.prequantized)
     make_data(data_path, n=args.rows, max_len=args.max_length)
     lengths = [
         sum(len(m["content"].split()) for m in json.loads(x)["messages"]) + 6
@@ -312,6 +337,7 @@ def main() -> int:
         str(args.rows),
         "--cache",
         str(cache),
+        *(["--prequantized"] if args.prequantized else []),
     ]
 
     def write_results() -> None:
@@ -330,6 +356,9 @@ def main() -> int:
             "num_gpus": 1,
             "command": "python -m bench.run " + " ".join(sys.argv[1:]),
             "torch": torch.__version__,
+            "prequantized": args.prequantized,
+            "per_gpu_cap_gib": args.gpu_cap,
+            "micro_batch_rows": args.micro_batch,
             "baseline_tokens_per_s": tps("baseline"),
             "peer_tokens_per_s": tps("peer"),
             "project_tokens_per_s": tps("project"),
@@ -352,12 +381,16 @@ def main() -> int:
     shutil.rmtree(runs, ignore_errors=True)
     results: dict[str, dict[str, Any]] = {}
     profile = None
-    project_extra = ["--overrides", *args.project_overrides] if args.project_overrides else []
+    project_overrides = list(args.project_overrides)
+    if args.micro_batch:
+        project_overrides.append(f"train.micro_batch_tokens={args.micro_batch * args.max_length}")
+    project_extra = ["--overrides", *project_overrides] if project_overrides else []
     for mode in args.mode.split(","):
         extra = project_extra if mode == "project" else []
         if mode == "unsloth":
             cmd = [sys.executable, "-m", "bench.unsloth_peer", str(model_dir), str(data_path), str(runs / mode)]
             cmd += ["--steps", str(args.steps), "--max-length", str(args.max_length)]
+            cmd += ["--micro-batch", str(args.micro_batch or 4)]
             results[mode] = run_worker(mode, [], runs / mode, args.timeout, cmd=cmd, site=args.unsloth_site)
         else:
             results[mode] = run_worker(mode, [mode, *common, *extra], runs / mode, args.timeout)
@@ -381,7 +414,7 @@ def main() -> int:
             key = f"project, {label}"
             results[key] = run_worker(
                 key,
-                ["project", *common, "--overrides", *args.project_overrides, *overrides],
+                ["project", *common, "--overrides", *project_overrides, *overrides],
                 runs / key.replace(" ", "_").replace(",", ""),
                 args.timeout,
             )
@@ -406,19 +439,29 @@ def render(p: dict[str, Any], args: argparse.Namespace) -> list[str]:
                     ratio,
                     f"{r.get('padding_fraction', 0):.0%}",
                     f"{r.get('peak_gib') or 0:.2f}",
+                    report.number(r.get("peak_reserved_gib"), ".2f"),
                     f"{r.get('time_to_first_step_s') or 0:.1f}",
                     f"{r['mfu']:.1%}",
                 ]
             )
         else:
-            rows.append([name, t or "failed", ratio, "-", r.get("peak_gib"), "-", "-"])
+            rows.append([name, t or "failed", ratio, "-", r.get("peak_gib"), r.get("peak_reserved_gib"), "-", "-"])
     num = report.number
+    setup = "".join(
+        [
+            " (pre-quantized NF4)" if p.get("prequantized") else "",
+            f", GPU capped at {p['per_gpu_cap_gib']:g} GiB" if p.get("per_gpu_cap_gib") else "",
+            f", {p['micro_batch_rows']} rows per micro batch" if p.get("micro_batch_rows") else "",
+        ]
+    )
     lines = [
-        f"# {args.shape} on {p['gpu']}: {args.steps} steps, max_length {args.max_length}",
+        f"# {args.shape}{setup} on {p['gpu']}: {args.steps} steps, max_length {args.max_length}",
         "",
         f"Command: `{p['command']}`",
         "",
-        *report.table(["mode", "real tokens/s", "x baseline", "padding", "peak GiB", "first step s", "MFU"], rows),
+        *report.table(
+            ["mode", "real tokens/s", "x baseline", "padding", "peak GiB", "reserved GiB", "first step s", "MFU"], rows
+        ),
         "",
         f"- project / baseline: {num(p['ratio'], '.2f')}x; project / peer: {num(p['peer_ratio'], '.2f')}x; "
         f"project / unsloth: {num(p.get('unsloth_ratio'), '.2f')}x",

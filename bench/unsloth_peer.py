@@ -5,11 +5,12 @@ unsloth pins `trl<=1.15` and `datasets<5`, so it lives in its own target directo
 process's PYTHONPATH (`bench.run --unsloth-site`), and `import unsloth` must come before
 transformers, peft and trl (it patches them): this module imports nothing of theirs at the top.
 
-    python -m bench.unsloth_peer MODEL_DIR DATA.jsonl OUT_DIR [--steps 20] [--max-length 2048]
+    python -m bench.unsloth_peer MODEL_DIR DATA.jsonl OUT_DIR [--steps 20] [--max-length 2048] [--micro-batch 4]
 
 The recipe: FastLanguageModel 4-bit (NF4) in bf16, LoRA r=16 alpha=32 dropout 0 on the 7
 projections, unsloth's offloaded gradient checkpointing, TRL SFTConfig with best-fit-decreasing
-packing, padding-free rows, 4 rows per step, adamw_8bit.
+packing, padding-free rows, 4 rows per step (`--micro-batch`), adamw_8bit. QLORA_SFT_GPU_MEMORY_GIB
+(`bench.run --gpu-cap`) caps the GPU as it does for the project's modes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--micro-batch", type=int, default=4, help="packed rows per step")
     args = ap.parse_args()
     t0 = time.time()
     # first: unsloth patches transformers, peft and trl as they are imported
@@ -37,7 +39,9 @@ def main() -> int:
     from trl import SFTConfig, SFTTrainer
 
     from bench import measure
-    from bench.run import write_worker_result
+    from bench.run import apply_gpu_memory_cap, write_worker_result
+
+    apply_gpu_memory_cap()
 
     model, tok = fast_language_model.from_pretrained(
         model_name=str(args.model_dir), max_seq_length=args.max_length, dtype=torch.bfloat16, load_in_4bit=True
@@ -55,7 +59,7 @@ def main() -> int:
     ds = datasets.load_dataset("json", data_files=str(args.data), split="train")
     config = SFTConfig(
         output_dir=str(args.out / "trainer"),
-        per_device_train_batch_size=4,
+        per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=1,
         max_steps=args.steps,
         learning_rate=2e-4,

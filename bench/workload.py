@@ -8,9 +8,12 @@ checkpoints, which cannot be downloaded here.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +148,26 @@ def make_model(shape: str, folder: Path, seed: int = 0, shard_gib: float = 4.0, 
     """Random weights of the shape, generated tensor by tensor (on the GPU when there is one) and
     saved as sharded safetensors; no full model is ever built in memory. Reused when already there.
 
+    Written by a child process (`python -m bench.workload`): a process that has used the GPU keeps
+    its CUDA context and cached blocks, which a capped mode (QLORA_SFT_GPU_MEMORY_GIB counts all
+    memory in use outside its own allocator) would then lose. The benchmark's driver never uses the
+    GPU itself (on 2026-12-01 it held 6.4 GiB after writing a 14B model, and a mode capped at 16 GiB
+    got 9.1)."""
+    if not _complete(folder):
+        cmd = [sys.executable, "-m", "bench.workload", shape, str(folder), "--seed", str(seed)]
+        cmd += ["--shard-gib", str(shard_gib), *(["--prequantized"] if prequantized else [])]
+        subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent.parent)
+    build_tokenizer(byte_level=SHAPES[shape].get("model_type") == "qwen2").save_pretrained(folder)
+    return folder  # the weights are reused; the tokenizer is always this code's
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def write_model(shape: str, folder: Path, seed: int = 0, shard_gib: float = 4.0, prequantized: bool = False) -> Path:
+    """`make_model`'s work, in this process.
+
     `prequantized`: the linear layers are written directly in bitsandbytes NF4 (double quant, bf16
     storage), the format `save_pretrained` of a 4-bit model writes, with a `quantization_config` in
     config.json, as `*-bnb-4bit` checkpoints on the hub are. A 70B model is about 41 GB this way
@@ -155,9 +178,6 @@ def make_model(shape: str, folder: Path, seed: int = 0, shard_gib: float = 4.0, 
     from transformers import AutoModelForCausalLM
 
     tok = build_tokenizer(byte_level=SHAPES[shape].get("model_type") == "qwen2")
-    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
-        tok.save_pretrained(folder)  # the weights are reused; the tokenizer is always this code's
-        return folder
     folder.mkdir(parents=True, exist_ok=True)
     config = shape_config(
         shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
@@ -347,3 +367,19 @@ def make_text_data(path: Path, n: int, seed: int = 0) -> Path:
             f.write(json.dumps(row) + "\n")
     tmp.rename(path)
     return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="write a benchmark shape's random model (what make_model runs)")
+    ap.add_argument("shape", choices=sorted(SHAPES))
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard-gib", type=float, default=4.0)
+    ap.add_argument("--prequantized", action="store_true")
+    a = ap.parse_args()
+    write_model(a.shape, a.folder, a.seed, a.shard_gib, a.prequantized)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

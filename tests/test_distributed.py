@@ -213,6 +213,32 @@ def test_plan_prints_batch_arithmetic_and_memory(tiny_model: Path, tmp_path: Pat
     assert not (tmp_path / "runs").exists()
 
 
+def test_plan_counts_the_save_of_fsdp_that_shards_nothing(tiny_model: Path, tmp_path: Path):
+    """FSDP on one process runs as NO_SHARD, whose full state dict copies every weight on the GPU at
+    each checkpoint save (one H200, 8B: 10.82 GiB at the save, 7.22 on single_gpu.yaml): plan says so
+    and counts it, and counts nothing of it with two processes or without saves."""
+    from qlora_sft import launch
+    from qlora_sft.plan import ModelShape, estimate_memory, plan_lines
+    from qlora_sft.recipe import load_recipe
+
+    data = write_toy_data(tmp_path / "toy.jsonl", n=40)
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, data, tmp_path / "runs"))
+    fsdp = str(CONFIGS / "fsdp_qlora.yaml")
+    one = "\n".join(plan_lines(load_recipe(path), fsdp, 1))
+    assert "shards nothing" in one and "configs/accelerate/single_gpu.yaml" in one, one
+    assert "shards nothing" not in "\n".join(plan_lines(load_recipe(path), fsdp, 2))
+    from bench.workload import SHAPES
+
+    # the 8B shape's weights with the tiny recipe's short rows: the save's copy sets the peak
+    shape = ModelShape.from_config({"architectures": ["LlamaForCausalLM"], **SHAPES["llama3-8b"]})
+    key = "checkpoint save (NO_SHARD copies the weights)"
+    saving = estimate_memory(shape, load_recipe(path), launch.from_config_file(fsdp, 1)).parts
+    assert saving[key] > 0, saving
+    quiet = estimate_memory(shape, load_recipe(path, ["train.save_strategy=no"]), launch.from_config_file(fsdp, 1))
+    assert key not in quiet.parts
+    assert key not in estimate_memory(shape, load_recipe(path), launch.from_config_file(fsdp, 2)).parts
+
+
 @pytest.mark.parametrize(("shape", "gpu_mem"), [("qwen2.5-14b", 16.0), ("qwen2.5-32b", 24.0), ("qwen2.5-32b", 16.0)])
 def test_plan_names_the_largest_micro_batch_that_fits(shape: str, gpu_mem: float, tmp_path: Path):
     """`plan --gpu-mem` names the most rows per micro batch whose estimate fits, for the consumer-GPU
@@ -452,6 +478,7 @@ def test_gpu_memory_cap_counts_the_cuda_context_and_refuses_nonsense():
         assert exc.value.code == 2
 
 
+@pytest.mark.gpu
 def test_gpu_memory_cap_on_a_gpu_behaves_like_a_card_of_that_size(monkeypatch):
     """On a CUDA GPU, QLORA_SFT_GPU_MEMORY_GIB=2 lets PyTorch's allocator reserve 2 GiB less what the
     GPU already holds outside it (the CUDA context): an allocation that a 2 GiB card could not hold

@@ -68,7 +68,7 @@ def loss_and_grads(peft, fused: bool, autocast: bool = False) -> tuple[float, di
     return loss.item(), grads, len(calls)
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_fused_layer_gives_peft_losses_and_gradients(tiny_model: Path, device: str):
     import torch
 

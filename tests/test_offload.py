@@ -52,7 +52,7 @@ def lora_grads(
     return losses, {n: p.grad.cpu().clone() for n, p in peft.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_offloaded_checkpoint_gives_the_same_gradients(tiny_model: Path, device: str):
     """On CUDA the copies run on a side stream and the backward prefetches the next layer's input."""
     import torch
@@ -68,7 +68,7 @@ def test_offloaded_checkpoint_gives_the_same_gradients(tiny_model: Path, device:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_embedding_in_host_memory_gives_the_same_gradients(tiny_model: Path, device: str):
     """The table on the host, the batch's rows copied to the compute device: the same losses and
     LoRA gradients as the embedding on the device (with activation offloading too)."""

@@ -6,8 +6,10 @@ the GPU measurements committed in bench/results. The FSDP and ZeRO-3 runs themse
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -442,6 +444,15 @@ def test_training_with_the_low_memory_loader_equals_the_transformers_loader(
     assert losses["low_memory"] == losses["transformers"]
 
 
+def command_overrides(command: str) -> list[str]:
+    """The `--overrides A B ...` of a recorded bench command line."""
+    words = shlex.split(command)
+    if "--overrides" not in words:
+        return []
+    rest = words[words.index("--overrides") + 1 :]
+    return list(itertools.takewhile(lambda w: not w.startswith("--"), rest))
+
+
 def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
     """`plan`'s per-rank memory (one GPU with activations offloaded or not, FSDP, ZeRO-3) against
     every launch measured on a GPU in bench/results (within 15% of the measured peak), and its
@@ -467,7 +478,9 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
             if r["returncode"] != 0 or not peaks:
                 continue
             peak = max(peaks)
-            recipe = load_recipe(path, r.get("overrides", []))
+            # runs before 2026-11-30 record no overrides per row: those of their command line then
+            overrides = r["overrides"] if r.get("overrides") is not None else command_overrides(run["command"])
+            recipe = load_recipe(path, overrides)
             # runs before 2026-11-30 record no environment: their FSDP used peft's units
             env = dict(r.get("env", {"QLORA_SFT_FSDP_UNITS": "peft"}))
             # FSDP rows record whether the run resharded the head before the layers' backward (the

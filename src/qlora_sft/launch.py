@@ -438,6 +438,15 @@ def describe_allocator_settings(environ: Mapping[str, str] | None = None) -> str
     return "torch's defaults (neither PYTORCH_ALLOC_CONF nor PYTORCH_CUDA_ALLOC_CONF set)"
 
 
+# What a card's memory holds besides PyTorch's allocator by the end of a run: the CUDA context (about
+# 0.3-0.45 GiB when created, with lazy module loading) and the kernels' modules loaded as they are
+# first used. Measured at the end of one-GPU runs on an H200 (bench/results, 2026-12-01,
+# `outside_allocator_gib`): 0.93 GiB at 8B, 0.95 at 14B, 1.07 at 32B, 0.91 under unsloth; 1.3-1.4
+# with one process under FSDP or ZeRO-3 (a process group). plan counts it against a card's memory, and
+# QLORA_SFT_GPU_MEMORY_GIB keeps it out of the cap from the start, before the context has grown to it.
+CUDA_CONTEXT_GIB = 0.95
+
+
 def allocator_fraction(raw: str, total_gib: float, outside_gib: float) -> tuple[float, float]:
     """QLORA_SFT_GPU_MEMORY_GIB=`raw` on a GPU of `total_gib`, `outside_gib` of it already in use
     outside PyTorch's allocator: (the cap in GiB, the share of the GPU PyTorch's allocator may
@@ -460,18 +469,19 @@ def allocator_fraction(raw: str, total_gib: float, outside_gib: float) -> tuple[
 
 def apply_gpu_memory_cap() -> tuple[float, float] | None:
     """With QLORA_SFT_GPU_MEMORY_GIB set, make this process's GPU behave like a card of that many GiB:
-    what is in use outside PyTorch's allocator when it is applied (the CUDA context, about 0.3-0.5
-    GiB, as on the card) counts against it, and the caching allocator refuses to reserve more than the
-    rest. Kernels loaded later (lazy module loading) grow the context a little more; the benchmark
-    records it at the end (`outside_allocator_gib`). Returns (cap, GiB outside the allocator), or
-    None."""
+    what is in use outside PyTorch's allocator counts against it, at least CUDA_CONTEXT_GIB (what the
+    context grows to as kernels load, as on the card), and the caching allocator refuses to reserve
+    more than the rest. Until 2026-12-01 only what was outside when the cap was applied counted (about
+    0.5 GiB): a 14B run at 11 x 2048 under a 16 GiB cap then reserved 15.34 GiB and ended with 0.95
+    outside, 16.29 in all. The benchmark records what is outside at the end (`outside_allocator_gib`).
+    Returns (cap, GiB counted outside the allocator), or None."""
     import torch
 
     raw = os.environ.get(GPU_MEMORY_CAP_ENV)
     if not raw or not torch.cuda.is_available():
         return None
     device = torch.cuda.current_device()
-    outside = gpu_memory_outside_allocator_gib(device)
+    outside = max(CUDA_CONTEXT_GIB, gpu_memory_outside_allocator_gib(device))
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
     cap, fraction = allocator_fraction(raw, total, outside)
     torch.cuda.set_per_process_memory_fraction(fraction, device)

@@ -49,7 +49,7 @@ from typing import Any
 
 from . import launch, launch_config
 from .errors import RecipeError, UserError
-from .launch import LaunchMode
+from .launch import CUDA_CONTEXT_GIB, LaunchMode
 from .recipe import Recipe, micro_batches_dividing, resolve_batch
 
 GIB = 1024**3
@@ -207,7 +207,7 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
         # The embedding's unit is gathered for the forward only (model.sharding keeps FSDP from
         # gathering it again in the backward): with BACKWARD_PRE that gather arrived while the first
         # decoder layer's backward held its activations, 0.82-0.92 GiB more per rank at 8B (two H200s)
-        if mode.fsdp is not None and mode.fsdp.sharding_strategy == "NO_SHARD":  # every rank holds it whole
+        if shard == 1:  # NO_SHARD, or one process (torch then switches to NO_SHARD): held whole already
             gathered = 0.0
     elif mode.shards_parameters and moves_weights:
         # DeepSpeed keeps up to stage3_max_live_parameters gathered elements resident (1e9 in the
@@ -237,6 +237,17 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
         # two H200s, 2026-11-30, `memory-peak-rank<i>.json`)
         "workspace": biggest * 2 + 0.25 * GIB,
     }
+    if mode.kind == "fsdp" and shard == 1 and recipe.train.args.get("save_strategy", "steps") != "no":
+        # FSDP1 without sharding (NO_SHARD, or one process, which torch runs as NO_SHARD) clones every
+        # parameter on the GPU for a full state dict: each checkpoint save then holds the weights twice.
+        # One H200, 8B, one process: 10.82 GiB peak at the save, 5.21 GiB above the steady 5.61, while
+        # the profiled training step peaked at 7.58 (2026-12-01)
+        training = sum(parts[k] for k in ("gathered for compute", "activations", "LoRA dropout", "logits (fused loss)"))
+        training += parts["workspace"]
+        held = sum(
+            v for k, v in parts.items() if k in (weights_name, "quantization constants", "embeddings, lm_head, norms")
+        )
+        parts["checkpoint save (NO_SHARD copies the weights)"] = max(0.0, held - training)
     return MemoryEstimate({k: v / GIB for k, v in parts.items()})
 
 
@@ -248,7 +259,8 @@ def releases_head(mode: LaunchMode) -> bool:
     run logs that it did not."""
     fs = mode.fsdp
     frees = fs is None or (fs.reshards_after_forward and fs.sharding_strategy != "NO_SHARD")
-    return mode.kind == "fsdp" and mode.adapters_replicated and mode.fsdp_release_head and frees
+    sharded = launch_config.param_shards(mode, mode.num_machines) > 1  # one process runs as NO_SHARD
+    return mode.kind == "fsdp" and mode.adapters_replicated and mode.fsdp_release_head and frees and sharded
 
 
 def fsdp_gathered_layers(mode: LaunchMode) -> int:
@@ -407,14 +419,6 @@ def plan_lines(
 # reserved 16.00: all the cap gave the allocator, with nothing left for the CUDA context a real
 # 16 GiB card also holds; hence usable_gib below).
 USABLE_FRACTION = 0.92
-
-
-# What a card's memory holds besides PyTorch's allocator: the CUDA context, about 0.3-0.45 GiB with
-# lazy module loading, PyTorch's default since CUDA 11.7 (PyTorch's maintainers: ~300-400 MiB;
-# unsloth-zoo measured 426 MiB with PyTorch 2.10 and CUDA 13 on an RTX 6000 Ada). Not yet measured
-# here: the benchmark records it per rank since 2026-12-01 (`outside_allocator_gib_per_rank`), and
-# QLORA_SFT_GPU_MEMORY_GIB counts what it measures against the cap the same way.
-CUDA_CONTEXT_GIB = 0.45
 
 
 def usable_gib(gpu_mem: float) -> float:

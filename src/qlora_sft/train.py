@@ -264,8 +264,9 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
         log.info("CUDA allocator: %s", launch.describe_allocator_settings())
     if cap is not None:
         log.info(
-            "GPU memory capped at %.1f GiB per rank (%s): %.2f GiB already in use outside PyTorch's allocator "
-            "(the CUDA context) counts against it, as on a card of that size; the allocator may reserve the rest",
+            "GPU memory capped at %.1f GiB per rank (%s): %.2f GiB outside PyTorch's allocator (what is in use "
+            "there now, at least what the CUDA context grows to) counts against it, as on a card of that size; the "
+            "allocator may reserve the rest",
             cap[0],
             launch.GPU_MEMORY_CAP_ENV,
             cap[1],
