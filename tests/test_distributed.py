@@ -225,8 +225,9 @@ def test_plan_counts_the_save_of_fsdp_that_shards_nothing(tiny_model: Path, tmp_
     path = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, data, tmp_path / "runs"))
     fsdp = str(CONFIGS / "fsdp_qlora.yaml")
     one = "\n".join(plan_lines(load_recipe(path), fsdp, 1))
-    assert "shards nothing" in one and "configs/accelerate/single_gpu.yaml" in one, one
+    assert "warning: FSDP here shards nothing" in one and "configs/accelerate/single_gpu.yaml" in one, one
     assert "shards nothing" not in "\n".join(plan_lines(load_recipe(path), fsdp, 2))
+    assert "shards nothing" not in "\n".join(plan_lines(load_recipe(path), str(CONFIGS / "single_gpu.yaml"), 1))
     from bench.workload import SHAPES
 
     # the 8B shape's weights with the tiny recipe's short rows: the save's copy sets the peak

@@ -769,13 +769,20 @@ def launch_notes(recipe: Any, mode: Any) -> list[str]:
     notes = list(mode.config_notes)
     if mode.deepspeed is not None:
         notes += deepspeed_notes(mode.deepspeed, recipe)
+    return notes
+
+
+def launch_warnings(recipe: Any, mode: Any) -> list[str]:
+    """What works but costs the user (memory, time) for nothing: logged as warnings by train, printed
+    by plan."""
+    out = []
     if mode.kind == "fsdp" and param_shards(mode, mode.num_machines) == 1:
-        notes.append(
+        out.append(
             "FSDP here shards nothing (one process per shard group: torch runs it as NO_SHARD), and each checkpoint "
             "save then copies every weight on the GPU for the full state dict (one H200, 8B, one process: 10.82 GiB "
             "at the save against 7.22 with single_gpu.yaml). On one GPU, launch with configs/accelerate/single_gpu.yaml"
         )
-    return notes
+    return out
 
 
 def recipe_deepspeed(recipe: Any) -> DeepSpeedConfig | None:

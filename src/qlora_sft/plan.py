@@ -326,6 +326,7 @@ def launch_config_lines(recipe: Recipe, mode: LaunchMode) -> list[str]:
     if mode.mixed_precision and mode.mixed_precision != "no":
         out.append(f"mixed precision: {mode.mixed_precision} (the accelerate config; agrees with the recipe)")
     out += [f"note: {n}" for n in launch_config.launch_notes(recipe, mode)]
+    out += [f"warning: {w}" for w in launch_config.launch_warnings(recipe, mode)]
     return out
 
 

@@ -259,6 +259,9 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     log.info("launch: %s; %s", mode.describe(), batch.describe())
     for note in launch_config.launch_notes(recipe, mode):
         log.info("launch: %s", note)
+    if state.is_main_process:
+        for warning in launch_config.launch_warnings(recipe, mode):
+            log.warning("launch: %s", warning)
     cap = launch.apply_gpu_memory_cap()
     if mode.kind != "cpu":
         log.info("CUDA allocator: %s", launch.describe_allocator_settings())
