@@ -471,7 +471,7 @@ def test_gpu_memory_cap_counts_the_cuda_context_and_refuses_nonsense():
     for raw in ("sixteen", "nan", "inf", "-inf", "0", "-4", "141"):
         with pytest.raises(UserError, match=rf"QLORA_SFT_GPU_MEMORY_GIB={raw!r}|QLORA_SFT_GPU_MEMORY_GIB={raw}:"):
             allocator_fraction(raw, 140.0, 0.5)
-    with pytest.raises(UserError, match=r"=1: 1\.20 GiB of this GPU are already in use outside PyTorch's allocator"):
+    with pytest.raises(UserError, match=r"=1: 1\.20 GiB of this GPU count as outside PyTorch's allocator"):
         allocator_fraction("1", 140.0, 1.2)
     for raw in ("nan", "inf", "0", "-24", "24GB"):
         with pytest.raises(SystemExit) as exc:

@@ -460,9 +460,9 @@ def allocator_fraction(raw: str, total_gib: float, outside_gib: float) -> tuple[
         raise UserError(f"{GPU_MEMORY_CAP_ENV}={raw}: must be > 0 and at most this GPU's {total_gib:.1f} GiB")
     if outside_gib >= cap:
         raise UserError(
-            f"{GPU_MEMORY_CAP_ENV}={raw}: {outside_gib:.2f} GiB of this GPU are already in use outside PyTorch's "
-            "allocator (this process's CUDA context and any other process on the GPU), which leaves nothing of the "
-            "cap: give a larger cap, or free the GPU"
+            f"{GPU_MEMORY_CAP_ENV}={raw}: {outside_gib:.2f} GiB of this GPU count as outside PyTorch's allocator "
+            f"(the CUDA context, at least {CUDA_CONTEXT_GIB:g} GiB once its kernels load, and any other process on "
+            "the GPU), which leaves nothing of the cap: give a larger cap, or free the GPU"
         )
     return cap, (cap - outside_gib) / total_gib
 
