@@ -61,6 +61,7 @@ from typing import Any
 
 import yaml
 
+from qlora_sft.cli import gib
 from qlora_sft.launch import DEFAULT_ALLOC_CONF, EMBEDDING_GATHERED_ONCE, FSDP_RELEASE_HEAD_ENV, RELEASE_HEAD_APPLIED
 
 from . import measure, report
@@ -381,7 +382,7 @@ def main() -> int:
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--rows", type=int, default=4000)
-    ap.add_argument("--gpu-cap", type=float, help="cap each rank's GPU memory at this many GiB")
+    ap.add_argument("--gpu-cap", type=gib, help="cap each rank's GPU memory at this many GiB")
     ap.add_argument(
         "--kill-resume", default="all", help="modes to also kill at step 7 and resume (default all; 'none')"
     )

@@ -13,10 +13,15 @@ same data, in one run.
   project   `qlora-sft train` with the recipe's defaults (plus `--project-overrides`)
   --ablation  the project path again with one choice switched back at a time
 
+--micro-batch N sets the packed rows per micro batch of project and unsloth, --gpu-cap GiB caps the
+GPU in every mode (QLORA_SFT_GPU_MEMORY_GIB), --prequantized writes the model in NF4 (the 14B and
+32B shapes), --tag names the results file.
+
 Each mode runs in its own process. Reported per mode: real (non-padding) tokens/s over the steps
 after the warm-up, the padding fraction of computed tokens, peak GPU memory
-(torch.cuda.max_memory_allocated), time to the first optimizer step, and MFU (`measure.mfu`).
-Writes bench/results/<date>-<gpu>-<shape>.{json,md}.
+(torch.cuda.max_memory_allocated), the reserved peak and what is in use outside PyTorch's allocator
+at the end (together what a card must hold), time to the first optimizer step, and MFU
+(`measure.mfu`). Writes bench/results/<date>-<gpu>-<shape><tag>.{json,md}.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qlora_sft.cli import gib
 from qlora_sft.launch import (
     GPU_MEMORY_CAP_ENV,
     apply_gpu_memory_cap,
@@ -290,7 +296,8 @@ def main() -> int:
     ap.add_argument("--worker-out")
     ap.add_argument("--overrides", nargs="*", default=[])
     ap.add_argument("--prequantized", action="store_true", help="write the model directly in NF4 (bf16 storage)")
-    ap.add_argument("--gpu-cap", type=float, help="cap the GPU's memory at this many GiB in every mode")
+    ap.add_argument("--gpu-cap", type=gib, help="cap the GPU's memory at this many GiB in every mode")
+    ap.add_argument("--tag", default="", help="suffix of the results file name (e.g. -cap24-mb4)")
     ap.add_argument(
         "--micro-batch",
         type=int,
@@ -312,11 +319,17 @@ def main() -> int:
     import torch
 
     if args.gpu_cap is not None:
-        if not 0 < args.gpu_cap < float("inf"):
-            ap.error(f"--gpu-cap {args.gpu_cap}: give a number of GiB above 0")
         os.environ[GPU_MEMORY_CAP_ENV] = str(args.gpu_cap)  # every mode's process applies it
-    if args.micro_batch is not None and args.micro_batch < 1:
-        ap.error(f"--micro-batch {args.micro_batch}: give a number of rows, at least 1")
+    elif os.environ.get(GPU_MEMORY_CAP_ENV):  # set by the caller: every mode applies it too, so record it
+        args.gpu_cap = gib(os.environ[GPU_MEMORY_CAP_ENV])
+    if args.micro_batch is not None:
+        if args.micro_batch < 1:
+            ap.error(f"--micro-batch {args.micro_batch}: give a number of rows, at least 1")
+        batch_keys = ("train.micro_batch_tokens", "train.per_device_train_batch_size", "train.global_batch_size")
+        clash = [o for o in args.project_overrides if o.split("=", 1)[0] in (*batch_keys, "data.packing")]
+        if clash:
+            clashing = " ".join(clash)
+            ap.error(f"--micro-batch sets the project's micro batch; --project-overrides {clashing} would change it")
     t0 = time.time()
     make_model(args.shape, model_dir, prequantized=args.prequantized)
     make_data(data_path, n=args.rows, max_len=args.max_length)
@@ -340,9 +353,10 @@ def main() -> int:
         *(["--prequantized"] if args.prequantized else []),
     ]
 
+    gpu = report.gpu_name()  # before any mode: a failing GPU stops the run here, not after one
+
     def write_results() -> None:
         """The results so far (written after every mode: a run cut short keeps what it measured)."""
-        gpu = report.gpu_name()
         shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()), args.shape)
         for r in results.values():
             r["mfu"] = measure.mfu(r.get("tokens_per_s"), shape, mean_len, gpu)
@@ -375,7 +389,7 @@ def main() -> int:
             "mean_example_tokens": mean_len,
             "results": results,
         }
-        report.write(report.results_base(Path(args.out), gpu, args.shape), payload, render(payload, args))
+        report.write(report.results_base(Path(args.out), gpu, args.shape, args.tag), payload, render(payload, args))
 
     runs = cache / "bench-runs" / args.shape
     shutil.rmtree(runs, ignore_errors=True)
@@ -447,6 +461,10 @@ def render(p: dict[str, Any], args: argparse.Namespace) -> list[str]:
         else:
             rows.append([name, t or "failed", ratio, "-", r.get("peak_gib"), r.get("peak_reserved_gib"), "-", "-"])
     num = report.number
+
+    def times(ratio: float | None) -> str:
+        return "not measured" if ratio is None else f"{ratio:.2f}x"
+
     setup = "".join(
         [
             " (pre-quantized NF4)" if p.get("prequantized") else "",
@@ -463,8 +481,8 @@ def render(p: dict[str, Any], args: argparse.Namespace) -> list[str]:
             ["mode", "real tokens/s", "x baseline", "padding", "peak GiB", "reserved GiB", "first step s", "MFU"], rows
         ),
         "",
-        f"- project / baseline: {num(p['ratio'], '.2f')}x; project / peer: {num(p['peer_ratio'], '.2f')}x; "
-        f"project / unsloth: {num(p.get('unsloth_ratio'), '.2f')}x",
+        f"- project / baseline: {times(p['ratio'])}; project / peer: {times(p['peer_ratio'])}; "
+        f"project / unsloth: {times(p.get('unsloth_ratio'))}",
         f"- peak GiB: baseline {num(p['baseline_peak_gib'], '.2f')}, unsloth {num(p.get('unsloth_peak_gib'), '.2f')}, "
         f"project {num(p['project_peak_gib'], '.2f')}, "
         f"project with micro batches of 2x2048 tokens (peak_gib_2x2048) {num(p['peak_gib_2x2048'], '.2f')}",

@@ -39,7 +39,8 @@ def main() -> int:
     from trl import SFTConfig, SFTTrainer
 
     from bench import measure
-    from bench.run import apply_gpu_memory_cap, write_worker_result
+    from bench.run import write_worker_result
+    from qlora_sft.launch import apply_gpu_memory_cap
 
     apply_gpu_memory_cap()
 

@@ -37,10 +37,11 @@ def test_bench_run_writes_results_with_ratios(tmp_path: Path):
         "200",
         # 4 packed rows per micro batch like the baseline's 4 padded ones (the GPU default of 8192
         # tokens is 32 rows here and takes minutes on two CPU cores)
-        "--project-overrides",
-        "train.micro_batch_tokens=1024",
+        "--micro-batch",
+        "4",
+        "--tag=-mb4",
     )
-    (result,) = (tmp_path / "results").glob("*-llama-smoke.json")
+    (result,) = (tmp_path / "results").glob("*-llama-smoke-mb4.json")
     data = json.loads(result.read_text())
     for key in (
         "gpu",
@@ -56,7 +57,7 @@ def test_bench_run_writes_results_with_ratios(tmp_path: Path):
         "mfu",
     ):
         assert key in data, key
-    assert data["ratio"] > 0 and data["peer_ratio"] > 0
+    assert data["ratio"] > 0 and data["peer_ratio"] > 0 and data["micro_batch_rows"] == 4
     assert data["results"]["baseline"]["padding_fraction"] > 0  # padded batches of 4
     assert data["results"]["project"]["padding_fraction"] < 0.01  # packed, padding-free rows (measured)
     assert (tmp_path / "results" / result.name.replace(".json", ".md")).is_file()

@@ -14,7 +14,7 @@ from typing import Any
 from .errors import UserError
 
 
-def _gib(text: str) -> float:
+def gib(text: str) -> float:
     """A GPU's memory in GiB, for --gpu-mem: a finite number above zero."""
     try:
         value = float(text)
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gpus", type=int, help="GPUs (processes) per node (default: the config's num_processes)")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes")
-    p.add_argument("--gpu-mem", type=_gib, help="GPU memory in GiB: list which bundled configs fit")
+    p.add_argument("--gpu-mem", type=gib, help="GPU memory in GiB: list which bundled configs fit")
     p.add_argument("--run-dir", action="store_true", help="only print the run directory (for scripts)")
     p = sub.add_parser("submit", parents=[common], help="submit the recipe with submitit (SLURM, or --cluster local)")
     _recipe_args(p)
