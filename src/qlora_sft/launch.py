@@ -441,17 +441,27 @@ def describe_allocator_settings(environ: Mapping[str, str] | None = None) -> str
 # What a card's memory holds besides PyTorch's allocator by the end of a run: the CUDA context (about
 # 0.3-0.45 GiB when created, with lazy module loading) and the kernels' modules loaded as they are
 # first used. Measured at the end of one-GPU runs on an H200 (bench/results, 2026-12-01,
-# `outside_allocator_gib`): 0.93 GiB at 8B, 0.95 at 14B, 1.07 at 32B, 0.91 under unsloth; 1.3-1.4
-# with one process under FSDP or ZeRO-3 (a process group). plan counts it against a card's memory, and
-# QLORA_SFT_GPU_MEMORY_GIB keeps it out of the cap from the start, before the context has grown to it.
+# `outside_allocator_gib`): 0.93 GiB at 8B, 0.95 at 14B, 1.07 at 32B, 0.91 under unsloth; 1.30-1.41
+# with one process under FSDP or ZeRO-3, whose NCCL process group holds its own buffers (more ranks:
+# not yet measured). plan counts it against a card's memory, and QLORA_SFT_GPU_MEMORY_GIB keeps it out
+# of the cap from the start, before the context has grown to it.
 CUDA_CONTEXT_GIB = 0.95
+PROCESS_GROUP_CONTEXT_GIB = 1.4
+
+
+def context_gib(mode: LaunchMode | None = None, process_group: bool | None = None) -> float:
+    """What plan and the cap count outside PyTorch's allocator for a launch: more where ranks talk
+    through a process group (DDP, DeepSpeed, FSDP, even with one process)."""
+    if process_group is None:
+        process_group = mode is not None and mode.kind in ("ddp", "deepspeed", "fsdp")
+    return PROCESS_GROUP_CONTEXT_GIB if process_group else CUDA_CONTEXT_GIB
 
 
 def allocator_fraction(raw: str, total_gib: float, outside_gib: float) -> tuple[float, float]:
-    """QLORA_SFT_GPU_MEMORY_GIB=`raw` on a GPU of `total_gib`, `outside_gib` of it already in use
-    outside PyTorch's allocator: (the cap in GiB, the share of the GPU PyTorch's allocator may
-    reserve). The cap stands for a card of that size, where the CUDA context takes its part too, so
-    the allocator gets the cap less what is in use outside it."""
+    """QLORA_SFT_GPU_MEMORY_GIB=`raw` on a GPU of `total_gib`, `outside_gib` of it counted as outside
+    PyTorch's allocator (in use now, at least `context_gib`): (the cap in GiB, the share of the GPU
+    PyTorch's allocator may reserve). The cap stands for a card of that size, where the CUDA context
+    takes its part too, so the allocator gets the cap less what is counted outside it."""
     try:
         cap = float(raw)
     except ValueError:
@@ -461,19 +471,20 @@ def allocator_fraction(raw: str, total_gib: float, outside_gib: float) -> tuple[
     if outside_gib >= cap:
         raise UserError(
             f"{GPU_MEMORY_CAP_ENV}={raw}: {outside_gib:.2f} GiB of this GPU count as outside PyTorch's allocator "
-            f"(the CUDA context, at least {CUDA_CONTEXT_GIB:g} GiB once its kernels load, and any other process on "
-            "the GPU), which leaves nothing of the cap: give a larger cap, or free the GPU"
+            f"(the CUDA context, at least {CUDA_CONTEXT_GIB:g} GiB once its kernels load, more with a process group, "
+            "and any other process on the GPU), which leaves nothing of the cap: give a larger cap, or free the GPU"
         )
     return cap, (cap - outside_gib) / total_gib
 
 
 def apply_gpu_memory_cap() -> tuple[float, float] | None:
     """With QLORA_SFT_GPU_MEMORY_GIB set, make this process's GPU behave like a card of that many GiB:
-    what is in use outside PyTorch's allocator counts against it, at least CUDA_CONTEXT_GIB (what the
-    context grows to as kernels load, as on the card), and the caching allocator refuses to reserve
-    more than the rest. Until 2026-12-01 only what was outside when the cap was applied counted (about
-    0.5 GiB): a 14B run at 11 x 2048 under a 16 GiB cap then reserved 15.34 GiB and ended with 0.95
-    outside, 16.29 in all. The benchmark records what is outside at the end (`outside_allocator_gib`).
+    what is in use outside PyTorch's allocator counts against it, at least `context_gib` (what the
+    context grows to as kernels load, as on the card; more with a process group), and the caching
+    allocator refuses to reserve more than the rest. Until 2026-12-01 only what was outside when the
+    cap was applied counted (about 0.5 GiB): a 14B run at 11 x 2048 under a 16 GiB cap then
+    reserved 15.34 GiB and ended with 0.95 outside, 16.29 in all. The benchmark records what is
+    outside at the end (`outside_allocator_gib`).
     Returns (cap, GiB counted outside the allocator), or None."""
     import torch
 
@@ -481,7 +492,12 @@ def apply_gpu_memory_cap() -> tuple[float, float] | None:
     if not raw or not torch.cuda.is_available():
         return None
     device = torch.cuda.current_device()
-    outside = max(CUDA_CONTEXT_GIB, gpu_memory_outside_allocator_gib(device))
+    import torch.distributed as dist
+
+    # at least what the context grows to; what other processes hold is counted only as far as it
+    # is measured now (the cap rehearses a card on an otherwise idle GPU)
+    floor = context_gib(process_group=dist.is_available() and dist.is_initialized())
+    outside = max(floor, gpu_memory_outside_allocator_gib(device))
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
     cap, fraction = allocator_fraction(raw, total, outside)
     torch.cuda.set_per_process_memory_fraction(fraction, device)

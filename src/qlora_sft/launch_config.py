@@ -776,11 +776,22 @@ def launch_warnings(recipe: Any, mode: Any) -> list[str]:
     """What works but costs the user (memory, time) for nothing: logged as warnings by train, printed
     by plan."""
     out = []
-    if mode.kind == "fsdp" and param_shards(mode, mode.num_machines) == 1:
+    if mode.kind == "fsdp" and param_shards(mode, mode.num_machines) == 1 and not mode.offload:
+        saves = recipe.train.args.get("save_strategy", "steps") != "no"
+        instead = (
+            "configs/accelerate/single_gpu.yaml"
+            if mode.world_size == 1
+            else "configs/accelerate/multi_gpu.yaml (DDP; multi_node.yaml across nodes)"
+        )
         out.append(
-            "FSDP here shards nothing (one process per shard group: torch runs it as NO_SHARD), and each checkpoint "
-            "save then copies every weight on the GPU for the full state dict (one H200, 8B, one process: 10.82 GiB "
-            "at the save against 7.22 with single_gpu.yaml). On one GPU, launch with configs/accelerate/single_gpu.yaml"
+            "FSDP here shards nothing (one process per shard group: torch runs it as NO_SHARD)"
+            + (
+                ", and each checkpoint save copies every weight on the GPU for the full state dict (one H200, 8B, "
+                "one process: 10.82 GiB at the save against 7.22 with single_gpu.yaml)"
+                if saves
+                else ""
+            )
+            + f". Launch with {instead} instead"
         )
     return out
 

@@ -49,7 +49,7 @@ from typing import Any
 
 from . import launch, launch_config
 from .errors import RecipeError, UserError
-from .launch import CUDA_CONTEXT_GIB, LaunchMode
+from .launch import CUDA_CONTEXT_GIB, PROCESS_GROUP_CONTEXT_GIB, LaunchMode, context_gib
 from .recipe import Recipe, micro_batches_dividing, resolve_batch
 
 GIB = 1024**3
@@ -244,10 +244,10 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
         # the profiled training step peaked at 7.58 (2026-12-01)
         training = sum(parts[k] for k in ("gathered for compute", "activations", "LoRA dropout", "logits (fused loss)"))
         training += parts["workspace"]
-        held = sum(
+        weights_held = sum(
             v for k, v in parts.items() if k in (weights_name, "quantization constants", "embeddings, lm_head, norms")
         )
-        parts["checkpoint save (NO_SHARD copies the weights)"] = max(0.0, held - training)
+        parts["checkpoint save (NO_SHARD copies the weights)"] = max(0.0, weights_held - training)
     return MemoryEstimate({k: v / GIB for k, v in parts.items()})
 
 
@@ -391,7 +391,9 @@ def plan_lines(
         out.append(largest_micro_batch_line(shape, recipe, mode, gpu_mem))
         out.append(
             f"bundled configs on a {gpu_mem:g} GiB GPU ({nodes} node(s) x {per_node} GPU(s); fits: estimate at most "
-            f"{usable_gib(gpu_mem):.2f} GiB, {USABLE_FRACTION:.0%} of what the CUDA context leaves):"
+            f"{usable_beside(gpu_mem, CUDA_CONTEXT_GIB):.2f} GiB on one GPU, "
+            f"{usable_beside(gpu_mem, PROCESS_GROUP_CONTEXT_GIB):.2f} with a process group: {USABLE_FRACTION:.0%} of "
+            "what the CUDA context leaves):"
         )
         for cfg_path in bundled_configs():
             candidate = launch.from_config_file(cfg_path, per_node, nodes)
@@ -402,7 +404,7 @@ def plan_lines(
             try:
                 resolve_batch(recipe.train, candidate.world_size)
                 e = estimate_memory(shape, recipe, candidate).total
-                verdict = "fits" if fits(e, gpu_mem) else "does not fit"
+                verdict = "fits" if fits(e, gpu_mem, candidate) else "does not fit"
                 out.append(f"  {cfg_path.name:30} {e:7.2f} GiB  {verdict}")
             except RecipeError as exc:  # batch not divisible for this world size
                 out.append(f"  {cfg_path.name:30} cannot run: {str(exc).splitlines()[-1][:100]}")
@@ -422,15 +424,19 @@ def plan_lines(
 USABLE_FRACTION = 0.92
 
 
-def usable_gib(gpu_mem: float) -> float:
-    """What an estimate may reach on a GPU of `gpu_mem` GiB: USABLE_FRACTION of what the CUDA context
-    leaves."""
-    return max(0.0, (gpu_mem - CUDA_CONTEXT_GIB) * USABLE_FRACTION)
+def usable_gib(gpu_mem: float, mode: LaunchMode | None = None) -> float:
+    """What an estimate may reach on a GPU of `gpu_mem` GiB with this launch (None: one process
+    without a process group): USABLE_FRACTION of what the CUDA context (launch.context_gib) leaves."""
+    return usable_beside(gpu_mem, context_gib(mode))
 
 
-def fits(estimate: float, gpu_mem: float) -> bool:
+def usable_beside(gpu_mem: float, context: float) -> float:
+    return max(0.0, (gpu_mem - context) * USABLE_FRACTION)
+
+
+def fits(estimate: float, gpu_mem: float, mode: LaunchMode | None = None) -> bool:
     """Whether an estimate fits a GPU of `gpu_mem` GiB (usable_gib)."""
-    return estimate <= usable_gib(gpu_mem)
+    return estimate <= usable_gib(gpu_mem, mode)
 
 
 def largest_micro_batch(shape: ModelShape, recipe: Recipe, mode: LaunchMode, gpu_mem: float) -> int:
@@ -438,7 +444,7 @@ def largest_micro_batch(shape: ModelShape, recipe: Recipe, mode: LaunchMode, gpu
     this launch (0: not even one)."""
     best = 0
     for micro in range(1, 1025):
-        if not fits(estimate_memory(shape, recipe, mode, micro).total, gpu_mem):
+        if not fits(estimate_memory(shape, recipe, mode, micro).total, gpu_mem, mode):
             break  # the estimate grows with the micro batch
         best = micro
     return best
@@ -449,8 +455,8 @@ def largest_micro_batch_line(shape: ModelShape, recipe: Recipe, mode: LaunchMode
     micro = largest_micro_batch(shape, recipe, mode, gpu_mem)
     head = (
         f"largest micro batch on a {gpu_mem:g} GiB GPU with this launch (estimate at most "
-        f"{usable_gib(gpu_mem):.2f} GiB: {USABLE_FRACTION:.0%} of what the CUDA context's ~{CUDA_CONTEXT_GIB:g} GiB "
-        "leaves, the rest for the allocator)"
+        f"{usable_gib(gpu_mem, mode):.2f} GiB: {USABLE_FRACTION:.0%} of what the CUDA context's ~{context_gib(mode):g} "
+        "GiB leaves, the rest for the allocator)"
     )
     if micro == 0:
         need = estimate_memory(shape, recipe, mode, 1).total
@@ -496,16 +502,17 @@ class GpuOutlook:
     micro: int  # the recipe's micro batch (rows)
     max_length: int
     packing: bool = True
+    mode: LaunchMode | None = None  # the launch (None: one process), for the CUDA context it counts
 
     @property
     def fits(self) -> bool:
-        return fits(self.estimate_gib, self.gpu_gib)
+        return fits(self.estimate_gib, self.gpu_gib, self.mode)
 
     def line(self) -> str:
         head = (
             f"plan estimates {self.estimate_gib:.2f} GiB per rank at micro batch {self.micro} x {self.max_length} "
             f"tokens; this GPU has {self.gpu_gib:.1f} GiB, of which an estimate may reach "
-            f"{usable_gib(self.gpu_gib):.2f}"
+            f"{usable_gib(self.gpu_gib, self.mode):.2f}"
         )
         if self.fits:
             return f"{head}: fits"
@@ -544,4 +551,5 @@ def gpu_outlook(recipe: Recipe, mode: LaunchMode, base_dir: Path | None, gpu_gib
         micro=int(recipe.train.args.get("per_device_train_batch_size", 1)),
         max_length=recipe.data.max_length,
         packing=recipe.data.packing,
+        mode=mode,
     )
