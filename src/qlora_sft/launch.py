@@ -635,8 +635,9 @@ def _fsdp_problems(recipe: Recipe, mode: LaunchMode) -> list[str]:
     if mode.fsdp_version != 1:
         problems.append(
             f"the accelerate config{src} asks for FSDP{mode.fsdp_version}; qlora-sft runs QLoRA under FSDP1 "
-            "(fsdp_version: 1, as configs/accelerate/fsdp_qlora.yaml): accelerate leaves 4-bit weights "
-            "unsharded under FSDP2 and bitsandbytes#1945 reports wrong outputs after FSDP2 sharding"
+            "(fsdp_version: 1, as configs/accelerate/fsdp_qlora.yaml): accelerate's FSDP2 drops peft's wrap policy "
+            "(no unit per decoder layer), leaves uint8-stored 4-bit weights unsharded, and casts bf16-stored ones "
+            "in groups where bitsandbytes#1945 reports rewritten bytes on CUDA"
         )
     if not mode.state_dict_type.upper().startswith("FULL"):
         problems.append(
