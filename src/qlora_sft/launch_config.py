@@ -772,12 +772,22 @@ def launch_notes(recipe: Any, mode: Any) -> list[str]:
     return notes
 
 
+def fsdp_shards_nothing(mode: Any) -> bool:
+    """FSDP whose shard group is one process (NO_SHARD, one process, HYBRID with one GPU per node):
+    torch runs it as NO_SHARD, and its full state dict copies every weight on the GPU."""
+    return mode.kind == "fsdp" and param_shards(mode, mode.num_machines) == 1
+
+
+def saves_checkpoints(recipe: Any) -> bool:
+    return recipe.train.args.get("save_strategy", "steps") != "no"
+
+
 def launch_warnings(recipe: Any, mode: Any) -> list[str]:
     """What works but costs the user (memory, time) for nothing: logged as warnings by train, printed
     by plan."""
     out = []
-    if mode.kind == "fsdp" and param_shards(mode, mode.num_machines) == 1 and not mode.offload:
-        saves = recipe.train.args.get("save_strategy", "steps") != "no"
+    if fsdp_shards_nothing(mode) and not mode.offload:
+        saves = saves_checkpoints(recipe)
         instead = (
             "configs/accelerate/single_gpu.yaml"
             if mode.world_size == 1

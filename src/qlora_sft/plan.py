@@ -237,7 +237,7 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
         # two H200s, 2026-11-30, `memory-peak-rank<i>.json`)
         "workspace": biggest * 2 + 0.25 * GIB,
     }
-    if mode.kind == "fsdp" and shard == 1 and recipe.train.args.get("save_strategy", "steps") != "no":
+    if launch_config.fsdp_shards_nothing(mode) and launch_config.saves_checkpoints(recipe):
         # FSDP1 without sharding (NO_SHARD, or one process, which torch runs as NO_SHARD) clones every
         # parameter on the GPU for a full state dict: each checkpoint save then holds the weights twice.
         # One H200, 8B, one process: 10.82 GiB peak at the save, 5.21 GiB above the steady 5.61, while
@@ -259,7 +259,7 @@ def releases_head(mode: LaunchMode) -> bool:
     run logs that it did not."""
     fs = mode.fsdp
     frees = fs is None or (fs.reshards_after_forward and fs.sharding_strategy != "NO_SHARD")
-    sharded = launch_config.param_shards(mode, mode.num_machines) > 1  # one process runs as NO_SHARD
+    sharded = not launch_config.fsdp_shards_nothing(mode)  # one process runs as NO_SHARD
     return mode.kind == "fsdp" and mode.adapters_replicated and mode.fsdp_release_head and frees and sharded
 
 
