@@ -153,12 +153,13 @@ def make_model(shape: str, folder: Path, seed: int = 0, shard_gib: float = 4.0, 
     memory in use outside its own allocator) would then lose. The benchmark's driver never uses the
     GPU itself (on 2026-12-01 it held 6.4 GiB after writing a 14B model, and a mode capped at 16 GiB
     got 9.1)."""
-    if not _complete(folder):
-        cmd = [sys.executable, "-m", "bench.workload", shape, str(folder), "--seed", str(seed)]
-        cmd += ["--shard-gib", str(shard_gib), *(["--prequantized"] if prequantized else [])]
-        subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent.parent)
-    build_tokenizer(byte_level=SHAPES[shape].get("model_type") == "qwen2").save_pretrained(folder)
-    return folder  # the weights are reused; the tokenizer is always this code's
+    if _complete(folder):  # the weights are reused; the tokenizer is always this code's
+        build_tokenizer(byte_level=SHAPES[shape].get("model_type") == "qwen2").save_pretrained(folder)
+        return folder
+    cmd = [sys.executable, "-m", "bench.workload", shape, str(folder), "--seed", str(seed)]
+    cmd += ["--shard-gib", str(shard_gib), *(["--prequantized"] if prequantized else [])]
+    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent.parent)
+    return folder
 
 
 def _complete(folder: Path) -> bool:
