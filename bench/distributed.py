@@ -17,8 +17,9 @@ the accelerate config), the root unit resharded before the decoder layers' backw
 (the default since 2026-11-30; fsdp_keep_head, fsdp_offload_keep_head: QLORA_SFT_FSDP_RELEASE_HEAD=0,
 FSDP's own timing; fsdp_release_head, fsdp_offload_release_head: =1, as measured before), the allocator
 (*_expandable, *_segments_off), one GPU's memory levers
-(1gpu_hostemb, 1gpu_mb2, 1gpu_mb2_hostemb, 1gpu_adamw32) and profiled rows (*_profiled: one step
-profiled on every rank, what was alive at its memory peak in the row). Checks
+(1gpu_hostemb, 1gpu_mb2, 1gpu_mb1, 1gpu_mb2_hostemb, 1gpu_adamw32) and profiled rows (*_profiled:
+one step profiled on every rank; what was alive at its memory peak, how long the GPU idled and where
+the host waited for it, in the row). Checks
 written beside the results: speedup against one GPU, tokens/s and peak against DDP for the sharded
 modes, the largest loss difference against one GPU, the largest resumed loss difference, and
 plan's estimate against each peak.
@@ -151,12 +152,14 @@ MODES = {
     "ddp_profiled": Mode("multi_gpu.yaml", PROFILED),
     "fsdp_profiled": Mode("fsdp_qlora.yaml", PROFILED),
     "1gpu_profiled": Mode("single_gpu.yaml", PROFILED),
+    "1gpu_mb2_profiled": Mode("single_gpu.yaml", PROFILED, overrides=("train.micro_batch_tokens=4096",)),
     # ablation rows of one GPU's memory (issue 29's levers): the frozen input embedding in host
     # memory, 2 x 2048 tokens per micro batch (twice the accumulation), both, 32-bit AdamW instead
     # of the paged 8-bit one, and the allocator's expandable segments (reserved memory closer to
     # what is allocated)
     "1gpu_hostemb": Mode("single_gpu.yaml", overrides=("model.embedding_in_host_memory=true",)),
     "1gpu_mb2": Mode("single_gpu.yaml", overrides=("train.micro_batch_tokens=4096",)),
+    "1gpu_mb1": Mode("single_gpu.yaml", overrides=("train.micro_batch_tokens=2048",)),
     "1gpu_mb2_hostemb": Mode(
         "single_gpu.yaml", overrides=("train.micro_batch_tokens=4096", "model.embedding_in_host_memory=true")
     ),
@@ -292,6 +295,9 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     if peaks:  # a profiled row: what was alive at the profiled step's peak, per rank
         out["profiled_step"] = int(PROFILE_STEP)
         out["memory_at_peak_per_rank"] = peaks
+    timelines = [json.loads(p.read_text()) for p in sorted((run_dir / "logs").glob("timeline-rank*.json"))]
+    if timelines:  # and how long its GPU idled, and where the host waited for it
+        out["timeline_per_rank"] = timelines
     return out
 
 

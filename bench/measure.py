@@ -12,7 +12,7 @@ import torch
 from transformers import TrainerCallback
 
 from qlora_sft.plan import ModelShape
-from qlora_sft.train import peak_breakdown
+from qlora_sft.profiling import peak_breakdown
 
 # Dense bf16 peak of the GPUs we know (TFLOP/s), for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}

@@ -202,7 +202,7 @@ def test_peak_breakdown_names_what_is_alive_at_the_peak():
     """`peak_breakdown` (the profiled step's memory file) from a recorded allocation trace: the peak
     is found where the live bytes are largest, blocks freed before it do not count, and each live
     block is charged to the first frame of a known package (torch's own frames skipped)."""
-    from qlora_sft.train import peak_breakdown
+    from qlora_sft.profiling import peak_breakdown
 
     def frame(path: str, line: int, name: str) -> dict:
         return {"filename": path, "line": line, "name": name}

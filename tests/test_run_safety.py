@@ -6,6 +6,7 @@ before training."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -162,6 +163,88 @@ def test_a_lock_held_elsewhere_is_taken_over_only_when_provably_gone(tmp_path: P
     lock.acquire()
     assert json.loads((run / checkpoint.LOCK).read_text())["slurm_restart_count"] == 1
     lock.release()
+
+
+HOLDER_WITH_WORKER = """
+import multiprocessing, os, signal, sys, time
+from pathlib import Path
+from qlora_sft import checkpoint
+
+def work():
+    time.sleep(60)
+
+if __name__ == "__main__":
+    lock = checkpoint.RunLock(Path(sys.argv[1]))
+    lock.acquire()
+    worker = multiprocessing.get_context("fork").Process(target=work, daemon=True)  # as a DataLoader worker
+    worker.start()
+    print(worker.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # a crash: the worker outlives the holder for a while
+"""
+
+
+def test_a_crashed_jobs_forked_workers_do_not_keep_its_lock(tmp_path: Path):
+    """A DataLoader worker forked by the lock holder outlives a SIGKILLed holder by up to 5 s. It
+    must not hold the run's lock: a relaunch at once takes it over (found by a kill-and-resume that
+    relaunched within seconds and was refused)."""
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER_WITH_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    holder = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "run")], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None
+    worker = int(holder.stdout.readline())  # (not read to its end: the worker holds the pipe too)
+    assert holder.wait() == -9
+    holder.stdout.close()
+    try:
+        assert checkpoint._process_start(worker) is not None  # the worker is still alive
+        lock = checkpoint.RunLock(tmp_path / "run")
+        lock.acquire()  # at once, without waiting for the worker
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+        lock.release()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, 9)
+
+
+def test_leftover_processes_of_a_dead_holder_are_waited_for_then_named(tmp_path: Path, monkeypatch):
+    """A process the holder started without Python's fork (here `sleep`, handed the lock's
+    descriptor) keeps the flock after the holder died: the relaunch waits for it, and if it stays,
+    refuses naming it and how to stop it."""
+    run = tmp_path / "run"
+    monkeypatch.setattr(checkpoint, "LEFTOVER_WAIT_S", 1.5)
+    for linger, taken in ((0.5, True), (30, False)):
+        holder_code = (
+            "import os, subprocess, sys\n"
+            "from pathlib import Path\n"
+            "from qlora_sft import checkpoint\n"
+            "lock = checkpoint.RunLock(Path(sys.argv[1])); lock.acquire()\n"
+            f"p = subprocess.Popen(['sleep', '{linger}'], pass_fds=[lock.fd], stdout=subprocess.DEVNULL, "
+            "stderr=subprocess.DEVNULL)\n"  # (not our pipes, which the run below reads to their end)
+            "print(p.pid, flush=True)\n"
+            "os._exit(0)\n"  # gone without releasing, as a crash
+        )
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        out = subprocess.run([sys.executable, "-c", holder_code, str(run)], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        leftover = int(out.stdout.split()[0])
+        lock = checkpoint.RunLock(run)
+        try:
+            if taken:
+                lock.acquire()  # waited for the sleep to exit
+                lock.release()
+            else:
+                with pytest.raises(RunDirError) as e:
+                    lock.acquire()
+                msg = str(e.value)
+                assert "is gone (process" in msg and f"processes it started (pids {leftover}, on this host)" in msg, msg
+                assert f"kill {leftover}" in msg and "nothing was changed" in msg, msg
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(leftover, 9)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(leftover, 0)
 
 
 # 4. non-finite training stops, and nothing non-finite is published

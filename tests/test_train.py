@@ -235,13 +235,87 @@ def test_profile_step_writes_each_ranks_own_profile(tmp_path: Path):
 
     import torch
 
-    from qlora_sft.train import profile_callback
+    from qlora_sft.profiling import profile_callback
+
+    def read_back() -> float:  # a host read of a device value: a sync on a GPU
+        return (torch.ones(64, 64) @ torch.ones(64, 64)).sum().item()
 
     cb = profile_callback(3, tmp_path, rank=1)
     for step in range(4):
         state = SimpleNamespace(global_step=step)
         cb.on_step_begin(None, state, None)
-        torch.ones(64, 64) @ torch.ones(64, 64)
+        read_back()
+        if step == 2:  # the profiled step reads back twice
+            read_back()
         cb.on_step_end(None, state, None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile-rank1.txt"]
-    assert "aten::mm" in (tmp_path / "profile-rank1.txt").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile-rank1.txt", "timeline-rank1.json"]
+    text = (tmp_path / "profile-rank1.txt").read_text()
+    assert "aten::mm" in text and text.startswith("step 3: ")
+    timeline = json.loads((tmp_path / "timeline-rank1.json").read_text())
+    assert timeline["step"] == 3 and timeline["gpu_compute_idle_share"] is None  # no GPU here
+    [wait] = timeline["host_waits"]
+    assert wait["op"] == "aten::_local_scalar_dense" and wait["count"] == 2, wait
+    assert timeline["sync_sites"] == []  # torch's sync debug mode needs CUDA
+
+
+def test_sync_sites_count_each_synchronizing_call_by_its_stack():
+    """On a GPU the profiled step runs with torch's sync debug mode, whose warning for each
+    synchronizing operation `SyncSites` counts under the frames that raised it (here raised by
+    hand, as torch raises it); other warnings still reach the user."""
+    import warnings
+
+    from qlora_sft.profiling import SYNC_WARNING, SyncSites
+
+    def loss_value() -> None:
+        warnings.warn(f"{SYNC_WARNING}", UserWarning, stacklevel=1)
+
+    sites = SyncSites(depth=2)
+    shown: list[str] = []
+
+    def show(message: Warning | str, *args: object, **kwargs: object) -> None:
+        shown.append(str(message))
+
+    saved = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        sites.start()
+        for _ in range(2):  # one site: the same frames
+            loss_value()
+        warnings.warn("something else", UserWarning, stacklevel=1)
+        [site] = sites.stop()
+        assert warnings.showwarning is show  # put back as it was
+    finally:
+        warnings.showwarning = saved
+    assert shown == ["something else"]
+    assert site["count"] == 2, site
+    inner, outer = site["where"].split(" <- ")
+    assert inner.endswith("loss_value") and "test_train.py:" in inner, site
+    assert outer.endswith("test_sync_sites_count_each_synchronizing_call_by_its_stack"), site
+
+
+def test_gpu_timeline_counts_overlapping_kernels_once():
+    """The GPU's busy time is the union of its kernels' intervals: copies on a side stream that
+    overlap the compute count once in `gpu_busy_ms` and not at all in the compute's share."""
+    from types import SimpleNamespace
+
+    from qlora_sft.profiling import gpu_timeline
+
+    def ev(name: str, start: float, end: float, device: str = "CUDA") -> SimpleNamespace:
+        return SimpleNamespace(
+            name=name, device_type=SimpleNamespace(name=device), time_range=SimpleNamespace(start=start, end=end)
+        )
+
+    events = [
+        ev("gemm", 0, 4000),
+        ev("Memcpy DtoH (Device -> Pinned)", 3000, 6000),  # overlaps the gemm by 1 ms
+        ev("norm", 2000, 3000),  # inside the gemm
+        ev("aten::mm", 0, 10000, device="CPU"),  # host time is not GPU time
+    ]
+    out = gpu_timeline(events, wall_s=0.010)
+    assert out == {
+        "wall_ms": 10.0,
+        "gpu_busy_ms": 6.0,
+        "gpu_compute_busy_ms": 4.0,
+        "gpu_compute_idle_share": 0.6,
+        "kernels": 2,
+    }

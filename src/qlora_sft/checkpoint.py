@@ -129,6 +129,24 @@ def _process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def _processes_holding(path: Path) -> list[int]:
+    """The processes on this host with `path` open (from /proc; empty where there is none)."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return []
+    pids = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    st = fd.stat()
+                    if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                        pids.append(int(fd_dir.parent.name))
+                        break
+    return sorted(pids)
+
+
 def _slurm_job_running(job_id: str) -> bool | None:
     """Whether SLURM still runs (or holds) the job; None when SLURM cannot be asked."""
     try:
@@ -142,13 +160,36 @@ def _slurm_job_running(job_id: str) -> bool | None:
     return bool(out.stdout.strip())
 
 
+_HELD_LOCKS: list[RunLock] = []  # the locks this process holds (a forked child lets go of them)
+
+
+def _let_go_in_child() -> None:
+    """In a process forked from a lock holder (DataLoader workers, tokenizing pools): close the
+    inherited descriptors of the holder's locks, so that the flock is the holder's alone and ends
+    with it. (Closing a copy leaves the holder's flock in place; only the last one releases it.)"""
+    for lock in _HELD_LOCKS:
+        if lock.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(lock.fd)
+            lock.fd = None  # nor may the child release (delete) the holder's lock file
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_in_child)
+
+LEFTOVER_WAIT_S = 20.0  # how long a launch waits for a dead holder's leftover processes to let go
+
+
 class RunLock:
     """`<run dir>/LOCK`: held by the main process of the one job that writes the run directory, for
     as long as it runs. It names its holder (host, pid, start time, SLURM job). The holder keeps an
-    flock on it, which the kernel releases when the process dies however it dies. A later launch
-    takes the lock over only when the holder is provably gone: its flock is free and it ran on this
-    host (a dead pid), or it was this same SLURM job before a requeue, or SLURM says its job ended.
-    Otherwise the launch is refused with who holds it."""
+    flock on it, which the kernel releases when the process dies however it dies; processes it
+    forks close their copies (`_let_go_in_child`). A later launch takes the lock over only when the
+    holder is provably gone: its flock is free and it ran on this host (a dead pid), or it was this
+    same SLURM job before a requeue, or SLURM says its job ended. A flock still held although the
+    holder is provably gone belongs to processes the holder left behind (started without Python's
+    fork): the launch waits up to `LEFTOVER_WAIT_S` for them, then names them. Otherwise the
+    launch is refused with who holds it."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK
@@ -197,20 +238,40 @@ class RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):
+        waited_since: float | None = None
+        replaced = 0
+        while replaced < 5:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = self._read(fd)
                 os.close(fd)
-                raise RunDirError(self._held_message(holder)) from None
+                why = self.gone(holder) if holder else None
+                if why is None:
+                    raise RunDirError(self._held_message(holder)) from None
+                # the holder is gone, yet its flock is held: by processes it left behind
+                if waited_since is None:
+                    waited_since = time.monotonic()
+                    log.warning(
+                        "run directory lock of %s: %s, but processes it started still hold %s; waiting up to %.0f s "
+                        "for them to exit",
+                        self.describe(holder),
+                        why,
+                        self.path,
+                        LEFTOVER_WAIT_S,
+                    )
+                if time.monotonic() - waited_since < LEFTOVER_WAIT_S:
+                    time.sleep(0.5)
+                    continue
+                raise RunDirError(self._leftover_message(holder, why)) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if not same:  # the holder removed the file between our open and our flock: try again
                 os.close(fd)
+                replaced += 1
                 continue
             holder = self._read(fd)
             if holder and holder.get("pid") != os.getpid():
@@ -223,6 +284,7 @@ class RunLock:
             os.pwrite(fd, (json.dumps(self.me()) + "\n").encode(), 0)
             os.fsync(fd)
             self.fd = fd
+            _HELD_LOCKS.append(self)
             return
         raise RunDirError(f"could not take the lock {self.path}: it keeps being replaced by another process")
 
@@ -232,6 +294,15 @@ class RunLock:
             return json.loads(raw.decode() or "{}")
         except (OSError, ValueError):
             return {}
+
+    def _leftover_message(self, holder: dict[str, Any], why: str) -> str:
+        pids = _processes_holding(self.path)
+        who = f"(pids {', '.join(map(str, pids))}, on this host)" if pids else "(on its host)"
+        return (
+            f"run directory {self.path.parent}: its previous job ({self.describe(holder)}) is gone ({why}), but "
+            f"processes it started {who} still hold {self.path} after {LEFTOVER_WAIT_S:.0f} s. Stop them "
+            f"({'kill ' + ' '.join(map(str, pids)) if pids else 'on that host'}) and relaunch; nothing was changed."
+        )
 
     def _held_message(self, holder: dict[str, Any]) -> str:
         return (
@@ -243,6 +314,8 @@ class RunLock:
     def release(self) -> None:
         if self.fd is None:
             return
+        with contextlib.suppress(ValueError):
+            _HELD_LOCKS.remove(self)
         with contextlib.suppress(OSError):
             if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
                 self.path.unlink()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, data, init_adapter, launch, launch_config, model, plan, plots, tracking
+from . import checkpoint, data, init_adapter, launch, launch_config, model, plan, plots, profiling, tracking
 from .errors import RecipeError, UserError, first_line
 from .recipe import BatchPlan, Recipe, resolve_batch
 
@@ -132,107 +132,6 @@ def metrics_callback(path: Path) -> Any:
                 f.write(json.dumps(record) + "\n")
 
     return MetricsCallback()
-
-
-# frames from these packages name where a block was allocated; torch's own frames are skipped
-OWN_FRAMES = ("qlora_sft", "peft", "transformers", "bitsandbytes", "liger_kernel", "trl", "accelerate")
-
-
-def peak_breakdown(
-    snapshot: dict[str, Any], held_before: int, peak: int | None = None, top: int = 30
-) -> dict[str, Any]:
-    """The blocks alive at the step's peak of allocated memory, by the line that allocated them (from
-    `torch.cuda.memory._snapshot()` recorded over the step). `held_before` is what was allocated
-    when recording started (weights, optimizer state): the step's peak is that plus the step's
-    largest live total (or `peak`, the allocator's own number, where its statistics were reset)."""
-    trace = next((t for t in snapshot.get("device_traces", []) if t), [])
-    live: dict[int, dict[str, Any]] = {}
-    current = best = best_at = 0
-    for i, ev in enumerate(trace):
-        if ev["action"] == "alloc":
-            live[ev["addr"]] = ev
-            current += ev["size"]
-            if current > best:
-                best, best_at = current, i
-        elif ev["action"] == "free_completed":
-            live.pop(ev["addr"], None)
-            current -= ev["size"]  # blocks allocated before recording started count too
-    live, freed_before_step = {}, 0
-    for ev in trace[: best_at + 1]:
-        if ev["action"] == "alloc":
-            live[ev["addr"]] = ev
-        elif ev["action"] == "free_completed":
-            if live.pop(ev["addr"], None) is None:
-                freed_before_step += ev["size"]  # a block allocated before recording started
-    groups: dict[str, int] = {}
-    for ev in live.values():
-        frames = ev.get("frames") or []
-        own = [f for f in frames if any(f"/{pkg}/" in f["filename"] for pkg in OWN_FRAMES)]
-        where = own[0] if own else (frames[0] if frames else {"filename": "?", "line": 0, "name": "?"})
-        key = f"{where['filename'].split('site-packages/')[-1]}:{where['line']} {where['name']}"
-        groups[key] = groups.get(key, 0) + ev["size"]
-    ranked = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
-    return {
-        "peak_gib": (held_before + best if peak is None else peak) / 2**30,
-        "held_before_gib": held_before / 2**30,
-        "freed_before_peak_gib": freed_before_step / 2**30,
-        "above_held_before_at_peak_gib": best / 2**30,
-        "by_line_mib": {k: round(v / 2**20, 1) for k, v in ranked},
-    }
-
-
-def profile_callback(step: int, logs_dir: Path, rank: int) -> Any:
-    """QLORA_SFT_PROFILE_STEP=N: torch.profiler over optimizer step N; each rank writes the top kernels
-    and operators by device and CPU time to logs/profile-rank<i>.txt, and on a CUDA GPU what was
-    alive at the step's memory peak, by the line that allocated it (`peak_breakdown`), to
-    logs/memory-peak-rank<i>.json (each rank its own files). The profiled step runs slower."""
-    import torch
-    from transformers import TrainerCallback
-
-    cuda = torch.cuda.is_available()
-
-    class ProfileCallback(TrainerCallback):
-        def __init__(self) -> None:
-            self.prof: Any = None
-            self.held_before = 0
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if state.global_step + 1 == step:
-                activities = [torch.profiler.ProfilerActivity.CPU]
-                if cuda:
-                    activities.append(torch.profiler.ProfilerActivity.CUDA)
-                    torch.cuda.synchronize()  # (the run's peak statistics are left alone: the run reports them)
-                    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
-                    self.held_before = torch.cuda.memory_allocated()
-                self.prof = torch.profiler.profile(activities=activities)
-                self.prof.__enter__()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if self.prof is None:
-                return
-            if cuda:
-                torch.cuda.synchronize()
-            self.prof.__exit__(None, None, None)
-            events = self.prof.key_averages()
-            device_key = "self_device_time_total" if cuda else "self_cpu_time_total"
-            text = (
-                events.table(sort_by=device_key, row_limit=30)
-                + "\n"
-                + events.table(sort_by="cpu_time_total", row_limit=30)
-            )
-            path = logs_dir / f"profile-rank{rank}.txt"
-            path.write_text(text)
-            log.info("profile of step %d written to %s", step, path)
-            if cuda:
-                snapshot = torch.cuda.memory._snapshot()
-                torch.cuda.memory._record_memory_history(enabled=None)
-                peak = peak_breakdown(snapshot, self.held_before)
-                path = logs_dir / f"memory-peak-rank{rank}.json"
-                path.write_text(json.dumps(peak, indent=1))
-                log.info("memory alive at step %d's peak (%.2f GiB) written to %s", step, peak["peak_gib"], path)
-            self.prof = None
-
-    return ProfileCallback()
 
 
 def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: Any = None) -> TrainResult:
@@ -360,7 +259,7 @@ def _train(
         callbacks.append(offload_callback())
     if os.environ.get("QLORA_SFT_PROFILE_STEP"):
         step = int(os.environ["QLORA_SFT_PROFILE_STEP"])
-        callbacks.append(profile_callback(step, run_dir / "logs", state.process_index))
+        callbacks.append(profiling.profile_callback(step, run_dir / "logs", state.process_index))
     if state.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback

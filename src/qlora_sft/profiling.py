@@ -1,0 +1,267 @@
+"""QLORA_SFT_PROFILE_STEP=N: what one optimizer step spends its time and memory on, per rank.
+`profile_callback` profiles the step with torch.profiler and writes, to the run's logs/: the top
+kernels and operators (profile-rank<i>.txt), how much of the step the GPU spent idle and how often
+and where the host waited for it (`gpu_timeline`, `host_waits`, `SyncSites`; timeline-rank<i>.json,
+also at the top of the text file), and on a CUDA GPU the blocks alive at the step's memory peak by the line that
+allocated them (`peak_breakdown`; memory-peak-rank<i>.json)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("qlora_sft")
+
+# frames from these packages name where a block was allocated; torch's own frames are skipped
+OWN_FRAMES = ("qlora_sft", "peft", "transformers", "bitsandbytes", "liger_kernel", "trl", "accelerate")
+# operators that read a device value back to the host (`.item()`, `bool(t)`, `if t:`, a boolean mask's
+# size): on a GPU each one waits until every kernel queued before it has run
+HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero")
+# runtime calls that block the host until the GPU catches up (`torch.cuda.synchronize()`, a pageable copy)
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+# torch's warning for a synchronizing CUDA operation (`torch.cuda.set_sync_debug_mode("warn")`)
+SYNC_WARNING = "called a synchronizing CUDA operation"
+# frames that only forward a call (module dispatch, autograd.Function.apply, decorators, warnings)
+PASS_THROUGH = (
+    "torch/nn/modules/module.py",
+    "torch/utils/_contextlib.py",
+    "torch/autograd/function.py",
+    "torch/_tensor.py",
+    "/warnings.py",
+    "qlora_sft/profiling.py",
+)
+
+
+def _under(event: Any, names: tuple[str, ...]) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in names:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def host_waits(events: Any) -> list[dict[str, Any]]:
+    """The operators of a profile that read a device value back or waited for the GPU: count, and host
+    time spent in them (on a GPU mostly waiting for the kernels queued before). Each wait empties
+    the GPU's queue, which then idles while the host queues the next kernels."""
+    ops: dict[str, list[float]] = {}
+    for ev in events:
+        if ev.name in HOST_READS or (ev.name in SYNC_CALLS and not _under(ev, HOST_READS)):
+            op = ops.setdefault(ev.name, [0, 0.0])
+            op[0] += 1
+            op[1] += ev.cpu_time_total
+    ranked = sorted(ops.items(), key=lambda kv: -kv[1][1])
+    return [{"op": op, "count": int(n), "host_ms": round(us / 1e3, 3)} for op, (n, us) in ranked]
+
+
+class SyncSites:
+    """Where the code synchronized with the GPU, by the innermost `depth` Python frames: torch warns
+    on every synchronizing CUDA operation (`torch.cuda.set_sync_debug_mode("warn")`) while this
+    records, and each warning is counted under the stack that raised it instead of being shown.
+    Operations in C++ without Python frames (most of autograd's backward) count under the frame
+    that started them. Other warnings pass through."""
+
+    def __init__(self, depth: int = 4) -> None:
+        self.depth = depth
+        self.counts: dict[str, int] = {}
+        self._shown: Any = None
+        self._filters: Any = None
+
+    def where(self) -> str:
+        frames = [f for f in traceback.extract_stack() if not any(p in f.filename for p in PASS_THROUGH)]
+        named = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in reversed(frames)]
+        return " <- ".join(named[: self.depth]) or "(no Python frame)"
+
+    def start(self) -> None:
+        self._shown, self._filters = warnings.showwarning, list(warnings.filters)
+        warnings.filterwarnings("always", message=f".*{SYNC_WARNING}")
+
+        def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+            if SYNC_WARNING in str(message):
+                key = self.where()
+                self.counts[key] = self.counts.get(key, 0) + 1
+            else:
+                self._shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+
+    def stop(self) -> list[dict[str, Any]]:
+        if self._shown is not None:
+            warnings.showwarning, warnings.filters[:] = self._shown, self._filters
+            self._shown = None
+        return [{"count": n, "where": w} for w, n in sorted(self.counts.items(), key=lambda kv: -kv[1])]
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for lo, hi in sorted(intervals):
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total
+
+
+def gpu_timeline(events: Any, wall_s: float) -> dict[str, Any]:
+    """How much of the step's wall time some GPU kernel ran (the union of their intervals), with and
+    without the copies (which run on a side stream beside the compute), and the rest: the share of
+    the step the GPU's compute waited for the host."""
+    device = [ev for ev in events if getattr(ev.device_type, "name", "") == "CUDA"]
+    spans = [(ev.time_range.start, ev.time_range.end) for ev in device]
+    compute = [
+        (ev.time_range.start, ev.time_range.end) for ev in device if not ev.name.startswith(("Memcpy", "Memset"))
+    ]
+    wall_ms = wall_s * 1e3
+    compute_ms = _union_us(compute) / 1e3
+    return {
+        "wall_ms": round(wall_ms, 1),
+        "gpu_busy_ms": round(_union_us(spans) / 1e3, 1),
+        "gpu_compute_busy_ms": round(compute_ms, 1),
+        "gpu_compute_idle_share": round(1 - compute_ms / wall_ms, 3) if device and wall_ms else None,
+        "kernels": len(compute),
+    }
+
+
+def describe_timeline(step: int, timeline: dict[str, Any], waits: list[dict[str, Any]], sites: list[dict]) -> str:
+    lines = [f"step {step}: {timeline['wall_ms'] / 1e3:.3f} s wall (profiled, so slower than unprofiled)"]
+    if timeline["gpu_compute_idle_share"] is not None:
+        lines.append(
+            f"GPU compute busy {timeline['gpu_compute_busy_ms'] / 1e3:.3f} s in {timeline['kernels']} kernels:"
+            f" idle {timeline['gpu_compute_idle_share']:.0%} of the step"
+        )
+    lines.append("host reads of device values and waits for the GPU:" + ("" if waits else " none"))
+    lines += [f"  {w['count']:>5} x {w['op']}: {w['host_ms']:.1f} ms" for w in waits]
+    if sites:
+        lines.append("where the host synchronized with the GPU (torch's sync debug mode):")
+        lines += [f"  {s['count']:>5} x {s['where']}" for s in sites]
+    return "\n".join(lines) + "\n\n"
+
+
+def peak_breakdown(
+    snapshot: dict[str, Any], held_before: int, peak: int | None = None, top: int = 30
+) -> dict[str, Any]:
+    """The blocks alive at the step's peak of allocated memory, by the line that allocated them (from
+    `torch.cuda.memory._snapshot()` recorded over the step). `held_before` is what was allocated
+    when recording started (weights, optimizer state): the step's peak is that plus the step's
+    largest live total (or `peak`, the allocator's own number, where its statistics were reset)."""
+    trace = next((t for t in snapshot.get("device_traces", []) if t), [])
+    live: dict[int, dict[str, Any]] = {}
+    current = best = best_at = 0
+    for i, ev in enumerate(trace):
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+            current += ev["size"]
+            if current > best:
+                best, best_at = current, i
+        elif ev["action"] == "free_completed":
+            live.pop(ev["addr"], None)
+            current -= ev["size"]  # blocks allocated before recording started count too
+    live, freed_before_step = {}, 0
+    for ev in trace[: best_at + 1]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+        elif ev["action"] == "free_completed":
+            if live.pop(ev["addr"], None) is None:
+                freed_before_step += ev["size"]  # a block allocated before recording started
+    groups: dict[str, int] = {}
+    for ev in live.values():
+        frames = ev.get("frames") or []
+        own = [f for f in frames if any(f"/{pkg}/" in f["filename"] for pkg in OWN_FRAMES)]
+        where = own[0] if own else (frames[0] if frames else {"filename": "?", "line": 0, "name": "?"})
+        key = f"{where['filename'].split('site-packages/')[-1]}:{where['line']} {where['name']}"
+        groups[key] = groups.get(key, 0) + ev["size"]
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "peak_gib": (held_before + best if peak is None else peak) / 2**30,
+        "held_before_gib": held_before / 2**30,
+        "freed_before_peak_gib": freed_before_step / 2**30,
+        "above_held_before_at_peak_gib": best / 2**30,
+        "by_line_mib": {k: round(v / 2**20, 1) for k, v in ranked},
+    }
+
+
+def profile_callback(step: int, logs_dir: Path, rank: int) -> Any:
+    """QLORA_SFT_PROFILE_STEP=N: torch.profiler over optimizer step N. Each rank
+    writes its own files: where the host waited for the GPU and how long the GPU idled
+    (timeline-rank<i>.json, and at the top of profile-rank<i>.txt), the top kernels and operators by
+    device and CPU time (profile-rank<i>.txt), and on a CUDA GPU what was alive at the step's memory
+    peak, by the line that allocated it (memory-peak-rank<i>.json). The profiled step runs slower."""
+    import torch
+    from transformers import TrainerCallback
+
+    cuda = torch.cuda.is_available()
+
+    class ProfileCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.prof: Any = None
+            self.held_before = 0
+            self.started = 0.0
+            self.syncs = SyncSites()
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step + 1 == step:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if cuda:
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                    torch.cuda.synchronize()  # (the run's peak statistics are left alone: the run reports them)
+                    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+                    self.held_before = torch.cuda.memory_allocated()
+                self.prof = torch.profiler.profile(activities=activities)
+                self.prof.__enter__()
+                if cuda:
+                    self.syncs.start()
+                    torch.cuda.set_sync_debug_mode("warn")
+                self.started = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.prof is None:
+                return
+            prof, self.prof = self.prof, None
+            try:  # a diagnostic: if it fails, the run goes on without it
+                self.write(prof)
+            except Exception as e:
+                log.warning("the profile of step %d failed (%s: %s); training goes on", step, type(e).__name__, e)
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("default")
+                    self.syncs.stop()
+                    torch.cuda.memory._record_memory_history(enabled=None)
+
+        def write(self, prof: Any) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            wall_s = time.perf_counter() - self.started
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+            sites = self.syncs.stop()
+            prof.__exit__(None, None, None)
+            if cuda:
+                snapshot = torch.cuda.memory._snapshot()
+                torch.cuda.memory._record_memory_history(enabled=None)
+            timeline = gpu_timeline(prof.events(), wall_s)
+            waits = host_waits(prof.events())
+            path = logs_dir / f"timeline-rank{rank}.json"
+            path.write_text(json.dumps({"step": step, **timeline, "host_waits": waits, "sync_sites": sites}, indent=1))
+            events = prof.key_averages()
+            device_key = "self_device_time_total" if cuda else "self_cpu_time_total"
+            text = (
+                describe_timeline(step, timeline, waits, sites)
+                + events.table(sort_by=device_key, row_limit=30)
+                + "\n"
+                + events.table(sort_by="cpu_time_total", row_limit=30)
+            )
+            path = logs_dir / f"profile-rank{rank}.txt"
+            path.write_text(text)
+            log.info("profile of step %d written to %s", step, path)
+            if cuda:
+                peak = peak_breakdown(snapshot, self.held_before)
+                path = logs_dir / f"memory-peak-rank{rank}.json"
+                path.write_text(json.dumps(peak, indent=1))
+                log.info("memory alive at step %d's peak (%.2f GiB) written to %s", step, peak["peak_gib"], path)
+
+    return ProfileCallback()
