@@ -160,6 +160,15 @@ MODES = {
     "1gpu_hostemb": Mode("single_gpu.yaml", overrides=("model.embedding_in_host_memory=true",)),
     "1gpu_mb2": Mode("single_gpu.yaml", overrides=("train.micro_batch_tokens=4096",)),
     "1gpu_mb1": Mode("single_gpu.yaml", overrides=("train.micro_batch_tokens=2048",)),
+    # where the host's time per micro batch goes: 1 x 2048 (host-bound on an H200) without Liger's
+    # kernels, without the fused LoRA layer, without activation offloading
+    "1gpu_mb1_noliger": Mode(
+        "single_gpu.yaml", overrides=("train.micro_batch_tokens=2048", "model.liger_kernels=false")
+    ),
+    "1gpu_mb1_nofuse": Mode("single_gpu.yaml", overrides=("train.micro_batch_tokens=2048", "lora.fused=false")),
+    "1gpu_mb1_nooffload": Mode(
+        "single_gpu.yaml", overrides=("train.micro_batch_tokens=2048", "train.offload_activations=false")
+    ),
     "1gpu_mb2_hostemb": Mode(
         "single_gpu.yaml", overrides=("train.micro_batch_tokens=4096", "model.embedding_in_host_memory=true")
     ),
