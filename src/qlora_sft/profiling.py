@@ -70,8 +70,7 @@ class SyncSites:
     def __init__(self, depth: int = 4) -> None:
         self.depth = depth
         self.counts: dict[str, int] = {}
-        self._shown: Any = None
-        self._filters: Any = None
+        self._saved: Any = None
 
     def where(self) -> str:
         frames = [f for f in traceback.extract_stack() if not any(p in f.filename for p in PASS_THROUGH)]
@@ -79,7 +78,9 @@ class SyncSites:
         return " <- ".join(named[: self.depth]) or "(no Python frame)"
 
     def start(self) -> None:
-        self._shown, self._filters = warnings.showwarning, list(warnings.filters)
+        self._saved = warnings.catch_warnings()  # puts the filters and `showwarning` back on exit
+        self._saved.__enter__()
+        shown = warnings.showwarning
         warnings.filterwarnings("always", message=f".*{SYNC_WARNING}")
 
         def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
@@ -87,14 +88,14 @@ class SyncSites:
                 key = self.where()
                 self.counts[key] = self.counts.get(key, 0) + 1
             else:
-                self._shown(message, category, filename, lineno, file, line)
+                shown(message, category, filename, lineno, file, line)
 
         warnings.showwarning = show
 
     def stop(self) -> list[dict[str, Any]]:
-        if self._shown is not None:
-            warnings.showwarning, warnings.filters[:] = self._shown, self._filters
-            self._shown = None
+        if self._saved is not None:
+            self._saved.__exit__(None, None, None)
+            self._saved = None
         return [{"count": n, "where": w} for w, n in sorted(self.counts.items(), key=lambda kv: -kv[1])]
 
 
