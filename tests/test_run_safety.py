@@ -247,6 +247,112 @@ def test_leftover_processes_of_a_dead_holder_are_waited_for_then_named(tmp_path:
                 os.waitpid(leftover, 0)
 
 
+@pytest.fixture
+def held_lock(tmp_path: Path):
+    """A run directory whose LOCK another open file description holds (as another process would),
+    and a function writing the holder's record."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / checkpoint.LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def record(content: object) -> Path:
+        path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+        return run
+
+    yield record
+    os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [[1], 5, "pid", None, b"\xff\xfe not json", {"host": "HOST", "pid": "abc"}, {"host": "HOST", "pid": [1]}],
+    ids=["list", "number", "string", "null", "non-utf8", "pid-text", "pid-list"],
+)
+def test_a_held_lock_with_a_record_no_qlora_sft_wrote_is_refused_cleanly(held_lock, content, monkeypatch):
+    """Whatever the held lock's file says, a launch is refused with the run directory's error (not a
+    crash in the record's parsing), after at most the short reread a fresh holder's record needs."""
+    monkeypatch.setattr(checkpoint, "LEFTOVER_WAIT_S", 0.5)
+    if isinstance(content, dict):
+        content = {**content, "host": socket.gethostname()}
+    run = held_lock(content)
+    t0 = time.monotonic()
+    with pytest.raises(RunDirError, match="in use by another qlora-sft job"):
+        checkpoint.RunLock(run).acquire()
+    assert time.monotonic() - t0 < checkpoint.RECORD_GRACE_S + 1
+
+
+def test_a_held_lock_from_another_pid_namespace_is_not_called_gone(held_lock, monkeypatch):
+    """Two containers sharing a host name and a run folder: the holder's pid (1 in its namespace)
+    means nothing here, so a held lock is refused at once naming it, never 'gone' with advice to
+    kill the live job."""
+    monkeypatch.setattr(checkpoint, "LEFTOVER_WAIT_S", 0.5)
+    other = {"host": socket.gethostname(), "machine": "another-boot:4026532001", "pid": 1, "pid_start": "1"}
+    run = held_lock(other)
+    t0 = time.monotonic()
+    with pytest.raises(RunDirError, match=r"in use by another qlora-sft job \(\S+ pid 1,") as e:
+        checkpoint.RunLock(run).acquire()
+    assert time.monotonic() - t0 < 0.5 and "kill" not in str(e.value)
+    # its flock free (the container is gone): a dead pid of a host of the same name is proof enough
+    assert checkpoint.RunLock.gone({**other, "pid": 2**22 + 5}) == f"process {2**22 + 5} has exited"
+
+
+def test_a_held_lock_of_a_requeued_job_elsewhere_keeps_the_delete_advice(held_lock, monkeypatch):
+    """A node died and SLURM ended its job, but the network file system still holds the node's
+    lock: after the wait, the refusal says so and names the file to delete."""
+    monkeypatch.setattr(checkpoint, "LEFTOVER_WAIT_S", 1.5)
+    monkeypatch.setattr(checkpoint, "_slurm_job_running", lambda job: False)
+    run = held_lock({"host": "node-9", "pid": 4242, "slurm_job_id": "77", "started": "2026-12-01 01:00:00"})
+    with pytest.raises(RunDirError) as e:
+        checkpoint.RunLock(run).acquire()
+    msg = str(e.value)
+    assert "is gone (SLURM job 77 is no longer running)" in msg and "from another machine" in msg, msg
+    assert f"delete {run / checkpoint.LOCK}" in msg and "kill" not in msg, msg
+
+
+def test_lock_records_of_zombies_and_of_my_pid_elsewhere(tmp_path: Path):
+    """A holder that exited but was not reaped (a zombie) holds nothing: its lock is taken over. A
+    record with this process's pid from another host is someone else's: refused."""
+    zombie = subprocess.Popen(["true"])
+    deadline = time.time() + 10
+    while checkpoint._process_start(zombie.pid) is not None and time.time() < deadline:
+        time.sleep(0.05)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / checkpoint.LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": zombie.pid}))
+    lock = checkpoint.RunLock(run)
+    lock.acquire()  # while the zombie is still unreaped
+    assert Path(f"/proc/{zombie.pid}").exists()
+    lock.release()
+    zombie.wait()
+    (run / checkpoint.LOCK).write_text(json.dumps({"host": "node-17", "pid": os.getpid(), "pid_start": "1"}))
+    with pytest.raises(RunDirError, match=r"in use by another qlora-sft job \(node-17 pid"):
+        checkpoint.RunLock(run).acquire()
+
+
+def test_overwriting_twice_in_one_second_keeps_both_old_runs(tmp_path: Path, monkeypatch):
+    """run.overwrite moves the old run aside under its time; a second overwrite in the same second
+    gets a name of its own instead of failing (and leaving the old run's lock held)."""
+    monkeypatch.setattr(checkpoint.time, "strftime", lambda fmt, *args: "20261201-120000")  # one second
+    base = recipe_dict(tmp_path / "model", tmp_path / "data.jsonl", tmp_path / "runs")
+    run = tmp_path / "runs" / "tiny"
+    for i in range(2):
+        run.mkdir(parents=True)
+        (run / "marker").write_text(str(i))
+        write_recipe(run / "recipe.yaml", {**base, "train": {**base["train"], "learning_rate": 1e-4 * (i + 1)}})
+        recipe = build_recipe({**base, "run": {**base["run"], "overwrite": True}})
+        lock = checkpoint.prepare_run_dir(recipe, {})
+        assert lock is not None
+        lock.release()
+        shutil.rmtree(run)
+    kept = {p.name: (p / "marker").read_text() for p in (tmp_path / "runs").iterdir()}
+    assert kept == {"tiny.replaced-20261201-120000": "0", "tiny.replaced-20261201-120000-2": "1"}, kept
+    assert checkpoint._HELD_LOCKS == []
+
+
 # 4. non-finite training stops, and nothing non-finite is published
 
 

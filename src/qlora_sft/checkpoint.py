@@ -115,7 +115,10 @@ def any_rank(flag: bool) -> bool:
 
 
 def _process_start(pid: int) -> str | None:
-    """The start time of a process on this host (clock ticks since boot), or None if it is gone."""
+    """The start time of a process on this host (clock ticks since boot), or None if it is gone (an
+    exited process not yet reaped, a zombie, is gone: it holds no files)."""
+    if not 0 < pid < 2**22:  # above Linux's largest pid_max
+        return None
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -126,7 +129,20 @@ def _process_start(pid: int) -> str | None:
         except PermissionError:
             return "?"
         return "?"
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _machine() -> str:
+    """This process's machine as far as its pids mean anything: the kernel's boot id and its pid
+    namespace (two containers that share a hostname do not share pids)."""
+    parts = []
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(Path(path).read_text().strip() if "boot_id" in path else str(os.stat(path).st_ino))
+        except OSError:
+            parts.append("?")
+    return ":".join(parts)
 
 
 def _processes_holding(path: Path) -> list[int]:
@@ -140,6 +156,8 @@ def _processes_holding(path: Path) -> list[int]:
         with contextlib.suppress(OSError):
             for fd in fd_dir.iterdir():
                 with contextlib.suppress(OSError):
+                    if not os.readlink(fd).endswith(f"/{path.name}"):
+                        continue  # (no stat of other files: one on a hung mount would block)
                     st = fd.stat()
                     if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
                         pids.append(int(fd_dir.parent.name))
@@ -178,6 +196,7 @@ def _let_go_in_child() -> None:
 os.register_at_fork(after_in_child=_let_go_in_child)
 
 LEFTOVER_WAIT_S = 20.0  # how long a launch waits for a dead holder's leftover processes to let go
+RECORD_GRACE_S = 1.0  # how long a launch rereads a held lock whose record is missing or names the dead
 
 
 class RunLock:
@@ -187,9 +206,11 @@ class RunLock:
     forks close their copies (`_let_go_in_child`). A later launch takes the lock over only when the
     holder is provably gone: its flock is free and it ran on this host (a dead pid), or it was this
     same SLURM job before a requeue, or SLURM says its job ended. A flock still held although the
-    holder is provably gone belongs to processes the holder left behind (started without Python's
-    fork): the launch waits up to `LEFTOVER_WAIT_S` for them, then names them. Otherwise the
-    launch is refused with who holds it."""
+    holder is provably gone (its pid dead in the same boot and pid namespace, or its SLURM job
+    ended) belongs to processes the holder left behind (started without Python's fork): the launch
+    waits up to `LEFTOVER_WAIT_S` for them, then names them. A record missing or naming a dead
+    holder while the flock is held may be a new holder's not yet written: it is reread for
+    `RECORD_GRACE_S` first. Otherwise the launch is refused with who holds it."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK
@@ -200,6 +221,7 @@ class RunLock:
         pid = os.getpid()
         return {
             "host": socket.gethostname(),
+            "machine": _machine(),
             "pid": pid,
             "pid_start": _process_start(pid),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -213,15 +235,35 @@ class RunLock:
         return f"{holder.get('host', '?')} pid {holder.get('pid', '?')}{job}, since {holder.get('started', '?')}"
 
     @staticmethod
-    def gone(holder: dict[str, Any]) -> str | None:
-        """Why the holder is provably gone, or None."""
+    def same_machine(holder: dict[str, Any], me: dict[str, Any]) -> bool:
+        """Whether the holder's pid means the same process here: the same host name, and (in records
+        that say) the same boot and pid namespace, which containers sharing a host name do not."""
+        machine = holder.get("machine")
+        return holder.get("host") == me["host"] and (machine is None or machine == me["machine"])
+
+    @staticmethod
+    def is_me(holder: dict[str, Any]) -> bool:
+        me = RunLock.me()
+        return RunLock.same_machine(holder, me) and (holder.get("pid"), holder.get("pid_start")) == (
+            me["pid"],
+            me["pid_start"],
+        )
+
+    @staticmethod
+    def gone(holder: dict[str, Any], flock_held: bool = False) -> str | None:
+        """Why the holder is provably gone, or None. With its flock free, a dead pid on a host of the
+        same name proves it (a reboot or a restarted container freed the flock with it); with the
+        flock still held, only a dead pid of this boot and pid namespace does."""
         me = RunLock.me()
         job = holder.get("slurm_job_id")
-        restarts = int(holder.get("slurm_restart_count") or 0)
+        try:
+            restarts = int(holder.get("slurm_restart_count") or 0)
+            pid = int(holder.get("pid") or 0)
+        except (TypeError, ValueError):
+            return None  # a record no qlora-sft wrote: nothing is provable
         if job and job == me["slurm_job_id"] and restarts < me["slurm_restart_count"]:
             return f"SLURM requeued job {job}"
-        if holder.get("host") == me["host"]:
-            pid = int(holder.get("pid") or 0)
+        if holder.get("host") == me["host"] and (not flock_held or RunLock.same_machine(holder, me)):
             start = _process_start(pid) if pid else None
             if start is None:
                 return f"process {pid} has exited"
@@ -238,7 +280,8 @@ class RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        waited_since: float | None = None
+        started = time.monotonic()
+        warned = False
         replaced = 0
         while replaced < 5:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -247,12 +290,17 @@ class RunLock:
             except BlockingIOError:
                 holder = self._read(fd)
                 os.close(fd)
-                why = self.gone(holder) if holder else None
+                waited = time.monotonic() - started
+                why = self.gone(holder, flock_held=True) if holder else None
+                if waited < RECORD_GRACE_S and (not holder or why is not None):
+                    # a launch that has just taken the flock writes its record next: read it again
+                    time.sleep(0.05)
+                    continue
                 if why is None:
                     raise RunDirError(self._held_message(holder)) from None
                 # the holder is gone, yet its flock is held: by processes it left behind
-                if waited_since is None:
-                    waited_since = time.monotonic()
+                if not warned:
+                    warned = True
                     log.warning(
                         "run directory lock of %s: %s, but processes it started still hold %s; waiting up to %.0f s "
                         "for them to exit",
@@ -261,7 +309,7 @@ class RunLock:
                         self.path,
                         LEFTOVER_WAIT_S,
                     )
-                if time.monotonic() - waited_since < LEFTOVER_WAIT_S:
+                if waited < LEFTOVER_WAIT_S:
                     time.sleep(0.5)
                     continue
                 raise RunDirError(self._leftover_message(holder, why)) from None
@@ -274,14 +322,15 @@ class RunLock:
                 replaced += 1
                 continue
             holder = self._read(fd)
-            if holder and holder.get("pid") != os.getpid():
+            if holder and not self.is_me(holder):
                 why = self.gone(holder)
                 if why is None:
                     os.close(fd)
                     raise RunDirError(self._held_message(holder))
                 log.warning("run directory lock of %s taken over: %s", self.describe(holder), why)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(self.me()) + "\n").encode(), 0)
+            record = (json.dumps(self.me()) + "\n").encode()
+            os.pwrite(fd, record, 0)  # then cut to length: the file is never empty while it changes
+            os.ftruncate(fd, len(record))
             os.fsync(fd)
             self.fd = fd
             _HELD_LOCKS.append(self)
@@ -290,18 +339,24 @@ class RunLock:
 
     def _read(self, fd: int) -> dict[str, Any]:
         try:
-            raw = os.pread(fd, 65536, 0)
-            return json.loads(raw.decode() or "{}")
+            record = json.loads(os.pread(fd, 65536, 0).decode() or "{}")
         except (OSError, ValueError):
             return {}
+        return record if isinstance(record, dict) else {}
 
     def _leftover_message(self, holder: dict[str, Any], why: str) -> str:
-        pids = _processes_holding(self.path)
-        who = f"(pids {', '.join(map(str, pids))}, on this host)" if pids else "(on its host)"
+        pids = _processes_holding(self.path) if self.same_machine(holder, self.me()) else []
+        gone = f"run directory {self.path.parent}: its previous job ({self.describe(holder)}) is gone ({why}), but"
+        if pids:
+            return (
+                f"{gone} processes it started (pids {', '.join(map(str, pids))}, on this host) still hold {self.path} "
+                f"after {LEFTOVER_WAIT_S:.0f} s. Stop them (kill {' '.join(map(str, pids))}) and relaunch; nothing "
+                "was changed."
+            )
         return (
-            f"run directory {self.path.parent}: its previous job ({self.describe(holder)}) is gone ({why}), but "
-            f"processes it started {who} still hold {self.path} after {LEFTOVER_WAIT_S:.0f} s. Stop them "
-            f"({'kill ' + ' '.join(map(str, pids)) if pids else 'on that host'}) and relaunch; nothing was changed."
+            f"{gone} its lock {self.path} is still held after {LEFTOVER_WAIT_S:.0f} s, from another machine (a "
+            "network file system keeps a dead node's lock until its lease ends). Relaunch later; or, if no process "
+            f"of that job can still be running, delete {self.path} and relaunch. Nothing was changed."
         )
 
     def _held_message(self, holder: dict[str, Any]) -> str:
@@ -398,8 +453,19 @@ def prepare_run_dir(recipe: Recipe, launch: dict[str, Any]) -> RunLock | None:
         if action == "replace":
             old = RunLock(run_dir)
             old.acquire()  # a live job in the old run directory keeps it
-            aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            run_dir.rename(aside)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
+            n = 1
+            while aside.exists():  # two replacements within a second
+                n += 1
+                aside = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}-{n}")
+            try:
+                run_dir.rename(aside)
+            except OSError as e:
+                old.release()
+                raise RunDirError(
+                    f"run.overwrite: could not move {run_dir} aside to {aside} ({e}); nothing was changed"
+                ) from e
             old.path = aside / LOCK  # the lock moved with the folder: release it there
             old.release()
             log.warning("run.overwrite: moved the previous run %s aside to %s", run_dir, aside)
