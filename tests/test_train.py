@@ -319,3 +319,16 @@ def test_gpu_timeline_counts_overlapping_kernels_once():
         "gpu_compute_idle_share": 0.6,
         "kernels": 2,
     }
+
+
+def test_profile_step_variable_is_checked():
+    """QLORA_SFT_PROFILE_STEP names an optimizer step from 1; anything else is refused naming the
+    variable and what it takes (train checks it before loading the model)."""
+    from qlora_sft.errors import UserError
+    from qlora_sft.profiling import profile_step
+
+    assert profile_step({}) is None and profile_step({"QLORA_SFT_PROFILE_STEP": " "}) is None
+    assert profile_step({"QLORA_SFT_PROFILE_STEP": "5"}) == 5
+    for bad in ("abc", "0", "-3", "2.5", "five"):
+        with pytest.raises(UserError, match=rf"QLORA_SFT_PROFILE_STEP='{bad}': name the optimizer step"):
+            profile_step({"QLORA_SFT_PROFILE_STEP": bad})

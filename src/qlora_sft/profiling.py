@@ -9,13 +9,33 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import traceback
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 log = logging.getLogger("qlora_sft")
+
+PROFILE_STEP_ENV = "QLORA_SFT_PROFILE_STEP"
+
+
+def profile_step(env: Mapping[str, str] | None = None) -> int | None:
+    """QLORA_SFT_PROFILE_STEP, checked: the optimizer step to profile (from 1), or None when unset."""
+    raw = (os.environ if env is None else env).get(PROFILE_STEP_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise UserError(
+            f"{PROFILE_STEP_ENV}={raw!r}: name the optimizer step to profile, a whole number from 1 (a step after "
+            "the first few, e.g. 5, shows the steady state); unset it to profile nothing"
+        )
+    return int(raw)
+
 
 # frames from these packages name where a block was allocated; torch's own frames are skipped
 OWN_FRAMES = ("qlora_sft", "peft", "transformers", "bitsandbytes", "liger_kernel", "trl", "accelerate")

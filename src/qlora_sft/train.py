@@ -145,6 +145,12 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     state = launch.distributed_state(float(recipe.train.args.get("ddp_timeout") or 1800))
     setup_logging(state.is_main_process, state.process_index)
     launch.check_ranks()
+    profile_at = profiling.profile_step()
+    max_steps = int(recipe.train.args.get("max_steps") or 0)
+    if profile_at is not None and 0 < max_steps < profile_at and state.is_main_process:
+        log.warning(
+            "%s=%d: train.max_steps is %d, so no step is profiled", profiling.PROFILE_STEP_ENV, profile_at, max_steps
+        )
     mode = launch.detect()
     problems = launch.check_launch_compat(recipe, mode)
     if problems:
@@ -257,9 +263,9 @@ def _train(
     ]
     if launch.offloads_activations(recipe, mode):
         callbacks.append(offload_callback())
-    if os.environ.get("QLORA_SFT_PROFILE_STEP"):
-        step = int(os.environ["QLORA_SFT_PROFILE_STEP"])
-        callbacks.append(profiling.profile_callback(step, run_dir / "logs", state.process_index))
+    profile_at = profiling.profile_step()  # (checked before the model was loaded)
+    if profile_at is not None:
+        callbacks.append(profiling.profile_callback(profile_at, run_dir / "logs", state.process_index))
     if state.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
