@@ -28,8 +28,8 @@ from helpers import (
 pytestmark = pytest.mark.multiprocess
 
 
-def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, cwd=cwd, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], cwd: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, env={**cpu_env(), **env}, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{out.stdout[-4000:]}\nstderr:\n{out.stderr[-6000:]}"
     return out
 
@@ -46,7 +46,8 @@ TRAIN = {
 
 @pytest.fixture(scope="module")
 def ddp_runs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The same recipe twice: 2 CPU ranks with accumulation 1, and 1 process with accumulation 2."""
+    """The same recipe twice: 2 CPU ranks with accumulation 1 (step 2 profiled on each rank), and 1
+    process with accumulation 2."""
     root = tmp_path_factory.mktemp("ddp")
     data = write_toy_data(root / "toy.jsonl", n=120)
     two = write_recipe(
@@ -55,10 +56,7 @@ def ddp_runs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     one = write_recipe(
         root / "one.yaml", recipe_dict(tiny_model, data, root / "runs", run={"name": "one"}, train=TRAIN)
     )
-    ddp = run(
-        accelerate_cmd("train", str(two)),
-        root,
-    )
+    ddp = run(accelerate_cmd("train", str(two)), root, QLORA_SFT_PROFILE_STEP="2")
     single = run([sys.executable, "-m", "qlora_sft", "train", str(one)], root)
     return root / "runs" / "two", root / "runs" / "one", ddp, single
 
@@ -84,6 +82,14 @@ def test_only_the_main_process_wrote_shared_files(ddp_runs):
     assert (two / "final" / "COMPLETE").is_file() and (two / "checkpoint-3" / "COMPLETE").is_file()
     manifest = json.loads((two / "checkpoint-6" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["global_batch"] == 8
+    # each rank wrote its own files: its memory and sharding record, and the profile of the step asked for
+    per_rank = sorted(p.name for p in (two / "logs").glob("*rank*"))
+    assert per_rank == [
+        *("profile-rank0.txt", "profile-rank1.txt", "rank0.json", "rank1.json"),
+        *("timeline-rank0.json", "timeline-rank1.json"),
+    ]
+    for rank in (0, 1):
+        assert json.loads((two / "logs" / f"timeline-rank{rank}.json").read_text())["step"] == 2
 
 
 def test_ddp_loss_matches_one_process_with_accumulation(ddp_runs):
