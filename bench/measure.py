@@ -85,7 +85,9 @@ class StepProfiler(TrainerCallback):
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
         breakdown = kernel_breakdown(self.prof)
-        breakdown["memory"] = peak_breakdown(snapshot, self.held_before, torch.cuda.max_memory_allocated())
+        breakdown["memory"] = peak_breakdown(
+            snapshot, self.held_before, torch.cuda.max_memory_allocated(), device=torch.cuda.current_device()
+        )
         (self.out / "profile.json").write_text(json.dumps(breakdown, indent=1))
         self.prof = None
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -241,13 +242,12 @@ def test_profile_step_writes_each_ranks_own_profile(tmp_path: Path):
         return (torch.ones(64, 64) @ torch.ones(64, 64)).sum().item()
 
     cb = profile_callback(3, tmp_path, rank=1)
-    for step in range(4):
-        state = SimpleNamespace(global_step=step)
-        cb.on_step_begin(None, state, None)
+    for step in range(4):  # as the Trainer calls it: global_step counts the step once it is taken
+        cb.on_step_begin(None, SimpleNamespace(global_step=step), None)
         read_back()
         if step == 2:  # the profiled step reads back twice
             read_back()
-        cb.on_step_end(None, state, None)
+        cb.on_step_end(None, SimpleNamespace(global_step=step + 1), None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["profile-rank1.txt", "timeline-rank1.json"]
     text = (tmp_path / "profile-rank1.txt").read_text()
     assert "aten::mm" in text and text.startswith("step 3: ")
@@ -329,6 +329,51 @@ def test_profile_step_variable_is_checked():
 
     assert profile_step({}) is None and profile_step({"QLORA_SFT_PROFILE_STEP": " "}) is None
     assert profile_step({"QLORA_SFT_PROFILE_STEP": "5"}) == 5
-    for bad in ("abc", "0", "-3", "2.5", "five"):
-        with pytest.raises(UserError, match=rf"QLORA_SFT_PROFILE_STEP='{bad}': name the optimizer step"):
+    for bad in ("abc", "0", "-3", "2.5", "five", "²", "①", "٣", "9" * 5000, "+5"):
+        with pytest.raises(UserError, match=re.escape(f"QLORA_SFT_PROFILE_STEP={bad!r}: name the optimizer step")):
             profile_step({"QLORA_SFT_PROFILE_STEP": bad})
+
+
+def test_profile_that_never_ends_or_never_comes_switches_off_and_says_so(tmp_path: Path):
+    """A profiled step that raises (an out-of-memory retry) leaves no profiler running once the next
+    step begins or training ends (`close`); a launch resumed past the step says that nothing is
+    profiled; an earlier launch's files are removed so that what is there is this launch's."""
+    import logging
+    from types import SimpleNamespace
+
+    import torch
+
+    from qlora_sft.profiling import profile_callback
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("qlora_sft")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        (tmp_path / "timeline-rank0.json").write_text('{"step": 2}')  # an earlier launch's
+        cb = profile_callback(2, tmp_path, rank=0)
+        cb.on_train_begin(None, SimpleNamespace(global_step=0), None)
+        assert not (tmp_path / "timeline-rank0.json").exists()
+        cb.on_step_begin(None, SimpleNamespace(global_step=1), None)  # step 2 begins...
+        assert torch.autograd.profiler._is_profiler_enabled
+        # ... and raises; the Trainer retries from step 1 (auto_find_batch_size)
+        cb.on_step_begin(None, SimpleNamespace(global_step=0), None)
+        assert not torch.autograd.profiler._is_profiler_enabled
+        assert any("step 2 did not end" in m for m in records), records
+        cb.on_step_end(None, SimpleNamespace(global_step=1), None)
+        assert list(tmp_path.iterdir()) == []
+        cb.on_step_begin(None, SimpleNamespace(global_step=1), None)  # step 2 again, raising again:
+        cb.close()  # train()'s finally
+        assert not torch.autograd.profiler._is_profiler_enabled and list(tmp_path.iterdir()) == []
+
+        records.clear()
+        resumed = profile_callback(2, tmp_path, rank=0)
+        resumed.on_train_begin(None, SimpleNamespace(global_step=4), None)
+        assert any("training starts after step 4 (resumed), so no step is profiled" in m for m in records), records
+        resumed.on_train_end(None, SimpleNamespace(global_step=8), None)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

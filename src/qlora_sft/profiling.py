@@ -7,9 +7,11 @@ allocated them (`peak_breakdown`; memory-peak-rank<i>.json)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import time
 import traceback
 import warnings
@@ -29,7 +31,7 @@ def profile_step(env: Mapping[str, str] | None = None) -> int | None:
     raw = (os.environ if env is None else env).get(PROFILE_STEP_ENV, "").strip()
     if not raw:
         return None
-    if not raw.isdigit() or int(raw) < 1:
+    if not re.fullmatch(r"[0-9]{1,9}", raw) or int(raw) < 1:
         raise UserError(
             f"{PROFILE_STEP_ENV}={raw!r}: name the optimizer step to profile, a whole number from 1 (a step after "
             "the first few, e.g. 5, shows the steady state); unset it to profile nothing"
@@ -98,6 +100,8 @@ class SyncSites:
         return " <- ".join(named[: self.depth]) or "(no Python frame)"
 
     def start(self) -> None:
+        self.stop()  # (started twice: the first one's filters go back first)
+        self.counts = {}
         self._saved = warnings.catch_warnings()  # puts the filters and `showwarning` back on exit
         self._saved.__enter__()
         shown = warnings.showwarning
@@ -143,7 +147,10 @@ def gpu_timeline(events: Any, wall_s: float) -> dict[str, Any]:
         "wall_ms": round(wall_ms, 1),
         "gpu_busy_ms": round(_union_us(spans) / 1e3, 1),
         "gpu_compute_busy_ms": round(compute_ms, 1),
-        "gpu_compute_idle_share": round(1 - compute_ms / wall_ms, 3) if device and wall_ms else None,
+        # (clamped: the GPU's and the host's clocks may disagree by a little)
+        "gpu_compute_idle_share": round(min(1.0, max(0.0, 1 - compute_ms / wall_ms)), 3)
+        if device and wall_ms
+        else None,
         "kernels": len(compute),
     }
 
@@ -164,13 +171,17 @@ def describe_timeline(step: int, timeline: dict[str, Any], waits: list[dict[str,
 
 
 def peak_breakdown(
-    snapshot: dict[str, Any], held_before: int, peak: int | None = None, top: int = 30
+    snapshot: dict[str, Any], held_before: int, peak: int | None = None, top: int = 30, device: int | None = None
 ) -> dict[str, Any]:
     """The blocks alive at the step's peak of allocated memory, by the line that allocated them (from
     `torch.cuda.memory._snapshot()` recorded over the step). `held_before` is what was allocated
     when recording started (weights, optimizer state): the step's peak is that plus the step's
     largest live total (or `peak`, the allocator's own number, where its statistics were reset)."""
-    trace = next((t for t in snapshot.get("device_traces", []) if t), [])
+    traces = snapshot.get("device_traces", [])
+    if device is not None and device < len(traces):
+        trace = traces[device]  # this rank's GPU (a rank may have touched another)
+    else:
+        trace = next((t for t in traces if t), [])
     live: dict[int, dict[str, Any]] = {}
     current = best = best_at = 0
     for i, ev in enumerate(trace):
@@ -206,12 +217,24 @@ def peak_breakdown(
     }
 
 
+def profile_files(logs_dir: Path, rank: int) -> list[Path]:
+    """The files a rank's profile writes."""
+    return [logs_dir / f"{kind}-rank{rank}.{ext}" for kind, ext in PROFILE_FILES]
+
+
+PROFILE_FILES = (("profile", "txt"), ("timeline", "json"), ("memory-peak", "json"))
+
+
 def profile_callback(step: int, logs_dir: Path, rank: int) -> Any:
-    """QLORA_SFT_PROFILE_STEP=N: torch.profiler over optimizer step N. Each rank
-    writes its own files: where the host waited for the GPU and how long the GPU idled
-    (timeline-rank<i>.json, and at the top of profile-rank<i>.txt), the top kernels and operators by
-    device and CPU time (profile-rank<i>.txt), and on a CUDA GPU what was alive at the step's memory
-    peak, by the line that allocated it (memory-peak-rank<i>.json). The profiled step runs slower."""
+    """QLORA_SFT_PROFILE_STEP=N: torch.profiler over optimizer step N. Each rank writes its own files:
+    where the host waited for the GPU and how long the GPU idled (timeline-rank<i>.json, and at the
+    top of profile-rank<i>.txt), the top kernels and operators by device and CPU time
+    (profile-rank<i>.txt), and on a CUDA GPU what was alive at the step's memory peak, by the line
+    that allocated it (memory-peak-rank<i>.json). An earlier launch's files are removed when training
+    starts, so what is there is this launch's. A step that does not end (an exception, an
+    out-of-memory retry) or that never comes (a resume past it) leaves no files and is said in the
+    log; `close()` (also called when training ends, however it ends) switches everything off. The
+    profiled step runs slower."""
     import torch
     from transformers import TrainerCallback
 
@@ -223,37 +246,79 @@ def profile_callback(step: int, logs_dir: Path, rank: int) -> Any:
             self.held_before = 0
             self.started = 0.0
             self.syncs = SyncSites()
+            self.written = False
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.close()
+            stale = [f for f in profile_files(logs_dir, rank) if f.is_file()]
+            for f in stale:
+                f.unlink()
+            if stale and rank == 0:
+                log.info("profile: removed an earlier launch's %s", ", ".join(f.name for f in stale))
+            if state.global_step >= step and rank == 0:
+                log.warning(
+                    "%s=%d: training starts after step %d (resumed), so no step is profiled",
+                    PROFILE_STEP_ENV,
+                    step,
+                    state.global_step,
+                )
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if state.global_step + 1 == step:
-                activities = [torch.profiler.ProfilerActivity.CPU]
-                if cuda:
-                    activities.append(torch.profiler.ProfilerActivity.CUDA)
-                    torch.cuda.synchronize()  # (the run's peak statistics are left alone: the run reports them)
-                    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
-                    self.held_before = torch.cuda.memory_allocated()
-                self.prof = torch.profiler.profile(activities=activities)
-                self.prof.__enter__()
-                if cuda:
-                    self.syncs.start()
-                    torch.cuda.set_sync_debug_mode("warn")
-                self.started = time.perf_counter()
+            if self.prof is not None:  # the step begun before never ended (an out-of-memory retry)
+                log.warning("profile: step %d did not end; its profile is discarded", step)
+                self.close()
+            if state.global_step + 1 != step:
+                return
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if cuda:
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+                torch.cuda.synchronize()  # (the run's peak statistics are left alone: the run reports them)
+                torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+                self.held_before = torch.cuda.memory_allocated()
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+            if cuda:
+                self.syncs.start()
+                torch.cuda.set_sync_debug_mode("warn")
+            self.started = time.perf_counter()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if self.prof is None:
                 return
-            prof, self.prof = self.prof, None
+            if state.global_step != step:  # not the step that began profiling
+                self.close()
+                return
             try:  # a diagnostic: if it fails, the run goes on without it
-                self.write(prof)
+                self.write()
+                self.written = True
             except Exception as e:
                 log.warning("the profile of step %d failed (%s: %s); training goes on", step, type(e).__name__, e)
             finally:
-                if cuda:
-                    torch.cuda.set_sync_debug_mode("default")
-                    self.syncs.stop()
-                    torch.cuda.memory._record_memory_history(enabled=None)
+                self.close()
 
-        def write(self, prof: Any) -> None:
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.close()
+            if not self.written and state.global_step < step and rank == 0:
+                log.warning(
+                    "%s=%d: training ended at step %d; no step was profiled", PROFILE_STEP_ENV, step, state.global_step
+                )
+
+        def close(self) -> None:
+            """Switch off whatever the profiled step switched on (idempotent)."""
+            prof, self.prof = self.prof, None
+            if cuda:
+                with contextlib.suppress(Exception):
+                    torch.cuda.set_sync_debug_mode("default")
+            self.syncs.stop()
+            if prof is not None:
+                with contextlib.suppress(Exception):
+                    prof.__exit__(None, None, None)
+                if cuda:
+                    with contextlib.suppress(Exception):
+                        torch.cuda.memory._record_memory_history(enabled=None)
+
+        def write(self) -> None:
+            prof = self.prof
             if cuda:
                 torch.cuda.synchronize()
             wall_s = time.perf_counter() - self.started
@@ -261,6 +326,7 @@ def profile_callback(step: int, logs_dir: Path, rank: int) -> Any:
                 torch.cuda.set_sync_debug_mode("default")
             sites = self.syncs.stop()
             prof.__exit__(None, None, None)
+            self.prof = None
             if cuda:
                 snapshot = torch.cuda.memory._snapshot()
                 torch.cuda.memory._record_memory_history(enabled=None)
@@ -280,7 +346,7 @@ def profile_callback(step: int, logs_dir: Path, rank: int) -> Any:
             path.write_text(text)
             log.info("profile of step %d written to %s", step, path)
             if cuda:
-                peak = peak_breakdown(snapshot, self.held_before)
+                peak = peak_breakdown(snapshot, self.held_before, device=torch.cuda.current_device())
                 path = logs_dir / f"memory-peak-rank{rank}.json"
                 path.write_text(json.dumps(peak, indent=1))
                 log.info("memory alive at step %d's peak (%.2f GiB) written to %s", step, peak["peak_gib"], path)

@@ -264,8 +264,11 @@ def _train(
     if launch.offloads_activations(recipe, mode):
         callbacks.append(offload_callback())
     profile_at = profiling.profile_step()  # (checked before the model was loaded)
-    if profile_at is not None:
-        callbacks.append(profiling.profile_callback(profile_at, run_dir / "logs", state.process_index))
+    profiler = (
+        None if profile_at is None else profiling.profile_callback(profile_at, run_dir / "logs", state.process_index)
+    )
+    if profiler is not None:
+        callbacks.append(profiler)
     if state.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
@@ -298,6 +301,9 @@ def _train(
         raise OutOfGpuMemoryError(
             out_of_memory_message(exc, run_dir, trainer.state.global_step + 1, state.process_index, outlook)
         ) from exc
+    finally:
+        if profiler is not None:
+            profiler.close()  # a profiled step that raised leaves nothing switched on
     final_dir = run_dir / "final"
     if ckpt.preempted:  # saved at the step boundary all ranks agreed on: the launcher requeues us
         ckpt.record_preemption(run_dir, trainer.state.global_step)
