@@ -282,6 +282,7 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         warned = False
+        judged: tuple[dict[str, Any], str | None] | None = None  # the last record read and why it is gone
         replaced = 0
         while replaced < 5:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -291,7 +292,9 @@ class RunLock:
                 holder = self._read(fd)
                 os.close(fd)
                 waited = time.monotonic() - started
-                why = self.gone(holder, flock_held=True) if holder else None
+                if judged is None or judged[0] != holder:  # (not asked again each pass: SLURM is asked by squeue)
+                    judged = (holder, self.gone(holder, flock_held=True) if holder else None)
+                why = judged[1]
                 if waited < RECORD_GRACE_S and (not holder or why is not None):
                     # a launch that has just taken the flock writes its record next: read it again
                     time.sleep(0.05)
@@ -453,19 +456,11 @@ def prepare_run_dir(recipe: Recipe, launch: dict[str, Any]) -> RunLock | None:
         if action == "replace":
             old = RunLock(run_dir)
             old.acquire()  # a live job in the old run directory keeps it
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            aside = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
-            n = 1
-            while aside.exists():  # two replacements within a second
-                n += 1
-                aside = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}-{n}")
             try:
-                run_dir.rename(aside)
+                aside = keep_aside(run_dir, "replaced")
             except OSError as e:
                 old.release()
-                raise RunDirError(
-                    f"run.overwrite: could not move {run_dir} aside to {aside} ({e}); nothing was changed"
-                ) from e
+                raise RunDirError(f"run.overwrite: could not move {run_dir} aside ({e}); nothing was changed") from e
             old.path = aside / LOCK  # the lock moved with the folder: release it there
             old.release()
             log.warning("run.overwrite: moved the previous run %s aside to %s", run_dir, aside)
@@ -682,8 +677,14 @@ def check_adapter(folder: Path) -> int:
 
 
 def keep_aside(path: Path, why: str) -> Path:
-    """Move a folder out of the way, next to where it was (never deleted): `<name>.<why>-<time>`."""
-    aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}")
+    """Move a folder out of the way, next to where it was (never deleted): `<name>.<why>-<time>`, or
+    `<name>.<why>-<time>-2`, `-3`, ... where one of that second is there already."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.{why}-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.{why}-{stamp}-{n}")
     os.rename(path, aside)
     return aside
 

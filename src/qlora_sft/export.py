@@ -726,9 +726,10 @@ def publish(tmp: Path, out_dir: Path, ok: bool) -> Path:
     if not final.exists():
         tmp.rename(final)
         return final
+    from .checkpoint import keep_aside
+
     ours = (final / EXPORT_MARKER).is_file()
-    aside = final.with_name(f"{final.name}.{'old' if ours else 'replaced'}-{time.strftime('%Y%m%d-%H%M%S')}")
-    final.rename(aside)
+    aside = keep_aside(final, "old" if ours else "replaced")
     tmp.rename(final)
     if ours:
         shutil.rmtree(aside, ignore_errors=True)
