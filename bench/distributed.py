@@ -9,7 +9,11 @@ Modes: 1gpu, ddp, zero2, zero3, fsdp (one FSDP unit per decoder layer, adapters 
 default), fsdp_offload; ablation rows fsdp_peft (peft's units, as before 2026-11-30), fsdp_nofuse,
 fsdp_nooffload, fsdp_offload_peft; ablation rows of ZeRO-3 that change its DeepSpeed JSON (a copy
 of configs/deepspeed/zero3.json written beside the logs): zero3_layers (each decoder layer one
-DeepSpeed leaf module, `leaf_module.classes`), zero3_persist (stage3_param_persistence_threshold
+DeepSpeed leaf module named in the JSON, `leaf_module.classes`; since 2026-12-01 qlora-sft makes
+the decoder layers leaves itself by default, and the fused LoRA layer and activation offloading then
+apply: zero3_nofuse, zero3_nooffload, zero3_plain turn them off, zero3_modules goes back to
+DeepSpeed's per-module gathering (QLORA_SFT_ZERO3_UNITS=modules, the default before), zero3_live
+keeps fewer gathered weights resident), zero3_persist (stage3_param_persistence_threshold
 1M elements: adapters, norms and biases stay whole on every rank), zero3_layers_persist,
 zero3_prefetch and zero3_layers_prefetch (stage3_prefetch_bucket_size 1e8 elements); FSDP's
 prefetch (fsdp_bwd_pre, fsdp_bwd_post, fsdp_fwd_prefetch, fsdp_offload_bwd_post: a changed copy of
@@ -52,6 +56,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,7 +68,13 @@ from typing import Any
 import yaml
 
 from qlora_sft.cli import gib
-from qlora_sft.launch import DEFAULT_ALLOC_CONF, EMBEDDING_GATHERED_ONCE, FSDP_RELEASE_HEAD_ENV, RELEASE_HEAD_APPLIED
+from qlora_sft.launch import (
+    DEFAULT_ALLOC_CONF,
+    EMBEDDING_GATHERED_ONCE,
+    FSDP_RELEASE_HEAD_ENV,
+    RELEASE_HEAD_APPLIED,
+    ZERO3_UNITS_ENV,
+)
 
 from . import measure, report
 from .workload import make_data, make_model
@@ -89,6 +100,7 @@ class Mode:
         return 1 if self.one_process else gpus
 
 
+ZERO3_LEAF_LOGGED = re.compile(r"ZeRO-3: the \d+ decoder layers are leaf modules")  # model.sharding's line
 PROFILE_STEP = "5"  # the step the *_profiled rows profile (QLORA_SFT_PROFILE_STEP): after the warm-up
 PROFILED = (("QLORA_SFT_PROFILE_STEP", PROFILE_STEP),)
 EXPANDABLE = (("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_ALLOC_CONF),)  # what qlora-sft sets unless the user did
@@ -117,6 +129,31 @@ MODES = {
     "zero3_layers_persist": Mode(
         "deepspeed_zero3.yaml",
         zero=(("leaf_module", {"classes": list(DECODER_LAYERS)}), ("stage3_param_persistence_threshold", 1_000_000)),
+    ),
+    # ZeRO-3 with qlora-sft's leaf layers (the default since 2026-12-01: `zero3`) runs each layer
+    # whole, so the fused LoRA layer and activation offloading apply; these rows turn them off, go
+    # back to DeepSpeed's per-module gathering, or keep fewer gathered weights resident (DeepSpeed's
+    # max live parameters and reuse distance: 1e9 in the bundled JSON)
+    # (the first rows of 2026-12-01, with the leaves named in the JSON)
+    "zero3_layers_plain": Mode(
+        "deepspeed_zero3.yaml",
+        zero=(("leaf_module", {"classes": list(DECODER_LAYERS)}),),
+        overrides=("lora.fused=false", "train.offload_activations=false"),
+    ),
+    "zero3_layers_live": Mode(
+        "deepspeed_zero3.yaml",
+        zero=(
+            ("leaf_module", {"classes": list(DECODER_LAYERS)}),
+            ("stage3_max_live_parameters", 100_000_000),
+            ("stage3_max_reuse_distance", 0),
+        ),
+    ),
+    "zero3_modules": Mode("deepspeed_zero3.yaml", ((ZERO3_UNITS_ENV, "modules"),)),
+    "zero3_nofuse": Mode("deepspeed_zero3.yaml", overrides=("lora.fused=false",)),
+    "zero3_nooffload": Mode("deepspeed_zero3.yaml", overrides=("train.offload_activations=false",)),
+    "zero3_plain": Mode("deepspeed_zero3.yaml", overrides=("lora.fused=false", "train.offload_activations=false")),
+    "zero3_live": Mode(
+        "deepspeed_zero3.yaml", zero=(("stage3_max_live_parameters", 100_000_000), ("stage3_max_reuse_distance", 0))
     ),
     # ZeRO-3's prefetch bucket: "auto" resolves to 0.9 x hidden^2 elements (15M at 8B, under a third of
     # one decoder layer's packed 4-bit weights); 1e8 elements prefetch about two layers ahead
@@ -483,6 +520,11 @@ def main() -> int:
             # whether the run resharded the root (output head) before the layers' backward: the default
             # since 2026-11-30 evening, off in the *_keep_head rows (rows without the key ran before)
             r["fsdp_release_head_applied"] = RELEASE_HEAD_APPLIED in logged
+        if "deepspeed" in MODES[mode].config:
+            # whether the decoder layers were DeepSpeed leaf modules (qlora-sft's default since
+            # 2026-12-01, or a JSON's leaf_module); rows without the key ran before qlora-sft made
+            # them leaves itself, with the fused layer and activation offloading off under ZeRO-3
+            r["zero3_leaf_layers"] = bool(ZERO3_LEAF_LOGGED.search(logged))
         results.append(r)
         write_results(base, args, results)  # after every phase: a call cut off by its time limit keeps it
         if rc == 0 and mode in kill_modes:

@@ -177,14 +177,17 @@ def test_offload_resolution_and_refusals():
     assert launch.offloads_activations(auto, mode("ddp"))
     assert launch.offloads_activations(auto, mode("fsdp"))  # one unit per layer: the layer inputs can wait on the host
     assert not launch.offloads_activations(auto, dataclasses.replace(mode("fsdp"), fsdp_units="peft"))
-    assert not launch.offloads_activations(auto, mode("deepspeed", zero=3))
+    assert launch.offloads_activations(auto, mode("deepspeed", zero=3))  # decoder layers as leaf modules
+    assert not launch.offloads_activations(auto, dataclasses.replace(mode("deepspeed", zero=3), zero3_units="modules"))
     assert not launch.offloads_activations(auto, mode("cpu"))
     no_gc = build_recipe({**base, "train": {"gradient_checkpointing": False}})
     assert not launch.offloads_activations(no_gc, mode("ddp"))
     forced = build_recipe({**base, "train": {"offload_activations": True}})
     assert launch.offloads_activations(forced, mode("cpu"))
-    problems = launch.check_launch_compat(forced, mode("deepspeed", zero=3))
-    assert any("`train.offload_activations` is true" in p for p in problems), problems
+    assert not any("offload_activations" in p for p in launch.check_launch_compat(forced, mode("deepspeed", zero=3)))
+    per_module = dataclasses.replace(mode("deepspeed", zero=3), zero3_units="modules")
+    problems = launch.check_launch_compat(forced, per_module)
+    assert any("`train.offload_activations` is true" in p and "leaf_module" in p for p in problems), problems
 
 
 @pytest.mark.multiprocess

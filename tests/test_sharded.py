@@ -483,6 +483,14 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
             recipe = load_recipe(path, overrides)
             # runs before 2026-11-30 record no environment: their FSDP used peft's units
             env = dict(r.get("env", {"QLORA_SFT_FSDP_UNITS": "peft"}))
+            if "deepspeed_zero3" in r.get("config", "deepspeed_zero3" if r["mode"].startswith("zero3") else ""):
+                if "zero3_leaf_layers" not in r:
+                    # ran before qlora-sft made the decoder layers leaves (2026-12-01): DeepSpeed's
+                    # per-module gathering unless the JSON named leaves, the fused layer and
+                    # activation offloading off under ZeRO-3 either way
+                    env.setdefault("QLORA_SFT_ZERO3_UNITS", "modules")
+                    overrides = [*overrides, "lora.fused=false", "train.offload_activations=false"]
+                    recipe = load_recipe(path, overrides)
             # FSDP rows record whether the run resharded the head before the layers' backward (the
             # default since 2026-11-30 evening); rows without the key ran before it was
             env.setdefault("QLORA_SFT_FSDP_RELEASE_HEAD", "1" if r.get("fsdp_release_head_applied") else "0")
@@ -501,11 +509,8 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
                     config = tmp_path / f"as-run-{r['mode']}.yaml"
                     config.write_text(yaml.safe_dump(accel))
                 mode = launch.from_config_file(config, r["gpus"])
-            if "leaf_module" in r.get("deepspeed_changes", {}):
-                # ZeRO-3 leaf modules: plan does not model them, and says so
-                notes = "\n".join(plan_lines(recipe, str(config), r["gpus"]))
-                assert "leaf_module" in notes and "does not model it" in notes, notes
-                continue
+            if r.get("zero3_leaf_layers") is not None:
+                assert mode.zero3_leaf_modules == r["zero3_leaf_layers"], (result.name, r["mode"])
             estimate = estimate_memory(shape, recipe, mode).total
             # Rows without the key ran before the embedding's unit was kept from the backward's gather:
             # BACKWARD_PRE then brought the whole embedding in while the first layer's backward ran
@@ -549,3 +554,106 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
     two = plan_lines(rec, str(CONFIGS / "fsdp_qlora_offload.yaml"), gpus=2, gpu_mem=24)
     assert any(line.strip().startswith("fsdp_qlora_offload.yaml") and line.endswith(" fits") for line in two)
     assert any("CPU memory while loading: rank 0 holds the model" in line for line in two)
+
+
+def test_zero3_decoder_layers_as_leaf_modules(tiny_model: Path, tmp_path: Path):
+    """ZeRO-3 runs each decoder layer whole by default (QLORA_SFT_ZERO3_UNITS=layers: qlora-sft makes
+    the layers DeepSpeed leaf modules), or where the DeepSpeed JSON names leaf modules itself; a JSON
+    whose leaves miss the decoder layers is refused before DeepSpeed starts while the fused layer or
+    offloading needs whole layers, naming the file, the key, the layer class and the fixes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlora_sft import launch, launch_config
+    from qlora_sft.model import sharding
+
+    def zero3(leaf: object = None, units: str | None = None):
+        zero = {"stage": 3, **({"leaf_module": leaf} if leaf is not None else {})}
+        f = tmp_path / "zero3.json"
+        f.write_text(json.dumps({"zero_optimization": zero}))
+        env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(f)}
+        if units is not None:
+            env[launch.ZERO3_UNITS_ENV] = units
+        return launch.mode_from_environment(env, world_size=2, local_rank=0, rank=0, cpu=False)
+
+    assert zero3().zero3_units == "layers" and zero3().zero3_leaf_modules and zero3().layers_run_whole
+    modules = zero3(units="modules")
+    assert not modules.zero3_leaf_modules and not modules.layers_run_whole
+    named = zero3({"classes": "LlamaDecoderLayer"}, units="modules")  # a string: a list of one, as DeepSpeed reads it
+    assert named.deepspeed.leaf_modules == {"classes": ["LlamaDecoderLayer"]} and named.layers_run_whole
+    with pytest.raises(UserError, match=r"QLORA_SFT_ZERO3_UNITS='leaf'.*layers, modules"):
+        zero3(units="leaf")
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+        LoraConfig(r=4, target_modules="all-linear"),
+    )
+    layer_class = type(model.get_base_model().model.layers[0]).__name__
+    names = [n for n, m in model.named_modules() if type(m).__name__ == layer_class]
+    assert len(names) == model.config.num_hidden_layers
+    # DeepSpeed's matching: class name or fully qualified name, exact module names, name suffixes
+    cls = type(model.get_base_model().model.layers[0])
+    for leaf in (
+        {"classes": [layer_class]},
+        {"classes": [f"{cls.__module__}.{cls.__qualname__}"]},
+        {"names": names},
+        {"name_suffixes": [f"layers.{i}" for i in range(len(names))]},
+    ):
+        assert (
+            sharding.zero3_leaves(
+                model,
+                launch_config.DeepSpeedConfig(tmp_path, {"zero_optimization": {"leaf_module": leaf}}, 3).leaf_modules,
+            )
+            == names
+        )
+        sharding.check_zero3_leaf_layers(model, zero3(leaf, units="modules"), ("the fused LoRA layer",))
+    wrong = zero3({"classes": ["LlamaMLP"]}, units="modules")
+    assert wrong.layers_run_whole  # leaves named: taken as the layers, checked once the model exists
+    needs = ("the fused LoRA layer", "activation offloading")
+    with pytest.raises(UserError) as err:
+        sharding.check_zero3_leaf_layers(model, wrong, needs)
+    text = str(err.value)
+    for part in (
+        str(tmp_path / "zero3.json"),
+        "leaf_module",
+        layer_class,
+        names[0],
+        "lora.fused: false",
+        "train.offload_activations: false",
+        "QLORA_SFT_ZERO3_UNITS",
+    ):
+        assert part in text, (part, text)
+    sharding.check_zero3_leaf_layers(model, wrong, ())  # nothing needs whole layers: logged, not refused
+    # only the first layer a leaf: the others are uncovered
+    with pytest.raises(UserError, match=rf"does not cover {len(names) - 1} of this model's {len(names)}"):
+        sharding.check_zero3_leaf_layers(model, zero3({"names": names[:1]}, units="modules"), needs[:1])
+    # the default marks the layers itself (DeepSpeed's set_z3_leaf_modules) and checks what it marked
+    for n, m in model.named_modules():
+        if n in names:
+            m._z3_leaf = True
+    sharding.check_zero3_leaf_layers(model, zero3(), needs)
+    model.get_base_model().model.layers[1]._z3_leaf = False
+    with pytest.raises(UserError, match="does not cover 1 of"):
+        sharding.check_zero3_leaf_layers(model, zero3(), needs)
+
+
+@pytest.mark.parametrize(
+    "leaf",
+    [
+        ["LlamaDecoderLayer"],
+        {"class": ["LlamaDecoderLayer"]},
+        {"classes": [3]},
+        {"classes": {"a": 1}},
+        "LlamaDecoderLayer",
+    ],
+)
+def test_malformed_leaf_module_is_named_before_launch(tmp_path: Path, leaf: object):
+    from qlora_sft import launch_config
+    from qlora_sft.recipe import build_recipe
+
+    f = tmp_path / "zero3.json"
+    f.write_text(json.dumps({"zero_optimization": {"stage": 3, "leaf_module": leaf}}))
+    ds = launch_config.read_deepspeed(f)
+    recipe = build_recipe({"model": {"name_or_path": "m"}, "data": {"sources": [{"path": "a.jsonl"}]}})
+    problems = launch_config.deepspeed_problems(ds, recipe)
+    assert any(str(f) in p and "zero_optimization.leaf_module" in p and '"classes"' in p for p in problems), problems

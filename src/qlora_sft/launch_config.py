@@ -111,6 +111,20 @@ class DeepSpeedConfig:
     def offload(self) -> bool:
         return self.offload_param != "none" or self.offload_optimizer != "none"
 
+    @property
+    def leaf_modules(self) -> dict[str, list[str]]:
+        """ZeRO-3's `zero_optimization.leaf_module` (`classes`, `names`, `name_suffixes`): the modules
+        gathered whole when they start, with no hooks on the modules inside them; {} when unset.
+        A string stands for a list of one, as DeepSpeed reads it."""
+        raw = self.zero.get("leaf_module") if self.stage == 3 else None
+        if not isinstance(raw, Mapping):
+            return {}
+        found = {}
+        for key in ("classes", "names", "name_suffixes"):
+            value = raw.get(key) or []
+            found[key] = [value] if isinstance(value, str) else [str(v) for v in value]
+        return {k: v for k, v in found.items() if v}
+
     def enabled(self, precision: str) -> Any:
         """`bf16`/`fp16` `enabled`: True, False, "auto", or None when the section is absent."""
         section = self.raw.get(precision)
@@ -220,6 +234,19 @@ def deepspeed_problems(
     def key(k: str) -> str:
         return f"`{k}`" if not ds.from_accelerate_yaml else f"`{_ACCELERATE_DS_KEYS.get(k, k)}`"
 
+    leaf = ds.zero.get("leaf_module")
+    if leaf is not None and (
+        not isinstance(leaf, Mapping)
+        or set(leaf) - {"classes", "names", "name_suffixes"}
+        or not all(
+            isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)) for v in leaf.values()
+        )
+    ):
+        problems.append(
+            f"{name}: `zero_optimization.leaf_module` is {json.dumps(leaf)}; DeepSpeed reads an object whose keys "
+            '"classes", "names" and "name_suffixes" each hold a list of strings, e.g. '
+            '{"classes": ["LlamaDecoderLayer"]}.'
+        )
     micro = micro_batch if micro_batch is not None else args.get("per_device_train_batch_size")
     value = ds.raw.get("train_micro_batch_size_per_gpu")
     if _fixed(value) and micro is not None and value != micro:
@@ -315,11 +342,11 @@ def deepspeed_notes(ds: DeepSpeedConfig, recipe: Any) -> list[str]:
                 f"{ds.path.name}: `{precision}.enabled` is true: the recipe's compute dtype (auto) must resolve to "
                 f"{'bfloat16' if precision == 'bf16' else 'float16'} on the GPUs that run it (checked at launch)"
             )
-    if ds.stage == 3 and ds.zero.get("leaf_module"):
+    if ds.leaf_modules:
         notes.append(
-            f"{ds.path.name}: zero_optimization.leaf_module makes whole modules gather at once; plan's memory "
-            "estimate does not model it (8B on 2 H200s with the decoder layers as leaf modules: peak 1.18x, "
-            "tokens/s 2.3x those of ZeRO-3's per-module gathering; docs/larger-models.md)"
+            f"{ds.path.name}: zero_optimization.leaf_module makes whole modules gather at once. Where they are the "
+            "decoder layers, each layer runs whole, so the fused LoRA layer and activation offloading apply as on "
+            "one GPU (qlora-sft checks the layers are covered before DeepSpeed starts; docs/larger-models.md)"
         )
     return notes
 

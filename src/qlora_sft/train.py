@@ -288,7 +288,15 @@ def _train(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    model.prepare_sharding(trainer, mode, compute_dtype)
+    whole_layers_for = tuple(
+        what
+        for what, on in (
+            ("the fused LoRA layer", model.uses_fused_lora(recipe, mode)),
+            ("activation offloading", launch.offloads_activations(recipe, mode)),
+        )
+        if on
+    )
+    model.prepare_sharding(trainer, mode, compute_dtype, whole_layers_for)
     if on_trainer is not None:
         on_trainer(trainer)
 

@@ -6,6 +6,7 @@ loaded no weights."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -14,14 +15,29 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..launch import EMBEDDING_GATHERED_ONCE, FSDP_RELEASE_HEAD_ENV, FSDP_UNITS_ENV, RELEASE_HEAD_APPLIED, LaunchMode
+from ..launch import (
+    EMBEDDING_GATHERED_ONCE,
+    FSDP_RELEASE_HEAD_ENV,
+    FSDP_UNITS_ENV,
+    RELEASE_HEAD_APPLIED,
+    ZERO3_UNITS_ENV,
+    LaunchMode,
+)
 
 log = logging.getLogger("qlora_sft")
 
 
-def prepare_sharding(trainer: Any, mode: LaunchMode, compute_dtype: torch.dtype) -> None:
+def prepare_sharding(
+    trainer: Any, mode: LaunchMode, compute_dtype: torch.dtype, whole_layers_for: tuple[str, ...] = ()
+) -> None:
     """The last placement step, once the Trainer exists and before it wraps the model (FSDP and
-    DeepSpeed wrap in `accelerator.prepare`, when training starts)."""
+    DeepSpeed wrap in `accelerator.prepare`, when training starts). `whole_layers_for`: the settings
+    of this launch that need each decoder layer to run on its whole weights (under ZeRO-3 they were
+    turned on by the DeepSpeed config's leaf modules, checked here)."""
+    if mode.kind == "deepspeed" and mode.zero_stage == 3 and mode.zero3_units == "layers":
+        zero3_layer_leaves(trainer.model)
+    if mode.zero3_leaf_modules:
+        check_zero3_leaf_layers(trainer.model, mode, whole_layers_for)
     if mode.kind == "fsdp":
         release_retied_parameters(trainer.accelerator)
         keep_buffers_fp32_under_fsdp(trainer)
@@ -334,6 +350,82 @@ def keep_buffers_fp32_under_fsdp(trainer: Any) -> None:
         existing = [m for name, m in trainer.model.named_modules() if pattern.fullmatch(name)]
     plugin.ignored_modules = list(existing or []) + [m for m in modules if m not in (existing or [])]
     log.info("FSDP: %d module(s) with fp32 buffers (rotary embeddings) kept out of bf16 casting", len(modules))
+
+
+def zero3_leaves(model: Any, leaf: dict[str, list[str]]) -> list[str]:
+    """Names of the modules DeepSpeed makes leaves from `zero_optimization.leaf_module` (as
+    deepspeed.utils.z3_leaf_module matches them: a class by name or fully qualified name, a module by
+    its exact name or a suffix of it in `named_modules()`)."""
+    classes, names, suffixes = (set(leaf.get(k, [])) for k in ("classes", "names", "name_suffixes"))
+    found = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        if (
+            cls.__name__ in classes
+            or f"{cls.__module__}.{cls.__qualname__}" in classes
+            or name in names
+            or any(name.endswith(s) for s in suffixes)
+        ):
+            found.append(name)
+    return found
+
+
+def decoder_layers(model: Any) -> tuple[set[str], list[str]]:
+    """The model's decoder layer classes (`_no_split_modules`) and the names of their modules."""
+    from peft.utils.other import _get_no_split_modules
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    classes = set(_get_no_split_modules(base) or [])
+    return classes, [n for n, m in model.named_modules() if type(m).__name__ in classes]
+
+
+def zero3_layer_leaves(model: Any) -> None:
+    """QLORA_SFT_ZERO3_UNITS=layers (the default): mark every decoder layer a DeepSpeed leaf module,
+    as `zero_optimization.leaf_module` would; DeepSpeed's engine then gathers each layer's weights
+    together as it starts and puts no hooks on the modules inside it."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes, layers = decoder_layers(model)
+    if not layers:
+        raise UserError(
+            f"ZeRO-3: {type(model).__name__} names no decoder layer class (_no_split_modules), so its layers "
+            f"cannot be gathered one at a time; set {ZERO3_UNITS_ENV}=modules (DeepSpeed's per-module gathering)"
+        )
+    set_z3_leaf_modules(model, sorted(classes))
+
+
+def check_zero3_leaf_layers(model: Any, mode: LaunchMode, needed_by: tuple[str, ...]) -> None:
+    """Refuse, before DeepSpeed starts, a ZeRO-3 launch whose leaf modules do not cover every decoder
+    layer while settings that need whole layers are on (`needed_by`: lora.fused, activation
+    offloading): there each layer would compute with weights that were never gathered."""
+    classes, layers = decoder_layers(model)
+    if mode.zero3_units == "layers":
+        leaves = [n for n, m in model.named_modules() if getattr(m, "_z3_leaf", False)]
+    else:
+        leaves = zero3_leaves(model, mode.deepspeed.leaf_modules)
+    uncovered = [n for n in layers if not any(n == leaf or n.startswith(leaf + ".") for leaf in leaves)]
+    if (not layers or uncovered) and not needed_by:
+        log.info("ZeRO-3: %d of %d decoder layers are not leaf modules", len(uncovered), len(layers))
+        return
+    if not layers or uncovered:
+        ds = mode.deepspeed
+        what = ", ".join(sorted(classes)) or "(none named by the model)"
+        raise UserError(
+            f"{ds.path}: zero_optimization.leaf_module ({json.dumps(ds.leaf_modules)}) makes qlora-sft run each "
+            f"decoder layer whole ({', '.join(needed_by)}), but it does not cover "
+            f"{len(uncovered) if layers else 'any'} of this model's {len(layers)} decoder layers "
+            f"({what}{'; first: ' + uncovered[0] if uncovered else ''}). Add the layer class to "
+            f'"leaf_module": {{"classes": [...]}}, unset {ZERO3_UNITS_ENV} (its default makes the layers leaves), '
+            f"or set {' and '.join(WHOLE_LAYER_SETTINGS[k] for k in needed_by)}."
+        )
+    log.info("ZeRO-3: the %d decoder layers are leaf modules: each is gathered whole as it starts", len(layers))
+
+
+# what needs each layer to run whole, and the recipe setting that turns it off
+WHOLE_LAYER_SETTINGS = {
+    "the fused LoRA layer": "lora.fused: false",
+    "activation offloading": "train.offload_activations: false",
+}
 
 
 def partition_for_zero3(trainer: Any, mode: LaunchMode, compute_dtype: torch.dtype) -> None:
