@@ -556,19 +556,18 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
     assert any("CPU memory while loading: rank 0 holds the model" in line for line in two)
 
 
-def test_zero3_decoder_layers_as_leaf_modules(tiny_model: Path, tmp_path: Path):
+def test_zero3_decoder_layers_as_leaf_modules(tiny_model: Path, tmp_path: Path, caplog):
     """ZeRO-3 runs each decoder layer whole by default (QLORA_SFT_ZERO3_UNITS=layers: qlora-sft makes
-    the layers DeepSpeed leaf modules), or where the DeepSpeed JSON names leaf modules itself; a JSON
-    whose leaves miss the decoder layers is refused before DeepSpeed starts while the fused layer or
-    offloading needs whole layers, naming the file, the key, the layer class and the fixes."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    the layers DeepSpeed leaf modules); QLORA_SFT_ZERO3_UNITS=modules keeps DeepSpeed's per-module
+    gathering, whatever leaves the JSON names. Before DeepSpeed starts, a module that needs its layer
+    whole but is in no leaf is refused, naming it and the fixes; a JSON leaf holding decoder layers
+    is warned about."""
 
     from qlora_sft import launch, launch_config
-    from qlora_sft.model import sharding
+    from qlora_sft.model import fuse_lora_layers, sharding
 
-    def zero3(leaf: object = None, units: str | None = None):
-        zero = {"stage": 3, **({"leaf_module": leaf} if leaf is not None else {})}
+    def zero3(leaf: object = None, units: str | None = None, stage: int = 3):
+        zero = {"stage": stage, **({"leaf_module": leaf} if leaf is not None else {})}
         f = tmp_path / "zero3.json"
         f.write_text(json.dumps({"zero_optimization": zero}))
         env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(f)}
@@ -577,64 +576,68 @@ def test_zero3_decoder_layers_as_leaf_modules(tiny_model: Path, tmp_path: Path):
         return launch.mode_from_environment(env, world_size=2, local_rank=0, rank=0, cpu=False)
 
     assert zero3().zero3_units == "layers" and zero3().zero3_leaf_modules and zero3().layers_run_whole
-    modules = zero3(units="modules")
-    assert not modules.zero3_leaf_modules and not modules.layers_run_whole
-    named = zero3({"classes": "LlamaDecoderLayer"}, units="modules")  # a string: a list of one, as DeepSpeed reads it
-    assert named.deepspeed.leaf_modules == {"classes": ["LlamaDecoderLayer"]} and named.layers_run_whole
+    assert zero3(units=" Layers ").zero3_leaf_modules  # trimmed, any case
+    modules = zero3(units="MODULES")
+    assert modules.zero3_units == "modules" and not modules.zero3_leaf_modules and not modules.layers_run_whole
+    # leaves a JSON names (MoE blocks, say) switch nothing on: per-module gathering stays as it was
+    named = zero3({"classes": "LlamaMLP"}, units="modules")  # a string: a list of one, as DeepSpeed reads it
+    assert named.deepspeed.leaf_modules == {"classes": ["LlamaMLP"]} and not named.layers_run_whole
     with pytest.raises(UserError, match=r"QLORA_SFT_ZERO3_UNITS='leaf'.*layers, modules"):
         zero3(units="leaf")
+    zero2 = zero3(units="leaf", stage=2)  # read for ZeRO-3 only
+    assert zero2.zero_stage == 2 and not zero2.zero3_leaf_modules
 
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
-        LoraConfig(r=4, target_modules="all-linear"),
-    )
-    layer_class = type(model.get_base_model().model.layers[0]).__name__
-    names = [n for n, m in model.named_modules() if type(m).__name__ == layer_class]
+    from test_fused_lora import nf4_peft_model
+
+    model = nf4_peft_model(tiny_model)  # real bitsandbytes NF4 layers, checkpointing on
+    cls = type(model.get_base_model().model.layers[0])
+    names = [n for n, m in model.named_modules() if type(m) is cls]
     assert len(names) == model.config.num_hidden_layers
     # DeepSpeed's matching: class name or fully qualified name, exact module names, name suffixes
-    cls = type(model.get_base_model().model.layers[0])
     for leaf in (
-        {"classes": [layer_class]},
+        {"classes": [cls.__name__]},
         {"classes": [f"{cls.__module__}.{cls.__qualname__}"]},
         {"names": names},
         {"name_suffixes": [f"layers.{i}" for i in range(len(names))]},
     ):
-        assert (
-            sharding.zero3_leaves(
-                model,
-                launch_config.DeepSpeedConfig(tmp_path, {"zero_optimization": {"leaf_module": leaf}}, 3).leaf_modules,
-            )
-            == names
-        )
-        sharding.check_zero3_leaf_layers(model, zero3(leaf, units="modules"), ("the fused LoRA layer",))
-    wrong = zero3({"classes": ["LlamaMLP"]}, units="modules")
-    assert wrong.layers_run_whole  # leaves named: taken as the layers, checked once the model exists
+        ds = launch_config.DeepSpeedConfig(tmp_path, {"zero_optimization": {"stage": 3, "leaf_module": leaf}}, 3)
+        assert sharding.zero3_leaves(model, ds.leaf_modules) == names
+
+    # what needs its layer whole: every fused LoRA layer, every checkpointed layer when offloading
+    fused = fuse_lora_layers(model)
     needs = ("the fused LoRA layer", "activation offloading")
-    with pytest.raises(UserError) as err:
-        sharding.check_zero3_leaf_layers(model, wrong, needs)
-    text = str(err.value)
-    for part in (
-        str(tmp_path / "zero3.json"),
-        "leaf_module",
-        layer_class,
-        names[0],
-        "lora.fused: false",
-        "train.offload_activations: false",
-        "QLORA_SFT_ZERO3_UNITS",
-    ):
-        assert part in text, (part, text)
-    sharding.check_zero3_leaf_layers(model, wrong, ())  # nothing needs whole layers: logged, not refused
-    # only the first layer a leaf: the others are uncovered
-    with pytest.raises(UserError, match=rf"does not cover {len(names) - 1} of this model's {len(names)}"):
-        sharding.check_zero3_leaf_layers(model, zero3({"names": names[:1]}, units="modules"), needs[:1])
-    # the default marks the layers itself (DeepSpeed's set_z3_leaf_modules) and checks what it marked
-    for n, m in model.named_modules():
-        if n in names:
-            m._z3_leaf = True
-    sharding.check_zero3_leaf_layers(model, zero3(), needs)
+    assert len(sharding.needs_whole_layer(model, needs[:1])) == fused == 7 * len(names)
+    assert sharding.needs_whole_layer(model, needs[1:]) == names
+    assert sharding.needs_whole_layer(model, ()) == []
+    for n, m in model.named_modules():  # what deepspeed.utils.set_z3_leaf_modules sets
+        m._z3_leaf = n in names
+    sharding.check_whole_layers(model, zero3(), needs)
     model.get_base_model().model.layers[1]._z3_leaf = False
-    with pytest.raises(UserError, match="does not cover 1 of"):
-        sharding.check_zero3_leaf_layers(model, zero3(), needs)
+    with pytest.raises(UserError) as err:
+        sharding.check_whole_layers(model, zero3(), needs)
+    text = str(err.value)
+    for part in (names[1], "lora.fused: false", "train.offload_activations: false", "QLORA_SFT_ZERO3_UNITS=modules"):
+        assert part in text, (part, text)
+    sharding.check_whole_layers(model, zero3(), ())  # nothing needs whole layers
+    model.get_base_model().model._z3_leaf = True  # a leaf above the layers covers them
+    sharding.check_whole_layers(model, zero3(), needs)
+    model.get_base_model().model._z3_leaf = False
+    model.get_base_model().model.layers[1]._z3_leaf = True
+    # a JSON leaf holding decoder layers: warned (DeepSpeed gathers them all at once)
+    caplog.set_level("WARNING", logger="qlora_sft")
+    sharding.check_whole_layers(model, zero3({"name_suffixes": ["model.model"]}), needs)
+    assert "holds decoder layers" in caplog.text and "base_model.model.model" in caplog.text, caplog.text
+    caplog.clear()
+    sharding.check_whole_layers(model, zero3({"classes": ["LlamaMLP"]}), needs)  # inside the layers: fine
+    assert "holds decoder layers" not in caplog.text
+
+    # a model that names no decoder layer class: refused where whole layers are needed, with fixes that work
+    model.get_base_model()._no_split_modules = []
+    with pytest.raises(
+        UserError, match=r"names no decoder layer class.*QLORA_SFT_ZERO3_UNITS=modules.*lora\.fused: false"
+    ):
+        sharding.zero3_layer_leaves(model, zero3(), needs[:1])
+    sharding.zero3_layer_leaves(model, zero3(), ())  # nothing needs them: DeepSpeed gathers per module
 
 
 @pytest.mark.parametrize(
@@ -657,6 +660,29 @@ def test_malformed_leaf_module_is_named_before_launch(tmp_path: Path, leaf: obje
     recipe = build_recipe({"model": {"name_or_path": "m"}, "data": {"sources": [{"path": "a.jsonl"}]}})
     problems = launch_config.deepspeed_problems(ds, recipe)
     assert any(str(f) in p and "zero_optimization.leaf_module" in p and '"classes"' in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("leaf", "refused"),
+    [
+        ({"classes": ["LlamaDecoderLayer"]}, False),
+        ({"names": "model.layers.0", "name_suffixes": ["mlp"]}, False),
+        ({"names": ""}, True),  # the root module: the whole model one leaf
+        ({"name_suffixes": ["mlp", ""]}, True),  # every module
+    ],
+)
+def test_leaf_module_empty_names_refused_and_good_ones_kept(tmp_path: Path, leaf: object, refused: bool):
+    from qlora_sft import launch_config
+    from qlora_sft.recipe import build_recipe
+
+    f = tmp_path / "zero3.json"
+    f.write_text(json.dumps({"zero_optimization": {"stage": 3, "leaf_module": leaf}}))
+    recipe = build_recipe({"model": {"name_or_path": "m"}, "data": {"sources": [{"path": "a.jsonl"}]}})
+    found = launch_config.deepspeed_problems(launch_config.read_deepspeed(f), recipe)
+    problems = [p for p in found if "`zero_optimization.leaf" in p]
+    assert bool(problems) == refused, problems
+    if refused:
+        assert str(f) in problems[0] and "empty string" in problems[0] and "Remove it" in problems[0]
 
 
 @pytest.mark.gpu

@@ -111,14 +111,11 @@ class LaunchMode:
 
     @property
     def zero3_leaf_modules(self) -> bool:
-        """ZeRO-3 with the decoder layers as DeepSpeed leaf modules (each gathered whole as it starts,
-        with no hooks inside it): qlora-sft's default (QLORA_SFT_ZERO3_UNITS=layers), or a DeepSpeed
-        config that names leaf modules itself (`zero_optimization.leaf_module`), which count as the
-        decoder layers here; `model.sharding.check_zero3_leaf_layers` refuses a model whose decoder
-        layers they do not cover, before DeepSpeed starts."""
-        if not (self.kind == "deepspeed" and self.zero_stage == 3):
-            return False
-        return self.zero3_units == "layers" or bool(getattr(self.deepspeed, "leaf_modules", None))
+        """ZeRO-3 with every decoder layer a DeepSpeed leaf module (gathered whole as it starts, no
+        hooks inside it): qlora-sft's default, QLORA_SFT_ZERO3_UNITS=layers
+        (`model.sharding.zero3_layer_leaves`). Leaf modules a DeepSpeed JSON names itself
+        (`zero_optimization.leaf_module`) are DeepSpeed's business and switch nothing on here."""
+        return self.kind == "deepspeed" and self.zero_stage == 3 and self.zero3_units == "layers"
 
     @property
     def layers_run_whole(self) -> bool:
@@ -232,7 +229,12 @@ def mode_from_environment(
     if flag("ACCELERATE_USE_DEEPSPEED"):
         ds = deepspeed_from_environment(env)
         return LaunchMode(
-            "deepspeed", zero_stage=ds.stage, offload=ds.offload, deepspeed=ds, zero3_units=zero3_units(env), **common
+            "deepspeed",
+            zero_stage=ds.stage,
+            offload=ds.offload,
+            deepspeed=ds,
+            zero3_units=zero3_units(env) if ds.stage == 3 else "layers",
+            **common,
         )
     if flag("ACCELERATE_USE_FSDP"):
         return LaunchMode(
@@ -320,7 +322,12 @@ def mode_from_accelerate(cfg: launch_config.AccelerateConfig, gpus_per_node: int
     if cfg.distributed_type == "DEEPSPEED" and cfg.deepspeed is not None:
         ds = cfg.deepspeed
         return LaunchMode(
-            "deepspeed", zero_stage=ds.stage, offload=ds.offload, deepspeed=ds, zero3_units=zero3_units(), **common
+            "deepspeed",
+            zero_stage=ds.stage,
+            offload=ds.offload,
+            deepspeed=ds,
+            zero3_units=zero3_units() if ds.stage == 3 else "layers",
+            **common,
         )
     if cfg.distributed_type == "FSDP" and cfg.fsdp is not None:
         fs = cfg.fsdp
@@ -371,7 +378,7 @@ def deepspeed_mode(ds: Any, world: int, nodes: int, source: str, mixed_precision
         source=source,
         deepspeed=ds,
         mixed_precision=mixed_precision,
-        zero3_units=zero3_units(),
+        zero3_units=zero3_units() if ds.stage == 3 else "layers",
     )
 
 
@@ -593,12 +600,15 @@ def check_launch_compat(recipe: Recipe, mode: LaunchMode) -> list[str]:
     if not mode.layers_run_whole:
         units = f" with {FSDP_UNITS_ENV}=peft" if mode.kind == "fsdp" else ""
         if mode.kind == "deepspeed":
-            units = " without leaf modules (zero_optimization.leaf_module naming the decoder layers)"
+            units = (
+                f" with {ZERO3_UNITS_ENV}=modules (DeepSpeed's per-module gathering; unset it: the default "
+                "gathers each decoder layer whole)"
+            )
         if recipe.train.offload_activations is True:
             problems.append(
                 f"`train.offload_activations` is true, which is not supported under {where}{units} (it is built "
-                "and tested for one GPU, DDP, FSDP's layer units and ZeRO-3 with the decoder layers as leaf "
-                "modules). Remove it: auto leaves it off there."
+                "and tested for one GPU, DDP, FSDP's layer units and ZeRO-3's layer leaves). Remove it: auto "
+                "leaves it off there."
             )
         if recipe.lora.fused is True:
             problems.append(

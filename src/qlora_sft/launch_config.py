@@ -121,7 +121,9 @@ class DeepSpeedConfig:
             return {}
         found = {}
         for key in ("classes", "names", "name_suffixes"):
-            value = raw.get(key) or []
+            value = raw.get(key)
+            if value is None:
+                continue
             found[key] = [value] if isinstance(value, str) else [str(v) for v in value]
         return {k: v for k, v in found.items() if v}
 
@@ -247,6 +249,21 @@ def deepspeed_problems(
             '"classes", "names" and "name_suffixes" each hold a list of strings, e.g. '
             '{"classes": ["LlamaDecoderLayer"]}.'
         )
+    elif leaf is not None:
+        empty = [k for k, v in ds.leaf_modules.items() if k != "classes" and "" in v]
+        if empty:
+            problems.append(
+                f"{name}: `zero_optimization.leaf_module.{empty[0]}` holds an empty string, which DeepSpeed matches "
+                "against the whole model (names) or every module (name_suffixes): it would gather all weights at "
+                "once. Remove it."
+            )
+        version = _installed_version("deepspeed")
+        if version is not None and version < (0, 18):
+            problems.append(
+                f"{name}: `zero_optimization.leaf_module` needs DeepSpeed 0.18 or later (installed: "
+                f"{'.'.join(map(str, version))}). Upgrade DeepSpeed, or remove the key: qlora-sft makes the decoder "
+                "layers leaf modules itself (QLORA_SFT_ZERO3_UNITS=layers, the default)."
+            )
     micro = micro_batch if micro_batch is not None else args.get("per_device_train_batch_size")
     value = ds.raw.get("train_micro_batch_size_per_gpu")
     if _fixed(value) and micro is not None and value != micro:
@@ -344,9 +361,9 @@ def deepspeed_notes(ds: DeepSpeedConfig, recipe: Any) -> list[str]:
             )
     if ds.leaf_modules:
         notes.append(
-            f"{ds.path.name}: zero_optimization.leaf_module makes whole modules gather at once. Where they are the "
-            "decoder layers, each layer runs whole, so the fused LoRA layer and activation offloading apply as on "
-            "one GPU (qlora-sft checks the layers are covered before DeepSpeed starts; docs/larger-models.md)"
+            f"{ds.path.name}: zero_optimization.leaf_module: DeepSpeed gathers these modules whole; qlora-sft's "
+            "own leaves, the decoder layers (QLORA_SFT_ZERO3_UNITS=layers, the default), are what switch on the "
+            "fused LoRA layer and activation offloading (docs/larger-models.md)"
         )
     return notes
 
@@ -359,6 +376,18 @@ _ACCELERATE_DS_KEYS = {
     "train_micro_batch_size_per_gpu": "train_micro_batch_size_per_gpu",
     "train_batch_size": "train_batch_size",
 }
+
+
+def _installed_version(package: str) -> tuple[int, ...] | None:
+    """The installed version's leading numbers, e.g. (0, 19, 8); None where it is not installed."""
+    import importlib.metadata
+    import re
+
+    try:
+        text = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
 
 
 def _compute_setting(recipe: Any) -> str:

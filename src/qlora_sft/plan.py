@@ -215,10 +215,11 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
         # bundled config: 1.86 GiB of bf16-stored 4-bit weights at 8B, measured 2026-11-30)
         total = shape.linear_params * data_bytes / 2 + shape.other_params
         gathered = min(ZERO3_MAX_LIVE_PARAMETERS, total) * 2
-        if mode.zero3_leaf_modules:
+        if mode.zero3_leaf_modules or getattr(mode.deepspeed, "leaf_modules", None):
             # whole decoder layers gathered at once (leaf modules) hold more than that: 1.53 GiB more
             # per rank than per-module gathering at 8B on two H200s (10.25 against 8.72, fused layer and
-            # offloading off), counted as that share of the live-parameter limit (one measurement)
+            # offloading off), counted as that share of the live-parameter limit (one measurement; the
+            # leaves a DeepSpeed JSON names are counted the same, on the safe side)
             gathered *= 1 + ZERO3_LEAF_EXTRA
     # model.embedding_in_host_memory: the input embedding table is not on the GPU
     host_embedding = shape.vocab * h * other_bytes if recipe.model.embedding_in_host_memory and not shape.tied else 0

@@ -126,8 +126,9 @@ class LoraConfig:
     LoRA update `(x A^T) B^T x alpha/r` added into its output by the same GEMM (no separate
     scaling, sum and defensive copy of the output, forward and backward); the adapter weights,
     saving and merging are peft's. `auto`: on wherever it applies (4-bit base layers, `dropout` 0,
-    `bias` none, no DoRA, one GPU, DDP or the CPU); layers it does not apply to run peft's own
-    forward. `true` refuses recipes it cannot serve (dropout > 0, trained biases, FSDP, ZeRO-3)."""
+    `bias` none, no DoRA, one GPU, DDP, the CPU, FSDP's layer units or ZeRO-3's layer leaves, the
+    defaults of both); layers it does not apply to run peft's own forward. `true` refuses recipes it
+    cannot serve (dropout > 0, trained biases, QLORA_SFT_FSDP_UNITS=peft, QLORA_SFT_ZERO3_UNITS=modules)."""
     init_from: str | None = None
     """Start from an existing LoRA adapter: a peft adapter folder (adapter_config.json +
     adapter_model.safetensors; local, relative to the recipe, or a hub id). Training starts from its
@@ -220,8 +221,9 @@ class TrainConfig:
     forward and the backward pass (copied on a side stream, overlapping the compute; the layer is
     recomputed from it), instead of on the GPU: for an 8B Llama at 4 x 2048 tokens per micro batch,
     1.68 GiB less GPU memory for 2.6% of speed (measured on an H100).
-    `auto`: on for one CUDA GPU and DDP, off under FSDP and ZeRO-3 (and on the CPU, where there is
-    no host to offload to); `true` forces it (CPU ranks too)."""
+    `auto`: on for one CUDA GPU, DDP, FSDP's layer units and ZeRO-3's layer leaves (the defaults of
+    both), off with QLORA_SFT_FSDP_UNITS=peft or QLORA_SFT_ZERO3_UNITS=modules and on the CPU (no
+    host to offload to); `true` forces it (CPU ranks too)."""
     nonfinite_patience: int = field(default=3, metadata={"min": 1})
     """Stop training with an error after this many consecutive optimizer steps whose loss or gradient
     norm is not finite; the newest complete checkpoint stays the one to resume from."""

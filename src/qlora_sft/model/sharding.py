@@ -6,7 +6,6 @@ loaded no weights."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -33,11 +32,9 @@ def prepare_sharding(
     """The last placement step, once the Trainer exists and before it wraps the model (FSDP and
     DeepSpeed wrap in `accelerator.prepare`, when training starts). `whole_layers_for`: the settings
     of this launch that need each decoder layer to run on its whole weights (under ZeRO-3 they were
-    turned on by the DeepSpeed config's leaf modules, checked here)."""
-    if mode.kind == "deepspeed" and mode.zero_stage == 3 and mode.zero3_units == "layers":
-        zero3_layer_leaves(trainer.model)
+    turned on by qlora-sft's leaf layers, checked here)."""
     if mode.zero3_leaf_modules:
-        check_zero3_leaf_layers(trainer.model, mode, whole_layers_for)
+        zero3_layer_leaves(trainer.model, mode, whole_layers_for)
     if mode.kind == "fsdp":
         release_retied_parameters(trainer.accelerator)
         keep_buffers_fp32_under_fsdp(trainer)
@@ -353,9 +350,9 @@ def keep_buffers_fp32_under_fsdp(trainer: Any) -> None:
 
 
 def zero3_leaves(model: Any, leaf: dict[str, list[str]]) -> list[str]:
-    """Names of the modules DeepSpeed makes leaves from `zero_optimization.leaf_module` (as
+    """Names of the modules that a DeepSpeed JSON's `zero_optimization.leaf_module` names (matched as
     deepspeed.utils.z3_leaf_module matches them: a class by name or fully qualified name, a module by
-    its exact name or a suffix of it in `named_modules()`)."""
+    its exact name or a suffix of it in `named_modules()`; DeepSpeed's default MoE classes aside)."""
     classes, names, suffixes = (set(leaf.get(k, [])) for k in ("classes", "names", "name_suffixes"))
     found = []
     for name, module in model.named_modules():
@@ -379,46 +376,77 @@ def decoder_layers(model: Any) -> tuple[set[str], list[str]]:
     return classes, [n for n, m in model.named_modules() if type(m).__name__ in classes]
 
 
-def zero3_layer_leaves(model: Any) -> None:
-    """QLORA_SFT_ZERO3_UNITS=layers (the default): mark every decoder layer a DeepSpeed leaf module,
-    as `zero_optimization.leaf_module` would; DeepSpeed's engine then gathers each layer's weights
-    together as it starts and puts no hooks on the modules inside it."""
-    from deepspeed.utils import set_z3_leaf_modules
-
+def zero3_layer_leaves(model: Any, mode: LaunchMode, needed_by: tuple[str, ...] = ()) -> None:
+    """QLORA_SFT_ZERO3_UNITS=layers (the default): make every decoder layer a DeepSpeed leaf module
+    (deepspeed.utils.set_z3_leaf_modules), so DeepSpeed's engine gathers each layer's weights
+    together as it starts and puts no hooks on the modules inside it. Then check, before DeepSpeed
+    starts, that everything `needed_by` needs whole (the fused LoRA layers, the offloaded
+    checkpointed layers) sits inside a leaf. A model that names no decoder layer class keeps
+    DeepSpeed's per-module gathering when nothing needs whole layers, and is refused otherwise."""
     classes, layers = decoder_layers(model)
     if not layers:
-        raise UserError(
-            f"ZeRO-3: {type(model).__name__} names no decoder layer class (_no_split_modules), so its layers "
-            f"cannot be gathered one at a time; set {ZERO3_UNITS_ENV}=modules (DeepSpeed's per-module gathering)"
+        if needed_by:
+            raise UserError(
+                f"ZeRO-3: {type(model).__name__} names no decoder layer class (_no_split_modules), so qlora-sft "
+                f"cannot gather one layer at a time, which {' and '.join(needed_by)} need. Launch with "
+                f"{ZERO3_UNITS_ENV}=modules (DeepSpeed's per-module gathering; both then stay off), or set "
+                f"{' and '.join(WHOLE_LAYER_SETTINGS[k] for k in needed_by)}."
+            )
+        log.warning(
+            "ZeRO-3: %s names no decoder layer class (_no_split_modules): DeepSpeed gathers per module",
+            type(model).__name__,
         )
-    set_z3_leaf_modules(model, sorted(classes))
-
-
-def check_zero3_leaf_layers(model: Any, mode: LaunchMode, needed_by: tuple[str, ...]) -> None:
-    """Refuse, before DeepSpeed starts, a ZeRO-3 launch whose leaf modules do not cover every decoder
-    layer while settings that need whole layers are on (`needed_by`: lora.fused, activation
-    offloading): there each layer would compute with weights that were never gathered."""
-    classes, layers = decoder_layers(model)
-    if mode.zero3_units == "layers":
-        leaves = [n for n, m in model.named_modules() if getattr(m, "_z3_leaf", False)]
-    else:
-        leaves = zero3_leaves(model, mode.deepspeed.leaf_modules)
-    uncovered = [n for n in layers if not any(n == leaf or n.startswith(leaf + ".") for leaf in leaves)]
-    if (not layers or uncovered) and not needed_by:
-        log.info("ZeRO-3: %d of %d decoder layers are not leaf modules", len(uncovered), len(layers))
         return
-    if not layers or uncovered:
-        ds = mode.deepspeed
-        what = ", ".join(sorted(classes)) or "(none named by the model)"
-        raise UserError(
-            f"{ds.path}: zero_optimization.leaf_module ({json.dumps(ds.leaf_modules)}) makes qlora-sft run each "
-            f"decoder layer whole ({', '.join(needed_by)}), but it does not cover "
-            f"{len(uncovered) if layers else 'any'} of this model's {len(layers)} decoder layers "
-            f"({what}{'; first: ' + uncovered[0] if uncovered else ''}). Add the layer class to "
-            f'"leaf_module": {{"classes": [...]}}, unset {ZERO3_UNITS_ENV} (its default makes the layers leaves), '
-            f"or set {' and '.join(WHOLE_LAYER_SETTINGS[k] for k in needed_by)}."
-        )
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, sorted(classes))
+    check_whole_layers(model, mode, needed_by)
     log.info("ZeRO-3: the %d decoder layers are leaf modules: each is gathered whole as it starts", len(layers))
+
+
+def needs_whole_layer(model: Any, needed_by: tuple[str, ...]) -> list[str]:
+    """Names of the modules that compute on weights they do not gather themselves: the fused LoRA
+    layers (`lora.fused`) and the checkpointed layers whose recompute activation offloading runs."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from .fused_lora import fused_lora_class
+
+    fused = fused_lora_class() if "the fused LoRA layer" in needed_by else None
+    offload = "activation offloading" in needed_by
+    return [
+        n
+        for n, m in model.named_modules()
+        if (fused is not None and isinstance(m, fused)) or (offload and isinstance(m, GradientCheckpointingLayer))
+    ]
+
+
+def check_whole_layers(model: Any, mode: LaunchMode, needed_by: tuple[str, ...]) -> None:
+    """Refuse a ZeRO-3 model where a module that needs its layer whole (`needs_whole_layer`) is in no
+    leaf module (its weights would never be gathered: DeepSpeed would crash or compute with empty
+    partitions); warn where a leaf of the DeepSpeed JSON contains decoder layers (DeepSpeed then
+    gathers all of them at once)."""
+    leaves = [n for n, m in model.named_modules() if getattr(m, "_z3_leaf", False)]
+
+    def inside(name: str, leaf: str) -> bool:
+        return leaf == "" or name == leaf or name.startswith(leaf + ".")
+
+    uncovered = [n for n in needs_whole_layer(model, needed_by) if not any(inside(n, leaf) for leaf in leaves)]
+    if uncovered:
+        raise UserError(
+            f"ZeRO-3: {len(uncovered)} module(s) that {' and '.join(needed_by)} need gathered whole are in no "
+            f"decoder layer (first: {uncovered[0]}), so DeepSpeed would not gather their weights. Set "
+            f"{' and '.join(WHOLE_LAYER_SETTINGS[k] for k in needed_by)}, or launch with {ZERO3_UNITS_ENV}=modules."
+        )
+    _, layers = decoder_layers(model)
+    json_leaves = zero3_leaves(model, getattr(mode.deepspeed, "leaf_modules", None) or {})
+    wide = sorted({leaf for leaf in json_leaves for n in layers if leaf != n and inside(n, leaf)})
+    if wide:
+        log.warning(
+            "ZeRO-3: %s: zero_optimization.leaf_module makes %s a leaf, which holds decoder layers: DeepSpeed "
+            "gathers all of them at once (more GPU memory than one layer at a time)",
+            getattr(mode.deepspeed, "path", "the DeepSpeed config"),
+            ", ".join(repr(w) for w in wide[:3]),
+        )
 
 
 # what needs each layer to run whole, and the recipe setting that turns it off
