@@ -84,7 +84,8 @@ def test_plan_reads_a_deepspeed_json_as_what_it_is(shape_recipe: Path):
     for config in (AXOLOTL_Z3, LLAMAFACTORY_Z3):
         out = cli("plan", str(shape_recipe), "--config", str(config), "--gpus", "2")
         assert out.returncode == 0, out.stderr
-        assert f"launch: {config.name} (zero3), 1 node(s) x 2 process(es) = world size 2" in out.stdout
+        launch = f"launch: {config.name} (zero3, each decoder layer gathered whole), 1 node(s) x 2 process(es)"
+        assert f"{launch} = world size 2" in out.stdout
         assert "single_gpu" not in out.stdout
         assert f"deepspeed: {config.name}: ZeRO-3" in out.stdout
         assert "filled from the recipe: gradient_accumulation_steps" in out.stdout
@@ -149,7 +150,8 @@ def test_train_deepspeed_in_the_recipe_is_read_by_validate_and_plan(shape_recipe
     """Was: `train.deepspeed=X.json` passed validate and plan ignored it."""
     out = cli("plan", str(shape_recipe), f"train.deepspeed={AXOLOTL_Z3}", "--gpus", "2")
     assert out.returncode == 0, out.stderr
-    assert "launch: train.deepspeed: axolotl_zero3_bf16.json (zero3)" in out.stdout and "world size 2" in out.stdout
+    assert "launch: train.deepspeed: axolotl_zero3_bf16.json (zero3, each decoder layer" in out.stdout
+    assert "world size 2" in out.stdout
     bad = write_json(
         tmp_path / "fixed.json", {**json.loads(AXOLOTL_Z3.read_text()), "train_micro_batch_size_per_gpu": 16}
     )

@@ -396,6 +396,11 @@ def test_launch_mode_from_the_launchers_environment(tmp_path: Path):
     assert from_config_file(CONFIGS / "fsdp_qlora_offload.yaml").label() == "fsdp+offload"
     assert from_config_file(CONFIGS / "deepspeed_zero3.yaml", gpus_per_node=4, nodes=2).world_size == 8
     assert from_config_file(CONFIGS / "deepspeed_zero2.yaml").label() == "zero2"
+    # plan's launch line says how ZeRO-3 gathers (QLORA_SFT_ZERO3_UNITS)
+    assert from_config_file(CONFIGS / "deepspeed_zero3.yaml").label() == "zero3, each decoder layer gathered whole"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QLORA_SFT_ZERO3_UNITS", "modules")
+        assert from_config_file(CONFIGS / "deepspeed_zero3.yaml").label() == "zero3, gathered per module"
 
 
 def test_uint8_weights_are_refused_before_sharding(tiny_model: Path):

@@ -138,9 +138,13 @@ class LaunchMode:
         return self.rank == 0
 
     def label(self) -> str:
-        """Short name: cpu, single_gpu, ddp, zero2, zero3, fsdp (+ offload)."""
+        """Short name: cpu, single_gpu, ddp, zero2, zero3, fsdp (+ offload); ZeRO-3 says how it gathers
+        (layer leaves, the default, or DeepSpeed's per-module gathering)."""
         name = f"zero{self.zero_stage}" if self.kind == "deepspeed" else self.kind
-        return name + ("+offload" if self.offload else "")
+        name += "+offload" if self.offload else ""
+        if self.kind == "deepspeed" and self.zero_stage == 3:
+            name += ", each decoder layer gathered whole" if self.zero3_leaf_modules else ", gathered per module"
+        return name
 
     def describe(self) -> str:
         extra = f" ZeRO-{self.zero_stage}" if self.kind == "deepspeed" else ""
