@@ -237,7 +237,7 @@ def mode_from_environment(
             zero_stage=ds.stage,
             offload=ds.offload,
             deepspeed=ds,
-            zero3_units=zero3_units(env) if ds.stage == 3 else "layers",
+            zero3_units=zero3_units(env, ds.stage),
             **common,
         )
     if flag("ACCELERATE_USE_FSDP"):
@@ -263,20 +263,24 @@ def fsdp_release_head(env: Mapping[str, str] | None = None) -> bool:
     return value not in ("0", "false", "no")
 
 
+def _env_choice(name: str, choices: tuple[str, ...], env: Mapping[str, str] | None) -> str:
+    """An environment variable that names one of `choices` (any case, spaces trimmed); unset or empty
+    is the first; anything else is refused with the choices."""
+    value = (os.environ if env is None else env).get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise UserError(f"{name}={value!r}: use one of {', '.join(choices)}")
+    return value
+
+
 def fsdp_units(env: Mapping[str, str] | None = None) -> str:
     """QLORA_SFT_FSDP_UNITS, checked: `layers` (default) or `peft`."""
-    value = (os.environ if env is None else env).get(FSDP_UNITS_ENV, "layers").strip().lower() or "layers"
-    if value not in FSDP_UNITS:
-        raise UserError(f"{FSDP_UNITS_ENV}={value!r}: use one of {', '.join(FSDP_UNITS)}")
-    return value
+    return _env_choice(FSDP_UNITS_ENV, FSDP_UNITS, env)
 
 
-def zero3_units(env: Mapping[str, str] | None = None) -> str:
-    """QLORA_SFT_ZERO3_UNITS, checked: `layers` (default) or `modules`."""
-    value = (os.environ if env is None else env).get(ZERO3_UNITS_ENV, "layers").strip().lower() or "layers"
-    if value not in ZERO3_UNITS:
-        raise UserError(f"{ZERO3_UNITS_ENV}={value!r}: use one of {', '.join(ZERO3_UNITS)}")
-    return value
+def zero3_units(env: Mapping[str, str] | None = None, stage: int = 3) -> str:
+    """QLORA_SFT_ZERO3_UNITS, checked: `layers` (default) or `modules`; read for ZeRO-3 only (another
+    stage gets the default, unread)."""
+    return _env_choice(ZERO3_UNITS_ENV, ZERO3_UNITS, env) if stage == 3 else ZERO3_UNITS[0]
 
 
 def deepspeed_from_environment(env: Mapping[str, str]) -> launch_config.DeepSpeedConfig:
@@ -330,7 +334,7 @@ def mode_from_accelerate(cfg: launch_config.AccelerateConfig, gpus_per_node: int
             zero_stage=ds.stage,
             offload=ds.offload,
             deepspeed=ds,
-            zero3_units=zero3_units() if ds.stage == 3 else "layers",
+            zero3_units=zero3_units(stage=ds.stage),
             **common,
         )
     if cfg.distributed_type == "FSDP" and cfg.fsdp is not None:
@@ -382,7 +386,7 @@ def deepspeed_mode(ds: Any, world: int, nodes: int, source: str, mixed_precision
         source=source,
         deepspeed=ds,
         mixed_precision=mixed_precision,
-        zero3_units=zero3_units() if ds.stage == 3 else "layers",
+        zero3_units=zero3_units(stage=ds.stage),
     )
 
 

@@ -288,15 +288,7 @@ def _train(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    whole_layers_for = tuple(
-        what
-        for what, on in (
-            ("the fused LoRA layer", model.uses_fused_lora(recipe, mode)),
-            ("activation offloading", launch.offloads_activations(recipe, mode)),
-        )
-        if on
-    )
-    model.prepare_sharding(trainer, mode, compute_dtype, whole_layers_for)
+    model.prepare_sharding(trainer, mode, compute_dtype, model.whole_layers_needed(recipe, mode))
     if on_trainer is not None:
         on_trainer(trainer)
 

@@ -46,6 +46,7 @@ from .sharding import (
     partition_for_zero3,
     prepare_sharding,
     replicate_adapters,
+    whole_layers_needed,
 )
 
 __all__ = [
@@ -77,4 +78,5 @@ __all__ = [
     "uses_fused_lora",
     "uses_low_memory_loader",
     "varlen_unsuitable",
+    "whole_layers_needed",
 ]

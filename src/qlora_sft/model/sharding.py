@@ -411,8 +411,8 @@ def needs_whole_layer(model: Any, needed_by: tuple[str, ...]) -> list[str]:
 
     from .fused_lora import fused_lora_class
 
-    fused = fused_lora_class() if "the fused LoRA layer" in needed_by else None
-    offload = "activation offloading" in needed_by
+    fused = fused_lora_class() if FUSED_LAYER in needed_by else None
+    offload = OFFLOADING in needed_by
     return [
         n
         for n, m in model.named_modules()
@@ -450,10 +450,18 @@ def check_whole_layers(model: Any, mode: LaunchMode, needed_by: tuple[str, ...])
 
 
 # what needs each layer to run whole, and the recipe setting that turns it off
-WHOLE_LAYER_SETTINGS = {
-    "the fused LoRA layer": "lora.fused: false",
-    "activation offloading": "train.offload_activations: false",
-}
+FUSED_LAYER, OFFLOADING = "the fused LoRA layer", "activation offloading"
+WHOLE_LAYER_SETTINGS = {FUSED_LAYER: "lora.fused: false", OFFLOADING: "train.offload_activations: false"}
+
+
+def whole_layers_needed(recipe: Any, mode: LaunchMode) -> tuple[str, ...]:
+    """What of this launch needs each decoder layer to run on its whole weights (`prepare_sharding`'s
+    `whole_layers_for`): the fused LoRA layer, activation offloading."""
+    from ..launch import offloads_activations
+    from .fused_lora import uses_fused_lora
+
+    on = {FUSED_LAYER: uses_fused_lora(recipe, mode), OFFLOADING: offloads_activations(recipe, mode)}
+    return tuple(what for what, used in on.items() if used)
 
 
 def partition_for_zero3(trainer: Any, mode: LaunchMode, compute_dtype: torch.dtype) -> None:
