@@ -157,6 +157,8 @@ MODES = {
     ),
     # ZeRO-3's prefetch bucket: "auto" resolves to 0.9 x hidden^2 elements (15M at 8B, under a third of
     # one decoder layer's packed 4-bit weights); 1e8 elements prefetch about two layers ahead
+    "zero3_offload": Mode("deepspeed_zero3_offload.yaml"),  # parameters and optimizer state in host memory
+    "zero3_offload_modules": Mode("deepspeed_zero3_offload.yaml", ((ZERO3_UNITS_ENV, "modules"),)),
     "zero3_prefetch": Mode("deepspeed_zero3.yaml", zero=(("stage3_prefetch_bucket_size", 100_000_000),)),
     "zero3_layers_prefetch": Mode(
         "deepspeed_zero3.yaml",

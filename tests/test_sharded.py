@@ -694,8 +694,10 @@ def test_leaf_module_empty_names_refused_and_good_ones_kept(tmp_path: Path, leaf
 def test_zero3_on_one_gpu_runs_whole_layers_and_trains_like_one_gpu(tiny_model: Path, toy_data: Path, tmp_path: Path):
     """ZeRO-3 in one process on a GPU (needs DeepSpeed): with the default leaf layers the fused LoRA
     layer and activation offloading run, and the losses follow the one-GPU run's; with
-    QLORA_SFT_ZERO3_UNITS=modules neither runs. (The 8B rows of bench/results measure the same at
-    scale; this guards it on any GPU session.)"""
+    QLORA_SFT_ZERO3_UNITS=modules neither runs. A run killed under per-module gathering (the
+    default before 2026-12-01) resumes from its checkpoint under the leaf-layer default and goes on
+    like the one-GPU run. (The 8B rows of bench/results measure the same at scale; this guards it
+    on any GPU session.)"""
     import importlib.util
 
     from helpers import ACCELERATE
@@ -705,20 +707,19 @@ def test_zero3_on_one_gpu_runs_whole_layers_and_trains_like_one_gpu(tiny_model: 
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("needs deepspeed")
     train = {"max_steps": 6, "logging_steps": 1, "save_steps": 3, "per_device_train_batch_size": 4}
-    runs = {}
-    for name, config, units in (
-        ("one", "single_gpu.yaml", None),
-        ("leaf", "deepspeed_zero3.yaml", "layers"),
-        ("modules", "deepspeed_zero3.yaml", "modules"),
-    ):
+
+    def launch(name: str, config: str, units: str | None, fault: str | None = None) -> tuple[int, str]:
         recipe = write_recipe(
             tmp_path / f"{name}.yaml",
             recipe_dict(tiny_model, toy_data, tmp_path / name, run={"name": name}, train=train),
         )
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("QLORA_SFT_ZERO3_UNITS", None)
+        for var in ("QLORA_SFT_ZERO3_UNITS", "QLORA_SFT_FAULT"):
+            env.pop(var, None)
         if units:
             env["QLORA_SFT_ZERO3_UNITS"] = units
+        if fault:
+            env["QLORA_SFT_FAULT"] = fault
         cmd = [
             ACCELERATE,
             "launch",
@@ -734,15 +735,31 @@ def test_zero3_on_one_gpu_runs_whole_layers_and_trains_like_one_gpu(tiny_model: 
             str(recipe),
         ]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        runs[name] = (losses_by_step(tmp_path / name / name), out.stdout + out.stderr)
-    one, (leaf, leaf_log), (modules, modules_log) = runs["one"][0], runs["leaf"], runs["modules"]
+        return out.returncode, out.stdout + out.stderr
+
+    runs = {}
+    for name, config, units in (("one", "single_gpu.yaml", None), ("leaf", "deepspeed_zero3.yaml", "layers")):
+        rc, log = launch(name, config, units)
+        assert rc == 0, log[-6000:]
+        runs[name] = (losses_by_step(tmp_path / name / name), log)
+    # per-module gathering, killed as step 5 begins (checkpoint-3 complete), relaunched with the default
+    rc, modules_log = launch("modules", "deepspeed_zero3.yaml", "modules", fault="kill@5")
+    assert rc != 0, modules_log[-6000:]
+    modules = losses_by_step(tmp_path / "modules" / "modules")
+    rc, resumed_log = launch("modules", "deepspeed_zero3.yaml", None)
+    assert rc == 0, resumed_log[-6000:]
+    resumed = losses_by_step(tmp_path / "modules" / "modules")
+    (one, _), (leaf, leaf_log) = runs["one"], runs["leaf"]
     assert "decoder layers are leaf modules" in leaf_log and "layers fused (lora.fused)" in leaf_log, leaf_log[-3000:]
     assert "checkpointed layers wait in pinned host memory" in leaf_log, leaf_log[-3000:]
     assert "decoder layers are leaf modules" not in modules_log and "lora.fused" not in modules_log
-    assert sorted(one) == sorted(leaf) == sorted(modules) == list(range(1, 7))
+    assert "checkpoint-3" in resumed_log and "decoder layers are leaf modules" in resumed_log, resumed_log[-3000:]
+    assert sorted(one) == sorted(leaf) == sorted(resumed) == list(range(1, 7))
+    assert {1, 2, 3} <= set(modules) and 6 not in modules, modules  # killed after checkpoint-3
     for step in one:
         # bf16 compute: the sharded runs reduce in another order
         assert leaf[step] == pytest.approx(one[step], abs=2e-2), (step, one, leaf)
-        assert modules[step] == pytest.approx(one[step], abs=2e-2), (step, one, modules)
-    assert one[6] < one[1] and leaf[6] < leaf[1]  # both trained
+        assert resumed[step] == pytest.approx(one[step], abs=2e-2), (step, one, resumed)
+        if step in modules:
+            assert modules[step] == pytest.approx(one[step], abs=2e-2), (step, one, modules)
+    assert one[6] < one[1] and leaf[6] < leaf[1] and resumed[6] < resumed[1]  # all trained
