@@ -77,6 +77,7 @@ from qlora_sft.launch import (
 )
 
 from . import measure, report
+from .busy_gpu import busy_gpu
 from .workload import make_data, make_model
 
 HERE = Path(__file__).resolve().parent
@@ -457,6 +458,14 @@ def main() -> int:
         "calls, rows of later files replacing earlier rows of the same mode; runs nothing",
     )
     ap.add_argument("--note", action="append", default=[], help="a line for the results file (with --merge)")
+    ap.add_argument(
+        "--busy-gpu",
+        type=int,
+        default=0,
+        metavar="N",
+        help="share the GPU with N processes busy with matrix products while each mode trains (bench.busy_gpu: "
+        "a proxy for a GPU N+1 times slower whose host is as fast)",
+    )
     args = ap.parse_args()
     if args.merge:
         print(merge([Path(f) for f in args.merge], Path(args.out), args.tag, args.note))
@@ -493,7 +502,8 @@ def main() -> int:
         shutil.rmtree(runs / mode, ignore_errors=True)
         log = log_dir / f"{args.shape}-{mode}.log"
         log.write_text("")
-        rc, wall = launch(mode, args.gpus, recipe_path, mode, log, env, args.overrides)
+        with busy_gpu(args.busy_gpu):
+            rc, wall = launch(mode, args.gpus, recipe_path, mode, log, env, args.overrides)
         r: dict[str, Any] = {
             "mode": mode,
             "config": MODES[mode].config,
@@ -556,6 +566,7 @@ def merge(files: list[Path], out: Path, tag: str, notes: list[str]) -> Path:
             "shape",
             "num_gpus",
             "per_gpu_cap_gib",
+            "busy_gpu_processes",
             "prequantized",
             "steps",
             "global_batch",
@@ -641,6 +652,7 @@ def write_results(base: Path, args: argparse.Namespace, results: list[dict]) -> 
         "shape": args.shape,
         "num_gpus": args.gpus,
         "per_gpu_cap_gib": args.gpu_cap,
+        "busy_gpu_processes": args.busy_gpu,  # sharing the GPU while training (0 in results without the key)
         "prequantized": args.prequantized,
         "steps": args.steps,
         "global_batch": args.global_batch,
@@ -688,6 +700,8 @@ def checks_of(results: list[dict]) -> dict[str, float]:
 
 def render(p: dict) -> list[str]:
     cap = f", each GPU capped at {p['per_gpu_cap_gib']:g} GiB" if p.get("per_gpu_cap_gib") else ""
+    if p.get("busy_gpu_processes"):
+        cap += f", the GPU shared with {p['busy_gpu_processes']} busy processes (bench.busy_gpu)"
     rows = []
     for r in p["results"]:
         if r.get("tokens_per_s"):
