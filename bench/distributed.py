@@ -192,6 +192,8 @@ MODES = {
     "ddp_profiled": Mode("multi_gpu.yaml", PROFILED),
     "fsdp_profiled": Mode("fsdp_qlora.yaml", PROFILED),
     "1gpu_profiled": Mode("single_gpu.yaml", PROFILED),
+    "zero3_profiled": Mode("deepspeed_zero3.yaml", PROFILED),
+    "zero3_offload_profiled": Mode("deepspeed_zero3_offload.yaml", PROFILED),
     "1gpu_mb2_profiled": Mode("single_gpu.yaml", PROFILED, overrides=("train.micro_batch_tokens=4096",)),
     # ablation rows of one GPU's memory (issue 29's levers): the frozen input embedding in host
     # memory, 2 x 2048 tokens per micro batch (twice the accumulation), both, 32-bit AdamW instead
