@@ -221,6 +221,12 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
             # offloading off), counted as that share of the live-parameter limit (one measurement; the
             # leaves a DeepSpeed JSON names are counted the same, on the safe side)
             gathered *= 1 + ZERO3_LEAF_EXTRA
+        if offload:
+            # with the parameters in host memory nothing of the embedding and the output head stays on
+            # the GPU between uses, and both are gathered whole while the loss is computed: one H200,
+            # 8B, one process, leaf layers, profiled step: 1,002 MiB each at the 6.99 GiB peak beside
+            # 3.25 GiB of gathered layers (2026-12-01, ...-1proc-zero3-offload-profiled)
+            gathered += head * (1 if shape.tied else 2)
     # model.embedding_in_host_memory: the input embedding table is not on the GPU
     host_embedding = shape.vocab * h * other_bytes if recipe.model.embedding_in_host_memory and not shape.tied else 0
     weights_name = "4-bit base weights" if q in ("nf4", "fp4") else f"{q} base weights"
