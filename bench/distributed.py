@@ -21,7 +21,8 @@ the accelerate config), the root unit resharded before the decoder layers' backw
 (the default since 2026-11-30; fsdp_keep_head, fsdp_offload_keep_head: QLORA_SFT_FSDP_RELEASE_HEAD=0,
 FSDP's own timing; fsdp_release_head, fsdp_offload_release_head: =1, as measured before), the allocator
 (*_expandable, *_segments_off), one GPU's memory levers
-(1gpu_hostemb, 1gpu_mb2, 1gpu_mb1, 1gpu_mb2_hostemb, 1gpu_adamw32) and profiled rows (*_profiled:
+(1gpu_hostemb, 1gpu_mb2, 1gpu_mb1, 1gpu_mb2_hostemb, 1gpu_adamw32), ZeRO-3 with parameter offload
+(zero3_offload, zero3_offload_modules) and profiled rows (*_profiled:
 one step profiled on every rank; what was alive at its memory peak, how long the GPU idled and where
 the host waited for it, in the row). Checks
 written beside the results: speedup against one GPU, tokens/s and peak against DDP for the sharded
