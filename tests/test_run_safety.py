@@ -111,6 +111,32 @@ def test_training_longer_continues_from_the_final_step(tiny_model: Path, tmp_pat
     assert json.loads((run / "final.step-4" / "manifest.json").read_text())["step"] == 4  # kept aside
 
 
+def test_a_run_stopped_after_its_last_checkpoint_publishes_it_without_training_further(
+    tiny_model: Path, tmp_path: Path, capsys
+):
+    """A job preempted during its last step, or killed while final/ was saved, leaves the last step's
+    checkpoint complete and final/ incomplete. The relaunch publishes that checkpoint as final/; the
+    Trainer, resumed there, would train one step past max_steps (a different adapter, no word said)."""
+    first = train(recipe_of(tiny_model, tmp_path, "last"))
+    run = tmp_path / "runs" / "last"
+    assert first.global_step == 4
+    (run / "final" / "COMPLETE").unlink()  # as a kill while final/ was being saved leaves it
+    losses = losses_by_step(run)
+    adapter = (run / "checkpoint-4" / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    again = train(recipe_of(tiny_model, tmp_path, "last"))
+    assert again.global_step == 4 and not again.finished
+    assert "checkpoint-4 is at step 4 and train.max_steps is 4" in capsys.readouterr().out
+    assert not (run / "checkpoint-5").exists() and losses_by_step(run) == losses  # nothing trained
+    final = run / "final"
+    assert checkpoint.inspect_checkpoint(final, verify=True).complete
+    assert (final / "adapter_model.safetensors").read_bytes() == adapter
+    assert json.loads((final / "manifest.json").read_text())["step"] == 4
+    assert not (final / "optimizer.pt").exists() and not (final / "trainer_state.json").exists()
+    assert [p.name for p in run.glob("final.incomplete-*")]  # the interrupted one kept aside, not deleted
+    assert train(recipe_of(tiny_model, tmp_path, "last")).finished  # and the run is finished now
+
+
 # 3. one live writer per run directory
 
 

@@ -526,6 +526,15 @@ class CheckpointInfo:
     reason: str = ""
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint was saved at: its manifest's, else its name's (`checkpoint-<step>`), else -1."""
+    try:
+        return int(json.loads((path / MANIFEST).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        m = CHECKPOINT_RE.match(path.name)
+        return int(m.group(1)) if m else -1
+
+
 def inspect_checkpoint(path: Path, verify: bool = False) -> CheckpointInfo:
     """Is this checkpoint complete? Marker present, manifest readable, every listed file present with
     its recorded size; with `verify`, every file's bytes match the digest the manifest recorded and
@@ -710,6 +719,27 @@ def publish(staged: Path, final: Path, meta: dict[str, Any]) -> None:
             aside = keep_aside(final, why)
         log.warning("%s already existed (%s): kept aside as %s", final, why, aside.name)
     os.rename(staged, final)
+
+
+TRAINING_STATE_FILES = re.compile(
+    r"(optimizer|scheduler|scaler|rng_state)[^/]*\.(pt|pth|bin)|trainer_state\.json|latest|zero_to_fp32\.py"
+)
+
+
+def final_from_checkpoint(ckpt: Path, final: Path) -> None:
+    """Publish `final/` from a complete checkpoint of the run's last step, without training: the job
+    stopped after that checkpoint and before final/ (preempted during the last step, killed while
+    final/ was saved). The Trainer, resumed there, would train one step past max_steps. The adapter
+    and tokenizer files are copied, not the training state; the manifest is the checkpoint's. Main
+    process only."""
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    staged = final.parent / STAGING / final.name
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    for path in sorted(ckpt.iterdir()):
+        if path.is_file() and path.name not in (COMPLETE, MANIFEST) and not TRAINING_STATE_FILES.fullmatch(path.name):
+            shutil.copy2(path, staged / path.name)
+    publish(staged, final, {k: v for k, v in manifest.items() if k not in ("files", "completed", "deepspeed_tag")})
 
 
 def apply_retention(run_dir: Path, keep_last: int | None) -> list[Path]:

@@ -226,6 +226,22 @@ def _train(
 
     picked = checkpoint.main_process_decides(pick_checkpoint)  # verified once, by the main process
     resume_from = Path(picked) if picked is not None else None
+    max_steps = int(recipe.train.args.get("max_steps") or -1)
+    if resume_from is not None and 0 < max_steps <= checkpoint.checkpoint_step(resume_from):
+        # the last step's checkpoint is complete but final/ is not (a preemption during the last step,
+        # a crash while final/ was saved): publish it as final/ rather than train past max_steps
+        with checkpoint.main_process_writes() as is_main:
+            if is_main:
+                checkpoint.final_from_checkpoint(resume_from, run_dir / "final")
+        step = checkpoint.checkpoint_step(resume_from)
+        log.info(
+            "done: %s is at step %d and train.max_steps is %d: published as %s without training further",
+            resume_from.name,
+            step,
+            max_steps,
+            run_dir / "final",
+        )
+        return TrainResult(run_dir, run_dir / "final", step, None, None)
 
     # 3. Tokenizer and data (one process per node builds the cache, the others wait for it; or
     # `qlora-sft prepare` built it before the launch) — before any model memory is spent.
@@ -238,7 +254,7 @@ def _train(
         allow = recipe.checkpoint.allow_data_change
         checkpoint.main_process_decides(lambda: checkpoint.check_data_unchanged(resume_from, meta["data"], allow))
         with checkpoint.main_process_writes() as is_main:
-            step = int(resume_from.name.rsplit("-", 1)[-1])
+            step = checkpoint.checkpoint_step(resume_from)
             if is_main and (moved := checkpoint.trim_replayed_metrics(run_dir, step)):
                 log.info("logs: %d lines of steps after %s moved to metrics.replayed.jsonl", moved, resume_from.name)
 
