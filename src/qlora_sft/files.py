@@ -4,12 +4,16 @@ atomic_write_text   write beside the target, then rename over it (a crash leaves
                     new one, and never a stray temporary)
 file_digest         xxHash (XXH3, 128 bits) of a file, read once in large blocks
 no_space_message    what a full disk means for the user: which device, what is still safe
+jsonl_records       the lines of a JSON-lines log, each with its object or None (a line cut off by a crash
+                    or a full disk, or edited), never an exception
+append_jsonl        one record appended on a line of its own (after a cut-off last line too)
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 from pathlib import Path
@@ -67,3 +71,32 @@ def no_space_message(path: Path) -> str:
     except OSError:
         free = ""
     return f"no space left on the file system of {probe}{free}"
+
+
+def jsonl_records(path: Path) -> list[tuple[int, str, dict | None]]:
+    """Each non-blank line of a JSON-lines file: its number (from 1), its text and its object, or None
+    where the line is not one JSON object (cut off by a crash or a full disk, edited by hand).
+    Bytes that are not UTF-8 are replaced, so reading never fails on the file's content."""
+    out: list[tuple[int, str, dict | None]] = []
+    for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        out.append((number, line, record if isinstance(record, dict) else None))
+    return out
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append `record` as one line. A last line left without its newline (a crash mid-write) is ended
+    first, so the new record never joins it."""
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    with path.open("ab+") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
+        f.seek(0, os.SEEK_END)
+        f.write(line)

@@ -5,11 +5,14 @@ resumed run shows each step once (the value logged last)."""
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .files import jsonl_records
+
+log = logging.getLogger("qlora_sft")
 
 
 def series(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -18,11 +21,27 @@ def series(run_dir: Path) -> dict[str, dict[int, float]]:
     if not metrics.is_file():
         raise UserError(f"plot: {run_dir} has no logs/metrics.jsonl (is it a qlora-sft run directory?)")
     out: dict[str, dict[int, float]] = {"loss": {}, "eval_loss": {}, "learning_rate": {}}
-    for line in metrics.read_text().splitlines():
-        row = json.loads(line)
-        for key, values in out.items():
-            if key in row:
-                values[int(row["step"])] = float(row[key])
+    unreadable = []
+    for number, _, row in jsonl_records(metrics):
+        try:
+            if row is None:
+                raise ValueError
+            step = int(row["step"])
+            values = {key: float(row[key]) for key in out if key in row}
+        except (KeyError, ValueError, TypeError):
+            unreadable.append(number)
+            continue
+        for key, value in values.items():
+            out[key][step] = value
+    if unreadable:
+        shown = ", ".join(map(str, unreadable[:5])) + (" ..." if len(unreadable) > 5 else "")
+        log.warning(
+            "plot: left out %d line(s) of %s that hold no step's metrics (line %s): cut off by a crash or a "
+            "full disk, or edited",
+            len(unreadable),
+            metrics,
+            shown,
+        )
     return out
 
 
@@ -86,7 +105,11 @@ def loss_plot_callback(run_dir: Path) -> Any:
             self.draw()
 
         def draw(self) -> None:
-            if (run_dir / "logs" / "metrics.jsonl").is_file():
+            if not (run_dir / "logs" / "metrics.jsonl").is_file():
+                return
+            try:
                 draw([run_dir], run_dir / "logs" / "loss.png")
+            except Exception as exc:  # a picture never stops training
+                log.warning("logs/loss.png not drawn: %s", exc)
 
     return LossPlot()

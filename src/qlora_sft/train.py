@@ -7,7 +7,6 @@ into the module that owns it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 
 from . import checkpoint, data, init_adapter, launch, launch_config, model, plan, plots, profiling, tracking
 from .errors import RecipeError, UserError, first_line
+from .files import append_jsonl
 from .recipe import BatchPlan, Recipe, resolve_batch
 
 log = logging.getLogger("qlora_sft")
@@ -128,8 +128,7 @@ def metrics_callback(path: Path) -> Any:
             if not state.is_world_process_zero or not logs:
                 return
             record = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3), **logs}
-            with path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(path, record)
 
     return MetricsCallback()
 
