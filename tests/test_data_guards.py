@@ -239,3 +239,175 @@ def test_valid_files_read_as_before():
     for name in ("alpaca.jsonl", "sharegpt.json", "mixed.csv"):
         rows, report = load(DATA / name)
         assert rows and report.rows == report.kept
+
+
+# --- CSV that does not parse as its header says ------------------------------------------------
+
+
+SKY_CSV = (
+    "instruction,input,output\n"
+    "Say hi,,hi\n"
+    "What is the colour of the sky?,,The sky is blue, mostly, except at night.\n"
+    "Say bye,,bye\n"
+)
+
+
+def test_a_csv_row_with_more_fields_than_the_header_is_a_bad_row(tmp_path: Path):
+    """An unquoted comma in a field: the row used to train on "The sky is blue" alone, skipping nothing."""
+    f = tmp_path / "sky.csv"
+    f.write_text(SKY_CSV)
+    msg = error(f)
+    assert msg.startswith(f"{f} row 2: line 3 has 5 fields but the header has 3 (instruction, input, output)")
+    assert "' mostly', ' except at night.'" in msg and "must be quoted" in msg
+    rows, report = load(f, on_bad_row="skip")
+    assert [r.messages[-1]["content"] for r in rows] == ["hi", "bye"]
+    assert report.skipped == {"csv_too_many_fields": 1}
+    # quoted, the comma is part of the answer
+    f.write_text(SKY_CSV.replace("The sky is blue, mostly, except at night.", '"The sky is blue, mostly."'))
+    rows, report = load(f)
+    assert rows[1].messages[-1]["content"] == "The sky is blue, mostly." and report.kept == 3
+
+
+def test_a_csv_row_with_fewer_fields_than_the_header_is_a_bad_row(tmp_path: Path, tok):
+    f = tmp_path / "short.csv"
+    f.write_text("instruction,input,output\nSay hi,,hi\nSay bye,bye\n")
+    assert error(f).startswith(f"{f} row 2: line 3 has 2 fields but the header has 3 (instruction, input, output); ")
+    assert "output is missing" in error(f)
+    cfg = DataConfig(sources=(DataSource(path=str(f)),), eval_fraction=0.0, num_proc=1, on_bad_row="skip")
+    assert build_data(cfg, tok, 0).report.sources[0].skipped == {"csv_too_few_fields": 1}
+
+
+def test_a_csv_quote_that_is_not_closed_names_the_line(tmp_path: Path):
+    """An unbalanced quote used to swallow the lines after it into one field."""
+    f = tmp_path / "quote.csv"
+    f.write_text('instruction,input,output\nSay hi,,hi\n"What is the colour,,The sky\nSay bye,,bye\n')
+    msg = error(f)
+    assert msg.startswith(f"{f}: not valid CSV at the record that starts on line 3 (read to line 4)")
+    assert "must be quoted, with each quote inside it doubled" in msg
+    f.write_text('instruction,input,output\nSay hi,,hi\n"What" is the colour,,The sky\n')
+    assert error(f).startswith(f"{f}: not valid CSV at line 3 (',' expected after '\"')")
+
+
+def test_a_csv_cell_longer_than_the_csv_modules_limit_is_read(tmp_path: Path):
+    """A 200 KB document in a cell (the csv module stops at 128 KiB by default)."""
+    f = tmp_path / "long.csv"
+    document = "word " * 40_000
+    f.write_text(f"instruction,input,output\nSummarise.,{document},Short.\n")
+    (row,), report = load(f)
+    assert row.messages[0]["content"] == "Summarise.\n\n" + document and report.kept == 1
+
+
+# --- eval rows never trained on ------------------------------------------------------------------
+
+
+def test_weight_above_one_never_trains_on_eval_rows(tmp_path: Path, tok):
+    """A source with weight 2 repeats its rows: the eval split took the first rows of the mix, so
+    every eval row was also a train row (its copy)."""
+    f = tmp_path / "distinct.jsonl"
+    f.write_bytes(
+        jsonl(*({"instruction": f"Question {i}.", "input": "", "output": f"Answer {i}."} for i in range(200)))
+    )
+    cfg = DataConfig(sources=(DataSource(path=str(f), weight=2.0),), eval_fraction=0.05, num_proc=1)
+    prepared = build_data(cfg, tok, 0)
+    train = [tuple(x) for x in prepared.train["input_ids"]]
+    held = [tuple(x) for x in prepared.eval["input_ids"]]
+    assert len(set(train)) == 200 - len(held) and not set(held) & set(train)
+    assert len(held) == len(set(held)) == 10  # 5% of the 200 distinct rows
+    assert len(train) == 380 and all(train.count(x) == 2 for x in set(train))  # every train row twice
+    report = prepared.report
+    assert (report.train_rows, report.eval_rows, report.sources[0].used) == (380, 10, 390)
+    again = build_data(cfg, tok, 0)  # the same seed, the same split
+    assert [tuple(x) for x in again.eval["input_ids"]] == held
+
+
+def test_weight_one_holds_out_the_first_rows_of_the_mix(tmp_path: Path, tok):
+    f = tmp_path / "distinct.jsonl"
+    f.write_bytes(jsonl(*({"instruction": f"Question {i}.", "input": "", "output": f"Answer {i}."} for i in range(40))))
+    cfg = DataConfig(sources=(DataSource(path=str(f)),), eval_fraction=0.1, num_proc=1)
+    prepared = build_data(cfg, tok, 3)
+    mixed, _ = data.mix([list(range(40))], cfg.sources, 3)
+    whole = build_data(DataConfig(sources=cfg.sources, eval_fraction=0.0, num_proc=1), tok, 3).train["input_ids"]
+    assert prepared.eval["input_ids"] == [whole[mixed.index(i)] for i in mixed[:4]]
+    assert prepared.train["input_ids"] == [whole[mixed.index(i)] for i in mixed[4:]]
+
+
+# --- truncated conversations do not train their end token ---------------------------------------
+
+
+def test_truncated_conversations_count_as_not_training_their_end_token(tmp_path: Path, tok):
+    f = tmp_path / "long.jsonl"
+    f.write_bytes(jsonl({"instruction": "Short.", "output": "Yes."}, {"instruction": "Long.", "output": "word " * 200}))
+    cfg = DataConfig(sources=(DataSource(path=str(f)),), eval_fraction=0.0, num_proc=1, max_length=64)
+    report = build_data(cfg, tok, 0).report
+    assert (report.chat_rows, report.truncated, report.eos_trained_fraction) == (2, 1, 0.5)  # was 1 row, 100%
+    warning = [line for line in report.lines() if line.startswith("warning: 50.0% of the conversations")]
+    assert warning and "(1 of 2: truncation to data.max_length cut it (truncated rows: 1)" in warning[0]
+    # every conversation truncated: refused before training (it used to report nothing), or warned
+    f.write_bytes(
+        jsonl({"instruction": "Long.", "output": "word " * 200}, {"instruction": "Long.", "output": "x " * 200})
+    )
+    with pytest.raises(DataError) as exc:
+        build_data(cfg, tok, 0)
+    assert "none of the 2 conversations trains the end-of-turn token" in str(exc.value)
+    assert "truncated rows: 2" in str(exc.value) and "Raise data.max_length" in str(exc.value)
+    allowed = build_data(
+        DataConfig(sources=cfg.sources, eval_fraction=0.0, num_proc=1, max_length=64, allow_no_eos=True), tok, 0
+    )
+    lines = allowed.report.lines()
+    assert "examples whose final assistant turn trains its end token '<|im_end|>': 0.0%" in lines
+    assert any(line.startswith("warning: 100.0% of the conversations train no end token") for line in lines)
+
+
+# --- rows that crashed the tokenizer or the template ---------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_lone_surrogate_is_a_bad_row(tmp_path: Path, tok, suffix: str):
+    f = tmp_path / f"emoji{suffix}"
+    rows = ['{"instruction": "Say hi.", "output": "hi"}', '{"instruction": "Emoji \\ud83d", "output": "hi"}']
+    f.write_text("\n".join(rows) + "\n" if suffix == ".jsonl" else "[" + ",\n".join(rows) + "]\n")
+    cfg = DataConfig(sources=(DataSource(path=str(f)),), eval_fraction=0.0, num_proc=1)
+    with pytest.raises(DataError) as exc:
+        build_data(cfg, tok, 0)
+    assert str(exc.value).startswith(f"{f} row 2: turn 1 (user) is not valid Unicode text: '\\ud83d' at character 6")
+    skipped = build_data(DataConfig(sources=cfg.sources, eval_fraction=0.0, num_proc=1, on_bad_row="skip"), tok, 0)
+    assert skipped.report.sources[0].skipped == {"invalid_text": 1} and skipped.report.train_rows == 1
+
+
+def test_a_chat_template_that_raises_is_a_bad_row(tmp_path: Path, tok):
+    """Gemma's template refuses a system turn with raise_exception (jinja2's TemplateError)."""
+    import copy
+
+    no_system = copy.deepcopy(tok)
+    no_system.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + data.CHAT_TEMPLATES["chatml"]
+    )
+    f = tmp_path / "system.jsonl"
+    f.write_bytes(jsonl({"instruction": "a", "output": "b"}, {"instruction": "a", "output": "b", "system": "Be kind."}))
+    for assistant_only_loss in (True, False):
+        cfg = DataConfig(
+            sources=(DataSource(path=str(f)),), eval_fraction=0.0, num_proc=1, assistant_only_loss=assistant_only_loss
+        )
+        with pytest.raises(DataError) as exc:
+            build_data(cfg, no_system, 0)
+        msg = str(exc.value)
+        assert msg.startswith(f"{f} row 2: the chat template refuses this conversation: TemplateError: System role not")
+        assert "data.sources[].system_prompt" in msg and "data.chat_template" in msg
+        skip = DataConfig(sources=cfg.sources, eval_fraction=0.0, num_proc=1, on_bad_row="skip")
+        assert build_data(skip, no_system, 0).report.sources[0].skipped == {"chat_template_error": 1}
+    with pytest.raises(DataError, match=r"system\.jsonl row 2: the chat template refuses"):
+        data.tokenize_example(load(f)[0][1], no_system, 64, True)
+
+
+def test_json_nested_too_deeply_is_invalid_json(tmp_path: Path):
+    f = tmp_path / "deep.jsonl"
+    f.write_bytes(jsonl(ROW) + b"[" * 100_000 + b"\n")
+    assert error(f).startswith(f"{f} row 2: line is not valid JSON that can be read (nested too deeply to parse)")
+    assert load(f, on_bad_row="skip")[1].skipped == {"invalid_json": 1}
+    g = tmp_path / "deep.json"
+    g.write_bytes(b"[" * 100_000)
+    assert (
+        error(g)
+        == f"{g}: not valid JSON that can be read (line 1: nested too deeply to parse). Fix or remove that value."
+    )

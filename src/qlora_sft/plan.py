@@ -319,8 +319,14 @@ def count_rows(recipe: Recipe, base_dir: Path | None) -> int | None:
             kept.append(report.kept)
     except Exception:
         return None
-    n = sum(data.mix_counts(kept, recipe.data.sources))
-    return n if recipe.data.eval_sources else n - data.eval_rows_held_out(n, recipe.data.eval_fraction)
+    counts = data.mix_counts(kept, recipe.data.sources)
+    n = sum(counts)
+    if recipe.data.eval_sources or not n:
+        return n
+    # the eval split holds out distinct rows with every copy of them (a weight above 1 repeats rows):
+    # exact for whole weights, within a row's copies otherwise
+    distinct = sum(min(c, k) for c, k in zip(counts, kept, strict=True))
+    return n - round(data.eval_rows_held_out(distinct, recipe.data.eval_fraction) * n / distinct)
 
 
 def plan_compute_dtype(recipe: Recipe) -> str | None:

@@ -21,7 +21,7 @@ from ..recipe import DataConfig, DataSource
 from .formats import Example, bad_row_error, eval_rows_held_out, mix, normalize_row, source_format
 from .report import DataReport, SourceReport, check_end_tokens
 from .sources import BadRow, limit_text, parse_document, read_documents
-from .templates import end_of_turn_token, tokenize_batch, tokenize_example
+from .templates import end_of_turn_token, tokenize_example, tokenize_rows
 
 log = logging.getLogger("qlora_sft")
 
@@ -79,7 +79,8 @@ def _encoded_features() -> Any:
             "labels": ids,
             "loss_tokens": datasets.Value("int64"),
             "truncated": datasets.Value("bool"),
-            "end_trained": datasets.Value("int8"),  # 1/0: the final turn trains its end token; -1: n/a
+            # 1/0: the final turn trains its end token (0 too when truncation cut it); -1: n/a (text, bad row)
+            "end_trained": datasets.Value("int8"),
         }
     )
 
@@ -123,20 +124,28 @@ def encode_documents(
             continue
         examples.append(Example(messages, text, path, rowno))
         reasons.append("")
-    tokens = iter(zip(examples, tokenize_batch(examples, tokenizer, max_length, assistant_only_loss), strict=True))
+    tokens = iter(zip(examples, tokenize_rows(examples, tokenizer, max_length, assistant_only_loss), strict=True))
     out: dict[str, list[Any]] = {k: [] for k in _encoded_features()}
     for rowno, reason in zip(batch["row"], reasons, strict=True):
+        tok = None
+        if not reason:
+            ex, tok = next(tokens)
+            if isinstance(tok, BadRow):  # a conversation the chat template refuses
+                if on_bad_row == "error":
+                    raise bad_row_error(path, rowno, fmt, str(tok))
+                reason, tok = tok.reason, None
         out["row"].append(rowno)
         out["bad"].append(reason)
-        if reason:
+        if tok is None:
             for key, empty in (("input_ids", []), ("labels", []), ("loss_tokens", 0), ("truncated", False)):
                 out[key].append(empty)
             out["end_trained"].append(-1)
             continue
-        ex, tok = next(tokens)
         trained = [i for i, x in enumerate(tok.labels) if x != -100]
         end = -1
-        if ex.messages is not None and not tok.truncated and trained:
+        if ex.messages is not None and tok.cut_tail and (end_id is None or end_id in tok.cut_tail):
+            end = 0  # truncation cut the final assistant turn's end-of-turn token: it is not trained
+        elif ex.messages is not None and trained:
             # The final labelled tokens must include the end-of-turn token (trailing whitespace
             # after it may be labelled too).
             last = trained[-1]
@@ -282,6 +291,21 @@ def _token_stats(report: DataReport, lengths: Any, loss: Any, truncated: Any, en
     report.eos_trained_fraction = int((end == 1).sum()) / chat_rows if chat_rows else 0.0
 
 
+def _hold_out_eval(mixed: list[int], fraction: float) -> tuple[Any, Any]:
+    """(eval rows, train rows) of the shuffled mix, as positions: `data.eval_fraction` of its distinct rows,
+    the first ones in the mix's order, are held out, with every copy of them (a source with weight > 1
+    repeats its rows), so no eval row is also trained on. Without repetition: the mix's first rows, the rest."""
+    import numpy as np
+
+    rows = np.asarray(mixed, dtype=np.int64)
+    _, first = np.unique(rows, return_index=True)
+    distinct = rows[np.sort(first)]  # each row once, where it first appears in the mix
+    held = distinct[: eval_rows_held_out(len(distinct), fraction)]
+    if len(distinct) == len(rows):
+        return held, rows[len(held) :]
+    return held, rows[~np.isin(rows, held)]
+
+
 def build_data(
     cfg: DataConfig,
     tokenizer: Any,
@@ -326,10 +350,13 @@ def build_data(
         eval_idx = np.flatnonzero(_column(eval_all, "bad") == "")
         train_idx = np.asarray(mixed, dtype=np.int64)
     else:
-        n_eval = eval_rows_held_out(len(mixed), cfg.eval_fraction)
         eval_all, eval_parts = train_all, parts
-        eval_idx = np.asarray(mixed[:n_eval], dtype=np.int64)
-        train_idx = np.asarray(mixed[n_eval:], dtype=np.int64)
+        eval_idx, train_idx = _hold_out_eval(mixed, cfg.eval_fraction)
+        # rows of each source in the splits (fewer than the mix took where an eval row's copies were dropped)
+        bounds = np.cumsum([0] + [len(p.tokens) for p in parts])
+        split = np.concatenate([eval_idx, train_idx])
+        for r, n in zip(report.sources, np.histogram(split, bins=bounds)[0], strict=True):
+            r.used = int(n)
     del mixed
 
     # Rows with no trained tokens left (truncation cut every assistant token): an error, or dropped.

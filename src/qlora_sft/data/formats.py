@@ -205,6 +205,7 @@ def normalize_row(
         text = _text_field(row, "text")
         if not text.strip():
             raise BadRow("empty_text", "field `text` is empty")
+        _check_unicode(text, "field `text`")
         return None, text
     if fmt == "alpaca":
         instruction = _text_field(row, "instruction")
@@ -255,7 +256,32 @@ def normalize_row(
     if system_prompt and (not messages or messages[0]["role"] != "system"):
         messages.insert(0, {"role": "system", "content": system_prompt})
     check_conversation(messages)
+    for i, m in enumerate(messages):
+        _check_unicode(m, f"turn {i + 1} ({m['role']})")
     return messages, None
+
+
+def _check_unicode(value: Any, where: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate, as a JSON escape "\\ud83d" without its
+    pair writes): the tokenizer cannot encode it."""
+    if isinstance(value, str):
+        if value.isascii():
+            return
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadRow(
+                "invalid_text",
+                f"{where} is not valid Unicode text: {value[exc.start : exc.end]!r} at character {exc.start} is "
+                "a lone UTF-16 surrogate (half of a pair such as an emoji's; in JSON a \\uD800-\\uDFFF escape "
+                "without its other half). Write the whole character, or remove it",
+            ) from None
+    elif isinstance(value, dict):
+        for v in value.values():
+            _check_unicode(v, where)
+    elif isinstance(value, list):
+        for v in value:
+            _check_unicode(v, where)
 
 
 def source_format(src: DataSource, first_row: Any, rowno: int) -> str:

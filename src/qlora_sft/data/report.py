@@ -76,11 +76,18 @@ class DataReport:
                 f"examples whose final assistant turn trains its end token {self.end_token!r}: "
                 f"{self.eos_trained_fraction:.1%}"
             )
-            if self.chat_rows and 0 < self.eos_trained_fraction < EOS_WARN_BELOW:
+            if self.chat_rows and self.eos_trained_fraction < EOS_WARN_BELOW:
+                untrained = round((1 - self.eos_trained_fraction) * self.chat_rows)
                 out.append(
                     f"warning: {1 - self.eos_trained_fraction:.1%} of the conversations train no end token "
-                    f"{self.end_token!r} (truncated, or a template that does not end the assistant turn with it): "
-                    "the model learns to stop from the rest only"
+                    f"{self.end_token!r} ({untrained} of {self.chat_rows}: truncation to data.max_length cut it "
+                    f"(truncated rows: {self.truncated}), or a template that does not end the assistant turn with "
+                    "it): "
+                    + (
+                        "the model learns to stop from the rest only"
+                        if self.eos_trained_fraction > 0
+                        else "the model does not learn to stop from this data"
+                    )
                 )
         return out
 
@@ -97,9 +104,10 @@ def check_end_tokens(report: DataReport, cfg: DataConfig) -> None:
         return
     raise DataError(
         f"none of the {report.chat_rows} conversations trains the end-of-turn token {report.end_token!r}: the "
-        "chat template does not end assistant turns with a token the tokenizer has (or every row is truncated "
-        "before it), so the model would never learn to stop. Use a template whose end token is in the tokenizer "
-        "(data.chat_template: auto for models with their own template; chatml, llama2 or alpaca for base models; "
-        "`qlora-sft validate` shows what is trained), or, for continued-pretraining style data, set "
-        "data.allow_no_eos: true"
+        "chat template does not end assistant turns with a token the tokenizer has, or truncation to "
+        f"data.max_length cuts it from every conversation (truncated rows: {report.truncated}), so the model "
+        "would never learn to stop. Raise data.max_length if the rows are truncated; use a template whose end "
+        "token is in the tokenizer (data.chat_template: auto for models with their own template; chatml, llama2 "
+        "or alpaca for base models; `qlora-sft validate` shows what is trained), or, for continued-pretraining "
+        "style data, set data.allow_no_eos: true"
     )

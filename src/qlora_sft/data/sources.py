@@ -4,7 +4,9 @@ save_to_disk, or a hub dataset id -> (row number, raw row) (`read_source`), or t
 
 A source that cannot be read fails here, naming the file and the fix: not found, a broken link or a
 symlink loop, a device or a pipe, text that is not UTF-8, JSON or parquet that does not parse. A row
-that is not JSON becomes a `BadRow`, counted or refused by `data.on_bad_row` like any other bad row.
+that is not JSON (or nested too deeply to parse), and a CSV record with more or fewer fields than the
+header, become a `BadRow`, counted or refused by `data.on_bad_row` like any other bad row; CSV that does
+not parse (a quote that is not closed) fails naming the line.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import random
 import re
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,8 +174,11 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
             raise _not_utf8(local, rows_are_lines=False) from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            # A .json file may also be JSON lines.
+        except (json.JSONDecodeError, RecursionError) as exc:
+            # A .json file may also be JSON lines. "Extra data" after a first value that parsed: JSON lines,
+            # so a line that is not JSON is named by its own line; otherwise the whole file's error is.
+            whole = (exc.lineno, exc.msg) if isinstance(exc, json.JSONDecodeError) else None
+            lines = whole is not None and whole[1] == "Extra data"
             rows = []
             with local.open(encoding="utf-8-sig") as f:
                 for lineno, line in enumerate(f, 1):
@@ -181,9 +187,17 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as line_exc:
-                        # "Extra data" after a first value that parsed: JSON lines, so name the line that is not
-                        where, msg = (lineno, line_exc.msg) if exc.msg == "Extra data" else (exc.lineno, exc.msg)
+                        if whole is None:
+                            raise DataError(
+                                f"{local}: not valid JSON that can be read (nested too deeply to parse)"
+                            ) from None
+                        where, msg = (lineno, line_exc.msg) if lines else whole
                         raise DataError(f"{local}: not valid JSON (line {where}: {msg})") from None
+                    except RecursionError:
+                        raise DataError(
+                            f"{local}: not valid JSON that can be read (line {lineno}: nested too deeply to parse). "
+                            "Fix or remove that value."
+                        ) from None
             yield from enumerate(rows, 1)
             return
         if isinstance(data, dict):
@@ -198,12 +212,7 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
             raise DataError(f"{local}: expected a JSON list of rows, got {type(data).__name__}")
         yield from enumerate(data, 1)
     elif suffix == ".csv":
-        with local.open(encoding="utf-8-sig", newline="") as f:  # -sig: a leading byte order mark is dropped
-            try:
-                for i, row in enumerate(csv.DictReader(f), 1):
-                    yield i, dict(row)
-            except UnicodeDecodeError:
-                raise _not_utf8(local, rows_are_lines=False) from None
+        yield from _read_csv(local)
     elif suffix == ".parquet":
         import datasets
 
@@ -223,6 +232,84 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
         )
 
 
+# A CSV cell may hold a whole document: the csv module's default limit (128 KiB) is raised to this.
+CSV_FIELD_LIMIT = min(sys.maxsize, (1 << 31) - 1)
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
+    """A CSV file's records as rows keyed by the header (strict: a quote that is not closed, or text
+    after a closing quote, fails naming the line). A record with more or fewer fields than the header
+    is a `BadRow` naming its line (a comma inside a field that is not quoted splits it in two)."""
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: a leading byte order mark is dropped
+        lines = _CountedLines(f)
+        reader = csv.DictReader(lines, strict=True)
+        try:
+            header = reader.fieldnames or []
+            lines.start = None
+            for i, row in enumerate(reader, 1):
+                start, lines.start = lines.start or lines.n, None
+                yield i, _csv_record(row, header, start, lines.n)
+        except UnicodeDecodeError:
+            raise _not_utf8(path, rows_are_lines=False) from None
+        except csv.Error as exc:
+            start = lines.start or lines.n
+            where = (
+                f"line {start}"
+                if start == lines.n
+                else f"the record that starts on line {start} (read to line {lines.n})"
+            )
+            raise DataError(
+                f"{path}: not valid CSV at {where} ({exc}). A field that holds a comma, a quote or a line break "
+                'must be quoted, with each quote inside it doubled: "He said ""hi"", then left". Fix the line '
+                "(pandas' to_csv or Python's csv module quote fields for you), or give the rows as .jsonl."
+            ) from None
+
+
+class _CountedLines:
+    """A text file's lines, counted: `n` lines read, `start` the first one that is not blank since
+    `start` was last set to None (where the CSV record being read begins)."""
+
+    def __init__(self, f: Any):
+        self.f, self.n, self.start = f, 0, None
+
+    def __iter__(self) -> _CountedLines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.f)
+        self.n += 1
+        if self.start is None and line.strip("\r\n"):
+            self.start = self.n
+        return line
+
+
+def _csv_record(row: dict[Any, Any], header: list[str], start: int, end: int) -> Any:
+    """One CSV record as a row, or a `BadRow` when its field count is not the header's."""
+    lines = f"line {start}" if start == end else f"lines {start}-{end}"
+    n = len(header)
+    if None in row:  # DictReader puts the fields beyond the header under the key None
+        extra = row[None]
+        got = n + len(extra)
+        return BadRow(
+            "csv_too_many_fields",
+            f"{lines} has {got} fields but the header has {n} ({', '.join(header)}); the extra "
+            f"{'field is' if len(extra) == 1 else 'fields are'} {', '.join(repr(x) for x in extra[:3])}"
+            f"{' ...' if len(extra) > 3 else ''}. A field that holds a comma must be quoted "
+            '("The sky is blue, mostly.")',
+        )
+    missing = [k for k, v in row.items() if v is None]  # DictReader fills the fields a short record lacks with None
+    if missing:
+        return BadRow(
+            "csv_too_few_fields",
+            f"{lines} has {n - len(missing)} fields but the header has {n} ({', '.join(header)}); "
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing. Give every field (an empty "
+            "one as nothing between two commas), and quote a field that holds a line break",
+        )
+    return dict(row)
+
+
 def _json_lines(path: Path) -> Iterator[tuple[int, str]]:
     with path.open(encoding="utf-8-sig") as f:  # -sig: a leading byte order mark is dropped
         try:
@@ -233,12 +320,27 @@ def _json_lines(path: Path) -> Iterator[tuple[int, str]]:
             raise _not_utf8(path, rows_are_lines=True) from None
 
 
+# The JSON text of a row that `read_source` found bad before it was JSON (a CSV record with the wrong
+# number of fields): this prefix, then [reason, message]. Not JSON, so no data file's row is read as one.
+BAD_ROW_PREFIX = "\x00qlora-sft bad row\x00"
+
+
+def bad_row_document(bad: BadRow) -> str:
+    """A `BadRow` as a row's JSON text (`parse_document` gives it back)."""
+    return BAD_ROW_PREFIX + json.dumps([bad.reason, str(bad)])
+
+
 def parse_document(document: str) -> Any:
-    """A row from its JSON text; a BadRow when the text is not JSON."""
+    """A row from its JSON text; a BadRow when the text is not JSON (or is a `bad_row_document`)."""
+    if document.startswith(BAD_ROW_PREFIX):
+        reason, message = json.loads(document[len(BAD_ROW_PREFIX) :])
+        return BadRow(reason, message)
     try:
         return json.loads(document)
     except json.JSONDecodeError as exc:
         return BadRow("invalid_json", f"line is not valid JSON ({exc.msg})")
+    except RecursionError:
+        return BadRow("invalid_json", "line is not valid JSON that can be read (nested too deeply to parse)")
 
 
 def read_documents(src: DataSource, base_dir: str | os.PathLike[str] | None = None) -> Iterator[tuple[int, str]]:
@@ -278,7 +380,16 @@ def _all_documents(src: DataSource, base_dir: str | os.PathLike[str] | None = No
         yield from _json_lines(local)
         return
     for rowno, row in read_source(src, base_dir):
-        yield rowno, json.dumps(row, ensure_ascii=False, default=str)
+        if isinstance(row, BadRow):
+            yield rowno, bad_row_document(row)
+            continue
+        document = json.dumps(row, ensure_ascii=False, default=str)
+        if not document.isascii():
+            try:
+                document.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud83d" in a .json file): escaped, refused later
+                document = json.dumps(row, default=str)
+        yield rowno, document
 
 
 def _read_saved(folder: Path, src: DataSource) -> Iterator[tuple[int, Any]]:

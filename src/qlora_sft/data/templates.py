@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import DataError
 from .formats import Example
-from .sources import resolve_path
+from .sources import BadRow, resolve_path
 
 # Named chat templates for base models without one. Each renders a conversation so that the text
 # up to an assistant turn (with the generation prompt) is a prefix of the text through that turn:
@@ -99,6 +99,9 @@ class Tokenized:
     truncated: bool
     text: str = ""
     offsets: list[tuple[int, int]] = field(default_factory=list)
+    # Truncated: the labels cut from the window of the final labelled token and the two before it (where
+    # a conversation's final end-of-turn token is); empty when truncation cut no labelled token.
+    cut_tail: list[int] = field(default_factory=list)
 
 
 def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
@@ -182,25 +185,39 @@ def _span_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tup
     return np.where(inside, np.asarray(ids, dtype=np.int64), -100).tolist()
 
 
-def tokenize_batch(
+def _template_refused(exc: Exception) -> BadRow:
+    """The bad row for a conversation the chat template refuses (its `raise_exception`, e.g. Gemma's
+    "System role not supported", or another template error)."""
+    return BadRow(
+        "chat_template_error",
+        f"the chat template refuses this conversation: {type(exc).__name__}: {exc}. Remove what it refuses (a "
+        "system turn, for a template without one: the row's system turn or data.sources[].system_prompt), or "
+        "choose a template that takes it (data.chat_template)",
+    )
+
+
+def tokenize_rows(
     examples: Sequence[Example], tokenizer: Any, max_length: int, assistant_only_loss: bool, keep_text: bool = False
-) -> list[Tokenized]:
-    """Render with the chat template and tokenize; label assistant spans (or everything); truncate.
-    The assistant spans come from the template's generation markers where it has them (or TRL has a
-    training variant of it), else from rendering the conversation up to each assistant turn. Texts
-    are tokenized together (one call per batch)."""
-    out: list[Tokenized | None] = [None] * len(examples)
+) -> list[Tokenized | BadRow]:
+    """`tokenize_batch`, with a `BadRow` in place of each conversation the chat template refuses."""
+    import jinja2
+
+    out: list[Tokenized | BadRow | None] = [None] * len(examples)
     template = marked_template(tokenizer) if assistant_only_loss else None
     plain: list[int] = []  # plain-text rows
     chats: list[tuple[int, str, list[tuple[int, int]] | None]] = []  # (index, text, spans) to tokenize here
     for i, ex in enumerate(examples):
         if ex.text is not None:
             plain.append(i)
-        elif template is not None:
-            out[i] = _marked(ex, tokenizer, template, keep_text)
-        else:
-            text = _render(tokenizer, ex.messages or [], False)
-            chats.append((i, text, _assistant_spans(ex, tokenizer, text) if assistant_only_loss else None))
+            continue
+        try:
+            if template is not None:
+                out[i] = _marked(ex, tokenizer, template, keep_text)
+            else:
+                text = _render(tokenizer, ex.messages or [], False)
+                chats.append((i, text, _assistant_spans(ex, tokenizer, text) if assistant_only_loss else None))
+        except jinja2.TemplateError as exc:
+            out[i] = _template_refused(exc)
     if plain:
         texts = [examples[i].text or "" for i in plain]
         enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=keep_text)
@@ -218,9 +235,12 @@ def tokenize_batch(
             offsets = [tuple(o) for o in enc["offset_mapping"][k]]
             labels = _span_labels(ids, offsets, spans) if spans is not None else list(ids)
             out[i] = Tokenized(ids, labels, False, text if keep_text else "", offsets if keep_text else [])
-    result: list[Tokenized] = []
+    result: list[Tokenized | BadRow] = []
     for tok in out:
         assert tok is not None
+        if isinstance(tok, BadRow):
+            result.append(tok)
+            continue
         n = len(tok.input_ids)
         result.append(
             Tokenized(
@@ -229,8 +249,33 @@ def tokenize_batch(
                 n > max_length,
                 tok.text,
                 tok.offsets[:max_length] if keep_text else [],
+                _cut_tail(tok.labels, max_length),
             )
         )
+    return result
+
+
+def _cut_tail(labels: list[int], max_length: int) -> list[int]:
+    """`Tokenized.cut_tail`: the labels truncation to `max_length` cuts from the last three positions
+    through the final labelled token."""
+    last = next((j for j in range(len(labels) - 1, max_length - 1, -1) if labels[j] != -100), -1)
+    return labels[max(last - 2, max_length) : last + 1] if last >= 0 else []
+
+
+def tokenize_batch(
+    examples: Sequence[Example], tokenizer: Any, max_length: int, assistant_only_loss: bool, keep_text: bool = False
+) -> list[Tokenized]:
+    """Render with the chat template and tokenize; label assistant spans (or everything); truncate.
+    The assistant spans come from the template's generation markers where it has them (or TRL has a
+    training variant of it), else from rendering the conversation up to each assistant turn. Texts
+    are tokenized together (one call per batch). A conversation the template refuses is a DataError
+    naming its row."""
+    result = []
+    tokens = tokenize_rows(examples, tokenizer, max_length, assistant_only_loss, keep_text)
+    for ex, tok in zip(examples, tokens, strict=True):
+        if isinstance(tok, BadRow):
+            raise DataError(f"{ex.source} row {ex.row}: {tok}.")
+        result.append(tok)
     return result
 
 
