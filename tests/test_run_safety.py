@@ -82,6 +82,64 @@ def test_export_overwrite_moves_a_foreign_folder_aside_and_replaces_its_own(fini
     assert not list(tmp_path.glob("merged.old-*")) and len(list(tmp_path.glob("merged.replaced-*"))) == 1
 
 
+def test_an_interrupted_export_leaves_no_copy_and_the_next_one_sweeps_older_ones(
+    finished: Path, tmp_path: Path, monkeypatch, capsys
+):
+    """An export interrupted after the merge (Ctrl-C or an error during the verification) removes its
+    temporary folder, a whole model; the next export removes those that exports killed on this
+    machine left (their process gone) and names those of another machine, which it leaves."""
+    from qlora_sft import export as export_module
+
+    out = tmp_path / "merged"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(export_module, "verify_merge", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            export(finished / "runs" / "a", out)
+    assert not out.exists() and not list(tmp_path.glob("merged.tmp-*"))
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / f"merged.tmp-{socket.gethostname()}-{dead.pid}"  # as a SIGKILLed export leaves it
+    elsewhere = tmp_path / "merged.tmp-another-host-123"
+    for folder in (killed, elsewhere):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 100)
+    setup_logging(True)  # this test's stdout
+    capsys.readouterr()
+    assert export(finished / "runs" / "a", out).ok
+    said = capsys.readouterr().out
+    assert not killed.exists() and f"removed {killed}" in said
+    assert elsewhere.is_dir() and str(elsewhere) in said and "left alone" in said
+
+
+def test_an_out_that_appears_during_the_export_is_not_replaced_without_overwrite(finished: Path, tmp_path: Path):
+    """Two exports to one --out at once: the one that finishes second does not replace the first's
+    folder (each checked that --out was free when it started); it keeps its own beside it and says so."""
+    from qlora_sft import export as export_module
+
+    out = tmp_path / "merged"
+    real = export_module.verify_merge
+
+    def meanwhile(*args, **kwargs):
+        result = real(*args, **kwargs)
+        out.mkdir()
+        (out / "config.json").write_text('{"torch_dtype": "float32"}')  # another export finished first
+        return result
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(export_module, "verify_merge", meanwhile)
+        with pytest.raises(UserError, match="appeared while this export ran") as refused:
+            export(finished / "runs" / "a", out)
+    assert (out / "config.json").read_text() == '{"torch_dtype": "float32"}'  # the other one's, untouched
+    (kept,) = tmp_path.glob("merged.export-*")
+    assert str(kept) in str(refused.value) and (kept / "qlora-sft-export.json").is_file()
+    assert not list(tmp_path.glob("merged.tmp-*"))
+
+
 # 2. a finished run stays finished
 
 

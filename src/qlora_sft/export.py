@@ -28,6 +28,7 @@ import os
 import re
 import resource
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -628,6 +629,30 @@ def check_out_dir(out_dir: Path, source: Source, overwrite: bool) -> None:
         )
 
 
+def sweep_interrupted(out_dir: Path) -> None:
+    """Remove the temporary folders (`<out>.tmp-<host>-<pid>`) that exports into `out_dir` killed on
+    this machine left behind (a whole model each); name those of other machines or live processes."""
+    from .checkpoint import _process_start
+
+    here = socket.gethostname()
+    for tmp in sorted(out_dir.parent.glob(f"{out_dir.name}.tmp-*")):
+        m = re.fullmatch(rf"{re.escape(out_dir.name)}\.tmp-(?:(.+)-)?(\d+)", tmp.name)
+        if not m or not tmp.is_dir():
+            continue
+        host, pid = m.group(1) or here, int(m.group(2))
+        if host == here and pid != os.getpid() and _process_start(pid) is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.info("export: removed %s, left by an interrupted export (process %d is gone)", tmp, pid)
+        else:
+            log.warning(
+                "export: %s is another export's unfinished folder (process %d on %s); left alone. Remove it once "
+                "no export is running there.",
+                tmp,
+                pid,
+                host,
+            )
+
+
 def merge(source: Source, plan: ExportPlan) -> tuple[Path, dict[str, Any], float]:
     """Stream the merged weights into a temporary folder beside the output, with config and
     tokenizer. Returns (folder, shard index, peak RSS of the merge in MB); nothing is left behind on
@@ -647,7 +672,8 @@ def merge(source: Source, plan: ExportPlan) -> tuple[Path, dict[str, Any], float
         plan.dtype_name,
         plan.shard_bytes,
     )
-    tmp = plan.out_dir.with_name(f"{plan.out_dir.name}.tmp-{os.getpid()}")
+    sweep_interrupted(plan.out_dir)
+    tmp = plan.out_dir.with_name(f"{plan.out_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -718,15 +744,26 @@ def is_prequantized(base_folder: Path) -> bool:
     return (config.get("quantization_config") or {}).get("quant_method") == "bitsandbytes"
 
 
-def publish(tmp: Path, out_dir: Path, ok: bool) -> Path:
+def publish(tmp: Path, out_dir: Path, ok: bool, overwrite: bool = True) -> Path:
     """Rename the finished folder into place (`<out>.incomplete` when verification failed). A folder
     already there is an earlier export (it has the marker): moved aside, and removed once the new
-    one is in place; or anything else: moved aside to `<out>.replaced-<time>` and kept."""
+    one is in place; or anything else: moved aside to `<out>.replaced-<time>` and kept. Without
+    `overwrite`, a folder that appeared at `<out>` while this export ran (another export to the same
+    place) is left as it is and this export is kept beside it."""
+    from .checkpoint import keep_aside
+
     final = out_dir if ok else out_dir.with_name(out_dir.name + ".incomplete")
     if not final.exists():
         tmp.rename(final)
         return final
-    from .checkpoint import keep_aside
+    if ok and not overwrite and any(final.iterdir()):
+        kept = final.with_name(f"{final.name}.export-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        tmp.rename(kept)
+        raise UserError(
+            f"export: {final} appeared while this export ran (another export to the same --out?) and was left as "
+            f"it is; this export is complete and kept as {kept}. Compare them, then move one into place, or rerun "
+            "with --overwrite."
+        )
 
     ours = (final / EXPORT_MARKER).is_file()
     aside = keep_aside(final, "old" if ours else "replaced")
@@ -765,11 +802,15 @@ def export(
         return ExportResult(source.adapter_dir, True, None, None, 0.0, time.time() - t0, 0, url)
     plan = plan_export(source, out, dtype, base, shard_size, device, overwrite)
     tmp, index, merge_rss = merge(source, plan)
-    merged_vs, original_vs, ok = verify_merge(source, plan, tmp) if verify else (None, None, True)
-    write_model_card(tmp, source, plan.base_kind, plan.dtype_name, merged_vs, original_vs, merge_rss, ok)
-    marker = {"adapter": str(source.adapter_dir.resolve()), "step": source.step, "verified": ok if verify else None}
-    (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    final = publish(tmp, plan.out_dir, ok)
+    try:
+        merged_vs, original_vs, ok = verify_merge(source, plan, tmp) if verify else (None, None, True)
+        write_model_card(tmp, source, plan.base_kind, plan.dtype_name, merged_vs, original_vs, merge_rss, ok)
+        marker = {"adapter": str(source.adapter_dir.resolve()), "step": source.step, "verified": ok if verify else None}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        final = publish(tmp, plan.out_dir, ok, overwrite)
+    except BaseException:  # interrupted or failed before publishing: no unverified copy of the model stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     url = None
     if not ok:
         log.error("export: the merged model does not reproduce the adapter within tolerance; left in %s", final)
