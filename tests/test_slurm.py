@@ -399,6 +399,30 @@ def test_submit_local_executor_on_a_workstation(tmp_path: Path, tiny_model: Path
     assert (tmp_path / "runs" / "tiny" / "final" / "COMPLETE").is_file()
 
 
+def test_two_single_task_submissions_at_once_both_train(tmp_path: Path, tiny_model: Path, monkeypatch):
+    """Two one-task jobs on one machine at once (two `--cluster local` submissions, or two jobs that
+    share a node): each takes a free port for its process group, not the same fixed one (the second
+    died with EADDRINUSE on 29500)."""
+    from qlora_sft import submit
+
+    data = write_toy_data(tmp_path / "toy.jsonl", n=60)
+    recipe = write_recipe(
+        tmp_path / "r.yaml", recipe_dict(tiny_model, data, tmp_path / "runs", train={"max_steps": 3, "save_steps": 3})
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    jobs = [
+        submit(recipe, [f"run.name={name}"], gpus_per_node=0, tasks_per_node=1, cluster="local", time=10)
+        for name in ("alpha", "beta")
+    ]
+    for job in jobs:
+        submitit_job_done(job, timeout=300)
+        assert [r["global_step"] for r in job.results()] == [3], job.stderr()
+    for name in ("alpha", "beta"):
+        assert (tmp_path / "runs" / name / "final" / "COMPLETE").is_file()
+
+
 def test_submit_refuses_bad_recipes_before_submitting(tmp_path: Path, tiny_model: Path):
     from qlora_sft.errors import RecipeError
 

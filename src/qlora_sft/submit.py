@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,7 +117,12 @@ def export_torch_env() -> dict[str, str]:
     else:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if not os.environ.get("MASTER_PORT"):
+            # one task: a free port of this machine, not a fixed one that two jobs sharing a node (or two
+            # `--cluster local` submissions) would both take (EADDRINUSE)
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     missing = [k for k in TORCH_ENV if not os.environ.get(k)]
     if missing or int(os.environ["RANK"]) != env.global_rank or int(os.environ["WORLD_SIZE"]) != env.num_tasks:
         raise RuntimeError(
