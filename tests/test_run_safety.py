@@ -24,7 +24,7 @@ from helpers import REPO, losses_by_step, recipe_dict, write_recipe, write_toy_d
 from qlora_sft import checkpoint
 from qlora_sft.errors import RunDirError, UserError
 from qlora_sft.export import export
-from qlora_sft.recipe import build_recipe, read_run_recipe
+from qlora_sft.recipe import build_recipe, load_recipe, read_run_recipe
 from qlora_sft.train import setup_logging, train
 
 SHORT = {"max_steps": 4, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-2}
@@ -227,6 +227,43 @@ def test_a_cut_off_metrics_line_neither_stops_the_run_nor_is_lost(tiny_model: Pa
     said = capsys.readouterr().out
     assert "left out 5 line(s)" in said and str(metrics) in said, said
     assert plots.series(run)["loss"] == losses
+
+
+def test_the_base_model_is_checked_by_its_files_not_its_path(tiny_model: Path, tmp_path: Path, monkeypatch):
+    """A relative model path found from another working directory (another model of the same shape
+    there) is refused at resume, and export refuses to merge onto it or to write over it; the same
+    model at another path (a run copied from another machine, moved elsewhere) resumes and exports."""
+    from tiny import build_tiny_model
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    shutil.copytree(tiny_model, project / "model")
+    build_tiny_model(elsewhere / "model", seed=1)  # same config and file sizes, other weights
+    write_toy_data(project / "toy.jsonl", n=48)
+    raw = recipe_dict(Path("model"), project / "toy.jsonl", project / "runs", run={"name": "rel"}, train=SHORT)
+    recipe_file = write_recipe(project / "r.yaml", raw)
+    monkeypatch.chdir(project)
+    assert train(load_recipe(recipe_file, ["train.max_steps=2"])).global_step == 2
+    run = project / "runs" / "rel"
+    monkeypatch.chdir(elsewhere)  # `model` is now ./model of this folder: another model
+    with pytest.raises(RunDirError, match="is not the base model .*checkpoint-2 was trained on") as refused:
+        train(load_recipe(recipe_file))
+    assert "other contents, same size" in str(refused.value) and not (run / "checkpoint-4").exists()
+    with pytest.raises(UserError, match="is not the base model .* was trained on"):
+        export(run, tmp_path / "merged", base_model=str(elsewhere / "model"))
+    assert not (tmp_path / "merged").exists()
+    with pytest.raises(UserError, match="is \\(or holds\\) the base model folder"):
+        export(run, project / "model", base_model=str(project / "model"), overwrite=True)
+    assert (project / "model" / "config.json").is_file() and not list(project.glob("model.*"))
+
+    # the run and its base model copied to another place (another user's machine): the same run
+    moved = tmp_path / "copy"
+    shutil.copytree(project / "runs", moved / "runs")
+    shutil.copytree(project / "model", moved / "base")
+    resumed = train(
+        load_recipe(recipe_file, [f"run.output_dir={moved / 'runs'}", f"model.name_or_path={moved / 'base'}"])
+    )
+    assert resumed.global_step == 4 and sorted(losses_by_step(moved / "runs" / "rel")) == [1, 2, 3, 4]
+    assert export(moved / "runs" / "rel", tmp_path / "merged2").ok
 
 
 # 3. one live writer per run directory

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError, RunDirError, UserError
-from .files import atomic_write_text, file_digest, is_no_space, jsonl_records, no_space_message
+from .files import atomic_write_text, file_digest, is_no_space, jsonl_records, no_space_message, sampled_digest
 from .recipe import RUN_RECIPE, Recipe, read_run_recipe, run_recipe_differences, write_run_recipe
 
 log = logging.getLogger("qlora_sft")
@@ -430,6 +430,17 @@ def check_run_dir(recipe: Recipe) -> str:
             "the old run aside and start over, or use another run.name."
         )
     diffs = run_recipe_differences(old, recipe)
+    moved = [d for d in diffs if d.startswith("model.name_or_path:")]
+    if moved:
+        # the same base model found at another path (a run copied from another machine, a model folder
+        # moved): its files are what the run recorded, so the path alone is no different recipe
+        # what the newest complete checkpoint trained on (a launch refused later may have rewritten
+        # recipe.yaml's launch block)
+        newest = next((c.path for c in list_checkpoints(run_dir) if c.complete), None)
+        saved = json.loads((newest / MANIFEST).read_text()).get("base_model") if newest else None
+        now = base_fingerprint(recipe)
+        if saved and now and saved == now:
+            diffs = [d for d in diffs if d not in moved]
     if diffs and not trained_anything(run_dir):
         return "restart"
     if diffs:
@@ -808,6 +819,76 @@ def data_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]
         if saved.get(key) is not None and saved.get(key) != now.get(key):
             changes.append(f"{key.replace('_', ' ')}: {saved.get(key)} -> {now.get(key)}")
     return changes
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def base_fingerprint(recipe: Recipe) -> dict[str, Any] | None:
+    """What identifies the base model a run trains on, wherever it lies: for a local folder the digest
+    of its config.json and the name and size of each weight file; for a hub id the id and revision.
+    None where model.name_or_path names nothing here."""
+    from .model.load import local_model_path
+
+    base_dir = Path(recipe.source).parent if recipe.source else None
+    try:
+        path = Path(local_model_path(recipe.model, base_dir))
+    except UserError:
+        return None
+    if not path.is_dir():
+        return {"hub_id": recipe.model.name_or_path, "revision": recipe.model.revision}
+    return model_folder_fingerprint(path)
+
+
+def model_folder_fingerprint(path: Path) -> dict[str, Any]:
+    """A model folder's config.json digest and, for each weight file, its size and a digest of three
+    samples of it (two models of one architecture have the same config and sizes)."""
+    config = path / "config.json"
+    weights = {
+        f.name: {"size": f.stat().st_size, "sample": sampled_digest(f)}
+        for f in sorted(path.iterdir())
+        if f.suffix in WEIGHT_SUFFIXES and f.is_file()
+    }
+    return {"config": file_digest(config) if config.is_file() else None, "weights": weights}
+
+
+def base_changes(saved: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:
+    """How the base model `now` differs from the one a run or checkpoint recorded (empty where either
+    is unknown: runs written before 2026-12-01 record none)."""
+    if not saved or not now or saved == now:
+        return []
+    if "hub_id" in saved or "hub_id" in now:
+        was, gone = saved.get("hub_id") or "a local folder", now.get("hub_id") or "a local folder"
+        return [f"base model {was} (revision {saved.get('revision')}) -> {gone} (revision {now.get('revision')})"]
+    out = [] if saved.get("config") == now.get("config") else ["config.json differs"]
+    old, new = saved.get("weights") or {}, now.get("weights") or {}
+    for name in sorted(set(old) | set(new)):
+        was, now_ = old.get(name), new.get(name)
+        if was == now_:
+            continue
+        if was and now_ and was.get("size") == now_.get("size"):
+            out.append(f"{name}: other contents, same size ({now_['size']:,} bytes)")
+        else:
+            before = f"{was['size']:,} bytes" if was else "absent"
+            after = f"{now_['size']:,} bytes" if now_ else "absent"
+            out.append(f"{name}: {before} -> {after}")
+    return out
+
+
+def check_base_unchanged(checkpoint: Path, now: dict[str, Any] | None, name_or_path: str) -> None:
+    """Refuse to resume on another base model than the one the checkpoint trained on (a relative
+    model path found from another working directory, a folder that now holds another model)."""
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    changes = base_changes(manifest.get("base_model"), now)
+    if not changes:
+        return
+    shown = "\n".join(f"    {c}" for c in changes[:10])
+    raise RunDirError(
+        f"model.name_or_path={name_or_path!r} is not the base model {checkpoint} was trained on:\n{shown}\n"
+        "Resuming would continue the adapter on other weights. Point model.name_or_path at the model the run "
+        "trained on (an absolute path avoids a relative one being found from another working directory), or "
+        "start a new run (another run.name)."
+    )
 
 
 def check_data_unchanged(checkpoint: Path, now: dict[str, Any], allow: bool) -> None:
@@ -1246,6 +1327,8 @@ def run_metadata(recipe: Recipe, mode: Any, batch: Any) -> dict[str, Any]:
         "global_batch": batch.global_batch,
         "max_steps_arg": -1 if steps is None else int(steps),
         "num_train_epochs": float(recipe.train.args.get("num_train_epochs", 3.0)),
+        # the weights trained on (resume and export check them: a path alone can name another model)
+        "base_model": base_fingerprint(recipe),
     }
 
 

@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge onto the base as training saw it (default when trained in 4/8 bit) or the original",
     )
     p.add_argument("--base-model", help="base model folder or hub id (default: the run's model.name_or_path)")
+    p.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="merge even though the base model's files differ from those the adapter trained on (the same "
+        "weights saved in other files)",
+    )
     p.add_argument("--shard-size", default="5GB", help="maximum size of an output shard (e.g. 5GB, 500MB)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -174,6 +180,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 verify=not args.no_verify,
                 hub=hub,
                 trust_remote_code=args.trust_remote_code,
+                other_base=args.allow_other_base,
             )
     if result is None:
         return 0

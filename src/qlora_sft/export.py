@@ -568,6 +568,7 @@ def plan_export(
     shard_size: str | int,
     device: str,
     overwrite: bool,
+    other_base: bool = False,
 ) -> ExportPlan:
     if dtype not in DTYPES:
         raise UserError(f"export: --dtype {dtype!r}: use bf16, fp16 or fp32")
@@ -583,7 +584,40 @@ def plan_export(
         base_folder, files = checkpoint_files(source.base_path, what="base model")
     except UserError as exc:
         raise UserError(f"export: {exc} Pass --base-model PATH to the base model folder.") from None
+    check_base(source, base_folder, other_base)
+    if out_dir.resolve() == base_folder.resolve() or base_folder.resolve().is_relative_to(out_dir.resolve()):
+        raise UserError(
+            f"export: --out {out_dir} is (or holds) the base model folder {base_folder} the adapter is merged onto; "
+            "choose another folder"
+        )
     return ExportPlan(out_dir, DTYPES[dtype], dtype, base_kind, base_folder, files, shard_bytes, device)
+
+
+def check_base(source: Source, base_folder: Path, other_base: bool) -> None:
+    """Refuse to merge onto another model than the one the adapter trained on, where its manifest
+    recorded that model (runs since 2026-12-01): the merge would be wrong, and the verification, which
+    loads the same base, could not see it. `other_base` (--allow-other-base): the same weights saved
+    in other files."""
+    from .checkpoint import MANIFEST, base_changes, model_folder_fingerprint
+
+    manifest = source.adapter_dir / MANIFEST
+    saved = json.loads(manifest.read_text()).get("base_model") if manifest.is_file() else None
+    if not saved or "weights" not in saved:
+        return
+    changes = base_changes(saved, model_folder_fingerprint(base_folder))
+    if not changes:
+        return
+    shown = "; ".join(changes[:6]) + (" ..." if len(changes) > 6 else "")
+    if other_base:
+        log.warning(
+            "export: %s is not the base model the adapter trained on (%s): --allow-other-base", base_folder, shown
+        )
+        return
+    raise UserError(
+        f"export: {base_folder} is not the base model {source.adapter_dir} was trained on ({shown}). Pass "
+        "--base-model PATH of the model it trained on; if this folder holds those same weights saved in other "
+        "files, pass --allow-other-base."
+    )
 
 
 # Written into every merged folder: `--overwrite` replaces only folders that carry it (an earlier
@@ -788,6 +822,7 @@ def export(
     verify: bool = True,
     hub: HubTarget | None = None,
     trust_remote_code: bool = False,
+    other_base: bool = False,
 ) -> ExportResult:
     """Merge, verify, publish, and with `hub` upload what was verified. Main process only (see
     `main_process_writes`)."""
@@ -800,7 +835,7 @@ def export(
         url = push_to_hub(source.adapter_dir, hub, token or "", f"qlora-sft adapter {source.adapter_dir.name}")
         log.info("export: uploaded the adapter %s to %s", source.adapter_dir, url)
         return ExportResult(source.adapter_dir, True, None, None, 0.0, time.time() - t0, 0, url)
-    plan = plan_export(source, out, dtype, base, shard_size, device, overwrite)
+    plan = plan_export(source, out, dtype, base, shard_size, device, overwrite, other_base)
     tmp, index, merge_rss = merge(source, plan)
     try:
         merged_vs, original_vs, ok = verify_merge(source, plan, tmp) if verify else (None, None, True)

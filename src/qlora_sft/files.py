@@ -3,6 +3,7 @@
 atomic_write_text   write beside the target, then rename over it (a crash leaves the old file or the
                     new one, and never a stray temporary)
 file_digest         xxHash (XXH3, 128 bits) of a file, read once in large blocks
+sampled_digest      the same of a large file's size and three 1 MiB samples (weights told apart cheaply)
 no_space_message    what a full disk means for the user: which device, what is still safe
 jsonl_records       the lines of a JSON-lines log, each with its object or None (a line cut off by a crash
                     or a full disk, or edited), never an exception
@@ -46,6 +47,20 @@ def file_digest(path: Path) -> str:
     with path.open("rb") as f:
         while block := f.read(_BLOCK):
             h.update(block)
+    return f"{DIGEST}:{h.hexdigest()}"
+
+
+def sampled_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """`xxh3_128:<hex>` of a large file's size and three 1 MiB samples (start, middle, end): tells two
+    weight files of one shape apart (a base model and its fine-tune) without reading gigabytes."""
+    import xxhash
+
+    size = path.stat().st_size
+    h = xxhash.xxh3_128(str(size).encode())
+    with path.open("rb") as f:
+        for offset in sorted({0, max(0, size // 2 - chunk // 2), max(0, size - chunk)}):
+            f.seek(offset)
+            h.update(f.read(chunk))
     return f"{DIGEST}:{h.hexdigest()}"
 
 

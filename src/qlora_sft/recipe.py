@@ -1330,6 +1330,9 @@ RUN_RECIPE = "recipe.yaml"
 # Keys that may change between launches of the same run (they do not change what is trained).
 RESUMABLE_CHANGES = (
     "run.overwrite",
+    # where the run lives: a run directory moved or copied elsewhere is the same run (the launch found it)
+    "run.output_dir",
+    "run.name",
     "model.loader",
     "model.embedding_in_host_memory",  # where the frozen table waits; the same rows reach the layers
     "checkpoint.",

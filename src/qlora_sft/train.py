@@ -242,6 +242,11 @@ def _train(
         )
         return TrainResult(run_dir, run_dir / "final", step, None, None)
 
+    if resume_from is not None:  # before the data is built and the model loaded
+        checkpoint.main_process_decides(
+            lambda: checkpoint.check_base_unchanged(resume_from, meta["base_model"], recipe.model.name_or_path)
+        )
+
     # 3. Tokenizer and data (one process per node builds the cache, the others wait for it; or
     # `qlora-sft prepare` built it before the launch) — before any model memory is spent.
     tokenizer, prepared = tokenizer_and_data(recipe, base_dir)
