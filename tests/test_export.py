@@ -129,8 +129,11 @@ def test_refusals_leave_nothing_half_written(run4bit: Path, tmp_path: Path, shar
     with pytest.raises(UserError, match="base model '/no/such/model' not found"):
         export(run4bit, tmp_path / "x", base_model="/no/such/model")
     other = build_tiny_model(tmp_path / "other", hidden=32)
-    with pytest.raises(UserError, match=r"adapter does not fit the base model: .* in the base but the LoRA delta is"):
+    with pytest.raises(UserError, match=r"is not the base model .* was trained on \(config.json differs"):
         export(run4bit, tmp_path / "y", base_model=str(other))
+    # told to go on anyway (--allow-other-base), the shapes still have to fit
+    with pytest.raises(UserError, match=r"adapter does not fit the base model: .* in the base but the LoRA delta is"):
+        export(run4bit, tmp_path / "y", base_model=str(other), other_base=True)
     assert not list(tmp_path.glob("y*")) and not list(tmp_path.glob("x*"))
     with pytest.raises(UserError, match="holds no adapter"):
         export(sharded_model, tmp_path / "z")
