@@ -213,3 +213,43 @@ def test_what_transformers_accepts_still_validates():
     assert r.train.nonfinite_patience == 1 and r.checkpoint.allow_data_change is True
     assert all(math.isfinite(v) for v in r.train.args.values() if isinstance(v, float))
     assert yaml.safe_load(r.to_yaml())["checkpoint"]["allow_data_change"] is True
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["plan", "r.yaml", "--gpus", "0"],
+        ["plan", "r.yaml", "--gpus", "-2"],
+        ["plan", "r.yaml", "--nodes", "0"],
+        ["plan", "r.yaml", "--nodes", "-1"],
+        ["submit", "r.yaml", "--gpus-per-node", "-3"],
+        ["submit", "r.yaml", "--nodes", "0"],
+        ["submit", "r.yaml", "--tasks-per-node", "0"],
+        ["submit", "r.yaml", "--cpus-per-task", "two"],
+        ["chat", "m", "--max-new-tokens", "-5"],
+        ["chat", "m", "--temperature", "nan"],
+        ["chat", "m", "--temperature", "-1"],
+    ],
+)
+def test_counts_and_numbers_on_the_command_line_are_checked(argv: list[str], capsys):
+    """Node, GPU, task and token counts below 1 (GPUs per node below 0), and a temperature that is
+    negative or NaN, are refused by the parser with the value and the fix (they were accepted:
+    "-1 node(s) x 1 process(es)", or silently greedy)."""
+    from qlora_sft import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert repr(argv[-1]) in capsys.readouterr().err
+    ok = {"--gpus-per-node": "0", "--temperature": "0.7"}.get(argv[-2], "2")
+    cli.build_parser().parse_args([*argv[:-1], ok])  # a sound value of the same flag parses
+
+
+def test_shard_size_is_a_size():
+    from qlora_sft.errors import UserError
+    from qlora_sft.export import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1.5MB") == 1_500_000
+    for bad in (".", "1.2.3GB", "", "0", "100KB", "-5GB"):
+        with pytest.raises(UserError, match="--shard-size"):
+            parse_size(bad)

@@ -25,6 +25,39 @@ def gib(text: str) -> float:
     return value
 
 
+def count(text: str) -> int:
+    """A count of nodes, GPUs, tasks or CPUs: a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1 or more")
+    return value
+
+
+def gpus(text: str) -> int:
+    """GPUs per node for submit: 0 (CPU ranks) or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 (CPU ranks) or more")
+    return value
+
+
+def temperature(text: str) -> float:
+    """A sampling temperature: a finite number, 0 (greedy) or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 (greedy) or a positive number such as 0.7")
+    return value
+
+
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument(
@@ -78,20 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", help="the launch's accelerate config (YAML) or DeepSpeed config (JSON) (default: one process)"
     )
-    p.add_argument("--gpus", type=int, help="GPUs (processes) per node (default: the config's num_processes)")
-    p.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--gpus", type=count, help="GPUs (processes) per node (default: the config's num_processes)")
+    p.add_argument("--nodes", type=count, default=1, help="number of nodes")
     p.add_argument("--gpu-mem", type=gib, help="GPU memory in GiB: list which bundled configs fit")
     p.add_argument("--run-dir", action="store_true", help="only print the run directory (for scripts)")
     p = sub.add_parser("submit", parents=[common], help="submit the recipe with submitit (SLURM, or --cluster local)")
     _recipe_args(p)
-    p.add_argument("--nodes", type=int)
-    p.add_argument("--gpus-per-node", type=int)
-    p.add_argument("--tasks-per-node", type=int, help="ranks per node (default: GPUs per node, or 1)")
+    p.add_argument("--nodes", type=count)
+    p.add_argument("--gpus-per-node", type=gpus)
+    p.add_argument("--tasks-per-node", type=count, help="ranks per node (default: GPUs per node, or 1)")
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--time", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS")
-    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--cpus-per-task", type=count)
     p.add_argument("--mem")
     p.add_argument("--constraint")
     p.add_argument("--extra-sbatch", action="append", help="another sbatch option, e.g. --extra-sbatch=--exclusive")
@@ -143,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="merged model folder, adapter folder, or run directory")
     p.add_argument("--prompt", help="answer this one prompt and exit")
     p.add_argument("--system", help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=count, default=256)
+    p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--trust-remote-code",

@@ -58,13 +58,16 @@ def parse_size(text: str | int) -> int:
     """`5GB`, `500MB`, `2GiB`, or bytes -> bytes."""
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B?|B)?\s*", str(text), re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B?|B)?\s*", str(text), re.IGNORECASE)
     if not m:
         raise UserError(f"--shard-size {text!r}: use e.g. 5GB, 500MB or a number of bytes")
     value, unit = float(m.group(1)), (m.group(2) or "B").upper()
     base = 1024 if "I" in unit else 1000
     power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    return int(value * base**power)
+    size = int(value * base**power)
+    if size < 1 << 20:
+        raise UserError(f"--shard-size {text!r}: a shard of under 1 MB would hold one tensor per file; use e.g. 5GB")
+    return size
 
 
 # --------------------------------------------------------------------------------------------
