@@ -22,7 +22,7 @@ import pytest
 from helpers import REPO, losses_by_step, recipe_dict, write_recipe, write_toy_data
 
 from qlora_sft import checkpoint
-from qlora_sft.errors import RunDirError, UserError
+from qlora_sft.errors import DataError, RunDirError, UserError
 from qlora_sft.export import export
 from qlora_sft.recipe import build_recipe, load_recipe, read_run_recipe
 from qlora_sft.train import setup_logging, train
@@ -244,15 +244,28 @@ def test_the_base_model_is_checked_by_its_files_not_its_path(tiny_model: Path, t
     monkeypatch.chdir(project)
     assert train(load_recipe(recipe_file, ["train.max_steps=2"])).global_step == 2
     run = project / "runs" / "rel"
-    monkeypatch.chdir(elsewhere)  # `model` is now ./model of this folder: another model
+    monkeypatch.chdir(elsewhere)  # `model` could be ./model of this folder or the one beside the recipe
+    with pytest.raises(UserError, match="model.name_or_path: model names two different folders"):
+        train(load_recipe(recipe_file))
+    with pytest.raises(DataError, match="toy.jsonl names two different files"):
+        shutil.copy(project / "toy.jsonl", elsewhere / "toy.jsonl")
+        (elsewhere / "toy.jsonl").write_text((elsewhere / "toy.jsonl").read_text()[::-1][1:] + "\n")
+        raw2 = recipe_dict(project / "model", Path("toy.jsonl"), project / "runs", run={"name": "d"}, train=SHORT)
+        train(load_recipe(write_recipe(project / "d.yaml", raw2)))
+    monkeypatch.chdir(project)
+    shutil.rmtree(project / "model.keep", ignore_errors=True)
+    (project / "model").rename(project / "model.keep")
+    shutil.copytree(elsewhere / "model", project / "model")  # the folder now holds another model
     with pytest.raises(RunDirError, match="is not the base model .*checkpoint-2 was trained on") as refused:
         train(load_recipe(recipe_file))
     assert "other contents, same size" in str(refused.value) and not (run / "checkpoint-4").exists()
     with pytest.raises(UserError, match="is not the base model .* was trained on"):
-        export(run, tmp_path / "merged", base_model=str(elsewhere / "model"))
+        export(run, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+    shutil.rmtree(project / "model")
+    (project / "model.keep").rename(project / "model")  # the model it trained on, back in place
     with pytest.raises(UserError, match="is \\(or holds\\) the base model folder"):
-        export(run, project / "model", base_model=str(project / "model"), overwrite=True)
+        export(run, project / "model", overwrite=True)
     assert (project / "model" / "config.json").is_file() and not list(project.glob("model.*"))
 
     # the run and its base model copied to another place (another user's machine): the same run

@@ -193,10 +193,17 @@ def quantization_line(model: Any, qconfig: Any, model_dtype: torch.dtype) -> str
 def local_model_path(cfg: ModelConfig, base_dir: str | Path | None = None) -> str:
     """A local folder as given or relative to the recipe; otherwise the hub id unchanged."""
     p = Path(cfg.name_or_path).expanduser()
+    beside = Path(base_dir) / p if base_dir is not None and not p.is_absolute() else None
     if p.exists():
+        if beside is not None and beside.exists() and p.resolve() != beside.resolve():
+            raise UserError(
+                f"model.name_or_path: {cfg.name_or_path} names two different folders: {p.resolve()} (from the working "
+                f"directory) and {beside.resolve()} (beside the recipe). Write the path absolute, or launch from the "
+                "recipe's folder, so that the run trains the model you mean."
+            )
         return str(p)
-    if base_dir is not None and not p.is_absolute() and (Path(base_dir) / p).exists():
-        return str(Path(base_dir) / p)
+    if beside is not None and beside.exists():
+        return str(beside)
     if p.is_absolute() or cfg.name_or_path.startswith((".", "~")) or cfg.name_or_path.count("/") > 1:
         raise UserError(f"model.name_or_path: folder {cfg.name_or_path} not found")
     return cfg.name_or_path
