@@ -728,9 +728,18 @@ def test_resume_over_changed_data_is_refused_naming_the_change(tiny_model: Path,
     recipe = recipe_of(tiny_model, tmp_path, "data", max_steps=4, save_steps=2)
     train(build_recipe({**recipe.to_dict(), "train": {**recipe.to_dict()["train"], "max_steps": 2}}))
     data = tmp_path / "toy.jsonl"
+    # the same bytes staged again (a requeued job copying its data to local disk, `cp` without -p): a
+    # new modification time, the same data: resumes
+    data.write_bytes(data.read_bytes())
+    later = data.stat().st_mtime_ns + 3600 * 10**9
+    os.utime(data, ns=(later, later))
+    assert (
+        train(build_recipe({**recipe.to_dict(), "train": {**recipe.to_dict()["train"], "max_steps": 3}})).global_step
+        == 3
+    )
     lines = data.read_text().splitlines()
     data.write_text("\n".join(lines[::-1] + lines[:30]) + "\n")  # reshuffled, 30 rows added
-    with pytest.raises(RunDirError, match=r"training data changed since .*checkpoint-2 was written:\n.*toy.jsonl: "):
+    with pytest.raises(RunDirError, match=r"training data changed since .*checkpoint-3 was written:\n.*toy.jsonl: "):
         train(recipe)
     allowed = build_recipe(
         {**recipe.to_dict(), "checkpoint": {**recipe.to_dict()["checkpoint"], "allow_data_change": True}}

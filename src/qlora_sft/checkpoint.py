@@ -810,7 +810,7 @@ def data_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]
             changes.append(f"{path}: gone")
         elif a[1] != b[1]:
             changes.append(f"{path}: {a[1]:,} bytes -> {b[1]:,} bytes")
-        elif a[2] != b[2]:
+        elif a[2] != b[2] and not (len(a) > 3 and len(b) > 3 and a[3] == b[3]):  # not the same bytes again
             changes.append(
                 f"{path}: modified at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(b[2] / 1e9))} "
                 f"(was {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(a[2] / 1e9))}), same size"

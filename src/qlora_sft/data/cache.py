@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..files import file_digest
 from ..recipe import DataConfig, DataSource
 from .encode import PreparedData, build_data
 from .report import DataReport, check_end_tokens
@@ -269,10 +270,12 @@ def prepare_data(
 
 def data_fingerprint(cfg: DataConfig, base_dir: str | os.PathLike[str] | None, report: DataReport) -> dict[str, Any]:
     """What a checkpoint records of the data it was trained on (a resume over changed data is
-    refused): every local file of every source (path, size, modification time) and the split's
+    refused): every local file of every source (path, size, modification time, content digest) and the split's
     row counts. Hub datasets are named by the recipe (id, split, revision), which resume compares."""
+    # with each file's content digest: a byte-identical copy (data staged again by a requeued job, a
+    # checkout, a `cp` without -p) has a new modification time and is still the same data
     files = [
-        list(entry)
+        [*entry, file_digest(Path(entry[0]))]
         for src in (*cfg.sources, *cfg.eval_sources)
         for entry in _source_fingerprint(src, base_dir).get("files", [])
     ]
