@@ -411,3 +411,47 @@ def test_json_nested_too_deeply_is_invalid_json(tmp_path: Path):
         error(g)
         == f"{g}: not valid JSON that can be read (line 1: nested too deeply to parse). Fix or remove that value."
     )
+
+
+def test_tool_calls_a_template_leaves_out_are_bad_rows(tmp_path: Path, tok):
+    """chatml, llama2 and alpaca render neither tool calls nor tool results: such a row trained as it
+    renders teaches an empty answer where the model should call a tool. It is a bad row naming the
+    call; the same row under a template that renders tool calls trains."""
+    import copy
+
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    row = {
+        "messages": [
+            {"role": "user", "content": "weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "sunny and 24 degrees"},
+            {"role": "assistant", "content": "It is sunny."},
+        ]
+    }
+    f = tmp_path / "tools.jsonl"
+    plain = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    f.write_bytes(jsonl(plain, row))
+    for template in ("chatml", "llama2", "alpaca"):
+        for assistant_only_loss in (True, False):
+            cfg = DataConfig(
+                sources=(DataSource(path=str(f)),),
+                eval_fraction=0.0,
+                num_proc=1,
+                chat_template=template,
+                assistant_only_loss=assistant_only_loss,
+            )
+            with pytest.raises(DataError) as exc:
+                build_data(cfg, copy.deepcopy(tok), 0)
+            assert str(exc.value).startswith(f"{f} row 2: the chat template leaves out turn 2's call of get_weather")
+            skip = DataConfig(
+                sources=cfg.sources, eval_fraction=0.0, num_proc=1, chat_template=template, on_bad_row="skip"
+            )
+            assert build_data(skip, copy.deepcopy(tok), 0).report.sources[0].skipped == {"tool_calls_not_rendered": 1}
+    renders = copy.deepcopy(tok)
+    renders.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "{% for c in m.get('tool_calls') or [] %}<tool_call>{{ c['function']['name'] }}</tool_call>{% endfor %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    cfg = DataConfig(sources=(DataSource(path=str(f)),), eval_fraction=0.0, num_proc=1, chat_template="auto")
+    assert build_data(cfg, renders, 0).report.sources[0].kept == 2

@@ -196,6 +196,31 @@ def _template_refused(exc: Exception) -> BadRow:
     )
 
 
+def _tools_left_out(messages: list[dict[str, Any]], text: str) -> BadRow | None:
+    """The bad row for a conversation whose tool calls or tool results the chat template leaves out of
+    the rendered `text` (chatml, llama2 and alpaca render neither): trained as it renders, the model
+    would learn an empty answer where it should call a tool."""
+    missing = []
+    for i, m in enumerate(messages):
+        for call in m.get("tool_calls") or []:
+            fn = call.get("function", call) if isinstance(call, dict) else {}
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if isinstance(name, str) and name and name not in text:
+                missing.append(f"turn {i + 1}'s call of {name}")
+        content = m.get("content")
+        if m.get("role") == "tool" and isinstance(content, str) and content.strip():
+            if content.strip()[:200] not in text:
+                missing.append(f"turn {i + 1}'s tool result")
+    if not missing:
+        return None
+    return BadRow(
+        "tool_calls_not_rendered",
+        f"the chat template leaves out {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: trained as "
+        "rendered, the model would learn to answer without them. Use a template that renders tool calls (the "
+        "model's own, data.chat_template: auto, or a .jinja file), or leave tool-calling rows out of this source",
+    )
+
+
 def tokenize_rows(
     examples: Sequence[Example], tokenizer: Any, max_length: int, assistant_only_loss: bool, keep_text: bool = False
 ) -> list[Tokenized | BadRow]:
@@ -211,10 +236,18 @@ def tokenize_rows(
             plain.append(i)
             continue
         try:
+            messages = ex.messages or []
+            uses_tools = any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
             if template is not None:
+                if uses_tools and (left_out := _tools_left_out(messages, _render(tokenizer, messages, False))):
+                    out[i] = left_out
+                    continue
                 out[i] = _marked(ex, tokenizer, template, keep_text)
             else:
-                text = _render(tokenizer, ex.messages or [], False)
+                text = _render(tokenizer, messages, False)
+                if uses_tools and (left_out := _tools_left_out(messages, text)):
+                    out[i] = left_out
+                    continue
                 chats.append((i, text, _assistant_spans(ex, tokenizer, text) if assistant_only_loss else None))
         except jinja2.TemplateError as exc:
             out[i] = _template_refused(exc)
