@@ -455,3 +455,47 @@ def test_tool_calls_a_template_leaves_out_are_bad_rows(tmp_path: Path, tok):
     )
     cfg = DataConfig(sources=(DataSource(path=str(f)),), eval_fraction=0.0, num_proc=1, chat_template="auto")
     assert build_data(cfg, renders, 0).report.sources[0].kept == 2
+
+
+def test_a_messages_rows_tools_system_and_reasoning_reach_the_template(tmp_path: Path, tok):
+    """Fields of OpenAI's and Qwen3's formats that were dropped without a word: a row's `tools` (the
+    functions it may call), a row's `system`, an assistant turn's `reasoning_content`; a per-turn
+    `weight` (axolotl) other than 1 is a bad row, not trained in silence."""
+    import copy
+
+    shows = copy.deepcopy(tok)
+    shows.chat_template = (
+        "{% if tools %}<|im_start|>system\nTOOLS:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}"
+        "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m.get('reasoning_content') %}<think>{{ m['reasoning_content'] }}</think>{% endif %}{{ m['content'] }}"
+        "{% for c in m.get('tool_calls') or [] %}<tool_call>{{ c['function']['name'] }}</tool_call>{% endfor %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    rows = [
+        {
+            "tools": [weather],
+            "system": "Answer in French.",
+            "messages": [
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4", "reasoning_content": "two plus two"},
+            ],
+        },
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 0}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 1}]},
+    ]
+    f = tmp_path / "fields.jsonl"
+    f.write_bytes(jsonl(*rows))
+    cfg = DataConfig(sources=(DataSource(path=str(f)),), eval_fraction=0.0, num_proc=1, on_bad_row="skip")
+    prepared = build_data(cfg, shows, 0)
+    assert prepared.report.sources[0].skipped == {"turn_weight": 1}
+    (text,) = [t for t in (shows.decode(r["input_ids"]) for r in prepared.train) if "2+2?" in t]
+    assert "TOOLS: get_weather" in text and "Answer in French." in text and "<think>two plus two</think>" in text
+    with pytest.raises(DataError, match=r"row 2: .*weight is 0: per-turn weights .* are not supported"):
+        build_data(DataConfig(sources=cfg.sources, eval_fraction=0.0, num_proc=1), shows, 0)
+    # a template that does not render tool definitions (the bundled chatml) makes the row a bad row
+    chatml = DataConfig(sources=cfg.sources, eval_fraction=0.0, num_proc=1, chat_template="chatml", on_bad_row="skip")
+    assert build_data(chatml, copy.deepcopy(tok), 0).report.sources[0].skipped == {
+        "turn_weight": 1,
+        "tool_calls_not_rendered": 1,
+    }

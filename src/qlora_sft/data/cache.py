@@ -31,8 +31,9 @@ log = logging.getLogger("qlora_sft")
 
 
 # Bump when the tokenised output for the same inputs changes, to invalidate caches.
-CACHE_VERSION = "4"  # 2: assistant spans from generation markers, tool calls; 3: cache folder layout;
-# 4: eval rows held out before repetition (weight > 1), truncated conversations counted as not ending
+CACHE_VERSION = "5"  # 2: assistant spans from generation markers, tool calls; 3: cache folder layout;
+# 4: eval rows held out before repetition (weight > 1), truncated conversations counted as not ending;
+# 5: a messages row's tools, system and reasoning_content reach the chat template
 
 
 def _source_fingerprint(src: DataSource, base_dir: str | os.PathLike[str] | None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import DataError
 from ..recipe import DataConfig, DataSource
-from .formats import Example, bad_row_error, eval_rows_held_out, mix, normalize_row, source_format
+from .formats import Example, bad_row_error, eval_rows_held_out, mix, normalize_row, row_tools, source_format
 from .report import DataReport, SourceReport, check_end_tokens
 from .sources import BadRow, limit_text, parse_document, read_documents
 from .templates import end_of_turn_token, tokenize_example, tokenize_rows
@@ -116,13 +116,15 @@ def encode_documents(
     reasons: list[str] = []
     for rowno, document in zip(batch["row"], batch["document"], strict=True):
         try:
-            messages, text = normalize_row(parse_document(document), fmt, system_prompt)
+            row = parse_document(document)
+            messages, text = normalize_row(row, fmt, system_prompt)
+            tools = row_tools(row, fmt)
         except BadRow as bad:
             if on_bad_row == "error":
                 raise bad_row_error(path, rowno, fmt, str(bad)) from None
             reasons.append(bad.reason)
             continue
-        examples.append(Example(messages, text, path, rowno))
+        examples.append(Example(messages, text, path, rowno, tools))
         reasons.append("")
     tokens = iter(zip(examples, tokenize_rows(examples, tokenizer, max_length, assistant_only_loss), strict=True))
     out: dict[str, list[Any]] = {k: [] for k in _encoded_features()}
@@ -265,8 +267,9 @@ def _no_loss_error(cfg: DataConfig, tokenizer: Any, parts: list[_Encoded], posit
             position -= len(part.documents)
             continue
         src, doc = part.src, part.documents[position]
-        messages, text = normalize_row(parse_document(doc["document"]), part.report.format, src.system_prompt)
-        ex = Example(messages, text, src.path, doc["row"])
+        row = parse_document(doc["document"])
+        messages, text = normalize_row(row, part.report.format, src.system_prompt)
+        ex = Example(messages, text, src.path, doc["row"], row_tools(row, part.report.format))
         full = tokenize_example(ex, tokenizer, 10**9, cfg.assistant_only_loss)
         return DataError(
             f"{src.path} row {doc['row']}: no trained tokens are left after truncation to "

@@ -53,6 +53,17 @@ class Example:
     text: str | None
     source: str
     row: int
+    tools: list[dict[str, Any]] | None = None  # the row's tool definitions (OpenAI's fine-tuning format)
+
+
+def row_tools(row: Any, fmt: str) -> list[dict[str, Any]] | None:
+    """A conversation row's `tools` (the functions it may call, given to the chat template), or None."""
+    tools = row.get("tools") if isinstance(row, dict) and fmt == "messages" else None
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BadRow("wrong_type", "field `tools` must be a list of tool definitions (mappings)")
+    return tools
 
 
 def detect_format(row: Any) -> str | None:
@@ -119,6 +130,15 @@ def _turns(turns: Any, role_key: str, content_key: str, field_name: str) -> list
             )
         content = turn.get(content_key)
         message: dict[str, Any] = {"role": role, "content": "" if content is None else _content(content, where)}
+        if role == "assistant" and isinstance(turn.get("reasoning_content"), str):
+            message["reasoning_content"] = turn["reasoning_content"]  # a template with thinking renders it
+        if "weight" in turn and turn["weight"] not in (1, 1.0, True):
+            raise BadRow(
+                "turn_weight",
+                f"{where}.weight is {turn['weight']!r}: per-turn weights (axolotl's `weight: 0` to leave a turn "
+                "untrained) are not supported, and every assistant turn would train. Remove the turn (or the key), "
+                "or split the conversation",
+            )
         if calls:
             if role != "assistant":
                 raise BadRow("wrong_type", f"{where}: only assistant turns carry `tool_calls`")
@@ -235,6 +255,12 @@ def normalize_row(
         if "messages" not in row:
             raise BadRow("missing_field", "missing field `messages`")
         messages = _turns(row["messages"], "role", "content", "messages")
+        if (
+            isinstance(row.get("system"), str)
+            and row["system"].strip()
+            and (not messages or messages[0]["role"] != "system")
+        ):
+            messages.insert(0, {"role": "system", "content": row["system"]})
     elif fmt == "prompt_completion":
         for key in ("prompt", "completion"):
             if key not in row or row[key] is None:
@@ -323,13 +349,14 @@ def iter_examples(
         report.rows += 1
         try:
             messages, text = normalize_row(row, fmt, src.system_prompt)
+            tools = row_tools(row, fmt)
         except BadRow as bad:
             if on_bad_row == "error":
                 raise bad_row_error(src.path, rowno, fmt, str(bad)) from None
             report.skipped[bad.reason] = report.skipped.get(bad.reason, 0) + 1
             continue
         report.kept += 1
-        yield Example(messages, text, src.path, rowno)
+        yield Example(messages, text, src.path, rowno, tools)
     if report.rows == 0:
         raise DataError(f"data source {src.path} has no rows")
 

@@ -104,8 +104,10 @@ class Tokenized:
     cut_tail: list[int] = field(default_factory=list)
 
 
-def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(
+    tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool, tools: list[dict[str, Any]] | None = None
+) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 _MARKED_TEMPLATES: dict[str, str | None] = {}
@@ -136,13 +138,18 @@ def _marked(ex: Example, tokenizer: Any, template: str, keep_text: bool) -> Toke
     """Token ids with the tokens inside the template's generation markers as labels (untruncated)."""
     assert ex.messages is not None
     marked = tokenizer.apply_chat_template(
-        ex.messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        ex.messages,
+        tools=ex.tools,
+        chat_template=template,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
     )
     ids = list(marked["input_ids"])
     labels = [tid if keep else -100 for tid, keep in zip(ids, marked["assistant_masks"], strict=True)]
     if not keep_text:
         return Tokenized(ids, labels, False)
-    text = tokenizer.apply_chat_template(ex.messages, chat_template=template, tokenize=False)
+    text = tokenizer.apply_chat_template(ex.messages, tools=ex.tools, chat_template=template, tokenize=False)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if list(enc["input_ids"]) != ids:  # pragma: no cover - the same text, tokenized the same way
         raise DataError(f"{ex.source} row {ex.row}: the chat template's tokens differ between two renderings")
@@ -158,8 +165,8 @@ def _assistant_spans(ex: Example, tokenizer: Any, text: str) -> list[tuple[int, 
     for i, m in enumerate(ex.messages):
         if m["role"] != "assistant":
             continue
-        before = _render(tokenizer, ex.messages[:i], True)
-        through = text if i == last else _render(tokenizer, ex.messages[: i + 1], False)
+        before = _render(tokenizer, ex.messages[:i], True, ex.tools)
+        through = text if i == last else _render(tokenizer, ex.messages[: i + 1], False, ex.tools)
         if not (text.startswith(through) and through.startswith(before)):
             raise DataError(
                 f"{ex.source} row {ex.row}: the chat template does not render conversations "
@@ -196,11 +203,18 @@ def _template_refused(exc: Exception) -> BadRow:
     )
 
 
-def _tools_left_out(messages: list[dict[str, Any]], text: str) -> BadRow | None:
+def _tools_left_out(
+    messages: list[dict[str, Any]], text: str, tools: list[dict[str, Any]] | None = None
+) -> BadRow | None:
     """The bad row for a conversation whose tool calls or tool results the chat template leaves out of
     the rendered `text` (chatml, llama2 and alpaca render neither): trained as it renders, the model
     would learn an empty answer where it should call a tool."""
     missing = []
+    for tool in tools or []:
+        fn = tool.get("function", tool)
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if isinstance(name, str) and name and name not in text:
+            missing.append(f"the definition of tool {name}")
     for i, m in enumerate(messages):
         for call in m.get("tool_calls") or []:
             fn = call.get("function", call) if isinstance(call, dict) else {}
@@ -237,15 +251,16 @@ def tokenize_rows(
             continue
         try:
             messages = ex.messages or []
-            uses_tools = any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+            uses_tools = bool(ex.tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
             if template is not None:
-                if uses_tools and (left_out := _tools_left_out(messages, _render(tokenizer, messages, False))):
+                rendered = _render(tokenizer, messages, False, ex.tools) if uses_tools else ""
+                if uses_tools and (left_out := _tools_left_out(messages, rendered, ex.tools)):
                     out[i] = left_out
                     continue
                 out[i] = _marked(ex, tokenizer, template, keep_text)
             else:
-                text = _render(tokenizer, messages, False)
-                if uses_tools and (left_out := _tools_left_out(messages, text)):
+                text = _render(tokenizer, messages, False, ex.tools)
+                if uses_tools and (left_out := _tools_left_out(messages, text, ex.tools)):
                     out[i] = left_out
                     continue
                 chats.append((i, text, _assistant_spans(ex, tokenizer, text) if assistant_only_loss else None))
