@@ -83,6 +83,14 @@ def test_loss_curves_are_drawn(trained, tmp_path: Path):
         assert im.format == "PNG"
     missing = subprocess.run([sys.executable, "-m", "qlora_sft", "plot", str(tmp_path)], capture_output=True, text=True)
     assert missing.returncode == 2 and "has no logs/metrics.jsonl" in missing.stderr
+    for out, said in ((tmp_path / "fig.pdf", "name the file .png"), (tmp_path, "is a folder; give the PNG file")):
+        refused = subprocess.run(
+            [sys.executable, "-m", "qlora_sft", "plot", str(result.run_dir), "--out", str(out)],
+            capture_output=True,
+            text=True,
+        )
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "fig.pdf").exists()  # (PNG bytes were written into it before)
 
 
 def test_final_adapter_loads_with_peft_on_a_4bit_base(trained, tiny_model: Path):

@@ -476,7 +476,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     runs = [Path(r) for r in args.runs]
     default = runs[0] / "logs" / "loss.png" if len(runs) == 1 else Path("loss.png")
-    print(draw(runs, Path(args.out) if args.out else default))
+    out = Path(args.out) if args.out else default
+    if out.is_dir():
+        raise UserError(f"plot: --out {out} is a folder; give the PNG file to write (e.g. {out / 'loss.png'})")
+    if out.suffix.lower() != ".png":
+        png = out.with_suffix(".png")
+        raise UserError(f"plot: --out {out}: plot writes a PNG image; name the file .png (e.g. {png})")
+    print(draw(runs, out))
     return 0
 
 
