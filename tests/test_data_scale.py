@@ -210,6 +210,17 @@ def test_prepare_once_then_train_finds_it(tiny_model: Path, toy_data: Path, tmp_
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert f"data: found the prepared cache {folder} (built by `qlora-sft prepare`" in trained.stdout
     assert list((tmp_path / "runs" / ".cache").glob("data-*")) == [folder]
+    # a prepare killed mid-build left its temporary folder (a whole dataset at scale): the next build of
+    # that cache on this host removes it
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{dead.pid}")
+    (left / "work").mkdir(parents=True)
+    rebuilt = subprocess.run([*cli, "prepare", str(recipe), "--rebuild"], capture_output=True, text=True, env=cpu_env())
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert not left.exists() and f"removed {left}" in rebuilt.stdout
 
 
 def test_ranks_wait_for_the_cache_longer_than_the_collective_timeout(tiny_model: Path, toy_data: Path, tmp_path: Path):

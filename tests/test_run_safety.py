@@ -116,6 +116,27 @@ def test_an_interrupted_export_leaves_no_copy_and_the_next_one_sweeps_older_ones
     assert elsewhere.is_dir() and str(elsewhere) in said and "left alone" in said
 
 
+def test_a_checkpoint_deleted_while_it_is_exported_is_named(finished: Path, tmp_path: Path):
+    """Exporting a checkpoint of a run that is still training with checkpoint.keep_last: retention may
+    delete it between the merge and the verification. The export stops naming it (it raised a raw
+    ValueError from peft) and leaves no temporary copy of the model."""
+    from qlora_sft import export as export_module
+
+    run = tmp_path / "runs" / "a"
+    shutil.copytree(finished / "runs" / "a", run)
+    real = export_module.verify_merge
+
+    def retention(source, *args, **kwargs):
+        shutil.rmtree(source.adapter_dir)  # as apply_retention does once a newer checkpoint is complete
+        return real(source, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(export_module, "verify_merge", retention)
+        with pytest.raises(UserError, match=r"checkpoint-2 was deleted while it was exported .*keep_last"):
+            export(run / "checkpoint-2", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob("merged.tmp-*"))
+
+
 def test_an_out_that_appears_during_the_export_is_not_replaced_without_overwrite(finished: Path, tmp_path: Path):
     """Two exports to one --out at once: the one that finishes second does not replace the first's
     folder (each checked that --out was free when it started); it keeps its own beside it and says so."""

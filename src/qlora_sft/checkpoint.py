@@ -433,9 +433,8 @@ def check_run_dir(recipe: Recipe) -> str:
     moved = [d for d in diffs if d.startswith("model.name_or_path:")]
     if moved:
         # the same base model found at another path (a run copied from another machine, a model folder
-        # moved): its files are what the run recorded, so the path alone is no different recipe
-        # what the newest complete checkpoint trained on (a launch refused later may have rewritten
-        # recipe.yaml's launch block)
+        # moved): its files are what the newest complete checkpoint recorded (not recipe.yaml's launch
+        # block, which a launch refused later may have rewritten), so the path alone is no other recipe
         newest = next((c.path for c in list_checkpoints(run_dir) if c.complete), None)
         saved = json.loads((newest / MANIFEST).read_text()).get("base_model") if newest else None
         now = base_fingerprint(recipe)
@@ -825,9 +824,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def base_fingerprint(recipe: Recipe) -> dict[str, Any] | None:
-    """What identifies the base model a run trains on, wherever it lies: for a local folder the digest
-    of its config.json and the name and size of each weight file; for a hub id the id and revision.
-    None where model.name_or_path names nothing here."""
+    """What identifies the base model a run trains on, wherever it lies: for a local folder its
+    `model_folder_fingerprint`; for a hub id the id and revision. None where model.name_or_path names
+    nothing here."""
     from .model.load import local_model_path
 
     base_dir = Path(recipe.source).parent if recipe.source else None

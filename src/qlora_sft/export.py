@@ -841,7 +841,16 @@ def export(
     plan = plan_export(source, out, dtype, base, shard_size, device, overwrite, other_base)
     tmp, index, merge_rss = merge(source, plan)
     try:
-        merged_vs, original_vs, ok = verify_merge(source, plan, tmp) if verify else (None, None, True)
+        try:
+            merged_vs, original_vs, ok = verify_merge(source, plan, tmp) if verify else (None, None, True)
+        except Exception as exc:
+            if source.adapter_dir.is_dir():
+                raise
+            raise UserError(
+                f"export: {source.adapter_dir} was deleted while it was exported (the run's checkpoint.keep_last "
+                "removes older checkpoints while it trains). Export the run once training has ended, or a "
+                "checkpoint that retention keeps; nothing was written."
+            ) from exc
         write_model_card(tmp, source, plan.base_kind, plan.dtype_name, merged_vs, original_vs, merge_rss, ok)
         marker = {"adapter": str(source.adapter_dir.resolve()), "step": source.step, "verified": ok if verify else None}
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")

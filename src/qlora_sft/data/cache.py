@@ -162,6 +162,12 @@ def build_cache(folder: Path, build: Any, by: str = "train") -> PreparedData | N
     with os.fdopen(fd, "w") as f:
         json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": started}, f)
     tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    for left in folder.parent.glob(f"{folder.name}.tmp-{socket.gethostname()}-*"):
+        # a build of this key killed on this host (this process holds the lock: no live build has it)
+        pid = left.name.rsplit("-", 1)[-1]
+        if left != tmp and pid.isdigit() and _holder_died({"host": socket.gethostname(), "pid": int(pid)}):
+            shutil.rmtree(left, ignore_errors=True)
+            log.info("data: removed %s, left by a build that was killed", left)
     try:
         failed.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
