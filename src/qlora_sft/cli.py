@@ -25,26 +25,24 @@ def gib(text: str) -> float:
     return value
 
 
-def count(text: str) -> int:
-    """A count of nodes, GPUs, tasks or CPUs: a whole number, 1 or more."""
+def _whole_number(text: str, least: int, hint: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 1 or more")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text!r}: give {hint}")
     return value
+
+
+def count(text: str) -> int:
+    """A count of nodes, GPUs, tasks or CPUs: a whole number, 1 or more."""
+    return _whole_number(text, 1, "1 or more")
 
 
 def gpus(text: str) -> int:
     """GPUs per node for submit: 0 (CPU ranks) or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 0 (CPU ranks) or more")
-    return value
+    return _whole_number(text, 0, "0 (CPU ranks) or more")
 
 
 def temperature(text: str) -> float:

@@ -28,7 +28,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .files import sweep_temporaries, temporary_for
 from .launch import DTYPES as TORCH_DTYPES
 from .loader import checkpoint_files
 from .recipe import QuantizationConfig, Recipe
@@ -667,27 +667,21 @@ def check_out_dir(out_dir: Path, source: Source, overwrite: bool) -> None:
 
 
 def sweep_interrupted(out_dir: Path) -> None:
-    """Remove the temporary folders (`<out>.tmp-<host>-<pid>`) that exports into `out_dir` killed on
-    this machine left behind (a whole model each); name those of other machines or live processes."""
+    """Remove the temporary folders that exports into `out_dir` killed on this machine left behind (a
+    whole model each); name those of other machines or live processes."""
     from .checkpoint import _process_start
 
-    here = socket.gethostname()
-    for tmp in sorted(out_dir.parent.glob(f"{out_dir.name}.tmp-*")):
-        m = re.fullmatch(rf"{re.escape(out_dir.name)}\.tmp-(?:(.+)-)?(\d+)", tmp.name)
-        if not m or not tmp.is_dir():
-            continue
-        host, pid = m.group(1) or here, int(m.group(2))
-        if host == here and pid != os.getpid() and _process_start(pid) is None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            log.info("export: removed %s, left by an interrupted export (process %d is gone)", tmp, pid)
-        else:
-            log.warning(
-                "export: %s is another export's unfinished folder (process %d on %s); left alone. Remove it once "
-                "no export is running there.",
-                tmp,
-                pid,
-                host,
-            )
+    removed, others = sweep_temporaries(out_dir, lambda pid: _process_start(pid) is None)
+    for tmp in removed:
+        log.info("export: removed %s, left by an interrupted export (its process is gone)", tmp)
+    for tmp, host, pid in others:
+        log.warning(
+            "export: %s is another export's unfinished folder (process %d on %s); left alone. Remove it once "
+            "no export is running there.",
+            tmp,
+            pid,
+            host,
+        )
 
 
 def merge(source: Source, plan: ExportPlan) -> tuple[Path, dict[str, Any], float]:
@@ -710,7 +704,7 @@ def merge(source: Source, plan: ExportPlan) -> tuple[Path, dict[str, Any], float
         plan.shard_bytes,
     )
     sweep_interrupted(plan.out_dir)
-    tmp = plan.out_dir.with_name(f"{plan.out_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    tmp = temporary_for(plan.out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

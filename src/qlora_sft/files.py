@@ -8,6 +8,10 @@ no_space_message    what a full disk means for the user: which device, what is s
 jsonl_records       the lines of a JSON-lines log, each with its object or None (a line cut off by a crash
                     or a full disk, or edited), never an exception
 append_jsonl        one record appended on a line of its own (after a cut-off last line too)
+temporary_for       `<target>.tmp-<host>-<pid>`: where a build is written before it is renamed into place
+sweep_temporaries   remove those that processes of this host left when they were killed
+local_path          a relative path from the working directory, else beside the recipe, and the other file
+                    it names where both exist and differ (the caller refuses that)
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
+import socket
+from collections.abc import Callable
 from pathlib import Path
 
 DIGEST = "xxh3_128"
@@ -115,3 +122,45 @@ def append_jsonl(path: Path, record: dict) -> None:
                 line = b"\n" + line
         f.seek(0, os.SEEK_END)
         f.write(line)
+
+
+def local_path(path: str, base_dir: str | os.PathLike[str] | None) -> tuple[Path | None, Path | None]:
+    """(found, other): `path` as given (relative to the working directory) where it exists, else
+    relative to `base_dir` (the recipe's folder), else None; `other` is the different file or folder
+    the same relative path names beside the recipe where both exist (callers refuse the ambiguity,
+    naming both), else None."""
+    here = Path(path).expanduser()
+    beside = Path(base_dir) / here if base_dir is not None and not here.is_absolute() else None
+    if not here.exists():
+        return (beside if beside is not None and beside.exists() else None), None
+    if beside is None or not beside.exists():
+        return here, None
+    try:
+        same = here.resolve() == beside.resolve() or os.path.samefile(here, beside)
+    except OSError:
+        same = False
+    return here, (None if same else beside)
+
+
+def temporary_for(target: Path) -> Path:
+    """Where this process builds `target` before renaming it into place."""
+    return target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def sweep_temporaries(target: Path, gone: Callable[[int], bool]) -> tuple[list[Path], list[tuple[Path, str, int]]]:
+    """Remove the `temporary_for(target)` folders that processes of this host left when they were
+    killed (`gone(pid)`; a name without a host is this host's): a whole model or dataset each.
+    Returns (removed, the others as (folder, host, pid): another host's or a live process's)."""
+    here = socket.gethostname()
+    removed, others = [], []
+    for tmp in sorted(target.parent.glob(f"{target.name}.tmp-*")):
+        m = re.fullmatch(rf"{re.escape(target.name)}\.tmp-(?:(.+)-)?(\d+)", tmp.name)
+        if not m or not tmp.is_dir():
+            continue
+        host, pid = m.group(1) or here, int(m.group(2))
+        if host == here and pid != os.getpid() and gone(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        elif tmp != temporary_for(target):
+            others.append((tmp, host, pid))
+    return removed, others

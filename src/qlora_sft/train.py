@@ -225,22 +225,22 @@ def _train(
 
     picked = checkpoint.main_process_decides(pick_checkpoint)  # verified once, by the main process
     resume_from = Path(picked) if picked is not None else None
+    resume_step = checkpoint.checkpoint_step(resume_from) if resume_from is not None else -1
     max_steps = int(recipe.train.args.get("max_steps") or -1)
-    if resume_from is not None and 0 < max_steps <= checkpoint.checkpoint_step(resume_from):
+    if resume_from is not None and 0 < max_steps <= resume_step:
         # the last step's checkpoint is complete but final/ is not (a preemption during the last step,
         # a crash while final/ was saved): publish it as final/ rather than train past max_steps
         with checkpoint.main_process_writes() as is_main:
             if is_main:
                 checkpoint.final_from_checkpoint(resume_from, run_dir / "final")
-        step = checkpoint.checkpoint_step(resume_from)
         log.info(
             "done: %s is at step %d and train.max_steps is %d: published as %s without training further",
             resume_from.name,
-            step,
+            resume_step,
             max_steps,
             run_dir / "final",
         )
-        return TrainResult(run_dir, run_dir / "final", step, None, None)
+        return TrainResult(run_dir, run_dir / "final", resume_step, None, None)
 
     if resume_from is not None:  # before the data is built and the model loaded
         checkpoint.main_process_decides(
@@ -253,13 +253,13 @@ def _train(
     log.info("data: %s", prepared.origin())
     for line in prepared.report.lines():
         log.info("data: %s", line)
-    meta["data"] = data.data_fingerprint(recipe.data, base_dir, prepared.report)
+    # content digests on the main process only: it writes the manifests and checks a resume
+    meta["data"] = data.data_fingerprint(recipe.data, base_dir, prepared.report, digests=state.is_main_process)
     if resume_from is not None:
         allow = recipe.checkpoint.allow_data_change
         checkpoint.main_process_decides(lambda: checkpoint.check_data_unchanged(resume_from, meta["data"], allow))
         with checkpoint.main_process_writes() as is_main:
-            step = checkpoint.checkpoint_step(resume_from)
-            if is_main and (moved := checkpoint.trim_replayed_metrics(run_dir, step)):
+            if is_main and (moved := checkpoint.trim_replayed_metrics(run_dir, resume_step)):
                 log.info("logs: %d lines of steps after %s moved to metrics.replayed.jsonl", moved, resume_from.name)
 
     # 4. Model: quantized, placed for the launch mode, with LoRA adapters.

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from ..files import file_digest
+from ..files import file_digest, sweep_temporaries, temporary_for
 from ..recipe import DataConfig, DataSource
 from .encode import PreparedData, build_data
 from .report import DataReport, check_end_tokens
@@ -161,13 +161,10 @@ def build_cache(folder: Path, build: Any, by: str = "train") -> PreparedData | N
     started = time.time()
     with os.fdopen(fd, "w") as f:
         json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": started}, f)
-    tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    for left in folder.parent.glob(f"{folder.name}.tmp-{socket.gethostname()}-*"):
-        # a build of this key killed on this host (this process holds the lock: no live build has it)
-        pid = left.name.rsplit("-", 1)[-1]
-        if left != tmp and pid.isdigit() and _holder_died({"host": socket.gethostname(), "pid": int(pid)}):
-            shutil.rmtree(left, ignore_errors=True)
-            log.info("data: removed %s, left by a build that was killed", left)
+    tmp = temporary_for(folder)
+    # builds of this key killed on this host (this process holds the lock: no live build has it)
+    for left in sweep_temporaries(folder, lambda pid: _holder_died({"host": socket.gethostname(), "pid": pid}))[0]:
+        log.info("data: removed %s, left by a build that was killed", left)
     try:
         failed.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -275,14 +272,18 @@ def prepare_data(
     return prepared
 
 
-def data_fingerprint(cfg: DataConfig, base_dir: str | os.PathLike[str] | None, report: DataReport) -> dict[str, Any]:
+def data_fingerprint(
+    cfg: DataConfig, base_dir: str | os.PathLike[str] | None, report: DataReport, digests: bool = True
+) -> dict[str, Any]:
     """What a checkpoint records of the data it was trained on (a resume over changed data is
-    refused): every local file of every source (path, size, modification time, content digest) and the split's
-    row counts. Hub datasets are named by the recipe (id, split, revision), which resume compares."""
+    refused): every local file of every source (path, size, modification time and, with `digests`,
+    content digest) and the split's row counts. Hub datasets are named by the recipe (id, split,
+    revision), which resume compares. `digests` reads every file: only the process that writes the
+    manifests and checks a resume needs them."""
     # with each file's content digest: a byte-identical copy (data staged again by a requeued job, a
     # checkout, a `cp` without -p) has a new modification time and is still the same data
     files = [
-        [*entry, file_digest(Path(entry[0]))]
+        [*entry, file_digest(Path(entry[0]))] if digests else list(entry)
         for src in (*cfg.sources, *cfg.eval_sources)
         for entry in _source_fingerprint(src, base_dir).get("files", [])
     ]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..files import local_path
 from ..recipe import DataSource
 
 
@@ -42,26 +43,14 @@ FILE_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".ndjson"}
 def resolve_path(path: str, base_dir: str | os.PathLike[str] | None = None) -> Path | None:
     """A local path as given (relative to the working directory), else relative to `base_dir`
     (the recipe's folder); None when it exists in neither place."""
-    p = Path(path).expanduser()
-    q = Path(base_dir) / p if base_dir is not None and not p.is_absolute() else None
-    if p.exists():
-        if q is not None and q.exists() and not _same_file(p, q):
-            raise DataError(
-                f"{path} names two different files: {p.resolve()} (from the working directory) and {q.resolve()} "
-                "(beside the recipe). Write the path absolute, or launch from the recipe's folder, so that the "
-                "launch reads the one you mean."
-            )
-        return p
-    if q is not None and q.exists():
-        return q
-    return None
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or os.path.samefile(a, b)
-    except OSError:
-        return False
+    found, other = local_path(path, base_dir)
+    if found is not None and other is not None:
+        raise DataError(
+            f"{path} names two different files: {found.resolve()} (from the working directory) and "
+            f"{other.resolve()} (beside the recipe). Write the path absolute, or launch from the recipe's folder, "
+            "so that the launch reads the one you mean."
+        )
+    return found
 
 
 def _looks_like_hub_id(path: str) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..files import local_path
 from ..launch import DTYPES, LaunchMode, distributed_state
 from ..recipe import ModelConfig, QuantizationConfig, Recipe
 from .fused_lora import fuse_lora_layers, uses_fused_lora
@@ -192,18 +193,16 @@ def quantization_line(model: Any, qconfig: Any, model_dtype: torch.dtype) -> str
 
 def local_model_path(cfg: ModelConfig, base_dir: str | Path | None = None) -> str:
     """A local folder as given or relative to the recipe; otherwise the hub id unchanged."""
+    found, other = local_path(cfg.name_or_path, base_dir)
+    if found is not None and other is not None:
+        raise UserError(
+            f"model.name_or_path: {cfg.name_or_path} names two different folders: {found.resolve()} (from the "
+            f"working directory) and {other.resolve()} (beside the recipe). Write the path absolute, or launch from "
+            "the recipe's folder, so that the run trains the model you mean."
+        )
+    if found is not None:
+        return str(found)
     p = Path(cfg.name_or_path).expanduser()
-    beside = Path(base_dir) / p if base_dir is not None and not p.is_absolute() else None
-    if p.exists():
-        if beside is not None and beside.exists() and p.resolve() != beside.resolve():
-            raise UserError(
-                f"model.name_or_path: {cfg.name_or_path} names two different folders: {p.resolve()} (from the working "
-                f"directory) and {beside.resolve()} (beside the recipe). Write the path absolute, or launch from the "
-                "recipe's folder, so that the run trains the model you mean."
-            )
-        return str(p)
-    if beside is not None and beside.exists():
-        return str(beside)
     if p.is_absolute() or cfg.name_or_path.startswith((".", "~")) or cfg.name_or_path.count("/") > 1:
         raise UserError(f"model.name_or_path: folder {cfg.name_or_path} not found")
     return cfg.name_or_path
