@@ -23,7 +23,7 @@ from ..errors import DataError
 from ..files import file_digest, sweep_temporaries, temporary_for
 from ..recipe import DataConfig, DataSource
 from .encode import PreparedData, build_data
-from .report import DataReport, check_end_tokens
+from .report import EVAL_SUFFIX, DataReport, check_end_tokens
 from .sources import resolve_path
 from .stream import stream_data
 
@@ -31,9 +31,10 @@ log = logging.getLogger("qlora_sft")
 
 
 # Bump when the tokenised output for the same inputs changes, to invalidate caches.
-CACHE_VERSION = "5"  # 2: assistant spans from generation markers, tool calls; 3: cache folder layout;
+CACHE_VERSION = "6"  # 2: assistant spans from generation markers, tool calls; 3: cache folder layout;
 # 4: eval rows held out before repetition (weight > 1), truncated conversations counted as not ending;
-# 5: a messages row's tools, system and reasoning_content reach the chat template
+# 5: a messages row's tools, system and reasoning_content reach the chat template; 6: the stored report
+# names the skipped rows and counts the eval rows dropped for no trained tokens
 
 
 def _source_fingerprint(src: DataSource, base_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
@@ -229,8 +230,9 @@ def _prepare_stream(
         evald = prepare_data(held, tokenizer, seed, cache_root, base_dir, by)
         prepared.eval = evald.train
         prepared.report.eval_rows = evald.report.train_rows
+        prepared.report.eval_dropped_no_loss = evald.report.dropped_no_loss
         for r in evald.report.sources:
-            prepared.report.sources.append(replace(r, path=f"{r.path} (eval)"))
+            prepared.report.sources.append(replace(r, path=r.path + EVAL_SUFFIX))
         prepared.cache, prepared.built, prepared.found = evald.cache, evald.built, evald.found
     return prepared
 
