@@ -265,14 +265,77 @@ def test_named_chat_templates(tok):
 def test_prepare_data_caches_for_other_ranks(tmp_path: Path, tok):
     c = cfg(DATA / "alpaca.jsonl", DATA / "dolly.jsonl")
     first = data.prepare_data(c, tok, 0, tmp_path / "cache")
-    folders = list((tmp_path / "cache").iterdir())
+    folders = list((tmp_path / "cache").glob("data-*"))  # beside them: the memo of the files' digests
     assert len(folders) == 1 and (folders[0] / "report.json").is_file()
     again = data.prepare_data(c, tok, 0, tmp_path / "cache")
     assert again.train["input_ids"] == first.train["input_ids"]
     assert again.report.to_dict() == first.report.to_dict()
     # a different recipe gets a different cache entry
     data.prepare_data(cfg(DATA / "alpaca.jsonl", DATA / "dolly.jsonl", max_length=100), tok, 0, tmp_path / "cache")
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert len(list((tmp_path / "cache").glob("data-*"))) == 2
+
+
+def test_a_same_size_edit_with_its_modification_time_restored_is_not_served_from_the_cache(
+    tmp_path: Path, tok, monkeypatch
+):
+    """Was: the cache key held each data file's size and modification time, so an edit of the same
+    size whose time was set back (`touch -r`, `cp -p` of an edited file, tools that keep it) reused
+    the old cache and trained on the old rows."""
+    import os
+
+    from qlora_sft.data import cache
+
+    f = tmp_path / "rows.jsonl"
+    for racy_ns in (getattr(cache, "RACY_NS", 1), 0):  # 0: digests memoised at once (no window for racy times)
+        monkeypatch.setattr(cache, "RACY_NS", racy_ns, raising=False)
+        f.write_text(json.dumps({"instruction": "Name a colour.", "input": "", "output": "Blue."}) + "\n")
+        root = tmp_path / f"cache-{racy_ns}"
+        first = data.prepare_data(cfg(f), tok, 0, root)
+        assert "Blue." in tok.decode(first.train[0]["input_ids"])
+        before = f.stat()
+        f.write_text(json.dumps({"instruction": "Name a colour.", "input": "", "output": "Pink."}) + "\n")
+        os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert (f.stat().st_size, f.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+        again = data.prepare_data(cfg(f), tok, 0, root)
+        assert not again.found and again.cache != first.cache
+        assert "Pink." in tok.decode(again.train[0]["input_ids"])
+
+
+def test_data_file_digests_are_memoised_beside_the_cache(tmp_path: Path, tok, monkeypatch):
+    """The cache key reads each data file once: its digest is kept beside the caches under the
+    file's path, size, modification and change times and inode, and read from there while those hold.
+    A memo that is cut off or corrupt is ignored (the files are read again)."""
+    import os
+
+    from qlora_sft.data import cache
+
+    monkeypatch.setattr(cache, "RACY_NS", 0)
+    read: list[Path] = []
+    digest = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda p: read.append(p) or digest(p))
+    f = tmp_path / "rows.jsonl"
+    f.write_text((DATA / "alpaca.jsonl").read_text())
+    root = tmp_path / "cache"
+    first = data.prepare_data(cfg(f), tok, 0, root)
+    assert read == [f.resolve()] and (root / cache.DIGEST_MEMO).is_file()
+    read.clear()
+    assert data.prepare_data(cfg(f), tok, 0, root).found and read == []  # not read again
+    for broken in (b"", b'{"version": 1, "files": [[', b'{"version": 1, "files": [["x", 1]]}', b"[]", b"\xff\xfe"):
+        (root / cache.DIGEST_MEMO).write_bytes(broken)
+        read.clear()
+        again = data.prepare_data(cfg(f), tok, 0, root)
+        assert again.found and again.cache == first.cache and read == [f.resolve()]
+    read.clear()
+    assert data.prepare_data(cfg(f), tok, 0, root).found and read == []  # the memo was written anew
+    assert not [p.name for p in root.iterdir() if "tmp" in p.name]  # written through a temporary file
+    # the same bytes with a new modification time: read again, the same key, the cache is found
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**10))
+    read.clear()
+    assert data.prepare_data(cfg(f), tok, 0, root).cache == first.cache and read == [f.resolve()]
+    # the checkpoint's record of the data takes its digests from the memo too
+    read.clear()
+    recorded = data.data_fingerprint(cfg(f), None, first.report, cache_root=root)
+    assert read == [] and recorded["files"][0][3] == digest(f)
 
 
 def test_normalize_rejects_non_mapping_rows():

@@ -768,6 +768,25 @@ def test_resume_over_changed_data_is_refused_naming_the_change(tiny_model: Path,
     assert train(allowed).global_step == 4
 
 
+def test_a_same_size_edit_with_its_modification_time_set_back_is_a_data_change(tmp_path: Path):
+    """Was: a file of the same size and modification time counted as unchanged whatever its digest
+    said, so a resume trained on edited data whose time was set back (`touch -r`, `cp -p`)."""
+    from qlora_sft import data
+    from qlora_sft.recipe import DataConfig, DataSource
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"instruction": "Name a colour.", "output": "Blue."}\n')
+    cfg = DataConfig(sources=(DataSource(path=str(f)),))
+    saved = data.data_fingerprint(cfg, None, data.DataReport())
+    before = f.stat()
+    f.write_text('{"instruction": "Name a colour.", "output": "Pink."}\n')
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+    changes = checkpoint.data_changes(saved, data.data_fingerprint(cfg, None, data.DataReport()))
+    assert changes == [f"{f.resolve()}: its content changed, with the same size and modification time"]
+    # the same bytes, the same time: no change
+    assert checkpoint.data_changes(saved, saved) == []
+
+
 # 9. a full disk says where, and what is still safe
 
 

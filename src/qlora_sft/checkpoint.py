@@ -814,6 +814,8 @@ def data_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]
                 f"{path}: modified at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(b[2] / 1e9))} "
                 f"(was {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(a[2] / 1e9))}), same size"
             )
+        elif len(a) > 3 and len(b) > 3 and a[3] != b[3]:  # edited, its modification time set back
+            changes.append(f"{path}: its content changed, with the same size and modification time")
     for key in ("train_rows", "eval_rows"):
         if saved.get(key) is not None and saved.get(key) != now.get(key):
             changes.append(f"{key.replace('_', ' ')}: {saved.get(key)} -> {now.get(key)}")

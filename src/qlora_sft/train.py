@@ -254,7 +254,9 @@ def _train(
     for line in prepared.report.lines():
         log.info("data: %s", line)
     # content digests on the main process only: it writes the manifests and checks a resume
-    meta["data"] = data.data_fingerprint(recipe.data, base_dir, prepared.report, digests=state.is_main_process)
+    meta["data"] = data.data_fingerprint(
+        recipe.data, base_dir, prepared.report, digests=state.is_main_process, cache_root=recipe.data_cache_root
+    )
     if resume_from is not None:
         allow = recipe.checkpoint.allow_data_change
         checkpoint.main_process_decides(lambda: checkpoint.check_data_unchanged(resume_from, meta["data"], allow))

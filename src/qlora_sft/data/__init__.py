@@ -20,7 +20,7 @@ One module per stage; each imports only the ones above it in this list:
                lock while the other processes wait; data_fingerprint for checkpoints
 
 Bad rows either stop the run naming source, row and problem (`on_bad_row: error`) or are skipped
-and counted by reason (`on_bad_row: skip`).
+and counted by reason, the first rows of each reason named in the report (`on_bad_row: skip`).
 
 The names below are the ones the rest of qlora-sft (and its tests and benchmarks) use. Settings
 such as `encode.ROWS_PER_PROCESS` are read in their own module: change them there.

@@ -1,9 +1,10 @@
 """The prepared cache: `prepare_data` builds the data once under `cache_root/data-<key>` (the key
-covers the data section, the sources' files, the tokenizer and the seed). One process per node
-builds it, holding a lock file; every other process waits by polling the folder, never in a
-collective; `data.rebuild` sets an old cache aside first. Streamed training data gets its eval
-sources prepared and cached the same way. `data_fingerprint` is what a checkpoint records of the
-data, from the same fingerprints of the sources' files."""
+covers the data section, the content of the sources' files, the tokenizer and the seed; the files'
+digests are memoised beside the caches, `DigestMemo`, so unchanged files are not read again). One
+process per node builds it, holding a lock file; every other process waits by polling the folder,
+never in a collective; `data.rebuild` sets an old cache aside first. Streamed training data gets
+its eval sources prepared and cached the same way. `data_fingerprint` is what a checkpoint records
+of the data, from the same files and digests."""
 
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from ..files import file_digest, sweep_temporaries, temporary_for
+from ..files import atomic_write_text, file_digest, sweep_temporaries, temporary_for
 from ..recipe import DataConfig, DataSource
 from .encode import PreparedData, build_data
-from .report import DataReport, check_end_tokens
+from .report import EVAL_SUFFIX, DataReport, check_end_tokens
 from .sources import resolve_path
 from .stream import stream_data
 
@@ -31,18 +32,101 @@ log = logging.getLogger("qlora_sft")
 
 
 # Bump when the tokenised output for the same inputs changes, to invalidate caches.
-CACHE_VERSION = "5"  # 2: assistant spans from generation markers, tool calls; 3: cache folder layout;
+CACHE_VERSION = "6"  # 2: assistant spans from generation markers, tool calls; 3: cache folder layout;
 # 4: eval rows held out before repetition (weight > 1), truncated conversations counted as not ending;
-# 5: a messages row's tools, system and reasoning_content reach the chat template
+# 5: a messages row's tools, system and reasoning_content reach the chat template; 6: the stored report
+# names the skipped rows and counts the eval rows dropped for no trained tokens
 
 
-def _source_fingerprint(src: DataSource, base_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+def _source_files(src: DataSource, base_dir: str | os.PathLike[str] | None) -> list[Path] | None:
+    """A local source's files (resolved), or None for a hub dataset."""
     local = resolve_path(src.path, base_dir)
+    if local is None:
+        return None
+    files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+    return [p.resolve() for p in files]
+
+
+def _source_fingerprint(src: DataSource, base_dir: str | os.PathLike[str] | None, memo: DigestMemo) -> dict[str, Any]:
+    """The source as the recipe gives it, and each of its files' path, size and content digest (not
+    its modification time: an edit that keeps the size and sets the time back still changes the key,
+    and the same bytes copied again keep it)."""
     fp: dict[str, Any] = {"source": asdict(src)}
-    if local is not None:
-        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
-        fp["files"] = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    files = _source_files(src, base_dir)
+    if files is not None:
+        fp["files"] = [(str(p), p.stat().st_size, memo.digest(p)) for p in files]
     return fp
+
+
+# Where the content digests of data files are kept, in the cache root, and how recent a file's change
+# time may be for its digest to be kept there (see `DigestMemo`).
+DIGEST_MEMO = "file-digests.json"
+RACY_NS = 2_000_000_000
+
+
+class DigestMemo:
+    """Content digests of data files (`files.file_digest`), kept in `path` so that a launch does not
+    read unchanged files again. An entry holds while the file's resolved path, size, modification
+    time, change time and inode are the ones it was read with: the change time moves on every write
+    and cannot be set back (`touch -r`, `cp -p` and `os.utime` set the modification time only), so an
+    edit that restores the modification time is read again. A file changed within `RACY_NS` of being
+    read is not kept (a second write within the file system's time resolution would leave its times
+    as they were). Several processes use one memo at once: it is replaced whole (a temporary file
+    renamed over it), never written in place, and one that cannot be read or is not a memo (cut off,
+    corrupt, another version) is ignored, its files read again. Failing to write it costs only time."""
+
+    VERSION = 1
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.entries = self._read()
+        self.changed: dict[str, tuple[int, int, int, int, str]] = {}
+
+    def _read(self) -> dict[str, tuple[int, int, int, int, str]]:
+        if self.path is None:
+            return {}
+        try:
+            memo = json.loads(self.path.read_text(encoding="utf-8"))
+            if memo["version"] != self.VERSION:
+                return {}
+            entries = {}
+            for path, size, mtime, ctime, inode, digest in memo["files"]:
+                if not (isinstance(path, str) and isinstance(digest, str)):
+                    return {}
+                if not all(type(x) is int for x in (size, mtime, ctime, inode)):
+                    return {}
+                entries[path] = (size, mtime, ctime, inode, digest)
+            return entries
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+            return {}
+
+    def digest(self, path: Path) -> str:
+        """The content digest of `path` (resolved): from the memo while its file is unchanged, else read."""
+        stat = path.stat()
+        key = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+        entry = self.entries.get(str(path))
+        if entry is not None and entry[:4] == key:
+            return entry[4]
+        digest = file_digest(path)
+        after = path.stat()
+        unchanged = (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino) == key
+        if unchanged and time.time_ns() - stat.st_ctime_ns >= RACY_NS:
+            self.entries[str(path)] = self.changed[str(path)] = (*key, digest)
+        return digest
+
+    def save(self) -> None:
+        """Write the digests read since the memo was loaded over what the memo holds now (another
+        process may have written it meanwhile), less the files that are gone, if the cache root exists."""
+        if self.path is None or not self.changed or not self.path.parent.is_dir():
+            return
+        entries = {**self._read(), **self.changed}
+        entries = {path: e for path, e in entries.items() if path in self.changed or os.path.exists(path)}
+        files = [[path, *entry] for path, entry in sorted(entries.items())]
+        try:
+            atomic_write_text(self.path, json.dumps({"version": self.VERSION, "files": files}))
+        except OSError as exc:  # a read-only or full cache root: the next launch reads the files again
+            log.debug("data: could not write %s: %s", self.path, exc)
+        self.changed = {}
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
@@ -61,14 +145,24 @@ def _tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
 OUTPUT_INDEPENDENT = ("num_proc", "allow_no_eos", "rebuild")
 
 
-def cache_key(cfg: DataConfig, tokenizer: Any, seed: int, base_dir: str | os.PathLike[str] | None) -> str:
+def cache_key(
+    cfg: DataConfig,
+    tokenizer: Any,
+    seed: int,
+    base_dir: str | os.PathLike[str] | None,
+    cache_root: str | os.PathLike[str] | None = None,
+) -> str:
+    """The key of the prepared cache: the data section, the content of the sources' files (their
+    digests memoised in `cache_root`, see `DigestMemo`), the tokenizer and the seed."""
+    memo = DigestMemo(Path(cache_root) / DIGEST_MEMO if cache_root is not None else None)
     blob = {
         "version": CACHE_VERSION,
         "data": {k: v for k, v in asdict(cfg).items() if k not in OUTPUT_INDEPENDENT},
         "seed": seed,
-        "sources": [_source_fingerprint(s, base_dir) for s in (*cfg.sources, *cfg.eval_sources)],
+        "sources": [_source_fingerprint(s, base_dir, memo) for s in (*cfg.sources, *cfg.eval_sources)],
         "tokenizer": _tokenizer_fingerprint(tokenizer),
     }
+    memo.save()
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -91,7 +185,7 @@ def cache_folder(
     cache_root: str | os.PathLike[str],
     base_dir: str | os.PathLike[str] | None,
 ) -> Path:
-    return Path(cache_root) / f"data-{cache_key(cfg, tokenizer, seed, base_dir)}"
+    return Path(cache_root) / f"data-{cache_key(cfg, tokenizer, seed, base_dir, cache_root)}"
 
 
 def _lock_holder(lock: Path) -> dict[str, Any]:
@@ -229,8 +323,9 @@ def _prepare_stream(
         evald = prepare_data(held, tokenizer, seed, cache_root, base_dir, by)
         prepared.eval = evald.train
         prepared.report.eval_rows = evald.report.train_rows
+        prepared.report.eval_dropped_no_loss = evald.report.dropped_no_loss
         for r in evald.report.sources:
-            prepared.report.sources.append(replace(r, path=f"{r.path} (eval)"))
+            prepared.report.sources.append(replace(r, path=r.path + EVAL_SUFFIX))
         prepared.cache, prepared.built, prepared.found = evald.cache, evald.built, evald.found
     return prepared
 
@@ -252,6 +347,8 @@ def prepare_data(
 
     if cfg.streaming:
         return _prepare_stream(cfg, tokenizer, seed, cache_root, base_dir, by)
+    with contextlib.suppress(OSError):  # where the key's digests are kept (building fails on its own if it cannot)
+        Path(cache_root).mkdir(parents=True, exist_ok=True)
     folder = cache_folder(cfg, tokenizer, seed, cache_root, base_dir)
     if cfg.rebuild:
         set_cache_aside(folder)
@@ -273,18 +370,25 @@ def prepare_data(
 
 
 def data_fingerprint(
-    cfg: DataConfig, base_dir: str | os.PathLike[str] | None, report: DataReport, digests: bool = True
+    cfg: DataConfig,
+    base_dir: str | os.PathLike[str] | None,
+    report: DataReport,
+    digests: bool = True,
+    cache_root: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """What a checkpoint records of the data it was trained on (a resume over changed data is
     refused): every local file of every source (path, size, modification time and, with `digests`,
     content digest) and the split's row counts. Hub datasets are named by the recipe (id, split,
-    revision), which resume compares. `digests` reads every file: only the process that writes the
-    manifests and checks a resume needs them."""
+    revision), which resume compares. `digests` reads every file that the memo in `cache_root` (the
+    one the cache key keeps) does not know unchanged: only the process that writes the manifests and
+    checks a resume needs them."""
     # with each file's content digest: a byte-identical copy (data staged again by a requeued job, a
     # checkout, a `cp` without -p) has a new modification time and is still the same data
-    files = [
-        [*entry, file_digest(Path(entry[0]))] if digests else list(entry)
-        for src in (*cfg.sources, *cfg.eval_sources)
-        for entry in _source_fingerprint(src, base_dir).get("files", [])
-    ]
+    memo = DigestMemo(Path(cache_root) / DIGEST_MEMO if cache_root is not None and digests else None)
+    files = []
+    for src in (*cfg.sources, *cfg.eval_sources):
+        for p in _source_files(src, base_dir) or []:
+            stat = p.stat()
+            files.append([str(p), stat.st_size, stat.st_mtime_ns, *([memo.digest(p)] if digests else [])])
+    memo.save()
     return {"files": files, "train_rows": report.train_rows, "eval_rows": report.eval_rows}

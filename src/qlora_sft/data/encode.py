@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import DataError
 from ..recipe import DataConfig, DataSource
 from .formats import Example, bad_row_error, eval_rows_held_out, mix, normalize_row, row_tools, source_format
-from .report import DataReport, SourceReport, check_end_tokens
+from .report import EVAL_SUFFIX, ROWS_NAMED, DataReport, SourceReport, check_end_tokens, nothing_to_train
 from .sources import BadRow, limit_text, parse_document, read_documents
 from .templates import end_of_turn_token, tokenize_example, tokenize_rows
 
@@ -75,6 +75,7 @@ def _encoded_features() -> Any:
         {
             "row": datasets.Value("int64"),
             "bad": datasets.Value("string"),  # why the row was skipped ("" = used)
+            "problem": datasets.Value("string"),  # what is wrong with a skipped row, as on_bad_row=error says
             "input_ids": ids,
             "labels": ids,
             "loss_tokens": datasets.Value("int64"),
@@ -113,7 +114,7 @@ def encode_documents(
 ) -> dict[str, list[Any]]:
     """A batch of (row, document) -> tokens, labels and what the report counts (`datasets.map`)."""
     examples: list[Example] = []
-    reasons: list[str] = []
+    reasons: list[tuple[str, str]] = []  # (reason, problem) of each row; ("", "") for a good one
     for rowno, document in zip(batch["row"], batch["document"], strict=True):
         try:
             row = parse_document(document)
@@ -122,22 +123,23 @@ def encode_documents(
         except BadRow as bad:
             if on_bad_row == "error":
                 raise bad_row_error(path, rowno, fmt, str(bad)) from None
-            reasons.append(bad.reason)
+            reasons.append((bad.reason, str(bad)))
             continue
         examples.append(Example(messages, text, path, rowno, tools))
-        reasons.append("")
+        reasons.append(("", ""))
     tokens = iter(zip(examples, tokenize_rows(examples, tokenizer, max_length, assistant_only_loss), strict=True))
     out: dict[str, list[Any]] = {k: [] for k in _encoded_features()}
-    for rowno, reason in zip(batch["row"], reasons, strict=True):
+    for rowno, (reason, problem) in zip(batch["row"], reasons, strict=True):
         tok = None
         if not reason:
             ex, tok = next(tokens)
             if isinstance(tok, BadRow):  # a conversation the chat template refuses
                 if on_bad_row == "error":
                     raise bad_row_error(path, rowno, fmt, str(tok))
-                reason, tok = tok.reason, None
+                reason, problem, tok = tok.reason, str(tok), None
         out["row"].append(rowno)
         out["bad"].append(reason)
+        out["problem"].append(problem)
         if tok is None:
             for key, empty in (("input_ids", []), ("labels", []), ("loss_tokens", 0), ("truncated", False)):
                 out[key].append(empty)
@@ -231,6 +233,7 @@ def _encode_source(
     for entry in pc.value_counts(pc.filter(bad, pc.not_equal(bad, ""))).to_pylist():
         report.skipped[entry["values"]] = int(entry["counts"])
     report.kept = report.rows - sum(report.skipped.values())
+    name_dropped_rows(report, encoded)
     log.info(
         "data: %s: %d rows tokenized in %.0f s (%.0f rows/s)",
         src.path,
@@ -239,6 +242,30 @@ def _encode_source(
         report.rows / max(1e-9, time.perf_counter() - started),
     )
     return _Encoded(src, documents, encoded, report)
+
+
+def name_dropped_rows(report: SourceReport, encoded: Any) -> None:
+    """The report's first rows of each skip reason (with the first one's problem), and its kept rows
+    that train no token, from a source's encoded rows (Arrow). Bad rows are read until every reason
+    has its rows named."""
+    import numpy as np
+
+    rows, bad = _column(encoded, "row"), _column(encoded, "bad")
+    problems = encoded.data.column("problem")
+    left = dict(report.skipped)  # rows still to name, per reason
+    for i in np.flatnonzero(bad != "") if left else ():
+        reason = bad[i]
+        if not left.get(reason):
+            continue
+        named = report.skipped_rows.setdefault(reason, [])
+        if not named:
+            report.problems[reason] = problems[int(i)].as_py()
+        named.append(int(rows[i]))
+        left[reason] = 0 if len(named) == ROWS_NAMED else left[reason] - 1
+        if not any(left.values()):
+            break
+    no_loss = np.flatnonzero((bad == "") & (_column(encoded, "loss_tokens") == 0))
+    report.no_loss, report.no_loss_rows = len(no_loss), rows[no_loss[:ROWS_NAMED]].tolist()
 
 
 def _scratch_folder() -> Path:
@@ -347,7 +374,7 @@ def build_data(
         ]
         for p in eval_parts:
             p.report.used = p.report.kept
-            p.report.path = f"{p.report.path} (eval)"
+            p.report.path += EVAL_SUFFIX
         report.sources += [p.report for p in eval_parts]
         eval_all = datasets.concatenate_datasets([p.tokens for p in eval_parts])
         eval_idx = np.flatnonzero(_column(eval_all, "bad") == "")
@@ -370,17 +397,12 @@ def build_data(
         if cfg.on_bad_row == "error" and len(empty):
             raise _no_loss_error(cfg, tokenizer, split_parts, int(idx[empty[0]]))
     report.dropped_no_loss = int((train_loss[train_idx] == 0).sum())
+    report.eval_dropped_no_loss = int((eval_loss[eval_idx] == 0).sum())
     train_idx = train_idx[train_loss[train_idx] > 0]
     eval_idx = eval_idx[eval_loss[eval_idx] > 0]
     if not len(train_idx):
-        raise DataError(
-            "no training examples are left after filtering ("
-            + "; ".join(
-                r.path + ": " + (", ".join(f"{k} {v}" for k, v in r.skipped.items()) or "0 rows")
-                for r in report.sources
-            )
-            + "). Check the data files and data.on_bad_row."
-        )
+        held = 0 if cfg.eval_sources else len(eval_idx)  # rows of the training sources held out for eval
+        raise nothing_to_train([p.report for p in parts], cfg, held_for_eval=held)
 
     report.train_rows = len(train_idx)
     report.eval_rows = len(eval_idx)

@@ -353,7 +353,7 @@ def iter_examples(
         except BadRow as bad:
             if on_bad_row == "error":
                 raise bad_row_error(src.path, rowno, fmt, str(bad)) from None
-            report.skipped[bad.reason] = report.skipped.get(bad.reason, 0) + 1
+            report.skip(bad.reason, rowno, str(bad))
             continue
         report.kept += 1
         yield Example(messages, text, src.path, rowno, tools)

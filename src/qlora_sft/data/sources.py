@@ -186,7 +186,7 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
                     if not line.strip():
                         continue
                     try:
-                        rows.append(json.loads(line))
+                        rows.append((lineno, json.loads(line)))  # numbered by line, as a .jsonl file's
                     except json.JSONDecodeError as line_exc:
                         if whole is None:
                             raise DataError(
@@ -199,7 +199,7 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
                             f"{local}: not valid JSON that can be read (line {lineno}: nested too deeply to parse). "
                             "Fix or remove that value."
                         ) from None
-            yield from enumerate(rows, 1)
+            yield from rows
             return
         if isinstance(data, dict):
             lists = [v for v in data.values() if isinstance(v, list)]

@@ -12,7 +12,7 @@ from ..errors import DataError
 from ..recipe import DataConfig, DataSource
 from .encode import ENCODE_BATCH, PreparedData, _encode_kwargs, _encoded_features, _token_stats, encode_documents
 from .formats import source_format
-from .report import DataReport, SourceReport, check_end_tokens
+from .report import ROWS_NAMED, DataReport, SourceReport, check_end_tokens, nothing_to_train
 from .sources import limit_text, parse_document, read_documents
 from .templates import end_of_turn_token
 
@@ -81,12 +81,18 @@ def stream_data(
     for src, fmt, encoded in samples:
         n = len(encoded["row"])
         report.streamed_sample = max(report.streamed_sample, n)
-        skipped: dict[str, int] = {}
-        for reason in encoded["bad"]:
+        source = SourceReport(src.path, fmt, n, limit=limit_text(src))
+        for rowno, reason, problem, loss in zip(
+            encoded["row"], encoded["bad"], encoded["problem"], encoded["loss_tokens"], strict=True
+        ):
             if reason:
-                skipped[reason] = skipped.get(reason, 0) + 1
-        kept = n - sum(skipped.values())
-        report.sources.append(SourceReport(src.path, fmt, n, kept, kept, skipped, limit_text(src)))
+                source.skip(reason, rowno, problem)
+            elif not loss:
+                source.no_loss += 1
+                if len(source.no_loss_rows) < ROWS_NAMED:
+                    source.no_loss_rows.append(rowno)
+        source.kept = source.used = n - sum(source.skipped.values())
+        report.sources.append(source)
 
     def column(key: str) -> Any:  # the samples' values of one column, as one array
         return np.asarray([v for _, _, e in samples for v in e[key]])
@@ -96,10 +102,7 @@ def stream_data(
     report.dropped_no_loss = int((used & (loss == 0)).sum())
     keep = used & (loss > 0)
     if not keep.any():
-        raise DataError(
-            f"none of the first {report.streamed_sample} rows of the sources has trained tokens; check the data, "
-            "data.max_length and data.on_bad_row"
-        )
+        raise nothing_to_train(report.sources, cfg, streamed=STREAM_SAMPLE)
     lengths = np.asarray([len(ids) for _, _, e in samples for ids in e["input_ids"]], dtype=np.int64)
     _token_stats(report, lengths[keep], loss[keep], column("truncated")[keep], column("end_trained")[keep])
     check_end_tokens(report, cfg)
