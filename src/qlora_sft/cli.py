@@ -408,12 +408,14 @@ def _data_report(recipe: Any, base_dir: Path, tokenizer: Any, keep: bool) -> lis
 def _recipe_header(args: argparse.Namespace) -> tuple[Any, Path, Any]:
     """Load the recipe, print its summary, and load the tokenizer with the recipe's chat template."""
     from . import model
+    from .plan import check_data_readable
     from .recipe import load_recipe, resolve_batch
 
     rebuild = ["data.rebuild=true"] if getattr(args, "rebuild", False) else []
     recipe = load_recipe(args.recipe, [*args.overrides, *rebuild])
     base_dir = Path(args.recipe).parent
     check_named_files(recipe, base_dir)
+    check_data_readable(recipe.data, base_dir)
     print(f"recipe {args.recipe}: OK")
     print(
         f"  model: {recipe.model.name_or_path} ({recipe.quantization.method}, LoRA r={recipe.lora.r}, "
@@ -470,6 +472,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from .files import write_problem
     from .plots import draw
 
     runs = [Path(r) for r in args.runs]
@@ -480,6 +483,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         png = out.with_suffix(".png")
         raise UserError(f"plot: --out {out}: plot writes a PNG image; name the file .png (e.g. {png})")
+    problem = write_problem(out.parent)
+    if problem:
+        raise UserError(f"plot: cannot write {out}: {problem}. Pass --out PATH.png in a writable folder.")
     print(draw(runs, out))
     return 0
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .files import sweep_temporaries, temporary_for
+from .files import sweep_temporaries, temporary_for, write_problem
 from .launch import DTYPES as TORCH_DTYPES
 from .loader import checkpoint_files
 from .recipe import QuantizationConfig, Recipe
@@ -577,6 +577,12 @@ def plan_export(
         raise UserError(f"export: --dtype {dtype!r}: use bf16, fp16 or fp32")
     out_dir = Path(out) if out else (source.run_dir or source.adapter_dir.parent) / "merged"
     check_out_dir(out_dir, source, overwrite)
+    problem = write_problem(out_dir.parent)  # the merge is written beside --out, then renamed
+    if problem:
+        raise UserError(
+            f"export: cannot write the merged model to {out_dir}: {problem}. Choose --out in a writable folder, or "
+            "fix the folder's permissions; nothing was written."
+        )
     base_kind = base or ("dequantized" if source.quant.method != "none" else "original")
     if base_kind not in ("dequantized", "original"):
         raise UserError(f"export: --base {base_kind!r}: use dequantized or original")

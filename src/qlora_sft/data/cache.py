@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from ..files import file_digest, sweep_temporaries, temporary_for
+from ..files import file_digest, os_reason, sweep_temporaries, temporary_for, write_problem
 from ..recipe import DataConfig, DataSource
 from .encode import PreparedData, build_data
 from .report import DataReport, check_end_tokens
@@ -228,15 +228,34 @@ def _wait_for_cache(
         time.sleep(poll)
 
 
+def unwritable_cache_message(cache_root: Path, problem: str) -> str:
+    """The data cache folder cannot be written: which folder, why, and what to do."""
+    return (
+        f"the data cache folder {cache_root}: {problem}. The prepared data is built there and training writes beside "
+        "it (run.output_dir/.cache, shared by the runs of one run.output_dir): fix the folder's permissions, or "
+        "choose a writable run.output_dir; nothing was written."
+    )
+
+
+def _unwritable_cache(folder: Path, exc: OSError | None) -> DataError:
+    """The cache folder (its lock) cannot be written."""
+    problem = write_problem(folder.parent) or (
+        f"cannot write to {folder.parent} ({os_reason(exc)})" if exc is not None else "cannot be written"
+    )
+    return DataError(unwritable_cache_message(folder.parent, problem))
+
+
 def build_cache(folder: Path, build: Any, by: str = "train") -> PreparedData | None:
     """Build the cache folder once: the process that creates its lock file builds (into a temporary
     folder, renamed when complete), the others wait for it. Returns what this process loaded, or
     None if another process holds the lock."""
     lock, failed = folder.with_name(folder.name + ".lock"), folder.with_name(folder.name + ".failed")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
+        if not folder.parent.is_dir():
+            raise _unwritable_cache(folder, None) from None
         holder = _lock_holder(lock)
         why = _holder_gone(holder, lock)
         if why is None or _lock_holder(lock) != holder:  # (alive, or replaced since it was read)
@@ -248,8 +267,13 @@ def build_cache(folder: Path, build: Any, by: str = "train") -> PreparedData | N
             holder.get("pid", "?"),
             why,
         )
-        lock.unlink(missing_ok=True)
+        try:
+            lock.unlink(missing_ok=True)
+        except OSError as exc:
+            raise _unwritable_cache(folder, exc) from None
         return build_cache(folder, build, by)
+    except OSError as exc:
+        raise _unwritable_cache(folder, exc) from None
     started = time.time()
     try:
         with os.fdopen(fd, "w") as f:
