@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError, RunDirError, UserError
+from .errors import DataError, RecipeError, RunDirError, UserError
 from .files import atomic_write_text, file_digest, is_no_space, jsonl_records, no_space_message, sampled_digest
 from .recipe import RUN_RECIPE, Recipe, read_run_recipe, run_recipe_differences, write_run_recipe
 
@@ -91,7 +91,7 @@ def main_process_decides(work: Callable[[], Any]) -> Any:
     result, error = outcome
     if error is not None:
         cls, message = error
-        raise (cls if issubclass(cls, RunDirError) else UserError)(message)
+        raise (cls if issubclass(cls, (RunDirError, DataError)) else UserError)(message)
     return result
 
 

@@ -171,7 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", help="PNG to write (default: <run>/logs/loss.png for one run, loss.png for several)")
     p = sub.add_parser("chat", parents=[common], help="talk to a merged model or an adapter (interactive, or --prompt)")
-    p.add_argument("path", help="merged model folder, adapter folder, or run directory")
+    p.add_argument(
+        "path",
+        help="merged model folder, adapter folder (final/, a checkpoint), or run directory (its merged/, else its "
+        "final/ or newest complete checkpoint)",
+    )
+    p.add_argument(
+        "--base-model",
+        help="with an adapter: the base model folder or hub id (default: the run's model.name_or_path), e.g. "
+        "where the base moved",
+    )
+    p.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="load the adapter even though the base model's files differ from those it trained on",
+    )
     p.add_argument("--prompt", help="answer this one prompt and exit")
     p.add_argument("--system", help="system message")
     p.add_argument("--max-new-tokens", type=count, default=256)
@@ -231,40 +245,68 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def load_chat_model(path: str, device: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """A merged folder, an adapter (+ its base), or a run directory (merged/ if exported, else final/).
-    A model's own code runs only with `trust_remote_code` (the command's flag)."""
+def load_chat_model(
+    path: str,
+    device: str,
+    trust_remote_code: bool = False,
+    base_model: str | None = None,
+    other_base: bool = False,
+) -> tuple[Any, Any]:
+    """A merged folder, an adapter (+ its base), or a run directory (merged/ if exported, else final/,
+    else its newest complete checkpoint, as `export` picks). The adapter's base model is checked as
+    `export` checks it (there, and the model it trained on) before anything loads; `base_model`
+    (--base-model) replaces the recorded one. A model's own code runs only with `trust_remote_code`
+    (the command's flag)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
-    if (p / "recipe.yaml").is_file():
-        p = p / "merged" if (p / "merged" / "config.json").is_file() else p / "final"
+    if not p.exists():
+        raise UserError(
+            f"chat: {p} does not exist. Give a merged model folder (qlora-sft export writes <run>/merged), an adapter "
+            "folder (a run's final/ or checkpoint-<step>/) or a run directory."
+        )
+    run = (p / "recipe.yaml").is_file()
+    if run and base_model is None and (p / "merged" / "config.json").is_file():
+        p = p / "merged"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if (p / "adapter_config.json").is_file():
+    if run or (p / "adapter_config.json").is_file():
         # the adapter on its base as training loaded it (the recipe's quantization), not on the
         # full-precision base: that is another model (see docs/export.md)
         import dataclasses
 
         from peft import PeftModel
 
-        from .export import resolve_source
+        from .export import base_model_files, resolve_source
         from .launch import LaunchMode
         from .model import load_base
 
-        source = resolve_source(p, trust_remote_code=trust_remote_code, command="chat")
+        source = resolve_source(p, base_model, trust_remote_code=trust_remote_code, command="chat")
+        if run and source.adapter_dir.name != "final":
+            print(
+                f"chat: {p} has no complete final/ adapter yet: using its newest complete checkpoint "
+                f"{source.adapter_dir}",
+                file=sys.stderr,
+            )
+        base_model_files(source, other_base, command="chat")  # there, and the model it trained on
+        p = source.adapter_dir
         recipe = source.recipe
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name_or_path=source.base_path))
         mode = LaunchMode("cpu" if device == "cpu" else "single_gpu")
         model = PeftModel.from_pretrained(load_base(recipe, mode, compute_dtype=dtype), p)
     elif (p / "config.json").is_file():
+        if base_model is not None:
+            raise UserError(f"chat: --base-model goes with an adapter; {p} is a whole model (config.json)")
         model = AutoModelForCausalLM.from_pretrained(
             p, dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code
         )
     else:
-        raise UserError(f"chat: {p} is neither a model folder nor an adapter")
+        raise UserError(
+            f"chat: {p} is neither a model folder (config.json) nor an adapter folder (adapter_config.json) nor a run "
+            "directory (recipe.yaml). Give a merged model folder, an adapter folder or a run directory."
+        )
     tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer
 
@@ -273,7 +315,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
-    model, tokenizer = load_chat_model(args.path, args.device, args.trust_remote_code)
+    model, tokenizer = load_chat_model(
+        args.path, args.device, args.trust_remote_code, args.base_model, args.allow_other_base
+    )
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
@@ -408,12 +452,14 @@ def _data_report(recipe: Any, base_dir: Path, tokenizer: Any, keep: bool) -> lis
 def _recipe_header(args: argparse.Namespace) -> tuple[Any, Path, Any]:
     """Load the recipe, print its summary, and load the tokenizer with the recipe's chat template."""
     from . import model
+    from .plan import check_data_readable
     from .recipe import load_recipe, resolve_batch
 
     rebuild = ["data.rebuild=true"] if getattr(args, "rebuild", False) else []
     recipe = load_recipe(args.recipe, [*args.overrides, *rebuild])
     base_dir = Path(args.recipe).parent
     check_named_files(recipe, base_dir)
+    check_data_readable(recipe.data, base_dir)
     print(f"recipe {args.recipe}: OK")
     print(
         f"  model: {recipe.model.name_or_path} ({recipe.quantization.method}, LoRA r={recipe.lora.r}, "
@@ -470,6 +516,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from .files import write_problem
     from .plots import draw
 
     runs = [Path(r) for r in args.runs]
@@ -480,6 +527,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         png = out.with_suffix(".png")
         raise UserError(f"plot: --out {out}: plot writes a PNG image; name the file .png (e.g. {png})")
+    problem = write_problem(out.parent)
+    if problem:
+        raise UserError(f"plot: cannot write {out}: {problem}. Pass --out PATH.png in a writable folder.")
     print(draw(runs, out))
     return 0
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .files import sweep_temporaries, temporary_for
+from .files import sweep_temporaries, temporary_for, write_problem
 from .launch import DTYPES as TORCH_DTYPES
 from .loader import checkpoint_files
 from .recipe import QuantizationConfig, Recipe
@@ -83,6 +83,7 @@ class Source:
     recipe: Recipe  # the run's recipe as trained; for an adapter alone, one that names only its base
     step: int | None
     adapter_config: dict[str, Any] = field(default_factory=dict)
+    base_from: str = ""  # where base_path was read: "model.name_or_path in <run>/recipe.yaml", "--base-model"
 
     @property
     def trained_with_recipe(self) -> bool:
@@ -162,7 +163,7 @@ def resolve_source(
 
     p = Path(path)
     if not p.exists():
-        raise UserError(f"export: {p} does not exist (give a run directory, a checkpoint or an adapter folder)")
+        raise UserError(f"{command}: {p} does not exist (give a run directory, a checkpoint or an adapter folder)")
     run_dir: Path | None = None
     if (p / "recipe.yaml").is_file():  # a run directory
         run_dir = p
@@ -172,18 +173,24 @@ def resolve_source(
         else:
             complete = [c for c in list_checkpoints(p) if c.complete]
             if not complete:
-                raise UserError(f"export: {run_dir} has no complete final/ or checkpoint to export")
+                merged = "no merged/ model, " if command == "chat" else ""
+                raise UserError(
+                    f"{command}: {run_dir} has {merged}no complete final/ adapter and no complete checkpoint: it has "
+                    f"trained nothing yet that was saved. Train it until it saves a checkpoint (the recipe it ran is "
+                    f"{run_dir / 'recipe.yaml'}), or give another run directory."
+                )
             p = complete[0].path
     elif (p.parent / "recipe.yaml").is_file():
         run_dir = p.parent
     if not (p / "adapter_config.json").is_file():
-        raise UserError(f"export: {p} holds no adapter (adapter_config.json missing)")
+        raise UserError(f"{command}: {p} holds no adapter (adapter_config.json missing)")
     if (p / "manifest.json").exists():
         info = inspect_checkpoint(p, verify=True)  # every file against its digest, the adapter finite
         if not info.complete:
+            done = "exported" if command == "export" else "used"
             raise UserError(
-                f"export: {p} cannot be exported: {info.reason}. Export another checkpoint of the run "
-                f"(qlora-sft export {run_dir or p.parent}/checkpoint-<step>)."
+                f"{command}: {p} cannot be {done}: {info.reason}. Give another checkpoint of the run "
+                f"(qlora-sft {command} {run_dir or p.parent}/checkpoint-<step>)."
             )
     elif (p / "adapter_model.safetensors").is_file():
         from .checkpoint import nonfinite_tensors
@@ -191,23 +198,26 @@ def resolve_source(
         bad = nonfinite_tensors(p / "adapter_model.safetensors")
         if bad:
             raise UserError(
-                f"export: {p}/adapter_model.safetensors holds NaN/inf values ({', '.join(bad[:3])}): the training "
-                "that wrote it diverged; there is nothing to merge"
+                f"{command}: {p}/adapter_model.safetensors holds NaN/inf values ({', '.join(bad[:3])}): the training "
+                f"that wrote it diverged; there is nothing to {'merge' if command == 'export' else 'chat with'}"
             )
     adapter_config = json.loads((p / "adapter_config.json").read_text())
     if adapter_config.get("use_dora"):
         raise UserError("export: DoRA adapters are not supported by the streaming merge")
     base = base_override or adapter_config.get("base_model_name_or_path") or ""
+    base_from = "--base-model" if base_override else f"base_model_name_or_path in {p / 'adapter_config.json'}"
     if run_dir is not None:
         recipe = read_run_recipe(run_dir)
         base = base_override or recipe.model.name_or_path or base
+        if not base_override and recipe.model.name_or_path:
+            base_from = f"model.name_or_path in {run_dir / 'recipe.yaml'}"
     else:
         recipe = adapter_alone_recipe(base)
     recipe = remote_code_gate(recipe, base, trust_remote_code, command)
     step = None
     if (p / "manifest.json").is_file():
         step = json.loads((p / "manifest.json").read_text()).get("step")
-    return Source(p, run_dir, base, recipe, step, adapter_config)
+    return Source(p, run_dir, base, recipe, step, adapter_config, base_from)
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,17 +587,19 @@ def plan_export(
         raise UserError(f"export: --dtype {dtype!r}: use bf16, fp16 or fp32")
     out_dir = Path(out) if out else (source.run_dir or source.adapter_dir.parent) / "merged"
     check_out_dir(out_dir, source, overwrite)
+    problem = write_problem(out_dir.parent)  # the merge is written beside --out, then renamed
+    if problem:
+        raise UserError(
+            f"export: cannot write the merged model to {out_dir}: {problem}. Choose --out in a writable folder, or "
+            "fix the folder's permissions; nothing was written."
+        )
     base_kind = base or ("dequantized" if source.quant.method != "none" else "original")
     if base_kind not in ("dequantized", "original"):
         raise UserError(f"export: --base {base_kind!r}: use dequantized or original")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("export: --device cuda but no GPU is visible")
     shard_bytes = parse_size(shard_size)
-    try:
-        base_folder, files = checkpoint_files(source.base_path, what="base model")
-    except UserError as exc:
-        raise UserError(f"export: {exc} Pass --base-model PATH to the base model folder.") from None
-    check_base(source, base_folder, other_base)
+    base_folder, files = base_model_files(source, other_base)
     if out_dir.resolve() == base_folder.resolve() or base_folder.resolve().is_relative_to(out_dir.resolve()):
         raise UserError(
             f"export: --out {out_dir} is (or holds) the base model folder {base_folder} the adapter is merged onto; "
@@ -596,7 +608,27 @@ def plan_export(
     return ExportPlan(out_dir, DTYPES[dtype], dtype, base_kind, base_folder, files, shard_bytes, device)
 
 
-def check_base(source: Source, base_folder: Path, other_base: bool) -> None:
+def base_model_files(source: Source, other_base: bool = False, command: str = "export") -> tuple[Path, list[Path]]:
+    """The base model the adapter goes on (`export` merges onto it, `chat` loads it): its folder and
+    weight files. Refused, before anything loads, when it is not there (naming where its path was
+    recorded, and --base-model for a base that moved) or is another model (`check_base`)."""
+    try:
+        base_folder, files = checkpoint_files(source.base_path, what="base model")
+    except UserError as exc:
+        if source.base_from == "--base-model":
+            hint = "Pass --base-model PATH to the base model folder."
+        else:
+            hint = (
+                f"It is the model {source.adapter_dir} was trained on ({source.base_from}). If it moved, pass "
+                "--base-model PATH to the folder it is in now (its files are checked against those the adapter "
+                "trained on)."
+            )
+        raise UserError(f"{command}: {exc} {hint}") from None
+    check_base(source, base_folder, other_base, command)
+    return base_folder, files
+
+
+def check_base(source: Source, base_folder: Path, other_base: bool, command: str = "export") -> None:
     """Refuse to merge onto another model than the one the adapter trained on, where its manifest
     recorded that model (runs since 2026-12-01): the merge would be wrong, and the verification, which
     loads the same base, could not see it. `other_base` (--allow-other-base): the same weights saved
@@ -613,11 +645,11 @@ def check_base(source: Source, base_folder: Path, other_base: bool) -> None:
     shown = "; ".join(changes[:6]) + (" ..." if len(changes) > 6 else "")
     if other_base:
         log.warning(
-            "export: %s is not the base model the adapter trained on (%s): --allow-other-base", base_folder, shown
+            "%s: %s is not the base model the adapter trained on (%s): --allow-other-base", command, base_folder, shown
         )
         return
     raise UserError(
-        f"export: {base_folder} is not the base model {source.adapter_dir} was trained on ({shown}). Pass "
+        f"{command}: {base_folder} is not the base model {source.adapter_dir} was trained on ({shown}). Pass "
         "--base-model PATH of the model it trained on; if this folder holds those same weights saved in other "
         "files, pass --allow-other-base."
     )

@@ -12,6 +12,9 @@ temporary_for       `<target>.tmp-<host>-<pid>`: where a build is written before
 sweep_temporaries   remove those that processes of this host left when they were killed
 local_path          a relative path from the working directory, else beside the recipe, and the other file
                     it names where both exist and differ (the caller refuses that)
+write_problem       why files cannot be created in a folder (permissions, a read-only file system, a file
+                    where a folder should be), tried for real: root, whom permission bits do not stop, passes
+read_problem        why a file, or a file under a folder, cannot be read
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import os
 import re
 import shutil
 import socket
+import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -164,3 +169,67 @@ def sweep_temporaries(target: Path, gone: Callable[[int], bool]) -> tuple[list[P
         elif tmp != temporary_for(target):
             others.append((tmp, host, pid))
     return removed, others
+
+
+def os_reason(exc: OSError) -> str:
+    """What an OSError means for the user, in a few words ('permission denied')."""
+    reasons = {
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "a read-only file system",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.ENOSPC: "no space left",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.ENOENT: "no such file or folder",
+    }
+    return reasons.get(exc.errno or 0) or (exc.strerror or type(exc).__name__).lower()
+
+
+def write_problem(folder: Path) -> str | None:
+    """Why files cannot be created in `folder`, or None. Where it does not exist yet, the nearest
+    folder above it that does is tried (where its missing parents would be made); nothing is
+    created. Tried for real, by creating and removing an empty file: permission bits, ACLs and a
+    read-only file system all count, and root, whom permission bits do not stop, passes."""
+    probe = Path(folder)
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        if probe.is_symlink() and not probe.exists():
+            return f"{probe} is a link to {os.readlink(probe)}, which does not exist"
+        return f"{probe} is a file, not a folder"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".qlora-sft-write-check-", dir=probe)
+    except OSError as exc:
+        return f"cannot write to {probe} ({os_reason(exc)})"
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+    return None
+
+
+def _open_for_reading(path: str) -> None:
+    """Open and close a regular file (never blocks: devices and pipes are left to their reader's checks)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return  # a link to nothing: its reader names it, if it reads it at all
+    if stat.S_ISREG(mode):
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+
+
+def read_problem(path: Path) -> str | None:
+    """Why the file `path`, or a folder's files and subfolders, cannot be read, or None."""
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    try:
+        if Path(path).is_dir():
+            for root, _, names in os.walk(path, onerror=fail):
+                for name in names:
+                    _open_for_reading(os.path.join(root, name))
+        else:
+            _open_for_reading(str(path))
+    except OSError as exc:
+        return f"cannot read {exc.filename or path} ({os_reason(exc)})"
+    return None

@@ -5,6 +5,10 @@ recipe, the accelerate config and the model's config.json only (no weights), and
 size, the batch arithmetic, steps per epoch and an estimate of peak GPU memory per rank, term by
 term, plus which bundled launch configs fit a GPU of the given size.
 
+`check_output_dir` and `check_data_readable`: the run directory can be written and the data files
+read, checked by `train`, `submit`, `validate` and `prepare` before anything loads (a PermissionError
+deep in a launch becomes an error that names the path and the fix).
+
 The memory model (bytes, per rank; B = micro batch, T = data.max_length, h = hidden size,
 I = MLP size, L = layers, V = vocabulary, n = LoRA parameters, W = ranks sharing a shard):
   4-bit base weights    N_linear x 0.5                                 / W under ZeRO-3/FSDP
@@ -48,11 +52,61 @@ from pathlib import Path
 from typing import Any
 
 from . import launch, launch_config
-from .errors import RecipeError, UserError
+from .errors import DataError, RecipeError, RunDirError, UserError
+from .files import os_reason, read_problem, write_problem
 from .launch import CUDA_CONTEXT_GIB, PROCESS_GROUP_CONTEXT_GIB, LaunchMode, context_gib
 from .recipe import Recipe, micro_batches_dividing, resolve_batch
 
 GIB = 1024**3
+
+
+def check_output_dir(recipe: Recipe) -> None:
+    """The run directory (checkpoints, logs) and the data cache beside it (`<run.output_dir>/.cache`,
+    which training writes into too) can be made and written, tried for real before anything loads."""
+    problem = write_problem(recipe.run_dir)
+    if problem:
+        where = f" in {recipe.source}" if recipe.source else ""
+        raise RunDirError(
+            f"run.output_dir {recipe.run.output_dir}: {problem}, so the run directory {recipe.run_dir} cannot be "
+            f"written. Choose a writable run.output_dir (run.output_dir=PATH after the recipe, or{where}) or fix the "
+            "folder's permissions; nothing was written."
+        )
+    from .data.cache import unwritable_cache_message
+
+    problem = write_problem(recipe.data_cache_root)
+    if problem:
+        raise DataError(unwritable_cache_message(recipe.data_cache_root, problem))
+
+
+def check_prepared_writable(cache: str | Path) -> None:
+    """Training writes beside the prepared splits it reads (the Trainer's packing and column removal
+    write Arrow cache files into `<cache>/train` and `eval`): a cache folder made by another user, or
+    on a read-only file system, fails only there, after the model is loaded. Checked before."""
+    from .data.cache import unwritable_cache_message
+
+    for split in ("train", "eval"):
+        folder = Path(cache) / split
+        problem = write_problem(folder) if folder.is_dir() else None
+        if problem:
+            raise DataError(unwritable_cache_message(Path(cache).parent, problem))
+
+
+def check_data_readable(data: Any, base_dir: str | Path | None) -> None:
+    """Every local file of the data sources (`data`: a DataConfig) can be read (a folder: each of its
+    files and subfolders). Hub dataset ids and paths not found are left to the readers, which name them."""
+    from .data.sources import resolve_path
+
+    for src in (*data.sources, *data.eval_sources):
+        try:
+            local = resolve_path(src.path, base_dir)
+            problem = read_problem(local) if local is not None else None
+        except OSError as exc:  # a folder on the way that may not be searched
+            problem = f"cannot read {exc.filename or src.path} ({os_reason(exc)})"
+        if problem:
+            raise DataError(
+                f"data source {src.path!r}: {problem}. Fix its permissions (e.g. `chmod -R u+rX` on it, or ask its "
+                "owner), or point `path:` in data.sources at a readable copy; nothing was written."
+            )
 
 
 def configs_dir() -> Path:

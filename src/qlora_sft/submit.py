@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .files import write_problem
 from .recipe import ClusterConfig, load_recipe
 
 log = logging.getLogger("qlora_sft")
@@ -210,6 +211,7 @@ def submit(
     import submitit
 
     from .checkpoint import check_run_dir
+    from .plan import check_data_readable, check_output_dir
 
     overrides = list(overrides)
     if deepspeed is not None:  # `--deepspeed X.json` is train.deepspeed, named on the command line
@@ -217,6 +219,8 @@ def submit(
     r = load_recipe(recipe, overrides)
     check_submitted_files(r, Path(recipe).parent)
     check_run_dir(r)
+    check_output_dir(r)  # the job's files and the run directory, before the job is queued
+    check_data_readable(r.data, Path(recipe).parent)
     if prepare:
         from .train import tokenizer_and_data
 
@@ -237,6 +241,12 @@ def submit(
         extra_sbatch=list(extra_sbatch) if extra_sbatch is not None else None,
     )
     folder = Path(folder or r.cluster.folder or (r.run_dir.parent / f"{r.run.name}.submitit")) / "%j"
+    problem = write_problem(folder.parent)
+    if problem:
+        raise UserError(
+            f"submit: the job folder {folder.parent}: {problem}. Pass --folder PATH (or cluster.folder in the recipe) "
+            "in a writable place; nothing was queued."
+        )
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_python=sys.executable)
     if executor.cluster == "local":
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}

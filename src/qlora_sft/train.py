@@ -191,6 +191,12 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
         log.info("%s", done)
         return TrainResult(recipe.run_dir, recipe.run_dir / "final", -1, None, None, finished=True)
     init_adapter.check_before_loading(recipe, base_dir)  # lora.init_from; checkpoint.resume=<an adapter>
+
+    def check_paths() -> None:  # the run directory writable, the data readable (not a PermissionError later)
+        plan.check_output_dir(recipe)
+        plan.check_data_readable(recipe.data, base_dir)
+
+    checkpoint.main_process_decides(check_paths)
     meta = checkpoint.run_metadata(recipe, mode, batch)
     lock = checkpoint.prepare_run_dir(recipe, meta)
     try:
@@ -250,6 +256,8 @@ def _train(
     # 3. Tokenizer and data (one process per node builds the cache, the others wait for it; or
     # `qlora-sft prepare` built it before the launch) — before any model memory is spent.
     tokenizer, prepared = tokenizer_and_data(recipe, base_dir)
+    if prepared.cache:  # the Trainer writes beside the prepared splits: not a PermissionError after loading
+        checkpoint.main_process_decides(lambda: plan.check_prepared_writable(prepared.cache))
     log.info("data: %s", prepared.origin())
     for line in prepared.report.lines():
         log.info("data: %s", line)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from ..files import atomic_write_text, file_digest, sweep_temporaries, temporary_for
+from ..files import atomic_write_text, file_digest, os_reason, sweep_temporaries, temporary_for, write_problem
 from ..recipe import DataConfig, DataSource
 from .encode import PreparedData, build_data
 from .report import EVAL_SUFFIX, DataReport, check_end_tokens
@@ -188,32 +188,124 @@ def cache_folder(
     return Path(cache_root) / f"data-{cache_key(cfg, tokenizer, seed, base_dir, cache_root)}"
 
 
+EMPTY_LOCK_GRACE_S = 60.0  # a lock still without its record this long after it was created: its writer died
+CLOCK_SLACK_S = 2.0  # how much later than a lock's record its holder may seem to start (whole-second boot time)
+
+
+def _lock_record() -> dict[str, Any]:
+    """What a lock records of its holder: host, machine (boot id and pid namespace), pid and the
+    pid's start time (clock ticks since boot), which together tell the holder from a later process
+    that was given the same pid."""
+    from ..checkpoint import _machine, _process_start
+
+    pid = os.getpid()
+    return {
+        "host": socket.gethostname(),
+        "machine": _machine(),
+        "pid": pid,
+        "pid_start": _process_start(pid),
+        "started": time.time(),
+    }
+
+
 def _lock_holder(lock: Path) -> dict[str, Any]:
+    """The lock's record, or {} where it is missing, empty or not a JSON object."""
     try:
-        return json.loads(lock.read_text() or "{}")
+        record = json.loads(lock.read_text() or "{}")
     except (OSError, ValueError):
         return {}
+    return record if isinstance(record, dict) else {}
 
 
-def _holder_died(holder: dict[str, Any]) -> bool:
-    """The lock's process ran on this host and is gone."""
-    if holder.get("host") != socket.gethostname() or not holder.get("pid"):
-        return False
+def _process_started_at(start: str) -> float | None:
+    """A start time read from /proc/<pid>/stat (clock ticks since boot) as a wall-clock time."""
     try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+        lines = Path("/proc/stat").read_text().splitlines()
+        btime = next(int(line.split()[1]) for line in lines if line.startswith("btime "))
+        return btime + int(start) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
 
 
-def _wait_for_cache(folder: Path, since: float, until_unlocked: bool = False, poll: float = 1.0) -> PreparedData | None:
+def _holder_gone(holder: dict[str, Any], lock: Path | None = None) -> str | None:
+    """Why the lock's holder is provably gone, or None (alive, or not provable from here).
+
+    - Another host's lock (a cache folder on a shared file system): never provable here, where its
+      pid means nothing; the waiting launch says which file to delete.
+    - This host's lock: gone when it was written in another boot (the boot id differs), when its pid
+      has exited, or when the pid now belongs to another process (its start time differs from the
+      recorded one: reused after a crash or a reboot, or a lock copied from another run).
+    - A lock of an older qlora-sft (no start time recorded): gone when its pid has exited, or when
+      the process with that pid started after the lock was written (it cannot be the holder). A pid
+      alive since before then is taken for the holder, as before.
+    - An empty lock, or one naming no process, still so `EMPTY_LOCK_GRACE_S` after it was created:
+      its creator was killed before it wrote the record (which it does at once)."""
+    from ..checkpoint import _machine, _process_start
+
+    if not holder.get("pid") and lock is not None:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            return None
+        if _lock_holder(lock).get("pid") or age < EMPTY_LOCK_GRACE_S:
+            return None
+        return f"it names no process {age:.0f} s after it was created: its creator was killed before writing it"
+    if holder.get("host") != socket.gethostname():
+        return None
+    try:
+        pid = int(holder.get("pid") or 0)
+    except (TypeError, ValueError):
+        return None  # a record no qlora-sft wrote: nothing is provable
+    if not pid:
+        return None
+    boot, my_boot = str(holder.get("machine") or "?").split(":")[0], _machine().split(":")[0]
+    if "?" not in (boot, my_boot) and boot != my_boot:
+        return f"this host restarted since process {pid} wrote it"
+    start = _process_start(pid)
+    if start is None:
+        return f"process {pid} has exited"
+    recorded = holder.get("pid_start")
+    if recorded not in (None, "?"):
+        if start != "?" and start != str(recorded):
+            return f"process {pid} has exited (its pid belongs to another process now)"
+        return None
+    # written by an older qlora-sft, without the start time
+    started_at = _process_started_at(start) if start != "?" else None
+    try:
+        written = float(holder.get("started"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    if started_at is not None and started_at > written + CLOCK_SLACK_S:
+        return f"process {pid} has exited (its pid belongs to another process now, started after the lock was written)"
+    return None
+
+
+def _wait_note(holder: dict[str, Any] | None, folder: Path, lock: Path) -> str:
+    """Who the wait is for, and what to do if that process is gone."""
+    if not holder:
+        return f"the main process to finish the data cache {folder}"
+    host, pid = holder.get("host"), holder.get("pid")
+    if not holder.get("pid"):
+        who = "the process that created its lock (it has not named itself yet)"
+    elif host == socket.gethostname():
+        who = f"{host} pid {pid} (alive on this host)"
+    else:
+        who = f"{host} pid {pid} (on another host: whether it still runs cannot be seen from here)"
+    return (
+        f"{who} to finish the data cache {folder}. If no qlora-sft process is preparing this data any more, delete "
+        f"its lock (rm {lock}): the waiting launch then builds the cache itself"
+    )
+
+
+def _wait_for_cache(
+    folder: Path, since: float, until_unlocked: bool = False, poll: float = 1.0, note_every: float = 60.0
+) -> PreparedData | None:
     """Wait (no collective, no timeout) until another process has written the cache; fail when it
-    failed or died. `until_unlocked`: return None when nobody holds the lock and there is no cache
-    (the caller may build it). Logs every minute."""
+    failed or died. `until_unlocked`: return None when nobody holds the lock, or its holder is
+    provably gone (`_holder_gone`), and there is no cache (the caller may build it). Logs every
+    `note_every` seconds whom it waits for and which lock file to delete if that process is gone."""
     lock, failed = folder.with_name(folder.name + ".lock"), folder.with_name(folder.name + ".failed")
-    start, next_note = time.monotonic(), 60.0
+    start, next_note = time.monotonic(), note_every
     while True:
         prepared = load_prepared(folder)
         if prepared is not None:
@@ -221,20 +313,30 @@ def _wait_for_cache(folder: Path, since: float, until_unlocked: bool = False, po
         holder = _lock_holder(lock) if lock.exists() else None
         if holder is None and failed.exists() and failed.stat().st_mtime >= since - 5:
             raise DataError(f"preparing the data failed in another process: {failed.read_text().strip()}")
-        if until_unlocked and (holder is None or _holder_died(holder)):
+        if until_unlocked and (holder is None or _holder_gone(holder, lock)):
             return None  # nobody builds it (any more): the caller takes the lock
         waited = time.monotonic() - start
         if waited >= next_note:
-            who = f"{holder.get('host')} pid {holder.get('pid')}" if holder else "the main process"
-            log.info(
-                "data: waiting %.0f s for %s to finish the data cache %s (if that process is gone, delete %s)",
-                waited,
-                who,
-                folder,
-                lock,
-            )
-            next_note += 60.0
+            log.info("data: waiting %.0f s for %s", waited, _wait_note(holder, folder, lock))
+            next_note += note_every
         time.sleep(poll)
+
+
+def unwritable_cache_message(cache_root: Path, problem: str) -> str:
+    """The data cache folder cannot be written: which folder, why, and what to do."""
+    return (
+        f"the data cache folder {cache_root}: {problem}. The prepared data is built there and training writes beside "
+        "it (run.output_dir/.cache, shared by the runs of one run.output_dir): fix the folder's permissions, or "
+        "choose a writable run.output_dir; nothing was written."
+    )
+
+
+def _unwritable_cache(folder: Path, exc: OSError | None) -> DataError:
+    """The cache folder (its lock) cannot be written."""
+    problem = write_problem(folder.parent) or (
+        f"cannot write to {folder.parent} ({os_reason(exc)})" if exc is not None else "cannot be written"
+    )
+    return DataError(unwritable_cache_message(folder.parent, problem))
 
 
 def build_cache(folder: Path, build: Any, by: str = "train") -> PreparedData | None:
@@ -242,22 +344,41 @@ def build_cache(folder: Path, build: Any, by: str = "train") -> PreparedData | N
     folder, renamed when complete), the others wait for it. Returns what this process loaded, or
     None if another process holds the lock."""
     lock, failed = folder.with_name(folder.name + ".lock"), folder.with_name(folder.name + ".failed")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
+        if not folder.parent.is_dir():
+            raise _unwritable_cache(folder, None) from None
         holder = _lock_holder(lock)
-        if _holder_died(holder):
-            log.warning("data: removing the lock of a process that died (%s)", holder)
+        why = _holder_gone(holder, lock)
+        if why is None or _lock_holder(lock) != holder:  # (alive, or replaced since it was read)
+            return None
+        log.warning(
+            "data: removed the lock %s of a data cache build that is gone (%s pid %s): %s",
+            lock,
+            holder.get("host", "?"),
+            holder.get("pid", "?"),
+            why,
+        )
+        try:
             lock.unlink(missing_ok=True)
-            return build_cache(folder, build, by)
-        return None
+        except OSError as exc:
+            raise _unwritable_cache(folder, exc) from None
+        return build_cache(folder, build, by)
+    except OSError as exc:
+        raise _unwritable_cache(folder, exc) from None
     started = time.time()
-    with os.fdopen(fd, "w") as f:
-        json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": started}, f)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_lock_record(), f)
+    except BaseException:
+        lock.unlink(missing_ok=True)  # an empty lock would hold every later launch up
+        raise
     tmp = temporary_for(folder)
     # builds of this key killed on this host (this process holds the lock: no live build has it)
-    for left in sweep_temporaries(folder, lambda pid: _holder_died({"host": socket.gethostname(), "pid": pid}))[0]:
+    here = socket.gethostname()
+    for left in sweep_temporaries(folder, lambda pid: _holder_gone({"host": here, "pid": pid}) is not None)[0]:
         log.info("data: removed %s, left by a build that was killed", left)
     try:
         failed.unlink(missing_ok=True)

@@ -1,0 +1,122 @@
+"""`qlora-sft chat` on what is not there: a base model that moved, an adapter folder or run directory
+that does not exist, a run with nothing trained yet. Each is an error naming the path and the fix,
+with the same base-model checks as `export` (before any model is loaded)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import recipe_dict, write_recipe, write_toy_data
+
+from qlora_sft import cli
+
+SHORT = {"max_steps": 2, "save_steps": 1, "logging_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run (final/ and checkpoints 1 and 2) whose base model is a copy that tests may move."""
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    root = tmp_path_factory.mktemp("chat")
+    base = root / "base"
+    shutil.copytree(tiny_model, base)
+    data = write_toy_data(root / "toy.jsonl", n=48)
+    path = write_recipe(root / "r.yaml", recipe_dict(base, data, root / "runs", train=SHORT))
+    return train(load_recipe(path)).run_dir
+
+
+def chat(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    code = cli.main(["chat", *args, "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture()
+def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qlora_sft import model
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the base model was loaded before the error")
+
+    monkeypatch.setattr(model, "load_base", refuse)
+
+
+def moved_base(run: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the run whose recorded base model is gone (moved to the returned folder)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    gone = tmp_path / "was-here"
+    moved = tmp_path / "moved-base"
+    shutil.copytree(recipe["model"]["name_or_path"], moved)
+    recipe["model"]["name_or_path"] = str(gone)
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return copy, moved
+
+
+@pytest.mark.parametrize("which", ["run", "final", "checkpoint-1"])
+def test_a_base_model_that_moved_is_named_with_the_flag_that_fixes_it(
+    which: str, run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, no_model_loads: None
+):
+    copy, _ = moved_base(run, tmp_path)
+    target = copy if which == "run" else copy / which
+    code, err = chat(capsys, str(target))
+    assert code == 2 and "Traceback" not in err
+    assert f"qlora-sft chat: error: chat: base model '{tmp_path / 'was-here'}' not found" in err
+    assert f"model.name_or_path in {copy / 'recipe.yaml'}" in err and "--base-model PATH" in err
+
+
+def test_base_model_flag_finds_a_moved_base(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    copy, moved = moved_base(run, tmp_path)
+    code, err = chat(capsys, str(copy), "--base-model", str(moved))
+    assert code == 0, err
+
+
+def test_chat_refuses_another_base_like_export(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, no_model_loads: None
+):
+    """Another model in the recorded folder: the adapter's manifest tells (export's check)."""
+    from tiny import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    code, err = chat(capsys, str(run), "--base-model", str(other))
+    assert code == 2 and f"chat: {other} is not the base model" in err and "--allow-other-base" in err
+
+
+def test_an_adapter_folder_or_run_that_does_not_exist_is_named(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, no_model_loads: None
+):
+    code, err = chat(capsys, str(tmp_path / "nothere"))
+    assert code == 2 and f"chat: {tmp_path / 'nothere'} does not exist" in err
+    assert "merged model folder" in err and "adapter folder" in err and "run directory" in err
+
+
+def test_a_run_with_nothing_trained_yet_is_named(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, no_model_loads: None
+):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(run / "recipe.yaml", empty / "recipe.yaml")
+    code, err = chat(capsys, str(empty))
+    assert code == 2 and "Traceback" not in err
+    assert f"chat: {empty} has no merged/ model, no complete final/ adapter and no complete checkpoint" in err
+    assert "neither a model folder nor an adapter" not in err
+
+
+def test_a_run_without_final_chats_with_its_newest_checkpoint(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "final")
+    code, err = chat(capsys, str(copy))
+    assert code == 0, err
+    assert f"using its newest complete checkpoint {copy / 'checkpoint-2'}" in err
+
+
+def test_a_folder_that_is_neither_is_named(tmp_path: Path, capsys: pytest.CaptureFixture, no_model_loads: None):
+    (tmp_path / "notes").mkdir()
+    code, err = chat(capsys, str(tmp_path / "notes"))
+    assert code == 2 and f"chat: {tmp_path / 'notes'} is neither a model folder (config.json)" in err
