@@ -74,6 +74,8 @@ from qlora_sft.launch import (
     EMBEDDING_GATHERED_ONCE,
     FSDP_RELEASE_HEAD_ENV,
     RELEASE_HEAD_APPLIED,
+    RELEASE_LAYERS_APPLIED,
+    ZERO3_RELEASE_LAYERS_ENV,
     ZERO3_UNITS_ENV,
 )
 
@@ -102,6 +104,10 @@ class Mode:
         return 1 if self.one_process else gpus
 
 
+# gathered parameters released after use: fewer kept gathered, and none kept for its next use
+ZERO3_LIVE = (("stage3_max_live_parameters", 100_000_000), ("stage3_max_reuse_distance", 0))
+KEEP_LAYERS = ((ZERO3_RELEASE_LAYERS_ENV, "0"),)
+RELEASE_LAYERS = ((ZERO3_RELEASE_LAYERS_ENV, "1"),)
 ZERO3_LEAF_LOGGED = re.compile(r"ZeRO-3: the \d+ decoder layers are leaf modules")  # model.sharding's line
 PROFILE_STEP = "5"  # the step the *_profiled rows profile (QLORA_SFT_PROFILE_STEP): after the warm-up
 PROFILED = (("QLORA_SFT_PROFILE_STEP", PROFILE_STEP),)
@@ -154,18 +160,24 @@ MODES = {
     "zero3_nofuse": Mode("deepspeed_zero3.yaml", overrides=("lora.fused=false",)),
     "zero3_nooffload": Mode("deepspeed_zero3.yaml", overrides=("train.offload_activations=false",)),
     "zero3_plain": Mode("deepspeed_zero3.yaml", overrides=("lora.fused=false", "train.offload_activations=false")),
-    "zero3_live": Mode(
-        "deepspeed_zero3.yaml", zero=(("stage3_max_live_parameters", 100_000_000), ("stage3_max_reuse_distance", 0))
-    ),
+    "zero3_live": Mode("deepspeed_zero3.yaml", zero=ZERO3_LIVE),
     # ZeRO-3 with parameters and optimizer state in host memory: leaf layers (the default), per module,
     # and with gathered layers released after use (the bundled reuse distance, 1e9 elements, kept every
     # 8B layer gathered at the peak of 2026-12-01: 18 from the forward, 14 from the backward)
     "zero3_offload": Mode("deepspeed_zero3_offload.yaml"),
     "zero3_offload_modules": Mode("deepspeed_zero3_offload.yaml", ((ZERO3_UNITS_ENV, "modules"),)),
-    "zero3_offload_live": Mode(
-        "deepspeed_zero3_offload.yaml",
-        zero=(("stage3_max_live_parameters", 100_000_000), ("stage3_max_reuse_distance", 0)),
-    ),
+    "zero3_offload_live": Mode("deepspeed_zero3_offload.yaml", zero=ZERO3_LIVE),
+    # each recomputed layer's weights released after its own backward (QLORA_SFT_ZERO3_RELEASE_LAYERS:
+    # the default with several ranks or parameter offload since 2026-12-01 night), or kept to the end
+    # of the backward as DeepSpeed does on its own. The *_own and *_diag rows are the first
+    # measurement's names (their runs also logged how many layers were still gathered: 32 without, 0 with)
+    "zero3_keep_layers": Mode("deepspeed_zero3.yaml", KEEP_LAYERS),
+    "zero3_offload_keep_layers": Mode("deepspeed_zero3_offload.yaml", KEEP_LAYERS),
+    "zero3_release_layers": Mode("deepspeed_zero3.yaml", RELEASE_LAYERS),
+    "zero3_own": Mode("deepspeed_zero3.yaml", RELEASE_LAYERS),
+    "zero3_offload_own": Mode("deepspeed_zero3_offload.yaml", RELEASE_LAYERS),
+    "zero3_offload_live_own": Mode("deepspeed_zero3_offload.yaml", RELEASE_LAYERS, zero=ZERO3_LIVE),
+    "zero3_offload_live_diag": Mode("deepspeed_zero3_offload.yaml", KEEP_LAYERS, zero=ZERO3_LIVE),
     # ZeRO-3's prefetch bucket: "auto" resolves to 0.9 x hidden^2 elements (15M at 8B, under a third of
     # one decoder layer's packed 4-bit weights); 1e8 elements prefetch about two layers ahead
     "zero3_prefetch": Mode("deepspeed_zero3.yaml", zero=(("stage3_prefetch_bucket_size", 100_000_000),)),
@@ -202,6 +214,7 @@ MODES = {
     "1gpu_profiled": Mode("single_gpu.yaml", PROFILED),
     "zero3_profiled": Mode("deepspeed_zero3.yaml", PROFILED),
     "zero3_offload_profiled": Mode("deepspeed_zero3_offload.yaml", PROFILED),
+    "zero3_offload_live_profiled": Mode("deepspeed_zero3_offload.yaml", PROFILED, zero=ZERO3_LIVE),
     "1gpu_mb2_profiled": Mode("single_gpu.yaml", PROFILED, overrides=("train.micro_batch_tokens=4096",)),
     # ablation rows of one GPU's memory (issue 29's levers): the frozen input embedding in host
     # memory, 2 x 2048 tokens per micro batch (twice the accumulation), both, 32-bit AdamW instead
@@ -547,6 +560,9 @@ def main() -> int:
             # 2026-12-01, or a JSON's leaf_module); rows without the key ran before qlora-sft made
             # them leaves itself, with the fused layer and activation offloading off under ZeRO-3
             r["zero3_leaf_layers"] = bool(ZERO3_LEAF_LOGGED.search(logged))
+            # whether each recomputed layer's weights were released after its own backward (rows
+            # without the key ran before 2026-12-01 night: kept to the end of the backward)
+            r["zero3_release_layers"] = RELEASE_LAYERS_APPLIED in logged
         results.append(r)
         write_results(base, args, results)  # after every phase: a call cut off by its time limit keeps it
         if rc == 0 and mode in kill_modes:

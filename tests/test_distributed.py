@@ -466,7 +466,7 @@ def test_fsdp_environment_switches_are_checked():
     assert fsdp_release_head({"QLORA_SFT_FSDP_RELEASE_HEAD": "1"}) is True
     assert fsdp_release_head({"QLORA_SFT_FSDP_RELEASE_HEAD": "0"}) is False
     assert fsdp_release_head({"QLORA_SFT_FSDP_RELEASE_HEAD": " No "}) is False
-    with pytest.raises(UserError, match=r"QLORA_SFT_FSDP_RELEASE_HEAD='on': use 1 \(on, the default\) or 0"):
+    with pytest.raises(UserError, match=r"QLORA_SFT_FSDP_RELEASE_HEAD='on': use 1 \(on\) or 0 \(off\)"):
         fsdp_release_head({"QLORA_SFT_FSDP_RELEASE_HEAD": "on"})
     with pytest.raises(UserError, match=r"QLORA_SFT_FSDP_UNITS='modules': use one of layers, peft"):
         fsdp_units({"QLORA_SFT_FSDP_UNITS": "modules"})

@@ -84,7 +84,8 @@ def test_plan_reads_a_deepspeed_json_as_what_it_is(shape_recipe: Path):
     for config in (AXOLOTL_Z3, LLAMAFACTORY_Z3):
         out = cli("plan", str(shape_recipe), "--config", str(config), "--gpus", "2")
         assert out.returncode == 0, out.stderr
-        launch = f"launch: {config.name} (zero3, each decoder layer gathered whole), 1 node(s) x 2 process(es)"
+        how = "zero3, each decoder layer gathered whole, released after its backward"
+        launch = f"launch: {config.name} ({how}), 1 node(s) x 2 process(es)"
         assert f"{launch} = world size 2" in out.stdout
         assert "single_gpu" not in out.stdout
         assert f"deepspeed: {config.name}: ZeRO-3" in out.stdout

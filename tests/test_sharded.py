@@ -397,7 +397,11 @@ def test_launch_mode_from_the_launchers_environment(tmp_path: Path):
     assert from_config_file(CONFIGS / "deepspeed_zero3.yaml", gpus_per_node=4, nodes=2).world_size == 8
     assert from_config_file(CONFIGS / "deepspeed_zero2.yaml").label() == "zero2"
     # plan's launch line says how ZeRO-3 gathers (QLORA_SFT_ZERO3_UNITS)
-    assert from_config_file(CONFIGS / "deepspeed_zero3.yaml").label() == "zero3, each decoder layer gathered whole"
+    assert (
+        from_config_file(CONFIGS / "deepspeed_zero3.yaml").label()
+        == "zero3, each decoder layer gathered whole, released after its backward"
+    )
+    assert from_config_file(CONFIGS / "deepspeed_zero3.yaml", 1).label() == "zero3, each decoder layer gathered whole"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QLORA_SFT_ZERO3_UNITS", "modules")
         assert from_config_file(CONFIGS / "deepspeed_zero3.yaml").label() == "zero3, gathered per module"
@@ -499,6 +503,12 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
             # FSDP rows record whether the run resharded the head before the layers' backward (the
             # default since 2026-11-30 evening); rows without the key ran before it was
             env.setdefault("QLORA_SFT_FSDP_RELEASE_HEAD", "1" if r.get("fsdp_release_head_applied") else "0")
+            # ZeRO-3 rows record whether each recomputed layer's weights were released after its own
+            # backward (the default with several ranks or parameter offload since 2026-12-01 night);
+            # rows without the key ran before it existed, but for the first measurement's, which asked
+            # for it as QLORA_SFT_ZERO3_OWN
+            released = r.get("zero3_release_layers", env.get("QLORA_SFT_ZERO3_OWN") == "1")
+            env["QLORA_SFT_ZERO3_RELEASE_LAYERS"] = "1" if released else "0"
             with pytest.MonkeyPatch.context() as mp:
                 for key, value in env.items():
                     mp.setenv(key, value)
@@ -559,6 +569,79 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
     two = plan_lines(rec, str(CONFIGS / "fsdp_qlora_offload.yaml"), gpus=2, gpu_mem=24)
     assert any(line.strip().startswith("fsdp_qlora_offload.yaml") and line.endswith(" fits") for line in two)
     assert any("CPU memory while loading: rank 0 holds the model" in line for line in two)
+
+
+def test_zero3_releases_recomputed_layers_where_weights_are_gathered(monkeypatch):
+    """QLORA_SFT_ZERO3_RELEASE_LAYERS: on by default for ZeRO-3 leaf layers with several ranks or
+    parameter offload, off in one process without it (every weight is whole there) and under
+    per-module gathering; 1/0 decide instead; anything else is refused."""
+    from qlora_sft import launch
+
+    def mode(config: str, gpus: int, **env: str) -> launch.LaunchMode:
+        for key in (launch.ZERO3_RELEASE_LAYERS_ENV, launch.ZERO3_UNITS_ENV):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        return launch.from_config_file(CONFIGS / config, gpus)
+
+    assert mode("deepspeed_zero3.yaml", 2).zero3_releases_layers
+    assert mode("deepspeed_zero3_offload.yaml", 1).zero3_releases_layers
+    assert not mode("deepspeed_zero3.yaml", 1).zero3_releases_layers
+    assert mode("deepspeed_zero3.yaml", 1, QLORA_SFT_ZERO3_RELEASE_LAYERS="1").zero3_releases_layers
+    assert not mode("deepspeed_zero3.yaml", 2, QLORA_SFT_ZERO3_RELEASE_LAYERS="0").zero3_releases_layers
+    assert not mode("deepspeed_zero3.yaml", 2, QLORA_SFT_ZERO3_UNITS="modules").zero3_releases_layers
+    assert not mode("fsdp_qlora.yaml", 2).zero3_releases_layers
+    with pytest.raises(UserError, match="QLORA_SFT_ZERO3_RELEASE_LAYERS='maybe'"):
+        mode("deepspeed_zero3.yaml", 2, QLORA_SFT_ZERO3_RELEASE_LAYERS="maybe")
+
+
+def test_a_layer_recomputed_in_the_backward_owns_what_it_gathers():
+    """model.sharding.own_recompute, as a layer starts: in the forward pass it leaves DeepSpeed's
+    record of running backward modules alone; when the layer is recomputed inside the backward pass
+    (a checkpoint) it becomes the newest entry, the module DeepSpeed gives the weights it gathers
+    then (and so releases them when that layer's backward ends); a DeepSpeed without that record is
+    left alone."""
+    from qlora_sft.model.sharding import ACTIVE_BACKWARD, own_recompute
+
+    class Coordinator:
+        pass
+
+    coordinator = Coordinator()
+    outer, layer = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    outer.ds_id, layer.ds_id = 0, 7
+    active: dict[int, torch.nn.Module] = {7: layer, 0: outer}  # the layer's id already there, not newest
+    setattr(coordinator, ACTIVE_BACKWARD, active)
+    seen: list[bool] = []
+
+    def note(module: torch.nn.Module, args: object) -> None:
+        seen.append(own_recompute(coordinator, module))
+
+    layer.register_forward_pre_hook(note, prepend=True)
+
+    class Recompute(torch.autograd.Function):  # a checkpoint: runs the layer again in its backward
+        @staticmethod
+        def forward(ctx, x):
+            with torch.no_grad():
+                layer(x)
+            ctx.save_for_backward(x)
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                torch.autograd.backward(layer(x).sum())
+            return grad
+
+    x = torch.ones(1, 2, requires_grad=True)
+    y = Recompute.apply(x)
+    layer(x)  # a plain forward with gradients on
+    assert seen == [False, False] and list(active) == [7, 0]
+    y.sum().backward()
+    assert seen == [False, False, True]
+    assert list(active) == [0, 7] and active[7] is layer
+    assert not own_recompute(Coordinator(), layer)  # no record: nothing done
 
 
 def test_zero3_decoder_layers_as_leaf_modules(tiny_model: Path, tmp_path: Path, caplog):

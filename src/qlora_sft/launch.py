@@ -69,6 +69,14 @@ FSDP_UNITS = ("layers", "peft")
 # process: 0.45x one GPU's tokens/s at 9.18 GiB, against 0.84x at 7.37 with layers)
 ZERO3_UNITS_ENV = "QLORA_SFT_ZERO3_UNITS"
 ZERO3_UNITS = ("layers", "modules")
+# ZeRO-3 leaf layers under gradient checkpointing: DeepSpeed gives the weights gathered while a layer is
+# recomputed to the model around the layers, so every layer stays gathered to the end of the backward
+# (one H200, 8B, one process, parameter offload: all 32 layers at the peak). Releasing each layer's
+# weights after its own backward (model.sharding.release_recomputed_layers) is on by default where
+# weights are gathered at all (several ranks, or parameter offload): 6.99 -> 5.68 GiB there, losses
+# as before (2026-12-01). `1` turns it on, `0` off, everywhere
+ZERO3_RELEASE_LAYERS_ENV = "QLORA_SFT_ZERO3_RELEASE_LAYERS"
+RELEASE_LAYERS_APPLIED = "ZeRO-3: each recomputed decoder layer's weights are released after its own backward"
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,7 @@ class LaunchMode:
     fsdp_units: str = "layers"  # FSDP: one of FSDP_UNITS
     fsdp_release_head: bool = True  # FSDP layer units; QLORA_SFT_FSDP_RELEASE_HEAD=0 turns it off
     zero3_units: str = "layers"  # ZeRO-3: one of ZERO3_UNITS (QLORA_SFT_ZERO3_UNITS)
+    zero3_release: bool | None = None  # QLORA_SFT_ZERO3_RELEASE_LAYERS: None (unset) is the default
     num_machines: int = 1
     source: str = ""  # the accelerate config file it was read from (plan), if any
     # the launch config files, read fully (qlora_sft.launch_config): FSDP settings, the DeepSpeed
@@ -118,6 +127,20 @@ class LaunchMode:
         return self.kind == "deepspeed" and self.zero_stage == 3 and self.zero3_units == "layers"
 
     @property
+    def zero3_releases_layers(self) -> bool:
+        """ZeRO-3 leaf layers whose weights, gathered again to recompute a layer in the backward, are
+        released after that layer's backward (`model.sharding.release_recomputed_layers`) instead of
+        at the end of the backward. Default: where weights are gathered at all, i.e. several ranks or
+        parameter offload (one process without it holds every weight whole anyway: there it only cost
+        time, 0.87x, one H200, 8B); QLORA_SFT_ZERO3_RELEASE_LAYERS=1/0 decides instead."""
+        if not self.zero3_leaf_modules:
+            return False
+        if self.zero3_release is not None:
+            return self.zero3_release
+        offloads_params = getattr(self.deepspeed, "offload_param", "none") != "none"
+        return self.world_size > 1 or offloads_params
+
+    @property
     def layers_run_whole(self) -> bool:
         """Each layer's forward sees its whole weights: no sharding, FSDP's layer units, or ZeRO-3 with
         the decoder layers as leaf modules (not ZeRO-3's default, which gathers each parameter only
@@ -144,12 +167,14 @@ class LaunchMode:
         name += "+offload" if self.offload else ""
         if self.kind == "deepspeed" and self.zero_stage == 3:
             name += ", each decoder layer gathered whole" if self.zero3_leaf_modules else ", gathered per module"
+            name += ", released after its backward" if self.zero3_releases_layers else ""
         return name
 
     def describe(self) -> str:
         extra = f" ZeRO-{self.zero_stage}" if self.kind == "deepspeed" else ""
         if self.zero3_leaf_modules:
-            extra += " (leaf modules: each decoder layer gathered whole)"
+            extra += " (leaf modules: each decoder layer gathered whole"
+            extra += ", released after its backward)" if self.zero3_releases_layers else ")"
         if self.kind == "fsdp":
             extra = f" (FSDP{self.fsdp_version}, {self.state_dict_type.lower().replace('_', ' ')})"
         return f"{self.kind}{extra}{', offload' if self.offload else ''}, world size {self.world_size}"
@@ -238,6 +263,7 @@ def mode_from_environment(
             offload=ds.offload,
             deepspeed=ds,
             zero3_units=zero3_units(env, ds.stage),
+            zero3_release=env_switch(ZERO3_RELEASE_LAYERS_ENV, env),
             **common,
         )
     if flag("ACCELERATE_USE_FSDP"):
@@ -255,12 +281,18 @@ def mode_from_environment(
     return LaunchMode("ddp" if world_size > 1 else "single_gpu", **common)
 
 
-def fsdp_release_head(env: Mapping[str, str] | None = None) -> bool:
-    """QLORA_SFT_FSDP_RELEASE_HEAD, checked: unset, `1` (or true/yes) on, `0` (or false/no) off."""
-    value = (os.environ if env is None else env).get(FSDP_RELEASE_HEAD_ENV, "").strip().lower()
+def env_switch(name: str, env: Mapping[str, str] | None = None) -> bool | None:
+    """An on/off environment variable, checked: unset or empty None (the default), `1` (or true/yes)
+    True, `0` (or false/no) False; anything else is refused."""
+    value = (os.environ if env is None else env).get(name, "").strip().lower()
     if value not in ("", "0", "1", "true", "false", "yes", "no"):
-        raise UserError(f"{FSDP_RELEASE_HEAD_ENV}={value!r}: use 1 (on, the default) or 0 (off)")
-    return value not in ("0", "false", "no")
+        raise UserError(f"{name}={value!r}: use 1 (on) or 0 (off), or leave it unset for the default")
+    return None if not value else value in ("1", "true", "yes")
+
+
+def fsdp_release_head(env: Mapping[str, str] | None = None) -> bool:
+    """QLORA_SFT_FSDP_RELEASE_HEAD, checked: unset or `1` (or true/yes) on, `0` (or false/no) off."""
+    return env_switch(FSDP_RELEASE_HEAD_ENV, env) is not False
 
 
 def _env_choice(name: str, choices: tuple[str, ...], env: Mapping[str, str] | None) -> str:
@@ -335,6 +367,7 @@ def mode_from_accelerate(cfg: launch_config.AccelerateConfig, gpus_per_node: int
             offload=ds.offload,
             deepspeed=ds,
             zero3_units=zero3_units(stage=ds.stage),
+            zero3_release=env_switch(ZERO3_RELEASE_LAYERS_ENV),
             **common,
         )
     if cfg.distributed_type == "FSDP" and cfg.fsdp is not None:
@@ -387,6 +420,7 @@ def deepspeed_mode(ds: Any, world: int, nodes: int, source: str, mixed_precision
         deepspeed=ds,
         mixed_precision=mixed_precision,
         zero3_units=zero3_units(stage=ds.stage),
+        zero3_release=env_switch(ZERO3_RELEASE_LAYERS_ENV),
     )
 
 

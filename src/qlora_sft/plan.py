@@ -194,8 +194,17 @@ def recipe_shape(recipe: Recipe, base_dir: Path | None = None) -> ModelShape:
     return ModelShape.from_config(read_model_config(name, base_dir), name)
 
 
-ZERO3_MAX_LIVE_PARAMETERS = 1e9  # configs/deepspeed/zero3*.json
-ZERO3_LEAF_EXTRA = 0.82  # gathered beyond the live-parameter limit with leaf layers, as a share of it
+ZERO3_MAX_LIVE_PARAMETERS = 1e9  # configs/deepspeed/zero3*.json, and DeepSpeed's default
+ZERO3_MAX_REUSE_DISTANCE = 1e9
+
+
+def zero3_setting(mode: LaunchMode, key: str, default: float) -> float:
+    """A number of the DeepSpeed JSON's zero_optimization (`default` where it is absent or "auto")."""
+    value = (getattr(mode.deepspeed, "zero", None) or {}).get(key)
+    try:
+        return max(0.0, float(value)) if value not in (None, "auto") else default
+    except (TypeError, ValueError):
+        return default
 
 
 @dataclass
@@ -265,26 +274,35 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
         if shard == 1:  # NO_SHARD, or one process (torch then switches to NO_SHARD): held whole already
             gathered = 0.0
     elif mode.shards_parameters and moves_weights:
-        # DeepSpeed keeps up to stage3_max_live_parameters gathered elements resident (1e9 in the
-        # bundled config: 1.86 GiB of bf16-stored 4-bit weights at 8B, measured 2026-11-30)
-        total = shape.linear_params * data_bytes / 2 + shape.other_params
-        gathered = min(ZERO3_MAX_LIVE_PARAMETERS, total) * 2
+        reuse = zero3_setting(mode, "stage3_max_reuse_distance", ZERO3_MAX_REUSE_DISTANCE)
         if mode.zero3_leaf_modules or getattr(mode.deepspeed, "leaf_modules", None):
-            # whole decoder layers gathered at once (leaf modules) hold more than that: 1.53 GiB more
-            # per rank than per-module gathering at 8B on two H200s (10.25 against 8.72, fused layer and
-            # offloading off), counted as that share of the live-parameter limit (one measurement; the
-            # leaves a DeepSpeed JSON names are counted the same, on the safe side). DeepSpeed keeps a
-            # gathered parameter while it is used again within stage3_max_reuse_distance elements (1e9):
-            # a layer whose recompute comes within that window stays gathered from the forward, and so
-            # again in the backward. Checked once more in one process with parameter offload: 18 + 14
-            # layers, 3.25 GiB, gathered at the peak, where this counts 3.39 (2026-12-01)
-            gathered *= 1 + ZERO3_LEAF_EXTRA
+            # whole decoder layers (leaf modules; the leaves a DeepSpeed JSON names are counted the same,
+            # on the safe side). A layer stays gathered from the forward while its next use (its
+            # recompute in the backward) comes within stage3_max_reuse_distance elements: the last
+            # reuse / (one layer's elements) layers. Under checkpointing DeepSpeed gives the weights
+            # gathered to recompute a layer to the model around the layers, so every other layer is
+            # gathered in the backward and kept to its end: all layers at the peak, whatever the
+            # distance, unless each is released after its own backward (launch.zero3_releases_layers),
+            # which leaves the forward's and the one running. One H200, 8B, one process, parameter
+            # offload, 104 MiB a layer (2026-12-01): 18 + 14 layers at the bundled distance, 1e9; 32 at
+            # distance 0; 18 + 1 and 0 + 1 released.
+            layer_elements = layer_weights / 2  # the 4-bit weights are stored in the 16-bit compute dtype
+            kept = min(layers, int(reuse // max(1.0, layer_elements)))
+            held_layers = min(layers, kept + 1) if (gc and mode.zero3_releases_layers) or not gc else layers
+            gathered = held_layers * layer_weights
+        else:
+            # DeepSpeed keeps up to stage3_max_live_parameters gathered elements resident (1e9 in the
+            # bundled config: 1.86 GiB of bf16-stored 4-bit weights at 8B, measured 2026-11-30)
+            total = shape.linear_params * data_bytes / 2 + shape.other_params
+            live = zero3_setting(mode, "stage3_max_live_parameters", ZERO3_MAX_LIVE_PARAMETERS)
+            gathered = min(live, total) * 2
         if offload:
             # with the parameters in host memory nothing of the embedding and the output head stays on
             # the GPU between uses, and both are gathered whole while the loss is computed: one H200,
             # 8B, one process, leaf layers, profiled step: 1,002 MiB each at the 6.99 GiB peak beside
-            # 3.25 GiB of gathered layers (2026-12-01, ...-1proc-zero3-offload-profiled)
-            gathered += head * (1 if shape.tied else 2)
+            # 3.25 GiB of gathered layers (2026-12-01, ...-1proc-zero3-offload-profiled); at reuse
+            # distance 0 one of the two (...-1proc-zero3-offload-live-profiled)
+            gathered += head * (1 if shape.tied or not reuse else 2)
     # model.embedding_in_host_memory: the input embedding table is not on the GPU
     host_embedding = shape.vocab * h * other_bytes if recipe.model.embedding_in_host_memory and not shape.tied else 0
     weights_name = "4-bit base weights" if q in ("nf4", "fp4") else f"{q} base weights"

@@ -19,6 +19,7 @@ from ..launch import (
     FSDP_RELEASE_HEAD_ENV,
     FSDP_UNITS_ENV,
     RELEASE_HEAD_APPLIED,
+    RELEASE_LAYERS_APPLIED,
     ZERO3_UNITS_ENV,
     LaunchMode,
 )
@@ -35,6 +36,8 @@ def prepare_sharding(
     turned on by qlora-sft's leaf layers, checked here)."""
     if mode.zero3_leaf_modules:
         zero3_layer_leaves(trainer.model, mode, whole_layers_for)
+        if mode.zero3_releases_layers:
+            release_recomputed_layers(trainer)
     if mode.kind == "fsdp":
         release_retied_parameters(trainer.accelerator)
         keep_buffers_fp32_under_fsdp(trainer)
@@ -374,6 +377,59 @@ def decoder_layers(model: Any) -> tuple[set[str], list[str]]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     classes = set(_get_no_split_modules(base) or [])
     return classes, [n for n, m in model.named_modules() if type(m).__name__ in classes]
+
+
+def zero3_coordinator(trainer: Any) -> Any:
+    """DeepSpeed's parameter coordinator of the Trainer's engine, once the engine exists (None before)."""
+    engine = getattr(trainer, "model_wrapped", None)
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", None)
+    return offload.get_param_coordinator() if offload is not None else None
+
+
+# DeepSpeed's record of the modules whose backward has started and not ended (an ordered dict by
+# ds_id; deepspeed 0.19 PartitionedParameterCoordinator, private)
+ACTIVE_BACKWARD = "_PartitionedParameterCoordinator__active_backward_submodules"
+
+
+def own_recompute(coordinator: Any, module: Any) -> bool:
+    """Called as `module` starts a forward. Inside the backward pass with gradients on, that is a
+    recompute of a checkpointed layer: make `module` the newest module whose backward runs, the
+    one DeepSpeed gives the weights it gathers now. Returns whether it did."""
+    if not torch.is_grad_enabled() or torch._C._current_graph_task_id() == -1:
+        return False  # a forward of the forward pass (or without gradients): DeepSpeed's own rules
+    active = getattr(coordinator, ACTIVE_BACKWARD, None)
+    if not isinstance(active, dict) or not hasattr(module, "ds_id"):
+        return False  # a DeepSpeed without recompute attribution: nothing is given to another module
+    active.pop(module.ds_id, None)
+    active[module.ds_id] = module
+    return True
+
+
+def release_recomputed_layers(trainer: Any) -> int:
+    """ZeRO-3 leaf layers under gradient checkpointing (QLORA_SFT_ZERO3_RELEASE_LAYERS, see launch):
+    DeepSpeed gives the frozen weights gathered while a layer is recomputed in the backward pass to
+    the newest module whose backward has started ("checkpoint recompute" attribution in deepspeed's
+    PartitionedParameterCoordinator) and releases them when that module's backward ends. For a
+    decoder layer recomputed inside its own checkpoint that module is the model around the layers,
+    whose backward ends after the last layer's: every layer's weights stay gathered to the end of the
+    backward (one H200, 8B, one process with parameter offload: all 32 layers, 3.25 GiB, at the
+    peak). A hook that runs before DeepSpeed's own as each layer starts makes the layer that module
+    (`own_recompute`): its weights are released when its own backward ends. Returns how many layers."""
+    _, names = decoder_layers(trainer.model)
+    wanted = set(names)
+    layers = [m for n, m in trainer.model.named_modules() if n in wanted]
+
+    def hook(module: Any, args: Any) -> None:
+        coordinator = zero3_coordinator(trainer)
+        if coordinator is not None:
+            own_recompute(coordinator, module)
+
+    for layer in layers:
+        layer.register_forward_pre_hook(hook, prepend=True)
+    if layers:
+        log.info("%s (%d layers)", RELEASE_LAYERS_APPLIED, len(layers))
+    return len(layers)
 
 
 def zero3_layer_leaves(model: Any, mode: LaunchMode, needed_by: tuple[str, ...] = ()) -> None:
