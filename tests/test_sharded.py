@@ -779,11 +779,14 @@ def test_zero3_on_one_gpu_runs_whole_layers_and_trains_like_one_gpu(tiny_model: 
     layer and activation offloading run, and the losses follow the one-GPU run's; with
     QLORA_SFT_ZERO3_UNITS=modules neither runs. A run killed under per-module gathering (the
     default before 2026-12-01) resumes from its checkpoint under the leaf-layer default and goes on
-    like the one-GPU run. (The 8B rows of bench/results measure the same at scale; this guards it
-    on any GPU session.)"""
+    like the one-GPU run. With parameter offload each recomputed layer is released after its
+    backward (not in one process without it) and the losses follow too. (The 8B rows of
+    bench/results measure the same at scale; this guards it on any GPU session.)"""
     import importlib.util
 
     from helpers import ACCELERATE
+
+    from qlora_sft.launch import RELEASE_LAYERS_APPLIED
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -797,7 +800,7 @@ def test_zero3_on_one_gpu_runs_whole_layers_and_trains_like_one_gpu(tiny_model: 
             recipe_dict(tiny_model, toy_data, tmp_path / name, run={"name": name}, train=train),
         )
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for var in ("QLORA_SFT_ZERO3_UNITS", "QLORA_SFT_FAULT"):
+        for var in ("QLORA_SFT_ZERO3_UNITS", "QLORA_SFT_FAULT", "QLORA_SFT_ZERO3_RELEASE_LAYERS"):
             env.pop(var, None)
         if units:
             env["QLORA_SFT_ZERO3_UNITS"] = units
@@ -821,7 +824,12 @@ def test_zero3_on_one_gpu_runs_whole_layers_and_trains_like_one_gpu(tiny_model: 
         return out.returncode, out.stdout + out.stderr
 
     runs = {}
-    for name, config, units in (("one", "single_gpu.yaml", None), ("leaf", "deepspeed_zero3.yaml", "layers")):
+    configs = (
+        ("one", "single_gpu.yaml", None),
+        ("leaf", "deepspeed_zero3.yaml", "layers"),
+        ("offload", "deepspeed_zero3_offload.yaml", None),  # parameter offload: layers released (added 2026-12-01 late)
+    )
+    for name, config, units in configs:
         rc, log = launch(name, config, units)
         assert rc == 0, log[-6000:]
         runs[name] = (losses_by_step(tmp_path / name / name), log)
@@ -832,7 +840,13 @@ def test_zero3_on_one_gpu_runs_whole_layers_and_trains_like_one_gpu(tiny_model: 
     rc, resumed_log = launch("modules", "deepspeed_zero3.yaml", None)
     assert rc == 0, resumed_log[-6000:]
     resumed = losses_by_step(tmp_path / "modules" / "modules")
-    (one, _), (leaf, leaf_log) = runs["one"], runs["leaf"]
+    (one, _), (leaf, leaf_log), (offload, offload_log) = runs["one"], runs["leaf"], runs["offload"]
+    # each recomputed layer released after its backward where weights are gathered (parameter
+    # offload), not in one process that holds every weight whole
+    assert RELEASE_LAYERS_APPLIED in offload_log and RELEASE_LAYERS_APPLIED not in leaf_log, offload_log[-3000:]
+    assert sorted(offload) == list(range(1, 7)) and offload[6] < offload[1], offload
+    for step in one:
+        assert offload[step] == pytest.approx(one[step], abs=2e-2), (step, one, offload)
     assert "decoder layers are leaf modules" in leaf_log and "layers fused (lora.fused)" in leaf_log, leaf_log[-3000:]
     assert "checkpointed layers wait in pinned host memory" in leaf_log, leaf_log[-3000:]
     assert "decoder layers are leaf modules" not in modules_log and "lora.fused" not in modules_log
