@@ -162,3 +162,26 @@ def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path: Path, monkey
     with pytest.raises((OSError, DataError)):
         cache.build_cache(folder, fake_build)
     assert not lock.exists()
+
+
+def test_a_lock_from_another_pid_namespace_of_this_host_is_not_broken(tmp_path: Path):
+    """Two containers that share a hostname and a kernel (host networking) do not share pids: the pid
+    of a live build in the other container means nothing here, so its lock is kept (found by a hostile test)."""
+    folder, lock = folder_and_lock(tmp_path)
+    record = {**cache._lock_record(), "pid": 4_000_000, "pid_start": "12345"}
+    record["machine"] = record["machine"].split(":", 1)[0] + ":4026599999"  # same boot, another pid namespace
+    lock.write_text(json.dumps(record))
+    assert cache._holder_gone(record, lock) is None
+    assert cache.build_cache(folder, fake_build) is None and lock.exists()
+
+
+def test_a_lock_that_is_a_folder_is_named_with_the_fix(tmp_path: Path):
+    """Something made a folder where the lock file goes: the error names that folder and says to remove
+    it, not that the cache folder cannot be written (found by a hostile test)."""
+    folder, lock = folder_and_lock(tmp_path)
+    lock.mkdir()
+    old = time.time() - 2 * cache.EMPTY_LOCK_GRACE_S
+    os.utime(lock, (old, old))
+    with pytest.raises(DataError) as err:
+        cache.build_cache(folder, fake_build)
+    assert f"{lock} is a folder" in str(err.value) and f"rm -r {lock}" in str(err.value)

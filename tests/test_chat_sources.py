@@ -120,3 +120,34 @@ def test_a_folder_that_is_neither_is_named(tmp_path: Path, capsys: pytest.Captur
     (tmp_path / "notes").mkdir()
     code, err = chat(capsys, str(tmp_path / "notes"))
     assert code == 2 and f"chat: {tmp_path / 'notes'} is neither a model folder (config.json)" in err
+
+
+def test_a_hub_base_is_fetched_at_the_revision_the_run_trained_on(tmp_path: Path, monkeypatch):
+    """A run whose recipe pins model.revision: `export` and `chat` read (and check, and merge onto) the
+    base at that revision, not the hub's newest; --base-model names another model, at its default
+    revision (found by a hostile test)."""
+    import huggingface_hub
+
+    from qlora_sft.export import Source, base_model_files
+    from qlora_sft.recipe import build_recipe
+
+    fetched: list[tuple[str, str | None]] = []
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+
+    def snapshot_download(repo_id: str, revision: str | None = None, **kwargs: object) -> str:
+        fetched.append((repo_id, revision))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    recipe = build_recipe(
+        {"model": {"name_or_path": "org/base", "revision": "0123abc"}, "data": {"sources": [{"path": "a.jsonl"}]}}
+    )
+    adapter = tmp_path / "final"
+    adapter.mkdir()
+    source = Source(adapter, tmp_path, "org/base", recipe, None, {}, f"model.name_or_path in {tmp_path}/recipe.yaml")
+    assert base_model_files(source, command="chat")[0] == folder
+    other = Source(adapter, tmp_path, "org/other", recipe, None, {}, "--base-model")
+    base_model_files(other)
+    assert fetched == [("org/base", "0123abc"), ("org/other", None)]

@@ -860,3 +860,39 @@ def test_zero3_on_one_gpu_runs_whole_layers_and_trains_like_one_gpu(tiny_model: 
         if step in modules:
             assert modules[step] == pytest.approx(one[step], abs=2e-2), (step, one, modules)
     assert one[6] < one[1] and leaf[6] < leaf[1] and resumed[6] < resumed[1]  # all trained
+
+
+@pytest.mark.parametrize("value", [-1, "1e9", 1.5, 1e999, "-5", [1], None])
+@pytest.mark.parametrize("key", ["stage3_max_reuse_distance", "stage3_max_live_parameters"])
+def test_zero3_gather_limits_that_deepspeed_refuses_are_named_before_launch(tmp_path: Path, key: str, value: object):
+    """DeepSpeed reads stage3_max_reuse_distance and stage3_max_live_parameters as whole numbers >= 0
+    ("auto" is dropped, its default taken): anything else failed in deepspeed.initialize, after the
+    model was loaded, while plan estimated memory as if it were 0 or the default (and crashed on
+    1e999). Named before the launch, with the file, the key and the fix (found by a hostile test)."""
+    from qlora_sft import launch_config
+    from qlora_sft.recipe import build_recipe
+
+    f = tmp_path / "zero3.json"
+    zero: dict[str, object] = {"stage": 3}
+    if value is not None:
+        zero[key] = value
+    f.write_text(json.dumps({"zero_optimization": zero}))
+    recipe = build_recipe({"model": {"name_or_path": "m"}, "data": {"sources": [{"path": "a.jsonl"}]}})
+    problems = [p for p in launch_config.deepspeed_problems(launch_config.read_deepspeed(f), recipe) if key in p]
+    if value is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and str(f) in problems[0] and "whole number" in problems[0], problems
+
+
+@pytest.mark.parametrize("value", [0, 1000000000, 1e9, 0.0, "auto", "1000000000"])
+def test_zero3_gather_limits_deepspeed_reads_are_accepted(tmp_path: Path, value: object):
+    from qlora_sft import launch_config
+    from qlora_sft.recipe import build_recipe
+
+    f = tmp_path / "zero3.json"
+    zero = {"stage": 3, "stage3_max_reuse_distance": value, "stage3_max_live_parameters": value}
+    f.write_text(json.dumps({"zero_optimization": zero}))
+    recipe = build_recipe({"model": {"name_or_path": "m"}, "data": {"sources": [{"path": "a.jsonl"}]}})
+    problems = launch_config.deepspeed_problems(launch_config.read_deepspeed(f), recipe)
+    assert not [p for p in problems if "stage3_max" in p], problems

@@ -217,6 +217,21 @@ def _fixed(value: Any) -> bool:
     return value is not None and value != "auto"
 
 
+def _whole_number(value: Any) -> bool:
+    """A number DeepSpeed's config reads into a whole number >= 0 (an int, a float without a fraction,
+    a string of digits), or "auto", which it drops for its default."""
+    if value == "auto" or isinstance(value, bool):
+        return True
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            return False
+    if isinstance(value, float):
+        return value.is_integer() and value >= 0
+    return isinstance(value, int) and value >= 0
+
+
 def deepspeed_problems(
     ds: DeepSpeedConfig,
     recipe: Any,
@@ -263,6 +278,13 @@ def deepspeed_problems(
                 f"{name}: `zero_optimization.leaf_module` needs DeepSpeed 0.18 or later (installed: "
                 f"{'.'.join(map(str, version))}). Upgrade DeepSpeed, or remove the key: qlora-sft makes the decoder "
                 "layers leaf modules itself (QLORA_SFT_ZERO3_UNITS=layers, the default)."
+            )
+    for limit in ("stage3_max_live_parameters", "stage3_max_reuse_distance"):
+        value = ds.zero.get(limit, "auto")
+        if not _whole_number(value):
+            problems.append(
+                f"{name}: `zero_optimization.{limit}` is {json.dumps(value)}; DeepSpeed reads a whole number of "
+                'parameters, 0 or more (e.g. 1000000000, its default), or "auto" for its default. Fix it there.'
             )
     micro = micro_batch if micro_batch is not None else args.get("per_device_train_batch_size")
     value = ds.raw.get("train_micro_batch_size_per_gpu")

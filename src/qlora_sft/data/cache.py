@@ -230,8 +230,9 @@ def _process_started_at(start: str) -> float | None:
 def _holder_gone(holder: dict[str, Any], lock: Path | None = None) -> str | None:
     """Why the lock's holder is provably gone, or None (alive, or not provable from here).
 
-    - Another host's lock (a cache folder on a shared file system): never provable here, where its
-      pid means nothing; the waiting launch says which file to delete.
+    - Another host's lock (a cache folder on a shared file system), or one of another pid namespace
+      of this host (a container sharing its hostname): never provable here, where its pid means
+      nothing; the waiting launch says which file to delete.
     - This host's lock: gone when it was written in another boot (the boot id differs), when its pid
       has exited, or when the pid now belongs to another process (its start time differs from the
       recorded one: reused after a crash or a reboot, or a lock copied from another run).
@@ -261,6 +262,8 @@ def _holder_gone(holder: dict[str, Any], lock: Path | None = None) -> str | None
     boot, my_boot = str(holder.get("machine") or "?").split(":")[0], _machine().split(":")[0]
     if "?" not in (boot, my_boot) and boot != my_boot:
         return f"this host restarted since process {pid} wrote it"
+    if not _same_pid_namespace(holder):
+        return None  # another container sharing this hostname: its pid means nothing here
     start = _process_start(pid)
     if start is None:
         return f"process {pid} has exited"
@@ -280,6 +283,14 @@ def _holder_gone(holder: dict[str, Any], lock: Path | None = None) -> str | None
     return None
 
 
+def _same_pid_namespace(holder: dict[str, Any]) -> bool:
+    """The holder's pids are this process's (its recorded pid namespace is this one, or unknown)."""
+    from ..checkpoint import _machine
+
+    theirs, mine = str(holder.get("machine") or "?").split(":")[1:2], _machine().split(":")[1:2]
+    return not theirs or not mine or "?" in (theirs[0], mine[0]) or theirs == mine
+
+
 def _wait_note(holder: dict[str, Any] | None, folder: Path, lock: Path) -> str:
     """Who the wait is for, and what to do if that process is gone."""
     if not holder:
@@ -287,6 +298,8 @@ def _wait_note(holder: dict[str, Any] | None, folder: Path, lock: Path) -> str:
     host, pid = holder.get("host"), holder.get("pid")
     if not holder.get("pid"):
         who = "the process that created its lock (it has not named itself yet)"
+    elif host == socket.gethostname() and not _same_pid_namespace(holder):
+        who = f"{host} pid {pid} (in another container of this host: whether it still runs cannot be seen from here)"
     elif host == socket.gethostname():
         who = f"{host} pid {pid} (alive on this host)"
     else:
@@ -350,6 +363,11 @@ def build_cache(folder: Path, build: Any, by: str = "train") -> PreparedData | N
     except FileExistsError:
         if not folder.parent.is_dir():
             raise _unwritable_cache(folder, None) from None
+        if lock.is_dir():
+            raise DataError(
+                f"the data cache lock {lock} is a folder, not the file a build creates: remove it (rm -r {lock}) "
+                "and launch again; nothing was written."
+            ) from None
         holder = _lock_holder(lock)
         why = _holder_gone(holder, lock)
         if why is None or _lock_holder(lock) != holder:  # (alive, or replaced since it was read)
