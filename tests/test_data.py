@@ -275,6 +275,52 @@ def test_prepare_data_caches_for_other_ranks(tmp_path: Path, tok):
     assert len(list((tmp_path / "cache").glob("data-*"))) == 2
 
 
+def test_a_rank_reads_the_data_files_digests_from_its_nodes_main_process(tmp_path: Path, tok, monkeypatch):
+    """Was: since the cache key holds content digests, every rank read every data file at start-up.
+    A rank that is not its node's main process waits for the memo the main process writes and reads
+    nothing; where the memo never holds the files (changed a moment ago, a cache root it cannot
+    write), it gives up after its wait and reads them itself, without hanging."""
+    import threading
+    import time
+
+    from qlora_sft import launch
+    from qlora_sft.data import cache
+
+    monkeypatch.setattr(cache, "RACY_NS", 0)
+    read: list[tuple[str, Path]] = []
+    digest = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda p: read.append((threading.current_thread().name, p)) or digest(p))
+    f = tmp_path / "rows.jsonl"
+    f.write_text((DATA / "alpaca.jsonl").read_text())
+    root = tmp_path / "cache"
+    c = cfg(f)
+
+    class State:  # the node's main process runs in the thread named "main-process", another rank here
+        @property
+        def is_local_main_process(self) -> bool:
+            return threading.current_thread().name == "main-process"
+
+    monkeypatch.setattr(launch, "distributed_state", lambda *a, **k: State())
+    built: list[data.PreparedData] = []
+    main = threading.Thread(
+        name="main-process", target=lambda: (time.sleep(1.5), built.append(data.prepare_data(c, tok, 0, root)))
+    )
+    main.start()  # starts late: the other rank waits for the digests, then for the cache
+    other = data.prepare_data(c, tok, 0, root)
+    main.join()
+    assert read == [("main-process", f.resolve())]  # read once, by the node's main process
+    assert built and other.cache == built[0].cache and other.train["input_ids"] == built[0].train["input_ids"]
+    read.clear()
+
+    # no main process ever writes the memo: the wait ends and the rank reads the file itself
+    monkeypatch.setattr(cache, "DIGEST_WAIT_MIN_S", 0.3)
+    started = time.monotonic()
+    assert not cache.wait_for_digests(c, None, tmp_path / "nobody", poll=0.1)
+    assert 0.3 <= time.monotonic() - started < 5
+    assert cache.cache_folder(c, tok, 0, tmp_path / "nobody", None).name == Path(other.cache).name
+    assert [p for _, p in read] == [f.resolve()]
+
+
 def test_a_same_size_edit_with_its_modification_time_restored_is_not_served_from_the_cache(
     tmp_path: Path, tok, monkeypatch
 ):

@@ -114,6 +114,15 @@ class DigestMemo:
             self.entries[str(path)] = self.changed[str(path)] = (*key, digest)
         return digest
 
+    def knows(self, path: Path) -> bool:
+        """Whether the memo holds `path`'s digest for the file as it is now (no read needed)."""
+        try:
+            stat = path.stat()
+        except OSError:
+            return False
+        entry = self.entries.get(str(path))
+        return entry is not None and entry[:4] == (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+
     def save(self) -> None:
         """Write the digests read since the memo was loaded over what the memo holds now (another
         process may have written it meanwhile), less the files that are gone, if the cache root exists."""
@@ -176,6 +185,38 @@ def load_prepared(folder: Path) -> PreparedData | None:
     train = datasets.load_from_disk(str(folder / "train"))
     evald = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
     return PreparedData(train, evald, DataReport.from_dict(meta["report"]), str(folder), meta.get("built", {}))
+
+
+DIGEST_WAIT_MIN_S = 60.0  # how long a rank waits for its node's main process to read the data files
+DIGEST_WAIT_BYTES_PER_S = 100e6  # ... plus their size at this rate
+
+
+def wait_for_digests(
+    cfg: DataConfig, base_dir: str | os.PathLike[str] | None, cache_root: str | os.PathLike[str], poll: float = 1.0
+) -> bool:
+    """On a rank that is not its node's main process: wait until the digest memo in `cache_root`
+    holds every local data file as it is now (the main process reads them for the cache key and
+    writes the memo), so that the data is read once per node, not once per rank. Gives up after
+    `DIGEST_WAIT_MIN_S` plus the files' size at `DIGEST_WAIT_BYTES_PER_S` (a file changed within
+    the last seconds is not memoised, a memo that cannot be written is never there): the rank then
+    reads the files itself, which costs time only. Returns whether the memo had them."""
+    files = [p for src in (*cfg.sources, *cfg.eval_sources) for p in _source_files(src, base_dir) or []]
+    if not files:
+        return True
+    try:
+        size = sum(p.stat().st_size for p in files)
+    except OSError:
+        size = 0  # a file gone: its reader names it
+    deadline = time.monotonic() + DIGEST_WAIT_MIN_S + size / DIGEST_WAIT_BYTES_PER_S
+    memo_path = Path(cache_root) / DIGEST_MEMO
+    while True:
+        memo = DigestMemo(memo_path)
+        if all(memo.knows(p) for p in files):
+            return True
+        if time.monotonic() >= deadline:
+            log.info("data: the digests of the data files did not appear in %s: reading the files here", memo_path)
+            return False
+        time.sleep(poll)
 
 
 def cache_folder(
@@ -488,6 +529,8 @@ def prepare_data(
         return _prepare_stream(cfg, tokenizer, seed, cache_root, base_dir, by)
     with contextlib.suppress(OSError):  # where the key's digests are kept (building fails on its own if it cannot)
         Path(cache_root).mkdir(parents=True, exist_ok=True)
+    if not distributed_state().is_local_main_process:
+        wait_for_digests(cfg, base_dir, cache_root)  # the node's main process reads the files for the key
     folder = cache_folder(cfg, tokenizer, seed, cache_root, base_dir)
     if cfg.rebuild:
         set_cache_aside(folder)
