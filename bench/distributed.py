@@ -22,7 +22,10 @@ the accelerate config), the root unit resharded before the decoder layers' backw
 FSDP's own timing; fsdp_release_head, fsdp_offload_release_head: =1, as measured before), the allocator
 (*_expandable, *_segments_off), one GPU's memory levers
 (1gpu_hostemb, 1gpu_mb2, 1gpu_mb1, 1gpu_mb2_hostemb, 1gpu_adamw32), ZeRO-3 with parameter offload
-(zero3_offload, zero3_offload_modules) and profiled rows (*_profiled:
+(zero3_offload, zero3_offload_modules, zero3_offload_live), each recomputed layer released after its
+backward or kept (zero3_release_layers, zero3_keep_layers, zero3_offload_keep_layers:
+QLORA_SFT_ZERO3_RELEASE_LAYERS=1/0; zero3_own, zero3_offload_own, zero3_offload_live_own and
+zero3_offload_live_diag: the names of its first measurement) and profiled rows (*_profiled:
 one step profiled on every rank; what was alive at its memory peak, how long the GPU idled and where
 the host waited for it, in the row). Checks
 written beside the results: speedup against one GPU, tokens/s and peak against DDP for the sharded
