@@ -244,3 +244,44 @@ def test_json_lines_in_a_json_file_are_numbered_by_their_line(tmp_path: Path, to
     assert [e.row for e in examples] == [1, 4]
     s = build_data(skip_cfg(DataSource(path=str(f))), tok, 0).report.sources[0]
     assert s.skipped_rows == {"empty_assistant_turn": [3]}
+
+
+def test_rows_left_out_are_a_warning_line_that_train_logs_as_a_warning(tmp_path: Path, tok):
+    """Was: the rows skipped or dropped were reported in INFO lines only, among the other figures. The
+    report now ends its source lines with one `warning:` line counting them (train logs it at
+    WARNING); a report with nothing left out has none."""
+    src = DataSource(path=str(write(tmp_path, "jsonl", ROWS)))
+    lines = build_data(skip_cfg(src), tok, 0).report.lines()
+    warned = [line for line in lines if line.startswith("warning:") and "left out" in line]
+    assert warned == [
+        "warning: 4 of the 7 rows read are left out (3 bad rows, 1 with no trained tokens left after truncation), "
+        "named by source and row above; data.on_bad_row=error stops at the first bad row with its problem"
+    ]
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    good = [r for i, r in enumerate(ROWS, 1) if i in (1, 3, 7)]
+    lines = build_data(skip_cfg(DataSource(path=str(write(clean, "jsonl", good)))), tok, 0).report.lines()
+    assert not [line for line in lines if "left out" in line]
+
+
+def test_train_logs_the_rows_left_out_as_a_warning(tiny_model: Path, tmp_path: Path, capsys):
+    """`train` logs the report's `warning:` line at WARNING (the other report lines at INFO)."""
+    from helpers import recipe_dict, write_recipe, write_toy_data
+
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    rows = write_toy_data(tmp_path / "toy.jsonl", n=24)
+    with rows.open("a") as f:
+        f.write(json.dumps({"instruction": "Say hi.", "input": "", "output": ""}) + "\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        recipe_dict(
+            tiny_model, rows, tmp_path / "runs", data={"on_bad_row": "skip"}, train={"max_steps": 1, "save_steps": 1}
+        ),
+    )
+    train(load_recipe(recipe))
+    logged = capsys.readouterr().out.splitlines()  # the main process logs to stdout: time, level, message
+    left_out = [line for line in logged if "left out" in line]
+    assert len(left_out) == 1 and " WARNING data: 1 of the 25 rows read are left out (1 bad row)" in left_out[0]
+    assert any(" INFO data: source " in line for line in logged)

@@ -260,7 +260,7 @@ def _train(
         checkpoint.main_process_decides(lambda: plan.check_prepared_writable(prepared.cache))
     log.info("data: %s", prepared.origin())
     for line in prepared.report.lines():
-        log.info("data: %s", line)
+        (log.warning if line.startswith("warning:") else log.info)("data: %s", line.removeprefix("warning: "))
     # content digests on the main process only: it writes the manifests and checks a resume
     meta["data"] = data.data_fingerprint(
         recipe.data, base_dir, prepared.report, digests=state.is_main_process, cache_root=recipe.data_cache_root

@@ -126,6 +126,16 @@ class DataReport:
         named_paths = [s.path for s in self.sources if s.skipped_rows or s.no_loss_rows]
         if named_paths:
             out.append(row_numbers_note(named_paths))
+        bad, no_loss = sum(sum(s.skipped.values()) for s in self.sources), sum(s.no_loss for s in self.sources)
+        if bad or no_loss:
+            read = sum(s.rows for s in self.sources)
+            parts = [plural(bad, "bad row")] if bad else []
+            parts += [f"{no_loss} with no trained tokens left after truncation"] if no_loss else []
+            out.append(
+                f"warning: {bad + no_loss} of the {read} rows read are left out ({', '.join(parts)}), named by "
+                "source and row above"
+                + ("; data.on_bad_row=error stops at the first bad row with its problem" if bad else "")
+            )
         if self.streamed_sample:
             out.append(
                 "streaming: training rows are read and tokenized as training goes (their number is unknown); "
