@@ -236,6 +236,20 @@ def test_nothing_left_in_a_stream_names_the_causes(tmp_path: Path, tok):
     assert "Most were dropped for no trained tokens left: raise data.max_length" in msg
 
 
+def test_a_stream_whose_eval_sources_leave_nothing_says_they_are_the_eval_sources(tmp_path: Path, tok):
+    """Was: "no training examples are left: none of the 2 rows read from the training sources", for the
+    eval sources of a streamed run (prepared as a data set of their own)."""
+    good, bad = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    good.write_text("".join(json.dumps(ROWS[i]) + "\n" for i in (0, 2, 6)))
+    bad.write_text("".join(json.dumps(ROWS[i]) + "\n" for i in (1, 3)))
+    cfg = skip_cfg(DataSource(path=str(good)), eval_sources=(DataSource(path=str(bad)),), streaming=True)
+    with pytest.raises(DataError) as exc:
+        prepare_data(cfg, tok, 0, tmp_path / "cache")
+    msg = str(exc.value)
+    assert msg.startswith(f"data.eval_sources ({bad}): no eval examples are left: none of the 2 rows read"), msg
+    assert "training" not in msg and f"empty_assistant_turn: 2 (rows 1, 2 of {bad}" in msg
+
+
 def test_json_lines_in_a_json_file_are_numbered_by_their_line(tmp_path: Path, tok):
     """Were numbered by item, so a blank line made every later row number one short of its line."""
     f = tmp_path / "lines.json"

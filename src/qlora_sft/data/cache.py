@@ -24,7 +24,7 @@ from ..errors import DataError
 from ..files import atomic_write_text, file_digest, os_reason, sweep_temporaries, temporary_for, write_problem
 from ..recipe import DataConfig, DataSource
 from .encode import PreparedData, build_data
-from .report import EVAL_SUFFIX, DataReport, check_end_tokens
+from .report import EVAL_SUFFIX, DataReport, as_eval_sources_error, check_end_tokens
 from .sources import resolve_path
 from .stream import stream_data
 
@@ -500,7 +500,13 @@ def _prepare_stream(
     prepared = stream_data(cfg, tokenizer, seed, base_dir)
     if cfg.eval_sources:
         held = replace(cfg, sources=cfg.eval_sources, eval_sources=(), eval_fraction=0.0, streaming=False)
-        evald = prepare_data(held, tokenizer, seed, cache_root, base_dir, by)
+        try:
+            evald = prepare_data(held, tokenizer, seed, cache_root, base_dir, by)
+        except DataError as exc:  # said of the training sources, which they were for this build
+            said = as_eval_sources_error(str(exc), [s.path for s in cfg.eval_sources])
+            if said is None:
+                raise
+            raise DataError(said) from None
         prepared.eval = evald.train
         prepared.report.eval_rows = evald.report.train_rows
         prepared.report.eval_dropped_no_loss = evald.report.dropped_no_loss

@@ -227,6 +227,18 @@ REASON_FIXES = {
 NO_LOSS_FIX = "raise data.max_length, or shorten the rows named"
 
 
+NOTHING_LEFT, FROM_TRAINING = "no training examples are left", "from the training sources"
+
+
+def as_eval_sources_error(message: str, paths: list[str]) -> str | None:
+    """`nothing_to_train`'s message for data.eval_sources prepared as a data set of their own (a
+    streamed run), said of them; None for any other message."""
+    if not message.startswith(NOTHING_LEFT):
+        return None
+    said = message.replace(NOTHING_LEFT, "no eval examples are left", 1).replace(FROM_TRAINING, "from them", 1)
+    return f"data.eval_sources ({', '.join(paths)}): {said}"
+
+
 def nothing_to_train(
     sources: list[SourceReport], cfg: DataConfig, held_for_eval: int = 0, streamed: int = 0
 ) -> DataError:
@@ -261,7 +273,7 @@ def nothing_to_train(
     causes.sort(key=lambda c: -c[0])
     rows = sum(s.rows for s in sources)
     read = f" (the first {streamed} of each, streamed)" if streamed else ""
-    msg = f"no training examples are left: none of the {rows} rows read from the training sources{read} can be trained"
+    msg = f"{NOTHING_LEFT}: none of the {rows} rows read {FROM_TRAINING}{read} can be trained"
     if not causes:  # pragma: no cover - every row is counted under some cause
         return DataError(msg + ". Check the data files and data.on_bad_row.")
     msg += ". By cause: " + "; ".join(c[2] for c in causes) + ". "
