@@ -22,8 +22,11 @@ I = MLP size, L = layers, V = vocabulary, n = LoRA parameters, W = ranks sharing
                         what of it exceeds one recomputed layer's activations counts (with checkpointing),
                         plus with W > 1 or offload two decoder layers (the one computing and the one
                         prefetched); the embedding's unit only in the forward (model.sharding);
-                        ZeRO-3 with W > 1 or offload gathers one module at a time, the largest being the
-                        embedding or lm_head (V x h x 2)
+                        ZeRO-3 with W > 1 or offload: per module, up to stage3_max_live_parameters
+                        elements; with leaf decoder layers, the layers the forward keeps for their
+                        recompute (reuse distance / one layer's elements) plus the one running when
+                        each is released after its backward, else every layer; with parameter
+                        offload also the embedding and lm_head (one of them at reuse distance 0)
   LoRA                  n x 4 (fp32) weights + n x 4 gradients (/ W under FSDP and ZeRO-3; gradients
                         / W under ZeRO-2)
   optimizer             n x 8 (AdamW fp32 moments) or n x 2 (8-bit, the GPU default), / W under ZeRO
