@@ -246,10 +246,35 @@ def test_submit_names_an_unwritable_output_dir_before_queueing(kind: str, tiny_m
     from qlora_sft.submit import submit
 
     out, named, hold = unwritable(kind, tmp_path)
+    out = named / "out"  # submit checks an output_dir this host has, or whose parent it has (below)
     path = write_tiny_recipe(tiny_model, tmp_path)
     with hold, pytest.raises(UserError) as err:
         submit(path, [f"run.output_dir={out}"], cluster="local")
     assert f"run.output_dir {out}" in str(err.value) and str(named) in str(err.value)
+
+
+def test_submit_leaves_an_output_dir_this_host_does_not_mount_to_the_job(tiny_model: Path, tmp_path: Path, caplog):
+    """A login node need not mount what the compute nodes do (a scratch file system): an output_dir
+    of which neither it nor its parent is on this host is not refused (its nearest folder here, e.g.
+    /, says nothing of it); a warning says it is not checked. submitit's local executor stands in
+    for the cluster: the job runs here, and stops at once naming the folder it cannot write."""
+    import logging
+
+    from qlora_sft.submit import submit
+
+    elsewhere = denied_folder() / "qlora-sft-scratch" / "runs"  # the nearest folder here refuses files
+    path = write_tiny_recipe(tiny_model, tmp_path)
+    logger = logging.getLogger("qlora_sft")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+            job = submit(path, [f"run.output_dir={elsewhere}"], cluster="local", folder=str(tmp_path / "jobs"))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert f"run.output_dir {elsewhere} is not on this host" in caplog.text
+    with pytest.raises(Exception) as failed:  # the job itself stops at once, naming the folder
+        job.result()
+    assert f"run.output_dir {elsewhere}" in str(failed.value), str(failed.value)[-2000:]
 
 
 @pytest.fixture(scope="module")

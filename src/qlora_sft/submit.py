@@ -219,7 +219,15 @@ def submit(
     r = load_recipe(recipe, overrides)
     check_submitted_files(r, Path(recipe).parent)
     check_run_dir(r)
-    check_output_dir(r)  # the job's files and the run directory, before the job is queued
+    out = Path(r.run.output_dir)
+    if out.exists() or out.parent.exists():
+        check_output_dir(r)  # the job's files and the run directory, before the job is queued
+    else:  # a file system the compute nodes mount and this host does not: only the job can tell
+        log.warning(
+            "submit: run.output_dir %s is not on this host (nor its parent), so whether the job can write it "
+            "is not checked here; the job stops naming it if it cannot",
+            out,
+        )
     check_data_readable(r.data, Path(recipe).parent)
     if prepare:
         from .train import tokenizer_and_data
