@@ -145,6 +145,24 @@ def _machine() -> str:
     return ":".join(parts)
 
 
+def process_record() -> dict[str, Any]:
+    """This process as a lock names its holder: host, machine (boot id and pid namespace), pid and the
+    pid's start time, which together tell it from a later process given the same pid."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "machine": _machine(), "pid": pid, "pid_start": _process_start(pid)}
+
+
+def process_gone(pid: int, recorded_start: Any) -> str | None:
+    """Why process `pid` of this machine is provably gone: it has exited, or (where its start time was
+    recorded and can be read now) the pid belongs to another process; None while it may be it."""
+    start = _process_start(pid) if pid else None
+    if start is None:
+        return f"process {pid} has exited"
+    if recorded_start not in (None, "?") and start != "?" and start != str(recorded_start):
+        return f"process {pid} has exited (its pid belongs to another process now)"
+    return None
+
+
 def _processes_holding(path: Path) -> list[int]:
     """The processes on this host with `path` open (from /proc; empty where there is none)."""
     try:
@@ -218,12 +236,8 @@ class RunLock:
 
     @staticmethod
     def me() -> dict[str, Any]:
-        pid = os.getpid()
         return {
-            "host": socket.gethostname(),
-            "machine": _machine(),
-            "pid": pid,
-            "pid_start": _process_start(pid),
+            **process_record(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
@@ -264,12 +278,7 @@ class RunLock:
         if job and job == me["slurm_job_id"] and restarts < me["slurm_restart_count"]:
             return f"SLURM requeued job {job}"
         if holder.get("host") == me["host"] and (not flock_held or RunLock.same_machine(holder, me)):
-            start = _process_start(pid) if pid else None
-            if start is None:
-                return f"process {pid} has exited"
-            if holder.get("pid_start") not in (None, "?") and start != holder.get("pid_start"):
-                return f"process {pid} has exited (its pid belongs to another process now)"
-            return None  # alive (whether or not it holds the flock): not provably gone
+            return process_gone(pid, holder.get("pid_start"))  # None: alive, with or without the flock
         if job:
             running = _slurm_job_running(str(job))
             if running is False:

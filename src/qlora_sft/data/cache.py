@@ -237,16 +237,9 @@ def _lock_record() -> dict[str, Any]:
     """What a lock records of its holder: host, machine (boot id and pid namespace), pid and the
     pid's start time (clock ticks since boot), which together tell the holder from a later process
     that was given the same pid."""
-    from ..checkpoint import _machine, _process_start
+    from ..checkpoint import process_record
 
-    pid = os.getpid()
-    return {
-        "host": socket.gethostname(),
-        "machine": _machine(),
-        "pid": pid,
-        "pid_start": _process_start(pid),
-        "started": time.time(),
-    }
+    return {**process_record(), "started": time.time()}
 
 
 def _lock_holder(lock: Path) -> dict[str, Any]:
@@ -282,7 +275,7 @@ def _holder_gone(holder: dict[str, Any], lock: Path | None = None) -> str | None
       alive since before then is taken for the holder, as before.
     - An empty lock, or one naming no process, still so `EMPTY_LOCK_GRACE_S` after it was created:
       its creator was killed before it wrote the record (which it does at once)."""
-    from ..checkpoint import _machine, _process_start
+    from ..checkpoint import _machine, _process_start, process_gone
 
     if not holder.get("pid") and lock is not None:
         try:
@@ -305,16 +298,12 @@ def _holder_gone(holder: dict[str, Any], lock: Path | None = None) -> str | None
         return f"this host restarted since process {pid} wrote it"
     if not _same_pid_namespace(holder):
         return None  # another container sharing this hostname: its pid means nothing here
-    start = _process_start(pid)
-    if start is None:
-        return f"process {pid} has exited"
-    recorded = holder.get("pid_start")
-    if recorded not in (None, "?"):
-        if start != "?" and start != str(recorded):
-            return f"process {pid} has exited (its pid belongs to another process now)"
-        return None
+    why = process_gone(pid, holder.get("pid_start"))
+    if why is not None or holder.get("pid_start") not in (None, "?"):
+        return why
     # written by an older qlora-sft, without the start time
-    started_at = _process_started_at(start) if start != "?" else None
+    start = _process_start(pid)
+    started_at = _process_started_at(start) if start not in (None, "?") else None
     try:
         written = float(holder.get("started"))  # type: ignore[arg-type]
     except (TypeError, ValueError):
