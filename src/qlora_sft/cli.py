@@ -293,9 +293,9 @@ def load_chat_model(
         base_model_files(source, other_base, command="chat")  # there, and the model it trained on
         p = source.adapter_dir
         recipe = source.recipe
-        revision = None if base_model is not None else recipe.model.revision  # --base-model: another model
         recipe = dataclasses.replace(
-            recipe, model=dataclasses.replace(recipe.model, name_or_path=source.base_path, revision=revision)
+            recipe,
+            model=dataclasses.replace(recipe.model, name_or_path=source.base_path, revision=source.base_revision),
         )
         mode = LaunchMode("cpu" if device == "cpu" else "single_gpu")
         model = PeftModel.from_pretrained(load_base(recipe, mode, compute_dtype=dtype), p)

@@ -86,6 +86,11 @@ class Source:
     base_from: str = ""  # where base_path was read: "model.name_or_path in <run>/recipe.yaml", "--base-model"
 
     @property
+    def base_revision(self) -> str | None:
+        """The base's revision to load: the run's model.revision, unless --base-model names another model."""
+        return None if self.base_from == "--base-model" else self.recipe.model.revision
+
+    @property
     def trained_with_recipe(self) -> bool:
         return self.run_dir is not None
 
@@ -612,10 +617,8 @@ def base_model_files(source: Source, other_base: bool = False, command: str = "e
     """The base model the adapter goes on (`export` merges onto it, `chat` loads it): its folder and
     weight files. Refused, before anything loads, when it is not there (naming where its path was
     recorded, and --base-model for a base that moved) or is another model (`check_base`)."""
-    # the revision the run trained on (model.revision), unless --base-model names another model
-    revision = None if source.base_from == "--base-model" else source.recipe.model.revision
     try:
-        base_folder, files = checkpoint_files(source.base_path, revision, what="base model")
+        base_folder, files = checkpoint_files(source.base_path, source.base_revision, what="base model")
     except UserError as exc:
         if source.base_from == "--base-model":
             hint = "Pass --base-model PATH to the base model folder."

@@ -64,6 +64,16 @@ DIGEST_MEMO = "file-digests.json"
 RACY_NS = 2_000_000_000
 
 
+def _stat_key(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What a memoised digest holds for: size, modification and change times, inode."""
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+
+
+def _data_files(cfg: DataConfig, base_dir: str | os.PathLike[str] | None) -> list[Path]:
+    """The local files of every source and eval source (resolved)."""
+    return [p for src in (*cfg.sources, *cfg.eval_sources) for p in _source_files(src, base_dir) or []]
+
+
 class DigestMemo:
     """Content digests of data files (`files.file_digest`), kept in `path` so that a launch does not
     read unchanged files again. An entry holds while the file's resolved path, size, modification
@@ -103,14 +113,12 @@ class DigestMemo:
     def digest(self, path: Path) -> str:
         """The content digest of `path` (resolved): from the memo while its file is unchanged, else read."""
         stat = path.stat()
-        key = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+        key = _stat_key(stat)
         entry = self.entries.get(str(path))
         if entry is not None and entry[:4] == key:
             return entry[4]
         digest = file_digest(path)
-        after = path.stat()
-        unchanged = (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino) == key
-        if unchanged and time.time_ns() - stat.st_ctime_ns >= RACY_NS:
+        if _stat_key(path.stat()) == key and time.time_ns() - stat.st_ctime_ns >= RACY_NS:
             self.entries[str(path)] = self.changed[str(path)] = (*key, digest)
         return digest
 
@@ -121,7 +129,7 @@ class DigestMemo:
         except OSError:
             return False
         entry = self.entries.get(str(path))
-        return entry is not None and entry[:4] == (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+        return entry is not None and entry[:4] == _stat_key(stat)
 
     def save(self) -> None:
         """Write the digests read since the memo was loaded over what the memo holds now (another
@@ -200,7 +208,7 @@ def wait_for_digests(
     `DIGEST_WAIT_MIN_S` plus the files' size at `DIGEST_WAIT_BYTES_PER_S` (a file changed within
     the last seconds is not memoised, a memo that cannot be written is never there): the rank then
     reads the files itself, which costs time only. Returns whether the memo had them."""
-    files = [p for src in (*cfg.sources, *cfg.eval_sources) for p in _source_files(src, base_dir) or []]
+    files = _data_files(cfg, base_dir)
     if not files:
         return True
     try:
@@ -563,9 +571,8 @@ def data_fingerprint(
     # checkout, a `cp` without -p) has a new modification time and is still the same data
     memo = DigestMemo(Path(cache_root) / DIGEST_MEMO if cache_root is not None and digests else None)
     files = []
-    for src in (*cfg.sources, *cfg.eval_sources):
-        for p in _source_files(src, base_dir) or []:
-            stat = p.stat()
-            files.append([str(p), stat.st_size, stat.st_mtime_ns, *([memo.digest(p)] if digests else [])])
+    for p in _data_files(cfg, base_dir):
+        stat = p.stat()
+        files.append([str(p), stat.st_size, stat.st_mtime_ns, *([memo.digest(p)] if digests else [])])
     memo.save()
     return {"files": files, "train_rows": report.train_rows, "eval_rows": report.eval_rows}

@@ -41,6 +41,12 @@ class SourceReport:
             named.append(row)
         self.problems.setdefault(reason, problem)
 
+    def drop_no_loss(self, row: int) -> None:
+        """Count a kept row that trains no token, naming it if it is among the first ones."""
+        self.no_loss += 1
+        if len(self.no_loss_rows) < ROWS_NAMED:
+            self.no_loss_rows.append(row)
+
     def reason_text(self, reason: str, of: str = "") -> str:
         """`reason: count (rows ...; row N: problem)`; `of`: words after the row numbers (" of <file>")."""
         count, rows = self.skipped[reason], self.skipped_rows.get(reason, [])

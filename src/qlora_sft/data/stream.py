@@ -12,7 +12,7 @@ from ..errors import DataError
 from ..recipe import DataConfig, DataSource
 from .encode import ENCODE_BATCH, PreparedData, _encode_kwargs, _encoded_features, _token_stats, encode_documents
 from .formats import source_format
-from .report import ROWS_NAMED, DataReport, SourceReport, check_end_tokens, nothing_to_train
+from .report import DataReport, SourceReport, check_end_tokens, nothing_to_train
 from .sources import limit_text, parse_document, read_documents
 from .templates import end_of_turn_token
 
@@ -88,9 +88,7 @@ def stream_data(
             if reason:
                 source.skip(reason, rowno, problem)
             elif not loss:
-                source.no_loss += 1
-                if len(source.no_loss_rows) < ROWS_NAMED:
-                    source.no_loss_rows.append(rowno)
+                source.drop_no_loss(rowno)
         source.kept = source.used = n - sum(source.skipped.values())
         report.sources.append(source)
 
