@@ -325,12 +325,27 @@ def test_submitit_two_tasks_run_to_completion(slurm, workdir, monkeypatch):
     assert "'WORLD_SIZE': '2'" in job.stdout()
 
 
-def test_submitit_job_requeued_by_preemption_resumes(slurm, workdir, straight, monkeypatch):
+def slow_exiting_scontrol(folder: Path) -> Path:
+    """An `scontrol` that does what the real one does, then takes 3 s more to exit after `requeue`.
+    A requeue makes SLURM send SIGTERM to every process of the job, the scontrol that asked
+    included; whether it has exited by then is a race (CI lost it once). This makes the race
+    certain: a job that requeues from inside must survive its own scontrol being signalled."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wrapper = folder / "scontrol"
+    real = shutil.which("scontrol")
+    assert real, "scontrol not on PATH"
+    wrapper.write_text(f'#!/bin/bash\n"{real}" "$@"; rc=$?\n[ "$1" = requeue ] && sleep 3\nexit $rc\n')
+    wrapper.chmod(0o755)
+    return folder
+
+
+def test_submitit_job_requeued_by_preemption_resumes(slurm, workdir, straight, monkeypatch, tmp_path):
     from qlora_sft import submit
 
     root, recipe = workdir
     for k, v in slurm.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setenv("PATH", f"{slow_exiting_scontrol(tmp_path / 'bin')}:{slurm['PATH']}")  # the job inherits it
     monkeypatch.chdir(root)
     job = submit(
         recipe,

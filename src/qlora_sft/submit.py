@@ -160,6 +160,12 @@ class QloraJob:
         result = train(recipe)
         if result.preempted and callable(submitit_handler):
             # The checkpoint is complete on every rank: now let submitit checkpoint() and requeue.
+            # `scontrol requeue` makes SLURM send SIGTERM to every process of the job, the scontrol
+            # that asked included. Killed before it exits, its failure made submitit record this
+            # task as failed (job.done() true, job.result() raising) although the job was requeued
+            # and resumes. An ignored signal stays ignored across exec, so scontrol finishes; this
+            # process needs no SIGTERM any more (SLURM's SIGKILL after KillWait still ends it).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             submitit_handler(sig, None)
         return {
             "run_dir": str(result.run_dir),

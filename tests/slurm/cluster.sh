@@ -60,7 +60,7 @@ NodeName=$HOST CPUs=$CPUS State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
   export SLURM_CONF="$CONF"
-  slurmctld -f "$CONF"
+  slurmctld -c -f "$CONF"  # -c: start with no jobs (a failed test run may leave some in the saved state)
   slurmd -f "$CONF"
   for _ in $(seq 1 60); do
     state="$(sinfo -h -N -o '%t' 2>/dev/null | head -n1 || true)"
