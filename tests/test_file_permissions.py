@@ -102,6 +102,32 @@ def test_write_and_read_problems_name_the_path_and_why(tmp_path: Path):
     assert read_problem(tmp_path / "afile") is None and read_problem(tmp_path) is None
 
 
+@pytest.mark.parametrize("unnamed_files", [True, False], ids=["O_TMPFILE", "named-fallback"])
+def test_a_write_check_interrupted_half_way_leaves_no_file(tmp_path: Path, monkeypatch, unnamed_files: bool):
+    """Stopped between creating its probe and removing it (here: the close is interrupted), the check
+    leaves nothing in the user's folder (it left `.qlora-sft-write-check-*` files before)."""
+    real_open, real_close = os.open, os.close
+    if not unnamed_files:  # a file system without O_TMPFILE (some network file systems)
+
+        def no_tmpfile(path, flags, *args):
+            if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
+                raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(os, "open", no_tmpfile)
+
+    def interrupted(fd: int) -> None:
+        real_close(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "close", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_problem(tmp_path)
+    monkeypatch.undo()
+    assert not list(tmp_path.iterdir())
+    assert write_problem(tmp_path) is None
+
+
 def test_write_problem_in_a_folder_root_may_not_write_either():
     folder = denied_folder()
     assert write_problem(folder / "x" / "y") == f"cannot write to {folder} (permission denied)"

@@ -198,12 +198,23 @@ def write_problem(folder: Path) -> str | None:
             return f"{probe} is a link to {os.readlink(probe)}, which does not exist"
         return f"{probe} is a file, not a folder"
     try:
+        # An unnamed file (Linux's O_TMPFILE): a check killed half-way leaves nothing behind.
+        os.close(os.open(probe, os.O_TMPFILE | os.O_WRONLY, 0o600))
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return f"cannot write to {probe} ({os_reason(exc)})"
+    except AttributeError:
+        pass  # no O_TMPFILE on this system
+    try:  # a file system without unnamed files: a named one, removed at once
         fd, name = tempfile.mkstemp(prefix=".qlora-sft-write-check-", dir=probe)
     except OSError as exc:
         return f"cannot write to {probe} ({os_reason(exc)})"
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(name)
+    try:
+        os.close(fd)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
     return None
 
 
