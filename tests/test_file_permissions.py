@@ -20,7 +20,7 @@ from helpers import recipe_dict, write_recipe, write_toy_data
 
 from qlora_sft import cli
 from qlora_sft.errors import DataError, RunDirError, UserError
-from qlora_sft.files import read_problem, write_problem
+from qlora_sft.files import atomic_write_text, read_problem, write_problem
 from qlora_sft.recipe import load_recipe
 
 ROOT = os.geteuid() == 0
@@ -322,3 +322,17 @@ def test_export_names_an_unwritable_out_before_merging(
     shown = capsys.readouterr().err
     assert f"qlora-sft export: error: export: cannot write the merged model to {out}" in shown
     assert str(named) in shown and "--out" in shown and "Traceback" not in shown
+
+
+def test_atomic_write_leaves_another_writers_temporary_alone(tmp_path: Path):
+    """Two hosts sharing a folder (a memo, a run record) can run writers with the same pid: this
+    write neither truncates nor renames the other's temporary file (one name per pid did both)."""
+    target = tmp_path / "file-digests.json"
+    pid, host = os.getpid(), os.uname().nodename
+    others = [tmp_path / f".{target.name}.tmp-{pid}", tmp_path / f".{target.name}.tmp-{host}-{pid}"]
+    for other in others:
+        other.write_text("another host's write, half done")
+    atomic_write_text(target, "mine")
+    assert target.read_text() == "mine"
+    assert [o.read_text() for o in others] == ["another host's write, half done"] * 2
+    assert sorted(tmp_path.iterdir()) == sorted([target, *others])

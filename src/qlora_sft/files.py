@@ -24,6 +24,7 @@ import errno
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import stat
@@ -37,10 +38,11 @@ _BLOCK = 8 << 20
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder; the temporary file is
-    removed if anything fails (a full disk included)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    removed if anything fails (a full disk included). The temporary name is this write's own (host,
+    pid and a random part, created exclusively): writers on hosts sharing the folder never meet in it."""
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        with tmp.open("w", encoding="utf-8") as f:
+        with tmp.open("x", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
