@@ -176,6 +176,19 @@ def test_numbers_the_trainer_would_refuse_are_refused_by_validate(key: str, valu
     assert len(ps) == 1 and ps[0].startswith(f"`train.{key}` {expected}"), ps
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**40])
+def test_a_seed_numpy_refuses_is_refused_by_validate(seed: int):
+    """transformers' set_seed hands the seed to numpy, which takes 0 to 2**32 - 1: -1 passed validate and
+    the launch died in set_seed ("Seed must be between 0 and 2**32 - 1"), after the data was read."""
+    bound = "it must be >= 0" if seed < 0 else "it must be <= 4294967295"
+    ps = problems({**MINIMAL_RECIPE, "run": {"seed": seed}})
+    assert ps == [f"`run.seed` is {seed}; {bound}"], ps
+    source = {"path": "a.jsonl", "max_rows": 5, "max_rows_seed": seed}
+    ps = problems({**MINIMAL_RECIPE, "data": {"sources": [source]}})
+    assert ps == [f"`data.sources.0.max_rows_seed` is {seed}; {bound}"], ps
+    assert build_recipe({**MINIMAL_RECIPE, "run": {"seed": 2**32 - 1}}, source="r.yaml").run.seed == 2**32 - 1
+
+
 def test_warmup_ratio_out_of_range_is_refused():
     for value in (1.5, -0.1):
         ps = problems({**MINIMAL_RECIPE, "train": {"warmup_ratio": value}})

@@ -36,6 +36,8 @@ import yaml
 
 from .errors import RecipeError
 
+SEED_MAX = 2**32 - 1  # numpy's (and so transformers.set_seed's) largest seed
+
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
@@ -47,8 +49,8 @@ class RunConfig:
     """Run name. The run directory is `output_dir/name`."""
     output_dir: str = "runs"
     """Root folder for run directories (relative paths are relative to the working directory)."""
-    seed: int = 42
-    """Seed for model init (LoRA), data mixing, shuffling and the eval split."""
+    seed: int = field(default=42, metadata={"min": 0, "max": SEED_MAX})
+    """Seed for model init (LoRA), data mixing, shuffling and the eval split (0 to 2**32 - 1, numpy's range)."""
     overwrite: bool = False
     """Start a different recipe in an existing run directory: the old directory is moved aside to
     `<name>.replaced-<time>` (never deleted). Without it such a launch is refused."""
@@ -157,7 +159,7 @@ class DataSource:
     max_rows: int | None = field(default=None, metadata={"min": 1})
     """Read at most this many rows of the source (before bad rows are skipped and before mixing): the
     first N, or with `max_rows_seed` a seeded random sample of N (in file order). Unset: every row."""
-    max_rows_seed: int | None = None
+    max_rows_seed: int | None = field(default=None, metadata={"min": 0, "max": SEED_MAX})
     """With `max_rows`: draw the N rows at random with this seed instead of taking the first N (reads
     the source twice; not with `data.streaming`)."""
 
