@@ -385,3 +385,23 @@ def test_profile_that_never_ends_or_never_comes_switches_off_and_says_so(tmp_pat
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def test_a_warmup_as_long_as_the_training_is_named_by_plan_and_train(
+    tiny_model: Path, tmp_path: Path, toy_data: Path, capsys
+):
+    """A copied `warmup_steps: 100` with a short `max_steps` never reaches the learning rate; nothing said so."""
+    from qlora_sft.plan import plan_lines
+
+    def recipe(**train_args):
+        args = {"max_steps": 2, "save_steps": 2, "logging_steps": 1, **train_args}
+        return build_recipe(recipe_dict(tiny_model, toy_data, tmp_path / "runs", train=args))
+
+    expected = "train.warmup_steps is 5 and the training lasts 2 optimizer steps: the learning rate never reaches"
+    assert any(expected in line for line in plan_lines(recipe(warmup_steps=5)))
+    assert not any("warmup_steps" in line for line in plan_lines(recipe(warmup_steps=1)))
+    by_epochs = recipe(max_steps=-1, num_train_epochs=1, warmup_steps=1000)  # steps from the data
+    assert any("train.warmup_steps is 1000 and the training lasts" in line for line in plan_lines(by_epochs))
+    train(recipe(warmup_steps=5))
+    logged = capsys.readouterr().out.splitlines()  # the main process logs to stdout: time, level, message
+    assert len([line for line in logged if f" WARNING warning: {expected}" in line]) == 1, logged

@@ -58,7 +58,7 @@ from . import launch, launch_config
 from .errors import DataError, RecipeError, RunDirError, UserError
 from .files import os_reason, read_problem, write_problem
 from .launch import CUDA_CONTEXT_GIB, PROCESS_GROUP_CONTEXT_GIB, LaunchMode, context_gib
-from .recipe import Recipe, micro_batches_dividing, resolve_batch
+from .recipe import Recipe, micro_batches_dividing, resolve_batch, warmup_outlasts_training
 
 GIB = 1024**3
 
@@ -461,8 +461,12 @@ def plan_lines(
         *launch_config_lines(recipe, mode),
     ]
     rows = count_rows(recipe, base_dir)
+    max_steps = int(recipe.train.args.get("max_steps", -1))
+    total_steps = max_steps  # (with packing, an epoch's count is an upper bound: a warmup past it outlasts)
     if rows is not None:
         steps = math.ceil(rows / batch.global_batch)
+        if max_steps <= 0:
+            total_steps = math.ceil(steps * float(recipe.train.args.get("num_train_epochs", 3.0)))
         if recipe.data.packing:
             out.append(
                 f"data: {rows} training examples -> at most {steps} optimizer steps per epoch (packing puts "
@@ -470,9 +474,11 @@ def plan_lines(
             )
         else:
             out.append(f"data: {rows} training examples -> {steps} optimizer steps per epoch")
-    max_steps = int(recipe.train.args.get("max_steps", -1))
     if max_steps > 0:
         out.append(f"training: max_steps = {max_steps}")
+    warmup = warmup_outlasts_training(float(recipe.train.args.get("warmup_steps", 0)), total_steps)
+    if warmup and recipe.train.args.get("lr_scheduler_type") != "constant":
+        out.append(f"warning: {warmup}")
     est = estimate_memory(shape, recipe, mode)
     out.append(
         f"estimated peak GPU memory per rank: {est.total:.2f} GiB "

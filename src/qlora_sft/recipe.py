@@ -1159,6 +1159,19 @@ TRAIN_VALUE_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 
 
+def warmup_outlasts_training(warmup_steps: float, total_steps: int) -> str | None:
+    """A warning where the warmup (train.warmup_steps: a count, or a fraction of the training below 1)
+    lasts as long as the training: the learning rate would never reach train.learning_rate."""
+    warmup = int(warmup_steps) if warmup_steps >= 1 else math.ceil(total_steps * warmup_steps)
+    if total_steps <= 0 or warmup < total_steps:
+        return None
+    return (
+        f"train.warmup_steps is {warmup} and the training lasts {total_steps} optimizer steps: the learning "
+        "rate never reaches train.learning_rate. Give fewer warmup steps, or a fraction of the training "
+        "(warmup_steps: 0.03 warms up over 3% of the steps)"
+    )
+
+
 def _train_value_problems(args: Mapping[str, Any], ctx: _Problems) -> None:
     """Check the `train:` numbers of TRAIN_VALUE_RULES (non-finite ones are refused by `_nonfinite_problems`)."""
     for name, (ok, expected) in TRAIN_VALUE_RULES.items():

@@ -19,7 +19,7 @@ from typing import Any
 from . import checkpoint, data, init_adapter, launch, launch_config, model, plan, plots, profiling, tracking
 from .errors import RecipeError, UserError, first_line
 from .files import append_jsonl
-from .recipe import BatchPlan, Recipe, resolve_batch
+from .recipe import BatchPlan, Recipe, resolve_batch, warmup_outlasts_training
 
 log = logging.getLogger("qlora_sft")
 
@@ -117,6 +117,20 @@ def offload_callback() -> Any:
             log.info("activations: the inputs of %d checkpointed layers wait in pinned host memory", n)
 
     return OffloadActivations()
+
+
+def warmup_callback() -> Any:
+    """At the start of training, when the step count is known: warn of a warmup that lasts as long as
+    the training (a copied train.warmup_steps: 100 with max_steps: 20 never reaches the learning rate)."""
+    from transformers import TrainerCallback
+
+    class WarmupCheck(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            note = warmup_outlasts_training(args.warmup_steps, state.max_steps)
+            if note and state.is_world_process_zero and args.lr_scheduler_type != "constant":
+                log.warning("warning: %s", note)
+
+    return WarmupCheck()
 
 
 def metrics_callback(path: Path) -> Any:
@@ -289,6 +303,7 @@ def _train(
     callbacks = [
         *ckpt.callbacks(),
         launch.sharding_callback(mode, run_dir / "logs", state.process_index),
+        warmup_callback(),
         *(extra_callbacks or []),
     ]
     if launch.offloads_activations(recipe, mode):
