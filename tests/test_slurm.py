@@ -439,7 +439,7 @@ def test_two_single_task_submissions_at_once_both_train(tmp_path: Path, tiny_mod
 
 
 def test_submit_refuses_bad_recipes_before_submitting(tmp_path: Path, tiny_model: Path):
-    from qlora_sft.errors import RecipeError
+    from qlora_sft.errors import RecipeError, UserError
 
     data = write_toy_data(tmp_path / "toy.jsonl", n=10)
     recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, data, tmp_path / "runs"))
@@ -470,6 +470,12 @@ def test_submit_refuses_bad_recipes_before_submitting(tmp_path: Path, tiny_model
         build_recipe(recipe_dict(tiny_model, data, tmp_path, cluster={"nodez": 2}))
     with pytest.raises(Exception, match="not an sbatch option"):
         parse_sbatch_lines(["exclusive"])
+    # memory in SLURM's syntax (sbatch refused `--mem=10XB` only once submitted, in its own words)
+    assert executor_parameters(r.cluster, mem="200G")["slurm_mem"] == "200G"
+    assert executor_parameters(r.cluster, mem="64000")["slurm_mem"] == "64000"
+    for bad in ("10XB", "1.5G", "G", "200 G", "-4G"):
+        with pytest.raises(UserError, match=r"cluster.mem='.*': give SLURM's memory per node"):
+            executor_parameters(r.cluster, mem=bad)
 
 
 def test_signal_to_the_job_step_stops_every_rank_at_the_same_step(slurm, workdir):

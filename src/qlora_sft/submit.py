@@ -86,6 +86,11 @@ def executor_parameters(cfg: ClusterConfig, **given: Any) -> dict[str, Any]:
         params["gpus_per_node"] = gpus
     if merged["cpus_per_task"]:
         params["cpus_per_task"] = int(merged["cpus_per_task"])
+    if merged["mem"] and not re.fullmatch(r"\d+[KMGTkmgt]?", str(merged["mem"])):
+        raise UserError(
+            f"cluster.mem={merged['mem']!r}: give SLURM's memory per node, a whole number with K, M, G or T "
+            "(e.g. 200G; a bare number is megabytes)"
+        )
     for key in ("partition", "account", "qos", "mem", "constraint"):
         if merged[key]:
             params[f"slurm_{key}"] = merged[key]
