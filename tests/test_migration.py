@@ -796,3 +796,66 @@ def test_converted_upstream_recipes_load():
     docs = (REPO / "docs" / "migration.md").read_text()
     for name in ("axolotl_llama3_qlora.yaml", "llamafactory_llama3_qlora_sft.yaml", "lora_model_dir", "max_samples"):
         assert name in docs
+
+
+AXOLOTL_AS_IT_IS = """\
+base_model: NousResearch/Meta-Llama-3-8B
+load_in_4bit: true
+adapter: qlora
+lora_r: 32
+datasets:
+  - path: mhenrichsen/alpaca_2k_test
+    type: alpaca
+sequence_len: 4096
+micro_batch_size: 2
+learning_rate: 0.0002
+cutoff_len: 1024
+max_length: 512
+"""
+
+
+def test_an_axolotl_or_llamafactory_config_as_it_is_is_mapped_key_by_key(tmp_path: Path):
+    """A user's first try is their old config as it is: each top-level option is named with the
+    recipe key that sets it (it said only "is not a recipe section; did you mean `model`?")."""
+    path = tmp_path / "qlora.yml"
+    path.write_text(AXOLOTL_AS_IT_IS)
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path)
+    found = {p.split("`")[1]: p for p in exc.value.problems if p.startswith(f"{path}:") and "`" in p}
+    expected = {
+        "base_model": "model.name_or_path",
+        "load_in_4bit": "quantization.method: nf4",
+        "adapter": "quantization.method (qlora: nf4; lora: none)",
+        "lora_r": "lora.r",
+        "datasets": "data.sources",
+        "sequence_len": "data.max_length",
+        "micro_batch_size": "train.per_device_train_batch_size",
+        "learning_rate": "train.learning_rate",  # any trl.SFTConfig field
+        "cutoff_len": "data.max_length",  # LLaMA-Factory's
+        "max_length": "data.max_length",  # a section's own field, written at the top
+    }
+    for key, place in expected.items():
+        assert f"`{key}` is not a recipe section; a recipe sets this as `{place}`" in found[key], found[key]
+    assert any("docs/migration.md maps every option" in p for p in exc.value.problems)
+    with pytest.raises(RecipeError) as typo:  # a plain typo still gets the closest section
+        build_recipe({"modle": {"name_or_path": "m"}, "data": {"sources": ["a.jsonl"]}})
+    assert typo.value.problems[0] == "`modle` is not a recipe section; did you mean `model`?"
+    assert not any("migration" in p for p in typo.value.problems)
+
+
+def test_the_foreign_option_names_match_the_migration_table():
+    """recipe.FOREIGN_OPTIONS and docs/migration.md's table say the same: each option stands in the
+    axolotl or LLaMA-Factory column of a row whose qlora-sft column names the same recipe key."""
+    import re
+
+    from qlora_sft.recipe import FOREIGN_OPTIONS
+
+    rows = []
+    for line in (REPO / "docs" / "migration.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 3:
+            names = {re.split(r"[:=\s]", span)[0] for span in re.findall(r"`([^`]+)`", cells[0] + cells[1])}
+            rows.append((names, cells[2]))
+    for option, place in FOREIGN_OPTIONS.items():
+        key = re.split(r"[:\s]", place)[0]
+        assert any(option in names and f"`{key}" in ours for names, ours in rows), (option, key)

@@ -630,6 +630,10 @@ class _Problems:
     def add(self, key: str, message: str) -> None:
         self.problems.append(f"{self.where(key)}`{key}` {message}")
 
+    def note(self, message: str) -> None:
+        """A problem of the whole file, not of one key."""
+        self.problems.append(f"{self.source}: {message}" if self.source else message)
+
 
 # Names users bring from peft / bitsandbytes / notebooks, and the recipe key they mean.
 ALIASES = {
@@ -657,6 +661,82 @@ ALIASES = {
     "epochs": "num_train_epochs",
     "grad_accum": "gradient_accumulation_steps",
 }
+
+
+# Top-level options of an axolotl or LLaMA-Factory config -> where a qlora-sft recipe has them (a
+# user's first try is often their old config as it is). docs/migration.md has the same table, with
+# notes; a test keeps the two in step.
+FOREIGN_OPTIONS: dict[str, str] = {
+    # axolotl
+    "base_model": "model.name_or_path",
+    "revision_of_model": "model.revision",
+    "load_in_4bit": "quantization.method: nf4",
+    "load_in_8bit": "quantization.method: int8",
+    "adapter": "quantization.method (qlora: nf4; lora: none)",
+    "lora_r": "lora.r",
+    "lora_target_linear": "lora.target_modules: all-linear",
+    "lora_target_modules": "lora.target_modules",
+    "lora_modules_to_save": "lora.modules_to_save",
+    "lora_model_dir": "lora.init_from",
+    "datasets": "data.sources",
+    "test_datasets": "data.eval_sources",
+    "val_set_size": "data.eval_fraction",
+    "sequence_len": "data.max_length",
+    "sample_packing": "data.packing",
+    "train_on_inputs": "data.assistant_only_loss",
+    "chat_template": "data.chat_template",
+    "dataset_prepared_path": "<run.output_dir>/.cache",
+    "dataset_processes": "data.num_proc",
+    "micro_batch_size": "train.per_device_train_batch_size",
+    "num_epochs": "train.num_train_epochs",
+    "optimizer": "train.optim",
+    "lr_scheduler": "train.lr_scheduler_type",
+    "flash_attention": "model.attn_implementation",
+    "saves_per_epoch": "train.save_strategy",
+    "auto_resume_from_checkpoints": "checkpoint.resume",
+    "wandb_project": "train.report_to",
+    "use_mlflow": "train.report_to",
+    # LLaMA-Factory
+    "model_name_or_path": "model.name_or_path",
+    "model_revision": "model.revision",
+    "quantization_bit": "quantization.method (4: nf4; 8: int8)",
+    "quantization_type": "quantization.method",
+    "double_quantization": "quantization.double_quant",
+    "lora_rank": "lora.r",
+    "lora_target": "lora.target_modules",
+    "additional_target": "lora.modules_to_save",
+    "adapter_name_or_path": "lora.init_from",
+    "dataset": "data.sources",
+    "eval_dataset": "data.eval_sources",
+    "max_samples": "data.sources[].max_rows",
+    "val_size": "data.eval_fraction",
+    "cutoff_len": "data.max_length",
+    "neat_packing": "data.packing",
+    "train_on_prompt": "data.assistant_only_loss",
+    "template": "data.chat_template",
+    "tokenized_path": "<run.output_dir>/.cache",
+    "preprocessing_num_workers": "data.num_proc",
+    "overwrite_output_dir": "run.overwrite",
+    "flash_attn": "model.attn_implementation",
+    # both
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+}
+
+
+def _foreign_option(name: str) -> str | None:
+    """Where a recipe keeps what the top-level key `name` of another tool's config (or a section's
+    own field written at the top) sets, or None."""
+    if name in FOREIGN_OPTIONS:
+        return FOREIGN_OPTIONS[name]
+    if name in TRAIN_OWNED:
+        return TRAIN_OWNED[name]
+    for section, cls in SECTIONS.items():
+        if name in {f.name for f in dataclasses.fields(cls)} and section != "train":
+            return f"{section}.{name}"
+    if name in sft_field_types():
+        return f"train.{name}"
+    return None
 
 
 def _suggest(name: str, options: list[str], prefix: str = "") -> str:
@@ -1192,9 +1272,21 @@ def build_recipe(
     `overrides` maps the dotted keys set on the command line to the override text, so their
     problems name the override rather than a line of the file."""
     ctx = _Problems(source, lines or {}, overrides)
+    foreign = False
     for name in data:
         if name not in SECTIONS and name != "launch":  # `launch:` is written into run dirs, informational
-            ctx.add(str(name), f"is not a recipe section{_suggest(str(name), list(SECTIONS))}")
+            place = _foreign_option(str(name))
+            foreign = foreign or place is not None
+            if place is None:
+                ctx.add(str(name), f"is not a recipe section{_suggest(str(name), list(SECTIONS))}")
+            else:
+                ctx.add(str(name), f"is not a recipe section; a recipe sets this as `{place}`")
+    if foreign:
+        ctx.note(
+            "options at the top level, as in an axolotl or LLaMA-Factory config: a recipe groups them in "
+            f"the sections {', '.join(SECTIONS)}. docs/migration.md maps every option; configs/recipes/ "
+            "holds converted examples"
+        )
     built: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         if name == "train":
