@@ -110,3 +110,35 @@ def test_report_to_is_checked_with_the_recipe(tiny_model: Path, tmp_path: Path, 
     assert "the `comet_ml` package is not installed: pip install 'qlora-sft[comet]'" in p
     ok = build_recipe(recipe_dict(tiny_model, tmp_path / "x.jsonl", tmp_path, train={"report_to": ["tensorboard"]}))
     assert ok.train.args["report_to"] == ["tensorboard"]
+
+
+def test_wandb_without_a_login_stops_before_the_data_and_the_model(
+    tiny_model: Path, toy_data: Path, tmp_path: Path, monkeypatch
+):
+    """Online W&B with no key (a compute node where nobody ran `wandb login`): the run opened after the
+    model had loaded and died there ("No API key configured"). Now the launch stops first, naming
+    train.report_to and the three ways out; WANDB_MODE=offline passes the check."""
+    from qlora_sft import model
+    from qlora_sft.errors import UserError
+    from qlora_sft.train import train
+
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "NETRC", "WANDB_CONFIG_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no ~/.config/wandb
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(model, "load_model", loaded)
+    recipe = build_recipe(
+        recipe_dict(tiny_model, toy_data, tmp_path / "runs", train={"max_steps": 2, "report_to": ["wandb"]})
+    )
+    with pytest.raises(UserError) as exc:
+        train(recipe)
+    message = str(exc.value)
+    assert "train.report_to asks for wandb, which cannot log in here" in message
+    assert "wandb login" in message and "WANDB_API_KEY" in message and "WANDB_MODE=offline" in message
+    assert not Path(recipe.data_cache_root).exists()  # no data was prepared either
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(AssertionError, match="the model was loaded"):  # past the check, up to the model
+        train(recipe)

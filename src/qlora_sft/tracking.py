@@ -59,6 +59,29 @@ def report_to_problems(report_to: Any) -> list[str]:
     return problems
 
 
+WANDB_LOCAL_MODES = ("offline", "dryrun", "disabled")
+
+
+def credential_problems(report_to: Any) -> list[str]:
+    """Trackers of `train.report_to` that could not open a run here: W&B online without a login (its
+    run opens after the model has loaded, where the job then died with "No API key configured").
+    Checked by the main process before the data and the model, with W&B's own login (which asks on
+    a terminal, as wandb.init would, and reads WANDB_API_KEY or ~/.netrc elsewhere)."""
+    problems = []
+    if "wandb" in requested(report_to) and os.environ.get("WANDB_MODE", "").lower() not in WANDB_LOCAL_MODES:
+        import wandb
+
+        try:
+            wandb.login(verify=False)
+        except Exception as exc:  # wandb.errors.UsageError: no key and no terminal to ask on
+            problems.append(
+                f"train.report_to asks for wandb, which cannot log in here ({exc}): run `wandb login` once on this "
+                "machine (or a node that shares its home), set WANDB_API_KEY, or set WANDB_MODE=offline to log "
+                "into the run directory and `wandb sync` it later"
+            )
+    return problems
+
+
 def integrations(report_to: Any) -> list[str] | str:
     """The `report_to` handed to the Trainer (TensorBoard is added by qlora-sft itself)."""
     names = [TRACKERS[n][0] for n in requested(report_to)]

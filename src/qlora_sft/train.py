@@ -206,11 +206,14 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
         return TrainResult(recipe.run_dir, recipe.run_dir / "final", -1, None, None, finished=True)
     init_adapter.check_before_loading(recipe, base_dir)  # lora.init_from; checkpoint.resume=<an adapter>
 
-    def check_paths() -> None:  # the run directory writable, the data readable (not a PermissionError later)
+    def preflight() -> None:  # the run directory writable, the data readable (not a PermissionError later)
         plan.check_output_dir(recipe)
         plan.check_data_readable(recipe.data, base_dir)
+        problems = tracking.credential_problems(recipe.train.args.get("report_to"))  # (not after loading)
+        if problems:
+            raise UserError("; ".join(problems))
 
-    checkpoint.main_process_decides(check_paths)
+    checkpoint.main_process_decides(preflight)
     meta = checkpoint.run_metadata(recipe, mode, batch)
     lock = checkpoint.prepare_run_dir(recipe, meta)
     try:
