@@ -142,3 +142,33 @@ def test_wandb_without_a_login_stops_before_the_data_and_the_model(
     monkeypatch.setenv("WANDB_MODE", "offline")
     with pytest.raises(AssertionError, match="the model was loaded"):  # past the check, up to the model
         train(recipe)
+
+
+def test_submit_warns_of_wandb_without_a_login_and_the_job_stops_as_it_starts(
+    tiny_model: Path, toy_data: Path, tmp_path: Path, monkeypatch, caplog
+):
+    """`submit` cannot know whether the job's nodes can log in (a shared ~/.netrc), so it warns; the job
+    then stops in its preflight, before the data and the model."""
+    import time
+
+    from qlora_sft import submit
+
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "NETRC", "WANDB_CONFIG_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        recipe_dict(tiny_model, toy_data, tmp_path / "runs", train={"max_steps": 2, "report_to": "wandb"}),
+    )
+    with caplog.at_level("WARNING", logger="qlora_sft"):
+        job = submit(recipe, [], gpus_per_node=0, tasks_per_node=1, cluster="local", time=10)
+    warned = "submit: train.report_to asks for wandb, which cannot log in here"
+    assert any(warned in r.getMessage() for r in caplog.records)
+    deadline = time.time() + 300
+    while not job.done() and time.time() < deadline:
+        time.sleep(1)
+    with pytest.raises(Exception, match="cannot log in here"):
+        job.result()
+    assert not (tmp_path / "runs" / ".cache").exists()

@@ -223,6 +223,7 @@ def submit(
 
     from .checkpoint import check_run_dir
     from .plan import check_data_readable, check_output_dir
+    from .tracking import credential_problems
 
     overrides = list(overrides)
     if deepspeed is not None:  # `--deepspeed X.json` is train.deepspeed, named on the command line
@@ -240,6 +241,8 @@ def submit(
             out,
         )
     check_data_readable(r.data, Path(recipe).parent)
+    for problem in credential_problems(r.train.args.get("report_to")):  # the nodes may share a login we lack
+        log.warning("submit: %s. Unless the job's nodes can log in, it stops as it starts", problem)
     if prepare:
         from .train import tokenizer_and_data
 
