@@ -20,7 +20,9 @@ the folder renamed `*.incomplete` with a non-zero exit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .files import sweep_temporaries, temporary_for, write_problem
+from .files import is_no_space, no_space_message, sweep_temporaries, temporary_for, write_problem
 from .launch import DTYPES as TORCH_DTYPES
 from .loader import checkpoint_files
 from .recipe import QuantizationConfig, Recipe
@@ -173,18 +175,30 @@ def resolve_source(
     if (p / "recipe.yaml").is_file():  # a run directory
         run_dir = p
         final = p / "final"
-        if final.is_dir() and inspect_checkpoint(final).complete:
+        final_info = inspect_checkpoint(final) if final.is_dir() else None
+        if final_info is not None and final_info.complete:
             p = final
         else:
             complete = [c for c in list_checkpoints(p) if c.complete]
+            damaged = f" ({final} is not a complete adapter: {final_info.reason})" if final_info else ""
             if not complete:
                 merged = "no merged/ model, " if command == "chat" else ""
                 raise UserError(
-                    f"{command}: {run_dir} has {merged}no complete final/ adapter and no complete checkpoint: it has "
-                    f"trained nothing yet that was saved. Train it until it saves a checkpoint (the recipe it ran is "
-                    f"{run_dir / 'recipe.yaml'}), or give another run directory."
+                    f"{command}: {run_dir} has {merged}no complete final/ adapter and no complete checkpoint{damaged}: "
+                    f"it has trained nothing yet that was saved intact. Train it until it saves a checkpoint (the "
+                    f"recipe it ran is {run_dir / 'recipe.yaml'}), or give another run directory."
                 )
             p = complete[0].path
+            if final_info is not None:  # a run still training has no final/; a damaged one is named
+                log.warning(
+                    "%s: %s is not a complete adapter (%s): using the newest complete checkpoint %s (step %d) instead. "
+                    "Give that checkpoint, or another, explicitly to silence this.",
+                    command,
+                    final,
+                    final_info.reason,
+                    p,
+                    complete[0].step,
+                )
     elif (p.parent / "recipe.yaml").is_file():
         run_dir = p.parent
     if not (p / "adapter_config.json").is_file():
@@ -605,7 +619,7 @@ def plan_export(
         raise UserError("export: --device cuda but no GPU is visible")
     shard_bytes = parse_size(shard_size)
     base_folder, files = base_model_files(source, other_base)
-    if out_dir.resolve() == base_folder.resolve() or base_folder.resolve().is_relative_to(out_dir.resolve()):
+    if relative_below(base_folder, out_dir) is not None:
         raise UserError(
             f"export: --out {out_dir} is (or holds) the base model folder {base_folder} the adapter is merged onto; "
             "choose another folder"
@@ -665,37 +679,64 @@ def check_base(source: Source, base_folder: Path, other_base: bool, command: str
 EXPORT_MARKER = "qlora-sft-export.json"
 
 
-def check_out_dir(out_dir: Path, source: Source, overwrite: bool) -> None:
-    """Where the merged model may go: never over or around the run (or adapter) being exported nor
-    into its checkpoints, logs or final/; never over a folder holding a qlora-sft run; a non-empty
-    folder only with --overwrite."""
-    from .checkpoint import CHECKPOINT_RE, RUN_ENTRIES
+def relative_below(inner: Path, outer: Path) -> Path | None:
+    """`inner`'s path below `outer` (`.` where they are the same folder), or None where it is not
+    inside it. Also where `inner` reaches `outer` under another name: a symlink, `..`, a bind mount or
+    another spelling on a case-insensitive file system (the same folder on disk)."""
+    inner_r, outer_r = inner.resolve(), outer.resolve()
+    outer_id = outer_r.stat() if outer_r.exists() else None
+    for above in (inner_r, *inner_r.parents):
+        if above == outer_r:
+            return inner_r.relative_to(above)
+        if outer_id is not None and above.exists():
+            st = above.stat()
+            if (st.st_dev, st.st_ino) == (outer_id.st_dev, outer_id.st_ino):
+                return inner_r.relative_to(above)
+    return None
 
-    out = out_dir.resolve()
+
+def check_out_dir(out_dir: Path, source: Source, overwrite: bool) -> None:
+    """Where the merged model may go: never over or around the run (or adapter) being exported, never
+    into any run's checkpoints, logs or final/ (also reached by another name: a symlink, a bind
+    mount); never over a file or a folder holding a qlora-sft run; a non-empty folder only with
+    --overwrite."""
+    from .checkpoint import CHECKPOINT_RE, RUN_ENTRIES
+    from .recipe import RUN_RECIPE
+
+    default = (source.run_dir or source.adapter_dir.parent) / "merged"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(
+            f"export: --out {out_dir} is a file, not a folder: the merged model is a folder of files. Choose a folder "
+            f"(the default is {default}); nothing was written."
+        )
+    holders: list[tuple[Path, Path]] = []  # (a run or adapter folder, --out's path below it)
     for protected in filter(None, (source.run_dir, source.adapter_dir)):
-        prot = protected.resolve()
-        if out == prot or prot.is_relative_to(out):
+        if relative_below(protected, out_dir) is not None:
             what = "run" if protected == source.run_dir else "adapter"
-            where = "" if out == prot else "a folder around "
-            default = (source.run_dir or source.adapter_dir.parent) / "merged"
+            where = "" if relative_below(out_dir, protected) is not None else "a folder around "
             raise UserError(
                 f"export: --out {out_dir} is {where}the {what} being exported ({protected}); writing there would "
                 f"replace it. Choose a folder outside it (the default is {default})."
             )
-        if out.is_relative_to(prot):
-            first = out.relative_to(prot).parts[0]
-            if first in RUN_ENTRIES or CHECKPOINT_RE.match(first) or first.startswith(("checkpoint-", "final.")):
-                raise UserError(
-                    f"export: --out {out_dir} is inside {protected / first}, which belongs to the run; choose another "
-                    f"folder (e.g. {protected / 'merged'})"
-                )
+        below = relative_below(out_dir, protected)
+        if below is not None:
+            holders.append((protected, below))
+    out = out_dir.resolve()
+    holders += [(run, out.relative_to(run)) for run in out.parents if (run / RUN_RECIPE).is_file()]  # any run's
+    for holder, below in holders:
+        first = below.parts[0]
+        if first in RUN_ENTRIES or CHECKPOINT_RE.match(first) or first.startswith(("checkpoint-", "final.")):
+            raise UserError(
+                f"export: --out {out_dir} is inside {holder / first}, which belongs to the run {holder}; choose "
+                f"another folder (e.g. {holder / 'merged'})"
+            )
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return
     if not overwrite:
         raise UserError(
             f"export: {out_dir} exists and is not empty; pass --overwrite to replace it, or --out elsewhere"
         )
-    runs = [p for p in (out_dir, *out_dir.iterdir()) if p.is_dir() and (p / "recipe.yaml").is_file()]
+    runs = [p for p in (out_dir, *out_dir.iterdir()) if p.is_dir() and (p / RUN_RECIPE).is_file()]
     if runs:
         raise UserError(
             f"export: --out {out_dir} holds a qlora-sft run ({runs[0]}); --overwrite replaces an earlier export, "
@@ -843,6 +884,63 @@ def publish(tmp: Path, out_dir: Path, ok: bool, overwrite: bool = True) -> Path:
     return final
 
 
+def merge_verify_publish(
+    source: Source, plan: ExportPlan, verify: bool, overwrite: bool
+) -> tuple[Path, bool, dict[str, Any], float, Comparison | None, Comparison | None]:
+    """Merge into a temporary folder, verify, write the card and the marker, and rename it into place;
+    on any failure or interruption before that, the temporary folder is removed."""
+    tmp, index, merge_rss = merge(source, plan)
+    try:
+        try:
+            merged_vs, original_vs, ok = verify_merge(source, plan, tmp) if verify else (None, None, True)
+        except Exception as exc:
+            if source.adapter_dir.is_dir():
+                raise
+            raise UserError(
+                f"export: {source.adapter_dir} was deleted while it was exported (the run's checkpoint.keep_last "
+                "removes older checkpoints while it trains). Export the run once training has ended, or a "
+                "checkpoint that retention keeps; nothing was written."
+            ) from exc
+        write_model_card(tmp, source, plan.base_kind, plan.dtype_name, merged_vs, original_vs, merge_rss, ok)
+        marker = {"adapter": str(source.adapter_dir.resolve()), "step": source.step, "verified": ok if verify else None}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        final = publish(tmp, plan.out_dir, ok, overwrite)
+    except BaseException:  # interrupted or failed before publishing: no unverified copy of the model stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final, ok, index, merge_rss, merged_vs, original_vs
+
+
+@contextlib.contextmanager
+def writes_named(out_dir: Path) -> Iterator[None]:
+    """A full disk, a quota or a file size limit while the merged model is written becomes an error
+    naming the folder and what was left (the temporary folder is removed by then; `--out` untouched)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        # Python reports errno; the writers in Rust (safetensors, tokenizers) "... (os error 28)"
+        code = exc.errno if isinstance(exc, OSError) else None
+        m = re.search(r"\(os error (\d+)\)", str(exc))
+        code = code if code is not None else (int(m.group(1)) if m else None)
+        if code not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and not is_no_space(exc):
+            raise
+        if code == errno.EFBIG:
+            why = (
+                "file too large: a file of the model outgrew the largest this process may write (`ulimit -f`) or the "
+                "file system takes; a smaller --shard-size makes smaller files"
+            )
+        else:
+            why = no_space_message(out_dir.parent) + ("" if code != errno.EDQUOT else " (disk quota exceeded)")
+        earlier = " (an earlier export)" if (out_dir / EXPORT_MARKER).is_file() else ""
+        kept = f"{out_dir}{earlier} was left as it was" if out_dir.exists() else f"nothing is at {out_dir}"
+        raise UserError(
+            f"export: writing the merged model to {temporary_for(out_dir)} failed: {why}. That folder was removed "
+            f"and {kept}. Free space, or choose --out on another file system, and export again."
+        ) from None
+
+
 def export(
     path: str | Path,
     out: str | Path | None = None,
@@ -870,25 +968,8 @@ def export(
         log.info("export: uploaded the adapter %s to %s", source.adapter_dir, url)
         return ExportResult(source.adapter_dir, True, None, None, 0.0, time.time() - t0, 0, url)
     plan = plan_export(source, out, dtype, base, shard_size, device, overwrite, other_base)
-    tmp, index, merge_rss = merge(source, plan)
-    try:
-        try:
-            merged_vs, original_vs, ok = verify_merge(source, plan, tmp) if verify else (None, None, True)
-        except Exception as exc:
-            if source.adapter_dir.is_dir():
-                raise
-            raise UserError(
-                f"export: {source.adapter_dir} was deleted while it was exported (the run's checkpoint.keep_last "
-                "removes older checkpoints while it trains). Export the run once training has ended, or a "
-                "checkpoint that retention keeps; nothing was written."
-            ) from exc
-        write_model_card(tmp, source, plan.base_kind, plan.dtype_name, merged_vs, original_vs, merge_rss, ok)
-        marker = {"adapter": str(source.adapter_dir.resolve()), "step": source.step, "verified": ok if verify else None}
-        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        final = publish(tmp, plan.out_dir, ok, overwrite)
-    except BaseException:  # interrupted or failed before publishing: no unverified copy of the model stays
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writes_named(plan.out_dir):
+        final, ok, index, merge_rss, merged_vs, original_vs = merge_verify_publish(source, plan, verify, overwrite)
     url = None
     if not ok:
         log.error("export: the merged model does not reproduce the adapter within tolerance; left in %s", final)
