@@ -151,3 +151,23 @@ def test_a_hub_base_is_fetched_at_the_revision_the_run_trained_on(tmp_path: Path
     other = Source(adapter, tmp_path, "org/other", recipe, None, {}, "--base-model")
     base_model_files(other)
     assert fetched == [("org/base", "0123abc"), ("org/other", None)]
+
+
+def test_a_run_with_merged_chats_with_it_and_names_an_older_export(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """`chat runs/X` after `export runs/X` uses runs/X/merged (it failed: 'merged holds no adapter');
+    a merged/ exported from an earlier checkpoint than the run's final/ is used, and named as such."""
+    from qlora_sft.export import export
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    export(copy, verify=False)
+    code, err = chat(capsys, str(copy))
+    assert code == 0, err
+    assert "exported from" not in err
+    export(copy / "checkpoint-1", overwrite=True, verify=False)  # the default --out: the run's merged/
+    code, err = chat(capsys, str(copy))
+    assert code == 0, err
+    assert f"chat: {copy / 'merged'} was exported from {copy / 'checkpoint-1'} (step 1)" in err
+    assert f"the run's newest adapter is {copy / 'final'} (step 2)" in err

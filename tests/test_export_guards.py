@@ -162,3 +162,28 @@ def test_a_damaged_final_is_named_when_a_checkpoint_is_exported_instead(
         and f"using the newest complete checkpoint {copy / 'checkpoint-2'}" in m
         for m in warned
     ), warned
+
+
+NOT_UTF8 = os.fsdecode(b"r\xe9n-\xff")  # a Latin-1 name: bytes that are not UTF-8
+
+
+def test_an_out_whose_name_is_not_utf8_is_refused_before_the_merge(run: Path, tmp_path: Path, no_merge: None):
+    out = tmp_path / NOT_UTF8
+    with pytest.raises(UserError, match=r"--out .*r\\xe9n-\\xff has bytes in its name that are not UTF-8"):
+        export(run, out, verify=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_run_under_a_name_that_is_not_utf8_is_named_as_such_not_as_corrupt(run: Path, tmp_path: Path):
+    """safetensors cannot open such a path: the error said the adapter 'cannot be read' and to give
+    another checkpoint, which fails the same way."""
+    from qlora_sft.cli import main
+
+    copy = tmp_path / NOT_UTF8
+    shutil.copytree(run, copy)
+    with pytest.raises(UserError) as exc:
+        export(copy, tmp_path / "merged", verify=False)
+    message = str(exc.value)
+    assert "has bytes in its name that are not UTF-8" in message and "Give another checkpoint" not in message
+    assert main(["chat", str(copy), "--prompt", "hi", "--device", "cpu"]) == 2
+

@@ -160,6 +160,20 @@ def remote_code_gate(recipe: Recipe, base_path: str, trust_remote_code: bool, co
     return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, trust_remote_code=False))
 
 
+def check_utf8_path(path: Path, what: str, command: str) -> None:
+    """Refuse a path with bytes that are not UTF-8 (a Latin-1 folder name): safetensors, tokenizers and
+    transformers cannot open or write it, and fail with errors that blame the file or nothing."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise UserError(
+            f"{command}: {what} {shown} has bytes in its name that are not UTF-8, and the model libraries "
+            "(safetensors, transformers) cannot open such a path. Rename the folder to a UTF-8 name, or make a "
+            "link with one to it (ln -s), and give that path."
+        ) from None
+
+
 def resolve_source(
     path: str | Path, base_override: str | None = None, trust_remote_code: bool = False, command: str = "export"
 ) -> Source:
@@ -171,6 +185,7 @@ def resolve_source(
     p = Path(path)
     if not p.exists():
         raise UserError(f"{command}: {p} does not exist (give a run directory, a checkpoint or an adapter folder)")
+    check_utf8_path(p, "the path", command)
     run_dir: Path | None = None
     if (p / "recipe.yaml").is_file():  # a run directory
         run_dir = p
@@ -605,6 +620,7 @@ def plan_export(
     if dtype not in DTYPES:
         raise UserError(f"export: --dtype {dtype!r}: use bf16, fp16 or fp32")
     out_dir = Path(out) if out else (source.run_dir or source.adapter_dir.parent) / "merged"
+    check_utf8_path(out_dir, "--out", "export")
     check_out_dir(out_dir, source, overwrite)
     problem = write_problem(out_dir.parent)  # the merge is written beside --out, then renamed
     if problem:
@@ -643,6 +659,7 @@ def base_model_files(source: Source, other_base: bool = False, command: str = "e
                 "trained on)."
             )
         raise UserError(f"{command}: {exc} {hint}") from None
+    check_utf8_path(base_folder, "the base model folder", command)
     check_base(source, base_folder, other_base, command)
     return base_folder, files
 
