@@ -187,3 +187,39 @@ def test_a_run_under_a_name_that_is_not_utf8_is_named_as_such_not_as_corrupt(run
     assert "has bytes in its name that are not UTF-8" in message and "Give another checkpoint" not in message
     assert main(["chat", str(copy), "--prompt", "hi", "--device", "cpu"]) == 2
 
+
+def test_a_base_missing_adapter_layers_is_refused_before_the_merge(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A base with fewer layers (--allow-other-base, or an adapter folder without a manifest): the
+    missing layers were found only after every shard had been merged and written."""
+    from tiny import build_tiny_model
+
+    from qlora_sft import export as export_module
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the merge started before the refusal")
+
+    monkeypatch.setattr(export_module, "merged_tensors", refuse)
+    shallow = build_tiny_model(tmp_path / "one-layer", layers=1)
+    with pytest.raises(UserError, match=r"the base model has no weights for adapter layers \['model\.layers\.1\."):
+        export(run, tmp_path / "merged", base_model=str(shallow), other_base=True, verify=False)
+    narrow = build_tiny_model(tmp_path / "narrow", hidden=32)
+    with pytest.raises(UserError, match=r"adapter does not fit the base model: .* in the base but the LoRA delta is"):
+        export(run, tmp_path / "merged", base_model=str(narrow), other_base=True, verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["narrow", "one-layer"]
+
+
+def test_an_earlier_export_left_aside_by_a_killed_overwrite_is_named(
+    run: Path, good_export: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """`export --overwrite` moves the earlier export to `<out>.old-<time>`, renames the new one into
+    place, then removes the old one: killed in between, a whole model stayed there, never named."""
+    out = tmp_path / "merged"
+    left = tmp_path / "merged.old-20261201-120000"
+    shutil.copytree(good_export, left)
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        export(run, out, verify=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(f"{left} is an earlier export that an interrupted --overwrite moved aside" in m for m in warned), warned
+    assert left.is_dir() and (out / "config.json").is_file()

@@ -381,21 +381,43 @@ def merged_tensors(
                         p = pairs[name]
                         a, b = p.A.to(device).float(), p.B.to(device).float()
                         if (b.shape[0], a.shape[1]) != tuple(w.shape):
-                            raise UserError(
-                                f"export: adapter does not fit the base model: {name} is {tuple(w.shape)} in the "
-                                f"base but the LoRA delta is {(b.shape[0], a.shape[1])}. Is --base-model the model "
-                                "that was trained?"
-                            )
+                            raise misfit(name, tuple(w.shape), (b.shape[0], a.shape[1]))
                         w = w + (b @ a) * p.scale
                     t = w.cpu()
                 seen.add(name)
                 yield name, t.to(dtype) if t.is_floating_point() else t
     missing = [n for n in pairs if n not in seen]
     if missing:
-        raise UserError(
-            f"export: the base model has no weights for adapter layers {missing[:3]} "
-            f"({len(missing)} in all). Is --base-model the model that was trained?"
-        )
+        raise misfit(missing=missing)
+
+
+def misfit(
+    name: str = "", base: tuple[int, ...] = (), delta: tuple[int, ...] = (), missing: list[str] | None = None
+) -> UserError:
+    """The adapter does not fit the base: a layer of another shape, or layers the base lacks."""
+    if missing:
+        what = f"the base model has no weights for adapter layers {missing[:3]} ({len(missing)} in all)"
+    else:
+        what = f"adapter does not fit the base model: {name} is {base} in the base but the LoRA delta is {delta}"
+    return UserError(f"export: {what}. Is --base-model the model that was trained?")
+
+
+def check_adapter_fits(files: list[Path], pairs: dict[str, LoraPair], prequantized: bool) -> None:
+    """Before the merge: every adapted layer is in the base, with the delta's shape (read from the
+    safetensors headers, no weights loaded). A pre-quantized base stores packed shapes: only names."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            shapes.update({name: tuple(st.get_slice(name).get_shape()) for name in st.keys()})
+    for name, p in pairs.items():
+        delta = (p.B.shape[0], p.A.shape[1])
+        if not prequantized and name in shapes and shapes[name] != delta:
+            raise misfit(name, shapes[name], delta)
+    missing = [n for n in pairs if n not in shapes]
+    if missing:
+        raise misfit(missing=missing)
 
 
 def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, shard_bytes: int) -> dict[str, Any]:
@@ -777,6 +799,13 @@ def sweep_interrupted(out_dir: Path) -> None:
             pid,
             host,
         )
+    for old in sorted(out_dir.parent.glob(f"{out_dir.name}.old-*")):  # publish's aside, left by a kill
+        if (old / EXPORT_MARKER).is_file():
+            log.warning(
+                "export: %s is an earlier export that an interrupted --overwrite moved aside (a whole model); "
+                "remove it once you no longer need it",
+                old,
+            )
 
 
 def merge(source: Source, plan: ExportPlan) -> tuple[Path, dict[str, Any], float]:
@@ -784,6 +813,7 @@ def merge(source: Source, plan: ExportPlan) -> tuple[Path, dict[str, Any], float
     tokenizer. Returns (folder, shard index, peak RSS of the merge in MB); nothing is left behind on
     failure."""
     pairs, full = read_adapter(source.adapter_dir, source.adapter_config)
+    check_adapter_fits(plan.files, pairs, is_prequantized(plan.base_folder))
     method = source.quant.method
     quantized = quantized_weight_names(plan.base_folder, method, source.recipe.model.trust_remote_code)
     if method != "none" and not quantized:
