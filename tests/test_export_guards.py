@@ -223,3 +223,21 @@ def test_an_earlier_export_left_aside_by_a_killed_overwrite_is_named(
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any(f"{left} is an earlier export that an interrupted --overwrite moved aside" in m for m in warned), warned
     assert left.is_dir() and (out / "config.json").is_file()
+
+
+def test_an_out_that_is_a_symlink_is_refused_naming_its_target(
+    run: Path, good_export: Path, tmp_path: Path, no_merge: None
+):
+    """A link to an earlier export was replaced by a new folder (the export it pointed to unchanged, the
+    link moved aside); a link to nothing failed after the merge with a NotADirectoryError traceback."""
+    v1 = tmp_path / "v1"
+    shutil.copytree(good_export, v1)
+    before = digests(v1)
+    current, dangling = tmp_path / "current", tmp_path / "dangling"
+    current.symlink_to(v1)
+    dangling.symlink_to(tmp_path / "nowhere")
+    for link, target in ((current, v1), (dangling, tmp_path / "nowhere")):
+        with pytest.raises(UserError, match=rf"--out {link} is a symbolic link \(to {target}\)"):
+            export(run, link, overwrite=True, verify=False)
+        assert link.is_symlink() and Path(os.readlink(link)) == target
+    assert digests(v1) == before and sorted(p.name for p in tmp_path.iterdir()) == ["current", "dangling", "v1"]

@@ -748,7 +748,15 @@ def check_out_dir(out_dir: Path, source: Source, overwrite: bool) -> None:
             f"export: --out {out_dir} is a file, not a folder: the merged model is a folder of files. Choose a folder "
             f"(the default is {default}); nothing was written."
         )
-    holders: list[tuple[Path, Path]] = []  # (a run or adapter folder, --out's path below it)
+
+    def refuse_run_entry(holder: Path, below: Path) -> None:
+        first = below.parts[0] if below.parts else ""
+        if first in RUN_ENTRIES or CHECKPOINT_RE.match(first) or first.startswith(("checkpoint-", "final.")):
+            raise UserError(
+                f"export: --out {out_dir} is inside {holder / first}, which belongs to the run {holder}; choose "
+                f"another folder (e.g. {holder / 'merged'})"
+            )
+
     for protected in filter(None, (source.run_dir, source.adapter_dir)):
         if relative_below(protected, out_dir) is not None:
             what = "run" if protected == source.run_dir else "adapter"
@@ -759,16 +767,16 @@ def check_out_dir(out_dir: Path, source: Source, overwrite: bool) -> None:
             )
         below = relative_below(out_dir, protected)
         if below is not None:
-            holders.append((protected, below))
+            refuse_run_entry(protected, below)
     out = out_dir.resolve()
-    holders += [(run, out.relative_to(run)) for run in out.parents if (run / RUN_RECIPE).is_file()]  # any run's
-    for holder, below in holders:
-        first = below.parts[0]
-        if first in RUN_ENTRIES or CHECKPOINT_RE.match(first) or first.startswith(("checkpoint-", "final.")):
-            raise UserError(
-                f"export: --out {out_dir} is inside {holder / first}, which belongs to the run {holder}; choose "
-                f"another folder (e.g. {holder / 'merged'})"
-            )
+    for run in out.parents:  # any run's checkpoints, final/ and logs, not only the exported one's
+        if (run / RUN_RECIPE).is_file():
+            refuse_run_entry(run, out.relative_to(run))
+    if out_dir.is_symlink():  # publishing renames over the link itself, never into its target
+        raise UserError(
+            f"export: --out {out_dir} is a symbolic link (to {os.readlink(out_dir)}); give the folder it names "
+            "itself as --out, or remove the link; nothing was written."
+        )
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return
     if not overwrite:
