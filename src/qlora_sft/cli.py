@@ -269,12 +269,13 @@ def load_chat_model(
     from .export import check_utf8_path
 
     check_utf8_path(p, "the path", "chat")
+    run_dir = None
     run = (p / "recipe.yaml").is_file()
     if run and base_model is None and (p / "merged" / "config.json").is_file():
         older = older_export(p, p / "merged")
         if older:
             print(older, file=sys.stderr)
-        p, run = p / "merged", False  # a whole model from here on
+        run_dir, p, run = p, p / "merged", False  # a whole model from here on
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -308,6 +309,16 @@ def load_chat_model(
     elif (p / "config.json").is_file():
         if base_model is not None:
             raise UserError(f"chat: --base-model goes with an adapter; {p} is a whole model (config.json)")
+        from .export import export_damage
+
+        damage = export_damage(p)
+        if damage:
+            again = (
+                f"qlora-sft export {run_dir} --overwrite"
+                if run_dir
+                else f"qlora-sft export <adapter> --out {p} --overwrite (its adapter: {p}/qlora-sft-export.json)"
+            )
+            raise UserError(f"chat: {damage} (damaged or cut short since). Export it again: {again}")
         model = AutoModelForCausalLM.from_pretrained(
             p, dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code
         )

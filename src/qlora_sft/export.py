@@ -734,6 +734,22 @@ def relative_below(inner: Path, outer: Path) -> Path | None:
     return None
 
 
+def export_damage(folder: Path) -> str | None:
+    """Which file of an export differs from what export wrote (the sizes its marker records), or None;
+    also None for a folder without that record (another model, an export before 2026-12-01)."""
+    try:
+        files = json.loads((folder / EXPORT_MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    for name, size in (files or {}).items() if isinstance(files, dict) else ():
+        f = folder / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes; the export wrote {size}"
+    return None
+
+
 def check_out_dir(out_dir: Path, source: Source, overwrite: bool) -> None:
     """Where the merged model may go: never over or around the run (or adapter) being exported, never
     into any run's checkpoints, logs or final/ (also reached by another name: a symlink, a bind
@@ -957,7 +973,12 @@ def merge_verify_publish(
                 "checkpoint that retention keeps; nothing was written."
             ) from exc
         write_model_card(tmp, source, plan.base_kind, plan.dtype_name, merged_vs, original_vs, merge_rss, ok)
-        marker = {"adapter": str(source.adapter_dir.resolve()), "step": source.step, "verified": ok if verify else None}
+        marker = {
+            "adapter": str(source.adapter_dir.resolve()),
+            "step": source.step,
+            "verified": ok if verify else None,
+            "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()},
+        }
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         final = publish(tmp, plan.out_dir, ok, overwrite)
     except BaseException:  # interrupted or failed before publishing: no unverified copy of the model stays
