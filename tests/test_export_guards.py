@@ -241,3 +241,25 @@ def test_an_out_that_is_a_symlink_is_refused_naming_its_target(
             export(run, link, overwrite=True, verify=False)
         assert link.is_symlink() and Path(os.readlink(link)) == target
     assert digests(v1) == before and sorted(p.name for p in tmp_path.iterdir()) == ["current", "dangling", "v1"]
+
+
+def test_a_newer_checkpoint_without_its_marker_is_named_when_an_older_one_is_exported(
+    run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A run without final/ exports its newest complete checkpoint; a newer one that is incomplete
+    (no COMPLETE marker) was passed over with no word (resume names such checkpoints)."""
+    from qlora_sft.export import resolve_source
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "final")
+    (copy / "checkpoint-2" / "COMPLETE").unlink()
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        source = resolve_source(copy)
+    assert source.adapter_dir == copy / "checkpoint-1"
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(
+        f"{copy / 'checkpoint-2'} is not a complete adapter (no COMPLETE marker" in m
+        and f"using the newest complete checkpoint {copy / 'checkpoint-1'}" in m
+        for m in warned
+    ), warned

@@ -194,7 +194,8 @@ def resolve_source(
         if final_info is not None and final_info.complete:
             p = final
         else:
-            complete = [c for c in list_checkpoints(p) if c.complete]
+            checkpoints = list_checkpoints(p)
+            complete = [c for c in checkpoints if c.complete]
             damaged = f" ({final} is not a complete adapter: {final_info.reason})" if final_info else ""
             if not complete:
                 merged = "no merged/ model, " if command == "chat" else ""
@@ -204,13 +205,16 @@ def resolve_source(
                     f"recipe it ran is {run_dir / 'recipe.yaml'}), or give another run directory."
                 )
             p = complete[0].path
-            if final_info is not None:  # a run still training has no final/; a damaged one is named
+            # a run still training has no final/; a damaged final/ or a newer damaged checkpoint is named
+            skipped = [final_info] if final_info is not None else []
+            skipped += [c for c in checkpoints if not c.complete and c.step > complete[0].step]
+            for info in skipped:
                 log.warning(
                     "%s: %s is not a complete adapter (%s): using the newest complete checkpoint %s (step %d) instead. "
                     "Give that checkpoint, or another, explicitly to silence this.",
                     command,
-                    final,
-                    final_info.reason,
+                    info.path,
+                    info.reason,
                     p,
                     complete[0].step,
                 )
