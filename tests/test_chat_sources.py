@@ -151,3 +151,40 @@ def test_a_hub_base_is_fetched_at_the_revision_the_run_trained_on(tmp_path: Path
     other = Source(adapter, tmp_path, "org/other", recipe, None, {}, "--base-model")
     base_model_files(other)
     assert fetched == [("org/base", "0123abc"), ("org/other", None)]
+
+
+def test_a_run_with_merged_chats_with_it_and_names_an_older_export(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """`chat runs/X` after `export runs/X` uses runs/X/merged (it failed: 'merged holds no adapter');
+    a merged/ exported from an earlier checkpoint than the run's final/ is used, and named as such."""
+    from qlora_sft.export import export
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    export(copy, verify=False)
+    code, err = chat(capsys, str(copy))
+    assert code == 0, err
+    assert "exported from" not in err
+    export(copy / "checkpoint-1", overwrite=True, verify=False)  # the default --out: the run's merged/
+    code, err = chat(capsys, str(copy))
+    assert code == 0, err
+    assert f"chat: {copy / 'merged'} was exported from {copy / 'checkpoint-1'} (step 1)" in err
+    assert f"the run's newest adapter is {copy / 'final'} (step 2)" in err
+
+
+def test_a_damaged_merged_model_is_named_before_it_loads(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    """A merged/ whose weights were cut short (a disk error, a partial copy): chat ended in a raw
+    SafetensorError traceback naming no file."""
+    from qlora_sft.export import export
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    export(copy, verify=False)
+    weights = copy / "merged" / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])
+    code, err = chat(capsys, str(copy))
+    assert code == 2 and "Traceback" not in err, err
+    assert f"chat: {weights} has {size // 2} bytes; the export wrote {size}" in err
+    assert f"qlora-sft export {copy} --overwrite" in err

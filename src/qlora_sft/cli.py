@@ -266,9 +266,16 @@ def load_chat_model(
             f"chat: {p} does not exist. Give a merged model folder (qlora-sft export writes <run>/merged), an adapter "
             "folder (a run's final/ or checkpoint-<step>/) or a run directory."
         )
+    from .export import check_utf8_path
+
+    check_utf8_path(p, "the path", "chat")
+    run_dir = None
     run = (p / "recipe.yaml").is_file()
     if run and base_model is None and (p / "merged" / "config.json").is_file():
-        p = p / "merged"
+        older = older_export(p, p / "merged")
+        if older:
+            print(older, file=sys.stderr)
+        run_dir, p, run = p, p / "merged", False  # a whole model from here on
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -302,6 +309,16 @@ def load_chat_model(
     elif (p / "config.json").is_file():
         if base_model is not None:
             raise UserError(f"chat: --base-model goes with an adapter; {p} is a whole model (config.json)")
+        from .export import export_damage
+
+        damage = export_damage(p)
+        if damage:
+            again = (
+                f"qlora-sft export {run_dir} --overwrite"
+                if run_dir
+                else f"qlora-sft export <adapter> --out {p} --overwrite (its adapter: {p}/qlora-sft-export.json)"
+            )
+            raise UserError(f"chat: {damage} (damaged or cut short since). Export it again: {again}")
         model = AutoModelForCausalLM.from_pretrained(
             p, dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code
         )
@@ -312,6 +329,27 @@ def load_chat_model(
         )
     tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer
+
+
+def older_export(run_dir: Path, merged: Path) -> str | None:
+    """What to say when a run's merged/ was exported from another step than the run's newest adapter
+    (training went on after the export); None when it is the same step, or cannot be told."""
+    import json
+
+    from .export import EXPORT_MARKER, resolve_source
+
+    try:
+        marker = json.loads((merged / EXPORT_MARKER).read_text())
+        newest = resolve_source(run_dir, command="chat")
+    except (OSError, ValueError, UserError):
+        return None
+    if not isinstance(marker, dict) or marker.get("step") == newest.step:
+        return None
+    return (
+        f"chat: {merged} was exported from {marker.get('adapter')} (step {marker.get('step')}); the run's newest "
+        f"adapter is {newest.adapter_dir} (step {newest.step}). Chatting with {merged}; export the run again "
+        f"(qlora-sft export {run_dir} --overwrite), or give {newest.adapter_dir} to chat with that adapter."
+    )
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

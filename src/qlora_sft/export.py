@@ -20,7 +20,9 @@ the folder renamed `*.incomplete` with a non-zero exit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .files import sweep_temporaries, temporary_for, write_problem
+from .files import is_no_space, no_space_message, sweep_temporaries, temporary_for, write_problem
 from .launch import DTYPES as TORCH_DTYPES
 from .loader import checkpoint_files
 from .recipe import QuantizationConfig, Recipe
@@ -158,6 +160,20 @@ def remote_code_gate(recipe: Recipe, base_path: str, trust_remote_code: bool, co
     return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, trust_remote_code=False))
 
 
+def check_utf8_path(path: Path, what: str, command: str) -> None:
+    """Refuse a path with bytes that are not UTF-8 (a Latin-1 folder name): safetensors, tokenizers and
+    transformers cannot open or write it, and fail with errors that blame the file or nothing."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise UserError(
+            f"{command}: {what} {shown} has bytes in its name that are not UTF-8, and the model libraries "
+            "(safetensors, transformers) cannot open such a path. Rename the folder to a UTF-8 name, or make a "
+            "link with one to it (ln -s), and give that path."
+        ) from None
+
+
 def resolve_source(
     path: str | Path, base_override: str | None = None, trust_remote_code: bool = False, command: str = "export"
 ) -> Source:
@@ -169,22 +185,39 @@ def resolve_source(
     p = Path(path)
     if not p.exists():
         raise UserError(f"{command}: {p} does not exist (give a run directory, a checkpoint or an adapter folder)")
+    check_utf8_path(p, "the path", command)
     run_dir: Path | None = None
     if (p / "recipe.yaml").is_file():  # a run directory
         run_dir = p
         final = p / "final"
-        if final.is_dir() and inspect_checkpoint(final).complete:
+        final_info = inspect_checkpoint(final) if final.is_dir() else None
+        if final_info is not None and final_info.complete:
             p = final
         else:
-            complete = [c for c in list_checkpoints(p) if c.complete]
+            checkpoints = list_checkpoints(p)
+            complete = [c for c in checkpoints if c.complete]
+            damaged = f" ({final} is not a complete adapter: {final_info.reason})" if final_info else ""
             if not complete:
                 merged = "no merged/ model, " if command == "chat" else ""
                 raise UserError(
-                    f"{command}: {run_dir} has {merged}no complete final/ adapter and no complete checkpoint: it has "
-                    f"trained nothing yet that was saved. Train it until it saves a checkpoint (the recipe it ran is "
-                    f"{run_dir / 'recipe.yaml'}), or give another run directory."
+                    f"{command}: {run_dir} has {merged}no complete final/ adapter and no complete checkpoint{damaged}: "
+                    f"it has trained nothing yet that was saved intact. Train it until it saves a checkpoint (the "
+                    f"recipe it ran is {run_dir / 'recipe.yaml'}), or give another run directory."
                 )
             p = complete[0].path
+            # a run still training has no final/; a damaged final/ or a newer damaged checkpoint is named
+            skipped = [final_info] if final_info is not None else []
+            skipped += [c for c in checkpoints if not c.complete and c.step > complete[0].step]
+            for info in skipped:
+                log.warning(
+                    "%s: %s is not a complete adapter (%s): using the newest complete checkpoint %s (step %d) instead. "
+                    "Give that checkpoint, or another, explicitly to silence this.",
+                    command,
+                    info.path,
+                    info.reason,
+                    p,
+                    complete[0].step,
+                )
     elif (p.parent / "recipe.yaml").is_file():
         run_dir = p.parent
     if not (p / "adapter_config.json").is_file():
@@ -352,21 +385,43 @@ def merged_tensors(
                         p = pairs[name]
                         a, b = p.A.to(device).float(), p.B.to(device).float()
                         if (b.shape[0], a.shape[1]) != tuple(w.shape):
-                            raise UserError(
-                                f"export: adapter does not fit the base model: {name} is {tuple(w.shape)} in the "
-                                f"base but the LoRA delta is {(b.shape[0], a.shape[1])}. Is --base-model the model "
-                                "that was trained?"
-                            )
+                            raise misfit(name, tuple(w.shape), (b.shape[0], a.shape[1]))
                         w = w + (b @ a) * p.scale
                     t = w.cpu()
                 seen.add(name)
                 yield name, t.to(dtype) if t.is_floating_point() else t
     missing = [n for n in pairs if n not in seen]
     if missing:
-        raise UserError(
-            f"export: the base model has no weights for adapter layers {missing[:3]} "
-            f"({len(missing)} in all). Is --base-model the model that was trained?"
-        )
+        raise misfit(missing=missing)
+
+
+def misfit(
+    name: str = "", base: tuple[int, ...] = (), delta: tuple[int, ...] = (), missing: list[str] | None = None
+) -> UserError:
+    """The adapter does not fit the base: a layer of another shape, or layers the base lacks."""
+    if missing:
+        what = f"the base model has no weights for adapter layers {missing[:3]} ({len(missing)} in all)"
+    else:
+        what = f"adapter does not fit the base model: {name} is {base} in the base but the LoRA delta is {delta}"
+    return UserError(f"export: {what}. Is --base-model the model that was trained?")
+
+
+def check_adapter_fits(files: list[Path], pairs: dict[str, LoraPair], prequantized: bool) -> None:
+    """Before the merge: every adapted layer is in the base, with the delta's shape (read from the
+    safetensors headers, no weights loaded). A pre-quantized base stores packed shapes: only names."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            shapes.update({name: tuple(st.get_slice(name).get_shape()) for name in st.keys()})
+    for name, p in pairs.items():
+        delta = (p.B.shape[0], p.A.shape[1])
+        if not prequantized and name in shapes and shapes[name] != delta:
+            raise misfit(name, shapes[name], delta)
+    missing = [n for n in pairs if n not in shapes]
+    if missing:
+        raise misfit(missing=missing)
 
 
 def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, shard_bytes: int) -> dict[str, Any]:
@@ -591,6 +646,7 @@ def plan_export(
     if dtype not in DTYPES:
         raise UserError(f"export: --dtype {dtype!r}: use bf16, fp16 or fp32")
     out_dir = Path(out) if out else (source.run_dir or source.adapter_dir.parent) / "merged"
+    check_utf8_path(out_dir, "--out", "export")
     check_out_dir(out_dir, source, overwrite)
     problem = write_problem(out_dir.parent)  # the merge is written beside --out, then renamed
     if problem:
@@ -605,7 +661,7 @@ def plan_export(
         raise UserError("export: --device cuda but no GPU is visible")
     shard_bytes = parse_size(shard_size)
     base_folder, files = base_model_files(source, other_base)
-    if out_dir.resolve() == base_folder.resolve() or base_folder.resolve().is_relative_to(out_dir.resolve()):
+    if relative_below(base_folder, out_dir) is not None:
         raise UserError(
             f"export: --out {out_dir} is (or holds) the base model folder {base_folder} the adapter is merged onto; "
             "choose another folder"
@@ -629,6 +685,7 @@ def base_model_files(source: Source, other_base: bool = False, command: str = "e
                 "trained on)."
             )
         raise UserError(f"{command}: {exc} {hint}") from None
+    check_utf8_path(base_folder, "the base model folder", command)
     check_base(source, base_folder, other_base, command)
     return base_folder, files
 
@@ -665,37 +722,88 @@ def check_base(source: Source, base_folder: Path, other_base: bool, command: str
 EXPORT_MARKER = "qlora-sft-export.json"
 
 
-def check_out_dir(out_dir: Path, source: Source, overwrite: bool) -> None:
-    """Where the merged model may go: never over or around the run (or adapter) being exported nor
-    into its checkpoints, logs or final/; never over a folder holding a qlora-sft run; a non-empty
-    folder only with --overwrite."""
-    from .checkpoint import CHECKPOINT_RE, RUN_ENTRIES
+def relative_below(inner: Path, outer: Path) -> Path | None:
+    """`inner`'s path below `outer` (`.` where they are the same folder), or None where it is not
+    inside it. Also where `inner` reaches `outer` under another name: a symlink, `..`, a bind mount or
+    another spelling on a case-insensitive file system (the same folder on disk)."""
+    inner_r, outer_r = inner.resolve(), outer.resolve()
+    outer_id = outer_r.stat() if outer_r.exists() else None
+    for above in (inner_r, *inner_r.parents):
+        if above == outer_r:
+            return inner_r.relative_to(above)
+        if outer_id is not None and above.exists():
+            st = above.stat()
+            if (st.st_dev, st.st_ino) == (outer_id.st_dev, outer_id.st_ino):
+                return inner_r.relative_to(above)
+    return None
 
-    out = out_dir.resolve()
+
+def export_damage(folder: Path) -> str | None:
+    """Which file of an export differs from what export wrote (the sizes its marker records), or None;
+    also None for a folder without that record (another model, an export before 2026-12-01)."""
+    try:
+        files = json.loads((folder / EXPORT_MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    for name, size in (files or {}).items() if isinstance(files, dict) else ():
+        f = folder / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes; the export wrote {size}"
+    return None
+
+
+def check_out_dir(out_dir: Path, source: Source, overwrite: bool) -> None:
+    """Where the merged model may go: never over or around the run (or adapter) being exported, never
+    into any run's checkpoints, logs or final/ (also reached by another name: a symlink, a bind
+    mount); never over a file or a folder holding a qlora-sft run; a non-empty folder only with
+    --overwrite."""
+    from .checkpoint import CHECKPOINT_RE, RUN_ENTRIES
+    from .recipe import RUN_RECIPE
+
+    default = (source.run_dir or source.adapter_dir.parent) / "merged"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(
+            f"export: --out {out_dir} is a file, not a folder: the merged model is a folder of files. Choose a folder "
+            f"(the default is {default}); nothing was written."
+        )
+
+    def refuse_run_entry(holder: Path, below: Path) -> None:
+        first = below.parts[0] if below.parts else ""
+        if first in RUN_ENTRIES or CHECKPOINT_RE.match(first) or first.startswith(("checkpoint-", "final.")):
+            raise UserError(
+                f"export: --out {out_dir} is inside {holder / first}, which belongs to the run {holder}; choose "
+                f"another folder (e.g. {holder / 'merged'})"
+            )
+
     for protected in filter(None, (source.run_dir, source.adapter_dir)):
-        prot = protected.resolve()
-        if out == prot or prot.is_relative_to(out):
+        if relative_below(protected, out_dir) is not None:
             what = "run" if protected == source.run_dir else "adapter"
-            where = "" if out == prot else "a folder around "
-            default = (source.run_dir or source.adapter_dir.parent) / "merged"
+            where = "" if relative_below(out_dir, protected) is not None else "a folder around "
             raise UserError(
                 f"export: --out {out_dir} is {where}the {what} being exported ({protected}); writing there would "
                 f"replace it. Choose a folder outside it (the default is {default})."
             )
-        if out.is_relative_to(prot):
-            first = out.relative_to(prot).parts[0]
-            if first in RUN_ENTRIES or CHECKPOINT_RE.match(first) or first.startswith(("checkpoint-", "final.")):
-                raise UserError(
-                    f"export: --out {out_dir} is inside {protected / first}, which belongs to the run; choose another "
-                    f"folder (e.g. {protected / 'merged'})"
-                )
+        below = relative_below(out_dir, protected)
+        if below is not None:
+            refuse_run_entry(protected, below)
+    out = out_dir.resolve()
+    for run in out.parents:  # any run's checkpoints, final/ and logs, not only the exported one's
+        if (run / RUN_RECIPE).is_file():
+            refuse_run_entry(run, out.relative_to(run))
+    if out_dir.is_symlink():  # publishing renames over the link itself, never into its target
+        raise UserError(
+            f"export: --out {out_dir} is a symbolic link (to {os.readlink(out_dir)}); give the folder it names "
+            "itself as --out, or remove the link; nothing was written."
+        )
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return
     if not overwrite:
         raise UserError(
             f"export: {out_dir} exists and is not empty; pass --overwrite to replace it, or --out elsewhere"
         )
-    runs = [p for p in (out_dir, *out_dir.iterdir()) if p.is_dir() and (p / "recipe.yaml").is_file()]
+    runs = [p for p in (out_dir, *out_dir.iterdir()) if p.is_dir() and (p / RUN_RECIPE).is_file()]
     if runs:
         raise UserError(
             f"export: --out {out_dir} holds a qlora-sft run ({runs[0]}); --overwrite replaces an earlier export, "
@@ -719,6 +827,13 @@ def sweep_interrupted(out_dir: Path) -> None:
             pid,
             host,
         )
+    for old in sorted(out_dir.parent.glob(f"{out_dir.name}.old-*")):  # publish's aside, left by a kill
+        if (old / EXPORT_MARKER).is_file():
+            log.warning(
+                "export: %s is an earlier export that an interrupted --overwrite moved aside (a whole model); "
+                "remove it once you no longer need it",
+                old,
+            )
 
 
 def merge(source: Source, plan: ExportPlan) -> tuple[Path, dict[str, Any], float]:
@@ -726,6 +841,7 @@ def merge(source: Source, plan: ExportPlan) -> tuple[Path, dict[str, Any], float
     tokenizer. Returns (folder, shard index, peak RSS of the merge in MB); nothing is left behind on
     failure."""
     pairs, full = read_adapter(source.adapter_dir, source.adapter_config)
+    check_adapter_fits(plan.files, pairs, is_prequantized(plan.base_folder))
     method = source.quant.method
     quantized = quantized_weight_names(plan.base_folder, method, source.recipe.model.trust_remote_code)
     if method != "none" and not quantized:
@@ -843,6 +959,68 @@ def publish(tmp: Path, out_dir: Path, ok: bool, overwrite: bool = True) -> Path:
     return final
 
 
+def merge_verify_publish(
+    source: Source, plan: ExportPlan, verify: bool, overwrite: bool
+) -> tuple[Path, bool, dict[str, Any], float, Comparison | None, Comparison | None]:
+    """Merge into a temporary folder, verify, write the card and the marker, and rename it into place;
+    on any failure or interruption before that, the temporary folder is removed."""
+    tmp, index, merge_rss = merge(source, plan)
+    try:
+        try:
+            merged_vs, original_vs, ok = verify_merge(source, plan, tmp) if verify else (None, None, True)
+        except Exception as exc:
+            if source.adapter_dir.is_dir():
+                raise
+            raise UserError(
+                f"export: {source.adapter_dir} was deleted while it was exported (the run's checkpoint.keep_last "
+                "removes older checkpoints while it trains). Export the run once training has ended, or a "
+                "checkpoint that retention keeps; nothing was written."
+            ) from exc
+        write_model_card(tmp, source, plan.base_kind, plan.dtype_name, merged_vs, original_vs, merge_rss, ok)
+        marker = {
+            "adapter": str(source.adapter_dir.resolve()),
+            "step": source.step,
+            "verified": ok if verify else None,
+            "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()},
+        }
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        final = publish(tmp, plan.out_dir, ok, overwrite)
+    except BaseException:  # interrupted or failed before publishing: no unverified copy of the model stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final, ok, index, merge_rss, merged_vs, original_vs
+
+
+@contextlib.contextmanager
+def writes_named(out_dir: Path) -> Iterator[None]:
+    """A full disk, a quota or a file size limit while the merged model is written becomes an error
+    naming the folder and what was left (the temporary folder is removed by then; `--out` untouched)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        # Python reports errno; the writers in Rust (safetensors, tokenizers) "... (os error 28)"
+        code = exc.errno if isinstance(exc, OSError) else None
+        m = re.search(r"\(os error (\d+)\)", str(exc))
+        code = code if code is not None else (int(m.group(1)) if m else None)
+        if code not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and not is_no_space(exc):
+            raise
+        if code == errno.EFBIG:
+            why = (
+                "file too large: a file of the model outgrew the largest this process may write (`ulimit -f`) or the "
+                "file system takes; a smaller --shard-size makes smaller files"
+            )
+        else:
+            why = no_space_message(out_dir.parent) + ("" if code != errno.EDQUOT else " (disk quota exceeded)")
+        earlier = " (an earlier export)" if (out_dir / EXPORT_MARKER).is_file() else ""
+        kept = f"{out_dir}{earlier} was left as it was" if out_dir.exists() else f"nothing is at {out_dir}"
+        raise UserError(
+            f"export: writing the merged model to {temporary_for(out_dir)} failed: {why}. That folder was removed "
+            f"and {kept}. Free space, or choose --out on another file system, and export again."
+        ) from None
+
+
 def export(
     path: str | Path,
     out: str | Path | None = None,
@@ -870,25 +1048,8 @@ def export(
         log.info("export: uploaded the adapter %s to %s", source.adapter_dir, url)
         return ExportResult(source.adapter_dir, True, None, None, 0.0, time.time() - t0, 0, url)
     plan = plan_export(source, out, dtype, base, shard_size, device, overwrite, other_base)
-    tmp, index, merge_rss = merge(source, plan)
-    try:
-        try:
-            merged_vs, original_vs, ok = verify_merge(source, plan, tmp) if verify else (None, None, True)
-        except Exception as exc:
-            if source.adapter_dir.is_dir():
-                raise
-            raise UserError(
-                f"export: {source.adapter_dir} was deleted while it was exported (the run's checkpoint.keep_last "
-                "removes older checkpoints while it trains). Export the run once training has ended, or a "
-                "checkpoint that retention keeps; nothing was written."
-            ) from exc
-        write_model_card(tmp, source, plan.base_kind, plan.dtype_name, merged_vs, original_vs, merge_rss, ok)
-        marker = {"adapter": str(source.adapter_dir.resolve()), "step": source.step, "verified": ok if verify else None}
-        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        final = publish(tmp, plan.out_dir, ok, overwrite)
-    except BaseException:  # interrupted or failed before publishing: no unverified copy of the model stays
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writes_named(plan.out_dir):
+        final, ok, index, merge_rss, merged_vs, original_vs = merge_verify_publish(source, plan, verify, overwrite)
     url = None
     if not ok:
         log.error("export: the merged model does not reproduce the adapter within tolerance; left in %s", final)

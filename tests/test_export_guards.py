@@ -1,0 +1,265 @@
+"""`export --out`: what it may never replace (a file, another run's checkpoints or final/, an alias of
+the run), what a full disk leaves behind, and which adapter a run directory with a damaged final/
+exports. Each refusal comes before any merge work and names the path and the fix."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import recipe_dict, write_recipe, write_toy_data
+
+from qlora_sft.errors import UserError
+from qlora_sft.export import export
+
+SHORT = {"max_steps": 2, "save_steps": 1, "logging_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run: checkpoint-1, checkpoint-2 and final/ (step 2)."""
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    root = tmp_path_factory.mktemp("guards")
+    data = write_toy_data(root / "toy.jsonl", n=48)
+    path = write_recipe(root / "r.yaml", recipe_dict(tiny_model, data, root / "runs", train=SHORT))
+    return train(load_recipe(path)).run_dir
+
+
+@pytest.fixture(scope="module")
+def good_export(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete earlier export, copied by the tests that export over it."""
+    return export(run, tmp_path_factory.mktemp("good") / "merged", verify=False).out
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture()
+def no_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qlora_sft import export as export_module
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the merge started before the refusal")
+
+    monkeypatch.setattr(export_module, "merge", refuse)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_out_that_is_a_file_is_refused_naming_it(run: Path, tmp_path: Path, overwrite: bool, no_merge: None):
+    for target in (run / "README.md", tmp_path / "toy.jsonl"):
+        if not target.exists():
+            target.write_text('{"instruction": "a", "output": "b"}\n')
+        before = target.read_bytes()
+        with pytest.raises(UserError, match=rf"--out {target} is a file, not a folder"):
+            export(run, target, overwrite=overwrite, verify=False)
+        assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy.jsonl"]
+
+
+@pytest.mark.parametrize("entry", ["final", "checkpoint-1", "logs"])
+def test_overwrite_never_replaces_a_part_of_another_run(run: Path, tmp_path: Path, entry: str, no_merge: None):
+    other = tmp_path / "runs" / "other"
+    shutil.copytree(run, other)
+    before = sorted(p.name for p in other.iterdir())
+    with pytest.raises(UserError, match=rf"--out {other / entry} is inside {other / entry}, which belongs to the run"):
+        export(run, other / entry, overwrite=True, verify=False)
+    assert sorted(p.name for p in other.iterdir()) == before
+
+
+def run_export_cli(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
+    """`qlora-sft export` in a subprocess; `fsize`: the largest file it may write (RLIMIT_FSIZE, with
+    SIGXFSZ ignored so that a larger write fails with EFBIG, as a full disk fails with ENOSPC)."""
+    code = (
+        "import resource, signal, sys\n"
+        "from qlora_sft.cli import main\n"
+        f"fsize = {fsize!r}\n"
+        "if fsize:\n"
+        "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", code, "export", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_a_file_size_limit_mid_export_keeps_the_old_export_and_names_the_path(
+    run: Path, good_export: Path, tmp_path: Path
+):
+    out = tmp_path / "merged"
+    shutil.copytree(good_export, out)
+    before = digests(out)
+    res = run_export_cli(str(run), "--out", str(out), "--overwrite", "--no-verify", fsize=64 << 10)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert f"export: writing the merged model to {out.parent / (out.name + '.tmp-')}" in res.stderr
+    assert "file too large" in res.stderr and f"{out} (an earlier export) was left as it was" in res.stderr
+    assert digests(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+@pytest.mark.parametrize("stage", ["write_shards", "copy_model_files", "write_model_card"])
+def test_a_full_disk_keeps_the_old_export_and_names_the_file_system(
+    run: Path, good_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+):
+    """ENOSPC as each writer reports it: safetensors (SafetensorError), tokenizers (a bare Exception),
+    Python (OSError)."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from qlora_sft import export as export_module
+
+    raised = {
+        "write_shards": SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+        "copy_model_files": Exception("No space left on device (os error 28)"),
+        "write_model_card": OSError(errno.ENOSPC, "No space left on device"),
+    }[stage]
+    original = getattr(export_module, stage)
+
+    def full(*args: object, **kwargs: object) -> object:
+        if stage == "write_shards":
+            original(*args, **kwargs)
+        raise raised
+
+    monkeypatch.setattr(export_module, stage, full)
+    out = tmp_path / "merged"
+    shutil.copytree(good_export, out)
+    before = digests(out)
+    with pytest.raises(UserError) as exc:
+        export(run, out, overwrite=True, verify=False)
+    message = str(exc.value)
+    assert f"no space left on the file system of {tmp_path}" in message, message
+    assert f"{out} (an earlier export) was left as it was" in message
+    assert digests(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_a_damaged_final_is_named_when_a_checkpoint_is_exported_instead(
+    run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    from qlora_sft.export import resolve_source
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    adapter = copy / "final" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-16])  # cut short: its size no longer matches the manifest
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        source = resolve_source(copy)
+    assert source.adapter_dir == copy / "checkpoint-2"
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(
+        f"{copy / 'final'} is not a complete adapter (file adapter_model.safetensors has" in m
+        and f"using the newest complete checkpoint {copy / 'checkpoint-2'}" in m
+        for m in warned
+    ), warned
+
+
+NOT_UTF8 = os.fsdecode(b"r\xe9n-\xff")  # a Latin-1 name: bytes that are not UTF-8
+
+
+def test_an_out_whose_name_is_not_utf8_is_refused_before_the_merge(run: Path, tmp_path: Path, no_merge: None):
+    out = tmp_path / NOT_UTF8
+    with pytest.raises(UserError, match=r"--out .*r\\xe9n-\\xff has bytes in its name that are not UTF-8"):
+        export(run, out, verify=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_run_under_a_name_that_is_not_utf8_is_named_as_such_not_as_corrupt(run: Path, tmp_path: Path):
+    """safetensors cannot open such a path: the error said the adapter 'cannot be read' and to give
+    another checkpoint, which fails the same way."""
+    from qlora_sft.cli import main
+
+    copy = tmp_path / NOT_UTF8
+    shutil.copytree(run, copy)
+    with pytest.raises(UserError) as exc:
+        export(copy, tmp_path / "merged", verify=False)
+    message = str(exc.value)
+    assert "has bytes in its name that are not UTF-8" in message and "Give another checkpoint" not in message
+    assert main(["chat", str(copy), "--prompt", "hi", "--device", "cpu"]) == 2
+
+
+def test_a_base_missing_adapter_layers_is_refused_before_the_merge(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A base with fewer layers (--allow-other-base, or an adapter folder without a manifest): the
+    missing layers were found only after every shard had been merged and written."""
+    from tiny import build_tiny_model
+
+    from qlora_sft import export as export_module
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the merge started before the refusal")
+
+    monkeypatch.setattr(export_module, "merged_tensors", refuse)
+    shallow = build_tiny_model(tmp_path / "one-layer", layers=1)
+    with pytest.raises(UserError, match=r"the base model has no weights for adapter layers \['model\.layers\.1\."):
+        export(run, tmp_path / "merged", base_model=str(shallow), other_base=True, verify=False)
+    narrow = build_tiny_model(tmp_path / "narrow", hidden=32)
+    with pytest.raises(UserError, match=r"adapter does not fit the base model: .* in the base but the LoRA delta is"):
+        export(run, tmp_path / "merged", base_model=str(narrow), other_base=True, verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["narrow", "one-layer"]
+
+
+def test_an_earlier_export_left_aside_by_a_killed_overwrite_is_named(
+    run: Path, good_export: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """`export --overwrite` moves the earlier export to `<out>.old-<time>`, renames the new one into
+    place, then removes the old one: killed in between, a whole model stayed there, never named."""
+    out = tmp_path / "merged"
+    left = tmp_path / "merged.old-20261201-120000"
+    shutil.copytree(good_export, left)
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        export(run, out, verify=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(f"{left} is an earlier export that an interrupted --overwrite moved aside" in m for m in warned), warned
+    assert left.is_dir() and (out / "config.json").is_file()
+
+
+def test_an_out_that_is_a_symlink_is_refused_naming_its_target(
+    run: Path, good_export: Path, tmp_path: Path, no_merge: None
+):
+    """A link to an earlier export was replaced by a new folder (the export it pointed to unchanged, the
+    link moved aside); a link to nothing failed after the merge with a NotADirectoryError traceback."""
+    v1 = tmp_path / "v1"
+    shutil.copytree(good_export, v1)
+    before = digests(v1)
+    current, dangling = tmp_path / "current", tmp_path / "dangling"
+    current.symlink_to(v1)
+    dangling.symlink_to(tmp_path / "nowhere")
+    for link, target in ((current, v1), (dangling, tmp_path / "nowhere")):
+        with pytest.raises(UserError, match=rf"--out {link} is a symbolic link \(to {target}\)"):
+            export(run, link, overwrite=True, verify=False)
+        assert link.is_symlink() and Path(os.readlink(link)) == target
+    assert digests(v1) == before and sorted(p.name for p in tmp_path.iterdir()) == ["current", "dangling", "v1"]
+
+
+def test_a_newer_checkpoint_without_its_marker_is_named_when_an_older_one_is_exported(
+    run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A run without final/ exports its newest complete checkpoint; a newer one that is incomplete
+    (no COMPLETE marker) was passed over with no word (resume names such checkpoints)."""
+    from qlora_sft.export import resolve_source
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "final")
+    (copy / "checkpoint-2" / "COMPLETE").unlink()
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        source = resolve_source(copy)
+    assert source.adapter_dir == copy / "checkpoint-1"
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(
+        f"{copy / 'checkpoint-2'} is not a complete adapter (no COMPLETE marker" in m
+        and f"using the newest complete checkpoint {copy / 'checkpoint-1'}" in m
+        for m in warned
+    ), warned
