@@ -440,15 +440,22 @@ def check_run_dir(recipe: Recipe) -> str:
         )
     diffs = run_recipe_differences(old, recipe)
     moved = [d for d in diffs if d.startswith("model.name_or_path:")]
+    newest = next((c.path for c in list_checkpoints(run_dir) if c.complete), None)
     if moved:
         # the same base model found at another path (a run copied from another machine, a model folder
         # moved): its files are what the newest complete checkpoint recorded (not recipe.yaml's launch
         # block, which a launch refused later may have rewritten), so the path alone is no other recipe
-        newest = next((c.path for c in list_checkpoints(run_dir) if c.complete), None)
         saved = json.loads((newest / MANIFEST).read_text()).get("base_model") if newest else None
         now = base_fingerprint(recipe)
         if saved and now and saved == now:
             diffs = [d for d in diffs if d not in moved]
+    sources = [d for d in diffs if d.startswith(("data.sources:", "data.eval_sources:"))]
+    if sources and newest and _only_paths_differ(old, recipe):
+        # the data copied or moved with the run (another machine, another user): the resume compares the
+        # files' content with what the checkpoint recorded (`data_changes`) and refuses other data
+        files = (json.loads((newest / MANIFEST).read_text()).get("data") or {}).get("files")
+        if files and all(len(f) > 3 for f in files):  # content digests recorded (since 2026-12-01)
+            diffs = [d for d in diffs if d not in sources]
     if diffs and not trained_anything(run_dir):
         return "restart"
     if diffs:
@@ -460,6 +467,19 @@ def check_run_dir(recipe: Recipe) -> str:
             f"(to {run_dir.name}.replaced-<time>); nothing was changed."
         )
     return "resume"
+
+
+def _only_paths_differ(old: Recipe, new: Recipe) -> bool:
+    """Whether two recipes' data sources are the same but for where their files lie."""
+
+    def sources(recipe: Recipe) -> list[list[dict[str, Any]]]:
+        data = recipe.to_dict()["data"]
+        return [
+            [{k: v for k, v in s.items() if k != "path"} for s in data.get(key) or []]
+            for key in ("sources", "eval_sources")
+        ]
+
+    return sources(old) == sources(new)
 
 
 def prepare_run_dir(recipe: Recipe, launch: dict[str, Any]) -> RunLock | None:
@@ -810,6 +830,15 @@ def data_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]
     changes = []
     old_files = {f[0]: f for f in saved.get("files", [])}
     new_files = {f[0]: f for f in now.get("files", [])}
+    # a file at another path with the same size and content (the data copied or moved with the run) is
+    # the same file: paired with one of the paths no longer listed
+    gone = [old_files[p] for p in sorted(set(old_files) - set(new_files))]
+    for path in sorted(set(new_files) - set(old_files)):
+        b = new_files[path]
+        a = next((a for a in gone if len(a) > 3 and len(b) > 3 and (a[1], a[3]) == (b[1], b[3])), None)
+        if a is not None:
+            gone.remove(a)
+            del old_files[a[0]], new_files[path]
     for path in sorted(set(old_files) | set(new_files)):
         a, b = old_files.get(path), new_files.get(path)
         if a is None:
@@ -1169,12 +1198,12 @@ class CheckpointingMixin:
     def _after_save(self, staged: Path, error: BaseException | None, what: str) -> None:
         """All ranks agree whether the save worked; if not, every rank raises the same error (a full
         disk says which, and what is still safe). The staged files stay under .staging for a look
-        (never resumed from, replaced by the next save of that step), except on a full disk, where
-        they go to give the space back."""
+        (never resumed from, replaced by the next save of that step), except on a full disk (on any
+        rank: the main process removes them and says so too), where they go to give the space back."""
         failed = any_rank(error is not None)
         if not failed:
             return
-        no_space = error is not None and is_no_space(error)
+        no_space = any_rank(error is not None and is_no_space(error))
         with main_process_writes() as is_main:
             if is_main and no_space:
                 shutil.rmtree(staged, ignore_errors=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import checkpoint, data, init_adapter, launch, launch_config, model, plan, plots, profiling, tracking
 from .errors import RecipeError, UserError, first_line
-from .files import append_jsonl
+from .files import append_jsonl, is_no_space, no_space_message
 from .recipe import BatchPlan, Recipe, resolve_batch
 
 log = logging.getLogger("qlora_sft")
@@ -331,6 +331,10 @@ def _train(
         raise OutOfGpuMemoryError(
             out_of_memory_message(exc, run_dir, trainer.state.global_step + 1, state.process_index, outlook)
         ) from exc
+    except Exception as exc:  # a full disk while the logs are written (a checkpoint's save says so itself)
+        if not is_no_space(exc):
+            raise
+        raise UserError(no_space_in_training_message(exc, run_dir, trainer.state.global_step)) from exc
     finally:
         if profiler is not None:
             profiler.close()  # a profiled step that raised leaves nothing switched on
@@ -413,6 +417,18 @@ def out_of_memory_message(
     else:
         lines.append(f"To fit: {plan.LOWER_MEMORY}.")
     return "\n".join(lines)
+
+
+def no_space_in_training_message(exc: BaseException, run_dir: Path, step: int) -> str:
+    """A write during training (metrics.jsonl, TensorBoard's events: the checkpoints say it themselves)
+    found the disk full: which file or folder, what is kept, what to do."""
+    where = getattr(exc, "filename", None) or run_dir / "logs"
+    complete = [c for c in checkpoint.list_checkpoints(run_dir) if c.complete]
+    safe = f"the newest complete checkpoint is {complete[0].path}" if complete else "no checkpoint was complete yet"
+    return (
+        f"step {step}: writing {where} (the run's logs) failed: {no_space_message(Path(where))} ({first_line(exc)}); "
+        f"{safe}. Free space and relaunch the same command: training resumes from there."
+    )
 
 
 def tokenizer_and_data(recipe: Recipe, base_dir: Path | None, by: str = "train") -> tuple[Any, data.PreparedData]:

@@ -1,0 +1,176 @@
+"""A run's checkpoints under hostile conditions: a disk that fills up while a checkpoint, the final
+adapter or the logs are written (simulated with RLIMIT_FSIZE in a subprocess, SIGXFSZ ignored: the
+writes then fail with EFBIG, as a full disk's fail with ENOSPC), on one rank of two, and a run
+directory copied to another place with its data."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, cpu_env, free_port, losses_by_step, recipe_dict, write_recipe, write_toy_data
+
+from qlora_sft import checkpoint
+
+pytestmark = pytest.mark.multiprocess
+
+SHORT = {"max_steps": 6, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-2}
+
+# Trains the recipe; at the end of step AT (on RANK, or every rank), every later write of a file past
+# LIMIT bytes fails with EFBIG. The output goes to a pipe, which the limit does not touch.
+DRIVER = """
+import resource, signal, sys
+from transformers import TrainerCallback
+from qlora_sft.errors import UserError
+from qlora_sft.recipe import load_recipe
+from qlora_sft.train import train
+
+recipe, at, limit, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+
+class DiskFills(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == at and rank in ("any", str(args.process_index)):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+try:
+    train(load_recipe(recipe), extra_callbacks=[DiskFills()])
+except UserError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def run_recipe(root: Path, tiny_model: Path, name: str, **checkpoint_keys) -> Path:
+    data = root / "toy.jsonl"
+    if not data.exists():
+        write_toy_data(data, n=48)
+    raw = recipe_dict(tiny_model, data, root / "runs", run={"name": name}, train=SHORT)
+    raw["checkpoint"] = checkpoint_keys
+    return write_recipe(root / f"{name}.yaml", raw)
+
+
+def launch(recipe: Path, at: int = -1, limit: int = 0, rank: str = "any", ranks: int = 1):
+    env = {**cpu_env(), "PYTHONPATH": str(REPO / "src")}
+    script = recipe.with_name("disk_fills.py")
+    script.write_text(DRIVER)
+    args = [str(script), str(recipe), str(at), str(limit), rank]
+    if ranks > 1:
+        torchrun = str(Path(sys.executable).with_name("torchrun"))
+        cmd = [torchrun, "--nproc_per_node", str(ranks), "--master_port", str(free_port()), *args]
+    else:
+        cmd = [sys.executable, *args]
+    return subprocess.run(cmd, cwd=recipe.parent, env=env, capture_output=True, text=True, timeout=600)
+
+
+def errors(output: str) -> list[str]:
+    """The errors the driver printed (after a progress bar's text on the same line, at times)."""
+    return re.findall(r"error: (.*)", output)
+
+
+def replayed_losses(run: Path) -> dict[int, float]:
+    lines = (run / "logs" / "metrics.replayed.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_disk_that_fills_during_a_checkpoint_keeps_the_older_ones_and_the_relaunch_resumes(
+    tiny_model: Path, tmp_path: Path, ranks: int
+):
+    """The disk fills after step 4, with checkpoint.keep_last: 1 (retention would delete checkpoint-2
+    once checkpoint-4 completes). Was: with one process, the adapter (safetensors' writer, whose error
+    is no OSError) failing ended in a traceback that named neither the path nor the disk, and left the
+    half-written save in .staging; with two ranks where only rank 1 could not write (its RNG state),
+    the main process said only "failed on another rank" and kept the whole half-written save, while
+    rank 1 said nothing of it was kept. Now every rank names the disk and the safe checkpoint, the
+    half-written save is gone, checkpoint-2 is kept, and the relaunch resumes from it: the replayed
+    steps have the losses they had."""
+    recipe = run_recipe(tmp_path, tiny_model, f"full{ranks}", keep_last=1)
+    run = tmp_path / "runs" / f"full{ranks}"
+    # one process: 20 kB stops the adapter (36 kB); two: rank 1 alone, its 14 kB RNG state
+    out = launch(recipe, at=4, limit=20_000 if ranks == 1 else 10_000, rank="any" if ranks == 1 else "1", ranks=ranks)
+    assert out.returncode != 0
+    said = out.stdout + out.stderr
+    for line in errors(said) or [said[-3000:]]:
+        assert "saving checkpoint-4: no space left on the file system of" in line, said[-3000:]
+        assert str(run / checkpoint.STAGING) in line and "newest complete checkpoint is checkpoint-2" in line
+    assert said.count("error: saving checkpoint-4: no space left") == ranks  # every rank, the main one too
+    assert [c.step for c in checkpoint.list_checkpoints(run)] == [2]  # complete; nothing of step 4 counts
+    assert checkpoint.inspect_checkpoint(run / "checkpoint-2", verify=True).complete
+    assert not (run / checkpoint.STAGING / "checkpoint-4").exists()
+    before = losses_by_step(run)
+    assert sorted(before) == [1, 2, 3, 4]
+
+    again = launch(recipe, ranks=ranks)  # space freed: the same command
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert f"resuming from {run / 'checkpoint-2'}" in again.stdout + again.stderr
+    after = losses_by_step(run)
+    assert sorted(after) == [1, 2, 3, 4, 5, 6]
+    assert replayed_losses(run) == {3: before[3], 4: before[4]} == {3: after[3], 4: after[4]}
+    assert checkpoint.inspect_checkpoint(run / "final", verify=True).complete
+
+
+def test_a_run_copied_with_its_data_to_another_place_resumes_by_the_datas_content(tiny_model: Path, tmp_path: Path):
+    """A run directory copied (cp -a) from another machine with its data, the data now at another
+    path. Was: refused as "a run of a different recipe" (data.sources' path), with only a new run or
+    run.overwrite offered, although the files hold the same bytes. Now the same data at another path
+    resumes with the losses of the uninterrupted run; other data there is refused naming the files;
+    the copied lock of the other machine is refused naming its host and the file to delete."""
+    from qlora_sft.errors import RunDirError
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    first, copy = tmp_path / "first", tmp_path / "copy"
+    first.mkdir()
+    train(load_recipe(run_recipe(first, tiny_model, "r")))  # 6 steps, checkpoints 2, 4, 6
+    shutil.copytree(first, copy, symlinks=True)
+    shutil.rmtree(copy / "runs" / ".cache")  # only the run and the data were copied
+    run = copy / "runs" / "r"
+    for done in ("final", "checkpoint-6", "checkpoint-4"):  # as a crash after checkpoint-2 leaves it
+        shutil.rmtree(run / done)
+    recipe = load_recipe(run_recipe(copy, tiny_model, "r"))  # run.output_dir and the data under copy/
+    assert recipe.data.sources[0].path == str(copy / "toy.jsonl")
+
+    lock = {"host": "gpu-node-17", "machine": "x:1", "pid": 4242, "pid_start": "99", "started": "yesterday"}
+    (run / checkpoint.LOCK).write_text(json.dumps(lock) + "\n")  # copied while the other machine ran it
+    held = rf"in use by another qlora-sft job \(gpu-node-17 pid 4242.*delete {re.escape(str(run))}/LOCK and relaunch"
+    with pytest.raises(RunDirError, match=held):
+        train(recipe)
+    (run / checkpoint.LOCK).unlink()
+
+    data = copy / "toy.jsonl"
+    same = data.read_bytes()
+    data.write_text("".join(reversed(same.decode().splitlines(keepends=True))))  # other data, same size
+    with pytest.raises(RunDirError, match=r"training data changed since .*checkpoint-2 was written:\n.*toy.jsonl"):
+        train(recipe)
+    data.write_bytes(same)
+    assert train(recipe).global_step == 6
+    assert losses_by_step(run) == losses_by_step(first / "runs" / "r")
+    assert checkpoint.inspect_checkpoint(run / "final", verify=True).complete
+
+
+def test_a_disk_that_fills_while_the_logs_are_written_names_them_and_the_relaunch_resumes(
+    tiny_model: Path, tmp_path: Path
+):
+    """The disk fills after step 3, between checkpoints: the next write is the logs' (metrics.jsonl,
+    TensorBoard's events). Was: a traceback from TensorBoard's writer thread or the metrics callback,
+    naming neither the folder nor the disk nor what is safe. Now the error names the logs, the disk
+    and the newest complete checkpoint, and the relaunch resumes from it, each step logged once."""
+    recipe = run_recipe(tmp_path, tiny_model, "logs")
+    run = tmp_path / "runs" / "logs"
+    out = launch(recipe, at=3, limit=1_000)
+    assert out.returncode == 2, (out.stdout + out.stderr)[-3000:]
+    error = (errors(out.stderr) or [out.stderr[-3000:]])[0]
+    assert f"step 3: writing {run / 'logs'}" in error and "(the run's logs) failed: no space left" in error
+    assert f"the newest complete checkpoint is {run / 'checkpoint-2'}" in error
+    again = launch(recipe)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert sorted(losses_by_step(run)) == [1, 2, 3, 4, 5, 6]
+    lines = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lines if "loss" in r]
+    assert steps == sorted(set(steps))  # each step once
