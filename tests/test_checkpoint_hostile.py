@@ -174,3 +174,36 @@ def test_a_disk_that_fills_while_the_logs_are_written_names_them_and_the_relaunc
     lines = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in lines if "loss" in r]
     assert steps == sorted(set(steps))  # each step once
+
+
+def test_a_checkpoint_that_retention_cannot_delete_is_kept_and_training_goes_on(
+    tiny_model: Path, tmp_path: Path, monkeypatch, capsys
+):
+    """checkpoint.keep_last: 1, and checkpoint-2 cannot be deleted (its owner made it read-only; seen
+    as root with a read-only bind mount: EROFS from rmtree). Was: the PermissionError/EROFS from
+    rmtree stopped training with a traceback right after checkpoint-4 had been published. Now it is
+    named and kept, and training finishes. (rmtree fails here as it does on a folder without write
+    permission: the tests may run as root, whom permission bits do not stop.)"""
+    import errno
+
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    recipe = load_recipe(run_recipe(tmp_path, tiny_model, "kept", keep_last=1))
+    run = tmp_path / "runs" / "kept"
+    protected = run / "checkpoint-2"
+    real = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path) == protected:
+            raise PermissionError(errno.EACCES, "Permission denied", str(protected / "adapter_model.safetensors"))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert train(recipe).global_step == 6
+    assert [c.step for c in checkpoint.list_checkpoints(run) if c.complete] == [6, 2]
+    said = capsys.readouterr()
+    assert (
+        f"checkpoint.keep_last=1: could not remove {protected} ({protected / 'adapter_model.safetensors'}: "
+        "permission denied); training goes on" in said.out + said.err
+    )

@@ -34,7 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, RecipeError, RunDirError, UserError
-from .files import atomic_write_text, file_digest, is_no_space, jsonl_records, no_space_message, sampled_digest
+from .files import (
+    atomic_write_text,
+    file_digest,
+    is_no_space,
+    jsonl_records,
+    no_space_message,
+    os_reason,
+    sampled_digest,
+)
 from .recipe import RUN_RECIPE, Recipe, read_run_recipe, run_recipe_differences, write_run_recipe
 
 log = logging.getLogger("qlora_sft")
@@ -783,13 +791,25 @@ def final_from_checkpoint(ckpt: Path, final: Path) -> None:
 
 def apply_retention(run_dir: Path, keep_last: int | None) -> list[Path]:
     """Delete complete checkpoints older than the newest `keep_last` complete ones of this run.
-    Incomplete checkpoints are left for the user to inspect. Main process only."""
+    Incomplete checkpoints are left for the user to inspect. One that cannot be deleted (made
+    read-only, another user's) is named and kept: training goes on. Main process only."""
     if not keep_last:
         return []
     complete = [c for c in list_checkpoints(run_dir) if c.complete]
     removed = []
     for info in complete[keep_last:]:
-        shutil.rmtree(info.path)
+        try:
+            shutil.rmtree(info.path)
+        except OSError as exc:
+            log.warning(
+                "checkpoint.keep_last=%d: could not remove %s (%s: %s); training goes on. Delete it yourself "
+                "once it can be (a checkpoint it removed part of is skipped at resume)",
+                keep_last,
+                info.path,
+                exc.filename or info.path,
+                os_reason(exc),
+            )
+            continue
         removed.append(info.path)
         log.info("checkpoint.keep_last=%d: removed %s", keep_last, info.path)
     return removed
