@@ -21,8 +21,8 @@ pytestmark = pytest.mark.multiprocess
 
 SHORT = {"max_steps": 6, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-2}
 
-# Trains the recipe; at the end of step AT (on RANK, or every rank), every later write of a file past
-# LIMIT bytes fails with EFBIG. The output goes to a pipe, which the limit does not touch.
+# Trains the recipe; at the end of step AT (on RANK, or every rank; 0: before the launch), every later
+# write of a file past LIMIT bytes fails with EFBIG. The output goes to a pipe, which the limit does not touch.
 DRIVER = """
 import resource, signal, sys
 from transformers import TrainerCallback
@@ -32,11 +32,17 @@ from qlora_sft.train import train
 
 recipe, at, limit, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 
+def disk_fills():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+if at == 0:
+    disk_fills()  # before the launch
+
 class DiskFills(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         if state.global_step == at and rank in ("any", str(args.process_index)):
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+            disk_fills()
 
 try:
     train(load_recipe(recipe), extra_callbacks=[DiskFills()])
@@ -207,3 +213,78 @@ def test_a_checkpoint_that_retention_cannot_delete_is_kept_and_training_goes_on(
         f"checkpoint.keep_last=1: could not remove {protected} ({protected / 'adapter_model.safetensors'}: "
         "permission denied); training goes on" in said.out + said.err
     )
+
+
+def test_a_relaunch_on_a_disk_still_full_names_the_lock_and_leaves_no_stale_one(tiny_model: Path, tmp_path: Path):
+    """Relaunching before space was freed: the first file written is the run directory's LOCK. Was: a
+    traceback of OSError (ENOSPC from os.pwrite on a full tmpfs; here EFBIG from os.ftruncate), with an
+    empty or cut-off LOCK left behind. Now the error names the lock, the disk and what to do, and the
+    lock is free for the next launch."""
+    recipe = run_recipe(tmp_path, tiny_model, "still")
+    run = tmp_path / "runs" / "still"
+    out = launch(recipe, at=0, limit=100)
+    assert out.returncode == 2, (out.stdout + out.stderr)[-3000:]
+    error = (errors(out.stderr) or [out.stderr[-3000:]])[0]
+    assert f"writing {run / checkpoint.LOCK}: no space left on the file system of {run}" in error, error
+    assert error.endswith("nothing was changed. Free space and relaunch.")
+    lock = checkpoint.RunLock(run)
+    lock.acquire()  # nobody holds it
+    lock.release()
+
+
+def test_a_full_disk_names_the_checkpoints_that_can_go_and_a_lower_keep_last_frees_them_at_once(
+    tiny_model: Path, tmp_path: Path, capsys
+):
+    """The disk fills while checkpoint-6 is saved, checkpoints 2 and 4 complete. Was: "Free space (or
+    lower checkpoint.keep_last) and relaunch the same command", but a relaunch with a lower keep_last
+    deleted nothing before its next save, which failed the same way (seen on a full 700 kB tmpfs).
+    Now the error names the checkpoints that can go, and a relaunch with checkpoint.keep_last=1
+    removes them as it resumes from the newest complete one, before training."""
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    run = tmp_path / "runs" / "lower"
+    out = launch(run_recipe(tmp_path, tiny_model, "lower"), at=6, limit=50_000)  # the optimizer's 89 kB
+    assert out.returncode == 2, (out.stdout + out.stderr)[-3000:]
+    error = (errors(out.stderr) or [out.stderr[-3000:]])[0]
+    assert (
+        "nothing of checkpoint-6 was kept and the newest complete checkpoint is checkpoint-4. Free space (the "
+        "older checkpoints checkpoint-2 can go: delete them, or relaunch with checkpoint.keep_last=1 and they are "
+        "removed before training resumes) and relaunch: training resumes from checkpoint-4." in error
+    ), error
+    capsys.readouterr()
+    assert train(load_recipe(run_recipe(tmp_path, tiny_model, "lower", keep_last=1))).global_step == 6
+    said = capsys.readouterr().out
+    removed = said.index(f"checkpoint.keep_last=1: removed {run / 'checkpoint-2'}")
+    assert removed < said.index(f"resuming from {run / 'checkpoint-4'}")
+    assert [c.step for c in checkpoint.list_checkpoints(run)] == [6]
+
+
+def test_a_finished_run_whose_final_adapter_is_damaged_publishes_it_again(tiny_model: Path, tmp_path: Path, capsys):
+    """final/adapter_model.safetensors corrupted to the same size (a bad disk, a bit flip in a copy).
+    Was: the relaunch said "final is complete ... Nothing to do" (sizes only), and the damage showed
+    only at export. Now the relaunch names the file, publishes final/ again from checkpoint-6 (the
+    last step's) without training, and keeps the damaged one aside, not under a good one's name."""
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    recipe = load_recipe(run_recipe(tmp_path, tiny_model, "bitrot"))
+    run = tmp_path / "runs" / "bitrot"
+    train(recipe)
+    losses = losses_by_step(run)
+    adapter = run / "final" / "adapter_model.safetensors"
+    raw = bytearray(adapter.read_bytes())
+    raw[-100] ^= 0xFF
+    adapter.write_bytes(bytes(raw))
+    capsys.readouterr()
+    again = train(recipe)
+    assert not again.finished and again.global_step == 6
+    said = capsys.readouterr().out
+    assert f"{run / 'final'} is not intact: file adapter_model.safetensors does not match its checksum" in said
+    assert checkpoint.inspect_checkpoint(run / "final", verify=True).complete
+    assert adapter.read_bytes() == (run / "checkpoint-6" / "adapter_model.safetensors").read_bytes()
+    assert losses_by_step(run) == losses  # nothing trained
+    kept = [p.name for p in run.iterdir() if p.name.startswith("final.")]
+    assert len(kept) == 1 and kept[0].startswith("final.incomplete-"), kept
+    assert (run / kept[0] / "adapter_model.safetensors").read_bytes() == bytes(raw)
+    assert train(recipe).finished

@@ -349,9 +349,18 @@ class RunLock:
                     raise RunDirError(self._held_message(holder))
                 log.warning("run directory lock of %s taken over: %s", self.describe(holder), why)
             record = (json.dumps(self.me()) + "\n").encode()
-            os.pwrite(fd, record, 0)  # then cut to length: the file is never empty while it changes
-            os.ftruncate(fd, len(record))
-            os.fsync(fd)
+            try:
+                os.pwrite(fd, record, 0)  # then cut to length: the file is never empty while it changes
+                os.ftruncate(fd, len(record))
+                os.fsync(fd)
+            except OSError as exc:
+                os.close(fd)  # (and its flock: a retry in this process is not refused)
+                if is_no_space(exc):
+                    raise RunDirError(
+                        f"writing {self.path}: {no_space_message(self.path.parent)}; nothing was changed. Free "
+                        "space and relaunch."
+                    ) from None
+                raise
             self.fd = fd
             _HELD_LOCKS.append(self)
             return
@@ -537,8 +546,15 @@ def finished_run(recipe: Recipe) -> str | None:
     final = recipe.run_dir / "final"
     if not final.is_dir() or recipe.checkpoint.resume not in ("auto", "never"):
         return None
-    info = inspect_checkpoint(final)
+    info = inspect_checkpoint(final, verify=True)  # (an adapter and a tokenizer: read in moments)
     if not info.complete:
+        if (final / COMPLETE).is_file():
+            log.warning(
+                "%s is not intact: %s. It is made again (from the last step's checkpoint, or by training to it); "
+                "the damaged one is kept aside",
+                final,
+                info.reason,
+            )
         return None
     manifest = json.loads((final / MANIFEST).read_text())
     steps = recipe.train.args.get("max_steps", -1)
@@ -753,7 +769,7 @@ def publish(staged: Path, final: Path, meta: dict[str, Any]) -> None:
     check_adapter(staged)
     write_manifest(staged, meta)
     if final.exists():
-        info = inspect_checkpoint(final)
+        info = inspect_checkpoint(final, verify=True)  # a damaged one is not kept as a good one
         why = "replaced" if info.complete else "incomplete"
         if final.name == "final" and info.complete:
             step = json.loads((final / MANIFEST).read_text()).get("step", "?")
@@ -789,13 +805,16 @@ def final_from_checkpoint(ckpt: Path, final: Path) -> None:
     publish(staged, final, {k: v for k, v in manifest.items() if k not in ("files", "completed", "deepspeed_tag")})
 
 
-def apply_retention(run_dir: Path, keep_last: int | None) -> list[Path]:
+def apply_retention(run_dir: Path, keep_last: int | None, newest: Path | None = None) -> list[Path]:
     """Delete complete checkpoints older than the newest `keep_last` complete ones of this run.
     Incomplete checkpoints are left for the user to inspect. One that cannot be deleted (made
-    read-only, another user's) is named and kept: training goes on. Main process only."""
+    read-only, another user's) is named and kept: training goes on. With `newest` (the checkpoint a
+    resume verified), nothing is deleted unless it is the newest complete one. Main process only."""
     if not keep_last:
         return []
     complete = [c for c in list_checkpoints(run_dir) if c.complete]
+    if newest is not None and (not complete or complete[0].path != newest):
+        return []
     removed = []
     for info in complete[keep_last:]:
         try:
@@ -1228,12 +1247,19 @@ class CheckpointingMixin:
             if is_main and no_space:
                 shutil.rmtree(staged, ignore_errors=True)
         run_dir = staged.parent.parent
-        newest = next((c.path.name for c in list_checkpoints(run_dir) if c.complete), None)
+        complete = [c.path.name for c in list_checkpoints(run_dir) if c.complete]
+        newest = complete[0] if complete else None
         safe = f"the newest complete checkpoint is {newest}" if newest else "no complete checkpoint exists yet"
         if no_space:
+            older = (
+                f" (the older checkpoints {', '.join(complete[1:])} can go: delete them, or relaunch with "
+                f"checkpoint.keep_last=1 and they are removed before training resumes)"
+                if len(complete) > 1
+                else ""
+            )
             raise UserError(
-                f"saving {what}: {no_space_message(staged)}; nothing of {what} was kept and {safe}. Free space "
-                "(or lower checkpoint.keep_last) and relaunch the same command: training resumes from there."
+                f"saving {what}: {no_space_message(staged)}; nothing of {what} was kept and {safe}. Free space"
+                f"{older} and relaunch: training resumes from {newest or 'the start'}."
             ) from error
         if error is not None:
             raise error

@@ -271,6 +271,8 @@ def _train(
         with checkpoint.main_process_writes() as is_main:
             if is_main and (moved := checkpoint.trim_replayed_metrics(run_dir, resume_step)):
                 log.info("logs: %d lines of steps after %s moved to metrics.replayed.jsonl", moved, resume_from.name)
+            if is_main:  # a checkpoint.keep_last lowered at this launch (a full disk) frees the space now
+                checkpoint.apply_retention(run_dir, recipe.checkpoint.keep_last, newest=resume_from)
 
     # 4. Model: quantized, placed for the launch mode, with LoRA adapters.
     compute_dtype = mode.compute_dtype(recipe.quantization, recipe.model)
