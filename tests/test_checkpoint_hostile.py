@@ -288,3 +288,28 @@ def test_a_finished_run_whose_final_adapter_is_damaged_publishes_it_again(tiny_m
     assert len(kept) == 1 and kept[0].startswith("final.incomplete-"), kept
     assert (run / kept[0] / "adapter_model.safetensors").read_bytes() == bytes(raw)
     assert train(recipe).finished
+
+
+def test_a_full_disk_while_final_is_published_from_the_last_checkpoint_names_it(tiny_model: Path, tmp_path: Path):
+    """A job stopped after its last step's checkpoint (final/ not written) is relaunched on a disk
+    that fills while final/ is copied from that checkpoint. Was: a traceback of OSError from
+    shutil.copy2 (seen on a full tmpfs: ENOSPC from os.sendfile), the half-copied .staging/final left
+    on the full disk. Now the error names final/, the disk and the complete checkpoint, nothing of it
+    is left, and the relaunch after freeing space publishes it without training."""
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    recipe = run_recipe(tmp_path, tiny_model, "last")
+    run = tmp_path / "runs" / "last"
+    train(load_recipe(recipe))
+    losses = losses_by_step(run)
+    shutil.rmtree(run / "final")
+    out = launch(recipe, at=0, limit=20_000)  # the adapter (36 kB) is copied first
+    assert out.returncode == 2, (out.stdout + out.stderr)[-3000:]
+    error = (errors(out.stderr) or [out.stderr[-3000:]])[0]
+    assert f"publishing {run / 'final'} from checkpoint-6: no space left on the file system of {run}" in error, error
+    assert f"nothing of it was kept, and {run / 'checkpoint-6'} is complete. Free space and relaunch" in error
+    assert not (run / "final").exists() and not (run / checkpoint.STAGING / "final").exists()
+    again = train(load_recipe(recipe))
+    assert again.global_step == 6 and losses_by_step(run) == losses
+    assert checkpoint.inspect_checkpoint(run / "final", verify=True).complete

@@ -798,11 +798,21 @@ def final_from_checkpoint(ckpt: Path, final: Path) -> None:
     manifest = json.loads((ckpt / MANIFEST).read_text())
     staged = final.parent / STAGING / final.name
     shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir(parents=True)
-    for path in sorted(ckpt.iterdir()):
-        if path.is_file() and path.name not in (COMPLETE, MANIFEST) and not TRAINING_STATE_FILES.fullmatch(path.name):
-            shutil.copy2(path, staged / path.name)
-    publish(staged, final, {k: v for k, v in manifest.items() if k not in ("files", "completed", "deepspeed_tag")})
+    try:
+        staged.mkdir(parents=True)
+        for path in sorted(ckpt.iterdir()):
+            state = path.name in (COMPLETE, MANIFEST) or TRAINING_STATE_FILES.fullmatch(path.name)
+            if path.is_file() and not state:
+                shutil.copy2(path, staged / path.name)
+        publish(staged, final, {k: v for k, v in manifest.items() if k not in ("files", "completed", "deepspeed_tag")})
+    except Exception as exc:
+        if not is_no_space(exc):
+            raise
+        shutil.rmtree(staged, ignore_errors=True)
+        raise UserError(
+            f"publishing {final} from {ckpt.name}: {no_space_message(staged)}; nothing of it was kept, and {ckpt} "
+            "is complete. Free space and relaunch: final/ is published from it without training."
+        ) from None
 
 
 def apply_retention(run_dir: Path, keep_last: int | None, newest: Path | None = None) -> list[Path]:

@@ -236,9 +236,8 @@ def _train(
     if resume_from is not None and 0 < max_steps <= resume_step:
         # the last step's checkpoint is complete but final/ is not (a preemption during the last step,
         # a crash while final/ was saved): publish it as final/ rather than train past max_steps
-        with checkpoint.main_process_writes() as is_main:
-            if is_main:
-                checkpoint.final_from_checkpoint(resume_from, run_dir / "final")
+        # (every rank raises the main process's error: a full disk)
+        checkpoint.main_process_decides(lambda: checkpoint.final_from_checkpoint(resume_from, run_dir / "final"))
         log.info(
             "done: %s is at step %d and train.max_steps is %d: published as %s without training further",
             resume_from.name,
