@@ -313,3 +313,30 @@ def test_a_full_disk_while_final_is_published_from_the_last_checkpoint_names_it(
     again = train(load_recipe(recipe))
     assert again.global_step == 6 and losses_by_step(run) == losses
     assert checkpoint.inspect_checkpoint(run / "final", verify=True).complete
+
+
+def test_retention_keeps_a_checkpoint_holding_files_the_run_did_not_write(tiny_model: Path, tmp_path: Path, capsys):
+    """checkpoint.keep_last: 1, and the user saved an evaluation into checkpoint-2 while the run went
+    on. Was: retention deleted checkpoint-2 with the user's file in it. Now a checkpoint holding files
+    its manifest does not list is kept, naming them; the others go as before."""
+    from transformers import TrainerCallback
+
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    run = tmp_path / "runs" / "notes"
+
+    class UserSavesAnEval(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                (run / "checkpoint-2" / "my-eval.json").write_text('{"accuracy": 0.5}\n')
+
+    train(load_recipe(run_recipe(tmp_path, tiny_model, "notes", keep_last=1)), extra_callbacks=[UserSavesAnEval()])
+    assert (run / "checkpoint-2" / "my-eval.json").read_text() == '{"accuracy": 0.5}\n'
+    assert not (run / "checkpoint-4").exists()  # nothing of the user's there: removed as before
+    assert [c.step for c in checkpoint.list_checkpoints(run) if c.complete] == [6, 2]
+    said = capsys.readouterr().out
+    assert (
+        f"checkpoint.keep_last=1: kept {run / 'checkpoint-2'}: it holds files the run did not write (my-eval.json)"
+        in said
+    )

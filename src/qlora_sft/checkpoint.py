@@ -815,6 +815,18 @@ def final_from_checkpoint(ckpt: Path, final: Path) -> None:
         ) from None
 
 
+def unlisted_files(ckpt: Path) -> list[str]:
+    """Files in a complete checkpoint that its manifest does not list (put there after it was saved:
+    a user's evaluation, notes), as paths inside it."""
+    listed = set(json.loads((ckpt / MANIFEST).read_text()).get("files") or {})
+    return sorted(
+        rel
+        for p in ckpt.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.name not in (COMPLETE, MANIFEST)
+        if (rel := str(p.relative_to(ckpt))) not in listed
+    )
+
+
 def apply_retention(run_dir: Path, keep_last: int | None, newest: Path | None = None) -> list[Path]:
     """Delete complete checkpoints older than the newest `keep_last` complete ones of this run.
     Incomplete checkpoints are left for the user to inspect. One that cannot be deleted (made
@@ -827,6 +839,17 @@ def apply_retention(run_dir: Path, keep_last: int | None, newest: Path | None = 
         return []
     removed = []
     for info in complete[keep_last:]:
+        theirs = unlisted_files(info.path)
+        if theirs:
+            log.warning(
+                "checkpoint.keep_last=%d: kept %s: it holds files the run did not write (%s%s). Move them out and "
+                "delete it yourself",
+                keep_last,
+                info.path,
+                ", ".join(theirs[:5]),
+                " ..." if len(theirs) > 5 else "",
+            )
+            continue
         try:
             shutil.rmtree(info.path)
         except OSError as exc:
