@@ -52,11 +52,11 @@ except UserError as exc:
 """
 
 
-def run_recipe(root: Path, tiny_model: Path, name: str, **checkpoint_keys) -> Path:
+def run_recipe(root: Path, tiny_model: Path, name: str, train: dict | None = None, **checkpoint_keys) -> Path:
     data = root / "toy.jsonl"
     if not data.exists():
         write_toy_data(data, n=48)
-    raw = recipe_dict(tiny_model, data, root / "runs", run={"name": name}, train=SHORT)
+    raw = recipe_dict(tiny_model, data, root / "runs", run={"name": name}, train={**SHORT, **(train or {})})
     raw["checkpoint"] = checkpoint_keys
     return write_recipe(root / f"{name}.yaml", raw)
 
@@ -340,3 +340,48 @@ def test_retention_keeps_a_checkpoint_holding_files_the_run_did_not_write(tiny_m
         f"checkpoint.keep_last=1: kept {run / 'checkpoint-2'}: it holds files the run did not write (my-eval.json)"
         in said
     )
+
+
+def test_a_checkpoint_of_another_recipe_put_into_the_run_is_not_resumed(tiny_model: Path, tmp_path: Path, capsys):
+    """checkpoint-4 of another run (learning rate 0.01) copied into this run (0.005), which has only
+    reached checkpoint-2. Was: the relaunch resumed from the stranger's checkpoint-4 without a word
+    (the manifest's recipe_hash was never compared), continuing another training under this recipe.
+    Now it is skipped naming the difference and kept; the run resumes from its own checkpoint-2; a
+    checkpoint.resume naming it is refused."""
+    import dataclasses
+
+    import yaml
+
+    from qlora_sft.errors import RunDirError
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    other = tmp_path / "runs" / "other"
+    train(load_recipe(run_recipe(tmp_path, tiny_model, "other", train={"max_steps": 4})))
+    mine = tmp_path / "runs" / "mine"
+    recipe = run_recipe(tmp_path, tiny_model, "mine", train={"max_steps": 2, "learning_rate": 0.005})
+    raw = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump(raw))
+    train(load_recipe(recipe))
+    shutil.copytree(other / "checkpoint-4", mine / "checkpoint-4", symlinks=True)
+    raw["train"]["max_steps"] = 6
+    recipe.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert train(load_recipe(recipe)).global_step == 6
+    said = capsys.readouterr().out
+    assert (
+        f"skipping {mine / 'checkpoint-4'} for resume: written by another recipe (train.learning_rate: 0.01 -> 0.005)"
+        in said
+    )
+    assert f"resuming from {mine / 'checkpoint-2'}" in said
+    assert sorted(losses_by_step(mine)) == [1, 2, 3, 4, 5, 6]
+    stranger = [p for p in mine.iterdir() if p.name.startswith("checkpoint-4.")]  # kept aside, not deleted
+    assert (
+        len(stranger) == 1
+        and (stranger[0] / "adapter_model.safetensors").read_bytes()
+        == (other / "checkpoint-4" / "adapter_model.safetensors").read_bytes()
+    )
+    named = load_recipe(recipe)
+    named = dataclasses.replace(named, checkpoint=dataclasses.replace(named.checkpoint, resume=str(stranger[0])))
+    with pytest.raises(RunDirError, match=r"written by another recipe:\n    train.learning_rate: 0.01 -> 0.005"):
+        checkpoint.find_resume(named)

@@ -43,7 +43,15 @@ from .files import (
     os_reason,
     sampled_digest,
 )
-from .recipe import RUN_RECIPE, Recipe, read_run_recipe, run_recipe_differences, write_run_recipe
+from .recipe import (
+    RUN_RECIPE,
+    Recipe,
+    fingerprint_differences,
+    read_run_recipe,
+    run_recipe_differences,
+    trained_fingerprint,
+    write_run_recipe,
+)
 
 log = logging.getLogger("qlora_sft")
 
@@ -466,8 +474,9 @@ def check_run_dir(recipe: Recipe) -> str:
         now = base_fingerprint(recipe)
         if saved and now and saved == now:
             diffs = [d for d in diffs if d not in moved]
-    sources = [d for d in diffs if d.startswith(("data.sources:", "data.eval_sources:"))]
-    if sources and newest and _only_paths_differ(old, recipe):
+    sources = [d for d in diffs if d.startswith(tuple(f"{key}:" for key in DATA_SOURCE_KEYS))]
+    old_sources, new_sources = (_without_data_paths(trained_fingerprint(r)) for r in (old, recipe))
+    if sources and newest and all(old_sources.get(k) == new_sources.get(k) for k in DATA_SOURCE_KEYS):
         # the data copied or moved with the run (another machine, another user): the resume compares the
         # files' content with what the checkpoint recorded (`data_changes`) and refuses other data
         files = (json.loads((newest / MANIFEST).read_text()).get("data") or {}).get("files")
@@ -486,17 +495,30 @@ def check_run_dir(recipe: Recipe) -> str:
     return "resume"
 
 
-def _only_paths_differ(old: Recipe, new: Recipe) -> bool:
-    """Whether two recipes' data sources are the same but for where their files lie."""
+DATA_SOURCE_KEYS = ("data.sources", "data.eval_sources")
 
-    def sources(recipe: Recipe) -> list[list[dict[str, Any]]]:
-        data = recipe.to_dict()["data"]
-        return [
-            [{k: v for k, v in s.items() if k != "path"} for s in data.get(key) or []]
-            for key in ("sources", "eval_sources")
-        ]
 
-    return sources(old) == sources(new)
+def _without_data_paths(trained: dict[str, Any]) -> dict[str, Any]:
+    """A trained fingerprint with its data sources' paths left out (where the files lie; a resume
+    checks what they hold, `data_changes`)."""
+    out = dict(trained)
+    for key in DATA_SOURCE_KEYS:
+        if isinstance(out.get(key), list):
+            out[key] = [{k: v for k, v in s.items() if k != "path"} if isinstance(s, dict) else s for s in out[key]]
+    return out
+
+
+def recipe_changes(ckpt: Path, recipe: Recipe) -> list[str]:
+    """How `recipe` differs, in what it trains, from the recipe that wrote the checkpoint (a checkpoint
+    of another run put into this one). Where the base model and the data lie is left out: a resume
+    checks their files by content. Empty for manifests that record no recipe (before 2026-12-01)."""
+    saved = json.loads((ckpt / MANIFEST).read_text()).get("recipe")
+    if not isinstance(saved, dict):
+        return []
+    a, b = _without_data_paths(saved), _without_data_paths(trained_fingerprint(recipe))
+    for trained in (a, b):
+        trained.pop("model.name_or_path", None)
+    return fingerprint_differences(a, b)
 
 
 def prepare_run_dir(recipe: Recipe, launch: dict[str, Any]) -> RunLock | None:
@@ -670,6 +692,14 @@ def find_resume(recipe: Recipe) -> Path | None:
         if info is None or not info.complete:
             why = info.reason if info else "not a folder"
             raise RunDirError(f"checkpoint.resume={choice}: cannot resume from it ({why})")
+        changes = recipe_changes(path, recipe)
+        if changes:
+            shown = "\n".join(f"    {c}" for c in changes[:12])
+            raise RunDirError(
+                f"checkpoint.resume={choice}: it was written by another recipe:\n{shown}\nA resume continues the "
+                "same training. Resume it with the recipe that wrote it, or start a new run from its adapter with "
+                f"lora.init_from: {choice} (new optimizer)."
+            )
         return path
     staging = recipe.run_dir / STAGING
     if staging.is_dir():
@@ -678,6 +708,9 @@ def find_resume(recipe: Recipe) -> Path | None:
     for info in list_checkpoints(recipe.run_dir):
         if info.complete:
             info = inspect_checkpoint(info.path, verify=True)
+        if info.complete and (changes := recipe_changes(info.path, recipe)):
+            reason = f"written by another recipe ({'; '.join(changes[:4])}{' ...' if len(changes) > 4 else ''})"
+            info = CheckpointInfo(info.step, info.path, False, reason)
         if info.complete:
             return info.path
         log.warning("skipping %s for resume: %s; left in place", info.path, info.reason)
@@ -1364,6 +1397,7 @@ class CheckpointingMixin:
         meta = self.ckpt.meta
         return {
             **meta,
+            "recipe": self.ckpt.trained,  # what a resume compares (a checkpoint of another run put here)
             "step": step,
             "epoch": state.epoch,
             "max_steps": state.max_steps,
@@ -1457,6 +1491,7 @@ class Checkpointing:
 
     def __init__(self, recipe: Recipe, meta: dict[str, Any], rank: int):
         self.meta = meta
+        self.trained = trained_fingerprint(recipe)
         self.keep_last = recipe.checkpoint.keep_last
         self.nonfinite_patience = recipe.train.nonfinite_patience
         self.rank = rank
