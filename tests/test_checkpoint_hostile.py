@@ -385,3 +385,24 @@ def test_a_checkpoint_of_another_recipe_put_into_the_run_is_not_resumed(tiny_mod
     named = dataclasses.replace(named, checkpoint=dataclasses.replace(named.checkpoint, resume=str(stranger[0])))
     with pytest.raises(RunDirError, match=r"written by another recipe:\n    train.learning_rate: 0.01 -> 0.005"):
         checkpoint.find_resume(named)
+
+
+def test_a_restart_from_step_0_when_no_checkpoint_is_usable_logs_each_step_once(tiny_model: Path, tmp_path: Path):
+    """The only checkpoint left is damaged (trainer_state.json grew), so the relaunch trains from step
+    0 again. Was: metrics.jsonl kept the earlier lines, every step appeared twice (1..6, 1..6) and the
+    loss plot drew both. Now the earlier lines move to metrics.replayed.jsonl, as at any resume."""
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    recipe = load_recipe(run_recipe(tmp_path, tiny_model, "again"))
+    run = tmp_path / "runs" / "again"
+    train(recipe)
+    before = (run / "logs" / "metrics.jsonl").read_text()
+    for done in ("final", "checkpoint-6", "checkpoint-4"):
+        shutil.rmtree(run / done)
+    with (run / "checkpoint-2" / "trainer_state.json").open("a") as f:
+        f.write("garbage")
+    assert train(recipe).global_step == 6
+    lines = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert (run / "logs" / "metrics.replayed.jsonl").read_text() == before

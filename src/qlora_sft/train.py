@@ -267,11 +267,14 @@ def _train(
     if resume_from is not None:
         allow = recipe.checkpoint.allow_data_change
         checkpoint.main_process_decides(lambda: checkpoint.check_data_unchanged(resume_from, meta["data"], allow))
-        with checkpoint.main_process_writes() as is_main:
-            if is_main and (moved := checkpoint.trim_replayed_metrics(run_dir, resume_step)):
-                log.info("logs: %d lines of steps after %s moved to metrics.replayed.jsonl", moved, resume_from.name)
-            if is_main:  # a checkpoint.keep_last lowered at this launch (a full disk) frees the space now
-                checkpoint.apply_retention(run_dir, recipe.checkpoint.keep_last, newest=resume_from)
+    with checkpoint.main_process_writes() as is_main:
+        # the steps this launch trains again leave the log (also all of them where no checkpoint could be
+        # resumed: a start from step 0 in a run that had logged steps)
+        if is_main and (moved := checkpoint.trim_replayed_metrics(run_dir, max(resume_step, 0))):
+            since = resume_from.name if resume_from is not None else "step 0 (no checkpoint to resume)"
+            log.info("logs: %d lines of steps after %s moved to metrics.replayed.jsonl", moved, since)
+        if is_main and resume_from is not None:  # a checkpoint.keep_last lowered at this launch frees space now
+            checkpoint.apply_retention(run_dir, recipe.checkpoint.keep_last, newest=resume_from)
 
     # 4. Model: quantized, placed for the launch mode, with LoRA adapters.
     compute_dtype = mode.compute_dtype(recipe.quantization, recipe.model)
