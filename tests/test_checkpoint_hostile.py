@@ -406,3 +406,33 @@ def test_a_restart_from_step_0_when_no_checkpoint_is_usable_logs_each_step_once(
     lines = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert (run / "logs" / "metrics.replayed.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("keep_last", [None, 1])
+def test_load_best_model_at_end_publishes_the_best_checkpoints_adapter(tiny_model: Path, tmp_path: Path, keep_last):
+    """train.load_best_model_at_end with the best evaluation at step 2 (greater_is_better on a falling
+    eval loss makes the first one best). Was: the Trainer recorded the staging folder
+    (.staging/checkpoint-2, renamed away when published) as the best checkpoint, could not find it at
+    the end, and final/ silently held step 6's adapter. Now final/ holds checkpoint-2's, and the
+    checkpoints' trainer_state.json name the published folder. With checkpoint.keep_last: 1, retention
+    deleted the best checkpoint (the Trainer's own rotation keeps it): it is kept now, besides the
+    newest."""
+    import torch
+    from safetensors.torch import load_file
+
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    best = {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": True}
+    train(load_recipe(run_recipe(tmp_path, tiny_model, "best", train=best, keep_last=keep_last)))
+    run = tmp_path / "runs" / "best"
+    assert [c.step for c in checkpoint.list_checkpoints(run)] == ([6, 2] if keep_last else [6, 4, 2])
+    state = json.loads((run / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["best_global_step"] == 2 and state["best_model_checkpoint"] == str(run / "checkpoint-2")
+
+    def adapter(folder: str) -> dict:  # values (final/ is saved from the loaded best adapter, in fp32)
+        return {k: v.float() for k, v in load_file(str(run / folder / "adapter_model.safetensors")).items()}
+
+    final = adapter("final")
+    assert all(torch.equal(final[k], v) for k, v in adapter("checkpoint-2").items())
+    assert not all(torch.equal(final[k], v) for k, v in adapter("checkpoint-6").items())

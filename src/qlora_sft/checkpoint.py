@@ -860,11 +860,15 @@ def unlisted_files(ckpt: Path) -> list[str]:
     )
 
 
-def apply_retention(run_dir: Path, keep_last: int | None, newest: Path | None = None) -> list[Path]:
+def apply_retention(
+    run_dir: Path, keep_last: int | None, newest: Path | None = None, best: str | None = None
+) -> list[Path]:
     """Delete complete checkpoints older than the newest `keep_last` complete ones of this run.
     Incomplete checkpoints are left for the user to inspect. One that cannot be deleted (made
     read-only, another user's) is named and kept: training goes on. With `newest` (the checkpoint a
-    resume verified), nothing is deleted unless it is the newest complete one. Main process only."""
+    resume verified), nothing is deleted unless it is the newest complete one. `best` (the Trainer's
+    best checkpoint, with train.load_best_model_at_end) is kept too, as the Trainer's rotation keeps
+    it. Main process only."""
     if not keep_last:
         return []
     complete = [c for c in list_checkpoints(run_dir) if c.complete]
@@ -872,6 +876,8 @@ def apply_retention(run_dir: Path, keep_last: int | None, newest: Path | None = 
         return []
     removed = []
     for info in complete[keep_last:]:
+        if best and Path(best) == info.path:
+            continue
         theirs = unlisted_files(info.path)
         if theirs:
             log.warning(
@@ -1278,6 +1284,12 @@ class CheckpointingMixin:
         try:
             with peft_sees_fsdp_names(self):
                 super()._save_checkpoint(model, trial)  # type: ignore[misc]
+            if state.best_model_checkpoint and Path(state.best_model_checkpoint) == staged:
+                # the Trainer named the staging folder as the best checkpoint (load_best_model_at_end), which
+                # is renamed away: name the folder it is published as, also in its trainer_state.json
+                state.best_model_checkpoint = str(run_dir / name)
+                if args.should_save:
+                    state.save_to_json(str(staged / "trainer_state.json"))
         except Exception as exc:  # every rank must learn that the save failed, or the others wait
             error = exc
         finally:
@@ -1295,7 +1307,8 @@ class CheckpointingMixin:
                 try:
                     publish(staged, final, self.manifest(self.state.global_step))  # type: ignore[attr-defined]
                     if retention:
-                        apply_retention(final.parent, self.ckpt.keep_last)
+                        best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
+                        apply_retention(final.parent, self.ckpt.keep_last, best=best)
                 except Exception as exc:
                     error = exc
         self._after_save(staged, error, what=final.name)
