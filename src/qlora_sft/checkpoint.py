@@ -362,7 +362,7 @@ class RunLock:
                 os.ftruncate(fd, len(record))
                 os.fsync(fd)
             except OSError as exc:
-                os.close(fd)  # (and its flock: a retry in this process is not refused)
+                os.close(fd)  # and with it the flock
                 if is_no_space(exc):
                     raise RunDirError(
                         f"writing {self.path}: {no_space_message(self.path.parent)}; nothing was changed. Free "
