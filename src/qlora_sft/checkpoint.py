@@ -34,8 +34,24 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, RecipeError, RunDirError, UserError
-from .files import atomic_write_text, file_digest, is_no_space, jsonl_records, no_space_message, sampled_digest
-from .recipe import RUN_RECIPE, Recipe, read_run_recipe, run_recipe_differences, write_run_recipe
+from .files import (
+    atomic_write_text,
+    file_digest,
+    is_no_space,
+    jsonl_records,
+    no_space_message,
+    os_reason,
+    sampled_digest,
+)
+from .recipe import (
+    RUN_RECIPE,
+    Recipe,
+    fingerprint_differences,
+    read_run_recipe,
+    run_recipe_differences,
+    trained_fingerprint,
+    write_run_recipe,
+)
 
 log = logging.getLogger("qlora_sft")
 
@@ -341,9 +357,18 @@ class RunLock:
                     raise RunDirError(self._held_message(holder))
                 log.warning("run directory lock of %s taken over: %s", self.describe(holder), why)
             record = (json.dumps(self.me()) + "\n").encode()
-            os.pwrite(fd, record, 0)  # then cut to length: the file is never empty while it changes
-            os.ftruncate(fd, len(record))
-            os.fsync(fd)
+            try:
+                os.pwrite(fd, record, 0)  # then cut to length: the file is never empty while it changes
+                os.ftruncate(fd, len(record))
+                os.fsync(fd)
+            except OSError as exc:
+                os.close(fd)  # and with it the flock
+                if is_no_space(exc):
+                    raise RunDirError(
+                        f"writing {self.path}: {no_space_message(self.path.parent)}; nothing was changed. Free "
+                        "space and relaunch."
+                    ) from None
+                raise
             self.fd = fd
             _HELD_LOCKS.append(self)
             return
@@ -440,15 +465,23 @@ def check_run_dir(recipe: Recipe) -> str:
         )
     diffs = run_recipe_differences(old, recipe)
     moved = [d for d in diffs if d.startswith("model.name_or_path:")]
+    newest = next((c.path for c in list_checkpoints(run_dir) if c.complete), None)
     if moved:
         # the same base model found at another path (a run copied from another machine, a model folder
         # moved): its files are what the newest complete checkpoint recorded (not recipe.yaml's launch
         # block, which a launch refused later may have rewritten), so the path alone is no other recipe
-        newest = next((c.path for c in list_checkpoints(run_dir) if c.complete), None)
         saved = json.loads((newest / MANIFEST).read_text()).get("base_model") if newest else None
         now = base_fingerprint(recipe)
         if saved and now and saved == now:
             diffs = [d for d in diffs if d not in moved]
+    sources = [d for d in diffs if d.startswith(tuple(f"{key}:" for key in DATA_SOURCE_KEYS))]
+    old_sources, new_sources = (_without_data_paths(trained_fingerprint(r)) for r in (old, recipe))
+    if sources and newest and all(old_sources.get(k) == new_sources.get(k) for k in DATA_SOURCE_KEYS):
+        # the data copied or moved with the run (another machine, another user): the resume compares the
+        # files' content with what the checkpoint recorded (`data_changes`) and refuses other data
+        files = (json.loads((newest / MANIFEST).read_text()).get("data") or {}).get("files")
+        if files and all(len(f) > 3 for f in files):  # content digests recorded (since 2026-12-01)
+            diffs = [d for d in diffs if d not in sources]
     if diffs and not trained_anything(run_dir):
         return "restart"
     if diffs:
@@ -460,6 +493,32 @@ def check_run_dir(recipe: Recipe) -> str:
             f"(to {run_dir.name}.replaced-<time>); nothing was changed."
         )
     return "resume"
+
+
+DATA_SOURCE_KEYS = ("data.sources", "data.eval_sources")
+
+
+def _without_data_paths(trained: dict[str, Any]) -> dict[str, Any]:
+    """A trained fingerprint with its data sources' paths left out (where the files lie; a resume
+    checks what they hold, `data_changes`)."""
+    out = dict(trained)
+    for key in DATA_SOURCE_KEYS:
+        if isinstance(out.get(key), list):
+            out[key] = [{k: v for k, v in s.items() if k != "path"} if isinstance(s, dict) else s for s in out[key]]
+    return out
+
+
+def recipe_changes(ckpt: Path, recipe: Recipe) -> list[str]:
+    """How `recipe` differs, in what it trains, from the recipe that wrote the checkpoint (a checkpoint
+    of another run put into this one). Where the base model and the data lie is left out: a resume
+    checks their files by content. Empty for manifests that record no recipe (before 2026-12-01)."""
+    saved = json.loads((ckpt / MANIFEST).read_text()).get("recipe")
+    if not isinstance(saved, dict):
+        return []
+    a, b = _without_data_paths(saved), _without_data_paths(trained_fingerprint(recipe))
+    for trained in (a, b):
+        trained.pop("model.name_or_path", None)
+    return fingerprint_differences(a, b)
 
 
 def prepare_run_dir(recipe: Recipe, launch: dict[str, Any]) -> RunLock | None:
@@ -509,8 +568,15 @@ def finished_run(recipe: Recipe) -> str | None:
     final = recipe.run_dir / "final"
     if not final.is_dir() or recipe.checkpoint.resume not in ("auto", "never"):
         return None
-    info = inspect_checkpoint(final)
+    info = inspect_checkpoint(final, verify=True)  # (an adapter and a tokenizer: read in moments)
     if not info.complete:
+        if (final / COMPLETE).is_file():
+            log.warning(
+                "%s is not intact: %s. It is made again (from the last step's checkpoint, or by training to it); "
+                "the damaged one is kept aside",
+                final,
+                info.reason,
+            )
         return None
     manifest = json.loads((final / MANIFEST).read_text())
     steps = recipe.train.args.get("max_steps", -1)
@@ -626,6 +692,14 @@ def find_resume(recipe: Recipe) -> Path | None:
         if info is None or not info.complete:
             why = info.reason if info else "not a folder"
             raise RunDirError(f"checkpoint.resume={choice}: cannot resume from it ({why})")
+        changes = recipe_changes(path, recipe)
+        if changes:
+            shown = "\n".join(f"    {c}" for c in changes[:12])
+            raise RunDirError(
+                f"checkpoint.resume={choice}: it was written by another recipe:\n{shown}\nA resume continues the "
+                "same training. Resume it with the recipe that wrote it, or start a new run from its adapter with "
+                f"lora.init_from: {choice} (new optimizer)."
+            )
         return path
     staging = recipe.run_dir / STAGING
     if staging.is_dir():
@@ -634,6 +708,9 @@ def find_resume(recipe: Recipe) -> Path | None:
     for info in list_checkpoints(recipe.run_dir):
         if info.complete:
             info = inspect_checkpoint(info.path, verify=True)
+        if info.complete and (changes := recipe_changes(info.path, recipe)):
+            reason = f"written by another recipe ({'; '.join(changes[:4])}{' ...' if len(changes) > 4 else ''})"
+            info = CheckpointInfo(info.step, info.path, False, reason)
         if info.complete:
             return info.path
         log.warning("skipping %s for resume: %s; left in place", info.path, info.reason)
@@ -725,7 +802,7 @@ def publish(staged: Path, final: Path, meta: dict[str, Any]) -> None:
     check_adapter(staged)
     write_manifest(staged, meta)
     if final.exists():
-        info = inspect_checkpoint(final)
+        info = inspect_checkpoint(final, verify=True)  # a damaged one is not kept as a good one
         why = "replaced" if info.complete else "incomplete"
         if final.name == "final" and info.complete:
             step = json.loads((final / MANIFEST).read_text()).get("step", "?")
@@ -754,22 +831,76 @@ def final_from_checkpoint(ckpt: Path, final: Path) -> None:
     manifest = json.loads((ckpt / MANIFEST).read_text())
     staged = final.parent / STAGING / final.name
     shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir(parents=True)
-    for path in sorted(ckpt.iterdir()):
-        if path.is_file() and path.name not in (COMPLETE, MANIFEST) and not TRAINING_STATE_FILES.fullmatch(path.name):
-            shutil.copy2(path, staged / path.name)
-    publish(staged, final, {k: v for k, v in manifest.items() if k not in ("files", "completed", "deepspeed_tag")})
+    try:
+        staged.mkdir(parents=True)
+        for path in sorted(ckpt.iterdir()):
+            state = path.name in (COMPLETE, MANIFEST) or TRAINING_STATE_FILES.fullmatch(path.name)
+            if path.is_file() and not state:
+                shutil.copy2(path, staged / path.name)
+        publish(staged, final, {k: v for k, v in manifest.items() if k not in ("files", "completed", "deepspeed_tag")})
+    except Exception as exc:
+        if not is_no_space(exc):
+            raise
+        shutil.rmtree(staged, ignore_errors=True)
+        raise UserError(
+            f"publishing {final} from {ckpt.name}: {no_space_message(staged)}; nothing of it was kept, and {ckpt} "
+            "is complete. Free space and relaunch: final/ is published from it without training."
+        ) from None
 
 
-def apply_retention(run_dir: Path, keep_last: int | None) -> list[Path]:
+def unlisted_files(ckpt: Path) -> list[str]:
+    """Files in a complete checkpoint that its manifest does not list (put there after it was saved:
+    a user's evaluation, notes), as paths inside it."""
+    listed = set(json.loads((ckpt / MANIFEST).read_text()).get("files") or {})
+    return sorted(
+        rel
+        for p in ckpt.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.name not in (COMPLETE, MANIFEST)
+        if (rel := str(p.relative_to(ckpt))) not in listed
+    )
+
+
+def apply_retention(
+    run_dir: Path, keep_last: int | None, newest: Path | None = None, best: str | None = None
+) -> list[Path]:
     """Delete complete checkpoints older than the newest `keep_last` complete ones of this run.
-    Incomplete checkpoints are left for the user to inspect. Main process only."""
+    Incomplete checkpoints are left for the user to inspect. One that cannot be deleted (made
+    read-only, another user's) is named and kept: training goes on. With `newest` (the checkpoint a
+    resume verified), nothing is deleted unless it is the newest complete one. `best` (the Trainer's
+    best checkpoint, with train.load_best_model_at_end) is kept too, as the Trainer's rotation keeps
+    it. Main process only."""
     if not keep_last:
         return []
     complete = [c for c in list_checkpoints(run_dir) if c.complete]
+    if newest is not None and (not complete or complete[0].path != newest):
+        return []
     removed = []
     for info in complete[keep_last:]:
-        shutil.rmtree(info.path)
+        if best and Path(best) == info.path:
+            continue
+        theirs = unlisted_files(info.path)
+        if theirs:
+            log.warning(
+                "checkpoint.keep_last=%d: kept %s: it holds files the run did not write (%s%s). Move them out and "
+                "delete it yourself",
+                keep_last,
+                info.path,
+                ", ".join(theirs[:5]),
+                " ..." if len(theirs) > 5 else "",
+            )
+            continue
+        try:
+            shutil.rmtree(info.path)
+        except OSError as exc:
+            log.warning(
+                "checkpoint.keep_last=%d: could not remove %s (%s: %s); training goes on. Delete it yourself "
+                "once it can be (a checkpoint it removed part of is skipped at resume)",
+                keep_last,
+                info.path,
+                exc.filename or info.path,
+                os_reason(exc),
+            )
+            continue
         removed.append(info.path)
         log.info("checkpoint.keep_last=%d: removed %s", keep_last, info.path)
     return removed
@@ -810,6 +941,15 @@ def data_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]
     changes = []
     old_files = {f[0]: f for f in saved.get("files", [])}
     new_files = {f[0]: f for f in now.get("files", [])}
+    # a file at another path with the same size and content (the data copied or moved with the run) is
+    # the same file: paired with one of the paths no longer listed
+    gone = [old_files[p] for p in sorted(set(old_files) - set(new_files))]
+    for path in sorted(set(new_files) - set(old_files)):
+        b = new_files[path]
+        a = next((a for a in gone if len(a) > 3 and len(b) > 3 and (a[1], a[3]) == (b[1], b[3])), None)
+        if a is not None:
+            gone.remove(a)
+            del old_files[a[0]], new_files[path]
     for path in sorted(set(old_files) | set(new_files)):
         a, b = old_files.get(path), new_files.get(path)
         if a is None:
@@ -1144,6 +1284,12 @@ class CheckpointingMixin:
         try:
             with peft_sees_fsdp_names(self):
                 super()._save_checkpoint(model, trial)  # type: ignore[misc]
+            if state.best_model_checkpoint and Path(state.best_model_checkpoint) == staged:
+                # the Trainer named the staging folder as the best checkpoint (load_best_model_at_end), which
+                # is renamed away: name the folder it is published as, also in its trainer_state.json
+                state.best_model_checkpoint = str(run_dir / name)
+                if args.should_save:
+                    state.save_to_json(str(staged / "trainer_state.json"))
         except Exception as exc:  # every rank must learn that the save failed, or the others wait
             error = exc
         finally:
@@ -1161,7 +1307,8 @@ class CheckpointingMixin:
                 try:
                     publish(staged, final, self.manifest(self.state.global_step))  # type: ignore[attr-defined]
                     if retention:
-                        apply_retention(final.parent, self.ckpt.keep_last)
+                        best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
+                        apply_retention(final.parent, self.ckpt.keep_last, best=best)
                 except Exception as exc:
                     error = exc
         self._after_save(staged, error, what=final.name)
@@ -1169,22 +1316,29 @@ class CheckpointingMixin:
     def _after_save(self, staged: Path, error: BaseException | None, what: str) -> None:
         """All ranks agree whether the save worked; if not, every rank raises the same error (a full
         disk says which, and what is still safe). The staged files stay under .staging for a look
-        (never resumed from, replaced by the next save of that step), except on a full disk, where
-        they go to give the space back."""
+        (never resumed from, replaced by the next save of that step), except on a full disk (on any
+        rank: the main process removes them and says so too), where they go to give the space back."""
         failed = any_rank(error is not None)
         if not failed:
             return
-        no_space = error is not None and is_no_space(error)
+        no_space = any_rank(error is not None and is_no_space(error))
         with main_process_writes() as is_main:
             if is_main and no_space:
                 shutil.rmtree(staged, ignore_errors=True)
         run_dir = staged.parent.parent
-        newest = next((c.path.name for c in list_checkpoints(run_dir) if c.complete), None)
+        complete = [c.path.name for c in list_checkpoints(run_dir) if c.complete]
+        newest = complete[0] if complete else None
         safe = f"the newest complete checkpoint is {newest}" if newest else "no complete checkpoint exists yet"
         if no_space:
+            older = (
+                f" (the older checkpoints {', '.join(complete[1:])} can go: delete them, or relaunch with "
+                f"checkpoint.keep_last=1 and they are removed before training resumes)"
+                if len(complete) > 1
+                else ""
+            )
             raise UserError(
-                f"saving {what}: {no_space_message(staged)}; nothing of {what} was kept and {safe}. Free space "
-                "(or lower checkpoint.keep_last) and relaunch the same command: training resumes from there."
+                f"saving {what}: {no_space_message(staged)}; nothing of {what} was kept and {safe}. Free space"
+                f"{older} and relaunch: training resumes from {newest or 'the start'}."
             ) from error
         if error is not None:
             raise error
@@ -1256,6 +1410,7 @@ class CheckpointingMixin:
         meta = self.ckpt.meta
         return {
             **meta,
+            "recipe": self.ckpt.trained,  # what a resume compares (a checkpoint of another run put here)
             "step": step,
             "epoch": state.epoch,
             "max_steps": state.max_steps,
@@ -1349,6 +1504,7 @@ class Checkpointing:
 
     def __init__(self, recipe: Recipe, meta: dict[str, Any], rank: int):
         self.meta = meta
+        self.trained = trained_fingerprint(recipe)
         self.keep_last = recipe.checkpoint.keep_last
         self.nonfinite_patience = recipe.train.nonfinite_patience
         self.rank = rank

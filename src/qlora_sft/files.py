@@ -79,11 +79,15 @@ def sampled_digest(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def is_no_space(exc: BaseException) -> bool:
-    """A full disk (or quota), however the writer reported it: OSError ENOSPC/EDQUOT, or torch's
-    zip writer ("unexpected pos", "file write failed") which hides the errno."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
+    """A full disk (or quota, or a file size limit: EFBIG), however the writer reported it: OSError
+    ENOSPC/EDQUOT/EFBIG, torch's zip writer ("unexpected pos", "file write failed") which hides the
+    errno, or safetensors' writer ("I/O error: No space left on device (os error 28)"), which is no
+    OSError."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     text = str(exc)
+    if any(f"(os error {e})" in text for e in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)):
+        return True
     return isinstance(exc, RuntimeError) and (
         "unexpected pos" in text or "file write failed" in text or "No space left" in text
     )

@@ -1485,15 +1485,22 @@ def read_run_recipe(run_dir: Path) -> Recipe:
     return build_recipe(data, source=str(path), lines=lines)
 
 
-def run_recipe_differences(old: Recipe, new: Recipe) -> list[str]:
-    """`key: old -> new` for every key that differs and would change what is trained."""
+def trained_fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """The flat keys of a recipe that decide what is trained (RESUMABLE_CHANGES left out), as JSON
+    gives them back: every checkpoint records it, and all checkpoints of one run share it."""
 
     def resumable(key: str) -> bool:
         return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
 
-    a, b = old.fingerprint(), new.fingerprint()
-    return [
-        f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
-        for key in sorted(set(a) | set(b))
-        if not resumable(key) and a.get(key) != b.get(key)
-    ]
+    trained = {k: v for k, v in recipe.fingerprint().items() if not resumable(k)}
+    return json.loads(json.dumps(trained, default=str))
+
+
+def fingerprint_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """`key: a -> b` for every key of two trained fingerprints that differs."""
+    return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+
+
+def run_recipe_differences(old: Recipe, new: Recipe) -> list[str]:
+    """`key: old -> new` for every key that differs and would change what is trained."""
+    return fingerprint_differences(trained_fingerprint(old), trained_fingerprint(new))

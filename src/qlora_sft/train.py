@@ -18,7 +18,7 @@ from typing import Any
 
 from . import checkpoint, data, init_adapter, launch, launch_config, model, plan, plots, profiling, tracking
 from .errors import RecipeError, UserError, first_line
-from .files import append_jsonl
+from .files import append_jsonl, is_no_space, no_space_message
 from .recipe import BatchPlan, Recipe, resolve_batch, warmup_outlasts_training
 
 log = logging.getLogger("qlora_sft")
@@ -253,9 +253,8 @@ def _train(
     if resume_from is not None and 0 < max_steps <= resume_step:
         # the last step's checkpoint is complete but final/ is not (a preemption during the last step,
         # a crash while final/ was saved): publish it as final/ rather than train past max_steps
-        with checkpoint.main_process_writes() as is_main:
-            if is_main:
-                checkpoint.final_from_checkpoint(resume_from, run_dir / "final")
+        # (every rank raises the main process's error: a full disk)
+        checkpoint.main_process_decides(lambda: checkpoint.final_from_checkpoint(resume_from, run_dir / "final"))
         log.info(
             "done: %s is at step %d and train.max_steps is %d: published as %s without training further",
             resume_from.name,
@@ -285,9 +284,14 @@ def _train(
     if resume_from is not None:
         allow = recipe.checkpoint.allow_data_change
         checkpoint.main_process_decides(lambda: checkpoint.check_data_unchanged(resume_from, meta["data"], allow))
-        with checkpoint.main_process_writes() as is_main:
-            if is_main and (moved := checkpoint.trim_replayed_metrics(run_dir, resume_step)):
-                log.info("logs: %d lines of steps after %s moved to metrics.replayed.jsonl", moved, resume_from.name)
+    with checkpoint.main_process_writes() as is_main:
+        # the steps this launch trains again leave the log (also all of them where no checkpoint could be
+        # resumed: a start from step 0 in a run that had logged steps)
+        if is_main and (moved := checkpoint.trim_replayed_metrics(run_dir, max(resume_step, 0))):
+            since = resume_from.name if resume_from is not None else "step 0 (no checkpoint to resume)"
+            log.info("logs: %d lines of steps after %s moved to metrics.replayed.jsonl", moved, since)
+        if is_main and resume_from is not None:  # a checkpoint.keep_last lowered at this launch frees space now
+            checkpoint.apply_retention(run_dir, recipe.checkpoint.keep_last, newest=resume_from)
 
     # 4. Model: quantized, placed for the launch mode, with LoRA adapters.
     compute_dtype = mode.compute_dtype(recipe.quantization, recipe.model)
@@ -349,6 +353,10 @@ def _train(
         raise OutOfGpuMemoryError(
             out_of_memory_message(exc, run_dir, trainer.state.global_step + 1, state.process_index, outlook)
         ) from exc
+    except Exception as exc:  # a full disk while the logs are written (a checkpoint's save says so itself)
+        if not is_no_space(exc):
+            raise
+        raise UserError(no_space_in_training_message(exc, run_dir, trainer.state.global_step)) from exc
     finally:
         if profiler is not None:
             profiler.close()  # a profiled step that raised leaves nothing switched on
@@ -431,6 +439,18 @@ def out_of_memory_message(
     else:
         lines.append(f"To fit: {plan.LOWER_MEMORY}.")
     return "\n".join(lines)
+
+
+def no_space_in_training_message(exc: BaseException, run_dir: Path, step: int) -> str:
+    """A write during training (metrics.jsonl, TensorBoard's events: the checkpoints say it themselves)
+    found the disk full: which file or folder, what is kept, what to do."""
+    where = getattr(exc, "filename", None) or run_dir / "logs"
+    complete = [c for c in checkpoint.list_checkpoints(run_dir) if c.complete]
+    safe = f"the newest complete checkpoint is {complete[0].path}" if complete else "no checkpoint was complete yet"
+    return (
+        f"step {step}: writing {where} (the run's logs) failed: {no_space_message(Path(where))} ({first_line(exc)}); "
+        f"{safe}. Free space and relaunch the same command: training resumes from there."
+    )
 
 
 def tokenizer_and_data(recipe: Recipe, base_dir: Path | None, by: str = "train") -> tuple[Any, data.PreparedData]:
