@@ -365,7 +365,7 @@ class RunLock:
                 os.close(fd)  # and with it the flock
                 if is_no_space(exc):
                     raise RunDirError(
-                        f"writing {self.path}: {no_space_message(self.path.parent)}; nothing was changed. Free "
+                        f"writing {self.path}: {no_space_message(self.path.parent, exc)}; nothing was changed. Free "
                         "space and relaunch."
                     ) from None
                 raise
@@ -554,7 +554,7 @@ def prepare_run_dir(recipe: Recipe, launch: dict[str, Any]) -> RunLock | None:
         except OSError as exc:
             lock.release()
             if is_no_space(exc):
-                raise RunDirError(f"writing {run_dir / RUN_RECIPE}: {no_space_message(run_dir)}") from None
+                raise RunDirError(f"writing {run_dir / RUN_RECIPE}: {no_space_message(run_dir, exc)}") from None
             raise
 
     main_process_decides(work)
@@ -843,7 +843,7 @@ def final_from_checkpoint(ckpt: Path, final: Path) -> None:
             raise
         shutil.rmtree(staged, ignore_errors=True)
         raise UserError(
-            f"publishing {final} from {ckpt.name}: {no_space_message(staged)}; nothing of it was kept, and {ckpt} "
+            f"publishing {final} from {ckpt.name}: {no_space_message(staged, exc)}; nothing of it was kept, and {ckpt} "
             "is complete. Free space and relaunch: final/ is published from it without training."
         ) from None
 
@@ -1337,7 +1337,7 @@ class CheckpointingMixin:
                 else ""
             )
             raise UserError(
-                f"saving {what}: {no_space_message(staged)}; nothing of {what} was kept and {safe}. Free space"
+                f"saving {what}: {no_space_message(staged, error)}; nothing of {what} was kept and {safe}. Free space"
                 f"{older} and relaunch: training resumes from {newest or 'the start'}."
             ) from error
         if error is not None:

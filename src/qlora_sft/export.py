@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .files import is_no_space, no_space_message, sweep_temporaries, temporary_for, write_problem
+from .files import no_space_errno, no_space_message, sweep_temporaries, temporary_for, write_problem
 from .launch import DTYPES as TORCH_DTYPES
 from .loader import checkpoint_files
 from .recipe import QuantizationConfig, Recipe
@@ -1000,19 +1000,12 @@ def writes_named(out_dir: Path) -> Iterator[None]:
     except UserError:
         raise
     except Exception as exc:
-        # Python reports errno; the writers in Rust (safetensors, tokenizers) "... (os error 28)"
-        code = exc.errno if isinstance(exc, OSError) else None
-        m = re.search(r"\(os error (\d+)\)", str(exc))
-        code = code if code is not None else (int(m.group(1)) if m else None)
-        if code not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and not is_no_space(exc):
+        code = no_space_errno(exc)
+        if code is None:
             raise
+        why = no_space_message(out_dir.parent, exc)
         if code == errno.EFBIG:
-            why = (
-                "file too large: a file of the model outgrew the largest this process may write (`ulimit -f`) or the "
-                "file system takes; a smaller --shard-size makes smaller files"
-            )
-        else:
-            why = no_space_message(out_dir.parent) + ("" if code != errno.EDQUOT else " (disk quota exceeded)")
+            why += "; a smaller --shard-size makes smaller files"
         earlier = " (an earlier export)" if (out_dir / EXPORT_MARKER).is_file() else ""
         kept = f"{out_dir}{earlier} was left as it was" if out_dir.exists() else f"nothing is at {out_dir}"
         raise UserError(

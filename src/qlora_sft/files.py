@@ -78,23 +78,36 @@ def sampled_digest(path: Path, chunk: int = 1 << 20) -> str:
     return f"{DIGEST}:{h.hexdigest()}"
 
 
-def is_no_space(exc: BaseException) -> bool:
-    """A full disk (or quota, or a file size limit: EFBIG), however the writer reported it: OSError
-    ENOSPC/EDQUOT/EFBIG, torch's zip writer ("unexpected pos", "file write failed") which hides the
-    errno, or safetensors' writer ("I/O error: No space left on device (os error 28)"), which is no
-    OSError."""
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def no_space_errno(exc: BaseException | None) -> int | None:
+    """ENOSPC, EDQUOT or EFBIG (a file size limit) where `exc` is a write that ran out of room, however
+    the writer reported it, else None: an OSError's errno; the writers in Rust (safetensors,
+    tokenizers) "... (os error 28)", which are no OSError; torch's zip writer ("unexpected pos",
+    "file write failed"), which hides the errno (counted as ENOSPC)."""
+    if exc is None:
+        return None
     if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        return exc.errno if exc.errno in NO_SPACE_ERRNOS else None
     text = str(exc)
-    if any(f"(os error {e})" in text for e in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)):
-        return True
-    return isinstance(exc, RuntimeError) and (
-        "unexpected pos" in text or "file write failed" in text or "No space left" in text
-    )
+    m = re.search(r"\(os error (\d+)\)", text)
+    if m and int(m.group(1)) in NO_SPACE_ERRNOS:
+        return int(m.group(1))
+    torch_zip = ("unexpected pos", "file write failed", "No space left")
+    if isinstance(exc, RuntimeError) and any(s in text for s in torch_zip):
+        return errno.ENOSPC
+    return None
 
 
-def no_space_message(path: Path) -> str:
-    """'no space left on <mount> (<free> free of <total>)' for the file system holding `path`."""
+def is_no_space(exc: BaseException) -> bool:
+    """A write that ran out of room: a full disk, a quota or a file size limit (`no_space_errno`)."""
+    return no_space_errno(exc) is not None
+
+
+def no_space_message(path: Path, exc: BaseException | None = None) -> str:
+    """'no space left on the file system of <mount> (<free> free of <total>)' for the file system
+    holding `path`; where `exc` says a quota or a file size limit stopped the write, that instead."""
     probe = Path(path)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -103,6 +116,14 @@ def no_space_message(path: Path) -> str:
         free = f" ({usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.1f} GiB)"
     except OSError:
         free = ""
+    code = no_space_errno(exc)
+    if code == errno.EFBIG:
+        return (
+            f"a file grew past the largest this process may write (`ulimit -f`) or the file system of {probe} "
+            "takes (file too large)"
+        )
+    if code == errno.EDQUOT:
+        return f"the disk quota on the file system of {probe} is used up{free}"
     return f"no space left on the file system of {probe}{free}"
 
 

@@ -447,8 +447,9 @@ def no_space_in_training_message(exc: BaseException, run_dir: Path, step: int) -
     where = getattr(exc, "filename", None) or run_dir / "logs"
     complete = [c for c in checkpoint.list_checkpoints(run_dir) if c.complete]
     safe = f"the newest complete checkpoint is {complete[0].path}" if complete else "no checkpoint was complete yet"
+    why = no_space_message(Path(where), exc)
     return (
-        f"step {step}: writing {where} (the run's logs) failed: {no_space_message(Path(where))} ({first_line(exc)}); "
+        f"step {step}: writing {where} (the run's logs) failed: {why} ({first_line(exc)}); "
         f"{safe}. Free space and relaunch the same command: training resumes from there."
     )
 
