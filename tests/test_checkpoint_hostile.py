@@ -469,3 +469,53 @@ def test_a_write_out_of_room_is_named_by_what_stopped_it(tmp_path: Path):
     for other in (OSError(errno.EACCES, "Permission denied"), RuntimeError("(os error 13)"), ValueError("x")):
         assert not is_no_space(other) and no_space_errno(other) is None
     assert no_space_message(tmp_path).startswith("no space left on the file system of")
+
+
+def test_a_keep_last_lowered_at_a_resume_keeps_the_best_checkpoint(tiny_model: Path, tmp_path: Path):
+    """train.load_best_model_at_end, best at step 2; the run is relaunched to train longer with
+    checkpoint.keep_last: 1. The retention a resume applies before training did not know the best
+    checkpoint and deleted it, so final/ could not hold its adapter. It is kept now, and final/ holds it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    best = {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": True}
+    train(load_recipe(run_recipe(tmp_path, tiny_model, "lowered", train=best)))
+    run = tmp_path / "runs" / "lowered"
+    shutil.rmtree(run / "final")  # as if stopped after step 6's checkpoint: the relaunch resumes from it
+    longer = run_recipe(tmp_path, tiny_model, "lowered", train={**best, "max_steps": 8}, keep_last=1)
+    kept = load_file(str(run / "checkpoint-2" / "adapter_model.safetensors"))
+    assert train(load_recipe(longer)).global_step == 8
+    assert [c.step for c in checkpoint.list_checkpoints(run)] == [8, 2]
+    final = load_file(str(run / "final" / "adapter_model.safetensors"))
+    assert all(torch.equal(final[k].float(), v.float()) for k, v in kept.items())
+
+
+def test_a_run_moved_elsewhere_publishes_its_best_checkpoint_from_where_it_is_now(tiny_model: Path, tmp_path: Path):
+    """The checkpoints' trainer_state.json name the best checkpoint by its absolute path. A run moved to
+    another folder (another machine, another file system) and resumed looked for it there: gone, so
+    final/ held the last step's adapter (or, with the old folder still present, read another run's)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    best = {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": True}
+    train(load_recipe(run_recipe(tmp_path, tiny_model, "moved", train=best)))
+    shutil.rmtree(tmp_path / "runs" / "moved" / "final")
+    shutil.move(tmp_path / "runs", tmp_path / "elsewhere")
+    raw = recipe_dict(
+        tiny_model,
+        tmp_path / "toy.jsonl",
+        tmp_path / "elsewhere",
+        run={"name": "moved"},
+        train={**SHORT, **best, "max_steps": 8},
+    )
+    run = tmp_path / "elsewhere" / "moved"
+    kept = load_file(str(run / "checkpoint-2" / "adapter_model.safetensors"))
+    assert train(load_recipe(write_recipe(tmp_path / "moved.yaml", raw))).global_step == 8
+    final = load_file(str(run / "final" / "adapter_model.safetensors"))
+    assert all(torch.equal(final[k].float(), v.float()) for k, v in kept.items())

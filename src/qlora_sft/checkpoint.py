@@ -860,6 +860,14 @@ def unlisted_files(ckpt: Path) -> list[str]:
     )
 
 
+def best_checkpoint(ckpt: Path) -> str | None:
+    """The best checkpoint that `ckpt`'s trainer_state.json names (train.load_best_model_at_end), or None."""
+    try:
+        return json.loads((ckpt / "trainer_state.json").read_text()).get("best_model_checkpoint") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def apply_retention(
     run_dir: Path, keep_last: int | None, newest: Path | None = None, best: str | None = None
 ) -> list[Path]:
@@ -876,7 +884,7 @@ def apply_retention(
         return []
     removed = []
     for info in complete[keep_last:]:
-        if best and Path(best) == info.path:
+        if best and Path(best).name == info.path.name:  # (by name: a run copied elsewhere keeps its old path)
             continue
         theirs = unlisted_files(info.path)
         if theirs:
@@ -1512,7 +1520,7 @@ class Checkpointing:
         self.preemption = preemption_callback(list(recipe.checkpoint.signals))
 
     def callbacks(self) -> list[Any]:
-        return [self.preemption, fault_callback(self.fault, self.rank)]
+        return [self.preemption, fault_callback(self.fault, self.rank), best_checkpoint_callback()]
 
     def trainer(self, base: type, **kwargs: Any) -> Any:
         """An instance of `base` (e.g. trl.SFTTrainer) that checkpoints this way."""
@@ -1677,6 +1685,32 @@ def preemption_callback(signals: list[str]) -> Any:
                 )
 
     return Preemption()
+
+
+def best_checkpoint_callback() -> Any:
+    """train.load_best_model_at_end after a resume: the resumed trainer_state.json names the best
+    checkpoint by the absolute path it had when saved. In a run moved or copied elsewhere, the Trainer
+    dropped it as missing (final/ then held the last step's adapter) or kept the old run's folder. At
+    the first step (the resumed state is loaded by then), it is named where this run has it."""
+    from transformers import TrainerCallback
+
+    class BestCheckpointHere(TrainerCallback):
+        checked = False
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.checked:
+                return
+            self.checked = True
+            if not args.load_best_model_at_end or state.global_step == 0:
+                return
+            run_dir = Path(args.output_dir)
+            recorded = best_checkpoint(run_dir / f"checkpoint-{state.global_step}")
+            here = run_dir / Path(recorded).name if recorded else None
+            if here is not None and here.is_dir() and str(here) != state.best_model_checkpoint:
+                log.info("the best checkpoint recorded as %s is %s in this run directory", recorded, here)
+                state.best_model_checkpoint = str(here)
+
+    return BestCheckpointHere()
 
 
 def fault_callback(fault: Fault, rank: int) -> Any:

@@ -291,7 +291,8 @@ def _train(
             since = resume_from.name if resume_from is not None else "step 0 (no checkpoint to resume)"
             log.info("logs: %d lines of steps after %s moved to metrics.replayed.jsonl", moved, since)
         if is_main and resume_from is not None:  # a checkpoint.keep_last lowered at this launch frees space now
-            checkpoint.apply_retention(run_dir, recipe.checkpoint.keep_last, newest=resume_from)
+            best = checkpoint.best_checkpoint(resume_from)  # (load_best_model_at_end: kept, as when saving)
+            checkpoint.apply_retention(run_dir, recipe.checkpoint.keep_last, newest=resume_from, best=best)
 
     # 4. Model: quantized, placed for the launch mode, with LoRA adapters.
     compute_dtype = mode.compute_dtype(recipe.quantization, recipe.model)
