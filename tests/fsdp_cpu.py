@@ -91,6 +91,7 @@ def main(model_dir: str, out: str, use_orig_params: bool = False) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(report, f)
+    dist.barrier()  # every rank done with its collectives before any tears gloo down (CI saw one abort)
     dist.destroy_process_group()
 
 

@@ -200,6 +200,7 @@ def main(model_dir: str, out_dir: str) -> None:
     report["release_refused"] = release_refusals()
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()
+    dist.barrier()  # every rank done with its collectives before any tears gloo down (CI saw one abort)
     dist.destroy_process_group()
 
 

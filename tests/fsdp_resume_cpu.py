@@ -188,6 +188,7 @@ def main(model_dir: str, out_dir: str, units: str, phase: str) -> None:
             dist.barrier()
     report["adapter_digest"] = adapter_digest(wrapped)
     (out / f"{units}-{phase}-rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()  # every rank done with its collectives before any tears gloo down (CI saw one abort)
     dist.destroy_process_group()
 
 
