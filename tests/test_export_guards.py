@@ -144,24 +144,29 @@ def test_a_full_disk_keeps_the_old_export_and_names_the_file_system(
     assert digests(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
+def exported_instead(run: Path, used: str, skipped: str, why: str, caplog: pytest.LogCaptureFixture) -> None:
+    """resolve_source(run) takes run/`used` and warns that run/`skipped` is not a complete adapter (`why`)."""
+    from qlora_sft.export import resolve_source
+
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        source = resolve_source(run)
+    assert source.adapter_dir == run / used
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(
+        f"{run / skipped} is not a complete adapter {why}" in m
+        and f"using the newest complete checkpoint {run / used}" in m
+        for m in warned
+    ), warned
+
+
 def test_a_damaged_final_is_named_when_a_checkpoint_is_exported_instead(
     run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
-    from qlora_sft.export import resolve_source
-
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     adapter = copy / "final" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:-16])  # cut short: its size no longer matches the manifest
-    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
-        source = resolve_source(copy)
-    assert source.adapter_dir == copy / "checkpoint-2"
-    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert any(
-        f"{copy / 'final'} is not a complete adapter (file adapter_model.safetensors has" in m
-        and f"using the newest complete checkpoint {copy / 'checkpoint-2'}" in m
-        for m in warned
-    ), warned
+    exported_instead(copy, "checkpoint-2", "final", "(file adapter_model.safetensors has", caplog)
 
 
 NOT_UTF8 = os.fsdecode(b"r\xe9n-\xff")  # a Latin-1 name: bytes that are not UTF-8
@@ -248,18 +253,8 @@ def test_a_newer_checkpoint_without_its_marker_is_named_when_an_older_one_is_exp
 ):
     """A run without final/ exports its newest complete checkpoint; a newer one that is incomplete
     (no COMPLETE marker) was passed over with no word (resume names such checkpoints)."""
-    from qlora_sft.export import resolve_source
-
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "final")
     (copy / "checkpoint-2" / "COMPLETE").unlink()
-    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
-        source = resolve_source(copy)
-    assert source.adapter_dir == copy / "checkpoint-1"
-    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert any(
-        f"{copy / 'checkpoint-2'} is not a complete adapter (no COMPLETE marker" in m
-        and f"using the newest complete checkpoint {copy / 'checkpoint-1'}" in m
-        for m in warned
-    ), warned
+    exported_instead(copy, "checkpoint-1", "checkpoint-2", "(no COMPLETE marker", caplog)

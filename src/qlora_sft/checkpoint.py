@@ -466,11 +466,12 @@ def check_run_dir(recipe: Recipe) -> str:
     diffs = run_recipe_differences(old, recipe)
     moved = [d for d in diffs if d.startswith("model.name_or_path:")]
     newest = next((c.path for c in list_checkpoints(run_dir) if c.complete), None)
+    recorded = json.loads((newest / MANIFEST).read_text()) if newest else {}
     if moved:
         # the same base model found at another path (a run copied from another machine, a model folder
         # moved): its files are what the newest complete checkpoint recorded (not recipe.yaml's launch
         # block, which a launch refused later may have rewritten), so the path alone is no other recipe
-        saved = json.loads((newest / MANIFEST).read_text()).get("base_model") if newest else None
+        saved = recorded.get("base_model")
         now = base_fingerprint(recipe)
         if saved and now and saved == now:
             diffs = [d for d in diffs if d not in moved]
@@ -479,7 +480,7 @@ def check_run_dir(recipe: Recipe) -> str:
     if sources and newest and all(old_sources.get(k) == new_sources.get(k) for k in DATA_SOURCE_KEYS):
         # the data copied or moved with the run (another machine, another user): the resume compares the
         # files' content with what the checkpoint recorded (`data_changes`) and refuses other data
-        files = (json.loads((newest / MANIFEST).read_text()).get("data") or {}).get("files")
+        files = (recorded.get("data") or {}).get("files")
         if files and all(len(f) > 3 for f in files):  # content digests recorded (since 2026-12-01)
             diffs = [d for d in diffs if d not in sources]
     if diffs and not trained_anything(run_dir):
@@ -717,13 +718,21 @@ def find_resume(recipe: Recipe) -> Path | None:
     return None
 
 
+def checkpoint_files(ckpt: Path) -> list[Path]:
+    """The files a checkpoint's manifest lists, in order: every file in it (subfolders too) but the
+    marker, the manifest and hidden files."""
+    return [
+        p
+        for p in sorted(ckpt.rglob("*"))
+        if p.is_file() and p.name not in (COMPLETE, MANIFEST) and not p.name.startswith(".")
+    ]
+
+
 def write_manifest(ckpt: Path, meta: dict[str, Any]) -> None:
     """Record every file with its size and digest, then the marker, last. Main process only, after
     every rank has written its files (read back once, from the page cache they were just written to)."""
     files = {
-        str(p.relative_to(ckpt)): {"size": p.stat().st_size, "digest": file_digest(p)}
-        for p in sorted(ckpt.rglob("*"))
-        if p.is_file() and p.name not in (COMPLETE, MANIFEST) and not p.name.startswith(".")
+        str(p.relative_to(ckpt)): {"size": p.stat().st_size, "digest": file_digest(p)} for p in checkpoint_files(ckpt)
     }
     latest = ckpt / "latest"  # DeepSpeed's tag file: the folder holding its per-rank shards
     if latest.is_file():
@@ -852,12 +861,7 @@ def unlisted_files(ckpt: Path) -> list[str]:
     """Files in a complete checkpoint that its manifest does not list (put there after it was saved:
     a user's evaluation, notes), as paths inside it."""
     listed = set(json.loads((ckpt / MANIFEST).read_text()).get("files") or {})
-    return sorted(
-        rel
-        for p in ckpt.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and p.name not in (COMPLETE, MANIFEST)
-        if (rel := str(p.relative_to(ckpt))) not in listed
-    )
+    return [rel for p in checkpoint_files(ckpt) if (rel := str(p.relative_to(ckpt))) not in listed]
 
 
 def best_checkpoint(ckpt: Path) -> str | None:

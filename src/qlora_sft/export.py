@@ -361,8 +361,7 @@ def merged_tensors(
 
     from .loader import is_quant_state_key, stored_quant_state
 
-    seen: set[str] = set()
-    for f in files:
+    for f in files:  # (every adapted layer is there: `check_adapter_fits` ran before)
         with safe_open(str(f), framework="pt", device="cpu") as st:
             present = set(st.keys())
             for name in st.keys():
@@ -388,11 +387,7 @@ def merged_tensors(
                             raise misfit(name, tuple(w.shape), (b.shape[0], a.shape[1]))
                         w = w + (b @ a) * p.scale
                     t = w.cpu()
-                seen.add(name)
                 yield name, t.to(dtype) if t.is_floating_point() else t
-    missing = [n for n in pairs if n not in seen]
-    if missing:
-        raise misfit(missing=missing)
 
 
 def misfit(
@@ -778,14 +773,14 @@ def check_out_dir(out_dir: Path, source: Source, overwrite: bool) -> None:
             )
 
     for protected in filter(None, (source.run_dir, source.adapter_dir)):
+        below = relative_below(out_dir, protected)
         if relative_below(protected, out_dir) is not None:
             what = "run" if protected == source.run_dir else "adapter"
-            where = "" if relative_below(out_dir, protected) is not None else "a folder around "
+            where = "" if below is not None else "a folder around "
             raise UserError(
                 f"export: --out {out_dir} is {where}the {what} being exported ({protected}); writing there would "
                 f"replace it. Choose a folder outside it (the default is {default})."
             )
-        below = relative_below(out_dir, protected)
         if below is not None:
             refuse_run_entry(protected, below)
     out = out_dir.resolve()

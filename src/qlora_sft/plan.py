@@ -476,8 +476,9 @@ def plan_lines(
             out.append(f"data: {rows} training examples -> {steps} optimizer steps per epoch")
     if max_steps > 0:
         out.append(f"training: max_steps = {max_steps}")
-    warmup = warmup_outlasts_training(float(recipe.train.args.get("warmup_steps", 0)), total_steps)
-    if warmup and recipe.train.args.get("lr_scheduler_type") != "constant":
+    args = recipe.train.args
+    warmup = warmup_outlasts_training(float(args.get("warmup_steps", 0)), total_steps, args.get("lr_scheduler_type"))
+    if warmup:
         out.append(f"warning: {warmup}")
     est = estimate_memory(shape, recipe, mode)
     out.append(

@@ -1239,11 +1239,12 @@ TRAIN_VALUE_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 
 
-def warmup_outlasts_training(warmup_steps: float, total_steps: int) -> str | None:
+def warmup_outlasts_training(warmup_steps: float, total_steps: int, scheduler: Any = None) -> str | None:
     """A warning where the warmup (train.warmup_steps: a count, or a fraction of the training below 1)
-    lasts as long as the training: the learning rate would never reach train.learning_rate."""
+    lasts as long as the training: the learning rate would never reach train.learning_rate. The
+    `constant` scheduler (lr_scheduler_type) has no warmup."""
     warmup = int(warmup_steps) if warmup_steps >= 1 else math.ceil(total_steps * warmup_steps)
-    if total_steps <= 0 or warmup < total_steps:
+    if scheduler == "constant" or total_steps <= 0 or warmup < total_steps:
         return None
     return (
         f"train.warmup_steps is {warmup} and the training lasts {total_steps} optimizer steps: the learning "

@@ -126,8 +126,8 @@ def warmup_callback() -> Any:
 
     class WarmupCheck(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            note = warmup_outlasts_training(args.warmup_steps, state.max_steps)
-            if note and state.is_world_process_zero and args.lr_scheduler_type != "constant":
+            note = warmup_outlasts_training(args.warmup_steps, state.max_steps, args.lr_scheduler_type)
+            if note and state.is_world_process_zero:
                 log.warning("warning: %s", note)
 
     return WarmupCheck()
