@@ -191,3 +191,19 @@ def bf16_nf4_config() -> Any:
         bnb_4bit_compute_dtype=bf16,
         bnb_4bit_quant_storage=bf16,
     )
+
+
+def fake_checkpoint(folder: Path, step: int, **meta: Any) -> Path:
+    """A checkpoint folder as a run publishes it (adapter, its config, trainer state, manifest, marker),
+    without training: for the checks that read checkpoints. Other files go in before the call."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.full((25,), float(step))}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}\n')
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}) + "\n")
+    from qlora_sft import checkpoint
+
+    checkpoint.write_manifest(folder, {"step": step, **meta})
+    return folder

@@ -16,6 +16,7 @@ from helpers import (
     REPO,
     accelerate_cmd,
     cpu_env,
+    fake_checkpoint,
     losses_by_step,
     recipe_dict,
     wait_for_losses,
@@ -184,14 +185,8 @@ def test_corrupt_or_unmarked_checkpoints_are_skipped_not_deleted(tmp_path: Path,
     data = write_toy_data(tmp_path / "toy.jsonl", n=40)
     recipe = build_recipe(recipe_dict(tiny_model, data, tmp_path / "runs"))
     run_dir = recipe.run_dir
-    import torch
-    from safetensors.torch import save_file
-
     for step in (2, 4, 6):
-        d = run_dir / f"checkpoint-{step}"
-        d.mkdir(parents=True)
-        save_file({"w": torch.full((25,), float(step))}, str(d / "adapter_model.safetensors"))
-        checkpoint.write_manifest(d, {"step": step, "world_size": 1, "global_batch": 8})
+        fake_checkpoint(run_dir / f"checkpoint-{step}", step, world_size=1, global_batch=8)
     assert checkpoint.find_resume(recipe) == run_dir / "checkpoint-6"
     size = (run_dir / "checkpoint-6" / "adapter_model.safetensors").stat().st_size
     (run_dir / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"x" * 40)  # truncated

@@ -519,3 +519,36 @@ def test_a_run_moved_elsewhere_publishes_its_best_checkpoint_from_where_it_is_no
     assert train(load_recipe(write_recipe(tmp_path / "moved.yaml", raw))).global_step == 8
     final = load_file(str(run / "final" / "adapter_model.safetensors"))
     assert all(torch.equal(final[k].float(), v.float()) for k, v in kept.items())
+
+
+def test_a_manifest_that_lists_none_of_the_checkpoints_own_files_does_not_vouch_for_it(tmp_path: Path):
+    """A manifest edited by hand (or written by some other tool) to `"files": {}` checked nothing, and
+    the checkpoint counted as complete: a resume trusted an adapter and a trainer state nobody had
+    verified. The files every checkpoint holds must be listed; the one that lacks them is skipped, named
+    and kept, and the resume takes the older one."""
+    from helpers import fake_checkpoint
+
+    from qlora_sft.recipe import build_recipe
+
+    recipe = build_recipe(recipe_dict(tmp_path / "model", tmp_path / "x.jsonl", tmp_path / "runs"))
+    for step in (2, 4):
+        fake_checkpoint(recipe.run_dir / f"checkpoint-{step}", step, world_size=1, global_batch=8)
+    newest = recipe.run_dir / "checkpoint-4"
+    manifest = json.loads((newest / checkpoint.MANIFEST).read_text())
+    assert checkpoint.inspect_checkpoint(newest, verify=True).complete
+    (newest / checkpoint.MANIFEST).write_text(json.dumps({**manifest, "files": {}}))
+    info = checkpoint.inspect_checkpoint(newest, verify=True)
+    assert not info.complete
+    assert "lists none of adapter_model.safetensors, adapter_config.json, trainer_state.json" in info.reason
+    assert checkpoint.find_resume(recipe) == recipe.run_dir / "checkpoint-2"
+    assert newest.is_dir()
+    # one of them left out is enough
+    files = {k: v for k, v in manifest["files"].items() if k != "trainer_state.json"}
+    (newest / checkpoint.MANIFEST).write_text(json.dumps({**manifest, "files": files}))
+    assert "lists none of trainer_state.json" in checkpoint.inspect_checkpoint(newest).reason
+    # final/ holds no trainer state: its manifest need not list one
+    final = recipe.run_dir / "final"
+    fake_checkpoint(final, 4)
+    (final / "trainer_state.json").unlink()
+    checkpoint.write_manifest(final, {"step": 4})
+    assert checkpoint.inspect_checkpoint(final, verify=True).complete

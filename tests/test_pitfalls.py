@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import accelerate_cmd, cpu_env, recipe_dict, wait_for_losses, write_recipe, write_toy_data
+from helpers import accelerate_cmd, cpu_env, fake_checkpoint, recipe_dict, wait_for_losses, write_recipe, write_toy_data
 
 from qlora_sft import checkpoint
 from qlora_sft.recipe import build_recipe
@@ -102,7 +102,7 @@ def test_missing_deepspeed_tag_folder_is_skipped_not_half_restored(tmp_path: Pat
         (d / f"global_step{step}").mkdir(parents=True)
         (d / f"global_step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
         (d / "latest").write_text(f"global_step{step}")
-        checkpoint.write_manifest(d, {"step": step, "world_size": 2, "global_batch": 8})
+        fake_checkpoint(d, step, world_size=2, global_batch=8)
     (recipe.run_dir / "checkpoint-8" / "global_step8" / "mp_rank_00_model_states.pt").unlink()
     assert checkpoint.find_resume(recipe) == recipe.run_dir / "checkpoint-4"
     info = checkpoint.inspect_checkpoint(recipe.run_dir / "checkpoint-8")

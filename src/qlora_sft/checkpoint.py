@@ -63,6 +63,8 @@ LOCK = "LOCK"
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved a checkpoint, start me again"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 ADAPTER_FILE = "adapter_model.safetensors"
+# what every published checkpoint-<step> holds, and its manifest lists (final/: all but the trainer state)
+OWN_FILES = (ADAPTER_FILE, "adapter_config.json", "trainer_state.json")
 # Folders of a run directory that belong to the run (export refuses to write over them)
 RUN_ENTRIES = ("final", "logs", STAGING, RUN_RECIPE, LOCK, PREEMPTED)
 
@@ -632,8 +634,15 @@ def inspect_checkpoint(path: Path, verify: bool = False) -> CheckpointInfo:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError(f"its files are a {type(files).__name__}, not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return CheckpointInfo(step, path, False, f"{MANIFEST} unreadable ({exc})")
+    unlisted = [name for name in OWN_FILES if name not in files and (m or name != "trainer_state.json")]
+    if unlisted:  # a manifest edited by hand, or written by another tool, vouches for nothing
+        return CheckpointInfo(
+            step, path, False, f"{MANIFEST} lists none of {', '.join(unlisted)}, which every checkpoint holds"
+        )
     for rel, entry in files.items():
         size, digest = (entry["size"], entry.get("digest")) if isinstance(entry, dict) else (entry, None)
         f = path / rel
