@@ -258,3 +258,19 @@ def test_a_newer_checkpoint_without_its_marker_is_named_when_an_older_one_is_exp
     shutil.rmtree(copy / "final")
     (copy / "checkpoint-2" / "COMPLETE").unlink()
     exported_instead(copy, "checkpoint-1", "checkpoint-2", "(no COMPLETE marker", caplog)
+
+
+def test_a_users_own_recipe_yaml_above_out_does_not_make_a_run_of_the_folder(run: Path, tmp_path: Path):
+    """A project folder holding the user's own recipe, saved as `recipe.yaml`, is not a run: a run's
+    recipe.yaml is the resolved one a launch wrote, with its `launch:` section. `--out final` there was
+    refused as "inside ... final, which belongs to the run <project>"."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "recipe.yaml").write_text((run / "recipe.yaml").read_text().split("\nlaunch:")[0] + "\n")
+    out = export(run, project / "final", verify=False).out
+    assert out == project / "final" and (out / "config.json").is_file()
+    # a run's own recipe.yaml still marks its folder
+    other = tmp_path / "runs" / "other"
+    shutil.copytree(run, other)
+    with pytest.raises(UserError, match=r"is inside .*final, which belongs to the run"):
+        export(run, other / "final" / "merged", verify=False)

@@ -755,7 +755,7 @@ def check_out_dir(out_dir: Path, source: Source, overwrite: bool) -> None:
     mount); never over a file or a folder holding a qlora-sft run; a non-empty folder only with
     --overwrite."""
     from .checkpoint import CHECKPOINT_RE, RUN_ENTRIES
-    from .recipe import RUN_RECIPE
+    from .recipe import RUN_RECIPE, is_run_directory
 
     default = (source.run_dir or source.adapter_dir.parent) / "merged"
     if out_dir.exists() and not out_dir.is_dir():
@@ -785,7 +785,7 @@ def check_out_dir(out_dir: Path, source: Source, overwrite: bool) -> None:
             refuse_run_entry(protected, below)
     out = out_dir.resolve()
     for run in out.parents:  # any run's checkpoints, final/ and logs, not only the exported one's
-        if (run / RUN_RECIPE).is_file():
+        if is_run_directory(run):
             refuse_run_entry(run, out.relative_to(run))
     if out_dir.is_symlink():  # publishing renames over the link itself, never into its target
         raise UserError(

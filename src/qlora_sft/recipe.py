@@ -1475,6 +1475,20 @@ def write_run_recipe(run_dir: Path, recipe: Recipe, launch: Mapping[str, Any]) -
     atomic_write_text(run_dir / RUN_RECIPE, yaml.safe_dump(resolved, sort_keys=False))
 
 
+def is_run_directory(folder: Path) -> bool:
+    """Whether `folder` is a qlora-sft run: its recipe.yaml is one a launch wrote (the resolved recipe
+    with its `launch:` section), not a user's own recipe saved under that name. One that does not read
+    counts as a run: the answer guards against overwriting one."""
+    path = folder / RUN_RECIPE
+    if not path.is_file():
+        return False
+    try:
+        data = yaml.safe_load(path.read_bytes())
+    except (OSError, yaml.YAMLError):
+        return True
+    return not isinstance(data, dict) or "launch" in data
+
+
 def read_run_recipe(run_dir: Path) -> Recipe:
     """The recipe a run directory was last launched with (raises RecipeError if it does not read)."""
     path = run_dir / RUN_RECIPE
