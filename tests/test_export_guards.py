@@ -274,3 +274,14 @@ def test_a_users_own_recipe_yaml_above_out_does_not_make_a_run_of_the_folder(run
     shutil.copytree(run, other)
     with pytest.raises(UserError, match=r"is inside .*final, which belongs to the run"):
         export(run, other / "final" / "merged", verify=False)
+
+
+def test_a_failed_export_leaves_no_folders_it_made_for_out(run: Path, tmp_path: Path):
+    """The folders above a new --out that the export made (exports/v1/) were left behind, empty, by an
+    export that failed (here the disk fills while the shards are written)."""
+    (tmp_path / "keep").mkdir()
+    out = tmp_path / "exports" / "v1" / "merged"
+    res = run_export_cli(str(run), "--out", str(out), "--no-verify", fsize=64 << 10)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "file too large" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]

@@ -854,6 +854,7 @@ def merge(source: Source, plan: ExportPlan) -> tuple[Path, dict[str, Any], float
     sweep_interrupted(plan.out_dir)
     tmp = temporary_for(plan.out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
+    made = [p for p in tmp.parents if not p.exists()]  # the folders above --out this export makes, nearest first
     tmp.mkdir(parents=True)
     try:
         rss_before = peak_rss_mb()
@@ -865,6 +866,11 @@ def merge(source: Source, plan: ExportPlan) -> tuple[Path, dict[str, Any], float
         copy_model_files(plan.base_folder, source, tmp, plan.dtype)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # unless something else was put there meanwhile
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     log.info(
         "export: merged %d tensors into %d shard(s); peak RSS %.0f MB (%.0f MB before the merge)",
