@@ -467,7 +467,7 @@ def check_run_dir(recipe: Recipe) -> str:
         )
     diffs = run_recipe_differences(old, recipe)
     moved = [d for d in diffs if d.startswith("model.name_or_path:")]
-    newest = next((c.path for c in list_checkpoints(run_dir) if c.complete), None)
+    newest = next((c.path for c in complete_checkpoints(run_dir)), None)
     recorded = json.loads((newest / MANIFEST).read_text()) if newest else {}
     if moved:
         # the same base model found at another path (a run copied from another machine, a model folder
@@ -684,6 +684,12 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
     return sorted(found, key=lambda c: c.step, reverse=True)
 
 
+def complete_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
+    """The complete checkpoints of a run (sizes checked, not digests), newest first: what the errors
+    of a failed save, a full disk, a divergence or an OOM name as safe."""
+    return [c for c in list_checkpoints(run_dir) if c.complete]
+
+
 def find_resume(recipe: Recipe) -> Path | None:
     """The checkpoint to resume from per `checkpoint.resume`: the newest one that is complete and
     intact (every file matches its digest). Skipped ones are named with the reason, and kept."""
@@ -892,7 +898,7 @@ def apply_retention(
     it. Main process only."""
     if not keep_last:
         return []
-    complete = [c for c in list_checkpoints(run_dir) if c.complete]
+    complete = complete_checkpoints(run_dir)
     if newest is not None and (not complete or complete[0].path != newest):
         return []
     removed = []
@@ -1347,7 +1353,7 @@ class CheckpointingMixin:
             if is_main and no_space:
                 shutil.rmtree(staged, ignore_errors=True)
         run_dir = staged.parent.parent
-        complete = [c.path.name for c in list_checkpoints(run_dir) if c.complete]
+        complete = [c.path.name for c in complete_checkpoints(run_dir)]
         newest = complete[0] if complete else None
         safe = f"the newest complete checkpoint is {newest}" if newest else "no complete checkpoint exists yet"
         if no_space:
@@ -1416,7 +1422,7 @@ class CheckpointingMixin:
     def _stop_nonfinite(self) -> None:
         steps = self._nonfinite
         run_dir = Path(super()._get_output_dir(None))  # type: ignore[misc]
-        newest = next((c.path.name for c in list_checkpoints(run_dir) if c.complete), None)
+        newest = next((c.path.name for c in complete_checkpoints(run_dir)), None)
         lr = self.args.learning_rate  # type: ignore[attr-defined]
         raise NonFiniteError(
             f"training diverged: the loss or gradient norm was not finite for {len(steps)} optimizer steps in a row "

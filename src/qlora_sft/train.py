@@ -427,7 +427,7 @@ def out_of_memory_message(
             f"plan estimated {outlook.estimate_gib:.2f} GiB per rank on this {outlook.gpu_gib:.1f} GiB GPU "
             f"(micro batch {outlook.micro} x {outlook.max_length} tokens)."
         )
-    complete = [c for c in checkpoint.list_checkpoints(run_dir) if c.complete]
+    complete = checkpoint.complete_checkpoints(run_dir)
     if complete:
         lines.append(
             f"Nothing before it is lost: {complete[0].path} is the newest complete checkpoint (step "
@@ -446,7 +446,7 @@ def no_space_in_training_message(exc: BaseException, run_dir: Path, step: int) -
     """A write during training (metrics.jsonl, TensorBoard's events: the checkpoints say it themselves)
     found the disk full: which file or folder, what is kept, what to do."""
     where = getattr(exc, "filename", None) or run_dir / "logs"
-    complete = [c for c in checkpoint.list_checkpoints(run_dir) if c.complete]
+    complete = checkpoint.complete_checkpoints(run_dir)
     safe = f"the newest complete checkpoint is {complete[0].path}" if complete else "no checkpoint was complete yet"
     why = no_space_message(Path(where), exc)
     return (
