@@ -558,7 +558,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from .files import write_problem
-    from .plots import draw
+    from .plots import draw, drawn_here
 
     runs = [Path(r) for r in args.runs]
     default = runs[0] / "logs" / "loss.png" if len(runs) == 1 else Path("loss.png")
@@ -568,6 +568,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         png = out.with_suffix(".png")
         raise UserError(f"plot: --out {out}: plot writes a PNG image; name the file .png (e.g. {png})")
+    if out.exists() and not drawn_here(out):
+        raise UserError(
+            f"plot: {out} exists and is not a plot qlora-sft drew; it was left as it is. Pass --out with another "
+            "name, or remove it."
+        )
     problem = write_problem(out.parent)
     if problem:
         raise UserError(f"plot: cannot write {out}: {problem}. Pass --out PATH.png in a writable folder.")

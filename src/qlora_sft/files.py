@@ -31,19 +31,21 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 DIGEST = "xxh3_128"
 _BLOCK = 8 << 20
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder; the temporary file is
-    removed if anything fails (a full disk included). The temporary name is this write's own (host,
-    pid and a random part, created exclusively): writers on hosts sharing the folder never meet in it."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(file)` into a temporary file in `path`'s folder, then rename it over `path`; the
+    temporary file is removed if anything fails (a full disk included). The temporary name is this
+    write's own (host, pid and a random part, created exclusively): writers of one file, in processes
+    or on hosts sharing the folder, never meet in it."""
     tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        with tmp.open("x", encoding="utf-8") as f:
-            f.write(text)
+        with tmp.open("xb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,6 +53,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`text` (UTF-8) into `path`, whole or not at all (`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def file_digest(path: Path) -> str:

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .files import jsonl_records
+from .files import atomic_write, is_no_space, jsonl_records, no_space_message
 
 log = logging.getLogger("qlora_sft")
+
+SOFTWARE = "qlora-sft plot"  # the PNG's Software text: a file `plot` may replace
 
 
 def series(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -82,11 +84,29 @@ def draw(run_dirs: list[Path], out: Path) -> Path:
     ax.set_title(", ".join(r.name for r in run_dirs))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        atomic_write(out, lambda f: fig.savefig(f, format="png", metadata={"Software": SOFTWARE}))
+    except OSError as exc:
+        if is_no_space(exc):
+            raise UserError(f"plot: writing {out}: {no_space_message(out.parent, exc)}; nothing was written") from None
+        raise
+    finally:
+        plt.close(fig)
     return out
+
+
+def drawn_here(png: Path) -> bool:
+    """Whether `png` is a plot qlora-sft drew (its PNG names qlora-sft as the software that made it), or
+    a run's own logs/loss.png (drawn by versions that named nothing): one `plot` may replace."""
+    if png.parent.name == "logs" and png.name == "loss.png" and (png.parent / "metrics.jsonl").is_file():
+        return True
+    from PIL import Image
+
+    try:
+        with Image.open(png) as im:
+            return im.format == "PNG" and im.info.get("Software") == SOFTWARE
+    except Exception:  # not an image, or one PIL cannot read: not ours
+        return False
 
 
 def loss_plot_callback(run_dir: Path) -> Any:

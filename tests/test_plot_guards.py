@@ -1,0 +1,98 @@
+"""`qlora-sft plot` as users run it: while the run trains (the training redraws the same PNG), into a
+folder that holds their own figures, on a full disk."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from qlora_sft import cli
+
+
+def fake_run(root: Path, name: str = "run", steps: int = 30) -> Path:
+    run = root / name
+    (run / "logs").mkdir(parents=True)
+    lines = [f'{{"step": {s}, "loss": {3.0 - s / 20}, "learning_rate": 0.0001}}' for s in range(1, steps + 1)]
+    (run / "logs" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+REDRAW = """
+import sys
+from pathlib import Path
+from qlora_sft.plots import draw
+run = Path(sys.argv[1])
+for _ in range(8):
+    draw([run], run / "logs" / "loss.png")
+"""
+
+
+def test_two_plots_of_one_run_at_once_both_finish(tmp_path: Path):
+    """The training redraws logs/loss.png at each save while the user runs `qlora-sft plot RUN`, which
+    writes the same file: both went through one temporary name, and one rename failed
+    (FileNotFoundError, a traceback for the user)."""
+    run = fake_run(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", REDRAW, str(run)], stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(3)
+    ]
+    failed = [err for p in procs if (err := p.communicate(timeout=300)[1]) and p.returncode != 0]
+    assert failed == []
+    with Image.open(run / "logs" / "loss.png") as im:
+        assert im.format == "PNG"
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["loss.png", "metrics.jsonl"]
+
+
+def test_plot_never_replaces_a_picture_it_did_not_draw(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """With several runs the default is ./loss.png: a user's own loss.png there was replaced without a
+    word. A plot qlora-sft drew is replaced; any other file is refused, named, and left as it was."""
+    a, b = fake_run(tmp_path, "a"), fake_run(tmp_path, "b")
+    theirs = tmp_path / "loss.png"
+    Image.new("RGB", (8, 8), "red").save(theirs)
+    before = theirs.read_bytes()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert cli.main(["plot", str(a), str(b)]) == 2
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err
+    assert f"{Path('loss.png')} exists and is not a plot qlora-sft drew" in err and "--out" in err
+    assert theirs.read_bytes() == before
+    # one it drew is replaced, by default or by --out
+    assert cli.main(["plot", str(a), str(b), "--out", str(tmp_path / "two.png")]) == 0
+    assert cli.main(["plot", str(a), "--out", str(tmp_path / "two.png")]) == 0
+    # and a run's own logs/loss.png, drawn by versions that marked nothing, is still replaced
+    Image.new("RGB", (8, 8), "blue").save(a / "logs" / "loss.png")
+    assert cli.main(["plot", str(a)]) == 0
+    with Image.open(a / "logs" / "loss.png") as im:
+        assert im.size[0] > 400
+
+
+PLOT_WITH_LIMIT = """
+import resource, signal, sys
+from qlora_sft.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_while_plotting_is_named_and_leaves_no_temporary_file(tmp_path: Path):
+    """A write that fails half-way (here a file size limit, as a full disk) left `.loss.png.tmp.png`
+    behind, with a traceback."""
+    run = fake_run(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    res = subprocess.run(
+        [sys.executable, "-c", PLOT_WITH_LIMIT, "plot", str(run)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert f"plot: writing {run / 'logs' / 'loss.png'}" in res.stderr and "file too large" in res.stderr
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["metrics.jsonl"]
