@@ -462,6 +462,11 @@ TPU_KEYS = frozenset(
         "commands",
     }
 )
+# Every top-level key accelerate's reader of `--config_file` accepts (its ClusterConfig fields, plus
+# `fp16` and `dynamo_backend`, which it converts); any other key makes `accelerate launch` refuse the
+# file ("had unknown keys"). A test holds this to the installed accelerate.
+ACCELERATE_KEYS = LAUNCH_KEYS | TPU_KEYS | {"fp8_config", "megatron_lm_config", "parallelism_config", "dynamo_config"}
+ACCELERATE_KEYS |= {"fp16", "dynamo_backend"}
 CUDA_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED", "FSDP")
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")
 BACKWARD_PREFETCH = ("BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH")
@@ -735,24 +740,51 @@ def read_accelerate(path: str | os.PathLike[str]) -> AccelerateConfig:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"accelerate config {p} is a directory; name the YAML file in it")
     if not p.is_file():
         raise UserError(f"accelerate config {p} not found")
     try:
-        cfg = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"accelerate config {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise UserError(f"accelerate config {p} is not valid YAML: {exc}") from None
+    if cfg is None:
+        raise UserError(
+            f"accelerate config {p} is empty; `accelerate launch` cannot read it. Start from one of "
+            "configs/accelerate/ (single_gpu.yaml for one process)"
+        )
     if not isinstance(cfg, dict):
         raise UserError(f"accelerate config {p}: the top level must be a mapping")
     name = p.name
-    dist_type = str(cfg.get("distributed_type", "NO")).upper()
+    # what `accelerate launch` refuses in the file, whatever the recipe: said here, not on every node
+    unknown = sorted(str(k) for k in set(cfg) - ACCELERATE_KEYS)
+    if unknown:
+        raise UserError(
+            f"accelerate config {p}: {', '.join(unknown)} is not an accelerate config key, and `accelerate launch` "
+            "refuses a file with unknown keys. Remove it, or correct its spelling"
+        )
+    if "distributed_type" not in cfg:
+        raise UserError(
+            f"accelerate config {p} has no distributed_type, which `accelerate launch` requires: add one of "
+            "NO, MULTI_GPU, DEEPSPEED, FSDP (MULTI_CPU for CPU ranks)"
+        )
+    dist_type = str(cfg["distributed_type"])
+    if dist_type != dist_type.upper():
+        raise UserError(
+            f"accelerate config {p}: distributed_type is {dist_type}; accelerate reads it in capitals only: "
+            f"write distributed_type: {dist_type.upper()}"
+        )
+    counts = {}
+    for key in ("num_processes", "num_machines"):
+        value = cfg.get(key, 1)
+        if value is None:
+            value = 1
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"accelerate config {p}: {key} is {value!r}; give a whole number (e.g. {key}: 2)")
+        counts[key] = value or 1
     notes, problems = [], []
-    for key in sorted(
-        set(cfg)
-        - LAUNCH_KEYS
-        - TPU_KEYS
-        - {"fp8_config", "megatron_lm_config", "parallelism_config", "dynamo_config", "ipex_config", "mpirun_config"}
-    ):
-        notes.append(f"{name}: {key} is not an accelerate config key; accelerate ignores it")
     for key in sorted(TPU_KEYS & set(cfg)):
         if cfg[key] not in (None, False, "no", [], "", "NO"):
             notes.append(f"{name}: {key} applies to TPUs; ignored on GPUs")
@@ -802,13 +834,12 @@ def read_accelerate(path: str | os.PathLike[str]) -> AccelerateConfig:
             deepspeed = read_deepspeed(ds["deepspeed_config_file"], p)
         else:
             deepspeed = deepspeed_from_accelerate(ds, p)
-    machines = int(cfg.get("num_machines", 1) or 1)
     return AccelerateConfig(
         path=p,
         raw=cfg,
         distributed_type=dist_type,
-        num_processes=int(cfg.get("num_processes", 1) or 1),
-        num_machines=machines,
+        num_processes=counts["num_processes"],
+        num_machines=counts["num_machines"],
         mixed_precision=str(cfg.get("mixed_precision", "no") or "no").lower(),
         fsdp=fsdp,
         deepspeed=deepspeed,
