@@ -283,7 +283,7 @@ def test_the_known_accelerate_keys_are_accelerates(tmp_path: Path):
 
 def test_plan_of_a_multi_node_config_uses_its_node_count(tmp_path: Path):
     """`plan R --config multi_node.yaml` (num_machines 2, num_processes 16) planned 1 node x 8 = world
-    size 8 (an accumulation of 2 where the launch the file describes has 1): --nodes defaulted to 1
+    size 8 (an accumulation of 4 where the launch the file describes has 2): --nodes defaulted to 1
     over the file."""
     from transformers import LlamaConfig
 
@@ -294,13 +294,13 @@ def test_plan_of_a_multi_node_config_uses_its_node_count(tmp_path: Path):
         tmp_path,
         model={"name_or_path": str(tmp_path / "model")},
         quantization={"compute_dtype": "bfloat16"},
-        train={"global_batch_size": 32, "per_device_train_batch_size": 2},
+        train={"global_batch_size": 64, "per_device_train_batch_size": 2},
     )
     config = str(REPO / "configs" / "accelerate" / "multi_node.yaml")
     out = run_cli("-m", "qlora_sft", "plan", str(recipe), "--config", config, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "2 node(s) x 8 process(es) = world size 16" in out.stdout
-    assert "16 process(es) x micro batch 2 x gradient accumulation 1" in out.stdout
+    assert "16 process(es) x micro batch 2 x gradient accumulation 2" in out.stdout
     out = run_cli("-m", "qlora_sft", "plan", str(recipe), "--config", config, "--nodes", "4", cwd=tmp_path)
     assert out.returncode == 0 and "4 node(s) x 8 process(es) = world size 32" in out.stdout, out.stderr
 
