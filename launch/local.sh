@@ -35,6 +35,13 @@ fi
 python_bin="$(dirname "$(command -v "$accelerate_bin")")/python"
 [ -x "$python_bin" ] || python_bin=python3
 gpus="${NUM_GPUS:-$("$python_bin" -c 'import torch; print(torch.cuda.device_count())')}"
+case "$gpus" in
+  '' | *[!0-9]*)
+    # (a word fails bash's -gt and read as false: NUM_GPUS=two launched one process)
+    echo "$0: NUM_GPUS='$gpus' is not a whole number of GPUs (0 or more); fix or unset it" >&2
+    exit 2 ;;
+esac
+gpus=$((10#$gpus))
 config="${ACCELERATE_CONFIG:-}"
 if [ -z "$config" ]; then
   if [ "$gpus" -gt 1 ]; then config="$root/configs/accelerate/multi_gpu.yaml"; else config="$root/configs/accelerate/single_gpu.yaml"; fi
