@@ -421,3 +421,53 @@ def test_the_accelerate_yaml_test_files_are_yaml():
         cfg = read_accelerate(path)
         assert cfg.distributed_type in ("NO", "MULTI_GPU", "DEEPSPEED", "FSDP"), path
         assert yaml.safe_load(path.read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed JSONs with values of the wrong shape
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"gradient_clipping": "abc"}, '`gradient_clipping` is "abc"'),
+        ({"train_micro_batch_size_per_gpu": "2"}, '`train_micro_batch_size_per_gpu` is "2"'),
+        ({"train_batch_size": 0}, "`train_batch_size` is 0"),
+        ({"bf16": True}, "`bf16` is true; DeepSpeed reads an object"),
+        ({"zero_optimization": {"stage": 3, "offload_param": "cpu"}}, "`zero_optimization.offload_param` is"),
+        ({"optimizer": {"type": "AdamW", "params": {"lr": "1e-4"}}}, '`optimizer.params.lr` is "1e-4"'),
+    ],
+)
+def test_a_deepspeed_value_of_the_wrong_shape_names_the_key(tmp_path: Path, extra: dict, expected: str):
+    """`"bf16": true` or `"offload_param": "cpu"` stopped plan with a traceback ('bool' object has no
+    attribute 'get'); `"gradient_clipping": "abc"` with float()'s; a quoted micro batch "2" was called
+    a mismatch with the recipe's 2 ("is 2 but the recipe's micro batch is 2")."""
+    import json
+
+    from qlora_sft.launch_config import read_deepspeed
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **extra}))
+    with pytest.raises(UserError, match="DeepSpeed config .*ds.json: " + __import__("re").escape(expected)):
+        read_deepspeed(path)
+    recipe = small_recipe(tmp_path, train={"global_batch_size": 8, "per_device_train_batch_size": 2})
+    out = run_cli("-m", "qlora_sft", "plan", str(recipe), "--config", str(path), "--gpus", "2", cwd=tmp_path)
+    assert out.returncode == 2 and expected in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_deepspeed_numbers_that_deepspeed_reads_still_pass(tmp_path: Path):
+    import json
+
+    from qlora_sft.launch_config import read_deepspeed
+
+    path = tmp_path / "ds.json"
+    raw = {
+        "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}},
+        "bf16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": 2.0,
+        "gradient_clipping": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": "auto"}},
+    }
+    path.write_text(json.dumps(raw))
+    assert read_deepspeed(path).offload_param == "cpu"

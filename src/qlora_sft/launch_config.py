@@ -177,6 +177,7 @@ def read_deepspeed(path: str | os.PathLike[str], named_by: str | os.PathLike[str
     stage = zero["stage"]
     if not isinstance(stage, int) or isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise UserError(f"DeepSpeed config {fp}: zero_optimization.stage is {stage!r}; expected 0, 1, 2 or 3")
+    _check_deepspeed_shapes(fp, raw)
     return DeepSpeedConfig(
         fp,
         raw,
@@ -184,6 +185,59 @@ def read_deepspeed(path: str | os.PathLike[str], named_by: str | os.PathLike[str
         offload_param=str((zero.get("offload_param") or {}).get("device", "none")).lower(),
         offload_optimizer=str((zero.get("offload_optimizer") or {}).get("device", "none")).lower(),
     )
+
+
+# Sections a DeepSpeed JSON holds as objects, and values it holds as numbers (or "auto", which the
+# HF integration fills from the recipe): another shape stopped plan with a traceback (`"bf16": true`,
+# `"offload_param": "cpu"`, `"gradient_clipping": "abc"`) or was called a mismatch with itself
+# (`"train_micro_batch_size_per_gpu": "2"`: "is 2 but the recipe's micro batch is 2").
+_DS_OBJECTS = (
+    "bf16",
+    "bfloat16",
+    "fp16",
+    "optimizer",
+    "scheduler",
+    "zero_optimization.offload_param",
+    "zero_optimization.offload_optimizer",
+    "optimizer.params",
+)
+_DS_WHOLE = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+_DS_NUMBERS = ("gradient_clipping", "optimizer.params.lr", "optimizer.params.weight_decay")
+
+
+def _dotted(raw: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _check_deepspeed_shapes(fp: Path, raw: Mapping[str, Any]) -> None:
+    for key in _DS_OBJECTS:
+        value = _dotted(raw, key)
+        if value is not None and not isinstance(value, Mapping):
+            example = '{"device": "cpu"}' if key.startswith("zero_") else '{"enabled": "auto"}'
+            if key.startswith(("optimizer", "scheduler")):
+                example = '{"type": "AdamW", "params": {"lr": "auto"}}'
+            raise UserError(
+                f"DeepSpeed config {fp}: `{key}` is {json.dumps(value)}; DeepSpeed reads an object there, e.g. "
+                f'"{key.rsplit(".", 1)[-1]}": {example}'
+            )
+    for key in (*_DS_WHOLE, *_DS_NUMBERS):
+        value = _dotted(raw, key)
+        if value is None or value == "auto":
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key in _DS_WHOLE:
+            number = number and float(value).is_integer() and value > 0
+        if not number:
+            what = "a whole number, 1 or more" if key in _DS_WHOLE else "a number"
+            raise UserError(
+                f"DeepSpeed config {fp}: `{key}` is {json.dumps(value)}; DeepSpeed reads {what} there (no quotes), or "
+                '"auto" (filled from the recipe)'
+            )
 
 
 def deepspeed_from_accelerate(ds: Mapping[str, Any], source: Path) -> DeepSpeedConfig:
