@@ -471,3 +471,30 @@ def test_deepspeed_numbers_that_deepspeed_reads_still_pass(tmp_path: Path):
     }
     path.write_text(json.dumps(raw))
     assert read_deepspeed(path).offload_param == "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# submit: a run with nothing left to do
+# --------------------------------------------------------------------------------------------
+
+
+def test_submitting_a_finished_run_queues_nothing(tiny_model: Path, tmp_path: Path, fake_sbatch: Path):
+    """A finished run submitted again (the same recipe, the same max_steps): the job was queued, got its
+    nodes, started every rank and the process group, and only then said "nothing to do". submit now
+    says so before sbatch; asking for more steps still queues (training continues from the last step)."""
+    from helpers import recipe_dict, write_toy_data
+
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.submit import submit
+    from qlora_sft.train import train
+
+    data = write_toy_data(tmp_path / "toy.jsonl", n=24)
+    raw = recipe_dict(tiny_model, data, tmp_path / "runs", train={"max_steps": 1, "save_steps": 1})
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    assert train(load_recipe(recipe)).global_step == 1
+    with pytest.raises(UserError, match=r"finished at step 1.*Nothing was queued"):
+        submit(recipe, [], cluster="slurm", gpus_per_node=1, time="01:00:00")
+    assert not fake_sbatch.exists()
+    job = submit(recipe, ["train.max_steps=2"], cluster="slurm", gpus_per_node=1, time="01:00:00")
+    assert job.job_id == "4242"

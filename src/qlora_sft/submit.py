@@ -308,7 +308,7 @@ def submit(
     use), so data errors show before the job is queued and the ranks find the cache."""
     import submitit
 
-    from .checkpoint import check_run_dir
+    from .checkpoint import check_run_dir, finished_run
     from .plan import check_data_readable, check_output_dir
     from .tracking import credential_problems
 
@@ -318,6 +318,9 @@ def submit(
     r = load_recipe(recipe, overrides)
     check_submitted_files(r, Path(recipe).parent)
     check_run_dir(r)
+    done = finished_run(r)  # (a job would get its nodes and start every rank to say this)
+    if done is not None:
+        raise UserError(f"submit: {done} Nothing was queued.")
     out = Path(r.run.output_dir)
     if out.exists() or out.parent.exists():
         check_output_dir(r)  # the job's files and the run directory, before the job is queued
