@@ -14,10 +14,16 @@
 # accelerate executable). Run it from the folder your recipe's relative paths start from.
 set -euo pipefail
 deepspeed=""
+ds_flag=""
 case "${1:-}" in
-  --deepspeed) deepspeed="${2:-}"; shift 2 || true ;;
-  --deepspeed=*) deepspeed="${1#--deepspeed=}"; shift ;;
+  --deepspeed) ds_flag=1; deepspeed="${2:-}"; shift; [ $# -eq 0 ] || shift ;;
+  --deepspeed=*) ds_flag=1; deepspeed="${1#--deepspeed=}"; shift ;;
 esac
+if [ -n "$ds_flag" ] && [ -z "$deepspeed" ]; then
+  # (`--deepspeed=$DS` with DS unset would otherwise train without DeepSpeed)
+  echo "usage: $0 [--deepspeed X.json] RECIPE [section.key=value ...]: --deepspeed is empty; name the DeepSpeed JSON" >&2
+  exit 2
+fi
 case "${ACCELERATE_CONFIG:-}" in
   *.json)
     if [ -n "$deepspeed" ]; then echo "$0: ACCELERATE_CONFIG and --deepspeed both name a DeepSpeed JSON; give one" >&2; exit 2; fi

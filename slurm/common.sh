@@ -41,11 +41,16 @@ qlora_sft_check_count() {
 }
 
 qlora_sft_run() {
-  local deepspeed=""
+  local deepspeed="" ds_flag=""
   case "${1:-}" in
-    --deepspeed) deepspeed="${2:-}"; shift 2 || true ;;
-    --deepspeed=*) deepspeed="${1#--deepspeed=}"; shift ;;
+    --deepspeed) ds_flag=1; deepspeed="${2:-}"; shift; [ $# -eq 0 ] || shift ;;
+    --deepspeed=*) ds_flag=1; deepspeed="${1#--deepspeed=}"; shift ;;
   esac
+  if [ -n "$ds_flag" ] && [ -z "$deepspeed" ]; then
+    # (`--deepspeed=$DS` with DS unset would otherwise train without DeepSpeed)
+    echo "usage: sbatch $0 [--deepspeed X.json] RECIPE [section.key=value ...]: --deepspeed is empty; name the DeepSpeed JSON" >&2
+    return 2
+  fi
   case "${ACCELERATE_CONFIG:-}" in
     *.json) deepspeed="${deepspeed:-$ACCELERATE_CONFIG}"; unset ACCELERATE_CONFIG ;;
   esac

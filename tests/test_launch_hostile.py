@@ -498,3 +498,35 @@ def test_submitting_a_finished_run_queues_nothing(tiny_model: Path, tmp_path: Pa
     assert not fake_sbatch.exists()
     job = submit(recipe, ["train.max_steps=2"], cluster="slurm", gpus_per_node=1, time="01:00:00")
     assert job.job_id == "4242"
+
+
+@pytest.mark.parametrize("args", [["--deepspeed="], ["--deepspeed", ""]])
+def test_an_empty_deepspeed_flag_is_refused_not_dropped(tmp_path: Path, args: list[str]):
+    """`--deepspeed=$DS` with DS unset: both launch scripts trained without DeepSpeed (DDP) and said
+    nothing. Now a usage line, and nothing starts."""
+    recipe = small_recipe(tmp_path)
+    out = subprocess.run(
+        ["bash", str(REPO / "slurm" / "multi_node.sbatch"), *args, str(recipe)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=sbatch_env(tmp_path, QLORA_SFT_DRY_RUN="1"),
+        timeout=120,
+    )
+    assert out.returncode == 2 and "--deepspeed is empty" in out.stderr, out.stderr + out.stdout
+    bin_dir = fake_bin(
+        tmp_path / "acc-bin",
+        accelerate=f"echo accelerate >> {shlex.quote(str(tmp_path / 'launched.log'))}\n",
+        python=f'exec {shlex.quote(PY)} "$@"\n',
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "ACCELERATE": str(bin_dir / "accelerate"), "NUM_GPUS": "0"}
+    out = subprocess.run(
+        [str(REPO / "launch" / "local.sh"), *args, str(recipe)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "--deepspeed is empty" in out.stderr, out.stderr
+    assert not (tmp_path / "launched.log").exists()
