@@ -530,3 +530,18 @@ def test_an_empty_deepspeed_flag_is_refused_not_dropped(tmp_path: Path, args: li
     )
     assert out.returncode == 2 and "--deepspeed is empty" in out.stderr, out.stderr
     assert not (tmp_path / "launched.log").exists()
+
+
+def test_a_global_batch_no_micro_batch_fits_says_why():
+    """32 over 3 processes: no micro batch divides it, and the message said "(32 is smaller than the 3
+    processes)"; 32 is larger. It now says what is wrong: not a multiple of the process count."""
+    from qlora_sft.errors import RecipeError
+    from qlora_sft.recipe import build_recipe, resolve_batch
+
+    recipe = build_recipe({**MINIMAL_RECIPE, "train": {"global_batch_size": 32, "per_device_train_batch_size": 2}})
+    with pytest.raises(RecipeError) as exc:
+        resolve_batch(recipe.train, 3)
+    text = str(exc.value)
+    assert "smaller" not in text and "32 is not a multiple of the 3 processes" in text
+    with pytest.raises(RecipeError, match="2 is smaller than the 4 processes"):
+        resolve_batch(build_recipe({**MINIMAL_RECIPE, "train": {"global_batch_size": 2}}).train, 4)
