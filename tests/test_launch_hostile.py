@@ -545,3 +545,23 @@ def test_a_global_batch_no_micro_batch_fits_says_why():
     assert "smaller" not in text and "32 is not a multiple of the 3 processes" in text
     with pytest.raises(RecipeError, match="2 is smaller than the 4 processes"):
         resolve_batch(build_recipe({**MINIMAL_RECIPE, "train": {"global_batch_size": 2}}).train, 4)
+
+
+def test_an_accelerate_config_written_as_json_is_read_as_one(tmp_path: Path):
+    """`accelerate config --config_file acc.json` writes JSON, and `accelerate launch --config_file
+    acc.json` reads it; `plan --config acc.json` took every .json for a DeepSpeed config and refused it
+    as one ("has no zero_optimization.stage"). It is now read as the accelerate config it is; the
+    launch scripts, which take a .json for --deepspeed, say what it is."""
+    import json
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from qlora_sft.launch import from_config_file
+
+    config = tmp_path / "acc.json"
+    config.write_text(json.dumps({"distributed_type": "MULTI_GPU", "num_processes": 4, "mixed_precision": "no"}))
+    assert load_config_from_file(str(config)).num_processes == 4  # accelerate reads it
+    mode = from_config_file(config)
+    assert (mode.kind, mode.world_size) == ("ddp", 4)
+    out = run_cli("-m", "qlora_sft.launch_config", "deepspeed", str(config), cwd=tmp_path)
+    assert out.returncode == 2 and "is an accelerate config (distributed_type)" in out.stderr, out.stderr

@@ -343,7 +343,7 @@ def from_config_file(
     override the file's process counts as `accelerate launch` flags would (None: the file's own,
     as `accelerate launch` without the flag)."""
     p = Path(path)
-    if p.suffix.lower() == ".json":
+    if p.suffix.lower() == ".json" and not launch_config.is_accelerate_json(p):
         ds = launch_config.read_deepspeed(p)
         nodes = nodes or 1
         return deepspeed_mode(ds, max(1, (gpus_per_node or 1) * nodes), nodes, p.name)

@@ -156,6 +156,16 @@ class DeepSpeedConfig:
         return f"{self.path.name}: " + "; ".join(parts)
 
 
+def is_accelerate_json(path: Path) -> bool:
+    """A .json that `accelerate config` wrote (accelerate reads JSON configs too): it has
+    distributed_type and no zero_optimization. Anything else is read as a DeepSpeed JSON."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and "distributed_type" in raw and "zero_optimization" not in raw
+
+
 def read_deepspeed(path: str | os.PathLike[str], named_by: str | os.PathLike[str] | None = None) -> DeepSpeedConfig:
     """Read a DeepSpeed JSON (no deepspeed package needed). `named_by`: the file that names it."""
     fp = resolve_path(path, named_by)
@@ -169,6 +179,11 @@ def read_deepspeed(path: str | os.PathLike[str], named_by: str | os.PathLike[str
     if not isinstance(raw, dict):
         raise UserError(f"DeepSpeed config {fp}: the top level must be a JSON object")
     zero = raw.get("zero_optimization")
+    if "distributed_type" in raw and zero is None:
+        raise UserError(
+            f"{fp} is an accelerate config (distributed_type), not a DeepSpeed config: give it where an accelerate "
+            "config goes (plan --config, accelerate launch --config_file; ACCELERATE_CONFIG takes it saved as .yaml)"
+        )
     if not isinstance(zero, dict) or "stage" not in zero:
         raise UserError(
             f"DeepSpeed config {fp} has no zero_optimization.stage; accelerate needs it. Add "
