@@ -565,3 +565,16 @@ def test_an_accelerate_config_written_as_json_is_read_as_one(tmp_path: Path):
     assert (mode.kind, mode.world_size) == ("ddp", 4)
     out = run_cli("-m", "qlora_sft.launch_config", "deepspeed", str(config), cwd=tmp_path)
     assert out.returncode == 2 and "is an accelerate config (distributed_type)" in out.stderr, out.stderr
+
+
+def test_more_tasks_than_gpus_per_node_is_refused_before_queueing(tmp_path: Path, fake_sbatch: Path):
+    """`--gpus-per-node 2 --tasks-per-node 3`: each task is one rank and takes the GPU numbered by its
+    local rank (submitit exports CUDA_VISIBLE_DEVICES=<local rank>), so rank 2 found no GPU once the job
+    had its nodes. Refused before sbatch; as many tasks as GPUs (or fewer) is queued."""
+    from qlora_sft.submit import submit
+
+    recipe = small_recipe(tmp_path)
+    with pytest.raises(UserError, match=r"3 tasks per node.*2 GPUs per node"):
+        submit(recipe, [], cluster="slurm", gpus_per_node=2, tasks_per_node=3, time="01:00:00")
+    assert not fake_sbatch.exists()
+    assert submit(recipe, [], cluster="slurm", gpus_per_node=2, tasks_per_node=2, time="01:00:00").job_id == "4242"

@@ -162,6 +162,19 @@ def executor_parameters(cfg: ClusterConfig, **given: Any) -> dict[str, Any]:
     check_cluster_text(merged)
     gpus = int(merged["gpus_per_node"])
     tasks = int(merged["tasks_per_node"] or (gpus if gpus > 0 else 1))
+    if 0 < gpus < tasks:
+        raise UserError(
+            f"cluster.tasks_per_node: {tasks} tasks per node on {gpus} GPUs per node; each task is one rank on the "
+            "GPU its local rank numbers (submitit sets CUDA_VISIBLE_DEVICES to it), so a task past the last GPU "
+            "finds none. Give as many tasks as GPUs (leave tasks_per_node unset), or more GPUs"
+        )
+    if 0 < tasks < gpus:
+        log.warning(
+            "submit: %d tasks per node on %d GPUs per node: %d GPU(s) per node stay idle (one rank per task)",
+            tasks,
+            gpus,
+            gpus - tasks,
+        )
     params: dict[str, Any] = {
         "nodes": int(merged["nodes"]),
         "tasks_per_node": tasks,
