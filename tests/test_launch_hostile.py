@@ -578,3 +578,15 @@ def test_more_tasks_than_gpus_per_node_is_refused_before_queueing(tmp_path: Path
         submit(recipe, [], cluster="slurm", gpus_per_node=2, tasks_per_node=3, time="01:00:00")
     assert not fake_sbatch.exists()
     assert submit(recipe, [], cluster="slurm", gpus_per_node=2, tasks_per_node=2, time="01:00:00").job_id == "4242"
+
+
+@pytest.mark.parametrize("flags", [["--gpus", "8"], ["--nodes", "2"], ["--config", "single_gpu.yaml", "--gpus", "4"]])
+def test_plan_does_not_drop_gpus_or_nodes_it_cannot_use(tmp_path: Path, flags: list[str]):
+    """`plan R --gpus 8` without a config (or with single_gpu.yaml) planned one process, a gradient
+    accumulation 8 times the launch the user meant, and said nothing about the 8. Now refused, naming
+    a multi-process config."""
+    recipe = small_recipe(tmp_path, train={"global_batch_size": 32, "per_device_train_batch_size": 2})
+    flags = [str(REPO / "configs" / "accelerate" / f) if f.endswith(".yaml") else f for f in flags]
+    out = run_cli("-m", "qlora_sft", "plan", str(recipe), *flags, cwd=tmp_path)
+    assert out.returncode == 2, out.stdout
+    assert "runs one process" in out.stderr and "configs/accelerate/multi_gpu.yaml" in out.stderr, out.stderr

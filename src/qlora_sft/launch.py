@@ -405,6 +405,14 @@ def plan_mode(recipe: Recipe, config: str | os.PathLike[str] | None, gpus: int |
     if nodes is None:
         nodes = mode.num_machines if mode is not None and mode.kind != "single_gpu" else 1
     ds = launch_config.recipe_deepspeed(recipe)
+    asked = (gpus or 1) * (nodes or 1)
+    if ds is None and asked > 1 and (mode is None or mode.kind == "single_gpu"):
+        flags = " ".join(f"--{k} {v}" for k, v in (("gpus", gpus), ("nodes", nodes)) if v and v > 1)
+        runs = f"{mode.source} (distributed_type NO)" if mode is not None else "a plan without --config"
+        raise UserError(
+            f"plan {flags} asks for {asked} processes, but {runs} runs one process. Add "
+            "--config configs/accelerate/multi_gpu.yaml (DDP), or an FSDP or DeepSpeed config from configs/accelerate/"
+        )
     if ds is None:
         return mode or single_process()
     if mode is not None and mode.kind == "fsdp":
