@@ -14,10 +14,16 @@
 # accelerate executable). Run it from the folder your recipe's relative paths start from.
 set -euo pipefail
 deepspeed=""
+ds_flag=""
 case "${1:-}" in
-  --deepspeed) deepspeed="${2:-}"; shift 2 || true ;;
-  --deepspeed=*) deepspeed="${1#--deepspeed=}"; shift ;;
+  --deepspeed) ds_flag=1; deepspeed="${2:-}"; shift; [ $# -eq 0 ] || shift ;;
+  --deepspeed=*) ds_flag=1; deepspeed="${1#--deepspeed=}"; shift ;;
 esac
+if [ -n "$ds_flag" ] && [ -z "$deepspeed" ]; then
+  # (`--deepspeed=$DS` with DS unset would otherwise train without DeepSpeed)
+  echo "usage: $0 [--deepspeed X.json] RECIPE [section.key=value ...]: --deepspeed is empty; name the DeepSpeed JSON" >&2
+  exit 2
+fi
 case "${ACCELERATE_CONFIG:-}" in
   *.json)
     if [ -n "$deepspeed" ]; then echo "$0: ACCELERATE_CONFIG and --deepspeed both name a DeepSpeed JSON; give one" >&2; exit 2; fi
@@ -35,6 +41,13 @@ fi
 python_bin="$(dirname "$(command -v "$accelerate_bin")")/python"
 [ -x "$python_bin" ] || python_bin=python3
 gpus="${NUM_GPUS:-$("$python_bin" -c 'import torch; print(torch.cuda.device_count())')}"
+case "$gpus" in
+  '' | *[!0-9]*)
+    # (a word fails bash's -gt and read as false: NUM_GPUS=two launched one process)
+    echo "$0: NUM_GPUS='$gpus' is not a whole number of GPUs (0 or more); fix or unset it" >&2
+    exit 2 ;;
+esac
+gpus=$((10#$gpus))
 config="${ACCELERATE_CONFIG:-}"
 if [ -z "$config" ]; then
   if [ "$gpus" -gt 1 ]; then config="$root/configs/accelerate/multi_gpu.yaml"; else config="$root/configs/accelerate/single_gpu.yaml"; fi

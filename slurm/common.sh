@@ -24,16 +24,33 @@ qlora_sft_gpus_on_node() {
   # SLURM_GPUS_ON_NODE is set when the job asked for GPUs; otherwise count what is visible.
   if [ -n "${QLORA_SFT_GPUS_PER_NODE:-}" ]; then echo "$QLORA_SFT_GPUS_PER_NODE"; return; fi
   if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then echo "$SLURM_GPUS_ON_NODE"; return; fi
-  if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 0; return; fi
+  # (grep -c prints 0 itself when nothing matches; it then exits 1)
+  if command -v nvidia-smi >/dev/null 2>&1; then { nvidia-smi -L 2>/dev/null || true; } | grep -c '^GPU' || true; return; fi
   echo 0
 }
 
-qlora_sft_run() {
-  local deepspeed=""
-  case "${1:-}" in
-    --deepspeed) deepspeed="${2:-}"; shift 2 || true ;;
-    --deepspeed=*) deepspeed="${1#--deepspeed=}"; shift ;;
+qlora_sft_check_count() {
+  # NAME VALUE LEAST WHAT: VALUE must be a whole number >= LEAST (bash's `-gt` on a word fails and
+  # reads as false: GPUs per node "eight" had the job run CPU ranks on its GPU nodes).
+  case "$2" in
+    '' | *[!0-9]*) ;;
+    *) if [ "$((10#$2))" -ge "$3" ]; then return 0; fi ;;
   esac
+  qlora_sft_log "error: $1='$2' is not $4; fix or unset it. Not starting"
+  return 2
+}
+
+qlora_sft_run() {
+  local deepspeed="" ds_flag=""
+  case "${1:-}" in
+    --deepspeed) ds_flag=1; deepspeed="${2:-}"; shift; [ $# -eq 0 ] || shift ;;
+    --deepspeed=*) ds_flag=1; deepspeed="${1#--deepspeed=}"; shift ;;
+  esac
+  if [ -n "$ds_flag" ] && [ -z "$deepspeed" ]; then
+    # (`--deepspeed=$DS` with DS unset would otherwise train without DeepSpeed)
+    echo "usage: sbatch $0 [--deepspeed X.json] RECIPE [section.key=value ...]: --deepspeed is empty; name the DeepSpeed JSON" >&2
+    return 2
+  fi
   case "${ACCELERATE_CONFIG:-}" in
     *.json) deepspeed="${deepspeed:-$ACCELERATE_CONFIG}"; unset ACCELERATE_CONFIG ;;
   esac
@@ -53,13 +70,26 @@ qlora_sft_run() {
   fi
   local nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
   local job="${SLURM_JOB_ID:-0}"
-  local gpus procs
+  local gpus procs gpus_from=QLORA_SFT_GPUS_PER_NODE
+  [ -n "${QLORA_SFT_GPUS_PER_NODE:-}" ] || gpus_from=SLURM_GPUS_ON_NODE
+  [ -n "${QLORA_SFT_GPUS_PER_NODE:-}${SLURM_GPUS_ON_NODE:-}" ] || gpus_from="the GPU count of nvidia-smi -L"
   gpus="$(qlora_sft_gpus_on_node)"
+  qlora_sft_check_count "$gpus_from" "$gpus" 0 "a whole number of GPUs per node (0: CPU ranks)" || return 2
+  gpus=$((10#$gpus))
   if [ "$gpus" -gt 0 ]; then
     procs="$gpus"
   else
     procs="${QLORA_SFT_PROCS_PER_NODE:-1}"
+    qlora_sft_check_count QLORA_SFT_PROCS_PER_NODE "$procs" 1 "a whole number of processes per node, 1 or more" || return 2
+    procs=$((10#$procs))
     export ACCELERATE_USE_CPU=true
+  fi
+  if [ -n "${MASTER_PORT:-}" ]; then
+    qlora_sft_check_count MASTER_PORT "$MASTER_PORT" 1 "a TCP port (1-65535)" || return 2
+    if [ "$((10#$MASTER_PORT))" -gt 65535 ]; then
+      qlora_sft_log "error: MASTER_PORT='$MASTER_PORT' is not a TCP port (1-65535); fix or unset it. Not starting"
+      return 2
+    fi
   fi
   local total=$((nodes * procs))
   local master_addr

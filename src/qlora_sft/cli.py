@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="the launch's accelerate config (YAML) or DeepSpeed config (JSON) (default: one process)"
     )
     p.add_argument("--gpus", type=count, help="GPUs (processes) per node (default: the config's num_processes)")
-    p.add_argument("--nodes", type=count, default=1, help="number of nodes")
+    p.add_argument("--nodes", type=count, help="number of nodes (default: the config's num_machines, else 1)")
     p.add_argument("--gpu-mem", type=gib, help="GPU memory in GiB: list which bundled configs fit")
     p.add_argument("--run-dir", action="store_true", help="only print the run directory (for scripts)")
     p = sub.add_parser("submit", parents=[common], help="submit the recipe with submitit (SLURM, or --cluster local)")

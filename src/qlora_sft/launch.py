@@ -335,20 +335,28 @@ def deepspeed_from_environment(env: Mapping[str, str]) -> launch_config.DeepSpee
     return launch_config.deepspeed_from_accelerate(keys, Path("(accelerate's deepspeed_config)"))
 
 
-def from_config_file(path: str | os.PathLike[str], gpus_per_node: int | None = None, nodes: int = 1) -> LaunchMode:
+def from_config_file(
+    path: str | os.PathLike[str], gpus_per_node: int | None = None, nodes: int | None = None
+) -> LaunchMode:
     """What a launch config file means, for `plan` (no process is started): an accelerate config, or
     a DeepSpeed JSON (launched with accelerate's DeepSpeed plugin). `gpus_per_node` and `nodes`
-    override the file's process counts as `accelerate launch` flags would."""
+    override the file's process counts as `accelerate launch` flags would (None: the file's own,
+    as `accelerate launch` without the flag)."""
     p = Path(path)
-    if p.suffix.lower() == ".json":
+    if p.suffix.lower() == ".json" and not launch_config.is_accelerate_json(p):
         ds = launch_config.read_deepspeed(p)
+        nodes = nodes or 1
         return deepspeed_mode(ds, max(1, (gpus_per_node or 1) * nodes), nodes, p.name)
     return mode_from_accelerate(launch_config.read_accelerate(p), gpus_per_node, nodes)
 
 
-def mode_from_accelerate(cfg: launch_config.AccelerateConfig, gpus_per_node: int | None, nodes: int) -> LaunchMode:
+def mode_from_accelerate(
+    cfg: launch_config.AccelerateConfig, gpus_per_node: int | None, nodes: int | None
+) -> LaunchMode:
     """The launch mode an accelerate config describes (every key read: qlora_sft.launch_config)."""
     machines = cfg.num_machines
+    if nodes is None:  # the file's num_machines, as `accelerate launch` without --num_machines
+        nodes = max(1, machines)
     per_node = gpus_per_node if gpus_per_node is not None else cfg.num_processes // max(1, machines)
     world = max(1, per_node * nodes)
     common: dict[str, Any] = {
@@ -389,11 +397,22 @@ def mode_from_accelerate(cfg: launch_config.AccelerateConfig, gpus_per_node: int
     return LaunchMode("single_gpu", **common)
 
 
-def plan_mode(recipe: Recipe, config: str | os.PathLike[str] | None, gpus: int | None, nodes: int) -> LaunchMode:
+def plan_mode(recipe: Recipe, config: str | os.PathLike[str] | None, gpus: int | None, nodes: int | None) -> LaunchMode:
     """The launch `plan` describes: the config file given (accelerate YAML or DeepSpeed JSON), with
-    the recipe's own DeepSpeed JSON (`train.deepspeed`) as `train` would start it."""
+    the recipe's own DeepSpeed JSON (`train.deepspeed`) as `train` would start it. `nodes` None: the
+    config's num_machines (1 without one)."""
     mode = from_config_file(config, gpus, nodes) if config else None
+    if nodes is None:
+        nodes = mode.num_machines if mode is not None and mode.kind != "single_gpu" else 1
     ds = launch_config.recipe_deepspeed(recipe)
+    asked = (gpus or 1) * (nodes or 1)
+    if ds is None and asked > 1 and (mode is None or mode.kind == "single_gpu"):
+        flags = " ".join(f"--{k} {v}" for k, v in (("gpus", gpus), ("nodes", nodes)) if v and v > 1)
+        runs = f"{mode.source} (distributed_type NO)" if mode is not None else "a plan without --config"
+        raise UserError(
+            f"plan {flags} asks for {asked} processes, but {runs} runs one process. Add "
+            "--config configs/accelerate/multi_gpu.yaml (DDP), or an FSDP or DeepSpeed config from configs/accelerate/"
+        )
     if ds is None:
         return mode or single_process()
     if mode is not None and mode.kind == "fsdp":

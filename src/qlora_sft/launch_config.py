@@ -156,6 +156,16 @@ class DeepSpeedConfig:
         return f"{self.path.name}: " + "; ".join(parts)
 
 
+def is_accelerate_json(path: Path) -> bool:
+    """A .json that `accelerate config` wrote (accelerate reads JSON configs too): it has
+    distributed_type and no zero_optimization. Anything else is read as a DeepSpeed JSON."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and "distributed_type" in raw and "zero_optimization" not in raw
+
+
 def read_deepspeed(path: str | os.PathLike[str], named_by: str | os.PathLike[str] | None = None) -> DeepSpeedConfig:
     """Read a DeepSpeed JSON (no deepspeed package needed). `named_by`: the file that names it."""
     fp = resolve_path(path, named_by)
@@ -169,6 +179,11 @@ def read_deepspeed(path: str | os.PathLike[str], named_by: str | os.PathLike[str
     if not isinstance(raw, dict):
         raise UserError(f"DeepSpeed config {fp}: the top level must be a JSON object")
     zero = raw.get("zero_optimization")
+    if "distributed_type" in raw and zero is None:
+        raise UserError(
+            f"{fp} is an accelerate config (distributed_type), not a DeepSpeed config: give it where an accelerate "
+            "config goes (plan --config, accelerate launch --config_file; ACCELERATE_CONFIG takes it saved as .yaml)"
+        )
     if not isinstance(zero, dict) or "stage" not in zero:
         raise UserError(
             f"DeepSpeed config {fp} has no zero_optimization.stage; accelerate needs it. Add "
@@ -177,6 +192,7 @@ def read_deepspeed(path: str | os.PathLike[str], named_by: str | os.PathLike[str
     stage = zero["stage"]
     if not isinstance(stage, int) or isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise UserError(f"DeepSpeed config {fp}: zero_optimization.stage is {stage!r}; expected 0, 1, 2 or 3")
+    _check_deepspeed_shapes(fp, raw)
     return DeepSpeedConfig(
         fp,
         raw,
@@ -184,6 +200,59 @@ def read_deepspeed(path: str | os.PathLike[str], named_by: str | os.PathLike[str
         offload_param=str((zero.get("offload_param") or {}).get("device", "none")).lower(),
         offload_optimizer=str((zero.get("offload_optimizer") or {}).get("device", "none")).lower(),
     )
+
+
+# Sections a DeepSpeed JSON holds as objects, and values it holds as numbers (or "auto", which the
+# HF integration fills from the recipe): another shape stopped plan with a traceback (`"bf16": true`,
+# `"offload_param": "cpu"`, `"gradient_clipping": "abc"`) or was called a mismatch with itself
+# (`"train_micro_batch_size_per_gpu": "2"`: "is 2 but the recipe's micro batch is 2").
+_DS_OBJECTS = (
+    "bf16",
+    "bfloat16",
+    "fp16",
+    "optimizer",
+    "scheduler",
+    "zero_optimization.offload_param",
+    "zero_optimization.offload_optimizer",
+    "optimizer.params",
+)
+_DS_WHOLE = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+_DS_NUMBERS = ("gradient_clipping", "optimizer.params.lr", "optimizer.params.weight_decay")
+
+
+def _dotted(raw: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _check_deepspeed_shapes(fp: Path, raw: Mapping[str, Any]) -> None:
+    for key in _DS_OBJECTS:
+        value = _dotted(raw, key)
+        if value is not None and not isinstance(value, Mapping):
+            example = '{"device": "cpu"}' if key.startswith("zero_") else '{"enabled": "auto"}'
+            if key.startswith(("optimizer", "scheduler")):
+                example = '{"type": "AdamW", "params": {"lr": "auto"}}'
+            raise UserError(
+                f"DeepSpeed config {fp}: `{key}` is {json.dumps(value)}; DeepSpeed reads an object there, e.g. "
+                f'"{key.rsplit(".", 1)[-1]}": {example}'
+            )
+    for key in (*_DS_WHOLE, *_DS_NUMBERS):
+        value = _dotted(raw, key)
+        if value is None or value == "auto":
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key in _DS_WHOLE:
+            number = number and float(value).is_integer() and value > 0
+        if not number:
+            what = "a whole number, 1 or more" if key in _DS_WHOLE else "a number"
+            raise UserError(
+                f"DeepSpeed config {fp}: `{key}` is {json.dumps(value)}; DeepSpeed reads {what} there (no quotes), or "
+                '"auto" (filled from the recipe)'
+            )
 
 
 def deepspeed_from_accelerate(ds: Mapping[str, Any], source: Path) -> DeepSpeedConfig:
@@ -462,6 +531,11 @@ TPU_KEYS = frozenset(
         "commands",
     }
 )
+# Every top-level key accelerate's reader of `--config_file` accepts (its ClusterConfig fields, plus
+# `fp16` and `dynamo_backend`, which it converts); any other key makes `accelerate launch` refuse the
+# file ("had unknown keys"). A test holds this to the installed accelerate.
+ACCELERATE_KEYS = LAUNCH_KEYS | TPU_KEYS | {"fp8_config", "megatron_lm_config", "parallelism_config", "dynamo_config"}
+ACCELERATE_KEYS |= {"fp16", "dynamo_backend"}
 CUDA_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED", "FSDP")
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")
 BACKWARD_PREFETCH = ("BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH")
@@ -735,24 +809,51 @@ def read_accelerate(path: str | os.PathLike[str]) -> AccelerateConfig:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"accelerate config {p} is a directory; name the YAML file in it")
     if not p.is_file():
         raise UserError(f"accelerate config {p} not found")
     try:
-        cfg = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"accelerate config {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise UserError(f"accelerate config {p} is not valid YAML: {exc}") from None
+    if cfg is None:
+        raise UserError(
+            f"accelerate config {p} is empty; `accelerate launch` cannot read it. Start from one of "
+            "configs/accelerate/ (single_gpu.yaml for one process)"
+        )
     if not isinstance(cfg, dict):
         raise UserError(f"accelerate config {p}: the top level must be a mapping")
     name = p.name
-    dist_type = str(cfg.get("distributed_type", "NO")).upper()
+    # what `accelerate launch` refuses in the file, whatever the recipe: said here, not on every node
+    unknown = sorted(str(k) for k in set(cfg) - ACCELERATE_KEYS)
+    if unknown:
+        raise UserError(
+            f"accelerate config {p}: {', '.join(unknown)} is not an accelerate config key, and `accelerate launch` "
+            "refuses a file with unknown keys. Remove it, or correct its spelling"
+        )
+    if "distributed_type" not in cfg:
+        raise UserError(
+            f"accelerate config {p} has no distributed_type, which `accelerate launch` requires: add one of "
+            "NO, MULTI_GPU, DEEPSPEED, FSDP (MULTI_CPU for CPU ranks)"
+        )
+    dist_type = str(cfg["distributed_type"])
+    if dist_type != dist_type.upper():
+        raise UserError(
+            f"accelerate config {p}: distributed_type is {dist_type}; accelerate reads it in capitals only: "
+            f"write distributed_type: {dist_type.upper()}"
+        )
+    counts = {}
+    for key in ("num_processes", "num_machines"):
+        value = cfg.get(key, 1)
+        if value is None:
+            value = 1
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"accelerate config {p}: {key} is {value!r}; give a whole number (e.g. {key}: 2)")
+        counts[key] = value or 1
     notes, problems = [], []
-    for key in sorted(
-        set(cfg)
-        - LAUNCH_KEYS
-        - TPU_KEYS
-        - {"fp8_config", "megatron_lm_config", "parallelism_config", "dynamo_config", "ipex_config", "mpirun_config"}
-    ):
-        notes.append(f"{name}: {key} is not an accelerate config key; accelerate ignores it")
     for key in sorted(TPU_KEYS & set(cfg)):
         if cfg[key] not in (None, False, "no", [], "", "NO"):
             notes.append(f"{name}: {key} applies to TPUs; ignored on GPUs")
@@ -802,13 +903,12 @@ def read_accelerate(path: str | os.PathLike[str]) -> AccelerateConfig:
             deepspeed = read_deepspeed(ds["deepspeed_config_file"], p)
         else:
             deepspeed = deepspeed_from_accelerate(ds, p)
-    machines = int(cfg.get("num_machines", 1) or 1)
     return AccelerateConfig(
         path=p,
         raw=cfg,
         distributed_type=dist_type,
-        num_processes=int(cfg.get("num_processes", 1) or 1),
-        num_machines=machines,
+        num_processes=counts["num_processes"],
+        num_machines=counts["num_machines"],
         mixed_precision=str(cfg.get("mixed_precision", "no") or "no").lower(),
         fsdp=fsdp,
         deepspeed=deepspeed,

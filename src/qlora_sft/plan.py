@@ -436,11 +436,12 @@ def plan_lines(
     recipe: Recipe,
     config: str | None = None,
     gpus: int | None = None,
-    nodes: int = 1,
+    nodes: int | None = None,
     gpu_mem: float | None = None,
     base_dir: Path | None = None,
 ) -> list[str]:
     mode = launch.plan_mode(recipe, config, gpus, nodes)
+    nodes = nodes if nodes is not None else mode.num_machines  # (the config's num_machines, else 1)
     world = mode.world_size
     problems = launch.check_launch_compat(recipe, mode)
     try:

@@ -1421,6 +1421,8 @@ def resolve_batch(train: TrainConfig, world_size: int) -> BatchPlan:
             f"or set train.per_device_train_batch_size to one of {micros}"
             if micros
             else f"({gbs} is smaller than the {world_size} processes)"
+            if gbs < world_size
+            else f"({gbs} is not a multiple of the {world_size} processes: no micro batch fits)"
         )
         raise RecipeError(
             [

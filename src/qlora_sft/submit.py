@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,11 @@ TORCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "
 
 
 def parse_time(value: str | int) -> int:
-    """SLURM time -> minutes. Accepts minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    """SLURM time -> minutes. Accepts minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS. Refuses a
+    limit of zero (SLURM's "no limit": submitit needs one, and the preemption signal counts back from
+    it) and a field out of its range (`1-25:00:00`, `90:99`: a typo, not a time limit)."""
     if isinstance(value, int):
-        return max(1, value)
+        value = str(value)
     m = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", str(value).strip())
     if not m:
         raise UserError(f"cluster.time={value!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
@@ -48,33 +51,130 @@ def parse_time(value: str | int) -> int:
     parts = [int(x) for x in m.group(2).split(":")]
     if m.group(1):  # D-HH[:MM[:SS]]
         h, mi, sec = [*parts, 0, 0][:3]
+        ranges = [("hours", h, 23), ("minutes", mi, 59), ("seconds", sec, 59)]
     elif len(parts) == 3:
         h, mi, sec = parts
+        ranges = [("minutes", mi, 59), ("seconds", sec, 59)]
     elif len(parts) == 2:  # MM:SS
         h, mi, sec = 0, parts[0], parts[1]
+        ranges = [("seconds", sec, 59)]
     else:
         h, mi, sec = 0, parts[0], 0
-    return max(1, days * 1440 + h * 60 + mi + (1 if sec else 0))
+        ranges = []
+    for what, got, most in ranges:
+        if got > most:
+            raise UserError(
+                f"cluster.time={value!r}: {what} {got} is out of range (0-{most}); SLURM reads minutes, MM:SS, "
+                "HH:MM:SS or D-HH:MM:SS (e.g. 1-01:00:00 for 25 hours)"
+            )
+    minutes = days * 1440 + h * 60 + mi + (1 if sec else 0)
+    if minutes == 0:
+        raise UserError(
+            f"cluster.time={value!r}: a limit of 0 is SLURM's no time limit, which submit cannot ask for (the "
+            "save-and-requeue signal counts back from the limit). Give the partition's longest time, e.g. 2-00:00:00"
+        )
+    return minutes
 
 
-def parse_sbatch_lines(lines: Sequence[str]) -> dict[str, Any]:
-    """`--key=value` / `--flag` lines -> submitit's slurm_additional_parameters."""
+# sbatch options that submit (or submitit) sets itself: an extra_sbatch line would replace them
+# (submitit lets an additional parameter win) or stand beside them, and the job would run otherwise
+# than submit printed. The value names what to set instead.
+LOGS = "submitit (the job's logs: pass --folder or cluster.folder)"
+MANAGED_SBATCH = {
+    "time": "cluster.time (--time)",
+    "signal": "cluster.signal_grace_s (submitit's USR2 signal is what the job saves and requeues on)",
+    "output": LOGS,
+    "error": LOGS,
+    "open_mode": "submitit (it appends to the job's logs)",
+    "array": "submitit (one job per submit)",
+    "nodes": "cluster.nodes (--nodes)",
+    "ntasks": "cluster.nodes and cluster.tasks_per_node",
+    "ntasks_per_node": "cluster.tasks_per_node (--tasks-per-node)",
+    "gpus_per_node": "cluster.gpus_per_node (--gpus-per-node)",
+    "gpus": "cluster.gpus_per_node (--gpus-per-node)",
+    "gpus_per_task": "cluster.gpus_per_node (--gpus-per-node)",
+    "gres": "cluster.gpus_per_node (--gpus-per-node)",  # (a gres of GPUs; other gres pass)
+    "job_name": "cluster.job_name",
+}
+# ... and those it sets where the cluster section (or a flag) gives them: both at once conflict
+OPTIONAL_SBATCH = ("partition", "account", "qos", "mem", "constraint", "cpus_per_task")
+
+
+def parse_sbatch_lines(lines: Sequence[str], merged: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`--key=value` / `--flag` lines -> submitit's slurm_additional_parameters. `merged`: the cluster
+    settings beside them (an option that one of them sets too is refused)."""
     out: dict[str, Any] = {}
     for line in lines:
         text = line.strip().removeprefix("#SBATCH").strip()
         if not text.startswith("--"):
             raise UserError(f"cluster.extra_sbatch: {line!r} is not an sbatch option (--key=value or --flag)")
         key, _, value = text[2:].partition("=")
-        out[key.replace("-", "_")] = value if value else True
+        key = key.replace("-", "_")
+        option = text.partition("=")[0]
+        if key in MANAGED_SBATCH and (key != "gres" or value.startswith("gpu")):
+            raise UserError(
+                f"cluster.extra_sbatch: {option} is set by submit; this line would override it or stand beside "
+                f"it. Set it with {MANAGED_SBATCH[key]} instead"
+            )
+        if key in OPTIONAL_SBATCH and merged is not None and merged.get(key):
+            raise UserError(
+                f"cluster.extra_sbatch: {option} conflicts with cluster.{key}={merged[key]!r} (the flag or the "
+                f"recipe's cluster section); give it once, as cluster.{key}"
+            )
+        out[key] = value if value else True
     return out
+
+
+def _control_character(text: str) -> str | None:
+    return next((repr(c) for c in text if ord(c) < 32 or ord(c) == 127), None)
+
+
+def check_cluster_text(merged: dict[str, Any]) -> None:
+    """A newline (or another control character) in a value submitit writes into the sbatch script
+    would split its line: the rest would run as a command of the job, and sbatch would stop reading
+    the #SBATCH lines after it."""
+    for key in ("partition", "account", "qos", "mem", "constraint", "job_name"):
+        bad = _control_character(str(merged[key])) if merged[key] else None
+        if bad:
+            raise UserError(f"cluster.{key}={merged[key]!r} holds the control character {bad}; remove it")
+    for line in merged["extra_sbatch"] or ():
+        bad = _control_character(str(line))
+        if bad:
+            raise UserError(f"cluster.extra_sbatch: {line!r} holds the control character {bad}; remove it")
+
+
+def check_time_limit(params: Mapping[str, Any]) -> None:
+    """On SLURM: the save-and-requeue signal comes `signal_grace_s` before the limit. A limit no
+    longer than that signals the job as it starts, and every requeue does the same again."""
+    minutes, grace = params["timeout_min"], params["slurm_signal_delay_s"]
+    if minutes * 60 <= grace:
+        raise UserError(
+            f"cluster.time is {minutes} minute(s), no longer than cluster.signal_grace_s={grace} s: SLURM would "
+            "signal the job to save and requeue as it starts, and again after every requeue. Give a longer time "
+            f"(more than {grace // 60 + 1} minutes), or lower cluster.signal_grace_s (10 or more); nothing was queued"
+        )
 
 
 def executor_parameters(cfg: ClusterConfig, **given: Any) -> dict[str, Any]:
     """submitit parameters from the recipe's cluster section, overridden by explicit arguments."""
     merged = {k: getattr(cfg, k) for k in ClusterConfig.__dataclass_fields__}
     merged.update({k: v for k, v in given.items() if v is not None})
+    check_cluster_text(merged)
     gpus = int(merged["gpus_per_node"])
     tasks = int(merged["tasks_per_node"] or (gpus if gpus > 0 else 1))
+    if 0 < gpus < tasks:
+        raise UserError(
+            f"cluster.tasks_per_node: {tasks} tasks per node on {gpus} GPUs per node; each task is one rank on the "
+            "GPU its local rank numbers (submitit sets CUDA_VISIBLE_DEVICES to it), so a task past the last GPU "
+            "finds none. Give as many tasks as GPUs (leave tasks_per_node unset), or more GPUs"
+        )
+    if 0 < tasks < gpus:
+        log.warning(
+            "submit: %d tasks per node on %d GPUs per node: %d GPU(s) per node stay idle (one rank per task)",
+            tasks,
+            gpus,
+            gpus - tasks,
+        )
     params: dict[str, Any] = {
         "nodes": int(merged["nodes"]),
         "tasks_per_node": tasks,
@@ -95,7 +195,7 @@ def executor_parameters(cfg: ClusterConfig, **given: Any) -> dict[str, Any]:
         if merged[key]:
             params[f"slurm_{key}"] = merged[key]
     if merged["extra_sbatch"]:
-        params["slurm_additional_parameters"] = parse_sbatch_lines(merged["extra_sbatch"])
+        params["slurm_additional_parameters"] = parse_sbatch_lines(merged["extra_sbatch"], merged)
     return params
 
 
@@ -221,7 +321,7 @@ def submit(
     use), so data errors show before the job is queued and the ranks find the cache."""
     import submitit
 
-    from .checkpoint import check_run_dir
+    from .checkpoint import check_run_dir, finished_run
     from .plan import check_data_readable, check_output_dir
     from .tracking import credential_problems
 
@@ -231,6 +331,9 @@ def submit(
     r = load_recipe(recipe, overrides)
     check_submitted_files(r, Path(recipe).parent)
     check_run_dir(r)
+    done = finished_run(r)  # (a job would get its nodes and start every rank to say this)
+    if done is not None:
+        raise UserError(f"submit: {done} Nothing was queued.")
     out = Path(r.run.output_dir)
     if out.exists() or out.parent.exists():
         check_output_dir(r)  # the job's files and the run directory, before the job is queued
@@ -269,7 +372,11 @@ def submit(
             f"submit: the job folder {folder.parent}: {problem}. Pass --folder PATH (or cluster.folder in the recipe) "
             "in a writable place; nothing was queued."
         )
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_python=sys.executable)
+    # (submitit writes the python it is given into the job's command line as is: quoted, a path with a
+    # space or a `$` stays one word)
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_python=shlex.quote(sys.executable))
+    if executor.cluster != "local":
+        check_time_limit(params)
     if executor.cluster == "local":
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
         params.pop("name", None)
