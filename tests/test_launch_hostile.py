@@ -590,3 +590,36 @@ def test_plan_does_not_drop_gpus_or_nodes_it_cannot_use(tmp_path: Path, flags: l
     out = run_cli("-m", "qlora_sft", "plan", str(recipe), *flags, cwd=tmp_path)
     assert out.returncode == 2, out.stdout
     assert "runs one process" in out.stderr and "configs/accelerate/multi_gpu.yaml" in out.stderr, out.stderr
+
+
+def test_rank_variables_left_in_the_shell_are_named_not_waited_on_in_silence(tiny_model: Path, tmp_path: Path):
+    """WORLD_SIZE/RANK/MASTER_ADDR left exported (a tutorial's `export WORLD_SIZE=2 ...`), then a plain
+    `qlora-sft train`: no launcher started the other rank, and the process waited for it at the
+    rendezvous without a word until train.ddp_timeout (30 minutes by default), then died with torch's
+    traceback. Now it says at once what it waits for and how to run one process, and the timeout ends
+    in an error naming the variables."""
+    from helpers import cpu_env, free_port, recipe_dict, write_toy_data
+
+    data = write_toy_data(tmp_path / "toy.jsonl", n=16)
+    recipe = write_recipe(
+        tmp_path / "r.yaml", recipe_dict(tiny_model, data, tmp_path / "runs", train={"ddp_timeout": 6, "max_steps": 1})
+    )
+    env = {**cpu_env(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(free_port())
+    for launcher in ("TORCHELASTIC_RUN_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        env.pop(launcher, None)
+    res = subprocess.run(
+        [sys.executable, "-m", "qlora_sft", "train", str(recipe)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out[-3000:]
+    assert "Traceback" not in out
+    assert "WORLD_SIZE=2 is set, but no launcher (torchrun, accelerate launch, srun, mpirun) started this" in out
+    assert "unset WORLD_SIZE RANK LOCAL_RANK MASTER_ADDR MASTER_PORT" in out
+    assert "the other rank(s) did not join within train.ddp_timeout=6" in out
+    assert not (tmp_path / "runs" / "tiny" / "checkpoint-1").exists()

@@ -225,6 +225,59 @@ def distributed_state(timeout_s: float | None = None) -> Any:
     return PartialState(cpu=cpu, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+# variables only a launcher sets: torchrun / accelerate launch, SLURM's srun, MPI, DeepSpeed's launcher
+LAUNCHER_VARIABLES = (
+    "TORCHELASTIC_RUN_ID",
+    "SLURM_PROCID",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "PMIX_RANK",
+    "CROSS_SIZE",
+)
+RANK_VARIABLES = "WORLD_SIZE RANK LOCAL_RANK MASTER_ADDR MASTER_PORT"
+
+
+def stray_rank_variables(env: Mapping[str, str] | None = None) -> str | None:
+    """WORLD_SIZE > 1 in a process no launcher started (the variables left exported in a shell): what
+    it will wait for, and how to run one process instead; else None."""
+    env = os.environ if env is None else env
+    try:
+        world = int(env.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return f"WORLD_SIZE={env['WORLD_SIZE']!r} is not a number of processes: unset {RANK_VARIABLES}"
+    if world <= 1 or any(env.get(name) for name in LAUNCHER_VARIABLES):
+        return None
+    where = f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
+    return (
+        f"WORLD_SIZE={world} is set, but no launcher (torchrun, accelerate launch, srun, mpirun) started this "
+        f"process: it waits at {where} for the other {world - 1} rank(s) to join. To train as one process, "
+        f"unset {RANK_VARIABLES}; for several, start them with accelerate launch"
+    )
+
+
+def start_process_group(timeout_s: float) -> Any:
+    """`distributed_state(timeout_s)`, with a process group that does not form (ranks that never join
+    within the timeout) named as such, and a warning first where no launcher started this process."""
+    stray = stray_rank_variables()
+    if stray:
+        log.warning("%s", stray)
+    import torch.distributed as dist
+
+    try:
+        return distributed_state(timeout_s)
+    except dist.DistStoreError as exc:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise UserError(
+            f"the process group at {where} did not form: the other rank(s) did not join within "
+            f"train.ddp_timeout={timeout_s:g} s ({str(exc).splitlines()[0]}). "
+            + (
+                stray + "."
+                if stray
+                else "Check that every rank was launched with the same MASTER_ADDR and MASTER_PORT."
+            )
+        ) from None
+
+
 def detect() -> LaunchMode:
     """The launch mode of this process, from accelerate's process state and the variables
     `accelerate launch` sets. FSDP is read from the environment: accelerate's PartialState calls an

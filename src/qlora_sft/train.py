@@ -155,7 +155,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     launch.check_devices()
     # train.ddp_timeout (transformers' default 1800 s) is the process group's timeout: the group is
     # created here, before the Trainer, which would otherwise be too late to apply it.
-    state = launch.distributed_state(float(recipe.train.args.get("ddp_timeout") or 1800))
+    state = launch.start_process_group(float(recipe.train.args.get("ddp_timeout") or 1800))
     setup_logging(state.is_main_process, state.process_index)
     launch.check_ranks()
     profile_at = profiling.profile_step()
