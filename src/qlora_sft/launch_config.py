@@ -536,6 +536,18 @@ TPU_KEYS = frozenset(
 # file ("had unknown keys"). A test holds this to the installed accelerate.
 ACCELERATE_KEYS = LAUNCH_KEYS | TPU_KEYS | {"fp8_config", "megatron_lm_config", "parallelism_config", "dynamo_config"}
 ACCELERATE_KEYS |= {"fp16", "dynamo_backend"}
+
+
+def accelerate_keys() -> set[str]:
+    """The top-level keys the installed accelerate reads (another version may know others); the list
+    above where accelerate's config classes cannot be imported."""
+    import dataclasses
+
+    try:
+        from accelerate.commands.config.config_args import ClusterConfig
+    except ImportError:
+        return set(ACCELERATE_KEYS)
+    return {f.name for f in dataclasses.fields(ClusterConfig)} | {"fp16", "dynamo_backend"}
 CUDA_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED", "FSDP")
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")
 BACKWARD_PREFETCH = ("BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH")
@@ -828,7 +840,7 @@ def read_accelerate(path: str | os.PathLike[str]) -> AccelerateConfig:
         raise UserError(f"accelerate config {p}: the top level must be a mapping")
     name = p.name
     # what `accelerate launch` refuses in the file, whatever the recipe: said here, not on every node
-    unknown = sorted(str(k) for k in set(cfg) - ACCELERATE_KEYS)
+    unknown = sorted(str(k) for k in set(cfg) - accelerate_keys())
     if unknown:
         raise UserError(
             f"accelerate config {p}: {', '.join(unknown)} is not an accelerate config key, and `accelerate launch` "
