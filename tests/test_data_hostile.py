@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import write_toy_data
+from helpers import recipe_dict, write_recipe, write_toy_data
 
 from qlora_sft import data
 from qlora_sft.errors import DataError
@@ -109,3 +111,46 @@ def test_a_damaged_cache_is_named_with_the_fix_and_never_trained_on(tmp_path: Pa
     again = data.prepare_data(cfg(f, rebuild=True), tok, 0, root)
     assert not again.found and [list(x) for x in again.train["input_ids"]] == expected
     assert data.prepare_data(cfg(f), tok, 0, root).found
+
+
+# --- the disk fills while the cache is built ---------------------------------------------------
+
+
+def run_cli(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
+    """`qlora-sft ARGS` in a subprocess; `fsize`: the largest file it may write (RLIMIT_FSIZE, with
+    SIGXFSZ ignored so that a larger write fails with EFBIG, as a full disk fails with ENOSPC)."""
+    code = (
+        "import resource, signal, sys\n"
+        "from qlora_sft.cli import main\n"
+        f"fsize = {fsize!r}\n"
+        "if fsize:\n"
+        "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_a_disk_that_fills_while_prepare_builds_the_cache_is_named_and_the_relaunch_builds_it(
+    tiny_model: Path, tmp_path: Path
+):
+    """Was: `qlora-sft prepare` (and `train`, the same build) ended on a bare traceback,
+    `OSError: [Errno 27] File too large`, naming neither the cache folder nor what to do. Now the
+    error names the cache folder, what stopped the write and the fix; no partial cache is left for
+    a later launch to trust, and the relaunch with room builds it and the next finds it."""
+    toy = write_toy_data(tmp_path / "toy.jsonl", n=400)
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, toy, tmp_path / "runs"))
+    root = tmp_path / "runs" / ".cache"
+    full = run_cli("prepare", str(recipe), fsize=16 << 10)
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    (folder,) = {p.with_suffix("") for p in root.glob("data-*.failed")}
+    assert f"preparing the data cache {folder}" in full.stderr, full.stderr[-3000:]
+    assert "file too large" in full.stderr and "run.output_dir" in full.stderr, full.stderr[-3000:]
+    assert not [p.name for p in root.glob("data-*") if p.is_dir()]  # no partial cache, no temporary folder
+    assert not folder.with_name(folder.name + ".lock").exists()
+    again = run_cli("prepare", str(recipe))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert folder.is_dir() and "found" not in again.stdout
+    assert len(data.load_prepared(folder).train) > 0  # complete: what the next launch finds

@@ -508,13 +508,41 @@ def build_cache(folder: Path, build: Any, by: str = "train") -> PreparedData | N
         with contextlib.suppress(OSError):  # a process on another node may have won the rename
             tmp.rename(folder)
     except BaseException as exc:
+        full = _no_space_in(exc)
+        error = DataError(no_space_in_cache_message(folder, full)) if full is not None else None
         with contextlib.suppress(OSError):
-            failed.write_text(f"{type(exc).__name__}: {exc}")
+            failed.write_text(str(error) if error is not None else f"{type(exc).__name__}: {exc}")
+        if error is not None:
+            raise error from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         lock.unlink(missing_ok=True)
     return load_prepared(folder, verify=False)  # just written (here, or by the process that won the rename)
+
+
+def _no_space_in(exc: BaseException) -> BaseException | None:
+    """The write that ran out of room (`files.is_no_space`) behind `exc`: itself, or what it was raised from
+    or while handling (datasets and pyarrow raise their own errors over the OSError)."""
+    seen: set[int] = set()
+    here: BaseException | None = exc
+    while here is not None and id(here) not in seen:
+        if files_module.is_no_space(here):
+            return here
+        seen.add(id(here))
+        here = here.__cause__ or here.__context__
+    return None
+
+
+def no_space_in_cache_message(folder: Path, exc: BaseException) -> str:
+    """Building the cache folder ran out of room: where, why, what was kept, and what to do."""
+    return (
+        f"preparing the data cache {folder}: {files_module.no_space_message(folder.parent, exc)} "
+        f"({first_line(exc)}). The partial cache was removed: nothing was kept that a later launch could take for "
+        f"the prepared data, and nothing was trained. Free space in {folder.parent} (a data-<key> folder there of data "
+        "no recipe uses any more can be deleted), or choose a run.output_dir on a file system with room for the "
+        "tokenized data, and launch again."
+    )
 
 
 def set_cache_aside(folder: Path) -> None:
