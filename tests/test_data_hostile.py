@@ -17,6 +17,7 @@ import pytest
 from helpers import recipe_dict, write_recipe, write_toy_data
 
 from qlora_sft import data
+from qlora_sft.data import build_data
 from qlora_sft.errors import DataError
 from qlora_sft.model import ensure_pad_token
 from qlora_sft.recipe import DataConfig, DataSource
@@ -154,3 +155,52 @@ def test_a_disk_that_fills_while_prepare_builds_the_cache_is_named_and_the_relau
     assert again.returncode == 0, again.stderr[-3000:]
     assert folder.is_dir() and "found" not in again.stdout
     assert len(data.load_prepared(folder).train) > 0  # complete: what the next launch finds
+
+
+# --- a field given twice ---------------------------------------------------------------------
+
+TWICE = b'{"instruction": "Name a drink.", "input": "", "output": "Tea", "output": "Milk"}'
+ROW = b'{"instruction": "Name a colour.", "input": "", "output": "Blue."}'
+NESTED_OK = b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Blue."}]}'
+NESTED_TWICE = (
+    b'{"messages": [{"role": "user", "content": "Hi", "content": "Hello"}, {"role": "assistant", "content": "Yo"}]}'
+)
+
+
+@pytest.mark.parametrize(
+    "name,content,row",
+    [
+        ("twice.jsonl", ROW + b"\n" + TWICE + b"\n", 2),
+        ("twice.json", b"[" + ROW + b",\n" + TWICE + b"]", 2),
+        ("twice_lines.json", ROW + b"\n" + TWICE + b"\n", 2),
+        ("nested.jsonl", NESTED_OK + b"\n" + NESTED_TWICE + b"\n", 2),
+    ],
+)
+def test_a_row_that_gives_a_field_twice_is_a_bad_row_not_its_last_value(tmp_path: Path, tok, name, content, row):
+    """Was: JSON keeps the last of a key given twice, so `"output": "Tea", "output": "Milk"` trained
+    on Milk and dropped Tea in silence (an export that merged two columns, a hand edit). Now such a row
+    is a bad row (`duplicate_key`) naming the key and both values: refused with on_bad_row=error,
+    skipped and counted with skip; in the Arrow pipeline too (the stream parses rows the same way)."""
+    f = tmp_path / name
+    f.write_bytes(content)
+    key, values = ("content", "'Hi' and 'Hello'") if name.startswith("nested") else ("output", "'Tea' and 'Milk'")
+    with pytest.raises(DataError) as exc:
+        data.load_examples([DataSource(path=str(f))], "error")
+    msg = str(exc.value)
+    assert f"{f} row {row}: " in msg and f"`{key}` twice ({values})" in msg, msg
+    per_source, reports = data.load_examples([DataSource(path=str(f))], "skip")
+    assert reports[0].skipped == {"duplicate_key": 1}
+    assert [e.messages[-1]["content"] for e in per_source[0]] == ["Blue."]
+    with pytest.raises(DataError, match=f"row {row}: .*`{key}` twice"):
+        build_data(cfg(f), tok, 0)
+
+
+def test_a_csv_header_that_names_a_column_twice_is_refused(tmp_path: Path):
+    """Was: csv.DictReader keeps the last of two columns of one name: `output,output` trained on the
+    second column and dropped the first in silence. Now the file is refused naming the column."""
+    f = tmp_path / "twice.csv"
+    f.write_text("instruction,input,output,output\nName a drink.,,Tea,Milk\n")
+    with pytest.raises(DataError) as exc:
+        data.load_examples([DataSource(path=str(f))], "skip")
+    msg = str(exc.value)
+    assert f"{f} line 1" in msg and "column `output` twice" in msg and "Rename one of them" in msg, msg
