@@ -204,3 +204,22 @@ def test_a_csv_header_that_names_a_column_twice_is_refused(tmp_path: Path):
         data.load_examples([DataSource(path=str(f))], "skip")
     msg = str(exc.value)
     assert f"{f} line 1" in msg and "column `output` twice" in msg and "Rename one of them" in msg, msg
+
+
+def test_a_disk_that_fills_while_validate_builds_the_data_names_its_temporary_folder(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Was: `qlora-sft validate` builds the data in a temporary folder ($TMPDIR) when no cache is
+    there; a full one ended on a bare `OSError: [Errno 27] File too large` traceback. Now it names
+    the temporary folder, what stopped the write and the fix (TMPDIR, or `prepare`), and removes it."""
+    toy = write_toy_data(tmp_path / "toy.jsonl", n=400)
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, toy, tmp_path / "runs"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    full = run_cli("validate", str(recipe), fsize=16 << 10)
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert f"building the data in the temporary folder {scratch}/qlora-sft-data-" in full.stderr, full.stderr[-3000:]
+    assert "file too large" in full.stderr and "TMPDIR" in full.stderr and "qlora-sft prepare" in full.stderr
+    assert list(scratch.iterdir()) == []

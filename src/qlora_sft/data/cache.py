@@ -25,7 +25,7 @@ from .. import files as files_module
 from ..errors import DataError, first_line
 from ..files import atomic_write_text, file_digest, os_reason, sweep_temporaries, temporary_for, write_problem
 from ..recipe import DataConfig, DataSource
-from .encode import PreparedData, build_data
+from .encode import PreparedData, build_data, no_space_behind
 from .report import EVAL_SUFFIX, DataReport, as_eval_sources_error, check_end_tokens
 from .sources import resolve_path
 from .stream import stream_data
@@ -508,7 +508,7 @@ def build_cache(folder: Path, build: Any, by: str = "train") -> PreparedData | N
         with contextlib.suppress(OSError):  # a process on another node may have won the rename
             tmp.rename(folder)
     except BaseException as exc:
-        full = _no_space_in(exc)
+        full = no_space_behind(exc)
         error = DataError(no_space_in_cache_message(folder, full)) if full is not None else None
         with contextlib.suppress(OSError):
             failed.write_text(str(error) if error is not None else f"{type(exc).__name__}: {exc}")
@@ -519,19 +519,6 @@ def build_cache(folder: Path, build: Any, by: str = "train") -> PreparedData | N
         shutil.rmtree(tmp, ignore_errors=True)
         lock.unlink(missing_ok=True)
     return load_prepared(folder, verify=False)  # just written (here, or by the process that won the rename)
-
-
-def _no_space_in(exc: BaseException) -> BaseException | None:
-    """The write that ran out of room (`files.is_no_space`) behind `exc`: itself, or what it was raised from
-    or while handling (datasets and pyarrow raise their own errors over the OSError)."""
-    seen: set[int] = set()
-    here: BaseException | None = exc
-    while here is not None and id(here) not in seen:
-        if files_module.is_no_space(here):
-            return here
-        seen.add(id(here))
-        here = here.__cause__ or here.__context__
-    return None
 
 
 def no_space_in_cache_message(folder: Path, exc: BaseException) -> str:
