@@ -223,3 +223,29 @@ def test_a_disk_that_fills_while_validate_builds_the_data_names_its_temporary_fo
     assert f"building the data in the temporary folder {scratch}/qlora-sft-data-" in full.stderr, full.stderr[-3000:]
     assert "file too large" in full.stderr and "TMPDIR" in full.stderr and "qlora-sft prepare" in full.stderr
     assert list(scratch.iterdir()) == []
+
+
+# --- caches of older keys -----------------------------------------------------------------------
+
+
+def test_prepare_names_the_caches_an_earlier_key_left_behind(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """Was: every change of the data, a data key or the tokenizer gets a new cache folder and the old
+    one stays (qlora-sft never deletes one: another run of the output_dir may use it), and nothing said
+    so: .cache grew by a tokenized copy of the data per edit, unseen. `prepare` and `validate` now name
+    the other caches there, what each was built from, their size, and how to remove one."""
+    from qlora_sft import cli
+
+    toy = write_toy_data(tmp_path / "toy.jsonl", n=40)
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, toy, tmp_path / "runs"))
+    root = tmp_path / "runs" / ".cache"
+    assert cli.main(["prepare", str(recipe)]) == 0
+    assert "other prepared" not in capsys.readouterr().out
+    (old,) = root.glob("data-*")
+    assert cli.main(["prepare", str(recipe), "data.max_length=100"]) == 0
+    out = capsys.readouterr().out
+    assert len([p for p in root.glob("data-*") if p.is_dir()]) == 2
+    assert f"{root} holds 1 other prepared data cache" in out, out
+    assert f"{old.name} (built by prepare at " in out and f"from {toy}" in out, out
+    assert f"rm -r {old}" in out and "never deletes" in out, out

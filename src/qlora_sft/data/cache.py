@@ -532,6 +532,64 @@ def no_space_in_cache_message(folder: Path, exc: BaseException) -> str:
     )
 
 
+OTHER_CACHES_NAMED = 5  # how many of the other caches `other_caches` names
+
+
+def _folder_size(folder: Path) -> int:
+    total = 0
+    for p in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += p.stat().st_size if p.is_file() else 0
+    return total
+
+
+def _size_text(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def other_caches(folder: Path) -> list[str]:
+    """Lines naming the prepared caches beside `folder` of other keys: each edit of the data, a data
+    key or the tokenizer gets a cache of its own, and qlora-sft deletes none (another run of the same
+    output_dir may use it). What each was built from, when and its size, and how to remove one."""
+    root = folder.parent
+    try:
+        others = sorted(
+            (p for p in root.glob("data-*") if p.is_dir() and "." not in p.name and p.name != folder.name),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+    except OSError:
+        return []
+    if not others:
+        return []
+    described, total = [], 0
+    for p in others:
+        size = _folder_size(p)
+        total += size
+        if len(described) >= OTHER_CACHES_NAMED:
+            continue
+        try:
+            meta = json.loads((p / "report.json").read_text(encoding="utf-8"))
+            built = meta.get("built", {})
+            paths = [str(s.get("path")) for s in meta["report"].get("sources", [])]
+            what = f"built by {built.get('by', '?')} at {built.get('at', '?')} from {', '.join(paths) or '?'}"
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            what = "its report cannot be read"
+        described.append(f"{p.name} ({what}; {_size_text(size)})")
+    more = f" and {len(others) - len(described)} more" if len(others) > len(described) else ""
+    n = len(others)
+    return [
+        f"{root} holds {n} other prepared data cache{'s' if n > 1 else ''} ({_size_text(total)}): "
+        f"{'; '.join(described)}{more}. Each change of the data files, the data section, the tokenizer or the seed "
+        "builds a cache of its own, and qlora-sft never deletes one (another run of this run.output_dir may still "
+        f"use it): remove those no run needs, e.g. rm -r {others[0]}"
+    ]
+
+
 def set_cache_aside(folder: Path) -> None:
     """`data.rebuild`: every process of the launch meets; one process per node moves the existing
     cache folder aside and deletes it (qlora-sft wrote it); all meet again, so no process can find
