@@ -249,3 +249,33 @@ def test_prepare_names_the_caches_an_earlier_key_left_behind(
     assert f"{root} holds 1 other prepared data cache" in out, out
     assert f"{old.name} (built by prepare at " in out and f"from {toy}" in out, out
     assert f"rm -r {old}" in out and "never deletes" in out, out
+
+
+# --- paths that are not one data file ----------------------------------------------------------
+
+
+def test_a_glob_is_named_as_a_pattern_with_the_files_it_matches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Was: `path: shards/*.jsonl` said "not found ... Fix `path:`" while the shards were there, and
+    a pattern that matches nothing said the same: patterns are not expanded, and nothing said so."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shards").mkdir()
+    for i in range(2):
+        write_toy_data(tmp_path / "shards" / f"part-{i}.jsonl", n=3)
+    with pytest.raises(DataError) as exc:
+        data.load_examples([DataSource(path="shards/*.jsonl")], "error")
+    msg = str(exc.value)
+    assert "is a pattern" in msg and "not expanded" in msg and "it matches 2 files" in msg, msg
+    assert f"- path: {tmp_path / 'shards' / 'part-0.jsonl'}" in msg, msg
+    with pytest.raises(DataError, match=r"is a pattern.* it matches no file"):
+        data.load_examples([DataSource(path="nothing/*.jsonl")], "error")
+
+
+@pytest.mark.parametrize("suffix,tool", [(".gz", "gunzip -k"), (".zst", "zstd -d"), (".bz2", "bunzip2 -k")])
+def test_a_compressed_file_says_how_to_decompress_it(tmp_path: Path, suffix: str, tool: str):
+    """Was: "unsupported file type '.gz'" and the list of types, no word that the file is compressed."""
+    f = tmp_path / f"rows.jsonl{suffix}"
+    f.write_bytes(b"\x1f\x8b compressed")
+    with pytest.raises(DataError) as exc:
+        data.load_examples([DataSource(path=str(f))], "error")
+    msg = str(exc.value)
+    assert "compressed" in msg and f"{tool} {f}" in msg and f"- path: {tmp_path / 'rows.jsonl'}" in msg, msg

@@ -79,6 +79,34 @@ def _refuse_broken_link(path: str, base_dir: str | os.PathLike[str] | None) -> N
                 ) from None
 
 
+def _refuse_pattern(path: str, base_dir: str | os.PathLike[str] | None) -> None:
+    """A path with a wildcard (`shards/*.jsonl`) is not expanded: named as a pattern, with the files it
+    matches (from the working directory, else beside the recipe) to list as sources of their own."""
+    if not any(c in path for c in "*?["):
+        return
+    import glob
+
+    pattern = os.path.expanduser(path)
+    matches = sorted(glob.glob(pattern))
+    if not matches and base_dir is not None and not os.path.isabs(pattern):
+        matches = sorted(glob.glob(os.path.join(os.fspath(base_dir), pattern)))
+    if not matches:
+        raise DataError(
+            f"data source {path!r} is a pattern, and patterns are not expanded; it matches no file either (looked in "
+            f"{Path.cwd()}{f' and {base_dir}' if base_dir else ''}). Give each data file as a source of its own."
+        )
+    shown = "".join(f"\n  - path: {Path(m).resolve()}" for m in matches[:5])
+    more = f"\n  (and {len(matches) - 5} more)" if len(matches) > 5 else ""
+    raise DataError(
+        f"data source {path!r} is a pattern, and patterns are not expanded; it matches {len(matches)} "
+        f"file{'s' if len(matches) > 1 else ''}. Give each as a source of its own in data.sources:{shown}{more}"
+    )
+
+
+# A compressed data file, and the command that decompresses it beside itself.
+DECOMPRESS = {".gz": "gunzip -k", ".zst": "zstd -d", ".bz2": "bunzip2 -k", ".xz": "unxz -k", ".zip": "unzip"}
+
+
 SPECIAL_FILES = (
     (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"),
@@ -152,6 +180,7 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
     local = resolve_path(src.path, base_dir)
     if local is None:
         _refuse_broken_link(src.path, base_dir)
+        _refuse_pattern(src.path, base_dir)
         if not _looks_like_hub_id(src.path):
             raise DataError(
                 f"data source {src.path!r} not found (looked in {Path.cwd()}"
@@ -230,6 +259,13 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
                 "datasets' to_parquet), or give the rows as .jsonl."
             ) from None
         yield from enumerate(ds, 1)  # type: ignore[arg-type]
+    elif suffix in DECOMPRESS:
+        plain = local.with_suffix("")
+        raise DataError(
+            f"data source {local}: a compressed file ({suffix}); qlora-sft reads data files uncompressed. "
+            f"Decompress it (`{DECOMPRESS[suffix]} {local}`, which writes {plain}) and point `path:` at that file "
+            f"(`- path: {plain}`), or convert it to .parquet, which is compressed inside."
+        )
     else:
         raise DataError(
             f"data source {local}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet, .csv, "
