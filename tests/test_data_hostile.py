@@ -5,6 +5,7 @@ fix; nothing damaged is trained on and nothing is dropped in silence."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -114,6 +115,21 @@ def test_a_damaged_cache_is_named_with_the_fix_and_never_trained_on(tmp_path: Pa
     assert data.prepare_data(cfg(f), tok, 0, root).found
 
 
+def test_a_cache_of_an_older_version_and_the_trainers_own_files_beside_the_splits_are_used(tmp_path: Path, tok):
+    """The check of a cache before use reads only what its report recorded: a cache written before
+    the report recorded its files is used as before (loaded, not checked), and the Arrow cache files
+    the Trainer writes into the splits' folders (packing, column removal) are not taken for damage."""
+    f = write_toy_data(tmp_path / "toy.jsonl", n=20)
+    root = tmp_path / "cache"
+    folder = Path(data.prepare_data(cfg(f), tok, 0, root).cache)
+    (folder / "train" / "cache-0123456789abcdef.arrow").write_bytes(b"written by the Trainer")
+    assert data.prepare_data(cfg(f), tok, 0, root).found
+    meta = json.loads((folder / "report.json").read_text())
+    del meta["files"]
+    (folder / "report.json").write_text(json.dumps(meta))
+    assert data.prepare_data(cfg(f), tok, 0, root).found
+
+
 # --- the disk fills while the cache is built ---------------------------------------------------
 
 
@@ -134,7 +150,7 @@ def run_cli(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess
 
 
 def test_a_disk_that_fills_while_prepare_builds_the_cache_is_named_and_the_relaunch_builds_it(
-    tiny_model: Path, tmp_path: Path
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ):
     """Was: `qlora-sft prepare` (and `train`, the same build) ended on a bare traceback,
     `OSError: [Errno 27] File too large`, naming neither the cache folder nor what to do. Now the
@@ -151,9 +167,10 @@ def test_a_disk_that_fills_while_prepare_builds_the_cache_is_named_and_the_relau
     assert "file too large" in full.stderr and "run.output_dir" in full.stderr, full.stderr[-3000:]
     assert not [p.name for p in root.glob("data-*") if p.is_dir()]  # no partial cache, no temporary folder
     assert not folder.with_name(folder.name + ".lock").exists()
-    again = run_cli("prepare", str(recipe))
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert folder.is_dir() and "found" not in again.stdout
+    from qlora_sft import cli
+
+    assert cli.main(["prepare", str(recipe)]) == 0  # the relaunch with room (here, in this process)
+    assert folder.is_dir() and "found" not in capsys.readouterr().out
     assert len(data.load_prepared(folder).train) > 0  # complete: what the next launch finds
 
 
