@@ -469,6 +469,7 @@ def _data_report(recipe: Any, base_dir: Path, tokenizer: Any, keep: bool) -> lis
     import time
 
     from . import data
+    from .data.cache import other_caches
 
     cache_root = recipe.data_cache_root
     folder = data.cache_folder(recipe.data, tokenizer, recipe.run.seed, cache_root, base_dir)
@@ -487,7 +488,7 @@ def _data_report(recipe: Any, base_dir: Path, tokenizer: Any, keep: bool) -> lis
         prepared = data.build_data(recipe.data, tokenizer, recipe.run.seed, base_dir)
         where = f"not cached (built in {time.perf_counter() - start:.1f} s; `qlora-sft prepare` keeps it for training)"
     data.check_end_tokens(prepared.report, recipe.data)
-    return [*prepared.report.lines(), f"data: {where}"]
+    return [*prepared.report.lines(), f"data: {where}", *(f"note: {line}" for line in other_caches(folder))]
 
 
 def _recipe_header(args: argparse.Namespace) -> tuple[Any, Path, Any]:

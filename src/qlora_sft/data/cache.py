@@ -16,14 +16,16 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from .. import files as files_module
+from ..errors import DataError, first_line
 from ..files import atomic_write_text, file_digest, os_reason, sweep_temporaries, temporary_for, write_problem
 from ..recipe import DataConfig, DataSource
-from .encode import PreparedData, build_data
+from .encode import PreparedData, build_data, no_space_behind
 from .report import EVAL_SUFFIX, DataReport, as_eval_sources_error, check_end_tokens
 from .sources import resolve_path
 from .stream import stream_data
@@ -87,8 +89,9 @@ class DigestMemo:
 
     VERSION = 1
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, read: Callable[[Path], str] | None = None):
         self.path = path
+        self.read = read  # how a file's digest is read (default: `file_digest`)
         self.entries = self._read()
         self.changed: dict[str, tuple[int, int, int, int, str]] = {}
 
@@ -117,7 +120,7 @@ class DigestMemo:
         entry = self.entries.get(str(path))
         if entry is not None and entry[:4] == key:
             return entry[4]
-        digest = file_digest(path)
+        digest = (self.read or file_digest)(path)
         if _stat_key(path.stat()) == key and time.time_ns() - stat.st_ctime_ns >= RACY_NS:
             self.entries[str(path)] = self.changed[str(path)] = (*key, digest)
         return digest
@@ -183,16 +186,64 @@ def cache_key(
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def load_prepared(folder: Path) -> PreparedData | None:
-    """A complete cache folder written by `prepare_data`, or None."""
+def _written_files(folder: Path) -> dict[str, list[Any]]:
+    """The files of a cache folder's splits as `build_cache` wrote them: relative path -> [size, content
+    digest]; `load_prepared` checks them."""
+    splits = [folder / split for split in ("train", "eval") if (folder / split).is_dir()]
+    written = sorted(p for split in splits for p in split.rglob("*") if p.is_file())
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, files_module.file_digest(p)] for p in written}
+
+
+def damaged_cache_message(folder: Path, what: str) -> str:
+    """A prepared cache folder that is not as it was written: which, what is wrong, and the fix."""
+    return (
+        f"the prepared data cache {folder} is damaged: {what}. It is built from the data files and can be built "
+        f"again: launch with data.rebuild=true after the recipe (`qlora-sft prepare RECIPE --rebuild`), or delete "
+        f"it (rm -r {folder}) and launch again; nothing was trained on it."
+    )
+
+
+def load_prepared(folder: Path, verify: bool = True) -> PreparedData | None:
+    """The cache folder written by `prepare_data`, or None where there is none. A folder that is there
+    but not as `build_cache` wrote it (its report missing or cut off, a file of its splits missing, cut
+    off or, with `verify`, changed in place: each file's size and content digest are recorded in its
+    report, the digests memoised beside the caches like the data files') is a `DataError` naming it and
+    the fix; never loaded, never built again in its place."""
     import datasets
 
-    if not (folder / "report.json").is_file():
+    if not folder.exists():
         return None
-    meta = json.loads((folder / "report.json").read_text())
-    train = datasets.load_from_disk(str(folder / "train"))
-    evald = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
-    return PreparedData(train, evald, DataReport.from_dict(meta["report"]), str(folder), meta.get("built", {}))
+    report = folder / "report.json"
+    try:
+        meta = json.loads(report.read_text(encoding="utf-8"))
+        summary = DataReport.from_dict(meta["report"])
+    except FileNotFoundError:
+        raise DataError(damaged_cache_message(folder, "report.json is missing")) from None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise DataError(damaged_cache_message(folder, f"report.json cannot be read ({first_line(exc)})")) from None
+    written = meta.get("files")
+    if isinstance(written, dict):
+        memo = DigestMemo(folder.parent / DIGEST_MEMO, read=files_module.file_digest) if verify else None
+        for rel, (size, digest) in sorted(written.items()):
+            path = folder / rel
+            try:
+                now = path.stat().st_size
+            except OSError:
+                raise DataError(damaged_cache_message(folder, f"{rel} is missing")) from None
+            if now != size:
+                raise DataError(damaged_cache_message(folder, f"{rel} holds {now} bytes where {size} were written"))
+            if memo is not None and memo.digest(path) != digest:
+                raise DataError(
+                    damaged_cache_message(folder, f"{rel} is not the bytes that were written (its content changed)")
+                )
+        if memo is not None:
+            memo.save()
+    try:
+        train = datasets.load_from_disk(str(folder / "train"))
+        evald = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
+    except Exception as exc:  # a folder cut off or deleted in part: datasets' or pyarrow's own words
+        raise DataError(damaged_cache_message(folder, f"its splits cannot be read ({first_line(exc)})")) from None
+    return PreparedData(train, evald, summary, str(folder), meta.get("built", {}))
 
 
 DIGEST_WAIT_MIN_S = 60.0  # how long a rank waits for its node's main process to read the data files
@@ -358,7 +409,7 @@ def _wait_for_cache(
     lock, failed = folder.with_name(folder.name + ".lock"), folder.with_name(folder.name + ".failed")
     start, next_note = time.monotonic(), note_every
     while True:
-        prepared = load_prepared(folder)
+        prepared = load_prepared(folder, verify=False)  # just written by the process waited for
         if prepared is not None:
             return prepared
         holder = _lock_holder(lock) if lock.exists() else None
@@ -450,19 +501,93 @@ def build_cache(folder: Path, build: Any, by: str = "train") -> PreparedData | N
             "at": time.strftime("%Y-%m-%d %H:%M:%S"),
             "seconds": round(time.time() - started, 1),
         }
-        (tmp / "report.json").write_text(json.dumps({"report": prepared.report.to_dict(), "built": built}, indent=2))
+        meta = {"report": prepared.report.to_dict(), "built": built, "files": _written_files(tmp)}
+        (tmp / "report.json").write_text(json.dumps(meta, indent=2))
         del prepared
         shutil.rmtree(tmp / "work", ignore_errors=True)
         with contextlib.suppress(OSError):  # a process on another node may have won the rename
             tmp.rename(folder)
     except BaseException as exc:
+        full = no_space_behind(exc)
+        error = DataError(no_space_in_cache_message(folder, full)) if full is not None else None
         with contextlib.suppress(OSError):
-            failed.write_text(f"{type(exc).__name__}: {exc}")
+            failed.write_text(str(error) if error is not None else f"{type(exc).__name__}: {exc}")
+        if error is not None:
+            raise error from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         lock.unlink(missing_ok=True)
-    return load_prepared(folder)
+    return load_prepared(folder, verify=False)  # just written (here, or by the process that won the rename)
+
+
+def no_space_in_cache_message(folder: Path, exc: BaseException) -> str:
+    """Building the cache folder ran out of room: where, why, what was kept, and what to do."""
+    return (
+        f"preparing the data cache {folder}: {files_module.no_space_message(folder.parent, exc)} "
+        f"({first_line(exc)}). The partial cache was removed: nothing was kept that a later launch could take for "
+        f"the prepared data, and nothing was trained. Free space in {folder.parent} (a data-<key> folder there of data "
+        "no recipe uses any more can be deleted), or choose a run.output_dir on a file system with room for the "
+        "tokenized data, and launch again."
+    )
+
+
+OTHER_CACHES_NAMED = 5  # how many of the other caches `other_caches` names
+
+
+def _folder_size(folder: Path) -> int:
+    total = 0
+    for p in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += p.stat().st_size if p.is_file() else 0
+    return total
+
+
+def _size_text(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def other_caches(folder: Path) -> list[str]:
+    """Lines naming the prepared caches beside `folder` of other keys: each edit of the data, a data
+    key or the tokenizer gets a cache of its own, and qlora-sft deletes none (another run of the same
+    output_dir may use it). What each was built from, when and its size, and how to remove one."""
+    root = folder.parent
+    try:
+        others = sorted(
+            (p for p in root.glob("data-*") if p.is_dir() and "." not in p.name and p.name != folder.name),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+    except OSError:
+        return []
+    if not others:
+        return []
+    described, total = [], 0
+    for p in others:
+        size = _folder_size(p)
+        total += size
+        if len(described) >= OTHER_CACHES_NAMED:
+            continue
+        try:
+            meta = json.loads((p / "report.json").read_text(encoding="utf-8"))
+            built = meta.get("built", {})
+            paths = [str(s.get("path")) for s in meta["report"].get("sources", [])]
+            what = f"built by {built.get('by', '?')} at {built.get('at', '?')} from {', '.join(paths) or '?'}"
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            what = "its report cannot be read"
+        described.append(f"{p.name} ({what}; {_size_text(size)})")
+    more = f" and {len(others) - len(described)} more" if len(others) > len(described) else ""
+    n = len(others)
+    return [
+        f"{root} holds {n} other prepared data cache{'s' if n > 1 else ''} ({_size_text(total)}): "
+        f"{'; '.join(described)}{more}. Each change of the data files, the data section, the tokenizer or the seed "
+        "builds a cache of its own, and qlora-sft never deletes one (another run of this run.output_dir may still "
+        f"use it): remove those no run needs, e.g. rm -r {others[0]}"
+    ]
 
 
 def set_cache_aside(folder: Path) -> None:
@@ -538,7 +663,9 @@ def prepare_data(
     if cfg.rebuild:
         set_cache_aside(folder)
     since = time.time()
-    prepared = load_prepared(folder)
+    # the node's main process reads the cache's files against their digests (memoised); the other ranks
+    # check their sizes only, and stop with the main process where it finds the cache changed
+    prepared = load_prepared(folder, verify=distributed_state().is_local_main_process)
     if prepared is not None:
         prepared.found = True
         check_end_tokens(prepared.report, cfg)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, first_line
+from ..files import is_no_space, no_space_message
 from ..recipe import DataConfig, DataSource
 from .formats import Example, bad_row_error, eval_rows_held_out, mix, normalize_row, row_tools, source_format
 from .report import EVAL_SUFFIX, ROWS_NAMED, DataReport, SourceReport, check_end_tokens, nothing_to_train
@@ -347,10 +348,43 @@ def build_data(
     the sources into Arrow files under `workdir` (a temporary folder by default), are tokenized by
     `data.num_proc` processes, and are mixed and split as row positions: memory does not grow with
     the number of rows. The datasets returned read from `workdir`."""
+    if workdir is not None:
+        return _build_data(cfg, tokenizer, seed, base_dir, Path(workdir))
+    work = _scratch_folder()
+    try:
+        return _build_data(cfg, tokenizer, seed, base_dir, work)
+    except Exception as exc:
+        full = no_space_behind(exc)
+        if full is None:
+            raise
+        shutil.rmtree(work, ignore_errors=True)
+        raise DataError(
+            f"building the data in the temporary folder {work}: {no_space_message(work.parent, full)} "
+            f"({first_line(full)}); it was removed. Point TMPDIR at a folder with room for the tokenized data "
+            "(TMPDIR=/path/with/room qlora-sft ...), or run `qlora-sft prepare RECIPE`, which builds it in the "
+            "run's cache (run.output_dir/.cache) where later commands find it."
+        ) from None
+
+
+def no_space_behind(exc: BaseException) -> BaseException | None:
+    """The write that ran out of room (`files.is_no_space`) behind `exc`: itself, or what it was raised
+    from or while handling (datasets and pyarrow raise their own errors over the OSError)."""
+    seen: set[int] = set()
+    here: BaseException | None = exc
+    while here is not None and id(here) not in seen:
+        if is_no_space(here):
+            return here
+        seen.add(id(here))
+        here = here.__cause__ or here.__context__
+    return None
+
+
+def _build_data(
+    cfg: DataConfig, tokenizer: Any, seed: int, base_dir: str | os.PathLike[str] | None, work: Path
+) -> PreparedData:
     import datasets
     import numpy as np
 
-    work = Path(workdir) if workdir is not None else _scratch_folder()
     work.mkdir(parents=True, exist_ok=True)
     report = DataReport(end_token=end_of_turn_token(tokenizer))
     end_id = tokenizer.convert_tokens_to_ids(report.end_token) if report.end_token else None

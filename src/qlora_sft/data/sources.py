@@ -79,6 +79,34 @@ def _refuse_broken_link(path: str, base_dir: str | os.PathLike[str] | None) -> N
                 ) from None
 
 
+def _refuse_pattern(path: str, base_dir: str | os.PathLike[str] | None) -> None:
+    """A path with a wildcard (`shards/*.jsonl`) is not expanded: named as a pattern, with the files it
+    matches (from the working directory, else beside the recipe) to list as sources of their own."""
+    if not any(c in path for c in "*?["):
+        return
+    import glob
+
+    pattern = os.path.expanduser(path)
+    matches = sorted(glob.glob(pattern))
+    if not matches and base_dir is not None and not os.path.isabs(pattern):
+        matches = sorted(glob.glob(os.path.join(os.fspath(base_dir), pattern)))
+    if not matches:
+        raise DataError(
+            f"data source {path!r} is a pattern, and patterns are not expanded; it matches no file either (looked in "
+            f"{Path.cwd()}{f' and {base_dir}' if base_dir else ''}). Give each data file as a source of its own."
+        )
+    shown = "".join(f"\n  - path: {Path(m).resolve()}" for m in matches[:5])
+    more = f"\n  (and {len(matches) - 5} more)" if len(matches) > 5 else ""
+    raise DataError(
+        f"data source {path!r} is a pattern, and patterns are not expanded; it matches {len(matches)} "
+        f"file{'s' if len(matches) > 1 else ''}. Give each as a source of its own in data.sources:{shown}{more}"
+    )
+
+
+# A compressed data file, and the command that decompresses it beside itself.
+DECOMPRESS = {".gz": "gunzip -k", ".zst": "zstd -d", ".bz2": "bunzip2 -k", ".xz": "unxz -k", ".zip": "unzip"}
+
+
 SPECIAL_FILES = (
     (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"),
@@ -152,6 +180,7 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
     local = resolve_path(src.path, base_dir)
     if local is None:
         _refuse_broken_link(src.path, base_dir)
+        _refuse_pattern(src.path, base_dir)
         if not _looks_like_hub_id(src.path):
             raise DataError(
                 f"data source {src.path!r} not found (looked in {Path.cwd()}"
@@ -174,7 +203,7 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
         except UnicodeDecodeError:
             raise _not_utf8(local, rows_are_lines=False) from None
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_object_marking_duplicates)
         except (json.JSONDecodeError, RecursionError) as exc:
             # A .json file may also be JSON lines. "Extra data" after a first value that parsed: JSON lines,
             # so a line that is not JSON is named by its own line; otherwise the whole file's error is.
@@ -186,7 +215,9 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
                     if not line.strip():
                         continue
                     try:
-                        rows.append((lineno, json.loads(line)))  # numbered by line, as a .jsonl file's
+                        rows.append((lineno, loads_row(line)))  # numbered by line, as a .jsonl file's
+                    except DuplicateKey as dup:
+                        rows.append((lineno, dup.bad_row()))
                     except json.JSONDecodeError as line_exc:
                         if whole is None:
                             raise DataError(
@@ -211,7 +242,9 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
                 raise DataError(f'{local}: expected a JSON list of rows (or {{"data": [...]}})')
         if not isinstance(data, list):
             raise DataError(f"{local}: expected a JSON list of rows, got {type(data).__name__}")
-        yield from enumerate(data, 1)
+        for i, row in enumerate(data, 1):
+            dup = _duplicate_in(row)
+            yield i, (dup.bad_row() if dup is not None else row)
     elif suffix == ".csv":
         yield from _read_csv(local)
     elif suffix == ".parquet":
@@ -226,6 +259,13 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
                 "datasets' to_parquet), or give the rows as .jsonl."
             ) from None
         yield from enumerate(ds, 1)  # type: ignore[arg-type]
+    elif suffix in DECOMPRESS:
+        plain = local.with_suffix("")
+        raise DataError(
+            f"data source {local}: a compressed file ({suffix}); qlora-sft reads data files uncompressed. "
+            f"Decompress it (`{DECOMPRESS[suffix]} {local}`, which writes {plain}) and point `path:` at that file "
+            f"(`- path: {plain}`), or convert it to .parquet, which is compressed inside."
+        )
     else:
         raise DataError(
             f"data source {local}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet, .csv, "
@@ -248,6 +288,13 @@ def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
         reader = csv.DictReader(lines, strict=True)
         try:
             header = reader.fieldnames or []
+            twice = sorted({name for name in header if header.count(name) > 1})
+            if twice:
+                raise DataError(
+                    f"{path} line 1: the header names the column `{twice[0]}` twice ({', '.join(header)}); each "
+                    "record would keep only the last of them and drop the other in silence. Rename one of them "
+                    "(or remove the column that is not wanted)."
+                )
             lines.start = None
             for i, row in enumerate(reader, 1):
                 start, lines.start = lines.start or lines.n, None
@@ -321,6 +368,72 @@ def _json_lines(path: Path) -> Iterator[tuple[int, str]]:
             raise _not_utf8(path, rows_are_lines=True) from None
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that gives one key twice (JSON would keep the last value and drop the other)."""
+
+    def __init__(self, key: str, first: Any, last: Any):
+        super().__init__(key)
+        self.key, self.first, self.last = key, first, last
+
+    def bad_row(self) -> BadRow:
+        first, last = (_shown(v) for v in (self.first, self.last))
+        return BadRow(
+            "duplicate_key",
+            f"the row gives `{self.key}` twice ({first} and {last}); JSON keeps only the last, so the other "
+            "would be dropped in silence. Keep one of them (or give them different field names)",
+        )
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _object_refusing_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads`' object_pairs_hook: a JSON object as a dict, `DuplicateKey` where a key comes twice."""
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise DuplicateKey(key, seen[key], value)
+            seen[key] = value
+    return row
+
+
+class _Duplicated(dict):
+    """A JSON object that gave a key twice (`duplicate`: the `DuplicateKey`), where a whole .json file is
+    parsed at once and the row that holds it is found afterwards (`_duplicate_in`)."""
+
+    duplicate: DuplicateKey
+
+
+def _object_marking_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    try:
+        return _object_refusing_duplicates(pairs)
+    except DuplicateKey as dup:
+        marked = _Duplicated(pairs)
+        marked.duplicate = dup
+        return marked
+
+
+def _duplicate_in(value: Any) -> DuplicateKey | None:
+    """The first object given a key twice inside a value parsed with `_object_marking_duplicates`."""
+    if isinstance(value, _Duplicated):
+        return value.duplicate
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for child in children:
+        found = _duplicate_in(child)
+        if found is not None:
+            return found
+    return None
+
+
+def loads_row(text: str) -> Any:
+    """A row's JSON text parsed; `DuplicateKey` where one of its objects gives a key twice."""
+    return json.loads(text, object_pairs_hook=_object_refusing_duplicates)
+
+
 # The JSON text of a row that `read_source` found bad before it was JSON (a CSV record with the wrong
 # number of fields): this prefix, then [reason, message]. Not JSON, so no data file's row is read as one.
 BAD_ROW_PREFIX = "\x00qlora-sft bad row\x00"
@@ -337,7 +450,9 @@ def parse_document(document: str) -> Any:
         reason, message = json.loads(document[len(BAD_ROW_PREFIX) :])
         return BadRow(reason, message)
     try:
-        return json.loads(document)
+        return loads_row(document)
+    except DuplicateKey as dup:
+        return dup.bad_row()
     except json.JSONDecodeError as exc:
         return BadRow("invalid_json", f"line is not valid JSON ({exc.msg})")
     except RecursionError:

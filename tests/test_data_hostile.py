@@ -1,0 +1,298 @@
+"""The data path under a hostile but realistic user: a prepared cache damaged after it was written
+(cut off, a piece deleted, bytes flipped in place, its report gone), a disk that fills while the
+cache is built, rows that say one field twice. Each is named with the folder, file or row and the
+fix; nothing damaged is trained on and nothing is dropped in silence."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import recipe_dict, write_recipe, write_toy_data
+
+from qlora_sft import data
+from qlora_sft.data import build_data
+from qlora_sft.errors import DataError
+from qlora_sft.model import ensure_pad_token
+from qlora_sft.recipe import DataConfig, DataSource
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tiny import build_tokenizer
+
+    t = build_tokenizer()
+    ensure_pad_token(t)
+    return t
+
+
+def cfg(*paths: Path | str, **kw) -> DataConfig:
+    kw.setdefault("eval_fraction", 0.0)
+    kw.setdefault("num_proc", 1)
+    return DataConfig(sources=tuple(DataSource(path=str(p)) for p in paths), **kw)
+
+
+@pytest.fixture()
+def alarm() -> Iterator[None]:
+    """Fail a test that hangs (a build that loops for ever) instead of hanging the suite."""
+
+    def hung(*_: object) -> None:
+        raise TimeoutError("the call did not return within 60 s")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# --- a prepared cache damaged after it was written --------------------------------------------
+
+
+def _arrow(folder: Path) -> Path:
+    return next((folder / "train").glob("data-*.arrow"))
+
+
+def _cut(folder: Path) -> None:
+    a = _arrow(folder)
+    a.write_bytes(a.read_bytes()[: a.stat().st_size // 2])
+
+
+def _flip(folder: Path) -> None:
+    """Bytes changed in place, the size kept: in the token ids, past the Arrow schema."""
+    a = _arrow(folder)
+    raw = bytearray(a.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 16):
+        raw[i] ^= 0x01
+    st = a.stat()
+    a.write_bytes(bytes(raw))
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+DAMAGE = {
+    "arrow_cut_off": (_cut, "train/data-00000-of-00001.arrow"),
+    "arrow_bytes_flipped": (_flip, "train/data-00000-of-00001.arrow"),
+    "train_deleted": (lambda f: shutil.rmtree(f / "train"), "train"),
+    "state_deleted": (lambda f: (f / "train" / "state.json").unlink(), "train/state.json"),
+    "report_cut_off": (lambda f: (f / "report.json").write_text("{"), "report.json"),
+    "report_deleted": (lambda f: (f / "report.json").unlink(), "report.json"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_cache_is_named_with_the_fix_and_never_trained_on(tmp_path: Path, tok, alarm, damage: str):
+    """Was: a cache folder whose report.json was gone was rebuilt for ever (the rename of the new
+    build onto the existing folder failed in silence, and the loop built again); a cut-off Arrow
+    file, a deleted split or a cut-off report.json raised a bare traceback (FileNotFoundError,
+    OSError, JSONDecodeError) naming neither the cache nor the fix; bytes flipped in place were
+    trained on. Now each names the cache folder, what is wrong and the fix (data.rebuild, or rm -r),
+    and data.rebuild builds it again, the same rows as the first build."""
+    f = write_toy_data(tmp_path / "toy.jsonl", n=40)
+    root = tmp_path / "cache"
+    first = data.prepare_data(cfg(f), tok, 0, root)
+    expected = [list(x) for x in first.train["input_ids"]]
+    folder = Path(first.cache)
+    del first
+    spoil, what = DAMAGE[damage]
+    spoil(folder)
+    with pytest.raises(DataError) as exc:
+        data.prepare_data(cfg(f), tok, 0, root)
+    msg = str(exc.value)
+    assert f"the prepared data cache {folder}" in msg and "damaged" in msg, msg
+    assert what in msg, msg
+    assert "data.rebuild=true" in msg and f"rm -r {folder}" in msg, msg
+    again = data.prepare_data(cfg(f, rebuild=True), tok, 0, root)
+    assert not again.found and [list(x) for x in again.train["input_ids"]] == expected
+    assert data.prepare_data(cfg(f), tok, 0, root).found
+
+
+def test_a_cache_of_an_older_version_and_the_trainers_own_files_beside_the_splits_are_used(tmp_path: Path, tok):
+    """The check of a cache before use reads only what its report recorded: a cache written before
+    the report recorded its files is used as before (loaded, not checked), and the Arrow cache files
+    the Trainer writes into the splits' folders (packing, column removal) are not taken for damage."""
+    f = write_toy_data(tmp_path / "toy.jsonl", n=20)
+    root = tmp_path / "cache"
+    folder = Path(data.prepare_data(cfg(f), tok, 0, root).cache)
+    (folder / "train" / "cache-0123456789abcdef.arrow").write_bytes(b"written by the Trainer")
+    assert data.prepare_data(cfg(f), tok, 0, root).found
+    meta = json.loads((folder / "report.json").read_text())
+    del meta["files"]
+    (folder / "report.json").write_text(json.dumps(meta))
+    assert data.prepare_data(cfg(f), tok, 0, root).found
+
+
+# --- the disk fills while the cache is built ---------------------------------------------------
+
+
+def run_cli(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
+    """`qlora-sft ARGS` in a subprocess; `fsize`: the largest file it may write (RLIMIT_FSIZE, with
+    SIGXFSZ ignored so that a larger write fails with EFBIG, as a full disk fails with ENOSPC)."""
+    code = (
+        "import resource, signal, sys\n"
+        "from qlora_sft.cli import main\n"
+        f"fsize = {fsize!r}\n"
+        "if fsize:\n"
+        "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_a_disk_that_fills_while_prepare_builds_the_cache_is_named_and_the_relaunch_builds_it(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """Was: `qlora-sft prepare` (and `train`, the same build) ended on a bare traceback,
+    `OSError: [Errno 27] File too large`, naming neither the cache folder nor what to do. Now the
+    error names the cache folder, what stopped the write and the fix; no partial cache is left for
+    a later launch to trust, and the relaunch with room builds it and the next finds it."""
+    toy = write_toy_data(tmp_path / "toy.jsonl", n=400)
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, toy, tmp_path / "runs"))
+    root = tmp_path / "runs" / ".cache"
+    full = run_cli("prepare", str(recipe), fsize=16 << 10)
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    (folder,) = {p.with_suffix("") for p in root.glob("data-*.failed")}
+    assert f"preparing the data cache {folder}" in full.stderr, full.stderr[-3000:]
+    assert "file too large" in full.stderr and "run.output_dir" in full.stderr, full.stderr[-3000:]
+    assert not [p.name for p in root.glob("data-*") if p.is_dir()]  # no partial cache, no temporary folder
+    assert not folder.with_name(folder.name + ".lock").exists()
+    from qlora_sft import cli
+
+    assert cli.main(["prepare", str(recipe)]) == 0  # the relaunch with room (here, in this process)
+    assert folder.is_dir() and "found" not in capsys.readouterr().out
+    assert len(data.load_prepared(folder).train) > 0  # complete: what the next launch finds
+
+
+# --- a field given twice ---------------------------------------------------------------------
+
+TWICE = b'{"instruction": "Name a drink.", "input": "", "output": "Tea", "output": "Milk"}'
+ROW = b'{"instruction": "Name a colour.", "input": "", "output": "Blue."}'
+NESTED_OK = b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Blue."}]}'
+NESTED_TWICE = (
+    b'{"messages": [{"role": "user", "content": "Hi", "content": "Hello"}, {"role": "assistant", "content": "Yo"}]}'
+)
+
+
+@pytest.mark.parametrize(
+    "name,content,row",
+    [
+        ("twice.jsonl", ROW + b"\n" + TWICE + b"\n", 2),
+        ("twice.json", b"[" + ROW + b",\n" + TWICE + b"]", 2),
+        ("twice_lines.json", ROW + b"\n" + TWICE + b"\n", 2),
+        ("nested.jsonl", NESTED_OK + b"\n" + NESTED_TWICE + b"\n", 2),
+    ],
+)
+def test_a_row_that_gives_a_field_twice_is_a_bad_row_not_its_last_value(tmp_path: Path, tok, name, content, row):
+    """Was: JSON keeps the last of a key given twice, so `"output": "Tea", "output": "Milk"` trained
+    on Milk and dropped Tea in silence (an export that merged two columns, a hand edit). Now such a row
+    is a bad row (`duplicate_key`) naming the key and both values: refused with on_bad_row=error,
+    skipped and counted with skip; in the Arrow pipeline too (the stream parses rows the same way)."""
+    f = tmp_path / name
+    f.write_bytes(content)
+    key, values = ("content", "'Hi' and 'Hello'") if name.startswith("nested") else ("output", "'Tea' and 'Milk'")
+    with pytest.raises(DataError) as exc:
+        data.load_examples([DataSource(path=str(f))], "error")
+    msg = str(exc.value)
+    assert f"{f} row {row}: " in msg and f"`{key}` twice ({values})" in msg, msg
+    per_source, reports = data.load_examples([DataSource(path=str(f))], "skip")
+    assert reports[0].skipped == {"duplicate_key": 1}
+    assert [e.messages[-1]["content"] for e in per_source[0]] == ["Blue."]
+    with pytest.raises(DataError, match=f"row {row}: .*`{key}` twice"):
+        build_data(cfg(f), tok, 0)
+
+
+def test_a_csv_header_that_names_a_column_twice_is_refused(tmp_path: Path):
+    """Was: csv.DictReader keeps the last of two columns of one name: `output,output` trained on the
+    second column and dropped the first in silence. Now the file is refused naming the column."""
+    f = tmp_path / "twice.csv"
+    f.write_text("instruction,input,output,output\nName a drink.,,Tea,Milk\n")
+    with pytest.raises(DataError) as exc:
+        data.load_examples([DataSource(path=str(f))], "skip")
+    msg = str(exc.value)
+    assert f"{f} line 1" in msg and "column `output` twice" in msg and "Rename one of them" in msg, msg
+
+
+def test_a_disk_that_fills_while_validate_builds_the_data_names_its_temporary_folder(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Was: `qlora-sft validate` builds the data in a temporary folder ($TMPDIR) when no cache is
+    there; a full one ended on a bare `OSError: [Errno 27] File too large` traceback. Now it names
+    the temporary folder, what stopped the write and the fix (TMPDIR, or `prepare`), and removes it."""
+    toy = write_toy_data(tmp_path / "toy.jsonl", n=400)
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, toy, tmp_path / "runs"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    full = run_cli("validate", str(recipe), fsize=16 << 10)
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert f"building the data in the temporary folder {scratch}/qlora-sft-data-" in full.stderr, full.stderr[-3000:]
+    assert "file too large" in full.stderr and "TMPDIR" in full.stderr and "qlora-sft prepare" in full.stderr
+    assert list(scratch.iterdir()) == []
+
+
+# --- caches of older keys -----------------------------------------------------------------------
+
+
+def test_prepare_names_the_caches_an_earlier_key_left_behind(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """Was: every change of the data, a data key or the tokenizer gets a new cache folder and the old
+    one stays (qlora-sft never deletes one: another run of the output_dir may use it), and nothing said
+    so: .cache grew by a tokenized copy of the data per edit, unseen. `prepare` and `validate` now name
+    the other caches there, what each was built from, their size, and how to remove one."""
+    from qlora_sft import cli
+
+    toy = write_toy_data(tmp_path / "toy.jsonl", n=40)
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, toy, tmp_path / "runs"))
+    root = tmp_path / "runs" / ".cache"
+    assert cli.main(["prepare", str(recipe)]) == 0
+    assert "other prepared" not in capsys.readouterr().out
+    (old,) = root.glob("data-*")
+    assert cli.main(["prepare", str(recipe), "data.max_length=100"]) == 0
+    out = capsys.readouterr().out
+    assert len([p for p in root.glob("data-*") if p.is_dir()]) == 2
+    assert f"{root} holds 1 other prepared data cache" in out, out
+    assert f"{old.name} (built by prepare at " in out and f"from {toy}" in out, out
+    assert f"rm -r {old}" in out and "never deletes" in out, out
+
+
+# --- paths that are not one data file ----------------------------------------------------------
+
+
+def test_a_glob_is_named_as_a_pattern_with_the_files_it_matches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Was: `path: shards/*.jsonl` said "not found ... Fix `path:`" while the shards were there, and
+    a pattern that matches nothing said the same: patterns are not expanded, and nothing said so."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shards").mkdir()
+    for i in range(2):
+        write_toy_data(tmp_path / "shards" / f"part-{i}.jsonl", n=3)
+    with pytest.raises(DataError) as exc:
+        data.load_examples([DataSource(path="shards/*.jsonl")], "error")
+    msg = str(exc.value)
+    assert "is a pattern" in msg and "not expanded" in msg and "it matches 2 files" in msg, msg
+    assert f"- path: {tmp_path / 'shards' / 'part-0.jsonl'}" in msg, msg
+    with pytest.raises(DataError, match=r"is a pattern.* it matches no file"):
+        data.load_examples([DataSource(path="nothing/*.jsonl")], "error")
+
+
+@pytest.mark.parametrize("suffix,tool", [(".gz", "gunzip -k"), (".zst", "zstd -d"), (".bz2", "bunzip2 -k")])
+def test_a_compressed_file_says_how_to_decompress_it(tmp_path: Path, suffix: str, tool: str):
+    """Was: "unsupported file type '.gz'" and the list of types, no word that the file is compressed."""
+    f = tmp_path / f"rows.jsonl{suffix}"
+    f.write_bytes(b"\x1f\x8b compressed")
+    with pytest.raises(DataError) as exc:
+        data.load_examples([DataSource(path=str(f))], "error")
+    msg = str(exc.value)
+    assert "compressed" in msg and f"{tool} {f}" in msg and f"- path: {tmp_path / 'rows.jsonl'}" in msg, msg
