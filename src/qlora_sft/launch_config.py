@@ -548,6 +548,8 @@ def accelerate_keys() -> set[str]:
     except ImportError:
         return set(ACCELERATE_KEYS)
     return {f.name for f in dataclasses.fields(ClusterConfig)} | {"fp16", "dynamo_backend"}
+
+
 CUDA_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED", "FSDP")
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")
 BACKWARD_PREFETCH = ("BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH")
