@@ -597,6 +597,53 @@ def test_init_from_is_checked_against_the_recipe_before_loading(tmp_path: Path):
         check_before_loading(bf16_recipe(lora={"init_from": str(tmp_path)}))
 
 
+@pytest.mark.parametrize(
+    "damage", ["json_cut_off", "not_utf8", "json_list", "rank_not_a_number", "weights_nan", "final_corrupted"]
+)
+def test_an_init_from_adapter_that_cannot_be_trusted_is_named_before_loading(tmp_path: Path, damage: str):
+    """An adapter folder whose config does not read (cut off, not UTF-8, not a mapping, a rank that is
+    no number) ended on a bare JSONDecodeError / UnicodeDecodeError / ValueError traceback; one whose
+    weights hold NaN, or a run's final/ whose adapter no longer matches its manifest's digest (same
+    size, other bytes), was loaded and trained from. Each is named with the file, before loading."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qlora_sft import checkpoint
+    from qlora_sft.init_adapter import check_before_loading
+
+    folder = adapter_folder(tmp_path / "runs" / "old" / "final")
+    config = folder / "adapter_config.json"
+    weights = folder / "adapter_model.safetensors"
+    save_file({"base_model.model.q_proj.lora_A.weight": torch.ones(16, 8)}, str(weights))
+    said = {
+        "json_cut_off": f"{config} does not read as JSON",
+        "not_utf8": f"{config} does not read as JSON",
+        "json_list": f"{config} holds a list, not an adapter's settings",
+        "rank_not_a_number": f"{config} has r='sixteen', which is not a whole number",
+        "weights_nan": f"{weights} holds non-finite values (base_model.model.q_proj.lora_A.weight)",
+        "final_corrupted": "adapter_model.safetensors does not match its checksum",
+    }[damage]
+    if damage == "json_cut_off":
+        config.write_text(config.read_text()[:20])
+    elif damage == "not_utf8":
+        config.write_bytes(b"\xff\xfe" + config.read_bytes())
+    elif damage == "json_list":
+        config.write_text("[1, 2]")
+    elif damage == "rank_not_a_number":
+        config.write_text(json.dumps({**json.loads(config.read_text()), "r": "sixteen"}))
+    elif damage == "weights_nan":
+        save_file({"base_model.model.q_proj.lora_A.weight": torch.full((16, 8), float("nan"))}, str(weights))
+    else:
+        checkpoint.write_manifest(folder, {"step": 4})
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    recipe = bf16_recipe(lora={"init_from": str(folder), "target_modules": ["q_proj"]})
+    with pytest.raises(UserError) as err:
+        check_before_loading(recipe)
+    assert said in str(err.value) and f"lora.init_from={folder}" in str(err.value)
+
+
 def test_resume_from_an_adapter_points_at_init_from(tmp_path: Path, shape_recipe: Path):
     """Was: accepted, then FileNotFoundError for trainer_state.json after the model had loaded."""
     final = adapter_folder(tmp_path / "runs" / "old" / "final")

@@ -51,13 +51,13 @@ def read_adapter(path: str, base_dir: str | Path | None = None) -> AdapterSource
         weights = next((folder / w for w in WEIGHTS if (folder / w).is_file()), None)
         if weights is None:
             raise UserError(f"lora.init_from={path}: {folder} has {CONFIG} but no {' or '.join(WEIGHTS)}")
-        return AdapterSource(path, json.loads((folder / CONFIG).read_text()), weights)
+        return AdapterSource(path, read_config(folder / CONFIG, path), weights)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise UserError(f"lora.init_from={path}: folder not found (nor a hub id of the form org/name)")
     try:
         from huggingface_hub import hf_hub_download
 
-        config = json.loads(Path(hf_hub_download(path, CONFIG)).read_text())
+        config_file = Path(hf_hub_download(path, CONFIG))
         weights = Path(hf_hub_download(path, WEIGHTS[0]))
     except Exception as exc:
         raise UserError(
@@ -65,7 +65,51 @@ def read_adapter(path: str, base_dir: str | Path | None = None) -> AdapterSource
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Check the id, the network "
             "(HF_HUB_OFFLINE) and HF_TOKEN, or download it and give the folder"
         ) from None
-    return AdapterSource(path, config, weights)
+    return AdapterSource(path, read_config(config_file, path), weights)
+
+
+def read_config(file: Path, name: str) -> dict[str, Any]:
+    """An adapter's adapter_config.json, as a mapping, or a UserError naming the file."""
+    try:
+        config = json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(
+            f"lora.init_from={name}: {file} does not read as JSON ({str(exc).splitlines()[0]}); it is cut off or "
+            "damaged. Give an intact adapter folder (a run's final/ or checkpoint-N/)"
+        ) from None
+    if not isinstance(config, dict):
+        raise UserError(
+            f"lora.init_from={name}: {file} holds a {type(config).__name__}, not an adapter's settings (a JSON "
+            "mapping with r, lora_alpha, target_modules)"
+        )
+    return config
+
+
+def check_weights(source: AdapterSource) -> None:
+    """The adapter's weights as they were written: a folder qlora-sft published (its manifest.json)
+    against its digests; any safetensors adapter for non-finite values."""
+    from .checkpoint import MANIFEST, inspect_checkpoint, nonfinite_tensors
+
+    name = f"lora.init_from={source.name}"
+    folder = source.weights.parent
+    if (folder / MANIFEST).is_file():
+        info = inspect_checkpoint(folder, verify=True)
+        if not info.complete:
+            raise UserError(
+                f"{name}: {folder} is not intact: {info.reason}. Start from another checkpoint of that run, or "
+                "export that run's adapter again"
+            )
+        return
+    if source.weights.suffix == ".safetensors":
+        try:
+            bad = nonfinite_tensors(source.weights)
+        except Exception as exc:  # safetensors' own errors for a damaged file
+            raise UserError(f"{name}: {source.weights} cannot be read ({str(exc).splitlines()[0]})") from None
+        if bad:
+            raise UserError(
+                f"{name}: {source.weights} holds non-finite values ({', '.join(bad[:3])}): the run that wrote it "
+                "diverged. Start from an earlier checkpoint of that run"
+            )
 
 
 def _same_model(a: str, b: str, base_dir: str | Path | None) -> bool:
@@ -91,6 +135,15 @@ def adapter_problems(source: AdapterSource, recipe: Any, base_dir: str | Path | 
             f"{name} was trained on {base}, but model.name_or_path is {recipe.model.name_or_path}. Set "
             f"model.name_or_path to {base} (or a local copy of it)"
         )
+    for key, kind in (("r", int), ("lora_alpha", float)):
+        value = cfg.get(key)
+        try:
+            if value is not None and (isinstance(value, bool) or kind(value) != float(value)):
+                raise ValueError
+        except (TypeError, ValueError):
+            what = "a whole number" if kind is int else "a number"
+            file = source.weights.parent / CONFIG
+            return [f"{name}: {file} has {key}={value!r}, which is not {what}; it is not a LoRA adapter's config"]
     if cfg.get("r") is not None and int(cfg["r"]) != lora.r:
         problems.append(f"{name} has rank r={cfg['r']}, the recipe lora.r={lora.r}. Set lora.r: {cfg['r']}")
     if cfg.get("lora_alpha") is not None and float(cfg["lora_alpha"]) != float(lora.alpha):
@@ -133,6 +186,7 @@ def check_before_loading(recipe: Any, base_dir: str | Path | None = None) -> Ada
     problems = adapter_problems(source, recipe, base_dir)
     if problems:
         raise RecipeError(problems, recipe.source)
+    check_weights(source)
     return source
 
 
