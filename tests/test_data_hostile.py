@@ -296,3 +296,21 @@ def test_a_compressed_file_says_how_to_decompress_it(tmp_path: Path, suffix: str
         data.load_examples([DataSource(path=str(f))], "error")
     msg = str(exc.value)
     assert "compressed" in msg and f"{tool} {f}" in msg and f"- path: {tmp_path / 'rows.jsonl'}" in msg, msg
+
+
+def test_eval_rows_that_are_also_train_rows_are_counted_and_warned(tmp_path: Path, tok):
+    """data.eval_sources naming the training file itself (or a copy of it) made every eval row a train
+    row: the eval loss measured memorisation, and nothing said so. The report counts the eval rows whose
+    tokens are those of a train row and warns."""
+    train = write_toy_data(tmp_path / "train.jsonl", n=40)
+    shutil.copy(train, tmp_path / "copy.jsonl")
+    other = tmp_path / "other.jsonl"
+    rows = [{"instruction": f"Spell {w}.", "input": "", "output": " ".join(w)} for w in ("tea", "milk", "salt")]
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    same = build_data(cfg(train, eval_sources=(DataSource(path=str(tmp_path / "copy.jsonl")),)), tok, 0, None)
+    assert same.report.eval_in_train == same.report.eval_rows == 40
+    lines = "\n".join(same.report.lines())
+    assert "warning: 40 of the 40 eval rows are also train rows (the same tokens)" in lines
+    apart = build_data(cfg(train, eval_sources=(DataSource(path=str(other)),)), tok, 0, None)
+    assert apart.report.eval_rows == 12 and apart.report.eval_in_train == 0
+    assert "are also train rows" not in "\n".join(apart.report.lines())

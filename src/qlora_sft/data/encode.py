@@ -287,6 +287,22 @@ def _column(dataset: Any, name: str) -> Any:
     return column.to_numpy()
 
 
+def _row_hashes(dataset: Any, name: str = "input_ids") -> Any:
+    """A 64-bit hash of each row's token list (numpy int64), chunk by chunk: rows with the same tokens
+    have the same hash."""
+    import numpy as np
+
+    out = np.empty(len(dataset), dtype=np.int64)
+    at = 0
+    for chunk in dataset.data.column(name).chunks:
+        offsets = chunk.offsets.to_numpy()
+        values = chunk.values.to_numpy(zero_copy_only=False)
+        for i in range(len(chunk)):
+            out[at + i] = hash(values[offsets[i] : offsets[i + 1]].tobytes())
+        at += len(chunk)
+    return out
+
+
 def _no_loss_error(cfg: DataConfig, tokenizer: Any, parts: list[_Encoded], position: int) -> DataError:
     """The error for a used row without trained tokens (`position` in the parts' concatenation),
     with its untruncated length."""
@@ -440,6 +456,10 @@ def _build_data(
 
     report.train_rows = len(train_idx)
     report.eval_rows = len(eval_idx)
+    if len(eval_idx):  # eval rows that are train rows too (a source in both, a copy, repeated rows)
+        train_hashes = _row_hashes(train_all)
+        eval_hashes = train_hashes if eval_all is train_all else _row_hashes(eval_all)
+        report.eval_in_train = int(np.isin(eval_hashes[eval_idx], train_hashes[train_idx]).sum())
     _token_stats(
         report,
         _column(train_all, "input_ids")[train_idx],

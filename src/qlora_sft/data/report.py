@@ -109,6 +109,7 @@ class DataReport:
     streamed_sample: int = 0  # streaming: the statistics describe the first rows only
     chat_rows: int = 0  # train rows that are conversations (the end-token fraction counts these)
     eval_dropped_no_loss: int = 0  # eval rows left out: no trained tokens
+    eval_in_train: int = 0  # eval rows whose tokens are those of a train row
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,6 +151,12 @@ class DataReport:
             out.append(f"split: train rows as the stream yields them, {self.eval_rows} eval rows")
         else:
             out.append(f"split: {self.train_rows} train rows, {self.eval_rows} eval rows")
+        if self.eval_in_train:
+            out.append(
+                f"warning: {self.eval_in_train} of the {self.eval_rows} eval rows are also train rows (the same "
+                "tokens): the eval loss measures in part what the model has seen. A source named in both "
+                "data.sources and data.eval_sources, a copy of one, or rows repeated in the data"
+            )
         out.append(
             f"tokens per train example: mean {self.tokens_mean:.1f}, p95 {self.tokens_p95}, max "
             f"{self.tokens_max}, total {self.tokens_total}; truncated rows: {self.truncated}"
