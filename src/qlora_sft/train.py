@@ -218,6 +218,10 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     lock = checkpoint.prepare_run_dir(recipe, meta)
     try:
         return _train(recipe, mode, batch, meta, state, base_dir, extra_callbacks, on_trainer, outlook)
+    except BaseException:  # tracker runs left open would read as finished (MLflow's exit handler)
+        if state.is_main_process:
+            tracking.close_after_failure(recipe.train.args.get("report_to"))
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -268,6 +272,10 @@ def _train(
         checkpoint.main_process_decides(
             lambda: checkpoint.check_base_unchanged(resume_from, meta["base_model"], recipe.model.name_or_path)
         )
+    # the trackers' runs open before the data and the model: one that cannot open here (an MLflow store
+    # that is a file, or does not hold the run this directory names) stops the launch first
+    report_to = recipe.train.args.get("report_to")
+    checkpoint.main_process_decides(lambda: tracking.start(report_to, run_dir / "logs", recipe.run.name))
 
     # 3. Tokenizer and data (one process per node builds the cache, the others wait for it; or
     # `qlora-sft prepare` built it before the launch) — before any model memory is spent.
@@ -305,9 +313,8 @@ def _train(
     # 5. Trainer.
     args = sft_args(recipe, batch, mode, compute_dtype, prepared.eval is not None)
     ckpt = checkpoint.Checkpointing(recipe, meta, state.process_index)
-    report_to = recipe.train.args.get("report_to")
     if state.is_main_process:
-        tracking.start(report_to, run_dir / "logs", recipe.run.name, {"recipe": recipe.to_dict(), "launch": meta})
+        tracking.describe_runs(report_to, {"recipe": recipe.to_dict(), "launch": meta})
     callbacks = [
         *ckpt.callbacks(),
         launch.sharding_callback(mode, run_dir / "logs", state.process_index),
