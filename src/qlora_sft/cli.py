@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 def gib(text: str) -> float:
@@ -258,7 +258,7 @@ def load_chat_model(
     (--base-model) replaces the recorded one. A model's own code runs only with `trust_remote_code`
     (the command's flag)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     p = Path(path)
     if not p.exists():
@@ -299,6 +299,7 @@ def load_chat_model(
             )
         base_model_files(source, other_base, command="chat")  # there, and the model it trained on
         p = source.adapter_dir
+        tokenizer = chat_tokenizer(p, trust_remote_code)  # before the base model loads
         recipe = source.recipe
         recipe = dataclasses.replace(
             recipe,
@@ -306,29 +307,59 @@ def load_chat_model(
         )
         mode = LaunchMode("cpu" if device == "cpu" else "single_gpu")
         model = PeftModel.from_pretrained(load_base(recipe, mode, compute_dtype=dtype), p)
+        return model.eval(), tokenizer
     elif (p / "config.json").is_file():
         if base_model is not None:
             raise UserError(f"chat: --base-model goes with an adapter; {p} is a whole model (config.json)")
         from .export import export_damage
 
-        damage = export_damage(p)
+        again = (
+            f"qlora-sft export {run_dir} --overwrite"
+            if run_dir
+            else f"qlora-sft export <adapter> --out {p} --overwrite (its adapter: {p}/qlora-sft-export.json)"
+        )
+        damage = export_damage(p) or unreadable_shard(p)
         if damage:
-            again = (
-                f"qlora-sft export {run_dir} --overwrite"
-                if run_dir
-                else f"qlora-sft export <adapter> --out {p} --overwrite (its adapter: {p}/qlora-sft-export.json)"
-            )
             raise UserError(f"chat: {damage} (damaged or cut short since). Export it again: {again}")
+        tokenizer = chat_tokenizer(p, trust_remote_code)  # before the model: a folder without one is named
         model = AutoModelForCausalLM.from_pretrained(
             p, dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code
         )
+        return model.eval(), tokenizer
     else:
         raise UserError(
             f"chat: {p} is neither a model folder (config.json) nor an adapter folder (adapter_config.json) nor a run "
             "directory (recipe.yaml). Give a merged model folder, an adapter folder or a run directory."
         )
-    tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
-    return model.eval(), tokenizer
+
+
+def chat_tokenizer(folder: Path, trust_remote_code: bool) -> Any:
+    """The tokenizer saved with the model or adapter in `folder` (export and training save it there);
+    a folder without one that loads is named, with what to copy in."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(
+            f"chat: {folder} has no tokenizer that loads ({first_line(exc)[:200]}). Copy the tokenizer files of the "
+            "model it came from (tokenizer.json, tokenizer_config.json, chat_template.jinja) into it, or export "
+            "the run again (qlora-sft export RUN --overwrite)"
+        ) from None
+
+
+def unreadable_shard(folder: Path) -> str | None:
+    """The first safetensors file of `folder` whose header cannot be read (damaged in place, same
+    size), or None. Reads the headers only."""
+    from safetensors import safe_open
+
+    for shard in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(shard), framework="pt"):
+                pass
+        except Exception as exc:  # safetensors' SafetensorError (not an OSError), an unreadable file
+            return f"{shard} cannot be read as safetensors ({first_line(exc)[:200]})"
+    return None
 
 
 def older_export(run_dir: Path, merged: Path) -> str | None:
@@ -362,18 +393,38 @@ def cmd_chat(args: argparse.Namespace) -> int:
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
+    context = getattr(model.config, "max_position_embeddings", None)
+
     def answer(text: str) -> str:
-        messages.append({"role": "user", "content": text})
         ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            [*messages, {"role": "user", "content": text}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
         ).to(model.device)
+        length = int(ids["input_ids"].shape[1])
+        new_tokens = args.max_new_tokens
+        if isinstance(context, int) and length >= context:  # past the positions the model knows: noise
+            raise UserError(
+                f"chat: the conversation is {length} tokens, longer than the {context} the model takes "
+                "(max_position_embeddings in its config.json): give a shorter prompt"
+                + ("" if args.prompt is not None else ", or start a new chat (the earlier turns count too)")
+            )
+        if isinstance(context, int) and length + new_tokens > context:
+            new_tokens = context - length
+            print(
+                f"chat: --max-new-tokens {args.max_new_tokens} would run past the model's context of {context} tokens "
+                f"(the conversation is {length}): the answer stops after {new_tokens}",
+                file=sys.stderr,
+            )
+        messages.append({"role": "user", "content": text})
         sampling = (
             {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
         )
         with torch.no_grad():
             out = model.generate(
                 **ids,
-                max_new_tokens=args.max_new_tokens,
+                max_new_tokens=new_tokens,
                 streamer=streamer,
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                 **sampling,
@@ -383,6 +434,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return reply
 
     if args.prompt is not None:
+        if not args.prompt.strip():  # `--prompt "$PROMPT"` with PROMPT unset
+            raise UserError("chat: --prompt is empty: give the message to answer, or leave --prompt out to chat")
+        if not_utf8(args.prompt):
+            raise UserError(
+                f"chat: --prompt holds bytes that are not UTF-8 ({not_utf8(args.prompt)}): give it as UTF-8 text "
+                "(e.g. iconv -f latin1 -t utf-8 FILE)"
+            )
         answer(args.prompt)
         return 0
     print("qlora-sft chat: type a message, Ctrl-D to quit", file=sys.stderr)
@@ -392,8 +450,33 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except EOFError:
             print(file=sys.stderr)
             return 0
+        except UnicodeDecodeError as exc:  # stdin read strictly as UTF-8 (a UTF-8 locale)
+            print(f"chat: that line holds bytes that are not UTF-8 ({exc.reason}); it was not sent", file=sys.stderr)
+            continue
+        if not_utf8(text):
+            print(
+                f"chat: that line holds bytes that are not UTF-8 ({not_utf8(text)}); it was not sent", file=sys.stderr
+            )
+            continue
         if text.strip():
-            answer(text)
+            try:
+                answer(text)
+            except UserError as exc:  # a message past the context: this chat goes on without it
+                print(exc, file=sys.stderr)
+
+
+def not_utf8(text: str) -> str | None:
+    """`text` shown with its bytes that are not UTF-8 as \\x escapes (Python hands such bytes of an
+    argument or stdin on as surrogates, which the tokenizer refuses with a TypeError); None if it is
+    all UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte
+            return text.encode("utf-8", "backslashreplace").decode("ascii")
+    return None
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -1,0 +1,120 @@
+"""`qlora-sft chat` as a hostile but realistic user meets it: a prompt whose bytes are not UTF-8 (an
+argument or stdin in another encoding), an empty prompt, a prompt longer than the model's context, a
+model folder without its tokenizer or with a damaged shard header, Ctrl-C and EOF. Each is named
+without a traceback, and nothing is written anywhere. The tiny model is the whole-model folder."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qlora_sft import cli
+
+
+def chat(capsys: pytest.CaptureFixture, path: Path, *args: str) -> tuple[int, str, str]:
+    code = cli.main(["chat", str(path), "--device", "cpu", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture()
+def model_copy(tiny_model: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model, copy)
+    return copy
+
+
+def files_of(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def test_a_prompt_whose_bytes_are_not_utf8_is_named(tiny_model: Path, capsys: pytest.CaptureFixture):
+    """`--prompt "$(cat notes-latin1.txt)"`: Python hands the bytes on as surrogates, and the tokenizer
+    died in a TypeError traceback ("TextEncodeInput must be Union[...]") naming nothing."""
+    code, _, err = chat(capsys, tiny_model, "--prompt", "caf\udce9", "--max-new-tokens", "2")
+    assert code == 2 and "Traceback" not in err, err
+    assert "chat: --prompt holds bytes that are not UTF-8 (caf\\xe9)" in err and "iconv" in err
+
+
+def test_an_empty_prompt_is_refused(tiny_model: Path, capsys: pytest.CaptureFixture):
+    """`--prompt "$PROMPT"` with PROMPT unset: the model answered an empty message."""
+    code, out, err = chat(capsys, tiny_model, "--prompt", "  ", "--max-new-tokens", "2")
+    assert code == 2 and "chat: --prompt is empty" in err and out == ""
+
+
+def test_interactive_input_that_is_not_utf8_is_named_and_the_chat_goes_on(
+    tiny_model: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """Lines piped in another encoding (stdin decoded with surrogateescape, as Python does outside a
+    UTF-8 locale): the first such line ended the chat in a TypeError traceback."""
+    raw = io.BytesIO(b"caf\xe9\nWhat is the colour of the sky?\n")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape"))
+    code, out, err = chat(capsys, tiny_model, "--max-new-tokens", "2")
+    assert code == 0 and "Traceback" not in err, err
+    assert "chat: that line holds bytes that are not UTF-8 (caf\\xe9); it was not sent" in err
+    assert out.count("> ") >= 3  # asked again after the bad line, answered the next, asked again
+
+
+def test_a_prompt_longer_than_the_context_is_named(tiny_model: Path, capsys: pytest.CaptureFixture):
+    """A prompt past max_position_embeddings (1024 for the tiny model): generation went on past the
+    positions the model was trained for, silently, and answered noise."""
+    code, out, err = chat(capsys, tiny_model, "--prompt", "alpha beta " * 200, "--max-new-tokens", "2")
+    assert code == 2 and "Traceback" not in err, err
+    assert "tokens, longer than the 1024 the model takes (max_position_embeddings" in err and out == ""
+    code, out, err = chat(capsys, tiny_model, "--prompt", "alpha beta " * 135, "--max-new-tokens", "200")
+    assert code == 0, err
+    assert "--max-new-tokens 200 would run past the model's context of 1024 tokens" in err
+
+
+def test_a_model_folder_without_a_tokenizer_is_named_before_the_model_loads(
+    model_copy: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """A whole model folder from elsewhere (save_pretrained of the model alone): the model loaded,
+    then a traceback about sentencepiece and tiktoken."""
+    from transformers import AutoModelForCausalLM
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (model_copy / name).unlink(missing_ok=True)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    code, _, err = chat(capsys, model_copy, "--prompt", "hi", "--max-new-tokens", "2")
+    assert code == 2 and "Traceback" not in err, err
+    assert f"chat: {model_copy} has no tokenizer that loads" in err and "tokenizer.json" in err
+
+
+def test_a_shard_whose_header_was_damaged_is_named(model_copy: Path, capsys: pytest.CaptureFixture):
+    """Same size, other bytes in the header (a disk error, a bad copy): a raw SafetensorError traceback
+    that names no file."""
+    shard = model_copy / "model.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[10:60] = b"z" * 50
+    shard.write_bytes(bytes(raw))
+    code, _, err = chat(capsys, model_copy, "--prompt", "hi", "--max-new-tokens", "2")
+    assert code == 2 and "Traceback" not in err, err
+    assert f"chat: {shard} cannot be read as safetensors" in err
+
+
+@pytest.mark.parametrize("ending", ["eof", "ctrl-c"])
+def test_leaving_the_interactive_chat_writes_nothing(
+    ending: str, model_copy: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    before = files_of(model_copy)
+    lines = iter(["What is the colour of the sky?"])
+
+    def typed(prompt: str = "") -> str:
+        print(prompt, end="")
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError if ending == "eof" else KeyboardInterrupt from None
+
+    monkeypatch.setattr("builtins.input", typed)
+    code, _, err = chat(capsys, model_copy, "--max-new-tokens", "2")
+    assert code == (0 if ending == "eof" else 130) and "Traceback" not in err
+    assert files_of(model_copy) == before
