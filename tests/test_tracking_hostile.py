@@ -199,3 +199,38 @@ def test_a_report_to_entry_that_is_not_a_name_is_a_recipe_error(report_to: Any, 
         build_recipe(recipe_dict(tiny_model, tmp_path / "x.jsonl", tmp_path, train={"report_to": report_to}))
     (problem,) = [p for p in exc.value.problems if "report_to" in p]
     assert "give a tracker name" in problem
+
+
+def test_tensorboard_shows_each_step_once_after_a_failed_launch_and_a_resume(run: Path, tmp_path: Path):
+    """A launch that died after logging step 3 (checkpoint-2 its newest) and a relaunch from
+    checkpoint-2: metrics.jsonl moved the old step 3 aside, but TensorBoard read both event files and
+    showed step 3 twice (the stale value of the dead launch beside the replayed one). The relaunch's
+    writer now purges what the dead launch logged after the checkpoint (purge_step)."""
+    from helpers import losses_by_step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import TrainerCallback
+
+    class DieAtStep4(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == 4:
+                raise RuntimeError("died")
+
+    from qlora_sft.recipe import build_recipe
+    from qlora_sft.train import train
+
+    data = yaml.safe_load((run / "recipe.yaml").read_text())
+    data.pop("launch", None)
+    data["run"].update(name="replayed", output_dir=str(tmp_path))
+    data["train"].update(max_steps=5, save_steps=2, logging_steps=1, report_to="none", learning_rate=0.05)
+    with pytest.raises(RuntimeError, match="died"):
+        train(build_recipe(data), extra_callbacks=[DieAtStep4()])
+    run_dir = tmp_path / "replayed"
+    first = EventAccumulator(str(run_dir / "logs"))
+    first.Reload()
+    assert [s.step for s in first.Scalars("train/loss")] == [1, 2, 3]
+    train(build_recipe(data))
+    shown = EventAccumulator(str(run_dir / "logs"))
+    shown.Reload()
+    steps = [s.step for s in shown.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) == [1, 2, 3, 4, 5]
+    assert {s.step: s.value for s in shown.Scalars("train/loss")} == pytest.approx(losses_by_step(run_dir))

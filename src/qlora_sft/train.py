@@ -335,7 +335,9 @@ def _train(
 
         callbacks += [
             metrics_callback(run_dir / "logs" / "metrics.jsonl"),
-            TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "logs"))),
+            # a relaunch hides what an interrupted launch logged after the checkpoint it resumes from
+            # (those steps are trained and logged again; metrics.jsonl moved them aside above)
+            TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "logs"), purge_step=max(resume_step, 0) + 1)),
             plots.loss_plot_callback(run_dir),
         ]
         log.info("logging to %s", tracking.describe(report_to))
