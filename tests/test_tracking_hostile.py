@@ -234,3 +234,25 @@ def test_tensorboard_shows_each_step_once_after_a_failed_launch_and_a_resume(run
     steps = [s.step for s in shown.Scalars("train/loss")]
     assert steps == sorted(set(steps)) == [1, 2, 3, 4, 5]
     assert {s.step: s.value for s in shown.Scalars("train/loss")} == pytest.approx(losses_by_step(run_dir))
+
+
+def test_an_mlflow_server_that_does_not_answer_is_named_within_seconds(
+    run: Path, env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """MLFLOW_TRACKING_URI at a server that is down (a port nobody listens on): MLflow retried for
+    about four minutes without a word, then died in a traceback, with the job's GPUs held. Now the
+    launch's first contact retries briefly and names the URI and the way to wait longer."""
+    import time
+
+    from helpers import free_port
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    no_model(monkeypatch)
+    began = time.monotonic()
+    with pytest.raises(UserError) as exc:
+        launch(run, tmp_path, "server", max_steps=2)
+    assert time.monotonic() - began < 20
+    message = str(exc.value)
+    assert f"MLFLOW_TRACKING_URI={uri}" in message and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in message

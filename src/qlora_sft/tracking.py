@@ -185,6 +185,13 @@ def _start_mlflow(logs_dir: Path, run_name: str, origin: Path | None, inherited:
     )
     id_file = logs_dir / MLFLOW_ID
     run_id = read_id(id_file)
+    # the first contact retries briefly (MLflow's default: about four minutes without a word, the
+    # job's GPUs held), unless the user set how long; the logging later keeps MLflow's retries
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    saved = {k: os.environ.get(k) for k in quick}
+    if "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ:
+        os.environ.update(quick)
+    log.info("trackers: opening the MLflow run in %s", store)
     try:
         if run_id is not None:
             try:
@@ -215,8 +222,15 @@ def _start_mlflow(logs_dir: Path, run_name: str, origin: Path | None, inherited:
         raise UserError(
             f"train.report_to asks for mlflow, which could not open its run in {store}: "
             f"{type(exc).__name__}: {first_line(exc)[:300]}. Point MLFLOW_TRACKING_URI at a folder it may create "
-            "(file:/path/mlruns) or a tracking server; nothing was trained"
+            "(file:/path/mlruns) or a tracking server that answers (set MLFLOW_HTTP_REQUEST_MAX_RETRIES to wait "
+            "longer for a slow one); nothing was trained"
         ) from exc
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     keep_id(id_file, run.info.run_id)
     return str(run.info.run_id)
 
