@@ -118,3 +118,34 @@ def test_leaving_the_interactive_chat_writes_nothing(
     code, _, err = chat(capsys, model_copy, "--max-new-tokens", "2")
     assert code == (0 if ending == "eof" else 130) and "Traceback" not in err
     assert files_of(model_copy) == before
+
+
+def test_device_cuda_without_a_gpu_is_named_before_the_model_loads(
+    tiny_model: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """`--device cuda` on a login node or with a CPU-only torch: the model load died in torch's
+    AssertionError traceback ("Torch not compiled with CUDA enabled")."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = cli.main(["chat", str(tiny_model), "--device", "cuda", "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "chat: --device cuda, but no CUDA GPU is visible here" in err and "--device cpu" in err
+
+
+def test_an_answer_piped_into_a_reader_that_closes_early_ends_quietly(
+    tiny_model: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """`qlora-sft chat M --prompt ... | head -c 100`: head closed the pipe and the streamed answer died
+    in a BrokenPipeError traceback."""
+    import sys
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    code = cli.main(["chat", str(tiny_model), "--device", "cpu", "--prompt", "hello", "--max-new-tokens", "3"])
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err and "BrokenPipe" not in err, err

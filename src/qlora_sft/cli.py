@@ -278,6 +278,12 @@ def load_chat_model(
         run_dir, p, run = p, p / "merged", False  # a whole model from here on
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():  # before the model: torch's AssertionError
+        raise UserError(
+            f"chat: --device cuda, but no CUDA GPU is visible here (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}, torch {torch.__version__}). Run it on a GPU node, "
+            "or use --device cpu (slower)."
+        )
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if run or (p / "adapter_config.json").is_file():
         # the adapter on its base as training loaded it (the recipe's quantization), not on the
@@ -433,6 +439,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": reply})
         return reply
 
+    try:
+        return converse(args, answer)
+    except BrokenPipeError:  # `chat ... | head`: the reader has what it wanted
+        try:  # (and the interpreter's last flush of stdout finds nothing to write)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+
+
+def converse(args: argparse.Namespace, answer: Any) -> int:
+    """One answer (--prompt) or the interactive loop, with `answer(text)` streaming each reply."""
     if args.prompt is not None:
         if not args.prompt.strip():  # `--prompt "$PROMPT"` with PROMPT unset
             raise UserError("chat: --prompt is empty: give the message to answer, or leave --prompt out to chat")
