@@ -149,3 +149,37 @@ def test_an_answer_piped_into_a_reader_that_closes_early_ends_quietly(
     code = cli.main(["chat", str(tiny_model), "--device", "cpu", "--prompt", "hello", "--max-new-tokens", "3"])
     err = capsys.readouterr().err
     assert code == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def split_in_two(folder: Path) -> list[Path]:
+    """Save the folder's weights as two shards with their index, as save_pretrained does for a large model."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    keys = sorted(weights)
+    shards = [folder / f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2 :]]
+    for shard, names in zip(shards, halves, strict=True):
+        save_file({k: weights[k] for k in names}, str(shard), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: s.name for s, names in zip(shards, halves, strict=True) for k in names}}
+    (folder / "model.safetensors.index.json").write_text(__import__("json").dumps(index))
+    (folder / "model.safetensors").unlink()
+    return shards
+
+
+@pytest.mark.parametrize("damage", ["no weights", "a shard missing"])
+def test_a_model_folder_without_its_weights_is_named(damage: str, model_copy: Path, capsys: pytest.CaptureFixture):
+    """A model folder copied without its weights, or without one of the shards its index names (an
+    interrupted rsync): OSError / FileNotFoundError tracebacks from transformers' loader."""
+    if damage == "no weights":
+        (model_copy / "model.safetensors").unlink()
+        expected = f"chat: {model_copy} holds no weights (model.safetensors, its shards, or pytorch_model.bin)"
+    else:
+        split_in_two(model_copy)[1].unlink()
+        expected = (
+            f"chat: {model_copy / 'model-00002-of-00002.safetensors'} is missing "
+            f"(named in {model_copy / 'model.safetensors.index.json'})"
+        )
+    code, _, err = chat(capsys, model_copy, "--prompt", "hi", "--max-new-tokens", "2")
+    assert code == 2 and "Traceback" not in err, err
+    assert expected in err

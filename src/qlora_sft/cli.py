@@ -317,16 +317,18 @@ def load_chat_model(
     elif (p / "config.json").is_file():
         if base_model is not None:
             raise UserError(f"chat: --base-model goes with an adapter; {p} is a whole model (config.json)")
-        from .export import export_damage
+        from .export import EXPORT_MARKER, export_damage
 
         again = (
-            f"qlora-sft export {run_dir} --overwrite"
+            f"Export it again: qlora-sft export {run_dir} --overwrite"
             if run_dir
-            else f"qlora-sft export <adapter> --out {p} --overwrite (its adapter: {p}/qlora-sft-export.json)"
+            else f"Export it again: qlora-sft export <adapter> --out {p} --overwrite (its adapter: {p}/{EXPORT_MARKER})"
+            if (p / EXPORT_MARKER).is_file()
+            else "Copy the model folder again from where it came from"
         )
         damage = export_damage(p) or unreadable_shard(p)
         if damage:
-            raise UserError(f"chat: {damage} (damaged or cut short since). Export it again: {again}")
+            raise UserError(f"chat: {damage} (damaged or cut short since). {again}")
         tokenizer = chat_tokenizer(p, trust_remote_code)  # before the model: a folder without one is named
         model = AutoModelForCausalLM.from_pretrained(
             p, dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code
@@ -355,10 +357,25 @@ def chat_tokenizer(folder: Path, trust_remote_code: bool) -> Any:
 
 
 def unreadable_shard(folder: Path) -> str | None:
-    """The first safetensors file of `folder` whose header cannot be read (damaged in place, same
-    size), or None. Reads the headers only."""
+    """What is wrong with the weights of a whole-model folder, or None: none there, a shard its index
+    names missing, a safetensors file whose header cannot be read (damaged in place, same size).
+    Reads the headers only."""
+    import json
+
     from safetensors import safe_open
 
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        except (OSError, ValueError, AttributeError) as exc:
+            return f"{index} cannot be read ({first_line(exc)[:200]})"
+        for name in sorted(set(weight_map.values()) if isinstance(weight_map, dict) else ()):
+            if not (folder / str(name)).is_file():
+                return f"{folder / str(name)} is missing (named in {index})"
+    elif not any((folder / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        if not (folder / "pytorch_model.bin.index.json").is_file():
+            return f"{folder} holds no weights (model.safetensors, its shards, or pytorch_model.bin)"
     for shard in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(shard), framework="pt"):
