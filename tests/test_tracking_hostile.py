@@ -256,3 +256,37 @@ def test_an_mlflow_server_that_does_not_answer_is_named_within_seconds(
     assert time.monotonic() - began < 20
     message = str(exc.value)
     assert f"MLFLOW_TRACKING_URI={uri}" in message and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in message
+
+
+def test_a_step_whose_loss_is_nan_reaches_every_tracker_as_nan_not_zero(
+    run: Path, env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The weights turn NaN at step 3 (the run stops after train.nonfinite_patience such steps). The
+    Trainer's logging_nan_inf_filter left those steps out of the logged average, and with every step
+    of the window left out it logged loss 0.0: metrics.jsonl, TensorBoard, MLflow (and W&B) showed a
+    perfect loss where the model had diverged. Now such a window's loss is NaN everywhere."""
+    import math
+
+    from helpers import metrics
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from qlora_sft.recipe import build_recipe
+    from qlora_sft.train import train
+
+    monkeypatch.setenv("QLORA_SFT_FAULT", "nan@3")
+    data = yaml.safe_load((run / "recipe.yaml").read_text())
+    data.pop("launch", None)
+    data["run"].update(name="diverged", output_dir=str(tmp_path))
+    data["train"].update(max_steps=8, save_steps=2, logging_steps=1, report_to="mlflow")
+    with pytest.raises(UserError, match="training diverged"):
+        train(build_recipe(data))
+    run_dir = tmp_path / "diverged"
+    logged = {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+    assert sorted(logged) == [1, 2, 3, 4] and all(math.isfinite(logged[s]) for s in (1, 2))
+    assert all(math.isnan(logged[s]) for s in (3, 4)), logged
+    board = EventAccumulator(str(run_dir / "logs"))
+    board.Reload()
+    assert all(math.isnan(s.value) for s in board.Scalars("train/loss") if s.step >= 3)
+    mlflow_id = (run_dir / "logs" / "mlflow_run_id").read_text().strip()
+    history = {m.step: m.value for m in client(env).get_metric_history(mlflow_id, "loss")}
+    assert all(math.isnan(history[s]) for s in (3, 4)) and math.isfinite(history[2])

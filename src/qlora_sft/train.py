@@ -147,6 +147,30 @@ def metrics_callback(path: Path) -> Any:
     return MetricsCallback()
 
 
+def nonfinite_loss_callback() -> Any:
+    """First of the Trainer's callbacks, so that metrics.jsonl, TensorBoard and every tracker log the
+    same: a logging window whose every loss was NaN or inf is logged as NaN. The Trainer's
+    logging_nan_inf_filter leaves such losses out of the window's average, and with all of them left
+    out it logs 0.0, a perfect loss where the model diverged (its gradient norm is not finite then;
+    a true loss of 0.0 has a finite one)."""
+    import math
+
+    from transformers import TrainerCallback
+
+    class NonfiniteLoss(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            if not logs or logs.get("loss") != 0.0 or logs.get("grad_norm") is None:
+                return
+            try:
+                norm = float(logs["grad_norm"])
+            except (TypeError, ValueError):
+                return
+            if not math.isfinite(norm):
+                logs["loss"] = float("nan")
+
+    return NonfiniteLoss()
+
+
 def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: Any = None) -> TrainResult:
     """Run the recipe. `extra_callbacks` are added to the Trainer; `on_trainer(trainer)` is called once
     the trainer exists (the benchmark uses it to count tokens)."""
@@ -350,6 +374,8 @@ def _train(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    # before the trackers' callbacks (transformers puts them first) see a diverged window's loss
+    trainer.callback_handler.callbacks.insert(0, nonfinite_loss_callback())
     model.prepare_sharding(trainer, mode, compute_dtype, model.whole_layers_needed(recipe, mode))
     if on_trainer is not None:
         on_trainer(trainer)
