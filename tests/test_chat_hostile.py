@@ -183,3 +183,45 @@ def test_a_model_folder_without_its_weights_is_named(damage: str, model_copy: Pa
     code, _, err = chat(capsys, model_copy, "--prompt", "hi", "--max-new-tokens", "2")
     assert code == 2 and "Traceback" not in err, err
     assert expected in err
+
+
+def refuse_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def test_a_model_without_a_chat_template_is_named_before_it_loads(
+    model_copy: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """`chat` on a base model that was never chat-tuned (no chat template): the model loaded, then a
+    ValueError traceback from apply_chat_template."""
+    import json
+
+    (model_copy / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((model_copy / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model_copy / "tokenizer_config.json").write_text(json.dumps(config))
+    refuse_model(monkeypatch)
+    code, _, err = chat(capsys, model_copy, "--prompt", "hi", "--max-new-tokens", "2")
+    assert code == 2 and "Traceback" not in err, err
+    assert f"chat: {model_copy}'s tokenizer has no chat template" in err
+
+
+def test_a_system_message_the_template_refuses_is_named_before_the_model_loads(
+    model_copy: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """--system with a model whose template has no system role (Gemma's raises "System role not
+    supported"): the model loaded, then a jinja2 TemplateError traceback."""
+    (model_copy / "chat_template.jinja").write_text(
+        '{% for m in messages %}{% if m.role == "system" %}{{ raise_exception("System role not supported") }}'
+        "{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    refuse_model(monkeypatch)
+    code, _, err = chat(capsys, model_copy, "--prompt", "hi", "--system", "be brief", "--max-new-tokens", "2")
+    assert code == 2 and "Traceback" not in err, err
+    assert "chat template refuses the conversation (System role not supported)" in err and "--system" in err

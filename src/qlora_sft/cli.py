@@ -251,6 +251,7 @@ def load_chat_model(
     trust_remote_code: bool = False,
     base_model: str | None = None,
     other_base: bool = False,
+    system: str | None = None,
 ) -> tuple[Any, Any]:
     """A merged folder, an adapter (+ its base), or a run directory (merged/ if exported, else final/,
     else its newest complete checkpoint, as `export` picks). The adapter's base model is checked as
@@ -305,7 +306,7 @@ def load_chat_model(
             )
         base_model_files(source, other_base, command="chat")  # there, and the model it trained on
         p = source.adapter_dir
-        tokenizer = chat_tokenizer(p, trust_remote_code)  # before the base model loads
+        tokenizer = chat_tokenizer(p, trust_remote_code, system)  # before the base model loads
         recipe = source.recipe
         recipe = dataclasses.replace(
             recipe,
@@ -329,7 +330,7 @@ def load_chat_model(
         damage = export_damage(p) or unreadable_shard(p)
         if damage:
             raise UserError(f"chat: {damage} (damaged or cut short since). {again}")
-        tokenizer = chat_tokenizer(p, trust_remote_code)  # before the model: a folder without one is named
+        tokenizer = chat_tokenizer(p, trust_remote_code, system)  # before the model: a folder without one is named
         model = AutoModelForCausalLM.from_pretrained(
             p, dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code
         )
@@ -341,19 +342,37 @@ def load_chat_model(
         )
 
 
-def chat_tokenizer(folder: Path, trust_remote_code: bool) -> Any:
-    """The tokenizer saved with the model or adapter in `folder` (export and training save it there);
-    a folder without one that loads is named, with what to copy in."""
+def chat_tokenizer(folder: Path, trust_remote_code: bool, system: str | None = None) -> Any:
+    """The tokenizer saved with the model or adapter in `folder` (export and training save it there),
+    its chat template tried on a first message (with --system's): a folder without a tokenizer that
+    loads, a tokenizer without a chat template, or a template that refuses the conversation (no
+    system role) is named before the model loads."""
+    from jinja2.exceptions import TemplateError
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
         raise UserError(
             f"chat: {folder} has no tokenizer that loads ({first_line(exc)[:200]}). Copy the tokenizer files of the "
             "model it came from (tokenizer.json, tokenizer_config.json, chat_template.jinja) into it, or export "
             "the run again (qlora-sft export RUN --overwrite)"
         ) from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"chat: {folder}'s tokenizer has no chat template (chat_template.jinja, or chat_template in "
+            "tokenizer_config.json): a base model that was never chat-tuned. Chat with a run's adapter or merged "
+            "model (they carry the template training used), or add a template to the folder."
+        )
+    probe = [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": "hi"}]
+    try:
+        tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+    except TemplateError as exc:
+        hint = " (leave --system out, or put it into the prompt)" if system else ""
+        raise UserError(
+            f"chat: {folder}'s chat template refuses the conversation ({first_line(exc)[:200]}){hint}"
+        ) from None
+    return tokenizer
 
 
 def unreadable_shard(folder: Path) -> str | None:
@@ -411,7 +430,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     model, tokenizer = load_chat_model(
-        args.path, args.device, args.trust_remote_code, args.base_model, args.allow_other_base
+        args.path, args.device, args.trust_remote_code, args.base_model, args.allow_other_base, args.system
     )
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -419,12 +438,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
     context = getattr(model.config, "max_position_embeddings", None)
 
     def answer(text: str) -> str:
-        ids = tokenizer.apply_chat_template(
-            [*messages, {"role": "user", "content": text}],
-            add_generation_prompt=True,
-            return_tensors="pt",
-            return_dict=True,
-        ).to(model.device)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            ids = tokenizer.apply_chat_template(
+                [*messages, {"role": "user", "content": text}],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            ).to(model.device)
+        except TemplateError as exc:  # a template with rules on the turns (checked on a first message)
+            raise UserError(
+                f"chat: the model's chat template refuses the conversation ({first_line(exc)[:200]})"
+            ) from None
         length = int(ids["input_ids"].shape[1])
         new_tokens = args.max_new_tokens
         if isinstance(context, int) and length >= context:  # past the positions the model knows: noise
