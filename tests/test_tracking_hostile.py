@@ -290,3 +290,18 @@ def test_a_step_whose_loss_is_nan_reaches_every_tracker_as_nan_not_zero(
     mlflow_id = (run_dir / "logs" / "mlflow_run_id").read_text().strip()
     history = {m.step: m.value for m in client(env).get_metric_history(mlflow_id, "loss")}
     assert all(math.isnan(history[s]) for s in (3, 4)) and math.isfinite(history[2])
+
+
+def test_trackers_joined_by_a_comma_are_told_the_list_syntax(tiny_model: Path, tmp_path: Path):
+    """`train.report_to=wandb,mlflow` (transformers' --report_to spelling): the error said only that
+    `wandb,mlflow` is not a tracker, naming the trackers the user had spelled right."""
+    from qlora_sft.recipe import apply_overrides, build_recipe
+
+    data, problems = apply_overrides(
+        recipe_dict(tiny_model, tmp_path / "x.jsonl", tmp_path), ["train.report_to=wandb,mlflow"]
+    )
+    assert not problems
+    with pytest.raises(RecipeError) as exc:
+        build_recipe(data)
+    (problem,) = [p for p in exc.value.problems if "report_to" in p]
+    assert "give several trackers as a list: train.report_to=[wandb,mlflow]" in problem

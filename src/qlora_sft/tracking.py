@@ -58,6 +58,12 @@ def report_to_problems(report_to: Any) -> list[str]:
                 f"holds {name!r}, which is not a tracker name; give a tracker name or a list of them "
                 f"({', '.join(sorted(TRACKERS))})"
             )
+        elif "," in name and all(part.strip() in TRACKERS for part in name.split(",")):
+            joined = ",".join(part.strip() for part in name.split(","))
+            problems.append(
+                f"names `{name}`, several trackers in one name; give several trackers as a list: "
+                f"train.report_to=[{joined}] (YAML: report_to: [{joined.replace(',', ', ')}])"
+            )
         elif name == "all":
             problems.append("is `all`; name the trackers (e.g. [wandb]) so a run never logs somewhere by surprise")
         elif name not in TRACKERS:
@@ -99,7 +105,7 @@ def integrations(report_to: Any) -> list[str] | str:
     return names or "none"
 
 
-def start(report_to: Any, logs_dir: Path, run_name: str, config: dict[str, Any] | None = None) -> None:
+def start(report_to: Any, logs_dir: Path, run_name: str) -> None:
     """Main process, before the data and the model: open each tracker's run (a new one, or the one
     whose id the run directory keeps), named `run_name`, so that a tracker that cannot open its run
     here (an MLflow store that is a file, or does not hold the kept run) is named before any memory is
