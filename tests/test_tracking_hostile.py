@@ -27,6 +27,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
         mp.setenv("WANDB_SILENT", "true")
         mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store only on request
         mp.setenv("MLFLOW_TRACKING_URI", f"file://{root / 'mlruns'}")
+        # a resume sets MLFLOW_MAX_LOG_PARAMS=0 in this process: gone again after this module
+        mp.setenv("MLFLOW_MAX_LOG_PARAMS", "")
+        mp.delenv("MLFLOW_MAX_LOG_PARAMS")
         yield root
 
 
