@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 def gib(text: str) -> float:
@@ -251,6 +251,7 @@ def load_chat_model(
     trust_remote_code: bool = False,
     base_model: str | None = None,
     other_base: bool = False,
+    system: str | None = None,
 ) -> tuple[Any, Any]:
     """A merged folder, an adapter (+ its base), or a run directory (merged/ if exported, else final/,
     else its newest complete checkpoint, as `export` picks). The adapter's base model is checked as
@@ -258,7 +259,7 @@ def load_chat_model(
     (--base-model) replaces the recorded one. A model's own code runs only with `trust_remote_code`
     (the command's flag)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     p = Path(path)
     if not p.exists():
@@ -278,6 +279,12 @@ def load_chat_model(
         run_dir, p, run = p, p / "merged", False  # a whole model from here on
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():  # before the model: torch's AssertionError
+        raise UserError(
+            f"chat: --device cuda, but no CUDA GPU is visible here (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}, torch {torch.__version__}). Run it on a GPU node, "
+            "or use --device cpu (slower)."
+        )
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if run or (p / "adapter_config.json").is_file():
         # the adapter on its base as training loaded it (the recipe's quantization), not on the
@@ -299,6 +306,7 @@ def load_chat_model(
             )
         base_model_files(source, other_base, command="chat")  # there, and the model it trained on
         p = source.adapter_dir
+        tokenizer = chat_tokenizer(p, trust_remote_code, system)  # before the base model loads
         recipe = source.recipe
         recipe = dataclasses.replace(
             recipe,
@@ -306,29 +314,94 @@ def load_chat_model(
         )
         mode = LaunchMode("cpu" if device == "cpu" else "single_gpu")
         model = PeftModel.from_pretrained(load_base(recipe, mode, compute_dtype=dtype), p)
+        return model.eval(), tokenizer
     elif (p / "config.json").is_file():
         if base_model is not None:
             raise UserError(f"chat: --base-model goes with an adapter; {p} is a whole model (config.json)")
-        from .export import export_damage
+        from .export import EXPORT_MARKER, export_damage
 
-        damage = export_damage(p)
+        again = (
+            f"Export it again: qlora-sft export {run_dir} --overwrite"
+            if run_dir
+            else f"Export it again: qlora-sft export <adapter> --out {p} --overwrite (its adapter: {p}/{EXPORT_MARKER})"
+            if (p / EXPORT_MARKER).is_file()
+            else "Copy the model folder again from where it came from"
+        )
+        damage = export_damage(p) or unreadable_shard(p)
         if damage:
-            again = (
-                f"qlora-sft export {run_dir} --overwrite"
-                if run_dir
-                else f"qlora-sft export <adapter> --out {p} --overwrite (its adapter: {p}/qlora-sft-export.json)"
-            )
-            raise UserError(f"chat: {damage} (damaged or cut short since). Export it again: {again}")
+            raise UserError(f"chat: {damage} (damaged or cut short since). {again}")
+        tokenizer = chat_tokenizer(p, trust_remote_code, system)  # before the model: a folder without one is named
         model = AutoModelForCausalLM.from_pretrained(
             p, dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code
         )
+        return model.eval(), tokenizer
     else:
         raise UserError(
             f"chat: {p} is neither a model folder (config.json) nor an adapter folder (adapter_config.json) nor a run "
             "directory (recipe.yaml). Give a merged model folder, an adapter folder or a run directory."
         )
-    tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
-    return model.eval(), tokenizer
+
+
+def chat_tokenizer(folder: Path, trust_remote_code: bool, system: str | None = None) -> Any:
+    """The tokenizer saved with the model or adapter in `folder` (export and training save it there),
+    its chat template tried on a first message (with --system's): a folder without a tokenizer that
+    loads, a tokenizer without a chat template, or a template that refuses the conversation (no
+    system role) is named before the model loads."""
+    from jinja2.exceptions import TemplateError
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(
+            f"chat: {folder} has no tokenizer that loads ({first_line(exc)[:200]}). Copy the tokenizer files of the "
+            "model it came from (tokenizer.json, tokenizer_config.json, chat_template.jinja) into it, or export "
+            "the run again (qlora-sft export RUN --overwrite)"
+        ) from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"chat: {folder}'s tokenizer has no chat template (chat_template.jinja, or chat_template in "
+            "tokenizer_config.json): a base model that was never chat-tuned. Chat with a run's adapter or merged "
+            "model (they carry the template training used), or add a template to the folder."
+        )
+    probe = [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": "hi"}]
+    try:
+        tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+    except TemplateError as exc:
+        hint = " (leave --system out, or put it into the prompt)" if system else ""
+        raise UserError(
+            f"chat: {folder}'s chat template refuses the conversation ({first_line(exc)[:200]}){hint}"
+        ) from None
+    return tokenizer
+
+
+def unreadable_shard(folder: Path) -> str | None:
+    """What is wrong with the weights of a whole-model folder, or None: none there, a shard its index
+    names missing, a safetensors file whose header cannot be read (damaged in place, same size).
+    Reads the headers only."""
+    import json
+
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        except (OSError, ValueError, AttributeError) as exc:
+            return f"{index} cannot be read ({first_line(exc)[:200]})"
+        for name in sorted(set(weight_map.values()) if isinstance(weight_map, dict) else ()):
+            if not (folder / str(name)).is_file():
+                return f"{folder / str(name)} is missing (named in {index})"
+    elif not any((folder / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        if not (folder / "pytorch_model.bin.index.json").is_file():
+            return f"{folder} holds no weights (model.safetensors, its shards, or pytorch_model.bin)"
+    for shard in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(shard), framework="pt"):
+                pass
+        except Exception as exc:  # safetensors' SafetensorError (not an OSError), an unreadable file
+            return f"{shard} cannot be read as safetensors ({first_line(exc)[:200]})"
+    return None
 
 
 def older_export(run_dir: Path, merged: Path) -> str | None:
@@ -357,23 +430,50 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     model, tokenizer = load_chat_model(
-        args.path, args.device, args.trust_remote_code, args.base_model, args.allow_other_base
+        args.path, args.device, args.trust_remote_code, args.base_model, args.allow_other_base, args.system
     )
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
+    context = getattr(model.config, "max_position_embeddings", None)
+
     def answer(text: str) -> str:
+        from jinja2.exceptions import TemplateError
+
+        try:
+            ids = tokenizer.apply_chat_template(
+                [*messages, {"role": "user", "content": text}],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            ).to(model.device)
+        except TemplateError as exc:  # a template with rules on the turns (checked on a first message)
+            raise UserError(
+                f"chat: the model's chat template refuses the conversation ({first_line(exc)[:200]})"
+            ) from None
+        length = int(ids["input_ids"].shape[1])
+        new_tokens = args.max_new_tokens
+        if isinstance(context, int) and length >= context:  # past the positions the model knows: noise
+            raise UserError(
+                f"chat: the conversation is {length} tokens, longer than the {context} the model takes "
+                "(max_position_embeddings in its config.json): give a shorter prompt"
+                + ("" if args.prompt is not None else ", or start a new chat (the earlier turns count too)")
+            )
+        if isinstance(context, int) and length + new_tokens > context:
+            new_tokens = context - length
+            print(
+                f"chat: --max-new-tokens {args.max_new_tokens} would run past the model's context of {context} tokens "
+                f"(the conversation is {length}): the answer stops after {new_tokens}",
+                file=sys.stderr,
+            )
         messages.append({"role": "user", "content": text})
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        ).to(model.device)
         sampling = (
             {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
         )
         with torch.no_grad():
             out = model.generate(
                 **ids,
-                max_new_tokens=args.max_new_tokens,
+                max_new_tokens=new_tokens,
                 streamer=streamer,
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                 **sampling,
@@ -382,7 +482,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": reply})
         return reply
 
+    try:
+        return converse(args, answer)
+    except BrokenPipeError:  # `chat ... | head`: the reader has what it wanted
+        try:  # (and the interpreter's last flush of stdout finds nothing to write)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+
+
+def converse(args: argparse.Namespace, answer: Any) -> int:
+    """One answer (--prompt) or the interactive loop, with `answer(text)` streaming each reply."""
     if args.prompt is not None:
+        if not args.prompt.strip():  # `--prompt "$PROMPT"` with PROMPT unset
+            raise UserError("chat: --prompt is empty: give the message to answer, or leave --prompt out to chat")
+        if not_utf8(args.prompt):
+            raise UserError(
+                f"chat: --prompt holds bytes that are not UTF-8 ({not_utf8(args.prompt)}): give it as UTF-8 text "
+                "(e.g. iconv -f latin1 -t utf-8 FILE)"
+            )
         answer(args.prompt)
         return 0
     print("qlora-sft chat: type a message, Ctrl-D to quit", file=sys.stderr)
@@ -392,8 +511,33 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except EOFError:
             print(file=sys.stderr)
             return 0
+        except UnicodeDecodeError as exc:  # stdin read strictly as UTF-8 (a UTF-8 locale)
+            print(f"chat: that line holds bytes that are not UTF-8 ({exc.reason}); it was not sent", file=sys.stderr)
+            continue
+        if not_utf8(text):
+            print(
+                f"chat: that line holds bytes that are not UTF-8 ({not_utf8(text)}); it was not sent", file=sys.stderr
+            )
+            continue
         if text.strip():
-            answer(text)
+            try:
+                answer(text)
+            except UserError as exc:  # a message past the context: this chat goes on without it
+                print(exc, file=sys.stderr)
+
+
+def not_utf8(text: str) -> str | None:
+    """`text` shown with its bytes that are not UTF-8 as \\x escapes (Python hands such bytes of an
+    argument or stdin on as surrogates, which the tokenizer refuses with a TypeError); None if it is
+    all UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte
+            return text.encode("utf-8", "backslashreplace").decode("ascii")
+    return None
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

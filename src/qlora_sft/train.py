@@ -147,6 +147,30 @@ def metrics_callback(path: Path) -> Any:
     return MetricsCallback()
 
 
+def nonfinite_loss_callback() -> Any:
+    """First of the Trainer's callbacks, so that metrics.jsonl, TensorBoard and every tracker log the
+    same: a logging window whose every loss was NaN or inf is logged as NaN. The Trainer's
+    logging_nan_inf_filter leaves such losses out of the window's average, and with all of them left
+    out it logs 0.0, a perfect loss where the model diverged (its gradient norm is not finite then;
+    a true loss of 0.0 has a finite one)."""
+    import math
+
+    from transformers import TrainerCallback
+
+    class NonfiniteLoss(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            if not logs or logs.get("loss") != 0.0 or logs.get("grad_norm") is None:
+                return
+            try:
+                norm = float(logs["grad_norm"])
+            except (TypeError, ValueError):
+                return
+            if not math.isfinite(norm):
+                logs["loss"] = float("nan")
+
+    return NonfiniteLoss()
+
+
 def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: Any = None) -> TrainResult:
     """Run the recipe. `extra_callbacks` are added to the Trainer; `on_trainer(trainer)` is called once
     the trainer exists (the benchmark uses it to count tokens)."""
@@ -218,6 +242,10 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     lock = checkpoint.prepare_run_dir(recipe, meta)
     try:
         return _train(recipe, mode, batch, meta, state, base_dir, extra_callbacks, on_trainer, outlook)
+    except BaseException:  # tracker runs left open would read as finished (MLflow's exit handler)
+        if state.is_main_process:
+            tracking.close_after_failure(recipe.train.args.get("report_to"))
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -268,6 +296,10 @@ def _train(
         checkpoint.main_process_decides(
             lambda: checkpoint.check_base_unchanged(resume_from, meta["base_model"], recipe.model.name_or_path)
         )
+    # the trackers' runs open before the data and the model: one that cannot open here (an MLflow store
+    # that is a file, or does not hold the run this directory names) stops the launch first
+    report_to = recipe.train.args.get("report_to")
+    checkpoint.main_process_decides(lambda: tracking.start(report_to, run_dir / "logs", recipe.run.name))
 
     # 3. Tokenizer and data (one process per node builds the cache, the others wait for it; or
     # `qlora-sft prepare` built it before the launch) — before any model memory is spent.
@@ -305,9 +337,8 @@ def _train(
     # 5. Trainer.
     args = sft_args(recipe, batch, mode, compute_dtype, prepared.eval is not None)
     ckpt = checkpoint.Checkpointing(recipe, meta, state.process_index)
-    report_to = recipe.train.args.get("report_to")
     if state.is_main_process:
-        tracking.start(report_to, run_dir / "logs", recipe.run.name, {"recipe": recipe.to_dict(), "launch": meta})
+        tracking.describe_runs(report_to, {"recipe": recipe.to_dict(), "launch": meta})
     callbacks = [
         *ckpt.callbacks(),
         launch.sharding_callback(mode, run_dir / "logs", state.process_index),
@@ -328,7 +359,9 @@ def _train(
 
         callbacks += [
             metrics_callback(run_dir / "logs" / "metrics.jsonl"),
-            TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "logs"))),
+            # a relaunch hides what an interrupted launch logged after the checkpoint it resumes from
+            # (those steps are trained and logged again; metrics.jsonl moved them aside above)
+            TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "logs"), purge_step=max(resume_step, 0) + 1)),
             plots.loss_plot_callback(run_dir),
         ]
         log.info("logging to %s", tracking.describe(report_to))
@@ -341,6 +374,8 @@ def _train(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    # before the trackers' callbacks (transformers puts them first) see a diverged window's loss
+    trainer.callback_handler.callbacks.insert(0, nonfinite_loss_callback())
     model.prepare_sharding(trainer, mode, compute_dtype, model.whole_layers_needed(recipe, mode))
     if on_trainer is not None:
         on_trainer(trainer)
