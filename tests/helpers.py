@@ -207,3 +207,21 @@ def fake_checkpoint(folder: Path, step: int, **meta: Any) -> Path:
 
     checkpoint.write_manifest(folder, {"step": step, **meta})
     return folder
+
+
+def cli_with_file_limit(*args: str, fsize: int | None = None, timeout: float = 300) -> Any:
+    """`qlora-sft ARGS` in a subprocess; `fsize`: the largest file it may write (RLIMIT_FSIZE, with
+    SIGXFSZ ignored so that a larger write fails with EFBIG, as a full disk's fails with ENOSPC)."""
+    import subprocess
+
+    code = (
+        "import resource, signal, sys\n"
+        "from qlora_sft.cli import main\n"
+        f"fsize = {fsize!r}\n"
+        "if fsize:\n"
+        "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg"}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=timeout)

@@ -10,12 +10,11 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import recipe_dict, write_recipe, write_toy_data
+from helpers import cli_with_file_limit, recipe_dict, write_recipe, write_toy_data
 
 from qlora_sft import data
 from qlora_sft.data import build_data
@@ -134,19 +133,7 @@ def test_a_cache_of_an_older_version_and_the_trainers_own_files_beside_the_split
 
 
 def run_cli(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
-    """`qlora-sft ARGS` in a subprocess; `fsize`: the largest file it may write (RLIMIT_FSIZE, with
-    SIGXFSZ ignored so that a larger write fails with EFBIG, as a full disk fails with ENOSPC)."""
-    code = (
-        "import resource, signal, sys\n"
-        "from qlora_sft.cli import main\n"
-        f"fsize = {fsize!r}\n"
-        "if fsize:\n"
-        "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+    return cli_with_file_limit(*args, fsize=fsize, timeout=120)
 
 
 def test_a_disk_that_fills_while_prepare_builds_the_cache_is_named_and_the_relaunch_builds_it(

@@ -9,11 +9,10 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import recipe_dict, write_recipe, write_toy_data
+from helpers import cli_with_file_limit, recipe_dict, write_recipe, write_toy_data
 
 from qlora_sft.errors import UserError
 from qlora_sft.export import export
@@ -76,21 +75,8 @@ def test_overwrite_never_replaces_a_part_of_another_run(run: Path, tmp_path: Pat
 
 
 def run_export_cli(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
-    """`qlora-sft export` in a subprocess; `fsize`: the largest file it may write (RLIMIT_FSIZE, with
-    SIGXFSZ ignored so that a larger write fails with EFBIG, as a full disk fails with ENOSPC)."""
-    code = (
-        "import resource, signal, sys\n"
-        "from qlora_sft.cli import main\n"
-        f"fsize = {fsize!r}\n"
-        "if fsize:\n"
-        "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-c", code, "export", *args], capture_output=True, text=True, env=env, timeout=300
-    )
+    """`qlora-sft export ARGS` in a subprocess, its files no larger than `fsize` (a full disk)."""
+    return cli_with_file_limit("export", *args, fsize=fsize)
 
 
 def test_a_file_size_limit_mid_export_keeps_the_old_export_and_names_the_path(

@@ -332,6 +332,12 @@ def sbatch_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def run_sbatch_script(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """slurm/multi_node.sbatch run by bash outside SLURM, with the environment `sbatch_env` gives."""
+    cmd = ["bash", str(REPO / "slurm" / "multi_node.sbatch"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
 @pytest.mark.parametrize(
     ("var", "value"),
     [
@@ -353,14 +359,7 @@ def test_sbatch_template_refuses_a_count_that_is_not_a_number(tmp_path: Path, va
     env = sbatch_env(tmp_path, **{var: value})
     if var == "QLORA_SFT_PROCS_PER_NODE":
         env["QLORA_SFT_GPUS_PER_NODE"] = "0"
-    out = subprocess.run(
-        ["bash", str(REPO / "slurm" / "multi_node.sbatch"), str(recipe)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=120,
-    )
+    out = run_sbatch_script(tmp_path, env, str(recipe))
     assert out.returncode == 2, out.stderr
     assert f"{var}='{value}'" in out.stderr, out.stderr
     assert not (tmp_path / "srun.log").exists()
@@ -369,14 +368,7 @@ def test_sbatch_template_refuses_a_count_that_is_not_a_number(tmp_path: Path, va
 def test_sbatch_template_with_sound_counts_still_runs(tmp_path: Path):
     recipe = small_recipe(tmp_path)
     env = sbatch_env(tmp_path, QLORA_SFT_GPUS_PER_NODE="4", MASTER_PORT="29555", QLORA_SFT_DRY_RUN="1")
-    out = subprocess.run(
-        ["bash", str(REPO / "slurm" / "multi_node.sbatch"), str(recipe)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=120,
-    )
+    out = run_sbatch_script(tmp_path, env, str(recipe))
     assert out.returncode == 0, out.stderr
     assert "MASTER_PORT=29555 QLORA_SFT_NUM_PROCESSES=8" in out.stdout
 
@@ -505,14 +497,7 @@ def test_an_empty_deepspeed_flag_is_refused_not_dropped(tmp_path: Path, args: li
     """`--deepspeed=$DS` with DS unset: both launch scripts trained without DeepSpeed (DDP) and said
     nothing. Now a usage line, and nothing starts."""
     recipe = small_recipe(tmp_path)
-    out = subprocess.run(
-        ["bash", str(REPO / "slurm" / "multi_node.sbatch"), *args, str(recipe)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=sbatch_env(tmp_path, QLORA_SFT_DRY_RUN="1"),
-        timeout=120,
-    )
+    out = run_sbatch_script(tmp_path, sbatch_env(tmp_path, QLORA_SFT_DRY_RUN="1"), *args, str(recipe))
     assert out.returncode == 2 and "--deepspeed is empty" in out.stderr, out.stderr + out.stdout
     bin_dir = fake_bin(
         tmp_path / "acc-bin",

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import cli_with_file_limit
 from PIL import Image
 
 from qlora_sft import cli
@@ -75,23 +76,11 @@ def test_plot_never_replaces_a_picture_it_did_not_draw(tmp_path: Path, capsys: p
         assert im.size[0] > 400
 
 
-PLOT_WITH_LIMIT = """
-import resource, signal, sys
-from qlora_sft.cli import main
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_a_full_disk_while_plotting_is_named_and_leaves_no_temporary_file(tmp_path: Path):
     """A write that fails half-way (here a file size limit, as a full disk) left `.loss.png.tmp.png`
     behind, with a traceback."""
     run = fake_run(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    res = subprocess.run(
-        [sys.executable, "-c", PLOT_WITH_LIMIT, "plot", str(run)], capture_output=True, text=True, env=env, timeout=120
-    )
+    res = cli_with_file_limit("plot", str(run), fsize=2048, timeout=120)
     assert res.returncode == 2, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert f"plot: writing {run / 'logs' / 'loss.png'}" in res.stderr and "file too large" in res.stderr
