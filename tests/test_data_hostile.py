@@ -301,3 +301,29 @@ def test_eval_rows_that_are_also_train_rows_are_counted_and_warned(tmp_path: Pat
     apart = build_data(cfg(train, eval_sources=(DataSource(path=str(other)),)), tok, 0, None)
     assert apart.report.eval_rows == 12 and apart.report.eval_in_train == 0
     assert "are also train rows" not in "\n".join(apart.report.lines())
+
+
+def test_a_misspelled_optional_field_is_named_not_dropped_in_silence(tmp_path: Path, tok, caplog):
+    """`imput` for alpaca's optional `input` (or `contxt`, `sytem`) was left out without a word: the
+    rows trained without their input. Columns the format does not read stay allowed (ids, metadata);
+    one a letter or two from a field it reads is named, with the field."""
+    import logging
+
+    typo = tmp_path / "typo.jsonl"
+    rows = [{"id": i, "instruction": "Add the numbers.", "imput": f"{i} + {i}", "output": str(2 * i)} for i in range(6)]
+    typo.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        prepared = build_data(cfg(typo), tok, 0, None)
+    assert prepared.report.train_rows == 6
+    said = [r.getMessage() for r in caplog.records if "imput" in r.getMessage()]
+    assert (
+        said
+        and f"{typo} row 1 has the field `imput`, which format alpaca does not read: did you mean `input`?" in said[0]
+    )
+    assert not any("`id`" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    fine = tmp_path / "fine.jsonl"
+    fine.write_text("".join(json.dumps({**r, "input": r.pop("imput")}) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        build_data(cfg(fine), tok, 0, None)
+    assert not [r for r in caplog.records if "does not read" in r.getMessage()]

@@ -7,6 +7,7 @@ and the rows held out for evaluation."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -18,6 +19,8 @@ from ..errors import DataError
 from ..recipe import DataSource
 from .report import SourceReport
 from .sources import BadRow, parse_document, read_documents
+
+log = logging.getLogger("qlora_sft")
 
 ROLE_ALIASES = {
     "system": "system",
@@ -310,8 +313,62 @@ def _check_unicode(value: Any, where: str) -> None:
             _check_unicode(v, where)
 
 
+# the fields each format reads (the optional ones among them are left out in silence where misspelled)
+READ_FIELDS = {
+    "alpaca": ("instruction", "input", "output", "system"),
+    "dolly": ("instruction", "context", "response"),
+    "sharegpt": ("conversations", "system"),
+    "messages": ("messages", "system", "tools"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+_NAMED_NEAR_MISSES: set[tuple[str, str]] = set()
+
+
+def near_misses(row: Any, fmt: str) -> list[tuple[str, str]]:
+    """(field, the field of `fmt` it nearly spells) for the row's fields the format does not read but
+    one a letter or two from a field it reads that the row lacks: `imput` for alpaca's `input`. Other
+    fields (ids, metadata) are not named."""
+    import difflib
+
+    if not isinstance(row, dict):
+        return []
+    wanted = [f for f in READ_FIELDS.get(fmt, ()) if f not in row]
+    out = []
+    for key in row:
+        if isinstance(key, str) and key not in READ_FIELDS.get(fmt, ()):
+            close = difflib.get_close_matches(key.lower(), wanted, n=1, cutoff=0.8)
+            if close:
+                out.append((key, close[0]))
+    return out
+
+
+def name_near_misses(src: DataSource, row: Any, rowno: int, fmt: str) -> None:
+    """Warn once per source and field of a field `near_misses` finds in its first row."""
+    for key, meant in near_misses(row, fmt):
+        if (src.path, key) in _NAMED_NEAR_MISSES:
+            continue
+        _NAMED_NEAR_MISSES.add((src.path, key))
+        log.warning(
+            "%s row %d has the field `%s`, which format %s does not read: did you mean `%s`? Rows train without "
+            "it; rename the field in the data",
+            src.path,
+            rowno,
+            key,
+            fmt,
+            meant,
+        )
+
+
 def source_format(src: DataSource, first_row: Any, rowno: int) -> str:
-    """The source's format: as set, or detected from its first row."""
+    """The source's format: as set, or detected from its first row (whose fields a format does not
+    read, but nearly spell one it does, are named)."""
+    fmt = _source_format(src, first_row, rowno)
+    name_near_misses(src, first_row, rowno, fmt)
+    return fmt
+
+
+def _source_format(src: DataSource, first_row: Any, rowno: int) -> str:
     if src.format != "auto":
         return src.format
     if isinstance(first_row, BadRow):  # not JSON: there are no fields to tell the format from
