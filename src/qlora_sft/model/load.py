@@ -132,6 +132,8 @@ def load_base(
             f"model.name_or_path={cfg.name_or_path!r}: cannot read its config.json ({str(exc).splitlines()[0]})"
         ) from None
     q = checkpoint_quantization(recipe.quantization, config, path)
+    if Path(path).is_dir():  # a shard missing or cut off is named here, not a safetensors traceback
+        check_weight_files(Path(path), cfg.name_or_path, uses_safetensors_only=uses_low_memory_loader(cfg, mode))
     qconfig = quantization_config(q, compute, mode)
     if qconfig is not None and mode.device_type == "cpu":
         _check_bnb_cpu()
@@ -225,12 +227,231 @@ def load_tokenizer(cfg: ModelConfig, base_dir: str | Path | None = None) -> Any:
 
 
 def recipe_tokenizer(recipe: Recipe, base_dir: str | Path | None = None) -> Any:
-    """The recipe's tokenizer with the recipe's chat template (as training renders the data)."""
+    """The recipe's tokenizer with the recipe's chat template (as training renders the data). The
+    model folder is checked first (`check_model_folder`: config.json, weight files) and the tokenizer
+    against the model's embedding after: validate, prepare and train stop here, before any data is
+    built or weight loaded, rather than with a traceback at loading time or a device-side assert."""
     from .. import data
 
+    config = check_model_folder(recipe, base_dir)
     tokenizer = load_tokenizer(recipe.model, base_dir)
     data.set_chat_template(tokenizer, recipe.data.chat_template, recipe.model.name_or_path, base_dir)
+    if config is not None:
+        check_tokenizer_fits(recipe, tokenizer, config)
     return tokenizer
+
+
+def read_config_json(folder: Path, name: str) -> dict[str, Any]:
+    """A model folder's config.json as a dict; a missing, non-UTF-8 or cut-off file is named."""
+    import json
+
+    file = folder / "config.json"
+    if not file.is_file():
+        raise UserError(
+            f"model.name_or_path {name}: {folder} has no config.json, so it is not a model folder as "
+            "save_pretrained writes it (a GGUF or a bare weights file is not enough). Point it at the folder "
+            "that holds config.json and the .safetensors weights."
+        )
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"model.name_or_path {name}: {file} is not UTF-8 (byte {exc.start}); transformers reads it as UTF-8 "
+            "JSON. Re-download it or re-save it as UTF-8."
+        ) from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"model.name_or_path {name}: {file} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
+            f"{exc.msg}; {len(raw)} bytes, cut off?). Re-download the model's config.json."
+        ) from None
+    if not isinstance(config, dict):
+        raise UserError(f"model.name_or_path {name}: {file} holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def check_model_folder(recipe: Recipe, base_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """A local model folder checked without loading a weight: its config.json (readable, an
+    architecture this transformers knows or remote code allowed, a quantization qlora-sft trains on,
+    a context as long as data.max_length) and its weight files (`check_weight_files`). Returns the
+    config, or None for a hub id (transformers fetches and checks it)."""
+    cfg = recipe.model
+    path = local_model_path(cfg, base_dir)
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    config = read_config_json(folder, cfg.name_or_path)
+    model_type = config.get("model_type")
+    if config.get("auto_map") and not cfg.trust_remote_code:
+        code = sorted(p.name for p in folder.glob("*.py"))
+        raise UserError(
+            f"model.name_or_path {cfg.name_or_path}: its config.json maps the model to code in the folder "
+            f"(auto_map{': ' + ', '.join(code) if code else ''}), which runs only with model.trust_remote_code: "
+            "true. Read that code, then set the key (or use a model transformers implements)."
+        )
+    if not config.get("auto_map"):
+        import transformers
+        from transformers import CONFIG_MAPPING
+
+        if not model_type and not _config_loads(folder):  # (transformers also guesses from the folder's name)
+            raise UserError(
+                f"model.name_or_path {cfg.name_or_path}: {folder / 'config.json'} has no model_type, so transformers "
+                "cannot tell the architecture. Re-download the model's config.json."
+            )
+        if model_type and model_type not in CONFIG_MAPPING:
+            raise UserError(
+                f"model.name_or_path {cfg.name_or_path}: config.json names model_type {model_type!r} "
+                f"(architectures {config.get('architectures')}), which transformers {transformers.__version__} does "
+                "not implement. Upgrade transformers, or, for a model that ships its own code, set "
+                "model.trust_remote_code: true."
+            )
+    if config.get("quantization_config") is not None:
+        from types import SimpleNamespace
+
+        try:
+            checkpoint_quantization(recipe.quantization, SimpleNamespace(**config), cfg.name_or_path)
+        except UserError as exc:
+            raise UserError(
+                f"model.name_or_path {cfg.name_or_path} (quantization_config in config.json): {exc}"
+            ) from None
+    text = config.get("text_config") or config
+    context = text.get("max_position_embeddings")
+    scaling = text.get("rope_scaling") or {}
+    factor = scaling.get("factor") if isinstance(scaling, dict) else None
+    if isinstance(context, int) and isinstance(factor, int | float) and factor > 1:
+        context = int(context * factor)  # RoPE scaled past the positions it was trained on (yarn, linear...)
+    if isinstance(context, int) and 0 < context < recipe.data.max_length:
+        raise UserError(
+            f"data.max_length is {recipe.data.max_length} but {cfg.name_or_path} was built for at most {context} "
+            f"positions (max_position_embeddings in config.json): longer rows index past its position table or "
+            f"run outside the context it learned. Set data.max_length: {context} (or less)."
+        )
+    check_weight_files(folder, cfg.name_or_path, uses_safetensors_only=cfg.loader == "low_memory")
+    return config
+
+
+def _config_loads(folder: Path) -> bool:
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(folder)
+    except Exception:
+        return False
+    return True
+
+
+def check_weight_files(folder: Path, name: str, *, uses_safetensors_only: bool = False) -> None:
+    """The weight files a loader will read are there and whole: the shards the index names, and each
+    safetensors header readable and covering the file (a download cut off, a shard missing, a damaged
+    header). Reads only the headers."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+            shards = sorted({folder / str(f) for f in weight_map.values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(
+                f"model.name_or_path {name}: {index} is unreadable ({type(exc).__name__}: {exc}; cut off?). "
+                "Re-download it with the model's shards."
+            ) from None
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise UserError(
+                f"model.name_or_path {name}: {index.name} names {len(missing)} shard(s) not in {folder}: "
+                f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}. The download is incomplete: "
+                "download the missing files."
+            )
+    else:
+        shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        other = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".gguf", ".pt", ".pth", ".ckpt"))
+        if other and not uses_safetensors_only and all(p.endswith(".bin") for p in other):
+            return  # PyTorch .bin weights: transformers reads them
+        raise UserError(
+            f"model.name_or_path {name}: {folder} holds no .safetensors weights"
+            f"{' (only ' + ', '.join(other[:4]) + ')' if other else ''}. "
+            + (
+                "GGUF is llama.cpp's format; train on the original (safetensors) model it was made from."
+                if any(p.endswith(".gguf") for p in other)
+                else "Give the folder that holds the model's .safetensors files (the low-memory loader reads only "
+                "safetensors; convert .bin weights with save_pretrained)."
+            )
+        )
+    for shard in shards:
+        problem = safetensors_header_problem(shard)
+        if problem:
+            raise UserError(
+                f"model.name_or_path {name}: weight file {shard} is damaged ({problem}). Download it again "
+                "(a download cut off or a copy that failed leaves such a file)."
+            )
+
+
+def safetensors_header_problem(file: Path) -> str | None:
+    """Why a safetensors file cannot be whole, from its header alone; None when it looks whole: an
+    8-byte header length, a JSON header of that length, and tensors that end exactly at the file's end."""
+    import json
+    import struct
+
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            return f"its header says {n} bytes of metadata but the file has {size} bytes in all: cut off"
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "its metadata header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its metadata header is not a JSON object"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return "its metadata header has a tensor without data_offsets"
+    if 8 + n + end != size:
+        return f"its tensors need {8 + n + end} bytes but the file has {size}: cut off or padded"
+    return None
+
+
+def check_tokenizer_fits(recipe: Recipe, tokenizer: Any, config: dict[str, Any]) -> None:
+    """Every token id the tokenizer can produce has a row in the model's embedding (vocab_size in
+    config.json). An id past it is a device-side assert mid-training on a GPU; resizing gives the
+    new tokens random rows that LoRA never trains. The pad token qlora-sft adds is the exception (never
+    attended to nor trained; `resize_for_pad` gives it a row). Tokens past the embedding train only
+    where the embedding and head train (lora.modules_to_save)."""
+    text = config.get("text_config") or config
+    rows = text.get("vocab_size", config.get("vocab_size"))
+    if not isinstance(rows, int) or len(tokenizer) <= rows:
+        return
+    beyond = sorted((i, t) for t, i in tokenizer.get_vocab().items() if i >= rows and i != tokenizer.pad_token_id)
+    if not beyond:
+        return
+    trained = [m for m in recipe.lora.modules_to_save or [] if "embed" in m]
+    if trained:
+        log.warning(
+            "model: %d tokenizer tokens have no row in the embedding of %s (%s); the embedding grows and "
+            "lora.modules_to_save (%s) trains their rows",
+            len(beyond),
+            recipe.model.name_or_path,
+            ", ".join(repr(t) for _, t in beyond[:4]),
+            ", ".join(recipe.lora.modules_to_save or []),
+        )
+        return
+    raise UserError(
+        f"model.name_or_path {recipe.model.name_or_path}: the tokenizer has {len(tokenizer)} tokens but the model's "
+        f"embedding has {rows} rows (vocab_size in config.json): {len(beyond)} token(s) have no row, e.g. "
+        f"{', '.join(f'{t!r} (id {i})' for i, t in beyond[:4])}. On a GPU these ids stop training with a "
+        "device-side assert; given new rows, they would stay random (LoRA does not train the embedding). "
+        "Remove the added tokens from the tokenizer (added_tokens in tokenizer.json / tokenizer_config.json), "
+        "use the tokenizer that came with the weights, or train their rows: lora.modules_to_save: "
+        "[embed_tokens, lm_head]."
+    )
 
 
 def ensure_pad_token(tokenizer: Any) -> None:
