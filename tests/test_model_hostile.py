@@ -248,3 +248,31 @@ def test_rope_scaling_extends_the_context_the_check_allows(folder, toy_data, tmp
     edit_config(folder, max_position_embeddings=16, rope_scaling={"rope_type": "linear", "factor": 4.0})
     code, out = validate(folder, toy_data, tmp_path, capsys)
     assert code == 0, out
+
+
+def test_a_model_folder_without_tokenizer_files_is_named(folder, toy_data, tmp_path, capsys):
+    """Before: validate ended in transformers' ValueError traceback ("Couldn't instantiate the backend
+    tokenizer") for a folder copied with config and weights but no tokenizer files."""
+    for file in folder.glob("tokenizer*"):
+        file.unlink()
+    code, out = validate(folder, toy_data, tmp_path, capsys)
+    assert code != 0 and "Traceback" not in out
+    assert "could not load its tokenizer" in out and "tokenizer.json" in out
+
+
+def test_a_path_to_a_weights_file_names_its_folder(folder, toy_data, tmp_path, capsys):
+    """Before: 'the config file at .../model.safetensors is not a valid JSON file' (from the tokenizer)."""
+    code, out = validate(folder / "model.safetensors", toy_data, tmp_path, capsys)
+    assert code != 0 and "Traceback" not in out
+    assert f"names the file {folder / 'model.safetensors'}" in out and f"model.name_or_path: {folder}" in out
+
+
+def test_plan_reads_a_home_relative_model_path(folder, toy_data, tmp_path, capsys, monkeypatch):
+    """Before: plan said 'cannot read config.json of model ~/model' (HFValidationError) where validate
+    and train expand the ~."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(Path("~/model"), toy_data, tmp_path / "runs"))
+    code = main(["plan", str(recipe)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "vocab 320" in out.out

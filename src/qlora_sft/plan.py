@@ -177,7 +177,8 @@ class ModelShape:
 
 
 def read_model_config(name_or_path: str, base_dir: Path | None = None) -> dict[str, Any]:
-    for cand in (Path(name_or_path), (base_dir / name_or_path) if base_dir else None):
+    here = Path(name_or_path).expanduser()  # as validate and train read it (files.local_path)
+    for cand in (here, (base_dir / here) if base_dir and not here.is_absolute() else None):
         if cand is not None and (cand / "config.json").is_file():
             return json.loads((cand / "config.json").read_text())
     try:

@@ -202,6 +202,12 @@ def local_model_path(cfg: ModelConfig, base_dir: str | Path | None = None) -> st
             f"working directory) and {other.resolve()} (beside the recipe). Write the path absolute, or launch from "
             "the recipe's folder, so that the run trains the model you mean."
         )
+    if found is not None and found.is_file():
+        raise UserError(
+            f"model.name_or_path names the file {found}; a model is a folder (config.json, tokenizer files and "
+            f".safetensors weights as save_pretrained writes them): set model.name_or_path: {found.parent}"
+            + (" (GGUF is llama.cpp's format: train on the original model)" if found.suffix == ".gguf" else "")
+        )
     if found is not None:
         return str(found)
     p = Path(cfg.name_or_path).expanduser()
@@ -216,10 +222,11 @@ def load_tokenizer(cfg: ModelConfig, base_dir: str | Path | None = None) -> Any:
     path = local_model_path(cfg, base_dir)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a folder without tokenizer files ("Couldn't instantiate")
         raise UserError(
             f"model.name_or_path={cfg.name_or_path!r}: could not load its tokenizer ({str(exc).splitlines()[0]}). "
-            "Use a local folder with tokenizer files, or a hub id where the hub is reachable."
+            "Use a local folder with the model's tokenizer files (tokenizer.json or tokenizer.model, and "
+            "tokenizer_config.json: copy them from the model it came from), or a hub id where the hub is reachable."
         ) from None
     ensure_pad_token(tok)
     tok.padding_side = "right"
