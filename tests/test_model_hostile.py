@@ -276,3 +276,40 @@ def test_plan_reads_a_home_relative_model_path(folder, toy_data, tmp_path, capsy
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "vocab 320" in out.out
+
+
+def test_a_weights_symlink_into_a_cleaned_cache_is_named(folder, toy_data, tmp_path, capsys):
+    """A hub cache snapshot holds symlinks into blobs/; a blob removed (a cache cleaned by hand) leaves a
+    dangling model.safetensors. Before: FileNotFoundError traceback from the header check's stat."""
+    weights = folder / "model.safetensors"
+    weights.unlink()
+    weights.symlink_to(tmp_path / "blobs" / "0123abcd")
+    code, out = validate(folder, toy_data, tmp_path, capsys)
+    assert code != 0 and "Traceback" not in out
+    assert f"weight file {weights} is damaged (cannot be read:" in out
+
+
+def drop_eos(folder: Path) -> None:
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("eos_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def test_a_tokenizer_without_an_eos_token_is_named(folder, toy_data, tmp_path, capsys):
+    """Before: chat data was refused naming the wrong token ("none of the conversations trains the
+    end-of-turn token '<|im_start|>'"), and text rows silently got no EOS appended (the model never
+    learns to stop; the end-token check counts chat rows only)."""
+    drop_eos(folder)
+    code, out = validate(folder, toy_data, tmp_path, capsys)
+    assert code != 0 and "Traceback" not in out
+    assert "has no eos_token" in out and "tokenizer_config.json" in out and "'<|im_end|>'" in out
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "The sky is blue."}) + "\n")
+    recipe = recipe_dict(folder, tmp_path / "t.jsonl", tmp_path / "runs")
+    recipe["data"]["sources"] = [{"path": str(tmp_path / "t.jsonl"), "format": "text"}]
+    recipe["data"]["eval_fraction"] = 0
+    code = main(["validate", str(write_recipe(tmp_path / "t.yaml", recipe)), "--examples", "0"])
+    assert code != 0 and "has no eos_token" in capsys.readouterr().err
+    # data.allow_no_eos is the way to train without one, knowingly
+    recipe["data"]["allow_no_eos"] = True
+    code = main(["validate", str(write_recipe(tmp_path / "t.yaml", recipe)), "--examples", "0"])
+    assert code == 0, capsys.readouterr()

@@ -242,10 +242,24 @@ def recipe_tokenizer(recipe: Recipe, base_dir: str | Path | None = None) -> Any:
 
     config = check_model_folder(recipe, base_dir)
     tokenizer = load_tokenizer(recipe.model, base_dir)
+    if tokenizer.eos_token is None and not recipe.data.allow_no_eos:
+        vocab = tokenizer.get_vocab()
+        ends = [t for t in END_TOKENS if t in vocab]
+        raise UserError(
+            f"model.name_or_path {recipe.model.name_or_path}: its tokenizer has no eos_token (tokenizer_config.json), "
+            "so text rows end without one and chat turns without the token generation stops on: the model would "
+            "never learn to stop. Set eos_token in tokenizer_config.json to the token that ends the model's turns"
+            f"{' (this vocabulary has ' + ', '.join(repr(t) for t in ends) + ')' if ends else ''}, or, to train "
+            "without one knowingly, data.allow_no_eos: true."
+        )
     data.set_chat_template(tokenizer, recipe.data.chat_template, recipe.model.name_or_path, base_dir)
     if config is not None:
         check_tokenizer_fits(recipe, tokenizer, config)
     return tokenizer
+
+
+# end-of-turn tokens of common families, named when a tokenizer lacks its eos_token
+END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>", "<|endoftext|>", "<|end|>")
 
 
 def read_config_json(folder: Path, name: str) -> dict[str, Any]:
@@ -403,18 +417,21 @@ def safetensors_header_problem(file: Path) -> str | None:
     import json
     import struct
 
-    size = file.stat().st_size
-    with file.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"{size} bytes, shorter than a safetensors header"
-        (n,) = struct.unpack("<Q", head)
-        if 8 + n > size:
-            return f"its header says {n} bytes of metadata but the file has {size} bytes in all: cut off"
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError):
-            return "its metadata header is not valid JSON"
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                return f"its header says {n} bytes of metadata but the file has {size} bytes in all: cut off"
+            try:
+                header = json.loads(f.read(n))
+            except (ValueError, UnicodeDecodeError):
+                return "its metadata header is not valid JSON"
+    except OSError as exc:  # a symlink into a cache whose blob is gone, a file this user cannot read
+        return f"cannot be read: {exc.strerror or exc}"
     if not isinstance(header, dict):
         return "its metadata header is not a JSON object"
     try:
