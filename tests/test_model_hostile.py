@@ -313,3 +313,26 @@ def test_a_tokenizer_without_an_eos_token_is_named(folder, toy_data, tmp_path, c
     recipe["data"]["allow_no_eos"] = True
     code = main(["validate", str(write_recipe(tmp_path / "t.yaml", recipe)), "--examples", "0"])
     assert code == 0, capsys.readouterr()
+
+
+def test_a_config_that_does_not_match_the_weights_is_refused_not_initialised_at_random(folder: Path, tmp_path: Path):
+    """config.json copied from a larger sibling (one layer more): before, model.loader: transformers
+    printed a MISSING load report and trained the extra layer from random weights without a word."""
+    from tiny import build_tiny_model
+
+    from qlora_sft.errors import UserError
+    from qlora_sft.launch import LaunchMode
+    from qlora_sft.model import load_base
+    from qlora_sft.recipe import build_recipe
+
+    edit_config(folder, num_hidden_layers=3)
+    recipe = build_recipe(recipe_dict(folder, tmp_path / "d.jsonl", tmp_path, model={"loader": "transformers"}))
+    with pytest.raises(UserError) as exc:
+        load_base(recipe, LaunchMode("cpu"))
+    text = str(exc.value)
+    assert "9 weights of the model are not in its checkpoint" in text and "model.layers.2." in text
+    assert "config.json that came with the weights" in text
+    # tied embeddings (lm_head is the embedding, not stored) still load
+    tied = build_tiny_model(tmp_path / "tied", tied=True)
+    recipe = build_recipe(recipe_dict(tied, tmp_path / "d.jsonl", tmp_path, model={"loader": "transformers"}))
+    assert load_base(recipe, LaunchMode("cpu")).config.tie_word_embeddings

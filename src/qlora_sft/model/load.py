@@ -161,7 +161,8 @@ def load_base(
         }
         if qconfig is not None:
             kwargs["quantization_config"] = qconfig
-        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        base, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        check_loading_info(info, cfg.name_or_path)
     if mode.device_type == "cpu":
         keep_cpu_4bit_trainable(base)
     log.info(
@@ -171,6 +172,25 @@ def load_base(
         quantization_line(base, qconfig, model_dtype),
     )
     return base
+
+
+def check_loading_info(info: dict[str, Any], name: str) -> None:
+    """transformers initialises at random, with only a printed report, the weights of the model its
+    config.json describes that the checkpoint lacks or holds in another shape (a config.json from
+    another size of the model, an incomplete conversion): the run would train on noise. Refused."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = [str(m[0]) if isinstance(m, list | tuple) else str(m) for m in info.get("mismatched_keys") or []]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weights of the model are not in its checkpoint: {', '.join(missing[:4])}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} have another shape in the checkpoint: {', '.join(sorted(mismatched)[:4])}")
+    if problems:
+        raise UserError(
+            f"model.name_or_path {name}: {'; '.join(problems)}{' ...' if len(missing) > 4 else ''}. transformers "
+            "would start them at random. config.json does not describe these weights (a config from another size "
+            "of the model?): use the config.json that came with the weights."
+        )
 
 
 def dtype_name(dtype: Any) -> str:
