@@ -336,3 +336,15 @@ def test_a_config_that_does_not_match_the_weights_is_refused_not_initialised_at_
     tied = build_tiny_model(tmp_path / "tied", tied=True)
     recipe = build_recipe(recipe_dict(tied, tmp_path / "d.jsonl", tmp_path, model={"loader": "transformers"}))
     assert load_base(recipe, LaunchMode("cpu")).config.tie_word_embeddings
+
+
+def test_a_learned_position_table_shorter_than_max_length_is_refused(folder, toy_data, tmp_path, capsys):
+    """GPT-2-style configs name their position table n_positions: an id past it is an index error
+    (a device-side assert on a GPU) mid-training. Before: validate passed."""
+    config = json.loads((folder / "config.json").read_text())
+    del config["max_position_embeddings"]
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=32)
+    (folder / "config.json").write_text(json.dumps(config))
+    code, out = validate(folder, toy_data, tmp_path, capsys)
+    assert code != 0
+    assert "at most 32 positions (n_positions in config.json)" in out and "Set data.max_length: 32" in out

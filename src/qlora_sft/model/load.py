@@ -358,15 +358,16 @@ def check_model_folder(recipe: Recipe, base_dir: str | Path | None = None) -> di
                 f"model.name_or_path {cfg.name_or_path} (quantization_config in config.json): {exc}"
             ) from None
     text = config.get("text_config") or config
-    context = text.get("max_position_embeddings")
-    scaling = text.get("rope_scaling") or {}
+    key = next((k for k in ("max_position_embeddings", "n_positions") if isinstance(text.get(k), int)), None)
+    context = text.get(key) if key else None
+    scaling = text.get("rope_scaling") or text.get("rope_parameters") or {}  # (transformers 5 names it so)
     factor = scaling.get("factor") if isinstance(scaling, dict) else None
     if isinstance(context, int) and isinstance(factor, int | float) and factor > 1:
         context = int(context * factor)  # RoPE scaled past the positions it was trained on (yarn, linear...)
     if isinstance(context, int) and 0 < context < recipe.data.max_length:
         raise UserError(
             f"data.max_length is {recipe.data.max_length} but {cfg.name_or_path} was built for at most {context} "
-            f"positions (max_position_embeddings in config.json): longer rows index past its position table or "
+            f"positions ({key} in config.json): longer rows index past its position table or "
             f"run outside the context it learned. Set data.max_length: {context} (or less)."
         )
     check_weight_files(folder, cfg.name_or_path, uses_safetensors_only=cfg.loader == "low_memory")
