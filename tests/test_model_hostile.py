@@ -348,3 +348,19 @@ def test_a_learned_position_table_shorter_than_max_length_is_refused(folder, toy
     code, out = validate(folder, toy_data, tmp_path, capsys)
     assert code != 0
     assert "at most 32 positions (n_positions in config.json)" in out and "Set data.max_length: 32" in out
+
+
+def test_a_single_file_beside_a_stale_sharded_index_is_refused(folder, toy_data, tmp_path, capsys):
+    """A folder holding model.safetensors and an index of shards from an earlier save (a copy merged
+    over an older one): transformers reads model.safetensors, the low-memory loader the index's shards,
+    so the two loaders would train different weights without a word. Before: validate passed."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    old = {k: v + 1 for k, v in weights.items()}
+    save_file(old, str(folder / "model-00001-of-00001.safetensors"), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": dict.fromkeys(old, "model-00001-of-00001.safetensors")}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, out = validate(folder, toy_data, tmp_path, capsys)
+    assert code != 0
+    assert "holds both model.safetensors and model.safetensors.index.json" in out and "remove" in out

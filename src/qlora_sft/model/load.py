@@ -400,6 +400,14 @@ def check_weight_files(folder: Path, name: str, *, uses_safetensors_only: bool =
                 f"model.name_or_path {name}: {index} is unreadable ({type(exc).__name__}: {exc}; cut off?). "
                 "Re-download it with the model's shards."
             ) from None
+        single = folder / "model.safetensors"
+        if single.is_file() and single not in shards:
+            raise UserError(
+                f"model.name_or_path {name}: {folder} holds both model.safetensors and model.safetensors.index.json "
+                f"(naming {len(shards)} other shard file(s)), one of them left from an earlier save: transformers' "
+                "loader reads model.safetensors, the low-memory loader the index's shards. Keep the files of the "
+                "weights you mean and remove the others (the index and its shards, or model.safetensors)."
+            )
         missing = [s.name for s in shards if not s.is_file()]
         if missing:
             raise UserError(
