@@ -364,3 +364,12 @@ def test_a_single_file_beside_a_stale_sharded_index_is_refused(folder, toy_data,
     code, out = validate(folder, toy_data, tmp_path, capsys)
     assert code != 0
     assert "holds both model.safetensors and model.safetensors.index.json" in out and "remove" in out
+
+
+def test_a_model_without_a_causal_lm_class_is_refused_by_validate(folder, toy_data, tmp_path, capsys):
+    """An encoder-decoder (t5) or an image-text model named as the base: before, validate passed and
+    `train` stopped at AutoModelForCausalLM with 'Unrecognized configuration class' after the data."""
+    edit_config(folder, model_type="t5", architectures=["T5ForConditionalGeneration"])
+    code, out = validate(folder, toy_data, tmp_path, capsys)
+    assert code != 0
+    assert "model_type 't5'" in out and "no causal language model class" in out

@@ -348,6 +348,15 @@ def check_model_folder(recipe: Recipe, base_dir: str | Path | None = None) -> di
                 "not implement. Upgrade transformers, or, for a model that ships its own code, set "
                 "model.trust_remote_code: true."
             )
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if model_type and model_type in CONFIG_MAPPING and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise UserError(
+                f"model.name_or_path {cfg.name_or_path}: config.json names model_type {model_type!r} "
+                f"(architectures {config.get('architectures')}), which has no causal language model class in "
+                f"transformers {transformers.__version__} (AutoModelForCausalLM): qlora-sft trains decoder-only "
+                "causal LMs. Use a causal LM (or its text-only variant) as the base."
+            )
     if config.get("quantization_config") is not None:
         from types import SimpleNamespace
 
