@@ -373,3 +373,20 @@ def test_a_model_without_a_causal_lm_class_is_refused_by_validate(folder, toy_da
     code, out = validate(folder, toy_data, tmp_path, capsys)
     assert code != 0
     assert "model_type 't5'" in out and "no causal language model class" in out
+
+
+def test_a_cut_off_generation_config_is_named(folder, toy_data, tmp_path, capsys):
+    """Before: validate passed; the low-memory loader stopped with an OSError traceback after reading
+    every weight, while the transformers loader dropped the file without a word (its stop tokens lost)."""
+    from qlora_sft.errors import UserError
+    from qlora_sft.launch import LaunchMode
+    from qlora_sft.model import load_base
+    from qlora_sft.recipe import build_recipe
+
+    generation = folder / "generation_config.json"
+    generation.write_text(generation.read_text()[:20])
+    code, out = validate(folder, toy_data, tmp_path, capsys)
+    assert code != 0 and f"{generation} is not valid JSON" in out
+    recipe = build_recipe(recipe_dict(folder, tmp_path / "d.jsonl", tmp_path, model={"loader": "low_memory"}))
+    with pytest.raises(UserError, match="generation_config.json is not valid JSON"):
+        load_base(recipe, LaunchMode("cpu"))

@@ -134,6 +134,7 @@ def load_base(
     q = checkpoint_quantization(recipe.quantization, config, path)
     if Path(path).is_dir():  # a shard missing or cut off is named here, not a safetensors traceback
         check_weight_files(Path(path), cfg.name_or_path, uses_safetensors_only=uses_low_memory_loader(cfg, mode))
+        check_generation_config(Path(path), cfg.name_or_path)
     qconfig = quantization_config(q, compute, mode)
     if qconfig is not None and mode.device_type == "cpu":
         _check_bnb_cpu()
@@ -282,11 +283,12 @@ def recipe_tokenizer(recipe: Recipe, base_dir: str | Path | None = None) -> Any:
 END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>", "<|endoftext|>", "<|end|>")
 
 
-def read_config_json(folder: Path, name: str) -> dict[str, Any]:
-    """A model folder's config.json as a dict; a missing, non-UTF-8 or cut-off file is named."""
+def read_config_json(folder: Path, name: str, filename: str = "config.json") -> dict[str, Any]:
+    """A model folder's config.json (or generation_config.json) as a dict; a missing, non-UTF-8 or
+    cut-off file is named."""
     import json
 
-    file = folder / "config.json"
+    file = folder / filename
     if not file.is_file():
         raise UserError(
             f"model.name_or_path {name}: {folder} has no config.json, so it is not a model folder as "
@@ -306,7 +308,7 @@ def read_config_json(folder: Path, name: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise UserError(
             f"model.name_or_path {name}: {file} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
-            f"{exc.msg}; {len(raw)} bytes, cut off?). Re-download the model's config.json."
+            f"{exc.msg}; {len(raw)} bytes, cut off?). Re-download the model's {filename}."
         ) from None
     if not isinstance(config, dict):
         raise UserError(f"model.name_or_path {name}: {file} holds a JSON {type(config).__name__}, not an object")
@@ -380,7 +382,15 @@ def check_model_folder(recipe: Recipe, base_dir: str | Path | None = None) -> di
             f"run outside the context it learned. Set data.max_length: {context} (or less)."
         )
     check_weight_files(folder, cfg.name_or_path, uses_safetensors_only=cfg.loader == "low_memory")
+    check_generation_config(folder, cfg.name_or_path)
     return config
+
+
+def check_generation_config(folder: Path, name: str) -> None:
+    """generation_config.json (the stop tokens chat and export keep) readable where there is one: the
+    low-memory loader fails on a damaged one after reading every weight, transformers drops it."""
+    if (folder / "generation_config.json").is_file():
+        read_config_json(folder, name, "generation_config.json")
 
 
 def _config_loads(folder: Path) -> bool:
