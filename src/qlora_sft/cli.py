@@ -327,7 +327,9 @@ def load_chat_model(
             if (p / EXPORT_MARKER).is_file()
             else "Copy the model folder again from where it came from"
         )
-        damage = export_damage(p) or unreadable_shard(p)
+        from .model.load import weight_files_problem
+
+        damage = export_damage(p) or (weight_files_problem(p) or (None,))[0]
         if damage:
             raise UserError(f"chat: {damage} (damaged or cut short since). {again}")
         tokenizer = chat_tokenizer(p, trust_remote_code, system)  # before the model: a folder without one is named
@@ -373,35 +375,6 @@ def chat_tokenizer(folder: Path, trust_remote_code: bool, system: str | None = N
             f"chat: {folder}'s chat template refuses the conversation ({first_line(exc)[:200]}){hint}"
         ) from None
     return tokenizer
-
-
-def unreadable_shard(folder: Path) -> str | None:
-    """What is wrong with the weights of a whole-model folder, or None: none there, a shard its index
-    names missing, a safetensors file whose header cannot be read (damaged in place, same size).
-    Reads the headers only."""
-    import json
-
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text()).get("weight_map") or {}
-        except (OSError, ValueError, AttributeError) as exc:
-            return f"{index} cannot be read ({first_line(exc)[:200]})"
-        for name in sorted(set(weight_map.values()) if isinstance(weight_map, dict) else ()):
-            if not (folder / str(name)).is_file():
-                return f"{folder / str(name)} is missing (named in {index})"
-    elif not any((folder / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
-        if not (folder / "pytorch_model.bin.index.json").is_file():
-            return f"{folder} holds no weights (model.safetensors, its shards, or pytorch_model.bin)"
-    for shard in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(shard), framework="pt"):
-                pass
-        except Exception as exc:  # safetensors' SafetensorError (not an OSError), an unreadable file
-            return f"{shard} cannot be read as safetensors ({first_line(exc)[:200]})"
-    return None
 
 
 def older_export(run_dir: Path, merged: Path) -> str | None:

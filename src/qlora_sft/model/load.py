@@ -404,9 +404,17 @@ def _config_loads(folder: Path) -> bool:
 
 
 def check_weight_files(folder: Path, name: str, *, uses_safetensors_only: bool = False) -> None:
-    """The weight files a loader will read are there and whole: the shards the index names, and each
-    safetensors header readable and covering the file (a download cut off, a shard missing, a damaged
-    header). Reads only the headers."""
+    """`weight_files_problem` as the error of `model.name_or_path`."""
+    problem = weight_files_problem(folder, uses_safetensors_only=uses_safetensors_only)
+    if problem:
+        what, fix = problem
+        raise UserError(f"model.name_or_path {name}: {what}. {fix}")
+
+
+def weight_files_problem(folder: Path, *, uses_safetensors_only: bool = False) -> tuple[str, str] | None:
+    """Whether the weight files a loader will read are there and whole: the shards the index names,
+    and each safetensors header readable and covering the file (a download cut off, a shard missing, a
+    damaged header). Reads only the headers. (what is wrong, the fix for a downloaded model), or None."""
     import json
 
     index = folder / "model.safetensors.index.json"
@@ -415,48 +423,44 @@ def check_weight_files(folder: Path, name: str, *, uses_safetensors_only: bool =
             weight_map = json.loads(index.read_bytes())["weight_map"]
             shards = sorted({folder / str(f) for f in weight_map.values()})
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise UserError(
-                f"model.name_or_path {name}: {index} is unreadable ({type(exc).__name__}: {exc}; cut off?). "
-                "Re-download it with the model's shards."
-            ) from None
+            return f"{index} is unreadable ({type(exc).__name__}: {exc}; cut off?)", "Re-download it with the shards."
         single = folder / "model.safetensors"
         if single.is_file() and single not in shards:
-            raise UserError(
-                f"model.name_or_path {name}: {folder} holds both model.safetensors and model.safetensors.index.json "
-                f"(naming {len(shards)} other shard file(s)), one of them left from an earlier save: transformers' "
-                "loader reads model.safetensors, the low-memory loader the index's shards. Keep the files of the "
-                "weights you mean and remove the others (the index and its shards, or model.safetensors)."
+            return (
+                f"{folder} holds both model.safetensors and model.safetensors.index.json (naming {len(shards)} other "
+                "shard file(s)), one of them left from an earlier save: transformers' loader reads model.safetensors, "
+                "the low-memory loader the index's shards",
+                "Keep the files of the weights you mean and remove the others (the index and its shards, or "
+                "model.safetensors).",
             )
         missing = [s.name for s in shards if not s.is_file()]
         if missing:
-            raise UserError(
-                f"model.name_or_path {name}: {index.name} names {len(missing)} shard(s) not in {folder}: "
-                f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}. The download is incomplete: "
-                "download the missing files."
+            return (
+                f"{index.name} names {len(missing)} shard(s) not in {folder}: "
+                f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}",
+                "The download is incomplete: download the missing files.",
             )
     else:
         shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         other = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".gguf", ".pt", ".pth", ".ckpt"))
         if other and not uses_safetensors_only and all(p.endswith(".bin") for p in other):
-            return  # PyTorch .bin weights: transformers reads them
-        raise UserError(
-            f"model.name_or_path {name}: {folder} holds no .safetensors weights"
-            f"{' (only ' + ', '.join(other[:4]) + ')' if other else ''}. "
-            + (
-                "GGUF is llama.cpp's format; train on the original (safetensors) model it was made from."
-                if any(p.endswith(".gguf") for p in other)
-                else "Give the folder that holds the model's .safetensors files (the low-memory loader reads only "
-                "safetensors; convert .bin weights with save_pretrained)."
-            )
+            return None  # PyTorch .bin weights: transformers reads them
+        return (
+            f"{folder} holds no .safetensors weights{' (only ' + ', '.join(other[:4]) + ')' if other else ''}",
+            "GGUF is llama.cpp's format; train on the original (safetensors) model it was made from."
+            if any(p.endswith(".gguf") for p in other)
+            else "Give the folder that holds the model's .safetensors files (the low-memory loader reads only "
+            "safetensors; convert .bin weights with save_pretrained).",
         )
     for shard in shards:
         problem = safetensors_header_problem(shard)
         if problem:
-            raise UserError(
-                f"model.name_or_path {name}: weight file {shard} is damaged ({problem}). Download it again "
-                "(a download cut off or a copy that failed leaves such a file)."
+            return (
+                f"weight file {shard} is damaged ({problem})",
+                "Download it again (a download cut off or a copy that failed leaves such a file).",
             )
+    return None
 
 
 def safetensors_header_problem(file: Path) -> str | None:
