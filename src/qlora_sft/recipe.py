@@ -200,7 +200,8 @@ class DataConfig:
     SLURM gave the job). The output does not depend on it."""
     allow_no_eos: bool = False
     """Train although no example trains the template's end-of-turn token (the model would never learn
-    to stop): for continued-pretraining style data. Off: such a recipe is refused."""
+    to stop), or the tokenizer names no `eos_token` (text rows then get none appended): for
+    continued-pretraining style data. Off: such a recipe is refused."""
     rebuild: bool = False
     """Rebuild the prepared data cache even if one exists for this recipe (as `qlora-sft prepare
     --rebuild`): for changes the cache key cannot see (a hub dataset or tokenizer updated in place).
