@@ -112,6 +112,19 @@ def is_no_space(exc: BaseException) -> bool:
     return no_space_errno(exc) is not None
 
 
+def no_space_behind(exc: BaseException) -> BaseException | None:
+    """The write that ran out of room (`files.is_no_space`) behind `exc`: itself, or what it was raised
+    from or while handling (datasets and pyarrow raise their own errors over the OSError)."""
+    seen: set[int] = set()
+    here: BaseException | None = exc
+    while here is not None and id(here) not in seen:
+        if is_no_space(here):
+            return here
+        seen.add(id(here))
+        here = here.__cause__ or here.__context__
+    return None
+
+
 def no_space_message(path: Path, exc: BaseException | None = None) -> str:
     """'no space left on the file system of <mount> (<free> free of <total>)' for the file system
     holding `path`; where `exc` says a quota or a file size limit stopped the write, that instead."""

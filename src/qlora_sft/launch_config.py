@@ -534,8 +534,9 @@ TPU_KEYS = frozenset(
 # Every top-level key accelerate's reader of `--config_file` accepts (its ClusterConfig fields, plus
 # `fp16` and `dynamo_backend`, which it converts); any other key makes `accelerate launch` refuse the
 # file ("had unknown keys"). A test holds this to the installed accelerate.
+CONVERTED_KEYS = frozenset({"fp16", "dynamo_backend"})
 ACCELERATE_KEYS = LAUNCH_KEYS | TPU_KEYS | {"fp8_config", "megatron_lm_config", "parallelism_config", "dynamo_config"}
-ACCELERATE_KEYS |= {"fp16", "dynamo_backend"}
+ACCELERATE_KEYS |= CONVERTED_KEYS
 
 
 def accelerate_keys() -> set[str]:
@@ -547,7 +548,7 @@ def accelerate_keys() -> set[str]:
         from accelerate.commands.config.config_args import ClusterConfig
     except ImportError:
         return set(ACCELERATE_KEYS)
-    return {f.name for f in dataclasses.fields(ClusterConfig)} | {"fp16", "dynamo_backend"}
+    return {f.name for f in dataclasses.fields(ClusterConfig)} | CONVERTED_KEYS
 
 
 CUDA_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED", "FSDP")

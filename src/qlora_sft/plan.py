@@ -442,7 +442,7 @@ def plan_lines(
     base_dir: Path | None = None,
 ) -> list[str]:
     mode = launch.plan_mode(recipe, config, gpus, nodes)
-    nodes = nodes if nodes is not None else mode.num_machines  # (the config's num_machines, else 1)
+    nodes = mode.num_machines  # as given, else the config's num_machines (1 for one process)
     world = mode.world_size
     problems = launch.check_launch_compat(recipe, mode)
     try:

@@ -23,9 +23,17 @@ from typing import Any
 
 from .. import files as files_module
 from ..errors import DataError, first_line
-from ..files import atomic_write_text, file_digest, os_reason, sweep_temporaries, temporary_for, write_problem
+from ..files import (
+    atomic_write_text,
+    file_digest,
+    no_space_behind,
+    os_reason,
+    sweep_temporaries,
+    temporary_for,
+    write_problem,
+)
 from ..recipe import DataConfig, DataSource
-from .encode import PreparedData, build_data, no_space_behind
+from .encode import PreparedData, build_data
 from .report import EVAL_SUFFIX, DataReport, as_eval_sources_error, check_end_tokens
 from .sources import resolve_path
 from .stream import stream_data

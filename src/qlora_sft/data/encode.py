@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, first_line
-from ..files import is_no_space, no_space_message
+from ..files import no_space_behind, no_space_message
 from ..recipe import DataConfig, DataSource
 from .formats import Example, bad_row_error, eval_rows_held_out, mix, normalize_row, row_tools, source_format
 from .report import EVAL_SUFFIX, ROWS_NAMED, DataReport, SourceReport, check_end_tokens, nothing_to_train
@@ -380,19 +380,6 @@ def build_data(
             "(TMPDIR=/path/with/room qlora-sft ...), or run `qlora-sft prepare RECIPE`, which builds it in the "
             "run's cache (run.output_dir/.cache) where later commands find it."
         ) from None
-
-
-def no_space_behind(exc: BaseException) -> BaseException | None:
-    """The write that ran out of room (`files.is_no_space`) behind `exc`: itself, or what it was raised
-    from or while handling (datasets and pyarrow raise their own errors over the OSError)."""
-    seen: set[int] = set()
-    here: BaseException | None = exc
-    while here is not None and id(here) not in seen:
-        if is_no_space(here):
-            return here
-        seen.add(id(here))
-        here = here.__cause__ or here.__context__
-    return None
 
 
 def _build_data(
