@@ -308,3 +308,50 @@ def test_trackers_joined_by_a_comma_are_told_the_list_syntax(tiny_model: Path, t
         build_recipe(data)
     (problem,) = [p for p in exc.value.problems if "report_to" in p]
     assert "give several trackers as a list: train.report_to=[wandb,mlflow]" in problem
+
+
+W_AND_B_SCRIPT = """
+import os, sys
+from pathlib import Path
+from qlora_sft import tracking
+logs = Path(sys.argv[1])
+logs.mkdir(parents=True)
+tracking.start(["wandb"], logs, "first")
+tracking.finish(["wandb"])
+print("service after finish:", os.environ.get("WANDB_SERVICE"))
+os.environ.pop("WANDB_MODE")
+print("problems:", tracking.credential_problems(["wandb"]))
+"""
+
+
+def test_w_and_b_opens_its_own_service_not_one_inherited_from_the_launching_process(tmp_path: Path):
+    """A job started from a Python process that ran W&B (submitit from a notebook, a sweep driver, a
+    test worker) inherits WANDB_SERVICE, the socket of that process's W&B service: the job's W&B
+    connected to it, and failed where the socket is not (a compute node: "could not open run") or
+    met the parent's state there ("run ID ... is in use" after a kill and resume). The training's
+    own W&B is its own: an inherited service is left to the process that started it."""
+    import subprocess
+    import sys
+
+    from helpers import cpu_env
+
+    env = {
+        **cpu_env(),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "HOME": str(tmp_path / "home"),  # no ~/.netrc: no login to fall back on
+        "WANDB_SERVICE": f"3-1-unix-{tmp_path / 'login-node' / 'socket'}",  # another process's service
+    }
+    for var in ("WANDB_API_KEY", "NETRC", "WANDB_CONFIG_DIR"):
+        env.pop(var, None)
+    logs = tmp_path / "run" / "logs"
+    done = subprocess.run(
+        [sys.executable, "-c", W_AND_B_SCRIPT, str(logs)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id = (logs / "wandb_run_id").read_text().strip()
+    assert list((logs / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    # a second training in the same process (a notebook) meets W&B as the first found it: the first's
+    # offline mode and service are gone with its run, and online W&B with no login is named again
+    assert "service after finish: None" in done.stdout
+    assert "cannot log in here" in done.stdout.split("problems:")[1], done.stdout

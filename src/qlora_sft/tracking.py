@@ -88,6 +88,8 @@ def credential_problems(report_to: Any) -> list[str]:
     if "wandb" in requested(report_to) and os.environ.get("WANDB_MODE", "").lower() not in WANDB_LOCAL_MODES:
         import wandb
 
+        leave_inherited_wandb_service()
+
         try:
             wandb.login(verify=False)
         except Exception as exc:  # wandb.errors.UsageError: no key and no terminal to ask on
@@ -149,8 +151,24 @@ def start(report_to: Any, logs_dir: Path, run_name: str) -> None:
     log.info("trackers: %s (run %s; the ids are kept in %s)", ", ".join(opened), run_name, logs_dir)
 
 
+def leave_inherited_wandb_service() -> None:
+    """Forget a W&B service this process inherited. W&B keeps the socket of the service it starts in
+    WANDB_SERVICE ("<version>-<pid of the process that started it>-..."), and a child process connects
+    to it: a job launched from a Python process that ran W&B (submitit from a notebook, a sweep
+    driver) failed on a node where that socket is not, or met the other process's runs there ("run
+    ID ... is in use" after a kill and resume). A training's W&B run is its own: it starts its own
+    service, and the other process keeps its one."""
+    token = os.environ.get("WANDB_SERVICE", "")
+    fields = token.split("-")
+    if token and not (len(fields) > 1 and fields[1] == str(os.getpid())):
+        del os.environ["WANDB_SERVICE"]
+        log.info("trackers: W&B starts its own service (WANDB_SERVICE named another process's: %s)", token)
+
+
 def _start_wandb(logs_dir: Path, run_name: str, origin: Path | None, inherited: str | None) -> str:
     import wandb
+
+    leave_inherited_wandb_service()
 
     run_id = read_id(logs_dir / WANDB_ID) or secrets.token_hex(4)  # W&B ids: 8 characters of [a-z0-9]
     config: dict[str, Any] = {}
@@ -289,6 +307,12 @@ def finish(report_to: Any, preempted: bool = False, failed: bool = False) -> Non
 
         if wandb.run is not None:
             wandb.finish(exit_code=1 if failed else 75 if preempted else 0)
+            # and stop the service this training started: a later training in this process (a notebook)
+            # starts from WANDB_MODE and the login as they are then, not as this one's left them
+            try:
+                wandb.teardown()
+            except SystemExit as exc:  # W&B's service ended with an error code: the training's result stands
+                log.warning("trackers: W&B's service ended with exit code %s", exc.code)
     if "mlflow" in names:
         import mlflow
 
