@@ -188,3 +188,52 @@ def test_a_damaged_merged_model_is_named_before_it_loads(run: Path, tmp_path: Pa
     assert code == 2 and "Traceback" not in err, err
     assert f"chat: {weights} has {size // 2} bytes; the export wrote {size}" in err
     assert f"qlora-sft export {copy} --overwrite" in err
+
+
+def test_a_merged_model_changed_in_place_to_the_same_size_is_named_before_it_loads(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """A merged/ shard whose tensor bytes changed in place, same size and header intact (a bad disk
+    block, a copy tool that wrote another file's bytes): chat loaded it and answered from weights the
+    export never wrote. The export records each file's digest; chat checks them before loading."""
+    import json
+
+    from qlora_sft.export import EXPORT_MARKER, export
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    export(copy, verify=False)
+    recorded = json.loads((copy / "merged" / EXPORT_MARKER).read_text())["files"]
+    assert recorded["model.safetensors"]["digest"].startswith("xxh3_128:")
+    weights = copy / "merged" / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-64:] = bytes(255 - b for b in blob[-64:])  # the last tensor's bytes, past the header
+    weights.write_bytes(bytes(blob))
+    code, err = chat(capsys, str(copy))
+    assert code == 2 and "Traceback" not in err, err
+    assert f"chat: {weights} does not hold the bytes the export wrote (its digest differs" in err
+    assert f"qlora-sft export {copy} --overwrite" in err
+
+
+def test_an_export_recorded_with_sizes_only_is_still_checked_by_size(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """Exports written before the digests (2026-12-02) recorded `{name: size}`: still read, by size."""
+    import json
+
+    from qlora_sft.export import EXPORT_MARKER, export
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    export(copy, verify=False)
+    marker_file = copy / "merged" / EXPORT_MARKER
+    marker = json.loads(marker_file.read_text())
+    marker["files"] = {name: entry["size"] for name, entry in marker["files"].items()}
+    marker_file.write_text(json.dumps(marker))
+    code, err = chat(capsys, str(copy))
+    assert code == 0, err
+    weights = copy / "merged" / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])
+    code, err = chat(capsys, str(copy))
+    assert code == 2 and f"chat: {weights} has {size // 2} bytes; the export wrote {size}" in err, err

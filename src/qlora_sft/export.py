@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .files import no_space_errno, no_space_message, sweep_temporaries, temporary_for, write_problem
+from .files import file_digest, no_space_errno, no_space_message, sweep_temporaries, temporary_for, write_problem
 from .launch import DTYPES as TORCH_DTYPES
 from .loader import checkpoint_files
 from .recipe import QuantizationConfig, Recipe
@@ -734,18 +734,26 @@ def relative_below(inner: Path, outer: Path) -> Path | None:
 
 
 def export_damage(folder: Path) -> str | None:
-    """Which file of an export differs from what export wrote (the sizes its marker records), or None;
-    also None for a folder without that record (another model, an export before 2026-12-01)."""
+    """Which file of an export differs from what export wrote, or None: the size and the digest its
+    marker records for each file (`{name: size}` alone in exports before 2026-12-02); also None for
+    a folder without that record (another model, an export before 2026-12-01)."""
+
     try:
         files = json.loads((folder / EXPORT_MARKER).read_text()).get("files")
     except (OSError, ValueError, AttributeError):
         return None
-    for name, size in (files or {}).items() if isinstance(files, dict) else ():
+    for name, entry in (files or {}).items() if isinstance(files, dict) else ():
+        size, digest = (entry.get("size"), entry.get("digest")) if isinstance(entry, dict) else (entry, None)
         f = folder / name
         if not f.is_file():
             return f"{f} is missing"
         if f.stat().st_size != size:
             return f"{f} has {f.stat().st_size} bytes; the export wrote {size}"
+        if digest and file_digest(f) != digest:
+            return (
+                f"{f} does not hold the bytes the export wrote (its digest differs from {folder / EXPORT_MARKER}'s; "
+                "same size: changed in place)"
+            )
     return None
 
 
@@ -982,7 +990,11 @@ def merge_verify_publish(
             "adapter": str(source.adapter_dir.resolve()),
             "step": source.step,
             "verified": ok if verify else None,
-            "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()},
+            "files": {
+                f.name: {"size": f.stat().st_size, "digest": file_digest(f)}
+                for f in sorted(tmp.iterdir())
+                if f.is_file()
+            },
         }
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         final = publish(tmp, plan.out_dir, ok, overwrite)
