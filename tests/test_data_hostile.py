@@ -327,3 +327,36 @@ def test_a_misspelled_optional_field_is_named_not_dropped_in_silence(tmp_path: P
     with caplog.at_level(logging.WARNING, logger="qlora_sft"):
         build_data(cfg(fine), tok, 0, None)
     assert not [r for r in caplog.records if "does not read" in r.getMessage()]
+
+
+# --- a data file written to while the cache is built ------------------------------------------
+
+
+def test_a_data_file_changed_while_the_cache_is_built_is_named_and_nothing_is_cached(
+    tmp_path: Path, tok, monkeypatch: pytest.MonkeyPatch
+):
+    """The data file is appended to (a generation job still writing it, an rsync still copying)
+    while its rows are tokenized: the cache was kept under the key of the file as it was before, with
+    rows of neither version, and the run trained on them with nothing said. Now the build names the
+    file that changed and keeps nothing; the launch after the writer has finished builds it whole."""
+    from qlora_sft.data import cache
+
+    toy = write_toy_data(tmp_path / "toy.jsonl", n=64)
+    extra = write_toy_data(tmp_path / "more.jsonl", n=8, seed=1).read_bytes()
+    real_build = cache.build_data
+
+    def build_while_written(*args, **kwargs):
+        with toy.open("ab") as f:  # the writer appends while the rows are read
+            f.write(extra)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "build_data", build_while_written)
+    root = tmp_path / "cache"
+    with pytest.raises(DataError) as exc:
+        data.prepare_data(cfg(toy), tok, seed=0, cache_root=root)
+    message = str(exc.value)
+    assert f"{toy.resolve()} changed while its rows were read" in message and "launch again" in message
+    assert not [p for p in root.glob("data-*") if p.is_dir()]  # nothing cached under either version
+    monkeypatch.setattr(cache, "build_data", real_build)
+    prepared = data.prepare_data(cfg(toy), tok, seed=0, cache_root=root)
+    assert prepared.report.train_rows == 72  # the file as the writer left it, whole

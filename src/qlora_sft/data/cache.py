@@ -667,6 +667,7 @@ def prepare_data(
         Path(cache_root).mkdir(parents=True, exist_ok=True)
     if not distributed_state().is_local_main_process:
         wait_for_digests(cfg, base_dir, cache_root)  # the node's main process reads the files for the key
+    seen = _file_states(cfg, base_dir)  # as the key reads them: a build over files changed since is not kept
     folder = cache_folder(cfg, tokenizer, seed, cache_root, base_dir)
     if cfg.rebuild:
         set_cache_aside(folder)
@@ -681,12 +682,45 @@ def prepare_data(
     if distributed_state().is_local_main_process:
         # build it, or wait while another process (another node, `qlora-sft prepare`) holds the lock
         while prepared is None:
-            prepared = build_cache(folder, lambda work: build_data(cfg, tokenizer, seed, base_dir, work), by)
+            prepared = build_cache(
+                folder,
+                lambda work: unchanged_since(seen, cfg, base_dir, build_data(cfg, tokenizer, seed, base_dir, work)),
+                by,
+            )
             prepared = prepared or _wait_for_cache(folder, since, until_unlocked=True)
         return prepared
     prepared = _wait_for_cache(folder, since)
     assert prepared is not None
     return prepared
+
+
+def _file_states(cfg: DataConfig, base_dir: str | os.PathLike[str] | None) -> dict[str, tuple[int, ...] | None]:
+    """Each local data file's size, times and inode (None: gone), by resolved path."""
+    states: dict[str, tuple[int, ...] | None] = {}
+    for p in _data_files(cfg, base_dir):
+        try:
+            states[str(p)] = _stat_key(p.stat())
+        except OSError:
+            states[str(p)] = None
+    return states
+
+
+def unchanged_since(
+    seen: dict[str, tuple[int, ...] | None], cfg: DataConfig, base_dir: str | os.PathLike[str] | None, built: Any
+) -> Any:
+    """`built` where the data files are as they were when the cache key read them; else a DataError
+    naming the file that was written to (or added, or removed) meanwhile: its rows are of neither
+    version, and the cache would keep them under the key of the old one."""
+    now = _file_states(cfg, base_dir)
+    for path in sorted(set(seen) | set(now)):
+        if seen.get(path) != now.get(path):
+            what = "appeared" if path not in seen else "was removed" if path not in now else "changed"
+            raise DataError(
+                f"data: {path} {what} while its rows were read (another process writing or copying it?): "
+                "the rows read are of neither version, so nothing was cached or trained. Let the writer finish, "
+                "then launch again."
+            )
+    return built
 
 
 def data_fingerprint(
