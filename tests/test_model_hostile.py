@@ -390,3 +390,17 @@ def test_a_cut_off_generation_config_is_named(folder, toy_data, tmp_path, capsys
     recipe = build_recipe(recipe_dict(folder, tmp_path / "d.jsonl", tmp_path, model={"loader": "low_memory"}))
     with pytest.raises(UserError, match="generation_config.json is not valid JSON"):
         load_base(recipe, LaunchMode("cpu"))
+
+
+def test_a_revision_beside_a_local_folder_is_said_to_be_ignored(folder, toy_data, tmp_path, capsys, caplog):
+    """`model.revision: <commit>` kept from a hub id after switching `name_or_path` to a local
+    folder (a snapshot downloaded by hand): transformers ignores the revision for a folder, and the
+    run trained whatever commit the folder holds with nothing said."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        code, out = validate(folder, toy_data, tmp_path, capsys, model={"revision": "a1b2c3d"})
+    assert code == 0, out
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"model.revision a1b2c3d does not apply to the local folder {folder}" in said, said
+    assert "remove model.revision" in said

@@ -61,7 +61,8 @@ class ModelConfig:
     name_or_path: str = ""
     """Local folder (with config.json) or hub id of the base model. Required."""
     revision: str | None = None
-    """Hub revision (branch, tag or commit) when `name_or_path` is a hub id."""
+    """Hub revision (branch, tag or commit) when `name_or_path` is a hub id; beside a local folder it does not
+    apply (transformers reads the folder as it is), and validate and train say so."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Dtype of the non-quantized weights. `auto` = the compute dtype."""
     attn_implementation: str = "auto"

@@ -7,6 +7,7 @@ Liger's kernels, and `load_model`: the base with LoRA adapters, fused with the 4
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,6 +326,13 @@ def check_model_folder(recipe: Recipe, base_dir: str | Path | None = None) -> di
     folder = Path(path)
     if not folder.is_dir():
         return None
+    if cfg.revision and os.environ.get("RANK", "0") in ("0", ""):  # said once: by rank 0 (RANK set by launchers)
+        log.warning(
+            "model.revision %s does not apply to the local folder %s (transformers reads the folder as it is; a "
+            "revision picks a commit of a hub id): check the folder holds that commit, and remove model.revision",
+            cfg.revision,
+            folder,
+        )
     config = read_config_json(folder, cfg.name_or_path)
     model_type = config.get("model_type")
     if config.get("auto_map") and not cfg.trust_remote_code:
