@@ -360,3 +360,21 @@ def test_a_data_file_changed_while_the_cache_is_built_is_named_and_nothing_is_ca
     monkeypatch.setattr(cache, "build_data", real_build)
     prepared = data.prepare_data(cfg(toy), tok, seed=0, cache_root=root)
     assert prepared.report.train_rows == 72  # the file as the writer left it, whole
+
+
+def test_a_misspelled_field_past_the_first_row_is_named_with_its_rows(tmp_path: Path, tok, caplog):
+    """Two files joined into one (`cat a.jsonl b.jsonl`), the second spelling alpaca's `input` as
+    `imput`: only the first row was looked at, so the second file's rows trained without their input
+    with nothing said. Every row is looked at now; the field is named with its first row and count."""
+    import logging
+
+    joined = tmp_path / "joined.jsonl"
+    good = [{"instruction": "Add.", "input": f"{i} + {i}", "output": str(2 * i)} for i in range(5)]
+    typo = [{"instruction": "Add.", "imput": f"{i} + 1", "output": str(i + 1)} for i in range(3)]
+    joined.write_text("".join(json.dumps(r) + "\n" for r in good + typo))
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        build_data(cfg(joined), tok, 0, None)
+    said = [r.getMessage() for r in caplog.records if "imput" in r.getMessage()]
+    assert len(said) == 1, said
+    assert f"{joined} row 6 has the field `imput`" in said[0] and "3 rows have it" in said[0], said
+    assert "did you mean `input`?" in said[0]

@@ -19,7 +19,17 @@ from typing import Any
 from ..errors import DataError, first_line
 from ..files import no_space_behind, no_space_message
 from ..recipe import DataConfig, DataSource
-from .formats import Example, bad_row_error, eval_rows_held_out, mix, normalize_row, row_tools, source_format
+from .formats import (
+    Example,
+    bad_row_error,
+    eval_rows_held_out,
+    mix,
+    name_near_misses,
+    near_miss_text,
+    normalize_row,
+    row_tools,
+    source_format,
+)
 from .report import EVAL_SUFFIX, ROWS_NAMED, DataReport, SourceReport, check_end_tokens, nothing_to_train
 from .sources import BadRow, limit_text, parse_document, read_documents
 from .templates import end_of_turn_token, tokenize_example, tokenize_rows
@@ -83,6 +93,7 @@ def _encoded_features() -> Any:
             "truncated": datasets.Value("bool"),
             # 1/0: the final turn trains its end token (0 too when truncation cut it); -1: n/a (text, bad row)
             "end_trained": datasets.Value("int8"),
+            "near_miss": datasets.Value("string"),  # fields that nearly spell one the format reads (`near_miss_text`)
         }
     )
 
@@ -116,7 +127,9 @@ def encode_documents(
     """A batch of (row, document) -> tokens, labels and what the report counts (`datasets.map`)."""
     examples: list[Example] = []
     reasons: list[tuple[str, str]] = []  # (reason, problem) of each row; ("", "") for a good one
+    near: list[str] = []
     for rowno, document in zip(batch["row"], batch["document"], strict=True):
+        row: Any = None
         try:
             row = parse_document(document)
             messages, text = normalize_row(row, fmt, system_prompt)
@@ -125,11 +138,14 @@ def encode_documents(
             if on_bad_row == "error":
                 raise bad_row_error(path, rowno, fmt, str(bad)) from None
             reasons.append((bad.reason, str(bad)))
+            near.append(near_miss_text(row, fmt))  # ("" where it did not parse)
             continue
+        near.append(near_miss_text(row, fmt))
         examples.append(Example(messages, text, path, rowno, tools))
         reasons.append(("", ""))
     tokens = iter(zip(examples, tokenize_rows(examples, tokenizer, max_length, assistant_only_loss), strict=True))
     out: dict[str, list[Any]] = {k: [] for k in _encoded_features()}
+    out["near_miss"] = near
     for rowno, (reason, problem) in zip(batch["row"], reasons, strict=True):
         tok = None
         if not reason:
@@ -229,6 +245,13 @@ def _encode_source(
         load_from_cache_file=False,
         new_fingerprint=f"{name}-{os.getpid()}-{time.time_ns()}",
         desc=f"tokenizing {src.path}",
+    )
+    near = pc.not_equal(encoded.data.column("near_miss"), "")
+    name_near_misses(
+        src.path,
+        fmt,
+        pc.filter(encoded.data.column("row"), near).to_pylist(),
+        pc.filter(encoded.data.column("near_miss"), near).to_pylist(),
     )
     bad = encoded.data.column("bad")
     for entry in pc.value_counts(pc.filter(bad, pc.not_equal(bad, ""))).to_pylist():

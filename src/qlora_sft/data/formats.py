@@ -6,6 +6,7 @@ and the rows held out for evaluation."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -329,43 +330,62 @@ def near_misses(row: Any, fmt: str) -> list[tuple[str, str]]:
     """(field, the field of `fmt` it nearly spells) for the row's fields the format does not read but
     one a letter or two from a field it reads that the row lacks: `imput` for alpaca's `input`. Other
     fields (ids, metadata) are not named."""
-    import difflib
-
     if not isinstance(row, dict):
         return []
-    wanted = [f for f in READ_FIELDS.get(fmt, ()) if f not in row]
+    return list(_near_misses(tuple(k for k in row if isinstance(k, str)), fmt))
+
+
+@functools.lru_cache(maxsize=1024)
+def _near_misses(keys: tuple[str, ...], fmt: str) -> tuple[tuple[str, str], ...]:
+    """`near_misses` of a row with these fields (every row is looked at: rows share few key sets)."""
+    import difflib
+
+    read = READ_FIELDS.get(fmt, ())
+    wanted = [f for f in read if f not in keys]
     out = []
-    for key in row:
-        if isinstance(key, str) and key not in READ_FIELDS.get(fmt, ()):
+    for key in keys:
+        if key not in read:
             close = difflib.get_close_matches(key.lower(), wanted, n=1, cutoff=0.8)
             if close:
                 out.append((key, close[0]))
-    return out
+    return tuple(out)
 
 
-def name_near_misses(src: DataSource, row: Any, rowno: int, fmt: str) -> None:
-    """Warn once per source and field of a field `near_misses` finds in its first row."""
-    for key, meant in near_misses(row, fmt):
-        if (src.path, key) in _NAMED_NEAR_MISSES:
+def near_miss_text(row: Any, fmt: str) -> str:
+    """The row's `near_misses` as JSON, "" for none (a column of the encoded rows)."""
+    found = near_misses(row, fmt)
+    return json.dumps(found) if found else ""
+
+
+def name_near_misses(path: str, fmt: str, rows: Sequence[int], found: Sequence[str]) -> None:
+    """Warn once per source and field of the fields `near_miss_text` found in its rows (`found`, ""
+    for a row without one), with the first row that has it and how many do."""
+    first: dict[tuple[str, str], int] = {}
+    count: dict[tuple[str, str], int] = {}
+    for rowno, text in zip(rows, found, strict=True):
+        for key, meant in json.loads(text) if text else ():
+            first.setdefault((key, meant), rowno)
+            count[(key, meant)] = count.get((key, meant), 0) + 1
+    for (key, meant), rowno in first.items():
+        if (path, key) in _NAMED_NEAR_MISSES:
             continue
-        _NAMED_NEAR_MISSES.add((src.path, key))
+        _NAMED_NEAR_MISSES.add((path, key))
+        n = count[(key, meant)]
         log.warning(
-            "%s row %d has the field `%s`, which format %s does not read: did you mean `%s`? Rows train without "
-            "it; rename the field in the data",
-            src.path,
+            "%s row %d has the field `%s`, which format %s does not read: did you mean `%s`? %s; they train "
+            "without it: rename the field in the data",
+            path,
             rowno,
             key,
             fmt,
             meant,
+            "1 row has it" if n == 1 else f"{n} rows have it",
         )
 
 
 def source_format(src: DataSource, first_row: Any, rowno: int) -> str:
-    """The source's format: as set, or detected from its first row (whose fields a format does not
-    read, but nearly spell one it does, are named)."""
-    fmt = _source_format(src, first_row, rowno)
-    name_near_misses(src, first_row, rowno, fmt)
-    return fmt
+    """The source's format: as set, or detected from its first row."""
+    return _source_format(src, first_row, rowno)
 
 
 def _source_format(src: DataSource, first_row: Any, rowno: int) -> str:
@@ -404,6 +424,7 @@ def iter_examples(
         if not fmt:
             fmt = report.format = source_format(src, row, rowno)
         report.rows += 1
+        name_near_misses(src.path, fmt, [rowno], [near_miss_text(row, fmt)])
         try:
             messages, text = normalize_row(row, fmt, src.system_prompt)
             tools = row_tools(row, fmt)

@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import DataError
 from ..recipe import DataConfig, DataSource
 from .encode import ENCODE_BATCH, PreparedData, _encode_kwargs, _encoded_features, _token_stats, encode_documents
-from .formats import source_format
+from .formats import name_near_misses, source_format
 from .report import DataReport, SourceReport, check_end_tokens, nothing_to_train
 from .sources import limit_text, parse_document, read_documents
 from .templates import end_of_turn_token
@@ -56,6 +56,7 @@ def stream_data(
         encoded = encode_documents(
             {"row": [d["row"] for d in sample], "document": [d["document"] for d in sample]}, **kwargs
         )
+        name_near_misses(src.path, fmt, encoded["row"], encoded["near_miss"])  # (in the rows sampled)
         samples.append((src, fmt, encoded))
         stream = raw.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer) if cfg.shuffle_buffer > 1 else raw
         stream = stream.map(
