@@ -404,3 +404,18 @@ def test_a_revision_beside_a_local_folder_is_said_to_be_ignored(folder, toy_data
     said = " ".join(r.getMessage() for r in caplog.records)
     assert f"model.revision a1b2c3d does not apply to the local folder {folder}" in said, said
     assert "remove model.revision" in said
+
+
+def test_a_native_model_whose_config_also_maps_to_folder_code_trains_without_remote_code(
+    folder, toy_data, tmp_path, capsys
+):
+    """Phi-3-mini's config.json names model_type `phi3`, which transformers implements, and still
+    carries the `auto_map` of its earlier own code: transformers loads its own class with
+    trust_remote_code false, but validate refused the model and told the user to run the folder's
+    code. Now it validates, and the folder's code does not run."""
+    edit_config(folder, auto_map={"AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.My"})
+    (folder / "modeling_my.py").write_text("raise SystemExit('remote code ran')\n")
+    (folder / "configuration_my.py").write_text("raise SystemExit('remote code ran')\n")
+    code, out = validate(folder, toy_data, tmp_path, capsys)
+    assert code == 0, out
+    assert "remote code ran" not in out

@@ -335,17 +335,20 @@ def check_model_folder(recipe: Recipe, base_dir: str | Path | None = None) -> di
         )
     config = read_config_json(folder, cfg.name_or_path)
     model_type = config.get("model_type")
-    if config.get("auto_map") and not cfg.trust_remote_code:
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    # transformers runs a folder's own code (auto_map) only with trust_remote_code; without it, a
+    # model_type it implements loads its own class (Phi-3's config still maps to its earlier code)
+    remote = bool(config.get("auto_map")) and (cfg.trust_remote_code or model_type not in CONFIG_MAPPING)
+    if remote and not cfg.trust_remote_code:
         code = sorted(p.name for p in folder.glob("*.py"))
         raise UserError(
             f"model.name_or_path {cfg.name_or_path}: its config.json maps the model to code in the folder "
             f"(auto_map{': ' + ', '.join(code) if code else ''}), which runs only with model.trust_remote_code: "
             "true. Read that code, then set the key (or use a model transformers implements)."
         )
-    if not config.get("auto_map"):
-        import transformers
-        from transformers import CONFIG_MAPPING
-
+    if not remote:
         if not model_type and not _config_loads(folder):  # (transformers also guesses from the folder's name)
             raise UserError(
                 f"model.name_or_path {cfg.name_or_path}: {folder / 'config.json'} has no model_type, so transformers "
