@@ -237,3 +237,29 @@ def test_an_export_recorded_with_sizes_only_is_still_checked_by_size(
     weights.write_bytes(weights.read_bytes()[: size // 2])
     code, err = chat(capsys, str(copy))
     assert code == 2 and f"chat: {weights} has {size // 2} bytes; the export wrote {size}" in err, err
+
+
+def test_chat_reads_an_unchanged_export_for_its_digests_once(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """Checking the export's digests reads every file: for a 70B export, 140 GB before the load
+    reads them again, on every chat. The digests chat has checked are kept (by path, size, times and
+    inode, in the user's cache folder): an unchanged export is not read for them again, a changed one is."""
+    from qlora_sft import export as export_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    export_module.export(copy, verify=False)
+    read: list[str] = []
+    real = export_module.file_digest
+    monkeypatch.setattr(export_module, "file_digest", lambda p: read.append(Path(p).name) or real(p))
+    import time
+
+    time.sleep(2.1)  # a file written in the last 2 s is not kept (see DigestMemo: a second write could hide)
+    assert chat(capsys, str(copy))[0] == 0
+    assert "model.safetensors" in read
+    assert (tmp_path / "cache" / "qlora-sft" / "export-digests.json").is_file()
+    read.clear()
+    assert chat(capsys, str(copy))[0] == 0
+    assert read == []

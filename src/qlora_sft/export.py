@@ -733,27 +733,46 @@ def relative_below(inner: Path, outer: Path) -> Path | None:
     return None
 
 
+EXPORT_DIGESTS = "export-digests.json"
+
+
+def export_digest_memo() -> Any:
+    """The digests of exported files already checked, kept in the user's cache folder
+    (`$XDG_CACHE_HOME/qlora-sft`, else ~/.cache/qlora-sft) by path, size, times and inode, as the data
+    cache keeps its files' (`DigestMemo`): chat reads an unchanged export once for them, not before
+    every load (140 GB for a 70B model). Where that folder cannot be written, every chat reads them."""
+    from .data.cache import DigestMemo
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlora-sft"
+    with contextlib.suppress(OSError):
+        root.mkdir(parents=True, exist_ok=True)
+    return DigestMemo(root / EXPORT_DIGESTS, read=lambda p: file_digest(p))
+
+
 def export_damage(folder: Path) -> str | None:
     """Which file of an export differs from what export wrote, or None: the size and the digest its
     marker records for each file (`{name: size}` alone in exports before 2026-12-02); also None for
     a folder without that record (another model, an export before 2026-12-01)."""
-
     try:
         files = json.loads((folder / EXPORT_MARKER).read_text()).get("files")
     except (OSError, ValueError, AttributeError):
         return None
-    for name, entry in (files or {}).items() if isinstance(files, dict) else ():
-        size, digest = (entry.get("size"), entry.get("digest")) if isinstance(entry, dict) else (entry, None)
-        f = folder / name
-        if not f.is_file():
-            return f"{f} is missing"
-        if f.stat().st_size != size:
-            return f"{f} has {f.stat().st_size} bytes; the export wrote {size}"
-        if digest and file_digest(f) != digest:
-            return (
-                f"{f} does not hold the bytes the export wrote (its digest differs from {folder / EXPORT_MARKER}'s; "
-                "same size: changed in place)"
-            )
+    memo = export_digest_memo()
+    try:
+        for name, entry in (files or {}).items() if isinstance(files, dict) else ():
+            size, digest = (entry.get("size"), entry.get("digest")) if isinstance(entry, dict) else (entry, None)
+            f = folder / name
+            if not f.is_file():
+                return f"{f} is missing"
+            if f.stat().st_size != size:
+                return f"{f} has {f.stat().st_size} bytes; the export wrote {size}"
+            if digest and memo.digest(f.resolve()) != digest:
+                return (
+                    f"{f} does not hold the bytes the export wrote (its digest differs from "
+                    f"{folder / EXPORT_MARKER}'s; same size: changed in place)"
+                )
+    finally:
+        memo.save()
     return None
 
 
