@@ -166,6 +166,25 @@ def test_a_count_written_in_e_notation_says_how_to_write_it(tmp_path: Path, text
     assert msg.startswith(f"{f}:4: `{key}` is ") and fix in msg, msg
 
 
+@pytest.mark.parametrize(
+    ("key", "place"),
+    [
+        ("train.lora_r", "lora.r"),  # was: "did you mean `train.local_rank`?"
+        ("train.lora_alpha", "lora.alpha"),  # was: no hint
+        ("train.sequence_len", "data.max_length"),
+        ("lora.learning_rate", "train.learning_rate"),
+        ("model.max_length", "data.max_length"),
+        ("quantization.r", "lora.r"),
+        ("run.max_steps", "train.max_steps"),
+    ],
+)
+def test_a_key_under_the_wrong_section_names_the_section_it_belongs_to(key: str, place: str):
+    (msg,) = refused([f"{key}=8"])
+    assert msg.endswith(f"`{key}` is not a recipe key; it belongs to `{place}`") or msg.endswith(
+        f"`{key}` is not a trl.SFTConfig field; it belongs to `{place}`"
+    ), msg
+
+
 # --------------------------------------------------------------------------------------------
 # Overrides
 # --------------------------------------------------------------------------------------------

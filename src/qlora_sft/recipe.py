@@ -817,6 +817,20 @@ def _suggest(name: str, options: list[str], prefix: str = "") -> str:
     return f"; did you mean `{prefix}{match[0]}`?" if match else ""
 
 
+def _unknown_key_hint(name: str, fields: list[str], section: str, cls: type) -> str:
+    """The hint for an unknown key of a section: its own key an alias names (`lora.lora_alpha` is
+    `lora.alpha`), then the key of another section it is (`model.max_length` is `data.max_length`,
+    `lora.learning_rate` is `train.learning_rate`), then the closest key of its own."""
+    alias = ALIASES.get(name.lower())
+    if alias in fields:
+        return f"; did you mean `{section}.{alias}`?"
+    if cls is not DataSource:
+        place = _foreign_option(name) or (_foreign_option(alias) if alias else None)
+        if place:
+            return f"; it belongs to `{place}`"
+    return _suggest(name, fields, section + ".")
+
+
 def _check_value(value: Any, annotation: Any) -> tuple[bool, Any]:
     """Is `value` an instance of `annotation` (the subset of typing the recipe uses)? Returns
     (ok, normalised value)."""
@@ -903,7 +917,7 @@ def _build_section(cls: type, raw: Any, key: str, ctx: _Problems) -> Any:
     for name, value in raw.items():
         full = f"{key}.{name}"
         if name not in fields:
-            ctx.add(full, f"is not a recipe key{_suggest(str(name), list(fields), key + '.')}")
+            ctx.add(full, f"is not a recipe key{_unknown_key_hint(str(name), list(fields), key, cls)}")
             continue
         ann = hints[name]
         # Nested lists of sources.
@@ -1095,9 +1109,9 @@ def _build_train(raw: Any, ctx: _Problems) -> TrainConfig:
             continue
         if name not in sft:
             hint = _suggest(str(name), [*sft, *own], "train.")
-            other = _owner_of(str(name))
+            other = _owner_of(str(name)) or FOREIGN_OPTIONS.get(str(name))  # `lora_r` is lora.r, not local_rank
             if other:
-                hint = f"; it belongs to `{other}`"
+                hint = f"; did you mean `{other}`?" if other.startswith("train.") else f"; it belongs to `{other}`"
             ctx.add(full, f"is not a trl.SFTConfig field{hint}")
             continue
         if isinstance(value, bool) and _admits(sft[name], str) and not _admits(sft[name], bool):
