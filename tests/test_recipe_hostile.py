@@ -328,6 +328,29 @@ def test_control_characters_in_a_path_or_name_are_refused(key: str, value: str):
     assert r.run.name == "essai-été" and r.data.sources[0].system_prompt.endswith("\tTabbed.")
 
 
+def test_a_source_without_a_path_is_refused(tmp_path: Path):
+    """A stray `-` under `sources:` (or an entry with `format:` but no `path:`) built a source whose path
+    was "": validate then said " names two different files: <cwd> and <the recipe's folder>", naming
+    no key, or read the working directory as the dataset."""
+    f = tmp_path / "r.yaml"
+    f.write_text(
+        "model: {name_or_path: m}\n"
+        "data:\n"
+        "  sources:\n"
+        "    - path: a.jsonl\n"
+        "    -\n"  # 5
+        "  eval_sources:\n"
+        "    - {format: alpaca}\n"  # 7
+    )
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(f)
+    required = "is required: a .jsonl/.json/.parquet/.csv file, a folder or a hub dataset id"
+    assert exc.value.problems == [
+        f"{f}:5: `data.sources.1.path` {required}",
+        f"{f}:7: `data.eval_sources.0.path` {required}",
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # LoRA target modules
 # --------------------------------------------------------------------------------------------

@@ -692,8 +692,10 @@ class _Problems:
             return f"{self.source}:{line}: "
         return ""
 
-    def add(self, key: str, message: str) -> None:
-        self.problems.append(f"{self.where(key)}`{key}` {message}")
+    def add(self, key: str, message: str, at: str | None = None) -> None:
+        """A problem of `key`, placed at the line of `at` where the file does not give `key` itself."""
+        where = self.where(key) or (self.where(at) if at else "")
+        self.problems.append(f"{where}`{key}` {message}")
 
     def has(self, key: str) -> bool:
         """Whether a problem of `key` is reported already."""
@@ -1172,6 +1174,14 @@ def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems
         ctx.add("model.name_or_path", "is required: a local model folder or a hub id")
     if not recipe.data.sources:
         ctx.add("data.sources", "needs at least one source (e.g. `- path: data/train.jsonl`)")
+    for kind in ("sources", "eval_sources"):
+        for i, src in enumerate(getattr(recipe.data, kind)):
+            if not src.path.strip():  # a stray `-`, or an entry without `path:`
+                ctx.add(
+                    f"data.{kind}.{i}.path",
+                    "is required: a .jsonl/.json/.parquet/.csv file, a folder or a hub dataset id",
+                    at=f"data.{kind}.{i}",
+                )
     ratios = [s.ratio for s in recipe.data.sources]
     if any(r is not None for r in ratios):
         if any(r is None for r in ratios):
