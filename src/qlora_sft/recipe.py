@@ -37,6 +37,7 @@ import yaml
 from .errors import RecipeError
 
 SEED_MAX = 2**32 - 1  # numpy's (and so transformers.set_seed's) largest seed
+INT64_MAX = 2**63 - 1  # the largest whole number torch, numpy and the tokenizers hold
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -502,7 +503,42 @@ def _expanded_size(root: yaml.Node, limit: int = MAX_RECIPE_NODES) -> int:
     return size(root)
 
 
-def _compose_recipe(text: str, source: str) -> tuple[Any, dict[str, int]]:
+def _duplicate_keys(root: yaml.Node, source: str) -> list[str]:
+    """A key given twice in one mapping (YAML keeps the last without a word: a second `lora:` section
+    replaces the first whole), each as `file:line: `key` is given twice`. Keys merged in with
+    `<<: *anchor` may be given again: that is how a merge is overridden. Each node is visited once
+    (aliases share it), before merges are folded into their mappings."""
+    problems: list[str] = []
+    seen: set[int] = set()
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    walk(value_node, prefix)
+                    continue
+                key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+                if key_node.value in first:
+                    problems.append(
+                        f"{source}:{line}: `{key}` is given twice (lines {first[key_node.value]} and {line}); "
+                        "YAML would keep the last without a word. Keep one"
+                    )
+                else:
+                    first[key_node.value] = line
+                walk(value_node, key + ".")
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{prefix}{i}.")
+
+    walk(root, "")
+    return problems
+
+
+def _compose_recipe(text: str, source: str, duplicates: list[str] | None = None) -> tuple[Any, dict[str, int]]:
     """Parse recipe text once: compose its node graph, refuse an alias bomb or a recursive alias
     before anything expands it, then build the data and the line map from the same nodes."""
     loader = yaml.SafeLoader(text)
@@ -533,6 +569,11 @@ def _compose_recipe(text: str, source: str) -> tuple[Any, dict[str, int]]:
                 ],
                 source,
             )
+        twice = _duplicate_keys(node, source)
+        if twice and duplicates is None:
+            raise RecipeError(twice, source)
+        if duplicates is not None:
+            duplicates.extend(twice)
         data = loader.construct_document(node)
         lines = _line_map(node)  # after construction, which folds merge keys (`<<: *name`) into their mappings
     finally:
@@ -540,14 +581,17 @@ def _compose_recipe(text: str, source: str) -> tuple[Any, dict[str, int]]:
     return data, lines
 
 
-def read_yaml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, int]]:
-    """Read a recipe file: (data, `dotted.key -> line number`)."""
+def read_yaml(
+    path: str | os.PathLike[str], duplicates: list[str] | None = None
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a recipe file: (data, `dotted.key -> line number`). A key given twice is refused, or with
+    `duplicates` added to it (to be reported with the recipe's other problems)."""
     p = Path(path)
     if not p.is_file():
         raise RecipeError([f"recipe file not found: {p} (give the path to a .yaml recipe)"])
     text = p.read_text(encoding="utf-8")
     try:
-        data, lines = _compose_recipe(text, str(p))
+        data, lines = _compose_recipe(text, str(p), duplicates)
     except yaml.YAMLError as exc:
         raise RecipeError([f"not valid YAML: {exc}"], source=str(p)) from None
     except RecursionError:
@@ -582,18 +626,34 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[st
         node: Any = data
         ok = True
         for i, part in enumerate(parts[:-1]):
+            here = ".".join(parts[: i + 1])
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
                     problems.append(f"override `{dotted}`: `{part}` is not an index of the list")
                     ok = False
                     break
+                if isinstance(node[int(part)], str) and parts[i - 1] in ("sources", "eval_sources"):
+                    node[int(part)] = {"path": node[int(part)]}  # a source given as a bare path
                 node = node[int(part)]
+            elif not isinstance(node, dict) or not isinstance(node.get(part, {}), dict | list | None):
+                problems.append(f"override `{dotted}`: `{here}` is not a section")
+                ok = False
+                break
+            elif parts[i + 1].isdigit() and not isinstance(node.get(part), list):
+                rest = ".".join(parts[i + 2 :])
+                entry = f"{{{rest}: {raw.strip()}}}" if rest else raw.strip()
+                if rest and rest != "path":
+                    entry = f"{{path: ..., {rest}: {raw.strip()}}}"
+                problems.append(
+                    f"override `{item}`: `{here}` has no entry {parts[i + 1]} (the recipe gives no list there); "
+                    f"give the whole list instead: {here}=[{entry}]"
+                )
+                ok = False
+                break
             else:
-                if not isinstance(node.get(part, {}), dict | list):
-                    problems.append(f"override `{dotted}`: `{'.'.join(parts[: i + 1])}` is not a section")
-                    ok = False
-                    break
-                node = node.setdefault(part, {})
+                if node.get(part) is None:  # `train:` with every key commented out reads as null
+                    node[part] = {}
+                node = node[part]
         if not ok:
             continue
         last = parts[-1]
@@ -602,8 +662,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[st
                 problems.append(f"override `{dotted}`: `{last}` is not an index of the list")
                 continue
             node[int(last)] = value
-        else:
+        elif isinstance(node, dict):
             node[last] = value
+        else:
+            problems.append(f"override `{dotted}`: `{'.'.join(parts[:-1])}` is not a section")
     return data, problems
 
 
@@ -631,8 +693,14 @@ class _Problems:
             return f"{self.source}:{line}: "
         return ""
 
-    def add(self, key: str, message: str) -> None:
-        self.problems.append(f"{self.where(key)}`{key}` {message}")
+    def add(self, key: str, message: str, at: str | None = None) -> None:
+        """A problem of `key`, placed at the line of `at` where the file does not give `key` itself."""
+        where = self.where(key) or (self.where(at) if at else "")
+        self.problems.append(f"{where}`{key}` {message}")
+
+    def has(self, key: str) -> bool:
+        """Whether a problem of `key` is reported already."""
+        return any(f"`{key}` " in p for p in self.problems)
 
     def note(self, message: str) -> None:
         """A problem of the whole file, not of one key."""
@@ -752,6 +820,20 @@ def _suggest(name: str, options: list[str], prefix: str = "") -> str:
     return f"; did you mean `{prefix}{match[0]}`?" if match else ""
 
 
+def _unknown_key_hint(name: str, fields: list[str], section: str, cls: type) -> str:
+    """The hint for an unknown key of a section: its own key an alias names (`lora.lora_alpha` is
+    `lora.alpha`), then the key of another section it is (`model.max_length` is `data.max_length`,
+    `lora.learning_rate` is `train.learning_rate`), then the closest key of its own."""
+    alias = ALIASES.get(name.lower())
+    if alias in fields:
+        return f"; did you mean `{section}.{alias}`?"
+    if cls is not DataSource:
+        place = _foreign_option(name) or (_foreign_option(alias) if alias else None)
+        if place:
+            return f"; it belongs to `{place}`"
+    return _suggest(name, fields, section + ".")
+
+
 def _check_value(value: Any, annotation: Any) -> tuple[bool, Any]:
     """Is `value` an instance of `annotation` (the subset of typing the recipe uses)? Returns
     (ok, normalised value)."""
@@ -798,6 +880,18 @@ def _check_value(value: Any, annotation: Any) -> tuple[bool, Any]:
     return True, value
 
 
+def _type_problem(value: Any, annotation: Any) -> str:
+    """`is <value>; expected <type>`, with how to write a whole number YAML 1.1 read as a string
+    (`1e3` has no dot: a string, which a key that takes a float reads as the number, a count does not)."""
+    problem = f"is {json.dumps(value, default=str)}; expected {type_name(annotation)}"
+    if isinstance(value, str) and _admits(annotation, int):
+        with contextlib.suppress(ValueError, OverflowError):
+            number = float(value)
+            if math.isfinite(number) and number == int(number):
+                problem += f" (YAML reads `{value.strip()}` as a string; write it as {int(number)})"
+    return problem
+
+
 def _check_range(key: str, value: Any, meta: Mapping[str, Any], ctx: _Problems) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         return
@@ -826,7 +920,7 @@ def _build_section(cls: type, raw: Any, key: str, ctx: _Problems) -> Any:
     for name, value in raw.items():
         full = f"{key}.{name}"
         if name not in fields:
-            ctx.add(full, f"is not a recipe key{_suggest(str(name), list(fields), key + '.')}")
+            ctx.add(full, f"is not a recipe key{_unknown_key_hint(str(name), list(fields), key, cls)}")
             continue
         ann = hints[name]
         # Nested lists of sources.
@@ -847,8 +941,7 @@ def _build_section(cls: type, raw: Any, key: str, ctx: _Problems) -> Any:
             continue
         ok, norm = _check_value(value, ann)
         if not ok:
-            shown = json.dumps(value, default=str)
-            ctx.add(full, f"is {shown}; expected {type_name(ann)}")
+            ctx.add(full, _type_problem(value, ann))
             continue
         _check_range(full, norm, fields[name].metadata, ctx)
         kwargs[name] = norm
@@ -908,7 +1001,48 @@ def _vocabulary_cache() -> Path:
     root = os.environ.get("QLORA_SFT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qlora-sft"
     )
-    return Path(root) / f"sft-fields-v1-trl-{version('trl')}-transformers-{version('transformers')}.json"
+    return Path(root) / f"sft-fields-v2-trl-{version('trl')}-transformers-{version('transformers')}.json"
+
+
+def _read_vocabulary() -> tuple[dict[str, Any], dict[str, tuple[str, ...]]] | None:
+    """The vocabulary kept in the cache file, or None where it is missing, unreadable or foreign."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, StopIteration, AttributeError):
+        data = json.loads(_vocabulary_cache().read_text(encoding="utf-8"))
+        fields = {str(k): _decode(v) for k, v in data["fields"].items()}
+        choices = {str(k): tuple(str(c) for c in v) for k, v in data["choices"].items()}
+        if fields and "learning_rate" in fields and "optim" in choices:
+            return fields, choices
+    return None
+
+
+def _build_vocabulary() -> tuple[dict[str, Any], dict[str, tuple[str, ...]]]:
+    """The vocabulary read from trl itself, and kept in the cache file."""
+    import enum
+
+    from trl import SFTConfig
+
+    try:
+        hints = typing.get_type_hints(SFTConfig)
+    except Exception:  # unresolvable forward references in some versions: accept any value
+        hints = {}
+    names = [f.name for f in dataclasses.fields(SFTConfig) if f.init]
+    fields = {name: _reduce(hints.get(name, Any)) for name in names}
+    # the names TrainingArguments turns into an enum (`OptimizerNames(optim)`) when SFTConfig is
+    # built: after the model has loaded, so a typo is refused with the recipe instead
+    choices: dict[str, tuple[str, ...]] = {}
+    for name in names:
+        hint = hints.get(name, Any)
+        for arg in typing.get_args(hint) or (hint,):
+            if isinstance(arg, type) and issubclass(arg, enum.Enum):
+                choices[name] = tuple(str(member.value) for member in arg)
+    with contextlib.suppress(OSError, StopIteration):
+        from .files import atomic_write_text
+
+        cache = _vocabulary_cache()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        encoded = {"fields": {k: _encode(v) for k, v in fields.items()}, "choices": choices}
+        atomic_write_text(cache, json.dumps(encoded, indent=0))
+    return fields, choices
 
 
 @functools.cache
@@ -919,25 +1053,14 @@ def sft_field_types() -> dict[str, Any]:
     kept in a small file keyed by the installed trl and transformers versions, so `plan`,
     `validate` and the SLURM templates' checks do not pay it twice. A missing, unreadable or
     foreign file is rebuilt from trl itself."""
-    cache = _vocabulary_cache()
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, StopIteration):
-        data = json.loads(cache.read_text(encoding="utf-8"))
-        fields = {str(k): _decode(v) for k, v in data["fields"].items()}
-        if fields and "learning_rate" in fields:
-            return fields
-    from trl import SFTConfig
+    return (_read_vocabulary() or _build_vocabulary())[0]
 
-    try:
-        hints = typing.get_type_hints(SFTConfig)
-    except Exception:  # unresolvable forward references in some versions: accept any value
-        hints = {}
-    fields = {f.name: _reduce(hints.get(f.name, Any)) for f in dataclasses.fields(SFTConfig) if f.init}
-    with contextlib.suppress(OSError, StopIteration):
-        from .files import atomic_write_text
 
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cache, json.dumps({"fields": {k: _encode(v) for k, v in fields.items()}}, indent=0))
-    return fields
+@functools.cache
+def sft_field_choices() -> dict[str, tuple[str, ...]]:
+    """Field name -> the names transformers takes for it, for the `train:` keys it reads into an enum
+    (optim, lr_scheduler_type, the strategies); kept with `sft_field_types`."""
+    return (_read_vocabulary() or _build_vocabulary())[1]
 
 
 def _admits(annotation: Any, kind: type) -> bool:
@@ -979,7 +1102,7 @@ def _build_train(raw: Any, ctx: _Problems) -> TrainConfig:
         if name in own:
             ok, norm = _check_value(value, hints[name])
             if not ok:
-                ctx.add(full, f"is {json.dumps(value, default=str)}; expected {type_name(hints[name])}")
+                ctx.add(full, _type_problem(value, hints[name]))
                 continue
             _check_range(full, norm, own[name].metadata, ctx)
             extra[name] = norm
@@ -989,9 +1112,9 @@ def _build_train(raw: Any, ctx: _Problems) -> TrainConfig:
             continue
         if name not in sft:
             hint = _suggest(str(name), [*sft, *own], "train.")
-            other = _owner_of(str(name))
+            other = _owner_of(str(name)) or FOREIGN_OPTIONS.get(str(name))  # `lora_r` is lora.r, not local_rank
             if other:
-                hint = f"; it belongs to `{other}`"
+                hint = f"; did you mean `{other}`?" if other.startswith("train.") else f"; it belongs to `{other}`"
             ctx.add(full, f"is not a trl.SFTConfig field{hint}")
             continue
         if isinstance(value, bool) and _admits(sft[name], str) and not _admits(sft[name], bool):
@@ -1003,7 +1126,14 @@ def _build_train(raw: Any, ctx: _Problems) -> TrainConfig:
         ann = _checkable_type(sft[name])
         ok, norm = _check_value(value, ann)
         if not ok:
-            ctx.add(full, f"is {json.dumps(value, default=str)}; expected {type_name(ann)}")
+            ctx.add(full, _type_problem(value, ann))
+            continue
+        choices = sft_field_choices().get(name)
+        if choices and norm not in choices:
+            shown = json.dumps(norm, default=str)
+            hint = _suggest(norm, list(choices)).removeprefix("; ") if isinstance(norm, str) else ""
+            known = f"expected one of {', '.join(choices)}"
+            ctx.add(full, f"is {shown}; {hint} ({known})" if hint else f"is {shown}; {known}")
             continue
         args[name] = norm
     from .tracking import report_to_problems
@@ -1045,6 +1175,14 @@ def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems
         ctx.add("model.name_or_path", "is required: a local model folder or a hub id")
     if not recipe.data.sources:
         ctx.add("data.sources", "needs at least one source (e.g. `- path: data/train.jsonl`)")
+    for kind in ("sources", "eval_sources"):
+        for i, src in enumerate(getattr(recipe.data, kind)):
+            if not src.path.strip():  # a stray `-`, or an entry without `path:`
+                ctx.add(
+                    f"data.{kind}.{i}.path",
+                    "is required: a .jsonl/.json/.parquet/.csv file, a folder or a hub dataset id",
+                    at=f"data.{kind}.{i}",
+                )
     ratios = [s.ratio for s in recipe.data.sources]
     if any(r is not None for r in ratios):
         if any(r is None for r in ratios):
@@ -1058,6 +1196,8 @@ def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems
     if recipe.lora.fused is True:
         for reason in fused_lora_obstacles(recipe):
             ctx.add("lora.fused", f"is true but {reason}, or set lora.fused: auto (peft's layer then runs)")
+    _path_problems(recipe, ctx)
+    _target_module_problems(recipe.lora, ctx)
     if not recipe.run.name or "/" in recipe.run.name or recipe.run.name in (".", ".."):
         ctx.add("run.name", f"is {recipe.run.name!r}; use a plain folder name (no slashes)")
     if recipe.checkpoint.resume not in ("auto", "never") and not recipe.checkpoint.resume:
@@ -1081,9 +1221,54 @@ def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems
             )
 
 
+def _control_character(text: str) -> str | None:
+    """The first control character (C0 or DEL) in `text`, or None."""
+    return next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+
+
+def _path_problems(recipe: Recipe, ctx: _Problems) -> None:
+    """Paths and names holding a control character: a NUL is refused by the OS (`embedded null byte`,
+    once the model has loaded, or as the recipe's paths are resolved), a newline splits the lines of
+    the sbatch script that names the submitit folder; none is ever meant (a system prompt may hold them)."""
+    named: list[tuple[str, Any]] = [
+        ("run.name", recipe.run.name),
+        ("run.output_dir", recipe.run.output_dir),
+        ("model.name_or_path", recipe.model.name_or_path),
+        ("model.revision", recipe.model.revision),
+        ("lora.init_from", recipe.lora.init_from),
+        ("data.chat_template", recipe.data.chat_template),
+        ("checkpoint.resume", recipe.checkpoint.resume),
+        ("cluster.folder", recipe.cluster.folder),
+        ("train.deepspeed", recipe.train.args.get("deepspeed")),
+    ]
+    for kind in ("sources", "eval_sources"):
+        for i, src in enumerate(getattr(recipe.data, kind)):
+            named += [(f"data.{kind}.{i}.{name}", getattr(src, name)) for name in ("path", "split", "subset")]
+    for key, value in named:
+        bad = _control_character(value) if isinstance(value, str) else None
+        if bad:
+            ctx.add(key, f"is {value!r}, which holds the control character {bad!r}; remove it")
+
+
+def _target_module_problems(lora: LoraConfig, ctx: _Problems) -> None:
+    """Target modules that adapt nothing: peft finds no module and refuses once the model is loaded."""
+    target = lora.target_modules
+    if isinstance(target, str) and target != "all-linear":
+        # peft matches a string against full module paths (model.layers.0.self_attn.q_proj)
+        ctx.add(
+            "lora.target_modules", f"is {json.dumps(target)}; give all-linear or a list of module names: [{target}]"
+        )
+    elif isinstance(target, list) and not target:
+        ctx.add("lora.target_modules", "is []; name at least one module (e.g. [q_proj, v_proj]) or give all-linear")
+    for key, names in (("lora.target_modules", target), ("lora.modules_to_save", lora.modules_to_save)):
+        if isinstance(names, list) and any(not name.strip() for name in names):
+            ctx.add(key, "holds an empty name; remove it")  # a suffix every module name ends with
+
+
 def _migration_problems(recipe: Recipe, ctx: _Problems) -> None:
     """Keys qlora-sft would otherwise replace or drop without a word (what `train.sft_args` forces),
-    and the per-source row limits."""
+    trainer settings that contradict each other (SFTConfig refuses them only once the model is
+    loaded), and the per-source row limits."""
     args = recipe.train.args
     kwargs = args.get("gradient_checkpointing_kwargs")
     if kwargs is not None and not isinstance(kwargs, dict):
@@ -1101,6 +1286,27 @@ def _migration_problems(recipe: Recipe, ctx: _Problems) -> None:
             "train.eval_on_start",
             "asks for an evaluation before training but there is no eval split; set data.eval_fraction or "
             "data.eval_sources, or remove eval_on_start",
+        )
+    if args.get("load_best_model_at_end"):
+        if no_eval:
+            ctx.add(
+                "train.load_best_model_at_end",
+                "asks for the checkpoint with the best evaluation but there is no eval split; set "
+                "data.eval_fraction or data.eval_sources, or remove load_best_model_at_end",
+            )
+        save, every = args.get("save_steps"), args.get("eval_steps")
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 1 for v in (save, every))
+        if numbers and math.isfinite(save) and math.isfinite(every) and save % every:
+            ctx.add(
+                "train.save_steps",
+                f"is {save}, not a multiple of train.eval_steps={every}: train.load_best_model_at_end picks a "
+                "checkpoint by its evaluation, so every save must come with one. Use a multiple of eval_steps",
+            )
+    if args.get("dataloader_prefetch_factor") is not None and not (args.get("dataloader_num_workers") or 0) > 0:
+        ctx.add(
+            "train.dataloader_prefetch_factor",
+            "applies only with train.dataloader_num_workers > 0 (batches prepared ahead in worker processes); "
+            "set dataloader_num_workers or remove dataloader_prefetch_factor",
         )
     for kind in ("sources", "eval_sources"):
         for i, src in enumerate(getattr(recipe.data, kind)):
@@ -1125,11 +1331,11 @@ def _with_resolved_paths(recipe: Recipe, ctx: _Problems) -> Recipe:
             "train.deepspeed",
             "is a mapping; give the path of a DeepSpeed JSON file (e.g. configs/deepspeed/zero3.json)",
         )
-    elif isinstance(ds, str) and ds:
+    elif isinstance(ds, str) and ds and not _control_character(ds):
         args["deepspeed"] = str(_resolve_named_path(ds, "train.deepspeed", ctx))
     init = recipe.lora.init_from
     lora = recipe.lora
-    if init:
+    if init and not _control_character(init):  # one that has one is refused (`_path_problems`)
         local = _resolve_named_path(init, "lora.init_from", ctx)
         if local.exists() or init.startswith((".", "/", "~")) or init.count("/") != 1:
             lora = dataclasses.replace(lora, init_from=str(local))  # else a hub id (org/name)
@@ -1206,6 +1412,12 @@ def _nonfinite_problems(recipe: Recipe, ctx: _Problems) -> None:
     for key, value in _leaves(recipe.to_dict(), ""):
         if isinstance(value, float) and not math.isfinite(value):
             ctx.add(key, f"is {value}; expected a finite number")
+        elif isinstance(value, int) and not isinstance(value, bool) and not ctx.has(key):
+            # torch, numpy and the tokenizers hold 64-bit integers: a larger count fails once the model is loaded
+            if value > INT64_MAX:
+                ctx.add(key, f"is {value}; it must be <= {INT64_MAX}")
+            elif value < -INT64_MAX - 1:
+                ctx.add(key, f"is {value}; it must be >= {-INT64_MAX - 1}")
 
 
 def _whole_or_fraction(value: float) -> bool:
@@ -1240,6 +1452,11 @@ TRAIN_VALUE_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "logging_steps": (_whole_or_fraction, _INTERVAL),
     "save_steps": (_whole_or_fraction, _INTERVAL),
     "eval_steps": (_whole_or_fraction, _INTERVAL + "; leave it out to evaluate every train.logging_steps"),
+    # torch's DataLoader refuses < 0; 0 at the first evaluation divides by zero; a negative NEFTune alpha
+    # makes the noise's range empty (`uniform_(a, -a)`) at the first step
+    "dataloader_num_workers": (lambda v: v >= 0, "it must be >= 0 (0 loads batches in the training process)"),
+    "eval_accumulation_steps": (lambda v: v >= 1, "it must be >= 1, or left out"),
+    "neftune_noise_alpha": (lambda v: v >= 0, "it must be >= 0"),
 }
 
 
@@ -1318,12 +1535,19 @@ def build_recipe(
 
 def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file."""
-    data, lines = read_yaml(path)
+    twice: list[str] = []  # keys given twice in the file, reported with every other problem
+    data, lines = read_yaml(path, twice)
     data, problems = apply_overrides(data, list(overrides or []))
     if problems:
-        raise RecipeError(problems, str(path))
+        raise RecipeError([*twice, *problems], str(path))
     given = {o.split("=", 1)[0].strip(): o for o in overrides or []}
-    return build_recipe(data, source=str(path), lines=lines, overrides=given)
+    try:
+        recipe = build_recipe(data, source=str(path), lines=lines, overrides=given)
+    except RecipeError as exc:
+        raise RecipeError([*twice, *exc.problems], str(path)) from None
+    if twice:
+        raise RecipeError(twice, str(path))
+    return recipe
 
 
 def replace(recipe: Recipe, overrides: list[str]) -> Recipe:
@@ -1351,7 +1575,7 @@ def default_micro_batch(train: TrainConfig, data: DataConfig) -> int:
     count that divides the global batch); without packing, 4 padded rows."""
     if not data.packing:
         return UNPACKED_MICRO_BATCH
-    micro = max(1, train.micro_batch_tokens // data.max_length)
+    micro = max(1, train.micro_batch_tokens // max(1, data.max_length))  # max_length < 8 is refused
     if train.global_batch_size is not None:
         micro = max(m for m in range(1, micro + 1) if train.global_batch_size % m == 0)
     return micro

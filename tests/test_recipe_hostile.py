@@ -1,0 +1,372 @@
+"""Recipe values from a hostile but realistic user: a typo in an optimizer name, a section written
+twice, an override into a source given as a bare path, counts of 0 or past 2**63, control characters
+in paths, target modules that name nothing, trainer settings that contradict each other. Each is
+refused by `build_recipe` (and so by `validate` and every command) with the key and the fix, before
+a model or any data loads; before, each passed and crashed once the model had loaded (or raised a
+traceback, or silently trained something else)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import MINIMAL_RECIPE, REPO, recipe_problems
+
+from qlora_sft.errors import RecipeError
+from qlora_sft.recipe import apply_overrides, build_recipe, load_recipe
+
+LOADERS = ("qlora_sft.model", "qlora_sft.model.load")  # load_base: the one way a base model loads
+
+
+@pytest.fixture(autouse=True)
+def nothing_loads() -> Iterator[None]:
+    """No test here gets as far as the model: the modules that load one stay unimported."""
+    before = {name for name in LOADERS if name in sys.modules}
+    yield
+    assert {name for name in LOADERS if name in sys.modules} == before
+
+
+def refused(overrides: list[str], data: dict[str, Any] | None = None) -> list[str]:
+    """The problems of MINIMAL_RECIPE (or `data`) with `overrides`, each blamed on its override."""
+    data, override_problems = apply_overrides(data or MINIMAL_RECIPE, overrides)
+    assert not override_problems
+    given = {o.split("=", 1)[0]: o for o in overrides}
+    with pytest.raises(RecipeError) as exc:
+        build_recipe(data, source="r.yaml", overrides=given)
+    return exc.value.problems
+
+
+def validate_cli(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_sft", "validate", str(recipe), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# train: names transformers reads into an enum (the optimizer, the scheduler, the strategies)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("optim", "adamw_torchh", "did you mean `adamw_torch`?"),
+        ("optim", "paged_adamw_8bits", "did you mean `paged_adamw_8bit`?"),
+        ("lr_scheduler_type", "cosinee", "did you mean `cosine`?"),
+        ("eval_strategy", "epochs", "did you mean `epoch`?"),
+        ("save_strategy", 0, "expected one of no, steps, epoch, best"),
+        ("logging_strategy", "", "expected one of no, steps, epoch"),
+        ("hub_strategy", "every-save", "did you mean `every_save`?"),
+    ],
+)
+def test_a_name_transformers_does_not_know_is_refused_before_the_model_loads(key: str, value: Any, expected: str):
+    """`train.optim: adamw_torchh` passed validate: TrainingArguments turns the name into an enum only
+    when SFTConfig is built, after the model was loaded (`... is not a valid OptimizerNames`)."""
+    ps = recipe_problems({**MINIMAL_RECIPE, "train": {key: value}})
+    assert len(ps) == 1 and ps[0].startswith(f"`train.{key}` is {json.dumps(value)}"), ps
+    assert expected in ps[0], ps
+    # the names transformers knows still validate
+    r = build_recipe(
+        {
+            **MINIMAL_RECIPE,
+            "train": {
+                "optim": "adamw_torch_fused",
+                "lr_scheduler_type": "cosine_with_min_lr",
+                "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+                "save_strategy": "best",
+                "metric_for_best_model": "loss",
+                "logging_strategy": "steps",
+                "eval_strategy": False,  # YAML 1.1's `no`
+            },
+        }
+    )
+    assert r.train.args["optim"] == "adamw_torch_fused" and r.train.args["eval_strategy"] == "no"
+    assert r.train.args["save_strategy"] == "best"
+
+
+# --------------------------------------------------------------------------------------------
+# The YAML file
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_key_or_section_given_twice_in_the_file_is_refused_naming_both_lines(tmp_path: Path):
+    """YAML keeps the last of two equal keys without a word: a second `lora:` section at the end of the
+    file dropped the first one (its `r: 64` became the default 16), and a key written twice in one
+    section took whichever came last."""
+    f = tmp_path / "r.yaml"
+    f.write_text(
+        "model: {name_or_path: m}\n"  # 1
+        "lora:\n"  # 2
+        "  r: 64\n"  # 3
+        "data:\n"  # 4
+        "  sources:\n"  # 5
+        "    - path: a.jsonl\n"  # 6
+        "      weight: 2\n"  # 7
+        "      weight: 3\n"  # 8
+        "train:\n"  # 9
+        "  learning_rate: 1e-4\n"  # 10
+        "  learning_rate: 2e-4\n"  # 11
+        "lora:\n"  # 12
+        "  alpha: 16\n"  # 13
+    )
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(f)
+    text = "\n".join(exc.value.problems)
+    assert f"{f}:12: `lora` is given twice (lines 2 and 12)" in text
+    assert f"{f}:8: `data.sources.0.weight` is given twice (lines 7 and 8)" in text
+    assert f"{f}:11: `train.learning_rate` is given twice (lines 10 and 11)" in text
+    assert len(exc.value.problems) == 3
+    # `<<: *anchor` then a key of the anchor's is no duplicate: the key given overrides the merged one
+    f.write_text(
+        "model: {name_or_path: m}\n"
+        "data:\n"
+        "  sources:\n"
+        "    - &src {path: a.jsonl, weight: 2}\n"
+        "  eval_sources:\n"
+        "    - <<: *src\n"
+        "      weight: 1\n"
+    )
+    r = load_recipe(f)
+    assert r.data.sources[0].weight == 2.0 and r.data.eval_sources[0].weight == 1.0
+
+
+def test_validate_refuses_a_duplicated_section_and_an_unknown_optimizer_with_exit_2(tmp_path: Path):
+    f = tmp_path / "r.yaml"
+    f.write_text("model: {name_or_path: m}\ndata: {sources: [a.jsonl]}\nlora: {r: 64}\nlora: {alpha: 8}\n")
+    out = validate_cli(f, "train.optim=adamw_torchh")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"{f}:4: `lora` is given twice (lines 3 and 4)" in out.stderr
+    assert 'override `train.optim=adamw_torchh`: `train.optim` is "adamw_torchh"' in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fix"),
+    [
+        ("  max_steps: 1e3\n", "train.max_steps", "write it as 1000"),
+        ("  global_batch_size: 1.6e1\n", "train.global_batch_size", "write it as 16"),
+    ],
+)
+def test_a_count_written_in_e_notation_says_how_to_write_it(tmp_path: Path, text: str, key: str, fix: str):
+    """YAML 1.1 reads `1e3` (no dot) as the string "1e3": a key that takes a float reads it as the number,
+    a count refused it as `"1e3"; expected int`, which reads as nonsense to whoever wrote a number."""
+    f = tmp_path / "r.yaml"
+    f.write_text(f"model: {{name_or_path: m}}\ndata: {{sources: [a.jsonl]}}\ntrain:\n{text}")
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(f)
+    (msg,) = exc.value.problems
+    assert msg.startswith(f"{f}:4: `{key}` is ") and fix in msg, msg
+
+
+@pytest.mark.parametrize(
+    ("key", "place"),
+    [
+        ("train.lora_r", "lora.r"),  # was: "did you mean `train.local_rank`?"
+        ("train.lora_alpha", "lora.alpha"),  # was: no hint
+        ("train.sequence_len", "data.max_length"),
+        ("lora.learning_rate", "train.learning_rate"),
+        ("model.max_length", "data.max_length"),
+        ("quantization.r", "lora.r"),
+        ("run.max_steps", "train.max_steps"),
+    ],
+)
+def test_a_key_under_the_wrong_section_names_the_section_it_belongs_to(key: str, place: str):
+    (msg,) = refused([f"{key}=8"])
+    assert msg.endswith(f"`{key}` is not a recipe key; it belongs to `{place}`") or msg.endswith(
+        f"`{key}` is not a trl.SFTConfig field; it belongs to `{place}`"
+    ), msg
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_override_into_a_source_given_as_a_bare_path():
+    """`sources: [a.jsonl]` (a bare string is a path) and `data.sources.0.weight=2`: apply_overrides
+    raised TypeError ('str' object does not support item assignment), a traceback."""
+    bare = {"model": {"name_or_path": "m"}, "data": {"sources": ["a.jsonl", {"path": "b.jsonl"}]}}
+    data, problems = apply_overrides(bare, ["data.sources.0.weight=2", "data.sources.1.weight=3"])
+    assert not problems
+    r = build_recipe(data)
+    assert (r.data.sources[0].path, r.data.sources[0].weight) == ("a.jsonl", 2.0)
+    assert (r.data.sources[1].path, r.data.sources[1].weight) == ("b.jsonl", 3.0)
+
+
+def test_an_override_into_an_empty_section(tmp_path: Path):
+    """`train:` with every key commented out reads as null; `train.learning_rate=1e-4` was refused as
+    "`train` is not a section", though the recipe itself validates."""
+    f = tmp_path / "r.yaml"
+    f.write_text("model: {name_or_path: m}\ndata: {sources: [a.jsonl]}\ntrain:\n  # learning_rate: 2e-4\nlora:\n")
+    r = load_recipe(f, ["train.learning_rate=1e-4", "lora.r=4"])
+    assert r.train.args["learning_rate"] == 1e-4 and r.lora.r == 4
+
+
+def test_an_override_into_a_list_the_recipe_does_not_have_names_the_list():
+    """`data.eval_sources.0.path=b.jsonl` in a recipe without eval sources was reported as
+    "`data.eval_sources.0.0` is not a recipe key": a key nobody wrote."""
+    _, problems = apply_overrides(MINIMAL_RECIPE, ["data.eval_sources.0.path=b.jsonl"])
+    (msg,) = problems
+    assert msg.startswith("override `data.eval_sources.0.path=b.jsonl`: `data.eval_sources` has no entry 0"), msg
+    assert "data.eval_sources=[{path: b.jsonl}]" in msg
+
+
+# --------------------------------------------------------------------------------------------
+# Numbers
+# --------------------------------------------------------------------------------------------
+
+
+def test_max_length_zero_is_refused_not_a_traceback():
+    """`data.max_length: 0` raised ZeroDivisionError while the micro batch was derived from it."""
+    assert refused(["data.max_length=0"]) == [
+        "override `data.max_length=0`: `data.max_length` is 0; it must be >= 8",
+    ]
+
+
+@pytest.mark.parametrize(
+    "key", ["lora.r", "data.max_length", "train.max_steps", "train.per_device_train_batch_size", "checkpoint.keep_last"]
+)
+def test_a_count_past_int64_is_refused(key: str):
+    """2**70 passed every `>= 1` check; torch and the tokenizers hold 64-bit integers, so LoRA's
+    matrices, the truncation length or the step counter failed once the model had loaded."""
+    (msg,) = refused([f"{key}={2**70}"])
+    assert msg == f"override `{key}={2**70}`: `{key}` is {2**70}; it must be <= {2**63 - 1}"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("dataloader_num_workers", -1, "is -1; it must be >= 0 (0 loads batches in the training process)"),
+        ("eval_accumulation_steps", 0, "is 0; it must be >= 1, or left out"),
+        ("neftune_noise_alpha", -5, "is -5.0; it must be >= 0"),
+    ],
+)
+def test_trainer_numbers_that_fail_in_the_middle_of_training_are_refused(key: str, value: float, expected: str):
+    """dataloader_num_workers -1 reached torch's DataLoader (`num_workers option should be non-negative`)
+    after the model loaded; eval_accumulation_steps 0 divided by zero at the first evaluation;
+    a negative NEFTune alpha made `uniform_(a, -a)` fail on the first step."""
+    ps = recipe_problems({**MINIMAL_RECIPE, "train": {key: value}})
+    assert ps == [f"`train.{key}` {expected}"], ps
+
+
+# --------------------------------------------------------------------------------------------
+# Contradictions transformers refuses only when SFTConfig is built (after the model loads)
+# --------------------------------------------------------------------------------------------
+
+
+def test_load_best_model_at_end_without_eval_data_is_refused():
+    """qlora-sft turns evaluation off when there is no eval split; TrainingArguments then refused
+    load_best_model_at_end ("requires the save and eval strategy to match") after the model loaded."""
+    (msg,) = refused(["train.load_best_model_at_end=true", "data.eval_fraction=0"])
+    assert msg.startswith("override `train.load_best_model_at_end=true`: `train.load_best_model_at_end` asks for")
+    assert "set data.eval_fraction or data.eval_sources" in msg
+    (msg,) = refused(["train.load_best_model_at_end=true", "train.save_steps=10", "train.eval_steps=7"])
+    assert "`train.save_steps` is 10.0, not a multiple of train.eval_steps=7.0" in msg
+    r = build_recipe({**MINIMAL_RECIPE, "train": {"load_best_model_at_end": True, "save_steps": 20, "eval_steps": 10}})
+    assert r.train.args["load_best_model_at_end"] is True
+
+
+def test_a_prefetch_factor_without_worker_processes_is_refused():
+    (msg,) = refused(["train.dataloader_prefetch_factor=4"])
+    assert "`train.dataloader_prefetch_factor` applies only with train.dataloader_num_workers > 0" in msg
+    r = build_recipe({**MINIMAL_RECIPE, "train": {"dataloader_prefetch_factor": 4, "dataloader_num_workers": 2}})
+    assert r.train.args["dataloader_prefetch_factor"] == 4
+
+
+# --------------------------------------------------------------------------------------------
+# Paths and names
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("lora.init_from", "ad\x00apter"),  # ValueError: embedded null byte, a traceback
+        ("train.deepspeed", "zero3\x00.json"),  # the same
+        ("model.name_or_path", "org/model\n"),
+        ("run.name", "try\n2"),
+        ("run.output_dir", "runs\t"),
+        ("data.sources.0.path", "a\x00.jsonl"),
+        ("data.sources.0.split", "train\r"),
+        ("checkpoint.resume", "runs/x/checkpoint-5\x1b"),
+        ("cluster.folder", "logs\n#SBATCH --time=9999"),
+        ("data.chat_template", "t\x00.jinja"),
+    ],
+)
+def test_control_characters_in_a_path_or_name_are_refused(key: str, value: str):
+    """A path or name holding a control character: a NUL raised `ValueError: embedded null byte` (a
+    traceback) while the recipe was read, or later, once the model had loaded; a newline in the
+    submitit folder split the sbatch script's #SBATCH line."""
+    data, problems = apply_overrides(MINIMAL_RECIPE, [f"{key}=x"])
+    assert not problems
+    *parents, last = key.split(".")
+    node: Any = data
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node[part]
+    node[last] = value
+    with pytest.raises(RecipeError) as exc:
+        build_recipe(data)
+    (msg,) = exc.value.problems
+    bad = next(c for c in value if ord(c) < 32)
+    assert msg == f"`{key}` is {value!r}, which holds the control character {bad!r}; remove it", msg
+    # unicode in paths and names, and a system prompt's newlines and tabs, still validate
+    r = build_recipe(
+        {
+            "run": {"name": "essai-été", "output_dir": "exécutions"},
+            "model": {"name_or_path": "modèles/日本語"},
+            "data": {"sources": [{"path": "données.jsonl", "system_prompt": "Line one.\nLine two.\tTabbed."}]},
+        }
+    )
+    assert r.run.name == "essai-été" and r.data.sources[0].system_prompt.endswith("\tTabbed.")
+
+
+def test_a_source_without_a_path_is_refused(tmp_path: Path):
+    """A stray `-` under `sources:` (or an entry with `format:` but no `path:`) built a source whose path
+    was "": validate then said " names two different files: <cwd> and <the recipe's folder>", naming
+    no key, or read the working directory as the dataset."""
+    f = tmp_path / "r.yaml"
+    f.write_text(
+        "model: {name_or_path: m}\n"
+        "data:\n"
+        "  sources:\n"
+        "    - path: a.jsonl\n"
+        "    -\n"  # 5
+        "  eval_sources:\n"
+        "    - {format: alpaca}\n"  # 7
+    )
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(f)
+    required = "is required: a .jsonl/.json/.parquet/.csv file, a folder or a hub dataset id"
+    assert exc.value.problems == [
+        f"{f}:5: `data.sources.1.path` {required}",
+        f"{f}:7: `data.eval_sources.0.path` {required}",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA target modules
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ([], "is []; name at least one module (e.g. [q_proj, v_proj]) or give all-linear"),
+        (["q_proj", ""], "holds an empty name; remove it"),
+        ("q_proj", 'is "q_proj"; give all-linear or a list of module names: [q_proj]'),
+    ],
+)
+def test_target_modules_that_name_nothing_are_refused(value: Any, expected: str):
+    """peft found no module to adapt and refused once the model had loaded: an empty list, an empty
+    name, or one name as a plain string (peft matches a string against full module paths such as
+    `model.layers.0.self_attn.q_proj`, which `q_proj` alone never matches)."""
+    ps = recipe_problems({**MINIMAL_RECIPE, "lora": {"target_modules": value}})
+    assert ps == [f"`lora.target_modules` {expected}"], ps
