@@ -370,3 +370,12 @@ def test_target_modules_that_name_nothing_are_refused(value: Any, expected: str)
     `model.layers.0.self_attn.q_proj`, which `q_proj` alone never matches)."""
     ps = recipe_problems({**MINIMAL_RECIPE, "lora": {"target_modules": value}})
     assert ps == [f"`lora.target_modules` {expected}"], ps
+
+
+@pytest.mark.parametrize("value", [".*q_proj", r".*layers\.(0|1)\..*(q_proj|v_proj)", "all-linear"])
+def test_target_modules_as_a_regular_expression_stay_allowed(value: str):
+    """peft's own string form is a regular expression matched against full module names: a recipe
+    that gives one (copied from a peft notebook) still validates; only a bare name is refused."""
+    from qlora_sft.recipe import build_recipe
+
+    assert build_recipe({**MINIMAL_RECIPE, "lora": {"target_modules": value}}).lora.target_modules == value

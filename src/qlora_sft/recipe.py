@@ -121,7 +121,9 @@ class LoraConfig:
     """Dropout on the LoRA input, in [0, 1). 0 (the default) lets `lora.fused` run; with dropout
     every adapted layer keeps a dropped copy of its input for the backward pass."""
     target_modules: str | list[str] = "all-linear"
-    """Modules that get adapters: `all-linear` or a list of module names (e.g. [q_proj, v_proj])."""
+    """Modules that get adapters: `all-linear`, a list of module names (e.g. [q_proj, v_proj]), or one
+    string with regular-expression characters, which peft matches against each module's full name
+    (e.g. `.*layers\\.(0|1)\\..*q_proj`)."""
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter (e.g. [lm_head]); off by default."""
     bias: Literal["none", "all", "lora_only"] = "none"
@@ -1250,11 +1252,15 @@ def _path_problems(recipe: Recipe, ctx: _Problems) -> None:
             ctx.add(key, f"is {value!r}, which holds the control character {bad!r}; remove it")
 
 
+REGEX_CHARACTERS = ".*+?[](){}|\\^$"
+
+
 def _target_module_problems(lora: LoraConfig, ctx: _Problems) -> None:
     """Target modules that adapt nothing: peft finds no module and refuses once the model is loaded."""
     target = lora.target_modules
-    if isinstance(target, str) and target != "all-linear":
-        # peft matches a string against full module paths (model.layers.0.self_attn.q_proj)
+    if isinstance(target, str) and target != "all-linear" and not set(target) & set(REGEX_CHARACTERS):
+        # peft matches a string as a regular expression against full module paths
+        # (model.layers.0.self_attn.q_proj): a bare name matches none
         ctx.add(
             "lora.target_modules", f"is {json.dumps(target)}; give all-linear or a list of module names: [{target}]"
         )
