@@ -238,6 +238,36 @@ def test_an_accelerate_config_accelerate_refuses_is_refused_by_plan_and_the_laun
 
 
 @pytest.mark.parametrize(
+    ("text", "key", "fix"),
+    [
+        ("distributed_type: NO\nnum_processes: 1\n", "distributed_type", "distributed_type: 'NO'"),
+        ("distributed_type: no\n", "distributed_type", "distributed_type: 'NO'"),
+        ("distributed_type: 'NO'\nmixed_precision: no\n", "mixed_precision", "mixed_precision: 'no'"),
+        ("distributed_type: 'NO'\ndynamo_config:\n  dynamo_backend: NO\n", "dynamo_backend", "dynamo_backend: 'NO'"),
+        ("distributed_type: 'NO'\ngpu_ids: 0\n", "gpu_ids", "gpu_ids: '0'"),
+    ],
+)
+def test_an_accelerate_config_word_yaml_reads_as_a_bool_or_number_says_to_quote_it(
+    tmp_path: Path, text: str, key: str, fix: str
+):
+    """Was: a bare `distributed_type: NO` (YAML 1.1 reads NO as false) was refused with "distributed_type
+    is False; ... write distributed_type: FALSE", advice that fails again (accelerate itself keeps the
+    false and starts one process, as for 'NO'). A bare `mixed_precision: no`, `dynamo_backend: NO` or
+    `gpu_ids: 0` passed plan (or was called torch.compile) and `accelerate launch` then stopped on an
+    AttributeError ('bool' object has no attribute 'lower' / 'upper', 'int' ... 'split'). Now each
+    names the key and the quoted spelling that works."""
+    from qlora_sft.launch_config import read_accelerate
+
+    config = tmp_path / "acc.yaml"
+    config.write_text(text)
+    with pytest.raises(UserError) as exc:
+        read_accelerate(config)
+    msg = str(exc.value)
+    assert str(config) in msg and f"{key} is " in msg and fix in msg and "quoted" in msg, msg
+    assert "FALSE" not in msg and "torch.compile" not in msg, msg
+
+
+@pytest.mark.parametrize(
     ("text", "expected"),
     [
         (b"\xff\xfedistributed_type: NO\n", "not UTF-8"),
