@@ -607,6 +607,58 @@ def test_plan_does_not_drop_gpus_or_nodes_it_cannot_use(tmp_path: Path, flags: l
     assert "runs one process" in out.stderr and "configs/accelerate/multi_gpu.yaml" in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize(
+    "task_env",
+    [
+        # what submitit's local executor gives each task (local/local.py: start_controller, Controller.start_tasks)
+        {
+            "SUBMITIT_EXECUTOR": "local",
+            "SUBMITIT_LOCAL_NTASKS": "2",
+            "SUBMITIT_LOCAL_NODEID": "0",
+            "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+            "SUBMITIT_LOCAL_JOB_ID": "4242",
+            "SUBMITIT_LOCAL_GLOBALID": "1",
+            "SUBMITIT_LOCAL_LOCALID": "1",
+        },
+        # and its slurm executor (the sbatch script exports SUBMITIT_EXECUTOR; srun sets SLURM_*)
+        {
+            "SUBMITIT_EXECUTOR": "slurm",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_NTASKS": "2",
+            "SLURM_JOB_NUM_NODES": "1",
+            "SLURM_NODEID": "0",
+            "SLURM_JOB_NODELIST": "localhost",
+            "SLURM_PROCID": "1",
+            "SLURM_LOCALID": "1",
+        },
+    ],
+    ids=["local", "slurm"],
+)
+def test_ranks_submitit_started_are_not_told_no_launcher_started_them(
+    monkeypatch: pytest.MonkeyPatch, task_env: dict[str, str]
+):
+    """Was: under `submit --cluster local` with several tasks, export_torch_env sets WORLD_SIZE=2, but
+    none of the variables submitit's local executor sets was a launcher's, so every rank warned "no
+    launcher ... started this process ... unset WORLD_SIZE" (and added it to a "did not form" error).
+    Now SUBMITIT_LOCAL_GLOBALID (the task's rank, set only by the executor's controller) counts as a
+    launcher's; the same variables without it (left in a shell) still warn."""
+    from qlora_sft.launch import LAUNCHER_VARIABLES, stray_rank_variables
+    from qlora_sft.submit import TORCH_ENV, export_torch_env
+
+    ours = [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_"))]
+    for name in (*ours, *LAUNCHER_VARIABLES, *TORCH_ENV, "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.setenv(name, "")  # (recorded, so that what export_torch_env sets is undone after)
+        monkeypatch.delenv(name)
+    for name, value in task_env.items():
+        monkeypatch.setenv(name, value)
+    torch_env = export_torch_env()
+    assert torch_env["WORLD_SIZE"] == "2" and torch_env["RANK"] == "1", torch_env
+    assert stray_rank_variables() is None
+    rank = "SUBMITIT_LOCAL_GLOBALID" if task_env["SUBMITIT_EXECUTOR"] == "local" else "SLURM_PROCID"
+    monkeypatch.delenv(rank)
+    assert "no launcher" in (stray_rank_variables() or "")
+
+
 def test_rank_variables_left_in_the_shell_are_named_not_waited_on_in_silence(tiny_model: Path, tmp_path: Path):
     """WORLD_SIZE/RANK/MASTER_ADDR left exported (a tutorial's `export WORLD_SIZE=2 ...`), then a plain
     `qlora-sft train`: no launcher started the other rank, and the process waited for it at the
