@@ -522,6 +522,38 @@ def test_submitting_a_finished_run_queues_nothing(tiny_model: Path, tmp_path: Pa
     assert job.job_id == "4242"
 
 
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        ({"time": "90:99"}, r"cluster.time='90:99': .* out of range"),
+        ({"time": "01:00:00", "extra_sbatch": ["--time=10"]}, r"cluster.extra_sbatch: --time is set by submit"),
+        ({"time": "5"}, r"cluster.time is 5 minute.*cluster.signal_grace_s"),
+        ({"time": "01:00:00", "tasks_per_node": 2}, r"2 tasks per node on 1 GPUs per node"),
+    ],
+    ids=["time-out-of-range", "extra-sbatch-time", "time-inside-grace", "tasks-past-gpus"],
+)
+def test_submit_prepare_checks_the_cluster_settings_before_it_tokenizes(
+    tiny_model: Path, tmp_path: Path, fake_sbatch: Path, bad: dict, expected: str
+):
+    """Was: `submit --prepare --time 90:99` (or `extra_sbatch: ["--time=10"]`, a limit inside the
+    signal grace, more tasks than GPUs) read and tokenized the whole dataset into the cache, and only
+    then was refused ("nothing was queued"). Now the cluster settings are checked first: refused with
+    no data cache built; sound settings still prepare, then queue."""
+    from helpers import recipe_dict, write_toy_data
+
+    from qlora_sft.submit import submit
+
+    data = write_toy_data(tmp_path / "toy.jsonl", n=24)
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, data, tmp_path / "runs"))
+    cache = tmp_path / "runs" / ".cache"
+    with pytest.raises(UserError, match=expected):
+        submit(recipe, [], cluster="slurm", gpus_per_node=1, prepare=True, **bad)
+    assert not list(cache.glob("data-*")), list(cache.iterdir())
+    assert not fake_sbatch.exists()
+    assert submit(recipe, [], cluster="slurm", gpus_per_node=1, time="01:00:00", prepare=True).job_id == "4242"
+    assert list(cache.glob("data-*"))
+
+
 @pytest.mark.parametrize("args", [["--deepspeed="], ["--deepspeed", ""]])
 def test_an_empty_deepspeed_flag_is_refused_not_dropped(tmp_path: Path, args: list[str]):
     """`--deepspeed=$DS` with DS unset: both launch scripts trained without DeepSpeed (DDP) and said
