@@ -210,6 +210,23 @@ def test_a_csv_header_that_names_a_column_twice_is_refused(tmp_path: Path):
     assert f"{f} line 1" in msg and "column `output` twice" in msg and "Rename one of them" in msg, msg
 
 
+def test_a_csv_header_with_trailing_unnamed_columns_is_read(tmp_path: Path, tok):
+    """Was: the duplicate-column check refused `instruction,input,output,,` (a spreadsheet export's
+    trailing empty columns) as naming the column `` twice, though no format reads an unnamed column.
+    Now unnamed (empty or blank) columns are left out of the check and the rows are read; a named
+    column given twice beside them is still refused."""
+    f = tmp_path / "export.csv"
+    f.write_text("instruction,input,output,,, , \nName a drink.,,Tea,,,,\nName a colour.,,Blue.,,,, \n")
+    per_source, reports = data.load_examples([DataSource(path=str(f))], "error")
+    assert [e.messages[-1]["content"] for e in per_source[0]] == ["Tea", "Blue."]
+    assert not reports[0].skipped
+    build_data(cfg(f), tok, 0)
+    g = tmp_path / "twice.csv"
+    g.write_text("instruction,output,output,,\nName a drink.,Tea,Milk,,\n")
+    with pytest.raises(DataError, match="column `output` twice"):
+        data.load_examples([DataSource(path=str(g))], "skip")
+
+
 def test_a_disk_that_fills_while_validate_builds_the_data_names_its_temporary_folder(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -238,6 +238,36 @@ def test_an_accelerate_config_accelerate_refuses_is_refused_by_plan_and_the_laun
 
 
 @pytest.mark.parametrize(
+    ("text", "key", "fix"),
+    [
+        ("distributed_type: NO\nnum_processes: 1\n", "distributed_type", "distributed_type: 'NO'"),
+        ("distributed_type: no\n", "distributed_type", "distributed_type: 'NO'"),
+        ("distributed_type: 'NO'\nmixed_precision: no\n", "mixed_precision", "mixed_precision: 'no'"),
+        ("distributed_type: 'NO'\ndynamo_config:\n  dynamo_backend: NO\n", "dynamo_backend", "dynamo_backend: 'NO'"),
+        ("distributed_type: 'NO'\ngpu_ids: 0\n", "gpu_ids", "gpu_ids: '0'"),
+    ],
+)
+def test_an_accelerate_config_word_yaml_reads_as_a_bool_or_number_says_to_quote_it(
+    tmp_path: Path, text: str, key: str, fix: str
+):
+    """Was: a bare `distributed_type: NO` (YAML 1.1 reads NO as false) was refused with "distributed_type
+    is False; ... write distributed_type: FALSE", advice that fails again (accelerate itself keeps the
+    false and starts one process, as for 'NO'). A bare `mixed_precision: no`, `dynamo_backend: NO` or
+    `gpu_ids: 0` passed plan (or was called torch.compile) and `accelerate launch` then stopped on an
+    AttributeError ('bool' object has no attribute 'lower' / 'upper', 'int' ... 'split'). Now each
+    names the key and the quoted spelling that works."""
+    from qlora_sft.launch_config import read_accelerate
+
+    config = tmp_path / "acc.yaml"
+    config.write_text(text)
+    with pytest.raises(UserError) as exc:
+        read_accelerate(config)
+    msg = str(exc.value)
+    assert str(config) in msg and f"{key} is " in msg and fix in msg and "quoted" in msg, msg
+    assert "FALSE" not in msg and "torch.compile" not in msg, msg
+
+
+@pytest.mark.parametrize(
     ("text", "expected"),
     [
         (b"\xff\xfedistributed_type: NO\n", "not UTF-8"),
@@ -492,6 +522,38 @@ def test_submitting_a_finished_run_queues_nothing(tiny_model: Path, tmp_path: Pa
     assert job.job_id == "4242"
 
 
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        ({"time": "90:99"}, r"cluster.time='90:99': .* out of range"),
+        ({"time": "01:00:00", "extra_sbatch": ["--time=10"]}, r"cluster.extra_sbatch: --time is set by submit"),
+        ({"time": "5"}, r"cluster.time is 5 minute.*cluster.signal_grace_s"),
+        ({"time": "01:00:00", "tasks_per_node": 2}, r"2 tasks per node on 1 GPUs per node"),
+    ],
+    ids=["time-out-of-range", "extra-sbatch-time", "time-inside-grace", "tasks-past-gpus"],
+)
+def test_submit_prepare_checks_the_cluster_settings_before_it_tokenizes(
+    tiny_model: Path, tmp_path: Path, fake_sbatch: Path, bad: dict, expected: str
+):
+    """Was: `submit --prepare --time 90:99` (or `extra_sbatch: ["--time=10"]`, a limit inside the
+    signal grace, more tasks than GPUs) read and tokenized the whole dataset into the cache, and only
+    then was refused ("nothing was queued"). Now the cluster settings are checked first: refused with
+    no data cache built; sound settings still prepare, then queue."""
+    from helpers import recipe_dict, write_toy_data
+
+    from qlora_sft.submit import submit
+
+    data = write_toy_data(tmp_path / "toy.jsonl", n=24)
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, data, tmp_path / "runs"))
+    cache = tmp_path / "runs" / ".cache"
+    with pytest.raises(UserError, match=expected):
+        submit(recipe, [], cluster="slurm", gpus_per_node=1, prepare=True, **bad)
+    assert not list(cache.glob("data-*")), list(cache.iterdir())
+    assert not fake_sbatch.exists()
+    assert submit(recipe, [], cluster="slurm", gpus_per_node=1, time="01:00:00", prepare=True).job_id == "4242"
+    assert list(cache.glob("data-*"))
+
+
 @pytest.mark.parametrize("args", [["--deepspeed="], ["--deepspeed", ""]])
 def test_an_empty_deepspeed_flag_is_refused_not_dropped(tmp_path: Path, args: list[str]):
     """`--deepspeed=$DS` with DS unset: both launch scripts trained without DeepSpeed (DDP) and said
@@ -575,6 +637,58 @@ def test_plan_does_not_drop_gpus_or_nodes_it_cannot_use(tmp_path: Path, flags: l
     out = run_cli("-m", "qlora_sft", "plan", str(recipe), *flags, cwd=tmp_path)
     assert out.returncode == 2, out.stdout
     assert "runs one process" in out.stderr and "configs/accelerate/multi_gpu.yaml" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    "task_env",
+    [
+        # what submitit's local executor gives each task (local/local.py: start_controller, Controller.start_tasks)
+        {
+            "SUBMITIT_EXECUTOR": "local",
+            "SUBMITIT_LOCAL_NTASKS": "2",
+            "SUBMITIT_LOCAL_NODEID": "0",
+            "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+            "SUBMITIT_LOCAL_JOB_ID": "4242",
+            "SUBMITIT_LOCAL_GLOBALID": "1",
+            "SUBMITIT_LOCAL_LOCALID": "1",
+        },
+        # and its slurm executor (the sbatch script exports SUBMITIT_EXECUTOR; srun sets SLURM_*)
+        {
+            "SUBMITIT_EXECUTOR": "slurm",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_NTASKS": "2",
+            "SLURM_JOB_NUM_NODES": "1",
+            "SLURM_NODEID": "0",
+            "SLURM_JOB_NODELIST": "localhost",
+            "SLURM_PROCID": "1",
+            "SLURM_LOCALID": "1",
+        },
+    ],
+    ids=["local", "slurm"],
+)
+def test_ranks_submitit_started_are_not_told_no_launcher_started_them(
+    monkeypatch: pytest.MonkeyPatch, task_env: dict[str, str]
+):
+    """Was: under `submit --cluster local` with several tasks, export_torch_env sets WORLD_SIZE=2, but
+    none of the variables submitit's local executor sets was a launcher's, so every rank warned "no
+    launcher ... started this process ... unset WORLD_SIZE" (and added it to a "did not form" error).
+    Now SUBMITIT_LOCAL_GLOBALID (the task's rank, set only by the executor's controller) counts as a
+    launcher's; the same variables without it (left in a shell) still warn."""
+    from qlora_sft.launch import LAUNCHER_VARIABLES, stray_rank_variables
+    from qlora_sft.submit import TORCH_ENV, export_torch_env
+
+    ours = [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_"))]
+    for name in (*ours, *LAUNCHER_VARIABLES, *TORCH_ENV, "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.setenv(name, "")  # (recorded, so that what export_torch_env sets is undone after)
+        monkeypatch.delenv(name)
+    for name, value in task_env.items():
+        monkeypatch.setenv(name, value)
+    torch_env = export_torch_env()
+    assert torch_env["WORLD_SIZE"] == "2" and torch_env["RANK"] == "1", torch_env
+    assert stray_rank_variables() is None
+    rank = "SUBMITIT_LOCAL_GLOBALID" if task_env["SUBMITIT_EXECUTOR"] == "local" else "SLURM_PROCID"
+    monkeypatch.delenv(rank)
+    assert "no launcher" in (stray_rank_variables() or "")
 
 
 def test_rank_variables_left_in_the_shell_are_named_not_waited_on_in_silence(tiny_model: Path, tmp_path: Path):

@@ -225,10 +225,13 @@ def distributed_state(timeout_s: float | None = None) -> Any:
     return PartialState(cpu=cpu, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-# variables only a launcher sets: torchrun / accelerate launch, SLURM's srun, MPI, DeepSpeed's launcher
+# variables only a launcher sets: torchrun / accelerate launch, SLURM's srun (also under submitit's
+# slurm executor), submitit's local executor (each task's rank: `submit --cluster local`), MPI,
+# DeepSpeed's launcher
 LAUNCHER_VARIABLES = (
     "TORCHELASTIC_RUN_ID",
     "SLURM_PROCID",
+    "SUBMITIT_LOCAL_GLOBALID",
     "OMPI_COMM_WORLD_SIZE",
     "PMI_SIZE",
     "PMIX_RANK",

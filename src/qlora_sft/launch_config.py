@@ -819,6 +819,45 @@ class AccelerateConfig:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
+# Keys whose value accelerate reads as a word (it compares it, or calls .lower()/.upper()/.split() on
+# it): YAML 1.1 reads a bare NO/no/off as false, YES/yes/on as true and 0 as a number. With each, the
+# quoted word for a bare false, and what to give otherwise. (`accelerate launch` runs a false
+# distributed_type as one process, as 'NO'; a false mixed_precision or dynamo_backend, or a number
+# for gpu_ids, stops it on an AttributeError.)
+_WORD_KEYS = (
+    ("distributed_type", "'NO'", "'NO', MULTI_GPU, DEEPSPEED or FSDP"),
+    ("mixed_precision", "'no'", "'no' (the recipe decides), bf16 or fp16"),
+    ("dynamo_backend", "'NO'", "'NO' (or remove the key)"),
+    ("dynamo_config.dynamo_backend", "'NO'", "'NO' (or remove dynamo_config)"),
+    ("gpu_ids", None, "all, or the GPU numbers quoted: '0', '0,1'"),
+)
+
+
+def _refuse_bare_yaml_words(cfg: Mapping[str, Any], p: Path) -> None:
+    """Refuse a key of `_WORD_KEYS` that YAML read as a bool or a number, naming the quoted spelling."""
+    for dotted, for_false, otherwise in _WORD_KEYS:
+        *parents, key = dotted.split(".")
+        where: Any = cfg
+        for parent in parents:
+            where = where.get(parent) if isinstance(where, Mapping) else None
+        if not isinstance(where, Mapping) or key not in where:
+            continue
+        value = where[key]
+        if isinstance(value, bool):
+            bare = "NO (or no, off, false)" if not value else "YES (or yes, on, true)"
+            fix = f"write {key}: {for_false} (quoted)" if not value and for_false else f"give {key} as {otherwise}"
+            raise UserError(
+                f"accelerate config {p}: {dotted} is {str(value).lower()}: YAML reads a bare {bare} as "
+                f"{str(value).lower()}, not as a word; {fix}"
+            )
+        if key == "gpu_ids" and isinstance(value, (int, float)):
+            raise UserError(
+                f"accelerate config {p}: gpu_ids is the number {value}: YAML reads a bare number as a number, "
+                f"and `accelerate launch` stops on it (it splits gpu_ids at commas); write gpu_ids: '{value}' "
+                "(quoted)"
+            )
+
+
 def read_accelerate(path: str | os.PathLike[str]) -> AccelerateConfig:
     """Read an accelerate config file (YAML, or the JSON `accelerate config` can write)."""
     import yaml
@@ -854,6 +893,7 @@ def read_accelerate(path: str | os.PathLike[str]) -> AccelerateConfig:
             f"accelerate config {p} has no distributed_type, which `accelerate launch` requires: add one of "
             "NO, MULTI_GPU, DEEPSPEED, FSDP (MULTI_CPU for CPU ranks)"
         )
+    _refuse_bare_yaml_words(cfg, p)
     dist_type = str(cfg["distributed_type"])
     if dist_type != dist_type.upper():
         raise UserError(

@@ -346,11 +346,6 @@ def submit(
     check_data_readable(r.data, Path(recipe).parent)
     for problem in credential_problems(r.train.args.get("report_to")):  # the nodes may share a login we lack
         log.warning("submit: %s. Unless the job's nodes can log in, it stops as it starts", problem)
-    if prepare:
-        from .train import tokenizer_and_data
-
-        prepared = tokenizer_and_data(r, Path(recipe).parent, by="prepare")[1]
-        log.info("data: %s", prepared.origin())
     params = executor_parameters(
         r.cluster,
         nodes=nodes,
@@ -381,6 +376,11 @@ def submit(
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
         params.pop("name", None)
     executor.update_parameters(**params)
+    if prepare:  # after every check above: a time limit or sbatch line that is refused tokenizes nothing
+        from .train import tokenizer_and_data
+
+        prepared = tokenizer_and_data(r, Path(recipe).parent, by="prepare")[1]
+        log.info("data: %s", prepared.origin())
     cpu_ranks = "gpus_per_node" not in params
     job = executor.submit(QloraJob(), str(Path(recipe).resolve()), overrides, str(Path.cwd()), cpu_ranks)
     log.info("submitted job %s (%s) with %s", job.job_id, executor.cluster, params)

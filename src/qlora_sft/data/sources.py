@@ -288,7 +288,8 @@ def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
         reader = csv.DictReader(lines, strict=True)
         try:
             header = reader.fieldnames or []
-            twice = sorted({name for name in header if header.count(name) > 1})
+            # An unnamed column (empty or blank: a spreadsheet's trailing `,,`) is read by no format.
+            twice = sorted({name for name in header if name.strip() and header.count(name) > 1})
             if twice:
                 raise DataError(
                     f"{path} line 1: the header names the column `{twice[0]}` twice ({', '.join(header)}); each "
