@@ -127,6 +127,25 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def first_rank_error(message: str | None) -> str | None:
+    """What went wrong on any rank, on every rank: each rank gives its error's message (None: none),
+    and every rank gets the message of the lowest rank that had one (None where none had), so that
+    all raise the same error together instead of the others waiting for the failed one at the next
+    collective until the process group times out. Where the ranks run on several hosts, the message
+    says which rank and host found it (a node-local file may be damaged on one node only)."""
+    if not distributed():
+        return message
+    import torch.distributed as dist
+
+    said: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(said, (message, socket.gethostname()))
+    hosts = {host for _, host in said}
+    for rank, (text, host) in enumerate(said):
+        if text is not None:
+            return text if len(hosts) == 1 else f"{text} (found by rank {rank}, on {host})"
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # One live writer per run directory
 # --------------------------------------------------------------------------------------------
