@@ -597,6 +597,20 @@ def test_init_from_is_checked_against_the_recipe_before_loading(tmp_path: Path):
         check_before_loading(bf16_recipe(lora={"init_from": str(tmp_path)}))
 
 
+def test_an_adapter_config_with_a_rank_that_is_no_number_names_its_other_problems_too(tmp_path: Path):
+    """Was: a config whose r (or lora_alpha) is no number was reported alone: the problems found
+    before it (trained on another base model) were dropped, to be found one relaunch later."""
+    from qlora_sft.init_adapter import check_before_loading
+
+    bad = adapter_folder(tmp_path / "bad", r="sixteen", base_model_name_or_path="org/other", use_dora=True)
+    with pytest.raises(RecipeError) as exc:
+        check_before_loading(bf16_recipe(lora={"init_from": str(bad), "target_modules": ["q_proj"]}))
+    assert len(exc.value.problems) == 3, exc.value.problems
+    text = str(exc.value)
+    assert f"{bad / 'adapter_config.json'} has r='sixteen', which is not a whole number" in text
+    assert "trained on org/other, but model.name_or_path is m" in text and "is a DoRA adapter" in text
+
+
 @pytest.mark.parametrize(
     "damage", ["json_cut_off", "not_utf8", "json_list", "rank_not_a_number", "weights_nan", "final_corrupted"]
 )
