@@ -100,6 +100,8 @@ def main_process_decides(work: Callable[[], Any]) -> Any:
     if state.is_main_process:
         try:
             outcome = [work(), None]
+        except RecipeError as exc:  # its problems, one a line, as one error
+            outcome = [None, (RecipeError, (exc.problems, exc.source))]
         except UserError as exc:
             outcome = [None, (type(exc), str(exc))]
     if distributed():
@@ -109,6 +111,8 @@ def main_process_decides(work: Callable[[], Any]) -> Any:
     result, error = outcome
     if error is not None:
         cls, message = error
+        if cls is RecipeError:
+            raise RecipeError(*message)
         raise (cls if issubclass(cls, (RunDirError, DataError)) else UserError)(message)
     return result
 
@@ -707,6 +711,15 @@ def complete_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
     """The complete checkpoints of a run (sizes checked, not digests), newest first: what the errors
     of a failed save, a full disk, a divergence or an OOM name as safe."""
     return [c for c in list_checkpoints(run_dir) if c.complete]
+
+
+def may_resume(recipe: Recipe) -> bool:
+    """Whether this launch may resume a checkpoint (`find_resume` decides, reading digests): one named by
+    `checkpoint.resume`, or with `auto` a complete one (sizes checked) in the run directory."""
+    choice = recipe.checkpoint.resume
+    if choice in ("never", "auto"):
+        return choice == "auto" and bool(complete_checkpoints(recipe.run_dir))
+    return True
 
 
 def find_resume(recipe: Recipe) -> Path | None:

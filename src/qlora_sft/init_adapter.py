@@ -174,7 +174,14 @@ def adapter_problems(source: AdapterSource, recipe: Any, base_dir: str | Path | 
 
 def check_before_loading(recipe: Any, base_dir: str | Path | None = None) -> AdapterSource | None:
     """Before any model loads: `checkpoint.resume` names a checkpoint, not an adapter; the adapter of
-    `lora.init_from` exists and matches the recipe. Returns the adapter, if any."""
+    `lora.init_from` exists and matches the recipe. Returns the adapter, if any. (`train` runs the
+    two apart: the adapter's check reads all of it, once, and only where no checkpoint is resumed.)"""
+    check_resume_is_no_adapter(recipe)
+    return check_init_from(recipe, base_dir)
+
+
+def check_resume_is_no_adapter(recipe: Any) -> None:
+    """`checkpoint.resume` names a checkpoint, not an adapter folder (which `lora.init_from` takes)."""
     resume = recipe.checkpoint.resume
     if resume not in ("auto", "never"):
         p = Path(resume)
@@ -185,6 +192,11 @@ def check_before_loading(recipe: Any, base_dir: str | Path | None = None) -> Ada
                 f"To start a new run from this adapter's weights, set lora.init_from: {resume} and leave "
                 "checkpoint.resume: auto"
             )
+
+
+def check_init_from(recipe: Any, base_dir: str | Path | None = None) -> AdapterSource | None:
+    """The adapter of `lora.init_from` exists, matches the recipe and is intact (its digests and finite
+    values: every byte of it is read). Returns the adapter, if any."""
     if not recipe.lora.init_from:
         return None
     source = read_adapter(recipe.lora.init_from, base_dir)
