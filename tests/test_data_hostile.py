@@ -10,11 +10,13 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import cli_with_file_limit, recipe_dict, write_recipe, write_toy_data
+from helpers import REPO, cli_with_file_limit, cpu_env, free_port, recipe_dict, write_recipe, write_toy_data
 
 from qlora_sft import data
 from qlora_sft.data import build_data
@@ -127,6 +129,61 @@ def test_a_cache_of_an_older_version_and_the_trainers_own_files_beside_the_split
     del meta["files"]
     (folder / "report.json").write_text(json.dumps(meta))
     assert data.prepare_data(cfg(f), tok, 0, root).found
+
+
+def srun_like_ranks(recipe: Path, ranks: int = 2) -> list[subprocess.Popen]:
+    """`qlora-sft train RECIPE` as `ranks` CPU ranks started the way srun starts them under `submit`:
+    each its own process with its rank's variables, no torchrun agent that would end the others when
+    one fails."""
+    port = str(free_port())
+    procs = []
+    for rank in range(ranks):
+        env = {
+            **cpu_env(),
+            "PYTHONPATH": str(REPO / "src"),
+            **dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks)),
+            **dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, SLURM_PROCID=str(rank)),
+        }
+        cmd = [sys.executable, "-m", "qlora_sft", "train", str(recipe)]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=recipe.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    return procs
+
+
+@pytest.mark.multiprocess
+def test_a_cache_changed_in_place_stops_every_rank_at_once(tiny_model: Path, tmp_path: Path):
+    """Bytes of the prepared cache flipped in place (size and mtime kept), two ranks launched as srun
+    starts them. Was: only the node's local main process (rank 0) read the cache against its
+    digests and stopped; rank 1 checked the sizes only, took the data and waited for rank 0 in the
+    next collective until train.ddp_timeout (1800 s here, the default), holding its GPU. Now every
+    rank names the damaged file and stops at once."""
+    toy = write_toy_data(tmp_path / "toy.jsonl", n=48)
+    train = {"max_steps": 2, "save_steps": 2, "ddp_timeout": 1800}
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, toy, tmp_path / "runs", train=train))
+    prep = run_cli("prepare", str(recipe))
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    (folder,) = [p for p in (tmp_path / "runs" / ".cache").glob("data-*") if p.is_dir()]
+    _flip(folder)
+    start = time.monotonic()
+    procs = srun_like_ranks(recipe)
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(1.0, 240 - (time.monotonic() - start)))[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    took = time.monotonic() - start
+    assert took < 200, f"the ranks took {took:.0f} s"
+    for rank, (p, out) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 2, f"rank {rank}:\n{out[-3000:]}"
+        said = f"the prepared data cache {folder} is damaged: train/data-00000-of-00001.arrow is not the bytes"
+        assert said in out and "Traceback" not in out, f"rank {rank}:\n{out[-3000:]}"
 
 
 # --- the disk fills while the cache is built ---------------------------------------------------

@@ -597,6 +597,20 @@ def test_init_from_is_checked_against_the_recipe_before_loading(tmp_path: Path):
         check_before_loading(bf16_recipe(lora={"init_from": str(tmp_path)}))
 
 
+def test_an_adapter_config_with_a_rank_that_is_no_number_names_its_other_problems_too(tmp_path: Path):
+    """Was: a config whose r (or lora_alpha) is no number was reported alone: the problems found
+    before it (trained on another base model) were dropped, to be found one relaunch later."""
+    from qlora_sft.init_adapter import check_before_loading
+
+    bad = adapter_folder(tmp_path / "bad", r="sixteen", base_model_name_or_path="org/other", use_dora=True)
+    with pytest.raises(RecipeError) as exc:
+        check_before_loading(bf16_recipe(lora={"init_from": str(bad), "target_modules": ["q_proj"]}))
+    assert len(exc.value.problems) == 3, exc.value.problems
+    text = str(exc.value)
+    assert f"{bad / 'adapter_config.json'} has r='sixteen', which is not a whole number" in text
+    assert "trained on org/other, but model.name_or_path is m" in text and "is a DoRA adapter" in text
+
+
 @pytest.mark.parametrize(
     "damage", ["json_cut_off", "not_utf8", "json_list", "rank_not_a_number", "weights_nan", "final_corrupted"]
 )
@@ -687,6 +701,101 @@ def test_training_starts_from_an_existing_adapter(tiny_model: Path, tmp_path: Pa
     assert "started from the adapter" in out.stdout
     a, b = losses_by_step(tmp_path / "runs" / "a"), losses_by_step(tmp_path / "runs" / "b")
     assert min(b) == 1 and b[1] < 0.7 * a[1]  # a new run (step 1), starting where the adapter left off
+
+
+# Trains RECIPE (torchrun's ranks, or one process) and appends to LOG a line "<rank> <function> <file>" for
+# each read of a file in WATCHED: the digests and the finite-value check, and the load of its weights.
+WATCH_READS = """
+import os, sys
+from pathlib import Path
+import safetensors.torch
+from qlora_sft import checkpoint
+from qlora_sft.errors import UserError
+from qlora_sft.recipe import load_recipe
+from qlora_sft.train import train
+
+recipe, watched, log = sys.argv[1], Path(sys.argv[2]).resolve(), Path(sys.argv[3])
+
+def watch(module, name):
+    real = getattr(module, name)
+    def read(path, *args, **kwargs):
+        if watched in Path(path).resolve().parents:
+            with log.open("a") as f:
+                f.write(f"{os.environ.get('RANK', '0')} {name} {Path(path).name}\\n")
+        return real(path, *args, **kwargs)
+    setattr(module, name, read)
+
+for module, name in ((checkpoint, "file_digest"), (checkpoint, "nonfinite_tensors"), (safetensors.torch, "load_file")):
+    watch(module, name)
+try:
+    train(load_recipe(recipe))
+except UserError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.multiprocess
+def test_init_from_is_checked_once_and_not_read_by_a_resume(tiny_model: Path, tmp_path: Path):
+    """Was: every rank read the whole lora.init_from adapter (its digests, every tensor for non-finite
+    values) at every launch, also at a relaunch that resumes a checkpoint, which then loaded the
+    adapter's weights only to replace them with the checkpoint's: an adapter damaged or removed after
+    the first launch stopped the resume of a run it no longer had a part in. Now the main process
+    checks it once for all ranks, and a resume does not read it; a new run from it is still refused."""
+    from helpers import cpu_env
+
+    from qlora_sft import checkpoint
+    from qlora_sft.model import load_model, recipe_tokenizer
+
+    toy = write_toy_data(tmp_path / "toy.jsonl", n=48)
+    train = {"max_steps": 4, "save_steps": 2, "logging_steps": 1, "per_device_train_batch_size": 4}
+    runs = tmp_path / "runs"
+    seed = load_recipe(write_recipe(tmp_path / "a.yaml", recipe_dict(tiny_model, toy, runs, run={"name": "a"})))
+    final = runs / "a" / "final"  # a run's final/: an adapter with its manifest of digests
+    load_model(seed, recipe_tokenizer(seed), LaunchMode("cpu")).save_pretrained(str(final))
+    checkpoint.write_manifest(final, {"step": 4})
+    raw = recipe_dict(tiny_model, toy, runs, run={"name": "b"}, train=train, lora={"init_from": str(final)})
+    recipe = write_recipe(tmp_path / "b.yaml", raw)
+    driver, reads = tmp_path / "watch_reads.py", tmp_path / "reads.txt"
+    driver.write_text(WATCH_READS)
+
+    def launch(recipe: Path, ranks: int = 2, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+        reads.write_text("")
+        args = [str(driver), str(recipe), str(final), str(reads)]
+        torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2"]
+        cmd = [*torchrun, "--master_port", str(free_port()), *args] if ranks == 2 else [sys.executable, *args]
+        env = {**cpu_env(), "PYTHONPATH": str(REPO / "src"), **env}
+        out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        return out, sorted(reads.read_text().splitlines())
+
+    first, read = launch(recipe, QLORA_SFT_FAULT="kill@3")  # both ranks killed as step 3 begins
+    assert first.returncode != 0 and "started from the adapter" in first.stdout + first.stderr
+    assert [c.step for c in checkpoint.complete_checkpoints(runs / "b")] == [2], (first.stdout + first.stderr)[-3000:]
+    checked = [line for line in read if "load_file" not in line]  # digests and values: once, on rank 0
+    assert checked and all(line.startswith("0 ") for line in checked), read
+    values = [line for line in checked if "nonfinite_tensors" in line]
+    assert values == ["0 nonfinite_tensors adapter_model.safetensors"], read
+    assert read.count("0 file_digest adapter_model.safetensors") == 1, read
+    # each rank loads the adapter's weights into its model
+    assert [line for line in read if "load_file" in line] == [f"{r} load_file adapter_model.safetensors" for r in "01"]
+
+    weights = final / "adapter_model.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[-4:] = bytes(b ^ 0xFF for b in damaged[-4:])  # in the last tensor's values, the size kept
+    weights.write_bytes(bytes(damaged))
+    again, read = launch(recipe)
+    said = again.stdout + again.stderr
+    assert again.returncode == 0, said[-3000:]
+    assert f"resuming from {runs / 'b' / 'checkpoint-2'}" in said and f"lora.init_from: {final} is not read" in said
+    assert read == []  # the adapter was not read at all
+    assert checkpoint.inspect_checkpoint(runs / "b" / "final", verify=True).complete
+
+    raw["run"]["name"] = "c"  # a new run from the damaged adapter: refused, naming the file, before anything
+    fresh, _ = launch(write_recipe(tmp_path / "c.yaml", raw), ranks=1)
+    assert fresh.returncode == 2, (fresh.stdout + fresh.stderr)[-3000:]
+    assert f"lora.init_from={final}: {final} is not intact" in fresh.stderr
+    assert "adapter_model.safetensors does not match its checksum" in fresh.stderr
+    assert not (runs / "c").exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ def main_process_decides(work: Callable[[], Any]) -> Any:
     if state.is_main_process:
         try:
             outcome = [work(), None]
+        except RecipeError as exc:  # its problems, one a line, as one error
+            outcome = [None, (RecipeError, (exc.problems, exc.source))]
         except UserError as exc:
             outcome = [None, (type(exc), str(exc))]
     if distributed():
@@ -109,6 +111,8 @@ def main_process_decides(work: Callable[[], Any]) -> Any:
     result, error = outcome
     if error is not None:
         cls, message = error
+        if cls is RecipeError:
+            raise RecipeError(*message)
         raise (cls if issubclass(cls, (RunDirError, DataError)) else UserError)(message)
     return result
 
@@ -125,6 +129,25 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=distributed_state().device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def first_rank_error(message: str | None) -> str | None:
+    """What went wrong on any rank, on every rank: each rank gives its error's message (None: none),
+    and every rank gets the message of the lowest rank that had one (None where none had), so that
+    all raise the same error together instead of the others waiting for the failed one at the next
+    collective until the process group times out. Where the ranks run on several hosts, the message
+    says which rank and host found it (a node-local file may be damaged on one node only)."""
+    if not distributed():
+        return message
+    import torch.distributed as dist
+
+    said: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(said, (message, socket.gethostname()))
+    hosts = {host for _, host in said}
+    for rank, (text, host) in enumerate(said):
+        if text is not None:
+            return text if len(hosts) == 1 else f"{text} (found by rank {rank}, on {host})"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -688,6 +711,15 @@ def complete_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
     """The complete checkpoints of a run (sizes checked, not digests), newest first: what the errors
     of a failed save, a full disk, a divergence or an OOM name as safe."""
     return [c for c in list_checkpoints(run_dir) if c.complete]
+
+
+def may_resume(recipe: Recipe) -> bool:
+    """Whether this launch may resume a checkpoint (`find_resume` decides, reading digests): one named by
+    `checkpoint.resume`, or with `auto` a complete one (sizes checked) in the run directory."""
+    choice = recipe.checkpoint.resume
+    if choice in ("never", "auto"):
+        return choice == "auto" and bool(complete_checkpoints(recipe.run_dir))
+    return True
 
 
 def find_resume(recipe: Recipe) -> Path | None:

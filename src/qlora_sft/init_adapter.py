@@ -135,6 +135,7 @@ def adapter_problems(source: AdapterSource, recipe: Any, base_dir: str | Path | 
             f"{name} was trained on {base}, but model.name_or_path is {recipe.model.name_or_path}. Set "
             f"model.name_or_path to {base} (or a local copy of it)"
         )
+    numbers = {}  # r and lora_alpha where they are numbers (each one that is not is a problem of its own)
     for key, kind in (("r", int), ("lora_alpha", float)):
         value = cfg.get(key)
         try:
@@ -143,10 +144,14 @@ def adapter_problems(source: AdapterSource, recipe: Any, base_dir: str | Path | 
         except (TypeError, ValueError):
             what = "a whole number" if kind is int else "a number"
             file = source.weights.parent / CONFIG
-            return [f"{name}: {file} has {key}={value!r}, which is not {what}; it is not a LoRA adapter's config"]
-    if cfg.get("r") is not None and int(cfg["r"]) != lora.r:
+            problems.append(
+                f"{name}: {file} has {key}={value!r}, which is not {what}; it is not a LoRA adapter's config"
+            )
+            continue
+        numbers[key] = value
+    if numbers.get("r") is not None and int(cfg["r"]) != lora.r:
         problems.append(f"{name} has rank r={cfg['r']}, the recipe lora.r={lora.r}. Set lora.r: {cfg['r']}")
-    if cfg.get("lora_alpha") is not None and float(cfg["lora_alpha"]) != float(lora.alpha):
+    if numbers.get("lora_alpha") is not None and float(cfg["lora_alpha"]) != float(lora.alpha):
         problems.append(
             f"{name} was trained with lora_alpha={cfg['lora_alpha']}, the recipe has lora.alpha={lora.alpha:g} (the "
             f"adapter's update would be scaled differently). Set lora.alpha: {cfg['lora_alpha']}"
@@ -169,7 +174,14 @@ def adapter_problems(source: AdapterSource, recipe: Any, base_dir: str | Path | 
 
 def check_before_loading(recipe: Any, base_dir: str | Path | None = None) -> AdapterSource | None:
     """Before any model loads: `checkpoint.resume` names a checkpoint, not an adapter; the adapter of
-    `lora.init_from` exists and matches the recipe. Returns the adapter, if any."""
+    `lora.init_from` exists and matches the recipe. Returns the adapter, if any. (`train` runs the
+    two apart: the adapter's check reads all of it, once, and only where no checkpoint is resumed.)"""
+    check_resume_is_no_adapter(recipe)
+    return check_init_from(recipe, base_dir)
+
+
+def check_resume_is_no_adapter(recipe: Any) -> None:
+    """`checkpoint.resume` names a checkpoint, not an adapter folder (which `lora.init_from` takes)."""
     resume = recipe.checkpoint.resume
     if resume not in ("auto", "never"):
         p = Path(resume)
@@ -180,6 +192,11 @@ def check_before_loading(recipe: Any, base_dir: str | Path | None = None) -> Ada
                 f"To start a new run from this adapter's weights, set lora.init_from: {resume} and leave "
                 "checkpoint.resume: auto"
             )
+
+
+def check_init_from(recipe: Any, base_dir: str | Path | None = None) -> AdapterSource | None:
+    """The adapter of `lora.init_from` exists, matches the recipe and is intact (its digests and finite
+    values: every byte of it is read). Returns the adapter, if any."""
     if not recipe.lora.init_from:
         return None
     source = read_adapter(recipe.lora.init_from, base_dir)

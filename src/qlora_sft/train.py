@@ -228,7 +228,18 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     if done is not None:
         log.info("%s", done)
         return TrainResult(recipe.run_dir, recipe.run_dir / "final", -1, None, None, finished=True)
-    init_adapter.check_before_loading(recipe, base_dir)  # lora.init_from; checkpoint.resume=<an adapter>
+    init_adapter.check_resume_is_no_adapter(recipe)  # checkpoint.resume=<an adapter>
+
+    # lora.init_from's adapter, checked by the main process (its digests and finite values: all of it is
+    # read) and the outcome given to every rank; not where this launch may resume a checkpoint, whose
+    # adapter replaces it (checked after the checkpoint is picked where none is resumed after all)
+    def check_adapter_unless_resuming() -> bool:
+        if checkpoint.may_resume(recipe):
+            return False
+        init_adapter.check_init_from(recipe, base_dir)
+        return True
+
+    adapter_checked = checkpoint.main_process_decides(check_adapter_unless_resuming)
 
     def preflight() -> None:  # the run directory writable, the data readable (not a PermissionError later)
         plan.check_output_dir(recipe)
@@ -241,7 +252,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     meta = checkpoint.run_metadata(recipe, mode, batch)
     lock = checkpoint.prepare_run_dir(recipe, meta)
     try:
-        return _train(recipe, mode, batch, meta, state, base_dir, extra_callbacks, on_trainer, outlook)
+        return _train(recipe, mode, batch, meta, state, base_dir, extra_callbacks, on_trainer, outlook, adapter_checked)
     except BaseException:  # tracker runs left open would read as finished (MLflow's exit handler)
         if state.is_main_process:
             tracking.close_after_failure(recipe.train.args.get("report_to"))
@@ -261,6 +272,7 @@ def _train(
     extra_callbacks: list[Any] | None,
     on_trainer: Any,
     outlook: plan.GpuOutlook | None = None,
+    adapter_checked: bool = False,
 ) -> TrainResult:
     import torch
     from transformers import set_seed
@@ -276,6 +288,14 @@ def _train(
 
     picked = checkpoint.main_process_decides(pick_checkpoint)  # verified once, by the main process
     resume_from = Path(picked) if picked is not None else None
+    if resume_from is None and not adapter_checked:  # lora.init_from is this run's start after all
+        checkpoint.main_process_decides(lambda: init_adapter.check_init_from(recipe, base_dir) is not None)
+    elif resume_from is not None and recipe.lora.init_from:
+        log.info(
+            "lora.init_from: %s is not read: this launch resumes from %s, whose adapter continues the run",
+            recipe.lora.init_from,
+            resume_from.name,
+        )
     resume_step = checkpoint.checkpoint_step(resume_from) if resume_from is not None else -1
     max_steps = int(recipe.train.args.get("max_steps") or -1)
     if resume_from is not None and 0 < max_steps <= resume_step:
@@ -329,7 +349,7 @@ def _train(
     # 4. Model: quantized, placed for the launch mode, with LoRA adapters.
     compute_dtype = mode.compute_dtype(recipe.quantization, recipe.model)
     set_seed(recipe.run.seed)  # the LoRA initialisation is random: same seed, same start on every rank
-    peft_model = model.load_model(recipe, tokenizer, mode, base_dir)
+    peft_model = model.load_model(recipe, tokenizer, mode, base_dir, resuming=resume_from is not None)
     launch_config.check_wrap_classes(peft_model, mode.fsdp if mode.kind == "fsdp" else None)
     for line in [*model.summarize(peft_model).lines(), launch.loading_memory_line()]:
         log.info("model: %s", line)

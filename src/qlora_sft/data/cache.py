@@ -646,6 +646,28 @@ def _prepare_stream(
     return prepared
 
 
+def _load_on_every_rank(folder: Path) -> PreparedData | None:
+    """`load_prepared` on every rank of the launch, with one outcome: each node's main process reads
+    the cache's files against their digests (memoised), the other ranks check their sizes only, and
+    where any of them finds the cache damaged, every rank raises that DataError (one small gather,
+    before anything is built, so no rank waits in it for a build). Otherwise the ranks that found
+    the cache continued into training while the one that found it changed had stopped, and waited
+    for it in the next collective until train.ddp_timeout; with several nodes, each node's main
+    process checks its own view of a cache that may be node-local."""
+    from ..checkpoint import first_rank_error
+    from ..launch import distributed_state
+
+    prepared, problem = None, None
+    try:
+        prepared = load_prepared(folder, verify=distributed_state().is_local_main_process)
+    except DataError as exc:
+        problem = str(exc)
+    said = first_rank_error(problem)
+    if said is not None:
+        raise DataError(said)
+    return prepared
+
+
 def prepare_data(
     cfg: DataConfig,
     tokenizer: Any,
@@ -672,9 +694,7 @@ def prepare_data(
     if cfg.rebuild:
         set_cache_aside(folder)
     since = time.time()
-    # the node's main process reads the cache's files against their digests (memoised); the other ranks
-    # check their sizes only, and stop with the main process where it finds the cache changed
-    prepared = load_prepared(folder, verify=distributed_state().is_local_main_process)
+    prepared = _load_on_every_rank(folder)
     if prepared is not None:
         prepared.found = True
         check_end_tokens(prepared.report, cfg)

@@ -563,8 +563,11 @@ def ensure_pad_token(tokenizer: Any) -> None:
     tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
 
 
-def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str | Path | None = None) -> Any:
-    """Base model (quantized, placed for the launch mode) with LoRA adapters, ready to train."""
+def load_model(
+    recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str | Path | None = None, resuming: bool = False
+) -> Any:
+    """Base model (quantized, placed for the launch mode) with LoRA adapters, ready to train.
+    `resuming`: the adapters start from a checkpoint's, loaded by the Trainer; `lora.init_from` is not read."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     compute_dtype = mode.compute_dtype(recipe.quantization, recipe.model)
@@ -617,7 +620,8 @@ def load_model(recipe: Recipe, tokenizer: Any, mode: LaunchMode, base_dir: str |
         raise UserError(f"lora.target_modules={target!r}: {exc}") from None
     from ..init_adapter import load_weights
 
-    load_weights(model, recipe, base_dir)  # lora.init_from: start from an existing adapter's weights
+    if not resuming:
+        load_weights(model, recipe, base_dir)  # lora.init_from: start from an existing adapter's weights
     if host_embedding is not None:
         # DDP refuses a module with parameters on two device types unless told to leave some alone;
         # the frozen embedding needs no gradient sync and is the same on every rank
