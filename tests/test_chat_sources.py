@@ -247,7 +247,7 @@ def test_chat_reads_an_unchanged_export_for_its_digests_once(
     inode, in the user's cache folder): an unchanged export is not read for them again, a changed one is."""
     from qlora_sft import export as export_module
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("QLORA_SFT_CACHE", str(tmp_path / "cache" / "qlora-sft"))
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     export_module.export(copy, verify=False)

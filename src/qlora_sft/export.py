@@ -39,7 +39,15 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .files import file_digest, no_space_errno, no_space_message, sweep_temporaries, temporary_for, write_problem
+from .files import (
+    file_digest,
+    no_space_errno,
+    no_space_message,
+    sweep_temporaries,
+    temporary_for,
+    user_cache_dir,
+    write_problem,
+)
 from .launch import DTYPES as TORCH_DTYPES
 from .loader import checkpoint_files
 from .recipe import QuantizationConfig, Recipe
@@ -738,12 +746,12 @@ EXPORT_DIGESTS = "export-digests.json"
 
 def export_digest_memo() -> Any:
     """The digests of exported files already checked, kept in the user's cache folder
-    (`$XDG_CACHE_HOME/qlora-sft`, else ~/.cache/qlora-sft) by path, size, times and inode, as the data
+    (`files.user_cache_dir`) by path, size, times and inode, as the data
     cache keeps its files' (`DigestMemo`): chat reads an unchanged export once for them, not before
     every load (140 GB for a 70B model). Where that folder cannot be written, every chat reads them."""
     from .data.cache import DigestMemo
 
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlora-sft"
+    root = user_cache_dir()
     with contextlib.suppress(OSError):
         root.mkdir(parents=True, exist_ok=True)
     return DigestMemo(root / EXPORT_DIGESTS, read=lambda p: file_digest(p))

@@ -60,6 +60,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def user_cache_dir() -> Path:
+    """The user's qlora-sft cache folder: `$QLORA_SFT_CACHE`, else `$XDG_CACHE_HOME/qlora-sft`, else
+    ~/.cache/qlora-sft (small files kept between commands; losing them costs only time)."""
+    return Path(
+        os.environ.get("QLORA_SFT_CACHE")
+        or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qlora-sft")
+    )
+
+
 def file_digest(path: Path) -> str:
     """`xxh3_128:<hex>` of the file's bytes."""
     import xxhash

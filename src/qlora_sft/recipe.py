@@ -1000,10 +1000,9 @@ def _vocabulary_cache() -> Path:
     """Where the `train:` vocabulary of the installed trl/transformers is kept between commands."""
     from importlib.metadata import version
 
-    root = os.environ.get("QLORA_SFT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qlora-sft"
-    )
-    return Path(root) / f"sft-fields-v2-trl-{version('trl')}-transformers-{version('transformers')}.json"
+    from .files import user_cache_dir
+
+    return user_cache_dir() / f"sft-fields-v2-trl-{version('trl')}-transformers-{version('transformers')}.json"
 
 
 def _read_vocabulary() -> tuple[dict[str, Any], dict[str, tuple[str, ...]]] | None:
