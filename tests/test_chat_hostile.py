@@ -224,3 +224,18 @@ def test_a_system_message_the_template_refuses_is_named_before_the_model_loads(
     code, _, err = chat(capsys, model_copy, "--prompt", "hi", "--system", "be brief", "--max-new-tokens", "2")
     assert code == 2 and "Traceback" not in err, err
     assert "chat template refuses the conversation (System role not supported)" in err and "--system" in err
+
+
+def test_a_model_whose_rope_is_scaled_takes_the_scaled_context(model_copy: Path, capsys: pytest.CaptureFixture):
+    """A model configured for a longer context by RoPE scaling (yarn, factor 4: Qwen2.5's long-context
+    setting): validate allows data.max_length up to the scaled context, but chat refused any
+    conversation past the unscaled max_position_embeddings."""
+    import json
+
+    config = json.loads((model_copy / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    (model_copy / "config.json").write_text(json.dumps(config))
+    code, out, err = chat(capsys, model_copy, "--prompt", "alpha beta " * 200, "--max-new-tokens", "2")
+    assert code == 0, err
+    code, out, err = chat(capsys, model_copy, "--prompt", "alpha beta " * 900, "--max-new-tokens", "2")
+    assert code == 2 and "longer than the 4096 the model takes" in err, err

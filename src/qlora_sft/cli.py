@@ -408,7 +408,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
-    context = getattr(model.config, "max_position_embeddings", None)
+    from .model.load import model_context
+
+    config = model.config.to_dict()
+    context, key = model_context(config)
+    unscaled = model_context({k: v for k, v in config.items() if k not in ("rope_scaling", "rope_parameters")})[0]
+    said = f"{key} in its config.json" + (", RoPE-scaled" if context != unscaled else "")
 
     def answer(text: str) -> str:
         from jinja2.exceptions import TemplateError
@@ -429,7 +434,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if isinstance(context, int) and length >= context:  # past the positions the model knows: noise
             raise UserError(
                 f"chat: the conversation is {length} tokens, longer than the {context} the model takes "
-                "(max_position_embeddings in its config.json): give a shorter prompt"
+                f"({said}): give a shorter prompt"
                 + ("" if args.prompt is not None else ", or start a new chat (the earlier turns count too)")
             )
         if isinstance(context, int) and length + new_tokens > context:

@@ -379,13 +379,7 @@ def check_model_folder(recipe: Recipe, base_dir: str | Path | None = None) -> di
             raise UserError(
                 f"model.name_or_path {cfg.name_or_path} (quantization_config in config.json): {exc}"
             ) from None
-    text = config.get("text_config") or config
-    key = next((k for k in ("max_position_embeddings", "n_positions") if isinstance(text.get(k), int)), None)
-    context = text.get(key) if key else None
-    scaling = text.get("rope_scaling") or text.get("rope_parameters") or {}  # (transformers 5 names it so)
-    factor = scaling.get("factor") if isinstance(scaling, dict) else None
-    if isinstance(context, int) and isinstance(factor, int | float) and factor > 1:
-        context = int(context * factor)  # RoPE scaled past the positions it was trained on (yarn, linear...)
+    context, key = model_context(config)
     if isinstance(context, int) and 0 < context < recipe.data.max_length:
         raise UserError(
             f"data.max_length is {recipe.data.max_length} but {cfg.name_or_path} was built for at most {context} "
@@ -395,6 +389,23 @@ def check_model_folder(recipe: Recipe, base_dir: str | Path | None = None) -> di
     check_weight_files(folder, cfg.name_or_path, uses_safetensors_only=cfg.loader == "low_memory")
     check_generation_config(folder, cfg.name_or_path)
     return config
+
+
+def model_context(config: dict[str, Any]) -> tuple[int | None, str | None]:
+    """The most positions a model takes (and the config.json key that says it), from its config as a
+    dict: max_position_embeddings (n_positions), times the RoPE scaling factor where the scaling
+    extends it (yarn, linear, dynamic: Qwen2.5's long context); not where max_position_embeddings is
+    already the extended length (Llama 3.1: above the scaling's original_max_position_embeddings)."""
+    text = config.get("text_config") or config
+    key = next((k for k in ("max_position_embeddings", "n_positions") if isinstance(text.get(k), int)), None)
+    context = text.get(key) if key else None
+    scaling = text.get("rope_scaling") or text.get("rope_parameters") or {}  # (transformers 5 names it so)
+    factor = scaling.get("factor") if isinstance(scaling, dict) else None
+    original = scaling.get("original_max_position_embeddings") if isinstance(scaling, dict) else None
+    already = isinstance(original, int) and isinstance(context, int) and context > original
+    if isinstance(context, int) and isinstance(factor, int | float) and factor > 1 and not already:
+        context = int(context * factor)  # RoPE scaled past the positions it was trained on
+    return context, key
 
 
 def check_generation_config(folder: Path, name: str) -> None:
