@@ -422,6 +422,7 @@ def test_accelerate_settings_that_break_qlora_are_refused_with_the_reason(tmp_pa
     assert "FULL_STATE_DICT" in problems(fsdp_state_dict_type="SHARDED_STATE_DICT")
     assert "does not run" in problems(mixed_precision="fp8")
     assert "torch.compile" in problems(dynamo_config={"dynamo_backend": "INDUCTOR"})
+    assert "dynamo_backend is INDUCTOR: torch.compile" in problems(dynamo_backend="INDUCTOR")  # the older key
     assert "CUDA GPUs" in problems(distributed_type="XLA")
     assert "tensor/context parallelism" in problems(parallelism_config={"parallelism_config_tp_size": 2})
     ds_yaml = tmp_path / "ds.yaml"

@@ -930,12 +930,20 @@ def read_accelerate(path: str | os.PathLike[str]) -> AccelerateConfig:
         if cfg.get(key):
             problems.append(f"{name}: {key} asks for {what}, which qlora-sft does not run with QLoRA; remove it")
     dynamo = cfg.get("dynamo_config") or {}
-    backend = str(dynamo.get("dynamo_backend", "NO")).upper() if isinstance(dynamo, dict) else "NO"
-    if backend not in ("NO", "NONE"):
-        problems.append(
-            f"{name}: dynamo_config.dynamo_backend is {backend}: torch.compile of the 4-bit model is not supported "
-            "here; remove dynamo_config"
-        )
+    # accelerate still takes the older top-level dynamo_backend (converted into dynamo_config)
+    for key, value, fix in (
+        (
+            "dynamo_config.dynamo_backend",
+            dynamo.get("dynamo_backend") if isinstance(dynamo, dict) else None,
+            "dynamo_config",
+        ),
+        ("dynamo_backend", cfg.get("dynamo_backend"), "dynamo_backend"),
+    ):
+        backend = str(value if value is not None else "NO").upper()
+        if backend not in ("NO", "NONE"):
+            problems.append(
+                f"{name}: {key} is {backend}: torch.compile of the 4-bit model is not supported here; remove {fix}"
+            )
     fsdp = deepspeed = None
     if dist_type == "FSDP":
         fsdp = FsdpSettings.from_yaml(cfg.get("fsdp_config") or {}, name)
