@@ -235,7 +235,7 @@ def test_a_model_whose_rope_is_scaled_takes_the_scaled_context(model_copy: Path,
     config = json.loads((model_copy / "config.json").read_text())
     config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
     (model_copy / "config.json").write_text(json.dumps(config))
-    code, out, err = chat(capsys, model_copy, "--prompt", "alpha beta " * 200, "--max-new-tokens", "2")
+    code, _out, err = chat(capsys, model_copy, "--prompt", "alpha beta " * 200, "--max-new-tokens", "2")
     assert code == 0, err
-    code, out, err = chat(capsys, model_copy, "--prompt", "alpha beta " * 900, "--max-new-tokens", "2")
+    code, _out, err = chat(capsys, model_copy, "--prompt", "alpha beta " * 900, "--max-new-tokens", "2")
     assert code == 2 and "longer than the 4096 the model takes" in err, err
