@@ -379,3 +379,45 @@ def test_target_modules_as_a_regular_expression_stay_allowed(value: str):
     from qlora_sft.recipe import build_recipe
 
     assert build_recipe({**MINIMAL_RECIPE, "lora": {"target_modules": value}}).lora.target_modules == value
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"\xff\xfe\x00m\x00o\x00d\x00e\x00l", "is not UTF-8 text (invalid start byte at byte 0); save it as UTF-8"),
+        (b"model:\n  name_or_path: caf\xe9\n", "is not UTF-8 text (invalid continuation byte at byte 26); save it"),
+        (None, "is a folder; give the path to the .yaml recipe in it"),
+    ],
+)
+def test_a_recipe_that_is_not_utf8_or_is_a_folder_is_named(tmp_path: Path, content: bytes | None, expected: str):
+    """A recipe saved as UTF-16 or Latin-1 raised a UnicodeDecodeError traceback from every command; a
+    folder was called "not found"."""
+    f = tmp_path / "r.yaml"
+    if content is None:
+        f.mkdir()
+    else:
+        f.write_bytes(content)
+    out = validate_cli(f)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"recipe {f} {expected}" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("key", ["run.name", "run.output_dir"])
+def test_a_run_directory_whose_name_is_not_utf8_is_refused_before_the_model_loads(key: str):
+    """A run.name or run.output_dir with bytes that are not UTF-8 (a Latin-1 name given on the command
+    line) passed `validate` and `plan`; `train` loaded the model and then failed with a traceback in
+    tensorboard's writer (and safetensors cannot write there either)."""
+    value = "caf\udce9"  # how Python hands on the byte \xe9 of an argument
+    (msg,) = _refused_with(key, value)
+    assert msg.startswith(f"`{key}` holds bytes that are not UTF-8 (caf\\xe9)"), msg
+    assert "give it a UTF-8 name" in msg, msg
+
+
+def _refused_with(key: str, value: str) -> list[str]:
+    data, problems = apply_overrides(MINIMAL_RECIPE, [f"{key}=x"])
+    assert not problems
+    section, name = key.split(".")
+    data[section][name] = value
+    with pytest.raises(RecipeError) as exc:
+        build_recipe(data)
+    return exc.value.problems

@@ -589,9 +589,21 @@ def read_yaml(
     """Read a recipe file: (data, `dotted.key -> line number`). A key given twice is refused, or with
     `duplicates` added to it (to be reported with the recipe's other problems)."""
     p = Path(path)
+    if p.is_dir():
+        raise RecipeError([f"recipe {p} is a folder; give the path to the .yaml recipe in it"])
     if not p.is_file():
         raise RecipeError([f"recipe file not found: {p} (give the path to a .yaml recipe)"])
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:  # saved as UTF-16 or Latin-1
+        raise RecipeError(
+            [
+                f"recipe {p} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
+                "(e.g. iconv -f latin1 -t utf-8 for a Latin-1 file)"
+            ]
+        ) from None
+    except OSError as exc:
+        raise RecipeError([f"recipe {p} cannot be read ({exc.strerror or exc})"]) from None
     try:
         data, lines = _compose_recipe(text, str(p), duplicates)
     except yaml.YAMLError as exc:
@@ -1249,6 +1261,27 @@ def _path_problems(recipe: Recipe, ctx: _Problems) -> None:
         bad = _control_character(value) if isinstance(value, str) else None
         if bad:
             ctx.add(key, f"is {value!r}, which holds the control character {bad!r}; remove it")
+    # the run directory with bytes that are not UTF-8 (a Latin-1 name given on the command line, which
+    # Python hands on as surrogates): tensorboard's writer and safetensors cannot write there, and
+    # failed once the model had loaded
+    for key in ("run.name", "run.output_dir"):
+        value = getattr(recipe.run, key.split(".")[1])
+        shown = _not_utf8(value) if isinstance(value, str) else None
+        if shown:
+            ctx.add(
+                key,
+                f"holds bytes that are not UTF-8 ({shown}), and the model libraries (tensorboard, safetensors) "
+                "cannot write under such a path: give it a UTF-8 name",
+            )
+
+
+def _not_utf8(text: str) -> str | None:
+    """`text` with its bytes that are not UTF-8 shown as \\x escapes; None if it is all UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return None
 
 
 REGEX_CHARACTERS = ".*+?[](){}|\\^$"
