@@ -85,3 +85,16 @@ def test_a_full_disk_while_plotting_is_named_and_leaves_no_temporary_file(tmp_pa
     assert "Traceback" not in res.stderr
     assert f"plot: writing {run / 'logs' / 'loss.png'}" in res.stderr and "file too large" in res.stderr
     assert sorted(p.name for p in (run / "logs").iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_metrics_line_with_an_infinite_step_is_left_out_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+):
+    """An edited metrics.jsonl line whose step is 1e400 (JSON reads it as infinity) raised OverflowError
+    (a traceback) where every other unreadable line is left out and named."""
+    run = fake_run(tmp_path, steps=3)
+    with (run / "logs" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 1e400, "loss": 1.0}\n')
+    assert cli.main(["plot", str(run)]) == 0
+    assert "left out 1 line(s)" in caplog.text and "(line 4)" in caplog.text, caplog.text
+    assert (run / "logs" / "loss.png").is_file()

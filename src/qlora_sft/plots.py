@@ -30,7 +30,7 @@ def series(run_dir: Path) -> dict[str, dict[int, float]]:
                 raise ValueError
             step = int(row["step"])
             values = {key: float(row[key]) for key in out if key in row}
-        except (KeyError, ValueError, TypeError):
+        except (KeyError, ValueError, TypeError, OverflowError):  # OverflowError: a step of 1e400 (infinity)
             unreadable.append(number)
             continue
         for key, value in values.items():
