@@ -271,3 +271,15 @@ def test_a_failed_export_leaves_no_folders_it_made_for_out(run: Path, tmp_path: 
     assert res.returncode == 2, res.stderr[-3000:]
     assert "file too large" in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+
+
+@pytest.mark.parametrize("below", ["", "merged"])
+def test_an_out_through_a_symlink_loop_is_named_not_a_traceback(run: Path, tmp_path: Path, below: str, no_merge: None):
+    """`--out loop` (or `loop/merged`), where the links of `loop` lead back to themselves, raised
+    pathlib's `RuntimeError: Symlink loop` traceback while --out was checked."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    out = tmp_path / "a" / below if below else tmp_path / "a"
+    with pytest.raises(UserError, match=rf"--out {out} goes through a symbolic link loop \(.*`ls -l {tmp_path / 'a'}`"):
+        export(run, out, verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]

@@ -722,3 +722,18 @@ def test_rank_variables_left_in_the_shell_are_named_not_waited_on_in_silence(tin
     assert "unset WORLD_SIZE RANK LOCAL_RANK MASTER_ADDR MASTER_PORT" in out
     assert "the other rank(s) did not join within train.ddp_timeout=6" in out
     assert not (tmp_path / "runs" / "tiny" / "checkpoint-1").exists()
+
+
+def test_plan_run_dir_under_a_symlink_loop_is_named_not_a_traceback(tmp_path: Path):
+    """`plan R --run-dir` (the run directory, for scripts) with run.output_dir a symlink loop raised
+    pathlib's `RuntimeError: Symlink loop` traceback; train and submit name it as unwritable."""
+    recipe = small_recipe(tmp_path)
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    out = run_cli("-m", "qlora_sft", "plan", str(recipe), "--run-dir", f"run.output_dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert (
+        f"run.output_dir {tmp_path / 'a'}: the run directory {tmp_path / 'a' / 'run'} goes through a symbolic link loop"
+        in out.stderr
+    ), out.stderr
+    assert "choose another run.output_dir" in out.stderr and not out.stdout, out.stdout

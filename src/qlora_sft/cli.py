@@ -556,6 +556,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     check_named_files(recipe, Path(args.recipe).parent)
     if args.run_dir:
+        from .files import link_loop
+
+        loop = link_loop(recipe.run_dir)
+        if loop is not None:
+            raise UserError(
+                f"plan: run.output_dir {recipe.run.output_dir}: the run directory {recipe.run_dir} goes through a "
+                f"symbolic link loop ({loop}: its links lead back to themselves; `ls -l {loop}` shows where it "
+                "points). Fix the link, or choose another run.output_dir (run.output_dir=PATH after the recipe)"
+            )
         print(recipe.run_dir.resolve())
         return 0
     for line in plan_lines(recipe, args.config, args.gpus, args.nodes, args.gpu_mem, Path(args.recipe).parent):

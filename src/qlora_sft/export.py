@@ -41,6 +41,7 @@ import torch
 from .errors import UserError
 from .files import (
     file_digest,
+    link_loop,
     no_space_errno,
     no_space_message,
     sweep_temporaries,
@@ -793,6 +794,13 @@ def check_out_dir(out_dir: Path, source: Source, overwrite: bool) -> None:
     from .recipe import RUN_RECIPE, is_run_directory
 
     default = (source.run_dir or source.adapter_dir.parent) / "merged"
+    loop = link_loop(out_dir)
+    if loop is not None:
+        raise UserError(
+            f"export: --out {out_dir} goes through a symbolic link loop ({loop}: its links lead back to themselves; "
+            f"`ls -l {loop}` shows where it points). Fix the link, or choose another --out (the default is "
+            f"{default}); nothing was written."
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(
             f"export: --out {out_dir} is a file, not a folder: the merged model is a folder of files. Choose a folder "

@@ -15,6 +15,8 @@ local_path          a relative path from the working directory, else beside the 
 write_problem       why files cannot be created in a folder (permissions, a read-only file system, a file
                     where a folder should be), tried for real: root, whom permission bits do not stop, passes
 read_problem        why a file, or a file under a folder, cannot be read
+link_loop           the link on a path whose symbolic links lead back to themselves (pathlib's resolve
+                    raises a RuntimeError there)
 """
 
 from __future__ import annotations
@@ -239,6 +241,20 @@ def os_reason(exc: OSError) -> str:
         errno.ENOENT: "no such file or folder",
     }
     return reasons.get(exc.errno or 0) or (exc.strerror or type(exc).__name__).lower()
+
+
+def link_loop(path: Path) -> Path | None:
+    """The first part of `path` (itself included) whose symbolic links lead back to themselves, or
+    None. `Path.resolve()` raises there (RuntimeError before Python 3.13, OSError ELOOP after)."""
+    path = Path(os.path.abspath(path))
+    for part in (*reversed(path.parents), path):
+        try:
+            os.stat(part)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return part
+            return None  # missing (or unreadable): the parts below it cannot loop
+    return None
 
 
 def write_problem(folder: Path) -> str | None:
