@@ -239,3 +239,40 @@ def test_a_model_whose_rope_is_scaled_takes_the_scaled_context(model_copy: Path,
     assert code == 0, err
     code, _out, err = chat(capsys, model_copy, "--prompt", "alpha beta " * 900, "--max-new-tokens", "2")
     assert code == 2 and "longer than the 4096 the model takes" in err, err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--prompt", "  "], "chat: --prompt is empty"),
+        (["--prompt", "caf\udce9"], "chat: --prompt holds bytes that are not UTF-8 (caf\\xe9)"),
+        (["--prompt", "hi", "--system", "caf\udce9"], "chat: --system holds bytes that are not UTF-8 (caf\\xe9)"),
+    ],
+)
+def test_a_prompt_or_system_message_that_cannot_be_sent_is_named_before_the_model_loads(
+    tiny_model: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, args: list[str], expected: str
+):
+    """An empty --prompt, or one whose bytes are not UTF-8, was refused only once the model had loaded
+    (minutes for a large one); a --system message whose bytes are not UTF-8 passed and failed after
+    the load in the tokenizer's TypeError traceback."""
+
+    def no_load(*a: object, **k: object) -> None:
+        raise AssertionError("the model loaded before the refusal")
+
+    monkeypatch.setattr(cli, "load_chat_model", no_load)
+    code, out, err = chat(capsys, tiny_model, *args)
+    assert code == 2 and "Traceback" not in err and out == "", err
+    assert expected in err, err
+
+
+@pytest.mark.parametrize("value", ["1e-38", "1e-300"])
+def test_a_temperature_too_close_to_zero_is_refused_before_the_model_loads(
+    tiny_model: Path, capsys: pytest.CaptureFixture, value: str
+):
+    """`--temperature 1e-38` divided the logits into infinities: torch.multinomial's RuntimeError
+    ("probability tensor contains either inf, nan or element < 0"), a traceback after the model loaded."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["chat", str(tiny_model), "--prompt", "hi", "--temperature", value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --temperature: '{value}'" in err and "give 0 for greedy answers" in err, err

@@ -53,6 +53,10 @@ def temperature(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 <= value < float("inf"):  # also refuses nan
         raise argparse.ArgumentTypeError(f"{text!r}: give 0 (greedy) or a positive number such as 0.7")
+    if 0 < value < 1e-6:  # the logits divided by it overflow into infinities near 1e-38: torch's RuntimeError
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is so close to 0 that sampling overflows: give 0 for greedy answers, or 0.01 or more"
+        )
     return value
 
 
@@ -398,10 +402,26 @@ def older_export(run_dir: Path, merged: Path) -> str | None:
     )
 
 
+def check_chat_text(args: argparse.Namespace) -> None:
+    """--prompt and --system, before the model loads: an empty prompt (`--prompt "$PROMPT"` with
+    PROMPT unset), and bytes that are not UTF-8 (Python hands them on as surrogates, which the
+    tokenizer refuses with a TypeError)."""
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("chat: --prompt is empty: give the message to answer, or leave --prompt out to chat")
+    for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
+        shown = not_utf8(text) if text is not None else None
+        if shown:
+            raise UserError(
+                f"chat: {flag} holds bytes that are not UTF-8 ({shown}): give it as UTF-8 text "
+                "(e.g. iconv -f latin1 -t utf-8 FILE)"
+            )
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
+    check_chat_text(args)  # before minutes of loading
     model, tokenizer = load_chat_model(
         args.path, args.device, args.trust_remote_code, args.base_model, args.allow_other_base, args.system
     )
@@ -472,14 +492,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def converse(args: argparse.Namespace, answer: Any) -> int:
     """One answer (--prompt) or the interactive loop, with `answer(text)` streaming each reply."""
-    if args.prompt is not None:
-        if not args.prompt.strip():  # `--prompt "$PROMPT"` with PROMPT unset
-            raise UserError("chat: --prompt is empty: give the message to answer, or leave --prompt out to chat")
-        if not_utf8(args.prompt):
-            raise UserError(
-                f"chat: --prompt holds bytes that are not UTF-8 ({not_utf8(args.prompt)}): give it as UTF-8 text "
-                "(e.g. iconv -f latin1 -t utf-8 FILE)"
-            )
+    if args.prompt is not None:  # (checked by check_chat_text before the model loaded)
         answer(args.prompt)
         return 0
     print("qlora-sft chat: type a message, Ctrl-D to quit", file=sys.stderr)
