@@ -452,3 +452,38 @@ def test_a_misspelled_field_past_the_first_row_is_named_with_its_rows(tmp_path: 
     assert len(said) == 1, said
     assert f"{joined} row 6 has the field `imput`" in said[0] and "3 rows have it" in said[0], said
     assert "did you mean `input`?" in said[0]
+
+
+def test_ctrl_c_while_prepare_tokenizes_in_processes_is_an_interruption_and_leaves_nothing_trusted(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    """Ctrl-C while `prepare` tokenized with several processes: datasets' pool, cleaning up, raised
+    `multiprocess.TimeoutError` over the KeyboardInterrupt, so the user got a traceback, exit code 1 and a
+    `.failed` note "TimeoutError: " instead of "interrupted" (130). No partial cache, lock or temporary
+    folder may be left; the next prepare builds the cache."""
+    from qlora_sft import cli
+    from qlora_sft.data import encode
+
+    toy = write_toy_data(tmp_path / "toy.jsonl", n=2 * encode.ROWS_PER_PROCESS + 100)
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, toy, tmp_path / "runs", data={"num_proc": 2}))
+    parent, original = os.getpid(), encode.encode_documents
+
+    def interrupted(*args, **kwargs):  # in a worker: Ctrl-C reaches the main process, the workers go on
+        if os.getpid() != parent:
+            flag = tmp_path / "sent"
+            if not flag.exists():
+                flag.touch()
+                os.kill(parent, signal.SIGINT)
+            time.sleep(2)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(encode, "encode_documents", interrupted)
+    assert cli.main(["prepare", str(recipe)]) == 130
+    err = capsys.readouterr().err
+    assert "qlora-sft prepare: interrupted" in err and "Traceback" not in err, err
+    root = tmp_path / "runs" / ".cache"
+    assert not [p.name for p in root.iterdir() if p.name.startswith("data-") and not p.name.endswith(".failed")]
+    assert all("interrupted" in p.read_text() for p in root.glob("data-*.failed"))
+    monkeypatch.setattr(encode, "encode_documents", original)
+    assert cli.main(["prepare", str(recipe)]) == 0
+    assert [p.name for p in root.iterdir() if p.is_dir()], "the next prepare built the cache"

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, first_line
+from .errors import UserError, first_line, interrupted
 
 
 def gib(text: str) -> float:
@@ -810,6 +810,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"qlora-sft {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not interrupted(exc) or args.debug:
+            raise
+        print(f"qlora-sft {args.command}: interrupted", file=sys.stderr)  # a library's clean-up raised over Ctrl-C
         return 130
 
 

@@ -9,6 +9,18 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def interrupted(exc: BaseException) -> bool:
+    """Whether `exc` is, or was raised while handling, a KeyboardInterrupt (Ctrl-C): a library's
+    clean-up may raise its own error over it (datasets' process pool: multiprocess's TimeoutError)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__context__  # type: ignore[assignment]
+    return False
+
+
 class UserError(Exception):
     """A problem with the user's input (recipe, data, run directory). The CLI prints it without a
     traceback and exits with code 2."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import files as files_module
-from ..errors import DataError, first_line
+from ..errors import DataError, first_line, interrupted
 from ..files import (
     atomic_write_text,
     file_digest,
@@ -518,10 +518,19 @@ def build_cache(folder: Path, build: Any, by: str = "train") -> PreparedData | N
     except BaseException as exc:
         full = no_space_behind(exc)
         error = DataError(no_space_in_cache_message(folder, full)) if full is not None else None
+        stopped = interrupted(exc)  # Ctrl-C, perhaps under the error datasets' pool raised cleaning up
         with contextlib.suppress(OSError):
-            failed.write_text(str(error) if error is not None else f"{type(exc).__name__}: {exc}")
+            failed.write_text(
+                str(error)
+                if error is not None
+                else "interrupted (Ctrl-C) while it was built"
+                if stopped
+                else f"{type(exc).__name__}: {exc}"
+            )
         if error is not None:
             raise error from None
+        if stopped and not isinstance(exc, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
