@@ -676,7 +676,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         data.iter_examples(src, recipe.data.on_bad_row, data.SourceReport(src.path, src.format), base_dir)
         for src in recipe.data.sources
     )
-    for ex in itertools.islice(rows, max(0, args.examples)):
+    for ex in itertools.islice(rows, min(max(0, args.examples), sys.maxsize)):  # (islice refuses more)
         tok = data.tokenize_example(
             ex, tokenizer, recipe.data.max_length, recipe.data.assistant_only_loss, keep_text=True
         )
