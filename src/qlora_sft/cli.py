@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError, first_line, interrupted
+from .files import not_utf8
 
 
 def gib(text: str) -> float:
@@ -515,20 +516,6 @@ def converse(args: argparse.Namespace, answer: Any) -> int:
                 answer(text)
             except UserError as exc:  # a message past the context: this chat goes on without it
                 print(exc, file=sys.stderr)
-
-
-def not_utf8(text: str) -> str | None:
-    """`text` shown with its bytes that are not UTF-8 as \\x escapes (Python hands such bytes of an
-    argument or stdin on as surrogates, which the tokenizer refuses with a TypeError); None if it is
-    all UTF-8."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        try:
-            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        except UnicodeEncodeError:  # a surrogate that stands for no byte
-            return text.encode("utf-8", "backslashreplace").decode("ascii")
-    return None
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ local_path          a relative path from the working directory, else beside the 
 write_problem       why files cannot be created in a folder (permissions, a read-only file system, a file
                     where a folder should be), tried for real: root, whom permission bits do not stop, passes
 read_problem        why a file, or a file under a folder, cannot be read
+not_utf8            a text's bytes that are not UTF-8 (surrogates from an argument), shown as \\x escapes
 link_loop           the link on a path whose symbolic links lead back to themselves (pathlib's resolve
                     raises a RuntimeError there)
 """
@@ -241,6 +242,20 @@ def os_reason(exc: OSError) -> str:
         errno.ENOENT: "no such file or folder",
     }
     return reasons.get(exc.errno or 0) or (exc.strerror or type(exc).__name__).lower()
+
+
+def not_utf8(text: str) -> str | None:
+    """`text` shown with its bytes that are not UTF-8 as \\x escapes (Python hands such bytes of an
+    argument or stdin on as surrogates, which the tokenizer refuses with a TypeError); None if it is
+    all UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte
+            return text.encode("utf-8", "backslashreplace").decode("ascii")
+    return None
 
 
 def link_loop(path: Path) -> Path | None:

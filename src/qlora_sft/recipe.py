@@ -1264,24 +1264,17 @@ def _path_problems(recipe: Recipe, ctx: _Problems) -> None:
     # the run directory with bytes that are not UTF-8 (a Latin-1 name given on the command line, which
     # Python hands on as surrogates): tensorboard's writer and safetensors cannot write there, and
     # failed once the model had loaded
+    from .files import not_utf8
+
     for key in ("run.name", "run.output_dir"):
         value = getattr(recipe.run, key.split(".")[1])
-        shown = _not_utf8(value) if isinstance(value, str) else None
+        shown = not_utf8(value) if isinstance(value, str) else None
         if shown:
             ctx.add(
                 key,
                 f"holds bytes that are not UTF-8 ({shown}), and the model libraries (tensorboard, safetensors) "
                 "cannot write under such a path: give it a UTF-8 name",
             )
-
-
-def _not_utf8(text: str) -> str | None:
-    """`text` with its bytes that are not UTF-8 shown as \\x escapes; None if it is all UTF-8."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return None
 
 
 REGEX_CHARACTERS = ".*+?[](){}|\\^$"
