@@ -98,3 +98,25 @@ def test_a_metrics_line_with_an_infinite_step_is_left_out_not_a_traceback(
     assert cli.main(["plot", str(run)]) == 0
     assert "left out 1 line(s)" in caplog.text and "(line 4)" in caplog.text, caplog.text
     assert (run / "logs" / "loss.png").is_file()
+
+
+def test_a_run_that_has_logged_no_step_yet_is_named_not_drawn_empty(
+    tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+):
+    """A run whose logs/metrics.jsonl is still empty (no step logged yet) drew an empty figure and
+    exited 0 without a word. Alone it is refused, naming the file, and nothing is written; beside
+    runs that have logged, it is left out with a warning naming it, and they are drawn."""
+    fresh = fake_run(tmp_path, "fresh", steps=0)
+    (fresh / "logs" / "metrics.jsonl").write_text("")
+    assert cli.main(["plot", str(fresh)]) == 2
+    err = capsys.readouterr().err
+    assert f"{fresh / 'logs' / 'metrics.jsonl'} holds no logged step yet" in err and "nothing was written" in err
+    assert sorted(p.name for p in (fresh / "logs").iterdir()) == ["metrics.jsonl"]
+    trained = fake_run(tmp_path, "trained")
+    out = tmp_path / "both.png"
+    assert cli.main(["plot", str(fresh), str(trained), "--out", str(out)]) == 0
+    assert f"{fresh / 'logs' / 'metrics.jsonl'} holds no logged step yet" in caplog.text
+    assert f"{fresh} is left out" in caplog.text
+    assert out.is_file()
+    # a run directory without metrics.jsonl (a typo, not a run) is still refused, with others too
+    assert cli.main(["plot", str(tmp_path / "nosuch"), str(trained), "--out", str(out)]) == 2

@@ -17,6 +17,10 @@ log = logging.getLogger("qlora_sft")
 SOFTWARE = "qlora-sft plot"  # the PNG's Software text: a file `plot` may replace
 
 
+class NothingLogged(UserError):
+    """No run given to `draw` has logged a step yet: nothing is drawn, and nothing written."""
+
+
 def series(run_dir: Path) -> dict[str, dict[int, float]]:
     """train loss, eval loss and learning rate by step (the last value logged for a step wins)."""
     metrics = run_dir / "logs" / "metrics.jsonl"
@@ -49,7 +53,25 @@ def series(run_dir: Path) -> dict[str, dict[int, float]]:
 
 def draw(run_dirs: list[Path], out: Path) -> Path:
     """Train (solid) and eval (dashed, points) loss against step for each run; with one run, its
-    learning rate on a second axis. Written with matplotlib's Agg backend (no display needed)."""
+    learning rate on a second axis. Written with matplotlib's Agg backend (no display needed). A run
+    that has logged no step yet is left out, with a warning; with none left, NothingLogged."""
+    several = len(run_dirs) > 1
+    drawn, empty = [], []
+    for run_dir in run_dirs:  # every run is read first: one that is no run is refused before anything is drawn
+        s = series(run_dir)
+        (drawn if s["loss"] or s["eval_loss"] or (not several and s["learning_rate"]) else empty).append((run_dir, s))
+    if not drawn:
+        files = ", ".join(str(run_dir / "logs" / "metrics.jsonl") for run_dir, _ in empty)
+        raise NothingLogged(
+            f"plot: {files} {'hold' if several else 'holds'} no logged step yet (a run logs its loss every "
+            "train.logging_steps optimizer steps); nothing was written. Plot again once "
+            f"{'one' if several else 'it'} has."
+        )
+    for run_dir, _ in empty:
+        log.warning(
+            "plot: %s holds no logged step yet; %s is left out of the plot", run_dir / "logs" / "metrics.jsonl", run_dir
+        )
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,17 +79,16 @@ def draw(run_dirs: list[Path], out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     lr_axis: Any = None
-    for i, run_dir in enumerate(run_dirs):
-        s = series(run_dir)
+    for i, (run_dir, s) in enumerate(drawn):
         color = f"C{i}"
-        name = run_dir.name if len(run_dirs) > 1 else "train"
+        name = run_dir.name if several else "train"
         if s["loss"]:
             ax.plot(sorted(s["loss"]), [s["loss"][k] for k in sorted(s["loss"])], color=color, label=f"{name} loss")
         if s["eval_loss"]:
             steps = sorted(s["eval_loss"])
-            label = f"{run_dir.name} eval loss" if len(run_dirs) > 1 else "eval loss"
+            label = f"{run_dir.name} eval loss" if several else "eval loss"
             ax.plot(steps, [s["eval_loss"][k] for k in steps], "o--", color=color, label=label)
-        if len(run_dirs) == 1 and s["learning_rate"]:
+        if not several and s["learning_rate"]:
             lr_axis = ax.twinx()
             steps = sorted(s["learning_rate"])
             lr_axis.plot(steps, [s["learning_rate"][k] for k in steps], color="grey", alpha=0.5, label="learning rate")
@@ -81,7 +102,7 @@ def draw(run_dirs: list[Path], out: Path) -> Path:
         handles, labels = handles + more[0], labels + more[1]
     if handles:
         ax.legend(handles, labels, loc="upper right", fontsize=8)
-    ax.set_title(", ".join(r.name for r in run_dirs))
+    ax.set_title(", ".join(run_dir.name for run_dir, _ in drawn))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -129,6 +150,8 @@ def loss_plot_callback(run_dir: Path) -> Any:
                 return
             try:
                 draw([run_dir], run_dir / "logs" / "loss.png")
+            except NothingLogged:  # a checkpoint saved before the first logged step: drawn at the next one
+                return
             except Exception as exc:  # a picture never stops training
                 log.warning("logs/loss.png not drawn: %s", exc)
 
