@@ -13,6 +13,7 @@ from helpers import cli_with_file_limit
 from PIL import Image
 
 from qlora_sft import cli
+from qlora_sft.files import write_problem
 
 
 def fake_run(root: Path, name: str = "run", steps: int = 30) -> Path:
@@ -120,3 +121,37 @@ def test_a_run_that_has_logged_no_step_yet_is_named_not_drawn_empty(
     assert out.is_file()
     # a run directory without metrics.jsonl (a typo, not a run) is still refused, with others too
     assert cli.main(["plot", str(tmp_path / "nosuch"), str(trained), "--out", str(out)]) == 2
+
+
+def test_plot_out_through_a_link_keeps_the_link(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """--out a link to nothing, or a link in a loop: the PNG replaced the link itself (the user's link
+    was lost), and a loop in the folder was called "a link to X, which does not exist". Both are
+    refused, naming the link, and left as they are; a link to an earlier plot is written through."""
+    run = fake_run(tmp_path)
+    dangling = tmp_path / "dangling.png"
+    dangling.symlink_to(tmp_path / "nowhere.png")
+    assert cli.main(["plot", str(run), "--out", str(dangling)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {dangling} is a symbolic link to {tmp_path / 'nowhere.png'}, which does not exist" in err
+    assert dangling.is_symlink() and not (tmp_path / "nowhere.png").exists()
+    loop = tmp_path / "loop.png"
+    loop.symlink_to(loop)
+    assert cli.main(["plot", str(run), "--out", str(loop)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {loop} goes through a symbolic link loop ({loop}" in err and "does not exist" not in err
+    assert loop.is_symlink()
+    folder = tmp_path / "folder"
+    folder.symlink_to(folder)
+    assert cli.main(["plot", str(run), "--out", str(folder / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"symbolic link loop ({folder}" in err and "does not exist" not in err
+    # the check of the folder (also export's and train's) calls it a loop too
+    problem = write_problem(folder / "x.png")
+    assert problem is not None and f"{folder} is a symbolic link loop" in problem
+    # a link to a plot it drew: the plot is redrawn where the link points, and the link stays
+    assert cli.main(["plot", str(run)]) == 0
+    shown = tmp_path / "shown.png"
+    shown.symlink_to(run / "logs" / "loss.png")
+    before = (run / "logs" / "loss.png").stat().st_mtime_ns
+    assert cli.main(["plot", str(run), "--out", str(shown)]) == 0
+    assert shown.is_symlink() and (run / "logs" / "loss.png").stat().st_mtime_ns != before

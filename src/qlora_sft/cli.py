@@ -689,17 +689,31 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .files import write_problem
+    from .files import link_loop, write_problem
     from .plots import draw, drawn_here
 
     runs = [Path(r) for r in args.runs]
     default = runs[0] / "logs" / "loss.png" if len(runs) == 1 else Path("loss.png")
     out = Path(args.out) if args.out else default
+    loop = link_loop(out)
+    if loop is not None:
+        raise UserError(
+            f"plot: --out {out} goes through a symbolic link loop ({loop}: its links lead back to themselves; "
+            f"`ls -l {loop}` shows where it points); it was left as it is. Fix the link, or pass --out with another "
+            "name."
+        )
     if out.is_dir():
         raise UserError(f"plot: --out {out} is a folder; give the PNG file to write (e.g. {out / 'loss.png'})")
     if out.suffix.lower() != ".png":
         png = out.with_suffix(".png")
         raise UserError(f"plot: --out {out}: plot writes a PNG image; name the file .png (e.g. {png})")
+    if out.is_symlink():
+        if not out.exists():
+            raise UserError(
+                f"plot: --out {out} is a symbolic link to {os.readlink(out)}, which does not exist; it was left as "
+                "it is. Pass --out with the file to write, or fix the link."
+            )
+        out = Path(os.path.realpath(out))  # the plot is drawn where the link points, and the link stays
     if out.exists() and not drawn_here(out):
         raise UserError(
             f"plot: {out} exists and is not a plot qlora-sft drew; it was left as it is. Pass --out with another "

@@ -281,6 +281,8 @@ def write_problem(folder: Path) -> str | None:
     while not os.path.lexists(probe) and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
+        if link_loop(probe) is not None:
+            return f"{probe} is a symbolic link loop (its links lead back to themselves; `ls -l {probe}` shows them)"
         if probe.is_symlink() and not probe.exists():
             return f"{probe} is a link to {os.readlink(probe)}, which does not exist"
         return f"{probe} is a file, not a folder"
