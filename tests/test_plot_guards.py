@@ -155,3 +155,18 @@ def test_plot_out_through_a_link_keeps_the_link(tmp_path: Path, capsys: pytest.C
     before = (run / "logs" / "loss.png").stat().st_mtime_ns
     assert cli.main(["plot", str(run), "--out", str(shown)]) == 0
     assert shown.is_symlink() and (run / "logs" / "loss.png").stat().st_mtime_ns != before
+
+
+def test_a_recipe_file_given_as_the_run_is_named(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """`plot r.yaml` (the recipe where its run directory belongs) spoke of writing r.yaml/logs/loss.png."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  name_or_path: x\n")
+    assert cli.main(["plot", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"{recipe} is a recipe file, not a run directory" in err
+    assert f"qlora-sft plan {recipe} --run-dir" in err and "logs/loss.png" not in err
+    # with several runs too, and any other file given as a run
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    assert cli.main(["plot", str(fake_run(tmp_path)), str(notes)]) == 2
+    assert f"{notes} is a file, not a run directory" in capsys.readouterr().err

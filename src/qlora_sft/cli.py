@@ -693,6 +693,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from .plots import draw, drawn_here
 
     runs = [Path(r) for r in args.runs]
+    for run in runs:
+        if run.is_file():
+            if run.suffix.lower() in (".yaml", ".yml"):
+                raise UserError(
+                    f"plot: {run} is a recipe file, not a run directory; give the run directory it trains into "
+                    f"(`qlora-sft plan {run} --run-dir` prints it)"
+                )
+            raise UserError(f"plot: {run} is a file, not a run directory; give the run's folder (it holds logs/)")
     default = runs[0] / "logs" / "loss.png" if len(runs) == 1 else Path("loss.png")
     out = Path(args.out) if args.out else default
     loop = link_loop(out)
