@@ -170,3 +170,13 @@ def test_a_recipe_file_given_as_the_run_is_named(tmp_path: Path, capsys: pytest.
     notes.write_text("x")
     assert cli.main(["plot", str(fake_run(tmp_path)), str(notes)]) == 2
     assert f"{notes} is a file, not a run directory" in capsys.readouterr().err
+
+
+def test_out_named_only_dot_png_suggests_a_name(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """`--out .png` suggested `.png.png`: a file needs a name before .png."""
+    run = fake_run(tmp_path)
+    assert cli.main(["plot", str(run), "--out", str(tmp_path / ".png")]) == 2
+    err = capsys.readouterr().err
+    assert ".png.png" not in err and f"(e.g. {tmp_path / 'loss.png'})" in err and "a name before .png" in err
+    assert cli.main(["plot", str(run), "--out", str(tmp_path / "curve.")]) == 2
+    assert f"(e.g. {tmp_path / 'curve.png'})" in capsys.readouterr().err

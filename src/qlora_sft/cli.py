@@ -713,7 +713,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise UserError(f"plot: --out {out} is a folder; give the PNG file to write (e.g. {out / 'loss.png'})")
     if out.suffix.lower() != ".png":
-        png = out.with_suffix(".png")
+        stem = out.name.rstrip(".") if out.name.endswith(".") else out.stem  # `curve.`: curve
+        if not stem or out.name.lower() == ".png":  # `.png` (pathlib: no suffix), `...`: no name before .png
+            raise UserError(f"plot: --out {out}: the file needs a name before .png (e.g. {out.with_name('loss.png')})")
+        png = out.with_name(f"{stem}.png")
         raise UserError(f"plot: --out {out}: plot writes a PNG image; name the file .png (e.g. {png})")
     if out.is_symlink():
         if not out.exists():
