@@ -19,3 +19,20 @@ def test_validate_examples_past_the_largest_index_shows_every_row(
     recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, toy_data, tmp_path / "runs"))
     assert cli.main(["validate", str(recipe), "--examples", "99999999999999999999"]) == 0
     assert capsys.readouterr().out.count("\nexample: ") == 160
+
+
+def test_an_option_value_that_starts_with_a_dash_says_to_join_it(capsys: pytest.CaptureFixture):
+    """`export RUN --shard-size -5GB`: argparse reads -5GB as an option and said only "expected one
+    argument". The error now says the value was read as an option and to write --shard-size=-5GB
+    (which the size check then refuses, saying a shard size is above 0)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["export", "runs/x", "--shard-size", "-5GB"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --shard-size: expected one argument" in err
+    assert "'-5GB' starts with '-' and was read as an option: write --shard-size=-5GB" in err
+    # a value that is simply missing gets no such hint
+    with pytest.raises(SystemExit):
+        cli.main(["export", "runs/x", "--shard-size"])
+    err = capsys.readouterr().err
+    assert "expected one argument" in err and "starts with '-'" not in err

@@ -283,3 +283,12 @@ def test_an_out_through_a_symlink_loop_is_named_not_a_traceback(run: Path, tmp_p
     with pytest.raises(UserError, match=rf"--out {out} goes through a symbolic link loop \(.*`ls -l {tmp_path / 'a'}`"):
         export(run, out, verify=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_a_negative_shard_size_says_it_must_be_above_zero():
+    """`--shard-size=-5GB` was refused as not a size at all ("use e.g. 5GB"): it is one, below 0."""
+    from qlora_sft.export import parse_size
+
+    with pytest.raises(UserError, match=r"--shard-size '-5GB': a shard's size is above 0 \(e\.g\. 5GB\)"):
+        parse_size("-5GB")
+    assert parse_size("5GB") == 5 * 10**9

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,8 +73,32 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose "expected one argument" says so where the value was there but starts
+    with '-' (`--shard-size -5GB`): argparse reads such a value as an option unless it is joined
+    with `=`. The command's parser (made with this class too) records the arguments it parses."""
+
+    _given: tuple[str, ...] = ()
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._given = tuple(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> Any:
+        m = re.fullmatch(r"argument (\S+): expected one argument", message)
+        if m:
+            names = m.group(1).split("/")
+            for given, value in zip(self._given, self._given[1:], strict=False):
+                named = given in names or (given.startswith("--") and any(n.startswith(given) for n in names))
+                if named and value.startswith("-") and value != "--":
+                    joined = shlex.quote(f"{given}={value}")
+                    message += f" ({value!r} starts with '-' and was read as an option: write {joined})"
+                    break
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="qlora-sft",
         description="One QLoRA supervised fine-tuning recipe, from one GPU to a SLURM cluster.",
     )

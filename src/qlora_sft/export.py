@@ -70,6 +70,8 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B?|B)?\s*", str(text), re.IGNORECASE)
+    if not m and str(text).strip().startswith("-"):
+        raise UserError(f"--shard-size {text!r}: a shard's size is above 0 (e.g. 5GB)")
     if not m:
         raise UserError(f"--shard-size {text!r}: use e.g. 5GB, 500MB or a number of bytes")
     value, unit = float(m.group(1)), (m.group(2) or "B").upper()
