@@ -207,7 +207,7 @@ def test_a_checkpoint_that_retention_cannot_delete_is_kept_and_training_goes_on(
     real = shutil.rmtree
 
     def rmtree(path, *args, **kwargs):
-        if Path(path) == protected:
+        if Path(path) in (protected, run / checkpoint.STAGING / (checkpoint.DELETING + protected.name)):
             raise PermissionError(errno.EACCES, "Permission denied", str(protected / "adapter_model.safetensors"))
         return real(path, *args, **kwargs)
 
@@ -552,3 +552,34 @@ def test_a_manifest_that_lists_none_of_the_checkpoints_own_files_does_not_vouch_
     (final / "trainer_state.json").unlink()
     checkpoint.write_manifest(final, {"step": 4})
     assert checkpoint.inspect_checkpoint(final, verify=True).complete
+
+
+def test_a_kill_while_retention_deletes_a_checkpoint_leaves_no_half_deleted_one(
+    tiny_model: Path, tmp_path: Path, monkeypatch
+):
+    """SIGKILL while checkpoint.keep_last's retention deletes checkpoint-2, after checkpoint-4 (the last
+    step's) was published (QLORA_SFT_FAULT=killretain@4: its adapter is gone, the rest not yet; a random
+    kill lands there when deleting a large optimizer state takes seconds). Was: the half-deleted
+    checkpoint-2 stayed in the run for good, as an incomplete checkpoint that retention never deleted
+    (it counts only complete ones) and that no launch named (resume stops at the newest intact one),
+    and the relaunch that published final/ from checkpoint-4 applied no retention at all. Now a deletion
+    is a rename into .staging first, so a kill leaves no checkpoint-<step> that is half there, and the
+    next launch finishes the deletion and says so."""
+    import signal
+
+    recipe = run_recipe(tmp_path, tiny_model, "retire", train={"max_steps": 4, "save_steps": 1}, keep_last=2)
+    run = tmp_path / "runs" / "retire"
+    monkeypatch.setenv("QLORA_SFT_FAULT", "killretain@4")
+    first = launch(recipe)
+    assert first.returncode == -signal.SIGKILL, (first.stdout + first.stderr)[-3000:]
+    assert checkpoint.inspect_checkpoint(run / "checkpoint-4", verify=True).complete
+    assert not (run / "final").exists()
+    assert [c.step for c in checkpoint.list_checkpoints(run)] == [4, 3]  # nothing half-deleted shows as one
+    monkeypatch.delenv("QLORA_SFT_FAULT")
+    again = launch(recipe)
+    said = again.stdout + again.stderr
+    assert again.returncode == 0, said[-3000:]
+    assert "published as" in said and "finished deleting checkpoint-2" in said, said[-3000:]
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-4"]
+    assert not any((run / checkpoint.STAGING).iterdir())
+    assert checkpoint.inspect_checkpoint(run / "final", verify=True).complete

@@ -58,6 +58,7 @@ log = logging.getLogger("qlora_sft")
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
 STAGING = ".staging"
+DELETING = "deleting-"  # .staging/deleting-checkpoint-<step>: a checkpoint retention is deleting
 PREEMPTED = "PREEMPTED"
 LOCK = "LOCK"
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved a checkpoint, start me again"
@@ -920,14 +921,22 @@ def best_checkpoint(ckpt: Path) -> str | None:
 
 
 def apply_retention(
-    run_dir: Path, keep_last: int | None, newest: Path | None = None, best: str | None = None
+    run_dir: Path,
+    keep_last: int | None,
+    newest: Path | None = None,
+    best: str | None = None,
+    midway: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Delete complete checkpoints older than the newest `keep_last` complete ones of this run.
     Incomplete checkpoints are left for the user to inspect. One that cannot be deleted (made
     read-only, another user's) is named and kept: training goes on. With `newest` (the checkpoint a
     resume verified), nothing is deleted unless it is the newest complete one. `best` (the Trainer's
     best checkpoint, with train.load_best_model_at_end) is kept too, as the Trainer's rotation keeps
-    it. Main process only."""
+    it. A checkpoint is deleted by renaming it into `.staging/deleting-checkpoint-<step>` first, so
+    that a launch killed while deleting leaves no half-deleted `checkpoint-<step>`: the next
+    retention finishes what it began (`finish_deletions`). `midway(folder)` is called as a folder's
+    deletion begins (fault injection). Main process only."""
+    finish_deletions(run_dir)
     if not keep_last:
         return []
     complete = complete_checkpoints(run_dir)
@@ -948,9 +957,20 @@ def apply_retention(
                 " ..." if len(theirs) > 5 else "",
             )
             continue
+        doomed = run_dir / STAGING / f"{DELETING}{info.path.name}"
         try:
-            shutil.rmtree(info.path)
+            doomed.parent.mkdir(exist_ok=True)
+            os.rename(info.path, doomed)  # (atomic: the checkpoint is there whole, or gone from the run)
+        except OSError:
+            doomed = info.path  # one that cannot be moved is deleted where it is, or named and kept below
+        try:
+            if midway is not None:
+                midway(doomed)
+            shutil.rmtree(doomed)
         except OSError as exc:
+            if doomed != info.path:
+                with contextlib.suppress(OSError):
+                    os.rename(doomed, info.path)  # kept where it was
             log.warning(
                 "checkpoint.keep_last=%d: could not remove %s (%s: %s); training goes on. Delete it yourself "
                 "once it can be (a checkpoint it removed part of is skipped at resume)",
@@ -963,6 +983,30 @@ def apply_retention(
         removed.append(info.path)
         log.info("checkpoint.keep_last=%d: removed %s", keep_last, info.path)
     return removed
+
+
+def finish_deletions(run_dir: Path) -> None:
+    """Delete what a retention killed while deleting left in `.staging/deleting-checkpoint-<step>`
+    (the checkpoint retention had decided to delete, moved out of the run before its files went).
+    Main process only."""
+    staging = run_dir / STAGING
+    if not staging.is_dir():
+        return
+    for p in sorted(staging.glob(f"{DELETING}checkpoint-*")):
+        name = p.name.removeprefix(DELETING)
+        try:
+            shutil.rmtree(p)
+        except OSError as exc:
+            log.warning(
+                "checkpoint.keep_last: could not finish deleting %s (%s: %s), which an interrupted launch began to "
+                "delete; delete %s yourself",
+                name,
+                exc.filename or p,
+                os_reason(exc),
+                p,
+            )
+            continue
+        log.info("checkpoint.keep_last: finished deleting %s, which an interrupted launch began to delete", name)
 
 
 def trim_replayed_metrics(run_dir: Path, step: int) -> int:
@@ -1283,16 +1327,18 @@ def resume_problems(model: Any, optimizer: Any, folder: Path, adapter: str = "de
 class Fault:
     """Fault injection for tests, from QLORA_SFT_FAULT="<action>@<step>[:<rank>]":
     `kill@8:1` SIGKILLs rank 1 as step 8 begins; `crashsave@10:0` SIGKILLs rank 0 while
-    checkpoint 10 is saved (files written, marker not yet); `nan@3` makes the loss of step 3 (and
-    later ones) NaN on every rank; `oom@6:0` raises torch's out-of-memory error on rank 0 as step 6
-    begins, as the CUDA allocator would. Off unless the variable is set."""
+    checkpoint 10 is saved (files written, marker not yet); `killretain@10` SIGKILLs the main process
+    while the retention after checkpoint 10 deletes an older checkpoint (its adapter file removed, the
+    rest not yet); `nan@3` makes the loss of step 3 (and later ones) NaN on every rank; `oom@6:0`
+    raises torch's out-of-memory error on rank 0 as step 6 begins, as the CUDA allocator would. Off
+    unless the variable is set."""
 
     def __init__(self, spec: str | None = None):
         spec = spec if spec is not None else os.environ.get("QLORA_SFT_FAULT", "")
         self.action = ""
         self.step = -1
         self.rank: int | None = None
-        m = re.fullmatch(r"(kill|crashsave|nan|oom)@(\d+)(?::(\d+))?", spec.strip())
+        m = re.fullmatch(r"(kill|crashsave|killretain|nan|oom)@(\d+)(?::(\d+))?", spec.strip())
         if m:
             self.action, self.step = m.group(1), int(m.group(2))
             self.rank = int(m.group(3)) if m.group(3) is not None else None
@@ -1367,10 +1413,17 @@ class CheckpointingMixin:
                     publish(staged, final, self.manifest(self.state.global_step))  # type: ignore[attr-defined]
                     if retention:
                         best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
-                        apply_retention(final.parent, self.ckpt.keep_last, best=best)
+                        apply_retention(final.parent, self.ckpt.keep_last, best=best, midway=self._retention_fault)
                 except Exception as exc:
                     error = exc
         self._after_save(staged, error, what=final.name)
+
+    def _retention_fault(self, folder: Path) -> None:
+        """QLORA_SFT_FAULT=killretain@<step>: SIGKILLed while retention deletes `folder`, partway."""
+        fault, step = self.ckpt.fault, self.state.global_step  # type: ignore[attr-defined]
+        if fault.due("killretain", step, self.args.process_index):  # type: ignore[attr-defined]
+            (folder / ADAPTER_FILE).unlink(missing_ok=True)
+            fault.trigger("killretain", step, self.args.process_index)  # type: ignore[attr-defined]
 
     def _after_save(self, staged: Path, error: BaseException | None, what: str) -> None:
         """All ranks agree whether the save worked; if not, every rank raises the same error (a full

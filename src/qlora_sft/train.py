@@ -302,7 +302,12 @@ def _train(
         # the last step's checkpoint is complete but final/ is not (a preemption during the last step,
         # a crash while final/ was saved): publish it as final/ rather than train past max_steps
         # (every rank raises the main process's error: a full disk)
-        checkpoint.main_process_decides(lambda: checkpoint.final_from_checkpoint(resume_from, run_dir / "final"))
+        def publish_final() -> None:  # and the retention a resume applies (the stopped job's was not done)
+            checkpoint.final_from_checkpoint(resume_from, run_dir / "final")
+            best = checkpoint.best_checkpoint(resume_from)
+            checkpoint.apply_retention(run_dir, recipe.checkpoint.keep_last, newest=resume_from, best=best)
+
+        checkpoint.main_process_decides(publish_final)
         log.info(
             "done: %s is at step %d and train.max_steps is %d: published as %s without training further",
             resume_from.name,
