@@ -583,3 +583,19 @@ def test_a_kill_while_retention_deletes_a_checkpoint_leaves_no_half_deleted_one(
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-4"]
     assert not any((run / checkpoint.STAGING).iterdir())
     assert checkpoint.inspect_checkpoint(run / "final", verify=True).complete
+
+
+def test_a_training_gives_the_preemption_signals_back_when_it_returns(tiny_model: Path, tmp_path: Path):
+    """`train` in a process that goes on (a notebook, a test worker) left its preemption handler on
+    SIGTERM/SIGUSR1, which only notes the signal: the process then ignored SIGTERM, and a process pool
+    it started later (datasets' tokenization with data.num_proc > 1) inherited the handler, so
+    Pool.terminate after a Ctrl-C waited for its workers for ever (a CI run hung there)."""
+    import signal
+
+    from qlora_sft.recipe import build_recipe
+    from qlora_sft.train import train
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    toy = write_toy_data(tmp_path / "toy.jsonl", n=24)
+    train(build_recipe(recipe_dict(tiny_model, toy, tmp_path / "runs", train={"max_steps": 1})))
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -478,7 +478,20 @@ def test_ctrl_c_while_prepare_tokenizes_in_processes_is_an_interruption_and_leav
         return original(*args, **kwargs)
 
     monkeypatch.setattr(encode, "encode_documents", interrupted)
-    assert cli.main(["prepare", str(recipe)]) == 130
+    # the pool's workers stop on SIGTERM (Pool.terminate) as in a fresh `qlora-sft prepare`; a hang fails
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "a training in this process kept its handler"
+
+    def hung(*_: object) -> None:
+        raise TimeoutError("prepare did not stop within 300 s of the Ctrl-C")
+
+    before = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(300)
+    try:
+        code = cli.main(["prepare", str(recipe)])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+    assert code == 130
     err = capsys.readouterr().err
     assert "qlora-sft prepare: interrupted" in err and "Traceback" not in err, err
     root = tmp_path / "runs" / ".cache"

@@ -1750,6 +1750,21 @@ def parse_signal(name: str) -> signal.Signals:
     return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
 
 
+# the handlers the preemption signals had before a training in this process took them over
+_HANDLERS_BEFORE_TRAINING: dict[signal.Signals, Any] = {}
+
+
+def restore_signal_handlers() -> None:
+    """Give the preemption signals back the handlers they had before training (when `train` returns
+    or raises): a process that goes on after training (a notebook, a test worker) otherwise only
+    noted a SIGTERM, and a process pool it started later (datasets' tokenization) could not stop its
+    workers, which inherited the handler: `Pool.terminate` after a Ctrl-C waited for them for ever."""
+    while _HANDLERS_BEFORE_TRAINING:
+        sig, previous = _HANDLERS_BEFORE_TRAINING.popitem()
+        with contextlib.suppress(ValueError, TypeError, OSError):  # (not the main thread; a handler set in C)
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+
+
 def preemption_callback(signals: list[str]) -> Any:
     """A TrainerCallback: the handler only records the signal; at each step boundary the ranks agree
     (all-reduce MAX) and, if any rank was signalled, save a checkpoint together and stop."""
@@ -1762,7 +1777,9 @@ def preemption_callback(signals: list[str]) -> Any:
             self.signal_name = ""
             self.stopped_at_step: int | None = None
             for name in signals:
-                signal.signal(parse_signal(name), self._handler)
+                sig = parse_signal(name)
+                previous = signal.signal(sig, self._handler)
+                _HANDLERS_BEFORE_TRAINING.setdefault(sig, previous)
 
         def _handler(self, signum: int, frame: Any) -> None:  # only sets a flag: no I/O, no collectives
             if self.signalled_at is None:

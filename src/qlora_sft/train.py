@@ -258,6 +258,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
             tracking.close_after_failure(recipe.train.args.get("report_to"))
         raise
     finally:
+        checkpoint.restore_signal_handlers()
         if lock is not None:
             lock.release()
 
