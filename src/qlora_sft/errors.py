@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 def first_line(exc: BaseException) -> str:
     """An exception's first line of text, or its type's name where it has none."""
@@ -9,16 +11,25 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def interrupted(exc: BaseException) -> bool:
-    """Whether `exc` is, or was raised while handling, a KeyboardInterrupt (Ctrl-C): a library's
-    clean-up may raise its own error over it (datasets' process pool: multiprocess's TimeoutError)."""
+def behind(exc: BaseException, test: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception in `exc`'s chain that passes `test`: itself, or what it was raised from or
+    while handling (the chain Python's traceback shows), as libraries raise their own errors over
+    the one that matters (datasets and pyarrow over a full disk's OSError, datasets' process pool over
+    a Ctrl-C)."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        seen.add(id(exc))
-        exc = exc.__context__  # type: ignore[assignment]
-    return False
+    here: BaseException | None = exc
+    while here is not None and id(here) not in seen:
+        if test(here):
+            return here
+        seen.add(id(here))
+        here = here.__cause__ or here.__context__
+    return None
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether `exc` is, or was raised over, a KeyboardInterrupt (Ctrl-C): a library's clean-up may
+    raise its own error over it (datasets' process pool: multiprocess's TimeoutError)."""
+    return behind(exc, lambda e: isinstance(e, KeyboardInterrupt)) is not None
 
 
 class UserError(Exception):

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from .errors import behind
+
 DIGEST = "xxh3_128"
 _BLOCK = 8 << 20
 
@@ -125,16 +127,9 @@ def is_no_space(exc: BaseException) -> bool:
 
 
 def no_space_behind(exc: BaseException) -> BaseException | None:
-    """The write that ran out of room (`files.is_no_space`) behind `exc`: itself, or what it was raised
+    """The write that ran out of room (`is_no_space`) behind `exc`: itself, or what it was raised
     from or while handling (datasets and pyarrow raise their own errors over the OSError)."""
-    seen: set[int] = set()
-    here: BaseException | None = exc
-    while here is not None and id(here) not in seen:
-        if is_no_space(here):
-            return here
-        seen.add(id(here))
-        here = here.__cause__ or here.__context__
-    return None
+    return behind(exc, is_no_space)
 
 
 def no_space_message(path: Path, exc: BaseException | None = None) -> str:
