@@ -21,7 +21,8 @@ the accelerate config), the root unit resharded before the decoder layers' backw
 (the default since 2026-11-30; fsdp_keep_head, fsdp_offload_keep_head: QLORA_SFT_FSDP_RELEASE_HEAD=0,
 FSDP's own timing; fsdp_release_head, fsdp_offload_release_head: =1, as measured before), the allocator
 (*_expandable, *_segments_off), one GPU's memory levers
-(1gpu_hostemb, 1gpu_mb2, 1gpu_mb1, 1gpu_mb2_hostemb, 1gpu_adamw32), ZeRO-3 with parameter offload
+(1gpu_hostemb, 1gpu_mb2, 1gpu_mb1, 1gpu_mb2_hostemb, 1gpu_hosthead, 1gpu_hosttables,
+1gpu_mb2_hosttables, 1gpu_adamw32), ZeRO-3 with parameter offload
 (zero3_offload, zero3_offload_modules, zero3_offload_live), each recomputed layer released after its
 backward or kept (zero3_release_layers, zero3_keep_layers, zero3_offload_keep_layers:
 QLORA_SFT_ZERO3_RELEASE_LAYERS=1/0; zero3_own, zero3_offload_own, zero3_offload_live_own and
@@ -120,6 +121,7 @@ RELEASE_HEAD = ((FSDP_RELEASE_HEAD_ENV, "1"),)
 KEEP_HEAD = ((FSDP_RELEASE_HEAD_ENV, "0"),)
 
 
+HOST_TABLES = ("model.embedding_in_host_memory=true", "model.lm_head_in_host_memory=true")
 MODES = {
     "1gpu": Mode("single_gpu.yaml"),
     "ddp": Mode("multi_gpu.yaml"),
@@ -238,6 +240,10 @@ MODES = {
     "1gpu_mb2_hostemb": Mode(
         "single_gpu.yaml", overrides=("train.micro_batch_tokens=4096", "model.embedding_in_host_memory=true")
     ),
+    # the output head in host memory too (copied for each loss), and both tables
+    "1gpu_hosthead": Mode("single_gpu.yaml", overrides=("model.lm_head_in_host_memory=true",)),
+    "1gpu_hosttables": Mode("single_gpu.yaml", overrides=HOST_TABLES),
+    "1gpu_mb2_hosttables": Mode("single_gpu.yaml", overrides=("train.micro_batch_tokens=4096", *HOST_TABLES)),
     "1gpu_adamw32": Mode("single_gpu.yaml", overrides=("train.optim=adamw_torch",)),
     "1gpu_expandable": Mode("single_gpu.yaml", EXPANDABLE),
     "1gpu_mb2_expandable": Mode("single_gpu.yaml", EXPANDABLE, overrides=("train.micro_batch_tokens=4096",)),

@@ -13,14 +13,25 @@ import pytest
 
 
 def lora_grads(
-    model_dir: Path, offload: bool, device: str = "cpu", host_embedding: bool = False
+    model_dir: Path,
+    offload: bool,
+    device: str = "cpu",
+    host_embedding: bool = False,
+    host_head: bool = False,
+    fused_head: bool = False,
 ) -> tuple[list[float], dict[str, object]]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from qlora_sft import model as model_mod
-    from qlora_sft.model.offload import HostEmbedding, embedding_in_host_memory
+    from qlora_sft.model.offload import (
+        HostEmbedding,
+        HostHead,
+        embedding_in_host_memory,
+        host_head_hooks,
+        lm_head_in_host_memory,
+    )
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
@@ -30,12 +41,26 @@ def lora_grads(
         emb = base.get_input_embeddings()
         assert isinstance(emb, HostEmbedding) and emb.weight.device.type == "cpu" and not emb.weight.requires_grad
         assert not emb.weight.is_pinned()  # the table is never copied; only each batch's rows are pinned
+    if host_head:
+        assert lm_head_in_host_memory(base)[1] == base.config.vocab_size * base.config.hidden_size * 4
+    if fused_head:  # trl's SFTTrainer computes the loss so, reading lm_head.weight itself
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(base)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.enable_input_require_grads()
     peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear"))
     peft.to(device)  # as transformers' Trainer may: the host table must stay where it is
     if host_embedding:
         assert peft.get_input_embeddings().weight.device.type == "cpu"
+    head = host_head_hooks(peft)
+    assert isinstance(head, HostHead) == host_head
+    if head is not None:
+        assert head._parameters["weight"].device.type == "cpu" and head.weight.device.type == "cpu"
+        assert head._parameters["weight"].is_pinned() == (device == "cuda")
+        staged_by_last_layer = []  # the copy is started before the last layer runs, to overlap it
+        last = base.model.layers[-1]
+        last.register_forward_pre_hook(lambda *_: staged_by_last_layer.append(head.staged is not None))
     for name, p in peft.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)  # B = 0 would leave A without gradient
@@ -46,7 +71,15 @@ def lora_grads(
     torch.manual_seed(123)  # the same dropout masks in both runs
     losses = []
     for _ in range(2):  # a second step: the first layer's input is not taken for the last one's
-        loss = peft(input_ids=ids, labels=ids).loss
+        if head is not None:
+            staged_by_last_layer.clear()  # (a recompute in the backward may run the layer's hooks)
+        if fused_head:
+            loss = peft(input_ids=ids, labels=ids, fused_lm_head=True).loss
+        else:
+            loss = peft(input_ids=ids, labels=ids).loss
+        if head is not None:  # the forward is over: the head holds no copy for the compute device
+            assert not head.armed and head.staged is None
+            assert staged_by_last_layer == [True], staged_by_last_layer
         loss.backward()
         losses.append(loss.item())
     return losses, {n: p.grad.cpu().clone() for n, p in peft.named_parameters() if p.requires_grad}
@@ -82,6 +115,76 @@ def test_embedding_in_host_memory_gives_the_same_gradients(tiny_model: Path, dev
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("fused_head", [False, True], ids=["module", "trl-fused"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_lm_head_in_host_memory_gives_the_same_gradients(tiny_model: Path, device: str, fused_head: bool):
+    """The output head in host memory, copied for each forward's loss: the same losses and LoRA
+    gradients as the head on the device, through the head's module (transformers' loss) and through
+    trl's fused head, which reads `lm_head.weight` itself (with the embedding in host memory too)."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    loss_a, a = lora_grads(tiny_model, offload=True, device=device, fused_head=fused_head)
+    loss_b, b = lora_grads(tiny_model, offload=True, device=device, host_head=True, fused_head=fused_head)
+    loss_c, c = lora_grads(
+        tiny_model, offload=True, device=device, host_head=True, host_embedding=True, fused_head=fused_head
+    )
+    assert loss_a == pytest.approx(loss_b, rel=1e-6) and loss_a == pytest.approx(loss_c, rel=1e-6)
+    assert a.keys() == b.keys() == c.keys() and len(a) > 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(a[name], c[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.gpu
+def test_lm_head_in_host_memory_leaves_the_gpu_after_the_loss(tmp_path: Path):
+    """On a GPU the head reaches it for the loss and is gone again once the loss's backward has used
+    it: after a step the GPU holds what it held before (the adapters' gradients aside), and during
+    the decoder layers' backward it holds no copy of the head."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from qlora_sft.model.offload import host_head_hooks, lm_head_in_host_memory
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    config = LlamaConfig(
+        vocab_size=65536, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    head_bytes = config.vocab_size * config.hidden_size * 2
+    moved = torch.cuda.memory_allocated()
+    assert lm_head_in_host_memory(base)[1] == head_bytes
+    torch.cuda.empty_cache()
+    assert moved - torch.cuda.memory_allocated() >= head_bytes  # the GPU's copy is gone
+    add_fused_lm_head(base)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    host_head_hooks(peft)
+    during = []
+    first = base.model.layers[0]  # its backward is the decoder's last
+    first.register_full_backward_hook(lambda *_: during.append(torch.cuda.memory_allocated()))
+    ids = torch.randint(3, config.vocab_size, (1, 512), device="cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = peft(input_ids=ids, labels=ids, fused_lm_head=True).loss
+    loss.backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss)
+    assert torch.cuda.max_memory_allocated() - before >= head_bytes  # it was on the GPU for the loss
+    assert during and during[0] - before < head_bytes / 2  # not during the decoder's backward
+    del loss
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in peft.parameters() if p.grad is not None)
+    assert torch.cuda.memory_allocated() - before <= grads + 2**20
 
 
 def test_host_embedding_table_stays_on_the_host_when_the_model_moves():
@@ -131,7 +234,7 @@ def test_embedding_in_host_memory_refusals(tiny_model: Path, tmp_path: Path):
     saved = dataclasses.replace(on, lora=dataclasses.replace(on.lora, modules_to_save=["embed_tokens"]))
     assert any("the embedding is trained" in p for p in launch.check_launch_compat(saved, mode("ddp")))
     untied = dataclasses.replace(on, model=dataclasses.replace(on.model, name_or_path=str(tiny_model)))
-    check_untied_embeddings(untied, None)  # the tiny model's embeddings are not tied
+    check_untied_embeddings(untied, None, "model.embedding_in_host_memory")  # not tied in the tiny model
     tied = tmp_path / "tied"
     tied.mkdir()
     config = json.loads((tiny_model / "config.json").read_text())
@@ -160,8 +263,60 @@ def test_embedding_in_host_memory_refusals(tiny_model: Path, tmp_path: Path):
         embedding_in_host_memory(model)
     with pytest.raises(UserError, match="ties its input embedding to its output head"):
         check_untied_embeddings(
-            dataclasses.replace(on, model=dataclasses.replace(on.model, name_or_path=str(tied))), None
+            dataclasses.replace(on, model=dataclasses.replace(on.model, name_or_path=str(tied))),
+            None,
+            "model.embedding_in_host_memory",
         )
+
+
+def test_lm_head_in_host_memory_refusals(tiny_model: Path):
+    """Refused, naming the key, where it cannot work: sharded or DeepSpeed launches, a trained head,
+    a head that is not a plain bias-free Linear, a head tied to the embedding; plan takes the head off
+    the decoder's backward but counts it while the loss runs."""
+    import json
+
+    import torch
+    from helpers import MINIMAL_RECIPE
+    from helpers import two_rank_mode as mode
+    from transformers import AutoModelForCausalLM
+
+    from qlora_sft import launch
+    from qlora_sft.errors import UserError
+    from qlora_sft.model.offload import lm_head_in_host_memory
+    from qlora_sft.plan import ModelShape, estimate_memory
+    from qlora_sft.recipe import build_recipe
+
+    on = build_recipe({**MINIMAL_RECIPE, "model": {**MINIMAL_RECIPE["model"], "lm_head_in_host_memory": True}})
+    assert launch.check_launch_compat(on, mode("ddp")) == []
+    for kind, zero in (("fsdp", 0), ("deepspeed", 3)):
+        (problem,) = launch.check_launch_compat(on, mode(kind, zero=zero))
+        assert "`model.lm_head_in_host_memory` is true" in problem and "Remove it" in problem
+    saved = dataclasses.replace(on, lora=dataclasses.replace(on.lora, modules_to_save=["lm_head"]))
+    (problem,) = launch.check_launch_compat(saved, mode("ddp"))
+    assert "the output head is trained" in problem
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    model.set_output_embeddings(biased)
+    with pytest.raises(UserError, match="model.lm_head_in_host_memory: .* a torch Linear with a bias"):
+        lm_head_in_host_memory(model)
+    model.set_output_embeddings(model.get_input_embeddings())  # tied: one table for both
+    with pytest.raises(UserError, match="tied"):
+        lm_head_in_host_memory(model)
+    # plan: 8B Llama shape, 4 x 2048 tokens, one GPU: the head (1 GiB) leaves the decoder's backward,
+    # and the loss's phase (head, a layer's forward) is counted where it is the larger
+    config = json.loads((tiny_model / "config.json").read_text())
+    config.update(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256,
+    )  # fmt: skip
+    shape = ModelShape.from_config(config)
+    rows = {"data": {**MINIMAL_RECIPE.get("data", {}), "max_length": 2048}}
+    off = build_recipe({**MINIMAL_RECIPE, **rows, "train": {"per_device_train_batch_size": 4}})
+    with_head = dataclasses.replace(off, model=dataclasses.replace(off.model, lm_head_in_host_memory=True))
+    a, b = estimate_memory(shape, off, mode("single_gpu")), estimate_memory(shape, with_head, mode("single_gpu"))
+    loss_phase = b.parts["lm_head while the loss runs (from host memory)"]
+    assert 0 < loss_phase < 1.0 and a.total - b.total == pytest.approx(128256 * 4096 * 2 / 2**30 - loss_phase)
 
 
 def test_offload_resolution_and_refusals():
@@ -206,15 +361,17 @@ def test_ddp_losses_unchanged_by_offloading(tiny_model: Path, tmp_path: Path):
         r = recipe_dict(tiny_model, data, tmp_path / "runs", run={"name": name}, train=train)
         r["train"]["offload_activations"] = offload
         r["model"]["embedding_in_host_memory"] = host
+        r["model"]["lm_head_in_host_memory"] = host
         r["lora"]["dropout"] = 0.1
         recipe = write_recipe(tmp_path / f"{name}.yaml", r)
         out = subprocess.run(accelerate_cmd("train", str(recipe)), capture_output=True, text=True, env=cpu_env())
         assert out.returncode == 0, out.stderr[-4000:]
         assert ("checkpointed layers wait in pinned host memory" in out.stdout) == offload
         assert ("input embedding in host memory" in out.stdout + out.stderr) == host
-        # DDP is told to leave exactly the host table alone (on CPU ranks every parameter is on the
+        assert ("output head in host memory" in out.stdout + out.stderr) == host
+        # DDP is told to leave exactly the host tables alone (on CPU ranks every parameter is on the
         # CPU, so DDP's own device check cannot show it here; on a GPU it would refuse without this)
-        ignored = "DDP leaves base_model.model.model.embed_tokens.weight alone"
+        ignored = "DDP leaves base_model.model.model.embed_tokens.weight, base_model.model.lm_head.weight alone"
         assert (ignored in out.stdout + out.stderr) == host, out.stdout[-3000:]
         runs[name] = losses_by_step(tmp_path / "runs" / name)
     assert sorted(runs["plain"]) == [1, 2, 3, 4]

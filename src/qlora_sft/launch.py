@@ -677,28 +677,38 @@ def gpu_memory_outside_allocator_gib(device: int | None = None) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _host_embedding_problems(recipe: Recipe, mode: LaunchMode) -> list[str]:
-    """`model.embedding_in_host_memory` where something would move the table back to the GPU
-    (silently undoing it) or train it."""
-    why = []
-    if mode.kind not in ("cpu", "single_gpu", "ddp"):
-        why.append(f"the launch is {mode.describe()}, which places every weight itself")
-    if recipe.quantization.method == "none":
-        why.append("the model is not quantized, and the Trainer moves an unquantized model to the GPU whole")
-    if recipe.model.loader == "low_memory":
-        why.append("model.loader is low_memory, whose model accelerate moves to the GPU whole on one GPU and DDP")
-    for key in ("bf16_full_eval", "fp16_full_eval"):
-        if recipe.train.args.get(key):
-            why.append(f"train.{key} is true, for which the Trainer moves the whole model to the GPU")
-    lora = recipe.lora
-    trained = [*(lora.modules_to_save or []), *([] if isinstance(lora.target_modules, str) else lora.target_modules)]
-    if any("embed" in name or name == "wte" for name in trained):
-        why.append("the embedding is trained (lora.modules_to_save or lora.target_modules name it)")
-    return [
-        f"`model.embedding_in_host_memory` is true, but {w}. It works on one GPU and under DDP with a quantized model "
-        "whose embedding is frozen. Remove it, or the other setting."
-        for w in why
-    ]
+def _host_table_problems(recipe: Recipe, mode: LaunchMode) -> list[str]:
+    """`model.embedding_in_host_memory` and `model.lm_head_in_host_memory` where something would
+    move the table back to the GPU (silently undoing it) or train it."""
+    keys = {
+        "embedding_in_host_memory": ("embedding", lambda n: "embed" in n or n == "wte"),
+        "lm_head_in_host_memory": ("output head", lambda n: "lm_head" in n or n in ("output", "embed_out")),
+    }
+    problems = []
+    for key, (table, names_it) in keys.items():
+        if not getattr(recipe.model, key):
+            continue
+        why = []
+        if mode.kind not in ("cpu", "single_gpu", "ddp"):
+            why.append(f"the launch is {mode.describe()}, which places every weight itself")
+        if recipe.quantization.method == "none":
+            why.append("the model is not quantized, and the Trainer moves an unquantized model to the GPU whole")
+        if recipe.model.loader == "low_memory":
+            why.append("model.loader is low_memory, whose model accelerate moves to the GPU whole on one GPU and DDP")
+        for arg in ("bf16_full_eval", "fp16_full_eval"):
+            if recipe.train.args.get(arg):
+                why.append(f"train.{arg} is true, for which the Trainer moves the whole model to the GPU")
+        lora = recipe.lora
+        target = lora.target_modules
+        trained = [*(lora.modules_to_save or []), *([] if isinstance(target, str) else target)]
+        if any(names_it(name) for name in trained):
+            why.append(f"the {table} is trained (lora.modules_to_save or lora.target_modules name it)")
+        problems += [
+            f"`model.{key}` is true, but {w}. It works on one GPU and under DDP with a quantized model whose {table} "
+            "is frozen. Remove it, or the other setting."
+            for w in why
+        ]
+    return problems
 
 
 def check_launch_compat(recipe: Recipe, mode: LaunchMode) -> list[str]:
@@ -707,8 +717,7 @@ def check_launch_compat(recipe: Recipe, mode: LaunchMode) -> list[str]:
     mixed-precision (compute) dtype must all be the same (peft#1432, axolotl#1482, peft#2014);
     LLM.int8 weights cannot be sharded at all."""
     q, problems = recipe.quantization, []
-    if recipe.model.embedding_in_host_memory:
-        problems += _host_embedding_problems(recipe, mode)
+    problems += _host_table_problems(recipe, mode)
     if mode.kind == "fsdp":
         problems += _fsdp_problems(recipe, mode)
     if not mode.shards_parameters:

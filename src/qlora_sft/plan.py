@@ -309,6 +309,12 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
             gathered += head * (1 if shape.tied or not reuse else 2)
     # model.embedding_in_host_memory: the input embedding table is not on the GPU
     host_embedding = shape.vocab * h * other_bytes if recipe.model.embedding_in_host_memory and not shape.tied else 0
+    # model.lm_head_in_host_memory: the output head is on the GPU only from the last layers' forward
+    # (its copy starts HostHead.LEAD layers before the end) to the loss's backward, not while the
+    # decoder layers' backward runs. Its phase holds the head, the layer inputs waiting and one
+    # layer's forward without gradients (SwiGLU's three intermediate outputs, a dequantized weight)
+    host_head = head if recipe.model.lm_head_in_host_memory and not shape.tied else 0
+    head_phase = host_head + tokens * (3 * inter * 2 + h * 2 * held) + biggest * 2 if host_head else 0.0
     weights_name = "4-bit base weights" if q in ("nf4", "fp4") else f"{q} base weights"
     kept = 0.0 if offload else 1.0  # what offload moves to CPU memory
     # FSDP's layer units keep the adapters out of every unit (ignored modules): parameter offload does
@@ -317,7 +323,7 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
     parts = {
         weights_name: kept * shape.linear_params * data_bytes / shard,
         "quantization constants": shape.linear_params * const_bytes,
-        "embeddings, lm_head, norms": kept * shape.other_params * other_bytes / shard - host_embedding,
+        "embeddings, lm_head, norms": kept * shape.other_params * other_bytes / shard - host_embedding - host_head,
         "gathered for compute": gathered,
         "LoRA weights + grads": adapters_kept * (n_lora * 4 / lora_shard + n_lora * 4 / grad_shard),
         "optimizer states": adapters_kept * n_lora * optim_bytes / grad_shard,
@@ -330,6 +336,9 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
         # two H200s, 2026-11-30, `memory-peak-rank<i>.json`)
         "workspace": biggest * 2 + 0.25 * GIB,
     }
+    if head_phase:
+        layers_phase = sum(parts[k] for k in ("activations", "LoRA dropout", "workspace"))
+        parts["lm_head while the loss runs (from host memory)"] = max(0.0, head_phase - layers_phase)
     if launch_config.fsdp_shards_nothing(mode) and launch_config.saves_checkpoints(recipe):
         # FSDP1 without sharding (NO_SHARD, or one process, which torch runs as NO_SHARD) clones every
         # parameter on the GPU for a full state dict: each checkpoint save then holds the weights twice.

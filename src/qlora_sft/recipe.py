@@ -88,6 +88,12 @@ class ModelConfig:
     and DDP, quantized models, a frozen plain embedding not tied to the output head (refused
     otherwise). Off by default: on one H200 it saved 0.98 GiB at 8B for 0.98x the tokens/s
     (bench/results/2026-11-30-NVIDIA_H200-llama3-8b-distributed-1gpu-levers.md)."""
+    lm_head_in_host_memory: bool = False
+    """Keep the frozen output head in pinned host memory: each forward copies it to the GPU on a side
+    stream while the last decoder layers run, and the copy is freed once the loss's backward has used
+    it, before the decoder layers' backward, where a step's peak is (1 GB off that peak at 8B for
+    Llama-3's 128k vocabulary). One GPU and DDP, quantized models, a frozen bias-free linear head not
+    tied to the input embedding (refused otherwise). Off by default."""
     loader: Literal["auto", "transformers", "low_memory"] = "auto"
     """How the base weights are read. `low_memory`: the safetensors shards one tensor at a time, each
     linear weight quantized as it is read and placed for the launch mode; under FSDP/ZeRO-3 only
@@ -1704,6 +1710,7 @@ RESUMABLE_CHANGES = (
     "run.name",
     "model.loader",
     "model.embedding_in_host_memory",  # where the frozen table waits; the same rows reach the layers
+    "model.lm_head_in_host_memory",  # the same: the same head computes the loss
     "checkpoint.",
     "cluster.",
     "train.max_steps",

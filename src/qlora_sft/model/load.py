@@ -582,17 +582,24 @@ def load_model(
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     compute_dtype = mode.compute_dtype(recipe.quantization, recipe.model)
-    if recipe.model.embedding_in_host_memory:
-        check_untied_embeddings(recipe, base_dir)
+    for key in host_table_keys(recipe):
+        check_untied_embeddings(recipe, base_dir, key)
     model = load_base(recipe, mode, base_dir)
     quantized = getattr(model, "hf_quantizer", None) is not None
     resize_for_pad(model, tokenizer)
-    host_embedding = None
+    host_tables = []  # frozen tables in host memory: DDP leaves them alone
     if recipe.model.embedding_in_host_memory:
         from .offload import embedding_in_host_memory
 
-        host_embedding, moved = embedding_in_host_memory(model)
+        name, moved = embedding_in_host_memory(model)
+        host_tables.append(name)
         log.info("model: input embedding in host memory (%.2f GiB off the GPU)", moved / 2**30)
+    if recipe.model.lm_head_in_host_memory:
+        from .offload import lm_head_in_host_memory
+
+        name, moved = lm_head_in_host_memory(model)
+        host_tables.append(name)
+        log.info("model: output head in host memory, copied for each loss (%.2f GiB off the GPU)", moved / 2**30)
     model.config.use_cache = False  # no KV cache while training (and checkpointing needs it off)
     if use_liger(recipe.model, mode.device_type):
         apply_liger(model)
@@ -633,15 +640,18 @@ def load_model(
 
     if not resuming:
         load_weights(model, recipe, base_dir)  # lora.init_from: start from an existing adapter's weights
-    if host_embedding is not None:
+    if host_tables:
         # DDP refuses a module with parameters on two device types unless told to leave some alone;
-        # the frozen embedding needs no gradient sync and is the same on every rank
-        model._ddp_params_and_buffers_to_ignore = [
-            n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight
-        ]
+        # the frozen tables need no gradient sync and are the same on every rank
+        tables = {id(p) for n, p in model.get_base_model().named_parameters() if n in host_tables}
+        model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if id(p) in tables]
         log.info(
             "model: DDP leaves %s alone (frozen, in host memory)", ", ".join(model._ddp_params_and_buffers_to_ignore)
         )
+    if recipe.model.lm_head_in_host_memory:
+        from .offload import host_head_hooks
+
+        host_head_hooks(model)
     if mode.shards_parameters:
         check_sharded_dtypes(model, compute_dtype, mode)
     if uses_fused_lora(recipe, mode):
@@ -649,9 +659,16 @@ def load_model(
     return model
 
 
-def check_untied_embeddings(recipe: Recipe, base_dir: str | Path | None) -> None:
-    """`model.embedding_in_host_memory` needs an input embedding that is not the output head: the
-    head computes the loss on the GPU. Read from config.json, before any weight loads."""
+def host_table_keys(recipe: Recipe) -> list[str]:
+    """The recipe's `model.*_in_host_memory` keys that are on."""
+    m = recipe.model
+    return [f"model.{k}" for k in ("embedding_in_host_memory", "lm_head_in_host_memory") if getattr(m, k)]
+
+
+def check_untied_embeddings(recipe: Recipe, base_dir: str | Path | None, key: str) -> None:
+    """`model.embedding_in_host_memory` and `model.lm_head_in_host_memory` need an input embedding
+    that is not the output head: one table would be both on the GPU and in host memory. Read from
+    config.json, before any weight loads."""
     from transformers import AutoConfig
 
     cfg = recipe.model
@@ -661,8 +678,8 @@ def check_untied_embeddings(recipe: Recipe, base_dir: str | Path | None) -> None
     text = getattr(config, "get_text_config", lambda: config)()
     if getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)):
         raise UserError(
-            f"model.embedding_in_host_memory is true, but {cfg.name_or_path} ties its input embedding to its output "
-            "head (tie_word_embeddings in config.json), which computes on the GPU. Remove the key for this model."
+            f"{key} is true, but {cfg.name_or_path} ties its input embedding to its output head "
+            "(tie_word_embeddings in config.json): one table serves both. Remove the key for this model."
         )
 
 

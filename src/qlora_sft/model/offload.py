@@ -2,7 +2,9 @@
 checkpointing whose layer inputs wait for the backward pass in pinned host memory, copied there and
 back on a side stream (`OffloadedCheckpoint`); `offload_checkpointed_inputs` points the checkpointed
 decoder layers at it. `model.embedding_in_host_memory`: the frozen input embedding table stays in
-host memory and only each batch's rows reach the GPU (`HostEmbedding`)."""
+host memory and only each batch's rows reach the GPU (`HostEmbedding`). `model.lm_head_in_host_memory`:
+the frozen output head stays in pinned host memory and is copied to the GPU for each forward's loss
+only, freed once the loss's backward has used it (`HostHead`)."""
 
 from __future__ import annotations
 
@@ -214,3 +216,140 @@ def embedding_in_host_memory(model: Any) -> tuple[str, int]:
     model.set_input_embeddings(host)
     name = next(n for n, p in model.named_parameters() if p is host.weight)
     return name, host.weight.numel() * host.weight.element_size()
+
+
+@functools.cache
+def head_stream(device: torch.device) -> Any:
+    """The side stream that copies a `HostHead` to the GPU. Not `copy_stream`: the last layers'
+    inputs go to the host during the same forward, and would wait behind the head's copy."""
+    return torch.cuda.Stream(device)
+
+
+class HostHead(torch.nn.Module):
+    """`model.lm_head_in_host_memory`: the frozen output head (a plain bias-free `nn.Linear`) kept in
+    pinned host memory. Each forward of the model copies it to the GPU on a side stream, started
+    `LEAD` decoder layers before the end so the copy overlaps their compute; the loss reads it as
+    `weight` (trl's fused head reads `lm_head.weight` directly) and its autograd node keeps the copy
+    until the loss's backward, the first of the backward, has used it. So the GPU holds no
+    vocabulary x hidden table while the decoder layers' backward runs, where a step's peak is.
+
+    The table is the module's parameter `weight` (state dict, names and DDP's ignore list as
+    before); the attribute `weight` is the GPU copy while a forward holds it (`arm` ... `release`,
+    from hooks on the model that `host_head_hooks` installs), the host parameter otherwise. On the
+    CPU there is nothing to copy: the attribute is the parameter."""
+
+    LEAD = 2  # decoder layers before the last whose forward starts the copy
+
+    def __init__(self, head: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = head.in_features, head.out_features
+        self.compute_device = head.weight.device
+        table = head.weight.detach().to("cpu")
+        if self.compute_device.type == "cuda":
+            table = table.pin_memory()  # a non-blocking copy to the GPU needs pinned memory
+        # set in `_parameters` directly: `register_parameter` refuses a name the class has (`weight`)
+        self._parameters["weight"] = torch.nn.Parameter(table, requires_grad=False)
+        self.bias = None
+        self.armed = False
+        self.staged: torch.Tensor | None = None
+        self.ready: Any = None
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.take() if self.armed else self._parameters["weight"]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HostHead:
+        return self  # stays in host memory whatever moves or casts the model (as HostEmbedding)
+
+    def arm(self) -> None:
+        """A forward of the model begins: its loss will read `weight` on the compute device."""
+        self.release()
+        self.armed = True
+
+    def prefetch(self) -> None:
+        """Start the copy to the compute device (a decoder layer near the end calls it)."""
+        if not self.armed or self.staged is not None:
+            return
+        table = self._parameters["weight"]
+        if self.compute_device.type != "cuda":
+            self.staged = table  # the compute device is the host: nothing to copy
+            return
+        compute = torch.cuda.current_stream(self.compute_device)
+        self.staged = torch.empty(table.shape, dtype=table.dtype, device=self.compute_device)
+        stream = head_stream(self.compute_device)
+        stream.wait_stream(compute)  # the block may be one the compute stream just freed
+        with torch.cuda.stream(stream):
+            self.staged.copy_(table, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+        self.staged.record_stream(stream)  # a copy dropped before it is read outlives the copy
+
+    def take(self) -> torch.Tensor:
+        self.prefetch()
+        assert self.staged is not None
+        if self.ready is not None:
+            torch.cuda.current_stream(self.compute_device).wait_event(self.ready)
+            self.ready = None
+        return self.staged
+
+    def release(self) -> None:
+        """The forward is over: drop this module's hold on the copy (the loss's autograd node may
+        keep it until its backward)."""
+        self.armed, self.staged, self.ready = False, None, None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.armed:
+            return torch.nn.functional.linear(hidden, self.take())
+        # called outside a forward of the model (generation, a caller of its own): copy for this call
+        self.arm()
+        try:
+            return torch.nn.functional.linear(hidden, self.take())
+        finally:
+            self.release()
+
+
+def lm_head_in_host_memory(model: Any) -> tuple[str, int]:
+    """Replace the model's output head with a `HostHead` of the same weights, freeing its GPU copy.
+    Returns the parameter's name (for DDP to leave alone) and the bytes moved off the GPU. Only a
+    plain bias-free `nn.Linear` not tied to the input embedding is replaced."""
+    from ..errors import UserError
+
+    head = model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
+    key = "model.lm_head_in_host_memory"
+    if head is None:
+        raise UserError(f"{key}: this model has no output head to keep in host memory. Remove the key for this model.")
+    if embedding is not None and head.weight is embedding.weight:
+        raise UserError(
+            f"{key}: this model's output head is its input embedding (tied), which one copy serves. Remove the key "
+            "for this model."
+        )
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        what = "a torch Linear with a bias" if type(head) is torch.nn.Linear else f"a {type(head).__name__}"
+        raise UserError(
+            f"{key}: this model's output head is {what}, not a plain bias-free torch Linear; it stays on the GPU. "
+            "Remove the key for this model."
+        )
+    host = HostHead(head)
+    model.set_output_embeddings(host)
+    name = next(n for n, p in model.named_parameters() if p is host._parameters["weight"])
+    return name, head.weight.numel() * head.weight.element_size()
+
+
+def host_head_hooks(model: Any) -> HostHead | None:
+    """Wire a `HostHead` into the forward of `model` (the outermost module a trainer calls, e.g. the
+    PeftModel): armed as the forward begins, its copy started `LEAD` decoder layers before the end
+    (or at once where the decoder's layers are not found), released when the forward returns or
+    raises. Returns the head, or None where the model has none."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, HostHead):
+        return None
+    model.register_forward_pre_hook(lambda module, args: head.arm())
+    model.register_forward_hook(lambda module, args, out: head.release(), always_call=True)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList) and len(layers):
+        layers[max(0, len(layers) - HostHead.LEAD)].register_forward_pre_hook(lambda module, args: head.prefetch())
+    else:
+        model.register_forward_pre_hook(lambda module, args: head.prefetch())
+    return head
