@@ -179,6 +179,32 @@ def test_crash_during_save_resumes_from_the_previous_checkpoint(setup):
     assert checkpoint.inspect_checkpoint(run_dir / "checkpoint-8").complete
 
 
+def test_a_staged_checkpoint_with_its_marker_is_not_called_never_completed(tmp_path: Path, caplog):
+    """Killed between a save's COMPLETE marker and the rename out of .staging/, the checkpoint was complete
+    but not yet in place; the resume called it "an interrupted save (it never completed)". It is still
+    not resumed from (only checkpoints in the run directory are); a staged one without the marker is
+    what that sentence describes."""
+    import logging
+
+    from qlora_sft.recipe import build_recipe
+
+    recipe = build_recipe(recipe_dict(tmp_path / "model", tmp_path / "x.jsonl", tmp_path / "runs"))
+    staging = recipe.run_dir / checkpoint.STAGING
+    fake_checkpoint(recipe.run_dir / "checkpoint-2", 2, world_size=1, global_batch=8)
+    fake_checkpoint(staging / "checkpoint-4", 4, world_size=1, global_batch=8)  # marker written, not renamed
+    (staging / "checkpoint-6").mkdir()  # the save itself was interrupted
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        assert checkpoint.find_resume(recipe) == recipe.run_dir / "checkpoint-2"
+    said = {Path(r.args[0]).name: r.getMessage() for r in caplog.records if r.args}
+    assert "never completed" not in said["checkpoint-4"], said
+    assert (
+        "it was complete (its COMPLETE marker is written) but not yet moved into place as "
+        f"{recipe.run_dir / 'checkpoint-4'} when the launch that saved it stopped" in said["checkpoint-4"]
+    ), said
+    assert "an interrupted save (it never completed)" in said["checkpoint-6"], said
+    assert (staging / "checkpoint-4").is_dir() and (staging / "checkpoint-6").is_dir()
+
+
 def test_corrupt_or_unmarked_checkpoints_are_skipped_not_deleted(tmp_path: Path, tiny_model: Path):
     from qlora_sft.recipe import build_recipe
 

@@ -18,7 +18,7 @@ import pytest
 from helpers import MINIMAL_RECIPE, REPO, recipe_problems
 
 from qlora_sft.errors import RecipeError
-from qlora_sft.recipe import apply_overrides, build_recipe, load_recipe
+from qlora_sft.recipe import apply_overrides, build_recipe, load_recipe, replace
 
 LOADERS = ("qlora_sft.model", "qlora_sft.model.load")  # load_base: the one way a base model loads
 
@@ -257,6 +257,55 @@ def test_trainer_numbers_that_fail_in_the_middle_of_training_are_refused(key: st
     assert ps == [f"`train.{key}` {expected}"], ps
 
 
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("train.learning_rate", "is 1e+308; it must be > 0 and at most 1 (e.g. 2e-4)"),
+        ("train.adam_epsilon", "is 1e+308; it must be > 0 and below 1 (e.g. 1e-8)"),
+        ("train.weight_decay", "is 1e+308; with train.learning_rate 0.0002 each step multiplies the weights by"),
+        ("lora.alpha", "is 1e+308, past the largest float32 (3.4e+38)"),
+        ("data.sources.0.weight", "is 1e+308, past the largest float32 (3.4e+38)"),
+        ("train.max_grad_norm", "is 1e+308, past the largest float32 (3.4e+38)"),
+        ("train.num_train_epochs", "is 1e+308, past the largest float32 (3.4e+38)"),
+        ("train.warmup_steps", "is 1e+308, past the largest float32 (3.4e+38)"),
+        ("train.save_steps", "is 1e+308, past the largest float32 (3.4e+38)"),
+        ("train.neftune_noise_alpha", "is 1e+308, past the largest float32 (3.4e+38)"),
+    ],
+)
+def test_a_huge_finite_number_is_refused_with_its_key(key: str, expected: str):
+    """`1e308` is finite, so the NaN/inf check let it through, and every `>= 0` rule too: a learning
+    rate, LoRA alpha or NEFTune alpha of 1e308 becomes inf in torch's float32 and trained NaN from the
+    first step (an Adam epsilon of 1e308 shrank every update to nothing; a weight decay of 1e308 flipped
+    the weights to inf), once the model had loaded; a source weight of 1e308 made the data mix overflow
+    (`round(inf)`)."""
+    (msg,) = refused([f"{key}=1e308"])
+    assert msg.startswith(f"override `{key}=1e308`: `{key}` {expected}"), msg
+
+
+def test_a_learning_rate_times_weight_decay_of_one_or_more_is_refused():
+    """Decoupled weight decay multiplies every weight by 1 - lr x wd each step: at 1 or more it zeroes
+    the weights or flips their sign at every step."""
+    (msg,) = refused(["train.learning_rate=0.01", "train.weight_decay=200"])
+    assert msg == (
+        "override `train.weight_decay=200`: `train.weight_decay` is 200.0; with train.learning_rate 0.01 each "
+        "step multiplies the weights by 1 - learning_rate x weight_decay = -1, which zeroes them or flips their "
+        "sign. Give a weight decay below 1 / learning_rate = 100 (usually 0 to 0.1)"
+    ), msg
+    r = build_recipe({**MINIMAL_RECIPE, "train": {"learning_rate": 0.01, "weight_decay": 1.0}})  # grokking-style
+    assert r.train.args["weight_decay"] == 1.0
+
+
+def test_a_count_written_in_e_notation_past_int64_is_not_told_to_write_309_digits(tmp_path: Path):
+    """`max_steps: 1e308` said "write it as 1000000000000000010979063629440455417404923096773118463368106829
+    6267...": a 309-digit count, which is then refused as past 2**63 - 1."""
+    f = tmp_path / "r.yaml"
+    f.write_text("model: {name_or_path: m}\ndata: {sources: [a.jsonl]}\ntrain:\n  max_steps: 1e308\n")
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(f)
+    (msg,) = exc.value.problems
+    assert msg == f'{f}:4: `train.max_steps` is "1e308"; expected int (a count must be <= {2**63 - 1})', msg
+
+
 # --------------------------------------------------------------------------------------------
 # Contradictions transformers refuses only when SFTConfig is built (after the model loads)
 # --------------------------------------------------------------------------------------------
@@ -279,6 +328,117 @@ def test_a_prefetch_factor_without_worker_processes_is_refused():
     assert "`train.dataloader_prefetch_factor` applies only with train.dataloader_num_workers > 0" in msg
     r = build_recipe({**MINIMAL_RECIPE, "train": {"dataloader_prefetch_factor": 4, "dataloader_num_workers": 2}})
     assert r.train.args["dataloader_prefetch_factor"] == 4
+
+
+@pytest.mark.parametrize("eval_source", ["{path: b.jsonl, weight: 3}", "{path: b.jsonl, ratio: 0.5}"])
+def test_a_mixing_key_on_an_eval_source_is_refused(eval_source: str, tmp_path: Path):
+    """`weight`/`ratio` mix the training sources; an eval source is read in full. Given on one, they
+    passed validate and did nothing (or, with data.streaming, where the eval sources are prepared like
+    a data set of their own, a weight quietly sampled the eval rows)."""
+    key = "ratio" if "ratio" in eval_source else "weight"
+    (msg,) = refused([f"data.eval_sources=[{eval_source}]"])
+    assert f"`data.eval_sources.0.{key}` is " in msg, msg
+    assert "an eval source is read in full (weight and ratio mix the training sources); remove it" in msg, msg
+    assert "max_rows: N" in msg, msg
+    # a training source reused as an eval source with an alias brings its weight: blamed on the anchor's line
+    f = tmp_path / "r.yaml"
+    f.write_text(
+        "model: {name_or_path: m}\n"
+        "data:\n"
+        "  sources:\n"
+        "    - &src {path: a.jsonl, weight: 2}\n"  # 4
+        "  eval_sources: [*src]\n"
+    )
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(f)
+    (msg,) = exc.value.problems
+    assert msg.startswith(f"{f}:4: `data.eval_sources.0.weight` is 2.0, but an eval source is read in full"), msg
+    assert "write `{<<: *anchor, weight: 1}`" in msg, msg
+    # the defaults a resolved recipe writes (weight 1.0, ratio null) read back
+    data, _ = apply_overrides(MINIMAL_RECIPE, ["data.eval_sources=[{path: b.jsonl}]"])
+    r = build_recipe(data)
+    assert replace(r, []).data.eval_sources == r.data.eval_sources
+
+
+def test_the_recipe_a_run_with_eval_sources_wrote_reads_back_and_the_run_resumes(tmp_path: Path):
+    """A run's recipe.yaml names every key, `data.eval_fraction: 0.05` (the default) beside the
+    `eval_sources` too, and reading it back refused it ("is set together with data.eval_sources"): every
+    relaunch of a run with eval sources was refused ("recipe.yaml cannot be read as a recipe ... set
+    run.overwrite=true"), so it could not resume, and `export` of the run failed the same way."""
+    from helpers import fake_checkpoint
+
+    from qlora_sft.checkpoint import check_run_dir
+    from qlora_sft.recipe import read_run_recipe, write_run_recipe
+
+    data = {**MINIMAL_RECIPE, "run": {"output_dir": str(tmp_path)}}
+    data["data"] = {**data["data"], "eval_sources": ["b.jsonl"]}
+    r = build_recipe(data)
+    r.run_dir.mkdir(parents=True)
+    write_run_recipe(r.run_dir, r, {"world_size": 1})
+    fake_checkpoint(r.run_dir / "checkpoint-2", 2)
+    assert read_run_recipe(r.run_dir).to_dict() == r.to_dict()
+    assert check_run_dir(r) == "resume"
+    # a user who gives both is still told
+    data["data"] = {**data["data"], "eval_fraction": 0.1}
+    with pytest.raises(RecipeError, match="is set together with data.eval_sources"):
+        build_recipe(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Warnings: what validates but may lose work (printed by validate and prepare, logged by train)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("save_steps", [500, None])  # None: TrainingArguments' default, 500
+def test_save_steps_past_max_steps_is_warned_of_naming_both_keys(save_steps: int | None):
+    """`train.save_steps: 500` with `max_steps: 100` saved no checkpoint before the end without a word:
+    a run killed (OOM, node failure) before then had nothing to resume from."""
+    from qlora_sft.recipe import recipe_warnings
+
+    train = {"max_steps": 100, **({"save_steps": save_steps} if save_steps else {})}
+    (warning,) = recipe_warnings(build_recipe({**MINIMAL_RECIPE, "train": train}))
+    default = "" if save_steps else " (the default)"
+    assert warning.startswith(
+        f"train.save_steps is 500{default} and train.max_steps is 100: no checkpoint is saved before the last step"
+    ), warning
+    assert "starts over" in warning and "set train.save_steps below 100" in warning, warning
+    # saves before the end, by epoch, or a fraction of the steps: nothing to say
+    for quiet in ({"save_steps": 50}, {"save_strategy": "epoch"}, {"save_steps": 0.5}, {"save_strategy": "no"}):
+        assert recipe_warnings(build_recipe({**MINIMAL_RECIPE, "train": {"max_steps": 100, **quiet}})) == []
+
+
+def test_save_steps_default_is_the_trainers():
+    """The warning names 500 as the default: it is TrainingArguments' own."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from qlora_sft.recipe import TRAINER_SAVE_STEPS
+
+    default = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "save_steps")
+    assert default == TRAINER_SAVE_STEPS
+
+
+def test_no_checkpoint_signals_is_warned_of():
+    """`checkpoint.signals: []` handled no signal: SLURM's USR1 before the time limit, or a TERM at
+    preemption, ended the ranks at once (the default action of both), with no checkpoint saved and no
+    requeue, and validate said nothing."""
+    from qlora_sft.recipe import recipe_warnings
+
+    (warning,) = recipe_warnings(build_recipe({**MINIMAL_RECIPE, "checkpoint": {"signals": []}}))
+    assert warning.startswith("checkpoint.signals is []: no signal saves a checkpoint"), warning
+    assert "remove checkpoint.signals for the default [USR1, TERM]" in warning, warning
+    assert recipe_warnings(build_recipe(MINIMAL_RECIPE)) == []
+
+
+def test_validate_prints_the_recipe_warnings(tmp_path: Path, tiny_model: Path):
+    f = tmp_path / "r.yaml"
+    (tmp_path / "a.jsonl").write_text(json.dumps({"instruction": "2+2?", "output": "4"}) + "\n")
+    f.write_text(f"model: {{name_or_path: {tiny_model}}}\ndata: {{sources: [a.jsonl], eval_fraction: 0}}\n")
+    out = validate_cli(f, "train.max_steps=10", "checkpoint.signals=[]")
+    assert out.returncode == 0, out.stderr
+    assert "  warning: train.save_steps is 500 (the default) and train.max_steps is 10" in out.stdout, out.stdout
+    assert "  warning: checkpoint.signals is []" in out.stdout, out.stdout
 
 
 # --------------------------------------------------------------------------------------------

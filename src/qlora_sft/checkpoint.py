@@ -753,7 +753,17 @@ def find_resume(recipe: Recipe) -> Path | None:
     staging = recipe.run_dir / STAGING
     if staging.is_dir():
         for p in sorted(staging.glob("checkpoint-*")):
-            log.warning("skipping %s for resume: an interrupted save (it never completed); left in place", p)
+            if (p / COMPLETE).is_file():  # killed between the marker and the rename (`publish`)
+                log.warning(
+                    "skipping %s for resume: it was complete (its %s marker is written) but not yet moved into "
+                    "place as %s when the launch that saved it stopped; a resume reads the run directory only; "
+                    "left in place",
+                    p,
+                    COMPLETE,
+                    recipe.run_dir / p.name,
+                )
+            else:
+                log.warning("skipping %s for resume: an interrupted save (it never completed); left in place", p)
     for info in list_checkpoints(recipe.run_dir):
         if info.complete:
             info = inspect_checkpoint(info.path, verify=True)

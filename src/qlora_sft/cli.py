@@ -652,7 +652,7 @@ def _recipe_header(args: argparse.Namespace) -> tuple[Any, Path, Any]:
     """Load the recipe, print its summary, and load the tokenizer with the recipe's chat template."""
     from . import model
     from .plan import check_data_readable
-    from .recipe import load_recipe, resolve_batch
+    from .recipe import load_recipe, recipe_warnings, resolve_batch
 
     rebuild = ["data.rebuild=true"] if getattr(args, "rebuild", False) else []
     recipe = load_recipe(args.recipe, [*args.overrides, *rebuild])
@@ -667,6 +667,8 @@ def _recipe_header(args: argparse.Namespace) -> tuple[Any, Path, Any]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     print(f"  batch: {resolve_batch(recipe.train, world).describe()}")
     print(f"  run directory: {recipe.run_dir}")
+    for warning in recipe_warnings(recipe):
+        print(f"  warning: {warning}")
     return recipe, base_dir, model.recipe_tokenizer(recipe, base_dir)
 
 

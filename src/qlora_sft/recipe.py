@@ -38,6 +38,7 @@ from .errors import RecipeError
 
 SEED_MAX = 2**32 - 1  # numpy's (and so transformers.set_seed's) largest seed
 INT64_MAX = 2**63 - 1  # the largest whole number torch, numpy and the tokenizers hold
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: torch computes with the recipe's numbers in it
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -157,10 +158,10 @@ class DataSource:
     """Row format; `auto` detects it from the first row's fields."""
     weight: float = field(default=1.0, metadata={"gt": 0})
     """Rows taken from this source = weight x its row count (0.5: a seeded random half; 2: every
-    row twice). Ignored when `ratio` is set."""
+    row twice). Ignored when `ratio` is set. Training sources only (an eval source is read in full)."""
     ratio: float | None = field(default=None, metadata={"gt": 0, "max": 1})
     """Share of the mixed dataset (0-1). Give it for every source or none; the mix is the largest
-    one that needs no repetition."""
+    one that needs no repetition. Training sources only."""
     split: str = "train"
     """Split of a hub dataset or a DatasetDict folder."""
     subset: str | None = None
@@ -180,7 +181,8 @@ class DataConfig:
     sources: tuple[DataSource, ...] = ()
     """Training sources (at least one), mixed by `weight` or `ratio` with `run.seed`."""
     eval_sources: tuple[DataSource, ...] = ()
-    """Separate evaluation sources. When set, `eval_fraction` is not used."""
+    """Separate evaluation sources, each read in full (`max_rows` limits one; `weight` and `ratio` are
+    refused). When set, `eval_fraction` is not used."""
     eval_fraction: float = field(default=0.05, metadata={"min": 0, "lt": 1})
     """Fraction of the mixed rows held out for evaluation (0 = no eval)."""
     max_length: int = field(default=1024, metadata={"min": 8})
@@ -256,7 +258,8 @@ class CheckpointConfig:
     complete). Unset: keep all."""
     signals: list[str] = field(default_factory=lambda: ["USR1", "TERM"])
     """Signals that mean "save and stop" (what SLURM sends before a time limit or preemption): the
-    ranks save a complete checkpoint at the next step boundary and exit with code 75."""
+    ranks save a complete checkpoint at the next step boundary and exit with code 75. `[]`: none
+    (a signal then ends the ranks without a checkpoint; validate warns)."""
     allow_data_change: bool = False
     """Resume even though the training data changed since the checkpoint was written (files, sizes,
     modification times or the split); without it such a resume is refused and the change is named."""
@@ -907,8 +910,10 @@ def _type_problem(value: Any, annotation: Any) -> str:
     if isinstance(value, str) and _admits(annotation, int):
         with contextlib.suppress(ValueError, OverflowError):
             number = float(value)
-            if math.isfinite(number) and number == int(number):
+            if math.isfinite(number) and number == int(number) and abs(number) <= INT64_MAX:
                 problem += f" (YAML reads `{value.strip()}` as a string; write it as {int(number)})"
+            elif math.isfinite(number) and number == int(number):
+                problem += f" (a count must be <= {INT64_MAX})"
     return problem
 
 
@@ -1202,6 +1207,19 @@ def _check_contradictions(recipe: Recipe, raw: Mapping[str, Any], ctx: _Problems
                     "is required: a .jsonl/.json/.parquet/.csv file, a folder or a hub dataset id",
                     at=f"data.{kind}.{i}",
                 )
+    for i, src in enumerate(recipe.data.eval_sources):
+        # read in full, also under data.streaming (where the eval sources are prepared as a data set of
+        # their own, and a weight would have sampled them); 1.0 and null are what a resolved recipe writes
+        for name, value, unset in (("weight", src.weight, 1.0), ("ratio", src.ratio, None)):
+            if value != unset and not ctx.has(f"data.eval_sources.{i}.{name}"):
+                ctx.add(
+                    f"data.eval_sources.{i}.{name}",
+                    f"is {value}, but an eval source is read in full (weight and ratio mix the training sources); "
+                    f"remove it (a training source reused with `*anchor` brings its {name}: write "
+                    f"`{{<<: *anchor, {name}: {'1' if unset else 'null'}}}`), or give max_rows: N to evaluate on N "
+                    "of its rows",
+                    at=f"data.eval_sources.{i}",
+                )
     ratios = [s.ratio for s in recipe.data.sources]
     if any(r is not None for r in ratios):
         if any(r is None for r in ratios):
@@ -1445,10 +1463,18 @@ def _leaves(value: Any, key: str) -> Iterator[tuple[str, Any]]:
 
 def _nonfinite_problems(recipe: Recipe, ctx: _Problems) -> None:
     """Refuse every NaN or infinity in the recipe (`.nan`, `.inf`, or `nan` in a number field): no
-    setting means anything with one, and a NaN passes every range check (comparisons with it are false)."""
+    setting means anything with one, and a NaN passes every range check (comparisons with it are false).
+    A finite number past float32's range (1e308) is refused too, unless a range check of its key said
+    more already: torch computes with it in float32 (a learning rate, a LoRA scale), where it is inf."""
     for key, value in _leaves(recipe.to_dict(), ""):
         if isinstance(value, float) and not math.isfinite(value):
             ctx.add(key, f"is {value}; expected a finite number")
+        elif isinstance(value, float) and abs(value) > FLOAT32_MAX and not ctx.has(key):
+            ctx.add(
+                key,
+                f"is {value:g}, past the largest float32 ({FLOAT32_MAX:.2g}): torch computes with it in float32, "
+                "where it is inf. Give a number in range (see docs/recipe-reference.md for the key's usual values)",
+            )
         elif isinstance(value, int) and not isinstance(value, bool) and not ctx.has(key):
             # torch, numpy and the tokenizers hold 64-bit integers: a larger count fails once the model is loaded
             if value > INT64_MAX:
@@ -1469,7 +1495,9 @@ _INTERVAL = "it must be a whole number of steps (>= 1) or a fraction of the trai
 # wrongly (a learning rate <= 0, max_steps 0 meaning "train by epochs", save_steps 0 never saving):
 # name -> (is the value acceptable, what is expected).
 TRAIN_VALUE_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "learning_rate": (lambda v: v > 0, "it must be > 0 (e.g. 2e-4)"),
+    # above 1 every step moves each weight by about the rate or more (AdamW normalises the update): the
+    # loss diverges at once
+    "learning_rate": (lambda v: 0 < v <= 1, "it must be > 0 and at most 1 (e.g. 2e-4)"),
     "max_steps": (
         lambda v: v == -1 or v >= 1,
         "it must be >= 1, or -1 (the default) to train for train.num_train_epochs",
@@ -1483,7 +1511,9 @@ TRAIN_VALUE_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "max_grad_norm": (lambda v: v >= 0, "it must be >= 0 (0 turns gradient clipping off)"),
     "adam_beta1": (lambda v: 0 <= v < 1, "it must be in [0, 1) (e.g. 0.9)"),
     "adam_beta2": (lambda v: 0 <= v < 1, "it must be in [0, 1) (e.g. 0.999)"),
-    "adam_epsilon": (lambda v: v > 0, "it must be > 0 (e.g. 1e-8)"),
+    # added to the root of the second moment (the gradient's scale, ~1e-3 and less for LoRA): at 1 or more it
+    # shrinks every update to almost nothing, and the run trains nothing
+    "adam_epsilon": (lambda v: 0 < v < 1, "it must be > 0 and below 1 (e.g. 1e-8)"),
     "label_smoothing_factor": (lambda v: 0 <= v < 1, "it must be in [0, 1)"),
     "num_train_epochs": (lambda v: v >= 0, "it must be >= 0"),
     "logging_steps": (_whole_or_fraction, _INTERVAL),
@@ -1511,14 +1541,67 @@ def warmup_outlasts_training(warmup_steps: float, total_steps: int, scheduler: A
     )
 
 
+TRAINER_SAVE_STEPS = 500  # TrainingArguments' default save_steps (a test keeps it equal)
+
+
+def no_checkpoint_before_the_end(args: Mapping[str, Any], total_steps: int) -> str | None:
+    """A warning where saving by steps (`train.save_steps`, a count) saves no checkpoint before the last
+    of `total_steps` optimizer steps: a run killed before then has nothing to resume from. A short run
+    may mean it; a long one copied with max_steps lowered usually does not."""
+    strategy = args.get("save_strategy", "steps")
+    given = "save_steps" in args
+    every = args.get("save_steps", TRAINER_SAVE_STEPS)
+    if strategy != "steps" or not _number(every) or every < 1 or total_steps <= 0 or every < total_steps:
+        return None
+    return (
+        f"train.save_steps is {every:g}{'' if given else ' (the default)'} and train.max_steps is {total_steps}: "
+        "no checkpoint is saved before the last step, so a run killed before then (an OOM, a node failure, "
+        "SIGKILL) has nothing to resume from and starts over (a preemption signal still saves one: "
+        f"checkpoint.signals). To keep the work as it goes, set train.save_steps below {total_steps}"
+    )
+
+
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """What validates but may lose work without a word: printed by `validate` and `prepare`, logged by
+    `train` at its start."""
+    out = []
+    steps = recipe.train.args.get("max_steps", -1)
+    if _number(steps) and steps > 0 and (late := no_checkpoint_before_the_end(recipe.train.args, int(steps))):
+        out.append(late)
+    if not recipe.checkpoint.signals:
+        out.append(
+            "checkpoint.signals is []: no signal saves a checkpoint. SIGUSR1 (what the SLURM templates send "
+            "before the time limit) and SIGTERM (preemption, scancel) end the ranks at once, without a checkpoint "
+            "or a requeue, and the steps since the last checkpoint are lost. To save and stop on them, remove "
+            "checkpoint.signals for the default [USR1, TERM]"
+        )
+    return out
+
+
+def _number(value: Any) -> bool:
+    """A finite int or float (not a bool): what the range rules compare."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
 def _train_value_problems(args: Mapping[str, Any], ctx: _Problems) -> None:
-    """Check the `train:` numbers of TRAIN_VALUE_RULES (non-finite ones are refused by `_nonfinite_problems`)."""
+    """Check the `train:` numbers of TRAIN_VALUE_RULES (non-finite ones are refused by `_nonfinite_problems`),
+    and the weight decay against the learning rate."""
     for name, (ok, expected) in TRAIN_VALUE_RULES.items():
         value = args.get(name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if not _number(value):
             continue
         if not ok(value):
             ctx.add(f"train.{name}", f"is {value}; {expected}")
+    lr, decay = args.get("learning_rate"), args.get("weight_decay")
+    if _number(lr) and _number(decay) and lr > 0 and decay > 0 and not ctx.has("train.learning_rate"):
+        # decoupled weight decay (AdamW; SGD's and Adafactor's alike): p <- p * (1 - lr * wd) at each step
+        if lr * decay >= 1:
+            ctx.add(
+                "train.weight_decay",
+                f"is {decay}; with train.learning_rate {lr:g} each step multiplies the weights by 1 - "
+                f"learning_rate x weight_decay = {1 - lr * decay:g}, which zeroes them or flips their sign. Give a "
+                f"weight decay below 1 / learning_rate = {1 / lr:g} (usually 0 to 0.1)",
+            )
 
 
 def build_recipe(
@@ -1555,8 +1638,8 @@ def build_recipe(
     built["train"] = _with_micro_batch(built["train"], built["data"], data.get("train"))
     recipe = Recipe(**built, source=source)
     _check_contradictions(recipe, data, ctx)
+    _train_value_problems(recipe.train.args, ctx)  # before: a key's own range says more than float32's
     _nonfinite_problems(recipe, ctx)
-    _train_value_problems(recipe.train.args, ctx)
     recipe = _with_resolved_paths(recipe, ctx)
     if ctx.problems:
         raise RecipeError(ctx.problems, source)
@@ -1589,10 +1672,21 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
 
 def replace(recipe: Recipe, overrides: list[str]) -> Recipe:
     """A validated copy of `recipe` with `section.key=value` overrides applied."""
-    data, problems = apply_overrides(recipe.to_dict(), overrides)
+    data, problems = apply_overrides(_as_given(recipe.to_dict()), overrides)
     if problems:
         raise RecipeError(problems, recipe.source)
     return build_recipe(data, source=recipe.source)
+
+
+def _as_given(resolved: dict[str, Any]) -> dict[str, Any]:
+    """A resolved recipe (`Recipe.to_dict`, a run's recipe.yaml) as a recipe to build again: it names every
+    key, defaults included, and `data.eval_fraction` (unused beside `data.eval_sources`) written beside
+    eval sources is its default, not the user's (a user's is refused), so it is dropped; else the check
+    meant for a user who gave both refused the recipe of every run with eval sources (and its resume)."""
+    data = resolved.get("data")
+    if isinstance(data, dict) and data.get("eval_sources") and "eval_fraction" in data:
+        resolved = {**resolved, "data": {k: v for k, v in data.items() if k != "eval_fraction"}}
+    return resolved
 
 
 # --------------------------------------------------------------------------------------------
@@ -1762,6 +1856,7 @@ def read_run_recipe(run_dir: Path) -> Recipe:
     path = run_dir / RUN_RECIPE
     data, lines = read_yaml(path)
     data.pop("launch", None)
+    data = _as_given(data)
     quant = data.get("quantization") or {}
     if isinstance(quant, dict) and quant.get("method") in ("none", "int8"):
         quant.pop("double_quant", None)  # written as true by versions before it resolved to false

@@ -19,7 +19,7 @@ from typing import Any
 from . import checkpoint, data, init_adapter, launch, launch_config, model, plan, plots, profiling, tracking
 from .errors import RecipeError, UserError, first_line
 from .files import append_jsonl, is_no_space, no_space_message
-from .recipe import BatchPlan, Recipe, resolve_batch, warmup_outlasts_training
+from .recipe import BatchPlan, Recipe, recipe_warnings, resolve_batch, warmup_outlasts_training
 
 log = logging.getLogger("qlora_sft")
 
@@ -202,6 +202,8 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     for note in launch_config.launch_notes(recipe, mode):
         log.info("launch: %s", note)
     if state.is_main_process:
+        for warning in recipe_warnings(recipe):
+            log.warning("recipe: %s", warning)
         for warning in launch_config.launch_warnings(recipe, mode):
             log.warning("launch: %s", warning)
     cap = launch.apply_gpu_memory_cap()
