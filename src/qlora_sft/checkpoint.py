@@ -17,6 +17,7 @@ Checkpointing        everything checkpointing wires into one training run: the T
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -471,6 +472,10 @@ def check_run_dir(recipe: Recipe) -> str:
     if recipe.run.overwrite:
         return "replace"
     if not (run_dir / RUN_RECIPE).exists():
+        if only_a_launch_began(run_dir):
+            # another launch has just taken the lock and writes recipe.yaml next (two launches started at
+            # the same instant), or was killed in that moment: its lock decides (a live holder is named)
+            return "restart"
         raise RunDirError(
             f"run directory {run_dir} exists and is not a qlora-sft run (no recipe.yaml). Choose another "
             "run.name / run.output_dir, or set run.overwrite=true to move it aside."
@@ -523,6 +528,27 @@ def check_run_dir(recipe: Recipe) -> str:
 
 
 DATA_SOURCE_KEYS = ("data.sources", "data.eval_sources")
+
+
+def only_a_launch_began(run_dir: Path) -> bool:
+    """Whether `run_dir` holds only what a launch writes before its recipe.yaml: a `LOCK` holding a
+    qlora-sft record (or nothing yet: its holder writes it right after taking it) and an empty logs/.
+    A user's folder with a file of that name is no run."""
+    entries = {p.name for p in run_dir.iterdir()}
+    if LOCK not in entries or not entries <= {LOCK, "logs"}:
+        return False
+    logs = run_dir / "logs"
+    if logs.exists() and (logs.is_symlink() or not logs.is_dir() or any(logs.iterdir())):
+        return False
+    lock = run_dir / LOCK
+    if lock.is_symlink() or not lock.is_file():
+        return False
+    try:
+        text = lock.read_text()
+        record = json.loads(text) if text.strip() else {"pid": None, "host": None}
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"pid", "host"} <= record.keys()
 
 
 def _without_data_paths(trained: dict[str, Any]) -> dict[str, Any]:
@@ -617,6 +643,16 @@ def finished_run(recipe: Recipe) -> str | None:
         ) <= float(manifest.get("num_train_epochs", -1) or -1)
     if not finished:
         return None
+    # The run is finished for this recipe's length; a recipe that differs otherwise (a sweep reusing one
+    # run.name) is refused as it is for a run not finished, not answered with "Nothing to do" (exit 0,
+    # the change ignored); with run.overwrite the old run is moved aside and the new recipe trains.
+    same = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, overwrite=False))
+    try:
+        check_run_dir(same)
+    except RunDirError:
+        if recipe.run.overwrite:
+            return None
+        raise
     return (
         f"run {recipe.run_dir} finished at step {done}: {final} is complete (written "
         f"{manifest.get('completed', '?')}). Nothing to do. To train longer, raise train.max_steps (or "

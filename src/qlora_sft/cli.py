@@ -848,14 +848,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"qlora-sft {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"qlora-sft {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(interrupted_line(args.command, exc), file=sys.stderr)
         return 130
     except Exception as exc:
         if not interrupted(exc) or args.debug:
             raise
-        print(f"qlora-sft {args.command}: interrupted", file=sys.stderr)  # a library's clean-up raised over Ctrl-C
+        print(interrupted_line(args.command, exc), file=sys.stderr)  # a library's clean-up raised over Ctrl-C
         return 130
+
+
+def interrupted_line(command: str, exc: BaseException) -> str:
+    """The one line a Ctrl-C ends with, on a line of its own (a progress bar may have left the cursor
+    mid-line): with what the command noted on the exception (`train`: the run and what resumes it)."""
+    notes = " ".join(getattr(exc, "__notes__", None) or [])
+    return f"\nqlora-sft {command}: interrupted" + (f". {notes}" if notes else "")
 
 
 if __name__ == "__main__":  # pragma: no cover

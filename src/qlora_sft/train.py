@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint, data, init_adapter, launch, launch_config, model, plan, plots, profiling, tracking
-from .errors import RecipeError, UserError, first_line
+from .errors import RecipeError, UserError, first_line, interrupted
 from .files import append_jsonl, is_no_space, no_space_message
 from .recipe import BatchPlan, Recipe, recipe_warnings, resolve_batch, warmup_outlasts_training
 
@@ -255,9 +255,11 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     lock = checkpoint.prepare_run_dir(recipe, meta)
     try:
         return _train(recipe, mode, batch, meta, state, base_dir, extra_callbacks, on_trainer, outlook, adapter_checked)
-    except BaseException:  # tracker runs left open would read as finished (MLflow's exit handler)
+    except BaseException as exc:  # tracker runs left open would read as finished (MLflow's exit handler)
         if state.is_main_process:
             tracking.close_after_failure(recipe.train.args.get("report_to"))
+        if interrupted(exc):  # Ctrl-C: the CLI's one line says which run, and what the same command does
+            exc.add_note(interrupted_note(recipe.run_dir))
         raise
     finally:
         checkpoint.restore_signal_handlers()
@@ -413,6 +415,9 @@ def _train(
         log.info("resuming from %s", resume_from)
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except KeyboardInterrupt:
+        close_progress_bars(trainer)  # before the CLI's line, not redrawn after it at exit
+        raise
     except torch.OutOfMemoryError as exc:
         raise OutOfGpuMemoryError(
             out_of_memory_message(exc, run_dir, trainer.state.global_step + 1, state.process_index, outlook)
@@ -445,6 +450,32 @@ def _train(
         tracking.finish(report_to)
     log.info("done: adapter in %s (step %d)", final_dir, trainer.state.global_step)
     return TrainResult(run_dir, final_dir, trainer.state.global_step, result.training_loss, eval_loss)
+
+
+def interrupted_note(run_dir: Path) -> str:
+    """What a Ctrl-C of a launch that holds `run_dir` leaves, for the CLI's one line: the newest complete
+    checkpoint (an interrupted save never counts) and what the same command does next."""
+    complete = checkpoint.complete_checkpoints(run_dir)
+    if not complete:
+        return f"Run {run_dir}: no checkpoint is complete yet; run the same command again to start it over."
+    newest = complete[0]
+    return (
+        f"Run {run_dir}: its newest complete checkpoint is {newest.path} (step {newest.step}); run the same "
+        "command again to resume from it."
+    )
+
+
+def close_progress_bars(trainer: Any) -> None:
+    """Close the Trainer's progress bars (on the main process), which otherwise draw themselves once
+    more when the interpreter exits, after the CLI's last line."""
+    from transformers.trainer_callback import ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback):
+            for bar in (callback.training_bar, callback.prediction_bar):
+                if bar is not None:
+                    bar.close()
+            callback.training_bar = callback.prediction_bar = None
 
 
 class OutOfGpuMemoryError(UserError):

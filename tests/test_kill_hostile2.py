@@ -1,0 +1,286 @@
+"""What a random-kill sweep (SIGKILL) did not exercise: Ctrl-C (a real SIGINT) at moments of a
+checkpoint's save, two launches of one run directory at the same instant, and a finished run
+relaunched with another recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, losses_by_step, recipe_dict, write_recipe, write_toy_data
+
+from qlora_sft import checkpoint
+
+pytestmark = pytest.mark.multiprocess
+
+SHORT = {"max_steps": 6, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-2}
+
+# `qlora-sft ARGS` with a real SIGINT (what Ctrl-C sends) sent to this process at one moment of the
+# save of checkpoint STEP: `optimizer` (its optimizer state half-written), `marker` (manifest written,
+# COMPLETE not yet), `retention` (the retention after it has begun to delete an older checkpoint).
+CTRL_C = """
+import os, shutil, signal, sys
+from pathlib import Path
+import torch
+from qlora_sft import files
+
+where, step, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+
+def ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt at the next instruction
+
+save = torch.save
+def torch_save(obj, f, *a, **k):
+    if where == "optimizer" and str(f).endswith(f"checkpoint-{step}/optimizer.pt"):
+        with open(f, "wb") as out:
+            out.write(b"x" * 1000)
+            ctrl_c()
+    return save(obj, f, *a, **k)
+torch.save = torch_save
+
+atomic_write = files.atomic_write
+def atomic(path, write):
+    if where == "marker" and path.name == "COMPLETE" and path.parent.name == f"checkpoint-{step}":
+        ctrl_c()
+    return atomic_write(path, write)
+files.atomic_write = atomic
+
+rmtree = shutil.rmtree
+def rm(path, *a, **k):
+    if where == "retention" and Path(path).name.startswith("deleting-checkpoint-"):
+        (Path(path) / "adapter_model.safetensors").unlink(missing_ok=True)
+        ctrl_c()
+    return rmtree(path, *a, **k)
+shutil.rmtree = rm
+
+from qlora_sft.cli import main
+sys.exit(main(args))
+"""
+
+
+def run_recipe(root: Path, tiny_model: Path, name: str, train: dict | None = None, **checkpoint_keys) -> Path:
+    data = root / "toy.jsonl"
+    if not data.exists():
+        write_toy_data(data, n=48)
+    raw = recipe_dict(tiny_model, data, root / "runs", run={"name": name}, train={**SHORT, **(train or {})})
+    raw["checkpoint"] = checkpoint_keys
+    return write_recipe(root / f"{name}.yaml", raw)
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"}
+
+
+@pytest.mark.parametrize(
+    ("where", "step", "left", "resumes"),
+    [
+        ("optimizer", 4, [2], 2),  # checkpoint-4 half-written: it never counts
+        ("marker", 4, [2], 2),  # files and manifest written, no COMPLETE: it never counts
+        ("retention", 6, [6, 4], 6),  # checkpoint-6 complete, checkpoint-2 half-deleted
+    ],
+)
+def test_ctrl_c_during_a_checkpoint_save_names_the_run_and_what_a_relaunch_resumes(
+    tiny_model: Path, tmp_path: Path, where: str, step: int, left: list[int], resumes: int
+):
+    """Ctrl-C (a real SIGINT) at three moments of a checkpoint's save, with checkpoint.keep_last: 2.
+    The save's state was right before (a partial save never counts, nothing complete is lost, the
+    relaunch resumes from the newest complete one), but all Ctrl-C said was "qlora-sft train:
+    interrupted", after a progress bar on the same line: not which run, nor what a relaunch does.
+    Now it exits 130 with one line on a line of its own that names the run directory, its newest
+    complete checkpoint and the command that resumes it; no traceback."""
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    name = f"ctrl-c-{where}"
+    recipe = run_recipe(tmp_path, tiny_model, name, keep_last=2)
+    run = tmp_path / "runs" / name
+    driver = tmp_path / "ctrl_c.py"
+    driver.write_text(CTRL_C)
+    out = subprocess.run(
+        [sys.executable, str(driver), where, str(step), "train", str(recipe)],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 130, (out.stdout + out.stderr)[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.rstrip("\n").split("\n")[-1]
+    newest = run / f"checkpoint-{left[0]}"
+    assert last == (
+        f"qlora-sft train: interrupted. Run {run}: its newest complete checkpoint is {newest} (step {left[0]}); "
+        "run the same command again to resume from it."
+    ), out.stderr[-3000:]
+
+    assert [c.step for c in checkpoint.list_checkpoints(run)] == left  # no partial one under a checkpoint's name
+    for s in left:
+        assert checkpoint.inspect_checkpoint(run / f"checkpoint-{s}", verify=True).complete
+    assert not (run / checkpoint.LOCK).exists()  # released on the way out
+    before = losses_by_step(run)
+
+    result = train(load_recipe(recipe))  # the same command
+    assert result.global_step == 6
+    assert checkpoint.inspect_checkpoint(run / "final", verify=True).complete
+    after = losses_by_step(run)
+    assert sorted(after) == [1, 2, 3, 4, 5, 6]
+    assert {s: after[s] for s in before if s <= resumes} == {s: before[s] for s in before if s <= resumes}
+    assert [c.step for c in checkpoint.list_checkpoints(run)] == [6, 4]
+    assert not any((run / checkpoint.STAGING).glob(f"{checkpoint.DELETING}*"))
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from qlora_sft.checkpoint import RunLock
+RunLock(Path(sys.argv[1])).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_launch_meeting_a_new_run_directorys_lock_names_the_job_that_holds_it(
+    tiny_model: Path, tmp_path: Path, monkeypatch
+):
+    """Two launches of a new run at the same instant: the first has taken the run directory's LOCK and
+    not yet written recipe.yaml (a few milliseconds). Was: the second was refused with "exists and is
+    not a qlora-sft run (no recipe.yaml) ... set run.overwrite=true to move it aside", naming neither
+    the other job nor the lock, and pointing at a flag that moves a live run aside. The same when the
+    first was killed in that moment: every relaunch was refused until the user deleted the folder.
+    Now the lock decides: a live holder is named (before any model loads), a dead one's run directory
+    is taken over and trains; a folder of the user's with a file named LOCK is still not a run."""
+    from qlora_sft import model
+    from qlora_sft.errors import RunDirError
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    recipe = load_recipe(run_recipe(tmp_path, tiny_model, "twin", train={"max_steps": 2}))
+    run = tmp_path / "runs" / "twin"
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD)
+    holder = subprocess.Popen([sys.executable, str(script), str(run)], env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert sorted(p.name for p in run.iterdir()) == [checkpoint.LOCK]
+
+        def no_model(*args, **kwargs):
+            raise AssertionError("the model was loaded")
+
+        with monkeypatch.context() as m:
+            m.setattr(model, "load_model", no_model)
+            with pytest.raises(RunDirError) as refused:
+                train(recipe)
+        said = str(refused.value)
+        assert f"run directory {run} is in use by another qlora-sft job" in said, said
+        assert f"pid {holder.pid}" in said and "not a qlora-sft run" not in said
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in run.iterdir()) == [checkpoint.LOCK]  # as the killed launch left it
+    assert json.loads((run / checkpoint.LOCK).read_text())["pid"] == holder.pid
+    assert train(recipe).global_step == 2  # its holder is provably gone: the run starts
+    assert checkpoint.inspect_checkpoint(run / "final", verify=True).complete
+
+    mine = tmp_path / "runs" / "mine"  # a user's folder that happens to hold a file named LOCK
+    mine.mkdir()
+    (mine / checkpoint.LOCK).write_text("my lock notes\n")
+    other = load_recipe(run_recipe(tmp_path, tiny_model, "mine", train={"max_steps": 2}))
+    with pytest.raises(RunDirError, match=r"exists and is not a qlora-sft run"):
+        train(other)
+    assert (mine / checkpoint.LOCK).read_text() == "my lock notes\n"
+
+
+def test_both_launches_started_at_the_same_instant_one_trains_the_other_is_refused(tiny_model: Path, tmp_path: Path):
+    """Two `qlora-sft train` of one new run started together, twice: exactly one trains, the other
+    exits 2 naming the run directory and the other job, never 'not a qlora-sft run'."""
+    recipe = run_recipe(tmp_path, tiny_model, "race", train={"max_steps": 1, "save_steps": 1})
+    for i in range(2):
+        run = tmp_path / "runs" / f"race{i}"
+        cmd = [sys.executable, "-m", "qlora_sft", "train", str(recipe), f"run.name=race{i}"]
+        logs = [tmp_path / f"race{i}-{who}.err" for who in "ab"]
+        both = [
+            subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=log.open("w"))
+            for log in logs
+        ]
+        outs = [(p.wait(timeout=600), log.read_text()) for p, log in zip(both, logs, strict=True)]
+        codes = sorted(rc for rc, _ in outs)
+        assert codes == [0, 2], [err[-2000:] for _, err in outs]
+        refused = next(err for rc, err in outs if rc == 2)
+        assert f"run directory {run} is in use by another qlora-sft job" in refused, refused[-2000:]
+        assert checkpoint.inspect_checkpoint(run / "final", verify=True).complete
+
+
+def test_a_finished_run_relaunched_with_another_recipe_is_refused_not_reported_done(
+    tiny_model: Path, tmp_path: Path, capsys
+):
+    """A finished run relaunched with a changed recipe (another learning rate, another LoRA rank, a
+    sweep reusing one run.name). Was: "finished at step 6 ... Nothing to do", exit 0: the change
+    silently ignored, and a sweep's script took the old run for the new setting's result. Likewise
+    `checkpoint.resume=never` (which is refused where checkpoints exist) and `run.overwrite=true` with
+    another recipe (the user asks to move the old run aside: nothing happened). Now another recipe is
+    refused naming the change, as for a run that has not finished; resume=never is refused; with
+    run.overwrite the old run is moved aside and the new recipe trains. The same recipe, or only a
+    different max_steps at or below the finished step, is still 'finished', nothing written."""
+    from qlora_sft.errors import RunDirError
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    path = run_recipe(tmp_path, tiny_model, "done", train={"max_steps": 2})
+    run = tmp_path / "runs" / "done"
+    assert train(load_recipe(path)).global_step == 2
+
+    def snapshot() -> dict[str, bytes]:
+        return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    assert train(load_recipe(path)).finished
+    assert train(load_recipe(path, ["train.max_steps=1"])).finished
+    assert snapshot() == before
+
+    with pytest.raises(RunDirError, match=r"holds a run of a different recipe:\n    train.learning_rate: 0.01 -> 0.02"):
+        train(load_recipe(path, ["train.learning_rate=0.02"]))
+    with pytest.raises(RunDirError, match=r"different recipe:\n    lora.r: 8 -> 4"):
+        train(load_recipe(path, ["lora.r=4"]))
+    with pytest.raises(RunDirError, match=r"checkpoint.resume=never but .* already has checkpoints"):
+        train(load_recipe(path, ["checkpoint.resume=never"]))
+    assert snapshot() == before
+
+    capsys.readouterr()
+    replaced = train(load_recipe(path, ["train.learning_rate=0.02", "run.overwrite=true"]))
+    assert not replaced.finished and replaced.global_step == 2
+    (aside,) = run.parent.glob("done.replaced-*")
+    assert {str(p.relative_to(aside)): p.read_bytes() for p in sorted(aside.rglob("*")) if p.is_file()} == before
+    assert read_lr(run) == 0.02
+    assert train(load_recipe(path, ["train.learning_rate=0.02"])).finished  # the new run, finished
+
+
+def read_lr(run: Path) -> float:
+    import yaml
+
+    return float(yaml.safe_load((run / "recipe.yaml").read_text())["train"]["learning_rate"])
+
+
+def test_ctrl_c_before_the_run_directory_is_touched_says_only_interrupted(tiny_model: Path, tmp_path: Path):
+    """Ctrl-C while the launch is still starting (here: as it reads the recipe's data): nothing of the
+    run was written, so there is nothing to name; exit 130, one line, no traceback."""
+    recipe = run_recipe(tmp_path, tiny_model, "early")
+    driver = tmp_path / "early.py"
+    driver.write_text(
+        "import os, signal, sys\n"
+        "from qlora_sft import plan\n"
+        "def check(*a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "plan.check_output_dir = check\n"
+        "from qlora_sft.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(driver), "train", str(recipe)], cwd=tmp_path, env=env(), capture_output=True, text=True
+    )
+    assert out.returncode == 130 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.rstrip("\n").split("\n")[-1] == "qlora-sft train: interrupted", out.stderr[-3000:]
+    assert not (tmp_path / "runs" / "early").exists()
