@@ -22,10 +22,11 @@ the accelerate config), the root unit resharded before the decoder layers' backw
 FSDP's own timing; fsdp_release_head, fsdp_offload_release_head: =1, as measured before), the allocator
 (*_expandable, *_segments_off), one GPU's memory levers
 (1gpu_hostemb, 1gpu_mb2, 1gpu_mb1, 1gpu_mb2_hostemb, 1gpu_hosthead, 1gpu_hosttables,
-1gpu_mb2_hosttables, 1gpu_adamw32), ZeRO-3 with parameter offload
-(zero3_offload, zero3_offload_modules, zero3_offload_live), each recomputed layer released after its
-backward or kept (zero3_release_layers, zero3_keep_layers, zero3_offload_keep_layers:
-QLORA_SFT_ZERO3_RELEASE_LAYERS=1/0; zero3_own, zero3_offload_own, zero3_offload_live_own and
+1gpu_mb2_hosttables, 1gpu_adamw32; since 2026-12-02 one GPU keeps both frozen tables in host memory
+by default, and 1gpu_gputables and 1gpu_mb2_gputables keep them on the GPU, the default before),
+ZeRO-3 with parameter offload (zero3_offload, zero3_offload_modules, zero3_offload_live), each
+recomputed layer released after its backward or kept (zero3_release_layers, zero3_keep_layers,
+zero3_offload_keep_layers: QLORA_SFT_ZERO3_RELEASE_LAYERS=1/0; zero3_own, zero3_offload_own, zero3_offload_live_own and
 zero3_offload_live_diag: the names of its first measurement) and profiled rows (*_profiled:
 one step profiled on every rank; what was alive at its memory peak, how long the GPU idled and where
 the host waited for it, in the row). Checks
@@ -122,6 +123,8 @@ KEEP_HEAD = ((FSDP_RELEASE_HEAD_ENV, "0"),)
 
 
 HOST_TABLES = ("model.embedding_in_host_memory=true", "model.lm_head_in_host_memory=true")
+# the default on one GPU since 2026-12-02 (auto) is HOST_TABLES; the rows before it kept both on the GPU
+GPU_TABLES = ("model.embedding_in_host_memory=false", "model.lm_head_in_host_memory=false")
 MODES = {
     "1gpu": Mode("single_gpu.yaml"),
     "ddp": Mode("multi_gpu.yaml"),
@@ -225,7 +228,11 @@ MODES = {
     # memory, 2 x 2048 tokens per micro batch (twice the accumulation), both, 32-bit AdamW instead
     # of the paged 8-bit one, and the allocator's expandable segments (reserved memory closer to
     # what is allocated)
-    "1gpu_hostemb": Mode("single_gpu.yaml", overrides=("model.embedding_in_host_memory=true",)),
+    "1gpu_hostemb": Mode(
+        "single_gpu.yaml", overrides=("model.embedding_in_host_memory=true", "model.lm_head_in_host_memory=false")
+    ),
+    "1gpu_gputables": Mode("single_gpu.yaml", overrides=GPU_TABLES),
+    "1gpu_mb2_gputables": Mode("single_gpu.yaml", overrides=("train.micro_batch_tokens=4096", *GPU_TABLES)),
     "1gpu_mb2": Mode("single_gpu.yaml", overrides=("train.micro_batch_tokens=4096",)),
     "1gpu_mb1": Mode("single_gpu.yaml", overrides=("train.micro_batch_tokens=2048",)),
     # where the host's time per micro batch goes: 1 x 2048 (host-bound on an H200) without Liger's
@@ -238,10 +245,17 @@ MODES = {
         "single_gpu.yaml", overrides=("train.micro_batch_tokens=2048", "train.offload_activations=false")
     ),
     "1gpu_mb2_hostemb": Mode(
-        "single_gpu.yaml", overrides=("train.micro_batch_tokens=4096", "model.embedding_in_host_memory=true")
+        "single_gpu.yaml",
+        overrides=(
+            "train.micro_batch_tokens=4096",
+            "model.embedding_in_host_memory=true",
+            "model.lm_head_in_host_memory=false",
+        ),
     ),
     # the output head in host memory too (copied for each loss), and both tables
-    "1gpu_hosthead": Mode("single_gpu.yaml", overrides=("model.lm_head_in_host_memory=true",)),
+    "1gpu_hosthead": Mode(
+        "single_gpu.yaml", overrides=("model.lm_head_in_host_memory=true", "model.embedding_in_host_memory=false")
+    ),
     "1gpu_hosttables": Mode("single_gpu.yaml", overrides=HOST_TABLES),
     "1gpu_mb2_hosttables": Mode("single_gpu.yaml", overrides=("train.micro_batch_tokens=4096", *HOST_TABLES)),
     "1gpu_adamw32": Mode("single_gpu.yaml", overrides=("train.optim=adamw_torch",)),

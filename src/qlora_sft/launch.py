@@ -677,38 +677,57 @@ def gpu_memory_outside_allocator_gib(device: int | None = None) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _host_table_problems(recipe: Recipe, mode: LaunchMode) -> list[str]:
-    """`model.embedding_in_host_memory` and `model.lm_head_in_host_memory` where something would
-    move the table back to the GPU (silently undoing it) or train it."""
-    keys = {
+HOST_TABLE_KEYS = ("embedding_in_host_memory", "lm_head_in_host_memory")
+
+
+def _host_table_reasons(recipe: Recipe, mode: LaunchMode, key: str) -> list[str]:
+    """Why `model.<key>` (a `HOST_TABLE_KEYS` key) cannot work in this launch: something would move
+    the table back to the GPU (silently undoing it) or train it."""
+    table, names_it = {
         "embedding_in_host_memory": ("embedding", lambda n: "embed" in n or n == "wte"),
         "lm_head_in_host_memory": ("output head", lambda n: "lm_head" in n or n in ("output", "embed_out")),
-    }
+    }[key]
+    why = []
+    if mode.kind not in ("cpu", "single_gpu", "ddp"):
+        why.append(f"the launch is {mode.describe()}, which places every weight itself")
+    if recipe.quantization.method == "none":
+        why.append("the model is not quantized, and the Trainer moves an unquantized model to the GPU whole")
+    if recipe.model.loader == "low_memory":
+        why.append("model.loader is low_memory, whose model accelerate moves to the GPU whole on one GPU and DDP")
+    for arg in ("bf16_full_eval", "fp16_full_eval"):
+        if recipe.train.args.get(arg):
+            why.append(f"train.{arg} is true, for which the Trainer moves the whole model to the GPU")
+    lora = recipe.lora
+    target = lora.target_modules
+    trained = [*(lora.modules_to_save or []), *([] if isinstance(target, str) else target)]
+    if any(names_it(name) for name in trained):
+        why.append(f"the {table} is trained (lora.modules_to_save or lora.target_modules name it)")
+    return why
+
+
+def _host_table_problems(recipe: Recipe, mode: LaunchMode) -> list[str]:
+    """`model.embedding_in_host_memory` / `model.lm_head_in_host_memory` set true where they cannot
+    work (`auto` turns itself off there)."""
     problems = []
-    for key, (table, names_it) in keys.items():
-        if not getattr(recipe.model, key):
-            continue
-        why = []
-        if mode.kind not in ("cpu", "single_gpu", "ddp"):
-            why.append(f"the launch is {mode.describe()}, which places every weight itself")
-        if recipe.quantization.method == "none":
-            why.append("the model is not quantized, and the Trainer moves an unquantized model to the GPU whole")
-        if recipe.model.loader == "low_memory":
-            why.append("model.loader is low_memory, whose model accelerate moves to the GPU whole on one GPU and DDP")
-        for arg in ("bf16_full_eval", "fp16_full_eval"):
-            if recipe.train.args.get(arg):
-                why.append(f"train.{arg} is true, for which the Trainer moves the whole model to the GPU")
-        lora = recipe.lora
-        target = lora.target_modules
-        trained = [*(lora.modules_to_save or []), *([] if isinstance(target, str) else target)]
-        if any(names_it(name) for name in trained):
-            why.append(f"the {table} is trained (lora.modules_to_save or lora.target_modules name it)")
-        problems += [
-            f"`model.{key}` is true, but {w}. It works on one GPU and under DDP with a quantized model whose {table} "
-            "is frozen. Remove it, or the other setting."
-            for w in why
-        ]
+    for key in HOST_TABLE_KEYS:
+        if getattr(recipe.model, key) is True:
+            table = "embedding" if key.startswith("embedding") else "output head"
+            problems += [
+                f"`model.{key}` is true, but {w}. It works on one GPU and under DDP with a quantized model whose "
+                f"{table} is frozen. Remove it, or the other setting."
+                for w in _host_table_reasons(recipe, mode, key)
+            ]
     return problems
+
+
+def keeps_in_host_memory(recipe: Recipe, mode: LaunchMode, key: str) -> bool:
+    """`model.<key>` (a `HOST_TABLE_KEYS` key), resolved for this launch before the model's config is
+    read. `auto`: on for one CUDA GPU where nothing in the recipe moves the table back or trains it
+    (the model may still turn it off: a table tied to the other one, or not a plain layer)."""
+    value = getattr(recipe.model, key)
+    if value == "auto":
+        return mode.kind == "single_gpu" and mode.device_type == "cuda" and not _host_table_reasons(recipe, mode, key)
+    return bool(value)
 
 
 def check_launch_compat(recipe: Recipe, mode: LaunchMode) -> list[str]:

@@ -308,12 +308,14 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
             # distance 0 one of the two (...-1proc-zero3-offload-live-profiled)
             gathered += head * (1 if shape.tied or not reuse else 2)
     # model.embedding_in_host_memory: the input embedding table is not on the GPU
-    host_embedding = shape.vocab * h * other_bytes if recipe.model.embedding_in_host_memory and not shape.tied else 0
+    host_embedding = 0.0
+    if launch.keeps_in_host_memory(recipe, mode, "embedding_in_host_memory") and not shape.tied:
+        host_embedding = shape.vocab * h * other_bytes
     # model.lm_head_in_host_memory: the output head is on the GPU only from the last layers' forward
     # (its copy starts HostHead.LEAD layers before the end) to the loss's backward, not while the
     # decoder layers' backward runs. Its phase holds the head, the layer inputs waiting and one
     # layer's forward without gradients (SwiGLU's three intermediate outputs, a dequantized weight)
-    host_head = head if recipe.model.lm_head_in_host_memory and not shape.tied else 0
+    host_head = head if launch.keeps_in_host_memory(recipe, mode, "lm_head_in_host_memory") and not shape.tied else 0
     head_phase = host_head + tokens * (3 * inter * 2 + h * 2 * held) + biggest * 2 if host_head else 0.0
     weights_name = "4-bit base weights" if q in ("nf4", "fp4") else f"{q} base weights"
     kept = 0.0 if offload else 1.0  # what offload moves to CPU memory
@@ -602,8 +604,9 @@ def micro_batch_setting(rows: int, length: int, packing: bool) -> str:
 # What lowers a step's GPU memory, without plan's numbers
 LOWER_MEMORY = (
     "lower the micro batch (train.micro_batch_tokens, or train.per_device_train_batch_size where the recipe sets it; "
-    "with train.global_batch_size set, the run resumes with it), or set model.embedding_in_host_memory=true (one "
-    "GPU, DDP) or train.offload_activations=true, or shard the model (configs/accelerate/fsdp_qlora.yaml)"
+    "with train.global_batch_size set, the run resumes with it), or keep the frozen tables in host memory "
+    "(model.embedding_in_host_memory and model.lm_head_in_host_memory: auto turns them on for one GPU; set them true "
+    "under DDP), or set train.offload_activations=true, or shard the model (configs/accelerate/fsdp_qlora.yaml)"
 )
 
 
@@ -640,8 +643,9 @@ class GpuOutlook:
         if self.largest_micro == 0:
             first = (
                 f"Not even one row of {length} tokens fits by plan's estimate: shorten data.max_length, or set "
-                "model.embedding_in_host_memory=true (one GPU, DDP) or train.offload_activations=true, or shard the "
-                "model over several GPUs (configs/accelerate/fsdp_qlora.yaml)"
+                "model.embedding_in_host_memory=true and model.lm_head_in_host_memory=true (one GPU, DDP) or "
+                "train.offload_activations=true, or shard the model over several GPUs "
+                "(configs/accelerate/fsdp_qlora.yaml)"
             )
         elif self.largest_micro < self.micro:
             rows = self.largest_micro

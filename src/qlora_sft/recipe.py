@@ -82,19 +82,21 @@ class ModelConfig:
     either way."""
     trust_remote_code: bool = False
     """Allow model/tokenizer code from the model's repository to run. Off by default."""
-    embedding_in_host_memory: bool = False
+    embedding_in_host_memory: bool | Literal["auto"] = "auto"
     """Keep the frozen input embedding table in host memory: each step gathers its tokens'
     rows on the CPU (into pinned memory on a GPU machine) and copies only those to the GPU, so the
     GPU does not hold vocabulary x hidden weights (1 GB at 8B for Llama-3's 128k vocabulary). One GPU
-    and DDP, quantized models, a frozen plain embedding not tied to the output head (refused
-    otherwise). Off by default: on one H200 it saved 0.98 GiB at 8B for 0.98x the tokens/s
-    (bench/results/2026-11-30-NVIDIA_H200-llama3-8b-distributed-1gpu-levers.md)."""
-    lm_head_in_host_memory: bool = False
+    and DDP, quantized models, a frozen plain embedding not tied to the output head (`true` is refused
+    otherwise). `auto`: on for one CUDA GPU wherever it applies (a tied or non-plain embedding stays on
+    the GPU, and the log says so), off otherwise; under DDP set `true` (measured on CPU ranks only).
+    With `lm_head_in_host_memory`, on one H200 at 8B: 5.50 GiB peak instead of 7.22 at 1.01x the
+    tokens/s (bench/results/2026-12-02-NVIDIA_H200-llama3-8b-distributed-1gpu-host-head.md)."""
+    lm_head_in_host_memory: bool | Literal["auto"] = "auto"
     """Keep the frozen output head in pinned host memory: each forward copies it to the GPU on a side
     stream while the last decoder layers run, and the copy is freed once the loss's backward has used
     it, before the decoder layers' backward, where a step's peak is (1 GB off that peak at 8B for
     Llama-3's 128k vocabulary). One GPU and DDP, quantized models, a frozen bias-free linear head not
-    tied to the input embedding (refused otherwise). Off by default."""
+    tied to the input embedding (`true` is refused otherwise). `auto`: as `embedding_in_host_memory`."""
     loader: Literal["auto", "transformers", "low_memory"] = "auto"
     """How the base weights are read. `low_memory`: the safetensors shards one tensor at a time, each
     linear weight quantized as it is read and placed for the launch mode; under FSDP/ZeRO-3 only

@@ -582,24 +582,11 @@ def load_model(
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     compute_dtype = mode.compute_dtype(recipe.quantization, recipe.model)
-    for key in host_table_keys(recipe):
-        check_untied_embeddings(recipe, base_dir, key)
+    in_host = host_table_keys(recipe, mode, base_dir)
     model = load_base(recipe, mode, base_dir)
     quantized = getattr(model, "hf_quantizer", None) is not None
     resize_for_pad(model, tokenizer)
-    host_tables = []  # frozen tables in host memory: DDP leaves them alone
-    if recipe.model.embedding_in_host_memory:
-        from .offload import embedding_in_host_memory
-
-        name, moved = embedding_in_host_memory(model)
-        host_tables.append(name)
-        log.info("model: input embedding in host memory (%.2f GiB off the GPU)", moved / 2**30)
-    if recipe.model.lm_head_in_host_memory:
-        from .offload import lm_head_in_host_memory
-
-        name, moved = lm_head_in_host_memory(model)
-        host_tables.append(name)
-        log.info("model: output head in host memory, copied for each loss (%.2f GiB off the GPU)", moved / 2**30)
+    host_tables = tables_to_host(model, recipe, in_host)  # frozen tables in host memory: DDP leaves them alone
     model.config.use_cache = False  # no KV cache while training (and checkpointing needs it off)
     if use_liger(recipe.model, mode.device_type):
         apply_liger(model)
@@ -648,10 +635,10 @@ def load_model(
         log.info(
             "model: DDP leaves %s alone (frozen, in host memory)", ", ".join(model._ddp_params_and_buffers_to_ignore)
         )
-    if recipe.model.lm_head_in_host_memory:
+    if host_tables:
         from .offload import host_head_hooks
 
-        host_head_hooks(model)
+        host_head_hooks(model)  # (where the head stayed on the GPU it is no HostHead: nothing to wire)
     if mode.shards_parameters:
         check_sharded_dtypes(model, compute_dtype, mode)
     if uses_fused_lora(recipe, mode):
@@ -659,10 +646,45 @@ def load_model(
     return model
 
 
-def host_table_keys(recipe: Recipe) -> list[str]:
-    """The recipe's `model.*_in_host_memory` keys that are on."""
-    m = recipe.model
-    return [f"model.{k}" for k in ("embedding_in_host_memory", "lm_head_in_host_memory") if getattr(m, k)]
+def host_table_keys(recipe: Recipe, mode: LaunchMode, base_dir: str | Path | None) -> list[str]:
+    """The `model.*_in_host_memory` keys (`launch.HOST_TABLE_KEYS`) on for this launch. Both need an
+    input embedding that is not the output head (one table would be both on the GPU and in host
+    memory), read from config.json before any weight loads: refused for `true`, off for `auto`."""
+    from ..launch import HOST_TABLE_KEYS, keeps_in_host_memory
+
+    keys = [key for key in HOST_TABLE_KEYS if keeps_in_host_memory(recipe, mode, key)]
+    for key in list(keys):
+        try:
+            check_untied_embeddings(recipe, base_dir, f"model.{key}")
+        except Exception as exc:
+            if getattr(recipe.model, key) is True:
+                raise
+            # auto: a config that does not read here fails where the model loads, with its own message
+            why = "the model ties its input embedding to its output head" if isinstance(exc, UserError) else exc
+            log.info("model.%s (auto): off: %s", key, why)
+            keys.remove(key)
+    return keys
+
+
+def tables_to_host(model: Any, recipe: Recipe, keys: list[str]) -> list[str]:
+    """Move the frozen tables of `keys` (`host_table_keys`) to host memory; returns their parameters'
+    names. A table the model has in a form that cannot move (not a plain layer, tied) is refused for
+    `true` and stays on the GPU for `auto`, which the log says."""
+    from . import offload
+
+    names = []
+    for key in keys:
+        try:
+            name, moved = getattr(offload, key)(model)
+        except UserError as exc:
+            if getattr(recipe.model, key) is True:
+                raise
+            log.info("model.%s (auto): off: %s", key, str(exc).split(": ", 1)[-1].split(". Remove")[0])
+            continue
+        names.append(name)
+        what = "input embedding in host memory" if key.startswith("embedding") else "output head in host memory"
+        log.info("model: %s (model.%s; %.2f GiB off the GPU)", what, key, moved / 2**30)
+    return names
 
 
 def check_untied_embeddings(recipe: Recipe, base_dir: str | Path | None, key: str) -> None:
