@@ -721,13 +721,33 @@ def _host_table_problems(recipe: Recipe, mode: LaunchMode) -> list[str]:
 
 
 def keeps_in_host_memory(recipe: Recipe, mode: LaunchMode, key: str) -> bool:
-    """`model.<key>` (a `HOST_TABLE_KEYS` key), resolved for this launch before the model's config is
-    read. `auto`: on for one CUDA GPU where nothing in the recipe moves the table back or trains it
-    (the model may still turn it off: a table tied to the other one, or not a plain layer)."""
+    """`model.<key>` (a `HOST_TABLE_KEYS` key) for this launch: `true`, or `auto` where nothing in the
+    recipe moves the table back or trains it on one GPU and the GPU's memory is tight
+    (`plan.resolve_host_tables` turns `auto` into true or false; unresolved, it is off). The model may
+    still keep an `auto` table on the GPU: one tied to the other, or not a plain layer."""
     value = getattr(recipe.model, key)
-    if value == "auto":
-        return mode.kind == "single_gpu" and mode.device_type == "cuda" and not _host_table_reasons(recipe, mode, key)
-    return bool(value)
+    return value is True
+
+
+def host_table_applies(recipe: Recipe, mode: LaunchMode, key: str) -> bool:
+    """Whether `auto` may turn `model.<key>` on in this launch: one CUDA GPU, and nothing in the recipe
+    that would move the table back to the GPU or train it."""
+    return mode.kind == "single_gpu" and not _host_table_reasons(recipe, mode, key)
+
+
+def gpu_memory_gib() -> float | None:
+    """This process's GPU's memory as plan counts it: QLORA_SFT_GPU_MEMORY_GIB's cap where it is set
+    (and valid; `apply_gpu_memory_cap` names a wrong one), else the device's; None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    try:
+        cap = float(os.environ.get(GPU_MEMORY_CAP_ENV) or "nan")
+    except ValueError:
+        return total
+    return cap if 0 < cap <= total else total
 
 
 def check_launch_compat(recipe: Recipe, mode: LaunchMode) -> list[str]:

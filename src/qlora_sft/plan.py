@@ -48,6 +48,7 @@ I = MLP size, L = layers, V = vocabulary, n = LoRA parameters, W = ranks sharing
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -355,6 +356,33 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
     return MemoryEstimate({k: v / GIB for k, v in parts.items()})
 
 
+# `auto` keeps the frozen tables in host memory on one GPU where plan's estimate with them on the GPU
+# passes this share of what the GPU offers (usable_gib). They save 1-3 GiB (8B: 7.22 -> 5.50 GiB at
+# 4 x 2048) for 0-5% of the tokens/s (one H200, three calls, 2026-12-02): worth it only where memory
+# is short, so a run with room to spare keeps its speed
+HOST_TABLES_AUTO_SHARE = 0.75
+
+
+def resolve_host_tables(recipe: Recipe, mode: LaunchMode, shape: ModelShape, gpu_gib: float | None) -> Recipe:
+    """`recipe` with `auto` of model.embedding_in_host_memory and model.lm_head_in_host_memory made
+    true or false for this launch on a GPU of `gpu_gib` (None: unknown, off): true on one GPU where
+    they apply (launch.host_table_applies), the tables are untied, and the estimate with both on the
+    GPU passes HOST_TABLES_AUTO_SHARE of usable_gib."""
+    keys = [k for k in launch.HOST_TABLE_KEYS if getattr(recipe.model, k) == "auto"]
+    if not keys:
+        return recipe
+    model = recipe.model
+
+    def with_model(**values: bool) -> Recipe:
+        return dataclasses.replace(recipe, model=dataclasses.replace(model, **values))
+
+    off = with_model(**dict.fromkeys(keys, False))
+    if gpu_gib is None or shape.tied or mode.kind != "single_gpu":
+        return off
+    tight = estimate_memory(shape, off, mode).total > HOST_TABLES_AUTO_SHARE * usable_gib(gpu_gib, mode)
+    return with_model(**{k: tight and launch.host_table_applies(recipe, mode, k) for k in keys})
+
+
 def releases_head(mode: LaunchMode) -> bool:
     """Whether FSDP reshards the root unit (output head, final norm) before the decoder layers'
     backward (model.sharding.release_root_after_head): layer units, QLORA_SFT_FSDP_RELEASE_HEAD not 0,
@@ -464,6 +492,8 @@ def plan_lines(
     if problems:
         raise RecipeError(problems, recipe.source)
     shape = recipe_shape(recipe, base_dir)
+    given = recipe
+    recipe = resolve_host_tables(given, mode, shape, gpu_mem)
     per_node = world // max(1, nodes) if mode.kind != "single_gpu" else 1
     out = [
         f"recipe: {recipe.source or '(in code)'}; model {recipe.model.name_or_path}: {shape.layers} layers, hidden "
@@ -493,6 +523,7 @@ def plan_lines(
     warmup = warmup_outlasts_training(float(args.get("warmup_steps", 0)), total_steps, args.get("lr_scheduler_type"))
     if warmup:
         out.append(f"warning: {warmup}")
+    out += host_tables_lines(given, recipe, mode, gpu_mem)
     est = estimate_memory(shape, recipe, mode)
     out.append(
         f"estimated peak GPU memory per rank: {est.total:.2f} GiB "
@@ -515,6 +546,7 @@ def plan_lines(
         )
         for cfg_path in bundled_configs():
             candidate = launch.from_config_file(cfg_path, per_node, nodes)
+            recipe = resolve_host_tables(given, candidate, shape, gpu_mem)
             impossible = launch.check_launch_compat(recipe, candidate)
             if impossible:
                 out.append(f"  {cfg_path.name:30} cannot run: {impossible[0][:100]}")
@@ -527,6 +559,25 @@ def plan_lines(
             except RecipeError as exc:  # batch not divisible for this world size
                 out.append(f"  {cfg_path.name:30} cannot run: {str(exc).splitlines()[-1][:100]}")
     return out
+
+
+def host_tables_lines(given: Recipe, resolved: Recipe, mode: LaunchMode, gpu_mem: float | None) -> list[str]:
+    """What `auto` of the host-memory tables resolved to (`resolve_host_tables`), for plan's report."""
+    keys = [k for k in launch.HOST_TABLE_KEYS if getattr(given.model, k) == "auto"]
+    if not keys or mode.kind != "single_gpu":
+        return []
+    on = [k for k in keys if getattr(resolved.model, k)]
+    names = " and ".join(f"model.{k}" for k in keys)
+    if gpu_mem is None:
+        return [
+            f"frozen tables: {names} are auto: on one GPU they go to host memory where the estimate with them on "
+            f"the GPU passes {HOST_TABLES_AUTO_SHARE:.0%} of what the GPU offers; give --gpu-mem N to see which"
+        ]
+    where = "in host memory" if on else "on the GPU"
+    return [
+        f"frozen tables: {names} are auto: {where} on a {gpu_mem:g} GiB GPU (host memory where the estimate with "
+        f"them on the GPU passes {HOST_TABLES_AUTO_SHARE:.0%} of the {usable_gib(gpu_mem, mode):.2f} GiB it offers)"
+    ]
 
 
 # The share of a GPU's memory an estimate may fill and still be said to fit: the caching allocator
@@ -605,8 +656,8 @@ def micro_batch_setting(rows: int, length: int, packing: bool) -> str:
 LOWER_MEMORY = (
     "lower the micro batch (train.micro_batch_tokens, or train.per_device_train_batch_size where the recipe sets it; "
     "with train.global_batch_size set, the run resumes with it), or keep the frozen tables in host memory "
-    "(model.embedding_in_host_memory and model.lm_head_in_host_memory: auto turns them on for one GPU; set them true "
-    "under DDP), or set train.offload_activations=true, or shard the model (configs/accelerate/fsdp_qlora.yaml)"
+    "(model.embedding_in_host_memory=true and model.lm_head_in_host_memory=true; one GPU, DDP), or set "
+    "train.offload_activations=true, or shard the model (configs/accelerate/fsdp_qlora.yaml)"
 )
 
 
@@ -664,6 +715,7 @@ class GpuOutlook:
 def gpu_outlook(recipe: Recipe, mode: LaunchMode, base_dir: Path | None, gpu_gib: float) -> GpuOutlook:
     """plan's estimate for this recipe and launch mode on a GPU of `gpu_gib` (reads config.json)."""
     shape = recipe_shape(recipe, base_dir)
+    recipe = resolve_host_tables(recipe, mode, shape, gpu_gib)
     return GpuOutlook(
         gpu_gib=gpu_gib,
         estimate_gib=estimate_memory(shape, recipe, mode).total,

@@ -87,10 +87,11 @@ class ModelConfig:
     rows on the CPU (into pinned memory on a GPU machine) and copies only those to the GPU, so the
     GPU does not hold vocabulary x hidden weights (1 GB at 8B for Llama-3's 128k vocabulary). One GPU
     and DDP, quantized models, a frozen plain embedding not tied to the output head (`true` is refused
-    otherwise). `auto`: on for one CUDA GPU wherever it applies (a tied or non-plain embedding stays on
-    the GPU, and the log says so), off otherwise; under DDP set `true` (measured on CPU ranks only).
-    With `lm_head_in_host_memory`, on one H200 at 8B: 5.50 GiB peak instead of 7.22 at 1.01x the
-    tokens/s (bench/results/2026-12-02-NVIDIA_H200-llama3-8b-distributed-1gpu-host-head.md)."""
+    otherwise). With `lm_head_in_host_memory`, on one H200 at 8B and 4 x 2048 tokens: 5.50 GiB peak
+    instead of 7.22, at 0.95-1.01x the tokens/s in three calls (docs/benchmarks.md). `auto`: on for
+    one CUDA GPU where memory is short, that is where plan's estimate with both tables on the GPU
+    passes 75% of what the GPU offers (`plan --gpu-mem N` says which; a tied or non-plain table stays
+    on the GPU, and the log says so); off otherwise, and under DDP (set `true` there)."""
     lm_head_in_host_memory: bool | Literal["auto"] = "auto"
     """Keep the frozen output head in pinned host memory: each forward copies it to the GPU on a side
     stream while the last decoder layers run, and the copy is freed once the loss's backward has used

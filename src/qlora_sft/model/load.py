@@ -647,22 +647,25 @@ def load_model(
 
 
 def host_table_keys(recipe: Recipe, mode: LaunchMode, base_dir: str | Path | None) -> list[str]:
-    """The `model.*_in_host_memory` keys (`launch.HOST_TABLE_KEYS`) on for this launch. Both need an
-    input embedding that is not the output head (one table would be both on the GPU and in host
-    memory), read from config.json before any weight loads: refused for `true`, off for `auto`."""
-    from ..launch import HOST_TABLE_KEYS, keeps_in_host_memory
+    """The `model.*_in_host_memory` keys (`launch.HOST_TABLE_KEYS`) on for this launch: `true`, and
+    `auto` as `plan.resolve_host_tables` resolves it on this GPU (as train's memory outlook did). Both
+    need an input embedding that is not the output head (one table would be both on the GPU and in
+    host memory), read from config.json before any weight loads: refused for `true`."""
+    from ..launch import HOST_TABLE_KEYS, gpu_memory_gib, keeps_in_host_memory
+    from ..plan import recipe_shape, resolve_host_tables
 
     keys = [key for key in HOST_TABLE_KEYS if keeps_in_host_memory(recipe, mode, key)]
-    for key in list(keys):
+    for key in keys:
+        check_untied_embeddings(recipe, base_dir, f"model.{key}")
+    if any(getattr(recipe.model, key) == "auto" for key in HOST_TABLE_KEYS):
         try:
-            check_untied_embeddings(recipe, base_dir, f"model.{key}")
-        except Exception as exc:
-            if getattr(recipe.model, key) is True:
-                raise
-            # auto: a config that does not read here fails where the model loads, with its own message
-            why = "the model ties its input embedding to its output head" if isinstance(exc, UserError) else exc
-            log.info("model.%s (auto): off: %s", key, why)
-            keys.remove(key)
+            resolved = resolve_host_tables(recipe, mode, recipe_shape(recipe, base_dir), gpu_memory_gib())
+        except Exception as exc:  # a config plan cannot read: the tables stay on the GPU (it fails at the load)
+            log.info("model.*_in_host_memory (auto): on the GPU, no estimate from plan (%s)", exc)
+            resolved = recipe
+        keys = [key for key in HOST_TABLE_KEYS if getattr(resolved.model, key) is True]
+        if keys:
+            log.info("model: %s (auto): GPU memory is short for this launch by plan's estimate", ", ".join(keys))
     return keys
 
 
