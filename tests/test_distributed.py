@@ -263,6 +263,7 @@ def test_plan_names_the_largest_micro_batch_that_fits(shape: str, gpu_mem: float
         estimate_memory,
         largest_micro_batch,
         plan_lines,
+        resolve_host_tables,
     )
     from qlora_sft.recipe import build_recipe
 
@@ -277,6 +278,10 @@ def test_plan_names_the_largest_micro_batch_that_fits(shape: str, gpu_mem: float
     (line,) = [x for x in lines if x.startswith("largest micro batch")]
     mode = plan_mode(recipe, None, None, 1)
     dims = ModelShape.from_config(json.loads((model / "config.json").read_text()))
+    # on these cards the frozen tables go to host memory (model.*_in_host_memory: auto), as plan says
+    recipe = resolve_host_tables(recipe, mode, dims, gpu_mem)
+    assert recipe.model.embedding_in_host_memory is recipe.model.lm_head_in_host_memory is True
+    assert any(x.startswith("frozen tables: ") and "in host memory on a" in x for x in lines), lines
     micro = largest_micro_batch(dims, recipe, mode, gpu_mem)
     if micro:
         assert estimate_memory(dims, recipe, mode, micro).total <= usable
