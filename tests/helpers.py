@@ -225,3 +225,20 @@ def cli_with_file_limit(*args: str, fsize: int | None = None, timeout: float = 3
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg"}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+# a short run that saves every 2 steps: the hostile checkpoint tests' recipe
+SHORT_RUN = {"max_steps": 6, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-2}
+
+
+def short_run_recipe(
+    root: Path, tiny_model: Path, name: str, train: dict | None = None, **checkpoint_keys: Any
+) -> Path:
+    """A recipe file of SHORT_RUN (with `train` over it) on 48 toy rows under `root`, its run in
+    root/runs/<name>, `checkpoint:` set to `checkpoint_keys`."""
+    data = root / "toy.jsonl"
+    if not data.exists():
+        write_toy_data(data, n=48)
+    raw = recipe_dict(tiny_model, data, root / "runs", run={"name": name}, train={**SHORT_RUN, **(train or {})})
+    raw["checkpoint"] = checkpoint_keys
+    return write_recipe(root / f"{name}.yaml", raw)

@@ -13,13 +13,23 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, cpu_env, free_port, losses_by_step, recipe_dict, write_recipe, write_toy_data
+from helpers import (
+    REPO,
+    SHORT_RUN,
+    cpu_env,
+    free_port,
+    losses_by_step,
+    recipe_dict,
+    short_run_recipe,
+    write_recipe,
+    write_toy_data,
+)
 
 from qlora_sft import checkpoint
 
 pytestmark = pytest.mark.multiprocess
 
-SHORT = {"max_steps": 6, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-2}
+SHORT = SHORT_RUN
 
 # Trains the recipe; at the end of step AT (on RANK, or every rank; 0: before the launch), every later
 # write of a file past LIMIT bytes fails with EFBIG. The output goes to a pipe, which the limit does not touch.
@@ -55,13 +65,7 @@ except UserError as exc:
 TOO_LARGE = "a file grew past the largest this process may write (`ulimit -f`) or the file system of"
 
 
-def run_recipe(root: Path, tiny_model: Path, name: str, train: dict | None = None, **checkpoint_keys) -> Path:
-    data = root / "toy.jsonl"
-    if not data.exists():
-        write_toy_data(data, n=48)
-    raw = recipe_dict(tiny_model, data, root / "runs", run={"name": name}, train={**SHORT, **(train or {})})
-    raw["checkpoint"] = checkpoint_keys
-    return write_recipe(root / f"{name}.yaml", raw)
+run_recipe = short_run_recipe
 
 
 def launch(recipe: Path, at: int = -1, limit: int = 0, rank: str = "any", ranks: int = 1):

@@ -246,6 +246,35 @@ def test_a_newer_checkpoint_without_its_marker_is_named_when_an_older_one_is_exp
     exported_instead(copy, "checkpoint-1", "checkpoint-2", "(no COMPLETE marker", caplog)
 
 
+def test_a_run_still_training_is_named_when_its_checkpoint_is_exported(
+    run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """export (and chat) of a run whose lock a live job holds says the run is still training and that
+    the checkpoint used is not what it will end with; a lock left by a job that is gone says nothing."""
+    from qlora_sft.checkpoint import RunLock
+    from qlora_sft.export import resolve_source
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "final")
+    lock = RunLock(copy)
+    lock.acquire()  # held as a training job holds it (here by this process)
+    try:
+        assert RunLock.live_holder(copy)["pid"] == os.getpid()
+        with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+            assert resolve_source(copy).adapter_dir == copy / "checkpoint-2"
+    finally:
+        lock.release()
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(f"{copy} is still training (" in m and f"pid {os.getpid()}" in m for m in warned), warned
+    (copy / "LOCK").write_text('{"host": "elsewhere", "pid": 1}')  # left behind: no flock held
+    assert RunLock.live_holder(copy) is None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        resolve_source(copy)
+    assert not [r for r in caplog.records if "still training" in r.getMessage()]
+
+
 def test_a_users_own_recipe_yaml_above_out_does_not_make_a_run_of_the_folder(run: Path, tmp_path: Path):
     """A project folder holding the user's own recipe, saved as `recipe.yaml`, is not a run: a run's
     recipe.yaml is the resolved one a launch wrote, with its `launch:` section. `--out final` there was

@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, losses_by_step, recipe_dict, write_recipe, write_toy_data
+from helpers import REPO, losses_by_step, short_run_recipe
 
 from qlora_sft import checkpoint
 
 pytestmark = pytest.mark.multiprocess
 
-SHORT = {"max_steps": 6, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-2}
 
 # `qlora-sft ARGS` with a real SIGINT (what Ctrl-C sends) sent to this process at one moment of the
 # save of checkpoint STEP: `optimizer` (its optimizer state half-written), `marker` (manifest written,
@@ -62,13 +61,7 @@ sys.exit(main(args))
 """
 
 
-def run_recipe(root: Path, tiny_model: Path, name: str, train: dict | None = None, **checkpoint_keys) -> Path:
-    data = root / "toy.jsonl"
-    if not data.exists():
-        write_toy_data(data, n=48)
-    raw = recipe_dict(tiny_model, data, root / "runs", run={"name": name}, train={**SHORT, **(train or {})})
-    raw["checkpoint"] = checkpoint_keys
-    return write_recipe(root / f"{name}.yaml", raw)
+run_recipe = short_run_recipe
 
 
 def env() -> dict[str, str]:

@@ -401,7 +401,29 @@ class RunLock:
             return
         raise RunDirError(f"could not take the lock {self.path}: it keeps being replaced by another process")
 
-    def _read(self, fd: int) -> dict[str, Any]:
+    @staticmethod
+    def live_holder(run_dir: Path) -> dict[str, Any] | None:
+        """The record of the job that holds `run_dir`'s lock now (its flock is held), else None. Read
+        only: the flock is taken shared for an instant, which a launch taking the lock at that moment
+        retries past (`acquire` rereads a record for `RECORD_GRACE_S`)."""
+        import fcntl
+
+        try:
+            fd = os.open(run_dir / LOCK, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return RunLock._read(fd) or {}
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _read(fd: int) -> dict[str, Any]:
         try:
             record = json.loads(os.pread(fd, 65536, 0).decode() or "{}")
         except (OSError, ValueError):

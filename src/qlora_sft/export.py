@@ -190,7 +190,7 @@ def resolve_source(
 ) -> Source:
     """A run directory (final/, else its newest complete checkpoint), a checkpoint, or an adapter.
     Remote code runs only with `trust_remote_code` (the command's flag; see `remote_code_gate`)."""
-    from .checkpoint import inspect_checkpoint, list_checkpoints
+    from .checkpoint import RunLock, inspect_checkpoint, list_checkpoints
     from .recipe import read_run_recipe
 
     p = Path(path)
@@ -216,6 +216,18 @@ def resolve_source(
                     f"recipe it ran is {run_dir / 'recipe.yaml'}), or give another run directory."
                 )
             p = complete[0].path
+            training = RunLock.live_holder(run_dir)
+            if training is not None:  # a run still training: what is used now is not what it will end with
+                log.warning(
+                    "%s: %s is still training (%s holds its lock): using its newest complete checkpoint %s (step %d). "
+                    "The run saves newer ones and its final/ when it ends; %s it again then for the finished adapter.",
+                    command,
+                    run_dir,
+                    RunLock.describe(training),
+                    p,
+                    complete[0].step,
+                    command,
+                )
             # a run still training has no final/; a damaged final/ or a newer damaged checkpoint is named
             skipped = [final_info] if final_info is not None else []
             skipped += [c for c in checkpoints if not c.complete and c.step > complete[0].step]
