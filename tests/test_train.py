@@ -144,6 +144,37 @@ def test_overwrite_moves_the_old_run_aside(tmp_path: Path, tiny_model: Path, toy
     assert (run_dir / "recipe.yaml").is_file()
 
 
+def test_overwrite_is_done_once_per_slurm_job_a_requeue_resumes(
+    tmp_path: Path, tiny_model: Path, toy_data: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """run.overwrite in a recipe that SLURM requeues (preemption): the job's first launch moves the
+    old run aside; its requeues (same SLURM_JOB_ID, a higher SLURM_RESTART_COUNT) go on with the run
+    it started instead of moving it aside again, which started the training over at every requeue.
+    Another launch in the same allocation (same restart count) or another job still replaces it."""
+    from qlora_sft.checkpoint import check_run_dir, prepare_run_dir, run_metadata
+    from qlora_sft.launch import LaunchMode
+    from qlora_sft.recipe import resolve_batch
+
+    run_dir = tmp_path / "runs" / "tiny"
+    recipe = build_recipe(recipe_dict(tiny_model, toy_data, tmp_path / "runs", run={"overwrite": True}))
+    (run_dir / "checkpoint-5").mkdir(parents=True)  # someone else's: not a qlora-sft run
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    meta = run_metadata(recipe, LaunchMode(kind="cpu"), resolve_batch(recipe.train, 1))
+    prepare_run_dir(recipe, meta).release()  # the job's first launch: moved aside, a new run
+    assert len(list(tmp_path.glob("runs/tiny.replaced-*"))) == 1
+    (run_dir / "checkpoint-2").mkdir()  # what it trained before the preemption
+    (run_dir / "logs" / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0}\n')
+    assert check_run_dir(recipe) == "replace"  # a second launch in the same allocation: as asked
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # SLURM requeued the job
+    assert check_run_dir(recipe) != "replace"
+    meta = run_metadata(recipe, LaunchMode(kind="cpu"), resolve_batch(recipe.train, 1))
+    prepare_run_dir(recipe, meta).release()
+    assert (run_dir / "checkpoint-2").is_dir() and len(list(tmp_path.glob("runs/tiny.replaced-*"))) == 1
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")  # another job with the same recipe: replaces
+    assert check_run_dir(recipe) == "replace"
+
+
 def test_resume_continues_from_newest_complete_checkpoint(tiny_model: Path, tmp_path: Path, toy_data: Path, caplog):
     base = recipe_dict(tiny_model, toy_data, tmp_path / "runs", train={"max_steps": 10, "save_steps": 5})
     train(build_recipe(base))

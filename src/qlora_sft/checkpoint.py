@@ -49,6 +49,7 @@ from .recipe import (
     Recipe,
     fingerprint_differences,
     read_run_recipe,
+    read_yaml,
     run_recipe_differences,
     trained_fingerprint,
     write_run_recipe,
@@ -491,7 +492,7 @@ def check_run_dir(recipe: Recipe) -> str:
     run_dir = recipe.run_dir
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return "new"
-    if recipe.run.overwrite:
+    if recipe.run.overwrite and slurm_requeue_of(run_dir) is None:
         return "replace"
     if not (run_dir / RUN_RECIPE).exists():
         if only_a_launch_began(run_dir):
@@ -550,6 +551,24 @@ def check_run_dir(recipe: Recipe) -> str:
 
 
 DATA_SOURCE_KEYS = ("data.sources", "data.eval_sources")
+
+
+def slurm_requeue_of(run_dir: Path) -> str | None:
+    """Whether this launch is a SLURM requeue of the job that last launched into `run_dir` (its
+    recipe.yaml's `launch:` block): the same SLURM job id, a higher SLURM_RESTART_COUNT. Then
+    `run.overwrite` has been done by that job's first launch, and the requeue resumes what it
+    trained instead of moving it aside again (a preempted job with the key in its recipe started over
+    at every requeue). Returns the job id, or None."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        launch = (read_yaml(run_dir / RUN_RECIPE)[0] or {}).get("launch") or {}
+        before = int(launch.get("slurm_restart_count") or 0)
+        now = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except Exception:  # no readable record of the launch: not provably the same job
+        return None
+    return job if str(launch.get("slurm_job_id")) == job and now > before else None
 
 
 def only_a_launch_began(run_dir: Path) -> bool:
@@ -617,6 +636,13 @@ def prepare_run_dir(recipe: Recipe, launch: dict[str, Any]) -> RunLock | None:
             old.path = aside / LOCK  # the lock moved with the folder: release it there
             old.release()
             log.warning("run.overwrite: moved the previous run %s aside to %s", run_dir, aside)
+        elif recipe.run.overwrite and action != "new":
+            log.warning(
+                "run.overwrite: this launch is SLURM job %s requeued, whose first launch replaced %s: it goes on "
+                "with that run instead of replacing it again",
+                os.environ.get("SLURM_JOB_ID"),
+                run_dir,
+            )
         lock = RunLock(run_dir)
         lock.acquire()
         held.append(lock)
@@ -1674,6 +1700,9 @@ def run_metadata(recipe: Recipe, mode: Any, batch: Any) -> dict[str, Any]:
         "num_train_epochs": float(recipe.train.args.get("num_train_epochs", 3.0)),
         # the weights trained on (resume and export check them: a path alone can name another model)
         "base_model": base_fingerprint(recipe),
+        # a requeue of this SLURM job resumes this run even with run.overwrite (slurm_requeue_of)
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT") or "0",
     }
 
 

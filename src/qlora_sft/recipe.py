@@ -55,7 +55,8 @@ class RunConfig:
     """Seed for model init (LoRA), data mixing, shuffling and the eval split (0 to 2**32 - 1, numpy's range)."""
     overwrite: bool = False
     """Start a different recipe in an existing run directory: the old directory is moved aside to
-    `<name>.replaced-<time>` (never deleted). Without it such a launch is refused."""
+    `<name>.replaced-<time>` (never deleted). Without it such a launch is refused. A SLURM requeue of
+    the job that did so resumes the run it started instead of replacing it again."""
 
 
 @dataclass(frozen=True)
