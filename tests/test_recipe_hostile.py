@@ -41,9 +41,9 @@ def refused(overrides: list[str], data: dict[str, Any] | None = None) -> list[st
     return exc.value.problems
 
 
-def validate_cli(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
+def validate_cli(recipe: Path, *overrides: str, command: str = "validate") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "qlora_sft", "validate", str(recipe), *overrides],
+        [sys.executable, "-m", "qlora_sft", command, str(recipe), *overrides],
         capture_output=True,
         text=True,
         timeout=120,
@@ -439,6 +439,11 @@ def test_validate_prints_the_recipe_warnings(tmp_path: Path, tiny_model: Path):
     assert out.returncode == 0, out.stderr
     assert "  warning: train.save_steps is 500 (the default) and train.max_steps is 10" in out.stdout, out.stdout
     assert "  warning: checkpoint.signals is []" in out.stdout, out.stdout
+    # plan says them too (it reads the model's config.json, nothing more)
+    plan = validate_cli(f, "train.max_steps=10", "checkpoint.signals=[]", command="plan")
+    assert plan.returncode == 0, plan.stderr
+    assert "warning: train.save_steps is 500 (the default) and train.max_steps is 10" in plan.stdout, plan.stdout
+    assert "warning: checkpoint.signals is []" in plan.stdout, plan.stdout
 
 
 # --------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from . import launch, launch_config
 from .errors import DataError, RecipeError, RunDirError, UserError
 from .files import os_reason, read_problem, write_problem
 from .launch import CUDA_CONTEXT_GIB, PROCESS_GROUP_CONTEXT_GIB, LaunchMode, context_gib
-from .recipe import Recipe, micro_batches_dividing, resolve_batch, warmup_outlasts_training
+from .recipe import Recipe, micro_batches_dividing, recipe_warnings, resolve_batch, warmup_outlasts_training
 
 GIB = 1024**3
 
@@ -523,6 +523,7 @@ def plan_lines(
     warmup = warmup_outlasts_training(float(args.get("warmup_steps", 0)), total_steps, args.get("lr_scheduler_type"))
     if warmup:
         out.append(f"warning: {warmup}")
+    out += [f"warning: {w}" for w in recipe_warnings(recipe)]  # as validate and train say them
     out += host_tables_lines(given, recipe, mode, gpu_mem)
     est = estimate_memory(shape, recipe, mode)
     out.append(
