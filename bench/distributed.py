@@ -123,6 +123,11 @@ KEEP_HEAD = ((FSDP_RELEASE_HEAD_ENV, "0"),)
 
 
 HOST_TABLES = ("model.embedding_in_host_memory=true", "model.lm_head_in_host_memory=true")
+# what model.load logs for each table it keeps in host memory
+HOST_TABLES_LOGGED = {
+    "embedding_in_host_memory": "input embedding in host memory",
+    "lm_head_in_host_memory": "output head in host memory",
+}
 # the default on one GPU since 2026-12-02 (auto) is HOST_TABLES; the rows before it kept both on the GPU
 GPU_TABLES = ("model.embedding_in_host_memory=false", "model.lm_head_in_host_memory=false")
 MODES = {
@@ -578,6 +583,9 @@ def main() -> int:
             # whether the run resharded the root (output head) before the layers' backward: the default
             # since 2026-11-30 evening, off in the *_keep_head rows (rows without the key ran before)
             r["fsdp_release_head_applied"] = RELEASE_HEAD_APPLIED in logged
+        # the frozen tables the run kept in host memory (`auto` resolves by the GPU's memory since
+        # 2026-12-02; rows without the key kept them where the row's overrides say)
+        r["host_tables"] = [key for key, logged_as in HOST_TABLES_LOGGED.items() if logged_as in logged]
         if "deepspeed" in MODES[mode].config:
             # whether the decoder layers were DeepSpeed leaf modules (qlora-sft's default since
             # 2026-12-01, or a JSON's leaf_module); rows without the key ran before qlora-sft made

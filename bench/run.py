@@ -60,12 +60,18 @@ ABLATION = {
     "no liger kernels": ["model.liger_kernels=false"],
     "fp32 upcast of frozen weights": ["model.upcast_frozen=true"],
     "micro batch 2x2048 tokens": ["train.micro_batch_tokens=4096"],
-    # one GPU's default since 2026-12-02 keeps both frozen tables in host memory: these keep them on the GPU
-    "tables on the GPU": ["model.embedding_in_host_memory=false", "model.lm_head_in_host_memory=false"],
-    "micro batch 2x2048 tokens, tables on the GPU": [
+    "embedding in host memory": ["model.embedding_in_host_memory=true", "model.lm_head_in_host_memory=false"],
+    "micro batch 2x2048 tokens, embedding in host memory": [
         "train.micro_batch_tokens=4096",
-        "model.embedding_in_host_memory=false",
+        "model.embedding_in_host_memory=true",
         "model.lm_head_in_host_memory=false",
+    ],
+    # both frozen tables in host memory (what `auto` chooses on one GPU where memory is short)
+    "both tables in host memory": ["model.embedding_in_host_memory=true", "model.lm_head_in_host_memory=true"],
+    "micro batch 2x2048 tokens, both tables in host memory": [
+        "train.micro_batch_tokens=4096",
+        "model.embedding_in_host_memory=true",
+        "model.lm_head_in_host_memory=true",
     ],
     "optim paged_adamw_32bit": ["train.optim=paged_adamw_32bit"],
     "no packing (padded rows of 4)": ["data.packing=false"],
