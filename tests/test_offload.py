@@ -374,7 +374,7 @@ def test_host_tables_auto_is_on_for_one_gpu_where_memory_is_short(tiny_model: Pa
     assert on(head_trained, one_gpu, 8.0) == [True, False]
     both = dataclasses.replace(auto, model=dataclasses.replace(auto.model, **dict.fromkeys(keys, True)))
     assert on(both, mode("ddp"), None) == [True, True]  # true: DDP too, whatever the GPU
-    assert [launch.keeps_in_host_memory(both, mode("ddp"), k) for k in keys] == [True, True]
+    assert [launch.keeps_in_host_memory(both, k) for k in keys] == [True, True]
     # plan says what auto resolved to
     (line,) = host_tables_lines(auto, resolve_host_tables(auto, one_gpu, eight_b, 8.0), one_gpu, 8.0)
     assert "in host memory on a 8 GiB GPU" in line

@@ -720,13 +720,10 @@ def _host_table_problems(recipe: Recipe, mode: LaunchMode) -> list[str]:
     return problems
 
 
-def keeps_in_host_memory(recipe: Recipe, mode: LaunchMode, key: str) -> bool:
-    """`model.<key>` (a `HOST_TABLE_KEYS` key) for this launch: `true`, or `auto` where nothing in the
-    recipe moves the table back or trains it on one GPU and the GPU's memory is tight
-    (`plan.resolve_host_tables` turns `auto` into true or false; unresolved, it is off). The model may
-    still keep an `auto` table on the GPU: one tied to the other, or not a plain layer."""
-    value = getattr(recipe.model, key)
-    return value is True
+def keeps_in_host_memory(recipe: Recipe, key: str) -> bool:
+    """Whether `model.<key>` (a `HOST_TABLE_KEYS` key) is true. `auto` counts as off until
+    `plan.resolve_host_tables` has made it true or false for the launch and its GPU."""
+    return getattr(recipe.model, key) is True
 
 
 def host_table_applies(recipe: Recipe, mode: LaunchMode, key: str) -> bool:

@@ -310,13 +310,13 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
             gathered += head * (1 if shape.tied or not reuse else 2)
     # model.embedding_in_host_memory: the input embedding table is not on the GPU
     host_embedding = 0.0
-    if launch.keeps_in_host_memory(recipe, mode, "embedding_in_host_memory") and not shape.tied:
+    if launch.keeps_in_host_memory(recipe, "embedding_in_host_memory") and not shape.tied:
         host_embedding = shape.vocab * h * other_bytes
     # model.lm_head_in_host_memory: the output head is on the GPU only from the last layers' forward
     # (its copy starts HostHead.LEAD layers before the end) to the loss's backward, not while the
     # decoder layers' backward runs. Its phase holds the head, the layer inputs waiting and one
     # layer's forward without gradients (SwiGLU's three intermediate outputs, a dequantized weight)
-    host_head = head if launch.keeps_in_host_memory(recipe, mode, "lm_head_in_host_memory") and not shape.tied else 0
+    host_head = head if launch.keeps_in_host_memory(recipe, "lm_head_in_host_memory") and not shape.tied else 0
     head_phase = host_head + tokens * (3 * inter * 2 + h * 2 * held) + biggest * 2 if host_head else 0.0
     weights_name = "4-bit base weights" if q in ("nf4", "fp4") else f"{q} base weights"
     kept = 0.0 if offload else 1.0  # what offload moves to CPU memory

@@ -635,7 +635,6 @@ def load_model(
         log.info(
             "model: DDP leaves %s alone (frozen, in host memory)", ", ".join(model._ddp_params_and_buffers_to_ignore)
         )
-    if host_tables:
         from .offload import host_head_hooks
 
         host_head_hooks(model)  # (where the head stayed on the GPU it is no HostHead: nothing to wire)
@@ -654,7 +653,7 @@ def host_table_keys(recipe: Recipe, mode: LaunchMode, base_dir: str | Path | Non
     from ..launch import HOST_TABLE_KEYS, gpu_memory_gib, keeps_in_host_memory
     from ..plan import recipe_shape, resolve_host_tables
 
-    keys = [key for key in HOST_TABLE_KEYS if keeps_in_host_memory(recipe, mode, key)]
+    keys = [key for key in HOST_TABLE_KEYS if keeps_in_host_memory(recipe, key)]
     for key in keys:
         check_untied_embeddings(recipe, base_dir, f"model.{key}")
     if any(getattr(recipe.model, key) == "auto" for key in HOST_TABLE_KEYS):
