@@ -187,6 +187,36 @@ def test_lm_head_in_host_memory_leaves_the_gpu_after_the_loss(tmp_path: Path):
     assert torch.cuda.memory_allocated() - before <= grads + 2**20
 
 
+@pytest.mark.gpu
+def test_a_host_head_cast_after_it_moved_is_pinned_again():
+    """model.upcast_frozen: peft's prepare_model_for_kbit_training casts the host table to fp32 in
+    pageable memory after it moved; wiring the head pins it again, so each copy to the GPU stays
+    asynchronous (from pageable memory the host would wait for every copy)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_sft.model.offload import host_head_hooks, lm_head_in_host_memory
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    lm_head_in_host_memory(model)
+    table = model.get_output_embeddings()._parameters["weight"]
+    assert table.is_pinned() and table.dtype == torch.bfloat16
+    table.data = table.data.to(torch.float32)  # as prepare_model_for_kbit_training's upcast does
+    assert not table.is_pinned()
+    head = host_head_hooks(model)
+    assert table.is_pinned() and table.dtype == torch.float32
+    head.arm()  # as a forward of the model does: the copy on the GPU, from the pinned table
+    copy = head.weight
+    assert copy.is_cuda and torch.equal(copy.cpu(), table.detach())
+    head.release()
+
+
 def test_host_embedding_table_stays_on_the_host_when_the_model_moves():
     """Whatever moves or casts the model (transformers' Trainer moves a PeftModel to the GPU when it
     does not see the quantization through it) leaves the table in host memory: a move to the meta
@@ -372,6 +402,10 @@ def test_host_tables_auto_is_on_for_one_gpu_where_memory_is_short(tiny_model: Pa
     assert on(plain, one_gpu, 8.0) == on(low, one_gpu, 8.0) == [False, False]
     head_trained = dataclasses.replace(auto, lora=dataclasses.replace(auto.lora, modules_to_save=["lm_head"]))
     assert on(head_trained, one_gpu, 8.0) == [True, False]
+    (line,) = host_tables_lines(auto, resolve_host_tables(head_trained, one_gpu, eight_b, 8.0), one_gpu, 8.0)
+    assert "auto: model.embedding_in_host_memory in host memory on a 8 GiB GPU" in line, line  # only the one on
+    neox_head = dataclasses.replace(auto, lora=dataclasses.replace(auto.lora, modules_to_save=["embed_out"]))
+    assert on(neox_head, one_gpu, 8.0) == [True, False]  # GPT-NeoX's head, not its embedding
     both = dataclasses.replace(auto, model=dataclasses.replace(auto.model, **dict.fromkeys(keys, True)))
     assert on(both, mode("ddp"), None) == [True, True]  # true: DDP too, whatever the GPU
     assert [launch.keeps_in_host_memory(both, k) for k in keys] == [True, True]

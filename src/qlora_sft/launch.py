@@ -684,7 +684,8 @@ def _host_table_reasons(recipe: Recipe, mode: LaunchMode, key: str) -> list[str]
     """Why `model.<key>` (a `HOST_TABLE_KEYS` key) cannot work in this launch: something would move
     the table back to the GPU (silently undoing it) or train it."""
     table, names_it = {
-        "embedding_in_host_memory": ("embedding", lambda n: "embed" in n or n == "wte"),
+        # (GPT-NeoX's head is embed_out)
+        "embedding_in_host_memory": ("embedding", lambda n: ("embed" in n and "embed_out" not in n) or n == "wte"),
         "lm_head_in_host_memory": ("output head", lambda n: "lm_head" in n or n in ("output", "embed_out")),
     }[key]
     why = []

@@ -567,16 +567,16 @@ def host_tables_lines(given: Recipe, resolved: Recipe, mode: LaunchMode, gpu_mem
     keys = [k for k in launch.HOST_TABLE_KEYS if getattr(given.model, k) == "auto"]
     if not keys or mode.kind != "single_gpu":
         return []
-    on = [k for k in keys if getattr(resolved.model, k)]
     names = " and ".join(f"model.{k}" for k in keys)
     if gpu_mem is None:
         return [
-            f"frozen tables: {names} are auto: on one GPU they go to host memory where the estimate with them on "
+            f"frozen tables: {names} auto: on one GPU they go to host memory where the estimate with them on "
             f"the GPU passes {HOST_TABLES_AUTO_SHARE:.0%} of what the GPU offers; give --gpu-mem N to see which"
         ]
-    where = "in host memory" if on else "on the GPU"
+    on = [k for k in keys if getattr(resolved.model, k)]
+    where = f"{' and '.join(f'model.{k}' for k in on)} in host memory" if on else "on the GPU"
     return [
-        f"frozen tables: {names} are auto: {where} on a {gpu_mem:g} GiB GPU (host memory where the estimate with "
+        f"frozen tables: {names} auto: {where} on a {gpu_mem:g} GiB GPU (host memory where the estimate with "
         f"them on the GPU passes {HOST_TABLES_AUTO_SHARE:.0%} of the {usable_gib(gpu_mem, mode):.2f} GiB it offers)"
     ]
 

@@ -340,10 +340,16 @@ def host_head_hooks(model: Any) -> HostHead | None:
     """Wire a `HostHead` into the forward of `model` (the outermost module a trainer calls, e.g. the
     PeftModel): armed as the forward begins, its copy started `LEAD` decoder layers before the end
     (or at once where the decoder's layers are not found), released when the forward returns or
-    raises. Returns the head, or None where the model has none."""
+    raises; its table pinned again if something cast it since. Returns the head, or None where the
+    model has none."""
     head = model.get_output_embeddings()
     if not isinstance(head, HostHead):
         return None
+    table = head._parameters["weight"]
+    if head.compute_device.type == "cuda" and not table.is_pinned():
+        # model.upcast_frozen: peft's prepare_model_for_kbit_training replaced the table by an fp32
+        # copy in pageable memory, from which each copy to the GPU would stall the host
+        table.data = table.data.pin_memory()
     model.register_forward_pre_hook(lambda module, args: head.arm())
     model.register_forward_hook(lambda module, args, out: head.release(), always_call=True)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
