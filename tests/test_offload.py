@@ -388,6 +388,13 @@ def test_host_tables_auto_is_on_for_one_gpu_where_memory_is_short(tiny_model: Pa
         return [getattr(resolved.model, k) for k in keys]
 
     assert on(auto, one_gpu, 8.0) == [True, True]  # an 8 GiB card: 7.25 GiB would not leave room
+    # plan's largest micro batch resolves auto at each micro batch, as a launch with it would: on a 24 GiB
+    # card 4 x 2048 keeps the tables on the GPU, the largest micro batch that fits moves them to host memory
+    from qlora_sft.plan import largest_micro_batch
+
+    largest = largest_micro_batch(eight_b, auto, one_gpu, 24.0)
+    gpu_tables = dataclasses.replace(auto, model=dataclasses.replace(auto.model, **dict.fromkeys(keys, False)))
+    assert largest > largest_micro_batch(eight_b, gpu_tables, one_gpu, 24.0) > 4
     assert on(auto, one_gpu, 24.0) == [False, False]  # a 24 GiB card: full speed
     assert on(auto, one_gpu, None) == [False, False]  # no GPU known: off
     eight = estimate_memory(eight_b, resolve_host_tables(auto, one_gpu, eight_b, 8.0), one_gpu).total

@@ -682,6 +682,11 @@ def test_gpu_outlook_says_what_fits_and_what_to_lower(tiny_model: Path, tmp_path
     assert "Not even one row of 4096 tokens fits" in none.advice() and "fsdp_qlora.yaml" in none.advice()
     above = GpuOutlook(gpu_gib=24.0, estimate_gib=13.0, largest_micro=8, micro=8, max_length=2048)
     assert "so the peak is above it" in above.advice()  # what an out-of-memory error says when plan said it fits
+    # the frozen tables are suggested only where they are not in host memory already (auto may have put them there)
+    assert all("model.lm_head_in_host_memory=true" in o.advice() for o in (none, above))
+    for outlook in (none, above):
+        there = dataclasses.replace(outlook, tables_in_host=True)
+        assert "host_memory" not in there.advice() and "offload_activations" in there.advice()
 
 
 # 5. same-size corruption: found by the checksum, the previous checkpoint used, the file named

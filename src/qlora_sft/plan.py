@@ -363,11 +363,14 @@ def estimate_memory(shape: ModelShape, recipe: Recipe, mode: LaunchMode, micro: 
 HOST_TABLES_AUTO_SHARE = 0.75
 
 
-def resolve_host_tables(recipe: Recipe, mode: LaunchMode, shape: ModelShape, gpu_gib: float | None) -> Recipe:
+def resolve_host_tables(
+    recipe: Recipe, mode: LaunchMode, shape: ModelShape, gpu_gib: float | None, micro: int | None = None
+) -> Recipe:
     """`recipe` with `auto` of model.embedding_in_host_memory and model.lm_head_in_host_memory made
-    true or false for this launch on a GPU of `gpu_gib` (None: unknown, off): true on one GPU where
-    they apply (launch.host_table_applies), the tables are untied, and the estimate with both on the
-    GPU passes HOST_TABLES_AUTO_SHARE of usable_gib."""
+    true or false for this launch on a GPU of `gpu_gib` (None: unknown, off) at micro batch `micro`
+    (rows; None: the recipe's): true on one GPU where they apply (launch.host_table_applies), the
+    tables are untied, and the estimate with both on the GPU passes HOST_TABLES_AUTO_SHARE of
+    usable_gib."""
     keys = [k for k in launch.HOST_TABLE_KEYS if getattr(recipe.model, k) == "auto"]
     if not keys:
         return recipe
@@ -379,7 +382,7 @@ def resolve_host_tables(recipe: Recipe, mode: LaunchMode, shape: ModelShape, gpu
     off = with_model(**dict.fromkeys(keys, False))
     if gpu_gib is None or shape.tied or mode.kind != "single_gpu":
         return off
-    tight = estimate_memory(shape, off, mode).total > HOST_TABLES_AUTO_SHARE * usable_gib(gpu_gib, mode)
+    tight = estimate_memory(shape, off, mode, micro).total > HOST_TABLES_AUTO_SHARE * usable_gib(gpu_gib, mode)
     return with_model(**{k: tight and launch.host_table_applies(recipe, mode, k) for k in keys})
 
 
@@ -538,7 +541,7 @@ def plan_lines(
             "ranks hold none"
         )
     if gpu_mem is not None:
-        out.append(largest_micro_batch_line(shape, recipe, mode, gpu_mem))
+        out.append(largest_micro_batch_line(shape, given, mode, gpu_mem))  # auto resolved at each micro batch
         out.append(
             f"bundled configs on a {gpu_mem:g} GiB GPU ({nodes} node(s) x {per_node} GPU(s); fits: estimate at most "
             f"{usable_beside(gpu_mem, CUDA_CONTEXT_GIB):.2f} GiB on one GPU, "
@@ -611,10 +614,12 @@ def fits(estimate: float, gpu_mem: float, mode: LaunchMode | None = None) -> boo
 
 def largest_micro_batch(shape: ModelShape, recipe: Recipe, mode: LaunchMode, gpu_mem: float) -> int:
     """The most rows of data.max_length tokens per micro batch whose estimate fits `gpu_mem` GiB with
-    this launch (0: not even one)."""
+    this launch (0: not even one); `auto` host tables resolved at each micro batch, as a launch with
+    it would resolve them."""
     best = 0
     for micro in range(1, 1025):
-        if not fits(estimate_memory(shape, recipe, mode, micro).total, gpu_mem, mode):
+        at = resolve_host_tables(recipe, mode, shape, gpu_mem, micro)
+        if not fits(estimate_memory(shape, at, mode, micro).total, gpu_mem, mode):
             break  # the estimate grows with the micro batch
         best = micro
     return best
@@ -629,14 +634,15 @@ def largest_micro_batch_line(shape: ModelShape, recipe: Recipe, mode: LaunchMode
         "GiB leaves, the rest for the allocator)"
     )
     if micro == 0:
-        need = estimate_memory(shape, recipe, mode, 1).total
+        need = estimate_memory(shape, resolve_host_tables(recipe, mode, shape, gpu_mem, 1), mode, 1).total
         return (
             f"{head}: none; one row of {length} tokens needs {need:.2f} GiB (shorter data.max_length, "
             "train.offload_activations, or shard the model: see the configs below)"
         )
+    at = resolve_host_tables(recipe, mode, shape, gpu_mem, micro)
     line = (
         f"{head}: {micro} x {length} tokens ({micro_batch_setting(micro, length, recipe.data.packing)}, estimated "
-        f"{estimate_memory(shape, recipe, mode, micro).total:.2f} GiB)"
+        f"{estimate_memory(shape, at, mode, micro).total:.2f} GiB)"
     )
     gbs, world = recipe.train.global_batch_size, mode.world_size
     if gbs is not None and gbs % (micro * world):
@@ -653,13 +659,22 @@ def micro_batch_setting(rows: int, length: int, packing: bool) -> str:
     return f"train.micro_batch_tokens={rows * length}" if packing else f"train.per_device_train_batch_size={rows}"
 
 
-# What lowers a step's GPU memory, without plan's numbers
-LOWER_MEMORY = (
-    "lower the micro batch (train.micro_batch_tokens, or train.per_device_train_batch_size where the recipe sets it; "
-    "with train.global_batch_size set, the run resumes with it), or keep the frozen tables in host memory "
-    "(model.embedding_in_host_memory=true and model.lm_head_in_host_memory=true; one GPU, DDP), or set "
-    "train.offload_activations=true, or shard the model (configs/accelerate/fsdp_qlora.yaml)"
-)
+# What keeps the frozen tables off the GPU (where they are not there already)
+HOST_TABLES_SETTING = "model.embedding_in_host_memory=true and model.lm_head_in_host_memory=true (one GPU, DDP)"
+
+
+def lower_memory(tables_in_host: bool = False) -> str:
+    """What lowers a step's GPU memory, without plan's numbers; `tables_in_host`: both frozen tables
+    are in host memory already, so that is not suggested."""
+    tables = "" if tables_in_host else f"or keep the frozen tables in host memory ({HOST_TABLES_SETTING}), "
+    return (
+        "lower the micro batch (train.micro_batch_tokens, or train.per_device_train_batch_size where the recipe sets "
+        f"it; with train.global_batch_size set, the run resumes with it), {tables}or set "
+        "train.offload_activations=true, or shard the model (configs/accelerate/fsdp_qlora.yaml)"
+    )
+
+
+LOWER_MEMORY = lower_memory()
 
 
 @dataclass(frozen=True)
@@ -674,6 +689,7 @@ class GpuOutlook:
     max_length: int
     packing: bool = True
     mode: LaunchMode | None = None  # the launch (None: one process), for the CUDA context it counts
+    tables_in_host: bool = False  # both frozen tables in host memory already (true, or auto resolved so)
 
     @property
     def fits(self) -> bool:
@@ -693,10 +709,10 @@ class GpuOutlook:
         """What to lower, with plan's numbers for this GPU."""
         length = self.max_length
         if self.largest_micro == 0:
+            tables = "" if self.tables_in_host else f"set {HOST_TABLES_SETTING} or "
             first = (
-                f"Not even one row of {length} tokens fits by plan's estimate: shorten data.max_length, or set "
-                "model.embedding_in_host_memory=true and model.lm_head_in_host_memory=true (one GPU, DDP) or "
-                "train.offload_activations=true, or shard the model over several GPUs "
+                f"Not even one row of {length} tokens fits by plan's estimate: shorten data.max_length, or "
+                f"{tables}set train.offload_activations=true, or shard the model over several GPUs "
                 "(configs/accelerate/fsdp_qlora.yaml)"
             )
         elif self.largest_micro < self.micro:
@@ -709,20 +725,22 @@ class GpuOutlook:
                 "train.global_batch_size set, the run resumes with it)"
             )
         else:
-            first = f"plan's estimate fits this micro batch, so the peak is above it: {LOWER_MEMORY}"
+            lower = lower_memory(self.tables_in_host)
+            first = f"plan's estimate fits this micro batch, so the peak is above it: {lower}"
         return f"{first}. `qlora-sft plan RECIPE --gpu-mem {self.gpu_gib:g}` lists the launch configs that fit."
 
 
 def gpu_outlook(recipe: Recipe, mode: LaunchMode, base_dir: Path | None, gpu_gib: float) -> GpuOutlook:
     """plan's estimate for this recipe and launch mode on a GPU of `gpu_gib` (reads config.json)."""
     shape = recipe_shape(recipe, base_dir)
-    recipe = resolve_host_tables(recipe, mode, shape, gpu_gib)
+    resolved = resolve_host_tables(recipe, mode, shape, gpu_gib)
     return GpuOutlook(
         gpu_gib=gpu_gib,
-        estimate_gib=estimate_memory(shape, recipe, mode).total,
+        estimate_gib=estimate_memory(shape, resolved, mode).total,
         largest_micro=largest_micro_batch(shape, recipe, mode, gpu_gib),
         micro=int(recipe.train.args.get("per_device_train_batch_size", 1)),
         max_length=recipe.data.max_length,
         packing=recipe.data.packing,
         mode=mode,
+        tables_in_host=all(launch.keeps_in_host_memory(resolved, k) for k in launch.HOST_TABLE_KEYS),
     )
