@@ -401,9 +401,13 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def plan_estimate(recipe_path: Path, mode: str, gpus: int, overrides: list[str], work: Path) -> float:
+def plan_estimate(
+    recipe_path: Path, mode: str, gpus: int, overrides: list[str], work: Path, gpu_gib: float | None
+) -> tuple[float, list[str]]:
+    """plan's peak estimate for a mode as launched on a GPU of `gpu_gib` (the cap, else the GPU's own
+    memory), and the frozen tables its `auto` puts in host memory there, as the launch resolves them."""
     from qlora_sft import launch as launch_mode
-    from qlora_sft.plan import estimate_memory, recipe_shape
+    from qlora_sft.plan import estimate_memory, recipe_shape, resolve_host_tables
     from qlora_sft.recipe import load_recipe
 
     m = MODES[mode]
@@ -418,7 +422,10 @@ def plan_estimate(recipe_path: Path, mode: str, gpus: int, overrides: list[str],
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return round(estimate_memory(recipe_shape(recipe), recipe, lm).total, 2)
+    shape = recipe_shape(recipe)
+    resolved = resolve_host_tables(recipe, lm, shape, gpu_gib)
+    tables = [k for k in launch_mode.HOST_TABLE_KEYS if getattr(resolved.model, k) is True]
+    return round(estimate_memory(shape, resolved, lm).total, 2), tables
 
 
 def kill_and_resume(
@@ -571,8 +578,12 @@ def main() -> int:
             "returncode": rc,
             "wall_s": round(wall, 1),
             **read_run(runs / mode),
-            "plan_estimate_gib": plan_estimate(recipe_path, mode, args.gpus, args.overrides, log_dir / "configs"),
         }
+        # plan's estimate resolves `auto` at the cap or the GPU's memory, as the launch does (rows of
+        # 2026-12-02 before this key left auto's tables on the GPU in the estimate)
+        r["plan_estimate_gib"], r["plan_host_tables"] = plan_estimate(
+            recipe_path, mode, args.gpus, args.overrides, log_dir / "configs", args.gpu_cap or report.gpu_memory_gib()
+        )
         logged = log.read_text(errors="replace")
         if r["accelerate_fsdp_config"]:
             # logged after the first training forward from what FSDP registered (None: the run never
@@ -694,6 +705,12 @@ def goals_of(payload: dict) -> list[str]:
                 f"state verified: {k.get('resume_verified')}, max loss difference {d}"
             )
             lines.append(f"- {'met' if ok else '**missed**'}: {what}: {r['mode']}: {facts}")
+        if "plan_host_tables" in r and r.get("host_tables") is not None:
+            same = sorted(r["plan_host_tables"]) == sorted(r["host_tables"])
+            lines.append(
+                f"- {'met' if same else '**missed**'}: plan puts the same frozen tables in host memory as the run: "
+                f"{r['mode']}: plan {r['plan_host_tables'] or 'none'}, run {r['host_tables'] or 'none'}"
+            )
         if r["mode"] in SHARDED:
             e = r.get("export")
             state = "not measured" if e is None else ("met" if e.get("verified") else "**missed**")

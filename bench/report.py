@@ -20,6 +20,17 @@ def gpu_name() -> str:
     return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
 
 
+@functools.cache
+def gpu_memory_gib() -> float | None:
+    """The GPU's memory in GiB (None without CUDA), asked of a child process as `gpu_name` is."""
+    probe = (
+        "import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30 "
+        "if torch.cuda.is_available() else '')"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    return float(out) if out else None
+
+
 def results_base(out: Path, gpu: str, shape: str, suffix: str = "") -> Path:
     """Path without extension of today's results for a GPU and a model shape."""
     return out / f"{dt.date.today().isoformat()}-{gpu.replace(' ', '_')}-{shape}{suffix}"

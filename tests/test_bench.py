@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import REPO
 
 
@@ -88,8 +89,6 @@ def test_bench_distributed_runs_kills_resumes_and_writes_results(tmp_path: Path)
     assert sorted(k["resumed_losses"]) == ["3", "4"] and k["max_abs_loss_diff"] == 0.0
     assert k["resume_verified"] and data["checks"]["max_resumed_loss_diff_1gpu"] == 0.0
     # the killed run and its relaunch ran the overridden recipe too (not only the uninterrupted one)
-    import yaml
-
     killed = yaml.safe_load((tmp_path / "cache" / "runs" / "llama-smoke" / "1gpu-killed" / "recipe.yaml").read_text())
     assert killed["train"]["learning_rate"] == 1e-3 and r["overrides"] == ["train.learning_rate=1e-3"]
 
@@ -226,3 +225,32 @@ def test_peak_breakdown_names_what_is_alive_at_the_peak():
     assert out["held_before_gib"] == 1.0 and out["freed_before_peak_gib"] == 0.0
     # without the allocator's number, the step's peak is what was held plus the largest live total
     assert peak_breakdown({"device_traces": [trace]}, held_before=2**30)["peak_gib"] == 1 + 600 / 1024
+
+
+def test_bench_plan_estimate_resolves_auto_tables_at_the_cap(tmp_path: Path):
+    """The bench's plan estimate resolves `auto` of the frozen tables at the GPU's memory or the cap,
+    as the launch does: the 14B shape at 8 x 2048 puts both in host memory under a 16 GiB cap, none on
+    a 139 GiB GPU, and the estimate is the smaller with them in host memory. A row whose run kept
+    other tables than plan said is reported as a missed goal."""
+    sys.path.insert(0, str(REPO))
+    from bench import distributed, workload
+
+    model = tmp_path / "qwen2.5-14b"
+    model.mkdir()
+    workload.shape_config("qwen2.5-14b").save_pretrained(model)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(distributed.recipe_for(model, data, tmp_path / "runs", 10, 8, 2048)))
+    over = ["train.micro_batch_tokens=16384"]
+    capped = distributed.plan_estimate(recipe, "1gpu", 1, over, tmp_path / "c", 16.0)
+    roomy = distributed.plan_estimate(recipe, "1gpu", 1, over, tmp_path / "c", 139.8)
+    assert capped[1] == ["embedding_in_host_memory", "lm_head_in_host_memory"] and roomy[1] == []
+    assert 1.0 < roomy[0] - capped[0] < 4.0  # two 152,064 x 5,120 bf16 tables: 2.9 GiB
+    # a mode whose overrides pin the tables is estimated as pinned, whatever the cap
+    assert distributed.plan_estimate(recipe, "1gpu_gputables", 1, over, tmp_path / "c", 16.0) == roomy
+    row = {"mode": "1gpu", "returncode": 0, "plan_host_tables": capped[1]}
+    payload = {"num_gpus": 1, "checks": {}, "results": [row | {"host_tables": capped[1]}]}
+    assert any(x.startswith("- met: plan puts the same frozen tables") for x in distributed.goals_of(payload))
+    payload["results"] = [row | {"host_tables": []}]
+    assert any(x.startswith("- **missed**: plan puts the same") for x in distributed.goals_of(payload))

@@ -314,6 +314,18 @@ def test_plan_names_the_largest_micro_batch_that_fits(shape: str, gpu_mem: float
         # capped at 16 GiB: 8 x 2048 trained with 0.9 GiB to spare; 11 x 2048 trained only by using
         # every byte (240 allocator retries under the cap that keeps 0.95 GiB for the context)
         assert 8 <= measured <= 10, measured
+    # the default (auto: both tables in host memory under these caps), measured on one H200 on
+    # 2026-12-02 (bench/results/2026-12-02-NVIDIA_H200-qwen2.5-*-auto): the peak at each micro batch
+    # that ran, and plan's largest micro batch, which trained
+    raw["model"].update(embedding_in_host_memory="auto", lm_head_in_host_memory="auto")
+    peaks = {("qwen2.5-14b", 16.0): {8: 10.19, 19: 14.77}, ("qwen2.5-32b", 24.0): {4: 18.69, 7: 20.30}}
+    for rows, peak in peaks.get((shape, gpu_mem), {}).items():
+        at = resolve_host_tables(build_recipe(raw), mode, dims, gpu_mem, rows)
+        assert at.model.embedding_in_host_memory is at.model.lm_head_in_host_memory is True
+        assert abs(estimate_memory(dims, at, mode, rows).total / peak - 1) <= 0.15, (rows, peak)
+    if (shape, gpu_mem) in peaks:
+        # 14B at 19 x 2048 took 15.91 GiB in all (458 allocator retries: the edge), 32B at 7 x 2048 22.46
+        assert largest_micro_batch(dims, build_recipe(raw), mode, gpu_mem) == max(peaks[shape, gpu_mem])
 
 
 def test_plan_works_from_an_installed_wheel(tiny_model: Path, tmp_path: Path):
