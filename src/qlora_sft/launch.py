@@ -711,7 +711,7 @@ def _host_table_problems(recipe: Recipe, mode: LaunchMode) -> list[str]:
     work (`auto` turns itself off there)."""
     problems = []
     for key in HOST_TABLE_KEYS:
-        if getattr(recipe.model, key) is True:
+        if keeps_in_host_memory(recipe, key):
             table = "embedding" if key.startswith("embedding") else "output head"
             problems += [
                 f"`model.{key}` is true, but {w}. It works on one GPU and under DDP with a quantized model whose "

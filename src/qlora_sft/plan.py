@@ -550,14 +550,14 @@ def plan_lines(
         )
         for cfg_path in bundled_configs():
             candidate = launch.from_config_file(cfg_path, per_node, nodes)
-            recipe = resolve_host_tables(given, candidate, shape, gpu_mem)
-            impossible = launch.check_launch_compat(recipe, candidate)
+            at = resolve_host_tables(given, candidate, shape, gpu_mem)  # auto as this config would resolve it
+            impossible = launch.check_launch_compat(at, candidate)
             if impossible:
                 out.append(f"  {cfg_path.name:30} cannot run: {impossible[0][:100]}")
                 continue
             try:
-                resolve_batch(recipe.train, candidate.world_size)
-                e = estimate_memory(shape, recipe, candidate).total
+                resolve_batch(at.train, candidate.world_size)
+                e = estimate_memory(shape, at, candidate).total
                 verdict = "fits" if fits(e, gpu_mem, candidate) else "does not fit"
                 out.append(f"  {cfg_path.name:30} {e:7.2f} GiB  {verdict}")
             except RecipeError as exc:  # batch not divisible for this world size

@@ -662,7 +662,7 @@ def host_table_keys(recipe: Recipe, mode: LaunchMode, base_dir: str | Path | Non
         except Exception as exc:  # a config plan cannot read: the tables stay on the GPU (it fails at the load)
             log.info("model.*_in_host_memory (auto): on the GPU, no estimate from plan (%s)", exc)
             resolved = recipe
-        keys = [key for key in HOST_TABLE_KEYS if getattr(resolved.model, key) is True]
+        keys = [key for key in HOST_TABLE_KEYS if keeps_in_host_memory(resolved, key)]
         if keys:
             log.info("model: %s (auto): GPU memory is short for this launch by plan's estimate", ", ".join(keys))
     return keys
@@ -672,6 +672,7 @@ def tables_to_host(model: Any, recipe: Recipe, keys: list[str]) -> list[str]:
     """Move the frozen tables of `keys` (`host_table_keys`) to host memory; returns their parameters'
     names. A table the model has in a form that cannot move (not a plain layer, tied) is refused for
     `true` and stays on the GPU for `auto`, which the log says."""
+    from ..launch import keeps_in_host_memory
     from . import offload
 
     names = []
@@ -679,7 +680,7 @@ def tables_to_host(model: Any, recipe: Recipe, keys: list[str]) -> list[str]:
         try:
             name, moved = getattr(offload, key)(model)
         except UserError as exc:
-            if getattr(recipe.model, key) is True:
+            if keeps_in_host_memory(recipe, key):
                 raise
             log.info("model.%s (auto): off: %s", key, str(exc).split(": ", 1)[-1].split(". Remove")[0])
             continue
