@@ -436,3 +436,23 @@ def test_a_warmup_as_long_as_the_training_is_named_by_plan_and_train(
     train(recipe(warmup_steps=5))
     logged = capsys.readouterr().out.splitlines()  # the main process logs to stdout: time, level, message
     assert len([line for line in logged if f" WARNING warning: {expected}" in line]) == 1, logged
+
+
+def test_save_steps_past_an_epoch_counted_run_are_named_by_plan_and_train(
+    tiny_model: Path, tmp_path: Path, toy_data: Path, capsys
+):
+    """A run counted in epochs (no max_steps) whose save_steps (10 here) come after its last step (3
+    of 16 rows here) saves no checkpoint before the end: recipe_warnings cannot know it (no step count before the
+    data), so plan says it from the data and train when the trainer has counted the steps."""
+    from qlora_sft.plan import plan_lines
+
+    def recipe(**train_args):
+        args = {"max_steps": -1, "num_train_epochs": 1, "logging_steps": 1, "global_batch_size": 16, **train_args}
+        return build_recipe(recipe_dict(tiny_model, toy_data, tmp_path / "runs", train=args))
+
+    said = "train.save_steps is 10 and train.num_train_epochs 1 over the data is at most"
+    assert any(line.startswith(f"warning: {said}") for line in plan_lines(recipe())), plan_lines(recipe())
+    assert not any("save_steps" in line for line in plan_lines(recipe(save_steps=1)))
+    train(recipe())
+    logged = capsys.readouterr().out.splitlines()
+    assert len([line for line in logged if f" WARNING warning: {said}" in line]) == 1, logged

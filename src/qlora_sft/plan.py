@@ -59,7 +59,14 @@ from . import launch, launch_config
 from .errors import DataError, RecipeError, RunDirError, UserError
 from .files import os_reason, read_problem, write_problem
 from .launch import CUDA_CONTEXT_GIB, PROCESS_GROUP_CONTEXT_GIB, LaunchMode, context_gib
-from .recipe import Recipe, micro_batches_dividing, recipe_warnings, resolve_batch, warmup_outlasts_training
+from .recipe import (
+    Recipe,
+    micro_batches_dividing,
+    no_checkpoint_before_the_end,
+    recipe_warnings,
+    resolve_batch,
+    warmup_outlasts_training,
+)
 
 GIB = 1024**3
 
@@ -526,6 +533,10 @@ def plan_lines(
     warmup = warmup_outlasts_training(float(args.get("warmup_steps", 0)), total_steps, args.get("lr_scheduler_type"))
     if warmup:
         out.append(f"warning: {warmup}")
+    if max_steps <= 0 and rows is not None:  # counted in epochs (with max_steps, recipe_warnings says it)
+        epochs = float(args.get("num_train_epochs", 3.0))
+        if late := no_checkpoint_before_the_end(args, total_steps, epochs):
+            out.append(f"warning: {late}")
     out += [f"warning: {w}" for w in recipe_warnings(recipe)]  # as validate and train say them
     out += host_tables_lines(given, recipe, mode, gpu_mem)
     est = estimate_memory(shape, recipe, mode)

@@ -1548,17 +1548,23 @@ def warmup_outlasts_training(warmup_steps: float, total_steps: int, scheduler: A
 TRAINER_SAVE_STEPS = 500  # TrainingArguments' default save_steps (a test keeps it equal)
 
 
-def no_checkpoint_before_the_end(args: Mapping[str, Any], total_steps: int) -> str | None:
+def no_checkpoint_before_the_end(args: Mapping[str, Any], total_steps: int, epochs: float | None = None) -> str | None:
     """A warning where saving by steps (`train.save_steps`, a count) saves no checkpoint before the last
     of `total_steps` optimizer steps: a run killed before then has nothing to resume from. A short run
-    may mean it; a long one copied with max_steps lowered usually does not."""
+    may mean it; a long one copied with max_steps lowered usually does not. `epochs`: the steps come
+    from train.num_train_epochs over the data (no max_steps)."""
     strategy = args.get("save_strategy", "steps")
     given = "save_steps" in args
     every = args.get("save_steps", TRAINER_SAVE_STEPS)
     if strategy != "steps" or not _number(every) or every < 1 or total_steps <= 0 or every < total_steps:
         return None
+    steps = (
+        f"train.max_steps is {total_steps}"
+        if epochs is None
+        else f"train.num_train_epochs {epochs:g} over the data is at most {total_steps} optimizer steps"
+    )
     return (
-        f"train.save_steps is {every:g}{'' if given else ' (the default)'} and train.max_steps is {total_steps}: "
+        f"train.save_steps is {every:g}{'' if given else ' (the default)'} and {steps}: "
         "no checkpoint is saved before the last step, so a run killed before then (an OOM, a node failure, "
         "SIGKILL) has nothing to resume from and starts over (a preemption signal still saves one: "
         f"checkpoint.signals). To keep the work as it goes, set train.save_steps below {total_steps}"

@@ -19,7 +19,14 @@ from typing import Any
 from . import checkpoint, data, init_adapter, launch, launch_config, model, plan, plots, profiling, tracking
 from .errors import RecipeError, UserError, first_line, interrupted
 from .files import append_jsonl, is_no_space, no_space_message
-from .recipe import BatchPlan, Recipe, recipe_warnings, resolve_batch, warmup_outlasts_training
+from .recipe import (
+    BatchPlan,
+    Recipe,
+    no_checkpoint_before_the_end,
+    recipe_warnings,
+    resolve_batch,
+    warmup_outlasts_training,
+)
 
 log = logging.getLogger("qlora_sft")
 
@@ -119,18 +126,27 @@ def offload_callback() -> Any:
     return OffloadActivations()
 
 
-def warmup_callback() -> Any:
+def start_checks_callback(recipe: Recipe) -> Any:
     """At the start of training, when the step count is known: warn of a warmup that lasts as long as
-    the training (a copied train.warmup_steps: 100 with max_steps: 20 never reaches the learning rate)."""
+    the training (a copied train.warmup_steps: 100 with max_steps: 20 never reaches the learning rate),
+    and, for a run counted in epochs, of save_steps that save nothing before the end (with max_steps
+    given, recipe_warnings said so before the model loaded)."""
     from transformers import TrainerCallback
 
-    class WarmupCheck(TrainerCallback):
+    max_steps = recipe.train.args.get("max_steps", -1)
+    by_epochs = not (isinstance(max_steps, int | float) and max_steps > 0)
+
+    class StartChecks(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            note = warmup_outlasts_training(args.warmup_steps, state.max_steps, args.lr_scheduler_type)
-            if note and state.is_world_process_zero:
+            if not state.is_world_process_zero:
+                return
+            notes = [warmup_outlasts_training(args.warmup_steps, state.max_steps, args.lr_scheduler_type)]
+            if by_epochs:
+                notes.append(no_checkpoint_before_the_end(recipe.train.args, state.max_steps, args.num_train_epochs))
+            for note in filter(None, notes):
                 log.warning("warning: %s", note)
 
-    return WarmupCheck()
+    return StartChecks()
 
 
 def metrics_callback(path: Path) -> Any:
@@ -372,7 +388,7 @@ def _train(
     callbacks = [
         *ckpt.callbacks(),
         launch.sharding_callback(mode, run_dir / "logs", state.process_index),
-        warmup_callback(),
+        start_checks_callback(recipe),
         *(extra_callbacks or []),
     ]
     if launch.offloads_activations(recipe, mode):
