@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, losses_by_step, short_run_recipe
+from helpers import REPO, cpu_env, free_port, losses_by_step, short_run_recipe
 
 from qlora_sft import checkpoint
 
@@ -277,3 +278,118 @@ def test_ctrl_c_before_the_run_directory_is_touched_says_only_interrupted(tiny_m
     assert out.returncode == 130 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.rstrip("\n").split("\n")[-1] == "qlora-sft train: interrupted", out.stderr[-3000:]
     assert not (tmp_path / "runs" / "early").exists()
+
+
+# Under torchrun (2 CPU ranks): rank 0 presses Ctrl-C for the user, as a terminal does (SIGINT to the
+# launcher's process group; torchrun starts each rank in a session of its own and passes the SIGINT on
+# to every rank) at one moment: `step` (as training step STEP begins on rank 0) or `optimizer` (checkpoint STEP's
+# optimizer state half-written). Each rank notes its pid in PIDS/<rank>, and the CLI's exit code in
+# PIDS/<rank>.exit.
+CTRL_C_RANKS = """
+import os, signal, sys, time
+from pathlib import Path
+import torch, transformers
+
+where, step, pids, args = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]
+rank = int(os.environ["RANK"])
+(pids / str(rank)).write_text(str(os.getpid()))
+
+def ctrl_c():
+    os.killpg(os.getpgid(os.getppid()), signal.SIGINT)  # the launcher's group: what the terminal signals
+
+training_step = transformers.Trainer.training_step
+def step_begins(self, *a, **k):
+    if where == "step" and rank == 0 and self.state.global_step == step - 1:
+        ctrl_c()
+        time.sleep(60)  # until torchrun's SIGINT reaches this rank (rank 1 waits in the step's all-reduce)
+    return training_step(self, *a, **k)
+transformers.Trainer.training_step = step_begins
+
+save = torch.save
+def torch_save(obj, f, *a, **k):
+    if where == "optimizer" and str(f).endswith(f"checkpoint-{step}/optimizer.pt"):
+        with open(f, "wb") as out:
+            out.write(b"x" * 1000)
+            ctrl_c()
+            time.sleep(60)  # until torchrun's SIGINT reaches this rank
+    return save(obj, f, *a, **k)
+torch.save = torch_save
+
+from qlora_sft.cli import main
+code = main(args)
+(pids / f"{rank}.exit").write_text(str(code))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize(("where", "step"), [("step", 4), ("optimizer", 4)])
+def test_ctrl_c_of_two_ranks_under_torchrun_ends_every_rank_with_one_line_and_the_relaunch_resumes(
+    tiny_model: Path, tmp_path: Path, where: str, step: int
+):
+    """Ctrl-C of `torchrun --nproc_per_node 2 -m qlora_sft train R` (the launcher's process group gets
+    SIGINT; torchrun passes it on to both ranks) as step 4 begins, or halfway through checkpoint-4's
+    optimizer state. Every rank exits, the launch fails (torchrun itself exits 1 over its own
+    SignalException: its warnings and traceback are torchrun's, not the ranks'), the lock is released,
+    the half-written checkpoint never counts, and the same command resumes from checkpoint-2 and
+    finishes. Was: each rank printed the same "interrupted" line; now rank 0 alone says it (the others
+    exit 130 without a word)."""
+    import psutil
+
+    name = f"ctrl-c-ranks-{where}"
+    recipe = run_recipe(tmp_path, tiny_model, name)
+    run = tmp_path / "runs" / name
+    driver = tmp_path / "ctrl_c_ranks.py"
+    driver.write_text(CTRL_C_RANKS)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2"]
+    launcher = subprocess.Popen(
+        [*torchrun, "--master_port", str(free_port()), str(driver), where, str(step), str(pids), "train", str(recipe)],
+        cwd=tmp_path,
+        env={**cpu_env(), "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = launcher.communicate(timeout=600)
+    finally:
+        if launcher.poll() is None:  # (a hang: nothing of it outlives the test)
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+    assert launcher.returncode != 0, (out + err)[-3000:]
+    ranks = [int((pids / str(r)).read_text()) for r in (0, 1)]
+    alive = [p for p in ranks if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, alive  # no rank outlives the launcher
+    assert [(pids / f"{r}.exit").read_text() for r in (0, 1)] == ["130", "130"], err[-3000:]
+
+    said = [line for line in (out + err).splitlines() if "qlora-sft train: interrupted" in line]
+    newest = run / "checkpoint-2"
+    assert said == [
+        f"qlora-sft train: interrupted. Run {run}: its newest complete checkpoint is {newest} (step 2); "
+        "run the same command again to resume from it."
+    ], (out + err)[-3000:]
+    for traceback in err.split("Traceback (most recent call last)")[1:]:  # torchrun's own, if any: no rank's
+        assert "qlora_sft" not in traceback and str(driver) not in traceback, err[-3000:]
+
+    assert [c.step for c in checkpoint.list_checkpoints(run)] == [2]  # no partial one under a checkpoint's name
+    assert checkpoint.inspect_checkpoint(newest, verify=True).complete
+    assert not (run / checkpoint.LOCK).exists()  # released on the way out
+    before = losses_by_step(run)
+
+    again = subprocess.run(
+        [*torchrun, "--master_port", str(free_port()), "-m", "qlora_sft", "train", str(recipe)],
+        cwd=tmp_path,
+        env={**cpu_env(), "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert f"resuming from {newest}" in again.stdout, again.stdout[-3000:]
+    assert checkpoint.inspect_checkpoint(run / "final", verify=True).complete
+    after = losses_by_step(run)
+    assert sorted(after) == [1, 2, 3, 4, 5, 6]
+    assert {s: after[s] for s in (1, 2)} == {s: before[s] for s in (1, 2)}
+    assert [c.step for c in checkpoint.list_checkpoints(run)] == [6, 4, 2]

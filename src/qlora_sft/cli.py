@@ -849,13 +849,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qlora-sft {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        print(interrupted_line(args.command, exc), file=sys.stderr)
+        say_interrupted(args.command, exc)
         return 130
     except Exception as exc:
         if not interrupted(exc) or args.debug:
             raise
-        print(interrupted_line(args.command, exc), file=sys.stderr)  # a library's clean-up raised over Ctrl-C
+        say_interrupted(args.command, exc)  # a library's clean-up raised over Ctrl-C
         return 130
+
+
+def say_interrupted(command: str, exc: BaseException) -> None:
+    """Print the line a Ctrl-C ends with, from rank 0 alone where a launcher (torchrun, accelerate
+    launch) started several ranks: the launcher passes the Ctrl-C on to every rank, and each would
+    print the same line. The other ranks still exit 130."""
+    if os.environ.get("RANK", "0") in ("", "0"):
+        print(interrupted_line(command, exc), file=sys.stderr)
 
 
 def interrupted_line(command: str, exc: BaseException) -> str:
