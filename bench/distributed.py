@@ -424,8 +424,7 @@ def plan_estimate(
                 os.environ[k] = v
     shape = recipe_shape(recipe)
     resolved = resolve_host_tables(recipe, lm, shape, gpu_gib)
-    tables = [k for k in launch_mode.HOST_TABLE_KEYS if launch_mode.keeps_in_host_memory(resolved, k)]
-    return round(estimate_memory(shape, resolved, lm).total, 2), tables
+    return round(estimate_memory(shape, resolved, lm).total, 2), launch_mode.host_tables(resolved)
 
 
 def kill_and_resume(

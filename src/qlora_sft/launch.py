@@ -727,6 +727,11 @@ def keeps_in_host_memory(recipe: Recipe, key: str) -> bool:
     return getattr(recipe.model, key) is True
 
 
+def host_tables(recipe: Recipe) -> list[str]:
+    """The `HOST_TABLE_KEYS` that are true (`keeps_in_host_memory`), in that order."""
+    return [key for key in HOST_TABLE_KEYS if keeps_in_host_memory(recipe, key)]
+
+
 def host_table_applies(recipe: Recipe, mode: LaunchMode, key: str) -> bool:
     """Whether `auto` may turn `model.<key>` on in this launch: one CUDA GPU, and nothing in the recipe
     that would move the table back to the GPU or train it."""

@@ -753,5 +753,5 @@ def gpu_outlook(recipe: Recipe, mode: LaunchMode, base_dir: Path | None, gpu_gib
         max_length=recipe.data.max_length,
         packing=recipe.data.packing,
         mode=mode,
-        tables_in_host=all(launch.keeps_in_host_memory(resolved, k) for k in launch.HOST_TABLE_KEYS),
+        tables_in_host=launch.host_tables(resolved) == list(launch.HOST_TABLE_KEYS),
     )

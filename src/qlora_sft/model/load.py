@@ -650,10 +650,10 @@ def host_table_keys(recipe: Recipe, mode: LaunchMode, base_dir: str | Path | Non
     `auto` as `plan.resolve_host_tables` resolves it on this GPU (as train's memory outlook did). Both
     need an input embedding that is not the output head (one table would be both on the GPU and in
     host memory), read from config.json before any weight loads: refused for `true`."""
-    from ..launch import HOST_TABLE_KEYS, gpu_memory_gib, keeps_in_host_memory
+    from ..launch import HOST_TABLE_KEYS, gpu_memory_gib, host_tables
     from ..plan import recipe_shape, resolve_host_tables
 
-    keys = [key for key in HOST_TABLE_KEYS if keeps_in_host_memory(recipe, key)]
+    keys = host_tables(recipe)
     for key in keys:
         check_untied_embeddings(recipe, base_dir, f"model.{key}")
     if any(getattr(recipe.model, key) == "auto" for key in HOST_TABLE_KEYS):
@@ -662,7 +662,7 @@ def host_table_keys(recipe: Recipe, mode: LaunchMode, base_dir: str | Path | Non
         except Exception as exc:  # a config plan cannot read: the tables stay on the GPU (it fails at the load)
             log.info("model.*_in_host_memory (auto): on the GPU, no estimate from plan (%s)", exc)
             resolved = recipe
-        keys = [key for key in HOST_TABLE_KEYS if keeps_in_host_memory(resolved, key)]
+        keys = host_tables(resolved)
         if keys:
             log.info("model: %s (auto): GPU memory is short for this launch by plan's estimate", ", ".join(keys))
     return keys
