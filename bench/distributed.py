@@ -83,6 +83,7 @@ from qlora_sft.launch import (
     ZERO3_RELEASE_LAYERS_ENV,
     ZERO3_UNITS_ENV,
 )
+from qlora_sft.model.offload import HEAD_TILE_ENV, OFFLOAD_PREFETCH_ENV
 
 from . import measure, report
 from .busy_gpu import busy_gpu
@@ -263,6 +264,12 @@ MODES = {
     ),
     "1gpu_hosttables": Mode("single_gpu.yaml", overrides=HOST_TABLES),
     "1gpu_mb2_hosttables": Mode("single_gpu.yaml", overrides=("train.micro_batch_tokens=4096", *HOST_TABLES)),
+    "1gpu_hosttables_profiled": Mode("single_gpu.yaml", PROFILED, overrides=HOST_TABLES),
+    # issue 29's levers on top of both tables in host memory: trl's fused head in tiles a quarter as
+    # wide (8,192 logits: 64 MiB a tile at 4,096 tokens, against 256), and no prefetch of offloaded
+    # layer inputs (one fetched input alive at a time, each fetch holding up the compute)
+    "1gpu_hosttables_tile8k": Mode("single_gpu.yaml", ((HEAD_TILE_ENV, "8192"),), overrides=HOST_TABLES),
+    "1gpu_hosttables_noprefetch": Mode("single_gpu.yaml", ((OFFLOAD_PREFETCH_ENV, "0"),), overrides=HOST_TABLES),
     "1gpu_adamw32": Mode("single_gpu.yaml", overrides=("train.optim=adamw_torch",)),
     "1gpu_expandable": Mode("single_gpu.yaml", EXPANDABLE),
     "1gpu_mb2_expandable": Mode("single_gpu.yaml", EXPANDABLE, overrides=("train.micro_batch_tokens=4096",)),

@@ -102,6 +102,100 @@ def test_offloaded_checkpoint_gives_the_same_gradients(tiny_model: Path, device:
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_offload_without_prefetch_fetches_each_input_for_its_own_layer(
+    tiny_model: Path, device: str, monkeypatch: pytest.MonkeyPatch
+):
+    """QLORA_SFT_OFFLOAD_PREFETCH=0 (a benchmark switch): no layer input comes back before its own
+    layer's backward takes it, and the gradients are the same as with the prefetch."""
+    import torch
+
+    from qlora_sft.model import offload
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    early: list[bool] = []  # per fetch that did copy: was it outside the layer's own `take`?
+    taking: list[bool] = [False]
+    fetch, take = offload.HeldInput.fetch, offload.HeldInput.take
+
+    def spy_fetch(self: offload.HeldInput) -> None:
+        if self.gpu is None and self.host is not None:
+            early.append(not taking[0])
+        fetch(self)
+
+    def spy_take(self: offload.HeldInput) -> torch.Tensor:
+        taking[0] = True
+        try:
+            return take(self)
+        finally:
+            taking[0] = False
+
+    monkeypatch.setattr(offload.HeldInput, "fetch", spy_fetch)
+    monkeypatch.setattr(offload.HeldInput, "take", spy_take)
+    import json
+
+    n = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    assert n >= 2
+    loss_a, a = lora_grads(tiny_model, offload=True, device=device)  # two steps
+    assert len(early) == 2 * n and early.count(True) == 2 * (n - 1), early  # prefetched: all but the top layer's
+    early.clear()
+    monkeypatch.setenv(offload.OFFLOAD_PREFETCH_ENV, "0")
+    loss_b, b = lora_grads(tiny_model, offload=True, device=device)
+    assert early == [False] * (2 * n)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+    monkeypatch.delenv(offload.OFFLOAD_PREFETCH_ENV)
+    offload.offload_checkpointed_inputs(torch.nn.Module())  # the default back for later tests
+    assert offload._PREFETCH
+
+
+def test_head_tile_switch_gives_the_same_gradients(tiny_model: Path, monkeypatch: pytest.MonkeyPatch):
+    """QLORA_SFT_HEAD_TILE (a benchmark switch) sets the vocabulary width of trl's fused head's
+    tiles: several narrow tiles give the same losses and gradients as trl's one wide one."""
+    import json
+
+    import torch
+    from trl.trainer import utils as trl_utils
+
+    from qlora_sft.model import offload
+
+    monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+    loss_a, a = lora_grads(tiny_model, offload=True, fused_head=True)
+    monkeypatch.setenv(offload.HEAD_TILE_ENV, "256")
+    assert offload.apply_head_tile() == 256 and trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == 256
+    calls: list[int] = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def spy(*args: object) -> object:
+        calls.append(args[5])  # the chunk size trl passes
+        return apply(*args)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
+    loss_b, b = lora_grads(tiny_model, offload=True, fused_head=True)
+    assert calls == [256, 256]  # two steps
+    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+    assert vocab > 256, vocab  # more than one tile
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_benchmark_switches_refuse_what_they_cannot_mean(monkeypatch: pytest.MonkeyPatch):
+    from qlora_sft.errors import UserError
+    from qlora_sft.model import offload
+
+    assert offload.prefetch_offloaded_inputs({}) and offload.head_tile({}) is None
+    assert not offload.prefetch_offloaded_inputs({offload.OFFLOAD_PREFETCH_ENV: "0"})
+    assert offload.head_tile({offload.HEAD_TILE_ENV: " 8192 "}) == 8192
+    for raw in ("no", "2", "-1", "0.5"):
+        with pytest.raises(UserError, match=f"{offload.OFFLOAD_PREFETCH_ENV}=.*use 1"):
+            offload.prefetch_offloaded_inputs({offload.OFFLOAD_PREFETCH_ENV: raw})
+    for raw in ("0", "-8192", "8k", "nan", "inf", "100", str(1 << 21), "1e4"):
+        with pytest.raises(UserError, match=f"{offload.HEAD_TILE_ENV}=.*whole number.*unset it"):
+            offload.head_tile({offload.HEAD_TILE_ENV: raw})
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_embedding_in_host_memory_gives_the_same_gradients(tiny_model: Path, device: str):
     """The table on the host, the batch's rows copied to the compute device: the same losses and
     LoRA gradients as the embedding on the device (with activation offloading too)."""

@@ -122,6 +122,11 @@ def offload_callback() -> Any:
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             n = model.offload_checkpointed_inputs(kw["model"])
             log.info("activations: the inputs of %d checkpointed layers wait in pinned host memory", n)
+            if not model.offload.prefetch_offloaded_inputs():
+                log.info(
+                    "activations: %s=0: each input is fetched back only when its layer needs it",
+                    model.offload.OFFLOAD_PREFETCH_ENV,
+                )
 
     return OffloadActivations()
 
@@ -199,6 +204,8 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     setup_logging(state.is_main_process, state.process_index)
     launch.check_ranks()
     profile_at = profiling.profile_step()
+    model.offload.prefetch_offloaded_inputs()  # the benchmark switches, checked before anything loads
+    model.offload.head_tile()
     max_steps = int(recipe.train.args.get("max_steps") or 0)
     if profile_at is not None and 0 < max_steps < profile_at and state.is_main_process:
         log.warning(
@@ -411,6 +418,14 @@ def _train(
             plots.loss_plot_callback(run_dir),
         ]
         log.info("logging to %s", tracking.describe(report_to))
+    tile = model.offload.apply_head_tile()
+    if tile is not None:
+        log.info(
+            "output head: %s=%d: trl's fused head computes the loss in tiles %d logits wide",
+            model.offload.HEAD_TILE_ENV,
+            tile,
+            tile,
+        )
     trainer = ckpt.trainer(
         SFTTrainer,
         model=peft_model,

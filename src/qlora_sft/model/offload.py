@@ -9,9 +9,61 @@ only, freed once the loss's backward has used it (`HostHead`)."""
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
+
+# Benchmark switches for issue 29's ablation rows (docs/benchmarks.md), not recipe keys: what they
+# trade was measured there and the defaults stand.
+# `0`: an offloaded layer input comes back to the GPU only when its own layer's backward needs it, not
+# prefetched while the layer above runs its backward (one fetched input alive instead of two; each
+# fetch then holds up the compute while it copies).
+OFFLOAD_PREFETCH_ENV = "QLORA_SFT_OFFLOAD_PREFETCH"
+# A whole number: the vocabulary width of the tiles trl's fused output head computes the loss in
+# (trl's `_CHUNKED_LOGPROB_CHUNK_SIZE`, 32768; a tile is up to 4,096 tokens x this many logits).
+HEAD_TILE_ENV = "QLORA_SFT_HEAD_TILE"
+
+
+def _switch_error(name: str, raw: str, want: str) -> Exception:
+    from ..errors import UserError
+
+    return UserError(f"{name}={raw!r}: {want}; unset it for the default")
+
+
+def prefetch_offloaded_inputs(env: Any = None) -> bool:
+    """QLORA_SFT_OFFLOAD_PREFETCH: `1` (the default) or `0`."""
+    raw = (os.environ if env is None else env).get(OFFLOAD_PREFETCH_ENV, "").strip()
+    if raw in ("", "1"):
+        return True
+    if raw == "0":
+        return False
+    raise _switch_error(OFFLOAD_PREFETCH_ENV, raw, "use 1 (prefetch, the default) or 0")
+
+
+def head_tile(env: Any = None) -> int | None:
+    """QLORA_SFT_HEAD_TILE: the vocabulary width of trl's fused head tiles, or None (trl's own)."""
+    raw = (os.environ if env is None else env).get(HEAD_TILE_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 256 <= int(raw) <= 1 << 20:
+        raise _switch_error(HEAD_TILE_ENV, raw, "name a whole number of logits from 256 to 1048576 (trl's is 32768)")
+    return int(raw)
+
+
+def apply_head_tile(env: Any = None) -> int | None:
+    """Set trl's fused head's tile width where QLORA_SFT_HEAD_TILE asks; returns what was set."""
+    tile = head_tile(env)
+    if tile is None:
+        return None
+    from trl.trainer import utils as trl_utils
+
+    if not hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
+        raise _switch_error(
+            HEAD_TILE_ENV, str(tile), "this trl has no `_CHUNKED_LOGPROB_CHUNK_SIZE` (its fused head changed)"
+        )
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = tile
+    return tile
 
 
 class HeldInput:
@@ -74,6 +126,7 @@ class HeldInput:
 
 
 _LAST_HELD: dict[torch.device, HeldInput] = {}
+_PREFETCH = True  # set from QLORA_SFT_OFFLOAD_PREFETCH when offloading starts (offload_checkpointed_inputs)
 
 
 @functools.cache
@@ -107,7 +160,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if kind == "cuda" else None
         ctx.held = HeldInput(hidden)
         # the layer below runs its backward next: this one's backward prefetches its input
-        ctx.below = _LAST_HELD.get(hidden.device)
+        # (QLORA_SFT_OFFLOAD_PREFETCH=0: it does not; its own backward fetches it)
+        ctx.below = _LAST_HELD.get(hidden.device) if _PREFETCH else None
         _LAST_HELD[hidden.device] = ctx.held
         with torch.no_grad():
             out = run(hidden, *args)
@@ -151,6 +205,8 @@ def offload_checkpointed_inputs(model: Any) -> int:
     the start of training, after transformers/TRL have (re)enabled checkpointing."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    global _PREFETCH
+    _PREFETCH = prefetch_offloaded_inputs()
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
     for m in layers:
         m._gradient_checkpointing_func = offloaded_checkpoint
