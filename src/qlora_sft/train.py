@@ -7,7 +7,6 @@ into the module that owns it.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -112,82 +111,6 @@ def sft_args(recipe: Recipe, batch: BatchPlan, mode: launch.LaunchMode, compute_
     elif "optim" not in recipe.train.args:
         args["optim"] = mode.default_optim
     return SFTConfig(**args)
-
-
-@functools.cache
-def sft_trainer_class() -> type:
-    """trl's SFTTrainer, with its per-micro-batch metrics (entropy, token accuracy, tokens seen) kept
-    on the device until a log reads them. trl reads each of them back per micro batch (`.item()`):
-    six host waits for the GPU per micro batch (one H200, 8B, profile of 2026-12-02), each leaving
-    the GPU idle until the host has queued its next work. The loss and every logged value are trl's;
-    only one process, training, and trl's own loss (no `compute_loss_func`, label smoothing, DFT,
-    MoE auxiliary loss or sequence parallelism) take this path: everything else is trl's as it is."""
-    import torch
-    from trl import SFTTrainer
-
-    class SFTTrainerDeferredMetrics(SFTTrainer):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._tokens_waiting: list[Any] = []  # token counts of micro batches, on the device
-
-        def _defers_metrics(self, return_outputs: bool) -> bool:
-            parallel = getattr(self.accelerator, "parallelism_config", None)
-            return (
-                self.model.training
-                and not return_outputs
-                and self.accelerator.num_processes == 1
-                and self.compute_loss_func is None
-                and self.label_smoother is None
-                and self.args.loss_type == "nll"
-                and not self.aux_loss_enabled
-                and not (parallel is not None and getattr(parallel, "sp_enabled", False))
-            )
-
-        def compute_loss(
-            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
-        ) -> Any:
-            if not self._defers_metrics(return_outputs):
-                return super().compute_loss(
-                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-                )
-            # trl's loss (SFTTrainer.compute_loss, its fused head's branch)
-            inputs["use_cache"] = False
-            outputs = model(**inputs, fused_lm_head=True)
-            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-            loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
-            # trl's metrics, left as tensors: a micro batch without a labelled token counts 0.0, as in trl
-            with torch.no_grad():
-                num_valid = outputs.label_mask.sum()
-                some, per = num_valid > 0, num_valid.clamp(min=1)
-                metrics = self._metrics["train"]
-                metrics["entropy"].append(torch.where(some, outputs.entropy.detach().sum() / per, 0.0))
-                metrics["mean_token_accuracy"].append(torch.where(some, outputs.is_top1.sum() / per, 0.0))
-            if "attention_mask" in inputs:
-                self._tokens_waiting.append(inputs["attention_mask"].sum())
-            elif "position_ids" in inputs:
-                self._total_train_tokens += inputs["position_ids"].size(1)  # known on the host
-            else:
-                raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
-            metrics["num_tokens"] = [self._total_train_tokens]
-            return loss
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            """Read the metrics waiting on the device, all at once, then log as trl does."""
-            metrics = self._metrics["train"]
-            waiting = [(key, i) for key, values in metrics.items() for i, v in enumerate(values) if torch.is_tensor(v)]
-            tokens = self._tokens_waiting
-            if waiting or tokens:
-                parts = [metrics[key][i] for key, i in waiting] + tokens
-                read = torch.stack([p.to(parts[0].device, torch.float64) for p in parts]).tolist()
-                for (key, i), value in zip(waiting, read, strict=False):
-                    metrics[key][i] = value
-                if tokens:
-                    self._total_train_tokens += round(sum(read[len(waiting) :]))
-                    metrics["num_tokens"] = [self._total_train_tokens]
-                    tokens.clear()
-            super().log(logs, start_time)
-
-    return SFTTrainerDeferredMetrics
 
 
 def offload_callback() -> Any:
@@ -381,6 +304,7 @@ def _train(
 ) -> TrainResult:
     import torch
     from transformers import set_seed
+    from trl import SFTTrainer
 
     run_dir = recipe.run_dir
 
@@ -503,7 +427,7 @@ def _train(
             tile,
         )
     trainer = ckpt.trainer(
-        sft_trainer_class(),
+        SFTTrainer,
         model=peft_model,
         args=args,
         train_dataset=prepared.train,

@@ -70,8 +70,7 @@ class HeldInput:
     """One checkpointed layer's input while it waits for the backward pass: in pinned host memory,
     copied there and back on a side stream (`copy_stream`) so the copies overlap the compute
     stream's work instead of queueing in it. Every GPU block involved belongs to the compute stream,
-    which waits for the copy before the block can be freed or read (none is held for the side stream
-    with `record_stream`), so every block is freed in the compute stream's order:
+    which waits for the copy before the block can be freed or read, so no block outlives its use:
     the forward's input is released once the layer's forward is queued (`release`), after its copy
     to the host; `fetch` starts the copy back into a block allocated on the compute stream (the layer whose
     backward runs just before prefetches it); `take` makes the compute stream wait for it."""
@@ -115,21 +114,7 @@ class HeldInput:
             self.gpu.copy_(self.host, non_blocking=True)
             self.done = torch.cuda.Event()
             self.done.record(stream)
-        # No `record_stream`: the block is the compute stream's, and the compute stream waits for the
-        # copy before it reads the block (`take`) or drops it untaken (`__del__`), so the block is
-        # freed in the compute stream's order once its layer's backward is queued. `record_stream`
-        # kept it until the copy stream had done the copies queued after it, which lag as far behind
-        # as the host runs ahead: six fetched inputs alive at the 8B peak, 384 MiB at 4 x 2048
-        # (memory profile, one H200, 2026-12-02), instead of two.
-
-    def __del__(self) -> None:
-        # a fetched input dropped untaken (a backward that stopped halfway): the compute stream waits
-        # for its copy, so no later compute-stream allocation reuses the block while the copy writes it
-        try:
-            if self.gpu is not None and self.done is not None and self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).wait_event(self.done)
-        except Exception:  # interpreter shutdown, a CUDA error already raised: nothing more to order
-            pass
+        self.gpu.record_stream(stream)  # a block dropped before `take` outlives the copy
 
     def take(self) -> torch.Tensor:
         self.fetch()
