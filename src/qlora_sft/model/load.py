@@ -388,6 +388,7 @@ def check_model_folder(recipe: Recipe, base_dir: str | Path | None = None) -> di
         )
     check_weight_files(folder, cfg.name_or_path, uses_safetensors_only=cfg.loader == "low_memory")
     check_generation_config(folder, cfg.name_or_path)
+    check_host_tables(recipe, base_dir)
     return config
 
 
@@ -706,6 +707,34 @@ def check_untied_embeddings(recipe: Recipe, base_dir: str | Path | None, key: st
             f"{key} is true, but {cfg.name_or_path} ties its input embedding to its output head "
             "(tie_word_embeddings in config.json): one table serves both. Remove the key for this model."
         )
+
+
+def check_host_tables(recipe: Recipe, base_dir: str | Path | None) -> None:
+    """The tables `model.*_in_host_memory: true` names can move to host memory in this model: not tied
+    (`check_untied_embeddings`), a plain embedding, a plain bias-free head (`offload.embedding_problem`,
+    `offload.head_problem`). Read from config.json and the model's classes built on the meta device,
+    before any weight loads (validate, prepare and train; `tables_to_host` would refuse it only after
+    every weight had loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..launch import host_tables
+    from . import offload
+
+    keys = host_tables(recipe)
+    if not keys:
+        return
+    for key in keys:
+        check_untied_embeddings(recipe, base_dir, f"model.{key}")
+    cfg = recipe.model
+    path = local_model_path(cfg, base_dir)
+    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    problems = {"embedding_in_host_memory": offload.embedding_problem, "lm_head_in_host_memory": offload.head_problem}
+    for key in keys:
+        problem = problems[key](model)
+        if problem:
+            raise UserError(f"{problem} (model.name_or_path {cfg.name_or_path}, read from its config.json)")
 
 
 def check_sharded_dtypes(model: Any, compute_dtype: torch.dtype, mode: LaunchMode) -> None:

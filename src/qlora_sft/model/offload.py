@@ -248,6 +248,26 @@ class HostEmbedding(torch.nn.Embedding):
         return rows.view(*ids.shape, self.embedding_dim).to(self.compute_device, non_blocking=True)
 
 
+def embedding_problem(model: Any) -> str | None:
+    """Why `model.embedding_in_host_memory` cannot move this model's input embedding (tied, or not a
+    plain `nn.Embedding`), or None. Reads only the modules' types and ties: a model on the meta device
+    answers as the loaded one (`model.load.check_host_tables`, before any weight loads)."""
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is embedding.weight:
+        return (
+            "model.embedding_in_host_memory: this model's input embedding is its output head (tied), which "
+            "computes on the GPU. Remove the key for this model."
+        )
+    if type(embedding) is not torch.nn.Embedding:
+        return (
+            f"model.embedding_in_host_memory: this model's input embedding is a {type(embedding).__name__}, not a "
+            "plain torch Embedding; its forward may do more than look rows up, so it stays on the GPU. Remove the key "
+            "for this model."
+        )
+    return None
+
+
 def embedding_in_host_memory(model: Any) -> tuple[str, int]:
     """Replace the model's input embedding with a `HostEmbedding` of the same weights, freeing its
     GPU copy. Returns the parameter's name (for DDP to leave alone: DDP refuses a module whose
@@ -255,20 +275,10 @@ def embedding_in_host_memory(model: Any) -> tuple[str, int]:
     `nn.Embedding` is replaced: a subclass may compute more in its forward (Gemma scales its rows)."""
     from ..errors import UserError
 
-    embedding = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is embedding.weight:
-        raise UserError(
-            "model.embedding_in_host_memory: this model's input embedding is its output head (tied), which "
-            "computes on the GPU. Remove the key for this model."
-        )
-    if type(embedding) is not torch.nn.Embedding:
-        raise UserError(
-            f"model.embedding_in_host_memory: this model's input embedding is a {type(embedding).__name__}, not a "
-            "plain torch Embedding; its forward may do more than look rows up, so it stays on the GPU. Remove the key "
-            "for this model."
-        )
-    host = HostEmbedding(embedding)
+    problem = embedding_problem(model)
+    if problem:
+        raise UserError(problem)
+    host = HostEmbedding(model.get_input_embeddings())
     model.set_input_embeddings(host)
     name = next(n for n, p in model.named_parameters() if p is host.weight)
     return name, host.weight.numel() * host.weight.element_size()
@@ -364,28 +374,38 @@ class HostHead(torch.nn.Module):
             self.release()
 
 
+def head_problem(model: Any) -> str | None:
+    """Why `model.lm_head_in_host_memory` cannot move this model's output head (none, tied, not a plain
+    bias-free `nn.Linear`), or None; as `embedding_problem`, a model on the meta device answers."""
+    head = model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
+    key = "model.lm_head_in_host_memory"
+    if head is None:
+        return f"{key}: this model has no output head to keep in host memory. Remove the key for this model."
+    if embedding is not None and head.weight is embedding.weight:
+        return (
+            f"{key}: this model's output head is its input embedding (tied), which one copy serves. Remove the key "
+            "for this model."
+        )
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        what = "a torch Linear with a bias" if type(head) is torch.nn.Linear else f"a {type(head).__name__}"
+        return (
+            f"{key}: this model's output head is {what}, not a plain bias-free torch Linear; it stays on the GPU. "
+            "Remove the key for this model."
+        )
+    return None
+
+
 def lm_head_in_host_memory(model: Any) -> tuple[str, int]:
     """Replace the model's output head with a `HostHead` of the same weights, freeing its GPU copy.
     Returns the parameter's name (for DDP to leave alone) and the bytes moved off the GPU. Only a
     plain bias-free `nn.Linear` not tied to the input embedding is replaced."""
     from ..errors import UserError
 
+    problem = head_problem(model)
+    if problem:
+        raise UserError(problem)
     head = model.get_output_embeddings()
-    embedding = model.get_input_embeddings()
-    key = "model.lm_head_in_host_memory"
-    if head is None:
-        raise UserError(f"{key}: this model has no output head to keep in host memory. Remove the key for this model.")
-    if embedding is not None and head.weight is embedding.weight:
-        raise UserError(
-            f"{key}: this model's output head is its input embedding (tied), which one copy serves. Remove the key "
-            "for this model."
-        )
-    if type(head) is not torch.nn.Linear or head.bias is not None:
-        what = "a torch Linear with a bias" if type(head) is torch.nn.Linear else f"a {type(head).__name__}"
-        raise UserError(
-            f"{key}: this model's output head is {what}, not a plain bias-free torch Linear; it stays on the GPU. "
-            "Remove the key for this model."
-        )
     host = HostHead(head)
     model.set_output_embeddings(host)
     name = next(n for n, p in model.named_parameters() if p is host._parameters["weight"])

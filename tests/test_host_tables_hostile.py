@@ -1,0 +1,77 @@
+"""Hostile uses of `model.embedding_in_host_memory` / `model.lm_head_in_host_memory`: a `true` that
+cannot work is named by `validate` (and the start of `train`: the same `recipe_tokenizer`), from
+config.json, before any data is built or weight loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import recipe_dict, write_recipe
+
+from qlora_sft.cli import main
+
+
+def validate(model_dir: Path, toy_data: Path, tmp_path: Path, capsys, **model_keys) -> tuple[int, str]:
+    raw = recipe_dict(model_dir, toy_data, tmp_path / "runs", model=model_keys)
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    code = main(["validate", str(recipe), "--examples", "0"])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def tiny_of(kind: str, folder: Path) -> Path:
+    """A tiny untied model of another family: `phi` (its head has a bias), `gemma` (its embedding is a
+    subclass that scales its rows)."""
+    import torch
+    from tiny import build_tokenizer
+    from transformers import GemmaConfig, GemmaForCausalLM, PhiConfig, PhiForCausalLM
+
+    tok = build_tokenizer()
+    common = dict(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    if kind == "phi":
+        model = PhiForCausalLM(PhiConfig(**common))
+    else:
+        model = GemmaForCausalLM(GemmaConfig(**common, num_key_value_heads=2, head_dim=16))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("key", ["embedding_in_host_memory", "lm_head_in_host_memory"])
+def test_true_on_a_tied_model_is_named_by_validate(key: str, toy_data: Path, tmp_path: Path, capsys):
+    """Before: validate passed; train refused it only after building the data."""
+    from tiny import build_tiny_model
+
+    tied = build_tiny_model(tmp_path / "tied", tied=True)
+    code, out = validate(tied, toy_data, tmp_path, capsys, **{key: True})
+    assert code != 0, out
+    assert f"model.{key} is true" in out and "tie_word_embeddings in config.json" in out and "Remove the key" in out
+    code, out = validate(tied, toy_data, tmp_path, capsys, **{key: "auto"})  # auto: stays on the GPU, no refusal
+    assert code == 0, out
+
+
+@pytest.mark.parametrize(
+    ("kind", "key", "expect"),
+    [
+        ("phi", "lm_head_in_host_memory", "a torch Linear with a bias"),
+        ("gemma", "embedding_in_host_memory", "a GemmaTextScaledWordEmbedding, not a plain torch Embedding"),
+    ],
+)
+def test_true_on_a_table_that_cannot_move_is_named_by_validate(
+    kind: str, key: str, expect: str, toy_data: Path, tmp_path: Path, capsys
+):
+    """Before: validate passed, and train refused it only after every weight had loaded (minutes for a
+    large model). The other table of the same model moves, and validates."""
+    folder = tiny_of(kind, tmp_path / kind)
+    code, out = validate(folder, toy_data, tmp_path, capsys, **{key: True})
+    assert code != 0, out
+    assert f"model.{key}" in out and expect in out and "Remove the key" in out
+    other = "embedding_in_host_memory" if key.startswith("lm_head") else "lm_head_in_host_memory"
+    code, out = validate(folder, toy_data, tmp_path, capsys, **{other: True})
+    assert code == 0, out
