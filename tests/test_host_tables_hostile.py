@@ -4,6 +4,7 @@ config.json, before any data is built or weight loaded."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,20 @@ def test_true_on_a_table_that_cannot_move_is_named_by_validate(
     other = "embedding_in_host_memory" if key.startswith("lm_head") else "lm_head_in_host_memory"
     code, out = validate(folder, toy_data, tmp_path, capsys, **{other: True})
     assert code == 0, out
+
+
+def test_the_log_calls_only_auto_keys_auto(tiny_model: Path, caplog):
+    """A recipe with one key true and the other auto: the log said the true key was on "(auto)" because
+    "GPU memory is short", on a CPU launch with no GPU."""
+    from helpers import MINIMAL_RECIPE
+
+    from qlora_sft.launch import LaunchMode
+    from qlora_sft.model.load import host_table_keys
+    from qlora_sft.recipe import build_recipe
+
+    model = {"name_or_path": str(tiny_model), "lm_head_in_host_memory": True}
+    recipe = build_recipe({**MINIMAL_RECIPE, "model": model})
+    with caplog.at_level(logging.INFO, logger="qlora_sft"):
+        keys = host_table_keys(recipe, LaunchMode(kind="cpu"), None)
+    assert keys == ["lm_head_in_host_memory"]
+    assert "(auto)" not in caplog.text and "GPU memory is short" not in caplog.text, caplog.text

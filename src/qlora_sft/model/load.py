@@ -663,9 +663,10 @@ def host_table_keys(recipe: Recipe, mode: LaunchMode, base_dir: str | Path | Non
         except Exception as exc:  # a config plan cannot read: the tables stay on the GPU (it fails at the load)
             log.info("model.*_in_host_memory (auto): on the GPU, no estimate from plan (%s)", exc)
             resolved = recipe
+        auto = [key for key in host_tables(resolved) if key not in keys]  # (the true ones stay, unsaid)
+        if auto:
+            log.info("model: %s (auto): GPU memory is short for this launch by plan's estimate", ", ".join(auto))
         keys = host_tables(resolved)
-        if keys:
-            log.info("model: %s (auto): GPU memory is short for this launch by plan's estimate", ", ".join(keys))
     return keys
 
 
