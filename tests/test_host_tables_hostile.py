@@ -93,3 +93,40 @@ def test_the_log_calls_only_auto_keys_auto(tiny_model: Path, caplog):
         keys = host_table_keys(recipe, LaunchMode(kind="cpu"), None)
     assert keys == ["lm_head_in_host_memory"]
     assert "(auto)" not in caplog.text and "GPU memory is short" not in caplog.text, caplog.text
+
+
+def test_a_lora_pattern_that_trains_a_table_is_named_by_validate(
+    tiny_model: Path, toy_data: Path, tmp_path: Path, capsys
+):
+    """lora.target_modules as one regular expression (peft matches it against each module's whole name)
+    that names the head or the embedding: the list form was refused, the pattern passed validate and
+    train stopped after loading every weight with peft's "Target module HostHead() is not supported"."""
+    pattern = ".*(q_proj|lm_head)"
+    raw = recipe_dict(tiny_model, toy_data, tmp_path / "runs", model={"lm_head_in_host_memory": True})
+    raw["lora"]["target_modules"] = pattern
+    code = main(["validate", str(write_recipe(tmp_path / "r.yaml", raw)), "--examples", "0"])
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert code != 0, text
+    assert "model.lm_head_in_host_memory" in text and "lora.target_modules" in text and "lm_head" in text
+
+
+def test_auto_leaves_a_table_a_lora_pattern_trains_on_the_gpu(tiny_model: Path):
+    """`auto` resolved on (one short GPU) with a lora.target_modules pattern that names the head: the
+    head stays where it is, as for the list form, instead of a HostHead peft cannot adapt."""
+    import torch
+    from helpers import MINIMAL_RECIPE
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlora_sft.model.load import tables_to_host
+    from qlora_sft.recipe import build_recipe
+
+    pattern = ".*(q_proj|embed_tokens|lm_head)"
+    raw = {**MINIMAL_RECIPE, "model": {"name_or_path": str(tiny_model)}, "lora": {"target_modules": pattern}}
+    recipe = build_recipe(raw)  # both keys auto
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert tables_to_host(model, recipe, ["embedding_in_host_memory", "lm_head_in_host_memory"]) == []
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
+    assert type(model.get_input_embeddings()) is torch.nn.Embedding
+    get_peft_model(model, LoraConfig(r=2, target_modules=pattern))

@@ -680,7 +680,7 @@ def tables_to_host(model: Any, recipe: Recipe, keys: list[str]) -> list[str]:
     names = []
     for key in keys:
         try:
-            name, moved = getattr(offload, key)(model)
+            name, moved = getattr(offload, key)(model, recipe.lora.target_modules)
         except UserError as exc:
             if keeps_in_host_memory(recipe, key):
                 raise
@@ -733,7 +733,7 @@ def check_host_tables(recipe: Recipe, base_dir: str | Path | None) -> None:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     problems = {"embedding_in_host_memory": offload.embedding_problem, "lm_head_in_host_memory": offload.head_problem}
     for key in keys:
-        problem = problems[key](model)
+        problem = problems[key](model, recipe.lora.target_modules)
         if problem:
             raise UserError(f"{problem} (model.name_or_path {cfg.name_or_path}, read from its config.json)")
 

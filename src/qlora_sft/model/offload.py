@@ -248,10 +248,29 @@ class HostEmbedding(torch.nn.Embedding):
         return rows.view(*ids.shape, self.embedding_dim).to(self.compute_device, non_blocking=True)
 
 
-def embedding_problem(model: Any) -> str | None:
-    """Why `model.embedding_in_host_memory` cannot move this model's input embedding (tied, or not a
-    plain `nn.Embedding`), or None. Reads only the modules' types and ties: a model on the meta device
-    answers as the loaded one (`model.load.check_host_tables`, before any weight loads)."""
+def _pattern_problem(model: Any, module: Any, key: str, table: str, target_modules: Any) -> str | None:
+    """lora.target_modules as one regular expression (not `all-linear`), which peft matches against
+    each module's whole name, naming the table: LoRA would adapt it (the list form is refused by
+    `launch.check_launch_compat`, from the names alone)."""
+    import re
+
+    if not isinstance(target_modules, str) or target_modules == "all-linear":
+        return None
+    name = next((n for n, m in model.named_modules() if m is module), None)
+    if name is None or not re.fullmatch(target_modules, name):
+        return None
+    return (
+        f"model.{key}: lora.target_modules {target_modules!r} matches the {table} ({name}), which LoRA would then "
+        f"adapt; a table in host memory stays frozen. Leave {name} out of the pattern, or remove the key for this "
+        "model."
+    )
+
+
+def embedding_problem(model: Any, target_modules: Any = None) -> str | None:
+    """Why `model.embedding_in_host_memory` cannot move this model's input embedding (tied, not a
+    plain `nn.Embedding`, matched by the lora.target_modules pattern `target_modules`), or None. Reads
+    only the modules' names, types and ties: a model on the meta device answers as the loaded one
+    (`model.load.check_host_tables`, before any weight loads)."""
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
     if head is not None and head.weight is embedding.weight:
@@ -265,17 +284,17 @@ def embedding_problem(model: Any) -> str | None:
             "plain torch Embedding; its forward may do more than look rows up, so it stays on the GPU. Remove the key "
             "for this model."
         )
-    return None
+    return _pattern_problem(model, embedding, "embedding_in_host_memory", "input embedding", target_modules)
 
 
-def embedding_in_host_memory(model: Any) -> tuple[str, int]:
+def embedding_in_host_memory(model: Any, target_modules: Any = None) -> tuple[str, int]:
     """Replace the model's input embedding with a `HostEmbedding` of the same weights, freeing its
     GPU copy. Returns the parameter's name (for DDP to leave alone: DDP refuses a module whose
     parameters are on two device types) and the bytes moved off the GPU. Only a plain
     `nn.Embedding` is replaced: a subclass may compute more in its forward (Gemma scales its rows)."""
     from ..errors import UserError
 
-    problem = embedding_problem(model)
+    problem = embedding_problem(model, target_modules)
     if problem:
         raise UserError(problem)
     host = HostEmbedding(model.get_input_embeddings())
@@ -374,9 +393,10 @@ class HostHead(torch.nn.Module):
             self.release()
 
 
-def head_problem(model: Any) -> str | None:
+def head_problem(model: Any, target_modules: Any = None) -> str | None:
     """Why `model.lm_head_in_host_memory` cannot move this model's output head (none, tied, not a plain
-    bias-free `nn.Linear`), or None; as `embedding_problem`, a model on the meta device answers."""
+    bias-free `nn.Linear`, matched by the lora.target_modules pattern), or None; as
+    `embedding_problem`, a model on the meta device answers."""
     head = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
     key = "model.lm_head_in_host_memory"
@@ -393,16 +413,16 @@ def head_problem(model: Any) -> str | None:
             f"{key}: this model's output head is {what}, not a plain bias-free torch Linear; it stays on the GPU. "
             "Remove the key for this model."
         )
-    return None
+    return _pattern_problem(model, head, "lm_head_in_host_memory", "output head", target_modules)
 
 
-def lm_head_in_host_memory(model: Any) -> tuple[str, int]:
+def lm_head_in_host_memory(model: Any, target_modules: Any = None) -> tuple[str, int]:
     """Replace the model's output head with a `HostHead` of the same weights, freeing its GPU copy.
     Returns the parameter's name (for DDP to leave alone) and the bytes moved off the GPU. Only a
     plain bias-free `nn.Linear` not tied to the input embedding is replaced."""
     from ..errors import UserError
 
-    problem = head_problem(model)
+    problem = head_problem(model, target_modules)
     if problem:
         raise UserError(problem)
     head = model.get_output_embeddings()
