@@ -335,6 +335,26 @@ def test_plan_of_a_multi_node_config_uses_its_node_count(tmp_path: Path):
     assert out.returncode == 0 and "4 node(s) x 8 process(es) = world size 32" in out.stdout, out.stderr
 
 
+@pytest.mark.parametrize("count", [0, -2, -1])
+def test_an_accelerate_config_without_a_process_count_is_refused_by_plan_unless_given(tmp_path: Path, count: int):
+    """`num_processes: 0` (or -2) under MULTI_GPU: plan planned one process (world size 1), and
+    `accelerate launch` without --num_processes stopped in torch's launcher with a bare AssertionError;
+    -1 (accelerate's "pass --num_processes") was planned as one process too. plan now names the key
+    and the fix; --gpus (what the launch scripts pass as --num_processes) plans it as given."""
+    from qlora_sft.launch import from_config_file
+
+    config = tmp_path / "acc.yaml"
+    config.write_text(f"distributed_type: MULTI_GPU\nnum_processes: {count}\n")
+    with pytest.raises(UserError) as exc:
+        from_config_file(config)
+    message = str(exc.value)
+    assert str(config) in message and f"num_processes is {count}" in message and "--gpus" in message, message
+    assert from_config_file(config, gpus_per_node=2).world_size == 2
+    # one process (distributed_type NO) runs whatever the count: accelerate starts one process
+    config.write_text("distributed_type: 'NO'\nnum_processes: 0\n")
+    assert from_config_file(config).world_size == 1
+
+
 # --------------------------------------------------------------------------------------------
 # the launch scripts' variables
 # --------------------------------------------------------------------------------------------

@@ -907,7 +907,9 @@ def read_accelerate(path: str | os.PathLike[str]) -> AccelerateConfig:
             value = 1
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"accelerate config {p}: {key} is {value!r}; give a whole number (e.g. {key}: 2)")
-        counts[key] = value or 1
+        # num_processes as written (below 1: `accelerate launch` needs --num_processes; plan says so);
+        # num_machines 0 runs as one machine
+        counts[key] = value if key == "num_processes" else value or 1
     notes, problems = [], []
     for key in sorted(TPU_KEYS & set(cfg)):
         if cfg[key] not in (None, False, "no", [], "", "NO"):
