@@ -515,6 +515,38 @@ def test_deepspeed_numbers_that_deepspeed_reads_still_pass(tmp_path: Path):
     assert read_deepspeed(path).offload_param == "cpu"
 
 
+def test_deepspeed_optimizer_and_scheduler_numbers_that_contradict_the_recipe_are_named(tmp_path: Path):
+    """A DeepSpeed JSON whose optimizer has `"betas": [0.9, 0.95]` (a common LLM setting) beside a recipe
+    with AdamW's defaults (0.9, 0.999), an `eps` other than train.adam_epsilon, or a scheduler whose
+    `warmup_max_lr` is not train.learning_rate: transformers refuses each ("DeepSpeed config values
+    that mismatch TrainingArguments") only in trainer.train(), after the model has loaded; plan passed
+    them. lr and weight_decay were checked already; "auto" and matching values still pass."""
+    import json
+
+    from qlora_sft.launch_config import deepspeed_problems, read_deepspeed
+    from qlora_sft.recipe import load_recipe
+
+    recipe = load_recipe(small_recipe(tmp_path, train={"learning_rate": 2e-4, "adam_epsilon": 1e-8}))
+    path = tmp_path / "ds.json"
+
+    def problems(optimizer: dict | None = None, scheduler: dict | None = None) -> str:
+        raw: dict = {"zero_optimization": {"stage": 2}}
+        if optimizer is not None:
+            raw["optimizer"] = {"type": "AdamW", "params": optimizer}
+        if scheduler is not None:
+            raw["scheduler"] = {"type": "WarmupDecayLR", "params": scheduler}
+        path.write_text(json.dumps(raw))
+        return "\n".join(deepspeed_problems(read_deepspeed(path), recipe))
+
+    text = problems({"lr": "auto", "betas": [0.9, 0.95], "eps": 1e-6})
+    assert "`optimizer.params.betas` is [0.9, 0.95] but train.adam_beta1, train.adam_beta2 are [0.9, 0.999]" in text
+    assert "`optimizer.params.eps` is 1e-06 but train.adam_epsilon is 1e-08" in text
+    text = problems(scheduler={"warmup_max_lr": 1e-3, "warmup_num_steps": "auto"})
+    assert "`scheduler.params.warmup_max_lr` is 0.001 but train.learning_rate is 0.0002" in text
+    assert problems({"lr": "auto", "betas": "auto", "eps": "auto"}, {"warmup_max_lr": "auto"}) == ""
+    assert problems({"betas": [0.9, 0.999], "eps": 1e-8}, {"warmup_max_lr": 2e-4}) == ""
+
+
 # --------------------------------------------------------------------------------------------
 # submit: a run with nothing left to do
 # --------------------------------------------------------------------------------------------
