@@ -177,6 +177,22 @@ def test_extra_sbatch_and_a_cluster_key_may_not_both_set_an_option():
 
 
 @pytest.mark.parametrize(
+    ("line", "option", "key"),
+    [("--time 10", "--time", "cluster.time"), ("--gpus-per-node  8", "--gpus-per-node", "cluster.gpus_per_node")],
+)
+def test_extra_sbatch_written_with_a_space_is_checked_like_with_an_equals_sign(line: str, option: str, key: str):
+    """`extra_sbatch: ["--time 10"]` (sbatch's other spelling, as in `#SBATCH --time 10`) was taken as an
+    option named `time 10`: it passed the check `--time=10` meets, and the job script held `--time=600`
+    and then `--time 10`, the last of which sbatch keeps. An option submit does not set keeps its value."""
+    from qlora_sft.submit import executor_parameters
+
+    with pytest.raises(UserError, match=rf"cluster.extra_sbatch: {option} is set by submit.*{key}"):
+        executor_parameters(cluster(extra_sbatch=[line]))
+    params = executor_parameters(cluster(extra_sbatch=["--reservation r1", "--gres nvme:1"]))
+    assert params["slurm_additional_parameters"] == {"reservation": "r1", "gres": "nvme:1"}
+
+
+@pytest.mark.parametrize(
     "values",
     [
         {"partition": "gpu\n#SBATCH --time=99999"},
