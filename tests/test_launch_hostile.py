@@ -177,6 +177,22 @@ def test_extra_sbatch_and_a_cluster_key_may_not_both_set_an_option():
 
 
 @pytest.mark.parametrize(
+    ("line", "option", "key"),
+    [("--time 10", "--time", "cluster.time"), ("--gpus-per-node  8", "--gpus-per-node", "cluster.gpus_per_node")],
+)
+def test_extra_sbatch_written_with_a_space_is_checked_like_with_an_equals_sign(line: str, option: str, key: str):
+    """`extra_sbatch: ["--time 10"]` (sbatch's other spelling, as in `#SBATCH --time 10`) was taken as an
+    option named `time 10`: it passed the check `--time=10` meets, and the job script held `--time=600`
+    and then `--time 10`, the last of which sbatch keeps. An option submit does not set keeps its value."""
+    from qlora_sft.submit import executor_parameters
+
+    with pytest.raises(UserError, match=rf"cluster.extra_sbatch: {option} is set by submit.*{key}"):
+        executor_parameters(cluster(extra_sbatch=[line]))
+    params = executor_parameters(cluster(extra_sbatch=["--reservation r1", "--gres nvme:1"]))
+    assert params["slurm_additional_parameters"] == {"reservation": "r1", "gres": "nvme:1"}
+
+
+@pytest.mark.parametrize(
     "values",
     [
         {"partition": "gpu\n#SBATCH --time=99999"},
@@ -333,6 +349,26 @@ def test_plan_of_a_multi_node_config_uses_its_node_count(tmp_path: Path):
     assert "16 process(es) x micro batch 2 x gradient accumulation 2" in out.stdout
     out = run_cli("-m", "qlora_sft", "plan", str(recipe), "--config", config, "--nodes", "4", cwd=tmp_path)
     assert out.returncode == 0 and "4 node(s) x 8 process(es) = world size 32" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("count", [0, -2, -1])
+def test_an_accelerate_config_without_a_process_count_is_refused_by_plan_unless_given(tmp_path: Path, count: int):
+    """`num_processes: 0` (or -2) under MULTI_GPU: plan planned one process (world size 1), and
+    `accelerate launch` without --num_processes stopped in torch's launcher with a bare AssertionError;
+    -1 (accelerate's "pass --num_processes") was planned as one process too. plan now names the key
+    and the fix; --gpus (what the launch scripts pass as --num_processes) plans it as given."""
+    from qlora_sft.launch import from_config_file
+
+    config = tmp_path / "acc.yaml"
+    config.write_text(f"distributed_type: MULTI_GPU\nnum_processes: {count}\n")
+    with pytest.raises(UserError) as exc:
+        from_config_file(config)
+    message = str(exc.value)
+    assert str(config) in message and f"num_processes is {count}" in message and "--gpus" in message, message
+    assert from_config_file(config, gpus_per_node=2).world_size == 2
+    # one process (distributed_type NO) runs whatever the count: accelerate starts one process
+    config.write_text("distributed_type: 'NO'\nnum_processes: 0\n")
+    assert from_config_file(config).world_size == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,6 +529,38 @@ def test_deepspeed_numbers_that_deepspeed_reads_still_pass(tmp_path: Path):
     }
     path.write_text(json.dumps(raw))
     assert read_deepspeed(path).offload_param == "cpu"
+
+
+def test_deepspeed_optimizer_and_scheduler_numbers_that_contradict_the_recipe_are_named(tmp_path: Path):
+    """A DeepSpeed JSON whose optimizer has `"betas": [0.9, 0.95]` (a common LLM setting) beside a recipe
+    with AdamW's defaults (0.9, 0.999), an `eps` other than train.adam_epsilon, or a scheduler whose
+    `warmup_max_lr` is not train.learning_rate: transformers refuses each ("DeepSpeed config values
+    that mismatch TrainingArguments") only in trainer.train(), after the model has loaded; plan passed
+    them. lr and weight_decay were checked already; "auto" and matching values still pass."""
+    import json
+
+    from qlora_sft.launch_config import deepspeed_problems, read_deepspeed
+    from qlora_sft.recipe import load_recipe
+
+    recipe = load_recipe(small_recipe(tmp_path, train={"learning_rate": 2e-4, "adam_epsilon": 1e-8}))
+    path = tmp_path / "ds.json"
+
+    def problems(optimizer: dict | None = None, scheduler: dict | None = None) -> str:
+        raw: dict = {"zero_optimization": {"stage": 2}}
+        if optimizer is not None:
+            raw["optimizer"] = {"type": "AdamW", "params": optimizer}
+        if scheduler is not None:
+            raw["scheduler"] = {"type": "WarmupDecayLR", "params": scheduler}
+        path.write_text(json.dumps(raw))
+        return "\n".join(deepspeed_problems(read_deepspeed(path), recipe))
+
+    text = problems({"lr": "auto", "betas": [0.9, 0.95], "eps": 1e-6})
+    assert "`optimizer.params.betas` is [0.9, 0.95] but train.adam_beta1, train.adam_beta2 are [0.9, 0.999]" in text
+    assert "`optimizer.params.eps` is 1e-06 but train.adam_epsilon is 1e-08" in text
+    text = problems(scheduler={"warmup_max_lr": 1e-3, "warmup_num_steps": "auto"})
+    assert "`scheduler.params.warmup_max_lr` is 0.001 but train.learning_rate is 0.0002" in text
+    assert problems({"lr": "auto", "betas": "auto", "eps": "auto"}, {"warmup_max_lr": "auto"}) == ""
+    assert problems({"betas": [0.9, 0.999], "eps": 1e-8}, {"warmup_max_lr": 2e-4}) == ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -310,6 +310,18 @@ def test_trackers_joined_by_a_comma_are_told_the_list_syntax(tiny_model: Path, t
     assert "give several trackers as a list: train.report_to=[wandb,mlflow]" in problem
 
 
+def test_a_tracker_named_twice_logs_each_step_once(run: Path, env: Path, tmp_path: Path):
+    """`report_to: [mlflow, wandb, mlflow]` (a list merged from two configs, or `comet` beside
+    `comet_ml`): the Trainer got one callback per entry, and MLflow's history held every step twice
+    (the second tracker of the same name logged into the same run)."""
+    from qlora_sft import tracking
+
+    launch(run, tmp_path, "twice", max_steps=2, report_to=["mlflow", "wandb", "mlflow"])
+    _, mlflow_id = ids(tmp_path / "twice")
+    assert loss_steps(env, mlflow_id) == [1, 2]
+    assert tracking.integrations(["comet", "comet_ml", "wandb", "wandb"]) == ["comet_ml", "wandb"]
+
+
 W_AND_B_SCRIPT = """
 import os, sys
 from pathlib import Path

@@ -413,7 +413,15 @@ def mode_from_accelerate(
     machines = cfg.num_machines
     if nodes is None:  # the file's num_machines, as `accelerate launch` without --num_machines
         nodes = max(1, machines)
-    per_node = gpus_per_node if gpus_per_node is not None else cfg.num_processes // max(1, machines)
+    if gpus_per_node is None and cfg.num_processes < 1 and (cfg.distributed_type != "NO" or cfg.num_processes == -1):
+        # accelerate's -1 means "give --num_processes"; 0 or below stops torch's launcher (AssertionError)
+        raise UserError(
+            f"accelerate config {cfg.path}: num_processes is {cfg.num_processes}, and `accelerate launch` without "
+            "--num_processes cannot start that. Set num_processes to the number of GPUs in total (e.g. "
+            "num_processes: 2), or give plan --gpus N (launch/local.sh and the SLURM templates pass "
+            "--num_processes themselves)"
+        )
+    per_node = gpus_per_node if gpus_per_node is not None else max(1, cfg.num_processes) // max(1, machines)
     world = max(1, per_node * nodes)
     common: dict[str, Any] = {
         "world_size": world,

@@ -417,6 +417,20 @@ def deepspeed_problems(
                     f"{name}: `optimizer.params.{ds_key}` is {params[ds_key]} but train.{recipe_key} is {mine:g}. "
                     'Set it to "auto".'
                 )
+        # transformers compares these too, and refuses a mismatch only in trainer.train(), the model loaded
+        betas = params.get("betas")
+        mine_betas = [args.get("adam_beta1", 0.9), args.get("adam_beta2", 0.999)]
+        if _fixed(betas) and betas != mine_betas:
+            problems.append(
+                f"{name}: `optimizer.params.betas` is {json.dumps(betas)} but train.adam_beta1, train.adam_beta2 are "
+                f'{json.dumps(mine_betas)}. Set it to "auto" (or set train.adam_beta1 and train.adam_beta2).'
+            )
+        eps, mine_eps = params.get("eps"), args.get("adam_epsilon", 1e-8)
+        if _fixed(eps) and eps != mine_eps:
+            problems.append(
+                f"{name}: `optimizer.params.eps` is {eps} but train.adam_epsilon is {mine_eps:g}. Set it to "
+                '"auto" (or set train.adam_epsilon).'
+            )
     elif ds.offload_optimizer != "none" and ds.raw.get("zero_force_ds_cpu_optimizer", True) is not False:
         problems.append(
             f"{name}: offloads the optimizer ({ds.offload_optimizer}) without an `optimizer` section, so the "
@@ -428,6 +442,13 @@ def deepspeed_problems(
         problems.append(
             f"{name}: has a `scheduler` section and the recipe sets train.lr_scheduler_type="
             f"{args['lr_scheduler_type']}; DeepSpeed's would win. Remove one of them."
+        )
+    peak = _dotted(ds.raw, "scheduler.params.warmup_max_lr")
+    lr = args.get("learning_rate")
+    if _fixed(peak) and lr is not None and peak != lr:
+        problems.append(
+            f"{name}: `scheduler.params.warmup_max_lr` is {peak} but train.learning_rate is {lr:g}; transformers "
+            'refuses the two once the model has loaded. Set it to "auto".'
         )
     return problems
 
@@ -907,7 +928,9 @@ def read_accelerate(path: str | os.PathLike[str]) -> AccelerateConfig:
             value = 1
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"accelerate config {p}: {key} is {value!r}; give a whole number (e.g. {key}: 2)")
-        counts[key] = value or 1
+        # num_processes as written (below 1: `accelerate launch` needs --num_processes; plan says so);
+        # num_machines 0 runs as one machine
+        counts[key] = value if key == "num_processes" else value or 1
     notes, problems = [], []
     for key in sorted(TPU_KEYS & set(cfg)):
         if cfg[key] not in (None, False, "no", [], "", "NO"):

@@ -108,9 +108,11 @@ def parse_sbatch_lines(lines: Sequence[str], merged: Mapping[str, Any] | None = 
         text = line.strip().removeprefix("#SBATCH").strip()
         if not text.startswith("--"):
             raise UserError(f"cluster.extra_sbatch: {line!r} is not an sbatch option (--key=value or --flag)")
-        key, _, value = text[2:].partition("=")
-        key = key.replace("-", "_")
-        option = text.partition("=")[0]
+        # `--key=value` or sbatch's other spelling `--key value`
+        name, value = re.fullmatch(r"([^=\s]*)(?:(?:=|\s+)(.*))?", text[2:], re.S).groups()  # type: ignore[union-attr]
+        value = (value or "").strip()
+        key = name.replace("-", "_")
+        option = f"--{name}"
         if key in MANAGED_SBATCH and (key != "gres" or value.startswith("gpu")):
             raise UserError(
                 f"cluster.extra_sbatch: {option} is set by submit; this line would override it or stand beside "

@@ -40,11 +40,17 @@ OWNER = "tracker_run_dir"  # the run directory that opened the kept ids (a copy 
 
 
 def requested(report_to: Any) -> list[str]:
-    """`train.report_to` as a list of names (a string or a list in the recipe; `none` is empty)."""
+    """`train.report_to` as a list of names (a string or a list in the recipe; `none` is empty), each
+    name once: the Trainer adds one callback per entry, and a name given twice logged every step twice
+    into the same tracker run."""
     if report_to is None:
         return []
     names = [report_to] if isinstance(report_to, str) else list(report_to)
-    return [n for n in names if not isinstance(n, str) or n not in ("none", *ALWAYS)]
+    kept: list[Any] = []
+    for n in names:
+        if (not isinstance(n, str) or n not in ("none", *ALWAYS)) and n not in kept:
+            kept.append(n)
+    return kept
 
 
 def report_to_problems(report_to: Any) -> list[str]:
@@ -103,7 +109,7 @@ def credential_problems(report_to: Any) -> list[str]:
 
 def integrations(report_to: Any) -> list[str] | str:
     """The `report_to` handed to the Trainer (TensorBoard is added by qlora-sft itself)."""
-    names = [TRACKERS[n][0] for n in requested(report_to)]
+    names = list(dict.fromkeys(TRACKERS[n][0] for n in requested(report_to)))  # comet and comet_ml: one
     return names or "none"
 
 
