@@ -87,18 +87,20 @@ class ModelConfig:
     """Keep the frozen input embedding table in host memory: each step gathers its tokens'
     rows on the CPU (into pinned memory on a GPU machine) and copies only those to the GPU, so the
     GPU does not hold vocabulary x hidden weights (1 GB at 8B for Llama-3's 128k vocabulary). One GPU
-    and DDP, quantized models, a frozen plain embedding not tied to the output head (`true` is refused
-    otherwise). With `lm_head_in_host_memory`, on one H200 at 8B and 4 x 2048 tokens: 5.50 GiB peak
+    and DDP, quantized models, a frozen plain embedding not tied to the output head and not matched by
+    a lora.target_modules pattern (`true` is refused otherwise, by validate and before any weight
+    loads). With `lm_head_in_host_memory`, on one H200 at 8B and 4 x 2048 tokens: 5.50 GiB peak
     instead of 7.22, at 0.95-1.01x the tokens/s in three calls (docs/benchmarks.md). `auto`: on for
     one CUDA GPU where memory is short, that is where plan's estimate with both tables on the GPU
-    passes 75% of what the GPU offers (`plan --gpu-mem N` says which; a tied or non-plain table stays
-    on the GPU, and the log says so); off otherwise, and under DDP (set `true` there)."""
+    passes 75% of what the GPU offers (`plan --gpu-mem N` says which; a tied, non-plain or LoRA-matched
+    table stays on the GPU, and the log says so); off otherwise, and under DDP (set `true` there)."""
     lm_head_in_host_memory: bool | Literal["auto"] = "auto"
     """Keep the frozen output head in pinned host memory: each forward copies it to the GPU on a side
     stream while the last decoder layers run, and the copy is freed once the loss's backward has used
     it, before the decoder layers' backward, where a step's peak is (1 GB off that peak at 8B for
     Llama-3's 128k vocabulary). One GPU and DDP, quantized models, a frozen bias-free linear head not
-    tied to the input embedding (`true` is refused otherwise). `auto`: as `embedding_in_host_memory`."""
+    tied to the input embedding and not matched by a lora.target_modules pattern (`true` is refused
+    otherwise, by validate and before any weight loads). `auto`: as `embedding_in_host_memory`."""
     loader: Literal["auto", "transformers", "low_memory"] = "auto"
     """How the base weights are read. `low_memory`: the safetensors shards one tensor at a time, each
     linear weight quantized as it is read and placed for the launch mode; under FSDP/ZeRO-3 only
