@@ -805,3 +805,26 @@ def test_plan_run_dir_under_a_symlink_loop_is_named_not_a_traceback(tmp_path: Pa
         in out.stderr
     ), out.stderr
     assert "choose another run.output_dir" in out.stderr and not out.stdout, out.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [
+        ('\ufeff{"zero_optimization": {"stage": 2}}', "It begins with a byte-order mark (BOM): save it as UTF-8"),
+        ('{\n  // ZeRO-2\n  "zero_optimization": {"stage": 2}\n}', "JSON has no comments: remove the // or /* */"),
+        ('{"zero_optimization": {"stage": 2,},}', "JSON allows no comma before a closing } or ]"),
+        ('{"zero_optimization": {"stage": 2}', ""),  # cut off: the position alone
+    ],
+)
+def test_a_hand_edited_deepspeed_json_is_refused_saying_what_json_forbids(tmp_path: Path, text: str, hint: str):
+    """A DeepSpeed JSON with comments, a trailing comma or a BOM (hand-edited, copied from a
+    tutorial) was refused with json's position only ("Expecting property name enclosed in double
+    quotes"; for the BOM, "decode using utf-8-sig"), not what JSON forbids."""
+    from qlora_sft.launch_config import read_deepspeed
+
+    path = tmp_path / "ds.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError, match=r"DeepSpeed config .*ds\.json is not valid JSON: ") as exc:
+        read_deepspeed(path)
+    message = str(exc.value)
+    assert (hint in message) if hint else message.rstrip().endswith(")"), message

@@ -407,6 +407,17 @@ def test_save_steps_past_max_steps_is_warned_of_naming_both_keys(save_steps: int
         assert recipe_warnings(build_recipe({**MINIMAL_RECIPE, "train": {"max_steps": 100, **quiet}})) == []
 
 
+def test_a_fraction_of_save_steps_that_saves_nothing_before_the_end_is_warned_of():
+    """`save_steps: 0.99` of `max_steps: 6` is every ceil(5.94) = 6 steps (transformers rounds a
+    fraction up): no checkpoint before the end, and fractions were never warned of."""
+    from qlora_sft.recipe import recipe_warnings
+
+    (warning,) = recipe_warnings(build_recipe({**MINIMAL_RECIPE, "train": {"max_steps": 6, "save_steps": 0.99}}))
+    assert warning.startswith("train.save_steps is 0.99 (a fraction: every 6 steps) and train.max_steps is 6"), warning
+    assert "set train.save_steps below 6 (or a fraction below 0.83)" in warning, warning
+    assert recipe_warnings(build_recipe({**MINIMAL_RECIPE, "train": {"max_steps": 6, "save_steps": 0.8}})) == []
+
+
 def test_save_steps_default_is_the_trainers():
     """The warning names 500 as the default: it is TrainingArguments' own."""
     import dataclasses

@@ -310,6 +310,21 @@ def test_trackers_joined_by_a_comma_are_told_the_list_syntax(tiny_model: Path, t
     assert "give several trackers as a list: train.report_to=[wandb,mlflow]" in problem
 
 
+def test_none_beside_a_tracker_is_a_recipe_error(tiny_model: Path, tmp_path: Path):
+    """`train.report_to: [none, wandb]` logged to W&B without a word about the `none`."""
+    from qlora_sft.recipe import build_recipe
+
+    for report_to in (["none", "tensorboard"], ["wandb", "none"]):
+        data = recipe_dict(tiny_model, tmp_path / "x.jsonl", tmp_path, train={"report_to": report_to})
+        with pytest.raises(RecipeError) as exc:
+            build_recipe(data)
+        (problem,) = [p for p in exc.value.problems if "report_to" in p]
+        other = next(n for n in report_to if n != "none")
+        assert f"names none beside {other}; give none to log to no tracker, or the trackers alone" in problem
+    for fine in ("none", ["none"], [], ["tensorboard"]):
+        build_recipe(recipe_dict(tiny_model, tmp_path / "x.jsonl", tmp_path, train={"report_to": fine}))
+
+
 def test_a_tracker_named_twice_logs_each_step_once(run: Path, env: Path, tmp_path: Path):
     """`report_to: [mlflow, wandb, mlflow]` (a list merged from two configs, or `comet` beside
     `comet_ml`): the Trainer got one callback per entry, and MLflow's history held every step twice

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -166,6 +167,18 @@ def is_accelerate_json(path: Path) -> bool:
     return isinstance(raw, dict) and "distributed_type" in raw and "zero_optimization" not in raw
 
 
+def _json_hint(text: str) -> str:
+    """What usually makes a hand-edited JSON file invalid, said where the text shows it (DeepSpeed's
+    and transformers' readers refuse it too, so the file is not read leniently here either)."""
+    if text.startswith("\ufeff"):
+        return ". It begins with a byte-order mark (BOM): save it as UTF-8 without one"
+    if re.search(r"^\s*(//|/\*|#)", text, re.M):
+        return ". JSON has no comments: remove the // or /* */ or # lines"
+    if re.search(r",\s*[}\]]", text):
+        return ". JSON allows no comma before a closing } or ]: remove the trailing comma"
+    return ""
+
+
 def read_deepspeed(path: str | os.PathLike[str], named_by: str | os.PathLike[str] | None = None) -> DeepSpeedConfig:
     """Read a DeepSpeed JSON (no deepspeed package needed). `named_by`: the file that names it."""
     fp = resolve_path(path, named_by)
@@ -173,9 +186,11 @@ def read_deepspeed(path: str | os.PathLike[str], named_by: str | os.PathLike[str
     if not fp.is_file():
         raise UserError(f"DeepSpeed config {path} not found{where}: looked for {fp}")
     try:
-        raw = json.loads(fp.read_text(encoding="utf-8"))
+        text = fp.read_text(encoding="utf-8")
+        raw = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"DeepSpeed config {fp} is not valid JSON: {exc}") from None
+        hint = _json_hint(text) if isinstance(exc, json.JSONDecodeError) else ""
+        raise UserError(f"DeepSpeed config {fp} is not valid JSON: {exc}{hint}") from None
     if not isinstance(raw, dict):
         raise UserError(f"DeepSpeed config {fp}: the top level must be a JSON object")
     zero = raw.get("zero_optimization")

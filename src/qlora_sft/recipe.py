@@ -1558,18 +1558,24 @@ def no_checkpoint_before_the_end(args: Mapping[str, Any], total_steps: int, epoc
     strategy = args.get("save_strategy", "steps")
     given = "save_steps" in args
     every = args.get("save_steps", TRAINER_SAVE_STEPS)
-    if strategy != "steps" or not _number(every) or every < 1 or total_steps <= 0 or every < total_steps:
+    if strategy != "steps" or not _number(every) or every <= 0 or total_steps <= 0:
         return None
+    # a fraction in (0, 1) is of the training steps, rounded up (transformers' Trainer)
+    interval = math.ceil(total_steps * every) if every < 1 else every
+    if interval < total_steps:
+        return None
+    fraction = f" (a fraction: every {interval} steps)" if every < 1 else ""
     steps = (
         f"train.max_steps is {total_steps}"
         if epochs is None
         else f"train.num_train_epochs {epochs:g} over the data is at most {total_steps} optimizer steps"
     )
     return (
-        f"train.save_steps is {every:g}{'' if given else ' (the default)'} and {steps}: "
+        f"train.save_steps is {every:g}{fraction}{'' if given else ' (the default)'} and {steps}: "
         "no checkpoint is saved before the last step, so a run killed before then (an OOM, a node failure, "
         "SIGKILL) has nothing to resume from and starts over (a preemption signal still saves one: "
         f"checkpoint.signals). To keep the work as it goes, set train.save_steps below {total_steps}"
+        + (f" (or a fraction below {(total_steps - 1) / total_steps:.2g})" if every < 1 else "")
     )
 
 

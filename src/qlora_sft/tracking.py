@@ -58,6 +58,12 @@ def report_to_problems(report_to: Any) -> list[str]:
     if report_to is not None and not isinstance(report_to, str | list | tuple):
         return [f"is {report_to!r}; give a tracker name or a list of them ({', '.join(sorted(TRACKERS))})"]
     problems = []
+    raw = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    others = [n for n in raw if n != "none"]
+    if "none" in raw and others:
+        problems.append(
+            f"names none beside {', '.join(map(str, others))}; give none to log to no tracker, or the trackers alone"
+        )
     for name in requested(report_to):
         if not isinstance(name, str):  # `report_to: [[wandb]]`, `[{wandb: true}]`
             problems.append(
