@@ -130,3 +130,20 @@ def test_auto_leaves_a_table_a_lora_pattern_trains_on_the_gpu(tiny_model: Path):
     assert type(model.get_output_embeddings()) is torch.nn.Linear
     assert type(model.get_input_embeddings()) is torch.nn.Embedding
     get_peft_model(model, LoraConfig(r=2, target_modules=pattern))
+
+
+def test_one_process_is_not_told_what_ddp_leaves_alone(tiny_model: Path, caplog):
+    """One process with both tables in host memory logged "model: DDP leaves ... alone", where no DDP
+    runs; the line is for several ranks (test_offload's DDP test holds it there)."""
+    from helpers import MINIMAL_RECIPE
+
+    from qlora_sft.launch import LaunchMode
+    from qlora_sft.model.load import load_model, load_tokenizer
+    from qlora_sft.recipe import build_recipe
+
+    model = {"name_or_path": str(tiny_model), "lm_head_in_host_memory": True, "embedding_in_host_memory": True}
+    recipe = build_recipe({**MINIMAL_RECIPE, "model": model})
+    with caplog.at_level(logging.INFO, logger="qlora_sft"):
+        load_model(recipe, load_tokenizer(recipe.model), LaunchMode("cpu"))
+    assert "output head in host memory" in caplog.text and "input embedding in host memory" in caplog.text
+    assert "DDP leaves" not in caplog.text, caplog.text

@@ -633,9 +633,11 @@ def load_model(
         # the frozen tables need no gradient sync and are the same on every rank
         tables = {id(p) for n, p in model.get_base_model().named_parameters() if n in host_tables}
         model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if id(p) in tables]
-        log.info(
-            "model: DDP leaves %s alone (frozen, in host memory)", ", ".join(model._ddp_params_and_buffers_to_ignore)
-        )
+        if mode.world_size > 1:  # (one process: there is no DDP to tell)
+            log.info(
+                "model: DDP leaves %s alone (frozen, in host memory)",
+                ", ".join(model._ddp_params_and_buffers_to_ignore),
+            )
         from .offload import host_head_hooks
 
         host_head_hooks(model)  # (where the head stayed on the GPU it is no HostHead: nothing to wire)
