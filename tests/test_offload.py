@@ -503,6 +503,12 @@ def test_host_tables_auto_is_on_for_one_gpu_where_memory_is_short(tiny_model: Pa
     assert on(plain, one_gpu, 8.0) == on(low, one_gpu, 8.0) == [False, False]
     head_trained = dataclasses.replace(auto, lora=dataclasses.replace(auto.lora, modules_to_save=["lm_head"]))
     assert on(head_trained, one_gpu, 8.0) == [True, False]
+    # one lora.target_modules pattern that matches a table: plan keeps it on the GPU, as the load does
+    for pattern, expected in ((r".*(q_proj|lm_head)", [True, False]), (r".*(embed_tokens|v_proj)", [False, True])):
+        matched = dataclasses.replace(auto, lora=dataclasses.replace(auto.lora, target_modules=pattern))
+        assert on(matched, one_gpu, 8.0) == expected, pattern
+    other_pattern = dataclasses.replace(auto, lora=dataclasses.replace(auto.lora, target_modules=r".*_proj"))
+    assert on(other_pattern, one_gpu, 8.0) == [True, True]
     (line,) = host_tables_lines(auto, resolve_host_tables(head_trained, one_gpu, eight_b, 8.0), one_gpu, 8.0)
     assert "auto: model.embedding_in_host_memory in host memory on a 8 GiB GPU" in line, line  # only the one on
     neox_head = dataclasses.replace(auto, lora=dataclasses.replace(auto.lora, modules_to_save=["embed_out"]))

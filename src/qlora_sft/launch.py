@@ -711,7 +711,27 @@ def _host_table_reasons(recipe: Recipe, mode: LaunchMode, key: str) -> list[str]
     trained = [*(lora.modules_to_save or []), *([] if isinstance(target, str) else target)]
     if any(names_it(name) for name in trained):
         why.append(f"the {table} is trained (lora.modules_to_save or lora.target_modules name it)")
+    elif isinstance(target, str) and target != "all-linear" and _pattern_names(target, key):
+        # (peft matches one pattern against each module's whole name; the load checks the model's own
+        # names, `offload.embedding_problem` / `head_problem`: these are the usual ones, for plan)
+        why.append(f"the {table} is trained (the lora.target_modules pattern {target!r} matches it)")
     return why
+
+
+# the whole module names the tables usually have (Llama/Qwen/Mistral/Gemma, GPT-2, GPT-NeoX)
+_TABLE_NAMES = {
+    "embedding_in_host_memory": ("model.embed_tokens", "transformer.wte", "gpt_neox.embed_in"),
+    "lm_head_in_host_memory": ("lm_head", "embed_out"),
+}
+
+
+def _pattern_names(pattern: str, key: str) -> bool:
+    import re
+
+    try:
+        return any(re.fullmatch(pattern, name) for name in _TABLE_NAMES[key])
+    except re.error:  # (an invalid pattern is the recipe's problem, said where the adapters are built)
+        return False
 
 
 def _host_table_problems(recipe: Recipe, mode: LaunchMode) -> list[str]:
