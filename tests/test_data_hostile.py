@@ -500,3 +500,33 @@ def test_ctrl_c_while_prepare_tokenizes_in_processes_is_an_interruption_and_leav
     monkeypatch.setattr(encode, "encode_documents", original)
     assert cli.main(["prepare", str(recipe)]) == 0
     assert [p.name for p in root.iterdir() if p.is_dir()], "the next prepare built the cache"
+
+
+# --- data written for another trainer ------------------------------------------------------------
+
+
+def test_axolotls_per_turn_training_flag_is_a_bad_row_not_trained_in_silence(tmp_path: Path):
+    """Was: axolotl marks a turn to leave untrained with `training: false` (or `train: false`,
+    `message_field_training`); the flag was not read and the turn trained in full, as `weight: 0` did
+    before it was made a bad row. A flag that says what is done anyway (assistant true, others false)
+    is fine."""
+    from qlora_sft.data import BadRow, normalize_row
+
+    def conv(flag: str, value: object, role: str = "assistant") -> dict:
+        turns = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "a sampled answer"},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "the chosen answer"},
+        ]
+        turns[1 if role == "assistant" else 0][flag] = value
+        return {"messages": turns}
+
+    for flag in ("training", "train"):
+        with pytest.raises(BadRow, match=rf"`messages\[1\]`.{flag} is False: .*not supported") as exc:
+            normalize_row(conv(flag, False), "messages")
+        assert exc.value.reason == "turn_weight"
+        with pytest.raises(BadRow, match=rf"`messages\[0\]`.{flag} is True"):
+            normalize_row(conv(flag, True, role="user"), "messages")
+        assert normalize_row(conv(flag, True), "messages")[0][1]["content"] == "a sampled answer"
+        assert normalize_row(conv(flag, False, role="user"), "messages")[0][0]["content"] == "hi"

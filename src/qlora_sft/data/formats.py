@@ -143,6 +143,14 @@ def _turns(turns: Any, role_key: str, content_key: str, field_name: str) -> list
                 "untrained) are not supported, and every assistant turn would train. Remove the turn (or the key), "
                 "or split the conversation",
             )
+        for flag in ("training", "train"):  # axolotl's message_field_training: whether the turn trains
+            if flag in turn and turn[flag] is not (role == "assistant"):
+                raise BadRow(
+                    "turn_weight",
+                    f"{where}.{flag} is {turn[flag]!r}: per-turn training flags (axolotl's "
+                    "message_field_training) are not supported; every assistant turn trains and no other turn "
+                    "does. Remove the turn (or the key), or split the conversation",
+                )
         if calls:
             if role != "assistant":
                 raise BadRow("wrong_type", f"{where}: only assistant turns carry `tool_calls`")
