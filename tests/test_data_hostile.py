@@ -505,6 +505,40 @@ def test_ctrl_c_while_prepare_tokenizes_in_processes_is_an_interruption_and_leav
 # --- data written for another trainer ------------------------------------------------------------
 
 
+def test_llama_factorys_alpaca_history_is_trained_as_earlier_turns_not_dropped(tmp_path: Path, tok):
+    """Was: LLaMA-Factory's alpaca rows carry the earlier turns of a conversation in `history`
+    ([[user, assistant], ...]); the field was not read, and the row trained as its last exchange alone,
+    its context dropped in silence (no warning: `history` spells no field alpaca reads)."""
+    from qlora_sft.data import normalize_row
+
+    row = {
+        "system": "Be brief.",
+        "instruction": "And of Spain?",
+        "input": "",
+        "output": "Madrid.",
+        "history": [["The capital of France?", "Paris."], ["Of Italy?", "Rome."]],
+    }
+    messages, _ = normalize_row(row, "alpaca")
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("system", "Be brief."),
+        ("user", "The capital of France?"),
+        ("assistant", "Paris."),
+        ("user", "Of Italy?"),
+        ("assistant", "Rome."),
+        ("user", "And of Spain?"),
+        ("assistant", "Madrid."),
+    ]
+    assert normalize_row({**row, "history": []}, "alpaca")[0][1:] == messages[5:]
+    f = tmp_path / "lf.jsonl"
+    f.write_text(json.dumps(row) + "\n" + json.dumps({**row, "history": [["only a question"]]}) + "\n")
+    prepared = build_data(cfg(f, on_bad_row="skip"), tok, 0)
+    assert prepared.report.sources[0].skipped == {"wrong_type": 1}
+    text = tok.decode(prepared.train[0]["input_ids"])
+    assert "The capital of France?" in text and "Paris." in text and "Rome." in text
+    with pytest.raises(DataError, match=r"row 2: field `history\[0\]` must be a \[user, assistant\] pair"):
+        build_data(cfg(f), tok, 0)
+
+
 def test_axolotls_per_turn_training_flag_is_a_bad_row_not_trained_in_silence(tmp_path: Path):
     """Was: axolotl marks a turn to leave untrained with `training: false` (or `train: false`,
     `message_field_training`); the flag was not read and the turn trained in full, as `weight: 0` did

@@ -100,6 +100,25 @@ def _text_field(row: dict[str, Any], key: str, required: bool = True) -> str:
     return value
 
 
+def _history(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """LLaMA-Factory's alpaca `history`: the conversation's earlier turns, [[user, assistant], ...]."""
+    history = row.get("history")
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise BadRow(
+            "wrong_type", f"field `history` must be a list of [user, assistant] pairs, got {type(history).__name__}"
+        )
+    turns = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise BadRow(
+                "wrong_type", f"field `history[{i}]` must be a [user, assistant] pair of strings, got {pair!r}"
+            )
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return turns
+
+
 def _content(value: Any, where: str) -> str:
     if isinstance(value, str):
         return value
@@ -244,7 +263,7 @@ def normalize_row(
         extra = _text_field(row, "input", required=False)
         output = _text_field(row, "output")
         user = instruction + (f"\n\n{extra}" if extra.strip() else "")
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        messages = [*_history(row), {"role": "user", "content": user}, {"role": "assistant", "content": output}]
         if isinstance(row.get("system"), str) and row["system"].strip():
             messages.insert(0, {"role": "system", "content": row["system"]})
     elif fmt == "dolly":
@@ -324,7 +343,7 @@ def _check_unicode(value: Any, where: str) -> None:
 
 # the fields each format reads (the optional ones among them are left out in silence where misspelled)
 READ_FIELDS = {
-    "alpaca": ("instruction", "input", "output", "system"),
+    "alpaca": ("instruction", "input", "output", "system", "history"),
     "dolly": ("instruction", "context", "response"),
     "sharegpt": ("conversations", "system"),
     "messages": ("messages", "system", "tools"),
