@@ -539,7 +539,7 @@ def test_llama_factorys_alpaca_history_is_trained_as_earlier_turns_not_dropped(t
         build_data(cfg(f), tok, 0)
 
 
-def test_axolotls_per_turn_training_flag_is_a_bad_row_not_trained_in_silence(tmp_path: Path):
+def test_axolotls_per_turn_training_flag_is_a_bad_row_not_trained_in_silence(tmp_path: Path, tok):
     """Was: axolotl marks a turn to leave untrained with `training: false` (or `train: false`,
     `message_field_training`); the flag was not read and the turn trained in full, as `weight: 0` did
     before it was made a bad row. A flag that says what is done anyway (assistant true, others false)
@@ -564,3 +564,12 @@ def test_axolotls_per_turn_training_flag_is_a_bad_row_not_trained_in_silence(tmp
             normalize_row(conv(flag, True, role="user"), "messages")
         assert normalize_row(conv(flag, True), "messages")[0][1]["content"] == "a sampled answer"
         assert normalize_row(conv(flag, False, role="user"), "messages")[0][0]["content"] == "hi"
+        # data.assistant_only_loss: false trains every turn: a false flag anywhere is not what is done
+        with pytest.raises(BadRow, match=rf"`messages\[0\]`.{flag} is False"):
+            normalize_row(conv(flag, False, role="user"), "messages", assistant_only_loss=False)
+        assert normalize_row(conv(flag, True, role="user"), "messages", assistant_only_loss=False)[0][0]["content"]
+    f = tmp_path / "axolotl.jsonl"
+    f.write_text(json.dumps(conv("training", False, role="user")) + "\n")
+    assert build_data(cfg(f), tok, 0).report.train_rows == 1
+    with pytest.raises(DataError, match=r"row 1: `messages\[0\]`.training is False: .*every turn trains"):
+        build_data(cfg(f, assistant_only_loss=False), tok, 0)

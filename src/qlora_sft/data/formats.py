@@ -133,7 +133,9 @@ def _content(value: Any, where: str) -> str:
     raise BadRow("wrong_type", f"{where}: content must be a string, got {type(value).__name__}")
 
 
-def _turns(turns: Any, role_key: str, content_key: str, field_name: str) -> list[dict[str, Any]]:
+def _turns(
+    turns: Any, role_key: str, content_key: str, field_name: str, assistant_only_loss: bool = True
+) -> list[dict[str, Any]]:
     if not isinstance(turns, list):
         raise BadRow("wrong_type", f"field `{field_name}` must be a list of turns, got {type(turns).__name__}")
     out = []
@@ -163,12 +165,17 @@ def _turns(turns: Any, role_key: str, content_key: str, field_name: str) -> list
                 "or split the conversation",
             )
         for flag in ("training", "train"):  # axolotl's message_field_training: whether the turn trains
-            if flag in turn and turn[flag] is not (role == "assistant"):
+            if flag in turn and turn[flag] is not (role == "assistant" or not assistant_only_loss):
+                done = (
+                    "every assistant turn trains and no other turn does"
+                    if assistant_only_loss
+                    else "every turn trains (data.assistant_only_loss: false)"
+                )
                 raise BadRow(
                     "turn_weight",
                     f"{where}.{flag} is {turn[flag]!r}: per-turn training flags (axolotl's "
-                    "message_field_training) are not supported; every assistant turn trains and no other turn "
-                    "does. Remove the turn (or the key), or split the conversation",
+                    f"message_field_training) are not supported; {done}. Remove the turn (or the key), or split "
+                    "the conversation",
                 )
         if calls:
             if role != "assistant":
@@ -245,9 +252,10 @@ def check_conversation(messages: list[dict[str, Any]]) -> None:
 
 
 def normalize_row(
-    row: Any, fmt: str, system_prompt: str | None = None
+    row: Any, fmt: str, system_prompt: str | None = None, assistant_only_loss: bool = True
 ) -> tuple[list[dict[str, Any]] | None, str | None]:
-    """One raw row -> (messages, None) or (None, text). Raises BadRow."""
+    """One raw row -> (messages, None) or (None, text). Raises BadRow (`assistant_only_loss`: which
+    turns train, against which a turn's own training flag is checked)."""
     if isinstance(row, BadRow):
         raise row
     if not isinstance(row, dict):
@@ -275,7 +283,7 @@ def normalize_row(
     elif fmt == "sharegpt":
         if "conversations" not in row:
             raise BadRow("missing_field", "missing field `conversations`")
-        messages = _turns(row["conversations"], "from", "value", "conversations")
+        messages = _turns(row["conversations"], "from", "value", "conversations", assistant_only_loss)
         if (
             isinstance(row.get("system"), str)
             and row["system"].strip()
@@ -285,7 +293,7 @@ def normalize_row(
     elif fmt == "messages":
         if "messages" not in row:
             raise BadRow("missing_field", "missing field `messages`")
-        messages = _turns(row["messages"], "role", "content", "messages")
+        messages = _turns(row["messages"], "role", "content", "messages", assistant_only_loss)
         if (
             isinstance(row.get("system"), str)
             and row["system"].strip()
@@ -298,12 +306,12 @@ def normalize_row(
                 raise BadRow("missing_field", f"missing field `{key}`")
         prompt, completion = row["prompt"], row["completion"]
         p_msgs = (
-            _turns(prompt, "role", "content", "prompt")
+            _turns(prompt, "role", "content", "prompt", assistant_only_loss)
             if isinstance(prompt, list)
             else [{"role": "user", "content": _text_field(row, "prompt")}]
         )
         c_msgs = (
-            _turns(completion, "role", "content", "completion")
+            _turns(completion, "role", "content", "completion", assistant_only_loss)
             if isinstance(completion, list)
             else [{"role": "assistant", "content": _text_field(row, "completion")}]
         )
