@@ -573,3 +573,20 @@ def test_axolotls_per_turn_training_flag_is_a_bad_row_not_trained_in_silence(tmp
     assert build_data(cfg(f), tok, 0).report.train_rows == 1
     with pytest.raises(DataError, match=r"row 1: `messages\[0\]`.training is False: .*every turn trains"):
         build_data(cfg(f, assistant_only_loss=False), tok, 0)
+
+
+def test_a_kto_row_marked_undesirable_is_a_bad_row_not_trained_on(tmp_path: Path, tok):
+    """Was: TRL's unpaired preference (KTO) rows are prompt, completion and a boolean `label`; read as
+    prompt_completion, the completions labelled undesirable (`label: false`) were trained like the
+    others, the model taught the answers the data says are bad, without a word."""
+    f = tmp_path / "kto.jsonl"
+    rows = [
+        {"prompt": "The colour of the sky?", "completion": "Blue.", "label": True},
+        {"prompt": "The colour of the sky?", "completion": "Green.", "label": False},
+    ]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepared = build_data(cfg(f, on_bad_row="skip"), tok, 0)
+    assert prepared.report.sources[0].skipped == {"undesirable_completion": 1}
+    assert [tok.decode(r["input_ids"]).count("Green.") for r in prepared.train] == [0]
+    with pytest.raises(DataError, match=r"row 2: .*`label` is false: .*undesirable"):
+        build_data(cfg(f), tok, 0)

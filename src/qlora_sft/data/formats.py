@@ -304,6 +304,12 @@ def normalize_row(
         for key in ("prompt", "completion"):
             if key not in row or row[key] is None:
                 raise BadRow("missing_field", f"missing field `{key}`")
+        if row.get("label") is False:  # TRL's unpaired preference (KTO) format: prompt, completion, label
+            raise BadRow(
+                "undesirable_completion",
+                "field `label` is false: a preference (KTO) row whose completion is undesirable; supervised "
+                "fine-tuning would teach it. Leave such rows out of the SFT data (keep those with label true)",
+            )
         prompt, completion = row["prompt"], row["completion"]
         p_msgs = (
             _turns(prompt, "role", "content", "prompt", assistant_only_loss)
