@@ -590,3 +590,18 @@ def test_a_kto_row_marked_undesirable_is_a_bad_row_not_trained_on(tmp_path: Path
     assert [tok.decode(r["input_ids"]).count("Green.") for r in prepared.train] == [0]
     with pytest.raises(DataError, match=r"row 2: .*`label` is false: .*undesirable"):
         build_data(cfg(f), tok, 0)
+
+
+def test_validate_shows_a_row_whose_training_flags_match_assistant_only_loss_false(tmp_path: Path, tiny_model, capsys):
+    """With data.assistant_only_loss: false every turn trains, so a user turn's `training: true` is what
+    is done: the data builds, and `validate`'s example (read again from the source) shows the row
+    instead of stopping on it as if only assistant turns trained."""
+    from qlora_sft import cli
+
+    f = tmp_path / "axolotl.jsonl"
+    turns = [{"role": "user", "content": "hi", "training": True}, {"role": "assistant", "content": "hello"}]
+    f.write_text(json.dumps({"messages": turns}) + "\n")
+    data_section = {"eval_fraction": 0.0, "assistant_only_loss": False, "num_proc": 1}
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, f, tmp_path / "runs", data=data_section))
+    assert cli.main(["validate", str(recipe)]) == 0
+    assert "axolotl.jsonl row 1" in capsys.readouterr().out

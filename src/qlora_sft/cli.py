@@ -688,7 +688,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     marks = ("\x1b[1;32m", "\x1b[0m") if color else ("[[", "]]")
     rows = itertools.chain.from_iterable(
-        data.iter_examples(src, recipe.data.on_bad_row, data.SourceReport(src.path, src.format), base_dir)
+        data.iter_examples(
+            src,
+            recipe.data.on_bad_row,
+            data.SourceReport(src.path, src.format),
+            base_dir,
+            recipe.data.assistant_only_loss,
+        )
         for src in recipe.data.sources
     )
     for ex in itertools.islice(rows, min(max(0, args.examples), sys.maxsize)):  # (islice refuses more)

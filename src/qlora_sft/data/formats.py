@@ -455,7 +455,11 @@ def bad_row_error(path: str, rowno: int, fmt: str, message: str) -> DataError:
 
 
 def iter_examples(
-    src: DataSource, on_bad_row: str, report: SourceReport, base_dir: str | os.PathLike[str] | None = None
+    src: DataSource,
+    on_bad_row: str,
+    report: SourceReport,
+    base_dir: str | os.PathLike[str] | None = None,
+    assistant_only_loss: bool = True,
 ) -> Iterator[Example]:
     """A source's rows, normalised one at a time; bad rows raise DataError or are counted in
     `report`, per `on_bad_row`."""
@@ -467,7 +471,7 @@ def iter_examples(
         report.rows += 1
         name_near_misses(src.path, fmt, [rowno], [near_miss_text(row, fmt)])
         try:
-            messages, text = normalize_row(row, fmt, src.system_prompt)
+            messages, text = normalize_row(row, fmt, src.system_prompt, assistant_only_loss)
             tools = row_tools(row, fmt)
         except BadRow as bad:
             if on_bad_row == "error":

@@ -223,7 +223,9 @@ REASON_FIXES = {
     "rows are in",
     "wrong_type": "give each field the type its format expects (text as a string, turns as a list of mappings)",
     "unknown_role": "give every turn a role of system, user, assistant or tool (or a known alias: human, gpt, ...)",
-    "turn_weight": "remove the per-turn `weight` keys (every assistant turn trains), or split the conversations",
+    "turn_weight": "remove the per-turn `weight` (and `training`/`train`) keys (every assistant turn trains), or "
+    "split the conversations",
+    "undesirable_completion": "leave the preference rows labelled false out of the SFT data",
     "empty": "give every conversation its turns",
     "roles_out_of_order": "order the turns: an optional system turn, then user and assistant alternating, tool "
     "results after the tool calls",
