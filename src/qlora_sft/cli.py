@@ -645,6 +645,7 @@ def _data_report(recipe: Any, base_dir: Path, tokenizer: Any, keep: bool) -> lis
         prepared = data.build_data(recipe.data, tokenizer, recipe.run.seed, base_dir)
         where = f"not cached (built in {time.perf_counter() - start:.1f} s; `qlora-sft prepare` keeps it for training)"
     data.check_end_tokens(prepared.report, recipe.data)
+    data.check_eval_rows(prepared.report, recipe.data, recipe.train.args)
     return [*prepared.report.lines(), f"data: {where}", *(f"note: {line}" for line in other_caches(folder))]
 
 
