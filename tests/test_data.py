@@ -347,6 +347,29 @@ def test_a_same_size_edit_with_its_modification_time_restored_is_not_served_from
         assert "Pink." in tok.decode(again.train[0]["input_ids"])
 
 
+def test_a_parquet_file_edited_with_its_modification_time_restored_is_read_again(tmp_path: Path, tok, monkeypatch):
+    """Was: parquet files were read with datasets' `Dataset.from_parquet`, which keeps an Arrow copy in
+    the datasets cache under the file's path and modification time. The cache key saw the edit (its
+    digest) and built a new cache, but read the old rows from that copy: trained on data that is no
+    longer in the file, in silence."""
+    import os
+
+    import pandas as pd
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    f = tmp_path / "rows.parquet"
+    pd.DataFrame({"instruction": ["Name a colour."] * 3, "output": ["Blue."] * 3}).to_parquet(f)
+    first = data.prepare_data(cfg(f), tok, 0, tmp_path / "cache")
+    assert "Blue." in tok.decode(first.train[0]["input_ids"])
+    before = f.stat()
+    pd.DataFrame({"instruction": ["Name a colour."] * 3, "output": ["Pink."] * 3}).to_parquet(f)
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    again = data.prepare_data(cfg(f), tok, 0, tmp_path / "cache")
+    assert not again.found and again.cache != first.cache
+    assert "Pink." in tok.decode(again.train[0]["input_ids"])
+
+
 def test_data_file_digests_are_memoised_beside_the_cache(tmp_path: Path, tok, monkeypatch):
     """The cache key reads each data file once: its digest is kept beside the caches under the
     file's path, size, modification and change times and inode, and read from there while those hold.

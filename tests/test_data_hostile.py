@@ -500,3 +500,108 @@ def test_ctrl_c_while_prepare_tokenizes_in_processes_is_an_interruption_and_leav
     monkeypatch.setattr(encode, "encode_documents", original)
     assert cli.main(["prepare", str(recipe)]) == 0
     assert [p.name for p in root.iterdir() if p.is_dir()], "the next prepare built the cache"
+
+
+# --- data written for another trainer ------------------------------------------------------------
+
+
+def test_llama_factorys_alpaca_history_is_trained_as_earlier_turns_not_dropped(tmp_path: Path, tok):
+    """Was: LLaMA-Factory's alpaca rows carry the earlier turns of a conversation in `history`
+    ([[user, assistant], ...]); the field was not read, and the row trained as its last exchange alone,
+    its context dropped in silence (no warning: `history` spells no field alpaca reads)."""
+    from qlora_sft.data import normalize_row
+
+    row = {
+        "system": "Be brief.",
+        "instruction": "And of Spain?",
+        "input": "",
+        "output": "Madrid.",
+        "history": [["The capital of France?", "Paris."], ["Of Italy?", "Rome."]],
+    }
+    messages, _ = normalize_row(row, "alpaca")
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("system", "Be brief."),
+        ("user", "The capital of France?"),
+        ("assistant", "Paris."),
+        ("user", "Of Italy?"),
+        ("assistant", "Rome."),
+        ("user", "And of Spain?"),
+        ("assistant", "Madrid."),
+    ]
+    assert normalize_row({**row, "history": []}, "alpaca")[0][1:] == messages[5:]
+    f = tmp_path / "lf.jsonl"
+    f.write_text(json.dumps(row) + "\n" + json.dumps({**row, "history": [["only a question"]]}) + "\n")
+    prepared = build_data(cfg(f, on_bad_row="skip"), tok, 0)
+    assert prepared.report.sources[0].skipped == {"wrong_type": 1}
+    text = tok.decode(prepared.train[0]["input_ids"])
+    assert "The capital of France?" in text and "Paris." in text and "Rome." in text
+    with pytest.raises(DataError, match=r"row 2: field `history\[0\]` must be a \[user, assistant\] pair"):
+        build_data(cfg(f), tok, 0)
+
+
+def test_axolotls_per_turn_training_flag_is_a_bad_row_not_trained_in_silence(tmp_path: Path, tok):
+    """Was: axolotl marks a turn to leave untrained with `training: false` (or `train: false`,
+    `message_field_training`); the flag was not read and the turn trained in full, as `weight: 0` did
+    before it was made a bad row. A flag that says what is done anyway (assistant true, others false)
+    is fine."""
+    from qlora_sft.data import BadRow, normalize_row
+
+    def conv(flag: str, value: object, role: str = "assistant") -> dict:
+        turns = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "a sampled answer"},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "the chosen answer"},
+        ]
+        turns[1 if role == "assistant" else 0][flag] = value
+        return {"messages": turns}
+
+    for flag in ("training", "train"):
+        with pytest.raises(BadRow, match=rf"`messages\[1\]`.{flag} is False: .*not supported") as exc:
+            normalize_row(conv(flag, False), "messages")
+        assert exc.value.reason == "turn_weight"
+        with pytest.raises(BadRow, match=rf"`messages\[0\]`.{flag} is True"):
+            normalize_row(conv(flag, True, role="user"), "messages")
+        assert normalize_row(conv(flag, True), "messages")[0][1]["content"] == "a sampled answer"
+        assert normalize_row(conv(flag, False, role="user"), "messages")[0][0]["content"] == "hi"
+        # data.assistant_only_loss: false trains every turn: a false flag anywhere is not what is done
+        with pytest.raises(BadRow, match=rf"`messages\[0\]`.{flag} is False"):
+            normalize_row(conv(flag, False, role="user"), "messages", assistant_only_loss=False)
+        assert normalize_row(conv(flag, True, role="user"), "messages", assistant_only_loss=False)[0][0]["content"]
+    f = tmp_path / "axolotl.jsonl"
+    f.write_text(json.dumps(conv("training", False, role="user")) + "\n")
+    assert build_data(cfg(f), tok, 0).report.train_rows == 1
+    with pytest.raises(DataError, match=r"row 1: `messages\[0\]`.training is False: .*every turn trains"):
+        build_data(cfg(f, assistant_only_loss=False), tok, 0)
+
+
+def test_a_kto_row_marked_undesirable_is_a_bad_row_not_trained_on(tmp_path: Path, tok):
+    """Was: TRL's unpaired preference (KTO) rows are prompt, completion and a boolean `label`; read as
+    prompt_completion, the completions labelled undesirable (`label: false`) were trained like the
+    others, the model taught the answers the data says are bad, without a word."""
+    f = tmp_path / "kto.jsonl"
+    rows = [
+        {"prompt": "The colour of the sky?", "completion": "Blue.", "label": True},
+        {"prompt": "The colour of the sky?", "completion": "Green.", "label": False},
+    ]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepared = build_data(cfg(f, on_bad_row="skip"), tok, 0)
+    assert prepared.report.sources[0].skipped == {"undesirable_completion": 1}
+    assert [tok.decode(r["input_ids"]).count("Green.") for r in prepared.train] == [0]
+    with pytest.raises(DataError, match=r"row 2: .*`label` is false: .*undesirable"):
+        build_data(cfg(f), tok, 0)
+
+
+def test_validate_shows_a_row_whose_training_flags_match_assistant_only_loss_false(tmp_path: Path, tiny_model, capsys):
+    """With data.assistant_only_loss: false every turn trains, so a user turn's `training: true` is what
+    is done: the data builds, and `validate`'s example (read again from the source) shows the row
+    instead of stopping on it as if only assistant turns trained."""
+    from qlora_sft import cli
+
+    f = tmp_path / "axolotl.jsonl"
+    turns = [{"role": "user", "content": "hi", "training": True}, {"role": "assistant", "content": "hello"}]
+    f.write_text(json.dumps({"messages": turns}) + "\n")
+    data_section = {"eval_fraction": 0.0, "assistant_only_loss": False, "num_proc": 1}
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, f, tmp_path / "runs", data=data_section))
+    assert cli.main(["validate", str(recipe)]) == 0
+    assert "axolotl.jsonl row 1" in capsys.readouterr().out

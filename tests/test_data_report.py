@@ -299,3 +299,40 @@ def test_train_logs_the_rows_left_out_as_a_warning(tiny_model: Path, tmp_path: P
     left_out = [line for line in logged if "left out" in line]
     assert len(left_out) == 1 and " WARNING data: 1 of the 25 rows read are left out (1 bad row)" in left_out[0]
     assert any(" INFO data: source " in line for line in logged)
+
+
+def test_an_eval_fraction_that_holds_out_no_row_is_refused_before_the_model_where_evaluation_is_needed(
+    tiny_model: Path, tmp_path: Path, capsys, monkeypatch
+):
+    """Was: data.eval_fraction of too few rows holds out none (one train row is always kept), and a
+    recipe with train.load_best_model_at_end passed `validate` and stopped `train` with the Trainer's
+    "--load_best_model_at_end requires the save and eval strategy to match" traceback after the model
+    had loaded. Now `validate` and `train` refuse it naming the keys and the counts, before the model."""
+    from helpers import recipe_dict, write_recipe
+
+    from qlora_sft import cli, model
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    rows = tmp_path / "one.jsonl"
+    rows.write_text(json.dumps({"instruction": "The colour of the sky?", "output": "Blue."}) + "\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        recipe_dict(
+            tiny_model,
+            rows,
+            tmp_path / "runs",
+            data={"eval_fraction": 0.5},
+            train={"max_steps": 2, "save_steps": 1, "eval_steps": 1, "load_best_model_at_end": True},
+        ),
+    )
+    assert cli.main(["validate", str(recipe)]) != 0
+    err = capsys.readouterr().err
+    assert "train.load_best_model_at_end" in err and "no eval rows" in err and "data.eval_fraction=0.5" in err, err
+
+    def loaded(*_: object, **__: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(model, "load_model", loaded)
+    with pytest.raises(DataError, match=r"train.load_best_model_at_end .* no eval rows"):
+        train(load_recipe(recipe))

@@ -645,6 +645,7 @@ def _data_report(recipe: Any, base_dir: Path, tokenizer: Any, keep: bool) -> lis
         prepared = data.build_data(recipe.data, tokenizer, recipe.run.seed, base_dir)
         where = f"not cached (built in {time.perf_counter() - start:.1f} s; `qlora-sft prepare` keeps it for training)"
     data.check_end_tokens(prepared.report, recipe.data)
+    data.check_eval_rows(prepared.report, recipe.data, recipe.train.args)
     return [*prepared.report.lines(), f"data: {where}", *(f"note: {line}" for line in other_caches(folder))]
 
 
@@ -688,7 +689,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     marks = ("\x1b[1;32m", "\x1b[0m") if color else ("[[", "]]")
     rows = itertools.chain.from_iterable(
-        data.iter_examples(src, recipe.data.on_bad_row, data.SourceReport(src.path, src.format), base_dir)
+        data.iter_examples(
+            src,
+            recipe.data.on_bad_row,
+            data.SourceReport(src.path, src.format),
+            base_dir,
+            recipe.data.assistant_only_loss,
+        )
         for src in recipe.data.sources
     )
     for ex in itertools.islice(rows, min(max(0, args.examples), sys.maxsize)):  # (islice refuses more)

@@ -362,6 +362,7 @@ def _train(
     log.info("data: %s", prepared.origin())
     for line in prepared.report.lines():
         (log.warning if line.startswith("warning:") else log.info)("data: %s", line.removeprefix("warning: "))
+    data.check_eval_rows(prepared.report, recipe.data, recipe.train.args)  # before the model, not in the Trainer
     # content digests on the main process only: it writes the manifests and checks a resume
     meta["data"] = data.data_fingerprint(
         recipe.data, base_dir, prepared.report, digests=state.is_main_process, cache_root=recipe.data_cache_root

@@ -7,7 +7,7 @@ a `DataReport` of what was read, kept, skipped and trained.
 
 One module per stage; each imports only the ones above it in this list:
 
-    report     SourceReport, DataReport (counts and token statistics), check_end_tokens
+    report     SourceReport, DataReport (counts and token statistics), check_end_tokens, check_eval_rows
     sources    read_source, read_documents: local jsonl/json/parquet/csv, a save_to_disk folder, or a
                hub dataset id; errors that name an unreadable file and the fix; max_rows
     formats    normalize_row: alpaca | dolly | sharegpt | messages | prompt_completion | text -> one
@@ -30,7 +30,7 @@ from ..errors import DataError
 from .cache import cache_folder, data_fingerprint, load_prepared, prepare_data
 from .encode import PreparedData, build_data
 from .formats import Example, eval_rows_held_out, iter_examples, load_examples, mix, mix_counts, normalize_row
-from .report import DataReport, SourceReport, check_end_tokens
+from .report import DataReport, SourceReport, check_end_tokens, check_eval_rows
 from .sources import BadRow, read_documents, read_source
 from .stream import stream_data
 from .templates import (
@@ -53,6 +53,7 @@ __all__ = [
     "build_data",
     "cache_folder",
     "check_end_tokens",
+    "check_eval_rows",
     "data_fingerprint",
     "eval_rows_held_out",
     "iter_examples",

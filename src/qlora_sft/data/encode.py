@@ -132,7 +132,7 @@ def encode_documents(
         row: Any = None
         try:
             row = parse_document(document)
-            messages, text = normalize_row(row, fmt, system_prompt)
+            messages, text = normalize_row(row, fmt, system_prompt, assistant_only_loss)
             tools = row_tools(row, fmt)
         except BadRow as bad:
             if on_bad_row == "error":
@@ -335,7 +335,7 @@ def _no_loss_error(cfg: DataConfig, tokenizer: Any, parts: list[_Encoded], posit
             continue
         src, doc = part.src, part.documents[position]
         row = parse_document(doc["document"])
-        messages, text = normalize_row(row, part.report.format, src.system_prompt)
+        messages, text = normalize_row(row, part.report.format, src.system_prompt, cfg.assistant_only_loss)
         ex = Example(messages, text, src.path, doc["row"], row_tools(row, part.report.format))
         full = tokenize_example(ex, tokenizer, 10**9, cfg.assistant_only_loss)
         return DataError(

@@ -100,6 +100,25 @@ def _text_field(row: dict[str, Any], key: str, required: bool = True) -> str:
     return value
 
 
+def _history(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """LLaMA-Factory's alpaca `history`: the conversation's earlier turns, [[user, assistant], ...]."""
+    history = row.get("history")
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise BadRow(
+            "wrong_type", f"field `history` must be a list of [user, assistant] pairs, got {type(history).__name__}"
+        )
+    turns = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise BadRow(
+                "wrong_type", f"field `history[{i}]` must be a [user, assistant] pair of strings, got {pair!r}"
+            )
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return turns
+
+
 def _content(value: Any, where: str) -> str:
     if isinstance(value, str):
         return value
@@ -114,7 +133,9 @@ def _content(value: Any, where: str) -> str:
     raise BadRow("wrong_type", f"{where}: content must be a string, got {type(value).__name__}")
 
 
-def _turns(turns: Any, role_key: str, content_key: str, field_name: str) -> list[dict[str, Any]]:
+def _turns(
+    turns: Any, role_key: str, content_key: str, field_name: str, assistant_only_loss: bool = True
+) -> list[dict[str, Any]]:
     if not isinstance(turns, list):
         raise BadRow("wrong_type", f"field `{field_name}` must be a list of turns, got {type(turns).__name__}")
     out = []
@@ -143,6 +164,19 @@ def _turns(turns: Any, role_key: str, content_key: str, field_name: str) -> list
                 "untrained) are not supported, and every assistant turn would train. Remove the turn (or the key), "
                 "or split the conversation",
             )
+        for flag in ("training", "train"):  # axolotl's message_field_training: whether the turn trains
+            if flag in turn and turn[flag] is not (role == "assistant" or not assistant_only_loss):
+                done = (
+                    "every assistant turn trains and no other turn does"
+                    if assistant_only_loss
+                    else "every turn trains (data.assistant_only_loss: false)"
+                )
+                raise BadRow(
+                    "turn_weight",
+                    f"{where}.{flag} is {turn[flag]!r}: per-turn training flags (axolotl's "
+                    f"message_field_training) are not supported; {done}. Remove the turn (or the key), or split "
+                    "the conversation",
+                )
         if calls:
             if role != "assistant":
                 raise BadRow("wrong_type", f"{where}: only assistant turns carry `tool_calls`")
@@ -218,9 +252,10 @@ def check_conversation(messages: list[dict[str, Any]]) -> None:
 
 
 def normalize_row(
-    row: Any, fmt: str, system_prompt: str | None = None
+    row: Any, fmt: str, system_prompt: str | None = None, assistant_only_loss: bool = True
 ) -> tuple[list[dict[str, Any]] | None, str | None]:
-    """One raw row -> (messages, None) or (None, text). Raises BadRow."""
+    """One raw row -> (messages, None) or (None, text). Raises BadRow (`assistant_only_loss`: which
+    turns train, against which a turn's own training flag is checked)."""
     if isinstance(row, BadRow):
         raise row
     if not isinstance(row, dict):
@@ -236,7 +271,7 @@ def normalize_row(
         extra = _text_field(row, "input", required=False)
         output = _text_field(row, "output")
         user = instruction + (f"\n\n{extra}" if extra.strip() else "")
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        messages = [*_history(row), {"role": "user", "content": user}, {"role": "assistant", "content": output}]
         if isinstance(row.get("system"), str) and row["system"].strip():
             messages.insert(0, {"role": "system", "content": row["system"]})
     elif fmt == "dolly":
@@ -248,7 +283,7 @@ def normalize_row(
     elif fmt == "sharegpt":
         if "conversations" not in row:
             raise BadRow("missing_field", "missing field `conversations`")
-        messages = _turns(row["conversations"], "from", "value", "conversations")
+        messages = _turns(row["conversations"], "from", "value", "conversations", assistant_only_loss)
         if (
             isinstance(row.get("system"), str)
             and row["system"].strip()
@@ -258,7 +293,7 @@ def normalize_row(
     elif fmt == "messages":
         if "messages" not in row:
             raise BadRow("missing_field", "missing field `messages`")
-        messages = _turns(row["messages"], "role", "content", "messages")
+        messages = _turns(row["messages"], "role", "content", "messages", assistant_only_loss)
         if (
             isinstance(row.get("system"), str)
             and row["system"].strip()
@@ -269,14 +304,20 @@ def normalize_row(
         for key in ("prompt", "completion"):
             if key not in row or row[key] is None:
                 raise BadRow("missing_field", f"missing field `{key}`")
+        if row.get("label") is False:  # TRL's unpaired preference (KTO) format: prompt, completion, label
+            raise BadRow(
+                "undesirable_completion",
+                "field `label` is false: a preference (KTO) row whose completion is undesirable; supervised "
+                "fine-tuning would teach it. Leave such rows out of the SFT data (keep those with label true)",
+            )
         prompt, completion = row["prompt"], row["completion"]
         p_msgs = (
-            _turns(prompt, "role", "content", "prompt")
+            _turns(prompt, "role", "content", "prompt", assistant_only_loss)
             if isinstance(prompt, list)
             else [{"role": "user", "content": _text_field(row, "prompt")}]
         )
         c_msgs = (
-            _turns(completion, "role", "content", "completion")
+            _turns(completion, "role", "content", "completion", assistant_only_loss)
             if isinstance(completion, list)
             else [{"role": "assistant", "content": _text_field(row, "completion")}]
         )
@@ -316,7 +357,7 @@ def _check_unicode(value: Any, where: str) -> None:
 
 # the fields each format reads (the optional ones among them are left out in silence where misspelled)
 READ_FIELDS = {
-    "alpaca": ("instruction", "input", "output", "system"),
+    "alpaca": ("instruction", "input", "output", "system", "history"),
     "dolly": ("instruction", "context", "response"),
     "sharegpt": ("conversations", "system"),
     "messages": ("messages", "system", "tools"),
@@ -414,7 +455,11 @@ def bad_row_error(path: str, rowno: int, fmt: str, message: str) -> DataError:
 
 
 def iter_examples(
-    src: DataSource, on_bad_row: str, report: SourceReport, base_dir: str | os.PathLike[str] | None = None
+    src: DataSource,
+    on_bad_row: str,
+    report: SourceReport,
+    base_dir: str | os.PathLike[str] | None = None,
+    assistant_only_loss: bool = True,
 ) -> Iterator[Example]:
     """A source's rows, normalised one at a time; bad rows raise DataError or are counted in
     `report`, per `on_bad_row`."""
@@ -426,7 +471,7 @@ def iter_examples(
         report.rows += 1
         name_near_misses(src.path, fmt, [rowno], [near_miss_text(row, fmt)])
         try:
-            messages, text = normalize_row(row, fmt, src.system_prompt)
+            messages, text = normalize_row(row, fmt, src.system_prompt, assistant_only_loss)
             tools = row_tools(row, fmt)
         except BadRow as bad:
             if on_bad_row == "error":

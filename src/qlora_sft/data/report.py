@@ -214,6 +214,27 @@ def check_end_tokens(report: DataReport, cfg: DataConfig) -> None:
     )
 
 
+def check_eval_rows(report: DataReport, cfg: DataConfig, train_args: dict[str, Any]) -> None:
+    """Refuse a recipe that needs evaluation (`train.load_best_model_at_end`) where the data left no
+    eval rows (an eval_fraction of too few rows, eval rows without trained tokens, eval sources whose
+    rows were all bad): the Trainer would refuse it only after the model had loaded."""
+    if report.eval_rows or not train_args.get("load_best_model_at_end"):
+        return
+    if cfg.eval_sources:
+        why = "data.eval_sources leave none"
+    else:
+        mixed = sum(r.used for r in report.sources)
+        why = f"data.eval_fraction={cfg.eval_fraction} of the {mixed} rows of the mix holds out none"
+        if mixed < 2:
+            why += " (one row always trains)"
+    if report.eval_dropped_no_loss:
+        why += f"; {report.eval_dropped_no_loss} eval rows had no trained tokens left after truncation"
+    raise DataError(
+        f"train.load_best_model_at_end asks for the checkpoint with the best evaluation, but the data has no "
+        f"eval rows: {why}. Give more rows, set data.eval_sources, or remove train.load_best_model_at_end"
+    )
+
+
 # The fix for the rows of each reason (a `BadRow` reason, or NO_LOSS), named when it dropped the most rows.
 REASON_FIXES = {
     "invalid_json": "write each row as one JSON object (in a .jsonl file, one per line)",
@@ -223,7 +244,9 @@ REASON_FIXES = {
     "rows are in",
     "wrong_type": "give each field the type its format expects (text as a string, turns as a list of mappings)",
     "unknown_role": "give every turn a role of system, user, assistant or tool (or a known alias: human, gpt, ...)",
-    "turn_weight": "remove the per-turn `weight` keys (every assistant turn trains), or split the conversations",
+    "turn_weight": "remove the per-turn `weight` (and `training`/`train`) keys (every assistant turn trains), or "
+    "split the conversations",
+    "undesirable_completion": "leave the preference rows labelled false out of the SFT data",
     "empty": "give every conversation its turns",
     "roles_out_of_order": "order the turns: an optional system turn, then user and assistant alternating, tool "
     "results after the tool calls",

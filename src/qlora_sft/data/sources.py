@@ -248,17 +248,7 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
     elif suffix == ".csv":
         yield from _read_csv(local)
     elif suffix == ".parquet":
-        import datasets
-
-        try:
-            ds = datasets.Dataset.from_parquet(str(local))
-        except Exception as exc:
-            raise DataError(
-                f"data source {local}: not a readable parquet file ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}). Write it again (e.g. pandas' to_parquet or "
-                "datasets' to_parquet), or give the rows as .jsonl."
-            ) from None
-        yield from enumerate(ds, 1)  # type: ignore[arg-type]
+        yield from _read_parquet(local)
     elif suffix in DECOMPRESS:
         plain = local.with_suffix("")
         raise DataError(
@@ -271,6 +261,29 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
             f"data source {local}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet, .csv, "
             "or a datasets.save_to_disk folder"
         )
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    """A parquet file's rows, read from the file itself in batches. (Not datasets' `from_parquet`: it
+    keeps an Arrow copy in the datasets cache under the file's path and modification time, and gave
+    the old rows of a file edited with its time set back, `touch -r`, after the cache key had seen
+    the edit.)"""
+    import pyarrow.parquet as pq
+
+    rowno = 0
+    try:
+        with pq.ParquetFile(path) as f:
+            for batch in f.iter_batches(batch_size=1000):
+                for row in batch.to_pylist():
+                    rowno += 1
+                    yield rowno, row
+    except Exception as exc:  # pyarrow's errors (ArrowInvalid, OSError, ...)
+        raise DataError(
+            f"data source {path}: not a readable parquet file ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+            + (f"; read to row {rowno}" if rowno else "")
+            + "). Write it again (e.g. pandas' to_parquet or datasets' to_parquet), or give the rows as .jsonl."
+        ) from None
 
 
 # A CSV cell may hold a whole document: the csv module's default limit (128 KiB) is raised to this.
