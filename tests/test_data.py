@@ -486,3 +486,31 @@ def test_tool_turns_are_checked():
         "messages",
     )
     assert [m["role"] for m in ok] == ["user", "assistant", "tool", "assistant"]
+
+
+def test_a_tokenizer_replaced_in_place_by_one_of_the_same_size_gets_its_own_cache(tmp_path: Path, tok):
+    """The cache key held the tokenizer's name, size, template and special tokens, not what it does:
+    a tokenizer.json edited in place (two tokens' ids swapped: the same size, the same specials) was
+    served the other tokenizer's token ids from the cache."""
+    from transformers import AutoTokenizer
+
+    from qlora_sft.data import cache
+
+    folder = tmp_path / "tok"
+    tok.save_pretrained(str(folder))
+    f = tmp_path / "rows.jsonl"
+    f.write_text((DATA / "alpaca.jsonl").read_text())
+
+    def key() -> str:
+        t = AutoTokenizer.from_pretrained(str(folder))
+        ensure_pad_token(t)
+        return cache.cache_key(cfg(f), t, 0, None)
+
+    first = key()
+    assert key() == first  # the same files: the same key
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = (w for w, i in vocab.items() if i in (100, 101))  # two tokens whose ids have as many digits
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    assert key() != first

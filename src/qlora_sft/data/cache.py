@@ -162,6 +162,7 @@ class DigestMemo:
 def _tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     return {
         "name": getattr(tokenizer, "name_or_path", ""),
+        "content": _tokenizer_digest(tokenizer),
         "class": type(tokenizer).__name__,
         "len": len(tokenizer),
         "template": getattr(tokenizer, "chat_template", None),
@@ -169,6 +170,21 @@ def _tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
         "bos": tokenizer.bos_token,
         "add_bos": getattr(tokenizer, "add_bos_token", None),
     }
+
+
+def _tokenizer_digest(tokenizer: Any) -> str | None:
+    """A digest of what the tokenizer does (vocabulary, merges, normalizer, added tokens): a tokenizer
+    replaced in place by another of the same size and special tokens (a re-download of a changed hub
+    revision, an edited tokenizer.json) gets a cache of its own instead of the other's token ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        if backend is not None:
+            text = backend.to_str()
+        else:  # a slow (Python) tokenizer: its vocabulary
+            text = json.dumps(sorted(tokenizer.get_vocab().items()))
+    except Exception:  # a tokenizer that cannot say: the other fields only, as before
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # Data settings that change how the cache is built, not what it holds.
