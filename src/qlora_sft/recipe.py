@@ -222,8 +222,8 @@ class DataConfig:
     continued-pretraining style data. Off: such a recipe is refused."""
     rebuild: bool = False
     """Rebuild the prepared data cache even if one exists for this recipe (as `qlora-sft prepare
-    --rebuild`): for changes the cache key cannot see (a hub dataset updated in place; the tokenizer is keyed by its content).
-    Every launch with it rebuilds; prefer the one-off `prepare --rebuild`."""
+    --rebuild`): for changes the cache key cannot see (a hub dataset updated in place; the tokenizer
+    is keyed by its content). Every launch with it rebuilds; prefer the one-off `prepare --rebuild`."""
 
 
 @dataclass(frozen=True)
