@@ -74,6 +74,25 @@ def test_overwrite_never_replaces_a_part_of_another_run(run: Path, tmp_path: Pat
     assert sorted(p.name for p in other.iterdir()) == before
 
 
+@pytest.mark.parametrize("below", ["", "v1"])
+def test_an_out_in_another_runs_merged_is_refused(run: Path, tmp_path: Path, below: str, no_merge: None):
+    """`--out runs/other/merged` (a tab completion away from the run's own): the merge of this run was
+    written there without a word, and `qlora-sft chat runs/other` then chatted with it as the other
+    run's export (its step was the same, so not even the older-export note came). A run's merged/ is
+    the export of that run only; the run exported writes its own (the default) as before."""
+    other = tmp_path / "runs" / "other"
+    shutil.copytree(run, other)
+    before = sorted(p.name for p in other.iterdir())
+    out = other / "merged" / below if below else other / "merged"
+    with pytest.raises(UserError, match=rf"--out {out} is inside {other / 'merged'}, the export of the run {other}"):
+        export(run, out, verify=False)
+    assert sorted(p.name for p in other.iterdir()) == before
+    # reached through a symlink to the other run
+    (tmp_path / "link").symlink_to(other)
+    with pytest.raises(UserError, match=r"the export of the run"):
+        export(run, tmp_path / "link" / "merged", verify=False)
+
+
 def run_export_cli(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
     """`qlora-sft export ARGS` in a subprocess, its files no larger than `fsize` (a full disk)."""
     return cli_with_file_limit("export", *args, fsize=fsize)

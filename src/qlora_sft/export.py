@@ -844,6 +844,14 @@ def check_out_dir(out_dir: Path, source: Source, overwrite: bool) -> None:
     for run in out.parents:  # any run's checkpoints, final/ and logs, not only the exported one's
         if is_run_directory(run):
             refuse_run_entry(run, out.relative_to(run))
+            # another run's merged/ is what `chat` and `export` of that run take for its own export
+            ours = source.run_dir is not None and relative_below(run, source.run_dir) == Path(".")
+            if not ours and out.relative_to(run).parts[:1] == ("merged",):
+                raise UserError(
+                    f"export: --out {out_dir} is inside {run / 'merged'}, the export of the run {run} (`qlora-sft "
+                    f"chat {run}` would take this merge for that run's); {source.adapter_dir} is not of that run. "
+                    f"Choose another --out (the default is {default}); nothing was written."
+                )
     if out_dir.is_symlink():  # publishing renames over the link itself, never into its target
         raise UserError(
             f"export: --out {out_dir} is a symbolic link (to {os.readlink(out_dir)}); give the folder it names "
