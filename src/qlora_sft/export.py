@@ -190,7 +190,7 @@ def resolve_source(
 ) -> Source:
     """A run directory (final/, else its newest complete checkpoint), a checkpoint, or an adapter.
     Remote code runs only with `trust_remote_code` (the command's flag; see `remote_code_gate`)."""
-    from .checkpoint import RunLock, inspect_checkpoint, list_checkpoints
+    from .checkpoint import RunLock, checkpoint_step, inspect_checkpoint, list_checkpoints
     from .recipe import read_run_recipe
 
     p = Path(path)
@@ -204,6 +204,22 @@ def resolve_source(
         final_info = inspect_checkpoint(final) if final.is_dir() else None
         if final_info is not None and final_info.complete:
             p = final
+            # a run relaunched to train longer keeps its old final/ until it ends: name a newer checkpoint
+            final_step = checkpoint_step(final)
+            newer = next((c for c in list_checkpoints(run_dir) if c.complete and c.step > final_step), None)
+            if newer is not None:
+                log.warning(
+                    "%s: %s is of step %d; the run has a newer complete checkpoint %s (step %d) (a relaunch that "
+                    "trains longer%s): using final/. To use that checkpoint: qlora-sft %s %s",
+                    command,
+                    final,
+                    final_step,
+                    newer.path,
+                    newer.step,
+                    " is still training" if RunLock.live_holder(run_dir) is not None else " stopped before its end",
+                    command,
+                    newer.path,
+                )
         else:
             checkpoints = list_checkpoints(p)
             complete = [c for c in checkpoints if c.complete]
