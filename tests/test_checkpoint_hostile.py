@@ -603,3 +603,31 @@ def test_a_training_gives_the_preemption_signals_back_when_it_returns(tiny_model
     toy = write_toy_data(tmp_path / "toy.jsonl", n=24)
     train(build_recipe(recipe_dict(tiny_model, toy, tmp_path / "runs", train={"max_steps": 1})))
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_manifest_whose_step_was_edited_does_not_vouch_for_its_checkpoint(tmp_path: Path):
+    """A manifest is not covered by a digest: its `step` edited by hand to the same size (`"step": 4` ->
+    `"step": 6`) was believed. Export recorded the adapter of step 4 as step 6, and a relaunch of a run
+    whose checkpoint-6 and final/ were gone published checkpoint-4's adapter as the final step-6 adapter
+    "without training further". A checkpoint-<N> whose manifest says another step vouches for nothing:
+    named, kept, and the resume takes the older one."""
+    from helpers import fake_checkpoint
+
+    from qlora_sft.recipe import build_recipe
+
+    recipe = build_recipe(recipe_dict(tmp_path / "model", tmp_path / "x.jsonl", tmp_path / "runs"))
+    for step in (2, 4):
+        fake_checkpoint(recipe.run_dir / f"checkpoint-{step}", step, world_size=1, global_batch=8)
+    edited = recipe.run_dir / "checkpoint-4"
+    text = (edited / checkpoint.MANIFEST).read_text()
+    (edited / checkpoint.MANIFEST).write_text(text.replace('"step": 4', '"step": 6', 1))
+    for verify in (False, True):
+        info = checkpoint.inspect_checkpoint(edited, verify=verify)
+        assert not info.complete
+        assert "step 6" in info.reason and "checkpoint-4" in info.reason
+    assert checkpoint.find_resume(recipe) == recipe.run_dir / "checkpoint-2"
+    assert edited.is_dir()
+    # a renamed checkpoint folder is the same mismatch
+    renamed = recipe.run_dir / "checkpoint-8"
+    shutil.copytree(recipe.run_dir / "checkpoint-2", renamed)
+    assert "step 2" in checkpoint.inspect_checkpoint(renamed).reason

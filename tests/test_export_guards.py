@@ -74,6 +74,62 @@ def test_overwrite_never_replaces_a_part_of_another_run(run: Path, tmp_path: Pat
     assert sorted(p.name for p in other.iterdir()) == before
 
 
+@pytest.mark.parametrize("below", ["", "v1"])
+def test_an_out_in_another_runs_merged_is_refused(run: Path, tmp_path: Path, below: str, no_merge: None):
+    """`--out runs/other/merged` (a tab completion away from the run's own): the merge of this run was
+    written there without a word, and `qlora-sft chat runs/other` then chatted with it as the other
+    run's export (its step was the same, so not even the older-export note came). A run's merged/ is
+    the export of that run only; the run exported writes its own (the default) as before."""
+    other = tmp_path / "runs" / "other"
+    shutil.copytree(run, other)
+    before = sorted(p.name for p in other.iterdir())
+    out = other / "merged" / below if below else other / "merged"
+    with pytest.raises(UserError, match=rf"--out {out} is inside {other / 'merged'}, the export of the run {other}"):
+        export(run, out, verify=False)
+    assert sorted(p.name for p in other.iterdir()) == before
+    # reached through a symlink to the other run
+    (tmp_path / "link").symlink_to(other)
+    with pytest.raises(UserError, match=r"the export of the run"):
+        export(run, tmp_path / "link" / "merged", verify=False)
+
+
+def test_a_final_older_than_the_runs_newest_checkpoint_is_named(
+    run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A finished run relaunched to train longer (train.max_steps raised) keeps its old final/ until it
+    ends; stopped (or still training) past it, `export RUN` and `chat RUN` took that final/ of step 2
+    with no word about the newer complete checkpoint-3. final/ is still what they use (it is the end of
+    the run's last finished training), and the newer checkpoint is named with its step."""
+    import json
+
+    from qlora_sft import checkpoint
+    from qlora_sft.export import resolve_source
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    newer = copy / "checkpoint-3"
+    shutil.copytree(copy / "checkpoint-2", newer)
+    manifest = json.loads((newer / checkpoint.MANIFEST).read_text())
+    (newer / checkpoint.COMPLETE).unlink()
+    (newer / checkpoint.MANIFEST).unlink()
+    kept = {k: v for k, v in manifest.items() if k not in ("files", "completed")}
+    checkpoint.write_manifest(newer, {**kept, "step": 3})
+    for command in ("export", "chat"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+            source = resolve_source(copy, command=command)
+        assert source.adapter_dir == copy / "final" and source.step == 2
+        said = " ".join(r.getMessage() for r in caplog.records)
+        assert f"{copy / 'final'} is of step 2" in said and f"{newer} (step 3)" in said, said
+        assert f"qlora-sft {command} {newer}" in said
+    # the newest checkpoint at final/'s step (every finished run has one) says nothing
+    shutil.rmtree(newer)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        resolve_source(copy)
+    assert not caplog.records
+
+
 def run_export_cli(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
     """`qlora-sft export ARGS` in a subprocess, its files no larger than `fsize` (a full disk)."""
     return cli_with_file_limit("export", *args, fsize=fsize)

@@ -751,6 +751,14 @@ def inspect_checkpoint(path: Path, verify: bool = False) -> CheckpointInfo:
         return CheckpointInfo(
             step, path, False, f"{MANIFEST} lists none of {', '.join(unlisted)}, which every checkpoint holds"
         )
+    if m and "step" in manifest and manifest["step"] != step:  # the manifest has no digest: edited, or renamed
+        return CheckpointInfo(
+            step,
+            path,
+            False,
+            f"its {MANIFEST} says step {manifest['step']!r}, but the folder is {path.name} (the manifest edited by "
+            "hand, or the folder renamed)",
+        )
     for rel, entry in files.items():
         size, digest = (entry["size"], entry.get("digest")) if isinstance(entry, dict) else (entry, None)
         f = path / rel

@@ -413,19 +413,31 @@ def older_export(run_dir: Path, merged: Path) -> str | None:
     (training went on after the export); None when it is the same step, or cannot be told."""
     import json
 
+    from .checkpoint import complete_checkpoints
     from .export import EXPORT_MARKER, resolve_source
 
+    quiet = logging.getLogger("qlora_sft")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # what resolve_source says of final/ is said here of merged/
     try:
         marker = json.loads((merged / EXPORT_MARKER).read_text())
         newest = resolve_source(run_dir, command="chat")
     except (OSError, ValueError, UserError):
         return None
-    if not isinstance(marker, dict) or marker.get("step") == newest.step:
+    finally:
+        quiet.setLevel(level)
+    adapter, step = newest.adapter_dir, newest.step
+    newer = next(iter(complete_checkpoints(run_dir)), None)  # a relaunch training longer keeps the old final/
+    if newer is not None and isinstance(step, int) and newer.step > step:
+        adapter, step = newer.path, newer.step
+    if not isinstance(marker, dict) or marker.get("step") == step:
         return None
+    again = f"export the run again (qlora-sft export {run_dir} --overwrite), or "
+    again = again if adapter == newest.adapter_dir else ""  # (it exports final/ again)
     return (
         f"chat: {merged} was exported from {marker.get('adapter')} (step {marker.get('step')}); the run's newest "
-        f"adapter is {newest.adapter_dir} (step {newest.step}). Chatting with {merged}; export the run again "
-        f"(qlora-sft export {run_dir} --overwrite), or give {newest.adapter_dir} to chat with that adapter."
+        f"adapter is {adapter} (step {step}). Chatting with {merged}; {again}give {adapter} to chat with that "
+        "adapter."
     )
 
 

@@ -190,7 +190,7 @@ def resolve_source(
 ) -> Source:
     """A run directory (final/, else its newest complete checkpoint), a checkpoint, or an adapter.
     Remote code runs only with `trust_remote_code` (the command's flag; see `remote_code_gate`)."""
-    from .checkpoint import RunLock, inspect_checkpoint, list_checkpoints
+    from .checkpoint import RunLock, checkpoint_step, inspect_checkpoint, list_checkpoints
     from .recipe import read_run_recipe
 
     p = Path(path)
@@ -204,6 +204,22 @@ def resolve_source(
         final_info = inspect_checkpoint(final) if final.is_dir() else None
         if final_info is not None and final_info.complete:
             p = final
+            # a run relaunched to train longer keeps its old final/ until it ends: name a newer checkpoint
+            final_step = checkpoint_step(final)
+            newer = next((c for c in list_checkpoints(run_dir) if c.complete and c.step > final_step), None)
+            if newer is not None:
+                log.warning(
+                    "%s: %s is of step %d; the run has a newer complete checkpoint %s (step %d) (a relaunch that "
+                    "trains longer%s): using final/. To use that checkpoint: qlora-sft %s %s",
+                    command,
+                    final,
+                    final_step,
+                    newer.path,
+                    newer.step,
+                    " is still training" if RunLock.live_holder(run_dir) is not None else " stopped before its end",
+                    command,
+                    newer.path,
+                )
         else:
             checkpoints = list_checkpoints(p)
             complete = [c for c in checkpoints if c.complete]
@@ -844,6 +860,14 @@ def check_out_dir(out_dir: Path, source: Source, overwrite: bool) -> None:
     for run in out.parents:  # any run's checkpoints, final/ and logs, not only the exported one's
         if is_run_directory(run):
             refuse_run_entry(run, out.relative_to(run))
+            # another run's merged/ is what `chat` and `export` of that run take for its own export
+            ours = source.run_dir is not None and relative_below(run, source.run_dir) == Path(".")
+            if not ours and out.relative_to(run).parts[:1] == ("merged",):
+                raise UserError(
+                    f"export: --out {out_dir} is inside {run / 'merged'}, the export of the run {run} (`qlora-sft "
+                    f"chat {run}` would take this merge for that run's); {source.adapter_dir} is not of that run. "
+                    f"Choose another --out (the default is {default}); nothing was written."
+                )
     if out_dir.is_symlink():  # publishing renames over the link itself, never into its target
         raise UserError(
             f"export: --out {out_dir} is a symbolic link (to {os.readlink(out_dir)}); give the folder it names "
