@@ -250,6 +250,13 @@ def test_a_finished_run_relaunched_with_another_recipe_is_refused_not_reported_d
     assert {str(p.relative_to(aside)): p.read_bytes() for p in sorted(aside.rglob("*")) if p.is_file()} == before
     assert read_lr(run) == 0.02
     assert train(load_recipe(path, ["train.learning_rate=0.02"])).finished  # the new run, finished
+    # run.overwrite with the same recipe: still finished, nothing moved, and the log says why (it said
+    # only "Nothing to do", the key the user gave unmentioned)
+    capsys.readouterr()
+    assert train(load_recipe(path, ["train.learning_rate=0.02", "run.overwrite=true"])).finished
+    said = "".join(capsys.readouterr())
+    assert "Nothing to do" in said and "run.overwrite replaces a run only for another recipe, and this" in said
+    assert len(list(run.parent.glob("done.replaced-*"))) == 1
 
 
 def read_lr(run: Path) -> float:

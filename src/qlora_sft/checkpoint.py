@@ -701,11 +701,17 @@ def finished_run(recipe: Recipe) -> str | None:
         if recipe.run.overwrite:
             return None
         raise
+    again = (
+        f" run.overwrite replaces a run only for another recipe, and this one is the same: to train it again "
+        f"from the start, give another run.name, or move {recipe.run_dir} aside."
+        if recipe.run.overwrite
+        else ""
+    )
     return (
         f"run {recipe.run_dir} finished at step {done}: {final} is complete (written "
         f"{manifest.get('completed', '?')}). Nothing to do. To train longer, raise train.max_steps (or "
         f"train.num_train_epochs): training continues from checkpoint-{done}; or start a new run with another "
-        "run.name."
+        f"run.name.{again}"
     )
 
 
