@@ -1015,3 +1015,28 @@ def test_the_foreign_option_names_match_the_migration_table():
     for option, place in FOREIGN_OPTIONS.items():
         key = re.split(r"[:\s]", place)[0]
         assert any(option in names and f"`{key}" in ours for names, ours in rows), (option, key)
+
+
+def test_every_top_level_option_of_the_migration_table_is_named_with_its_key(tmp_path: Path):
+    """docs/migration.md: validate names, for each top-level option in its table, the recipe key that
+    sets it. These table options got only "is not a recipe section" (or "did you mean `quantization`?")."""
+    path = tmp_path / "old.yml"
+    path.write_text(
+        "shuffle_merged_datasets: true\nwarmup_ratio: 0.1\nbnb_config_kwargs:\n  bnb_4bit_quant_type: nf4\n"
+        "quantization_method: bitsandbytes\nfinetuning_type: lora\noverwrite_cache: true\n"
+        "disable_gradient_checkpointing: true\n"
+    )
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path)
+    found = {p.split("`")[1]: p for p in exc.value.problems if p.startswith(f"{path}:") and "`" in p}
+    expected = {
+        "shuffle_merged_datasets": "run.seed",
+        "warmup_ratio": "train.warmup_steps",
+        "bnb_config_kwargs": "quantization.method",
+        "quantization_method": "quantization.method",
+        "finetuning_type": "quantization.method",
+        "overwrite_cache": "data.rebuild",
+        "disable_gradient_checkpointing": "train.gradient_checkpointing",
+    }
+    for key, place in expected.items():
+        assert f"`{key}` is not a recipe section; a recipe sets this as `{place}" in found[key], found[key]

@@ -797,11 +797,15 @@ FOREIGN_OPTIONS: dict[str, str] = {
     "auto_resume_from_checkpoints": "checkpoint.resume",
     "wandb_project": "train.report_to",
     "use_mlflow": "train.report_to",
+    "bnb_config_kwargs": "quantization.method (bnb_4bit_quant_type) and quantization.double_quant",
+    "shuffle_merged_datasets": "run.seed",
     # LLaMA-Factory
     "model_name_or_path": "model.name_or_path",
     "model_revision": "model.revision",
     "quantization_bit": "quantization.method (4: nf4; 8: int8)",
     "quantization_type": "quantization.method",
+    "quantization_method": "quantization.method (bitsandbytes with quantization_bit 4: nf4)",
+    "finetuning_type": "quantization.method (lora without quantization_bit: none)",
     "double_quantization": "quantization.double_quant",
     "lora_rank": "lora.r",
     "lora_target": "lora.target_modules",
@@ -816,12 +820,15 @@ FOREIGN_OPTIONS: dict[str, str] = {
     "train_on_prompt": "data.assistant_only_loss",
     "template": "data.chat_template",
     "tokenized_path": "<run.output_dir>/.cache",
+    "overwrite_cache": "data.rebuild (every launch; once: qlora-sft prepare --rebuild)",
+    "disable_gradient_checkpointing": "train.gradient_checkpointing (the opposite value)",
     "preprocessing_num_workers": "data.num_proc",
     "overwrite_output_dir": "run.overwrite",
     "flash_attn": "model.attn_implementation",
     # both
     "lora_alpha": "lora.alpha",
     "lora_dropout": "lora.dropout",
+    "warmup_ratio": "train.warmup_steps (a value below 1 is a ratio)",
 }
 
 
