@@ -514,3 +514,26 @@ def test_a_tokenizer_replaced_in_place_by_one_of_the_same_size_gets_its_own_cach
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
     assert key() != first
+
+
+def test_a_template_that_marks_no_answer_token_is_named_not_blamed_on_truncation(tmp_path: Path):
+    """A chat template whose {% generation %} markers wrap nothing (the answer rendered after them):
+    every row trains no token, and the error said "no trained tokens are left after truncation to
+    data.max_length" for a row far shorter than max_length."""
+    from tiny import build_tokenizer
+
+    t = build_tokenizer()
+    ensure_pad_token(t)
+    t.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: "
+        "{% if m['role'] == 'assistant' %}{% generation %}{% endgeneration %}{{ m['content'] + eos_token }}"
+        "{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"instruction": "ok", "input": "", "output": "fine"}) + "\n")
+    with pytest.raises(DataError) as exc:
+        build_data(cfg(rows, max_length=64), t, 0)
+    message = str(exc.value)
+    assert "row 1: no token of it is trained, and truncation is not why" in message, message
+    assert "data.max_length=64" in message and "{% generation %}" in message and "truncation to" not in message

@@ -338,6 +338,15 @@ def _no_loss_error(cfg: DataConfig, tokenizer: Any, parts: list[_Encoded], posit
         messages, text = normalize_row(row, part.report.format, src.system_prompt, cfg.assistant_only_loss)
         ex = Example(messages, text, src.path, doc["row"], row_tools(row, part.report.format))
         full = tokenize_example(ex, tokenizer, 10**9, cfg.assistant_only_loss)
+        if len(full.input_ids) <= cfg.max_length or not any(label != -100 for label in full.labels):
+            # nothing was cut: the template marks no token of the answer as trained
+            return DataError(
+                f"{src.path} row {doc['row']}: no token of it is trained, and truncation is not why (the row has "
+                f"{len(full.input_ids)} tokens, data.max_length={cfg.max_length}): the chat template marks no "
+                "assistant token as trained. With data.assistant_only_loss, a chat template must wrap each "
+                "assistant reply in {% generation %} ... {% endgeneration %}; give such a template "
+                "(data.chat_template), set data.assistant_only_loss=false, or data.on_bad_row=skip."
+            )
         return DataError(
             f"{src.path} row {doc['row']}: no trained tokens are left after truncation to "
             f"data.max_length={cfg.max_length} (the row has {len(full.input_ids)} tokens). "
