@@ -413,23 +413,16 @@ def older_export(run_dir: Path, merged: Path) -> str | None:
     (training went on after the export); None when it is the same step, or cannot be told."""
     import json
 
-    from .checkpoint import complete_checkpoints
     from .export import EXPORT_MARKER, resolve_source
 
-    quiet = logging.getLogger("qlora_sft")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # what resolve_source says of final/ is said here of merged/
     try:
         marker = json.loads((merged / EXPORT_MARKER).read_text())
-        newest = resolve_source(run_dir, command="chat")
+        newest = resolve_source(run_dir, command="chat", quiet=True)  # (what it says of final/ is said here)
     except (OSError, ValueError, UserError):
         return None
-    finally:
-        quiet.setLevel(level)
     adapter, step = newest.adapter_dir, newest.step
-    newer = next(iter(complete_checkpoints(run_dir)), None)  # a relaunch training longer keeps the old final/
-    if newer is not None and isinstance(step, int) and newer.step > step:
-        adapter, step = newer.path, newer.step
+    if newest.newer is not None:  # a relaunch training longer keeps the old final/
+        adapter, step = newest.newer.path, newest.newer.step
     if not isinstance(marker, dict) or marker.get("step") == step:
         return None
     again = f"export the run again (qlora-sft export {run_dir} --overwrite), or "

@@ -97,6 +97,7 @@ class Source:
     step: int | None
     adapter_config: dict[str, Any] = field(default_factory=dict)
     base_from: str = ""  # where base_path was read: "model.name_or_path in <run>/recipe.yaml", "--base-model"
+    newer: Any = None  # the CheckpointInfo of a complete checkpoint newer than the final/ used (a relaunch)
 
     @property
     def base_revision(self) -> str | None:
@@ -186,13 +187,21 @@ def check_utf8_path(path: Path, what: str, command: str) -> None:
 
 
 def resolve_source(
-    path: str | Path, base_override: str | None = None, trust_remote_code: bool = False, command: str = "export"
+    path: str | Path,
+    base_override: str | None = None,
+    trust_remote_code: bool = False,
+    command: str = "export",
+    quiet: bool = False,
 ) -> Source:
     """A run directory (final/, else its newest complete checkpoint), a checkpoint, or an adapter.
-    Remote code runs only with `trust_remote_code` (the command's flag; see `remote_code_gate`)."""
+    Remote code runs only with `trust_remote_code` (the command's flag; see `remote_code_gate`).
+    `quiet`: what it would warn of the adapter it picks goes unsaid (chat of a run's merged/ asks
+    which adapter is the newest, and uses merged/)."""
     from .checkpoint import RunLock, checkpoint_step, inspect_checkpoint, list_checkpoints
     from .recipe import read_run_recipe
 
+    warn = (lambda *args: None) if quiet else log.warning
+    newer = None
     p = Path(path)
     if not p.exists():
         raise UserError(f"{command}: {p} does not exist (give a run directory, a checkpoint or an adapter folder)")
@@ -208,7 +217,7 @@ def resolve_source(
             final_step = checkpoint_step(final)
             newer = next((c for c in list_checkpoints(run_dir) if c.complete and c.step > final_step), None)
             if newer is not None:
-                log.warning(
+                warn(
                     "%s: %s is of step %d; the run has a newer complete checkpoint %s (step %d) (a relaunch that "
                     "trains longer%s): using final/. To use that checkpoint: qlora-sft %s %s",
                     command,
@@ -234,7 +243,7 @@ def resolve_source(
             p = complete[0].path
             training = RunLock.live_holder(run_dir)
             if training is not None:  # a run still training: what is used now is not what it will end with
-                log.warning(
+                warn(
                     "%s: %s is still training (%s holds its lock): using its newest complete checkpoint %s (step %d). "
                     "The run saves newer ones and its final/ when it ends; %s it again then for the finished adapter.",
                     command,
@@ -248,7 +257,7 @@ def resolve_source(
             skipped = [final_info] if final_info is not None else []
             skipped += [c for c in checkpoints if not c.complete and c.step > complete[0].step]
             for info in skipped:
-                log.warning(
+                warn(
                     "%s: %s is not a complete adapter (%s): using the newest complete checkpoint %s (step %d) instead. "
                     "Give that checkpoint, or another, explicitly to silence this.",
                     command,
@@ -294,7 +303,7 @@ def resolve_source(
     step = None
     if (p / "manifest.json").is_file():
         step = json.loads((p / "manifest.json").read_text()).get("step")
-    return Source(p, run_dir, base, recipe, step, adapter_config, base_from)
+    return Source(p, run_dir, base, recipe, step, adapter_config, base_from, newer)
 
 
 # --------------------------------------------------------------------------------------------
