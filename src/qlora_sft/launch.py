@@ -691,11 +691,7 @@ HOST_TABLE_KEYS = ("embedding_in_host_memory", "lm_head_in_host_memory")
 def _host_table_reasons(recipe: Recipe, mode: LaunchMode, key: str) -> list[str]:
     """Why `model.<key>` (a `HOST_TABLE_KEYS` key) cannot work in this launch: something would move
     the table back to the GPU (silently undoing it) or train it."""
-    table, names_it = {
-        # (GPT-NeoX's head is embed_out)
-        "embedding_in_host_memory": ("embedding", lambda n: ("embed" in n and "embed_out" not in n) or n == "wte"),
-        "lm_head_in_host_memory": ("output head", lambda n: "lm_head" in n or n in ("output", "embed_out")),
-    }[key]
+    table, names_it, usual = _TABLES[key]
     why = []
     if mode.kind not in ("cpu", "single_gpu", "ddp"):
         why.append(f"the launch is {mode.describe()}, which places every weight itself")
@@ -711,25 +707,35 @@ def _host_table_reasons(recipe: Recipe, mode: LaunchMode, key: str) -> list[str]
     trained = [*(lora.modules_to_save or []), *([] if isinstance(target, str) else target)]
     if any(names_it(name) for name in trained):
         why.append(f"the {table} is trained (lora.modules_to_save or lora.target_modules name it)")
-    elif isinstance(target, str) and target != "all-linear" and _pattern_names(target, key):
+    elif isinstance(target, str) and target != "all-linear" and _pattern_matches(target, usual):
         # (peft matches one pattern against each module's whole name; the load checks the model's own
         # names, `offload.embedding_problem` / `head_problem`: these are the usual ones, for plan)
         why.append(f"the {table} is trained (the lora.target_modules pattern {target!r} matches it)")
     return why
 
 
-# the whole module names the tables usually have (Llama/Qwen/Mistral/Gemma, GPT-2, GPT-NeoX)
-_TABLE_NAMES = {
-    "embedding_in_host_memory": ("model.embed_tokens", "transformer.wte", "gpt_neox.embed_in"),
-    "lm_head_in_host_memory": ("lm_head", "embed_out"),
+# per HOST_TABLE_KEYS key: the table's name in messages, whether a short module name in a list of
+# lora.target_modules / modules_to_save names it, and the whole module names it usually has (for a
+# target_modules pattern): Llama/Qwen/Mistral/Gemma, GPT-2, GPT-NeoX (whose head is embed_out)
+_TABLES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+    "embedding_in_host_memory": (
+        "embedding",
+        lambda n: ("embed" in n and "embed_out" not in n) or n == "wte",
+        ("model.embed_tokens", "transformer.wte", "gpt_neox.embed_in"),
+    ),
+    "lm_head_in_host_memory": (
+        "output head",
+        lambda n: "lm_head" in n or n in ("output", "embed_out"),
+        ("lm_head", "embed_out"),
+    ),
 }
 
 
-def _pattern_names(pattern: str, key: str) -> bool:
+def _pattern_matches(pattern: str, names: tuple[str, ...]) -> bool:
     import re
 
     try:
-        return any(re.fullmatch(pattern, name) for name in _TABLE_NAMES[key])
+        return any(re.fullmatch(pattern, name) for name in names)
     except re.error:  # (an invalid pattern is the recipe's problem, said where the adapters are built)
         return False
 
