@@ -209,6 +209,23 @@ def fake_checkpoint(folder: Path, step: int, **meta: Any) -> Path:
     return folder
 
 
+def copy_checkpoint_as(run: Path, source: str, step: int) -> Path:
+    """A complete checkpoint-<step> of `run`, copied from its checkpoint `source` with the manifest
+    rewritten for the step: a checkpoint newer than final/, as a relaunch that trains longer leaves it."""
+    import shutil
+
+    from qlora_sft import checkpoint
+
+    newer = run / f"checkpoint-{step}"
+    shutil.copytree(run / source, newer)
+    manifest = json.loads((newer / checkpoint.MANIFEST).read_text())
+    (newer / checkpoint.COMPLETE).unlink()
+    (newer / checkpoint.MANIFEST).unlink()
+    kept = {k: v for k, v in manifest.items() if k not in ("files", "completed")}
+    checkpoint.write_manifest(newer, {**kept, "step": step})
+    return newer
+
+
 def cli_with_file_limit(*args: str, fsize: int | None = None, timeout: float = 300) -> Any:
     """`qlora-sft ARGS` in a subprocess; `fsize`: the largest file it may write (RLIMIT_FSIZE, with
     SIGXFSZ ignored so that a larger write fails with EFBIG, as a full disk's fails with ENOSPC)."""

@@ -158,6 +158,7 @@ def test_a_run_with_merged_chats_with_it_and_names_an_older_export(
 ):
     """`chat runs/X` after `export runs/X` uses runs/X/merged (it failed: 'merged holds no adapter');
     a merged/ exported from an earlier checkpoint than the run's final/ is used, and named as such."""
+
     from qlora_sft.export import export
 
     copy = tmp_path / "run"
@@ -180,21 +181,15 @@ def test_a_merged_export_older_than_a_newer_checkpoint_names_that_checkpoint(
     stopped at checkpoint-3 (final/ stays of step 2 until the longer training ends): `chat RUN` chatted
     with merged/ without a word about the newer checkpoint. It is named, and what export says of
     final/ ("using final/") is not said of a chat that uses merged/."""
-    import json
 
-    from qlora_sft import checkpoint
+    from helpers import copy_checkpoint_as
+
     from qlora_sft.export import export
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     export(copy, verify=False)
-    newer = copy / "checkpoint-3"
-    shutil.copytree(copy / "checkpoint-2", newer)
-    manifest = json.loads((newer / checkpoint.MANIFEST).read_text())
-    (newer / checkpoint.COMPLETE).unlink()
-    (newer / checkpoint.MANIFEST).unlink()
-    kept = {k: v for k, v in manifest.items() if k not in ("files", "completed")}
-    checkpoint.write_manifest(newer, {**kept, "step": 3})
+    newer = copy_checkpoint_as(copy, "checkpoint-2", 3)
     code, err = chat(capsys, str(copy))
     assert code == 0, err
     assert f"chat: {copy / 'merged'} was exported from {copy / 'final'} (step 2)" in err
@@ -205,6 +200,7 @@ def test_a_merged_export_older_than_a_newer_checkpoint_names_that_checkpoint(
 def test_a_damaged_merged_model_is_named_before_it_loads(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     """A merged/ whose weights were cut short (a disk error, a partial copy): chat ended in a raw
     SafetensorError traceback naming no file."""
+
     from qlora_sft.export import export
 
     copy = tmp_path / "run"

@@ -100,20 +100,13 @@ def test_a_final_older_than_the_runs_newest_checkpoint_is_named(
     ends; stopped (or still training) past it, `export RUN` and `chat RUN` took that final/ of step 2
     with no word about the newer complete checkpoint-3. final/ is still what they use (it is the end of
     the run's last finished training), and the newer checkpoint is named with its step."""
-    import json
+    from helpers import copy_checkpoint_as
 
-    from qlora_sft import checkpoint
     from qlora_sft.export import resolve_source
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    newer = copy / "checkpoint-3"
-    shutil.copytree(copy / "checkpoint-2", newer)
-    manifest = json.loads((newer / checkpoint.MANIFEST).read_text())
-    (newer / checkpoint.COMPLETE).unlink()
-    (newer / checkpoint.MANIFEST).unlink()
-    kept = {k: v for k, v in manifest.items() if k not in ("files", "completed")}
-    checkpoint.write_manifest(newer, {**kept, "step": 3})
+    newer = copy_checkpoint_as(copy, "checkpoint-2", 3)
     for command in ("export", "chat"):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="qlora_sft"):

@@ -970,14 +970,20 @@ max_length: 512
 """
 
 
+def top_level_problems(path: Path, text: str) -> tuple[dict[str, str], list[str]]:
+    """`text` written to `path` and loaded as a recipe: its problems by the top-level option each
+    names (those of the file itself), and all of them."""
+    path.write_text(text)
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path)
+    problems = exc.value.problems
+    return {p.split("`")[1]: p for p in problems if p.startswith(f"{path}:") and "`" in p}, problems
+
+
 def test_an_axolotl_or_llamafactory_config_as_it_is_is_mapped_key_by_key(tmp_path: Path):
     """A user's first try is their old config as it is: each top-level option is named with the
     recipe key that sets it (it said only "is not a recipe section; did you mean `model`?")."""
-    path = tmp_path / "qlora.yml"
-    path.write_text(AXOLOTL_AS_IT_IS)
-    with pytest.raises(RecipeError) as exc:
-        load_recipe(path)
-    found = {p.split("`")[1]: p for p in exc.value.problems if p.startswith(f"{path}:") and "`" in p}
+    found, problems = top_level_problems(tmp_path / "qlora.yml", AXOLOTL_AS_IT_IS)
     expected = {
         "base_model": "model.name_or_path",
         "load_in_4bit": "quantization.method: nf4",
@@ -992,7 +998,7 @@ def test_an_axolotl_or_llamafactory_config_as_it_is_is_mapped_key_by_key(tmp_pat
     }
     for key, place in expected.items():
         assert f"`{key}` is not a recipe section; a recipe sets this as `{place}`" in found[key], found[key]
-    assert any("docs/migration.md maps every option" in p for p in exc.value.problems)
+    assert any("docs/migration.md maps every option" in p for p in problems)
     with pytest.raises(RecipeError) as typo:  # a plain typo still gets the closest section
         build_recipe({"modle": {"name_or_path": "m"}, "data": {"sources": ["a.jsonl"]}})
     assert typo.value.problems[0] == "`modle` is not a recipe section; did you mean `model`?"
@@ -1020,15 +1026,12 @@ def test_the_foreign_option_names_match_the_migration_table():
 def test_every_top_level_option_of_the_migration_table_is_named_with_its_key(tmp_path: Path):
     """docs/migration.md: validate names, for each top-level option in its table, the recipe key that
     sets it. These table options got only "is not a recipe section" (or "did you mean `quantization`?")."""
-    path = tmp_path / "old.yml"
-    path.write_text(
+    found, _ = top_level_problems(
+        tmp_path / "old.yml",
         "shuffle_merged_datasets: true\nwarmup_ratio: 0.1\nbnb_config_kwargs:\n  bnb_4bit_quant_type: nf4\n"
         "quantization_method: bitsandbytes\nfinetuning_type: lora\noverwrite_cache: true\n"
-        "disable_gradient_checkpointing: true\n"
+        "disable_gradient_checkpointing: true\n",
     )
-    with pytest.raises(RecipeError) as exc:
-        load_recipe(path)
-    found = {p.split("`")[1]: p for p in exc.value.problems if p.startswith(f"{path}:") and "`" in p}
     expected = {
         "shuffle_merged_datasets": "run.seed",
         "warmup_ratio": "train.warmup_steps",
