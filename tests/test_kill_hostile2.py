@@ -188,6 +188,49 @@ def test_a_second_launch_meeting_a_new_run_directorys_lock_names_the_job_that_ho
     assert (mine / checkpoint.LOCK).read_text() == "my lock notes\n"
 
 
+def test_a_launch_meeting_another_in_the_middle_of_writing_recipe_yaml_names_that_job(
+    tiny_model: Path, tmp_path: Path, monkeypatch
+):
+    """The other launch holds the lock and is writing recipe.yaml: its atomic temporary lies beside the
+    LOCK for a moment. Was (CI, 2026-12-02, the race test below): "exists and is not a qlora-sft run (no
+    recipe.yaml) ... set run.overwrite=true to move it aside". Now the lock's live holder is named;
+    once it is gone the launch starts the run and removes the cut-off temporary."""
+    from qlora_sft import model
+    from qlora_sft.errors import RunDirError
+    from qlora_sft.files import atomic_prefix
+    from qlora_sft.recipe import RUN_RECIPE, load_recipe
+    from qlora_sft.train import train
+
+    recipe = load_recipe(run_recipe(tmp_path, tiny_model, "mid", train={"max_steps": 2}))
+    run = tmp_path / "runs" / "mid"
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD)
+    holder = subprocess.Popen([sys.executable, str(script), str(run)], env=env(), stdout=subprocess.PIPE, text=True)
+    stray = run / f"{atomic_prefix(RUN_RECIPE)}otherhost-{holder.pid}-0a1b2c3d"
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        (run / "logs").mkdir()
+        stray.write_text("model:\n  name_or_path: half-writ")
+
+        def no_model(*args, **kwargs):
+            raise AssertionError("the model was loaded")
+
+        with monkeypatch.context() as m:
+            m.setattr(model, "load_model", no_model)
+            with pytest.raises(RunDirError) as refused:
+                train(recipe)
+        said = str(refused.value)
+        assert f"run directory {run} is in use by another qlora-sft job" in said, said
+        assert f"pid {holder.pid}" in said and "not a qlora-sft run" not in said
+    finally:
+        holder.kill()
+        holder.wait()
+    assert stray.exists()  # the refused launch touched nothing
+    assert train(recipe).global_step == 2  # the holder is provably gone: the run starts
+    assert not stray.exists()
+    assert checkpoint.inspect_checkpoint(run / "final", verify=True).complete
+
+
 def test_both_launches_started_at_the_same_instant_one_trains_the_other_is_refused(tiny_model: Path, tmp_path: Path):
     """Two `qlora-sft train` of one new run started together, twice: exactly one trains, the other
     exits 2 naming the run directory and the other job, never 'not a qlora-sft run'."""

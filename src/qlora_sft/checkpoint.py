@@ -36,6 +36,7 @@ from typing import Any
 
 from .errors import DataError, RecipeError, RunDirError, UserError
 from .files import (
+    atomic_prefix,
     atomic_write_text,
     file_digest,
     is_no_space,
@@ -499,6 +500,8 @@ def check_run_dir(recipe: Recipe) -> str:
             # another launch has just taken the lock and writes recipe.yaml next (two launches started at
             # the same instant), or was killed in that moment: its lock decides (a live holder is named)
             return "restart"
+        if (run_dir / RUN_RECIPE).exists():  # that launch wrote it while this one looked: read it
+            return check_run_dir(recipe)
         raise RunDirError(
             f"run directory {run_dir} exists and is not a qlora-sft run (no recipe.yaml). Choose another "
             "run.name / run.output_dir, or set run.overwrite=true to move it aside."
@@ -575,7 +578,8 @@ def only_a_launch_began(run_dir: Path) -> bool:
     """Whether `run_dir` holds only what a launch writes before its recipe.yaml: a `LOCK` holding a
     qlora-sft record (or nothing yet: its holder writes it right after taking it) and an empty logs/.
     A user's folder with a file of that name is no run."""
-    entries = {p.name for p in run_dir.iterdir()}
+    # (the recipe.yaml being written: its atomic temporary is there for a moment, or after a kill)
+    entries = {p.name for p in run_dir.iterdir() if not p.name.startswith(atomic_prefix(RUN_RECIPE))}
     if LOCK not in entries or not entries <= {LOCK, "logs"}:
         return False
     logs = run_dir / "logs"
@@ -649,6 +653,8 @@ def prepare_run_dir(recipe: Recipe, launch: dict[str, Any]) -> RunLock | None:
         try:
             if action == "restart":
                 log.info("%s: the previous launch took no training step; starting with this recipe", run_dir)
+                for stray in run_dir.glob(f"{atomic_prefix(RUN_RECIPE)}*"):  # its recipe.yaml cut off by a kill
+                    stray.unlink(missing_ok=True)
             (run_dir / "logs").mkdir(parents=True, exist_ok=True)
             (run_dir / PREEMPTED).unlink(missing_ok=True)  # this launch is the requeued one
             write_run_recipe(run_dir, recipe, launch)

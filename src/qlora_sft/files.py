@@ -1,7 +1,7 @@
 """Writing and checking files so that nothing is half-written or silently wrong.
 
 atomic_write_text   write beside the target, then rename over it (a crash leaves the old file or the
-                    new one, and never a stray temporary)
+                    new one, and never a stray temporary); atomic_prefix names those temporaries
 file_digest         xxHash (XXH3, 128 bits) of a file, read once in large blocks
 sampled_digest      the same of a large file's size and three 1 MiB samples (weights told apart cheaply)
 no_space_message    what a full disk means for the user: which device, what is still safe
@@ -42,12 +42,18 @@ DIGEST = "xxh3_128"
 _BLOCK = 8 << 20
 
 
+def atomic_prefix(name: str) -> str:
+    """How the temporary files `atomic_write` writes beside `name` begin (one exists only while a write
+    of that file is under way, or after a process was killed in one)."""
+    return f".{name}.tmp-"
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """`write(file)` into a temporary file in `path`'s folder, then rename it over `path`; the
     temporary file is removed if anything fails (a full disk included). The temporary name is this
     write's own (host, pid and a random part, created exclusively): writers of one file, in processes
     or on hosts sharing the folder, never meet in it."""
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = path.with_name(f"{atomic_prefix(path.name)}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         with tmp.open("xb") as f:
             write(f)
