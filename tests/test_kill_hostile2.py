@@ -137,19 +137,22 @@ time.sleep(600)
 """
 
 
+@pytest.mark.parametrize("moment", ["lock-taken", "recipe-being-written"])
 def test_a_second_launch_meeting_a_new_run_directorys_lock_names_the_job_that_holds_it(
-    tiny_model: Path, tmp_path: Path, monkeypatch
+    tiny_model: Path, tmp_path: Path, monkeypatch, moment: str
 ):
     """Two launches of a new run at the same instant: the first has taken the run directory's LOCK and
-    not yet written recipe.yaml (a few milliseconds). Was: the second was refused with "exists and is
+    not yet written recipe.yaml (a few milliseconds), or is writing it (its atomic temporary lies beside
+    the LOCK: CI, 2026-12-02, the race test below). Was: the second was refused with "exists and is
     not a qlora-sft run (no recipe.yaml) ... set run.overwrite=true to move it aside", naming neither
     the other job nor the lock, and pointing at a flag that moves a live run aside. The same when the
     first was killed in that moment: every relaunch was refused until the user deleted the folder.
     Now the lock decides: a live holder is named (before any model loads), a dead one's run directory
-    is taken over and trains; a folder of the user's with a file named LOCK is still not a run."""
+    is taken over and trains (a cut-off temporary removed)."""
     from qlora_sft import model
     from qlora_sft.errors import RunDirError
-    from qlora_sft.recipe import load_recipe
+    from qlora_sft.files import atomic_prefix
+    from qlora_sft.recipe import RUN_RECIPE, load_recipe
     from qlora_sft.train import train
 
     recipe = load_recipe(run_recipe(tmp_path, tiny_model, "twin", train={"max_steps": 2}))
@@ -157,9 +160,14 @@ def test_a_second_launch_meeting_a_new_run_directorys_lock_names_the_job_that_ho
     script = tmp_path / "hold.py"
     script.write_text(HOLD)
     holder = subprocess.Popen([sys.executable, str(script), str(run)], env=env(), stdout=subprocess.PIPE, text=True)
+    stray = run / f"{atomic_prefix(RUN_RECIPE)}otherhost-{holder.pid}-0a1b2c3d"
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         assert sorted(p.name for p in run.iterdir()) == [checkpoint.LOCK]
+        if moment == "recipe-being-written":
+            (run / "logs").mkdir()
+            stray.write_text("model:\n  name_or_path: half-writ")
+        left = sorted(p.name for p in run.iterdir())
 
         def no_model(*args, **kwargs):
             raise AssertionError("the model was loaded")
@@ -174,61 +182,27 @@ def test_a_second_launch_meeting_a_new_run_directorys_lock_names_the_job_that_ho
     finally:
         holder.kill()
         holder.wait()
-    assert sorted(p.name for p in run.iterdir()) == [checkpoint.LOCK]  # as the killed launch left it
+    assert sorted(p.name for p in run.iterdir()) == left  # as the killed launch left it
     assert json.loads((run / checkpoint.LOCK).read_text())["pid"] == holder.pid
     assert train(recipe).global_step == 2  # its holder is provably gone: the run starts
+    assert not stray.exists()
     assert checkpoint.inspect_checkpoint(run / "final", verify=True).complete
 
-    mine = tmp_path / "runs" / "mine"  # a user's folder that happens to hold a file named LOCK
-    mine.mkdir()
+
+def test_a_users_folder_holding_a_file_named_lock_is_not_a_run(tiny_model: Path, tmp_path: Path):
+    """A folder of the user's that happens to hold a file named LOCK is not taken for a launch's run
+    directory: refused, the file untouched."""
+    from qlora_sft.errors import RunDirError
+    from qlora_sft.recipe import load_recipe
+    from qlora_sft.train import train
+
+    mine = tmp_path / "runs" / "mine"
+    mine.mkdir(parents=True)
     (mine / checkpoint.LOCK).write_text("my lock notes\n")
     other = load_recipe(run_recipe(tmp_path, tiny_model, "mine", train={"max_steps": 2}))
     with pytest.raises(RunDirError, match=r"exists and is not a qlora-sft run"):
         train(other)
     assert (mine / checkpoint.LOCK).read_text() == "my lock notes\n"
-
-
-def test_a_launch_meeting_another_in_the_middle_of_writing_recipe_yaml_names_that_job(
-    tiny_model: Path, tmp_path: Path, monkeypatch
-):
-    """The other launch holds the lock and is writing recipe.yaml: its atomic temporary lies beside the
-    LOCK for a moment. Was (CI, 2026-12-02, the race test below): "exists and is not a qlora-sft run (no
-    recipe.yaml) ... set run.overwrite=true to move it aside". Now the lock's live holder is named;
-    once it is gone the launch starts the run and removes the cut-off temporary."""
-    from qlora_sft import model
-    from qlora_sft.errors import RunDirError
-    from qlora_sft.files import atomic_prefix
-    from qlora_sft.recipe import RUN_RECIPE, load_recipe
-    from qlora_sft.train import train
-
-    recipe = load_recipe(run_recipe(tmp_path, tiny_model, "mid", train={"max_steps": 2}))
-    run = tmp_path / "runs" / "mid"
-    script = tmp_path / "hold.py"
-    script.write_text(HOLD)
-    holder = subprocess.Popen([sys.executable, str(script), str(run)], env=env(), stdout=subprocess.PIPE, text=True)
-    stray = run / f"{atomic_prefix(RUN_RECIPE)}otherhost-{holder.pid}-0a1b2c3d"
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        (run / "logs").mkdir()
-        stray.write_text("model:\n  name_or_path: half-writ")
-
-        def no_model(*args, **kwargs):
-            raise AssertionError("the model was loaded")
-
-        with monkeypatch.context() as m:
-            m.setattr(model, "load_model", no_model)
-            with pytest.raises(RunDirError) as refused:
-                train(recipe)
-        said = str(refused.value)
-        assert f"run directory {run} is in use by another qlora-sft job" in said, said
-        assert f"pid {holder.pid}" in said and "not a qlora-sft run" not in said
-    finally:
-        holder.kill()
-        holder.wait()
-    assert stray.exists()  # the refused launch touched nothing
-    assert train(recipe).global_step == 2  # the holder is provably gone: the run starts
-    assert not stray.exists()
-    assert checkpoint.inspect_checkpoint(run / "final", verify=True).complete
 
 
 def test_both_launches_started_at_the_same_instant_one_trains_the_other_is_refused(tiny_model: Path, tmp_path: Path):
