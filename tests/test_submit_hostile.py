@@ -179,6 +179,8 @@ def test_the_same_run_submitted_while_its_job_is_queued_is_refused(tmp_path: Pat
     assert len(slurm_bin.read_text().splitlines()) == 1
     after = submit(recipe, [], cluster="slurm", time="01:00:00", extra_sbatch=["--dependency=afterany:4242"])
     assert after.job_id == "4242"
+    (tmp_path / "squeue.txt").write_text("977 RUNNING\n4242 COMPLETING\n")  # it has trained: its processes end
+    assert submit(recipe, [], cluster="slurm", time="01:00:00").job_id == "4242"
     (tmp_path / "squeue.txt").write_text("977 RUNNING\n")
     assert submit(recipe, [], cluster="slurm", time="01:00:00").job_id == "4242"
 

@@ -292,7 +292,8 @@ def jobs_still_queued(folder: Path) -> list[tuple[str, str]]:
     if out.returncode:
         return []
     rows = (line.split(None, 1) for line in out.stdout.splitlines() if len(line.split(None, 1)) == 2)
-    return sorted((job, state.strip()) for job, state in rows if job in ids)
+    # (a job COMPLETING has trained: its processes are ending, a new job starts after them)
+    return sorted((job, state.strip()) for job, state in rows if job in ids and state.strip() != "COMPLETING")
 
 
 def export_torch_env() -> dict[str, str]:
