@@ -978,6 +978,14 @@ def _build_section(cls: type, raw: Any, key: str, ctx: _Problems) -> Any:
             kwargs[name] = tuple(items)
             continue
         ok, norm = _check_value(value, ann)
+        if not ok and full == "cluster.time" and isinstance(value, int) and not isinstance(value, bool):
+            # YAML 1.1 reads an unquoted `1:00:00` as the base-60 number 3600, and `90` as a number
+            ctx.add(
+                full,
+                f'is the number {value}: write the time in quotes, e.g. time: "04:00:00" or time: "90" '
+                "(minutes); unquoted, YAML reads H:MM:SS as one base-60 number (1:00:00 is 3600)",
+            )
+            continue
         if not ok:
             ctx.add(full, _type_problem(value, ann))
             continue

@@ -18,19 +18,22 @@ checkpoint like any relaunch.
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .files import write_problem
+from .files import not_utf8, write_problem
 from .recipe import ClusterConfig, load_recipe
 
 log = logging.getLogger("qlora_sft")
@@ -136,6 +139,12 @@ def check_cluster_text(merged: dict[str, Any]) -> None:
     would split its line: the rest would run as a command of the job, and sbatch would stop reading
     the #SBATCH lines after it."""
     for key in ("partition", "account", "qos", "mem", "constraint", "job_name"):
+        if isinstance(merged[key], str) and not merged[key].strip():
+            # `--partition "$PART"` with PART unset: the job went to the default partition, unsaid
+            raise UserError(
+                f"cluster.{key} is empty ({merged[key]!r}; an unset shell variable?): give a value, or leave it "
+                "out for SLURM's default; nothing was queued"
+            )
         bad = _control_character(str(merged[key])) if merged[key] else None
         if bad:
             raise UserError(f"cluster.{key}={merged[key]!r} holds the control character {bad}; remove it")
@@ -199,6 +208,92 @@ def executor_parameters(cfg: ClusterConfig, **given: Any) -> dict[str, Any]:
     if merged["extra_sbatch"]:
         params["slurm_additional_parameters"] = parse_sbatch_lines(merged["extra_sbatch"], merged)
     return params
+
+
+# submitit parameters only SLURM reads (the local executor drops them), by the setting that gives them
+SLURM_ONLY = {
+    "slurm_partition": "cluster.partition (--partition)",
+    "slurm_account": "cluster.account (--account)",
+    "slurm_qos": "cluster.qos (--qos)",
+    "slurm_mem": "cluster.mem (--mem)",
+    "slurm_constraint": "cluster.constraint (--constraint)",
+    "slurm_additional_parameters": "cluster.extra_sbatch (--extra-sbatch)",
+}
+
+
+def choose_cluster(cluster: str | None, params: Mapping[str, Any]) -> str:
+    """Where the job goes: `cluster`, else SLURM where its `srun` is on PATH (what submitit looks for),
+    else this machine. Refused, before anything is written: SLURM asked for where it is not (submitit's
+    RuntimeError), several nodes on this machine (its ValueError), and SLURM settings that would be
+    dropped because SLURM was not found (a job meant for a partition trained on the login node)."""
+    found = shutil.which("srun") is not None
+    if cluster == "slurm" and not found:
+        raise UserError(
+            "submit --cluster slurm: srun and sbatch are not on PATH on this host, so nothing can be queued. "
+            "Submit from a host of the cluster with SLURM on PATH (e.g. `module load slurm`), or pass "
+            "--cluster local to train on this machine; nothing was queued"
+        )
+    chosen = cluster or ("slurm" if found else "local")
+    if chosen != "local":
+        return chosen
+    if cluster is None:
+        meant = [SLURM_ONLY[k] for k in SLURM_ONLY if params.get(k)]
+        if params["nodes"] > 1:
+            meant.insert(0, f"cluster.nodes={params['nodes']} (--nodes)")
+        if meant:
+            raise UserError(
+                f"submit: SLURM is not on this host's PATH (no srun), so the job would train on this machine "
+                f"(--cluster local), where {', '.join(meant)} mean nothing. Put SLURM on PATH to queue it "
+                "(e.g. `module load slurm`, or submit from a login node), or pass --cluster local without "
+                "them; nothing was started"
+            )
+    elif params["nodes"] > 1:
+        raise UserError(
+            f"submit --cluster local: cluster.nodes is {params['nodes']} (--nodes), but a local job runs on this "
+            "machine, one node. Give --nodes 1, or submit to SLURM (--cluster slurm); nothing was started"
+        )
+    return chosen
+
+
+def check_job_folder(folder: Path, run_dir: Path) -> None:
+    """submitit's job folder (logs, pickles), before it is written: its path goes into the sbatch
+    script (UTF-8), and inside the run directory it would be there before the run is (the job's
+    launch refuses a run directory that holds files and no recipe.yaml; run.overwrite would move
+    the job's own logs and result aside while it runs)."""
+    bad = not_utf8(os.path.abspath(folder))  # (a relative one under the working directory: submitit writes it whole)
+    if bad:
+        raise UserError(
+            f"submit: the job folder {bad} holds bytes that are not UTF-8; submitit writes its path into the "
+            "sbatch script as UTF-8. Pass --folder PATH (or cluster.folder) with a UTF-8 name, or rename the "
+            "folder above it; nothing was queued."
+        )
+    inside, run = Path(os.path.realpath(folder)), Path(os.path.realpath(run_dir))
+    if inside == run or run in inside.parents:
+        raise UserError(
+            f"submit: the job folder {folder} is inside the run directory {run_dir}: the job's logs would be "
+            "there before the run is, and the job would refuse to start in it (a folder that is not a "
+            "qlora-sft run). Pass --folder (or cluster.folder) outside it, e.g. the default "
+            f"{run_dir.parent / (run_dir.name + '.submitit')}; nothing was queued."
+        )
+
+
+def jobs_still_queued(folder: Path) -> list[tuple[str, str]]:
+    """(job id, state) of the jobs submitted into `folder` before (`<folder>/<id>/<id>_submitted.pkl`)
+    that SLURM still holds: pending, running, requeued... Empty where squeue cannot tell."""
+    ids = {p.parent.name for p in folder.glob("*/*_submitted.pkl") if p.parent.name.isdigit()}
+    if not ids:
+        return []
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %T"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if out.returncode:
+        return []
+    rows = (line.split(None, 1) for line in out.stdout.splitlines() if len(line.split(None, 1)) == 2)
+    # (a job COMPLETING has trained: its processes are ending, a new job starts after them)
+    return sorted((job, state.strip()) for job, state in rows if job in ids and state.strip() != "COMPLETING")
 
 
 def export_torch_env() -> dict[str, str]:
@@ -287,6 +382,31 @@ class QloraJob:
         return submitit.helpers.DelayedSubmission(QloraJob(), *args, **kwargs)
 
 
+def check_world_size(recipe: Any, params: Mapping[str, Any]) -> None:
+    """The job's ranks (nodes x tasks per node) against the recipe's global batch and its DeepSpeed
+    JSON, as the job's first step checks them: else refused only once the job has its nodes."""
+    from .errors import RecipeError
+    from .launch_config import deepspeed_problems, recipe_deepspeed
+    from .recipe import resolve_batch
+
+    world = int(params["nodes"]) * int(params["tasks_per_node"])
+    where = f"the job's {world} rank(s) (--nodes {params['nodes']} x {params['tasks_per_node']} tasks per node)"
+    try:
+        batch = resolve_batch(recipe.train, world)
+    except RecipeError as exc:
+        raise UserError(
+            f"submit: {where} do not fit the recipe: {'; '.join(exc.problems)} Or change --nodes / "
+            "--gpus-per-node; nothing was queued."
+        ) from None
+    ds = recipe_deepspeed(recipe)
+    if ds is not None:
+        problems = deepspeed_problems(
+            ds, recipe, micro_batch=batch.micro_batch, grad_accum=batch.grad_accum, global_batch=batch.global_batch
+        )
+        if problems:
+            raise UserError(f"submit: with {where}: {'; '.join(problems)} Nothing was queued.")
+
+
 def check_submitted_files(recipe: Any, base_dir: Path) -> None:
     """Before a job is queued: the recipe's DeepSpeed JSON and adapter (as `validate` checks them),
     and deepspeed installed where the recipe asks for it."""
@@ -362,18 +482,31 @@ def submit(
         constraint=constraint,
         extra_sbatch=list(extra_sbatch) if extra_sbatch is not None else None,
     )
+    check_world_size(r, params)
+    chosen = choose_cluster(cluster, params)
     folder = Path(folder or r.cluster.folder or (r.run_dir.parent / f"{r.run.name}.submitit")) / "%j"
+    check_job_folder(folder.parent, r.run_dir)
     problem = write_problem(folder.parent)
     if problem:
         raise UserError(
             f"submit: the job folder {folder.parent}: {problem}. Pass --folder PATH (or cluster.folder in the recipe) "
             "in a writable place; nothing was queued."
         )
+    if chosen != "local":
+        check_time_limit(params)
+        queued = jobs_still_queued(folder.parent)
+        if queued and "dependency" not in params.get("slurm_additional_parameters", {}):
+            ids = ",".join(job for job, _ in queued)
+            states = ", ".join(f"job {job} ({state})" for job, state in queued)
+            raise UserError(
+                f"submit: {states} of this run is still in SLURM's queue (job folder {folder.parent}). A second "
+                "job would start beside it (and be refused the run directory it holds) or after it (and find the "
+                f"run trained). Wait for it (squeue -j {ids}), cancel it (scancel {ids}), chain the new one after "
+                f"it (--extra-sbatch=--dependency=afterany:{ids}), or give another run.name; nothing was queued."
+            )
     # (submitit writes the python it is given into the job's command line as is: quoted, a path with a
     # space or a `$` stays one word)
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_python=shlex.quote(sys.executable))
-    if executor.cluster != "local":
-        check_time_limit(params)
+    executor = submitit.AutoExecutor(folder=folder, cluster=chosen, slurm_python=shlex.quote(sys.executable))
     if executor.cluster == "local":
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
         params.pop("name", None)
@@ -384,6 +517,14 @@ def submit(
         prepared = tokenizer_and_data(r, Path(recipe).parent, by="prepare")[1]
         log.info("data: %s", prepared.origin())
     cpu_ranks = "gpus_per_node" not in params
-    job = executor.submit(QloraJob(), str(Path(recipe).resolve()), overrides, str(Path.cwd()), cpu_ranks)
+    try:
+        job = executor.submit(QloraJob(), str(Path(recipe).resolve()), overrides, str(Path.cwd()), cpu_ranks)
+    except submitit.core.utils.FailedJobError as exc:  # sbatch refused it (its words), or could not reach SLURM
+        said = "\n".join(f"    {line}" for line in str(exc).strip().splitlines()[-8:])
+        raise UserError(
+            f"submit: sbatch refused the job; nothing was queued. It said:\n{said}\nFix the setting it names "
+            "(--partition, --account, --qos, --time, --mem, --constraint, --extra-sbatch, or the recipe's "
+            "cluster: section), or, if it could not reach SLURM, submit from a host of the cluster"
+        ) from None
     log.info("submitted job %s (%s) with %s", job.job_id, executor.cluster, params)
     return job

@@ -1,0 +1,210 @@
+"""`qlora-sft submit` as a hostile but realistic user runs it: sbatch refusing the job, SLURM not on
+PATH, a job folder inside the run directory or with a name that is not UTF-8, a job whose ranks the
+recipe's batch does not fit, the same run submitted while its job is still queued. Each is refused
+in one line before anything is queued; no SLURM cluster is used (a fake `sbatch`/`srun`/`squeue`
+on PATH stands in)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import MINIMAL_RECIPE, write_recipe
+
+from qlora_sft.errors import UserError
+
+
+def small_recipe(tmp_path: Path, **sections: dict) -> Path:
+    (tmp_path / "a.jsonl").write_text('{"instruction": "q", "output": "a"}\n')
+    raw = {**MINIMAL_RECIPE, "run": {"output_dir": str(tmp_path / "runs")}}
+    for k, v in sections.items():
+        raw.setdefault(k, {}).update(v)
+    return write_recipe(tmp_path / "r.yaml", raw)
+
+
+def fake_bin(folder: Path, **scripts: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, body in scripts.items():
+        path = folder / name
+        path.write_text("#!/usr/bin/env bash\n" + body)
+        path.chmod(0o755)
+    return folder
+
+
+@pytest.fixture()
+def slurm_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`sbatch` and `srun` on PATH (sbatch records its calls in sbatch.log and answers job 4242);
+    `squeue` prints the lines of squeue.txt, if any."""
+    log = tmp_path / "sbatch.log"
+    bin_dir = fake_bin(
+        tmp_path / "bin",
+        sbatch=f'echo "$@" >> {shlex.quote(str(log))}\necho "Submitted batch job 4242"\n',
+        srun="exit 0\n",
+        squeue=f"cat {shlex.quote(str(tmp_path / 'squeue.txt'))} 2>/dev/null\nexit 0\n",
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return log
+
+
+def test_sbatch_refusing_the_job_is_one_line_not_a_traceback(tmp_path: Path, slurm_bin: Path):
+    """Was: `submit --partition gpuu` (or any setting sbatch refuses, or a host that cannot reach the
+    controller): submitit's FailedJobError came out as a Python traceback. Now sbatch's own words, in
+    a UserError that says nothing was queued and which settings to fix."""
+    from qlora_sft.submit import submit
+
+    recipe = small_recipe(tmp_path)
+    (tmp_path / "bin" / "sbatch").write_text(
+        "#!/usr/bin/env bash\necho 'sbatch: error: Batch job submission failed: Invalid partition name specified' >&2\n"
+        "exit 1\n"
+    )
+    refused = r"(?s)sbatch refused the job; nothing was queued.*Invalid partition.*--partition"
+    with pytest.raises(UserError, match=refused):
+        submit(recipe, [], cluster="slurm", partition="gpuu", time="01:00:00")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"partition": "gpu"}, r"SLURM is not on this host's PATH.*cluster.partition \(--partition\).*--cluster local"),
+        ({"nodes": 2}, r"SLURM is not on this host's PATH.*cluster.nodes=2"),
+        ({"cluster": "slurm"}, r"submit --cluster slurm: srun and sbatch are not on PATH"),
+        ({"cluster": "local", "nodes": 2}, r"submit --cluster local: cluster.nodes is 2 .*--nodes 1"),
+    ],
+    ids=["auto-partition", "auto-nodes", "slurm", "local-nodes"],
+)
+def test_slurm_not_on_path_is_said_not_trained_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kwargs: dict, expected: str
+):
+    """A login node where SLURM's module was not loaded: `submit --partition gpu` started the training
+    on the login node itself (partition dropped, 'submitted job <pid>'); `--nodes 2` and
+    `--cluster slurm` were tracebacks (submitit's ValueError, RuntimeError). Now each is refused, and
+    nothing starts."""
+    from qlora_sft.submit import submit
+
+    recipe = small_recipe(tmp_path)
+    monkeypatch.setenv("PATH", str(fake_bin(tmp_path / "empty-bin")))
+    kwargs = {"gpus_per_node": 0, "time": "01:00:00", **kwargs}
+    with pytest.raises(UserError, match=expected):
+        submit(recipe, [], **kwargs)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_job_folder_inside_the_run_directory_is_refused(tmp_path: Path, slurm_bin: Path):
+    """`--folder runs/run/logs`: the job was queued, and its logs made the run directory exist before
+    the run did; the job then refused to start in it ('not a qlora-sft run', after getting its nodes),
+    and so did every launch after it. Refused before anything is written; outside it, queued."""
+    from qlora_sft.submit import submit
+
+    recipe = small_recipe(tmp_path)
+    run_dir = tmp_path / "runs" / "run"
+    with pytest.raises(UserError, match=r"job folder .*runs/run/logs is inside the run directory .*--folder"):
+        submit(recipe, [], cluster="slurm", time="01:00:00", folder=str(run_dir / "logs"))
+    assert not run_dir.exists() and not slurm_bin.exists()
+    assert submit(recipe, [], cluster="slurm", time="01:00:00", folder=str(tmp_path / "logs")).job_id == "4242"
+
+
+def test_a_job_folder_whose_name_is_not_utf8_is_refused(tmp_path: Path, slurm_bin: Path, monkeypatch):
+    """Submitted from a folder named in Latin-1 (`dir \\xff`) with a relative run.output_dir (or with
+    --folder there): submitit's UnicodeEncodeError traceback as it wrote the sbatch script, after
+    every other check."""
+    from qlora_sft.submit import submit
+
+    weird = Path(os.fsdecode(bytes(tmp_path) + b"/dir \xff"))
+    weird.mkdir()
+    recipe = small_recipe(weird)
+    monkeypatch.chdir(weird)
+    with pytest.raises(UserError, match=r"job folder .*dir \\xff.* not UTF-8.*--folder"):
+        submit(recipe, ["run.output_dir=runs"], cluster="slurm", time="01:00:00")
+    assert not slurm_bin.exists()
+    assert submit(recipe, ["run.output_dir=runs"], cluster="slurm", time="01:00:00", folder=tmp_path / "jobs").job_id
+
+
+def test_ranks_the_global_batch_does_not_fit_are_refused_before_queueing(tmp_path: Path, slurm_bin: Path):
+    """`train.global_batch_size: 32` with `--gpus-per-node 3`: 3 ranks x micro batch 4 do not divide 32;
+    the job was queued and refused by its first step once it had its nodes. Now refused by submit,
+    naming the batch and the flags; ranks that fit are queued."""
+    from qlora_sft.submit import submit
+
+    recipe = small_recipe(tmp_path, train={"global_batch_size": 32, "per_device_train_batch_size": 4})
+    with pytest.raises(UserError, match=r"job's 3 rank\(s\).*global_batch_size` is 32.*--gpus-per-node"):
+        submit(recipe, [], cluster="slurm", gpus_per_node=3, time="01:00:00")
+    assert not slurm_bin.exists()
+    assert submit(recipe, [], cluster="slurm", gpus_per_node=2, nodes=2, time="01:00:00").job_id == "4242"
+
+
+def test_deepspeed_accumulation_for_other_ranks_is_refused_before_queueing(
+    tmp_path: Path, slurm_bin: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A DeepSpeed JSON written for 8 GPUs (gradient_accumulation_steps 2 = 64 / (4 x 8)) submitted on 2:
+    the recipe needs 8 steps of accumulation, which only the job's first step found."""
+    import json
+
+    from qlora_sft import launch_config
+    from qlora_sft.submit import submit
+
+    monkeypatch.setattr(launch_config, "require_deepspeed", lambda what: None)  # not installed here
+    ds = tmp_path / "ds.json"
+    ds.write_text(
+        json.dumps(
+            {
+                "train_batch_size": 64,
+                "train_micro_batch_size_per_gpu": 4,
+                "gradient_accumulation_steps": 2,
+                "zero_optimization": {"stage": 2},
+            }
+        )
+    )
+    recipe = small_recipe(tmp_path, train={"global_batch_size": 64, "per_device_train_batch_size": 4})
+    with pytest.raises(UserError, match=r"job's 2 rank\(s\).*gradient_accumulation_steps` is 2 .* needs 8"):
+        submit(recipe, [], cluster="slurm", gpus_per_node=2, time="01:00:00", deepspeed=ds)
+    assert not slurm_bin.exists()
+    assert submit(recipe, [], cluster="slurm", gpus_per_node=8, time="01:00:00", deepspeed=ds).job_id == "4242"
+
+
+def test_the_same_run_submitted_while_its_job_is_queued_is_refused(tmp_path: Path, slurm_bin: Path):
+    """Submitting again while the first job still waits: the second waited too, then started beside the
+    first (refused the run directory) or after it (found the run trained), each after getting its
+    nodes. Refused while squeue still lists the job; queued once it left, or chained after it."""
+    from qlora_sft.submit import submit
+
+    recipe = small_recipe(tmp_path)
+    assert submit(recipe, [], cluster="slurm", time="01:00:00").job_id == "4242"
+    assert (tmp_path / "runs" / "run.submitit" / "4242" / "4242_submitted.pkl").is_file()
+    (tmp_path / "squeue.txt").write_text("977 RUNNING\n4242 PENDING\n")
+    with pytest.raises(UserError, match=r"job 4242 \(PENDING\) of this run is still in SLURM's queue.*scancel 4242"):
+        submit(recipe, [], cluster="slurm", time="01:00:00")
+    assert len(slurm_bin.read_text().splitlines()) == 1
+    after = submit(recipe, [], cluster="slurm", time="01:00:00", extra_sbatch=["--dependency=afterany:4242"])
+    assert after.job_id == "4242"
+    (tmp_path / "squeue.txt").write_text("977 RUNNING\n4242 COMPLETING\n")  # it has trained: its processes end
+    assert submit(recipe, [], cluster="slurm", time="01:00:00").job_id == "4242"
+    (tmp_path / "squeue.txt").write_text("977 RUNNING\n")
+    assert submit(recipe, [], cluster="slurm", time="01:00:00").job_id == "4242"
+
+
+@pytest.mark.parametrize("key", ["partition", "account", "qos", "constraint"])
+def test_an_empty_cluster_value_is_refused_not_dropped(key: str):
+    """`--partition "$PART"` with PART unset: the empty value was dropped and the job went to the
+    default partition, unsaid."""
+    from qlora_sft.recipe import build_recipe
+    from qlora_sft.submit import executor_parameters
+
+    with pytest.raises(UserError, match=rf"cluster.{key} is empty"):
+        executor_parameters(build_recipe(MINIMAL_RECIPE).cluster, **{key: ""})
+
+
+@pytest.mark.parametrize("text", ["time: 1:00:00", "time: 90"])
+def test_an_unquoted_time_limit_in_the_recipe_says_to_quote_it(tmp_path: Path, text: str):
+    """`time: 1:00:00` unquoted is YAML 1.1's base-60 number 3600: the message was '`cluster.time` is
+    3600; expected str', a number the user never wrote, and no fix."""
+    from qlora_sft.errors import RecipeError
+    from qlora_sft.recipe import load_recipe
+
+    recipe = small_recipe(tmp_path)
+    raw = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**raw, "cluster": None}).replace("cluster: null", f"cluster:\n  {text}"))
+    with pytest.raises(RecipeError, match=r'cluster.time` is the number \d+: write the time in quotes, e.g. time: "04'):
+        load_recipe(recipe)
