@@ -12,7 +12,8 @@ set -euo pipefail
 DIR="${QLORA_SFT_SLURM_DIR:-/tmp/qlora-sft-slurm}"
 CONF="$DIR/slurm.conf"
 HOST="$(hostname -s)"
-CPUS="${QLORA_SFT_SLURM_CPUS:-$(nproc)}"
+# (nproc honours OMP_NUM_THREADS: a test run with OMP_NUM_THREADS=1 made a one-CPU node two-rank jobs never fit)
+CPUS="${QLORA_SFT_SLURM_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
 
 die() { echo "tests/slurm/cluster.sh: $*" >&2; exit 1; }
 
