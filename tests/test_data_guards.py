@@ -15,6 +15,7 @@ from helpers import DATA
 
 from qlora_sft import data
 from qlora_sft.data import build_data, sources
+from qlora_sft.data.formats import row_tools
 from qlora_sft.errors import DataError
 from qlora_sft.model import ensure_pad_token
 from qlora_sft.recipe import DataConfig, DataSource
@@ -499,3 +500,148 @@ def test_a_messages_rows_tools_system_and_reasoning_reach_the_template(tmp_path:
         "turn_weight": 1,
         "tool_calls_not_rendered": 1,
     }
+
+
+# LLaMA-Factory's sharegpt tool rows (data/README.md, converter.py): `function_call` turns hold the call
+# as JSON text ({"name", "arguments"}, or a list of them for parallel calls), `observation` turns the
+# result, and the row's `tools` is a JSON string of the function definitions.
+WEATHER = {"name": "get_weather", "description": "Weather now", "parameters": {"type": "object"}}
+LF_TOOL_ROW = {
+    "conversations": [
+        {"from": "human", "value": "Weather in Paris and Rome?"},
+        {
+            "from": "function_call",
+            "value": json.dumps(
+                [
+                    {"name": "get_weather", "arguments": {"city": "Paris"}},
+                    {"name": "get_weather", "arguments": {"city": "Rome"}},
+                ]
+            ),
+        },
+        {"from": "observation", "value": '{"temp": 21}'},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}})},
+        {"from": "observation", "value": '{"temp": 3}'},
+        {"from": "gpt", "value": "Warm in Paris, cold in Oslo."},
+    ],
+    "system": "Use the tools.",
+    "tools": json.dumps([WEATHER]),
+}
+
+
+def test_llama_factory_sharegpt_tool_calls_and_tools_reach_the_template(tmp_path: Path, tok):
+    """`function_call` and `observation` turns were refused as unknown roles and the row's `tools`
+    dropped: they become an assistant turn with `tool_calls`, a `tool` turn, and the template's
+    `tools` (a JSON string or a list), as in the messages format."""
+    import copy
+
+    messages, _ = data.normalize_row(LF_TOOL_ROW, "sharegpt")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant", "tool", "assistant"]
+    assert messages[2] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}},
+        ],
+    }
+    assert messages[3] == {"role": "tool", "content": '{"temp": 21}'}
+    assert messages[4]["tool_calls"] == [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+    ]
+    assert row_tools(LF_TOOL_ROW, "sharegpt") == [WEATHER]
+    assert row_tools({**LF_TOOL_ROW, "tools": [WEATHER]}, "sharegpt") == [WEATHER]
+    assert row_tools({**LF_TOOL_ROW, "tools": ""}, "sharegpt") is None
+    weighted = json.loads(json.dumps(LF_TOOL_ROW))
+    weighted["conversations"][1]["weight"] = 0  # a call turn is an assistant turn: its weight is checked too
+    with pytest.raises(data.BadRow, match=r"`conversations\[1\]`.weight is 0"):
+        data.normalize_row(weighted, "sharegpt")
+
+    shows = copy.deepcopy(tok)
+    shows.chat_template = (
+        "{% if tools %}<|im_start|>system\nTOOLS:{% for t in tools %} {{ t['name'] }}{% endfor %}<|im_end|>\n"
+        "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "{% for c in m.get('tool_calls') or [] %}<tool_call>{{ c['function']['name'] }} "
+        "{{ c['function']['arguments'] | tojson }}</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    f = tmp_path / "lf_tools.json"
+    f.write_text(json.dumps([LF_TOOL_ROW], indent=2))
+    per_source, _ = data.load_examples([DataSource(path=str(f))], "error")
+    assert per_source[0][0].tools == [WEATHER]
+    cfg = DataConfig(sources=(DataSource(path=str(f)),), eval_fraction=0.0, num_proc=1)
+    (row,) = build_data(cfg, shows, 0).train
+    text = shows.decode(row["input_ids"])
+    assert "TOOLS: get_weather" in text and "Use the tools." in text
+    assert '<tool_call>get_weather {"city": "Rome"}</tool_call>' in text
+    assert '<|im_start|>tool\n{"temp": 3}<|im_end|>' in text
+
+
+@pytest.mark.parametrize(
+    "value,problem",
+    [
+        ('get_weather(city="Paris")', "is not JSON"),
+        ('{"arguments": {"city": "Paris"}}', "needs a function name"),
+        ("[]", "holds no call"),
+    ],
+)
+def test_a_function_call_turn_that_is_not_a_call_is_a_bad_row_naming_the_turn(value: str, problem: str):
+    row = {**LF_TOOL_ROW, "conversations": [*LF_TOOL_ROW["conversations"][:3], LF_TOOL_ROW["conversations"][-1]]}
+    row["conversations"][1] = {"from": "function_call", "value": value}
+    with pytest.raises(data.BadRow) as exc:
+        data.normalize_row(row, "sharegpt")
+    assert exc.value.reason == "wrong_type"
+    assert "`conversations[1]` (a function_call turn)" in str(exc.value) and problem in str(exc.value)
+    assert '{"name": ..., "arguments": {...}}' in str(exc.value)
+    with pytest.raises(data.BadRow, match=r"field `tools` is not JSON"):
+        row_tools({**LF_TOOL_ROW, "tools": "get_weather(city)"}, "sharegpt")
+
+
+def test_openais_developer_role_is_the_system_turn():
+    messages, _ = data.normalize_row(
+        {
+            "messages": [
+                {"role": "developer", "content": "Answer in one word."},
+                {"role": "user", "content": "Sky colour?"},
+                {"role": "assistant", "content": "Blue."},
+            ]
+        },
+        "messages",
+    )
+    assert messages[0] == {"role": "system", "content": "Answer in one word."}
+
+
+# --- a .json file that holds one object ---------------------------------------------------------
+
+
+def test_a_json_file_holding_one_object_names_the_shape_expected(tmp_path: Path):
+    """A .json file of one object (not a list of rows, not JSON lines) was read as the rows of its only
+    list: a conversation's turns, each refused as a row of unknown format; an object of two lists was
+    refused asking for {"data": [...]}. Now the file is named with the shapes expected, and an object
+    that wraps the rows is named with its key, not unwrapped by a guess."""
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(LF_TOOL_ROW, indent=2))
+    msg = error(one)
+    assert msg.startswith(f"{one}: holds one JSON object, not a list of rows")
+    assert "a JSON list of rows ([{...}, {...}]) or JSON lines (one row a line)" in msg
+    assert "it looks like one sharegpt row" in msg
+
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"version": 2, "data": [ROW, ROW]}, indent=2))
+    msg = error(wrapped)
+    assert msg.startswith(f"{wrapped}: holds one JSON object, not a list of rows")
+    assert "its key `data` holds a list of 2 mappings" in msg and "jq '.data'" in msg
+
+    two = tmp_path / "splits.json"
+    two.write_text(json.dumps({"train": [ROW, ROW], "test": [ROW]}))
+    msg = error(two)
+    assert "its keys `train` (2 mappings) and `test` (1 mapping) hold lists" in msg
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"a": 1, "b": "x"}, indent=2))
+    assert "it has the keys ['a', 'b']" in error(other)
+
+    # one row on one line is a JSON lines file of one row
+    line = tmp_path / "line.json"
+    line.write_text(json.dumps(ROW) + "\n")
+    rows, report = load(line)
+    assert report.rows == report.kept == 1 and rows[0].messages[-1]["content"] == "Coffee."

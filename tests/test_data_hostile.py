@@ -605,3 +605,45 @@ def test_validate_shows_a_row_whose_training_flags_match_assistant_only_loss_fal
     recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, f, tmp_path / "runs", data=data_section))
     assert cli.main(["validate", str(recipe)]) == 0
     assert "axolotl.jsonl row 1" in capsys.readouterr().out
+
+
+def test_a_turns_name_is_named_in_a_warning_not_dropped_in_silence(tmp_path: Path, tok, caplog):
+    """OpenAI's chat format allows a `name` on a user, assistant or system turn (who speaks); it was
+    dropped without a word. Chat templates rarely render it, so it is not given to them (the same
+    text whatever the template): a warning names the first row and turn that has one and how many
+    rows do. A tool turn's `name` (the tool) is kept, as before."""
+    import logging
+
+    def row(i: int, name: str | None) -> dict:
+        user = {"role": "user", "content": f"What is {i} + {i}?", **({"name": name} if name else {})}
+        return {"messages": [user, {"role": "assistant", "content": str(2 * i)}]}
+
+    f = tmp_path / "names.jsonl"
+    f.write_text("".join(json.dumps(row(i, None if i == 0 else "alice")) + "\n" for i in range(6)))
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        prepared = build_data(cfg(f), tok, 0, None)
+    assert prepared.report.train_rows == 6
+    said = [r.getMessage() for r in caplog.records if "`name`" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"{f} row 2: turn `messages[0]` (user) has a `name` ('alice')")
+    assert "not given to the chat template" in said[0] and "5 rows have one" in said[0]
+    caplog.clear()
+    tool = tmp_path / "tool.jsonl"
+    call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "add", "arguments": {}}}]}
+    tool.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "1 + 1?"},
+                    call,
+                    {"role": "tool", "name": "add", "content": "2"},
+                    {"role": "assistant", "content": "2"},
+                ]
+            }
+        )
+        + "\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        examples = data.load_examples([DataSource(path=str(tool))], "error")[0][0]
+    assert examples[0].messages[2]["name"] == "add"
+    assert not [r for r in caplog.records if "`name`" in r.getMessage()]

@@ -93,7 +93,8 @@ def _encoded_features() -> Any:
             "truncated": datasets.Value("bool"),
             # 1/0: the final turn trains its end token (0 too when truncation cut it); -1: n/a (text, bad row)
             "end_trained": datasets.Value("int8"),
-            "near_miss": datasets.Value("string"),  # fields that nearly spell one the format reads (`near_miss_text`)
+            # fields that nearly spell one the format reads, a turn's name not rendered (`near_miss_text`)
+            "near_miss": datasets.Value("string"),
         }
     )
 

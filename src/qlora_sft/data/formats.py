@@ -19,12 +19,13 @@ from typing import Any, TypeVar
 from ..errors import DataError
 from ..recipe import DataSource
 from .report import SourceReport
-from .sources import BadRow, parse_document, read_documents
+from .sources import BadRow, detect_format, parse_document, read_documents
 
 log = logging.getLogger("qlora_sft")
 
 ROLE_ALIASES = {
     "system": "system",
+    "developer": "system",  # OpenAI's newer name for the system turn
     "user": "user",
     "human": "user",
     "prompter": "user",
@@ -37,7 +38,10 @@ ROLE_ALIASES = {
     "tool": "tool",
     "ipython": "tool",
     "function": "tool",
+    "observation": "tool",  # LLaMA-Factory's sharegpt: a tool's result
 }
+# LLaMA-Factory's sharegpt: the assistant calling tools, its value the call as JSON text (`_function_call`)
+FUNCTION_CALL_ROLE = "function_call"
 
 FORMAT_FIELDS = {
     "alpaca": "instruction, input (optional), output",
@@ -61,32 +65,25 @@ class Example:
 
 
 def row_tools(row: Any, fmt: str) -> list[dict[str, Any]] | None:
-    """A conversation row's `tools` (the functions it may call, given to the chat template), or None."""
-    tools = row.get("tools") if isinstance(row, dict) and fmt == "messages" else None
+    """A conversation row's `tools` (the functions it may call, given to the chat template), or None:
+    a list of tool definitions, or the JSON text of one (LLaMA-Factory's sharegpt rows)."""
+    tools = row.get("tools") if isinstance(row, dict) and fmt in ("messages", "sharegpt") else None
+    if isinstance(tools, str):
+        if not tools.strip():
+            return None
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise BadRow(
+                "wrong_type",
+                f"field `tools` is not JSON ({exc.msg}): give the tool definitions as a list of mappings, or as "
+                "the JSON text of one",
+            ) from None
     if tools is None or tools == []:
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise BadRow("wrong_type", "field `tools` must be a list of tool definitions (mappings)")
     return tools
-
-
-def detect_format(row: Any) -> str | None:
-    if not isinstance(row, dict):
-        return None
-    keys = set(row)
-    if "messages" in keys:
-        return "messages"
-    if "conversations" in keys:
-        return "sharegpt"
-    if "prompt" in keys and "completion" in keys:
-        return "prompt_completion"
-    if "instruction" in keys and "response" in keys:
-        return "dolly"
-    if "instruction" in keys and "output" in keys:
-        return "alpaca"
-    if "text" in keys:
-        return "text"
-    return None
 
 
 def _text_field(row: dict[str, Any], key: str, required: bool = True) -> str:
@@ -147,14 +144,26 @@ def _turns(
         if role_key not in turn or (content_key not in turn and not calls):
             raise BadRow("missing_field", f"{where} needs `{role_key}` and `{content_key}`")
         raw_role = turn[role_key]
-        role = ROLE_ALIASES.get(str(raw_role).lower()) if isinstance(raw_role, str) else None
+        role = ROLE_ALIASES.get(raw_role.lower()) if isinstance(raw_role, str) else None
+        function_call = isinstance(raw_role, str) and raw_role.lower() == FUNCTION_CALL_ROLE
+        if function_call:
+            role = "assistant"  # LLaMA-Factory's call of a tool (`_function_call`)
         if role is None:
             raise BadRow(
                 "unknown_role",
-                f"`{field_name}[{i}].{role_key}` is {raw_role!r}; expected one of {sorted(ROLE_ALIASES)}",
+                f"`{field_name}[{i}].{role_key}` is {raw_role!r}; expected one of "
+                f"{sorted([*ROLE_ALIASES, FUNCTION_CALL_ROLE])}",
             )
-        content = turn.get(content_key)
-        message: dict[str, Any] = {"role": role, "content": "" if content is None else _content(content, where)}
+        message: dict[str, Any]
+        if function_call:
+            if calls:
+                raise BadRow(
+                    "wrong_type", f"{where} is a function_call turn: its call is its `{content_key}`, not `tool_calls`"
+                )
+            message = _function_call(turn.get(content_key), f"{where} (a function_call turn)", content_key)
+        else:
+            content = turn.get(content_key)
+            message = {"role": role, "content": "" if content is None else _content(content, where)}
         if role == "assistant" and isinstance(turn.get("reasoning_content"), str):
             message["reasoning_content"] = turn["reasoning_content"]  # a template with thinking renders it
         if "weight" in turn and turn["weight"] not in (1, 1.0, True):
@@ -187,6 +196,39 @@ def _turns(
                     message[key] = turn[key]
         out.append(message)
     return out
+
+
+CALL_SHAPE = '{"name": ..., "arguments": {...}}'
+
+
+def _function_call(value: Any, where: str, content_key: str) -> dict[str, Any]:
+    """LLaMA-Factory's sharegpt `function_call` turn -> an assistant turn with `tool_calls`. Its value
+    is the call as JSON text, {"name": ..., "arguments": {...}}, or a list of such calls (parallel
+    calls; LLaMA-Factory's FunctionFormatter reads both)."""
+    fix = f"it must be a call {CALL_SHAPE}, or a list of them, as JSON text"
+    calls = value
+    if isinstance(value, str):
+        try:
+            calls = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise BadRow("wrong_type", f"{where}: its `{content_key}` is not JSON ({exc.msg}); {fix}") from None
+    if isinstance(calls, dict):
+        calls = [calls]
+    if not isinstance(calls, list):
+        raise BadRow("wrong_type", f"{where}: its `{content_key}` is {type(calls).__name__}; {fix}")
+    if not calls:
+        raise BadRow("wrong_type", f"{where}: its `{content_key}` holds no call; {fix}")
+    for j, call in enumerate(calls):
+        shown = f"call {j}" if len(calls) > 1 else "the call"
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise BadRow("wrong_type", f"{where}: {shown} needs a function name; {fix}")
+        if isinstance(fn.get("arguments"), str):
+            try:
+                json.loads(fn["arguments"])
+            except json.JSONDecodeError:
+                raise BadRow("wrong_type", f"{where}: the arguments of {shown} are not JSON; {fix}") from None
+    return {"role": "assistant", "content": "", "tool_calls": _tool_calls(calls, where)}
 
 
 def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
@@ -359,12 +401,19 @@ def _check_unicode(value: Any, where: str) -> None:
 READ_FIELDS = {
     "alpaca": ("instruction", "input", "output", "system", "history"),
     "dolly": ("instruction", "context", "response"),
-    "sharegpt": ("conversations", "system"),
+    "sharegpt": ("conversations", "system", "tools"),
     "messages": ("messages", "system", "tools"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
 _NAMED_NEAR_MISSES: set[tuple[str, str]] = set()
+_NAMED_TURN_NAMES: set[str] = set()  # the sources whose turns' `name` was warned of
+# the fields that hold a format's turns, and the key of a turn's role
+TURN_FIELDS = {
+    "sharegpt": (("conversations",), "from"),
+    "messages": (("messages",), "role"),
+    "prompt_completion": (("prompt", "completion"), "role"),
+}
 
 
 def near_misses(row: Any, fmt: str) -> list[tuple[str, str]]:
@@ -392,21 +441,45 @@ def _near_misses(keys: tuple[str, ...], fmt: str) -> tuple[tuple[str, str], ...]
     return tuple(out)
 
 
+def turn_name(row: Any, fmt: str) -> tuple[str, str, str] | None:
+    """(turn, role, name) of the row's first user, assistant or system turn with a `name` (OpenAI's
+    chat format: who speaks), or None. Few chat templates render a turn's name, so none is given to
+    the template (every template trains the same text); a tool turn's `name` (the tool) is kept."""
+    fields, role_key = TURN_FIELDS.get(fmt, ((), ""))
+    for field in fields:
+        turns = row.get(field) if isinstance(row, dict) else None
+        for i, turn in enumerate(turns if isinstance(turns, list) else ()):
+            if not isinstance(turn, dict) or not isinstance(turn.get("name"), str) or not turn["name"]:
+                continue
+            raw = turn.get(role_key)
+            role = ROLE_ALIASES.get(raw.lower(), raw) if isinstance(raw, str) else raw
+            if role != "tool":
+                return f"{field}[{i}]", str(role), turn["name"]
+    return None
+
+
 def near_miss_text(row: Any, fmt: str) -> str:
-    """The row's `near_misses` as JSON, "" for none (a column of the encoded rows)."""
+    """What of the row is not read, as JSON, "" for nothing (a column of the encoded rows): its
+    `near_misses`, and its first turn with a `turn_name`."""
     found = near_misses(row, fmt)
-    return json.dumps(found) if found else ""
+    named = turn_name(row, fmt)
+    return json.dumps({"near": found, "name": named}) if found or named else ""
 
 
 def name_near_misses(path: str, fmt: str, rows: Sequence[int], found: Sequence[str]) -> None:
     """Warn once per source and field of the fields `near_miss_text` found in its rows (`found`, ""
-    for a row without one), with the first row that has it and how many do."""
+    for a row without one), with the first row that has it and how many do; and once per source of
+    its turns' names (`turn_name`), likewise."""
     first: dict[tuple[str, str], int] = {}
     count: dict[tuple[str, str], int] = {}
+    named: list[tuple[int, list[str]]] = []
     for rowno, text in zip(rows, found, strict=True):
-        for key, meant in json.loads(text) if text else ():
+        unread = json.loads(text) if text else {"near": [], "name": None}
+        for key, meant in unread["near"]:
             first.setdefault((key, meant), rowno)
             count[(key, meant)] = count.get((key, meant), 0) + 1
+        if unread["name"]:
+            named.append((rowno, unread["name"]))
     for (key, meant), rowno in first.items():
         if (path, key) in _NAMED_NEAR_MISSES:
             continue
@@ -421,6 +494,20 @@ def name_near_misses(path: str, fmt: str, rows: Sequence[int], found: Sequence[s
             fmt,
             meant,
             "1 row has it" if n == 1 else f"{n} rows have it",
+        )
+    if named and path not in _NAMED_TURN_NAMES:
+        _NAMED_TURN_NAMES.add(path)
+        rowno, (turn, role, name) = named[0]
+        log.warning(
+            "%s row %d: turn `%s` (%s) has a `name` (%r), which is not given to the chat template (few templates "
+            "render one, so none is passed); %s. They train without it: to keep who speaks, write it into the "
+            "turn's content; remove the key to silence this",
+            path,
+            rowno,
+            turn,
+            role,
+            name,
+            "1 row has one" if len(named) == 1 else f"{len(named)} rows have one",
         )
 
 

@@ -3,7 +3,9 @@ save_to_disk, or a hub dataset id -> (row number, raw row) (`read_source`), or t
 (`read_documents`, what the Arrow pipeline and the stream read); `max_rows` limits a source's rows.
 
 A source that cannot be read fails here, naming the file and the fix: not found, a broken link or a
-symlink loop, a device or a pipe, text that is not UTF-8, JSON or parquet that does not parse. A row
+symlink loop, a device or a pipe, text that is not UTF-8, JSON or parquet that does not parse, a .json
+file that holds one object rather than a list of rows or JSON lines (named with what it looks like: one
+row, or the rows under a key, which is never unwrapped by a guess). A row
 that is not JSON (or nested too deeply to parse), and a CSV record with more or fewer fields than the
 header, become a `BadRow`, counted or refused by `data.on_bad_row` like any other bad row; CSV that does
 not parse (a quote that is not closed) fails naming the line.
@@ -232,16 +234,13 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
                         ) from None
             yield from rows
             return
-        if isinstance(data, dict):
-            lists = [v for v in data.values() if isinstance(v, list)]
-            if "data" in data and isinstance(data["data"], list):
-                data = data["data"]
-            elif len(lists) == 1:
-                data = lists[0]
-            else:
-                raise DataError(f'{local}: expected a JSON list of rows (or {{"data": [...]}})')
+        if isinstance(data, dict) and "\n" not in text.strip() and detect_format(data) is not None:
+            # one row on one line: JSON lines of one row, numbered by its line
+            dup = _duplicate_in(data)
+            yield text[: len(text) - len(text.lstrip())].count("\n") + 1, (dup.bad_row() if dup else data)
+            return
         if not isinstance(data, list):
-            raise DataError(f"{local}: expected a JSON list of rows, got {type(data).__name__}")
+            raise DataError(_not_a_list(local, data))
         for i, row in enumerate(data, 1):
             dup = _duplicate_in(row)
             yield i, (dup.bad_row() if dup is not None else row)
@@ -261,6 +260,50 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
             f"data source {local}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet, .csv, "
             "or a datasets.save_to_disk folder"
         )
+
+
+def _not_a_list(path: Path, data: Any) -> str:
+    """The error for a .json file that holds one value other than a list of rows: what it holds, the
+    shapes expected, and, for an object, what it looks like (one row, or the rows under a key: named,
+    never unwrapped by a guess)."""
+    kind = {dict: "object", str: "string", bool: "boolean", type(None): "null"}.get(type(data), "number")
+    said = (
+        f"{path}: holds one JSON {kind}, not a list of rows: expected a JSON list of rows ([{{...}}, {{...}}]) "
+        "or JSON lines (one row a line)"
+    )
+    if not isinstance(data, dict):
+        return said + "."
+    fmt = detect_format(data)
+    if fmt is not None:
+        return (
+            f"{said}; it looks like one {fmt} row: put it in a list ([{{...}}]), or write it on one line (JSON "
+            "lines), one line per row."
+        )
+    wrapped = {k: len(v) for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
+    if not wrapped:
+        keys = sorted(str(k) for k in data)
+        shown = f"{keys[:10]}{' ...' if len(keys) > 10 else ''}"
+        return f"{said}; it has the keys {shown}, none of which holds a list of rows (mappings)."
+
+    def mappings(n: int) -> str:
+        return f"{n} mapping{'s' if n != 1 else ''}"
+
+    first = next(iter(wrapped))
+    select = f".{first}" if re.fullmatch(r"[A-Za-z_]\w*", first) else f'.["{first}"]'
+    safe = re.sub(r"[^\w.-]", "_", first)
+    rows_file = path.with_name(f"{path.stem}.{safe}.json")
+    extract = f"`jq '{select}' {path} > {rows_file}`"
+    if len(wrapped) == 1:
+        return (
+            f"{said}; its key `{first}` holds a list of {mappings(wrapped[first])}: if those are the rows, write "
+            f"that list to a file of its own ({extract}) and point `path:` at it."
+        )
+    listed = ", ".join(f"`{k}` ({mappings(n)})" for k, n in list(wrapped.items())[:-1])
+    last, n = list(wrapped.items())[-1]
+    return (
+        f"{said}; its keys {listed} and `{last}` ({mappings(n)}) hold lists of mappings: write each list of rows "
+        f"to a file of its own ({extract}, and so on) and give each as a source of its own."
+    )
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
@@ -401,6 +444,26 @@ class DuplicateKey(ValueError):
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def detect_format(row: Any) -> str | None:
+    """The format a row's fields say it is in (`formats`), or None."""
+    if not isinstance(row, dict):
+        return None
+    keys = set(row)
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion"
+    if "instruction" in keys and "response" in keys:
+        return "dolly"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
+    if "text" in keys:
+        return "text"
+    return None
 
 
 def _object_refusing_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
