@@ -575,6 +575,37 @@ def test_axolotls_per_turn_training_flag_is_a_bad_row_not_trained_in_silence(tmp
         build_data(cfg(f, assistant_only_loss=False), tok, 0)
 
 
+def test_axolotls_training_flag_written_as_1_or_0_is_read_by_value(tmp_path: Path, tok):
+    """Was: the flag was compared by identity (`is not True`), so converted data's `"training": 1` on an
+    assistant turn (or 0 on a user turn), which says what is done anyway, was refused as a per-turn flag
+    "not supported"; a value that is no boolean ("yes") got that message too, not that it must be one."""
+    from qlora_sft.data import BadRow, normalize_row
+
+    def conv(value: object, role: str = "assistant", flag: str = "training") -> dict:
+        turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        turns[1 if role == "assistant" else 0][flag] = value
+        return {"messages": turns}
+
+    for flag in ("training", "train"):
+        assert normalize_row(conv(1, flag=flag), "messages")[0][1]["content"] == "hello"
+        assert normalize_row(conv(1.0, flag=flag), "messages")[0][1]["content"] == "hello"
+        assert normalize_row(conv(0, role="user", flag=flag), "messages")[0][0]["content"] == "hi"
+        assert normalize_row(conv(1, role="user", flag=flag), "messages", assistant_only_loss=False)[0]
+        # disagreeing with what is done is still refused, as with true/false
+        with pytest.raises(BadRow, match=rf"`messages\[1\]`.{flag} is 0: .*not supported") as exc:
+            normalize_row(conv(0, flag=flag), "messages")
+        assert exc.value.reason == "turn_weight"
+        with pytest.raises(BadRow, match=rf"`messages\[0\]`.{flag} is 1: .*not supported"):
+            normalize_row(conv(1, role="user", flag=flag), "messages")
+    for value in ("yes", "true", "1", 2, None, [True]):
+        with pytest.raises(BadRow, match=r"`messages\[1\]`.training is .*: it must be a boolean") as exc:
+            normalize_row(conv(value), "messages")
+        assert exc.value.reason == "wrong_type", value
+    f = tmp_path / "converted.jsonl"
+    f.write_text(json.dumps(conv(1)) + "\n" + json.dumps(conv(0, role="user")) + "\n")
+    assert build_data(cfg(f), tok, 0).report.train_rows == 2
+
+
 def test_a_kto_row_marked_undesirable_is_a_bad_row_not_trained_on(tmp_path: Path, tok):
     """Was: TRL's unpaired preference (KTO) rows are prompt, completion and a boolean `label`; read as
     prompt_completion, the completions labelled undesirable (`label: false`) were trained like the

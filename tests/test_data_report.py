@@ -336,3 +336,56 @@ def test_an_eval_fraction_that_holds_out_no_row_is_refused_before_the_model_wher
     monkeypatch.setattr(model, "load_model", loaded)
     with pytest.raises(DataError, match=r"train.load_best_model_at_end .* no eval rows"):
         train(load_recipe(recipe))
+
+
+# A chat template whose {% generation %} markers wrap nothing where the answer is "fine" (it is rendered
+# after them): such a row trains no token however short it is; other answers train as usual.
+MARKS_NOT_FINE = (
+    "{% for m in messages %}{{ m['role'] }}: "
+    "{% if m['role'] == 'assistant' %}"
+    "{% generation %}{% if m['content'] != 'fine' %}{{ m['content'] + eos_token }}{% endif %}{% endgeneration %}"
+    "{% if m['content'] == 'fine' %}{{ m['content'] + eos_token }}{% endif %}"
+    "{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def test_rows_the_template_marks_nothing_in_are_not_blamed_on_truncation(tmp_path: Path):
+    """Was: a row that trains no token because the chat template's generation markers wrap none of the
+    answer (nothing was cut: the row has a few tokens of data.max_length's 48) was reported, with
+    data.on_bad_row=skip, as "no trained tokens left after truncation to data.max_length", and when no
+    row was left the fix given was "raise data.max_length". A long row the template marks nothing in is
+    not blamed on truncation either; a row truncation left nothing of still is."""
+    from tiny import build_tokenizer
+
+    t = build_tokenizer()
+    ensure_pad_token(t)
+    t.chat_template = MARKS_NOT_FINE
+    rows = [
+        {"instruction": "Name a drink.", "input": "", "output": "Coffee."},  # 1 trains
+        {"instruction": "Say ok.", "input": "", "output": "fine"},  # 2 the template marks nothing
+        {"instruction": LONG, "input": "", "output": "Yes."},  # 3 truncation left nothing
+        {"instruction": LONG, "input": "", "output": "fine"},  # 4 long, but the template marks nothing
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."},  # 5 trains
+    ]
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for report in (build_data(skip_cfg(DataSource(path=str(f))), t, 0).report, stream_report(f, t)):
+        text = "\n".join(report.lines())
+        assert "no trained tokens left after truncation to data.max_length: 1 (row 3)" in text, text
+        assert "no token marked as trained by the chat template (nothing of it cut): 2 (rows 2, 4)" in text, text
+        assert "(1 with no trained tokens left after truncation, 2 with no token marked as trained" in text, text
+    # nothing left: the template is named, with its fix, not data.max_length
+    f.write_text(json.dumps(rows[1]) + "\n" + json.dumps(rows[3]) + "\n")
+    for build in (lambda: build_data(skip_cfg(DataSource(path=str(f))), t, 0), lambda: stream_report(f, t)):
+        with pytest.raises(DataError) as exc:
+            build()
+        msg = str(exc.value)
+        assert "no token marked as trained by the chat template (nothing of it cut): 2 (rows 1, 2 of" in msg, msg
+        assert "truncation to" not in msg and "raise data.max_length" not in msg, msg
+        assert "{% generation %}" in msg and "data.assistant_only_loss" in msg, msg
+
+
+def stream_report(path: Path, tokenizer) -> data.DataReport:
+    cfg = DataConfig(sources=(DataSource(path=str(path)),), on_bad_row="skip", max_length=48, streaming=True)
+    return stream_data(cfg, tokenizer, 0).report

@@ -112,6 +112,8 @@ def case_digests(tmp: Path, num_proc: int | None = None, **build: Any) -> dict[s
         # fields added after the pin (data.sources[].max_rows and the end-token count of conversations)
         assert 0 <= report.pop("chat_rows") <= report["train_rows"]
         assert all(src.pop("limit") == "" for src in report["sources"])
+        # rows that train no token with nothing cut (the template marks none), told from truncation's: none here
+        assert all((src.pop("untrained"), src.pop("untrained_rows")) == (0, []) for src in report["sources"])
         report = json.loads(json.dumps(report).replace(str(tmp), "<tmp>").replace(str(DATA), "<data>"))
         out[name] = {
             "train": digest(prepared.train[:]),

@@ -563,6 +563,109 @@ def test_deepspeed_optimizer_and_scheduler_numbers_that_contradict_the_recipe_ar
     assert problems({"betas": [0.9, 0.999], "eps": 1e-8}, {"warmup_max_lr": 2e-4}) == ""
 
 
+def test_deepspeed_scheduler_step_counts_that_contradict_the_recipe_are_named_before_loading(tmp_path: Path):
+    """A DeepSpeed JSON whose scheduler has `"total_num_steps": 1000` or `"warmup_num_steps": 100`
+    copied from another run: transformers compares them with the step count and train.warmup_steps
+    only in trainer.train() (trainer_config_finalize, "DeepSpeed config values that mismatch
+    TrainingArguments"), after the model has loaded; validate and plan passed them. With
+    train.max_steps the counts are known and compared; counted in epochs the step count depends on
+    the data, and the message says so. "auto" and agreeing numbers still pass."""
+    import json
+
+    from qlora_sft.launch_config import deepspeed_problems, read_deepspeed
+    from qlora_sft.recipe import load_recipe
+
+    path = tmp_path / "ds.json"
+
+    def problems(train: dict, scheduler: dict) -> str:
+        recipe = load_recipe(small_recipe(tmp_path, train=train))
+        raw = {"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupDecayLR", "params": scheduler}}
+        path.write_text(json.dumps(raw))
+        return "\n".join(deepspeed_problems(read_deepspeed(path), recipe))
+
+    steps = {"max_steps": 100, "warmup_steps": 10}
+    text = problems(steps, {"total_num_steps": 1000, "warmup_num_steps": "auto"})
+    assert "`scheduler.params.total_num_steps` is 1000 but train.max_steps is 100" in text and '"auto"' in text
+    text = problems(steps, {"total_num_steps": "auto", "warmup_num_steps": 100})
+    assert "`scheduler.params.warmup_num_steps` is 100 but the recipe warms up for 10 steps" in text
+    assert "train.warmup_steps" in text
+    # a fraction of the steps: 0.05 of 100
+    text = problems({"max_steps": 100, "warmup_steps": 0.05}, {"total_num_steps": 100, "warmup_num_steps": 10})
+    assert "`scheduler.params.warmup_num_steps` is 10 but the recipe warms up for 5 steps" in text
+    # no warmup: transformers fills in 1 (DeepSpeed refuses 0) and refuses 0
+    text = problems({"max_steps": 100}, {"total_num_steps": 100, "warmup_num_steps": 0})
+    assert "`scheduler.params.warmup_num_steps` is 0 but the recipe warms up for 1 step" in text
+    # counted in epochs: the step count depends on the data
+    text = problems({"num_train_epochs": 2}, {"total_num_steps": 500, "warmup_num_steps": "auto"})
+    assert "`scheduler.params.total_num_steps` is 500" in text and "depends on the data" in text
+    assert '"auto"' in text and "train.max_steps" in text
+    text = problems({"num_train_epochs": 2, "warmup_steps": 0.1}, {"warmup_num_steps": 30})
+    assert "`scheduler.params.warmup_num_steps` is 30" in text and "depends on the data" in text
+    # what transformers accepts still passes
+    assert problems(steps, {"total_num_steps": "auto", "warmup_num_steps": "auto"}) == ""
+    assert problems(steps, {"total_num_steps": 100, "warmup_num_steps": 10}) == ""
+    assert problems(steps, {"total_num_steps": 100.0, "warmup_num_steps": 10.0}) == ""
+    assert problems({"max_steps": 100, "warmup_steps": 0.05}, {"total_num_steps": 100, "warmup_num_steps": 5}) == ""
+    assert problems({"max_steps": 100}, {"warmup_num_steps": 1}) == ""
+    by_epochs = {"num_train_epochs": 2, "warmup_steps": 10}  # a warmup of whole steps is known without the data
+    assert problems(by_epochs, {"total_num_steps": "auto", "warmup_num_steps": 10}) == ""
+
+    # validate refuses it, before anything loads
+    recipe = small_recipe(tmp_path, train={"max_steps": 100, "deepspeed": str(path)})
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "scheduler": {"params": {"total_num_steps": 7}}}))
+    out = run_cli("-m", "qlora_sft", "validate", str(recipe), cwd=tmp_path)
+    assert out.returncode == 2 and "`scheduler.params.total_num_steps` is 7 but train.max_steps is 100" in out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("train", "scheduler"),
+    [
+        ({"max_steps": 100, "warmup_steps": 10}, {"total_num_steps": 1000}),
+        ({"max_steps": 100, "warmup_steps": 10}, {"total_num_steps": 100, "warmup_num_steps": 10}),
+        ({"max_steps": 100, "warmup_steps": 10}, {"total_num_steps": 100.0, "warmup_num_steps": 11}),
+        ({"max_steps": 100, "warmup_steps": 0.05}, {"warmup_num_steps": 5}),
+        ({"max_steps": 100, "warmup_steps": 0.05}, {"warmup_num_steps": 6}),
+        ({"max_steps": 100, "warmup_steps": 0.001}, {"warmup_num_steps": 1}),
+        ({"max_steps": 100}, {"warmup_num_steps": 0}),
+        ({"max_steps": 100}, {"warmup_num_steps": 1}),
+        ({"max_steps": 100}, {"warmup_num_steps": "auto", "total_num_steps": "auto"}),
+    ],
+)
+def test_the_scheduler_step_check_agrees_with_transformers(tmp_path: Path, train: dict, scheduler: dict):
+    """What deepspeed_problems says of the scheduler's step counts is what transformers' own check
+    (HfTrainerDeepSpeedConfig.trainer_config_finalize, run after the model loads) refuses."""
+    import json
+
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig as AccelerateConfig
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from qlora_sft.launch_config import deepspeed_problems, read_deepspeed
+    from qlora_sft.recipe import load_recipe
+
+    raw = {"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupDecayLR", "params": scheduler}}
+    (tmp_path / "ds.json").write_text(json.dumps(raw))
+    ours = deepspeed_problems(read_deepspeed(tmp_path / "ds.json"), load_recipe(small_recipe(tmp_path, train=train)))
+
+    class Finalize(HfTrainerDeepSpeedConfig, AccelerateConfig):
+        """transformers' checks over accelerate's reader, its base where deepspeed is installed (its own
+        __init__ needs deepspeed, and registers the config globally)."""
+
+        def __init__(self, config: dict):
+            AccelerateConfig.__init__(self, config)
+            self.mismatches = []
+
+    hf = Finalize(json.loads(json.dumps(raw)))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", **train)
+    try:
+        hf.trainer_config_finalize(args, None, train["max_steps"])
+        refused = False
+    except ValueError as exc:
+        refused = "mismatch" in str(exc)
+    assert bool(ours) == refused, (ours, refused)
+
+
 # --------------------------------------------------------------------------------------------
 # submit: a run with nothing left to do
 # --------------------------------------------------------------------------------------------

@@ -465,6 +465,64 @@ def deepspeed_problems(
             f"{name}: `scheduler.params.warmup_max_lr` is {peak} but train.learning_rate is {lr:g}; transformers "
             'refuses the two once the model has loaded. Set it to "auto".'
         )
+    problems += _scheduler_step_problems(name, ds.raw, args)
+    return problems
+
+
+def _scheduler_step_problems(name: str, raw: Mapping[str, Any], args: Mapping[str, Any]) -> list[str]:
+    """`scheduler.params.total_num_steps` and `warmup_num_steps` against the recipe's step count and
+    train.warmup_steps. transformers compares them (trainer_config_finalize: the step count, and
+    max(1, the warmup it computes)) only in trainer.train(), after the model has loaded. With
+    train.max_steps the counts are known here; counted in epochs the step count depends on the data."""
+    import math
+
+    problems: list[str] = []
+    max_steps = args.get("max_steps", -1)
+    total = int(max_steps) if isinstance(max_steps, int | float) and max_steps > 0 else None
+    epochs = f"train.num_train_epochs ({args.get('num_train_epochs', 3.0):g}, no train.max_steps)"
+    after = "transformers refuses any other number once the model has loaded"
+
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    value = _dotted(raw, "scheduler.params.total_num_steps")
+    if _fixed(value) and total is None:
+        problems.append(
+            f"{name}: `scheduler.params.total_num_steps` is {json.dumps(value)}, but the recipe trains for {epochs}: "
+            f"the step count depends on the data (its rows, the batch, packing) and is known only when training "
+            f'starts, and {after}. Set it to "auto" (filled in with the step count), or set train.max_steps.'
+        )
+    elif _fixed(value) and not (number(value) and value == total):
+        problems.append(
+            f"{name}: `scheduler.params.total_num_steps` is {json.dumps(value)} but train.max_steps is {total}; "
+            f'{after}. Set it to "auto" (filled in with train.max_steps).'
+        )
+    value = _dotted(raw, "scheduler.params.warmup_num_steps")
+    setting = args.get("warmup_steps", 0) or 0
+    warmup = float(setting) if number(setting) else 0.0
+    if not _fixed(value):
+        return problems
+    if 0 < warmup < 1 and total is None:
+        problems.append(
+            f"{name}: `scheduler.params.warmup_num_steps` is {json.dumps(value)}, but train.warmup_steps {warmup:g} "
+            f"is a fraction of the training steps, and the recipe trains for {epochs}: the step count depends on the "
+            f'data and is known only when training starts, and {after}. Set it to "auto" (or give train.warmup_steps '
+            "as a number of steps, or set train.max_steps)."
+        )
+        return problems
+    # transformers' TrainingArguments.get_warmup_steps, kept >= 1 (DeepSpeed 0.19.6 refuses a warmup of 0 steps)
+    steps = int(warmup) if warmup >= 1 else math.ceil((total or 0) * warmup)
+    want = max(1, steps)
+    if not (number(value) and value == want):
+        how = f"train.warmup_steps: {warmup:g}"
+        if 0 < warmup < 1:
+            how += f" of train.max_steps {total}"
+        elif steps < 1:
+            how += "; transformers fills in at least 1, as DeepSpeed refuses 0"
+        problems.append(
+            f"{name}: `scheduler.params.warmup_num_steps` is {json.dumps(value)} but the recipe warms up for {want} "
+            f'step{"s" if want != 1 else ""} ({how}); {after}. Set it to "auto" (or set train.warmup_steps).'
+        )
     return problems
 
 

@@ -175,7 +175,9 @@ def encode_documents(
         out["input_ids"].append(tok.input_ids)
         out["labels"].append(tok.labels)
         out["loss_tokens"].append(len(trained))
-        out["truncated"].append(tok.truncated)
+        # a row that trains no token counts as truncated only where truncation cut trained tokens (cut_tail):
+        # one the template marks nothing in is not, however long (the report names the two apart)
+        out["truncated"].append(tok.truncated and bool(trained or tok.cut_tail))
         out["end_trained"].append(end)
     return out
 
@@ -289,8 +291,12 @@ def name_dropped_rows(report: SourceReport, encoded: Any) -> None:
         left[reason] = 0 if len(named) == ROWS_NAMED else left[reason] - 1
         if not any(left.values()):
             break
-    no_loss = np.flatnonzero((bad == "") & (_column(encoded, "loss_tokens") == 0))
-    report.no_loss, report.no_loss_rows = len(no_loss), rows[no_loss[:ROWS_NAMED]].tolist()
+    no_loss = (bad == "") & (_column(encoded, "loss_tokens") == 0)
+    cut = _column(encoded, "truncated")
+    for dropped, counts in ((no_loss & cut, "no_loss"), (no_loss & ~cut, "untrained")):
+        at = np.flatnonzero(dropped)
+        setattr(report, counts, len(at))
+        setattr(report, f"{counts}_rows", rows[at[:ROWS_NAMED]].tolist())
 
 
 def _scratch_folder() -> Path:

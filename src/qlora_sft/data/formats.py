@@ -174,7 +174,15 @@ def _turns(
                 "or split the conversation",
             )
         for flag in ("training", "train"):  # axolotl's message_field_training: whether the turn trains
-            if flag in turn and turn[flag] is not (role == "assistant" or not assistant_only_loss):
+            value = turn.get(flag)
+            # by value: converted data writes 1/0 (bool is an int); a string ("yes", "1") is no boolean
+            if flag in turn and not (isinstance(value, int | float) and value in (0, 1)):
+                raise BadRow(
+                    "wrong_type",
+                    f"{where}.{flag} is {value!r}: it must be a boolean (true or false; 1 or 0), axolotl's "
+                    "per-turn training flag (message_field_training). Fix the value, or remove the key",
+                )
+            if flag in turn and bool(value) is not (role == "assistant" or not assistant_only_loss):
                 done = (
                     "every assistant turn trains and no other turn does"
                     if assistant_only_loss

@@ -32,6 +32,10 @@ class SourceReport:
     # whichever split they were mixed into
     no_loss: int = 0
     no_loss_rows: list[int] = field(default_factory=list)  # the first ROWS_NAMED of them
+    # kept rows that train no token though truncation cut none of their trained tokens (the chat template
+    # marks no assistant token as trained): left out too
+    untrained: int = 0
+    untrained_rows: list[int] = field(default_factory=list)  # the first ROWS_NAMED of them
 
     def skip(self, reason: str, row: int, problem: str) -> None:
         """Count a bad row under its reason, naming it if it is among the reason's first rows."""
@@ -41,8 +45,14 @@ class SourceReport:
             named.append(row)
         self.problems.setdefault(reason, problem)
 
-    def drop_no_loss(self, row: int) -> None:
-        """Count a kept row that trains no token, naming it if it is among the first ones."""
+    def drop_no_loss(self, row: int, cut: bool = True) -> None:
+        """Count a kept row that trains no token, naming it if it is among the first ones; `cut`: truncation
+        cut its trained tokens (else the template marks none)."""
+        if not cut:
+            self.untrained += 1
+            if len(self.untrained_rows) < ROWS_NAMED:
+                self.untrained_rows.append(row)
+            return
         self.no_loss += 1
         if len(self.no_loss_rows) < ROWS_NAMED:
             self.no_loss_rows.append(row)
@@ -57,8 +67,13 @@ class SourceReport:
         limit = f"={max_length}" if max_length is not None else ""
         return f"{NO_LOSS_TEXT}{limit}: {self.no_loss} ({named_rows(self.no_loss_rows, self.no_loss, of)})"
 
+    def untrained_text(self, of: str = "") -> str:
+        """The kept rows that train no token though nothing of them was cut."""
+        return f"{UNTRAINED_TEXT}: {self.untrained} ({named_rows(self.untrained_rows, self.untrained, of)})"
+
 
 NO_LOSS_TEXT = "no trained tokens left after truncation to data.max_length"
+UNTRAINED_TEXT = "no token marked as trained by the chat template (nothing of it cut)"
 
 
 def named_rows(rows: list[int], count: int, of: str = "", problem: str | None = None) -> str:
@@ -126,20 +141,24 @@ class DataReport:
             skipped = ", ".join(s.reason_text(reason) for reason in sorted(s.skipped)) or "none"
             if s.no_loss:
                 skipped += f"; {s.no_loss_text()}"
+            if s.untrained:
+                skipped += f"; {s.untrained_text()}"
             out.append(
                 f"source {s.path} [{s.format}]: {s.rows} rows{f' ({s.limit})' if s.limit else ''}, {s.kept} kept, "
                 f"{s.used} used in the mix, skipped: {skipped}"
             )
-        named_paths = [s.path for s in self.sources if s.skipped_rows or s.no_loss_rows]
+        named_paths = [s.path for s in self.sources if s.skipped_rows or s.no_loss_rows or s.untrained_rows]
         if named_paths:
             out.append(row_numbers_note(named_paths))
         bad, no_loss = sum(sum(s.skipped.values()) for s in self.sources), sum(s.no_loss for s in self.sources)
-        if bad or no_loss:
-            read = sum(s.rows for s in self.sources)
+        untrained = sum(s.untrained for s in self.sources)
+        if bad or no_loss or untrained:
+            read, left = sum(s.rows for s in self.sources), bad + no_loss + untrained
             parts = [plural(bad, "bad row")] if bad else []
             parts += [f"{no_loss} with no trained tokens left after truncation"] if no_loss else []
+            parts += [f"{untrained} with no token marked as trained by the chat template"] if untrained else []
             out.append(
-                f"warning: {bad + no_loss} of the {read} rows read are left out ({', '.join(parts)}), named by "
+                f"warning: {left} of the {read} rows read are left out ({', '.join(parts)}), named by "
                 "source and row above"
                 + ("; data.on_bad_row=error stops at the first bad row with its problem" if bad else "")
             )
@@ -228,7 +247,10 @@ def check_eval_rows(report: DataReport, cfg: DataConfig, train_args: dict[str, A
         if mixed < 2:
             why += " (one row always trains)"
     if report.eval_dropped_no_loss:
-        why += f"; {report.eval_dropped_no_loss} eval rows had no trained tokens left after truncation"
+        why += (
+            f"; {report.eval_dropped_no_loss} eval rows train no token (truncation to data.max_length left none, or "
+            "the chat template marks none: `qlora-sft validate` names the rows)"
+        )
     raise DataError(
         f"train.load_best_model_at_end asks for the checkpoint with the best evaluation, but the data has no "
         f"eval rows: {why}. Give more rows, set data.eval_sources, or remove train.load_best_model_at_end"
@@ -261,6 +283,10 @@ REASON_FIXES = {
     "file), or leave the tool-calling rows out",
 }
 NO_LOSS_FIX = "raise data.max_length, or shorten the rows named"
+UNTRAINED_FIX = (
+    "with data.assistant_only_loss, use a chat template that wraps each assistant reply in {% generation %} ... "
+    "{% endgeneration %} (data.chat_template), or set data.assistant_only_loss=false"
+)
 
 
 NOTHING_LEFT, FROM_TRAINING = "no training examples are left", "from the training sources"
@@ -290,6 +316,8 @@ def nothing_to_train(
             causes.append((s.skipped[reason], reason, s.reason_text(reason, of), fix))
         if s.no_loss:
             causes.append((s.no_loss, "no trained tokens left", s.no_loss_text(of, cfg.max_length), NO_LOSS_FIX))
+        if s.untrained:
+            causes.append((s.untrained, "no token marked as trained", s.untrained_text(of), UNTRAINED_FIX))
     unused = [s for s in sources if s.kept > s.used]
     if unused:
         empty = [s.path for s in sources if not s.kept]

@@ -83,13 +83,12 @@ def stream_data(
         n = len(encoded["row"])
         report.streamed_sample = max(report.streamed_sample, n)
         source = SourceReport(src.path, fmt, n, limit=limit_text(src))
-        for rowno, reason, problem, loss in zip(
-            encoded["row"], encoded["bad"], encoded["problem"], encoded["loss_tokens"], strict=True
-        ):
+        columns = ("row", "bad", "problem", "loss_tokens", "truncated")
+        for rowno, reason, problem, loss, cut in zip(*(encoded[k] for k in columns), strict=True):
             if reason:
                 source.skip(reason, rowno, problem)
             elif not loss:
-                source.drop_no_loss(rowno)
+                source.drop_no_loss(rowno, cut)
         source.kept = source.used = n - sum(source.skipped.values())
         report.sources.append(source)
 
