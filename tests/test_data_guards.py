@@ -626,10 +626,19 @@ def test_a_json_file_holding_one_object_names_the_shape_expected(tmp_path: Path)
     assert "it looks like one sharegpt row" in msg
 
     wrapped = tmp_path / "wrapped.json"
-    wrapped.write_text(json.dumps({"version": 2, "data": [ROW, ROW]}, indent=2))
+    wrapped.write_text(json.dumps({"version": 2, "rows": [ROW, ROW]}, indent=2))
     msg = error(wrapped)
     assert msg.startswith(f"{wrapped}: holds one JSON object, not a list of rows")
-    assert "its key `data` holds a list of 2 mappings" in msg and "jq '.data'" in msg
+    assert "its key `rows` holds a list of 2 mappings" in msg and "jq '.rows'" in msg
+
+    # {"data": [...]}, the one wrapping read before (and named in its old error): still read, and said
+    under_data = tmp_path / "under_data.json"
+    under_data.write_text(json.dumps({"version": 2, "data": [ROW, ROW]}, indent=2))
+    rows, report = load(under_data)
+    assert report.rows == report.kept == 2 and rows[1].messages[-1]["content"] == "Coffee."
+    not_rows = tmp_path / "not_rows.json"
+    not_rows.write_text(json.dumps({"data": [1, 2]}, indent=2))
+    assert "it has the keys ['data'], none of which holds a list of rows" in error(not_rows)
 
     two = tmp_path / "splits.json"
     two.write_text(json.dumps({"train": [ROW, ROW], "test": [ROW]}))

@@ -17,6 +17,7 @@ import csv
 import errno
 import itertools
 import json
+import logging
 import os
 import random
 import re
@@ -29,6 +30,8 @@ from typing import Any
 from ..errors import DataError
 from ..files import local_path
 from ..recipe import DataSource
+
+log = logging.getLogger("qlora_sft")
 
 
 class BadRow(Exception):
@@ -239,6 +242,10 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
             dup = _duplicate_in(data)
             yield text[: len(text) - len(text.lstrip())].count("\n") + 1, (dup.bad_row() if dup else data)
             return
+        if isinstance(data, dict) and detect_format(data) is None and _rows_list(data.get("data")):
+            # {"data": [...]}: the one wrapping this reader has always read (datasets' `field="data"`), and said
+            log.info("data source %s: reading the %d rows under its key `data`", local, len(data["data"]))
+            data = data["data"]
         if not isinstance(data, list):
             raise DataError(_not_a_list(local, data))
         for i, row in enumerate(data, 1):
@@ -262,10 +269,15 @@ def read_source(src: DataSource, base_dir: str | os.PathLike[str] | None = None)
         )
 
 
+def _rows_list(value: Any) -> bool:
+    """Whether `value` is a non-empty list of mappings (rows)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(r, dict) for r in value)
+
+
 def _not_a_list(path: Path, data: Any) -> str:
     """The error for a .json file that holds one value other than a list of rows: what it holds, the
-    shapes expected, and, for an object, what it looks like (one row, or the rows under a key: named,
-    never unwrapped by a guess)."""
+    shapes expected, and, for an object, what it looks like (one row, or the rows under a key other
+    than `data`: named, never unwrapped by a guess)."""
     kind = {dict: "object", str: "string", bool: "boolean", type(None): "null"}.get(type(data), "number")
     said = (
         f"{path}: holds one JSON {kind}, not a list of rows: expected a JSON list of rows ([{{...}}, {{...}}]) "
@@ -279,7 +291,7 @@ def _not_a_list(path: Path, data: Any) -> str:
             f"{said}; it looks like one {fmt} row: put it in a list ([{{...}}]), or write it on one line (JSON "
             "lines), one line per row."
         )
-    wrapped = {k: len(v) for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
+    wrapped = {k: len(v) for k, v in data.items() if _rows_list(v)}
     if not wrapped:
         keys = sorted(str(k) for k in data)
         shown = f"{keys[:10]}{' ...' if len(keys) > 10 else ''}"
