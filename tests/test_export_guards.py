@@ -5,6 +5,7 @@ exports. Each refusal comes before any merge work and names the path and the fix
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import cli_with_file_limit, recipe_dict, write_recipe, write_toy_data
 
+from qlora_sft import checkpoint
 from qlora_sft.errors import UserError
 from qlora_sft.export import export
 
@@ -115,6 +117,16 @@ def test_a_final_older_than_the_runs_newest_checkpoint_is_named(
         said = " ".join(r.getMessage() for r in caplog.records)
         assert f"{copy / 'final'} is of step 2" in said and f"{newer} (step 3)" in said, said
         assert f"qlora-sft {command} {newer}" in said
+    # a final/ whose manifest records no step (written by hand, or by another tool) is of no known step:
+    # no checkpoint is named newer than it
+    manifest = copy / "final" / checkpoint.MANIFEST
+    recorded = json.loads(manifest.read_text())
+    del recorded["step"]
+    manifest.write_text(json.dumps(recorded))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        assert resolve_source(copy).adapter_dir == copy / "final"
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
     # the newest checkpoint at final/'s step (every finished run has one) says nothing
     shutil.rmtree(newer)
     caplog.clear()

@@ -215,7 +215,8 @@ def resolve_source(
             p = final
             # a run relaunched to train longer keeps its old final/ until it ends: name a newer checkpoint
             final_step = checkpoint_step(final)
-            newer = next((c for c in list_checkpoints(run_dir) if c.complete and c.step > final_step), None)
+            # (a manifest that records no step, by hand or another tool: no checkpoint is known newer)
+            newer = next((c for c in list_checkpoints(run_dir) if c.complete and 0 <= final_step < c.step), None)
             if newer is not None:
                 warn(
                     "%s: %s is of step %d; the run has a newer complete checkpoint %s (step %d) (a relaunch that "
