@@ -64,10 +64,14 @@ class Example:
     tools: list[dict[str, Any]] | None = None  # the row's tool definitions (OpenAI's fine-tuning format)
 
 
+TOOLS_FORMATS = ("messages", "sharegpt", "alpaca")  # the formats whose rows' `tools` are read
+
+
 def row_tools(row: Any, fmt: str) -> list[dict[str, Any]] | None:
     """A conversation row's `tools` (the functions it may call, given to the chat template), or None:
-    a list of tool definitions, or the JSON text of one (LLaMA-Factory's sharegpt rows)."""
-    tools = row.get("tools") if isinstance(row, dict) and fmt in ("messages", "sharegpt") else None
+    a list of tool definitions, or the JSON text of one (LLaMA-Factory's sharegpt and alpaca rows: its
+    alpaca converter reads a `tools` column too)."""
+    tools = row.get("tools") if isinstance(row, dict) and fmt in TOOLS_FORMATS else None
     if isinstance(tools, str):
         if not tools.strip():
             return None
@@ -141,6 +145,8 @@ def _turns(
         if not isinstance(turn, dict):
             raise BadRow("wrong_type", f"{where} must be a mapping")
         calls = turn.get("tool_calls")
+        if not calls and maps_function_call(turns, i, role_key):
+            calls = [turn["function_call"]]  # OpenAI's deprecated call: {"name", "arguments"}
         if role_key not in turn or (content_key not in turn and not calls):
             raise BadRow("missing_field", f"{where} needs `{role_key}` and `{content_key}`")
         raw_role = turn[role_key]
@@ -175,14 +181,16 @@ def _turns(
             )
         for flag in ("training", "train"):  # axolotl's message_field_training: whether the turn trains
             value = turn.get(flag)
+            if value is None:  # axolotl: null is no flag (`if training is not None`), the role decides
+                continue
             # by value: converted data writes 1/0 (bool is an int); a string ("yes", "1") is no boolean
-            if flag in turn and not (isinstance(value, int | float) and value in (0, 1)):
+            if not (isinstance(value, int | float) and value in (0, 1)):
                 raise BadRow(
                     "wrong_type",
                     f"{where}.{flag} is {value!r}: it must be a boolean (true or false; 1 or 0), axolotl's "
                     "per-turn training flag (message_field_training). Fix the value, or remove the key",
                 )
-            if flag in turn and bool(value) is not (role == "assistant" or not assistant_only_loss):
+            if bool(value) is not (role == "assistant" or not assistant_only_loss):
                 done = (
                     "every assistant turn trains and no other turn does"
                     if assistant_only_loss
@@ -197,6 +205,16 @@ def _turns(
         if calls:
             if role != "assistant":
                 raise BadRow("wrong_type", f"{where}: only assistant turns carry `tool_calls`")
+            arguments = calls[0].get("arguments") if not turn.get("tool_calls") else None
+            if isinstance(arguments, str):  # `function_call`: name what the user wrote, not tool_calls
+                try:
+                    json.loads(arguments)
+                except json.JSONDecodeError as exc:
+                    raise BadRow(
+                        "wrong_type",
+                        f"{where}.function_call.arguments is not JSON ({exc.msg}): OpenAI's deprecated tool call "
+                        f"is {CALL_SHAPE}, its arguments an object or the JSON text of one. Fix the arguments",
+                    ) from None
             message["tool_calls"] = _tool_calls(calls, where)
         if role == "tool":
             for key in ("name", "tool_call_id"):
@@ -207,6 +225,26 @@ def _turns(
 
 
 CALL_SHAPE = '{"name": ..., "arguments": {...}}'
+
+
+def maps_function_call(turns: list[Any], i: int, role_key: str) -> bool:
+    """Whether turn `i`'s `function_call` (OpenAI's deprecated assistant tool call, {"name", "arguments"},
+    its result in a `function` turn after it) is read as the turn's tool call: on an assistant turn
+    without `tool_calls`, when a tool result follows it. One with no result after it is not read (such
+    rows trained before without it, and a call with no result would refuse them): `unread_turn_keys`
+    names it."""
+    turn = turns[i]
+    call = turn.get("function_call")
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or turn.get("tool_calls"):
+        return False
+    if _role(turn.get(role_key)) != "assistant" or i + 1 >= len(turns):
+        return False
+    after = turns[i + 1]
+    return isinstance(after, dict) and _role(after.get(role_key)) == "tool"
+
+
+def _role(raw: Any) -> str | None:
+    return ROLE_ALIASES.get(raw.lower()) if isinstance(raw, str) else None
 
 
 def _function_call(value: Any, where: str, content_key: str) -> dict[str, Any]:
@@ -407,7 +445,7 @@ def _check_unicode(value: Any, where: str) -> None:
 
 # the fields each format reads (the optional ones among them are left out in silence where misspelled)
 READ_FIELDS = {
-    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "alpaca": ("instruction", "input", "output", "system", "history", "tools"),
     "dolly": ("instruction", "context", "response"),
     "sharegpt": ("conversations", "system", "tools"),
     "messages": ("messages", "system", "tools"),
@@ -416,12 +454,22 @@ READ_FIELDS = {
 }
 _NAMED_NEAR_MISSES: set[tuple[str, str]] = set()
 _NAMED_TURN_NAMES: set[str] = set()  # the sources whose turns' `name` was warned of
+_NAMED_TURN_KEYS: set[tuple[str, str]] = set()  # (source, key) of the turn keys not read that were warned of
 # the fields that hold a format's turns, and the key of a turn's role
 TURN_FIELDS = {
     "sharegpt": (("conversations",), "from"),
     "messages": (("messages",), "role"),
     "prompt_completion": (("prompt", "completion"), "role"),
 }
+# a turn's keys that `_turns` reads (besides its role and content keys), by the role they are read on
+# ("" for any); `name` on a user, assistant or system turn is `turn_name`'s
+TURN_KEYS_READ = {
+    "": ("tool_calls", "weight", "training", "train", "name"),
+    "assistant": ("reasoning_content",),
+    "tool": ("tool_call_id",),
+}
+# a turn's keys not read that hold nothing the turn says (ids and times, as a row's own ids): not named
+HARMLESS_TURN_KEYS = frozenset({"id", "message_id", "parent_id", "turn_id", "timestamp", "created_at", "create_time"})
 
 
 def near_misses(row: Any, fmt: str) -> list[tuple[str, str]]:
@@ -449,74 +497,156 @@ def _near_misses(keys: tuple[str, ...], fmt: str) -> tuple[tuple[str, str], ...]
     return tuple(out)
 
 
+def _row_turns(row: Any, fmt: str) -> Iterator[tuple[str, list[Any], int, dict[str, Any], str]]:
+    """(field, its turns, i, turn, role key) of each turn (a mapping) of a conversation row."""
+    fields, role_key = TURN_FIELDS.get(fmt, ((), ""))
+    for field in fields:
+        turns = row.get(field) if isinstance(row, dict) else None
+        if isinstance(turns, list):
+            for i, turn in enumerate(turns):
+                if isinstance(turn, dict):
+                    yield field, turns, i, turn, role_key
+
+
 def turn_name(row: Any, fmt: str) -> tuple[str, str, str] | None:
     """(turn, role, name) of the row's first user, assistant or system turn with a `name` (OpenAI's
     chat format: who speaks), or None. Few chat templates render a turn's name, so none is given to
     the template (every template trains the same text); a tool turn's `name` (the tool) is kept."""
-    fields, role_key = TURN_FIELDS.get(fmt, ((), ""))
-    for field in fields:
-        turns = row.get(field) if isinstance(row, dict) else None
-        for i, turn in enumerate(turns if isinstance(turns, list) else ()):
-            if not isinstance(turn, dict) or not isinstance(turn.get("name"), str) or not turn["name"]:
-                continue
-            raw = turn.get(role_key)
-            role = ROLE_ALIASES.get(raw.lower(), raw) if isinstance(raw, str) else raw
-            if role != "tool":
-                return f"{field}[{i}]", str(role), turn["name"]
+    for field, _, i, turn, role_key in _row_turns(row, fmt):
+        if not isinstance(turn.get("name"), str) or not turn["name"]:
+            continue
+        raw = turn.get(role_key)
+        role = ROLE_ALIASES.get(raw.lower(), raw) if isinstance(raw, str) else raw
+        if role != "tool":
+            return f"{field}[{i}]", str(role), turn["name"]
     return None
+
+
+def unread_turn_keys(row: Any, fmt: str) -> list[tuple[str, str, str]]:
+    """(key, turn, role) for each key of the row's turns that is not read, holds something (not null
+    or empty, as OpenAI's SDK writes `"refusal": null`) and is not a harmless id or time, at the first
+    turn that has it: OpenAI's assistant `refusal` or `audio`, axolotl's `training_detail`, a
+    `function_call` with no result after it (`maps_function_call`)."""
+    out: dict[str, tuple[str, str, str]] = {}
+    for field, turns, i, turn, role_key in _row_turns(row, fmt):
+        raw = turn.get(role_key)
+        role = _role(raw) or (raw if isinstance(raw, str) else "")
+        content_key = "value" if fmt == "sharegpt" else "content"
+        read = {role_key, content_key, *TURN_KEYS_READ[""], *TURN_KEYS_READ.get(role, ())}
+        if maps_function_call(turns, i, role_key):
+            read.add("function_call")
+        for key, value in turn.items():
+            if key in read or key in out or not isinstance(key, str) or key in HARMLESS_TURN_KEYS:
+                continue
+            if value is None or value == "" or value == [] or value == {}:
+                continue
+            out[key] = (key, f"{field}[{i}]", role or str(raw))
+    return list(out.values())
 
 
 def near_miss_text(row: Any, fmt: str) -> str:
     """What of the row is not read, as JSON, "" for nothing (a column of the encoded rows): its
-    `near_misses`, and its first turn with a `turn_name`."""
+    `near_misses`, its first turn with a `turn_name`, and its `unread_turn_keys`."""
     found = near_misses(row, fmt)
     named = turn_name(row, fmt)
-    return json.dumps({"near": found, "name": named}) if found or named else ""
+    keys = unread_turn_keys(row, fmt)
+    return json.dumps({"near": found, "name": named, "keys": keys}) if found or named or keys else ""
 
 
-def name_near_misses(path: str, fmt: str, rows: Sequence[int], found: Sequence[str]) -> None:
+def _how_many(n: int, read: int | None, it: str = "it") -> str:
+    """ "N rows have it", or where the source was read only in part (`read` rows), of those rows."""
+    if read is None:
+        return f"1 row has {it}" if n == 1 else f"{n} rows have {it}"
+    return f"{n} of the first {read} rows read {'has' if n == 1 else 'have'} {it}"
+
+
+class UnreadCounts:
+    """What `near_miss_text` found in a source's rows, added row by row: each near miss's and each
+    turn key's first row and count, and the rows with a turn's name (`warn` names them)."""
+
+    def __init__(self) -> None:
+        self.near: dict[tuple[str, str], list[int]] = {}  # (key, meant) -> [first row, count]
+        self.keys: dict[str, tuple[int, str, str, list[int]]] = {}  # key -> (first row, turn, role, [count])
+        self.named: tuple[int, list[str]] | None = None
+        self.named_rows = 0
+
+    def add(self, rowno: int, text: str) -> None:
+        if not text:
+            return
+        unread = json.loads(text)
+        for key, meant in unread["near"]:
+            self.near.setdefault((key, meant), [rowno, 0])[1] += 1
+        if unread["name"]:
+            self.named = self.named or (rowno, unread["name"])
+            self.named_rows += 1
+        for key, turn, role in unread.get("keys", ()):
+            self.keys.setdefault(key, (rowno, turn, role, [0]))[3][0] += 1
+
+    def warn(self, path: str, fmt: str, read: int | None = None) -> None:
+        """Warn once per source and field (or turn key) of what was found; `read`: the rows read, where
+        the source was read only in part (the counts are of those rows)."""
+        for (key, meant), (rowno, n) in self.near.items():
+            if (path, key) in _NAMED_NEAR_MISSES:
+                continue
+            _NAMED_NEAR_MISSES.add((path, key))
+            log.warning(
+                "%s row %d has the field `%s`, which format %s does not read: did you mean `%s`? %s; they train "
+                "without it: rename the field in the data",
+                path,
+                rowno,
+                key,
+                fmt,
+                meant,
+                _how_many(n, read),
+            )
+        if self.named and path not in _NAMED_TURN_NAMES:
+            _NAMED_TURN_NAMES.add(path)
+            rowno, (turn, role, name) = self.named
+            log.warning(
+                "%s row %d: turn `%s` (%s) has a `name` (%r), which is not given to the chat template (few "
+                "templates render one, so none is passed); %s. They train without it: to keep who speaks, write "
+                "it into the turn's content; remove the key to silence this",
+                path,
+                rowno,
+                turn,
+                role,
+                name,
+                _how_many(self.named_rows, read, "one"),
+            )
+        for key, (rowno, turn, role, (n,)) in self.keys.items():
+            if (path, key) in _NAMED_TURN_KEYS:
+                continue
+            _NAMED_TURN_KEYS.add((path, key))
+            fix = (
+                "OpenAI's deprecated tool call is read as the turn's tool call only on an assistant turn without "
+                "`tool_calls` that a tool result (a `function` or `tool` turn) follows: give its result after it, "
+                "or write the call as `tool_calls`"
+                if key == "function_call"
+                else "if it should train, write what it holds into the turn's content"
+            )
+            log.warning(
+                "%s row %d: turn `%s` (%s) has the key `%s`, which is not read (format %s; it is not given to the "
+                "chat template); %s. They train without it: %s; remove the key to silence this",
+                path,
+                rowno,
+                turn,
+                role,
+                key,
+                fmt,
+                _how_many(n, read),
+                fix,
+            )
+
+
+def name_near_misses(path: str, fmt: str, rows: Sequence[int], found: Sequence[str], read: int | None = None) -> None:
     """Warn once per source and field of the fields `near_miss_text` found in its rows (`found`, ""
     for a row without one), with the first row that has it and how many do; and once per source of
-    its turns' names (`turn_name`), likewise."""
-    first: dict[tuple[str, str], int] = {}
-    count: dict[tuple[str, str], int] = {}
-    named: list[tuple[int, list[str]]] = []
+    its turns' names (`turn_name`), and once per source and key of its turns' keys not read
+    (`unread_turn_keys`), likewise. `read`: the rows read, where the source was read only in part."""
+    counts = UnreadCounts()
     for rowno, text in zip(rows, found, strict=True):
-        unread = json.loads(text) if text else {"near": [], "name": None}
-        for key, meant in unread["near"]:
-            first.setdefault((key, meant), rowno)
-            count[(key, meant)] = count.get((key, meant), 0) + 1
-        if unread["name"]:
-            named.append((rowno, unread["name"]))
-    for (key, meant), rowno in first.items():
-        if (path, key) in _NAMED_NEAR_MISSES:
-            continue
-        _NAMED_NEAR_MISSES.add((path, key))
-        n = count[(key, meant)]
-        log.warning(
-            "%s row %d has the field `%s`, which format %s does not read: did you mean `%s`? %s; they train "
-            "without it: rename the field in the data",
-            path,
-            rowno,
-            key,
-            fmt,
-            meant,
-            "1 row has it" if n == 1 else f"{n} rows have it",
-        )
-    if named and path not in _NAMED_TURN_NAMES:
-        _NAMED_TURN_NAMES.add(path)
-        rowno, (turn, role, name) = named[0]
-        log.warning(
-            "%s row %d: turn `%s` (%s) has a `name` (%r), which is not given to the chat template (few templates "
-            "render one, so none is passed); %s. They train without it: to keep who speaks, write it into the "
-            "turn's content; remove the key to silence this",
-            path,
-            rowno,
-            turn,
-            role,
-            name,
-            "1 row has one" if len(named) == 1 else f"{len(named)} rows have one",
-        )
+        counts.add(rowno, text)
+    counts.warn(path, fmt, read)
 
 
 def source_format(src: DataSource, first_row: Any, rowno: int) -> str:
@@ -557,24 +687,32 @@ def iter_examples(
     assistant_only_loss: bool = True,
 ) -> Iterator[Example]:
     """A source's rows, normalised one at a time; bad rows raise DataError or are counted in
-    `report`, per `on_bad_row`."""
+    `report`, per `on_bad_row`. What the rows hold that is not read (`near_miss_text`) is warned of
+    once they are read, counted over the source (over the rows read, where reading stops early)."""
     fmt = ""
-    for rowno, document in read_documents(src, base_dir):
-        row = parse_document(document)
-        if not fmt:
-            fmt = report.format = source_format(src, row, rowno)
-        report.rows += 1
-        name_near_misses(src.path, fmt, [rowno], [near_miss_text(row, fmt)])
-        try:
-            messages, text = normalize_row(row, fmt, src.system_prompt, assistant_only_loss)
-            tools = row_tools(row, fmt)
-        except BadRow as bad:
-            if on_bad_row == "error":
-                raise bad_row_error(src.path, rowno, fmt, str(bad)) from None
-            report.skip(bad.reason, rowno, str(bad))
-            continue
-        report.kept += 1
-        yield Example(messages, text, src.path, rowno, tools)
+    unread = UnreadCounts()  # warned of when the rows are read (or reading stops), with their counts
+    whole = False
+    try:
+        for rowno, document in read_documents(src, base_dir):
+            row = parse_document(document)
+            if not fmt:
+                fmt = report.format = source_format(src, row, rowno)
+            report.rows += 1
+            unread.add(rowno, near_miss_text(row, fmt))
+            try:
+                messages, text = normalize_row(row, fmt, src.system_prompt, assistant_only_loss)
+                tools = row_tools(row, fmt)
+            except BadRow as bad:
+                if on_bad_row == "error":
+                    raise bad_row_error(src.path, rowno, fmt, str(bad)) from None
+                report.skip(bad.reason, rowno, str(bad))
+                continue
+            report.kept += 1
+            yield Example(messages, text, src.path, rowno, tools)
+        whole = True
+    finally:  # also when the reader stops early (`validate`'s examples) or a bad row stops the run
+        if fmt:
+            unread.warn(src.path, fmt, None if whole else report.rows)
     if report.rows == 0:
         raise DataError(f"data source {src.path} has no rows")
 

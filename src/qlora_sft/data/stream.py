@@ -56,7 +56,10 @@ def stream_data(
         encoded = encode_documents(
             {"row": [d["row"] for d in sample], "document": [d["document"] for d in sample]}, **kwargs
         )
-        name_near_misses(src.path, fmt, encoded["row"], encoded["near_miss"])  # (in the rows sampled)
+        # (in the rows sampled: counted as of those rows where the source may hold more)
+        name_near_misses(
+            src.path, fmt, encoded["row"], encoded["near_miss"], len(sample) if len(sample) >= STREAM_SAMPLE else None
+        )
         samples.append((src, fmt, encoded))
         stream = raw.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer) if cfg.shuffle_buffer > 1 else raw
         stream = stream.map(

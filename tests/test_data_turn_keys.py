@@ -1,0 +1,172 @@
+"""What a row holds that is not read is named with true counts, whichever path reads it: the fields
+that nearly spell one a format reads and turns' names counted over the whole source when rows are
+read one at a time; a turn's other keys (OpenAI's `refusal`, `audio`, axolotl's `training_detail`)
+warned of once per source; OpenAI's deprecated `function_call` read as the tool call it is;
+LLaMA-Factory's alpaca `tools` read; axolotl's `training: null` read as no flag."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from qlora_sft import data
+from qlora_sft.data import BadRow, normalize_row
+from qlora_sft.recipe import DataSource
+
+
+def _said(caplog: pytest.LogCaptureFixture, word: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if word in r.getMessage()]
+
+
+def test_near_misses_and_names_read_row_by_row_are_counted_over_the_whole_source(tmp_path: Path, caplog):
+    """Was: `iter_examples` (load_examples, `plan`'s row count, `validate`'s example) warned at the first
+    row with a misspelled field or a turn's name, saying "1 row has it" when four rows had it."""
+    f = tmp_path / "typo.jsonl"
+    rows = [{"instruction": "Add.", "input": "1 + 1", "output": "2"}]
+    rows += [{"instruction": "Add.", "imput": f"{i} + 1", "output": str(i + 1)} for i in range(4)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        data.load_examples([DataSource(path=str(f))], "error")
+    said = _said(caplog, "imput")
+    assert len(said) == 1, said
+    assert f"{f} row 2 has the field `imput`" in said[0] and "4 rows have it" in said[0], said
+
+    named = tmp_path / "named.jsonl"
+    conv = [{"role": "user", "content": "hi", "name": "alice"}, {"role": "assistant", "content": "hello"}]
+    named.write_text("".join(json.dumps({"messages": conv}) + "\n" for _ in range(3)))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        data.load_examples([DataSource(path=str(named))], "error")
+    said = _said(caplog, "`name`")
+    assert len(said) == 1 and "3 rows have one" in said[0], said
+
+
+def test_a_source_read_in_part_says_its_count_is_of_the_rows_read(tmp_path: Path, caplog):
+    """`validate`'s example preview reads a few rows and stops: the count claims no more than those."""
+    f = tmp_path / "typo.jsonl"
+    rows = [{"instruction": "Add.", "imput": f"{i} + 1", "output": str(i + 1)} for i in range(6)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = data.SourceReport(str(f), "auto")
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        examples = data.iter_examples(DataSource(path=str(f)), "error", report)
+        assert len(list(itertools.islice(examples, 2))) == 2
+        examples.close()
+    said = _said(caplog, "imput")
+    assert len(said) == 1, said
+    assert f"{f} row 1 has the field `imput`" in said[0] and "2 of the first 2 rows read have it" in said[0], said
+
+
+def _refusal_rows() -> list[dict]:
+    def row(i: int, refusal: object) -> dict:
+        answer = {"role": "assistant", "content": str(2 * i), "refusal": refusal}
+        return {"messages": [{"role": "user", "content": f"{i} + {i}?", "id": f"m{i}"}, answer]}
+
+    return [row(0, None), row(1, "I cannot help with that."), row(2, "No."), row(3, "")]
+
+
+def test_a_turns_key_that_is_not_read_is_named_once_per_source_with_its_rows(tmp_path: Path, caplog):
+    """Was: a turn's keys other than those read (OpenAI's assistant `refusal`, `audio`, axolotl's
+    `training_detail`) were dropped without a word. A key holding something is named once per source
+    with its first row, turn and count; a null or empty one (as OpenAI's SDK writes them) and a turn's
+    `id` (metadata, as a row's own ids) are not. The rows train as before."""
+    from qlora_sft.data import build_data
+    from qlora_sft.recipe import DataConfig
+
+    f = tmp_path / "refusal.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in _refusal_rows()))
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        examples = data.load_examples([DataSource(path=str(f))], "error")[0][0]
+    assert len(examples) == 4
+    said = _said(caplog, "`refusal`")
+    assert len(said) == 1, said
+    assert said[0].startswith(f"{f} row 2: turn `messages[1]` (assistant) has the key `refusal`"), said
+    assert "2 rows have it" in said[0] and "not read" in said[0], said
+    assert not _said(caplog, "`id`")
+
+    g = tmp_path / "refusal_built.jsonl"  # the Arrow pipeline says the same
+    g.write_text(f.read_text())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        from tiny import build_tokenizer
+
+        from qlora_sft.model import ensure_pad_token
+
+        tok = build_tokenizer()
+        ensure_pad_token(tok)
+        prepared = build_data(
+            DataConfig(sources=(DataSource(path=str(g)),), eval_fraction=0.0, num_proc=1), tok, 0, None
+        )
+    assert prepared.report.train_rows == 4
+    said = _said(caplog, "`refusal`")
+    assert len(said) == 1 and "2 rows have it" in said[0], said
+
+
+def test_openais_deprecated_function_call_is_read_as_a_tool_call(tmp_path: Path, caplog):
+    """Was: an assistant turn's `function_call` (OpenAI's deprecated {"name", "arguments"}) was dropped,
+    so its conversation, with the `function` turn of the result after it, was refused as a tool result
+    without a call. It is the assistant's tool call; one with no result after it is left unread, named."""
+    call = {"name": "get_weather", "arguments": json.dumps({"city": "Oslo"})}
+    row = {
+        "messages": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": None, "function_call": call},
+            {"role": "function", "name": "get_weather", "content": "12 C"},
+            {"role": "assistant", "content": "It is 12 C."},
+        ]
+    }
+    messages, _ = normalize_row(row, "messages")
+    assert messages[1]["tool_calls"] == [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+    ]
+    assert messages[2] == {"role": "tool", "content": "12 C", "name": "get_weather"}
+    bad = json.loads(json.dumps(row))
+    bad["messages"][1]["function_call"]["arguments"] = "{city"
+    with pytest.raises(BadRow, match=r"`messages\[1\]`.function_call.arguments is not JSON"):
+        normalize_row(bad, "messages")
+    # a call with no result after it trained before, without the call: it still does, and is named
+    said_before = {
+        "messages": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": "Let me look.", "function_call": call},
+            {"role": "user", "content": "Thanks"},
+            {"role": "assistant", "content": "You're welcome."},
+        ]
+    }
+    messages, _ = normalize_row(said_before, "messages")
+    assert "tool_calls" not in messages[1]
+    f = tmp_path / "fc.jsonl"
+    f.write_text(json.dumps(row) + "\n" + json.dumps(said_before) + "\n")
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        assert len(data.load_examples([DataSource(path=str(f))], "error")[0][0]) == 2
+    said = _said(caplog, "`function_call`")
+    assert len(said) == 1 and said[0].startswith(f"{f} row 2: turn `messages[1]` (assistant)"), said
+    assert "1 row has it" in said[0], said
+
+
+def test_llama_factorys_alpaca_tools_column_is_read(tmp_path: Path):
+    """LLaMA-Factory's alpaca converter reads a `tools` column (data/README.md's columns; converter.py's
+    AlpacaDatasetConverter `_tools`), as its sharegpt one does: it was dropped for alpaca rows."""
+    tools = [{"name": "add", "description": "Add two numbers", "parameters": {"type": "object"}}]
+    row = {"instruction": "Add 1 and 2.", "output": "3", "tools": json.dumps(tools)}
+    assert data.formats.row_tools(row, "alpaca") == tools
+    assert data.formats.row_tools({**row, "tools": tools}, "alpaca") == tools
+    f = tmp_path / "alpaca_tools.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    assert data.load_examples([DataSource(path=str(f))], "error")[0][0][0].tools == tools
+    with pytest.raises(BadRow, match="field `tools` is not JSON"):
+        data.formats.row_tools({**row, "tools": "{add"}, "alpaca")
+
+
+def test_axolotls_training_null_is_no_flag(tmp_path: Path):
+    """axolotl reads `training: null` as no flag (chat_template.py: `if training is not None`), the turn
+    trained by its role; it was refused as "must be a boolean"."""
+    for flag in ("training", "train"):
+        for role in (0, 1):
+            turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+            turns[role][flag] = None
+            messages, _ = normalize_row({"messages": turns}, "messages")
+            assert [m["content"] for m in messages] == ["hi", "hello"]
