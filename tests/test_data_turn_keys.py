@@ -170,3 +170,43 @@ def test_axolotls_training_null_is_no_flag(tmp_path: Path):
             turns[role][flag] = None
             messages, _ = normalize_row({"messages": turns}, "messages")
             assert [m["content"] for m in messages] == ["hi", "hello"]
+
+
+def test_a_turns_weight_that_agrees_with_what_trains_is_read_not_refused():
+    """SlimOrca-style sharegpt rows (`weight: null` on the system turn, `0.0` on the human turn, `1.0`
+    on the gpt turn) and OpenHermes-style ones (`weight: null` on every turn) were refused whole, every
+    row a `turn_weight` bad row, though each weight says what training does anyway. Now null is no
+    weight and 0/1 compare by value with whether the turn trains; a weight that asks for something
+    else (0 on an assistant turn, 0.5, a string) is still refused, naming the turn."""
+    slim = {
+        "conversations": [
+            {"from": "system", "value": "Be brief.", "weight": None},
+            {"from": "human", "value": "Capital of France?", "weight": 0.0},
+            {"from": "gpt", "value": "Paris.", "weight": 1.0},
+        ]
+    }
+    hermes = {
+        "conversations": [
+            {"from": "human", "value": "Hi", "weight": None},
+            {"from": "gpt", "value": "Yo", "weight": None},
+        ]
+    }
+    for row in (slim, hermes):
+        messages, _ = normalize_row(row, "sharegpt")
+        assert messages is not None and messages[-1] == {
+            "role": "assistant",
+            "content": row["conversations"][-1]["value"],
+        }
+    untrained = json.loads(json.dumps(slim))
+    untrained["conversations"][2]["weight"] = 0  # OpenAI's `weight: 0` on an assistant turn: cannot be honoured
+    with pytest.raises(BadRow, match=r"`conversations\[2\]`.weight is 0: per-turn weights") as refused:
+        normalize_row(untrained, "sharegpt")
+    assert refused.value.reason == "turn_weight"
+    for odd in (0.5, "1", 2):
+        bad = json.loads(json.dumps(slim))
+        bad["conversations"][2]["weight"] = odd
+        with pytest.raises(BadRow, match=rf"`conversations\[2\]`.weight is {odd!r}"):
+            normalize_row(bad, "sharegpt")
+    # with every turn trained (data.assistant_only_loss: false), a human turn's weight 0 is refused
+    with pytest.raises(BadRow, match=r"`conversations\[1\]`.weight is 0.0"):
+        normalize_row(slim, "sharegpt", assistant_only_loss=False)

@@ -42,7 +42,7 @@ log = logging.getLogger("qlora_sft")
 
 
 # Bump when the tokenised output for the same inputs changes, to invalidate caches.
-CACHE_VERSION = "12"  # 2: assistant spans from generation markers, tool calls; 3: cache folder layout;
+CACHE_VERSION = "13"  # 2: assistant spans from generation markers, tool calls; 3: cache folder layout;
 # 4: eval rows held out before repetition (weight > 1), truncated conversations counted as not ending;
 # 5: a messages row's tools, system and reasoning_content reach the chat template; 6: the stored report
 # names the skipped rows and counts the eval rows dropped for no trained tokens; 7: axolotl's per-turn
@@ -52,7 +52,8 @@ CACHE_VERSION = "12"  # 2: assistant spans from generation markers, tool calls; 
 # is the system turn; 11: axolotl's training flag read by value (1/0 kept), the stored report tells rows the
 # template marks nothing in from those truncation left nothing of
 # 12: OpenAI's deprecated function_call read as a tool call, LLaMA-Factory's alpaca `tools` read, axolotl's
-# `training: null` read as no flag, the rows' near_miss column names their turns' keys not read
+# `training: null` read as no flag, the rows' near_miss column names their turns' keys not read;
+# 13: a turn's `weight` null, or 0/1 agreeing with what trains, read (SlimOrca, OpenHermes), not a bad row
 
 
 def _source_files(src: DataSource, base_dir: str | os.PathLike[str] | None) -> list[Path] | None:

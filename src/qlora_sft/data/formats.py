@@ -172,35 +172,42 @@ def _turns(
             message = {"role": role, "content": "" if content is None else _content(content, where)}
         if role == "assistant" and isinstance(turn.get("reasoning_content"), str):
             message["reasoning_content"] = turn["reasoning_content"]  # a template with thinking renders it
-        if "weight" in turn and turn["weight"] not in (1, 1.0, True):
-            raise BadRow(
-                "turn_weight",
-                f"{where}.weight is {turn['weight']!r}: per-turn weights (axolotl's `weight: 0` to leave a turn "
-                "untrained) are not supported, and every assistant turn would train. Remove the turn (or the key), "
-                "or split the conversation",
-            )
-        for flag in ("training", "train"):  # axolotl's message_field_training: whether the turn trains
+        trains = role == "assistant" or not assistant_only_loss
+        done = (
+            "every assistant turn trains and no other turn does"
+            if assistant_only_loss
+            else "every turn trains (data.assistant_only_loss: false)"
+        )
+        # axolotl's / OpenAI's `weight` and axolotl's message_field_training flags: whether the turn trains.
+        # null is none (axolotl: `if training is not None`; SlimOrca and OpenHermes write `weight: null`);
+        # 1/0 compare by value (converted data writes 1.0/0.0; bool is an int), and must agree with `trains`
+        for flag in ("weight", "training", "train"):
             value = turn.get(flag)
-            if value is None:  # axolotl: null is no flag (`if training is not None`), the role decides
+            if value is None:
                 continue
-            # by value: converted data writes 1/0 (bool is an int); a string ("yes", "1") is no boolean
-            if not (isinstance(value, int | float) and value in (0, 1)):
+            number = isinstance(value, int | float)  # (bool is an int)
+            if flag == "weight" and not (number and value in (0, 1)):
+                raise BadRow(
+                    "turn_weight",
+                    f"{where}.weight is {value!r}: per-turn weights other than 0 and 1 are not supported, and "
+                    f"{done}. Remove the turn (or the key), or split the conversation",
+                )
+            if not (number and value in (0, 1)):
                 raise BadRow(
                     "wrong_type",
                     f"{where}.{flag} is {value!r}: it must be a boolean (true or false; 1 or 0), axolotl's "
                     "per-turn training flag (message_field_training). Fix the value, or remove the key",
                 )
-            if bool(value) is not (role == "assistant" or not assistant_only_loss):
-                done = (
-                    "every assistant turn trains and no other turn does"
-                    if assistant_only_loss
-                    else "every turn trains (data.assistant_only_loss: false)"
+            if bool(value) is not trains:
+                what = (
+                    "per-turn weights (axolotl's and OpenAI's `weight: 0` to leave a turn untrained)"
+                    if flag == "weight"
+                    else "per-turn training flags (axolotl's message_field_training)"
                 )
                 raise BadRow(
                     "turn_weight",
-                    f"{where}.{flag} is {turn[flag]!r}: per-turn training flags (axolotl's "
-                    f"message_field_training) are not supported; {done}. Remove the turn (or the key), or split "
-                    "the conversation",
+                    f"{where}.{flag} is {value!r}: {what} are not supported; {done}. Remove the turn (or the key), "
+                    "or split the conversation",
                 )
         if calls:
             if role != "assistant":
