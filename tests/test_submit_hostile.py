@@ -7,6 +7,7 @@ on PATH stands in)."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -208,3 +209,38 @@ def test_an_unquoted_time_limit_in_the_recipe_says_to_quote_it(tmp_path: Path, t
     recipe.write_text(yaml.safe_dump({**raw, "cluster": None}).replace("cluster: null", f"cluster:\n  {text}"))
     with pytest.raises(RecipeError, match=r'cluster.time` is the number \d+: write the time in quotes, e.g. time: "04'):
         load_recipe(recipe)
+
+
+@pytest.mark.parametrize(
+    "option", ["--nodes", "--gpus-per-node", "--tasks-per-node", "--cpus-per-task"], ids=lambda o: o.strip("-")
+)
+def test_a_count_past_what_slurm_takes_is_refused_naming_the_option(
+    tmp_path: Path, slurm_bin: Path, capsys: pytest.CaptureFixture, option: str
+):
+    """`submit --nodes 99999999999999999999999`: an OverflowError traceback from inside submitit, after
+    sbatch had queued the job (submitit makes one object per task once sbatch answers). A count
+    SLURM wraps (its counts are 16- and 32-bit: `sbatch --nodes=4294967296` asks for 0 nodes) is
+    refused in one line naming the option, before anything is written."""
+    from qlora_sft.cli import main
+
+    recipe = small_recipe(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["submit", str(recipe), "--cluster", "slurm", "--time", "01:00:00", option, "99999999999999999999999"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(rf"argument {option}: '99999999999999999999999' .*at most 65535", err), err
+    assert not slurm_bin.exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_count_past_what_slurm_takes_in_the_recipe_or_the_api_is_refused(tmp_path: Path, slurm_bin: Path):
+    """The same counts from the recipe's cluster section, or from `submit(nodes=...)` in Python."""
+    from qlora_sft.errors import RecipeError
+    from qlora_sft.submit import submit
+
+    recipe = small_recipe(tmp_path, cluster={"nodes": 2**32, "time": "01:00:00"})
+    with pytest.raises(RecipeError, match=r"`cluster.nodes` is 4294967296; it must be <= 65535"):
+        submit(recipe, [], cluster="slurm")
+    recipe = small_recipe(tmp_path, cluster={"time": "01:00:00"})
+    with pytest.raises(UserError, match=r"cluster.tasks_per_node=70000 \(--tasks-per-node\).*at most 65535"):
+        submit(recipe, [], cluster="slurm", gpus_per_node=0, tasks_per_node=70000)
+    assert not slurm_bin.exists() and not (tmp_path / "runs").exists()

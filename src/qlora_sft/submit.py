@@ -34,7 +34,7 @@ from typing import Any
 
 from .errors import UserError
 from .files import not_utf8, write_problem
-from .recipe import ClusterConfig, load_recipe
+from .recipe import SLURM_COUNT_MAX, ClusterConfig, load_recipe
 
 log = logging.getLogger("qlora_sft")
 
@@ -171,6 +171,13 @@ def executor_parameters(cfg: ClusterConfig, **given: Any) -> dict[str, Any]:
     merged = {k: getattr(cfg, k) for k in ClusterConfig.__dataclass_fields__}
     merged.update({k: v for k, v in given.items() if v is not None})
     check_cluster_text(merged)
+    for key in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task"):  # (the recipe's are checked there)
+        if merged[key] is not None and int(merged[key]) > SLURM_COUNT_MAX:
+            raise UserError(
+                f"cluster.{key}={merged[key]} (--{key.replace('_', '-')}) is more than SLURM takes: give at most "
+                f"{SLURM_COUNT_MAX} (SLURM holds these counts in 16 or 32 bits and wraps a larger one); nothing "
+                "was queued"
+            )
     gpus = int(merged["gpus_per_node"])
     tasks = int(merged["tasks_per_node"] or (gpus if gpus > 0 else 1))
     if 0 < gpus < tasks:
