@@ -244,3 +244,34 @@ def test_a_count_past_what_slurm_takes_in_the_recipe_or_the_api_is_refused(tmp_p
     with pytest.raises(UserError, match=r"cluster.tasks_per_node=70000 \(--tasks-per-node\).*at most 65535"):
         submit(recipe, [], cluster="slurm", gpus_per_node=0, tasks_per_node=70000)
     assert not slurm_bin.exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("existed", [True, False], ids=["folder-existed", "new-folder"])
+def test_a_refused_submission_leaves_nothing_in_the_job_folder(tmp_path: Path, slurm_bin: Path, existed: bool):
+    """sbatch refusing the job left submitit's `.submission_file_<id>.sh` and `<id>.pkl` in the job
+    folder, a pair per refused try. What this submission wrote goes; what was there stays; a job
+    folder it made and left empty goes too."""
+    from qlora_sft.submit import submit
+
+    recipe = small_recipe(tmp_path)
+    (tmp_path / "bin" / "sbatch").write_text(
+        "#!/usr/bin/env bash\necho 'sbatch: error: Batch job submission failed: Invalid account' >&2\nexit 1\n"
+    )
+    folder = tmp_path / "jobs" / "logs"
+    before: set[str] = set()
+    if existed:  # an earlier job's files, and a user's own that look like submitit's
+        (folder / "4242").mkdir(parents=True)
+        for name in (
+            ".submission_file_0123456789abcdef0123456789abcdef.sh",
+            "0123456789abcdef0123456789abcdef.pkl",
+            "notes.pkl",
+            "4242/x",
+        ):
+            (folder / name).write_text("mine\n")
+        before = {str(p.relative_to(folder)) for p in folder.rglob("*")}
+    with pytest.raises(UserError, match=r"sbatch refused the job; nothing was queued"):
+        submit(recipe, [], cluster="slurm", time="01:00:00", account="nope", folder=str(folder))
+    if existed:
+        assert {str(p.relative_to(folder)) for p in folder.rglob("*")} == before
+    else:
+        assert not folder.exists() and not (tmp_path / "jobs").exists()

@@ -303,6 +303,48 @@ def jobs_still_queued(folder: Path) -> list[tuple[str, str]]:
     return sorted((job, state.strip()) for job, state in rows if job in ids and state.strip() != "COMPLETING")
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and the folders above it that do not exist yet, deepest first: what writing into it makes."""
+    made, here = [], Path(os.path.abspath(folder))
+    while not os.path.lexists(here) and here != here.parent:
+        made.append(here)
+        here = here.parent
+    return made
+
+
+# what submitit writes into the job folder before sbatch answers: the sbatch script and the pickled call
+SUBMISSION_FILE = re.compile(r"\.submission_file_[0-9a-f]{32}\.sh|[0-9a-f]{32}\.pkl")
+
+
+def submission_files(folder: Path) -> set[str]:
+    """The names in `folder` that look like submitit's files of a submission not yet queued."""
+    try:
+        return {p.name for p in folder.iterdir() if SUBMISSION_FILE.fullmatch(p.name)}
+    except OSError:
+        return set()
+
+
+def take_back_refused_submission(folder: Path, before: set[str], made: Sequence[Path], exc: BaseException) -> None:
+    """After sbatch refused the job: remove what this submission wrote into the job folder `folder`
+    (submitit's sbatch script, the one sbatch was given, and its pickle, new since `before`), then the
+    folders it made (`made`, deepest first) where that leaves them empty. Nothing else is touched."""
+    cause = exc.__cause__  # (submitit raises its FailedJobError from sbatch's CalledProcessError)
+    script = cmd[-1] if isinstance(cause, subprocess.CalledProcessError) and (cmd := cause.cmd) else None
+    for name in submission_files(folder) - before:
+        path = folder / name
+        if name.endswith(".sh") and script is not None and os.path.abspath(path) != os.path.abspath(script):
+            continue  # another submission's, at the same moment
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    for path in made:
+        try:
+            path.rmdir()  # (only an empty one)
+        except OSError:
+            break
+
+
 def export_torch_env() -> dict[str, str]:
     """Set the torch.distributed variables from submitit's job environment and check them before
     any process group starts (submitit leaves them unset: submitit PR #1703)."""
@@ -511,6 +553,7 @@ def submit(
                 f"run trained). Wait for it (squeue -j {ids}), cancel it (scancel {ids}), chain the new one after "
                 f"it (--extra-sbatch=--dependency=afterany:{ids}), or give another run.name; nothing was queued."
             )
+    made, before = missing_folders(folder.parent), submission_files(folder.parent)  # (to take back if refused)
     # (submitit writes the python it is given into the job's command line as is: quoted, a path with a
     # space or a `$` stays one word)
     executor = submitit.AutoExecutor(folder=folder, cluster=chosen, slurm_python=shlex.quote(sys.executable))
@@ -527,6 +570,7 @@ def submit(
     try:
         job = executor.submit(QloraJob(), str(Path(recipe).resolve()), overrides, str(Path.cwd()), cpu_ranks)
     except submitit.core.utils.FailedJobError as exc:  # sbatch refused it (its words), or could not reach SLURM
+        take_back_refused_submission(folder.parent, before, made, exc)
         said = "\n".join(f"    {line}" for line in str(exc).strip().splitlines()[-8:])
         raise UserError(
             f"submit: sbatch refused the job; nothing was queued. It said:\n{said}\nFix the setting it names "
