@@ -275,3 +275,55 @@ def test_a_refused_submission_leaves_nothing_in_the_job_folder(tmp_path: Path, s
         assert {str(p.relative_to(folder)) for p in folder.rglob("*")} == before
     else:
         assert not folder.exists() and not (tmp_path / "jobs").exists()
+
+
+def test_wait_on_a_job_that_fails_names_the_job_its_logs_and_its_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    """`submit --wait` on a job that fails (here: a model that only the job loads, and cannot):
+    submitit's FailedJobError came out as a traceback of the submitting process holding the job's.
+    Now one message: the job, its log files, the last lines of its error; exit 1."""
+    from qlora_sft.cli import main
+
+    recipe = small_recipe(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["submit", str(recipe), "--cluster", "local", "--gpus-per-node", "0", "--time", "10", "--wait"])
+    out, err = capsys.readouterr()
+    job = re.search(r"submitted job (\d+)", out).group(1)  # type: ignore[union-attr]
+    assert code == 1, err
+    assert "Traceback" not in err, err
+    logs = tmp_path / "runs" / "run.submitit" / job
+    assert (
+        f"job {job} failed" in err and str(logs / f"{job}_0_log.err") in err and str(logs / f"{job}_0_log.out") in err
+    )
+    assert re.search(r"UserError: model.name_or_path='m': could not load its tokenizer", err), err
+
+
+def test_wait_prints_rank_0s_result_of_a_job_of_several_tasks(monkeypatch: pytest.MonkeyPatch, capsys):
+    """`submit --wait --tasks-per-node 2`: submitit's `job.result()` is for one task only; a job of
+    several ended (after training) in its AssertionError 'You should use `results()`'."""
+    import importlib
+
+    import submitit
+
+    from qlora_sft import cli
+
+    submit_module = importlib.import_module("qlora_sft.submit")  # (the package's `submit` is the function)
+
+    class TwoTasks(submitit.Job):
+        def __init__(self, folder: Path = Path("/nowhere"), job_id: str = "77", tasks: tuple = (0, 1)) -> None:
+            super().__init__(folder=folder, job_id=job_id, tasks=tasks)
+
+        def wait(self) -> None:
+            pass
+
+        def exception(self) -> None:
+            return None
+
+        def results(self) -> list:
+            return [{"global_step": 3, "rank": 0}, {"global_step": 3, "rank": 1}]
+
+    monkeypatch.setattr(submit_module, "submit", lambda *a, **k: TwoTasks())
+    assert cli.main(["submit", "r.yaml", "--wait"]) == 0
+    assert "result: {'global_step': 3, 'rank': 0}" in capsys.readouterr().out

@@ -557,7 +557,7 @@ def converse(args: argparse.Namespace, answer: Any) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from .submit import submit
+    from .submit import submit, wait_for
 
     job = submit(
         args.recipe,
@@ -583,7 +583,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"  stdout:     {job.paths.stdout}")
     print(f"  stderr:     {job.paths.stderr}")
     if args.wait:
-        print(f"result: {job.result()}")
+        print(f"result: {wait_for(job)}")
     return 0
 
 

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import JobFailedError, UserError
 from .files import not_utf8, write_problem
 from .recipe import SLURM_COUNT_MAX, ClusterConfig, load_recipe
 
@@ -429,6 +429,46 @@ class QloraJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(QloraJob(), *args, **kwargs)
+
+
+def error_end(trace: str, most: int = 8) -> list[str]:
+    """The end of a Python traceback: the exception's own lines after its last frame, at most `most`."""
+    lines = trace.rstrip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    start = frames[-1] + 1 if frames else 0
+    while frames and start < len(lines) and lines[start].startswith("    "):  # the frame's source line, ^^^
+        start += 1
+    return ([line for line in lines[start:] if line.strip()] or lines)[-most:]
+
+
+def wait_for(job: Any) -> Any:
+    """`submit --wait`: wait for every task of the submitit `job`, then rank 0's result. A task that
+    failed (an error, or SLURM ended it without a result: cancelled, out of time, its node lost) is
+    a JobFailedError naming the job, that task's log files and the last lines of its error."""
+    import submitit
+
+    job.wait()
+    for rank in range(job.num_tasks):
+        task = job.task(rank)
+        exc = task.exception()
+        if exc is None:
+            continue
+        parts = str(exc).split("\n----------------------\n")
+        if isinstance(exc, submitit.core.utils.FailedJobError) and len(parts) >= 3:  # its error's traceback
+            how, end, then = "failed", error_end(parts[1]), "Fix what it names and submit again"
+        else:  # no result: the end of its error log
+            try:
+                text = Path(task.paths.stderr).read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                text = ""
+            how, then = f"ended without a result (state {task.state})", "See its logs for why, then submit again"
+            end = error_end(text) if text.strip() else ["(its error log is empty)"]
+        said = "\n".join(f"    {line}" for line in end)
+        raise JobFailedError(
+            f"submit --wait: job {job.job_id} {how} in task {rank} of {job.num_tasks}. Its logs:\n"
+            f"    stderr: {task.paths.stderr}\n    stdout: {task.paths.stdout}\nThe end of its error:\n{said}\n{then}"
+        )
+    return job.results()[0]
 
 
 def check_world_size(recipe: Any, params: Mapping[str, Any]) -> None:
