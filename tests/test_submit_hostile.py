@@ -6,9 +6,11 @@ on PATH stands in)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -303,8 +305,6 @@ def test_wait_on_a_job_that_fails_names_the_job_its_logs_and_its_error(
 def test_wait_prints_rank_0s_result_of_a_job_of_several_tasks(monkeypatch: pytest.MonkeyPatch, capsys):
     """`submit --wait --tasks-per-node 2`: submitit's `job.result()` is for one task only; a job of
     several ended (after training) in its AssertionError 'You should use `results()`'."""
-    import importlib
-
     import submitit
 
     from qlora_sft import cli
@@ -327,3 +327,42 @@ def test_wait_prints_rank_0s_result_of_a_job_of_several_tasks(monkeypatch: pytes
     monkeypatch.setattr(submit_module, "submit", lambda *a, **k: TwoTasks())
     assert cli.main(["submit", "r.yaml", "--wait"]) == 0
     assert "result: {'global_step': 3, 'rank': 0}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("squeue", "said"),
+    [
+        ("echo 'slurm_load_jobs error: Unable to contact controller' >&2\nexit 1\n", r"squeue exited 1 \(.*Unable"),
+        ("exec sleep 30\n", r"squeue did not answer within 1 s"),
+        (None, r"squeue is not on PATH"),
+    ],
+    ids=["exits-1", "times-out", "missing"],
+)
+def test_squeue_failing_is_warned_not_silent(
+    tmp_path: Path,
+    slurm_bin: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    squeue: str | None,
+    said: str,
+):
+    """squeue failing (the controller unreachable, not answering, not on PATH) skipped the check for
+    a job of the same run still queued, without a word: a second job could be queued unsaid."""
+    import logging
+
+    from qlora_sft.submit import submit
+
+    submit_module = importlib.import_module("qlora_sft.submit")
+    recipe = small_recipe(tmp_path)
+    assert submit(recipe, [], cluster="slurm", time="01:00:00").job_id == "4242"
+    if squeue is None:  # a PATH of the fakes and bash alone (the system's squeue is in /usr/bin)
+        (tmp_path / "bin" / "squeue").unlink()
+        (tmp_path / "shell").mkdir()
+        (tmp_path / "shell" / "bash").symlink_to(shutil.which("bash"))
+        monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{tmp_path / 'shell'}")
+    else:
+        fake_bin(tmp_path / "bin", squeue=squeue)
+    monkeypatch.setattr(submit_module, "SQUEUE_TIMEOUT_S", 1)
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        assert submit(recipe, [], cluster="slurm", time="01:00:00").job_id == "4242"
+    assert re.search(rf"{said}.*job\(s\) 4242 .*a second job of this run may be queued", caplog.text), caplog.text

@@ -38,6 +38,8 @@ from .recipe import SLURM_COUNT_MAX, ClusterConfig, load_recipe
 
 log = logging.getLogger("qlora_sft")
 
+SQUEUE_TIMEOUT_S = 60  # how long submit waits for squeue's answer
+
 TORCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
@@ -286,17 +288,36 @@ def check_job_folder(folder: Path, run_dir: Path) -> None:
 
 def jobs_still_queued(folder: Path) -> list[tuple[str, str]]:
     """(job id, state) of the jobs submitted into `folder` before (`<folder>/<id>/<id>_submitted.pkl`)
-    that SLURM still holds: pending, running, requeued... Empty where squeue cannot tell."""
+    that SLURM still holds: pending, running, requeued... Empty, with a warning, where squeue cannot tell."""
     ids = {p.parent.name for p in folder.glob("*/*_submitted.pkl") if p.parent.name.isdigit()}
     if not ids:
         return []
+    failed: str | None = None
     try:
         out = subprocess.run(
-            ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %T"], capture_output=True, text=True, timeout=60
+            ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %T"],
+            capture_output=True,
+            text=True,
+            timeout=SQUEUE_TIMEOUT_S,
         )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    if out.returncode:
+        if out.returncode:
+            said = (out.stderr.strip() or out.stdout.strip()).splitlines()
+            failed = f"squeue exited {out.returncode}" + (f" ({said[-1]})" if said else "")
+    except FileNotFoundError:
+        failed = "squeue is not on PATH"
+    except subprocess.TimeoutExpired:
+        failed = f"squeue did not answer within {SQUEUE_TIMEOUT_S} s"
+    except OSError as exc:
+        failed = f"squeue could not run ({exc})"
+    if failed:
+        newest = ",".join(sorted(ids, key=int)[-5:])  # (every job this run's folder ever held: the newest)
+        log.warning(
+            "submit: %s, so whether job(s) %s of this run are still in SLURM's queue is not known; if one is, "
+            "a second job of this run may be queued beside it (check with squeue -j %s)",
+            failed,
+            newest,
+            newest,
+        )
         return []
     rows = (line.split(None, 1) for line in out.stdout.splitlines() if len(line.split(None, 1)) == 2)
     # (a job COMPLETING has trained: its processes are ending, a new job starts after them)
