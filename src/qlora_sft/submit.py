@@ -347,14 +347,19 @@ def submission_files(folder: Path) -> set[str]:
 
 def take_back_refused_submission(folder: Path, before: set[str], made: Sequence[Path], exc: BaseException) -> None:
     """After sbatch refused the job: remove what this submission wrote into the job folder `folder`
-    (submitit's sbatch script, the one sbatch was given, and its pickle, new since `before`), then the
+    (submitit's sbatch script, the one sbatch was given, and its pickle, new since `before`: only where
+    it is the one new pickle, as another submission at the same moment writes one too), then the
     folders it made (`made`, deepest first) where that leaves them empty. Nothing else is touched."""
     cause = exc.__cause__  # (submitit raises its FailedJobError from sbatch's CalledProcessError)
     script = cmd[-1] if isinstance(cause, subprocess.CalledProcessError) and (cmd := cause.cmd) else None
-    for name in submission_files(folder) - before:
+    new = submission_files(folder) - before
+    pickles = [name for name in new if name.endswith(".pkl")]
+    for name in new:
         path = folder / name
         if name.endswith(".sh") and script is not None and os.path.abspath(path) != os.path.abspath(script):
             continue  # another submission's, at the same moment
+        if name.endswith(".pkl") and len(pickles) > 1:
+            continue  # which is this one's is unknown (submitit names it apart); another job needs its own
         try:
             path.unlink()
         except OSError:
