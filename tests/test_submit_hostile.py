@@ -6,8 +6,11 @@ on PATH stands in)."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -208,3 +211,158 @@ def test_an_unquoted_time_limit_in_the_recipe_says_to_quote_it(tmp_path: Path, t
     recipe.write_text(yaml.safe_dump({**raw, "cluster": None}).replace("cluster: null", f"cluster:\n  {text}"))
     with pytest.raises(RecipeError, match=r'cluster.time` is the number \d+: write the time in quotes, e.g. time: "04'):
         load_recipe(recipe)
+
+
+@pytest.mark.parametrize(
+    "option", ["--nodes", "--gpus-per-node", "--tasks-per-node", "--cpus-per-task"], ids=lambda o: o.strip("-")
+)
+def test_a_count_past_what_slurm_takes_is_refused_naming_the_option(
+    tmp_path: Path, slurm_bin: Path, capsys: pytest.CaptureFixture, option: str
+):
+    """`submit --nodes 99999999999999999999999`: an OverflowError traceback from inside submitit, after
+    sbatch had queued the job (submitit makes one object per task once sbatch answers). A count
+    SLURM wraps (its counts are 16- and 32-bit: `sbatch --nodes=4294967296` asks for 0 nodes) is
+    refused in one line naming the option, before anything is written."""
+    from qlora_sft.cli import main
+
+    recipe = small_recipe(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["submit", str(recipe), "--cluster", "slurm", "--time", "01:00:00", option, "99999999999999999999999"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(rf"argument {option}: '99999999999999999999999' .*at most 65535", err), err
+    assert not slurm_bin.exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_count_past_what_slurm_takes_in_the_recipe_or_the_api_is_refused(tmp_path: Path, slurm_bin: Path):
+    """The same counts from the recipe's cluster section, or from `submit(nodes=...)` in Python."""
+    from qlora_sft.errors import RecipeError
+    from qlora_sft.submit import submit
+
+    recipe = small_recipe(tmp_path, cluster={"nodes": 2**32, "time": "01:00:00"})
+    with pytest.raises(RecipeError, match=r"`cluster.nodes` is 4294967296; it must be <= 65535"):
+        submit(recipe, [], cluster="slurm")
+    recipe = small_recipe(tmp_path, cluster={"time": "01:00:00"})
+    with pytest.raises(UserError, match=r"cluster.tasks_per_node=70000 \(--tasks-per-node\).*at most 65535"):
+        submit(recipe, [], cluster="slurm", gpus_per_node=0, tasks_per_node=70000)
+    assert not slurm_bin.exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("existed", [True, False], ids=["folder-existed", "new-folder"])
+def test_a_refused_submission_leaves_nothing_in_the_job_folder(tmp_path: Path, slurm_bin: Path, existed: bool):
+    """sbatch refusing the job left submitit's `.submission_file_<id>.sh` and `<id>.pkl` in the job
+    folder, a pair per refused try. What this submission wrote goes; what was there stays; a job
+    folder it made and left empty goes too."""
+    from qlora_sft.submit import submit
+
+    recipe = small_recipe(tmp_path)
+    (tmp_path / "bin" / "sbatch").write_text(
+        "#!/usr/bin/env bash\necho 'sbatch: error: Batch job submission failed: Invalid account' >&2\nexit 1\n"
+    )
+    folder = tmp_path / "jobs" / "logs"
+    before: set[str] = set()
+    if existed:  # an earlier job's files, and a user's own that look like submitit's
+        (folder / "4242").mkdir(parents=True)
+        for name in (
+            ".submission_file_0123456789abcdef0123456789abcdef.sh",
+            "0123456789abcdef0123456789abcdef.pkl",
+            "notes.pkl",
+            "4242/x",
+        ):
+            (folder / name).write_text("mine\n")
+        before = {str(p.relative_to(folder)) for p in folder.rglob("*")}
+    with pytest.raises(UserError, match=r"sbatch refused the job; nothing was queued"):
+        submit(recipe, [], cluster="slurm", time="01:00:00", account="nope", folder=str(folder))
+    if existed:
+        assert {str(p.relative_to(folder)) for p in folder.rglob("*")} == before
+    else:
+        assert not folder.exists() and not (tmp_path / "jobs").exists()
+
+
+def test_wait_on_a_job_that_fails_names_the_job_its_logs_and_its_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    """`submit --wait` on a job that fails (here: a model that only the job loads, and cannot):
+    submitit's FailedJobError came out as a traceback of the submitting process holding the job's.
+    Now one message: the job, its log files, the last lines of its error; exit 1."""
+    from qlora_sft.cli import main
+
+    recipe = small_recipe(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["submit", str(recipe), "--cluster", "local", "--gpus-per-node", "0", "--time", "10", "--wait"])
+    out, err = capsys.readouterr()
+    job = re.search(r"submitted job (\d+)", out).group(1)  # type: ignore[union-attr]
+    assert code == 1, err
+    assert "Traceback" not in err, err
+    logs = tmp_path / "runs" / "run.submitit" / job
+    assert (
+        f"job {job} failed" in err and str(logs / f"{job}_0_log.err") in err and str(logs / f"{job}_0_log.out") in err
+    )
+    assert re.search(r"UserError: model.name_or_path='m': could not load its tokenizer", err), err
+
+
+def test_wait_prints_rank_0s_result_of_a_job_of_several_tasks(monkeypatch: pytest.MonkeyPatch, capsys):
+    """`submit --wait --tasks-per-node 2`: submitit's `job.result()` is for one task only; a job of
+    several ended (after training) in its AssertionError 'You should use `results()`'."""
+    import submitit
+
+    from qlora_sft import cli
+
+    submit_module = importlib.import_module("qlora_sft.submit")  # (the package's `submit` is the function)
+
+    class TwoTasks(submitit.Job):
+        def __init__(self, folder: Path = Path("/nowhere"), job_id: str = "77", tasks: tuple = (0, 1)) -> None:
+            super().__init__(folder=folder, job_id=job_id, tasks=tasks)
+
+        def wait(self) -> None:
+            pass
+
+        def exception(self) -> None:
+            return None
+
+        def results(self) -> list:
+            return [{"global_step": 3, "rank": 0}, {"global_step": 3, "rank": 1}]
+
+    monkeypatch.setattr(submit_module, "submit", lambda *a, **k: TwoTasks())
+    assert cli.main(["submit", "r.yaml", "--wait"]) == 0
+    assert "result: {'global_step': 3, 'rank': 0}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("squeue", "said"),
+    [
+        ("echo 'slurm_load_jobs error: Unable to contact controller' >&2\nexit 1\n", r"squeue exited 1 \(.*Unable"),
+        ("exec sleep 30\n", r"squeue did not answer within 1 s"),
+        (None, r"squeue is not on PATH"),
+    ],
+    ids=["exits-1", "times-out", "missing"],
+)
+def test_squeue_failing_is_warned_not_silent(
+    tmp_path: Path,
+    slurm_bin: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    squeue: str | None,
+    said: str,
+):
+    """squeue failing (the controller unreachable, not answering, not on PATH) skipped the check for
+    a job of the same run still queued, without a word: a second job could be queued unsaid."""
+    import logging
+
+    from qlora_sft.submit import submit
+
+    submit_module = importlib.import_module("qlora_sft.submit")
+    recipe = small_recipe(tmp_path)
+    assert submit(recipe, [], cluster="slurm", time="01:00:00").job_id == "4242"
+    if squeue is None:  # a PATH of the fakes and bash alone (the system's squeue is in /usr/bin)
+        (tmp_path / "bin" / "squeue").unlink()
+        (tmp_path / "shell").mkdir()
+        (tmp_path / "shell" / "bash").symlink_to(shutil.which("bash"))
+        monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{tmp_path / 'shell'}")
+    else:
+        fake_bin(tmp_path / "bin", squeue=squeue)
+    monkeypatch.setattr(submit_module, "SQUEUE_TIMEOUT_S", 1)
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        assert submit(recipe, [], cluster="slurm", time="01:00:00").job_id == "4242"
+    assert re.search(rf"{said}.*job\(s\) 4242 .*a second job of this run may be queued", caplog.text), caplog.text

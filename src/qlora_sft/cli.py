@@ -29,22 +29,29 @@ def gib(text: str) -> float:
 
 
 def _whole_number(text: str, least: int, hint: str) -> int:
+    from .recipe import SLURM_COUNT_MAX
+
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < least:
         raise argparse.ArgumentTypeError(f"{text!r}: give {hint}")
+    if value > SLURM_COUNT_MAX:  # (submitit makes one object per task; SLURM wraps counts past 16/32 bits)
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is more than SLURM takes: give at most {SLURM_COUNT_MAX} (SLURM holds these counts in 16 "
+            "or 32 bits and wraps a larger one)"
+        )
     return value
 
 
 def count(text: str) -> int:
-    """A count of nodes, GPUs, tasks or CPUs: a whole number, 1 or more."""
+    """A count of nodes, GPUs, tasks or CPUs: a whole number, 1 to SLURM_COUNT_MAX."""
     return _whole_number(text, 1, "1 or more")
 
 
 def gpus(text: str) -> int:
-    """GPUs per node for submit: 0 (CPU ranks) or more."""
+    """GPUs per node for submit: 0 (CPU ranks) to SLURM_COUNT_MAX."""
     return _whole_number(text, 0, "0 (CPU ranks) or more")
 
 
@@ -550,7 +557,7 @@ def converse(args: argparse.Namespace, answer: Any) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from .submit import submit
+    from .submit import submit, wait_for
 
     job = submit(
         args.recipe,
@@ -576,7 +583,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"  stdout:     {job.paths.stdout}")
     print(f"  stderr:     {job.paths.stderr}")
     if args.wait:
-        print(f"result: {job.result()}")
+        print(f"result: {wait_for(job)}")
     return 0
 
 

@@ -56,3 +56,10 @@ class DataError(UserError):
 
 class RunDirError(UserError):
     """The run directory holds something that this launch must not touch."""
+
+
+class JobFailedError(UserError):
+    """A submitted job that failed (`submit --wait`): said without the submitting process's traceback,
+    with exit code 1 (the job, not the command line, went wrong)."""
+
+    exit_code = 1

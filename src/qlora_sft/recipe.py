@@ -38,6 +38,10 @@ from .errors import RecipeError
 
 SEED_MAX = 2**32 - 1  # numpy's (and so transformers.set_seed's) largest seed
 INT64_MAX = 2**63 - 1  # the largest whole number torch, numpy and the tokenizers hold
+# the most nodes, GPUs, tasks per node or CPUs per task submit asks SLURM for: far past any cluster, and
+# below where SLURM's counts wrap (tasks per node and CPUs per task are 16-bit there, nodes and tasks
+# 32-bit: `sbatch --nodes=4294967296` asks for 0 nodes; 65535 x 65535 tasks still fit in 32 bits)
+SLURM_COUNT_MAX = 65535
 FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: torch computes with the recipe's numbers in it
 
 # --------------------------------------------------------------------------------------------
@@ -273,11 +277,11 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    nodes: int = field(default=1, metadata={"min": 1})
+    nodes: int = field(default=1, metadata={"min": 1, "max": SLURM_COUNT_MAX})
     """Nodes for `qlora-sft submit` (flags override every key of this section)."""
-    gpus_per_node: int = field(default=1, metadata={"min": 0})
+    gpus_per_node: int = field(default=1, metadata={"min": 0, "max": SLURM_COUNT_MAX})
     """GPUs per node; one task (rank) per GPU. 0: CPU ranks (see tasks_per_node)."""
-    tasks_per_node: int | None = field(default=None, metadata={"min": 1})
+    tasks_per_node: int | None = field(default=None, metadata={"min": 1, "max": SLURM_COUNT_MAX})
     """Ranks per node; default: gpus_per_node (or 1 without GPUs)."""
     partition: str | None = None
     """SLURM partition."""
@@ -287,7 +291,7 @@ class ClusterConfig:
     """SLURM quality of service."""
     time: str = "04:00:00"
     """Time limit: minutes, HH:MM:SS or D-HH:MM:SS."""
-    cpus_per_task: int | None = field(default=None, metadata={"min": 1})
+    cpus_per_task: int | None = field(default=None, metadata={"min": 1, "max": SLURM_COUNT_MAX})
     """CPU cores per task (rank)."""
     mem: str | None = None
     """Memory per node, SLURM syntax (e.g. 200G)."""

@@ -32,11 +32,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import JobFailedError, UserError
 from .files import not_utf8, write_problem
-from .recipe import ClusterConfig, load_recipe
+from .recipe import SLURM_COUNT_MAX, ClusterConfig, load_recipe
 
 log = logging.getLogger("qlora_sft")
+
+SQUEUE_TIMEOUT_S = 60  # how long submit waits for squeue's answer
 
 TORCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
@@ -171,6 +173,13 @@ def executor_parameters(cfg: ClusterConfig, **given: Any) -> dict[str, Any]:
     merged = {k: getattr(cfg, k) for k in ClusterConfig.__dataclass_fields__}
     merged.update({k: v for k, v in given.items() if v is not None})
     check_cluster_text(merged)
+    for key in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task"):  # (the recipe's are checked there)
+        if merged[key] is not None and int(merged[key]) > SLURM_COUNT_MAX:
+            raise UserError(
+                f"cluster.{key}={merged[key]} (--{key.replace('_', '-')}) is more than SLURM takes: give at most "
+                f"{SLURM_COUNT_MAX} (SLURM holds these counts in 16 or 32 bits and wraps a larger one); nothing "
+                "was queued"
+            )
     gpus = int(merged["gpus_per_node"])
     tasks = int(merged["tasks_per_node"] or (gpus if gpus > 0 else 1))
     if 0 < gpus < tasks:
@@ -279,21 +288,87 @@ def check_job_folder(folder: Path, run_dir: Path) -> None:
 
 def jobs_still_queued(folder: Path) -> list[tuple[str, str]]:
     """(job id, state) of the jobs submitted into `folder` before (`<folder>/<id>/<id>_submitted.pkl`)
-    that SLURM still holds: pending, running, requeued... Empty where squeue cannot tell."""
+    that SLURM still holds: pending, running, requeued... Empty, with a warning, where squeue cannot tell."""
     ids = {p.parent.name for p in folder.glob("*/*_submitted.pkl") if p.parent.name.isdigit()}
     if not ids:
         return []
+    failed: str | None = None
     try:
         out = subprocess.run(
-            ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %T"], capture_output=True, text=True, timeout=60
+            ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %T"],
+            capture_output=True,
+            text=True,
+            timeout=SQUEUE_TIMEOUT_S,
         )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    if out.returncode:
+        if out.returncode:
+            said = (out.stderr.strip() or out.stdout.strip()).splitlines()
+            failed = f"squeue exited {out.returncode}" + (f" ({said[-1]})" if said else "")
+    except FileNotFoundError:
+        failed = "squeue is not on PATH"
+    except subprocess.TimeoutExpired:
+        failed = f"squeue did not answer within {SQUEUE_TIMEOUT_S} s"
+    except OSError as exc:
+        failed = f"squeue could not run ({exc})"
+    if failed:
+        newest = ",".join(sorted(ids, key=int)[-5:])  # (every job this run's folder ever held: the newest)
+        log.warning(
+            "submit: %s, so whether job(s) %s of this run are still in SLURM's queue is not known; if one is, "
+            "a second job of this run may be queued beside it (check with squeue -j %s)",
+            failed,
+            newest,
+            newest,
+        )
         return []
     rows = (line.split(None, 1) for line in out.stdout.splitlines() if len(line.split(None, 1)) == 2)
     # (a job COMPLETING has trained: its processes are ending, a new job starts after them)
     return sorted((job, state.strip()) for job, state in rows if job in ids and state.strip() != "COMPLETING")
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and the folders above it that do not exist yet, deepest first: what writing into it makes."""
+    made, here = [], Path(os.path.abspath(folder))
+    while not os.path.lexists(here) and here != here.parent:
+        made.append(here)
+        here = here.parent
+    return made
+
+
+# what submitit writes into the job folder before sbatch answers: the sbatch script and the pickled call
+SUBMISSION_FILE = re.compile(r"\.submission_file_[0-9a-f]{32}\.sh|[0-9a-f]{32}\.pkl")
+
+
+def submission_files(folder: Path) -> set[str]:
+    """The names in `folder` that look like submitit's files of a submission not yet queued."""
+    try:
+        return {p.name for p in folder.iterdir() if SUBMISSION_FILE.fullmatch(p.name)}
+    except OSError:
+        return set()
+
+
+def take_back_refused_submission(folder: Path, before: set[str], made: Sequence[Path], exc: BaseException) -> None:
+    """After sbatch refused the job: remove what this submission wrote into the job folder `folder`
+    (submitit's sbatch script, the one sbatch was given, and its pickle, new since `before`: only where
+    it is the one new pickle, as another submission at the same moment writes one too), then the
+    folders it made (`made`, deepest first) where that leaves them empty. Nothing else is touched."""
+    cause = exc.__cause__  # (submitit raises its FailedJobError from sbatch's CalledProcessError)
+    script = cmd[-1] if isinstance(cause, subprocess.CalledProcessError) and (cmd := cause.cmd) else None
+    new = submission_files(folder) - before
+    pickles = [name for name in new if name.endswith(".pkl")]
+    for name in new:
+        path = folder / name
+        if name.endswith(".sh") and script is not None and os.path.abspath(path) != os.path.abspath(script):
+            continue  # another submission's, at the same moment
+        if name.endswith(".pkl") and len(pickles) > 1:
+            continue  # which is this one's is unknown (submitit names it apart); another job needs its own
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    for path in made:
+        try:
+            path.rmdir()  # (only an empty one)
+        except OSError:
+            break
 
 
 def export_torch_env() -> dict[str, str]:
@@ -380,6 +455,46 @@ class QloraJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(QloraJob(), *args, **kwargs)
+
+
+def error_end(trace: str, most: int = 8) -> list[str]:
+    """The end of a Python traceback: the exception's own lines after its last frame, at most `most`."""
+    lines = trace.rstrip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    start = frames[-1] + 1 if frames else 0
+    while frames and start < len(lines) and lines[start].startswith("    "):  # the frame's source line, ^^^
+        start += 1
+    return ([line for line in lines[start:] if line.strip()] or lines)[-most:]
+
+
+def wait_for(job: Any) -> Any:
+    """`submit --wait`: wait for every task of the submitit `job`, then rank 0's result. A task that
+    failed (an error, or SLURM ended it without a result: cancelled, out of time, its node lost) is
+    a JobFailedError naming the job, that task's log files and the last lines of its error."""
+    import submitit
+
+    job.wait()
+    for rank in range(job.num_tasks):
+        task = job.task(rank)
+        exc = task.exception()
+        if exc is None:
+            continue
+        parts = str(exc).split("\n----------------------\n")
+        if isinstance(exc, submitit.core.utils.FailedJobError) and len(parts) >= 3:  # its error's traceback
+            how, end, then = "failed", error_end(parts[1]), "Fix what it names and submit again"
+        else:  # no result: the end of its error log
+            try:
+                text = Path(task.paths.stderr).read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                text = ""
+            how, then = f"ended without a result (state {task.state})", "See its logs for why, then submit again"
+            end = error_end(text) if text.strip() else ["(its error log is empty)"]
+        said = "\n".join(f"    {line}" for line in end)
+        raise JobFailedError(
+            f"submit --wait: job {job.job_id} {how} in task {rank} of {job.num_tasks}. Its logs:\n"
+            f"    stderr: {task.paths.stderr}\n    stdout: {task.paths.stdout}\nThe end of its error:\n{said}\n{then}"
+        )
+    return job.results()[0]
 
 
 def check_world_size(recipe: Any, params: Mapping[str, Any]) -> None:
@@ -504,6 +619,7 @@ def submit(
                 f"run trained). Wait for it (squeue -j {ids}), cancel it (scancel {ids}), chain the new one after "
                 f"it (--extra-sbatch=--dependency=afterany:{ids}), or give another run.name; nothing was queued."
             )
+    made, before = missing_folders(folder.parent), submission_files(folder.parent)  # (to take back if refused)
     # (submitit writes the python it is given into the job's command line as is: quoted, a path with a
     # space or a `$` stays one word)
     executor = submitit.AutoExecutor(folder=folder, cluster=chosen, slurm_python=shlex.quote(sys.executable))
@@ -520,6 +636,7 @@ def submit(
     try:
         job = executor.submit(QloraJob(), str(Path(recipe).resolve()), overrides, str(Path.cwd()), cpu_ranks)
     except submitit.core.utils.FailedJobError as exc:  # sbatch refused it (its words), or could not reach SLURM
+        take_back_refused_submission(folder.parent, before, made, exc)
         said = "\n".join(f"    {line}" for line in str(exc).strip().splitlines()[-8:])
         raise UserError(
             f"submit: sbatch refused the job; nothing was queued. It said:\n{said}\nFix the setting it names "
