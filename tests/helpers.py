@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -27,6 +28,27 @@ CONFIGS = REPO / "configs" / "accelerate"
 
 # the smallest recipe that builds: enough for tests of how keys resolve and what is refused
 MINIMAL_RECIPE: dict[str, Any] = {"model": {"name_or_path": "m"}, "data": {"sources": [{"path": "a.jsonl"}]}}
+
+
+def small_recipe(tmp_path: Path, **sections: dict) -> Path:
+    """MINIMAL_RECIPE with its data file and runs/ in `tmp_path`, `sections` merged into it, as
+    tmp_path/r.yaml. (A copy: MINIMAL_RECIPE's own sections are never changed, which a later test's
+    recipe would carry: an earlier test's model path in another's job.)"""
+    (tmp_path / "a.jsonl").write_text('{"instruction": "q", "output": "a"}\n')
+    raw = copy.deepcopy({**MINIMAL_RECIPE, "run": {"output_dir": str(tmp_path / "runs")}})
+    for k, v in sections.items():
+        raw.setdefault(k, {}).update(v)
+    return write_recipe(tmp_path / "r.yaml", raw)
+
+
+def fake_bin(folder: Path, **scripts: str) -> Path:
+    """Executable bash scripts `name` (body given) in `folder`, to put first on PATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, body in scripts.items():
+        path = folder / name
+        path.write_text("#!/usr/bin/env bash\n" + body)
+        path.chmod(0o755)
+    return folder
 
 
 def two_rank_mode(kind: str, zero: int = 0) -> Any:

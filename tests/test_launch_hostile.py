@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import MINIMAL_RECIPE, REPO, write_recipe
+from helpers import MINIMAL_RECIPE, REPO, fake_bin, small_recipe, write_recipe
 
 from qlora_sft.errors import UserError
 
@@ -29,23 +29,6 @@ def cluster(**values: object):
     from qlora_sft.recipe import build_recipe
 
     return build_recipe({**MINIMAL_RECIPE, "cluster": values}).cluster
-
-
-def small_recipe(tmp_path: Path, **sections: dict) -> Path:
-    (tmp_path / "a.jsonl").write_text('{"instruction": "q", "output": "a"}\n')
-    raw = {**MINIMAL_RECIPE, "run": {"output_dir": str(tmp_path / "runs")}}
-    for k, v in sections.items():
-        raw.setdefault(k, {}).update(v)
-    return write_recipe(tmp_path / "r.yaml", raw)
-
-
-def fake_bin(folder: Path, **scripts: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, body in scripts.items():
-        path = folder / name
-        path.write_text("#!/usr/bin/env bash\n" + body)
-        path.chmod(0o755)
-    return folder
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,26 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import MINIMAL_RECIPE, write_recipe
+from helpers import MINIMAL_RECIPE, fake_bin, small_recipe
 
 from qlora_sft.errors import UserError
-
-
-def small_recipe(tmp_path: Path, **sections: dict) -> Path:
-    (tmp_path / "a.jsonl").write_text('{"instruction": "q", "output": "a"}\n')
-    raw = {**MINIMAL_RECIPE, "run": {"output_dir": str(tmp_path / "runs")}}
-    for k, v in sections.items():
-        raw.setdefault(k, {}).update(v)
-    return write_recipe(tmp_path / "r.yaml", raw)
-
-
-def fake_bin(folder: Path, **scripts: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, body in scripts.items():
-        path = folder / name
-        path.write_text("#!/usr/bin/env bash\n" + body)
-        path.chmod(0o755)
-    return folder
 
 
 @pytest.fixture()
