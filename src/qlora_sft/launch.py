@@ -540,19 +540,24 @@ def check_devices(env: Mapping[str, str] | None = None, cuda: bool | None = None
     )
 
 
-def check_ranks() -> list[dict[str, Any]]:
-    """Pre-flight, before any model loads: every process reports (rank, local rank, host); the
-    ranks must be unique, 0..N-1, and N must equal the world size the launcher set. Catches the
-    classic multi-node mistake where every node believes it is rank 0 (accelerate#2816)."""
+def check_ranks(recipe: Recipe | None = None) -> list[dict[str, Any]]:
+    """Pre-flight, before any model loads: every process reports (rank, local rank, host, and with
+    `recipe` the recipe it read and its packages' versions); the ranks must be unique, 0..N-1, N must
+    equal the world size the launcher set (the classic multi-node mistake where every node believes
+    it is rank 0, accelerate#2816), and every rank must train the same recipe with the same packages
+    (`sameness_problem`)."""
     import torch.distributed as dist
 
     state = distributed_state()
-    me = {
+    me: dict[str, Any] = {
         "rank": state.process_index,
         "local_rank": state.local_process_index,
         "host": socket.gethostname(),
         "pid": os.getpid(),
     }
+    if recipe is not None:
+        me["recipe"] = json.loads(json.dumps(recipe.fingerprint(), default=str))
+        me["versions"] = package_versions()
     everyone = [me]
     if dist.is_available() and dist.is_initialized():
         everyone = [None] * dist.get_world_size()  # type: ignore[list-item]
@@ -563,7 +568,95 @@ def check_ranks() -> list[dict[str, Any]]:
             f"launch: {problem}. Check the launcher: machine_rank/--node_rank per node, "
             "--num_processes = GPUs in total, the same MASTER_ADDR/MASTER_PORT everywhere."
         )
+    if recipe is not None:
+        problem, notes = sameness_problem(everyone)
+        if problem:
+            raise UserError(f"launch: {problem}")
+        if state.is_main_process:
+            for note in notes:
+                log.warning("launch: %s", note)
     return everyone
+
+
+# the packages every rank must have in one version: a node with another transformers or peft trains
+# (or saves) otherwise, and the ranks' replicas drift apart without an error
+RANK_PACKAGES = ("qlora-sft", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets")
+# recipe keys that may name the same files by another path on another node (a node-local copy of the
+# model or the data): said, not refused (the files' content is checked where it is read)
+PATH_KEYS = ("model.name_or_path",)
+PATH_LIST_KEYS = ("data.sources", "data.eval_sources")  # lists of sources: their `path` may differ
+
+
+def package_versions() -> dict[str, str | None]:
+    """The installed version of each of `RANK_PACKAGES` (None where it is not installed)."""
+    import importlib.metadata
+
+    versions: dict[str, str | None] = {}
+    for name in RANK_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def sameness_problem(reports: list[dict[str, Any]]) -> tuple[str | None, list[str]]:
+    """(why the ranks cannot train together, notes): every rank's recipe (its flat keys, as the rank
+    resolved it: the file and its overrides) and package versions against rank 0's. A recipe edited
+    between two nodes' starts, a node's command line with other overrides, or a node with another
+    environment would train another learning rate, or save other files, with no error from DDP: the
+    replicas drift apart. Paths to the model or the data may differ (node-local copies): noted."""
+    first = min(reports, key=lambda r: r["rank"])
+    problems: list[str] = []
+    notes: list[str] = []
+    for report in sorted(reports, key=lambda r: r["rank"]):
+        if report is first:
+            continue
+        who = f"rank {report['rank']} (host {report['host']})"
+        than = f"rank {first['rank']} (host {first['host']})"
+        a, b = first.get("recipe") or {}, report.get("recipe") or {}
+        paths = []
+        keys = []
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) == b.get(key):
+                continue
+            if key in PATH_KEYS or (key in PATH_LIST_KEYS and _without_paths(a.get(key)) == _without_paths(b.get(key))):
+                paths.append(f"{key}: {a.get(key)!r} there, {b.get(key)!r} here")
+            else:
+                keys.append(f"{key}: {a.get(key)!r} on {than}, {b.get(key)!r} on {who}")
+        versions = [
+            f"{name} {first['versions'].get(name) or 'not installed'} on {than}, "
+            f"{report['versions'].get(name) or 'not installed'} on {who}"
+            for name in RANK_PACKAGES
+            if first.get("versions", {}).get(name) != report.get("versions", {}).get(name)
+        ]
+        if keys:
+            shown = "; ".join(keys[:6]) + (f"; and {len(keys) - 6} more" if len(keys) > 6 else "")
+            problems.append(
+                f"the ranks read different recipes ({shown}). Every rank must read the same recipe file with the "
+                "same overrides: give every node the same command line, and the recipe on a file system they share "
+                "(not a copy edited on one node)"
+            )
+        if versions:
+            problems.append(
+                f"the ranks run different package versions ({'; '.join(versions)}). Install one environment on "
+                "every node (one virtual environment on a shared file system, or one container image)"
+            )
+        if problems:
+            return "; and ".join(problems) + ". Nothing was loaded or written.", notes
+        if paths:
+            notes.append(f"{who} names its files by other paths than {than} ({'; '.join(paths)})")
+    if notes:  # (one line: on many nodes, every rank of them would say it)
+        more = f", and {len(notes) - 1} more rank(s) as well" if len(notes) > 1 else ""
+        notes = [f"{notes[0]}{more}: each node reads its own copy, which must hold the same files"]
+    return None, notes
+
+
+def _without_paths(sources: Any) -> Any:
+    """A recipe's list of data sources with their `path` left out."""
+    if not isinstance(sources, list):
+        return sources
+    return [{k: v for k, v in s.items() if k != "path"} if isinstance(s, dict) else s for s in sources]
 
 
 def rank_problem(reports: list[dict[str, Any]], launcher_world_size: int) -> str | None:

@@ -202,7 +202,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     # created here, before the Trainer, which would otherwise be too late to apply it.
     state = launch.start_process_group(float(recipe.train.args.get("ddp_timeout") or 1800))
     setup_logging(state.is_main_process, state.process_index)
-    launch.check_ranks()
+    launch.check_ranks(recipe)  # (and that every rank read the same recipe, with the same packages)
     profile_at = profiling.profile_step()
     model.offload.prefetch_offloaded_inputs()  # the benchmark switches, checked before anything loads
     model.offload.head_tile()
