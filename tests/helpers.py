@@ -71,6 +71,32 @@ def cpu_env() -> dict[str, str]:
     return env
 
 
+def torchrun_script(*args: str, cwd: Path, timeout: float = 600) -> tuple[int, str, str]:
+    """`torchrun --nproc_per_node 2 ARGS` (a driver script and its arguments, or `-m qlora_sft ...`) as
+    CPU ranks in a session of its own: (exit code, stdout, stderr). On a hang past `timeout`, the
+    whole session is killed (nothing outlives the test)."""
+    import signal
+    import subprocess
+
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2"]
+    launcher = subprocess.Popen(
+        [*torchrun, "--master_port", str(free_port()), *args],
+        cwd=cwd,
+        env={**cpu_env(), "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = launcher.communicate(timeout=timeout)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            out, err = launcher.communicate()
+    return launcher.returncode, out, err
+
+
 def accelerate_cmd(*args: str, ranks: int = 2, config: str = "multi_gpu.yaml") -> list[str]:
     """`accelerate launch` of the bundled DDP config as CPU ranks, then `-m qlora_sft <args>`."""
     return [

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, cpu_env, free_port, losses_by_step, short_run_recipe
+from helpers import REPO, losses_by_step, short_run_recipe, torchrun_script
 
 from qlora_sft import checkpoint
 
@@ -366,23 +365,8 @@ def test_ctrl_c_of_two_ranks_under_torchrun_ends_every_rank_with_one_line_and_th
     driver.write_text(CTRL_C_RANKS)
     pids = tmp_path / "pids"
     pids.mkdir()
-    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2"]
-    launcher = subprocess.Popen(
-        [*torchrun, "--master_port", str(free_port()), str(driver), where, str(step), str(pids), "train", str(recipe)],
-        cwd=tmp_path,
-        env={**cpu_env(), "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = launcher.communicate(timeout=600)
-    finally:
-        if launcher.poll() is None:  # (a hang: nothing of it outlives the test)
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.communicate()
-    assert launcher.returncode != 0, (out + err)[-3000:]
+    code, out, err = torchrun_script(str(driver), where, str(step), str(pids), "train", str(recipe), cwd=tmp_path)
+    assert code != 0, (out + err)[-3000:]
     ranks = [int((pids / str(r)).read_text()) for r in (0, 1)]
     alive = [p for p in ranks if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not alive, alive  # no rank outlives the launcher
@@ -402,16 +386,9 @@ def test_ctrl_c_of_two_ranks_under_torchrun_ends_every_rank_with_one_line_and_th
     assert not (run / checkpoint.LOCK).exists()  # released on the way out
     before = losses_by_step(run)
 
-    again = subprocess.run(
-        [*torchrun, "--master_port", str(free_port()), "-m", "qlora_sft", "train", str(recipe)],
-        cwd=tmp_path,
-        env={**cpu_env(), "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert f"resuming from {newest}" in again.stdout, again.stdout[-3000:]
+    code, again, err = torchrun_script("-m", "qlora_sft", "train", str(recipe), cwd=tmp_path)
+    assert code == 0, (again + err)[-3000:]
+    assert f"resuming from {newest}" in again, again[-3000:]
     assert checkpoint.inspect_checkpoint(run / "final", verify=True).complete
     after = losses_by_step(run)
     assert sorted(after) == [1, 2, 3, 4, 5, 6]

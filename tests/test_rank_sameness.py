@@ -8,12 +8,9 @@ the model, and a difference is refused naming the key, both values and both rank
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-from helpers import REPO, cpu_env, free_port, short_run_recipe
+from helpers import short_run_recipe, torchrun_script
 
 from qlora_sft.launch import RANK_PACKAGES, sameness_problem
 
@@ -66,24 +63,9 @@ def test_two_ranks_launched_with_other_overrides_are_refused_before_anything_is_
     recipe = short_run_recipe(tmp_path, tiny_model, "drift")
     driver = tmp_path / "drift.py"
     driver.write_text(DRIVER)
-    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2"]
-    launcher = subprocess.Popen(
-        [*torchrun, "--master_port", str(free_port()), str(driver), "train", str(recipe)],
-        cwd=tmp_path,
-        env={**cpu_env(), "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = launcher.communicate(timeout=300)
-    finally:
-        if launcher.poll() is None:  # (a hang: nothing of it outlives the test)
-            launcher.send_signal(signal.SIGKILL)
-            launcher.communicate()
+    code, out, err = torchrun_script(str(driver), "train", str(recipe), cwd=tmp_path, timeout=300)
     said = out + err
-    assert launcher.returncode != 0, said[-3000:]
+    assert code != 0, said[-3000:]
     assert "launch: the ranks read different recipes (train.learning_rate: 0.01 on rank 0" in said, said[-3000:]
     assert "0.001 on rank 1" in said and "Nothing was loaded or written." in said, said[-3000:]
     assert not (tmp_path / "runs" / "drift").exists()  # refused before the run directory was made
