@@ -69,3 +69,21 @@ def test_two_ranks_launched_with_other_overrides_are_refused_before_anything_is_
     assert "launch: the ranks read different recipes (train.learning_rate: 0.01 on rank 0" in said, said[-3000:]
     assert "0.001 on rank 1" in said and "Nothing was loaded or written." in said, said[-3000:]
     assert not (tmp_path / "runs" / "drift").exists()  # refused before the run directory was made
+    # said once, by rank 0, though both ranks met it (each printed it before)
+    assert said.count("the ranks read different recipes") == 1, said[-3000:]
+
+
+def test_a_refusal_the_main_process_decides_is_said_once_not_once_per_rank(tiny_model: Path, tmp_path: Path):
+    """An outcome rank 0 decides and every rank raises (`main_process_decides`: here a run directory
+    that is someone's folder, not a run) was printed by each rank; rank 0 alone says it now, and every
+    rank still exits 2."""
+    recipe = short_run_recipe(tmp_path, tiny_model, "mine")
+    mine = tmp_path / "runs" / "mine"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes\n")
+    code, out, err = torchrun_script("-m", "qlora_sft", "train", str(recipe), cwd=tmp_path, timeout=300)
+    said = out + err
+    assert code != 0, said[-3000:]
+    assert said.count(f"run directory {mine} exists and is not a qlora-sft run") == 1, said[-3000:]
+    assert "exitcode: 2" in said, said[-3000:]  # (torchrun's line for the failed rank)
+    assert (mine / "notes.txt").read_text() == "my notes\n" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError, RecipeError, RunDirError, UserError
+from .errors import DataError, RecipeError, RunDirError, UserError, agreed
 from .files import (
     atomic_prefix,
     atomic_write_text,
@@ -116,8 +116,8 @@ def main_process_decides(work: Callable[[], Any]) -> Any:
     if error is not None:
         cls, message = error
         if cls is RecipeError:
-            raise RecipeError(*message)
-        raise (cls if issubclass(cls, (RunDirError, DataError)) else UserError)(message)
+            raise agreed(RecipeError(*message))
+        raise agreed((cls if issubclass(cls, (RunDirError, DataError)) else UserError)(message))
     return result
 
 

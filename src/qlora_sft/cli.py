@@ -865,7 +865,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"qlora-sft {args.command}: error: {exc}", file=sys.stderr)
+        if not exc.everywhere or os.environ.get("RANK", "0") in ("", "0"):  # (rank 0 says what all ranks met)
+            print(f"qlora-sft {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         say_interrupted(args.command, exc)

@@ -37,6 +37,15 @@ class UserError(Exception):
     traceback and exits with code 2."""
 
     exit_code = 2
+    # raised alike by every rank of a launch (an outcome the ranks shared): the CLI prints it from rank
+    # 0 alone, as one line rather than one per rank (`agreed`)
+    everywhere = False
+
+
+def agreed(exc: UserError) -> UserError:
+    """`exc`, marked as raised alike by every rank (`UserError.everywhere`)."""
+    exc.everywhere = True
+    return exc
 
 
 class RecipeError(UserError):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import launch_config
-from .errors import UserError
+from .errors import UserError, agreed
 from .recipe import GPU_OPTIM, ModelConfig, QuantizationConfig, Recipe
 
 log = logging.getLogger("qlora_sft")
@@ -571,7 +571,7 @@ def check_ranks(recipe: Recipe | None = None) -> list[dict[str, Any]]:
     if recipe is not None:
         problem, notes = sameness_problem(everyone)
         if problem:
-            raise UserError(f"launch: {problem}")
+            raise agreed(UserError(f"launch: {problem}"))  # (every rank compared the same reports)
         if state.is_main_process:
             for note in notes:
                 log.warning("launch: %s", note)
