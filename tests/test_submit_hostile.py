@@ -349,3 +349,99 @@ def test_squeue_failing_is_warned_not_silent(
     with caplog.at_level(logging.WARNING, logger="qlora_sft"):
         assert submit(recipe, [], cluster="slurm", time="01:00:00").job_id == "4242"
     assert re.search(rf"{said}.*job\(s\) 4242 .*a second job of this run may be queued", caplog.text), caplog.text
+
+
+@pytest.mark.parametrize("cluster", [None, "slurm"], ids=["auto", "slurm"])
+def test_srun_without_sbatch_on_path_is_refused_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cluster: str | None
+):
+    """A partial SLURM client (srun on PATH, sbatch not): submit chose SLURM (submitit looks for srun
+    alone), wrote the job folder, its pickle and script, then came out as submitit's FileNotFoundError
+    traceback as it ran sbatch. Refused in one line naming sbatch, with nothing written."""
+    from qlora_sft.submit import submit
+
+    recipe = small_recipe(tmp_path)
+    fake_bin(tmp_path / "bin", srun="exit 0\n")
+    (tmp_path / "bin" / "bash").symlink_to(shutil.which("bash"))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    with pytest.raises(UserError, match=r"srun is on PATH but sbatch is not.*module load slurm.*nothing was queued"):
+        submit(recipe, [], cluster=cluster, time="01:00:00")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("time", "expected"),
+    [
+        ("99999-00:00:00", r"cluster.time='99999-00:00:00' \(--time\) is more than SLURM's longest limit, 24855-03:13"),
+        ("35791394", r"cluster.time='35791394' \(--time\) is more than SLURM's longest limit"),
+        ("UNLIMITED", r"cluster.time='UNLIMITED' \(--time\) is SLURM's no time limit, which submit cannot ask for"),
+        ("infinite", r"cluster.time='infinite' \(--time\) is SLURM's no time limit"),
+    ],
+    ids=["days", "minutes", "unlimited", "infinite"],
+)
+def test_a_time_limit_past_what_slurm_reads_is_refused_naming_the_option(
+    tmp_path: Path, slurm_bin: Path, time: str, expected: str
+):
+    """`--time 99999-00:00:00`: passed to sbatch, which counts the limit in seconds in a signed 32-bit
+    int: past 24855 days it overflows, and sbatch refuses it or reads another limit (a wrap onto -1 is
+    no limit at all). `UNLIMITED`/`INFINITE` (SLURM's no limit) were 'use minutes, HH:MM:SS...', as if
+    misspelt. Limits SLURM reads pass, the longest included."""
+    from qlora_sft.submit import parse_time, submit
+
+    recipe = small_recipe(tmp_path)
+    with pytest.raises(UserError, match=expected):
+        submit(recipe, [], cluster="slurm", time=time)
+    assert not slurm_bin.exists() and not (tmp_path / "runs").exists()
+    assert parse_time("7-00:00:00") == 7 * 1440 and parse_time("30-00:00:00") == 30 * 1440
+    assert parse_time("35791393") == parse_time("24855-03:13:00") == 35791393
+
+
+def test_ctrl_c_while_waiting_on_a_slurm_job_says_it_goes_on_and_how_to_follow_or_cancel_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    """Ctrl-C during `submit --wait`: the job goes on in SLURM (rightly), but the line said only
+    'interrupted', as if it had stopped too. Now it names the job, that it is still queued or running,
+    how to follow it (squeue, its logs) and to cancel it (scancel); exit 130, no traceback."""
+    import submitit
+
+    from qlora_sft import cli
+
+    submit_module = importlib.import_module("qlora_sft.submit")
+
+    class Waiting(submitit.SlurmJob):
+        def wait(self) -> None:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(submit_module, "submit", lambda *a, **k: Waiting(folder=Path("/jobs/%j"), job_id="77"))
+    assert cli.main(["submit", "r.yaml", "--wait"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert re.search(
+        r"interrupted\. Job 77 is still queued or running in SLURM.*squeue -j 77.*/jobs/77/77_0_log.out.*"
+        r"/jobs/77/77_0_log.err.*scancel 77",
+        err,
+    ), err
+
+
+def test_ctrl_c_while_waiting_on_a_local_job_says_whether_it_stopped(tmp_path: Path):
+    """--cluster local: submitit starts the job's controller in this terminal's process group, so a
+    Ctrl-C there reaches it too, and it stops the tasks; a SIGINT to the submitting process alone
+    leaves it running. The line says which, from the job's state."""
+    import signal
+    import time
+
+    import submitit
+
+    from qlora_sft.submit import interrupted_wait_note
+
+    executor = submitit.LocalExecutor(folder=tmp_path / "%j")
+    executor.update_parameters(timeout_min=1)
+    running = executor.submit(time.sleep, 30)
+    note = interrupted_wait_note(running, settle_s=1)
+    assert re.search(rf"local job {running.job_id} is still running.*kill -INT {running.job_id}", note), note
+    stopped = executor.submit(time.sleep, 30)
+    os.kill(int(stopped.job_id), signal.SIGINT)  # what the terminal's Ctrl-C sends it
+    note = interrupted_wait_note(stopped, settle_s=10)
+    assert re.search(rf"local job {stopped.job_id} stopped with it.*Submit again", note), note
+    running.cancel()
+    running.wait()

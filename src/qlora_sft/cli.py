@@ -557,7 +557,7 @@ def converse(args: argparse.Namespace, answer: Any) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from .submit import submit, wait_for
+    from .submit import interrupted_wait_note, submit, wait_for
 
     job = submit(
         args.recipe,
@@ -583,7 +583,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"  stdout:     {job.paths.stdout}")
     print(f"  stderr:     {job.paths.stderr}")
     if args.wait:
-        print(f"result: {wait_for(job)}")
+        try:
+            result = wait_for(job)
+        except KeyboardInterrupt as exc:  # the job goes on (or not): the CLI's one line says which
+            exc.add_note(interrupted_wait_note(job))
+            raise
+        print(f"result: {result}")
     return 0
 
 

@@ -39,6 +39,9 @@ from .recipe import SLURM_COUNT_MAX, ClusterConfig, load_recipe
 log = logging.getLogger("qlora_sft")
 
 SQUEUE_TIMEOUT_S = 60  # how long submit waits for squeue's answer
+# the longest time limit sbatch reads as given: it counts the limit in seconds in a signed 32-bit int, rounded
+# up to minutes (a longer one overflows: refused, or read as another limit, -1 being none at all)
+SLURM_TIME_MAX_MIN = (2**31 - 1 - 59) // 60
 
 TORCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
@@ -49,6 +52,11 @@ def parse_time(value: str | int) -> int:
     it) and a field out of its range (`1-25:00:00`, `90:99`: a typo, not a time limit)."""
     if isinstance(value, int):
         value = str(value)
+    if str(value).strip().upper() in ("INFINITE", "UNLIMITED", "-1"):  # (sbatch reads these as no limit)
+        raise UserError(
+            f"cluster.time={value!r} (--time) is SLURM's no time limit, which submit cannot ask for (the "
+            "save-and-requeue signal counts back from the limit). Give the partition's longest time, e.g. 7-00:00:00"
+        )
     m = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", str(value).strip())
     if not m:
         raise UserError(f"cluster.time={value!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
@@ -77,6 +85,13 @@ def parse_time(value: str | int) -> int:
         raise UserError(
             f"cluster.time={value!r}: a limit of 0 is SLURM's no time limit, which submit cannot ask for (the "
             "save-and-requeue signal counts back from the limit). Give the partition's longest time, e.g. 2-00:00:00"
+        )
+    if minutes > SLURM_TIME_MAX_MIN:
+        longest = f"{SLURM_TIME_MAX_MIN // 1440}-{SLURM_TIME_MAX_MIN % 1440 // 60:02d}:{SLURM_TIME_MAX_MIN % 60:02d}:00"
+        raise UserError(
+            f"cluster.time={value!r} (--time) is more than SLURM's longest limit, {longest} ({SLURM_TIME_MAX_MIN} "
+            "minutes: sbatch counts it in seconds in 32 bits, and refuses a longer one or reads another limit). Give "
+            "the partition's longest time (`sinfo -o '%P %l'`), e.g. 7-00:00:00; nothing was queued"
         )
     return minutes
 
@@ -233,9 +248,17 @@ SLURM_ONLY = {
 def choose_cluster(cluster: str | None, params: Mapping[str, Any]) -> str:
     """Where the job goes: `cluster`, else SLURM where its `srun` is on PATH (what submitit looks for),
     else this machine. Refused, before anything is written: SLURM asked for where it is not (submitit's
-    RuntimeError), several nodes on this machine (its ValueError), and SLURM settings that would be
-    dropped because SLURM was not found (a job meant for a partition trained on the login node)."""
+    RuntimeError), or found without `sbatch` (submitit's FileNotFoundError as it queues), several
+    nodes on this machine (its ValueError), and SLURM settings that would be dropped because SLURM
+    was not found (a job meant for a partition trained on the login node)."""
     found = shutil.which("srun") is not None
+    if found and cluster != "local" and shutil.which("sbatch") is None:  # (submitit's FileNotFoundError, after writing)
+        raise UserError(
+            f"submit{' --cluster slurm' if cluster else ''}: srun is on PATH but sbatch is not (a partial SLURM "
+            "client, or a PATH without SLURM's bin folder), so nothing can be queued. Put SLURM's bin folder on "
+            "PATH (e.g. `module load slurm`; `which srun` names it), or pass --cluster local to train on this "
+            "machine; nothing was queued"
+        )
     if cluster == "slurm" and not found:
         raise UserError(
             "submit --cluster slurm: srun and sbatch are not on PATH on this host, so nothing can be queued. "
@@ -495,6 +518,35 @@ def wait_for(job: Any) -> Any:
             f"    stderr: {task.paths.stderr}\n    stdout: {task.paths.stdout}\nThe end of its error:\n{said}\n{then}"
         )
     return job.results()[0]
+
+
+def interrupted_wait_note(job: Any, settle_s: float = 5.0) -> str:
+    """What a Ctrl-C of `submit --wait` leaves, for the CLI's one line. A SLURM job goes on: only the
+    waiting stopped. A local job's controller runs in this terminal's process group, so the terminal's
+    Ctrl-C reaches it too and it stops the tasks (SIGINT, then SIGKILL a second later): its state
+    says which, once it has had `settle_s` to end. (A SIGINT to this process alone leaves it running.)"""
+    import time
+
+    from submitit.local.local import LocalJob
+
+    jid, logs = job.job_id, f"its logs: {job.paths.stdout} and {job.paths.stderr}"
+    if not isinstance(job, LocalJob):
+        return (
+            f"Job {jid} is still queued or running in SLURM (Ctrl-C stopped only the waiting): follow it with "
+            f"`squeue -j {jid}` and {logs}; cancel it with `scancel {jid}`."
+        )
+    deadline = time.monotonic() + settle_s
+    while job.state == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if job.state == "RUNNING":
+        return (
+            f"The local job {jid} is still running on this machine (the interrupt reached this process alone): "
+            f"{logs}; stop it with `kill -INT {jid}`."
+        )
+    return (
+        f"The local job {jid} stopped with it (Ctrl-C reaches its processes too); {logs}. Submit again to resume "
+        "from the run's newest complete checkpoint."
+    )
 
 
 def check_world_size(recipe: Any, params: Mapping[str, Any]) -> None:
