@@ -76,6 +76,11 @@ def test_slurm_not_on_path_is_said_not_trained_here(
     with pytest.raises(UserError, match=expected):
         submit(recipe, [], **kwargs)
     assert not (tmp_path / "runs").exists()
+    if kwargs.get("cluster") == "slurm":  # sbatch found, srun not: only srun is named missing
+        monkeypatch.setenv("PATH", str(fake_bin(tmp_path / "sbatch-bin", sbatch="exit 1\n")))
+        with pytest.raises(UserError, match=r"submit --cluster slurm: srun is not on PATH .*submitit needs both"):
+            submit(recipe, [], **kwargs)
+        assert not (tmp_path / "runs").exists()
 
 
 def test_a_job_folder_inside_the_run_directory_is_refused(tmp_path: Path, slurm_bin: Path):

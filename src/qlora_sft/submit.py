@@ -260,8 +260,10 @@ def choose_cluster(cluster: str | None, params: Mapping[str, Any]) -> str:
             "machine; nothing was queued"
         )
     if cluster == "slurm" and not found:
+        missing = "srun is" if shutil.which("sbatch") else "srun and sbatch are"
         raise UserError(
-            "submit --cluster slurm: srun and sbatch are not on PATH on this host, so nothing can be queued. "
+            f"submit --cluster slurm: {missing} not on PATH on this host (submitit needs both), so nothing can be "
+            "queued. "
             "Submit from a host of the cluster with SLURM on PATH (e.g. `module load slurm`), or pass "
             "--cluster local to train on this machine; nothing was queued"
         )
