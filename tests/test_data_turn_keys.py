@@ -210,3 +210,105 @@ def test_a_turns_weight_that_agrees_with_what_trains_is_read_not_refused():
     # with every turn trained (data.assistant_only_loss: false), a human turn's weight 0 is refused
     with pytest.raises(BadRow, match=r"`conversations\[1\]`.weight is 0.0"):
         normalize_row(slim, "sharegpt", assistant_only_loss=False)
+
+
+def test_a_turns_name_that_is_not_a_string_is_named_not_dropped(tmp_path: Path, caplog):
+    """Was: a `name` that is not a string (a number, a mapping) on a user, assistant or system turn, or
+    on a tool turn, was dropped without a word: `turn_name` names only a string, and `unread_turn_keys`
+    counted `name` as read. It is named as a key not read, with its first row and turn and its count."""
+
+    def row(i: int, name: object) -> dict:
+        user = {"role": "user", "content": f"{i} + {i}?"}
+        answer = {"role": "assistant", "content": str(2 * i), "name": name}
+        return {"messages": [user, answer]}
+
+    f = tmp_path / "names.jsonl"
+    rows = [row(0, None), row(1, 7), row(2, {"first": "Al"}), row(3, 7)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        examples = data.load_examples([DataSource(path=str(f))], "error")[0][0]
+    assert [m.get("name") for m in examples[1].messages] == [None, None]  # trains as before
+    said = _said(caplog, "`name`")
+    assert len(said) == 1, said
+    assert said[0].startswith(f"{f} row 2: turn `messages[1]` (assistant) has the key `name`"), said
+    assert "3 rows have it" in said[0] and "a string" in said[0], said
+
+    call = {"type": "function", "function": {"name": "add", "arguments": {}}, "id": "c1"}
+    tool_row = {
+        "messages": [
+            {"role": "user", "content": "Add."},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "3", "name": 12, "tool_call_id": "c1"},
+            {"role": "assistant", "content": "3."},
+        ]
+    }
+    assert data.formats.unread_turn_keys(tool_row, "messages") == [("name", "messages[2]", "tool")]
+    tool_row["messages"][2]["name"] = "add"  # a tool's name, a string, is kept: nothing to name
+    assert data.formats.unread_turn_keys(tool_row, "messages") == []
+
+
+def test_an_assistant_turns_reasoning_content_in_text_parts_is_read_and_another_type_refused():
+    """Was: an assistant turn's `reasoning_content` that is not a string (a list of OpenAI-style text
+    parts, a number) was dropped without a word. Text parts are joined, as a turn's content is; another
+    type is a `wrong_type` bad row naming the turn."""
+    parts = [{"type": "text", "text": "1 + 1 "}, {"type": "text", "text": "is 2."}]
+    row = {"messages": [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]}
+    row["messages"][1]["reasoning_content"] = parts
+    messages, _ = normalize_row(row, "messages")
+    assert messages[1] == {"role": "assistant", "content": "2", "reasoning_content": "1 + 1 is 2."}
+    assert data.formats.unread_turn_keys(row, "messages") == []
+    for odd in (5, {"text": "x"}, [{"type": "image_url", "image_url": {"url": "x"}}]):
+        row["messages"][1]["reasoning_content"] = odd
+        with pytest.raises(BadRow, match=r"`messages\[1\]`.reasoning_content must be a string") as refused:
+            normalize_row(row, "messages")
+        assert refused.value.reason == "wrong_type"
+
+
+def test_a_turn_key_is_counted_per_row_and_named_at_the_first_rows_turn(tmp_path: Path, caplog):
+    """A key in several turns of one row counts that row once; the warning names the first row's turn
+    (the one that has it, not a later row's)."""
+
+    def row(i: int, turns_with: tuple[int, ...]) -> dict:
+        turns = []
+        for t in range(3):
+            turns += [{"role": "user", "content": f"{i}.{t}?"}, {"role": "assistant", "content": "ok"}]
+            if t in turns_with:
+                turns[-1]["refusal"] = "No."
+        return {"messages": turns}
+
+    f = tmp_path / "many.jsonl"
+    rows = [row(0, ()), row(1, (1, 2)), row(2, (0, 1, 2)), row(3, (0,))]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        data.load_examples([DataSource(path=str(f))], "error")
+    said = _said(caplog, "`refusal`")
+    assert len(said) == 1, said
+    assert said[0].startswith(f"{f} row 2: turn `messages[3]` (assistant) has the key `refusal`"), said
+    assert "3 rows have it" in said[0], said
+
+
+def test_a_prompt_completion_row_whose_tool_call_ends_the_prompt_reads_as_one_conversation(tmp_path: Path, caplog):
+    """TRL's conversational prompt/completion: the prompt may end with the assistant's tool call and the
+    completion begin with its result. With `tool_calls` that read; with OpenAI's deprecated
+    `function_call` the call was looked for only in the prompt's own turns, so the row was refused as a
+    tool result without a call (and the call named as a key not read)."""
+    row = {
+        "prompt": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": None, "function_call": {"name": "w", "arguments": '{"city": "Oslo"}'}},
+        ],
+        "completion": [
+            {"role": "function", "name": "w", "content": "12 C"},
+            {"role": "assistant", "content": "It is 12 C."},
+        ],
+    }
+    messages, _ = normalize_row(row, "prompt_completion")
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+    assert messages[1]["tool_calls"] == [{"type": "function", "function": {"name": "w", "arguments": {"city": "Oslo"}}}]
+    assert data.formats.unread_turn_keys(row, "prompt_completion") == []
+    modern = json.loads(json.dumps(row))
+    del modern["prompt"][1]["function_call"]
+    modern["prompt"][1]["tool_calls"] = [{"type": "function", "function": {"name": "w", "arguments": {}}, "id": "c1"}]
+    modern["completion"][0] = {"role": "tool", "content": "12 C", "tool_call_id": "c1"}
+    messages, _ = normalize_row(modern, "prompt_completion")
+    assert messages[2] == {"role": "tool", "content": "12 C", "tool_call_id": "c1"}

@@ -120,23 +120,45 @@ def _history(row: dict[str, Any]) -> list[dict[str, Any]]:
     return turns
 
 
-def _content(value: Any, where: str) -> str:
+def _content(value: Any, where: str, key: str = "") -> str:
+    """A turn's content (or its `key`, such as `reasoning_content`): a string, or OpenAI's text parts
+    joined."""
     if isinstance(value, str):
         return value
+    what = f"{where}.{key}" if key else where
     if isinstance(value, list):  # OpenAI content parts: [{"type": "text", "text": ...}]
         parts = []
         for part in value:
             if isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
                 parts.append(part["text"])
+            elif key:
+                raise BadRow(
+                    "wrong_type",
+                    f'{what} must be a string (or a list of text parts, {{"type": "text", "text": ...}}), '
+                    f"got a list holding {part!r}. Write it as text",
+                )
             else:
                 raise BadRow("wrong_type", f"{where}: only text content parts are supported")
         return "".join(parts)
+    if key:
+        raise BadRow(
+            "wrong_type",
+            f"{what} must be a string (or a list of text parts), got {type(value).__name__} {value!r}. Write it "
+            "as text, or remove the key",
+        )
     raise BadRow("wrong_type", f"{where}: content must be a string, got {type(value).__name__}")
 
 
 def _turns(
-    turns: Any, role_key: str, content_key: str, field_name: str, assistant_only_loss: bool = True
+    turns: Any,
+    role_key: str,
+    content_key: str,
+    field_name: str,
+    assistant_only_loss: bool = True,
+    following: Sequence[Any] = (),
 ) -> list[dict[str, Any]]:
+    """A row's turns -> messages; `following`: the turns after these in the same conversation (a
+    prompt_completion row's completion after its prompt), where a tool call's result may be."""
     if not isinstance(turns, list):
         raise BadRow("wrong_type", f"field `{field_name}` must be a list of turns, got {type(turns).__name__}")
     out = []
@@ -145,7 +167,7 @@ def _turns(
         if not isinstance(turn, dict):
             raise BadRow("wrong_type", f"{where} must be a mapping")
         calls = turn.get("tool_calls")
-        if not calls and maps_function_call(turns, i, role_key):
+        if not calls and maps_function_call([*turns, *following], i, role_key):
             calls = [turn["function_call"]]  # OpenAI's deprecated call: {"name", "arguments"}
         if role_key not in turn or (content_key not in turn and not calls):
             raise BadRow("missing_field", f"{where} needs `{role_key}` and `{content_key}`")
@@ -170,8 +192,8 @@ def _turns(
         else:
             content = turn.get(content_key)
             message = {"role": role, "content": "" if content is None else _content(content, where)}
-        if role == "assistant" and isinstance(turn.get("reasoning_content"), str):
-            message["reasoning_content"] = turn["reasoning_content"]  # a template with thinking renders it
+        if role == "assistant" and turn.get("reasoning_content") is not None:  # a template with thinking renders it
+            message["reasoning_content"] = _content(turn["reasoning_content"], where, "reasoning_content")
         trains = role == "assistant" or not assistant_only_loss
         done = (
             "every assistant turn trains and no other turn does"
@@ -406,8 +428,15 @@ def normalize_row(
                 "fine-tuning would teach it. Leave such rows out of the SFT data (keep those with label true)",
             )
         prompt, completion = row["prompt"], row["completion"]
-        p_msgs = (
-            _turns(prompt, "role", "content", "prompt", assistant_only_loss)
+        p_msgs = (  # one conversation: a tool call at the prompt's end may have its result in the completion
+            _turns(
+                prompt,
+                "role",
+                "content",
+                "prompt",
+                assistant_only_loss,
+                completion if isinstance(completion, list) else (),
+            )
             if isinstance(prompt, list)
             else [{"role": "user", "content": _text_field(row, "prompt")}]
         )
@@ -475,6 +504,8 @@ TURN_KEYS_READ = {
     "assistant": ("reasoning_content",),
     "tool": ("tool_call_id",),
 }
+# a turn's keys read only where they are strings (another value is dropped: `unread_turn_keys` names it)
+STRING_TURN_KEYS = frozenset({"name", "tool_call_id"})
 # a turn's keys not read that hold nothing the turn says (ids and times, as a row's own ids): not named
 HARMLESS_TURN_KEYS = frozenset({"id", "message_id", "parent_id", "turn_id", "timestamp", "created_at", "create_time"})
 
@@ -505,14 +536,16 @@ def _near_misses(keys: tuple[str, ...], fmt: str) -> tuple[tuple[str, str], ...]
 
 
 def _row_turns(row: Any, fmt: str) -> Iterator[tuple[str, list[Any], int, dict[str, Any], str]]:
-    """(field, its turns, i, turn, role key) of each turn (a mapping) of a conversation row."""
+    """(field, its turns and those of the fields after it, i, turn, role key) of each turn (a mapping)
+    of a conversation row (a prompt_completion row's prompt and completion are one conversation)."""
     fields, role_key = TURN_FIELDS.get(fmt, ((), ""))
-    for field in fields:
-        turns = row.get(field) if isinstance(row, dict) else None
+    lists = [row.get(field) if isinstance(row, dict) else None for field in fields]
+    for n, (field, turns) in enumerate(zip(fields, lists, strict=True)):
         if isinstance(turns, list):
+            conversation = [t for later in lists[n:] if isinstance(later, list) for t in later]
             for i, turn in enumerate(turns):
                 if isinstance(turn, dict):
-                    yield field, turns, i, turn, role_key
+                    yield field, conversation, i, turn, role_key
 
 
 def turn_name(row: Any, fmt: str) -> tuple[str, str, str] | None:
@@ -543,7 +576,9 @@ def unread_turn_keys(row: Any, fmt: str) -> list[tuple[str, str, str]]:
         if maps_function_call(turns, i, role_key):
             read.add("function_call")
         for key, value in turn.items():
-            if key in read or key in out or not isinstance(key, str) or key in HARMLESS_TURN_KEYS:
+            if key in out or not isinstance(key, str) or key in HARMLESS_TURN_KEYS:
+                continue
+            if key in read and not (key in STRING_TURN_KEYS and not isinstance(value, str)):
                 continue
             if value is None or value == "" or value == [] or value == {}:
                 continue
@@ -629,6 +664,11 @@ class UnreadCounts:
                 "`tool_calls` that a tool result (a `function` or `tool` turn) follows: give its result after it, "
                 "or write the call as `tool_calls`"
                 if key == "function_call"
+                else "a turn's `name` is read only as a string (a tool turn's is kept; another turn's is named, not "
+                "given to the template): write it as text, or, if it should train, into the turn's content"
+                if key == "name"
+                else "a `tool_call_id` is read only as a string, on a tool turn: write it so, or remove it"
+                if key == "tool_call_id"
                 else "if it should train, write what it holds into the turn's content"
             )
             log.warning(
