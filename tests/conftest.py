@@ -13,6 +13,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def qlora_sft_logger_as_new():
+    """Each test starts with the `qlora_sft` logger as a new process has it. `train`'s setup_logging
+    gives it a handler on the sys.stdout of its moment (a test's capsys stream, closed when that test
+    ends) and stops propagation: a later test in the same worker logging through it printed
+    "--- Logging error --- ... I/O operation on closed file" and a traceback into its own stderr."""
+    import logging
+
+    yield
+    log = logging.getLogger("qlora_sft")
+    log.handlers[:] = []
+    log.propagate = True
+    log.setLevel(logging.NOTSET)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny import build_tiny_model
