@@ -537,3 +537,101 @@ def test_a_template_that_marks_no_answer_token_is_named_not_blamed_on_truncation
     message = str(exc.value)
     assert "row 1: no token of it is trained, and truncation is not why" in message, message
     assert "data.max_length=64" in message and "{% generation %}" in message and "truncation to" not in message
+
+
+PC_PROMPT = [
+    {"role": "user", "content": "What is the colour of the sky?"},
+    {"role": "assistant", "content": "The sky is blue."},
+    {"role": "user", "content": "And grass?"},
+]
+PC_COMPLETION = [{"role": "assistant", "content": "Green."}]
+
+
+def _pc_examples(tmp_path: Path, rows: list[dict]) -> list[Example]:
+    path = tmp_path / "pc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data.load_examples([DataSource(path=str(path), format="prompt_completion")], "error")[0][0]
+
+
+def test_conversational_prompt_completion_trains_only_the_completion(tok, tmp_path):
+    # TRL's completion_only_loss: an assistant turn inside a conversational prompt is context, not trained
+    (ex,) = _pc_examples(tmp_path, [{"prompt": PC_PROMPT, "completion": PC_COMPLETION}])
+    t = tokenize_example(ex, tok, 512, True, keep_text=True)
+    assert re.findall(r"\[\[(.*?)\]\]", mark_trained(t), re.S) == ["Green.<|im_end|>\n"]
+    # the same turns as a `messages` row train every assistant turn
+    whole = tokenize_example(Example([*PC_PROMPT, *PC_COMPLETION], None, "x", 1), tok, 512, True, keep_text=True)
+    assert re.findall(r"\[\[(.*?)\]\]", mark_trained(whole), re.S) == [
+        "The sky is blue.<|im_end|>\n",
+        "Green.<|im_end|>\n",
+    ]
+    assert t.input_ids == whole.input_ids
+    # without keep_text, and through build_data, the same labels
+    assert tokenize_example(ex, tok, 512, True).labels == t.labels
+    path = tmp_path / "pc.jsonl"
+    prepared = build_data(cfg(DataSource(path=str(path), format="prompt_completion")), tok, 0)
+    assert prepared.train["input_ids"] == [t.input_ids] and prepared.train["labels"] == [t.labels]
+    # a source's system prompt goes before the prompt's turns, and is counted with them
+    src = DataSource(path=str(path), format="prompt_completion", system_prompt="Be brief.")
+    (sys_ex,) = data.load_examples([src], "error")[0][0]
+    assert sys_ex.prompt_turns == 4 and sys_ex.messages[0] == {"role": "system", "content": "Be brief."}
+    marked = mark_trained(tokenize_example(sys_ex, tok, 512, True, keep_text=True))
+    assert re.findall(r"\[\[(.*?)\]\]", marked, re.S) == ["Green.<|im_end|>\n"]
+
+
+def test_conversational_prompt_completion_with_generation_markers(tok, tmp_path):
+    # the marker path (a template with {% generation %}): the prompt's assistant turn is not trained either
+    import copy
+
+    import trl
+
+    templates = Path(trl.__file__).parent / "chat_templates"
+    t = copy.deepcopy(tok)
+    t.chat_template = (templates / "llama3.jinja").read_text()
+    (ex,) = _pc_examples(tmp_path, [{"prompt": PC_PROMPT, "completion": PC_COMPLETION}])
+    for keep_text in (True, False):
+        got = tokenize_example(ex, t, 4096, True, keep_text=keep_text)
+        trained = [i for i, x in enumerate(got.labels) if x != -100]
+        assert t.decode([got.input_ids[i] for i in trained]) == "Green.<|eot_id|>"
+
+
+def test_prompt_rendered_differently_is_a_bad_row(tok, tmp_path):
+    # a template that marks the last turn: the prompt alone renders its last user turn otherwise than the
+    # whole conversation does, so where the prompt ends is not known; a bad row, not the prompt trained
+    import copy
+
+    from qlora_sft.data.templates import tokenize_rows
+
+    t = copy.deepcopy(tok)
+    t.chat_template = (
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<|im_end|>"
+        "{% endgeneration %}{% else %}{{ m.role }}{% if loop.last %}!{% endif %}: {{ m.content }}<|im_end|>"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}"
+    )
+    (ex,) = _pc_examples(tmp_path, [{"prompt": PC_PROMPT, "completion": PC_COMPLETION}])
+    (bad,) = tokenize_rows([ex], t, 512, True)
+    assert isinstance(bad, BadRow) and bad.reason == "prompt_rendered_differently"
+    with pytest.raises(DataError, match=r"pc.jsonl row 1: the chat template renders the prompt differently"):
+        tokenize_example(ex, t, 512, True)
+
+
+def test_prompt_completion_without_assistant_prompt_turn_is_unchanged(tok, tmp_path):
+    # a plain-string prompt, and a list prompt with no assistant turn: tokens and labels as a messages row's
+    rows = [
+        {"prompt": "What is the colour of the sky?", "completion": "The sky is blue."},
+        {"prompt": PC_PROMPT[:1], "completion": [{"role": "assistant", "content": "The sky is blue."}]},
+    ]
+    same = [
+        {"role": "user", "content": "What is the colour of the sky?"},
+        {"role": "assistant", "content": "The sky is blue."},
+    ]
+    for ex in _pc_examples(tmp_path, rows):
+        assert ex.prompt_turns is None
+        for keep_text in (True, False):
+            got = tokenize_example(ex, tok, 512, True, keep_text=keep_text)
+            want = tokenize_example(Example(same, None, "x", 1), tok, 512, True, keep_text=keep_text)
+            assert (got.input_ids, got.labels, got.text, got.offsets) == (
+                want.input_ids,
+                want.labels,
+                want.text,
+                want.offsets,
+            )

@@ -26,7 +26,7 @@ from .formats import (
     mix,
     name_near_misses,
     near_miss_text,
-    normalize_row,
+    normalize_row_turns,
     row_tools,
     source_format,
 )
@@ -133,7 +133,7 @@ def encode_documents(
         row: Any = None
         try:
             row = parse_document(document)
-            messages, text = normalize_row(row, fmt, system_prompt, assistant_only_loss)
+            messages, text, prompt_turns = normalize_row_turns(row, fmt, system_prompt, assistant_only_loss)
             tools = row_tools(row, fmt)
         except BadRow as bad:
             if on_bad_row == "error":
@@ -142,7 +142,7 @@ def encode_documents(
             near.append(near_miss_text(row, fmt))  # ("" where it did not parse)
             continue
         near.append(near_miss_text(row, fmt))
-        examples.append(Example(messages, text, path, rowno, tools))
+        examples.append(Example(messages, text, path, rowno, tools, prompt_turns))
         reasons.append(("", ""))
     tokens = iter(zip(examples, tokenize_rows(examples, tokenizer, max_length, assistant_only_loss), strict=True))
     out: dict[str, list[Any]] = {k: [] for k in _encoded_features()}
@@ -342,8 +342,8 @@ def _no_loss_error(cfg: DataConfig, tokenizer: Any, parts: list[_Encoded], posit
             continue
         src, doc = part.src, part.documents[position]
         row = parse_document(doc["document"])
-        messages, text = normalize_row(row, part.report.format, src.system_prompt, cfg.assistant_only_loss)
-        ex = Example(messages, text, src.path, doc["row"], row_tools(row, part.report.format))
+        messages, text, turns = normalize_row_turns(row, part.report.format, src.system_prompt, cfg.assistant_only_loss)
+        ex = Example(messages, text, src.path, doc["row"], row_tools(row, part.report.format), turns)
         full = tokenize_example(ex, tokenizer, 10**9, cfg.assistant_only_loss)
         if len(full.input_ids) <= cfg.max_length or not any(label != -100 for label in full.labels):
             # nothing was cut: the template marks no token of the answer as trained

@@ -62,6 +62,10 @@ class Example:
     source: str
     row: int
     tools: list[dict[str, Any]] | None = None  # the row's tool definitions (OpenAI's fine-tuning format)
+    # How many of `messages` came from a prompt_completion row's `prompt` (with a system prompt put before
+    # it), set only where the prompt is a list of turns holding an assistant turn: those turns are context,
+    # not trained (TRL's completion_only_loss). None for every other row.
+    prompt_turns: int | None = None
 
 
 TOOLS_FORMATS = ("messages", "sharegpt", "alpaca")  # the formats whose rows' `tools` are read
@@ -373,6 +377,15 @@ def normalize_row(
 ) -> tuple[list[dict[str, Any]] | None, str | None]:
     """One raw row -> (messages, None) or (None, text). Raises BadRow (`assistant_only_loss`: which
     turns train, against which a turn's own training flag is checked)."""
+    messages, text, _ = normalize_row_turns(row, fmt, system_prompt, assistant_only_loss)
+    return messages, text
+
+
+def normalize_row_turns(
+    row: Any, fmt: str, system_prompt: str | None = None, assistant_only_loss: bool = True
+) -> tuple[list[dict[str, Any]] | None, str | None, int | None]:
+    """`normalize_row`, with `Example.prompt_turns`: how many of the messages came from a
+    prompt_completion row's list `prompt` where it holds an assistant turn (else None)."""
     if isinstance(row, BadRow):
         raise row
     if not isinstance(row, dict):
@@ -382,7 +395,8 @@ def normalize_row(
         if not text.strip():
             raise BadRow("empty_text", "field `text` is empty")
         _check_unicode(text, "field `text`")
-        return None, text
+        return None, text, None
+    prompt_turns: int | None = None
     if fmt == "alpaca":
         instruction = _text_field(row, "instruction")
         extra = _text_field(row, "input", required=False)
@@ -446,14 +460,18 @@ def normalize_row(
             else [{"role": "assistant", "content": _text_field(row, "completion")}]
         )
         messages = p_msgs + c_msgs
+        if isinstance(prompt, list) and any(m["role"] == "assistant" for m in p_msgs):
+            prompt_turns = len(p_msgs)  # only the completion trains, as TRL's completion_only_loss does
     else:  # pragma: no cover - formats are validated by the recipe
         raise ValueError(fmt)
     if system_prompt and (not messages or messages[0]["role"] != "system"):
         messages.insert(0, {"role": "system", "content": system_prompt})
+        if prompt_turns is not None:
+            prompt_turns += 1
     check_conversation(messages)
     for i, m in enumerate(messages):
         _check_unicode(m, f"turn {i + 1} ({m['role']})")
-    return messages, None
+    return messages, None, prompt_turns
 
 
 def _check_unicode(value: Any, where: str) -> None:
@@ -747,7 +765,7 @@ def iter_examples(
             report.rows += 1
             unread.add(rowno, near_miss_text(row, fmt))
             try:
-                messages, text = normalize_row(row, fmt, src.system_prompt, assistant_only_loss)
+                messages, text, prompt_turns = normalize_row_turns(row, fmt, src.system_prompt, assistant_only_loss)
                 tools = row_tools(row, fmt)
             except BadRow as bad:
                 if on_bad_row == "error":
@@ -755,7 +773,7 @@ def iter_examples(
                 report.skip(bad.reason, rowno, str(bad))
                 continue
             report.kept += 1
-            yield Example(messages, text, src.path, rowno, tools)
+            yield Example(messages, text, src.path, rowno, tools, prompt_turns)
         whole = True
     finally:  # also when the reader stops early (`validate`'s examples) or a bad row stops the run
         if fmt:

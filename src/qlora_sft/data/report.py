@@ -281,6 +281,8 @@ REASON_FIXES = {
     "choose a template that takes it (data.chat_template)",
     "tool_calls_not_rendered": "use a chat template that renders tool calls (data.chat_template: auto, or a .jinja "
     "file), or leave the tool-calling rows out",
+    "prompt_rendered_differently": "use a chat template that renders a prompt's turns alike alone and before the "
+    "completion (data.chat_template), or give those rows as `messages` (every assistant turn trains)",
 }
 NO_LOSS_FIX = "raise data.max_length, or shorten the rows named"
 UNTRAINED_FIX = (

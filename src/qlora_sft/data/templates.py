@@ -135,7 +135,8 @@ def marked_template(tokenizer: Any) -> str | None:
 
 
 def _marked(ex: Example, tokenizer: Any, template: str, keep_text: bool) -> Tokenized:
-    """Token ids with the tokens inside the template's generation markers as labels (untruncated)."""
+    """Token ids with the tokens inside the template's generation markers as labels (untruncated); a
+    row's prompt turns (`Example.prompt_turns`) untrained."""
     assert ex.messages is not None
     marked = tokenizer.apply_chat_template(
         ex.messages,
@@ -147,13 +148,44 @@ def _marked(ex: Example, tokenizer: Any, template: str, keep_text: bool) -> Toke
     )
     ids = list(marked["input_ids"])
     labels = [tid if keep else -100 for tid, keep in zip(ids, marked["assistant_masks"], strict=True)]
-    if not keep_text:
+    if not keep_text and ex.prompt_turns is None:
         return Tokenized(ids, labels, False)
     text = tokenizer.apply_chat_template(ex.messages, tools=ex.tools, chat_template=template, tokenize=False)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if list(enc["input_ids"]) != ids:  # pragma: no cover - the same text, tokenized the same way
         raise DataError(f"{ex.source} row {ex.row}: the chat template's tokens differ between two renderings")
-    return Tokenized(ids, labels, False, text, [tuple(o) for o in enc["offset_mapping"]])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    if ex.prompt_turns is not None:
+        labels = _mask_prompt(labels, offsets, _prompt_end(ex, tokenizer, text, template))
+    return Tokenized(ids, labels, False, text, offsets) if keep_text else Tokenized(ids, labels, False)
+
+
+def _prompt_end(ex: Example, tokenizer: Any, text: str, template: str | None = None) -> int:
+    """Where a prompt_completion row's prompt turns (`Example.prompt_turns`) end in its rendered `text`:
+    the prompt rendered alone (with the generation prompt where the completion begins with an assistant
+    turn, as TRL renders it), which `text` must start with; else a BadRow rather than the prompt trained."""
+    assert ex.messages is not None and ex.prompt_turns is not None
+    n = ex.prompt_turns
+    generation_prompt = n < len(ex.messages) and ex.messages[n]["role"] == "assistant"
+    kwargs = {} if template is None else {"chat_template": template}
+    prompt = tokenizer.apply_chat_template(
+        ex.messages[:n], tools=ex.tools, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
+    )
+    if not text.startswith(prompt):
+        raise BadRow(
+            "prompt_rendered_differently",
+            "the chat template renders the prompt differently inside the whole "
+            "conversation, so the prompt's tokens cannot be told apart from the completion's (its assistant "
+            "turns are context, not trained: TRL's completion_only_loss). Use a chat template that renders the "
+            "prompt's turns alike alone and followed by the completion (data.chat_template), or give the row as "
+            "`messages` (every assistant turn trains)",
+        )
+    return len(prompt)
+
+
+def _mask_prompt(labels: list[int], offsets: list[tuple[int, int]], end: int) -> list[int]:
+    """`labels` with the tokens that end at or before character `end` (the prompt's) untrained."""
+    return [-100 if o[1] <= end else label for label, o in zip(labels, offsets, strict=True)]
 
 
 def _assistant_spans(ex: Example, tokenizer: Any, text: str) -> list[tuple[int, int]]:
@@ -244,7 +276,8 @@ def tokenize_rows(
     out: list[Tokenized | BadRow | None] = [None] * len(examples)
     template = marked_template(tokenizer) if assistant_only_loss else None
     plain: list[int] = []  # plain-text rows
-    chats: list[tuple[int, str, list[tuple[int, int]] | None]] = []  # (index, text, spans) to tokenize here
+    # (index, text, spans, the prompt's end) to tokenize here
+    chats: list[tuple[int, str, list[tuple[int, int]] | None, int | None]] = []
     for i, ex in enumerate(examples):
         if ex.text is not None:
             plain.append(i)
@@ -263,9 +296,13 @@ def tokenize_rows(
                 if uses_tools and (left_out := _tools_left_out(messages, text, ex.tools)):
                     out[i] = left_out
                     continue
-                chats.append((i, text, _assistant_spans(ex, tokenizer, text) if assistant_only_loss else None))
+                spans = _assistant_spans(ex, tokenizer, text) if assistant_only_loss else None
+                end = _prompt_end(ex, tokenizer, text) if assistant_only_loss and ex.prompt_turns is not None else None
+                chats.append((i, text, spans, end))
         except jinja2.TemplateError as exc:
             out[i] = _template_refused(exc)
+        except BadRow as bad:  # a prompt rendered differently alone (`_prompt_end`)
+            out[i] = bad
     if plain:
         texts = [examples[i].text or "" for i in plain]
         enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=keep_text)
@@ -277,11 +314,13 @@ def tokenize_rows(
                 offsets.append((len(texts[k]), len(texts[k])))
             out[i] = Tokenized(ids, list(ids), False, texts[k] if keep_text else "", offsets)
     if chats:
-        enc = tokenizer([t for _, t, _ in chats], add_special_tokens=False, return_offsets_mapping=True)
-        for k, (i, text, spans) in enumerate(chats):
+        enc = tokenizer([t for _, t, _, _ in chats], add_special_tokens=False, return_offsets_mapping=True)
+        for k, (i, text, spans, end) in enumerate(chats):
             ids = list(enc["input_ids"][k])
             offsets = [tuple(o) for o in enc["offset_mapping"][k]]
             labels = _span_labels(ids, offsets, spans) if spans is not None else list(ids)
+            if end is not None:
+                labels = _mask_prompt(labels, offsets, end)
             out[i] = Tokenized(ids, labels, False, text if keep_text else "", offsets if keep_text else [])
     result: list[Tokenized | BadRow] = []
     for tok in out:
