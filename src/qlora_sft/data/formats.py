@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -166,17 +166,18 @@ def _turns(
     if not isinstance(turns, list):
         raise BadRow("wrong_type", f"field `{field_name}` must be a list of turns, got {type(turns).__name__}")
     out = []
+    conversation = [*turns, *following] if following else turns  # (once: not per turn)
     for i, turn in enumerate(turns):
         where = f"`{field_name}[{i}]`"
         if not isinstance(turn, dict):
             raise BadRow("wrong_type", f"{where} must be a mapping")
         calls = turn.get("tool_calls")
-        if not calls and maps_function_call([*turns, *following], i, role_key):
+        if not calls and maps_function_call(conversation, i, role_key):
             calls = [turn["function_call"]]  # OpenAI's deprecated call: {"name", "arguments"}
         if role_key not in turn or (content_key not in turn and not calls):
             raise BadRow("missing_field", f"{where} needs `{role_key}` and `{content_key}`")
         raw_role = turn[role_key]
-        role = ROLE_ALIASES.get(raw_role.lower()) if isinstance(raw_role, str) else None
+        role = _role(raw_role)
         function_call = isinstance(raw_role, str) and raw_role.lower() == FUNCTION_CALL_ROLE
         if function_call:
             role = "assistant"  # LLaMA-Factory's call of a tool (`_function_call`)
@@ -238,17 +239,20 @@ def _turns(
         if calls:
             if role != "assistant":
                 raise BadRow("wrong_type", f"{where}: only assistant turns carry `tool_calls`")
-            arguments = calls[0].get("arguments") if not turn.get("tool_calls") else None
-            if isinstance(arguments, str):  # `function_call`: name what the user wrote, not tool_calls
-                try:
-                    json.loads(arguments)
-                except json.JSONDecodeError as exc:
-                    raise BadRow(
-                        "wrong_type",
-                        f"{where}.function_call.arguments is not JSON ({exc.msg}): OpenAI's deprecated tool call "
-                        f"is {CALL_SHAPE}, its arguments an object or the JSON text of one. Fix the arguments",
-                    ) from None
-            message["tool_calls"] = _tool_calls(calls, where)
+            deprecated = not turn.get("tool_calls")  # OpenAI's `function_call`: name what the user wrote
+            message["tool_calls"] = _tool_calls(
+                calls,
+                where,
+                not_json=(
+                    lambda j, msg, at=where: (
+                        f"{at}.function_call.arguments is not JSON ({msg}): OpenAI's "
+                        f"deprecated tool call is {CALL_SHAPE}, its arguments an object or the JSON text of one. Fix "
+                        "the arguments"
+                    )
+                )
+                if deprecated
+                else None,
+            )
         if role == "tool":
             for key in ("name", "tool_call_id"):
                 if isinstance(turn.get(key), str):
@@ -297,35 +301,43 @@ def _function_call(value: Any, where: str, content_key: str) -> dict[str, Any]:
         raise BadRow("wrong_type", f"{where}: its `{content_key}` is {type(calls).__name__}; {fix}")
     if not calls:
         raise BadRow("wrong_type", f"{where}: its `{content_key}` holds no call; {fix}")
-    for j, call in enumerate(calls):
-        shown = f"call {j}" if len(calls) > 1 else "the call"
-        fn = call.get("function", call) if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise BadRow("wrong_type", f"{where}: {shown} needs a function name; {fix}")
-        if isinstance(fn.get("arguments"), str):
-            try:
-                json.loads(fn["arguments"])
-            except json.JSONDecodeError:
-                raise BadRow("wrong_type", f"{where}: the arguments of {shown} are not JSON; {fix}") from None
-    return {"role": "assistant", "content": "", "tool_calls": _tool_calls(calls, where)}
+
+    def shown(j: int) -> str:
+        return f"call {j}" if len(calls) > 1 else "the call"
+
+    tool_calls = _tool_calls(
+        calls,
+        where,
+        no_name=lambda j: f"{where}: {shown(j)} needs a function name; {fix}",
+        not_json=lambda j, _: f"{where}: the arguments of {shown(j)} are not JSON; {fix}",
+    )
+    return {"role": "assistant", "content": "", "tool_calls": tool_calls}
 
 
-def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+def _tool_calls(
+    calls: Any,
+    where: str,
+    no_name: Callable[[int], str] | None = None,
+    not_json: Callable[[int, str], str] | None = None,
+) -> list[dict[str, Any]]:
     """OpenAI-style tool calls: [{"type": "function", "function": {"name": ..., "arguments": {...}}}]
-    (arguments as an object or a JSON string; a bare {"name", "arguments"} is accepted too)."""
+    (arguments as an object or a JSON string; a bare {"name", "arguments"} is accepted too). A call
+    without a name, or with arguments that are not JSON, is a BadRow: `no_name(j)` / `not_json(j,
+    why)` word it for the form the row wrote the calls in (OpenAI's `tool_calls` by default)."""
     if not isinstance(calls, list):
         raise BadRow("wrong_type", f"{where}.tool_calls must be a list")
     out = []
     for j, call in enumerate(calls):
         fn = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise BadRow("wrong_type", f"{where}.tool_calls[{j}] needs a function name")
+            raise BadRow("wrong_type", no_name(j) if no_name else f"{where}.tool_calls[{j}] needs a function name")
         arguments = fn.get("arguments", {})
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                raise BadRow("wrong_type", f"{where}.tool_calls[{j}].arguments is not JSON") from None
+            except json.JSONDecodeError as exc:
+                said = not_json(j, exc.msg) if not_json else f"{where}.tool_calls[{j}].arguments is not JSON"
+                raise BadRow("wrong_type", said) from None
         entry: dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": arguments}}
         if isinstance(call.get("id"), str):
             entry["id"] = call["id"]
@@ -574,7 +586,7 @@ def turn_name(row: Any, fmt: str) -> tuple[str, str, str] | None:
         if not isinstance(turn.get("name"), str) or not turn["name"]:
             continue
         raw = turn.get(role_key)
-        role = ROLE_ALIASES.get(raw.lower(), raw) if isinstance(raw, str) else raw
+        role = _role(raw) or raw
         if role != "tool":
             return f"{field}[{i}]", str(role), turn["name"]
     return None
