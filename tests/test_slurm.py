@@ -20,6 +20,7 @@ from helpers import (
     cpu_env,
     losses_by_step,
     recipe_dict,
+    small_recipe,
     wait_for_losses,
     write_recipe,
     write_toy_data,
@@ -323,6 +324,26 @@ def test_submitit_two_tasks_run_to_completion(slurm, workdir, monkeypatch):
         "rng_state_1.pth",
     ]
     assert "'WORLD_SIZE': '2'" in job.stdout()
+
+
+def test_submit_refuses_a_job_the_partition_can_never_start(slurm, tmp_path: Path, monkeypatch):
+    """Read from the real scontrol and sinfo: the test cluster's one partition (debug, the default:
+    one node, no GPUs; EnforcePartLimits=NO) queued `--nodes 2` and left it PENDING for ever
+    (Reason=PartitionNodeLimit); `--gpus-per-node 1` was sbatch's 'Invalid generic resource (gres)
+    specification', which names no option. Both refused, naming the option and the partition's limit."""
+    from qlora_sft import submit
+    from qlora_sft.errors import UserError
+
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("SBATCH_PARTITION", raising=False)
+    recipe = small_recipe(tmp_path)
+    nodes = r"default partition debug can never run this job.*cluster.nodes=2 \(--nodes\) is more than the 1 node"
+    with pytest.raises(UserError, match=nodes):
+        submit(recipe, [], nodes=2, gpus_per_node=0, time="00:10:00", cluster="slurm")
+    with pytest.raises(UserError, match=r"cluster.gpus_per_node=1 \(--gpus-per-node\), but none of its 1 node"):
+        submit(recipe, [], gpus_per_node=1, time="00:10:00", cluster="slurm")
+    assert not (tmp_path / "runs").exists()
 
 
 def slow_exiting_scontrol(folder: Path) -> Path:

@@ -23,13 +23,21 @@ from qlora_sft.errors import UserError
 @pytest.fixture()
 def slurm_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """`sbatch` and `srun` on PATH (sbatch records its calls in sbatch.log and answers job 4242);
-    `squeue` prints the lines of squeue.txt, if any."""
+    `squeue` prints the lines of squeue.txt, if any; `scontrol show partition` those of partitions.txt
+    (none: no partition is known, nothing checked), `scontrol show config` config.txt, `sinfo` nodes.txt,
+    `sacctmgr` qos.txt (none: it fails)."""
     log = tmp_path / "sbatch.log"
+    here = shlex.quote(str(tmp_path))
     bin_dir = fake_bin(
         tmp_path / "bin",
         sbatch=f'echo "$@" >> {shlex.quote(str(log))}\necho "Submitted batch job 4242"\n',
         srun="exit 0\n",
-        squeue=f"cat {shlex.quote(str(tmp_path / 'squeue.txt'))} 2>/dev/null\nexit 0\n",
+        squeue=f"cat {here}/squeue.txt 2>/dev/null\nexit 0\n",
+        scontrol=f'case "$*" in *config*) cat {here}/config.txt ;; *) cat {here}/partitions.txt ;; esac 2>/dev/null\n'
+        "exit 0\n",
+        sinfo=f"cat {here}/nodes.txt 2>/dev/null\nexit 0\n",
+        sacctmgr=f"cat {here}/qos.txt 2>/dev/null && exit 0\n"
+        "echo 'sacctmgr: error: Problem talking to the database' >&2\nexit 1\n",
     )
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     return log
@@ -350,7 +358,7 @@ def test_squeue_failing_is_warned_not_silent(
         monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{tmp_path / 'shell'}")
     else:
         fake_bin(tmp_path / "bin", squeue=squeue)
-    monkeypatch.setattr(submit_module, "SQUEUE_TIMEOUT_S", 1)
+    monkeypatch.setattr(submit_module, "SLURM_QUERY_TIMEOUT_S", 1)
     with caplog.at_level(logging.WARNING, logger="qlora_sft"):
         assert submit(recipe, [], cluster="slurm", time="01:00:00").job_id == "4242"
     assert re.search(rf"{said}.*job\(s\) 4242 .*a second job of this run may be queued", caplog.text), caplog.text
@@ -450,3 +458,199 @@ def test_ctrl_c_while_waiting_on_a_local_job_says_whether_it_stopped(tmp_path: P
     assert re.search(rf"local job {stopped.job_id} stopped with it.*Submit again", note), note
     running.cancel()
     running.wait()
+
+
+# A cluster as `scontrol --all --oneliner show partition` and `sinfo --Node --format=%R|%c|%G` show it: gpu
+# (the default: 4 nodes of 64 CPUs, 4 or 8 GPUs of several types), cpu (2 nodes without GPUs), long (no limits).
+PARTITIONS = """\
+PartitionName=gpu AllowGroups=ALL AllowAccounts=ALL AllowQos=ALL Default=YES QoS=N/A DefaultTime=NONE MaxNodes=2 \
+MaxTime=1-00:00:00 MinNodes=0 MaxCPUsPerNode=UNLIMITED Nodes=g[1-4] State=UP TotalCPUs=256 TotalNodes=4 \
+TRES=cpu=256,mem=1000G,node=4,billing=256,gres/gpu=24
+PartitionName=cpu AllowGroups=ALL Default=NO QoS=N/A MaxNodes=UNLIMITED MaxTime=01:00:00 Nodes=c[1-2] State=UP \
+TotalCPUs=16 TotalNodes=2
+PartitionName=long AllowGroups=ALL Default=NO QoS=N/A MaxNodes=UNLIMITED MaxTime=UNLIMITED Nodes=g[1-4] State=UP \
+TotalCPUs=256 TotalNodes=4
+"""
+NODES = """\
+gpu|64|gpu:a100:4(S:0-1)
+gpu|64|gpu:a100:4(S:0-1)
+gpu|64|gpu:h100:4(S:0),gpu:a100:4(S:1),shard:16
+gpu|64|gpu:8
+cpu|8|(null)
+cpu|8|(null)
+long|64|gpu:8
+"""
+
+
+@pytest.fixture()
+def partitions(tmp_path: Path, slurm_bin: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fake SLURM of `slurm_bin` with the partitions above, and no accounting (no QOS)."""
+    monkeypatch.delenv("SBATCH_PARTITION", raising=False)
+    (tmp_path / "partitions.txt").write_text(PARTITIONS)
+    (tmp_path / "nodes.txt").write_text(NODES)
+    (tmp_path / "config.txt").write_text("AccountingStorageType   = accounting_storage/none\n")
+    return slurm_bin
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (
+            {"time": "2-00:00:00"},
+            r"SLURM's default partition gpu can never run this job, so SLURM would queue it and leave it pending for "
+            r"ever: cluster.time \(--time\) is 2-00:00:00, longer than its MaxTime=1-00:00:00; give --time "
+            r"1-00:00:00 or less \(squeue would say Reason=PartitionTimeLimit\)\. Or choose another partition",
+        ),
+        ({"nodes": 3}, r"cluster.nodes=3 \(--nodes\) is more than its MaxNodes=2; give --nodes 2 or fewer"),
+        (
+            {"partition": "cpu", "nodes": 3, "gpus_per_node": 0},
+            r"cluster.partition=cpu \(--partition\) can never run .*cluster.nodes=3 \(--nodes\) is more than the 2 "
+            r"node\(s\) it has; give --nodes 2 or fewer",
+        ),
+        (
+            {"gpus_per_node": 16},
+            r"cluster.gpus_per_node=16 \(--gpus-per-node\), but its nodes have 8 at most; give --gpus-per-node 8 or "
+            r"fewer \(squeue would say Reason=BadConstraints\)",
+        ),
+        (
+            {"partition": "cpu", "gpus_per_node": 1},
+            r"cluster.gpus_per_node=1 \(--gpus-per-node\), but none of its 2 node\(s\) has a GPU; give "
+            r"--gpus-per-node 0 for CPU ranks",
+        ),
+        (
+            {"gpus_per_node": 8, "cpus_per_task": 16},
+            r"8 task\(s\) per node x 16 CPU\(s\) per task .*is 128 CPUs on a node, but its nodes have 64 at most.*"
+            r"Reason=PartitionConfig",
+        ),
+        (
+            {"partition": "cpu,gpu", "time": "2-00:00:00", "gpus_per_node": 0},
+            r"cluster.partition=cpu,gpu \(--partition\): none of these partitions can ever run.*partition cpu: "
+            r"cluster.time .*MaxTime=01:00:00.*; partition gpu: cluster.time .*MaxTime=1-00:00:00",
+        ),
+    ],
+    ids=["time", "max-nodes", "total-nodes", "gpus", "no-gpus", "cpus", "every-partition"],
+)
+def test_a_job_past_its_partitions_limits_is_refused_not_left_pending(
+    tmp_path: Path, partitions: Path, kwargs: dict, expected: str
+):
+    """`submit --time 2-00:00:00` on a partition of MaxTime=1-00:00:00 (or more nodes, GPUs or CPUs per
+    node than it has or allows): SLURM (EnforcePartLimits=NO, its default) queued the job, and it stayed
+    PENDING for ever (Reason=PartitionTimeLimit, PartitionNodeLimit, BadConstraints, PartitionConfig),
+    the user waiting for hours. Refused, naming the option, the partition's limit and the fix."""
+    from qlora_sft.submit import submit
+
+    recipe = small_recipe(tmp_path)
+    with pytest.raises(UserError, match=rf"(?s)submit: .*{expected}.*nothing was queued"):
+        submit(recipe, [], cluster="slurm", **{"time": "01:00:00", **kwargs})
+    assert not partitions.exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"time": "1-00:00:00", "nodes": 2, "gpus_per_node": 8, "cpus_per_task": 8},
+        {"partition": "long", "time": "30-00:00:00", "nodes": 4},
+        {"partition": "cpu,gpu", "time": "02:00:00", "gpus_per_node": 0},  # (gpu can run it)
+        {"gpus_per_node": 8, "cpus_per_task": 16, "extra_sbatch": ["--overcommit"]},  # (tasks share CPUs)
+        {"partition": "nope", "time": "3-00:00:00"},  # (unknown: sbatch says so)
+    ],
+    ids=["at-the-limits", "unlimited", "one-of-two", "overcommit", "unknown-partition"],
+)
+def test_a_job_within_its_partitions_limits_is_queued(tmp_path: Path, partitions: Path, kwargs: dict):
+    from qlora_sft.submit import submit
+
+    assert submit(small_recipe(tmp_path), [], cluster="slurm", **kwargs).job_id == "4242"
+
+
+def test_sbatch_partition_in_the_environment_is_the_partition_checked(
+    tmp_path: Path, partitions: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """SBATCH_PARTITION (a site's module may set it) is what sbatch reads over the script's --partition."""
+    from qlora_sft.submit import submit
+
+    monkeypatch.setenv("SBATCH_PARTITION", "cpu")
+    with pytest.raises(UserError, match=r"SBATCH_PARTITION=cpu \(sbatch reads it over --partition\) can never run"):
+        submit(small_recipe(tmp_path), [], cluster="slurm", partition="gpu", time="02:00:00", gpus_per_node=0)
+
+
+@pytest.mark.parametrize(
+    ("qos", "refused"),
+    [
+        ("normal|\nlong|DenyOnLimit,PartitionTimeLimit\n", None),
+        ("normal|\nbig|PartitionMaxNodes\n", "cluster.time"),  # (another flag: refused)
+        (None, None),  # (sacctmgr fails: not known)
+    ],
+    ids=["qos-lifts-it", "qos-without-the-flag", "sacctmgr-fails"],
+)
+def test_a_time_limit_a_qos_may_lift_is_warned_not_refused(
+    tmp_path: Path, partitions: Path, caplog: pytest.LogCaptureFixture, qos: str | None, refused: str | None
+):
+    """With accounting, a QOS with the PartitionTimeLimit flag lets its jobs past the partition's
+    MaxTime: such a job is queued with a warning saying so; without one it is refused. A GPU count no
+    node has is refused whatever the QOS."""
+    import logging
+
+    from qlora_sft.submit import submit
+
+    (tmp_path / "config.txt").write_text("AccountingStorageType   = accounting_storage/slurmdbd\n")
+    if qos is not None:
+        (tmp_path / "qos.txt").write_text(qos)
+    recipe = small_recipe(tmp_path)
+    if refused:
+        with pytest.raises(UserError, match=rf"{refused}.*MaxTime=1-00:00:00"):
+            submit(recipe, [], cluster="slurm", time="2-00:00:00")
+        return
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        assert submit(recipe, [], cluster="slurm", time="2-00:00:00").job_id == "4242"
+    why = "QOS long lift.s. it .PartitionTimeLimit flag" if qos else "whether a QOS lifts it .* sacctmgr exited 1"
+    assert re.search(
+        rf"default partition gpu cannot run this job as it is set: .*MaxTime=1-00:00:00.*{why}", caplog.text
+    )
+    with pytest.raises(UserError, match=r"cluster.gpus_per_node=16 .*its nodes have 8 at most"):
+        submit(recipe, [], cluster="slurm", time="2-00:00:00", gpus_per_node=16)
+
+
+@pytest.mark.parametrize(
+    ("tool", "body", "said"),
+    [
+        (
+            "scontrol",
+            "echo 'slurm_load_partitions: Unable to contact slurm controller' >&2\nexit 1\n",
+            r"scontrol exited 1 \(.*Unable",
+        ),
+        (
+            "scontrol",
+            "exec sleep 30\n",
+            r"scontrol did not answer within 1 s, so whether SLURM's default partition can",
+        ),
+        (
+            "sinfo",
+            "echo 'sinfo: error: Unable to contact slurm controller' >&2\nexit 1\n",
+            r"sinfo exited 1 .*so whether the nodes of SLURM's default partition gpu have the GPUs and CPUs",
+        ),
+    ],
+    ids=["scontrol-exits-1", "scontrol-times-out", "sinfo-exits-1"],
+)
+def test_partition_limits_that_cannot_be_read_are_warned_not_refused(
+    tmp_path: Path,
+    partitions: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tool: str,
+    body: str,
+    said: str,
+):
+    import logging
+
+    from qlora_sft.submit import submit
+
+    submit_module = importlib.import_module("qlora_sft.submit")
+    fake_bin(tmp_path / "bin", **{tool: body})
+    monkeypatch.setattr(submit_module, "SLURM_QUERY_TIMEOUT_S", 1)
+    recipe = small_recipe(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        assert submit(recipe, [], cluster="slurm", gpus_per_node=16).job_id == "4242"
+    assert re.search(rf"{said}.* is not checked", caplog.text), caplog.text
+    if tool == "sinfo":  # (the partition's own limits are still read)
+        with pytest.raises(UserError, match=r"cluster.time \(--time\) is 2-00:00:00, longer than its MaxTime"):
+            submit(recipe, [], cluster="slurm", time="2-00:00:00")

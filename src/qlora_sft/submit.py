@@ -38,12 +38,18 @@ from .recipe import SLURM_COUNT_MAX, ClusterConfig, load_recipe
 
 log = logging.getLogger("qlora_sft")
 
-SQUEUE_TIMEOUT_S = 60  # how long submit waits for squeue's answer
+SLURM_QUERY_TIMEOUT_S = 60  # how long submit waits for a SLURM client's answer (squeue, scontrol, sinfo, sacctmgr)
 # the longest time limit sbatch reads as given: it counts the limit in seconds in a signed 32-bit int, rounded
 # up to minutes (a longer one overflows: refused, or read as another limit, -1 being none at all)
 SLURM_TIME_MAX_MIN = (2**31 - 1 - 59) // 60
 
 TORCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def slurm_time(minutes: int) -> str:
+    """Minutes -> SLURM's [D-]HH:MM:SS."""
+    days = f"{minutes // 1440}-" if minutes >= 1440 else ""
+    return f"{days}{minutes % 1440 // 60:02d}:{minutes % 60:02d}:00"
 
 
 def parse_time(value: str | int) -> int:
@@ -87,9 +93,9 @@ def parse_time(value: str | int) -> int:
             "save-and-requeue signal counts back from the limit). Give the partition's longest time, e.g. 2-00:00:00"
         )
     if minutes > SLURM_TIME_MAX_MIN:
-        longest = f"{SLURM_TIME_MAX_MIN // 1440}-{SLURM_TIME_MAX_MIN % 1440 // 60:02d}:{SLURM_TIME_MAX_MIN % 60:02d}:00"
         raise UserError(
-            f"cluster.time={value!r} (--time) is more than SLURM's longest limit, {longest} ({SLURM_TIME_MAX_MIN} "
+            f"cluster.time={value!r} (--time) is more than SLURM's longest limit, {slurm_time(SLURM_TIME_MAX_MIN)} "
+            f"({SLURM_TIME_MAX_MIN} "
             "minutes: sbatch counts it in seconds in 32 bits, and refuses a longer one or reads another limit). Give "
             "the partition's longest time (`sinfo -o '%P %l'`), e.g. 7-00:00:00; nothing was queued"
         )
@@ -181,6 +187,173 @@ def check_time_limit(params: Mapping[str, Any]) -> None:
             "signal the job to save and requeue as it starts, and again after every requeue. Give a longer time "
             f"(more than {grace // 60 + 1} minutes), or lower cluster.signal_grace_s (10 or more); nothing was queued"
         )
+
+
+def slurm_fields(line: str) -> dict[str, str]:
+    """`Key=value Key=value` (scontrol's --oneliner) -> a dict."""
+    return dict(re.findall(r"(\w+)=(\S*)", line))
+
+
+def node_gpus(gres: str) -> int | None:
+    """The GPUs a node's gres (sinfo's %G: `gpu:8(S:0-1)`, `gpu:a100:4,gpu:v100:2,shard:8`, `(null)`) holds,
+    all types together; None where a count cannot be read."""
+    total = 0
+    for entry in re.sub(r"\([^)]*\)", "", gres).split(","):
+        parts = entry.strip().split(":")
+        if parts[0] != "gpu":
+            continue
+        if len(parts) < 2 or not parts[-1].isdigit():
+            return None
+        total += int(parts[-1])
+    return total
+
+
+def partition_problems(
+    part: Mapping[str, str], nodes: Sequence[tuple[int | None, int | None]], params: Mapping[str, Any]
+) -> list[tuple[str, str, str | None]]:
+    """What a partition (scontrol's fields `part`; its nodes' (CPUs, GPUs) from sinfo) can never give the
+    job: (what and its fix, the Reason squeue would show, the QOS flag that lifts it or None)."""
+    extra = params.get("slurm_additional_parameters", {})
+    problems: list[tuple[str, str, str | None]] = []
+    minutes, max_time = params["timeout_min"], part.get("MaxTime", "UNLIMITED")
+    # (with --time-min SLURM may start the job with a shorter limit: not certain)
+    if max_time not in ("UNLIMITED", "INFINITE", "NONE") and "time_min" not in extra:
+        try:
+            most = parse_time(max_time)
+        except UserError:
+            most = None
+        if most is not None and minutes > most:
+            problems.append(
+                (
+                    f"cluster.time (--time) is {slurm_time(minutes)}, longer than its MaxTime={max_time}; give --time "
+                    f"{max_time} or less",
+                    "PartitionTimeLimit",
+                    "PartitionTimeLimit",
+                )
+            )
+    count, total, max_nodes = params["nodes"], part.get("TotalNodes", ""), part.get("MaxNodes", "")
+    if total.isdigit() and count > int(total):
+        problems.append(
+            (
+                f"cluster.nodes={count} (--nodes) is more than the {total} node(s) it has; give --nodes {total} or "
+                "fewer",
+                "PartitionNodeLimit",
+                None,
+            )
+        )
+    elif max_nodes.isdigit() and count > int(max_nodes):
+        problems.append(
+            (
+                f"cluster.nodes={count} (--nodes) is more than its MaxNodes={max_nodes}; give --nodes {max_nodes} or "
+                "fewer",
+                "PartitionNodeLimit",
+                "PartitionMaxNodes",
+            )
+        )
+    # (a node whose count cannot be read may hold any: then no check)
+    gpus = [g for _, g in nodes if g is not None] if all(g is not None for _, g in nodes) else []
+    want = int(params.get("gpus_per_node", 0))
+    if want and gpus and max(gpus) < want:
+        most = max(gpus)
+        has = f"none of its {len(gpus)} node(s) has a GPU" if not most else f"its nodes have {most} at most"
+        fix = "give --gpus-per-node 0 for CPU ranks" if not most else f"give --gpus-per-node {most} or fewer"
+        problems.append((f"cluster.gpus_per_node={want} (--gpus-per-node), but {has}; {fix}", "BadConstraints", None))
+    cpus = [c for c, _ in nodes if c is not None] if all(c is not None for c, _ in nodes) else []
+    tasks, per_task = int(params["tasks_per_node"]), int(params.get("cpus_per_task") or 1)
+    if cpus and max(cpus) < tasks * per_task and "overcommit" not in extra:  # (--overcommit: tasks share CPUs)
+        problems.append(
+            (
+                f"{tasks} task(s) per node x {per_task} CPU(s) per task (cluster.tasks_per_node x "
+                f"cluster.cpus_per_task, --cpus-per-task) is {tasks * per_task} CPUs on a node, but its nodes have "
+                f"{max(cpus)} at most; ask for fewer",
+                "PartitionConfig",
+                None,
+            )
+        )
+    return problems
+
+
+def qos_lifting(flag: str) -> str | None:
+    """Why a QOS may lift a partition limit (a QOS of the cluster with `flag`: PartitionTimeLimit,
+    PartitionMaxNodes), or None where none can: no QOS has it, or SLURM keeps no accounting (no QOS)."""
+    config, failed = slurm_query(["scontrol", "show", "config"])
+    if not failed and re.search(r"^AccountingStorageType\s*=\s*accounting_storage/none\s*$", config, re.M):
+        return None
+    out, failed = slurm_query(["sacctmgr", "--noheader", "--parsable2", "show", "qos", "format=name,flags"])
+    if failed:
+        return f"whether a QOS lifts it ({flag} flag) is not known: {failed}"
+    names = [row[0] for line in out.splitlines() if len(row := line.split("|")) >= 2 and flag in row[1].split(",")]
+    return f"QOS {', '.join(names)} lift(s) it ({flag} flag) for a job that runs under it" if names else None
+
+
+def check_partition_limits(params: Mapping[str, Any]) -> None:
+    """On SLURM: a job past its partition's limits (--time past MaxTime, more nodes than MaxNodes or
+    than the partition has, more GPUs or CPUs per node than any of its nodes) is queued, where
+    EnforcePartLimits is NO (SLURM's default), and then waits for ever. Refused; warned instead where a
+    QOS may lift the limit, or where scontrol or sinfo cannot tell. A partition SLURM does not know is
+    left to sbatch, which refuses it."""
+    extra = params.get("slurm_additional_parameters", {})
+    given = os.environ.get("SBATCH_PARTITION") or params.get("slurm_partition") or extra.get("partition")
+    if os.environ.get("SBATCH_PARTITION"):  # (sbatch reads it over the script's --partition)
+        named = f"SBATCH_PARTITION={given} (sbatch reads it over --partition)"
+    elif given:
+        named = f"cluster.partition={given} (--partition)"
+    else:
+        named = "SLURM's default partition"
+    out, failed = slurm_query(["scontrol", "--all", "--oneliner", "show", "partition"])
+    if failed:
+        log.warning(
+            "submit: %s, so whether %s can ever run this job (its time, node, GPU and CPU limits) is not checked; "
+            "if it cannot, the job waits in the queue for ever (see its Reason in squeue)",
+            failed,
+            named,
+        )
+        return
+    parts = {f["PartitionName"]: f for f in map(slurm_fields, out.splitlines()) if "PartitionName" in f}
+    names = str(given).split(",") if given else [n for n, f in parts.items() if f.get("Default") == "YES"][:1]
+    if not names or any(n not in parts for n in names):
+        return  # sbatch refuses an unknown partition, or no partition and no default, in its own words
+    if not given:
+        named = f"SLURM's default partition {names[0]}"
+    nodes: dict[str, list[tuple[int | None, int | None]]] = {n: [] for n in names}
+    out, failed = slurm_query(["sinfo", "--noheader", "--Node", f"--partition={','.join(names)}", "--format=%R|%c|%G"])
+    if failed:  # (its time and node limits are still checked)
+        log.warning(
+            "submit: %s, so whether the nodes of %s have the GPUs and CPUs this job asks for is not checked; if "
+            "none has, the job waits in the queue for ever (see its Reason in squeue)",
+            failed,
+            named,
+        )
+    for line in out.splitlines():
+        row = line.strip().split("|")
+        if len(row) == 3 and row[0] in nodes:
+            nodes[row[0]].append((int(row[1]) if row[1].isdigit() else None, node_gpus(row[2])))
+    found = {n: partition_problems(parts[n], nodes[n], params) for n in names}
+    if not all(found.values()):
+        return  # a partition it may run in can run it
+    lifted = {flag: qos_lifting(flag) for n in names for _, _, flag in found[n] if flag}
+    said = "; ".join(
+        (f"partition {n}: " if len(names) > 1 else "")
+        + "; ".join(f"{what} (squeue would say Reason={reason})" for what, reason, _ in found[n])
+        for n in names
+    )
+    lifts = [why for why in lifted.values() if why]
+    certain = all(any(not flag or not lifted[flag] for _, _, flag in found[n]) for n in names)
+    if not certain:
+        log.warning(
+            "submit: %s cannot run this job as it is set: %s. Queued anyway, as %s; if it does not, the job waits "
+            "in the queue for ever: cancel it (scancel) and submit with a limit the partition takes",
+            named,
+            said,
+            "; ".join(lifts),
+        )
+        return
+    who = f"{named} can never" if len(names) == 1 else f"{named}: none of these partitions can ever"
+    raise UserError(
+        f"submit: {who} run this job, so SLURM would queue it and leave it pending for ever: {said}. "
+        "Or choose another partition (--partition; `sinfo -o '%P %l %s %D %c %G'` lists their limits); nothing "
+        "was queued."
+    )
 
 
 def executor_parameters(cfg: ClusterConfig, **given: Any) -> dict[str, Any]:
@@ -311,29 +484,33 @@ def check_job_folder(folder: Path, run_dir: Path) -> None:
         )
 
 
+def slurm_query(argv: Sequence[str]) -> tuple[str, str | None]:
+    """Run a SLURM client (squeue, scontrol, sinfo, sacctmgr): (its output, None), or ("", what failed)
+    where it is missing, fails or does not answer within SLURM_QUERY_TIMEOUT_S."""
+    tool = argv[0]
+    try:
+        out = subprocess.run(
+            list(argv), capture_output=True, encoding="utf-8", errors="replace", timeout=SLURM_QUERY_TIMEOUT_S
+        )
+    except FileNotFoundError:
+        return "", f"{tool} is not on PATH"
+    except subprocess.TimeoutExpired:
+        return "", f"{tool} did not answer within {SLURM_QUERY_TIMEOUT_S} s"
+    except OSError as exc:
+        return "", f"{tool} could not run ({exc})"
+    if out.returncode:
+        said = (out.stderr.strip() or out.stdout.strip()).splitlines()
+        return "", f"{tool} exited {out.returncode}" + (f" ({said[-1]})" if said else "")
+    return out.stdout, None
+
+
 def jobs_still_queued(folder: Path) -> list[tuple[str, str]]:
     """(job id, state) of the jobs submitted into `folder` before (`<folder>/<id>/<id>_submitted.pkl`)
     that SLURM still holds: pending, running, requeued... Empty, with a warning, where squeue cannot tell."""
     ids = {p.parent.name for p in folder.glob("*/*_submitted.pkl") if p.parent.name.isdigit()}
     if not ids:
         return []
-    failed: str | None = None
-    try:
-        out = subprocess.run(
-            ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %T"],
-            capture_output=True,
-            text=True,
-            timeout=SQUEUE_TIMEOUT_S,
-        )
-        if out.returncode:
-            said = (out.stderr.strip() or out.stdout.strip()).splitlines()
-            failed = f"squeue exited {out.returncode}" + (f" ({said[-1]})" if said else "")
-    except FileNotFoundError:
-        failed = "squeue is not on PATH"
-    except subprocess.TimeoutExpired:
-        failed = f"squeue did not answer within {SQUEUE_TIMEOUT_S} s"
-    except OSError as exc:
-        failed = f"squeue could not run ({exc})"
+    out, failed = slurm_query(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %T"])
     if failed:
         newest = ",".join(sorted(ids, key=int)[-5:])  # (every job this run's folder ever held: the newest)
         log.warning(
@@ -344,7 +521,7 @@ def jobs_still_queued(folder: Path) -> list[tuple[str, str]]:
             newest,
         )
         return []
-    rows = (line.split(None, 1) for line in out.stdout.splitlines() if len(line.split(None, 1)) == 2)
+    rows = (line.split(None, 1) for line in out.splitlines() if len(line.split(None, 1)) == 2)
     # (a job COMPLETING has trained: its processes are ending, a new job starts after them)
     return sorted((job, state.strip()) for job, state in rows if job in ids and state.strip() != "COMPLETING")
 
@@ -663,6 +840,7 @@ def submit(
         )
     if chosen != "local":
         check_time_limit(params)
+        check_partition_limits(params)
         queued = jobs_still_queued(folder.parent)
         if queued and "dependency" not in params.get("slurm_additional_parameters", {}):
             ids = ",".join(job for job, _ in queued)
