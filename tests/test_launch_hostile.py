@@ -38,12 +38,17 @@ def cluster(**values: object):
 
 @pytest.fixture()
 def fake_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """`sbatch` on PATH that keeps the script it was given and answers as sbatch does."""
+    """`sbatch` on PATH that keeps the script it was given and answers as sbatch does; `scontrol`, `sinfo`
+    and `squeue` that know no partition and no job (else the test cluster CI runs, through SLURM_CONF,
+    would answer: one node, no GPUs)."""
     log = tmp_path / "sbatch.log"
     bin_dir = fake_bin(
         tmp_path / "bin",
         sbatch=f'cp "${{@: -1}}" {shlex.quote(str(tmp_path))}/submitted.sh\necho "$@" >> {shlex.quote(str(log))}\n'
         'echo "Submitted batch job 4242"\n',
+        scontrol="exit 0\n",
+        sinfo="exit 0\n",
+        squeue="exit 0\n",
     )
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     return log

@@ -330,7 +330,8 @@ def test_submit_refuses_a_job_the_partition_can_never_start(slurm, tmp_path: Pat
     """Read from the real scontrol and sinfo: the test cluster's one partition (debug, the default:
     one node, no GPUs; EnforcePartLimits=NO) queued `--nodes 2` and left it PENDING for ever
     (Reason=PartitionNodeLimit); `--gpus-per-node 1` was sbatch's 'Invalid generic resource (gres)
-    specification', which names no option. Both refused, naming the option and the partition's limit."""
+    specification', which names no option. Both refused, naming the option and the partition's limit.
+    And the same run from a second job folder while its job waits (found by the job's comment)."""
     from qlora_sft import submit
     from qlora_sft.errors import UserError
 
@@ -344,6 +345,13 @@ def test_submit_refuses_a_job_the_partition_can_never_start(slurm, tmp_path: Pat
     with pytest.raises(UserError, match=r"cluster.gpus_per_node=1 \(--gpus-per-node\), but none of its 1 node"):
         submit(recipe, [], gpus_per_node=1, time="00:10:00", cluster="slurm")
     assert not (tmp_path / "runs").exists()
+    # the run's tag, sbatch's --comment, read back by the real squeue: the same run from another job folder
+    held = submit(recipe, [], gpus_per_node=0, time="00:10:00", cluster="slurm", extra_sbatch=["--hold"])
+    try:
+        with pytest.raises(UserError, match=rf"job {held.job_id} \(PENDING\) of this run .*still in SLURM's queue"):
+            submit(recipe, [], gpus_per_node=0, time="00:10:00", cluster="slurm", folder=tmp_path / "other")
+    finally:
+        subprocess.run(["scancel", held.job_id], env=slurm, check=True)
 
 
 def slow_exiting_scontrol(folder: Path) -> Path:

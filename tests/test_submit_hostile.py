@@ -173,7 +173,7 @@ def test_the_same_run_submitted_while_its_job_is_queued_is_refused(tmp_path: Pat
     assert submit(recipe, [], cluster="slurm", time="01:00:00").job_id == "4242"
     assert (tmp_path / "runs" / "run.submitit" / "4242" / "4242_submitted.pkl").is_file()
     (tmp_path / "squeue.txt").write_text("977 RUNNING\n4242 PENDING\n")
-    with pytest.raises(UserError, match=r"job 4242 \(PENDING\) of this run is still in SLURM's queue.*scancel 4242"):
+    with pytest.raises(UserError, match=r"job 4242 \(PENDING\) of this run .*is still in SLURM's queue.*scancel 4242"):
         submit(recipe, [], cluster="slurm", time="01:00:00")
     assert len(slurm_bin.read_text().splitlines()) == 1
     after = submit(recipe, [], cluster="slurm", time="01:00:00", extra_sbatch=["--dependency=afterany:4242"])
@@ -654,3 +654,26 @@ def test_partition_limits_that_cannot_be_read_are_warned_not_refused(
     if tool == "sinfo":  # (the partition's own limits are still read)
         with pytest.raises(UserError, match=r"cluster.time \(--time\) is 2-00:00:00, longer than its MaxTime"):
             submit(recipe, [], cluster="slurm", time="2-00:00:00")
+
+
+def test_the_same_run_queued_from_another_job_folder_is_refused(tmp_path: Path, slurm_bin: Path):
+    """`submit --folder jobs-b` for a run whose job was queued from `jobs-a` (or from the default
+    folder): the check looked only into the job folder it was given, so a second job was queued, waited
+    its turn, and was then refused the run directory by the first one's lock. Each job now carries the
+    run's tag as its SLURM comment, which squeue reads back from any folder; another run's job, or one
+    of another comment, does not stop it; a user's own --comment stays theirs."""
+    from qlora_sft.submit import run_tag, submit
+
+    recipe = small_recipe(tmp_path)
+    tag = run_tag(tmp_path / "runs" / "run")
+    assert submit(recipe, [], cluster="slurm", time="01:00:00", folder=tmp_path / "jobs-a").job_id == "4242"
+    script = (tmp_path / "jobs-a" / "4242" / "4242_submission.sh").read_text()
+    assert f"#SBATCH --comment={tag}\n" in script, script  # (what sbatch reads; squeue's %k shows it)
+    (tmp_path / "squeue.txt").write_text(f"977 RUNNING qlora-sft-run:0123456789abcdef0123\n555 PENDING {tag}\n")
+    with pytest.raises(UserError, match=r"job 555 \(PENDING\) of this run \(run directory .*runs/run\) is still in"):
+        submit(recipe, [], cluster="slurm", time="01:00:00", folder=tmp_path / "jobs-b")
+    assert len(slurm_bin.read_text().splitlines()) == 1 and not (tmp_path / "jobs-b").exists()
+    other = submit(recipe, ["run.name=other"], cluster="slurm", time="01:00:00", folder=tmp_path / "jobs-b")
+    assert other.job_id == "4242"
+    mine = submit(recipe, ["run.name=mine"], cluster="slurm", time="01:00:00", extra_sbatch=["--comment=my note"])
+    assert "#SBATCH --comment='my note'\n" in Path(mine.paths.submission_file).read_text()

@@ -19,6 +19,7 @@ checkpoint like any relaunch.
 from __future__ import annotations
 
 import getpass
+import hashlib
 import logging
 import os
 import re
@@ -504,14 +505,22 @@ def slurm_query(argv: Sequence[str]) -> tuple[str, str | None]:
     return out.stdout, None
 
 
-def jobs_still_queued(folder: Path) -> list[tuple[str, str]]:
-    """(job id, state) of the jobs submitted into `folder` before (`<folder>/<id>/<id>_submitted.pkl`)
-    that SLURM still holds: pending, running, requeued... Empty, with a warning, where squeue cannot tell."""
+def run_tag(run_dir: Path) -> str:
+    """The job comment (`sbatch --comment`) that marks a job as one of the run in `run_dir`: a digest of its
+    real path (SLURM takes at most 1024 characters, and a path may hold any), the same from any job folder."""
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(run_dir))).hexdigest()[:20]
+    return f"qlora-sft-run:{digest}"
+
+
+def jobs_still_queued(folder: Path, tag: str) -> list[tuple[str, str]]:
+    """(job id, state) of the jobs of this run that SLURM still holds (pending, running, requeued...):
+    submitted into `folder` before (`<folder>/<id>/<id>_submitted.pkl`), or from any job folder with the
+    comment `tag` (run_tag). Empty where squeue cannot tell, with a warning where `folder` holds jobs."""
     ids = {p.parent.name for p in folder.glob("*/*_submitted.pkl") if p.parent.name.isdigit()}
-    if not ids:
-        return []
-    out, failed = slurm_query(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %T"])
+    out, failed = slurm_query(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %T %k"])
     if failed:
+        if not ids:
+            return []
         newest = ",".join(sorted(ids, key=int)[-5:])  # (every job this run's folder ever held: the newest)
         log.warning(
             "submit: %s, so whether job(s) %s of this run are still in SLURM's queue is not known; if one is, "
@@ -521,9 +530,13 @@ def jobs_still_queued(folder: Path) -> list[tuple[str, str]]:
             newest,
         )
         return []
-    rows = (line.split(None, 1) for line in out.splitlines() if len(line.split(None, 1)) == 2)
-    # (a job COMPLETING has trained: its processes are ending, a new job starts after them)
-    return sorted((job, state.strip()) for job, state in rows if job in ids and state.strip() != "COMPLETING")
+    queued = []
+    for line in out.splitlines():
+        job, state, comment = [*line.split(None, 2), "", ""][:3]
+        # (a job COMPLETING has trained: its processes are ending, a new job starts after them)
+        if (job in ids or comment.strip() == tag) and state and state != "COMPLETING":
+            queued.append((job, state))
+    return sorted(queued)
 
 
 def missing_folders(folder: Path) -> list[Path]:
@@ -841,12 +854,16 @@ def submit(
     if chosen != "local":
         check_time_limit(params)
         check_partition_limits(params)
-        queued = jobs_still_queued(folder.parent)
-        if queued and "dependency" not in params.get("slurm_additional_parameters", {}):
+        extra = params.get("slurm_additional_parameters", {})
+        tag = run_tag(r.run_dir)
+        if "comment" not in extra:  # (the user's own comment stays; their job is then found by its folder alone)
+            params["slurm_comment"] = tag
+        queued = jobs_still_queued(folder.parent, tag)
+        if queued and "dependency" not in extra:
             ids = ",".join(job for job, _ in queued)
             states = ", ".join(f"job {job} ({state})" for job, state in queued)
             raise UserError(
-                f"submit: {states} of this run is still in SLURM's queue (job folder {folder.parent}). A second "
+                f"submit: {states} of this run (run directory {r.run_dir}) is still in SLURM's queue. A second "
                 "job would start beside it (and be refused the run directory it holds) or after it (and find the "
                 f"run trained). Wait for it (squeue -j {ids}), cancel it (scancel {ids}), chain the new one after "
                 f"it (--extra-sbatch=--dependency=afterany:{ids}), or give another run.name; nothing was queued."
