@@ -548,8 +548,9 @@ def test_llama_factory_sharegpt_tool_calls_and_tools_reach_the_template(tmp_path
     assert messages[4]["tool_calls"] == [
         {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
     ]
-    assert row_tools(LF_TOOL_ROW, "sharegpt") == [WEATHER]
-    assert row_tools({**LF_TOOL_ROW, "tools": [WEATHER]}, "sharegpt") == [WEATHER]
+    wrapped = {"type": "function", "function": WEATHER}  # OpenAI's form, as templates read it (test_data_tools)
+    assert row_tools(LF_TOOL_ROW, "sharegpt") == [wrapped]
+    assert row_tools({**LF_TOOL_ROW, "tools": [WEATHER]}, "sharegpt") == [wrapped]
     assert row_tools({**LF_TOOL_ROW, "tools": ""}, "sharegpt") is None
     weighted = json.loads(json.dumps(LF_TOOL_ROW))
     weighted["conversations"][1]["weight"] = 0  # a call turn is an assistant turn: its weight is checked too
@@ -558,8 +559,8 @@ def test_llama_factory_sharegpt_tool_calls_and_tools_reach_the_template(tmp_path
 
     shows = copy.deepcopy(tok)
     shows.chat_template = (
-        "{% if tools %}<|im_start|>system\nTOOLS:{% for t in tools %} {{ t['name'] }}{% endfor %}<|im_end|>\n"
-        "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "{% if tools %}<|im_start|>system\nTOOLS:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}"
+        "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
         "{% for c in m.get('tool_calls') or [] %}<tool_call>{{ c['function']['name'] }} "
         "{{ c['function']['arguments'] | tojson }}</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -567,7 +568,7 @@ def test_llama_factory_sharegpt_tool_calls_and_tools_reach_the_template(tmp_path
     f = tmp_path / "lf_tools.json"
     f.write_text(json.dumps([LF_TOOL_ROW], indent=2))
     per_source, _ = data.load_examples([DataSource(path=str(f))], "error")
-    assert per_source[0][0].tools == [WEATHER]
+    assert per_source[0][0].tools == [wrapped]
     cfg = DataConfig(sources=(DataSource(path=str(f)),), eval_fraction=0.0, num_proc=1)
     (row,) = build_data(cfg, shows, 0).train
     text = shows.decode(row["input_ids"])

@@ -152,11 +152,12 @@ def test_llama_factorys_alpaca_tools_column_is_read(tmp_path: Path):
     AlpacaDatasetConverter `_tools`), as its sharegpt one does: it was dropped for alpaca rows."""
     tools = [{"name": "add", "description": "Add two numbers", "parameters": {"type": "object"}}]
     row = {"instruction": "Add 1 and 2.", "output": "3", "tools": json.dumps(tools)}
-    assert data.formats.row_tools(row, "alpaca") == tools
-    assert data.formats.row_tools({**row, "tools": tools}, "alpaca") == tools
+    wrapped = [{"type": "function", "function": tools[0]}]  # OpenAI's form, as templates read it
+    assert data.formats.row_tools(row, "alpaca") == wrapped
+    assert data.formats.row_tools({**row, "tools": tools}, "alpaca") == wrapped
     f = tmp_path / "alpaca_tools.jsonl"
     f.write_text(json.dumps(row) + "\n")
-    assert data.load_examples([DataSource(path=str(f))], "error")[0][0][0].tools == tools
+    assert data.load_examples([DataSource(path=str(f))], "error")[0][0][0].tools == wrapped
     with pytest.raises(BadRow, match="field `tools` is not JSON"):
         data.formats.row_tools({**row, "tools": "{add"}, "alpaca")
 

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -74,11 +75,16 @@ TOOLS_FORMATS = ("messages", "sharegpt", "alpaca")  # the formats whose rows' `t
 def row_tools(row: Any, fmt: str) -> list[dict[str, Any]] | None:
     """A conversation row's `tools` (the functions it may call, given to the chat template), or None:
     a list of tool definitions, or the JSON text of one (LLaMA-Factory's sharegpt and alpaca rows: its
-    alpaca converter reads a `tools` column too)."""
+    alpaca converter reads a `tools` column too), each in OpenAI's form (`tool_definition`)."""
+    return _row_tools(row, fmt)[0]
+
+
+def _row_tools(row: Any, fmt: str) -> tuple[list[dict[str, Any]] | None, int]:
+    """`row_tools`, with how many of its definitions were not in OpenAI's form as written (wrapped)."""
     tools = row.get("tools") if isinstance(row, dict) and fmt in TOOLS_FORMATS else None
     if isinstance(tools, str):
         if not tools.strip():
-            return None
+            return None, 0
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as exc:
@@ -88,10 +94,43 @@ def row_tools(row: Any, fmt: str) -> list[dict[str, Any]] | None:
                 "the JSON text of one",
             ) from None
     if tools is None or tools == []:
-        return None
+        return None, 0
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise BadRow("wrong_type", "field `tools` must be a list of tool definitions (mappings)")
-    return tools
+    out = [tool_definition(tool, f"field `tools[{i}]`") for i, tool in enumerate(tools)]
+    return out, sum(new is not old for new, old in zip(out, tools, strict=True))
+
+
+TOOL_SHAPE = '{"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}'
+BARE_TOOL_SHAPE = '{"name": ..., "description": ..., "parameters": {...}}'
+
+
+def tool_definition(tool: dict[str, Any], where: str) -> dict[str, Any]:
+    """One tool definition in OpenAI's form, TOOL_SHAPE: as written where it is (the form transformers'
+    `get_json_schema` and OpenAI-compatible servers give the chat template at inference, and the form
+    Qwen's, Llama 3.1's, Mistral's, Gemma 4's and gpt-oss's templates read); a bare function
+    (LLaMA-Factory's BARE_TOOL_SHAPE, or OpenAI's Responses API's, the same with `"type": "function"`)
+    wrapped in it, as LLaMA-Factory wraps it for those templates. Another is a BadRow."""
+
+    def named(fn: Any) -> bool:
+        return isinstance(fn, dict) and isinstance(fn.get("name"), str) and bool(fn["name"].strip())
+
+    kind = tool.get("type", "function")
+    if kind == "function" and "function" in tool and named(tool["function"]):
+        return tool if "type" in tool else {"type": "function", **tool}
+    if kind == "function" and "function" not in tool and named(tool):
+        return {"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
+    if kind != "function" and isinstance(kind, str):
+        raise BadRow(
+            "wrong_type",
+            f"{where} is a {kind!r} tool: only function tools, {TOOL_SHAPE}, are given to the chat template. "
+            "Remove it from the row's tools",
+        )
+    raise BadRow(
+        "wrong_type",
+        f"{where} is not a function definition (it has {sorted(map(str, tool))}): write it as {TOOL_SHAPE} "
+        f"(OpenAI's form), or as the bare function {BARE_TOOL_SHAPE} (LLaMA-Factory's), with a name",
+    )
 
 
 def _text_field(row: dict[str, Any], key: str, required: bool = True) -> str:
@@ -198,6 +237,12 @@ def _turns(
             content = turn.get(content_key)
             message = {"role": role, "content": "" if content is None else _content(content, where)}
         if role == "assistant" and turn.get("reasoning_content") is not None:  # a template with thinking renders it
+            if "reasoning_content" in message:  # a function_call turn's <think> block (`_function_call`)
+                raise BadRow(
+                    "wrong_type",
+                    f"{where} (a function_call turn) gives its reasoning twice, in a <think> block before its call "
+                    "and as `reasoning_content`: keep one",
+                )
             message["reasoning_content"] = _content(turn["reasoning_content"], where, "reasoning_content")
         trains = role == "assistant" or not assistant_only_loss
         done = (
@@ -284,12 +329,22 @@ def _role(raw: Any) -> str | None:
     return ROLE_ALIASES.get(raw.lower()) if isinstance(raw, str) else None
 
 
+# a `<think>` block before a LLaMA-Factory function_call's JSON (`_function_call`)
+THOUGHT = re.compile(r"\s*<think>(.*?)</think>\s*", re.DOTALL)
+
+
 def _function_call(value: Any, where: str, content_key: str) -> dict[str, Any]:
     """LLaMA-Factory's sharegpt `function_call` turn -> an assistant turn with `tool_calls`. Its value
     is the call as JSON text, {"name": ..., "arguments": {...}}, or a list of such calls (parallel
-    calls; LLaMA-Factory's FunctionFormatter reads both)."""
+    calls; LLaMA-Factory's FunctionFormatter reads both), after a `<think>` block where the call was
+    reasoned (the FunctionFormatter splits it off with its templates' thought words, `<think>\n` and
+    `\n</think>\n\n`, or `<think>` and `</think>`): the turn's `reasoning_content`, as a chat template
+    with thinking renders it (Qwen3's: `<think>\n...\n</think>\n\n` before the call)."""
     fix = f"it must be a call {CALL_SHAPE}, or a list of them, as JSON text"
     calls = value
+    reasoning = ""
+    if isinstance(value, str) and (thought := THOUGHT.match(value)):
+        reasoning, value = thought.group(1).strip(), value[thought.end() :]
     if isinstance(value, str):
         try:
             calls = json.loads(value)
@@ -311,7 +366,10 @@ def _function_call(value: Any, where: str, content_key: str) -> dict[str, Any]:
         no_name=lambda j: f"{where}: {shown(j)} needs a function name; {fix}",
         not_json=lambda j, _: f"{where}: the arguments of {shown(j)} are not JSON; {fix}",
     )
-    return {"role": "assistant", "content": "", "tool_calls": tool_calls}
+    message: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": tool_calls}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    return message
 
 
 def _tool_calls(
@@ -521,6 +579,7 @@ READ_FIELDS = {
 _NAMED_NEAR_MISSES: set[tuple[str, str]] = set()
 _NAMED_TURN_NAMES: set[str] = set()  # the sources whose turns' `name` was warned of
 _NAMED_TURN_KEYS: set[tuple[str, str]] = set()  # (source, key) of the turn keys not read that were warned of
+_NAMED_WRAPPED_TOOLS: set[str] = set()  # the sources whose bare tool definitions were said to be wrapped
 # the fields that hold a format's turns, and the key of a turn's role
 TURN_FIELDS = {
     "sharegpt": (("conversations",), "from"),
@@ -601,8 +660,10 @@ def unread_turn_keys(row: Any, fmt: str) -> list[tuple[str, str, str]]:
     for field, turns, i, turn, role_key in _row_turns(row, fmt):
         raw = turn.get(role_key)
         role = _role(raw) or (raw if isinstance(raw, str) else "")
+        # LLaMA-Factory's function_call turn is read as the assistant's (`_turns`)
+        reads_as = "assistant" if role.lower() == FUNCTION_CALL_ROLE else role
         content_key = "value" if fmt == "sharegpt" else "content"
-        read = {role_key, content_key, *TURN_KEYS_READ[""], *TURN_KEYS_READ.get(role, ())}
+        read = {role_key, content_key, *TURN_KEYS_READ[""], *TURN_KEYS_READ.get(reads_as, ())}
         if maps_function_call(turns, i, role_key):
             read.add("function_call")
         for key, value in turn.items():
@@ -618,11 +679,18 @@ def unread_turn_keys(row: Any, fmt: str) -> list[tuple[str, str, str]]:
 
 def near_miss_text(row: Any, fmt: str) -> str:
     """What of the row is not read, as JSON, "" for nothing (a column of the encoded rows): its
-    `near_misses`, its first turn with a `turn_name`, and its `unread_turn_keys`."""
+    `near_misses`, its first turn with a `turn_name`, its `unread_turn_keys`, and how many of its tool
+    definitions are given to the template wrapped in OpenAI's form (`tool_definition`)."""
     found = near_misses(row, fmt)
     named = turn_name(row, fmt)
     keys = unread_turn_keys(row, fmt)
-    return json.dumps({"near": found, "name": named, "keys": keys}) if found or named or keys else ""
+    try:
+        wrapped = _row_tools(row, fmt)[1]
+    except BadRow:  # (the row's bad row says so)
+        wrapped = 0
+    if not (found or named or keys or wrapped):
+        return ""
+    return json.dumps({"near": found, "name": named, "keys": keys, "tools": wrapped})
 
 
 def _how_many(n: int, read: int | None, it: str = "it") -> str:
@@ -641,6 +709,7 @@ class UnreadCounts:
         self.keys: dict[str, tuple[int, str, str, list[int]]] = {}  # key -> (first row, turn, role, [count])
         self.named: tuple[int, list[str]] | None = None
         self.named_rows = 0
+        self.wrapped: list[int] | None = None  # [first row, count] of the rows whose tools were wrapped
 
     def add(self, rowno: int, text: str) -> None:
         if not text:
@@ -653,6 +722,9 @@ class UnreadCounts:
             self.named_rows += 1
         for key, turn, role in unread.get("keys", ()):
             self.keys.setdefault(key, (rowno, turn, role, [0]))[3][0] += 1
+        if unread.get("tools"):
+            self.wrapped = self.wrapped or [rowno, 0]
+            self.wrapped[1] += 1
 
     def warn(self, path: str, fmt: str, read: int | None = None) -> None:
         """Warn once per source and field (or turn key) of what was found; `read`: the rows read, where
@@ -684,6 +756,19 @@ class UnreadCounts:
                 role,
                 name,
                 _how_many(self.named_rows, read, "one"),
+            )
+        if self.wrapped and path not in _NAMED_WRAPPED_TOOLS:
+            _NAMED_WRAPPED_TOOLS.add(path)
+            log.info(
+                "%s row %d: its `tools` lists bare function definitions (%s, as LLaMA-Factory writes them); %s. "
+                "They are given to the chat template in OpenAI's form, %s: the form transformers' "
+                "get_json_schema and OpenAI-compatible servers give it at inference, which the templates of "
+                "Qwen, Llama 3.1, Mistral, Gemma 4 and gpt-oss read (LLaMA-Factory wraps them so for those too)",
+                path,
+                self.wrapped[0],
+                BARE_TOOL_SHAPE,
+                _how_many(self.wrapped[1], read, "them"),
+                TOOL_SHAPE,
             )
         for key, (rowno, turn, role, (n,)) in self.keys.items():
             if (path, key) in _NAMED_TURN_KEYS:
