@@ -8,9 +8,11 @@ the model, and a difference is refused naming the key, both values and both rank
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
-from helpers import short_run_recipe, torchrun_script
+from helpers import REPO, cpu_env, short_run_recipe, torchrun_script
 
 from qlora_sft.launch import RANK_PACKAGES, sameness_problem
 
@@ -87,3 +89,19 @@ def test_a_refusal_the_main_process_decides_is_said_once_not_once_per_rank(tiny_
     assert said.count(f"run directory {mine} exists and is not a qlora-sft run") == 1, said[-3000:]
     assert "exitcode: 2" in said, said[-3000:]  # (torchrun's line for the failed rank)
     assert (mine / "notes.txt").read_text() == "my notes\n" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_an_agreed_refusal_in_a_single_process_with_a_stray_rank_variable_is_said(tiny_model: Path, tmp_path: Path):
+    """A refusal every rank raises alike is said by rank 0 alone. Was: rank 0 was told by $RANK, so a
+    single process (no process group) in a shell that had RANK=1 left exported exited 2 in silence."""
+    recipe = short_run_recipe(tmp_path, tiny_model, "mine")
+    mine = tmp_path / "runs" / "mine"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes\n")
+    env = {**cpu_env(), "PYTHONPATH": str(REPO / "src"), "RANK": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "qlora_sft", "train", str(recipe)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"error: run directory {mine} exists and is not a qlora-sft run" in done.stderr, done.stderr[-3000:]
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]

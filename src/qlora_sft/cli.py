@@ -870,7 +870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        if not exc.everywhere or os.environ.get("RANK", "0") in ("", "0"):  # (rank 0 says what all ranks met)
+        if not said_by_another_rank(exc):  # (rank 0 says what all ranks met)
             print(f"qlora-sft {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
@@ -881,6 +881,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         say_interrupted(args.command, exc)  # a library's clean-up raised over Ctrl-C
         return 130
+
+
+def said_by_another_rank(exc: UserError) -> bool:
+    """Whether another process says `exc`: an error every rank raised alike (`UserError.everywhere`) is
+    said by rank 0 of the process group alone. The process group's rank, not $RANK: such errors are
+    raised once the group has formed, and a single process (no group) with RANK=1 left exported in its
+    shell has no rank 0 beside it to say it."""
+    if not exc.everywhere:
+        return False
+    dist = sys.modules.get("torch.distributed")  # (not imported: no group, this process says it)
+    return dist is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
 def say_interrupted(command: str, exc: BaseException) -> None:
