@@ -332,7 +332,8 @@ def test_a_weight_on_a_prompts_assistant_turn_is_checked_against_the_prompt_bein
         asks = json.loads(json.dumps(row))
         del asks["prompt"][1]["weight"]
         asks["prompt"][1][flag] = value
-        with pytest.raises(BadRow, match=rf"`prompt\[1\]`.{flag} is {value!r}: .*a conversational prompt's turns") as bad:
+        said = rf"`prompt\[1\]`.{flag} is {value!r}: .*a conversational prompt's turns"
+        with pytest.raises(BadRow, match=said) as bad:
             normalize_row(asks, "prompt_completion")
         assert bad.value.reason == "turn_weight"
         assert "only the completion trains" in str(bad.value), str(bad.value)
