@@ -276,3 +276,16 @@ def test_a_temperature_too_close_to_zero_is_refused_before_the_model_loads(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"argument --temperature: '{value}'" in err and "give 0 for greedy answers" in err, err
+
+
+def test_max_new_tokens_is_not_capped_at_slurms_largest_count(capsys: pytest.CaptureFixture):
+    """`--max-new-tokens` shares the whole-number check of submit's counts. Was: that check gained
+    submit's SLURM cap (65535), so `chat --max-new-tokens 70000` (a reasoning model's long answer) was
+    refused "'70000' is more than SLURM takes"; submit's counts are still capped."""
+    args = cli.build_parser().parse_args(["chat", "m", "--max-new-tokens", "70000"])
+    assert args.max_new_tokens == 70000
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["chat", "m", "--max-new-tokens", "0"])
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["submit", "r.yaml", "--nodes", "70000"])
+    assert "more than SLURM takes" in capsys.readouterr().err

@@ -313,3 +313,34 @@ def test_a_prompt_completion_row_whose_tool_call_ends_the_prompt_reads_as_one_co
     modern["completion"][0] = {"role": "tool", "content": "12 C", "tool_call_id": "c1"}
     messages, _ = normalize_row(modern, "prompt_completion")
     assert messages[2] == {"role": "tool", "content": "12 C", "tool_call_id": "c1"}
+
+
+def test_a_weight_on_a_prompts_assistant_turn_is_checked_against_the_prompt_being_untrained():
+    """A prompt_completion row's conversational prompt is context (its assistant turns are not trained,
+    as TRL's completion_only_loss). Was: its turns' `weight` and training flags were checked as if
+    every assistant turn trained, so OpenAI data split into prompt and completion (`weight: 0` on the
+    earlier assistant turns, exactly what is done) was refused whole, and `weight: 1` (asking for a
+    turn that is not trained) was read in silence."""
+    prompt = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello.", "weight": 0},
+        {"role": "user", "content": "Capital of France?"},
+    ]
+    row = {"prompt": prompt, "completion": [{"role": "assistant", "content": "Paris.", "weight": 1}]}
+    messages, _ = normalize_row(row, "prompt_completion")
+    assert messages is not None and [m["content"] for m in messages] == ["Hi", "Hello.", "Capital of France?", "Paris."]
+    for flag, value in (("weight", 1), ("training", True), ("train", 1)):
+        asks = json.loads(json.dumps(row))
+        del asks["prompt"][1]["weight"]
+        asks["prompt"][1][flag] = value
+        said = rf"`prompt\[1\]`.{flag} is {value!r}: .*a conversational prompt's turns"
+        with pytest.raises(BadRow, match=said) as bad:
+            normalize_row(asks, "prompt_completion")
+        assert bad.value.reason == "turn_weight"
+        assert "only the completion trains" in str(bad.value), str(bad.value)
+    # with every turn trained (data.assistant_only_loss: false) the prompt trains too: weight 1 agrees
+    trained = json.loads(json.dumps(row))
+    trained["prompt"][1]["weight"] = 1
+    assert normalize_row(trained, "prompt_completion", assistant_only_loss=False)[0] is not None
+    with pytest.raises(BadRow, match=r"`prompt\[1\]`.weight is 0"):
+        normalize_row(row, "prompt_completion", assistant_only_loss=False)

@@ -8,9 +8,11 @@ the model, and a difference is refused naming the key, both values and both rank
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
-from helpers import short_run_recipe, torchrun_script
+from helpers import REPO, cpu_env, short_run_recipe, torchrun_script
 
 from qlora_sft.launch import RANK_PACKAGES, sameness_problem
 
@@ -87,3 +89,53 @@ def test_a_refusal_the_main_process_decides_is_said_once_not_once_per_rank(tiny_
     assert said.count(f"run directory {mine} exists and is not a qlora-sft run") == 1, said[-3000:]
     assert "exitcode: 2" in said, said[-3000:]  # (torchrun's line for the failed rank)
     assert (mine / "notes.txt").read_text() == "my notes\n" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_an_agreed_refusal_in_a_single_process_with_a_stray_rank_variable_is_said(tiny_model: Path, tmp_path: Path):
+    """A refusal every rank raises alike is said by rank 0 alone. Was: rank 0 was told by $RANK, so a
+    single process (no process group) in a shell that had RANK=1 left exported exited 2 in silence."""
+    recipe = short_run_recipe(tmp_path, tiny_model, "mine")
+    mine = tmp_path / "runs" / "mine"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes\n")
+    env = {**cpu_env(), "PYTHONPATH": str(REPO / "src"), "RANK": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "qlora_sft", "train", str(recipe)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"error: run directory {mine} exists and is not a qlora-sft run" in done.stderr, done.stderr[-3000:]
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_ranks_whose_model_paths_name_other_models_are_refused_not_noted(tiny_model: Path, tmp_path: Path):
+    """`model.name_or_path` may differ between ranks for a node-local copy of the model. Was: any
+    difference was taken for one and noted, so a node started with another model (`Qwen/Qwen2.5-0.5B`
+    here, `...-Instruct` there, of one shape: DDP averages their gradients without an error) trained.
+    Now each rank reports what its path holds (`base_fingerprint`) and other files are refused; a
+    copy of the same files is still noted."""
+    from qlora_sft.checkpoint import model_folder_fingerprint
+
+    hub = {"model.name_or_path": "Qwen/Qwen2.5-0.5B"}
+    instruct = {"model.name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"}
+    a = {**report(0, **hub), "base_model": {"hub_id": "Qwen/Qwen2.5-0.5B", "revision": None}}
+    b = {**report(1, "b", **instruct), "base_model": {"hub_id": "Qwen/Qwen2.5-0.5B-Instruct", "revision": None}}
+    problem, _ = sameness_problem([a, b])
+    assert problem is not None and "model.name_or_path: 'Qwen/Qwen2.5-0.5B' on rank 0 (host a)" in problem, problem
+    assert "'Qwen/Qwen2.5-0.5B-Instruct' on rank 1 (host b)" in problem and "other model files" in problem, problem
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in tiny_model.iterdir():
+        if f.is_file():
+            (copy / f.name).write_bytes(f.read_bytes())
+    same = {**report(1, "b", **{"model.name_or_path": str(copy)}), "base_model": model_folder_fingerprint(copy)}
+    here = {**report(0, **{"model.name_or_path": str(tiny_model)}), "base_model": model_folder_fingerprint(tiny_model)}
+    problem, notes = sameness_problem([here, same])
+    assert problem is None and len(notes) == 1 and "names its files by other paths" in notes[0], (problem, notes)
+    weights = next(f for f in copy.iterdir() if f.suffix == ".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one byte of the weights: another model of the same shape
+    weights.write_bytes(bytes(data))
+    other = {**same, "base_model": model_folder_fingerprint(copy)}
+    problem, _ = sameness_problem([here, other])
+    assert problem is not None and f"{weights.name}: other contents, same size" in problem, problem

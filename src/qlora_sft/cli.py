@@ -28,7 +28,8 @@ def gib(text: str) -> float:
     return value
 
 
-def _whole_number(text: str, least: int, hint: str) -> int:
+def _whole_number(text: str, least: int, hint: str, slurm: bool = True) -> int:
+    """`slurm`: a count submit asks SLURM for (at most SLURM_COUNT_MAX)."""
     from .recipe import SLURM_COUNT_MAX
 
     try:
@@ -37,7 +38,7 @@ def _whole_number(text: str, least: int, hint: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < least:
         raise argparse.ArgumentTypeError(f"{text!r}: give {hint}")
-    if value > SLURM_COUNT_MAX:  # (submitit makes one object per task; SLURM wraps counts past 16/32 bits)
+    if slurm and value > SLURM_COUNT_MAX:  # (submitit makes one object per task; SLURM wraps counts past 16/32 bits)
         raise argparse.ArgumentTypeError(
             f"{text!r} is more than SLURM takes: give at most {SLURM_COUNT_MAX} (SLURM holds these counts in 16 "
             "or 32 bits and wraps a larger one)"
@@ -48,6 +49,11 @@ def _whole_number(text: str, least: int, hint: str) -> int:
 def count(text: str) -> int:
     """A count of nodes, GPUs, tasks or CPUs: a whole number, 1 to SLURM_COUNT_MAX."""
     return _whole_number(text, 1, "1 or more")
+
+
+def tokens(text: str) -> int:
+    """A number of tokens (chat's --max-new-tokens): a whole number, 1 or more."""
+    return _whole_number(text, 1, "1 or more", slurm=False)
 
 
 def gpus(text: str) -> int:
@@ -226,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt", help="answer this one prompt and exit")
     p.add_argument("--system", help="system message")
-    p.add_argument("--max-new-tokens", type=count, default=256)
+    p.add_argument("--max-new-tokens", type=tokens, default=256)
     p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
@@ -870,7 +876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        if not exc.everywhere or os.environ.get("RANK", "0") in ("", "0"):  # (rank 0 says what all ranks met)
+        if not said_by_another_rank(exc):  # (rank 0 says what all ranks met)
             print(f"qlora-sft {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
@@ -881,6 +887,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         say_interrupted(args.command, exc)  # a library's clean-up raised over Ctrl-C
         return 130
+
+
+def said_by_another_rank(exc: UserError) -> bool:
+    """Whether another process says `exc`: an error every rank raised alike (`UserError.everywhere`) is
+    said by rank 0 of the process group alone. The process group's rank, not $RANK: such errors are
+    raised once the group has formed, and a single process (no group) with RANK=1 left exported in its
+    shell has no rank 0 beside it to say it."""
+    if not exc.everywhere:
+        return False
+    dist = sys.modules.get("torch.distributed")  # (not imported: no group, this process says it)
+    return dist is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
 def say_interrupted(command: str, exc: BaseException) -> None:

@@ -556,8 +556,14 @@ def check_ranks(recipe: Recipe | None = None) -> list[dict[str, Any]]:
         "pid": os.getpid(),
     }
     if recipe is not None:
+        from .checkpoint import base_fingerprint
+
         me["recipe"] = json.loads(json.dumps(recipe.fingerprint(), default=str))
         me["versions"] = package_versions()
+        try:  # (what its model.name_or_path holds here; a rank that cannot read it is told when it loads)
+            me["base_model"] = base_fingerprint(recipe)
+        except OSError:  # (not raised before the gather: the other ranks would wait in it)
+            me["base_model"] = None
     everyone = [me]
     if dist.is_available() and dist.is_initialized():
         everyone = [None] * dist.get_world_size()  # type: ignore[list-item]
@@ -620,7 +626,12 @@ def sameness_problem(reports: list[dict[str, Any]]) -> tuple[str | None, list[st
         for key in sorted(set(a) | set(b)):
             if a.get(key) == b.get(key):
                 continue
-            if key in PATH_KEYS or (key in PATH_LIST_KEYS and _without_paths(a.get(key)) == _without_paths(b.get(key))):
+            other = _other_model(first, report) if key == "model.name_or_path" else None
+            if other:  # not a copy: the files differ
+                keys.append(f"{key}: {a.get(key)!r} on {than}, {b.get(key)!r} on {who} (other model files: {other})")
+            elif key in PATH_KEYS or (
+                key in PATH_LIST_KEYS and _without_paths(a.get(key)) == _without_paths(b.get(key))
+            ):
                 paths.append(f"{key}: {a.get(key)!r} there, {b.get(key)!r} here")
             else:
                 keys.append(f"{key}: {a.get(key)!r} on {than}, {b.get(key)!r} on {who}")
@@ -650,6 +661,18 @@ def sameness_problem(reports: list[dict[str, Any]]) -> tuple[str | None, list[st
         more = f", and {len(notes) - 1} more rank(s) as well" if len(notes) > 1 else ""
         notes = [f"{notes[0]}{more}: each node reads its own copy, which must hold the same files"]
     return None, notes
+
+
+def _other_model(first: dict[str, Any], report: dict[str, Any]) -> str | None:
+    """How the base model `report`'s rank names differs from `first`'s (`base_fingerprint`: two hub
+    ids, or two local folders' files), or None where they may be one model: the same files, either
+    unknown, or a hub id on one rank and a local folder (perhaps its copy) on the other."""
+    from .checkpoint import base_changes
+
+    a, b = first.get("base_model"), report.get("base_model")
+    if not a or not b or ("hub_id" in a) != ("hub_id" in b):
+        return None
+    return "; ".join(base_changes(a, b)[:3]) or None
 
 
 def _without_paths(sources: Any) -> Any:

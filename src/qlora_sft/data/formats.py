@@ -199,9 +199,12 @@ def _turns(
     field_name: str,
     assistant_only_loss: bool = True,
     following: Sequence[Any] = (),
+    prompt: bool = False,
 ) -> list[dict[str, Any]]:
     """A row's turns -> messages; `following`: the turns after these in the same conversation (a
-    prompt_completion row's completion after its prompt), where a tool call's result may be."""
+    prompt_completion row's completion after its prompt), where a tool call's result may be;
+    `prompt`: these turns are a prompt_completion row's prompt, context that does not train (its
+    assistant turns included: `Example.prompt_turns`) unless every turn trains."""
     if not isinstance(turns, list):
         raise BadRow("wrong_type", f"field `{field_name}` must be a list of turns, got {type(turns).__name__}")
     out = []
@@ -244,11 +247,14 @@ def _turns(
                     "and as `reasoning_content`: keep one",
                 )
             message["reasoning_content"] = _content(turn["reasoning_content"], where, "reasoning_content")
-        trains = role == "assistant" or not assistant_only_loss
+        trains = (role == "assistant" and not prompt) or not assistant_only_loss
         done = (
-            "every assistant turn trains and no other turn does"
-            if assistant_only_loss
-            else "every turn trains (data.assistant_only_loss: false)"
+            "every turn trains (data.assistant_only_loss: false)"
+            if not assistant_only_loss
+            else "a conversational prompt's turns are context and do not train, its assistant turns included: only "
+            "the completion trains (as TRL's completion_only_loss)"
+            if prompt
+            else "every assistant turn trains and no other turn does"
         )
         # axolotl's / OpenAI's `weight` and axolotl's message_field_training flags: whether the turn trains.
         # null is none (axolotl: `if training is not None`; SlimOrca and OpenHermes write `weight: null`);
@@ -520,6 +526,7 @@ def normalize_row_turns(
                 "prompt",
                 assistant_only_loss,
                 completion if isinstance(completion, list) else (),
+                prompt=True,
             )
             if isinstance(prompt, list)
             else [{"role": "user", "content": _text_field(row, "prompt")}]
