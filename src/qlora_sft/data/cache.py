@@ -42,7 +42,7 @@ log = logging.getLogger("qlora_sft")
 
 
 # Bump when the tokenised output for the same inputs changes, to invalidate caches.
-CACHE_VERSION = "16"  # 2: assistant spans from generation markers, tool calls; 3: cache folder layout;
+CACHE_VERSION = "17"  # 2: assistant spans from generation markers, tool calls; 3: cache folder layout;
 # 4: eval rows held out before repetition (weight > 1), truncated conversations counted as not ending;
 # 5: a messages row's tools, system and reasoning_content reach the chat template; 6: the stored report
 # names the skipped rows and counts the eval rows dropped for no trained tokens; 7: axolotl's per-turn
@@ -60,6 +60,7 @@ CACHE_VERSION = "16"  # 2: assistant spans from generation markers, tool calls; 
 # completion_only_loss), a template that renders the prompt otherwise alone a bad row (prompt_rendered_differently)
 # 16: bare tool definitions (LLaMA-Factory's) given to the template in OpenAI's form, a definition that is no
 # function a bad row; a <think> block before a LLaMA-Factory function_call's JSON read as its reasoning_content
+# 17: a conversational prompt's assistant turns with weight 0 (or training: false) read, not bad rows
 
 
 def _source_files(src: DataSource, base_dir: str | os.PathLike[str] | None) -> list[Path] | None:
