@@ -677,3 +677,51 @@ def test_the_same_run_queued_from_another_job_folder_is_refused(tmp_path: Path, 
     assert other.job_id == "4242"
     mine = submit(recipe, ["run.name=mine"], cluster="slurm", time="01:00:00", extra_sbatch=["--comment=my note"])
     assert "#SBATCH --comment='my note'\n" in Path(mine.paths.submission_file).read_text()
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"SBATCH_TIMELIMIT": "7"}, r"SBATCH_TIMELIMIT='7' would replace --time 01:00:00 \(cluster\.time\)"),
+        ({"SBATCH_PARTITION": "short"}, r"SBATCH_PARTITION='short' would replace --partition gpu"),
+        ({"SBATCH_SIGNAL": "B:TERM@60"}, r"SBATCH_SIGNAL='B:TERM@60' would replace --signal=USR2@\d+"),
+        ({"SBATCH_NO_REQUEUE": "1"}, r"SBATCH_NO_REQUEUE='1' would forbid the requeue"),
+        ({"SBATCH_OPEN_MODE": "truncate"}, r"SBATCH_OPEN_MODE='truncate' would replace --open-mode=append"),
+    ],
+)
+def test_sbatch_variables_of_the_shell_that_would_replace_submits_options_are_refused(
+    tmp_path: Path, slurm_bin: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], said: str
+):
+    """sbatch reads SBATCH_* variables over the #SBATCH lines submitit writes (seen on SLURM 22.05:
+    SBATCH_TIMELIMIT=7 made a --time=5 job's limit 7 minutes). Was: queued with another time limit or
+    partition than submit checked and printed, or without what a resumable job needs (its USR2
+    signal, its requeue, logs appended across requeues). Now refused before sbatch runs, naming the
+    variable, the option it replaces and `unset`."""
+    from qlora_sft.submit import submit
+
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(UserError, match=rf"(?s){said}.*unset {next(iter(env))}.*nothing was queued"):
+        submit(small_recipe(tmp_path), [], cluster="slurm", partition="gpu", time="01:00:00")
+    assert not slurm_bin.exists()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SBATCH_TIMELIMIT": "60"},  # the same limit, written otherwise
+        {"SBATCH_ACCOUNT": "lab"},  # an option submit leaves unset: SLURM's to read
+        {"SBATCH_NO_REQUEUE": "0"},  # a flag's variable sbatch does not read as set
+        {"SBATCH_OPEN_MODE": "append", "SBATCH_SIGNAL": "SIGUSR2@300"},  # (cluster.signal_grace_s: 300 s),
+    ],
+)
+def test_sbatch_variables_that_agree_with_submit_are_queued(
+    tmp_path: Path, slurm_bin: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+):
+    from qlora_sft.submit import submit
+
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    recipe = small_recipe(tmp_path)
+    submit(recipe, [], cluster="slurm", partition="gpu", time="01:00:00")
+    assert slurm_bin.exists()  # sbatch ran: queued

@@ -357,6 +357,75 @@ def check_partition_limits(params: Mapping[str, Any]) -> None:
     )
 
 
+# sbatch's input environment variables that override an option submit writes into the job's script (sbatch
+# reads them over the script's #SBATCH lines): variable -> (submitit's parameter, the option, the recipe key)
+SBATCH_ENV = {
+    "SBATCH_TIMELIMIT": ("timeout_min", "--time", "cluster.time"),
+    "SBATCH_PARTITION": ("slurm_partition", "--partition", "cluster.partition"),
+    "SBATCH_ACCOUNT": ("slurm_account", "--account", "cluster.account"),
+    "SBATCH_QOS": ("slurm_qos", "--qos", "cluster.qos"),
+    "SBATCH_CONSTRAINT": ("slurm_constraint", "--constraint", "cluster.constraint"),
+    "SBATCH_MEM_PER_NODE": ("slurm_mem", "--mem", "cluster.mem"),
+    "SBATCH_GPUS_PER_NODE": ("gpus_per_node", "--gpus-per-node", "cluster.gpus_per_node"),
+}
+
+
+def _flag_set(value: str) -> bool:
+    """Whether sbatch reads a flag option's environment variable as given: empty, `yes` or a number not 0."""
+    text = value.strip().lower()
+    return text in ("", "yes") or (text.isdigit() and int(text) != 0)
+
+
+def check_sbatch_environment(params: Mapping[str, Any], env: Mapping[str, str] | None = None) -> None:
+    """sbatch reads its SBATCH_* environment variables over the #SBATCH lines submitit writes, so one left
+    in a user's shell (a cluster's login profile sets some) gave the job another time limit, partition,
+    account... than submit checked and printed, or broke what a resumable job needs: the save-and-requeue
+    signal (SBATCH_SIGNAL), the requeue itself (SBATCH_NO_REQUEUE) and logs appended across requeues
+    (SBATCH_OPEN_MODE). Refused where it differs from what submit asks for; one that sets an option
+    submit leaves unset is SLURM's to read."""
+    env = os.environ if env is None else env
+    grace = int(params["slurm_signal_delay_s"])
+    problems = []
+    for var, (key, option, recipe_key) in SBATCH_ENV.items():
+        if var not in env or key not in params:
+            continue
+        value, ours = env[var], params[key]
+        if key == "timeout_min":
+            try:
+                same = parse_time(value) == ours
+            except UserError:
+                same = False
+            ours = slurm_time(ours)
+        else:
+            same = value.strip() == str(ours)
+        if not same:
+            problems.append(f"{var}={value!r} would replace {option} {ours} ({recipe_key})")
+    signal_value = env.get("SBATCH_SIGNAL")
+    if signal_value is not None and signal_value.strip().upper().removeprefix("SIG") != f"USR2@{grace}":
+        problems.append(
+            f"SBATCH_SIGNAL={signal_value!r} would replace --signal=USR2@{grace}, the signal the job saves and "
+            "requeues on (cluster.signal_grace_s)"
+        )
+    if "SBATCH_NO_REQUEUE" in env and _flag_set(env["SBATCH_NO_REQUEUE"]):
+        problems.append(
+            f"SBATCH_NO_REQUEUE={env['SBATCH_NO_REQUEUE']!r} would forbid the requeue a preempted or timed-out job "
+            "resumes by"
+        )
+    if "SBATCH_OPEN_MODE" in env and env["SBATCH_OPEN_MODE"].strip().lower() != "append":
+        problems.append(
+            f"SBATCH_OPEN_MODE={env['SBATCH_OPEN_MODE']!r} would replace --open-mode=append: each requeue would "
+            "empty the logs of the attempts before it"
+        )
+    if problems:
+        names = " ".join(sorted({p.split("=", 1)[0] for p in problems}))
+        raise UserError(
+            "submit: sbatch reads SBATCH_* variables of this shell over the options submit writes into the job: "
+            + "; ".join(problems)
+            + f". Unset them (`unset {names}`), or give submit the same values (--time, --partition, ... or the "
+            "recipe's cluster: section); nothing was queued"
+        )
+
+
 def executor_parameters(cfg: ClusterConfig, **given: Any) -> dict[str, Any]:
     """submitit parameters from the recipe's cluster section, overridden by explicit arguments."""
     merged = {k: getattr(cfg, k) for k in ClusterConfig.__dataclass_fields__}
@@ -852,6 +921,7 @@ def submit(
             "in a writable place; nothing was queued."
         )
     if chosen != "local":
+        check_sbatch_environment(params)
         check_time_limit(params)
         check_partition_limits(params)
         extra = params.get("slurm_additional_parameters", {})
