@@ -139,3 +139,34 @@ def test_ranks_whose_model_paths_name_other_models_are_refused_not_noted(tiny_mo
     other = {**same, "base_model": model_folder_fingerprint(copy)}
     problem, _ = sameness_problem([here, other])
     assert problem is not None and f"{weights.name}: other contents, same size" in problem, problem
+
+
+def test_an_error_not_meant_for_people_on_the_main_process_is_told_to_the_other_ranks(tmp_path: Path):
+    """`main_process_decides`: rank 0's work raising anything but a UserError (an OSError making the
+    run directory, a bug) left the other ranks waiting in the broadcast for an outcome never sent;
+    under srun, whose tasks do not end with a failed one, until the process group's timeout. Now
+    they raise a UserError naming rank 0's error, at once, and rank 0 raises its own."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import os, sys, time\n"
+        "import torch.distributed as dist\n"
+        "from qlora_sft.checkpoint import main_process_decides\n"
+        "dist.init_process_group('gloo')\n"
+        "rank = dist.get_rank()\n"
+        "def work():\n"
+        "    raise PermissionError(13, 'Permission denied', '/shared/runs/x')\n"
+        "try:\n"
+        "    main_process_decides(work)\n"
+        "except Exception as exc:\n"
+        "    print(f'rank {rank} raised {type(exc).__name__}: {exc}', flush=True)\n"
+        "    time.sleep(3 if rank == 0 else 0)  # (rank 0 stays: without the outcome, rank 1 would still wait)\n"
+        "    sys.exit(2)\n"
+    )
+    code, out, err = torchrun_script(str(driver), cwd=tmp_path, timeout=120)
+    said = out + err
+    assert code != 0, said[-3000:]
+    assert "rank 0 raised PermissionError: [Errno 13] Permission denied: '/shared/runs/x'" in said, said[-3000:]
+    assert (
+        "rank 1 raised UserError: the main process (rank 0) failed: PermissionError: [Errno 13] Permission denied: "
+        "'/shared/runs/x'" in said
+    ), said[-3000:]

@@ -96,11 +96,15 @@ def main_process_writes() -> Iterator[bool]:
 def main_process_decides(work: Callable[[], Any]) -> Any:
     """Run `work` on the main process only and give its result to every rank. If it raises an error
     meant for people (UserError), every rank raises it, so that all ranks stop together instead of
-    the others waiting at the next barrier until the process group times out."""
+    the others waiting at the next barrier until the process group times out. Any other error (a
+    bug, an OSError) is raised as it is on the main process, after the other ranks are told: they
+    raise a UserError naming it, said by the main process alone, rather than wait in the broadcast
+    (under srun, whose tasks do not end with a failed one, until the process group's timeout)."""
     from .launch import distributed_state
 
     state = distributed_state()
     outcome: list[Any] = [None, None]
+    crash: Exception | None = None
     if state.is_main_process:
         try:
             outcome = [work(), None]
@@ -108,10 +112,15 @@ def main_process_decides(work: Callable[[], Any]) -> Any:
             outcome = [None, (RecipeError, (exc.problems, exc.source))]
         except UserError as exc:
             outcome = [None, (type(exc), str(exc))]
+        except Exception as exc:  # (strings only: the exception itself may not pickle)
+            crash = exc
+            outcome = [None, (UserError, f"the main process (rank 0) failed: {type(exc).__name__}: {exc}")]
     if distributed():
         import torch.distributed as dist
 
         dist.broadcast_object_list(outcome, src=0)
+    if crash is not None:
+        raise crash
     result, error = outcome
     if error is not None:
         cls, message = error
