@@ -170,3 +170,37 @@ def test_an_error_not_meant_for_people_on_the_main_process_is_told_to_the_other_
         "rank 1 raised UserError: the main process (rank 0) failed: PermissionError: [Errno 13] Permission denied: "
         "'/shared/runs/x'" in said
     ), said[-3000:]
+
+
+def test_a_failed_shared_write_on_the_main_process_stops_the_other_ranks_too(tmp_path: Path):
+    """`main_process_writes`: the main process's write failing inside the block (a full disk, a run
+    directory made read-only) let the other ranks meet it at the closing barrier and go on as if the
+    files were written: `export` under accelerate launch exited 0 on every rank but rank 0, and a
+    training rank went on to wait for rank 0 at its next collective. Now they raise a UserError naming
+    rank 0's error as they meet, and rank 0 raises its own."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys, time\n"
+        "import torch.distributed as dist\n"
+        "from qlora_sft.checkpoint import main_process_writes\n"
+        "dist.init_process_group('gloo')\n"
+        "rank = dist.get_rank()\n"
+        "try:\n"
+        "    with main_process_writes() as is_main:\n"
+        "        if is_main:\n"
+        "            raise OSError(28, 'No space left on device')\n"
+        "    print(f'rank {rank} went on', flush=True)\n"
+        "except Exception as exc:\n"
+        "    print(f'rank {rank} raised {type(exc).__name__}: {exc}', flush=True)\n"
+        "    time.sleep(3 if rank == 0 else 0)\n"
+        "    sys.exit(2)\n"
+    )
+    code, out, err = torchrun_script(str(driver), cwd=tmp_path, timeout=120)
+    said = out + err
+    assert code != 0, said[-3000:]
+    assert "rank 0 raised OSError: [Errno 28] No space left on device" in said, said[-3000:]
+    assert (
+        "rank 1 raised UserError: another rank failed to write the run's shared files: OSError: [Errno 28] No space "
+        "left on device" in said
+    ), said[-3000:]
+    assert "went on" not in said, said[-3000:]

@@ -82,15 +82,22 @@ def distributed() -> bool:
 @contextlib.contextmanager
 def main_process_writes() -> Iterator[bool]:
     """All ranks meet, the main process writes shared files inside the block (the block gets True
-    there, False elsewhere), all ranks meet again. Use it for every shared file."""
+    there, False elsewhere), all ranks meet again. Use it for every shared file. Where the block
+    raises on a rank (the main process's write failed), every rank learns it as they meet again: that
+    rank raises its own error, the others a UserError naming it (said by rank 0 alone), instead of
+    going on as if the files were written and waiting for the failed rank at the next collective."""
     from .launch import distributed_state
 
     state = distributed_state()
     state.wait_for_everyone()
     try:
         yield state.is_main_process
-    finally:
-        state.wait_for_everyone()
+    except BaseException as exc:  # (the others meet this rank here, then hear of it)
+        first_rank_error(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        raise
+    said = first_rank_error(None)
+    if said is not None:
+        raise agreed(UserError(f"another rank failed to write the run's shared files: {said}"))
 
 
 def main_process_decides(work: Callable[[], Any]) -> Any:
