@@ -565,12 +565,17 @@ def test_a_job_within_its_partitions_limits_is_queued(tmp_path: Path, partitions
 def test_sbatch_partition_in_the_environment_is_the_partition_checked(
     tmp_path: Path, partitions: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """SBATCH_PARTITION (a site's module may set it) is what sbatch reads over the script's --partition."""
+    """SBATCH_PARTITION (a site's module may set it) is what sbatch reads over the script's --partition:
+    where submit is given no partition, it is the partition whose limits are checked; where submit is given
+    another one, the environment check refuses first (sbatch would silently replace it)."""
     from qlora_sft.submit import submit
 
     monkeypatch.setenv("SBATCH_PARTITION", "cpu")
     with pytest.raises(UserError, match=r"SBATCH_PARTITION=cpu \(sbatch reads it over --partition\) can never run"):
+        submit(small_recipe(tmp_path), [], cluster="slurm", time="02:00:00", gpus_per_node=1)
+    with pytest.raises(UserError, match=r"SBATCH_PARTITION='cpu' would replace --partition gpu"):
         submit(small_recipe(tmp_path), [], cluster="slurm", partition="gpu", time="02:00:00", gpus_per_node=0)
+    assert not partitions.exists()
 
 
 @pytest.mark.parametrize(
