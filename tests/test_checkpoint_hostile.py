@@ -631,3 +631,25 @@ def test_a_manifest_whose_step_was_edited_does_not_vouch_for_its_checkpoint(tmp_
     renamed = recipe.run_dir / "checkpoint-8"
     shutil.copytree(recipe.run_dir / "checkpoint-2", renamed)
     assert "step 2" in checkpoint.inspect_checkpoint(renamed).reason
+
+
+def test_replayed_metrics_with_a_step_of_no_number_move_aside_without_a_crash(tmp_path: Path):
+    """A metrics.jsonl line whose step is Infinity (valid JSON to Python), text or null, from an edit or
+    another tool, crashed the resume that trims the replayed steps (OverflowError from int(inf)). Such a
+    line moves to metrics.replayed.jsonl, kept out of the log like a line cut off by a crash; the steps
+    up to the checkpoint stay."""
+    from qlora_sft.checkpoint import trim_replayed_metrics
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    lines = [
+        '{"step": 1, "loss": 2.0}',
+        '{"step": 2, "loss": 1.5}',
+        '{"step": Infinity, "loss": 1.0}',
+        '{"step": "x", "loss": 1.0}',
+        '{"step": 3, "loss": 1.2}',
+    ]
+    (logs / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert trim_replayed_metrics(tmp_path, 2) == 3
+    assert (logs / "metrics.jsonl").read_text() == "\n".join(lines[:2]) + "\n"
+    assert (logs / "metrics.replayed.jsonl").read_text() == "\n".join(lines[2:]) + "\n"

@@ -382,3 +382,70 @@ def test_a_negative_shard_size_says_it_must_be_above_zero():
     with pytest.raises(UserError, match=r"--shard-size '-5GB': a shard's size is above 0 \(e\.g\. 5GB\)"):
         parse_size("-5GB")
     assert parse_size("5GB") == 5 * 10**9
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [
+        ("step", float("inf"), "step"),
+        ("step", "2", "step"),
+        ("step", -2, "step"),
+        ("step", 2.5, "step"),
+        ("step", True, "step"),
+        ("num_train_epochs", "three", "num_train_epochs"),
+        ("num_train_epochs", float("nan"), "num_train_epochs"),
+        ("max_steps_arg", "x", "max_steps_arg"),
+        ("files", {"../recipe.yaml": 1}, "../recipe.yaml"),
+        ("files", {"/etc/hostname": 1}, "/etc/hostname"),
+        ("files", {"adapter_model.safetensors": {"digest": "x"}}, "adapter_model.safetensors"),
+    ],
+    ids=[
+        "inf",
+        "text",
+        "negative",
+        "fraction",
+        "bool",
+        "epochs-text",
+        "epochs-nan",
+        "max-steps-text",
+        "file-outside",
+        "file-absolute",
+        "file-no-size",
+    ],
+)
+def test_a_final_whose_manifest_holds_a_wrong_value_is_not_intact_and_nothing_crashes(
+    run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, key: str, value: object, said: str
+):
+    """A final/ manifest edited by hand or written by another tool (a copied run directory), with a
+    value of the wrong kind (`"step": Infinity` is valid JSON to Python), crashed export and chat
+    (OverflowError from int(inf)), the relaunch of a finished run (a TypeError comparing "2" with
+    max_steps) and the end of training that replaced it. Such a final/ is not intact: export takes the
+    run's newest complete checkpoint and says why, naming the manifest's key, and a relaunch makes
+    final/ again (keeping the damaged one aside); nothing is read from outside the checkpoint."""
+    import dataclasses
+
+    from qlora_sft.export import resolve_source
+    from qlora_sft.recipe import read_run_recipe
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    manifest = copy / "final" / checkpoint.MANIFEST
+    recorded = json.loads(manifest.read_text())
+    if key == "files":
+        recorded["files"] = {**recorded["files"], **value}
+    else:
+        recorded[key] = value
+    manifest.write_text(json.dumps(recorded))
+    info = checkpoint.inspect_checkpoint(copy / "final", verify=True)
+    assert not info.complete and said in info.reason and checkpoint.MANIFEST in info.reason, info.reason
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        source = resolve_source(copy)
+    assert source.adapter_dir == copy / "checkpoint-2", source
+    assert said in " ".join(r.getMessage() for r in caplog.records)
+    recipe = read_run_recipe(copy)
+    recipe = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, output_dir=str(tmp_path), name="run"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        assert checkpoint.finished_run(recipe) is None
+    assert "is not intact" in " ".join(r.getMessage() for r in caplog.records)

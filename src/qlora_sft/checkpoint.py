@@ -29,9 +29,9 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import DataError, RecipeError, RunDirError, UserError, agreed
@@ -753,10 +753,45 @@ class CheckpointInfo:
 def checkpoint_step(path: Path) -> int:
     """The step a checkpoint was saved at: its manifest's, else its name's (`checkpoint-<step>`), else -1."""
     try:
-        return int(json.loads((path / MANIFEST).read_text())["step"])
+        step = json.loads((path / MANIFEST).read_text())["step"]
     except (OSError, ValueError, KeyError, TypeError):
-        m = CHECKPOINT_RE.match(path.name)
-        return int(m.group(1)) if m else -1
+        step = None
+    if _count(step):
+        return step
+    m = CHECKPOINT_RE.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def _count(value: Any, least: int = 0) -> bool:
+    """Whether a manifest's value is a whole number (JSON's integer, not a bool) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def manifest_problem(manifest: Mapping[str, Any]) -> str | None:
+    """What makes a checkpoint's manifest unfit to be read, or None. Only the values that are read
+    later are checked, where present (a manifest written before a key existed lacks it): the step, the
+    epochs and max_steps a relaunch compares, the world size and global batch a resume compares, and
+    the files, each with a size and a path inside the checkpoint (no `..`, not absolute)."""
+    for key, least in (("step", 0), ("world_size", 1), ("global_batch", 1)):
+        if key in manifest and not _count(manifest[key], least):
+            return f"says {key} {manifest[key]!r}, not a whole number of at least {least}"
+    if manifest.get("max_steps_arg") is not None and not _count(manifest["max_steps_arg"], -1):
+        return f"says max_steps_arg {manifest['max_steps_arg']!r}, not a whole number (or -1)"
+    for key in ("num_train_epochs", "epoch"):
+        value = manifest.get(key)
+        if value is not None and not (
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        ):
+            return f"says {key} {value!r}, not a finite number of at least 0"
+    for rel, entry in manifest["files"].items():
+        size = entry.get("size") if isinstance(entry, dict) else entry
+        digest = entry.get("digest") if isinstance(entry, dict) else None
+        if not _count(size) or (digest is not None and not isinstance(digest, str)):
+            return f"lists file {rel!r} with {entry!r}, not a size in bytes (and a digest)"
+        parts = PurePosixPath(rel).parts
+        if not rel or PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel:
+            return f"lists file {rel!r}, outside the checkpoint"
+    return None
 
 
 def inspect_checkpoint(path: Path, verify: bool = False) -> CheckpointInfo:
@@ -774,6 +809,9 @@ def inspect_checkpoint(path: Path, verify: bool = False) -> CheckpointInfo:
             raise TypeError(f"its files are a {type(files).__name__}, not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return CheckpointInfo(step, path, False, f"{MANIFEST} unreadable ({exc})")
+    wrong = manifest_problem(manifest)
+    if wrong:  # edited by hand or written by another tool: what a resume, export or relaunch reads must hold
+        return CheckpointInfo(step, path, False, f"its {MANIFEST} {wrong} (edited by hand, or by another tool)")
     unlisted = [name for name in OWN_FILES if name not in files and (m or name != "trainer_state.json")]
     if unlisted:  # a manifest edited by hand, or written by another tool, vouches for nothing
         return CheckpointInfo(
@@ -789,6 +827,7 @@ def inspect_checkpoint(path: Path, verify: bool = False) -> CheckpointInfo:
         )
     for rel, entry in files.items():
         size, digest = (entry["size"], entry.get("digest")) if isinstance(entry, dict) else (entry, None)
+        # (manifest_problem checked each entry: a size, a path inside the checkpoint)
         f = path / rel
         if not f.is_file():
             return CheckpointInfo(step, path, False, f"file {rel} is missing")
@@ -1151,7 +1190,7 @@ def trim_replayed_metrics(run_dir: Path, step: int) -> int:
         try:
             # a line that is no record (cut off by a crash or a full disk) moves too: kept, out of the log
             later = record is None or int(record.get("step", 0)) > step
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):  # (OverflowError: a step of Infinity)
             later = True
         (moved if later else keep).append(line)
     if moved:
