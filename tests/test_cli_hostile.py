@@ -36,3 +36,28 @@ def test_an_option_value_that_starts_with_a_dash_says_to_join_it(capsys: pytest.
         cli.main(["export", "runs/x", "--shard-size"])
     err = capsys.readouterr().err
     assert "expected one argument" in err and "starts with '-'" not in err
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"RANK": "1"}, True),  # (left exported in a shell: one process, nobody else says it)
+        ({"RANK": "1", "WORLD_SIZE": "1"}, True),
+        ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}, True),
+        ({"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}, False),  # (rank 0 says it)
+        ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "1"}, False),
+    ],
+    ids=["stray-rank", "world-of-one", "rank-0-of-2", "rank-1-of-2", "srun-rank-1"],
+)
+def test_ctrl_c_says_its_line_once_and_a_lone_process_always_says_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, env: dict[str, str], says: bool
+):
+    """A Ctrl-C ends with one line, said by rank 0 alone where a launcher started several ranks. A
+    single process (export, chat, prepare) with RANK=1 left exported in its shell ended silently with
+    exit 130: it took $RANK alone for a rank among others."""
+    for name in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    cli.say_interrupted("export", KeyboardInterrupt())
+    assert (capsys.readouterr().err == "\nqlora-sft export: interrupted\n") is says

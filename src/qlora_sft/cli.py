@@ -903,8 +903,23 @@ def said_by_another_rank(exc: UserError) -> bool:
 def say_interrupted(command: str, exc: BaseException) -> None:
     """Print the line a Ctrl-C ends with, from rank 0 alone where a launcher (torchrun, accelerate
     launch) started several ranks: the launcher passes the Ctrl-C on to every rank, and each would
-    print the same line. The other ranks still exit 130."""
-    if os.environ.get("RANK", "0") in ("", "0"):
+    print the same line. The other ranks still exit 130. The process group's rank where it has formed;
+    before, $RANK where a launcher set it for several ranks (a RANK left exported in the shell of a
+    single process is no rank among others: it says its line)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        other = dist.get_rank() != 0
+    else:
+        from .launch import LAUNCHER_VARIABLES
+
+        env = os.environ
+        try:
+            several = int(env.get("WORLD_SIZE") or 1) > 1
+        except ValueError:
+            several = False
+        launched = any(env.get(name) for name in LAUNCHER_VARIABLES)
+        other = several and launched and env.get("RANK", "0") not in ("", "0")
+    if not other:
         print(interrupted_line(command, exc), file=sys.stderr)
 
 
