@@ -730,3 +730,24 @@ def test_sbatch_variables_that_agree_with_submit_are_queued(
     recipe = small_recipe(tmp_path)
     submit(recipe, [], cluster="slurm", partition="gpu", time="01:00:00")
     assert slurm_bin.exists()  # sbatch ran: queued
+
+
+def test_a_partition_that_is_down_is_queued_with_a_warning(
+    tmp_path: Path, partitions: Path, caplog: pytest.LogCaptureFixture
+):
+    """A partition an administrator set DOWN takes the job and starts nothing (Reason=PartitionDown):
+    it is queued (the partition may come back up), with a warning that names it and the way out. One
+    of two partitions down says nothing: the other can run it."""
+    import logging
+
+    from qlora_sft.submit import submit
+
+    (tmp_path / "partitions.txt").write_text(PARTITIONS.replace("Nodes=g[1-4] State=UP", "Nodes=g[1-4] State=DOWN", 1))
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        assert submit(small_recipe(tmp_path), [], cluster="slurm", time="02:00:00").job_id == "4242"
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "SLURM's default partition gpu is State=DOWN" in said and "Reason=PartitionDown" in said, said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        submit(small_recipe(tmp_path), [], cluster="slurm", partition="gpu,long", time="02:00:00")
+    assert "State=DOWN" not in " ".join(r.getMessage() for r in caplog.records)

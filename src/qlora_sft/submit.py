@@ -316,6 +316,15 @@ def check_partition_limits(params: Mapping[str, Any]) -> None:
         return  # sbatch refuses an unknown partition, or no partition and no default, in its own words
     if not given:
         named = f"SLURM's default partition {names[0]}"
+    down = [n for n in names if parts[n].get("State") == "DOWN"]  # (INACTIVE and DRAIN: sbatch refuses)
+    if down and len(down) == len(names):
+        log.warning(
+            "submit: %s is State=DOWN: SLURM queues the job but starts nothing in it until an administrator sets it "
+            "UP (squeue would say Reason=PartitionDown); `sinfo -p %s` shows it. Cancel the job (scancel) and "
+            "choose another partition (--partition) if it should run now",
+            named,
+            ",".join(down),
+        )
     nodes: dict[str, list[tuple[int | None, int | None]]] = {n: [] for n in names}
     out, failed = slurm_query(["sinfo", "--noheader", "--Node", f"--partition={','.join(names)}", "--format=%R|%c|%G"])
     if failed:  # (its time and node limits are still checked)
