@@ -768,10 +768,10 @@ def _count(value: Any, least: int = 0) -> bool:
 
 
 def manifest_problem(manifest: Mapping[str, Any]) -> str | None:
-    """What makes a checkpoint's manifest unfit to be read, or None. Only the values that are read
-    later are checked, where present (a manifest written before a key existed lacks it): the step, the
-    epochs and max_steps a relaunch compares, the world size and global batch a resume compares, and
-    the files, each with a size and a path inside the checkpoint (no `..`, not absolute)."""
+    """What makes a checkpoint's manifest values unfit to be read, or None. Only the values that are
+    read later are checked, where present (a manifest written before a key existed lacks it): the
+    step, the epochs and max_steps a relaunch compares, the world size and global batch a resume
+    compares. Its files are checked one by one in inspect_checkpoint."""
     for key, least in (("step", 0), ("world_size", 1), ("global_batch", 1)):
         if key in manifest and not _count(manifest[key], least):
             return f"says {key} {manifest[key]!r}, not a whole number of at least {least}"
@@ -783,14 +783,6 @@ def manifest_problem(manifest: Mapping[str, Any]) -> str | None:
             isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
         ):
             return f"says {key} {value!r}, not a finite number of at least 0"
-    for rel, entry in manifest["files"].items():
-        size = entry.get("size") if isinstance(entry, dict) else entry
-        digest = entry.get("digest") if isinstance(entry, dict) else None
-        if not _count(size) or (digest is not None and not isinstance(digest, str)):
-            return f"lists file {rel!r} with {entry!r}, not a size in bytes (and a digest)"
-        parts = PurePosixPath(rel).parts
-        if not rel or PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel:
-            return f"lists file {rel!r}, outside the checkpoint"
     return None
 
 
@@ -809,9 +801,10 @@ def inspect_checkpoint(path: Path, verify: bool = False) -> CheckpointInfo:
             raise TypeError(f"its files are a {type(files).__name__}, not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return CheckpointInfo(step, path, False, f"{MANIFEST} unreadable ({exc})")
+    edited = "(edited by hand, or by another tool)"
     wrong = manifest_problem(manifest)
-    if wrong:  # edited by hand or written by another tool: what a resume, export or relaunch reads must hold
-        return CheckpointInfo(step, path, False, f"its {MANIFEST} {wrong} (edited by hand, or by another tool)")
+    if wrong:  # what a resume, export or relaunch reads must hold
+        return CheckpointInfo(step, path, False, f"its {MANIFEST} {wrong} {edited}")
     unlisted = [name for name in OWN_FILES if name not in files and (m or name != "trainer_state.json")]
     if unlisted:  # a manifest edited by hand, or written by another tool, vouches for nothing
         return CheckpointInfo(
@@ -826,8 +819,15 @@ def inspect_checkpoint(path: Path, verify: bool = False) -> CheckpointInfo:
             "hand, or the folder renamed)",
         )
     for rel, entry in files.items():
-        size, digest = (entry["size"], entry.get("digest")) if isinstance(entry, dict) else (entry, None)
-        # (manifest_problem checked each entry: a size, a path inside the checkpoint)
+        size, digest = (entry.get("size"), entry.get("digest")) if isinstance(entry, dict) else (entry, None)
+        if not _count(size) or (digest is not None and not isinstance(digest, str)):
+            return CheckpointInfo(
+                step, path, False, f"its {MANIFEST} lists file {rel!r} with {entry!r}, not a size in bytes {edited}"
+            )
+        if not rel or PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts or "\\" in rel:
+            return CheckpointInfo(
+                step, path, False, f"its {MANIFEST} lists file {rel!r}, outside the checkpoint {edited}"
+            )
         f = path / rel
         if not f.is_file():
             return CheckpointInfo(step, path, False, f"file {rel} is missing")

@@ -894,10 +894,16 @@ def said_by_another_rank(exc: UserError) -> bool:
     said by rank 0 of the process group alone. The process group's rank, not $RANK: such errors are
     raised once the group has formed, and a single process (no group) with RANK=1 left exported in its
     shell has no rank 0 beside it to say it."""
-    if not exc.everywhere:
-        return False
-    dist = sys.modules.get("torch.distributed")  # (not imported: no group, this process says it)
-    return dist is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+    return exc.everywhere and group_rank() not in (None, 0)
+
+
+def group_rank() -> int | None:
+    """This process's rank in the process group, or None where none has formed (torch.distributed not
+    even imported: no group)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return None
 
 
 def say_interrupted(command: str, exc: BaseException) -> None:
@@ -906,9 +912,9 @@ def say_interrupted(command: str, exc: BaseException) -> None:
     print the same line. The other ranks still exit 130. The process group's rank where it has formed;
     before, $RANK where a launcher set it for several ranks (a RANK left exported in the shell of a
     single process is no rank among others: it says its line)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        other = dist.get_rank() != 0
+    rank = group_rank()
+    if rank is not None:
+        other = rank != 0
     else:
         from .launch import LAUNCHER_VARIABLES
 
