@@ -74,6 +74,7 @@ from typing import Any
 import yaml
 
 from qlora_sft.cli import gib
+from qlora_sft.hostwork import HOST_SAVINGS_ENV
 from qlora_sft.launch import (
     DEFAULT_ALLOC_CONF,
     EMBEDDING_GATHERED_ONCE,
@@ -83,7 +84,9 @@ from qlora_sft.launch import (
     ZERO3_RELEASE_LAYERS_ENV,
     ZERO3_UNITS_ENV,
 )
+from qlora_sft.model.fused_lora import ABSMAX_CACHE_ENV
 from qlora_sft.model.offload import HEAD_TILE_ENV, OFFLOAD_PREFETCH_ENV
+from qlora_sft.profiling import PROFILE_HOST_ENV
 
 from . import measure, report
 from .busy_gpu import busy_gpu
@@ -117,6 +120,10 @@ RELEASE_LAYERS = ((ZERO3_RELEASE_LAYERS_ENV, "1"),)
 ZERO3_LEAF_LOGGED = re.compile(r"ZeRO-3: the \d+ decoder layers are leaf modules")  # model.sharding's line
 PROFILE_STEP = "5"  # the step the *_profiled rows profile (QLORA_SFT_PROFILE_STEP): after the warm-up
 PROFILED = (("QLORA_SFT_PROFILE_STEP", PROFILE_STEP),)
+HOST_PROFILED = (*PROFILED, (PROFILE_HOST_ENV, "1"))  # the step profiled by Python function (cProfile)
+SAVINGS_OFF = ((HOST_SAVINGS_ENV, "0"),)  # the Trainer's own host work per micro batch (qlora_sft.hostwork)
+ABSMAX_CACHED = ((ABSMAX_CACHE_ENV, "1"),)
+MB2 = ("train.micro_batch_tokens=4096",)
 EXPANDABLE = (("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_ALLOC_CONF),)  # what qlora-sft sets unless the user did
 SEGMENTS_OFF = (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),)
 RELEASE_HEAD = ((FSDP_RELEASE_HEAD_ENV, "1"),)
@@ -270,6 +277,15 @@ MODES = {
     # layer inputs (one fetched input alive at a time, each fetch holding up the compute)
     "1gpu_hosttables_tile8k": Mode("single_gpu.yaml", ((HEAD_TILE_ENV, "8192"),), overrides=HOST_TABLES),
     "1gpu_hosttables_noprefetch": Mode("single_gpu.yaml", ((OFFLOAD_PREFETCH_ENV, "0"),), overrides=HOST_TABLES),
+    # the host's work per micro batch (issue 29, requirement 3): without qlora_sft.hostwork's savings,
+    # with the block scales of the 4-bit weights dequantized once (QLORA_SFT_ABSMAX_CACHE), and a step
+    # profiled by Python function with the garbage collector's pauses, with and without the savings
+    "1gpu_savings_off": Mode("single_gpu.yaml", SAVINGS_OFF),
+    "1gpu_mb2_savings_off": Mode("single_gpu.yaml", SAVINGS_OFF, overrides=MB2),
+    "1gpu_absmax": Mode("single_gpu.yaml", ABSMAX_CACHED),
+    "1gpu_mb2_absmax": Mode("single_gpu.yaml", ABSMAX_CACHED, overrides=MB2),
+    "1gpu_mb2_hostprofiled": Mode("single_gpu.yaml", HOST_PROFILED, overrides=MB2),
+    "1gpu_mb2_hostprofiled_savings_off": Mode("single_gpu.yaml", (*HOST_PROFILED, *SAVINGS_OFF), overrides=MB2),
     "1gpu_adamw32": Mode("single_gpu.yaml", overrides=("train.optim=adamw_torch",)),
     "1gpu_expandable": Mode("single_gpu.yaml", EXPANDABLE),
     "1gpu_mb2_expandable": Mode("single_gpu.yaml", EXPANDABLE, overrides=("train.micro_batch_tokens=4096",)),
@@ -405,6 +421,10 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     timelines = [json.loads(p.read_text()) for p in sorted((run_dir / "logs").glob("timeline-rank*.json"))]
     if timelines:  # and how long its GPU idled, and where the host waited for it
         out["timeline_per_rank"] = timelines
+    hosts = [p.read_text() for p in sorted((run_dir / "logs").glob("host-profile-rank*.txt"))]
+    if hosts:  # a host-profiled row: the step's Python functions by time, and the collector's pauses
+        out["profiled_step"] = int(PROFILE_STEP)
+        out["host_profile_per_rank"] = hosts
     return out
 
 

@@ -3,11 +3,16 @@
 kernels and operators (profile-rank<i>.txt), how much of the step the GPU spent idle and how often
 and where the host waited for it (`gpu_timeline`, `host_waits`, `SyncSites`; timeline-rank<i>.json,
 also at the top of the text file), and on a CUDA GPU the blocks alive at the step's memory peak by the line that
-allocated them (`peak_breakdown`; memory-peak-rank<i>.json)."""
+allocated them (`peak_breakdown`; memory-peak-rank<i>.json). With QLORA_SFT_PROFILE_HOST=1 the step is
+profiled on the host instead, by Python function (cProfile: host-profile-rank<i>.txt), with the
+pauses of Python's garbage collector (`GcPauses`): where a host-bound step's time goes."""
 
 from __future__ import annotations
 
 import contextlib
+import cProfile
+import gc
+import io
 import json
 import logging
 import os
@@ -24,6 +29,7 @@ from .errors import UserError
 log = logging.getLogger("qlora_sft")
 
 PROFILE_STEP_ENV = "QLORA_SFT_PROFILE_STEP"
+PROFILE_HOST_ENV = "QLORA_SFT_PROFILE_HOST"
 
 
 def profile_step(env: Mapping[str, str] | None = None) -> int | None:
@@ -37,6 +43,66 @@ def profile_step(env: Mapping[str, str] | None = None) -> int | None:
             "the first few, e.g. 5, shows the steady state); unset it to profile nothing"
         )
     return int(raw)
+
+
+def profile_host(env: Mapping[str, str] | None = None) -> bool:
+    """QLORA_SFT_PROFILE_HOST, checked: 1 profiles the step on the host by Python function (cProfile)
+    instead of with torch.profiler; 0 or unset does not."""
+    raw = (os.environ if env is None else env).get(PROFILE_HOST_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise UserError(
+            f"{PROFILE_HOST_ENV}={raw!r}: 1 profiles the step of {PROFILE_STEP_ENV} by Python function on the host "
+            "(cProfile), 0 or unset with torch.profiler"
+        )
+    return raw == "1"
+
+
+class GcPauses:
+    """The pauses of Python's cyclic garbage collector while this records, by generation: how many
+    and how long (`gc.callbacks`)."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {}
+        self._began = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            pause = self.pauses.setdefault(int(info.get("generation", -1)), [0, 0.0])
+            pause[0] += 1
+            pause[1] += time.perf_counter() - self._began
+
+    def start(self) -> None:
+        self.stop()
+        self.pauses = {}
+        gc.callbacks.append(self._callback)
+
+    def stop(self) -> dict[str, dict[str, float]]:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._callback)
+        return {
+            f"generation {g}": {"count": int(n), "ms": round(s * 1e3, 2)} for g, (n, s) in sorted(self.pauses.items())
+        }
+
+
+def describe_host_profile(step: int, wall_s: float, stats: Any, pauses: dict[str, dict[str, float]]) -> str:
+    """The text of host-profile-rank<i>.txt: the step's wall time, the collector's pauses, and the
+    Python functions by their own time and by their time with what they called (pstats)."""
+    import pstats
+
+    lines = [
+        f"step {step}: {wall_s:.3f} s wall on the host, profiled by cProfile (slower than unprofiled; on a GPU the"
+        " host's time includes its waits for the GPU)",
+        "garbage collector pauses: "
+        + (", ".join(f"{g}: {p['count']} x, {p['ms']:.1f} ms" for g, p in pauses.items()) or "none"),
+        "",
+    ]
+    out = io.StringIO()
+    ranked = pstats.Stats(stats, stream=out)
+    ranked.sort_stats("tottime").print_stats(50)
+    ranked.sort_stats("cumulative").print_stats(50)
+    return "\n".join(lines) + out.getvalue()
 
 
 # frames from these packages name where a block was allocated; torch's own frames are skipped
@@ -222,10 +288,10 @@ def profile_files(logs_dir: Path, rank: int) -> list[Path]:
     return [logs_dir / f"{kind}-rank{rank}.{ext}" for kind, ext in PROFILE_FILES]
 
 
-PROFILE_FILES = (("profile", "txt"), ("timeline", "json"), ("memory-peak", "json"))
+PROFILE_FILES = (("profile", "txt"), ("timeline", "json"), ("memory-peak", "json"), ("host-profile", "txt"))
 
 
-def profile_callback(step: int, logs_dir: Path, rank: int) -> Any:
+def profile_callback(step: int, logs_dir: Path, rank: int, host: bool = False) -> Any:
     """QLORA_SFT_PROFILE_STEP=N: torch.profiler over optimizer step N. Each rank writes its own files:
     where the host waited for the GPU and how long the GPU idled (timeline-rank<i>.json, and at the
     top of profile-rank<i>.txt), the top kernels and operators by device and CPU time
@@ -234,7 +300,8 @@ def profile_callback(step: int, logs_dir: Path, rank: int) -> Any:
     starts, so what is there is this launch's. A step that does not end (an exception, an
     out-of-memory retry) or that never comes (a resume past it) leaves no files and is said in the
     log; `close()` (also called when training ends, however it ends) switches everything off. The
-    profiled step runs slower."""
+    profiled step runs slower. `host` (QLORA_SFT_PROFILE_HOST=1): cProfile over the step instead,
+    with the collector's pauses (host-profile-rank<i>.txt)."""
     import torch
     from transformers import TrainerCallback
 
@@ -246,6 +313,8 @@ def profile_callback(step: int, logs_dir: Path, rank: int) -> Any:
             self.held_before = 0
             self.started = 0.0
             self.syncs = SyncSites()
+            self.gc = GcPauses()
+            self.host: cProfile.Profile | None = None
             self.written = False
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -268,6 +337,14 @@ def profile_callback(step: int, logs_dir: Path, rank: int) -> Any:
                 log.warning("profile: step %d did not end; its profile is discarded", step)
                 self.close()
             if state.global_step + 1 != step:
+                return
+            if host:
+                if cuda:
+                    torch.cuda.synchronize()  # the step's own kernels only
+                self.gc.start()
+                self.host = self.prof = cProfile.Profile()
+                self.started = time.perf_counter()
+                self.host.enable()
                 return
             activities = [torch.profiler.ProfilerActivity.CPU]
             if cuda:
@@ -306,6 +383,10 @@ def profile_callback(step: int, logs_dir: Path, rank: int) -> Any:
         def close(self) -> None:
             """Switch off whatever the profiled step switched on (idempotent)."""
             prof, self.prof = self.prof, None
+            self.gc.stop()
+            if self.host is not None:
+                self.host.disable()
+                self.host = prof = None
             if cuda:
                 with contextlib.suppress(Exception):
                     torch.cuda.set_sync_debug_mode("default")
@@ -322,6 +403,14 @@ def profile_callback(step: int, logs_dir: Path, rank: int) -> Any:
             if cuda:
                 torch.cuda.synchronize()
             wall_s = time.perf_counter() - self.started
+            if self.host is not None:
+                self.host.disable()
+                text = describe_host_profile(step, wall_s, self.host, self.gc.stop())
+                self.host = self.prof = None
+                path = logs_dir / f"host-profile-rank{rank}.txt"
+                path.write_text(text)
+                log.info("host profile of step %d written to %s", step, path)
+                return
             if cuda:
                 torch.cuda.set_sync_debug_mode("default")
             sites = self.syncs.stop()

@@ -16,7 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, data, init_adapter, launch, launch_config, model, plan, plots, profiling, tracking
+from . import (
+    checkpoint,
+    data,
+    hostwork,
+    init_adapter,
+    launch,
+    launch_config,
+    model,
+    plan,
+    plots,
+    profiling,
+    tracking,
+)
 from .errors import RecipeError, UserError, first_line, interrupted
 from .files import append_jsonl, is_no_space, no_space_message
 from .recipe import (
@@ -204,6 +216,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     setup_logging(state.is_main_process, state.process_index)
     launch.check_ranks(recipe)  # (and that every rank read the same recipe, with the same packages)
     profile_at = profiling.profile_step()
+    profiling.profile_host()
     model.offload.prefetch_offloaded_inputs()  # the benchmark switches, checked before anything loads
     model.offload.head_tile()
     max_steps = int(recipe.train.args.get("max_steps") or 0)
@@ -403,7 +416,11 @@ def _train(
         callbacks.append(offload_callback())
     profile_at = profiling.profile_step()  # (checked before the model was loaded)
     profiler = (
-        None if profile_at is None else profiling.profile_callback(profile_at, run_dir / "logs", state.process_index)
+        None
+        if profile_at is None
+        else profiling.profile_callback(
+            profile_at, run_dir / "logs", state.process_index, host=profiling.profile_host()
+        )
     )
     if profiler is not None:
         callbacks.append(profiler)
@@ -428,7 +445,7 @@ def _train(
             tile,
         )
     trainer = ckpt.trainer(
-        SFTTrainer,
+        hostwork.lean_trainer(SFTTrainer),  # the Trainer's repeated host work per micro batch, trimmed
         model=peft_model,
         args=args,
         train_dataset=prepared.train,
@@ -446,7 +463,8 @@ def _train(
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with hostwork.collector_frozen():  # what is alive now is out of the garbage collector's walks
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except KeyboardInterrupt:
         close_progress_bars(trainer)  # before the CLI's line, not redrawn after it at exit
         raise

@@ -5,12 +5,41 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
 
 from ..launch import LaunchMode
 from ..recipe import Recipe, fused_lora_obstacles
+
+# QLORA_SFT_ABSMAX_CACHE=1 (a benchmark switch, off by default): each 4-bit weight's block scales
+# dequantized once and kept (fp32, 4 bytes per 64 weights: +0.33 GiB for an 8B Llama) instead of
+# once per use, which measures what bitsandbytes' nested dequantization costs the host
+ABSMAX_CACHE_ENV = "QLORA_SFT_ABSMAX_CACHE"
+
+
+def _absmax_cached() -> bool:
+    return os.environ.get(ABSMAX_CACHE_ENV, "0").strip() == "1"
+
+
+def dequantized(weight: Any) -> torch.Tensor:
+    """The 4-bit `weight` (bitsandbytes' Params4bit) dequantized, as `bitsandbytes.functional.
+    dequantize_4bit` returns it."""
+    from bitsandbytes.functional import dequantize_4bit, dequantize_blockwise
+
+    state = weight.quant_state
+    if not (state.nested and _absmax_cached()):
+        return dequantize_4bit(weight.data, state)
+    absmax = getattr(state, "_qlora_sft_absmax", None)
+    if absmax is None:
+        absmax = dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+        absmax = state._qlora_sft_absmax = absmax.float()
+    out = torch.ops.bitsandbytes.dequantize_4bit.default(
+        weight.data, absmax, state.blocksize, state.quant_type, state.shape, state.dtype
+    )
+    return out.t() if weight.data.shape[0] == 1 else out
 
 
 class FusedLoraMatmul(torch.autograd.Function):
@@ -29,13 +58,11 @@ class FusedLoraMatmul(torch.autograd.Function):
 
     @staticmethod
     def compute(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: Any, scaling: float) -> torch.Tensor:
-        from bitsandbytes.functional import dequantize_4bit
-
         dtype = base.compute_dtype or x.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         a_c, b_c = a.to(dtype), b.to(dtype)
         xa = x2 @ a_c.t()
-        out = x2 @ dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype).t()
+        out = x2 @ dequantized(base.weight).to(dtype).t()
         out.addmm_(xa, b_c.t(), alpha=scaling)
         if base.bias is not None:
             out += base.bias.to(dtype)
@@ -46,15 +73,12 @@ class FusedLoraMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        from bitsandbytes.functional import dequantize_4bit
-
         x2, xa, a_c, b_c = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
         gxa = (g @ b_c).mul_(ctx.scaling)  # d/d(xA^T), r columns
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            weight = ctx.base.weight
-            grad_x = g @ dequantize_4bit(weight.data, weight.quant_state).to(x2.dtype)
+            grad_x = g @ dequantized(ctx.base.weight).to(x2.dtype)
             grad_x.addmm_(gxa, a_c)
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:

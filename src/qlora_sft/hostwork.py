@@ -1,0 +1,117 @@
+"""The host's work per micro batch, trimmed where the Trainer repeats what cannot have changed.
+
+On one fast GPU a small micro batch is bound by the host: on an H200, 8B at 2 x 2048 tokens, the
+GPU idled while Python queued the next kernels (docs/benchmarks.md, 2026-12-01). Three pieces of
+that work depend on nothing that changes during training, and `lean_trainer` skips them:
+
+- transformers' Trainer counts the model's parameters every micro batch (for `total_flos`): a walk
+  over every module and parameter. The count is taken once; `total_flos` is the same number.
+- it calls `model.train()` every micro batch: a walk setting `training` on every module. Where
+  every module is already in training mode and no module's `train` does more than set the flag
+  (DoRA clears a cache, DeepSpeed's engine sets a flag: those keep the call), the walk is skipped.
+  An evaluation, which switches the model to eval mode, makes the next micro batch walk again.
+- Python's cyclic garbage collector: a full collection walks every object the process holds (the
+  model's modules, the tokenizer, the data set's objects), a pause of hundreds of milliseconds that
+  lands in the middle of a step, on each rank at another time (the others wait for it at the next
+  collective). `collector_frozen` moves everything alive when training starts out of the
+  collector's reach (`gc.freeze`, as vLLM and others do after loading) and puts it back afterwards.
+
+`QLORA_SFT_HOST_SAVINGS=0` switches all three off (the Trainer's own behaviour), for measuring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from collections.abc import Iterator
+from typing import Any
+
+HOST_SAVINGS_ENV = "QLORA_SFT_HOST_SAVINGS"
+
+
+def host_savings_enabled() -> bool:
+    """QLORA_SFT_HOST_SAVINGS: on unless set to 0 (or false/no/off)."""
+    return os.environ.get(HOST_SAVINGS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _flag_only_train() -> tuple[Any, ...]:
+    """The `train` methods that only set `training` (and, for transformers' model, act only when the
+    mode changes): a module whose class uses another keeps the Trainer's call every micro batch."""
+    import torch
+    from transformers import PreTrainedModel
+
+    return (
+        torch.nn.Module.train,
+        torch.nn.parallel.DistributedDataParallel.train,
+        PreTrainedModel.train,  # re-applies kernels only when the mode changes
+    )
+
+
+def _module_train_is_plain(module: Any) -> bool:
+    return getattr(type(module), "train", None) in _flag_only_train()
+
+
+class LeanStepMixin:
+    """Mixed into the Trainer (`lean_trainer`): the parameter count for `total_flos` taken once, and
+    `model.train()` skipped where it would change nothing (see the module's text)."""
+
+    _flos_params: tuple[int, int] | None = None  # (id of the model counted, its count)
+    _train_walk: tuple[int, list[Any] | None] | None = None  # (id of the model, its modules or None)
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        model = self.model  # type: ignore[attr-defined]
+        main_input = getattr(model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(model, "num_parameters"):
+            return super().floating_point_ops(inputs)  # type: ignore[misc]
+        if self._flos_params is None or self._flos_params[0] != id(model):
+            self._flos_params = (id(model), model.num_parameters(exclude_embeddings=True))
+        return 6 * inputs[main_input].numel() * self._flos_params[1]
+
+    def _plain_modules(self, model: Any) -> list[Any] | None:
+        """The model's modules where each one's `train` only sets the flag, else None (then the
+        Trainer's call stays). Listed once per model object."""
+        if self._train_walk is None or self._train_walk[0] != id(model):
+            modules = list(model.modules()) if hasattr(model, "modules") else []
+            plain = bool(modules) and all(_module_train_is_plain(m) for m in modules)
+            self._train_walk = (id(model), modules if plain else None)
+        return self._train_walk[1]
+
+    def training_step(self, model: Any, *args: Any, **kwargs: Any) -> Any:
+        modules = self._plain_modules(model)
+        if modules is None or not all(m.training for m in modules):
+            return super().training_step(model, *args, **kwargs)  # type: ignore[misc]
+
+        def already_training(mode: bool = True) -> Any:
+            return model if mode else type(model).train(model, mode)
+
+        model.__dict__["train"] = already_training  # found before the class's method
+        try:
+            return super().training_step(model, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            model.__dict__.pop("train", None)
+
+
+def lean_trainer(base: type) -> type:
+    """`base` (a Trainer class) with the per-micro-batch savings mixed in; `base` itself where
+    QLORA_SFT_HOST_SAVINGS=0."""
+    if not host_savings_enabled():
+        return base
+    return type(f"Lean{base.__name__}", (LeanStepMixin, base), {})
+
+
+@contextlib.contextmanager
+def collector_frozen() -> Iterator[bool]:
+    """During training, what is alive at its start is out of the cyclic collector's reach
+    (`gc.freeze()` after one full collection); afterwards it is put back (`gc.unfreeze()`), so an
+    in-process caller (submitit, a notebook) gets its collector as it was. Yields whether it froze
+    (not where QLORA_SFT_HOST_SAVINGS=0, nor where something else had frozen objects already)."""
+    if not host_savings_enabled() or gc.get_freeze_count():
+        yield False
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield True
+    finally:
+        gc.unfreeze()
