@@ -42,6 +42,12 @@ def dequantized(weight: Any) -> torch.Tensor:
     return out.t() if weight.data.shape[0] == 1 else out
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)` without the call where `t` has it already (the common case: a call per tensor
+    per layer is host time on a GPU that waits for the host)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class FusedLoraMatmul(torch.autograd.Function):
     """`x W^T + s (x A^T) B^T` for a frozen 4-bit W and a LoRA pair (A, B), s = alpha / r, with the
     LoRA term added into the base GEMM's output in place (`addmm_`, its scale an `alpha` of the
@@ -53,38 +59,44 @@ class FusedLoraMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: Any, scaling: float) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):  # every dtype below is chosen here
+        kind = x.device.type  # every dtype below is chosen here: autocast is off for the call
+        if not torch.is_autocast_enabled(kind):
             return FusedLoraMatmul.compute(ctx, x, a, b, base, scaling)
+        torch.set_autocast_enabled(kind, False)  # (torch.autocast(enabled=False) does this, with more Python)
+        try:
+            return FusedLoraMatmul.compute(ctx, x, a, b, base, scaling)
+        finally:
+            torch.set_autocast_enabled(kind, True)
 
     @staticmethod
     def compute(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: Any, scaling: float) -> torch.Tensor:
         dtype = base.compute_dtype or x.dtype
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        a_c, b_c = a.to(dtype), b.to(dtype)
+        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
+        a_c, b_c = _as(a, dtype), _as(b, dtype)
         xa = x2 @ a_c.t()
-        out = x2 @ dequantized(base.weight).to(dtype).t()
+        out = x2 @ _as(dequantized(base.weight), dtype).t()
         out.addmm_(xa, b_c.t(), alpha=scaling)
         if base.bias is not None:
-            out += base.bias.to(dtype)
+            out += _as(base.bias, dtype)
         ctx.save_for_backward(x2, xa, a_c, b_c)
         ctx.base, ctx.scaling, ctx.x_dtype, ctx.x_shape = base, scaling, x.dtype, x.shape
         ctx.w_dtypes = (a.dtype, b.dtype)
-        return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+        return _as(out.reshape(*x.shape[:-1], out.shape[-1]), x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         x2, xa, a_c, b_c = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+        g = _as(grad.reshape(-1, grad.shape[-1]), x2.dtype)
         gxa = (g @ b_c).mul_(ctx.scaling)  # d/d(xA^T), r columns
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ dequantized(ctx.base.weight).to(x2.dtype)
+            grad_x = g @ _as(dequantized(ctx.base.weight), x2.dtype)
             grad_x.addmm_(gxa, a_c)
-            grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+            grad_x = _as(grad_x.reshape(ctx.x_shape), ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_a = (gxa.t() @ x2).to(ctx.w_dtypes[0])
+            grad_a = _as(gxa.t() @ x2, ctx.w_dtypes[0])
         if ctx.needs_input_grad[2]:
-            grad_b = (g.t() @ xa).mul_(ctx.scaling).to(ctx.w_dtypes[1])
+            grad_b = _as((g.t() @ xa).mul_(ctx.scaling), ctx.w_dtypes[1])
         return grad_x, grad_a, grad_b, None, None
 
 
