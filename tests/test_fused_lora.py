@@ -184,3 +184,43 @@ def test_fused_resolution_and_refusals():
     assert not uses_fused_lora(build_recipe({**base, "lora": {"bias": "all"}}), mode("ddp"))
     with pytest.raises(UserError, match=r"lora\.fused.*lora\.bias is all"):
         build_recipe({**base, "lora": {"fused": True, "bias": "all"}})
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_dequantized_weights_are_bitsandbytes_own_values(device: str, monkeypatch):
+    """`dequantized` (on a GPU bitsandbytes' CUDA kernels called without torch's op dispatch; with
+    QLORA_SFT_ABSMAX_CACHE the block scales kept) gives exactly the values of bitsandbytes' public
+    `dequantize_4bit`, for NF4 and FP4, with and without double quantization, in each compute dtype."""
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+
+    from qlora_sft.model import fused_lora
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    cases = 0
+    for quant_type in ("nf4", "fp4"):
+        for nested in (True, False):
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                w = torch.randn(96, 160) * 0.05
+                w[3, 7] = 4.0  # one large weight: its block's scale differs from the rest
+                param = bnb.nn.Params4bit(
+                    w, requires_grad=False, quant_type=quant_type, compress_statistics=nested, quant_storage=torch.uint8
+                )
+                param = param.to(device)  # quantized on the move
+                param.quant_state.dtype = dtype
+                want = dequantize_4bit(param.data, param.quant_state)
+                for direct, cache in ((True, False), (False, True), (True, True), (False, False)):
+                    monkeypatch.setattr(fused_lora, "_DIRECT", direct)
+                    monkeypatch.setattr(fused_lora, "_ABSMAX_CACHE", cache)
+                    for _ in range(2):  # (the second call reads the kept scales)
+                        got = fused_lora.dequantized(param)
+                        assert got.dtype == want.dtype == dtype and got.shape == want.shape == (96, 160)
+                        assert torch.equal(got, want), (quant_type, nested, dtype, direct, cache)
+                    assert hasattr(param.quant_state, "_qlora_sft_absmax") == (cache and nested)
+                    if hasattr(param.quant_state, "_qlora_sft_absmax"):
+                        del param.quant_state._qlora_sft_absmax
+                cases += 1
+    assert cases == 12

@@ -14,32 +14,76 @@ from ..launch import LaunchMode
 from ..recipe import Recipe, fused_lora_obstacles
 
 # QLORA_SFT_ABSMAX_CACHE=1 (a benchmark switch, off by default): each 4-bit weight's block scales
-# dequantized once and kept (fp32, 4 bytes per 64 weights: +0.33 GiB for an 8B Llama) instead of
+# dequantized once and kept (fp32, 4 bytes per 64 weights: +0.4 GiB for an 8B Llama) instead of
 # once per use, which measures what bitsandbytes' nested dequantization costs the host
 ABSMAX_CACHE_ENV = "QLORA_SFT_ABSMAX_CACHE"
+# read when the layers are fused (`fuse_lora_layers`), not per call: each call is host time
+_ABSMAX_CACHE = False
+_DIRECT = True  # bitsandbytes' CUDA kernels called without torch's op dispatch (QLORA_SFT_HOST_SAVINGS)
 
 
 def _absmax_cached() -> bool:
     return os.environ.get(ABSMAX_CACHE_ENV, "0").strip() == "1"
 
 
-def dequantized(weight: Any) -> torch.Tensor:
-    """The 4-bit `weight` (bitsandbytes' Params4bit) dequantized, as `bitsandbytes.functional.
-    dequantize_4bit` returns it."""
-    from bitsandbytes.functional import dequantize_4bit, dequantize_blockwise
+@functools.cache
+def _cuda_kernels() -> tuple[Any, Any] | None:
+    """bitsandbytes' CUDA dequantization functions behind its `dequantize_blockwise` and
+    `dequantize_4bit` ops (they fill a given output), or None where this bitsandbytes has no such
+    functions (then its public `dequantize_4bit` serves)."""
+    try:
+        from bitsandbytes.backends.cuda import ops
+    except Exception:  # no CUDA build of bitsandbytes, or another layout
+        return None
+    blockwise = getattr(ops, "_dequantize_blockwise_impl", None)
+    four_bit = getattr(ops, "_dequantize_4bit_impl", None)
+    return (blockwise, four_bit) if callable(blockwise) and callable(four_bit) else None
 
-    state = weight.quant_state
-    if not (state.nested and _absmax_cached()):
-        return dequantize_4bit(weight.data, state)
-    absmax = getattr(state, "_qlora_sft_absmax", None)
-    if absmax is None:
-        absmax = dequantize_blockwise(state.absmax, state.state2)
-        absmax += state.offset
-        absmax = state._qlora_sft_absmax = absmax.float()
-    out = torch.ops.bitsandbytes.dequantize_4bit.default(
-        weight.data, absmax, state.blocksize, state.quant_type, state.shape, state.dtype
-    )
-    return out.t() if weight.data.shape[0] == 1 else out
+
+def _block_scales(state: Any, kernels: tuple[Any, Any] | None) -> torch.Tensor:
+    """The fp32 scale of each block of a 4-bit weight: `state.absmax`, or where it is itself quantized
+    (double quantization) its dequantized values plus the offset, as bitsandbytes computes them."""
+    if not state.nested:
+        return state.absmax
+    cached = getattr(state, "_qlora_sft_absmax", None) if _ABSMAX_CACHE else None
+    if cached is not None:
+        return cached
+    inner = state.state2
+    if kernels is not None and inner.code.device == state.absmax.device:
+        absmax = torch.empty(state.absmax.shape, dtype=inner.dtype, device=state.absmax.device)
+        kernels[0](state.absmax, inner.absmax, inner.code, inner.blocksize, inner.dtype, absmax)
+    else:
+        from bitsandbytes.functional import dequantize_blockwise
+
+        absmax = dequantize_blockwise(state.absmax, inner)
+    absmax += state.offset
+    absmax = _as(absmax, torch.float32)
+    if _ABSMAX_CACHE:
+        state._qlora_sft_absmax = absmax
+    return absmax
+
+
+def dequantized(weight: Any) -> torch.Tensor:
+    """The 4-bit `weight` (bitsandbytes' Params4bit) dequantized, the same values as
+    `bitsandbytes.functional.dequantize_4bit` returns. On a GPU its CUDA kernels are called
+    directly: through torch's op dispatch the two kernel calls of a double-quantized weight cost
+    the host more than the rest of the layer's Python (host profile of 8B on an H200, 2026-12-03),
+    and a weight is dequantized three times per layer per micro batch."""
+    state, data = weight.quant_state, weight.data
+    kernels = _cuda_kernels() if _DIRECT and data.is_cuda else None
+    if kernels is None and not (_ABSMAX_CACHE and state.nested):
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(data, state)
+    absmax = _block_scales(state, kernels)
+    if kernels is not None:
+        out = torch.empty(state.shape, dtype=state.dtype, device=data.device)
+        kernels[1](data, absmax, state.blocksize, state.quant_type, state.dtype, out)
+    else:  # (bitsandbytes' CPU backend has no `.out` form)
+        out = torch.ops.bitsandbytes.dequantize_4bit.default(
+            data, absmax, state.blocksize, state.quant_type, state.shape, state.dtype
+        )
+    return out.t() if data.shape[0] == 1 else out
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -144,6 +188,10 @@ def fuse_lora_layers(model: Any) -> int:
     returns how many. Only the class changes: parameters, state dict, saving and merging stay peft's."""
     from peft.tuners.lora.bnb import Linear4bit
 
+    from ..hostwork import host_savings_enabled
+
+    global _ABSMAX_CACHE, _DIRECT
+    _ABSMAX_CACHE, _DIRECT = _absmax_cached(), host_savings_enabled()
     fused = fused_lora_class()
     count = 0
     for module in model.modules():
