@@ -16,7 +16,9 @@ that work depend on nothing that changes during training, and `lean_trainer` ski
   collective). `collector_frozen` moves everything alive when training starts out of the
   collector's reach (`gc.freeze`, as vLLM and others do after loading) and puts it back afterwards.
 
-`QLORA_SFT_HOST_SAVINGS=0` switches all three off (the Trainer's own behaviour), for measuring.
+`QLORA_SFT_HOST_SAVINGS=0` switches all three off (the Trainer's own behaviour), for measuring, and
+with them the fused LoRA layer's direct calls of bitsandbytes' kernels (`model.fused_lora.dequantized`).
+On one H200 (8B, 2026-12-03) all of it made 2 x 2048 tokens per micro batch 1.20x faster, 4 x 2048 1.03x.
 """
 
 from __future__ import annotations
