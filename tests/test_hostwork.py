@@ -227,3 +227,20 @@ def test_host_profile_names_the_step_functions_and_the_collector_pauses(tmp_path
     again.close()
     assert sys.getprofile() is None and list((tmp_path / "again").iterdir()) == []
     assert not gc.callbacks or all("GcPauses" not in repr(c) for c in gc.callbacks)
+
+
+def test_the_switches_refuse_what_they_cannot_mean():
+    """QLORA_SFT_HOST_SAVINGS and QLORA_SFT_ABSMAX_CACHE take 0 or 1 (or unset); anything else is
+    refused naming the variable (train checks both before the model loads), not read as on."""
+    from qlora_sft.errors import UserError
+    from qlora_sft.hostwork import host_savings_enabled
+    from qlora_sft.model.fused_lora import absmax_cached
+
+    assert host_savings_enabled({}) and host_savings_enabled({HOST_SAVINGS_ENV: " 1"})
+    assert not host_savings_enabled({HOST_SAVINGS_ENV: "0"})
+    assert not absmax_cached({}) and absmax_cached({"QLORA_SFT_ABSMAX_CACHE": "1"})
+    for bad in ("O", "off", "false", "2", "-1", "nan", "٠"):
+        with pytest.raises(UserError, match=re.escape(f"QLORA_SFT_HOST_SAVINGS={bad!r}: 0 switches off")):
+            host_savings_enabled({HOST_SAVINGS_ENV: bad})
+        with pytest.raises(UserError, match=re.escape(f"QLORA_SFT_ABSMAX_CACHE={bad!r}: 1 keeps")):
+            absmax_cached({"QLORA_SFT_ABSMAX_CACHE": bad})

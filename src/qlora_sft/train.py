@@ -217,6 +217,8 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     launch.check_ranks(recipe)  # (and that every rank read the same recipe, with the same packages)
     profile_at = profiling.profile_step()
     profiling.profile_host()
+    hostwork.host_savings_enabled()
+    model.fused_lora.absmax_cached()
     model.offload.prefetch_offloaded_inputs()  # the benchmark switches, checked before anything loads
     model.offload.head_tile()
     max_steps = int(recipe.train.args.get("max_steps") or 0)

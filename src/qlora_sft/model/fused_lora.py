@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..launch import LaunchMode
 from ..recipe import Recipe, fused_lora_obstacles
 
@@ -22,8 +24,15 @@ _ABSMAX_CACHE = False
 _DIRECT = True  # bitsandbytes' CUDA kernels called without torch's op dispatch (QLORA_SFT_HOST_SAVINGS)
 
 
-def _absmax_cached() -> bool:
-    return os.environ.get(ABSMAX_CACHE_ENV, "0").strip() == "1"
+def absmax_cached(env: Mapping[str, str] | None = None) -> bool:
+    """QLORA_SFT_ABSMAX_CACHE, checked: 1 keeps the block scales, 0 or unset does not."""
+    raw = (os.environ if env is None else env).get(ABSMAX_CACHE_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise UserError(
+            f"{ABSMAX_CACHE_ENV}={raw!r}: 1 keeps each 4-bit weight's block scales dequantized (a benchmark "
+            "switch: more GPU memory), 0 or unset does not"
+        )
+    return raw == "1"
 
 
 @functools.cache
@@ -191,7 +200,7 @@ def fuse_lora_layers(model: Any) -> int:
     from ..hostwork import host_savings_enabled
 
     global _ABSMAX_CACHE, _DIRECT
-    _ABSMAX_CACHE, _DIRECT = _absmax_cached(), host_savings_enabled()
+    _ABSMAX_CACHE, _DIRECT = absmax_cached(), host_savings_enabled()
     fused = fused_lora_class()
     count = 0
     for module in model.modules():
