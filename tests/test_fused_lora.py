@@ -224,3 +224,56 @@ def test_dequantized_weights_are_bitsandbytes_own_values(device: str, monkeypatc
                         del param.quant_state._qlora_sft_absmax
                 cases += 1
     assert cases == 12
+
+
+def test_direct_kernels_that_disagree_with_bitsandbytes_are_dropped_with_a_warning(monkeypatch, caplog):
+    """The private bitsandbytes functions `dequantized` calls directly are compared once per process
+    with bitsandbytes' public `dequantize_4bit`; where another bitsandbytes computes other values or
+    takes other arguments, training goes on with the public path and says so (here on the CPU, with
+    stand-ins for the CUDA functions)."""
+    import logging
+
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+
+    from qlora_sft.model import fused_lora
+
+    torch.manual_seed(0)
+    param = bnb.nn.Params4bit(torch.randn(64, 128) * 0.05, requires_grad=False, quant_type="nf4").to("cpu")
+    want = dequantize_4bit(param.data, param.quant_state)
+
+    def blockwise(a, absmax, code, blocksize, dtype, out):  # bitsandbytes' own values, through its op
+        out.copy_(torch.ops.bitsandbytes.dequantize_blockwise.default(a, absmax, code, blocksize, dtype))
+
+    def right(a, absmax, blocksize, quant_type, dtype, out):
+        out.copy_(torch.ops.bitsandbytes.dequantize_4bit.default(a, absmax, blocksize, quant_type, out.shape, dtype))
+
+    def wrong(a, absmax, blocksize, quant_type, dtype, out):
+        out.zero_()
+
+    def other_arguments(a, absmax, blocksize, quant_type, out):
+        raise AssertionError("not reached")
+
+    for second, stays, why in (
+        (right, True, None),
+        (wrong, False, "other values"),
+        (other_arguments, False, "TypeError"),
+    ):
+        monkeypatch.setattr(fused_lora, "_DIRECT", True)
+        monkeypatch.setattr(fused_lora, "_CHECKED", False)
+
+        def kernels(data, second=second):
+            return (blockwise, second) if fused_lora._DIRECT else None
+
+        monkeypatch.setattr(fused_lora, "_direct_kernels", kernels)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+            for _ in range(3):
+                assert torch.equal(fused_lora.dequantized(param), want)
+        assert fused_lora._DIRECT is stays and fused_lora._CHECKED
+        warned = [r.getMessage() for r in caplog.records if "dequantization called directly" in r.getMessage()]
+        if stays:
+            assert warned == []
+        else:
+            assert len(warned) == 1 and why in warned[0] and "using dequantize_4bit" in warned[0], warned

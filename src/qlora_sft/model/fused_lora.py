@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +16,8 @@ from ..errors import UserError
 from ..launch import LaunchMode
 from ..recipe import Recipe, fused_lora_obstacles
 
+log = logging.getLogger("qlora_sft")
+
 # QLORA_SFT_ABSMAX_CACHE=1 (a benchmark switch, off by default): each 4-bit weight's block scales
 # dequantized once and kept (fp32, 4 bytes per 64 weights: +0.4 GiB for an 8B Llama) instead of
 # once per use, which measures what bitsandbytes' nested dequantization costs the host
@@ -22,6 +25,7 @@ ABSMAX_CACHE_ENV = "QLORA_SFT_ABSMAX_CACHE"
 # read when the layers are fused (`fuse_lora_layers`), not per call: each call is host time
 _ABSMAX_CACHE = False
 _DIRECT = True  # bitsandbytes' CUDA kernels called without torch's op dispatch (QLORA_SFT_HOST_SAVINGS)
+_CHECKED = False  # the direct call compared once with bitsandbytes' dequantize_4bit
 
 
 def absmax_cached(env: Mapping[str, str] | None = None) -> bool:
@@ -47,6 +51,11 @@ def _cuda_kernels() -> tuple[Any, Any] | None:
     blockwise = getattr(ops, "_dequantize_blockwise_impl", None)
     four_bit = getattr(ops, "_dequantize_4bit_impl", None)
     return (blockwise, four_bit) if callable(blockwise) and callable(four_bit) else None
+
+
+def _direct_kernels(data: torch.Tensor) -> tuple[Any, Any] | None:
+    """The kernels `dequantized` calls directly for a weight's packed `data`, or None."""
+    return _cuda_kernels() if _DIRECT and data.is_cuda else None
 
 
 def _block_scales(state: Any, kernels: tuple[Any, Any] | None) -> torch.Tensor:
@@ -78,12 +87,36 @@ def dequantized(weight: Any) -> torch.Tensor:
     directly: through torch's op dispatch the two kernel calls of a double-quantized weight cost
     the host more than the rest of the layer's Python (host profile of 8B on an H200, 2026-12-03),
     and a weight is dequantized three times per layer per micro batch."""
+    global _DIRECT, _CHECKED
     state, data = weight.quant_state, weight.data
-    kernels = _cuda_kernels() if _DIRECT and data.is_cuda else None
+    kernels = _direct_kernels(data)
     if kernels is None and not (_ABSMAX_CACHE and state.nested):
         from bitsandbytes.functional import dequantize_4bit
 
         return dequantize_4bit(data, state)
+    if kernels is not None and not _CHECKED:  # once per process: the private functions still do the same
+        from bitsandbytes.functional import dequantize_4bit
+
+        try:
+            same = torch.equal(_dequantized_with(weight, kernels), dequantize_4bit(data, state))
+        except Exception as exc:  # another bitsandbytes: other arguments
+            same, why = False, f"{type(exc).__name__}: {exc}"
+        else:
+            why = "other values"
+        _CHECKED = True
+        if not same:
+            _DIRECT = False
+            log.warning(
+                "fused LoRA layer: bitsandbytes' CUDA dequantization called directly gave %s than its "
+                "dequantize_4bit; using dequantize_4bit (slower on the host)",
+                why,
+            )
+            return dequantize_4bit(data, state)
+    return _dequantized_with(weight, kernels)
+
+
+def _dequantized_with(weight: Any, kernels: tuple[Any, Any] | None) -> torch.Tensor:
+    state, data = weight.quant_state, weight.data
     absmax = _block_scales(state, kernels)
     if kernels is not None:
         out = torch.empty(state.shape, dtype=state.dtype, device=data.device)
