@@ -872,13 +872,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             default_allocator_settings()  # before torch touches CUDA
             import_bitsandbytes_without_compiling()
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except UserError as exc:
         if args.debug:
             raise
         if not said_by_another_rank(exc):  # (rank 0 says what all ranks met)
             print(f"qlora-sft {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        code = exc.exit_code
     except KeyboardInterrupt as exc:
         say_interrupted(args.command, exc)
         return 130
@@ -887,6 +887,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         say_interrupted(args.command, exc)  # a library's clean-up raised over Ctrl-C
         return 130
+    # (not after a crash or a Ctrl-C: a collective may be in flight there)
+    from .launch import end_process_group
+
+    end_process_group()
+    return code
 
 
 def said_by_another_rank(exc: UserError) -> bool:

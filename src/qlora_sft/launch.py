@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,6 +280,21 @@ def start_process_group(timeout_s: float) -> Any:
                 else "Check that every rank was launched with the same MASTER_ADDR and MASTER_PORT."
             )
         ) from None
+
+
+def end_process_group() -> None:
+    """Take down this process's process group, where one formed, before the process exits (a command
+    that returned or refused). Left to the interpreter's exit, gloo's threads were destroyed while
+    still joinable: "terminate called without an active exception", SIGABRT, about 1 exit in 4 right
+    after a collective (CPU ranks, 2026-12-03), and torchrun reported the rank as crashed instead of
+    its exit code. Local: it waits for no other rank."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception as exc:  # the exit code the command chose matters more
+        log.debug("destroying the process group failed: %s: %s", type(exc).__name__, exc)
 
 
 def detect() -> LaunchMode:

@@ -712,7 +712,7 @@ class QloraJob:
     def __call__(self, recipe_path: str, overrides: list[str], cwd: str, cpu_ranks: bool = False) -> dict[str, Any]:
         import submitit
 
-        from .launch import default_allocator_settings
+        from .launch import default_allocator_settings, end_process_group
         from .train import setup_logging, train
 
         os.chdir(cwd)
@@ -728,6 +728,7 @@ class QloraJob:
         signals = [*recipe.checkpoint.signals, signal.Signals(sig).name]
         recipe = load_recipe(recipe_path, [*overrides, f"checkpoint.signals=[{','.join(signals)}]"])
         result = train(recipe)
+        end_process_group()  # before submitit's exit (see launch.end_process_group)
         if result.preempted and callable(submitit_handler):
             # The checkpoint is complete on every rank: now let submitit checkpoint() and requeue.
             # `scontrol requeue` makes SLURM send SIGTERM to every process of the job, the scontrol
