@@ -25,25 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
-
-from .errors import UserError
 
 HOST_SAVINGS_ENV = "QLORA_SFT_HOST_SAVINGS"
 
 
 def host_savings_enabled(env: Mapping[str, str] | None = None) -> bool:
-    """QLORA_SFT_HOST_SAVINGS, checked: on unless set to 0; a value it cannot mean is refused (train
-    checks it before the model loads)."""
-    raw = (os.environ if env is None else env).get(HOST_SAVINGS_ENV, "").strip()
-    if raw not in ("", "0", "1"):
-        raise UserError(
-            f"{HOST_SAVINGS_ENV}={raw!r}: 0 switches off qlora-sft's cuts to the host's work per micro batch "
-            "(for measuring them), 1 or unset keeps them"
-        )
-    return raw != "0"
+    """QLORA_SFT_HOST_SAVINGS, checked (`launch.env_switch`): on unless set to 0; a value it cannot
+    mean is refused (train checks it before the model loads)."""
+    from .launch import env_switch
+
+    return env_switch(HOST_SAVINGS_ENV, env) is not False
 
 
 def _flag_only_train() -> tuple[Any, ...]:

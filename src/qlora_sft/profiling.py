@@ -46,15 +46,11 @@ def profile_step(env: Mapping[str, str] | None = None) -> int | None:
 
 
 def profile_host(env: Mapping[str, str] | None = None) -> bool:
-    """QLORA_SFT_PROFILE_HOST, checked: 1 profiles the step on the host by Python function (cProfile)
-    instead of with torch.profiler; 0 or unset does not."""
-    raw = (os.environ if env is None else env).get(PROFILE_HOST_ENV, "").strip()
-    if raw not in ("", "0", "1"):
-        raise UserError(
-            f"{PROFILE_HOST_ENV}={raw!r}: 1 profiles the step of {PROFILE_STEP_ENV} by Python function on the host "
-            "(cProfile), 0 or unset with torch.profiler"
-        )
-    return raw == "1"
+    """QLORA_SFT_PROFILE_HOST, checked (`launch.env_switch`): 1 profiles the step on the host by Python
+    function (cProfile) instead of with torch.profiler; 0 or unset does not."""
+    from .launch import env_switch
+
+    return env_switch(PROFILE_HOST_ENV, env) is True
 
 
 class GcPauses:

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ..errors import UserError
 from ..launch import LaunchMode
 from ..recipe import Recipe, fused_lora_obstacles
 
@@ -29,14 +27,10 @@ _CHECKED = False  # the direct call compared once with bitsandbytes' dequantize_
 
 
 def absmax_cached(env: Mapping[str, str] | None = None) -> bool:
-    """QLORA_SFT_ABSMAX_CACHE, checked: 1 keeps the block scales, 0 or unset does not."""
-    raw = (os.environ if env is None else env).get(ABSMAX_CACHE_ENV, "").strip()
-    if raw not in ("", "0", "1"):
-        raise UserError(
-            f"{ABSMAX_CACHE_ENV}={raw!r}: 1 keeps each 4-bit weight's block scales dequantized (a benchmark "
-            "switch: more GPU memory), 0 or unset does not"
-        )
-    return raw == "1"
+    """QLORA_SFT_ABSMAX_CACHE, checked (`launch.env_switch`): 1 keeps the block scales, 0 or unset does not."""
+    from ..launch import env_switch
+
+    return env_switch(ABSMAX_CACHE_ENV, env) is True
 
 
 @functools.cache
