@@ -74,7 +74,7 @@ from typing import Any
 import yaml
 
 from qlora_sft.cli import gib
-from qlora_sft.hostwork import HOST_SAVINGS_ENV
+from qlora_sft.hostwork import HOST_SAVINGS_ENV, NORM_ENV, SWIGLU_ENV
 from qlora_sft.launch import (
     DEFAULT_ALLOC_CONF,
     EMBEDDING_GATHERED_ONCE,
@@ -123,6 +123,8 @@ PROFILED = (("QLORA_SFT_PROFILE_STEP", PROFILE_STEP),)
 HOST_PROFILED = (*PROFILED, (PROFILE_HOST_ENV, "1"))  # the step profiled by Python function (cProfile)
 SAVINGS_OFF = ((HOST_SAVINGS_ENV, "0"),)  # the Trainer's own host work per micro batch (qlora_sft.hostwork)
 ABSMAX_CACHED = ((ABSMAX_CACHE_ENV, "1"),)
+LIGER_NORM = ((NORM_ENV, "liger"),)  # Liger's RMSNorm kernel (the default until 2026-12-03)
+TORCH_SWIGLU = ((SWIGLU_ENV, "torch"),)  # transformers' MLP instead of Liger's SwiGLU
 MB2 = ("train.micro_batch_tokens=4096",)
 EXPANDABLE = (("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_ALLOC_CONF),)  # what qlora-sft sets unless the user did
 SEGMENTS_OFF = (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),)
@@ -286,6 +288,13 @@ MODES = {
     "1gpu_mb2_absmax": Mode("single_gpu.yaml", ABSMAX_CACHED, overrides=MB2),
     "1gpu_mb2_hostprofiled": Mode("single_gpu.yaml", HOST_PROFILED, overrides=MB2),
     "1gpu_mb2_hostprofiled_savings_off": Mode("single_gpu.yaml", (*HOST_PROFILED, *SAVINGS_OFF), overrides=MB2),
+    # torch's fused RMSNorm against Liger's (the host's time per norm; the same values), and
+    # transformers' MLP against Liger's SwiGLU
+    "1gpu_ligernorm": Mode("single_gpu.yaml", LIGER_NORM),
+    "1gpu_mb2_ligernorm": Mode("single_gpu.yaml", LIGER_NORM, overrides=MB2),
+    "1gpu_torchswiglu": Mode("single_gpu.yaml", TORCH_SWIGLU),
+    "1gpu_mb2_torchswiglu": Mode("single_gpu.yaml", TORCH_SWIGLU, overrides=MB2),
+    "1gpu_mb2_hosttables_torchswiglu": Mode("single_gpu.yaml", TORCH_SWIGLU, overrides=(*MB2, *HOST_TABLES)),
     "1gpu_adamw32": Mode("single_gpu.yaml", overrides=("train.optim=adamw_torch",)),
     "1gpu_expandable": Mode("single_gpu.yaml", EXPANDABLE),
     "1gpu_mb2_expandable": Mode("single_gpu.yaml", EXPANDABLE, overrides=("train.micro_batch_tokens=4096",)),

@@ -246,3 +246,130 @@ def test_the_switches_refuse_what_they_cannot_mean():
         ):
             with pytest.raises(UserError, match=re.escape(f"{name}={bad.lower()!r}: use 1 (on) or 0 (off)")):
                 check({name: bad})
+
+
+def liger_style_patch(module: torch.nn.Module, stand_in: Any, casting_mode: str = "llama", offset: float = 0.0) -> None:
+    """What liger-kernel's `_patch_rms_norm_module` does to a transformers RMSNorm (liger-kernel needs
+    triton, absent from the CPU suite): its forward bound on the instance, its settings as attributes."""
+    module.offset, module.casting_mode, module.in_place, module.row_mode = offset, casting_mode, True, None
+    module.variance_epsilon = float(getattr(module, "variance_epsilon", 1e-6))
+    module.__dict__["forward"] = stand_in.__get__(module, type(module))
+
+
+def liger_llama_reference(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """Liger's RMSNorm with llama casting, written out: the inverse RMS in fp32, the normalized values
+    cast to the input's dtype, times the weight, stored in the input's dtype."""
+    xf = x.float()
+    normalized = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+    return (normalized * self.weight).to(x.dtype)
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "w_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
+)
+def test_torch_norm_gives_liger_llama_values_and_gradients(x_dtype, w_dtype):
+    """`hostwork.torch_rms_norms` takes over the norms Liger computes with its llama casting: the same
+    values and input gradients as that casting, in the input's dtype also where the weight was
+    upcast to fp32 (model.upcast_frozen)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from qlora_sft.hostwork import torch_rms_norms
+
+    torch.manual_seed(0)
+    hidden = 64
+    ours, ref = LlamaRMSNorm(hidden, eps=1e-5), LlamaRMSNorm(hidden, eps=1e-5)
+    for m in (ours, ref):
+        m.weight.data = (torch.rand(hidden) + 0.5).to(w_dtype)
+        m.weight.requires_grad_(False)  # frozen, as in QLoRA
+    ref.weight.data = ours.weight.data.clone()
+    liger_style_patch(ours, liger_llama_reference)
+    liger_style_patch(ref, liger_llama_reference)
+    model = torch.nn.Sequential(ours)
+    assert torch_rms_norms(model, liger_forward=liger_llama_reference) == 1
+    assert ours.__dict__["forward"].__func__ is not liger_llama_reference  # taken over
+    x = (torch.randn(2, 5, hidden) * 3).to(x_dtype)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y1, y2 = ours(x1), ref(x2)
+    assert y1.dtype == y2.dtype == x_dtype
+    assert torch.equal(y1, y2) if x_dtype == torch.float32 else torch.allclose(y1.float(), y2.float(), rtol=8e-3)
+    grad = torch.randn_like(y1)
+    y1.backward(grad)
+    y2.backward(grad)
+    tol = 1e-5 if x_dtype == torch.float32 else 2e-2
+    assert torch.allclose(x1.grad.float(), x2.grad.float(), rtol=tol, atol=tol)
+    if x_dtype == torch.bfloat16:  # bf16: at most one rounding step apart, in few places
+        assert (y1.float() - y2.float()).abs().gt(0).float().mean() < 0.05
+
+
+def test_torch_norm_leaves_other_norms_alone():
+    """Only Liger's llama casting without an offset is taken over: Gemma's (offset 1, gemma casting),
+    a norm Liger did not patch, and a norm under QLORA_SFT_NORM=liger stay as they are."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from qlora_sft.hostwork import norm_kernel, torch_rms_norms
+
+    gemma, plain, llama = LlamaRMSNorm(8), LlamaRMSNorm(8), LlamaRMSNorm(8)
+    liger_style_patch(gemma, liger_llama_reference, casting_mode="gemma", offset=1.0)
+    liger_style_patch(llama, liger_llama_reference)
+    model = torch.nn.ModuleList([gemma, plain, llama])
+    assert torch_rms_norms(model, liger_forward=liger_llama_reference) == 1
+    assert gemma.__dict__["forward"].__func__ is liger_llama_reference
+    assert "forward" not in plain.__dict__
+    assert llama.__dict__["forward"].__func__ is not liger_llama_reference
+    assert norm_kernel({}) == "torch" and norm_kernel({"QLORA_SFT_NORM": "Liger"}) == "liger"
+
+
+def test_the_kernel_switches_refuse_what_they_cannot_mean():
+    """QLORA_SFT_NORM and QLORA_SFT_SWIGLU name a kernel; anything else is refused with the choices."""
+    from qlora_sft.errors import UserError
+    from qlora_sft.hostwork import norm_kernel, swiglu_kernel
+
+    assert swiglu_kernel({}) == "liger" and swiglu_kernel({"QLORA_SFT_SWIGLU": " torch "}) == "torch"
+    with pytest.raises(UserError, match=re.escape("QLORA_SFT_NORM='fast': use one of torch, liger")):
+        norm_kernel({"QLORA_SFT_NORM": "fast"})
+    with pytest.raises(UserError, match=re.escape("QLORA_SFT_SWIGLU='0': use one of liger, torch")):
+        swiglu_kernel({"QLORA_SFT_SWIGLU": "0"})
+
+
+@pytest.mark.gpu
+def test_torch_norms_replace_liger_norms_of_a_model_with_the_same_outputs(monkeypatch):
+    """On a GPU with liger-kernel: `model.load.apply_liger` gives every norm of a Llama torch's fused
+    norm (QLORA_SFT_NORM unset), and the model's logits and input gradients equal those with Liger's
+    own norms (QLORA_SFT_NORM=liger) within bf16 rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("liger_kernel")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_sft.hostwork import NORM_ENV
+    from qlora_sft.model.load import apply_liger
+
+    config = LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, rms_norm_eps=1e-5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    models = {}
+    for kernel in ("torch", "liger"):
+        monkeypatch.setenv(NORM_ENV, kernel)
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+        for name, p in m.named_parameters():
+            if "norm" in name:  # not all ones: the weight's scaling is part of what is compared
+                p.data.uniform_(0.5, 1.5)
+        apply_liger(m)
+        models[kernel] = m
+    names = [type(mod).__name__ for mod in models["torch"].modules() if mod._get_name() == "RMSNorm(torch fused)"]
+    assert len(names) == 2 * config.num_hidden_layers + 1
+    assert not any(mod._get_name() == "RMSNorm(torch fused)" for mod in models["liger"].modules())
+    ids = torch.randint(0, config.vocab_size, (1, 64), device="cuda")
+    outs = {}
+    for kernel, m in models.items():
+        emb = m.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = m(inputs_embeds=emb).logits.float()
+        logits.square().mean().backward()
+        outs[kernel] = (logits, emb.grad.float())
+    (lt, gt), (ll, gl) = outs["torch"], outs["liger"]
+    assert torch.allclose(lt, ll, rtol=2e-2, atol=2e-2), (lt - ll).abs().max()
+    assert torch.allclose(gt, gl, rtol=5e-2, atol=1e-3), (gt - gl).abs().max()

@@ -119,3 +119,86 @@ def collector_frozen() -> Iterator[bool]:
         yield True
     finally:
         gc.unfreeze()
+
+
+# Benchmark switch (issue 29's ablation rows, not a recipe key): which kernel computes the RMSNorms
+# that Liger's kernels would take. `torch` (the default): torch's fused `rms_norm`, the same values
+# as Liger's llama casting; `liger`: Liger's own Triton kernel, as before 2026-12-03.
+NORM_ENV = "QLORA_SFT_NORM"
+NORM_KERNELS = ("torch", "liger")
+# Benchmark switch: which computes SwiGLU's `silu(gate) * up`: `liger` (the default: one fused
+# kernel each way) or `torch` (transformers' own MLP: more kernels, fewer Python calls)
+SWIGLU_ENV = "QLORA_SFT_SWIGLU"
+SWIGLU_KERNELS = ("liger", "torch")
+
+
+def norm_kernel(env: Mapping[str, str] | None = None) -> str:
+    """QLORA_SFT_NORM, checked: `torch` (the default) or `liger`."""
+    from .launch import env_choice
+
+    return env_choice(NORM_ENV, NORM_KERNELS, env)
+
+
+def swiglu_kernel(env: Mapping[str, str] | None = None) -> str:
+    """QLORA_SFT_SWIGLU, checked: `liger` (the default) or `torch`."""
+    from .launch import env_choice
+
+    return env_choice(SWIGLU_ENV, SWIGLU_KERNELS, env)
+
+
+def _rms_norm(self: Any, hidden_states: Any) -> Any:
+    """An RMSNorm as Liger's `llama` casting computes it: the inverse RMS in fp32, the normalized
+    values cast to the input's dtype, then scaled by the weight, the result in the input's dtype.
+    Two of torch's kernels forward (its fused `rms_norm` without a weight, one multiply) and two
+    backward, each one aten call: less host time than Liger's Triton launch and its Python
+    (`bench.hostops`; docs/benchmarks.md, 2026-12-03), which a decoder layer pays for its two norms
+    in the forward, the recompute and the backward of every micro batch."""
+    import torch
+
+    out = torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), None, self.variance_epsilon)
+    weight = self.weight
+    if weight is None:
+        return out
+    out = out * weight
+    return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+
+
+def _liger_llama_norm(module: Any, liger_forward: Any) -> bool:
+    """Whether Liger computes `module` as an RMSNorm with its llama casting and no offset (its
+    patched forward, or its own class): the norms `torch_rms_norms` can take over unchanged."""
+    bound = module.__dict__.get("forward")
+    forward = getattr(bound, "__func__", None) if bound is not None else getattr(type(module), "forward", None)
+    if forward is not liger_forward:
+        return False
+    weight = getattr(module, "weight", None)
+    return (
+        getattr(module, "casting_mode", None) == "llama"
+        and float(getattr(module, "offset", 1.0)) == 0.0
+        and getattr(module, "row_mode", None) is None
+        and isinstance(getattr(module, "variance_epsilon", None), float)
+        and (weight is None or weight.ndim == 1)
+    )
+
+
+def torch_rms_norms(model: Any, liger_forward: Any = None) -> int:
+    """Give every RMSNorm that Liger computes with its llama casting (Llama, Qwen2, Mistral and the
+    like; not Gemma's, whose weight is an offset) torch's fused norm instead (`_rms_norm`); returns
+    how many. Where torch has no fused norm (before 2.8) Liger's stay. `liger_forward`: Liger's
+    `LigerRMSNorm.forward` (imported where not given)."""
+    import types
+
+    import torch
+
+    if not hasattr(torch, "_fused_rms_norm"):
+        return 0
+    if liger_forward is None:
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+
+        liger_forward = LigerRMSNorm.forward
+    count = 0
+    for module in model.modules():
+        if _liger_llama_norm(module, liger_forward):
+            module.__dict__["forward"] = types.MethodType(_rms_norm, module)
+            module.__dict__["_get_name"] = types.MethodType(lambda self: "RMSNorm(torch fused)", module)
+            count += 1
+    return count

@@ -367,7 +367,7 @@ def fsdp_release_head(env: Mapping[str, str] | None = None) -> bool:
     return env_switch(FSDP_RELEASE_HEAD_ENV, env) is not False
 
 
-def _env_choice(name: str, choices: tuple[str, ...], env: Mapping[str, str] | None) -> str:
+def env_choice(name: str, choices: tuple[str, ...], env: Mapping[str, str] | None) -> str:
     """An environment variable that names one of `choices` (any case, spaces trimmed); unset or empty
     is the first; anything else is refused with the choices."""
     value = (os.environ if env is None else env).get(name, "").strip().lower() or choices[0]
@@ -378,13 +378,13 @@ def _env_choice(name: str, choices: tuple[str, ...], env: Mapping[str, str] | No
 
 def fsdp_units(env: Mapping[str, str] | None = None) -> str:
     """QLORA_SFT_FSDP_UNITS, checked: `layers` (default) or `peft`."""
-    return _env_choice(FSDP_UNITS_ENV, FSDP_UNITS, env)
+    return env_choice(FSDP_UNITS_ENV, FSDP_UNITS, env)
 
 
 def zero3_units(env: Mapping[str, str] | None = None, stage: int = 3) -> str:
     """QLORA_SFT_ZERO3_UNITS, checked: `layers` (default) or `modules`; read for ZeRO-3 only (another
     stage gets the default, unread)."""
-    return _env_choice(ZERO3_UNITS_ENV, ZERO3_UNITS, env) if stage == 3 else ZERO3_UNITS[0]
+    return env_choice(ZERO3_UNITS_ENV, ZERO3_UNITS, env) if stage == 3 else ZERO3_UNITS[0]
 
 
 def deepspeed_from_environment(env: Mapping[str, str]) -> launch_config.DeepSpeedConfig:

@@ -221,6 +221,8 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     model.fused_lora.absmax_cached()
     model.offload.prefetch_offloaded_inputs()  # the benchmark switches, checked before anything loads
     model.offload.head_tile()
+    hostwork.norm_kernel()
+    hostwork.swiglu_kernel()
     max_steps = int(recipe.train.args.get("max_steps") or 0)
     if profile_at is not None and 0 < max_steps < profile_at and state.is_main_process:
         log.warning(

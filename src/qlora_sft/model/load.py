@@ -831,11 +831,22 @@ def use_liger(cfg: ModelConfig, device_type: str) -> bool:
 
 def apply_liger(model: Any) -> None:
     """Liger's RMSNorm, SwiGLU and RoPE kernels on this model instance (not its loss: TRL computes the
-    loss in chunks from the hidden states already)."""
+    loss in chunks from the hidden states already); then torch's fused RMSNorm takes over the norms
+    Liger computes with its llama casting (the same values at less host time:
+    `hostwork.torch_rms_norms`; QLORA_SFT_NORM=liger keeps Liger's, QLORA_SFT_SWIGLU=torch keeps
+    transformers' MLP)."""
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
-    log.info("liger kernels: rms_norm, swiglu, rope")
+    from ..hostwork import norm_kernel, swiglu_kernel, torch_rms_norms
+
+    swiglu = swiglu_kernel() == "liger"
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False, swiglu=swiglu)
+    norms = torch_rms_norms(model) if norm_kernel() == "torch" else 0
+    log.info(
+        "liger kernels: rope%s, rms_norm%s",
+        ", swiglu" if swiglu else "",
+        f" (torch's fused rms_norm in {norms} norms)" if norms else "",
+    )
 
 
 def resize_for_pad(model: Any, tokenizer: Any) -> None:
