@@ -84,7 +84,7 @@ from qlora_sft.launch import (
     ZERO3_RELEASE_LAYERS_ENV,
     ZERO3_UNITS_ENV,
 )
-from qlora_sft.model.fused_lora import ABSMAX_CACHE_ENV
+from qlora_sft.model.fused_lora import ABSMAX_CACHE_ENV, DIRECT_DEQUANT_ENV
 from qlora_sft.model.offload import HEAD_TILE_ENV, OFFLOAD_PREFETCH_ENV
 from qlora_sft.profiling import PROFILE_HOST_ENV
 
@@ -123,7 +123,9 @@ PROFILED = (("QLORA_SFT_PROFILE_STEP", PROFILE_STEP),)
 HOST_PROFILED = (*PROFILED, (PROFILE_HOST_ENV, "1"))  # the step profiled by Python function (cProfile)
 SAVINGS_OFF = ((HOST_SAVINGS_ENV, "0"),)  # the Trainer's own host work per micro batch (qlora_sft.hostwork)
 ABSMAX_CACHED = ((ABSMAX_CACHE_ENV, "1"),)
-LIGER_NORM = ((NORM_ENV, "liger"),)  # Liger's RMSNorm kernel (the default until 2026-12-03)
+PUBLIC_DEQUANT = ((DIRECT_DEQUANT_ENV, "0"),)  # bitsandbytes' dequantize_4bit, the other savings kept
+LIGER_NORM = ((NORM_ENV, "liger"),)  # Liger's RMSNorm kernel (the default; named for the rows of 2026-12-03)
+TORCH_NORM = ((NORM_ENV, "torch"),)  # torch's fused RMSNorm in place of Liger's
 TORCH_SWIGLU = ((SWIGLU_ENV, "torch"),)  # transformers' MLP instead of Liger's SwiGLU
 MB2 = ("train.micro_batch_tokens=4096",)
 EXPANDABLE = (("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_ALLOC_CONF),)  # what qlora-sft sets unless the user did
@@ -285,11 +287,16 @@ MODES = {
     "1gpu_savings_off": Mode("single_gpu.yaml", SAVINGS_OFF),
     "1gpu_mb2_savings_off": Mode("single_gpu.yaml", SAVINGS_OFF, overrides=MB2),
     "1gpu_absmax": Mode("single_gpu.yaml", ABSMAX_CACHED),
+    "1gpu_bnbdequant": Mode("single_gpu.yaml", PUBLIC_DEQUANT),
+    "1gpu_mb2_bnbdequant": Mode("single_gpu.yaml", PUBLIC_DEQUANT, overrides=MB2),
     "1gpu_mb2_absmax": Mode("single_gpu.yaml", ABSMAX_CACHED, overrides=MB2),
     "1gpu_mb2_hostprofiled": Mode("single_gpu.yaml", HOST_PROFILED, overrides=MB2),
     "1gpu_mb2_hostprofiled_savings_off": Mode("single_gpu.yaml", (*HOST_PROFILED, *SAVINGS_OFF), overrides=MB2),
     # torch's fused RMSNorm against Liger's (the host's time per norm; the same values), and
-    # transformers' MLP against Liger's SwiGLU
+    # transformers' MLP against Liger's SwiGLU (the *_ligernorm rows ran on 2026-12-03, when torch's
+    # norm was briefly the default: they are the default now)
+    "1gpu_torchnorm": Mode("single_gpu.yaml", TORCH_NORM),
+    "1gpu_mb2_torchnorm": Mode("single_gpu.yaml", TORCH_NORM, overrides=MB2),
     "1gpu_ligernorm": Mode("single_gpu.yaml", LIGER_NORM),
     "1gpu_mb2_ligernorm": Mode("single_gpu.yaml", LIGER_NORM, overrides=MB2),
     "1gpu_torchswiglu": Mode("single_gpu.yaml", TORCH_SWIGLU),

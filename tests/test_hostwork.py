@@ -234,15 +234,18 @@ def test_the_switches_refuse_what_they_cannot_mean():
     refused naming the variable (train checks both before the model loads), not read as on."""
     from qlora_sft.errors import UserError
     from qlora_sft.hostwork import host_savings_enabled
-    from qlora_sft.model.fused_lora import absmax_cached
+    from qlora_sft.model.fused_lora import absmax_cached, direct_dequant
 
     assert host_savings_enabled({}) and host_savings_enabled({HOST_SAVINGS_ENV: " 1"})
     assert not host_savings_enabled({HOST_SAVINGS_ENV: "0"})
     assert not absmax_cached({}) and absmax_cached({"QLORA_SFT_ABSMAX_CACHE": "1"})
+    assert direct_dequant({}) and not direct_dequant({"QLORA_SFT_DIRECT_DEQUANT": "0"})
+    assert not direct_dequant({HOST_SAVINGS_ENV: "0"})  # the savings off take it with them
     for bad in ("O", "off", "2", "-1", "nan", "٠"):
         for name, check in (
             ("QLORA_SFT_HOST_SAVINGS", host_savings_enabled),
             ("QLORA_SFT_ABSMAX_CACHE", absmax_cached),
+            ("QLORA_SFT_DIRECT_DEQUANT", direct_dequant),
         ):
             with pytest.raises(UserError, match=re.escape(f"{name}={bad.lower()!r}: use 1 (on) or 0 (off)")):
                 check({name: bad})
@@ -304,7 +307,7 @@ def test_torch_norm_gives_liger_llama_values_and_gradients(x_dtype, w_dtype):
 
 def test_torch_norm_leaves_other_norms_alone():
     """Only Liger's llama casting without an offset is taken over: Gemma's (offset 1, gemma casting),
-    a norm Liger did not patch, and a norm under QLORA_SFT_NORM=liger stay as they are."""
+    and a norm Liger did not patch stay as they are; QLORA_SFT_NORM leaves Liger's norms by default."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from qlora_sft.hostwork import norm_kernel, torch_rms_norms
@@ -317,7 +320,7 @@ def test_torch_norm_leaves_other_norms_alone():
     assert gemma.__dict__["forward"].__func__ is liger_llama_reference
     assert "forward" not in plain.__dict__
     assert llama.__dict__["forward"].__func__ is not liger_llama_reference
-    assert norm_kernel({}) == "torch" and norm_kernel({"QLORA_SFT_NORM": "Liger"}) == "liger"
+    assert norm_kernel({}) == "liger" and norm_kernel({"QLORA_SFT_NORM": "Torch"}) == "torch"
 
 
 def test_the_kernel_switches_refuse_what_they_cannot_mean():
@@ -326,7 +329,7 @@ def test_the_kernel_switches_refuse_what_they_cannot_mean():
     from qlora_sft.hostwork import norm_kernel, swiglu_kernel
 
     assert swiglu_kernel({}) == "liger" and swiglu_kernel({"QLORA_SFT_SWIGLU": " torch "}) == "torch"
-    with pytest.raises(UserError, match=re.escape("QLORA_SFT_NORM='fast': use one of torch, liger")):
+    with pytest.raises(UserError, match=re.escape("QLORA_SFT_NORM='fast': use one of liger, torch")):
         norm_kernel({"QLORA_SFT_NORM": "fast"})
     with pytest.raises(UserError, match=re.escape("QLORA_SFT_SWIGLU='0': use one of liger, torch")):
         swiglu_kernel({"QLORA_SFT_SWIGLU": "0"})
@@ -334,9 +337,9 @@ def test_the_kernel_switches_refuse_what_they_cannot_mean():
 
 @pytest.mark.gpu
 def test_torch_norms_replace_liger_norms_of_a_model_with_the_same_outputs(monkeypatch):
-    """On a GPU with liger-kernel: `model.load.apply_liger` gives every norm of a Llama torch's fused
-    norm (QLORA_SFT_NORM unset), and the model's logits and input gradients equal those with Liger's
-    own norms (QLORA_SFT_NORM=liger) within bf16 rounding."""
+    """On a GPU with liger-kernel: `model.load.apply_liger` under QLORA_SFT_NORM=torch gives every norm
+    of a Llama torch's fused norm, and the model's logits and input gradients equal those with Liger's
+    own norms (QLORA_SFT_NORM=liger, the default) within bf16 rounding."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     pytest.importorskip("liger_kernel")

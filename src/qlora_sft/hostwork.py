@@ -122,10 +122,12 @@ def collector_frozen() -> Iterator[bool]:
 
 
 # Benchmark switch (issue 29's ablation rows, not a recipe key): which kernel computes the RMSNorms
-# that Liger's kernels would take. `torch` (the default): torch's fused `rms_norm`, the same values
-# as Liger's llama casting; `liger`: Liger's own Triton kernel, as before 2026-12-03.
+# that Liger's kernels take. `liger` (the default): Liger's Triton kernel; `torch`: torch's fused
+# `rms_norm` (`torch_rms_norms`), the same values as Liger's llama casting at a quarter of the host
+# time per norm, which did not make training faster: on one H200 (8B, 2026-12-03, one call) 1.01x
+# at 2 x 2048 tokens per micro batch and 0.96x at 4 x 2048 (docs/benchmarks.md)
 NORM_ENV = "QLORA_SFT_NORM"
-NORM_KERNELS = ("torch", "liger")
+NORM_KERNELS = ("liger", "torch")
 # Benchmark switch: which computes SwiGLU's `silu(gate) * up`: `liger` (the default: one fused
 # kernel each way) or `torch` (transformers' own MLP: more kernels, fewer Python calls)
 SWIGLU_ENV = "QLORA_SFT_SWIGLU"
@@ -133,7 +135,7 @@ SWIGLU_KERNELS = ("liger", "torch")
 
 
 def norm_kernel(env: Mapping[str, str] | None = None) -> str:
-    """QLORA_SFT_NORM, checked: `torch` (the default) or `liger`."""
+    """QLORA_SFT_NORM, checked: `liger` (the default) or `torch`."""
     from .launch import env_choice
 
     return env_choice(NORM_ENV, NORM_KERNELS, env)
@@ -150,9 +152,8 @@ def _rms_norm(self: Any, hidden_states: Any) -> Any:
     """An RMSNorm as Liger's `llama` casting computes it: the inverse RMS in fp32, the normalized
     values cast to the input's dtype, then scaled by the weight, the result in the input's dtype.
     Two of torch's kernels forward (its fused `rms_norm` without a weight, one multiply) and two
-    backward, each one aten call: less host time than Liger's Triton launch and its Python
-    (`bench.hostops`; docs/benchmarks.md, 2026-12-03), which a decoder layer pays for its two norms
-    in the forward, the recompute and the backward of every micro batch."""
+    backward, each one aten call: on an H200's host 41 us forward and 323 us forward and backward,
+    against 165 and 627 us for Liger's Triton launches and their Python (`bench.hostops`, 2026-12-03)."""
     import torch
 
     out = torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), None, self.variance_epsilon)

@@ -20,10 +20,22 @@ log = logging.getLogger("qlora_sft")
 # dequantized once and kept (fp32, 4 bytes per 64 weights: +0.4 GiB for an 8B Llama) instead of
 # once per use, which measures what bitsandbytes' nested dequantization costs the host
 ABSMAX_CACHE_ENV = "QLORA_SFT_ABSMAX_CACHE"
+# QLORA_SFT_DIRECT_DEQUANT=0 (a benchmark switch): bitsandbytes' public `dequantize_4bit` even where
+# the host savings are on, which measures what the direct kernel calls alone change
+DIRECT_DEQUANT_ENV = "QLORA_SFT_DIRECT_DEQUANT"
 # read when the layers are fused (`fuse_lora_layers`), not per call: each call is host time
 _ABSMAX_CACHE = False
 _DIRECT = True  # bitsandbytes' CUDA kernels called without torch's op dispatch (QLORA_SFT_HOST_SAVINGS)
 _CHECKED = False  # the direct call compared once with bitsandbytes' dequantize_4bit
+
+
+def direct_dequant(env: Mapping[str, str] | None = None) -> bool:
+    """Whether `dequantized` calls bitsandbytes' CUDA kernels directly: with the host savings
+    (QLORA_SFT_HOST_SAVINGS), unless QLORA_SFT_DIRECT_DEQUANT=0 (checked, `launch.env_switch`)."""
+    from ..hostwork import host_savings_enabled
+    from ..launch import env_switch
+
+    return env_switch(DIRECT_DEQUANT_ENV, env) is not False and host_savings_enabled(env)
 
 
 def absmax_cached(env: Mapping[str, str] | None = None) -> bool:
@@ -224,10 +236,8 @@ def fuse_lora_layers(model: Any) -> int:
     returns how many. Only the class changes: parameters, state dict, saving and merging stay peft's."""
     from peft.tuners.lora.bnb import Linear4bit
 
-    from ..hostwork import host_savings_enabled
-
     global _ABSMAX_CACHE, _DIRECT
-    _ABSMAX_CACHE, _DIRECT = absmax_cached(), host_savings_enabled()
+    _ABSMAX_CACHE, _DIRECT = absmax_cached(), direct_dequant()
     fused = fused_lora_class()
     count = 0
     for module in model.modules():

@@ -831,10 +831,9 @@ def use_liger(cfg: ModelConfig, device_type: str) -> bool:
 
 def apply_liger(model: Any) -> None:
     """Liger's RMSNorm, SwiGLU and RoPE kernels on this model instance (not its loss: TRL computes the
-    loss in chunks from the hidden states already); then torch's fused RMSNorm takes over the norms
-    Liger computes with its llama casting (the same values at less host time:
-    `hostwork.torch_rms_norms`; QLORA_SFT_NORM=liger keeps Liger's, QLORA_SFT_SWIGLU=torch keeps
-    transformers' MLP)."""
+    loss in chunks from the hidden states already). Benchmark switches: QLORA_SFT_NORM=torch gives
+    the norms Liger computes with its llama casting torch's fused RMSNorm (`hostwork.torch_rms_norms`),
+    QLORA_SFT_SWIGLU=torch keeps transformers' MLP."""
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
     from ..hostwork import norm_kernel, swiglu_kernel, torch_rms_norms
