@@ -161,8 +161,7 @@ def make_model(shape: str, folder: Path, seed: int = 0, shard_gib: float = 4.0, 
     cmd += ["--shard-gib", str(shard_gib), *(["--prequantized"] if prequantized else [])]
     subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent.parent)
     # the weights just written (16 GB for an 8B shape) reach the disk now, not while the first row
-    # trains: on 2026-12-03 a call's first row ran 1.4% slower than its second, of the same mode, and
-    # in two later calls the first row was the slower side of its comparison (3.9%, 3.0%); the
+    # trains: on 2026-12-03 a call's first row ran 1.4% slower than its second, of the same mode; the
     # kernel's write-back stealing a host-bound step's CPU is one explanation, not verified
     os.sync()
     return folder

@@ -254,3 +254,16 @@ def test_bench_plan_estimate_resolves_auto_tables_at_the_cap(tmp_path: Path):
     assert any(x.startswith("- met: plan puts the same frozen tables") for x in distributed.goals_of(payload))
     payload["results"] = [row | {"host_tables": []}]
     assert any(x.startswith("- **missed**: plan puts the same") for x in distributed.goals_of(payload))
+
+
+def test_bench_hostops_refuses_without_a_gpu(capsys):
+    """bench.hostops times what the host pays per GPU operation: without CUDA it says so and exits 2
+    (a GPU-only benchmark; its numbers are in bench/results/*-hostops.*)."""
+    import torch
+
+    from bench import hostops
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the benchmark would run")
+    assert hostops.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

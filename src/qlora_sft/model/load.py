@@ -841,11 +841,8 @@ def apply_liger(model: Any) -> None:
     swiglu = swiglu_kernel() == "liger"
     _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False, swiglu=swiglu)
     norms = torch_rms_norms(model) if norm_kernel() == "torch" else 0
-    log.info(
-        "liger kernels: rope%s, rms_norm%s",
-        ", swiglu" if swiglu else "",
-        f" (torch's fused rms_norm in {norms} norms)" if norms else "",
-    )
+    names = ["rope", *(["swiglu"] if swiglu else []), *([] if norms else ["rms_norm"])]
+    log.info("liger kernels: %s%s", ", ".join(names), f"; torch's fused rms_norm in {norms} norms" if norms else "")
 
 
 def resize_for_pad(model: Any, tokenizer: Any) -> None:
