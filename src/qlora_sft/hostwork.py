@@ -17,8 +17,10 @@ that work depend on nothing that changes during training, and `lean_trainer` ski
   collector's reach (`gc.freeze`, as vLLM and others do after loading) and puts it back afterwards.
 
 `QLORA_SFT_HOST_SAVINGS=0` switches all three off (the Trainer's own behaviour), for measuring, and
-with them the fused LoRA layer's direct calls of bitsandbytes' kernels (`model.fused_lora.dequantized`).
-On one H200 (8B, 2026-12-03) all of it made 2 x 2048 tokens per micro batch 1.20x faster, 4 x 2048 1.03x.
+with them the fused LoRA layer's direct calls of bitsandbytes' kernels (`model.fused_lora.dequantized`;
+QLORA_SFT_DIRECT_DEQUANT=0 switches those alone off). On one H200 (8B, 2026-12-03) all of it made
+2 x 2048 tokens per micro batch 1.20x faster, 4 x 2048 1.03x; the direct calls alone measured 0.97x
+in a later call (docs/benchmarks.md), so which saving gave the 1.20x is not settled.
 """
 
 from __future__ import annotations

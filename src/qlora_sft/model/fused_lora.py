@@ -25,7 +25,7 @@ ABSMAX_CACHE_ENV = "QLORA_SFT_ABSMAX_CACHE"
 DIRECT_DEQUANT_ENV = "QLORA_SFT_DIRECT_DEQUANT"
 # read when the layers are fused (`fuse_lora_layers`), not per call: each call is host time
 _ABSMAX_CACHE = False
-_DIRECT = True  # bitsandbytes' CUDA kernels called without torch's op dispatch (QLORA_SFT_HOST_SAVINGS)
+_DIRECT = True  # bitsandbytes' CUDA kernels called without torch's op dispatch (`direct_dequant`)
 _CHECKED = False  # the direct call compared once with bitsandbytes' dequantize_4bit
 
 
