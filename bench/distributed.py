@@ -84,7 +84,7 @@ from qlora_sft.launch import (
     ZERO3_RELEASE_LAYERS_ENV,
     ZERO3_UNITS_ENV,
 )
-from qlora_sft.model.fused_lora import ABSMAX_CACHE_ENV, DIRECT_DEQUANT_ENV
+from qlora_sft.model.fused_lora import ABSMAX_CACHE_ENV, DIRECT_DEQUANT_ENV, GROUPED_ENV
 from qlora_sft.model.offload import HEAD_TILE_ENV, OFFLOAD_PREFETCH_ENV
 from qlora_sft.profiling import PROFILE_HOST_ENV
 
@@ -127,6 +127,7 @@ PUBLIC_DEQUANT = ((DIRECT_DEQUANT_ENV, "0"),)  # bitsandbytes' dequantize_4bit, 
 LIGER_NORM = ((NORM_ENV, "liger"),)  # Liger's RMSNorm kernel (the default; named for the rows of 2026-12-03)
 TORCH_NORM = ((NORM_ENV, "torch"),)  # torch's fused RMSNorm in place of Liger's
 TORCH_SWIGLU = ((SWIGLU_ENV, "torch"),)  # transformers' MLP instead of Liger's SwiGLU
+UNGROUPED = ((GROUPED_ENV, "0"),)  # each fused LoRA layer computed alone, not with its siblings
 MB2 = ("train.micro_batch_tokens=4096",)
 EXPANDABLE = (("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_ALLOC_CONF),)  # what qlora-sft sets unless the user did
 SEGMENTS_OFF = (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),)
@@ -302,6 +303,10 @@ MODES = {
     "1gpu_torchswiglu": Mode("single_gpu.yaml", TORCH_SWIGLU),
     "1gpu_mb2_torchswiglu": Mode("single_gpu.yaml", TORCH_SWIGLU, overrides=MB2),
     "1gpu_mb2_hosttables_torchswiglu": Mode("single_gpu.yaml", TORCH_SWIGLU, overrides=(*MB2, *HOST_TABLES)),
+    # the fused LoRA layers that read one input computed as one group (the default), or each alone
+    "1gpu_ungrouped": Mode("single_gpu.yaml", UNGROUPED),
+    "1gpu_mb2_ungrouped": Mode("single_gpu.yaml", UNGROUPED, overrides=MB2),
+    "1gpu_mb2_hosttables_ungrouped": Mode("single_gpu.yaml", UNGROUPED, overrides=(*MB2, *HOST_TABLES)),
     "1gpu_adamw32": Mode("single_gpu.yaml", overrides=("train.optim=adamw_torch",)),
     "1gpu_expandable": Mode("single_gpu.yaml", EXPANDABLE),
     "1gpu_mb2_expandable": Mode("single_gpu.yaml", EXPANDABLE, overrides=("train.micro_batch_tokens=4096",)),

@@ -29,7 +29,7 @@ def host_us(fn: Callable[[], Any], calls: int, repeats: int, spin_cycles: int) -
     """Median host microseconds per call of `fn`, queued behind a spin kernel on the GPU. A case
     that runs under autocast (as the Trainer's forward and backward do) enters it once, outside."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=getattr(fn, "autocast", False)):
-        return _host_us(fn, calls, repeats, spin_cycles)
+        return _host_us(fn, getattr(fn, "calls", calls), repeats, spin_cycles)
 
 
 def _host_us(fn: Callable[[], Any], calls: int, repeats: int, spin_cycles: int) -> float:
@@ -144,6 +144,25 @@ def cases(tokens: int, hidden: int, inter: int, heads: int, kv_heads: int) -> di
 
     out["fused lora 4096x4096 fwd (no grad)"] = lora_fwd
     out["fused lora 4096x4096 fwd+bwd"] = lora_fwd_bwd
+    # a q/k/v projection set (three 4096x4096 layers here, the same host work as 8B's q/k/v but for
+    # the two GEMMs' sizes): three fused layers alone, and the three as one group (GroupedLoraMatmul)
+    bases = (lin, lin, lin)
+    abs_ = (a, b) * 3
+
+    def three_alone() -> None:
+        outs = [fused_lora.FusedLoraMatmul.apply(x, a, b, lin, 2.0) for _ in range(3)]
+        torch.autograd.backward(outs, [gx] * 3)
+
+    def three_grouped() -> None:
+        outs = fused_lora.GroupedLoraMatmul.apply(x, bases, (2.0,) * 3, *abs_)
+        torch.autograd.backward(outs, [gx] * 3)
+
+    three_alone.autocast = three_grouped.autocast = True  # type: ignore[attr-defined]
+    # fewer calls per repeat: CUDA's queue of pending launches (about a thousand) must not fill, or
+    # the host waits for the GPU (2026-12-03: 20 calls of ~60 kernels did, and measured the GPU)
+    three_alone.calls = three_grouped.calls = 5  # type: ignore[attr-defined]
+    out["3 fused lora layers alone fwd+bwd"] = three_alone
+    out["3 fused lora layers grouped fwd+bwd"] = three_grouped
     out["dequantized (qlora_sft, direct kernels)"] = lambda: fused_lora.dequantized(lin.weight)
     weight = lin.weight
     out["bitsandbytes dequantize_4bit"] = lambda: bnb.functional.dequantize_4bit(weight.data, weight.quant_state)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 
-def nf4_peft_model(model_dir: Path, dropout: float = 0.0, device: str = "cpu", bias: str = "none"):
+def nf4_peft_model(model_dir: Path, dropout: float = 0.0, device: str = "cpu", bias: str = "none", **lora_extra):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -30,7 +30,7 @@ def nf4_peft_model(model_dir: Path, dropout: float = 0.0, device: str = "cpu", b
     model_mod.keep_cpu_4bit_trainable(base)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.enable_input_require_grads()
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", bias=bias)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", bias=bias, **lora_extra)
     peft = get_peft_model(base, lora)
     for name, p in peft.named_parameters():
         if "lora_B" in name:
@@ -39,45 +39,56 @@ def nf4_peft_model(model_dir: Path, dropout: float = 0.0, device: str = "cpu", b
     return peft
 
 
-def loss_and_grads(peft, fused: bool, autocast: bool = False) -> tuple[float, dict[str, object], int]:
-    """Loss, gradients, and how many times the fused function computed a layer."""
+def loss_and_grads(peft, fused: bool, autocast: bool = False) -> tuple[float, dict[str, object], tuple[int, int]]:
+    """Loss, gradients, and how many times the fused functions computed: (layers alone, groups)."""
     import torch
 
-    from qlora_sft import model as model_mod
+    from qlora_sft.model import fused_lora
 
     if fused:
-        layers = model_mod.fuse_lora_layers(peft)
+        layers = fused_lora.fuse_lora_layers(peft)
         assert layers == 7 * peft.config.num_hidden_layers
     ids = torch.randint(3, peft.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-    calls = []
-    compute = model_mod.FusedLoraMatmul.compute
+    calls = {fused_lora.FusedLoraMatmul: 0, fused_lora.GroupedLoraMatmul: 0}
+    computes = {cls: cls.compute for cls in calls}
 
-    def counted(*args):
-        calls.append(1)
-        return compute(*args)
+    def counted(cls):
+        def compute(*args):
+            calls[cls] += 1
+            return computes[cls](*args)
 
-    model_mod.FusedLoraMatmul.compute = staticmethod(counted)
+        return staticmethod(compute)
+
+    for cls in calls:
+        cls.compute = counted(cls)
     try:
         torch.manual_seed(123)
         with torch.autocast(peft.device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = peft(input_ids=ids.to(peft.device), labels=ids.to(peft.device)).loss
         loss.backward()
     finally:
-        model_mod.FusedLoraMatmul.compute = staticmethod(compute)
+        for cls, compute in computes.items():
+            cls.compute = staticmethod(compute)
     grads = {n: p.grad.cpu().clone() for n, p in peft.named_parameters() if p.requires_grad}
-    return loss.item(), grads, len(calls)
+    return loss.item(), grads, tuple(calls.values())
 
 
+@pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_fused_layer_gives_peft_losses_and_gradients(tiny_model: Path, device: str):
+def test_fused_layer_gives_peft_losses_and_gradients(tiny_model: Path, device: str, grouped: bool, monkeypatch):
+    """Alone and grouped (q/k/v and gate/up computed together, the default; QLORA_SFT_GROUPED_LORA=0
+    each alone): peft's loss and gradients."""
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    monkeypatch.setenv("QLORA_SFT_GROUPED_LORA", "1" if grouped else "0")
     loss_a, a, calls_a = loss_and_grads(nf4_peft_model(tiny_model, device=device), fused=False)
     loss_b, b, calls_b = loss_and_grads(nf4_peft_model(tiny_model, device=device), fused=True)
-    layers = 7 * 2
-    assert (calls_a, calls_b) == (0, 2 * layers)  # each layer's forward and its checkpointed recompute
+    passes = 2 * 2  # 2 decoder layers, each forward and its checkpointed recompute
+    assert calls_a == (0, 0)
+    # grouped: o and down alone, q/k/v and gate/up one group each
+    assert calls_b == ((2 * passes, 2 * passes) if grouped else (7 * passes, 0))
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     assert a.keys() == b.keys() and len(a) == 2 * 7 * 2
     for name in a:
@@ -86,12 +97,104 @@ def test_fused_layer_gives_peft_losses_and_gradients(tiny_model: Path, device: s
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_grouped_layers_compute_only_for_their_own_input(tiny_model: Path):
+    """A group's kept outputs go only to a sibling's call with the very input tensor (and grad mode)
+    the group computed them for; an unused sibling output leaves its adapters without gradient, as
+    alone; siblings of other ranks and scales match peft; a sibling that cannot run fused makes the
+    others compute alone."""
+    import torch
+
+    from qlora_sft.model import fused_lora
+
+    model = nf4_peft_model(tiny_model)
+    fused_lora.fuse_lora_layers(model)
+    attn = model.get_base_model().model.layers[0].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    group = q._qlora_sft_group
+    assert group is k._qlora_sft_group is v._qlora_sft_group and group.members == (q, k, v)
+    assert model.get_base_model().model.layers[1].mlp.up_proj._qlora_sft_group.members[0].in_features == 64
+
+    def alone(layer, x):
+        return fused_lora.FusedLoraMatmul.apply(x, *layer.fused_args(x))
+
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(3))
+    y = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(4))
+    computed = []
+    compute = fused_lora.GroupedLoraMatmul.compute
+
+    def counted(*args):
+        computed.append(1)
+        return compute(*args)
+
+    fused_lora.GroupedLoraMatmul.compute = staticmethod(counted)
+    try:
+        with torch.no_grad():
+            for order in ((q, k, v), (v, q, k), (k, v, q)):  # whichever is called first computes all three
+                outs = [layer(x) for layer in order]
+                for layer, out in zip(order, outs, strict=True):
+                    torch.testing.assert_close(out, alone(layer, x))
+                assert group._x is None and group._outputs == {}  # all handed out: nothing held
+            assert len(computed) == 3 and group.on
+            torch.testing.assert_close(q(x), alone(q, x))  # computes q, k and v for x
+            torch.testing.assert_close(k(y), alone(k, y))  # another input: computed for it, not handed x's
+            assert not torch.allclose(alone(k, x), alone(k, y))
+            assert not group.on and group._outputs == {} and group._x is None  # stopped, nothing held
+            torch.testing.assert_close(v(x), alone(v, x))  # alone from now on
+            assert len(computed) == 4
+        fused_lora.group_siblings(model)  # new groups
+        group = q._qlora_sft_group
+        with torch.no_grad():
+            q(x)  # k's and v's outputs kept, without grad
+        out = k(x)  # this call has grad: not handed the kept one
+        assert out.requires_grad and out.grad_fn is not None and not group.on
+        torch.testing.assert_close(out, alone(k, x))
+    finally:
+        fused_lora.GroupedLoraMatmul.compute = staticmethod(compute)
+    fused_lora.group_siblings(model)
+
+    # only q's output used: k's and v's adapters get no gradient, as when computed alone
+    model.zero_grad(set_to_none=True)
+    xg = x.clone().requires_grad_()
+    (q(xg) * torch.arange(5.0).view(1, 5, 1)).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().max() > 0
+    for layer in (k, v):
+        assert all(p.grad is None for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight))
+    grads = [q.lora_A["default"].weight.grad.clone(), q.lora_B["default"].weight.grad.clone(), xg.grad.clone()]
+    model.zero_grad(set_to_none=True)
+    xa = x.clone().requires_grad_()
+    (alone(q, xa) * torch.arange(5.0).view(1, 5, 1)).sum().backward()
+    wants = [q.lora_A["default"].weight.grad, q.lora_B["default"].weight.grad, xa.grad]
+    for got, want in zip(grads, wants, strict=True):
+        torch.testing.assert_close(got, want)
+
+    # siblings of other ranks and scales: peft's loss and gradients
+    other = {"rank_pattern": {"k_proj": 2, "up_proj": 8}, "alpha_pattern": {"v_proj": 3, "gate_proj": 5}}
+    loss_a, a, _ = loss_and_grads(nf4_peft_model(tiny_model, **other), fused=False)
+    loss_b, b, calls = loss_and_grads(nf4_peft_model(tiny_model, **other), fused=True)
+    assert calls == (8, 8) and loss_a == pytest.approx(loss_b, rel=1e-6)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    # a sibling that runs peft's forward (here a dropout module of p=0, which peft's layer runs):
+    # its group's others compute alone
+    plain, fused = nf4_peft_model(tiny_model), nf4_peft_model(tiny_model)
+    for m in (plain, fused):
+        for layer in m.get_base_model().model.layers:
+            layer.self_attn.v_proj.lora_dropout["default"] = torch.nn.Dropout(0.0)
+    loss_a, a, _ = loss_and_grads(plain, fused=False)
+    loss_b, b, calls = loss_and_grads(fused, fused=True)
+    assert calls == (4 * 4, 4)  # q, k, o, down alone; gate/up grouped; v peft's
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_fused_layer_under_autocast_with_another_compute_dtype(tiny_model: Path):
     """bf16 autocast around fp32 compute layers: the fused function picks its own dtypes (fp32
     here) instead of failing on mixed ones; peft's layer runs its LoRA matmuls in bf16."""
     loss_a, _, _ = loss_and_grads(nf4_peft_model(tiny_model), fused=False, autocast=True)
     loss_b, grads, calls = loss_and_grads(nf4_peft_model(tiny_model), fused=True, autocast=True)
-    assert calls == 2 * 7 * 2
+    assert calls == (2 * 2 * 2, 2 * 2 * 2)
     assert loss_a == pytest.approx(loss_b, rel=2e-2)
     assert all(g.abs().max() > 0 for g in grads.values())
 
@@ -102,13 +205,14 @@ def test_fused_layer_hands_other_cases_to_peft(tiny_model: Path):
     import torch
 
     from qlora_sft import model as model_mod
+    from qlora_sft.model import fused_lora
 
     ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(2))
     plain = nf4_peft_model(tiny_model, dropout=0.2)
     fused = nf4_peft_model(tiny_model, dropout=0.2)
     model_mod.fuse_lora_layers(fused)
-    compute = model_mod.FusedLoraMatmul.compute
-    model_mod.FusedLoraMatmul.compute = None  # any call would fail
+    compute, grouped = model_mod.FusedLoraMatmul.compute, fused_lora.GroupedLoraMatmul.compute
+    model_mod.FusedLoraMatmul.compute = fused_lora.GroupedLoraMatmul.compute = None  # any call would fail
     try:
         with torch.no_grad():
             outs = []
@@ -127,7 +231,7 @@ def test_fused_layer_hands_other_cases_to_peft(tiny_model: Path):
                 m.base_model.merge_adapter()
             torch.testing.assert_close(plain(input_ids=ids).logits, fused(input_ids=ids).logits)
     finally:
-        model_mod.FusedLoraMatmul.compute = compute
+        model_mod.FusedLoraMatmul.compute, fused_lora.GroupedLoraMatmul.compute = compute, grouped
 
 
 def test_trained_biases_run_peft_layers(tiny_model: Path, tmp_path: Path):
@@ -142,7 +246,7 @@ def test_trained_biases_run_peft_layers(tiny_model: Path, tmp_path: Path):
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "biased")
     loss_a, a, _ = loss_and_grads(nf4_peft_model(tmp_path / "biased", bias="all"), fused=False)
     loss_b, b, calls = loss_and_grads(nf4_peft_model(tmp_path / "biased", bias="all"), fused=True)
-    assert calls == 2 * 3 * 2  # gate, up and down have no bias: fused (attention_bias covers q, k, v, o)
+    assert calls == (2 * 2, 2 * 2)  # gate/up (a group) and down have no bias: fused (attention_bias: q, k, v, o)
     biases = [n for n in a if n.endswith("base_layer.bias")]
     assert len(biases) == 4 * 2
     assert loss_a == pytest.approx(loss_b, rel=1e-6)

@@ -351,6 +351,7 @@ def test_gpu_timeline_counts_overlapping_kernels_once():
         ev("aten::mm", 0, 10000, device="CPU"),  # host time is not GPU time
     ]
     out = gpu_timeline(events, wall_s=0.010)
+    gaps = {k: out.pop(k) for k in ("idle_gaps", "idle_with_a_copy_running_ms", "longest_gaps")}
     assert out == {
         "wall_ms": 10.0,
         "gpu_busy_ms": 6.0,
@@ -358,6 +359,29 @@ def test_gpu_timeline_counts_overlapping_kernels_once():
         "gpu_compute_idle_share": 0.6,
         "kernels": 2,
     }
+    assert gaps["longest_gaps"] == [] and gaps["idle_with_a_copy_running_ms"] == 0
+    assert all(v == {"count": 0, "ms": 0.0} for v in gaps["idle_gaps"].values())
+
+    # the compute's gaps between its kernels, by length, the share a copy ran, the longest named
+    events = [
+        ev("a", 0, 100),
+        ev("b", 105, 200),  # 5 us after a
+        ev("c", 150, 180),  # inside b: no gap
+        ev("d", 250, 300),  # 50 us after b
+        ev("Memcpy HtoD (Pinned -> Device)", 290, 1200),  # runs through most of the next gap
+        ev("e", 1500, 1600),  # 1,200 us after d, 900 of it with the copy running
+        ev("f", 1800, 1900),  # 200 us after e
+    ]
+    out = gpu_timeline(events, wall_s=0.002)
+    assert out["idle_gaps"] == {
+        "<10us": {"count": 1, "ms": 0.01},
+        "10-100us": {"count": 1, "ms": 0.05},
+        "0.1-1ms": {"count": 1, "ms": 0.2},
+        ">=1ms": {"count": 1, "ms": 1.2},
+    }
+    assert out["idle_with_a_copy_running_ms"] == 0.9
+    assert [(g["ms"], g["after"], g["before"]) for g in out["longest_gaps"][:2]] == [(1.2, "d", "e"), (0.2, "e", "f")]
+    assert out["longest_gaps"][0]["at_ms"] == 0.3
 
 
 def test_profile_step_variable_is_checked():

@@ -205,6 +205,14 @@ def gpu_timeline(events: Any, wall_s: float) -> dict[str, Any]:
     ]
     wall_ms = wall_s * 1e3
     compute_ms = _union_us(compute) / 1e3
+    gaps = idle_gaps(
+        [
+            (ev.time_range.start, ev.time_range.end, ev.name)
+            for ev in device
+            if not ev.name.startswith(("Memcpy", "Memset"))
+        ],
+        [(ev.time_range.start, ev.time_range.end) for ev in device if ev.name.startswith("Memcpy")],
+    )
     return {
         "wall_ms": round(wall_ms, 1),
         "gpu_busy_ms": round(_union_us(spans) / 1e3, 1),
@@ -214,6 +222,59 @@ def gpu_timeline(events: Any, wall_s: float) -> dict[str, Any]:
         if device and wall_ms
         else None,
         "kernels": len(compute),
+        **gaps,
+    }
+
+
+GAP_BUCKETS_US = ((0.0, "<10us"), (10.0, "10-100us"), (100.0, "0.1-1ms"), (1000.0, ">=1ms"))
+
+
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for lo, hi in sorted(intervals):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def idle_gaps(
+    kernels: list[tuple[float, float, str]], copies: list[tuple[float, float]], top: int = 12
+) -> dict[str, Any]:
+    """Where the GPU's compute idled between its first and last kernel (microsecond intervals): the
+    idle time by gap length (many short gaps: the host queues kernels slower than they run; a few
+    long ones: the GPU waits for something, such as a sync or a copy), how much of it a copy
+    (offloading's fetches) was running, and the longest gaps with the kernels on either side."""
+    totals = {label: [0, 0.0] for _, label in GAP_BUCKETS_US}
+    longest: list[tuple[float, float, str, str]] = []
+    spans = _merged(copies)
+    end, before, first, covered, c = float("-inf"), "", None, 0.0, 0
+    for lo, hi, name in sorted(kernels):
+        if first is None:
+            first = lo
+        elif lo > end:  # a gap: (end, lo)
+            gap = lo - end
+            label = next(lab for floor, lab in reversed(GAP_BUCKETS_US) if gap >= floor)
+            totals[label][0] += 1
+            totals[label][1] += gap
+            while c < len(spans) and spans[c][1] <= end:
+                c += 1
+            i = c
+            while i < len(spans) and spans[i][0] < lo:
+                covered += min(spans[i][1], lo) - max(spans[i][0], end)
+                i += 1
+            longest.append((gap, end - first, before, name))
+        if hi > end:
+            end, before = hi, name
+    longest.sort(key=lambda g: -g[0])
+    return {
+        "idle_gaps": {label: {"count": n, "ms": round(us / 1e3, 2)} for label, (n, us) in totals.items()},
+        "idle_with_a_copy_running_ms": round(covered / 1e3, 2),
+        "longest_gaps": [
+            {"ms": round(gap / 1e3, 3), "at_ms": round(at / 1e3, 1), "after": b[:80], "before": a[:80]}
+            for gap, at, b, a in longest[:top]
+        ],
     }
 
 
@@ -224,6 +285,16 @@ def describe_timeline(step: int, timeline: dict[str, Any], waits: list[dict[str,
             f"GPU compute busy {timeline['gpu_compute_busy_ms'] / 1e3:.3f} s in {timeline['kernels']} kernels:"
             f" idle {timeline['gpu_compute_idle_share']:.0%} of the step"
         )
+    if timeline.get("kernels"):
+        lines.append(
+            "the compute's idle gaps by length: "
+            + ", ".join(f"{k} {v['count']} x, {v['ms']:.1f} ms" for k, v in timeline["idle_gaps"].items())
+            + f"; a copy ran during {timeline['idle_with_a_copy_running_ms']:.1f} ms of them; the longest:"
+        )
+        lines += [
+            f"  {g['ms']:8.3f} ms at {g['at_ms']:8.1f} ms: after {g['after']} / before {g['before']}"
+            for g in timeline["longest_gaps"]
+        ]
     lines.append("host reads of device values and waits for the GPU:" + ("" if waits else " none"))
     lines += [f"  {w['count']:>5} x {w['op']}: {w['host_ms']:.1f} ms" for w in waits]
     if sites:

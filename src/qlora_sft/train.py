@@ -220,6 +220,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     hostwork.host_savings_enabled()
     model.fused_lora.absmax_cached()
     model.fused_lora.direct_dequant()
+    model.fused_lora.grouped()
     model.offload.prefetch_offloaded_inputs()  # the benchmark switches, checked before anything loads
     model.offload.head_tile()
     hostwork.norm_kernel()

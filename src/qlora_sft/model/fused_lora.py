@@ -1,6 +1,13 @@
 """`lora.fused`: a frozen 4-bit layer and its LoRA pair computed in one autograd function
 (`FusedLoraMatmul`), given to peft's bitsandbytes LoRA layers by changing their class
-(`fuse_lora_layers`): parameters, state dict, saving and merging stay peft's."""
+(`fuse_lora_layers`): parameters, state dict, saving and merging stay peft's.
+
+Sibling layers that read the same input (a decoder layer's q/k/v projections, its MLP's gate and
+up projections) are computed together (`GroupedLoraMatmul`) when the first of them is called: one
+autograd node, one product of the input with their stacked LoRA A matrices, one input gradient
+summed in place in the backward. The others' calls with that same input tensor take their
+outputs; any other call (another input, other arguments, no grad where the first had one)
+computes alone, so a model that calls its projections otherwise gets the same values."""
 
 from __future__ import annotations
 
@@ -23,6 +30,11 @@ ABSMAX_CACHE_ENV = "QLORA_SFT_ABSMAX_CACHE"
 # QLORA_SFT_DIRECT_DEQUANT=0 (a benchmark switch): bitsandbytes' public `dequantize_4bit` even where
 # the host savings are on, which measures what the direct kernel calls alone change
 DIRECT_DEQUANT_ENV = "QLORA_SFT_DIRECT_DEQUANT"
+# QLORA_SFT_GROUPED_LORA=0 (a benchmark switch): each projection computed alone, as before the groups
+GROUPED_ENV = "QLORA_SFT_GROUPED_LORA"
+# the sibling projections computed together (`GroupedLoraMatmul`), the first named leading: names
+# as transformers' Llama, Mistral, Qwen2/3, Gemma and most decoder models call them
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # read when the layers are fused (`fuse_lora_layers`), not per call: each call is host time
 _ABSMAX_CACHE = False
 _DIRECT = True  # bitsandbytes' CUDA kernels called without torch's op dispatch (`direct_dequant`)
@@ -36,6 +48,13 @@ def direct_dequant(env: Mapping[str, str] | None = None) -> bool:
     from ..launch import env_switch
 
     return env_switch(DIRECT_DEQUANT_ENV, env) is not False and host_savings_enabled(env)
+
+
+def grouped(env: Mapping[str, str] | None = None) -> bool:
+    """QLORA_SFT_GROUPED_LORA, checked (`launch.env_switch`): on unless set to 0."""
+    from ..launch import env_switch
+
+    return env_switch(GROUPED_ENV, env) is not False
 
 
 def absmax_cached(env: Mapping[str, str] | None = None) -> bool:
@@ -192,6 +211,132 @@ class FusedLoraMatmul(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None
 
 
+class GroupedLoraMatmul(torch.autograd.Function):
+    """`FusedLoraMatmul` for sibling layers that read the same input x: outputs
+    `x W_i^T + s_i (x A_i^T) B_i^T`, one per layer, each its own tensor (as if computed alone).
+    The rank-r products of all of them are one matmul with the stacked A's; the backward sums the
+    input gradient of every layer into one buffer (`addmm_`) instead of autograd adding the
+    layers' gradients, and the A gradients are one matmul. Each 4-bit weight is dequantized alone,
+    used and freed, as in `FusedLoraMatmul`: no more memory at any moment than the layers alone.
+    Called as `apply(x, bases, scalings, a_0, b_0, a_1, b_1, ...)`."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, bases: tuple[Any, ...], scalings: tuple[float, ...], *ab: torch.Tensor
+    ) -> Any:
+        kind = x.device.type
+        if not torch.is_autocast_enabled(kind):
+            return GroupedLoraMatmul.compute(ctx, x, bases, scalings, ab)
+        torch.set_autocast_enabled(kind, False)
+        try:
+            return GroupedLoraMatmul.compute(ctx, x, bases, scalings, ab)
+        finally:
+            torch.set_autocast_enabled(kind, True)
+
+    @staticmethod
+    def compute(
+        ctx: Any, x: torch.Tensor, bases: tuple[Any, ...], scalings: tuple[float, ...], ab: tuple[torch.Tensor, ...]
+    ) -> Any:
+        dtype = bases[0].compute_dtype or x.dtype
+        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
+        a_cat = _as(torch.cat(ab[0::2]), dtype)
+        b_c = tuple(_as(b, dtype) for b in ab[1::2])
+        xa = x2 @ a_cat.t()  # every layer's rank-r product, side by side
+        outs, start = [], 0
+        for base, b, scaling in zip(bases, b_c, scalings, strict=True):
+            out = x2 @ _as(dequantized(base.weight), dtype).t()
+            out.addmm_(xa[:, start : start + b.shape[1]], b.t(), alpha=scaling)
+            if base.bias is not None:
+                out += _as(base.bias, dtype)
+            outs.append(_as(out.reshape(*x.shape[:-1], out.shape[-1]), x.dtype))
+            start += b.shape[1]
+        ctx.save_for_backward(x2, xa, a_cat, *b_c)
+        ctx.bases, ctx.scalings, ctx.x_dtype, ctx.x_shape = bases, scalings, x.dtype, x.shape
+        ctx.w_dtypes = tuple(t.dtype for t in ab)
+        ctx.set_materialize_grads(False)  # an unused output: its adapters get no gradient, as alone
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
+        x2, xa, a_cat, *b_c = ctx.saved_tensors
+        dtype, needs = x2.dtype, ctx.needs_input_grad
+        gs = [None if g is None else _as(g.reshape(-1, g.shape[-1]), dtype) for g in grads]
+        gxa = torch.empty(xa.shape, dtype=dtype, device=xa.device)  # d/d(x A^T), every layer's r columns
+        spans, start = [], 0
+        for g, b, scaling in zip(gs, b_c, ctx.scalings, strict=True):
+            span = slice(start, start + b.shape[1])
+            if g is None:
+                gxa[:, span].zero_()
+            else:  # (beta=0: the empty buffer's contents are not read)
+                gxa[:, span].addmm_(g, b, beta=0, alpha=scaling)
+            spans.append(span)
+            start = span.stop
+        grad_x = None
+        if needs[0]:
+            for g, base in zip(gs, ctx.bases, strict=True):
+                if g is None:
+                    continue
+                w = _as(dequantized(base.weight), dtype)
+                grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
+            grad_x = gxa @ a_cat if grad_x is None else grad_x.addmm_(gxa, a_cat)
+            grad_x = _as(grad_x.reshape(ctx.x_shape), ctx.x_dtype)
+        grad_ab: list[torch.Tensor | None] = [None] * (2 * len(b_c))
+        grad_a_cat = gxa.t() @ x2 if any(needs[3::2]) else None
+        for i, (g, span) in enumerate(zip(gs, spans, strict=True)):
+            if needs[3 + 2 * i] and grad_a_cat is not None and g is not None:  # (a copy: no view of another's)
+                grad_ab[2 * i] = grad_a_cat[span].to(ctx.w_dtypes[2 * i], copy=True)
+            if needs[4 + 2 * i] and g is not None:
+                grad_ab[2 * i + 1] = _as((g.t() @ xa[:, span]).mul_(ctx.scalings[i]), ctx.w_dtypes[2 * i + 1])
+        return (grad_x, None, None, *grad_ab)
+
+
+class LoraGroup:
+    """Sibling fused layers of one module that read the same input (`GROUPS`). The first of them
+    called with an input computes all of them (`GroupedLoraMatmul`) and keeps the others' outputs
+    for their calls with that same tensor and the same grad mode; each output is handed out once,
+    and nothing is kept once all are. A model that calls its siblings otherwise (another input for
+    one of them, as cross-attention does, or one called twice) would waste kept outputs: at the
+    first such call the group stops for good (`on`), the kept outputs are dropped, and each layer
+    computes alone from then on (the same values, as before the groups)."""
+
+    __slots__ = ("_grad", "_outputs", "_x", "members", "on")
+
+    def __init__(self, members: tuple[Any, ...]) -> None:
+        self.members = members
+        self.on = True
+        self._x: torch.Tensor | None = None
+        self._grad = False
+        self._outputs: dict[int, torch.Tensor] = {}
+
+    def kept_output(self, member: Any, x: torch.Tensor) -> torch.Tensor | None:
+        """`member`'s output for input x kept from its group's computation (handed out once), or None."""
+        if not self._outputs:
+            return None
+        out = self._outputs.pop(id(member), None) if self._x is x and self._grad == torch.is_grad_enabled() else None
+        if out is None:  # kept outputs this model does not take: the group stops
+            self.on = False
+            log.debug("fused LoRA layers %s: called apart, each computed alone from now on", self.members)
+            self._outputs.clear()
+        if not self._outputs:
+            self._x = None
+        return out
+
+    def output(self, member: Any, x: torch.Tensor, own: tuple[Any, ...]) -> torch.Tensor | None:
+        """`member`'s output for input x computed now with the whole group, the others' kept for
+        their calls; None where the group cannot compute together (then the caller computes
+        `member` alone). `own` is `member`'s fused arguments (`FusedLinear4bit.fused_args`)."""
+        if not self.on:
+            return None
+        args = [own if m is member else m.fused_args(x) for m in self.members]
+        if any(a is None for a in args) or len({a[2].compute_dtype for a in args}) != 1:  # type: ignore[index]
+            return None
+        ab = [t for a in args for t in a[:2]]  # type: ignore[index]
+        outs = GroupedLoraMatmul.apply(x, tuple(a[2] for a in args), tuple(a[3] for a in args), *ab)  # type: ignore[index]
+        self._outputs = {id(m): o for m, o in zip(self.members, outs, strict=True) if m is not member}
+        self._x, self._grad = x, torch.is_grad_enabled()
+        return outs[self.members.index(member)]
+
+
 @functools.cache
 def fused_lora_class() -> type:
     """peft's LoRA layer for bitsandbytes 4-bit base layers, with `FusedLoraMatmul` as its forward
@@ -201,39 +346,52 @@ def fused_lora_class() -> type:
     from peft.tuners.lora.bnb import Linear4bit
 
     class FusedLinear4bit(Linear4bit):
-        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        def fused_args(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any, float] | None:
+            """(A, B, base layer, scaling), `FusedLoraMatmul`'s arguments after x, where the fused
+            computation applies to input x; else None (peft's forward)."""
             adapters = self.active_adapters
             name = adapters[0] if len(adapters) == 1 else None
             if (
-                args
-                or kwargs
-                or name is None
+                name is None
                 or self.disable_adapters
                 or self.merged
                 or name not in self.lora_A
                 or name in getattr(self, "lora_variant", {})
                 or not isinstance(self.lora_dropout[name], torch.nn.Identity)
             ):
-                return super().forward(x, *args, **kwargs)
+                return None
             base = self.get_base_layer()
             fix_4bit_weight_quant_state_from_module(base)  # as bitsandbytes' own forward does
             if getattr(base.weight.quant_state, "packing_format_for_cpu", False) or (
                 base.bias is not None and base.bias.requires_grad
             ):  # repacked for bitsandbytes' CPU inference, or a trained bias (lora.bias): peft's
-                return super().forward(x, *args, **kwargs)
+                return None
             if base.compute_dtype is None:
                 base.set_compute_type(x)
                 base.compute_type_is_set = True
-            return FusedLoraMatmul.apply(
-                x, self.lora_A[name].weight, self.lora_B[name].weight, base, self.scaling[name]
-            )
+            return self.lora_A[name].weight, self.lora_B[name].weight, base, self.scaling[name]
+
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if args or kwargs:
+                return super().forward(x, *args, **kwargs)
+            group = self.__dict__.get("_qlora_sft_group")
+            out = None if group is None else group.kept_output(self, x)
+            if out is not None:  # computed with the group's first layer, for this same x
+                return out
+            own = self.fused_args(x)
+            if own is None:
+                return super().forward(x, *args, **kwargs)
+            out = None if group is None else group.output(self, x, own)
+            return FusedLoraMatmul.apply(x, *own) if out is None else out
 
     return FusedLinear4bit
 
 
 def fuse_lora_layers(model: Any) -> int:
-    """Give every peft LoRA layer over a bitsandbytes 4-bit layer the fused forward (`lora.fused`);
-    returns how many. Only the class changes: parameters, state dict, saving and merging stay peft's."""
+    """Give every peft LoRA layer over a bitsandbytes 4-bit layer the fused forward (`lora.fused`),
+    and group the siblings that read one input (`GROUPS`, unless QLORA_SFT_GROUPED_LORA=0); returns
+    how many layers. Only the class changes, and a plain attribute (`_qlora_sft_group`) is set:
+    parameters, state dict, saving and merging stay peft's."""
     from peft.tuners.lora.bnb import Linear4bit
 
     global _ABSMAX_CACHE, _DIRECT
@@ -244,6 +402,24 @@ def fuse_lora_layers(model: Any) -> int:
         if type(module) is Linear4bit:
             module.__class__ = fused
             count += 1
+    if grouped():
+        group_siblings(model)
+    return count
+
+
+def group_siblings(model: Any) -> int:
+    """Make each set of fused sibling layers named in `GROUPS` (all present, one input size) a
+    `LoraGroup`; returns how many groups."""
+    fused = fused_lora_class()
+    count = 0
+    for module in model.modules():
+        for names in GROUPS:
+            members = tuple(getattr(module, n, None) for n in names)
+            if all(type(m) is fused for m in members) and len({m.in_features for m in members}) == 1:
+                group = LoraGroup(members)
+                for m in members:
+                    m._qlora_sft_group = group
+                count += 1
     return count
 
 
