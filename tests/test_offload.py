@@ -186,9 +186,11 @@ def test_benchmark_switches_refuse_what_they_cannot_mean(monkeypatch: pytest.Mon
 
     assert offload.prefetch_offloaded_inputs({}) and offload.head_tile({}) is None
     assert not offload.prefetch_offloaded_inputs({offload.OFFLOAD_PREFETCH_ENV: "0"})
+    assert not offload.prefetch_offloaded_inputs({offload.OFFLOAD_PREFETCH_ENV: " No "})  # as every switch reads
+    assert offload.prefetch_offloaded_inputs({offload.OFFLOAD_PREFETCH_ENV: "1"})
     assert offload.head_tile({offload.HEAD_TILE_ENV: " 8192 "}) == 8192
-    for raw in ("no", "2", "-1", "0.5"):
-        with pytest.raises(UserError, match=f"{offload.OFFLOAD_PREFETCH_ENV}=.*use 1"):
+    for raw in ("2", "-1", "0.5", "off", "nan"):
+        with pytest.raises(UserError, match=f"{offload.OFFLOAD_PREFETCH_ENV}=.*use 1 \\(on\\) or 0 \\(off\\)"):
             offload.prefetch_offloaded_inputs({offload.OFFLOAD_PREFETCH_ENV: raw})
     for raw in ("0", "-8192", "8k", "nan", "inf", "100", str(1 << 21), "1e4"):
         with pytest.raises(UserError, match=f"{offload.HEAD_TILE_ENV}=.*whole number.*unset it"):

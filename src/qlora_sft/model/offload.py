@@ -32,13 +32,10 @@ def _switch_error(name: str, raw: str, want: str) -> Exception:
 
 
 def prefetch_offloaded_inputs(env: Any = None) -> bool:
-    """QLORA_SFT_OFFLOAD_PREFETCH: `1` (the default) or `0`."""
-    raw = (os.environ if env is None else env).get(OFFLOAD_PREFETCH_ENV, "").strip()
-    if raw in ("", "1"):
-        return True
-    if raw == "0":
-        return False
-    raise _switch_error(OFFLOAD_PREFETCH_ENV, raw, "use 1 (prefetch, the default) or 0")
+    """QLORA_SFT_OFFLOAD_PREFETCH, checked (`launch.env_switch`): on unless set to 0."""
+    from ..launch import env_switch
+
+    return env_switch(OFFLOAD_PREFETCH_ENV, env) is not False
 
 
 def head_tile(env: Any = None) -> int | None:
