@@ -152,7 +152,9 @@ class LoraConfig:
     saving and merging are peft's. `auto`: on wherever it applies (4-bit base layers, `dropout` 0,
     `bias` none, no DoRA, one GPU, DDP, the CPU, FSDP's layer units or ZeRO-3's layer leaves, the
     defaults of both); layers it does not apply to run peft's own forward. `true` refuses recipes it
-    cannot serve (dropout > 0, trained biases, QLORA_SFT_FSDP_UNITS=peft, QLORA_SFT_ZERO3_UNITS=modules)."""
+    cannot serve (dropout > 0, trained biases, QLORA_SFT_FSDP_UNITS=peft, QLORA_SFT_ZERO3_UNITS=modules).
+    Layers that read one input (q/k/v, gate/up) are computed together, one autograd function per set
+    (`QLORA_SFT_GROUPED_LORA=0`: each alone)."""
     init_from: str | None = None
     """Start from an existing LoRA adapter: a peft adapter folder (adapter_config.json +
     adapter_model.safetensors; local, relative to the recipe, or a hub id). Training starts from its
