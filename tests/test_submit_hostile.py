@@ -466,8 +466,8 @@ PARTITIONS = """\
 PartitionName=gpu AllowGroups=ALL AllowAccounts=ALL AllowQos=ALL Default=YES QoS=N/A DefaultTime=NONE MaxNodes=2 \
 MaxTime=1-00:00:00 MinNodes=0 MaxCPUsPerNode=UNLIMITED Nodes=g[1-4] State=UP TotalCPUs=256 TotalNodes=4 \
 TRES=cpu=256,mem=1000G,node=4,billing=256,gres/gpu=24
-PartitionName=cpu AllowGroups=ALL Default=NO QoS=N/A MaxNodes=UNLIMITED MaxTime=01:00:00 Nodes=c[1-2] State=UP \
-TotalCPUs=16 TotalNodes=2
+PartitionName=cpu AllowGroups=ALL Default=NO QoS=N/A MaxNodes=UNLIMITED MaxTime=01:00:00 MaxCPUsPerNode=4 \
+MaxMemPerNode=16000 Nodes=c[1-2] State=UP TotalCPUs=16 TotalNodes=2
 PartitionName=long AllowGroups=ALL Default=NO QoS=N/A MaxNodes=UNLIMITED MaxTime=UNLIMITED Nodes=g[1-4] State=UP \
 TotalCPUs=256 TotalNodes=4
 """
@@ -527,8 +527,20 @@ def partitions(tmp_path: Path, slurm_bin: Path, monkeypatch: pytest.MonkeyPatch)
             r"cluster.partition=cpu,gpu \(--partition\): none of these partitions can ever run.*partition cpu: "
             r"cluster.time .*MaxTime=01:00:00.*; partition gpu: cluster.time .*MaxTime=1-00:00:00",
         ),
+        # (its nodes have 8 CPUs; SLURM 22.05 leaves the job pending with Reason=PartitionConfig)
+        (
+            {"partition": "cpu", "gpus_per_node": 0, "cpus_per_task": 6},
+            r"1 task\(s\) per node x 6 CPU\(s\) per task .*is 6 CPUs on a node, more than its "
+            r"MaxCPUsPerNode=4; ask for 4 or fewer \(squeue would say Reason=PartitionConfig\)",
+        ),
+        # (SLURM 22.05 queues --mem past MaxMemPerNode, pending with Reason=MaxMemPerLimit)
+        (
+            {"partition": "cpu", "gpus_per_node": 0, "mem": "20G"},
+            r"cluster.mem=20G \(--mem\) is more than its MaxMemPerNode=16000 \(megabytes\); give --mem 16000M "
+            r"or less \(squeue would say Reason=MaxMemPerLimit\)",
+        ),
     ],
-    ids=["time", "max-nodes", "total-nodes", "gpus", "no-gpus", "cpus", "every-partition"],
+    ids=["time", "max-nodes", "total-nodes", "gpus", "no-gpus", "cpus", "every-partition", "max-cpus", "max-mem"],
 )
 def test_a_job_past_its_partitions_limits_is_refused_not_left_pending(
     tmp_path: Path, partitions: Path, kwargs: dict, expected: str
@@ -553,8 +565,11 @@ def test_a_job_past_its_partitions_limits_is_refused_not_left_pending(
         {"partition": "cpu,gpu", "time": "02:00:00", "gpus_per_node": 0},  # (gpu can run it)
         {"gpus_per_node": 8, "cpus_per_task": 16, "extra_sbatch": ["--overcommit"]},  # (tasks share CPUs)
         {"partition": "nope", "time": "3-00:00:00"},  # (unknown: sbatch says so)
+        # (at its MaxCPUsPerNode=4, within its MaxMemPerNode=16000)
+        {"partition": "cpu", "time": "01:00:00", "gpus_per_node": 0, "cpus_per_task": 4, "mem": "15625M"},
+        {"partition": "cpu", "time": "01:00:00", "gpus_per_node": 0, "mem": "0"},  # (all of a node's memory)
     ],
-    ids=["at-the-limits", "unlimited", "one-of-two", "overcommit", "unknown-partition"],
+    ids=["at-the-limits", "unlimited", "one-of-two", "overcommit", "unknown-partition", "at-cpu-mem", "mem-0"],
 )
 def test_a_job_within_its_partitions_limits_is_queued(tmp_path: Path, partitions: Path, kwargs: dict):
     from qlora_sft.submit import submit
@@ -575,6 +590,10 @@ def test_sbatch_partition_in_the_environment_is_the_partition_checked(
         submit(small_recipe(tmp_path), [], cluster="slurm", time="02:00:00", gpus_per_node=1)
     with pytest.raises(UserError, match=r"SBATCH_PARTITION='cpu' would replace --partition gpu"):
         submit(small_recipe(tmp_path), [], cluster="slurm", partition="gpu", time="02:00:00", gpus_per_node=0)
+    # the same for the memory: SBATCH_MEM_PER_NODE is what sbatch asks for
+    monkeypatch.setenv("SBATCH_MEM_PER_NODE", "20G")
+    with pytest.raises(UserError, match=r"SBATCH_MEM_PER_NODE=20G \(sbatch reads it over --mem\) is more than its "):
+        submit(small_recipe(tmp_path), [], cluster="slurm", time="01:00:00", gpus_per_node=0)
     assert not partitions.exists()
 
 

@@ -261,17 +261,44 @@ def partition_problems(
         problems.append((f"cluster.gpus_per_node={want} (--gpus-per-node), but {has}; {fix}", "BadConstraints", None))
     cpus = [c for c, _ in nodes if c is not None] if all(c is not None for c, _ in nodes) else []
     tasks, per_task = int(params["tasks_per_node"]), int(params.get("cpus_per_task") or 1)
-    if cpus and max(cpus) < tasks * per_task and "overcommit" not in extra:  # (--overcommit: tasks share CPUs)
+    asked = (
+        f"{tasks} task(s) per node x {per_task} CPU(s) per task (cluster.tasks_per_node x cluster.cpus_per_task, "
+        f"--cpus-per-task) is {tasks * per_task} CPUs on a node"
+    )
+    max_cpus = part.get("MaxCPUsPerNode", "")
+    if "overcommit" in extra:  # (--overcommit: tasks share CPUs)
+        pass
+    elif cpus and max(cpus) < tasks * per_task:
+        problems.append((f"{asked}, but its nodes have {max(cpus)} at most; ask for fewer", "PartitionConfig", None))
+    elif max_cpus.isdigit() and tasks * per_task > int(max_cpus):  # (SLURM 22.05: pending, Reason=PartitionConfig)
+        problems.append(
+            (f"{asked}, more than its MaxCPUsPerNode={max_cpus}; ask for {max_cpus} or fewer", "PartitionConfig", None)
+        )
+    mem, max_mem = params.get("slurm_mem"), part.get("MaxMemPerNode", "")
+    named = f"cluster.mem={mem} (--mem)"
+    if os.environ.get("SBATCH_MEM_PER_NODE"):  # (sbatch reads it over the script's --mem)
+        mem = os.environ["SBATCH_MEM_PER_NODE"].strip()
+        named = f"SBATCH_MEM_PER_NODE={mem} (sbatch reads it over --mem)"
+    mb = slurm_megabytes(str(mem)) if mem else None
+    if mb and max_mem.isdigit() and mb > int(max_mem):  # (--mem=0: all of a node's memory, whatever it is)
         problems.append(
             (
-                f"{tasks} task(s) per node x {per_task} CPU(s) per task (cluster.tasks_per_node x "
-                f"cluster.cpus_per_task, --cpus-per-task) is {tasks * per_task} CPUs on a node, but its nodes have "
-                f"{max(cpus)} at most; ask for fewer",
-                "PartitionConfig",
+                f"{named} is more than its MaxMemPerNode={max_mem} (megabytes); give --mem {max_mem}M or less",
+                "MaxMemPerLimit",
                 None,
             )
         )
     return problems
+
+
+def slurm_megabytes(mem: str) -> int | None:
+    """SLURM's memory size (`200G`, `512M`, `1T`, `1024K`; a bare number is megabytes) in megabytes, or
+    None where it is not one."""
+    found = re.fullmatch(r"\s*(\d+)\s*([KMGTkmgt]?)\s*", mem)
+    if not found:
+        return None
+    scale = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2, "": 1}[found[2].upper()]
+    return int(int(found[1]) * scale)
 
 
 def qos_lifting(flag: str) -> str | None:
@@ -289,7 +316,8 @@ def qos_lifting(flag: str) -> str | None:
 
 def check_partition_limits(params: Mapping[str, Any]) -> None:
     """On SLURM: a job past its partition's limits (--time past MaxTime, more nodes than MaxNodes or
-    than the partition has, more GPUs or CPUs per node than any of its nodes) is queued, where
+    than the partition has, more GPUs or CPUs per node than any of its nodes, more CPUs per node than
+    MaxCPUsPerNode, --mem past MaxMemPerNode) is queued, where
     EnforcePartLimits is NO (SLURM's default), and then waits for ever. Refused; warned instead where a
     QOS may lift the limit, or where scontrol or sinfo cannot tell. A partition SLURM does not know is
     left to sbatch, which refuses it."""
