@@ -186,12 +186,18 @@ class SyncSites:
 
 
 def _union_us(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
+    return sum(hi - lo for lo, hi in _merged(intervals))
+
+
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The intervals' union as disjoint intervals, in order."""
+    out: list[tuple[float, float]] = []
     for lo, hi in sorted(intervals):
-        if hi > end:
-            total += hi - max(lo, end)
-            end = hi
-    return total
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def gpu_timeline(events: Any, wall_s: float) -> dict[str, Any]:
@@ -200,19 +206,16 @@ def gpu_timeline(events: Any, wall_s: float) -> dict[str, Any]:
     the step the GPU's compute waited for the host."""
     device = [ev for ev in events if getattr(ev.device_type, "name", "") == "CUDA"]
     spans = [(ev.time_range.start, ev.time_range.end) for ev in device]
-    compute = [
-        (ev.time_range.start, ev.time_range.end) for ev in device if not ev.name.startswith(("Memcpy", "Memset"))
+    kernels = [
+        (ev.time_range.start, ev.time_range.end, ev.name)
+        for ev in device
+        if not ev.name.startswith(("Memcpy", "Memset"))
     ]
+    compute = [(lo, hi) for lo, hi, _ in kernels]
     wall_ms = wall_s * 1e3
     compute_ms = _union_us(compute) / 1e3
-    gaps = idle_gaps(
-        [
-            (ev.time_range.start, ev.time_range.end, ev.name)
-            for ev in device
-            if not ev.name.startswith(("Memcpy", "Memset"))
-        ],
-        [(ev.time_range.start, ev.time_range.end) for ev in device if ev.name.startswith("Memcpy")],
-    )
+    copies = [(ev.time_range.start, ev.time_range.end) for ev in device if ev.name.startswith("Memcpy")]
+    gaps = idle_gaps(kernels, copies)
     return {
         "wall_ms": round(wall_ms, 1),
         "gpu_busy_ms": round(_union_us(spans) / 1e3, 1),
@@ -227,16 +230,6 @@ def gpu_timeline(events: Any, wall_s: float) -> dict[str, Any]:
 
 
 GAP_BUCKETS_US = ((0.0, "<10us"), (10.0, "10-100us"), (100.0, "0.1-1ms"), (1000.0, ">=1ms"))
-
-
-def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[tuple[float, float]] = []
-    for lo, hi in sorted(intervals):
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
 
 
 def idle_gaps(

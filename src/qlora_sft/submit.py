@@ -266,14 +266,14 @@ def partition_problems(
         f"--cpus-per-task) is {tasks * per_task} CPUs on a node"
     )
     max_cpus = part.get("MaxCPUsPerNode", "")
-    if "overcommit" in extra:  # (--overcommit: tasks share CPUs)
-        pass
-    elif cpus and max(cpus) < tasks * per_task:
-        problems.append((f"{asked}, but its nodes have {max(cpus)} at most; ask for fewer", "PartitionConfig", None))
-    elif max_cpus.isdigit() and tasks * per_task > int(max_cpus):  # (SLURM 22.05: pending, Reason=PartitionConfig)
-        problems.append(
-            (f"{asked}, more than its MaxCPUsPerNode={max_cpus}; ask for {max_cpus} or fewer", "PartitionConfig", None)
-        )
+    beyond = None  # why no node of it gives the CPUs asked for
+    if "overcommit" not in extra:  # (--overcommit: tasks share CPUs)
+        if cpus and max(cpus) < tasks * per_task:
+            beyond = f"but its nodes have {max(cpus)} at most; ask for fewer"
+        elif max_cpus.isdigit() and tasks * per_task > int(max_cpus):  # (SLURM 22.05: pending, PartitionConfig)
+            beyond = f"more than its MaxCPUsPerNode={max_cpus}; ask for {max_cpus} or fewer"
+    if beyond:
+        problems.append((f"{asked}, {beyond}", "PartitionConfig", None))
     mem, max_mem = params.get("slurm_mem"), part.get("MaxMemPerNode", "")
     named = f"cluster.mem={mem} (--mem)"
     if os.environ.get("SBATCH_MEM_PER_NODE"):  # (sbatch reads it over the script's --mem)
@@ -294,7 +294,7 @@ def partition_problems(
 def slurm_megabytes(mem: str) -> int | None:
     """SLURM's memory size (`200G`, `512M`, `1T`, `1024K`; a bare number is megabytes) in megabytes, or
     None where it is not one."""
-    found = re.fullmatch(r"\s*(\d+)\s*([KMGTkmgt]?)\s*", mem)
+    found = re.fullmatch(r"(\d+)([KMGTkmgt]?)", mem)
     if not found:
         return None
     scale = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2, "": 1}[found[2].upper()]
@@ -501,7 +501,7 @@ def executor_parameters(cfg: ClusterConfig, **given: Any) -> dict[str, Any]:
         params["gpus_per_node"] = gpus
     if merged["cpus_per_task"]:
         params["cpus_per_task"] = int(merged["cpus_per_task"])
-    if merged["mem"] and not re.fullmatch(r"\d+[KMGTkmgt]?", str(merged["mem"])):
+    if merged["mem"] and slurm_megabytes(str(merged["mem"])) is None:
         raise UserError(
             f"cluster.mem={merged['mem']!r}: give SLURM's memory per node, a whole number with K, M, G or T "
             "(e.g. 200G; a bare number is megabytes)"

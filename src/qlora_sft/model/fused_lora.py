@@ -159,6 +159,18 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _autocast_off(compute: Any, kind: str, *args: Any) -> Any:
+    """`compute(*args)` with autocast off on device `kind`: the fused functions choose every dtype
+    themselves. (`torch.autocast(enabled=False)` does the same, with more Python per call.)"""
+    if not torch.is_autocast_enabled(kind):
+        return compute(*args)
+    torch.set_autocast_enabled(kind, False)
+    try:
+        return compute(*args)
+    finally:
+        torch.set_autocast_enabled(kind, True)
+
+
 class FusedLoraMatmul(torch.autograd.Function):
     """`x W^T + s (x A^T) B^T` for a frozen 4-bit W and a LoRA pair (A, B), s = alpha / r, with the
     LoRA term added into the base GEMM's output in place (`addmm_`, its scale an `alpha` of the
@@ -170,14 +182,7 @@ class FusedLoraMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: Any, scaling: float) -> torch.Tensor:
-        kind = x.device.type  # every dtype below is chosen here: autocast is off for the call
-        if not torch.is_autocast_enabled(kind):
-            return FusedLoraMatmul.compute(ctx, x, a, b, base, scaling)
-        torch.set_autocast_enabled(kind, False)  # (torch.autocast(enabled=False) does this, with more Python)
-        try:
-            return FusedLoraMatmul.compute(ctx, x, a, b, base, scaling)
-        finally:
-            torch.set_autocast_enabled(kind, True)
+        return _autocast_off(FusedLoraMatmul.compute, x.device.type, ctx, x, a, b, base, scaling)
 
     @staticmethod
     def compute(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: Any, scaling: float) -> torch.Tensor:
@@ -224,14 +229,7 @@ class GroupedLoraMatmul(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, bases: tuple[Any, ...], scalings: tuple[float, ...], *ab: torch.Tensor
     ) -> Any:
-        kind = x.device.type
-        if not torch.is_autocast_enabled(kind):
-            return GroupedLoraMatmul.compute(ctx, x, bases, scalings, ab)
-        torch.set_autocast_enabled(kind, False)
-        try:
-            return GroupedLoraMatmul.compute(ctx, x, bases, scalings, ab)
-        finally:
-            torch.set_autocast_enabled(kind, True)
+        return _autocast_off(GroupedLoraMatmul.compute, x.device.type, ctx, x, bases, scalings, ab)
 
     @staticmethod
     def compute(
