@@ -21,6 +21,30 @@ def test_validate_examples_past_the_largest_index_shows_every_row(
     assert capsys.readouterr().out.count("\nexample: ") == 160
 
 
+def test_the_hub_kernel_bitsandbytes_asks_for_is_not_said_but_other_kernels_warnings_are(caplog):
+    """transformers 5.25 brought the `kernels` package: with the hub offline, every command that imported
+    bitsandbytes (on a CPU with AVX512-BF16) printed "Skipping publisher trust check for
+    'kernels-community/quantization-bitsandbytes'..." above its own output. That record alone is dropped,
+    also after `main` ran twice; the package's other warnings still reach the user."""
+    import logging
+
+    cli.quiet_library_noise()
+    cli.quiet_library_noise()
+    hub = logging.getLogger("kernels._internals.hf_hub")
+    assert len([f for f in hub.filters if isinstance(f, cli._DropNaming)]) == 1
+    with caplog.at_level(logging.WARNING, logger="kernels._internals.hf_hub"):
+        hub.warning(
+            "Skipping publisher trust check for '%s' because Hugging Face Hub is in offline mode.", cli.BNB_HUB_KERNEL
+        )
+        hub.warning(
+            "Skipping publisher trust check for 'someone/other-kernel' because Hugging Face Hub is in offline mode."
+        )
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "Skipping publisher trust check for 'someone/other-kernel' because Hugging Face Hub is in offline mode."
+    ]
+
+
 def test_an_option_value_that_starts_with_a_dash_says_to_join_it(capsys: pytest.CaptureFixture):
     """`export RUN --shard-size -5GB`: argparse reads -5GB as an option and said only "expected one
     argument". The error now says the value was read as an option and to write --shard-size=-5GB

@@ -807,10 +807,31 @@ COMMANDS = {
 }
 
 
+# the optional CPU kernel bitsandbytes asks the hub's `kernels` package for when it is imported
+BNB_HUB_KERNEL = "kernels-community/quantization-bitsandbytes"
+
+
+class _DropNaming(logging.Filter):
+    """Drops the records whose message names `text`; every other record passes."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def quiet_library_noise() -> None:
-    """bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional hub-downloaded kernel
-    is missing; the built-in kernel is used instead, so the warning only confuses."""
+    """bitsandbytes, imported on a CPU with AVX512-BF16, asks for an optional hub-downloaded kernel
+    (`BNB_HUB_KERNEL`) and warns where it is missing; the built-in kernel is used instead, so the
+    warning only confuses. Where the `kernels` package is installed (transformers 5.25 requires it)
+    and the hub is offline, `kernels` also warns that it skipped that kernel's publisher check: that
+    record alone is dropped, its other warnings pass."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    hub = logging.getLogger("kernels._internals.hf_hub")
+    if not any(isinstance(f, _DropNaming) for f in hub.filters):
+        hub.addFilter(_DropNaming(BNB_HUB_KERNEL))
 
 
 # the commands that load a quantized model (and so import bitsandbytes)
