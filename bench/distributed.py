@@ -291,6 +291,11 @@ MODES = {
     "1gpu_bnbdequant": Mode("single_gpu.yaml", PUBLIC_DEQUANT),
     "1gpu_mb2_bnbdequant": Mode("single_gpu.yaml", PUBLIC_DEQUANT, overrides=MB2),
     "1gpu_mb2_absmax": Mode("single_gpu.yaml", ABSMAX_CACHED, overrides=MB2),
+    "1gpu_mb2_hosttables_absmax": Mode("single_gpu.yaml", ABSMAX_CACHED, overrides=(*MB2, *HOST_TABLES)),
+    "1gpu_mb2_hosttables_profiled": Mode("single_gpu.yaml", PROFILED, overrides=(*MB2, *HOST_TABLES)),
+    "1gpu_mb2_hosttables_absmax_profiled": Mode(
+        "single_gpu.yaml", (*PROFILED, *ABSMAX_CACHED), overrides=(*MB2, *HOST_TABLES)
+    ),
     "1gpu_mb2_hostprofiled": Mode("single_gpu.yaml", HOST_PROFILED, overrides=MB2),
     "1gpu_mb2_hostprofiled_savings_off": Mode("single_gpu.yaml", (*HOST_PROFILED, *SAVINGS_OFF), overrides=MB2),
     # torch's fused RMSNorm against Liger's (the host's time per norm; the same values), and

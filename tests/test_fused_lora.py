@@ -310,22 +310,30 @@ def test_dequantized_weights_are_bitsandbytes_own_values(device: str, monkeypatc
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 w = torch.randn(96, 160) * 0.05
                 w[3, 7] = 4.0  # one large weight: its block's scale differs from the rest
-                param = bnb.nn.Params4bit(
-                    w, requires_grad=False, quant_type=quant_type, compress_statistics=nested, quant_storage=torch.uint8
-                )
-                param = param.to(device)  # quantized on the move
-                param.quant_state.dtype = dtype
-                want = dequantize_4bit(param.data, param.quant_state)
+                want = None
                 for direct, cache in ((True, False), (False, True), (True, True), (False, False)):
+                    param = bnb.nn.Params4bit(
+                        w,
+                        requires_grad=False,
+                        quant_type=quant_type,
+                        compress_statistics=nested,
+                        quant_storage=torch.uint8,
+                    )
+                    param = param.to(device)  # quantized on the move
+                    param.quant_state.dtype = dtype
+                    if want is None:
+                        want = dequantize_4bit(param.data, param.quant_state)
                     monkeypatch.setattr(fused_lora, "_DIRECT", direct)
                     monkeypatch.setattr(fused_lora, "_ABSMAX_CACHE", cache)
                     for _ in range(2):  # (the second call reads the kept scales)
                         got = fused_lora.dequantized(param)
                         assert got.dtype == want.dtype == dtype and got.shape == want.shape == (96, 160)
                         assert torch.equal(got, want), (quant_type, nested, dtype, direct, cache)
-                    assert hasattr(param.quant_state, "_qlora_sft_absmax") == (cache and nested)
-                    if hasattr(param.quant_state, "_qlora_sft_absmax"):
-                        del param.quant_state._qlora_sft_absmax
+                    state = param.quant_state
+                    # kept: the state made plain (fp32 scales), which bitsandbytes' own function reads alike
+                    assert state.nested == (nested and not cache)
+                    assert (state.absmax.dtype == torch.float32) == (not state.nested)
+                    assert torch.equal(dequantize_4bit(param.data, state), want)
                 cases += 1
     assert cases == 12
 

@@ -23,9 +23,10 @@ from ..recipe import Recipe, fused_lora_obstacles
 
 log = logging.getLogger("qlora_sft")
 
-# QLORA_SFT_ABSMAX_CACHE=1 (a benchmark switch, off by default): each 4-bit weight's block scales
-# dequantized once and kept (fp32, 4 bytes per 64 weights: +0.4 GiB for an 8B Llama) instead of
-# once per use, which measures what bitsandbytes' nested dequantization costs the host
+# QLORA_SFT_ABSMAX_CACHE=1 (a benchmark switch, off by default): each double-quantized 4-bit
+# weight's block scales dequantized at its first use and kept in place of their 8-bit form (its
+# quant state made plain: fp32, 4 bytes per 64 weights, +0.3 GiB for an 8B Llama), so that each
+# later dequantization is one kernel instead of three, the same values
 ABSMAX_CACHE_ENV = "QLORA_SFT_ABSMAX_CACHE"
 # QLORA_SFT_DIRECT_DEQUANT=0 (a benchmark switch): bitsandbytes' public `dequantize_4bit` even where
 # the host savings are on, which measures what the direct kernel calls alone change
@@ -88,9 +89,6 @@ def _block_scales(state: Any, kernels: tuple[Any, Any] | None) -> torch.Tensor:
     (double quantization) its dequantized values plus the offset, as bitsandbytes computes them."""
     if not state.nested:
         return state.absmax
-    cached = getattr(state, "_qlora_sft_absmax", None) if _ABSMAX_CACHE else None
-    if cached is not None:
-        return cached
     inner = state.state2
     if kernels is not None and inner.code.device == state.absmax.device:
         absmax = torch.empty(state.absmax.shape, dtype=inner.dtype, device=state.absmax.device)
@@ -101,8 +99,8 @@ def _block_scales(state: Any, kernels: tuple[Any, Any] | None) -> torch.Tensor:
         absmax = dequantize_blockwise(state.absmax, inner)
     absmax += state.offset
     absmax = _as(absmax, torch.float32)
-    if _ABSMAX_CACHE:
-        state._qlora_sft_absmax = absmax
+    if _ABSMAX_CACHE:  # the state made plain: bitsandbytes' own functions read the same scales
+        state.absmax, state.nested, state.state2, state.offset = absmax, False, None, None
     return absmax
 
 
@@ -115,7 +113,7 @@ def dequantized(weight: Any) -> torch.Tensor:
     global _DIRECT, _CHECKED
     state, data = weight.quant_state, weight.data
     kernels = _direct_kernels(data)
-    if kernels is None and not (_ABSMAX_CACHE and state.nested):
+    if kernels is None and not (_ABSMAX_CACHE and state.nested):  # (cached: made plain below)
         from bitsandbytes.functional import dequantize_4bit
 
         return dequantize_4bit(data, state)
