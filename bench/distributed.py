@@ -85,7 +85,7 @@ from qlora_sft.launch import (
     ZERO3_UNITS_ENV,
 )
 from qlora_sft.model.fused_lora import ABSMAX_CACHE_ENV, DIRECT_DEQUANT_ENV, GROUPED_ENV
-from qlora_sft.model.offload import HEAD_TILE_ENV, OFFLOAD_PREFETCH_ENV
+from qlora_sft.model.offload import HEAD_LEAD_ENV, HEAD_TILE_ENV, OFFLOAD_PREFETCH_ENV
 from qlora_sft.profiling import PROFILE_HOST_ENV
 
 from . import measure, report
@@ -292,6 +292,13 @@ MODES = {
     "1gpu_mb2_bnbdequant": Mode("single_gpu.yaml", PUBLIC_DEQUANT, overrides=MB2),
     "1gpu_mb2_absmax": Mode("single_gpu.yaml", ABSMAX_CACHED, overrides=MB2),
     "1gpu_mb2_hosttables_absmax": Mode("single_gpu.yaml", ABSMAX_CACHED, overrides=(*MB2, *HOST_TABLES)),
+    # the head's copy to the GPU started 8 decoder layers before the end of the forward, or at its
+    # start (QLORA_SFT_HEAD_LEAD; 2 by default): at 2 x 2048 two layers' compute is shorter than the copy
+    "1gpu_mb2_hosttables_lead8": Mode("single_gpu.yaml", ((HEAD_LEAD_ENV, "8"),), overrides=(*MB2, *HOST_TABLES)),
+    "1gpu_mb2_hosttables_lead32": Mode("single_gpu.yaml", ((HEAD_LEAD_ENV, "32"),), overrides=(*MB2, *HOST_TABLES)),
+    "1gpu_mb2_hosttables_absmax_lead8": Mode(
+        "single_gpu.yaml", (*ABSMAX_CACHED, (HEAD_LEAD_ENV, "8")), overrides=(*MB2, *HOST_TABLES)
+    ),
     "1gpu_mb2_hosttables_profiled": Mode("single_gpu.yaml", PROFILED, overrides=(*MB2, *HOST_TABLES)),
     "1gpu_mb2_hosttables_absmax_profiled": Mode(
         "single_gpu.yaml", (*PROFILED, *ABSMAX_CACHED), overrides=(*MB2, *HOST_TABLES)

@@ -223,6 +223,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     model.fused_lora.grouped()
     model.offload.prefetch_offloaded_inputs()  # the benchmark switches, checked before anything loads
     model.offload.head_tile()
+    model.offload.head_lead()
     hostwork.norm_kernel()
     hostwork.swiglu_kernel()
     max_steps = int(recipe.train.args.get("max_steps") or 0)

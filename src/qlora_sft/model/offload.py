@@ -23,6 +23,9 @@ OFFLOAD_PREFETCH_ENV = "QLORA_SFT_OFFLOAD_PREFETCH"
 # A whole number: the vocabulary width of the tiles trl's fused output head computes the loss in
 # (trl's `_CHUNKED_LOGPROB_CHUNK_SIZE`, 32768; a tile is up to 4,096 tokens x this many logits).
 HEAD_TILE_ENV = "QLORA_SFT_HEAD_TILE"
+# QLORA_SFT_HEAD_LEAD (a benchmark switch): how many decoder layers before the end of the forward
+# the copy of a head in host memory starts (`HostHead.LEAD`); a longer lead overlaps a slower copy
+HEAD_LEAD_ENV = "QLORA_SFT_HEAD_LEAD"
 
 
 def _switch_error(name: str, raw: str, want: str) -> Exception:
@@ -38,14 +41,26 @@ def prefetch_offloaded_inputs(env: Any = None) -> bool:
     return env_switch(OFFLOAD_PREFETCH_ENV, env) is not False
 
 
-def head_tile(env: Any = None) -> int | None:
-    """QLORA_SFT_HEAD_TILE: the vocabulary width of trl's fused head tiles, or None (trl's own)."""
-    raw = (os.environ if env is None else env).get(HEAD_TILE_ENV, "").strip()
+def _env_whole(name: str, low: int, high: int, what: str, env: Any) -> int | None:
+    """A benchmark switch that names a whole number from `low` to `high`, checked; None where unset."""
+    raw = (os.environ if env is None else env).get(name, "").strip()
     if not raw:
         return None
-    if not raw.isdigit() or not 256 <= int(raw) <= 1 << 20:
-        raise _switch_error(HEAD_TILE_ENV, raw, "name a whole number of logits from 256 to 1048576 (trl's is 32768)")
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise _switch_error(name, raw, f"name a whole number of {what} from {low} to {high}")
     return int(raw)
+
+
+def head_tile(env: Any = None) -> int | None:
+    """QLORA_SFT_HEAD_TILE: the vocabulary width of trl's fused head tiles, or None (trl's own, 32768)."""
+    return _env_whole(HEAD_TILE_ENV, 256, 1 << 20, "logits (trl's is 32768)", env)
+
+
+def head_lead(env: Any = None) -> int:
+    """QLORA_SFT_HEAD_LEAD: how many decoder layers before the last a `HostHead`'s copy starts
+    (`HostHead.LEAD` where unset)."""
+    lead = _env_whole(HEAD_LEAD_ENV, 1, 4096, "decoder layers (the default is 2)", env)
+    return HostHead.LEAD if lead is None else lead
 
 
 def apply_head_tile(env: Any = None) -> int | None:
@@ -448,7 +463,7 @@ def host_head_hooks(model: Any) -> HostHead | None:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
     if isinstance(layers, torch.nn.ModuleList) and len(layers):
-        layers[max(0, len(layers) - HostHead.LEAD)].register_forward_pre_hook(lambda module, args: head.prefetch())
+        layers[max(0, len(layers) - head_lead())].register_forward_pre_hook(lambda module, args: head.prefetch())
     else:
         model.register_forward_pre_hook(lambda module, args: head.prefetch())
     return head
