@@ -292,8 +292,11 @@ MODES = {
     "1gpu_mb2_bnbdequant": Mode("single_gpu.yaml", PUBLIC_DEQUANT, overrides=MB2),
     "1gpu_mb2_absmax": Mode("single_gpu.yaml", ABSMAX_CACHED, overrides=MB2),
     "1gpu_mb2_hosttables_absmax": Mode("single_gpu.yaml", ABSMAX_CACHED, overrides=(*MB2, *HOST_TABLES)),
-    # the head's copy to the GPU started 8 decoder layers before the end of the forward, or at its
-    # start (QLORA_SFT_HEAD_LEAD; 2 by default): at 2 x 2048 two layers' compute is shorter than the copy
+    # the head's copy to the GPU started 2 or 8 decoder layers before the end of the forward, or at
+    # its start (QLORA_SFT_HEAD_LEAD; 2 until 2026-12-03, 8 since): at 2 x 2048 on an H200 two
+    # layers' compute was shorter than the copy
+    "1gpu_mb2_hosttables_lead2": Mode("single_gpu.yaml", ((HEAD_LEAD_ENV, "2"),), overrides=(*MB2, *HOST_TABLES)),
+    "1gpu_hosttables_lead2": Mode("single_gpu.yaml", ((HEAD_LEAD_ENV, "2"),), overrides=HOST_TABLES),
     "1gpu_mb2_hosttables_lead8": Mode("single_gpu.yaml", ((HEAD_LEAD_ENV, "8"),), overrides=(*MB2, *HOST_TABLES)),
     "1gpu_mb2_hosttables_lead32": Mode("single_gpu.yaml", ((HEAD_LEAD_ENV, "32"),), overrides=(*MB2, *HOST_TABLES)),
     "1gpu_mb2_hosttables_absmax_lead8": Mode(

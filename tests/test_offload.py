@@ -195,17 +195,17 @@ def test_benchmark_switches_refuse_what_they_cannot_mean(monkeypatch: pytest.Mon
     for raw in ("0", "-8192", "8k", "nan", "inf", "100", str(1 << 21), "1e4"):
         with pytest.raises(UserError, match=f"{offload.HEAD_TILE_ENV}=.*whole number.*unset it"):
             offload.head_tile({offload.HEAD_TILE_ENV: raw})
-    assert offload.head_lead({}) == offload.HostHead.LEAD == 2
+    assert offload.head_lead({}) == offload.HostHead.LEAD == 8
     assert offload.head_lead({offload.HEAD_LEAD_ENV: " 8 "}) == 8
     for raw in ("0", "-1", "2.5", "all", "nan", "inf", "5000"):
         with pytest.raises(UserError, match=f"{offload.HEAD_LEAD_ENV}=.*whole number.*unset it"):
             offload.head_lead({offload.HEAD_LEAD_ENV: raw})
 
 
-@pytest.mark.parametrize("lead", [None, "3", "99"])
+@pytest.mark.parametrize("lead", [None, "1", "3", "99"])
 def test_host_head_copy_starts_its_lead_of_layers_before_the_end(lead: str | None, monkeypatch: pytest.MonkeyPatch):
     """The head in host memory is fetched as the forward of the `QLORA_SFT_HEAD_LEAD`-th decoder layer
-    from the end begins (2 unset; a lead past the first layer starts at the first)."""
+    from the end begins (`HostHead.LEAD` unset; a lead past the first layer starts at the first)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -225,7 +225,7 @@ def test_host_head_copy_starts_its_lead_of_layers_before_the_end(lead: str | Non
     for layer in model.model.layers:  # (after the head's hook: this sees what it did)
         layer.register_forward_pre_hook(lambda module, args: fetched.append(head.staged is not None))
     model(input_ids=torch.tensor([[1, 2, 3]]))
-    first = max(0, 4 - int(lead or 2))
+    first = max(0, 4 - int(lead or offload.HostHead.LEAD))
     assert fetched == [i >= first for i in range(4)], fetched
     assert head.staged is None  # released when the forward returned
 
