@@ -115,3 +115,32 @@ def test_a_command_takes_its_process_group_down_before_it_exits(ending: str, tmp
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", ["", " ", "abc", "2.5", "0", "-2"])
+def test_a_world_size_that_is_no_number_of_processes_is_named(
+    world: str, tiny_model: Path, toy_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+):
+    """`export WORLD_SIZE=` (empty) or a stray value left in the shell: `validate` raised int()'s
+    ValueError (a traceback) when it described the batch, and `train` on a GPU passed it on to
+    torch and accelerate, which raise the same. Now the variable is named, with the fix, before
+    anything loads; empty means unset (one process), as before."""
+    from qlora_sft.errors import UserError
+    from qlora_sft.launch import check_devices, stray_rank_variables
+
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, toy_data, tmp_path / "runs"))
+    monkeypatch.setenv("WORLD_SIZE", world)
+    code = cli.main(["validate", str(recipe)])
+    captured = capsys.readouterr()
+    if not world.strip():
+        assert code == 0 and "batch: " in captured.out, captured.err
+        check_devices({"WORLD_SIZE": world}, cuda=True)
+        assert stray_rank_variables({"WORLD_SIZE": world}) is None
+        return
+    assert code != 0 and "Traceback" not in captured.err
+    assert f"WORLD_SIZE={world!r} is not a number of processes" in captured.err, captured.err
+    assert "unset WORLD_SIZE RANK" in captured.err and "recipe " not in captured.out  # before the recipe loads
+    for cuda in (True, False):
+        with pytest.raises(UserError, match="is not a number of processes"):
+            check_devices({"WORLD_SIZE": world}, cuda=cuda)
+    assert "is not a number of processes" in (stray_rank_variables({"WORLD_SIZE": world}) or "")

@@ -675,9 +675,11 @@ def _data_report(recipe: Any, base_dir: Path, tokenizer: Any, keep: bool) -> lis
 def _recipe_header(args: argparse.Namespace) -> tuple[Any, Path, Any]:
     """Load the recipe, print its summary, and load the tokenizer with the recipe's chat template."""
     from . import model
+    from .launch import checked_world_size
     from .plan import check_data_readable
     from .recipe import load_recipe, recipe_warnings, resolve_batch
 
+    world = checked_world_size()  # (the batch is described for this many processes)
     rebuild = ["data.rebuild=true"] if getattr(args, "rebuild", False) else []
     recipe = load_recipe(args.recipe, [*args.overrides, *rebuild])
     base_dir = Path(args.recipe).parent
@@ -688,7 +690,6 @@ def _recipe_header(args: argparse.Namespace) -> tuple[Any, Path, Any]:
         f"  model: {recipe.model.name_or_path} ({recipe.quantization.method}, LoRA r={recipe.lora.r}, "
         f"alpha={recipe.lora.alpha}, targets={recipe.lora.target_modules})"
     )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     print(f"  batch: {resolve_batch(recipe.train, world).describe()}")
     print(f"  run directory: {recipe.run_dir}")
     for warning in recipe_warnings(recipe):
@@ -942,15 +943,10 @@ def say_interrupted(command: str, exc: BaseException) -> None:
     if rank is not None:
         other = rank != 0
     else:
-        from .launch import LAUNCHER_VARIABLES
+        from .launch import launcher_started, world_size_variable
 
-        env = os.environ
-        try:
-            several = int(env.get("WORLD_SIZE") or 1) > 1
-        except ValueError:
-            several = False
-        launched = any(env.get(name) for name in LAUNCHER_VARIABLES)
-        other = several and launched and env.get("RANK", "0") not in ("", "0")
+        several = (world_size_variable() or 1) > 1
+        other = several and launcher_started() and os.environ.get("RANK", "0") not in ("", "0")
     if not other:
         print(interrupted_line(command, exc), file=sys.stderr)
 

@@ -241,15 +241,43 @@ LAUNCHER_VARIABLES = (
 RANK_VARIABLES = "WORLD_SIZE RANK LOCAL_RANK MASTER_ADDR MASTER_PORT"
 
 
+def world_size_variable(env: Mapping[str, str] | None = None) -> int | None:
+    """$WORLD_SIZE as a number of processes (1 unset or empty), or None where it is not one (not a
+    whole number, or below 1)."""
+    env = os.environ if env is None else env
+    try:
+        world = int(env.get("WORLD_SIZE", "1").strip() or 1)
+    except ValueError:
+        return None
+    return world if world >= 1 else None
+
+
+def checked_world_size(env: Mapping[str, str] | None = None) -> int:
+    """`world_size_variable`, where it is not a number of processes refused naming the variable."""
+    world = world_size_variable(env)
+    if world is None:
+        raw = (os.environ if env is None else env)["WORLD_SIZE"]
+        raise UserError(
+            f"WORLD_SIZE={raw!r} is not a number of processes (a whole number from 1): unset {RANK_VARIABLES} "
+            "to run one process, or start several with accelerate launch, which sets them"
+        )
+    return world
+
+
+def launcher_started(env: Mapping[str, str] | None = None) -> bool:
+    """Whether a launcher (torchrun, accelerate launch) set its variables for this process."""
+    env = os.environ if env is None else env
+    return any(env.get(name) for name in LAUNCHER_VARIABLES)
+
+
 def stray_rank_variables(env: Mapping[str, str] | None = None) -> str | None:
     """WORLD_SIZE > 1 in a process no launcher started (the variables left exported in a shell): what
     it will wait for, and how to run one process instead; else None."""
     env = os.environ if env is None else env
-    try:
-        world = int(env.get("WORLD_SIZE", "1") or 1)
-    except ValueError:
+    world = world_size_variable(env)
+    if world is None:
         return f"WORLD_SIZE={env['WORLD_SIZE']!r} is not a number of processes: unset {RANK_VARIABLES}"
-    if world <= 1 or any(env.get(name) for name in LAUNCHER_VARIABLES):
+    if world <= 1 or launcher_started(env):
         return None
     where = f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
     return (
@@ -531,14 +559,15 @@ def single_process() -> LaunchMode:
 def check_devices(env: Mapping[str, str] | None = None, cuda: bool | None = None) -> None:
     """Before anything starts: a launch that asked for GPUs (several processes, DeepSpeed or FSDP)
     in a process that sees no CUDA GPU stops here, instead of quietly training on CPU ranks. One
-    process falls back to the CPU (a laptop smoke test); ACCELERATE_USE_CPU=true asks for CPU ranks."""
+    process falls back to the CPU (a laptop smoke test); ACCELERATE_USE_CPU=true asks for CPU ranks.
+    A WORLD_SIZE that is no number of processes stops here too."""
     import torch
 
     env = os.environ if env is None else env
+    world = checked_world_size(env)  # (torch and accelerate would raise a ValueError on it)
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if cuda or env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return
-    world = int(env.get("WORLD_SIZE", "1") or 1)
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         what = "DeepSpeed"
     elif env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
