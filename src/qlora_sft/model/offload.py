@@ -336,10 +336,11 @@ class HostHead(torch.nn.Module):
     CPU there is nothing to copy: the attribute is the parameter."""
 
     # decoder layers before the end of the forward whose forward starts the copy. The decoder's
-    # layers have one shape, so the memory alive during the forward is the same at each of them: a
-    # longer lead keeps the copy alive over more layers without raising the forward's peak (that
-    # of the last layers with the copy). 8B at 2 x 2048 on an H200 (2026-12-03): two layers' compute
-    # was shorter than the copy of 1 GiB; 8 layers ran 1.086x faster, the same peak.
+    # layers have one shape and each keeps its input (on the GPU, or offloaded), so what is alive
+    # does not fall from one layer to the next: the forward's peak is at its last layers, which
+    # ran with the copy alive at any lead, and a longer lead does not raise it. 8B at 2 x 2048 on
+    # an H200 (2026-12-03): two layers' compute was shorter than the 1 GiB copy; 8 ran 1.086x
+    # faster, the same peak.
     LEAD = 8
 
     def __init__(self, head: torch.nn.Linear) -> None:
