@@ -140,6 +140,8 @@ def test_a_world_size_that_is_no_number_of_processes_is_named(
     assert code != 0 and "Traceback" not in captured.err
     assert f"WORLD_SIZE={world!r} is not a number of processes" in captured.err, captured.err
     assert "unset WORLD_SIZE RANK" in captured.err and "recipe " not in captured.out  # before the recipe loads
+    assert cli.main(["train", str(recipe)]) == 2  # refused before the run directory exists
+    assert "is not a number of processes" in capsys.readouterr().err and not (tmp_path / "runs").exists()
     for cuda in (True, False):
         with pytest.raises(UserError, match="is not a number of processes"):
             check_devices({"WORLD_SIZE": world}, cuda=cuda)
