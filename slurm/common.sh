@@ -20,6 +20,21 @@
 
 qlora_sft_log() { echo "[qlora-sft slurm $(date +%H:%M:%S)] $*" >&2; }
 
+# QLORA_SFT_DRY_RUN as qlora-sft reads every switch: 1/true/yes on, unset/empty/0/false/no off;
+# anything else stops the job before it starts anything
+qlora_sft_dry_run() {
+  local value
+  value="$(printf '%s' "${QLORA_SFT_DRY_RUN:-}" | tr '[:upper:]' '[:lower:]' | tr -d '[:space:]')"
+  case "$value" in
+    "" | 0 | false | no) return 1 ;;
+    1 | true | yes) return 0 ;;
+    *)
+      qlora_sft_log "error: QLORA_SFT_DRY_RUN=${QLORA_SFT_DRY_RUN}: use 1 (on) or 0 (off), or leave it unset"
+      exit 2
+      ;;
+  esac
+}
+
 qlora_sft_gpus_on_node() {
   # SLURM_GPUS_ON_NODE is set when the job asked for GPUs; otherwise count what is visible.
   if [ -n "${QLORA_SFT_GPUS_PER_NODE:-}" ]; then echo "$QLORA_SFT_GPUS_PER_NODE"; return; fi
@@ -41,6 +56,7 @@ qlora_sft_check_count() {
 }
 
 qlora_sft_run() {
+  qlora_sft_dry_run || true # (a value it cannot mean stops here, before anything runs)
   local deepspeed="" ds_flag=""
   case "${1:-}" in
     --deepspeed) ds_flag=1; deepspeed="${2:-}"; shift; [ $# -eq 0 ] || shift ;;
@@ -131,7 +147,7 @@ qlora_sft_run() {
   # Tokenize once, here, with this step's CPUs; the ranks then find the cache (a cache built before,
   # e.g. by `qlora-sft prepare` on a login node or by the job's previous run, is reused in seconds).
   local prepare=("$py" -m qlora_sft prepare "$recipe" "$@")
-  if [ "${QLORA_SFT_PREPARE:-1}" != 0 ] && [ -z "${QLORA_SFT_DRY_RUN:-}" ]; then
+  if [ "${QLORA_SFT_PREPARE:-1}" != 0 ] && ! qlora_sft_dry_run; then
     if ! "${prepare[@]}"; then
       qlora_sft_log "error: preparing the data failed (see above); not starting"
       return 2
@@ -152,7 +168,7 @@ qlora_sft_run() {
     task+=' -m qlora_sft train "$@"'
   fi
   local cmd=(srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "$task" qlora-sft "$recipe" "$@")
-  if [ -n "${QLORA_SFT_DRY_RUN:-}" ]; then
+  if qlora_sft_dry_run; then
     printf 'run_dir=%s\n' "$run_dir"
     if [ "${QLORA_SFT_PREPARE:-1}" != 0 ]; then printf 'prepare: '; printf '%q ' "${prepare[@]}"; printf '\n'; fi
     printf 'env MASTER_ADDR=%s MASTER_PORT=%s QLORA_SFT_NUM_PROCESSES=%s\n' "$MASTER_ADDR" "$MASTER_PORT" "$total"

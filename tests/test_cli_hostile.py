@@ -3,6 +3,7 @@ taken or refused naming the argument, never a traceback."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,73 @@ def test_a_world_size_that_is_no_number_of_processes_is_named(
         with pytest.raises(UserError, match="is not a number of processes"):
             check_devices({"WORLD_SIZE": world}, cuda=cuda)
     assert "is not a number of processes" in (stray_rank_variables({"WORLD_SIZE": world}) or "")
+
+
+def test_launch_variables_torch_or_accelerate_would_refuse_late_are_named_first(
+    tiny_model: Path, toy_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+):
+    """Found by a hostile run: a LOCAL_RANK left in the shell (a tutorial's `export LOCAL_RANK=0`)
+    made accelerate start a process group with no MASTER_ADDR (`train` and `export` ended in a
+    traceback; empty or `abc`: int()'s ValueError), and ACCELERATE_USE_CPU=abc (or empty) raised
+    accelerate's "invalid truth value" after the model had loaded. Now each is named with the fix
+    before the recipe loads; what accelerate reads as yes or no (`on`, `1`) is read alike here."""
+    from qlora_sft.errors import UserError
+    from qlora_sft.launch import accelerate_flag, check_devices, check_launch_environment, distributed_state
+
+    for env, what in (
+        ({"LOCAL_RANK": "0"}, "LOCAL_RANK=0 is set, so this process would join a process group"),
+        ({"LOCAL_RANK": ""}, "LOCAL_RANK='' is not a rank"),
+        ({"LOCAL_RANK": "abc"}, "LOCAL_RANK='abc' is not a rank"),
+        ({"ACCELERATE_USE_CPU": "abc"}, "ACCELERATE_USE_CPU='abc': accelerate reads it as yes or no"),
+        ({"ACCELERATE_USE_CPU": ""}, "ACCELERATE_USE_CPU='': accelerate reads it as yes or no"),
+        ({"ACCELERATE_USE_FSDP": "sure"}, "ACCELERATE_USE_FSDP='sure'"),
+    ):
+        with pytest.raises(UserError, match=re.escape(what)):
+            check_launch_environment(env)
+        with pytest.raises(UserError, match=re.escape(what)):
+            check_devices(env, cuda=True)
+    # set by a launcher, or with a MASTER_ADDR to meet at (one DeepSpeed process), or -1: no problem
+    for env in (
+        {"LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2"},
+        {"LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "1"},
+        {"LOCAL_RANK": "-1"},
+    ):
+        assert check_launch_environment(env) >= 1
+    assert accelerate_flag("ACCELERATE_USE_CPU", {"ACCELERATE_USE_CPU": "on"})
+    assert not accelerate_flag("ACCELERATE_USE_CPU", {"ACCELERATE_USE_CPU": "0"})
+    assert not accelerate_flag("ACCELERATE_USE_CPU", {})
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(UserError, match="LOCAL_RANK=0 is set"):
+        distributed_state()  # (what export reaches first, through main_process_writes)
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, toy_data, tmp_path / "runs"))
+    for command in ("validate", "train"):
+        assert cli.main([command, str(recipe)]) == 2
+        err = capsys.readouterr().err
+        assert "LOCAL_RANK=0 is set" in err and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_numbers_in_variables_are_read_as_int_reads_them(monkeypatch):
+    """`str.isdigit()` takes superscripts (`²`) that int() refuses: QLORA_SFT_HEAD_TILE/HEAD_LEAD=² ended
+    `train` in a traceback and SBATCH_NO_REQUEUE=² `submit`. A SLURM_RESTART_COUNT that is not a count
+    (SLURM sets whole numbers) crashed the run lock; it counts as 0. A QLORA_SFT_CACHE of spaces made a
+    folder named by them in the working directory."""
+    import importlib
+
+    from qlora_sft import checkpoint, files
+    from qlora_sft.errors import UserError
+    from qlora_sft.model import offload
+
+    submit = importlib.import_module("qlora_sft.submit")
+
+    for name, read in ((offload.HEAD_TILE_ENV, offload.head_tile), (offload.HEAD_LEAD_ENV, offload.head_lead)):
+        with pytest.raises(UserError, match=f"{name}='²'"):
+            read({name: "²"})
+    assert not submit._flag_set("²") and submit._flag_set("1") and not submit._flag_set("0")
+    for raw, count in (("3", 3), (" 2 ", 2), ("", 0), (" ", 0), ("abc", 0), ("1.5", 0), ("²", 0), ("-1", 0)):
+        monkeypatch.setenv("SLURM_RESTART_COUNT", raw)
+        assert checkpoint.slurm_restart_count() == count, raw
+    monkeypatch.setenv("QLORA_SFT_CACHE", "  ")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere")
+    assert files.user_cache_dir() == Path("/somewhere/qlora-sft")

@@ -919,3 +919,32 @@ def test_a_hand_edited_deepspeed_json_is_refused_saying_what_json_forbids(tmp_pa
         read_deepspeed(path)
     message = str(exc.value)
     assert (hint in message) if hint else message.rstrip().endswith(")"), message
+
+
+@pytest.mark.parametrize("value", ["1", "0", "no", "", "abc"])
+def test_dry_run_switch_reads_0_as_off(tmp_path: Path, value: str):
+    """QLORA_SFT_DRY_RUN=0 used to turn the dry run on (any value that was not empty did): the job
+    printed its srun line and trained nothing, and `launch_config deepspeed` skipped its DeepSpeed
+    check. It is read as every switch now: 1/true/yes on, 0/false/no/empty off, anything else refused
+    before anything runs."""
+    from qlora_sft import launch_config
+    from qlora_sft.errors import UserError
+
+    recipe = small_recipe(tmp_path)
+    out = run_sbatch_script(tmp_path, sbatch_env(tmp_path, QLORA_SFT_DRY_RUN=value), str(recipe))
+    ran = (tmp_path / "srun.log").exists()
+    if value == "abc":
+        assert out.returncode == 2 and "QLORA_SFT_DRY_RUN=abc: use 1 (on) or 0 (off)" in out.stderr, out.stderr
+        assert not ran
+    elif value == "1":
+        assert out.returncode == 0 and "QLORA_SFT_NUM_PROCESSES=" in out.stdout and not ran, out.stderr
+    else:
+        assert ran and "QLORA_SFT_NUM_PROCESSES=" not in out.stdout, (out.stdout, out.stderr)
+    env = {"QLORA_SFT_DRY_RUN": value}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QLORA_SFT_DRY_RUN", value)
+        if value == "abc":
+            with pytest.raises(UserError, match="QLORA_SFT_DRY_RUN="):
+                launch_config.dry_run()
+        else:
+            assert launch_config.dry_run() == (value == "1"), env

@@ -304,7 +304,7 @@ class RunLock:
             **process_record(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+            "slurm_restart_count": slurm_restart_count(),
         }
 
     @staticmethod
@@ -575,6 +575,13 @@ def check_run_dir(recipe: Recipe) -> str:
 DATA_SOURCE_KEYS = ("data.sources", "data.eval_sources")
 
 
+def slurm_restart_count() -> int:
+    """$SLURM_RESTART_COUNT (how often SLURM requeued this job), 0 where unset or not a count (SLURM
+    sets a whole number; anything else was not set by it)."""
+    raw = os.environ.get("SLURM_RESTART_COUNT", "").strip()
+    return int(raw) if raw.isdecimal() else 0
+
+
 def slurm_requeue_of(run_dir: Path) -> str | None:
     """Whether this launch is a SLURM requeue of the job that last launched into `run_dir` (its
     recipe.yaml's `launch:` block): the same SLURM job id, a higher SLURM_RESTART_COUNT. Then
@@ -587,7 +594,7 @@ def slurm_requeue_of(run_dir: Path) -> str | None:
     try:
         launch = (read_yaml(run_dir / RUN_RECIPE)[0] or {}).get("launch") or {}
         before = int(launch.get("slurm_restart_count") or 0)
-        now = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        now = slurm_restart_count()
     except Exception:  # no readable record of the launch: not provably the same job
         return None
     return job if str(launch.get("slurm_job_id")) == job and now > before else None
@@ -1780,7 +1787,7 @@ def run_metadata(recipe: Recipe, mode: Any, batch: Any) -> dict[str, Any]:
         "base_model": base_fingerprint(recipe),
         # a requeue of this SLURM job resumes this run even with run.overwrite (slurm_requeue_of)
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT") or "0",
+        "slurm_restart_count": str(slurm_restart_count()),
     }
 
 

@@ -675,11 +675,11 @@ def _data_report(recipe: Any, base_dir: Path, tokenizer: Any, keep: bool) -> lis
 def _recipe_header(args: argparse.Namespace) -> tuple[Any, Path, Any]:
     """Load the recipe, print its summary, and load the tokenizer with the recipe's chat template."""
     from . import model
-    from .launch import checked_world_size
+    from .launch import check_launch_environment
     from .plan import check_data_readable
     from .recipe import load_recipe, recipe_warnings, resolve_batch
 
-    world = checked_world_size()  # (the batch is described for this many processes)
+    world = check_launch_environment()  # (train would refuse them; the batch is described for `world`)
     rebuild = ["data.rebuild=true"] if getattr(args, "rebuild", False) else []
     recipe = load_recipe(args.recipe, [*args.overrides, *rebuild])
     base_dir = Path(args.recipe).parent

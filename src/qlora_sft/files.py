@@ -75,7 +75,7 @@ def user_cache_dir() -> Path:
     """The user's qlora-sft cache folder: `$QLORA_SFT_CACHE`, else `$XDG_CACHE_HOME/qlora-sft`, else
     ~/.cache/qlora-sft (small files kept between commands; losing them costs only time)."""
     return Path(
-        os.environ.get("QLORA_SFT_CACHE")
+        os.environ.get("QLORA_SFT_CACHE", "").strip()
         or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qlora-sft")
     )
 

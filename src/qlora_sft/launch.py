@@ -220,7 +220,8 @@ def distributed_state(timeout_s: float | None = None) -> Any:
     import torch
     from accelerate import PartialState
 
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    check_launch_environment()
+    cpu = accelerate_flag("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
     if timeout_s is None:
         return PartialState(cpu=cpu)
     return PartialState(cpu=cpu, timeout=datetime.timedelta(seconds=timeout_s))
@@ -260,6 +261,53 @@ def checked_world_size(env: Mapping[str, str] | None = None) -> int:
         raise UserError(
             f"WORLD_SIZE={raw!r} is not a number of processes (a whole number from 1): unset {RANK_VARIABLES} "
             "to run one process, or start several with accelerate launch, which sets them"
+        )
+    return world
+
+
+# accelerate's yes/no variables: it reads each, where set, with `str_to_bool` and raises a
+# ValueError (a traceback, after the model loaded) on any other value, an empty one included
+ACCELERATE_FLAGS = ("ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
+
+
+def accelerate_flag(name: str, env: Mapping[str, str] | None = None) -> bool:
+    """accelerate's yes/no variable `name` read as accelerate reads it (False where unset); a value
+    accelerate would refuse is refused here, naming it."""
+    env = os.environ if env is None else env
+    if name not in env:
+        return False
+    from accelerate.utils.environment import str_to_bool
+
+    try:
+        return bool(str_to_bool(env[name]))
+    except ValueError:
+        raise UserError(
+            f"{name}={env[name]!r}: accelerate reads it as yes or no (1 or 0, true or false, yes or no, on or off); "
+            "set one of those, or unset it"
+        ) from None
+
+
+def check_launch_environment(env: Mapping[str, str] | None = None) -> int:
+    """The launch's variables that torch or accelerate would refuse only once they start (a traceback,
+    late): WORLD_SIZE (`checked_world_size`, returned), accelerate's yes/no flags, and a LOCAL_RANK
+    left in the shell of a process no launcher started (a rank of a process group that has no
+    MASTER_ADDR to meet at)."""
+    env = os.environ if env is None else env
+    world = checked_world_size(env)
+    for name in ACCELERATE_FLAGS:
+        accelerate_flag(name, env)
+    raw = env.get("LOCAL_RANK")
+    if raw is None or launcher_started(env):
+        return world
+    try:
+        local = int(raw)
+    except ValueError:
+        raise UserError(f"LOCAL_RANK={raw!r} is not a rank: unset {RANK_VARIABLES} to run one process") from None
+    if local != -1 and not env.get("MASTER_ADDR"):
+        raise UserError(
+            f"LOCAL_RANK={raw} is set, so this process would join a process group, but no launcher started it "
+            f"and MASTER_ADDR is not set: unset {RANK_VARIABLES} to run one process, or start several with "
+            "accelerate launch"
         )
     return world
 
@@ -355,7 +403,7 @@ def mode_from_environment(
     if cpu:
         return LaunchMode("cpu", **common)
     common["mixed_precision"] = env.get("ACCELERATE_MIXED_PRECISION", "")
-    if flag("ACCELERATE_USE_DEEPSPEED"):
+    if accelerate_flag("ACCELERATE_USE_DEEPSPEED", env):
         ds = deepspeed_from_environment(env)
         return LaunchMode(
             "deepspeed",
@@ -366,7 +414,7 @@ def mode_from_environment(
             zero3_release=env_switch(ZERO3_RELEASE_LAYERS_ENV, env),
             **common,
         )
-    if flag("ACCELERATE_USE_FSDP"):
+    if accelerate_flag("ACCELERATE_USE_FSDP", env):
         return LaunchMode(
             "fsdp",
             offload=flag("FSDP_OFFLOAD_PARAMS"),
@@ -428,7 +476,7 @@ def deepspeed_from_environment(env: Mapping[str, str]) -> launch_config.DeepSpee
         "zero3_save_16bit_model": env.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false").lower() == "true",
     }
     gas = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
-    keys["gradient_accumulation_steps"] = int(gas) if gas.isdigit() else gas
+    keys["gradient_accumulation_steps"] = int(gas) if gas.isdecimal() else gas
     clipping = env.get("ACCELERATE_GRADIENT_CLIPPING")
     if clipping and clipping != "auto":
         keys["gradient_clipping"] = float(clipping)
@@ -560,17 +608,17 @@ def check_devices(env: Mapping[str, str] | None = None, cuda: bool | None = None
     """Before anything starts: a launch that asked for GPUs (several processes, DeepSpeed or FSDP)
     in a process that sees no CUDA GPU stops here, instead of quietly training on CPU ranks. One
     process falls back to the CPU (a laptop smoke test); ACCELERATE_USE_CPU=true asks for CPU ranks.
-    A WORLD_SIZE that is no number of processes stops here too."""
+    The launch's variables that would fail later stop here too (`check_launch_environment`)."""
     import torch
 
     env = os.environ if env is None else env
-    world = checked_world_size(env)  # (torch and accelerate would raise a ValueError on it)
+    world = check_launch_environment(env)  # (torch and accelerate would raise a ValueError, late)
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    if cuda or env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+    if cuda or accelerate_flag("ACCELERATE_USE_CPU", env):
         return
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+    if accelerate_flag("ACCELERATE_USE_DEEPSPEED", env):
         what = "DeepSpeed"
-    elif env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+    elif accelerate_flag("ACCELERATE_USE_FSDP", env):
         what = "FSDP"
     elif world > 1:
         what = f"{world} processes"

@@ -715,7 +715,7 @@ def _choice(value: Any, choices: tuple[str, ...], default: str) -> str:
     if value is None:
         return default
     text = str(value).strip().upper()
-    if text.isdigit() and 1 <= int(text) <= len(choices):
+    if text.isdecimal() and 1 <= int(text) <= len(choices):
         return choices[int(text) - 1]
     return text
 
@@ -1161,33 +1161,32 @@ def recipe_problems(recipe: Any) -> list[str]:
     return deepspeed_problems(ds, recipe, compute_dtype=None if setting == "auto" else setting)
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    return str(env.get(name, "")).strip().lower() in ("1", "true", "yes", "on")
-
-
 def prepare_environment(recipe: Any, env: Any = None) -> None:
     """First thing in `train`, before the process group starts: a recipe that names a DeepSpeed JSON
     (`train.deepspeed`) starts DeepSpeed the way `accelerate launch --use_deepspeed
     --deepspeed_config_file X.json` does (the variables its ranks get), on any launcher (a DDP
     `accelerate launch`, torchrun, one process). DeepSpeed, however asked for, must be installed (one
     line naming the extra), and its config file must be where the rank looks for it."""
+    from .launch import accelerate_flag
+
     env = os.environ if env is None else env
     path = recipe.train.args.get("deepspeed")
     if path:
         ds = read_deepspeed(path)
-        if _flag(env, "ACCELERATE_USE_FSDP"):
+        if accelerate_flag("ACCELERATE_USE_FSDP", env):
             raise UserError(
                 f"train.deepspeed names {ds.path}, but the launcher started FSDP (its accelerate config has "
                 "distributed_type: FSDP). Use one: remove train.deepspeed, or launch with a DDP config "
                 "(configs/accelerate/multi_gpu.yaml) or launch/local.sh --deepspeed"
             )
         launched = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-        if _flag(env, "ACCELERATE_USE_DEEPSPEED") and launched and Path(launched).resolve() != ds.path.resolve():
+        deepspeed_launch = accelerate_flag("ACCELERATE_USE_DEEPSPEED", env)
+        if deepspeed_launch and launched and Path(launched).resolve() != ds.path.resolve():
             raise UserError(
                 f"two DeepSpeed configs: the launcher's {launched} and the recipe's train.deepspeed {ds.path}. "
                 "Use one (remove train.deepspeed, or launch without a DeepSpeed accelerate config)"
             )
-        if _flag(env, "ACCELERATE_USE_CPU"):
+        if accelerate_flag("ACCELERATE_USE_CPU", env):
             raise UserError(
                 f"train.deepspeed names {ds.path}, but this launch runs CPU ranks (ACCELERATE_USE_CPU=true) and "
                 "DeepSpeed needs CUDA GPUs. For a CPU run, override train.deepspeed=null"
@@ -1203,7 +1202,7 @@ def prepare_environment(recipe: Any, env: Any = None) -> None:
             env.setdefault("MASTER_ADDR", "127.0.0.1")
             env.setdefault("MASTER_PORT", "29500")
         return
-    if _flag(env, "ACCELERATE_USE_DEEPSPEED") and not _flag(env, "ACCELERATE_USE_CPU"):
+    if accelerate_flag("ACCELERATE_USE_DEEPSPEED", env) and not accelerate_flag("ACCELERATE_USE_CPU", env):
         launched = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
         require_deepspeed(f"the launch (DeepSpeed{f', {Path(launched).name}' if launched else ''})")
         if launched and not Path(launched).is_file():
@@ -1240,11 +1239,19 @@ def accelerate_args(config: str | os.PathLike[str]) -> list[str]:
     cfg = read_accelerate(config)
     if cfg.deepspeed is None:
         return []
-    if not os.environ.get("QLORA_SFT_DRY_RUN"):
+    if not dry_run():
         require_deepspeed(f"{cfg.path.name} (distributed_type: DEEPSPEED)")
     if cfg.deepspeed.from_accelerate_yaml:
         return []
     return ["--deepspeed_config_file", str(cfg.deepspeed.path)]
+
+
+def dry_run() -> bool:
+    """QLORA_SFT_DRY_RUN (the launch scripts' switch: print what would run), checked as every switch
+    (`launch.env_switch`: 1/true/yes on, unset/0/false/no off, anything else refused)."""
+    from .launch import env_switch
+
+    return env_switch("QLORA_SFT_DRY_RUN") is True
 
 
 USAGE = """usage: python -m qlora_sft.launch_config deepspeed FILE.json
@@ -1265,7 +1272,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(arg)
             return 0
         ds = read_deepspeed(args[1])
-        if not os.environ.get("QLORA_SFT_DRY_RUN"):
+        if not dry_run():
             require_deepspeed(f"--deepspeed {args[1]}")
     except UserError as exc:
         print(f"qlora-sft: error: {exc}", file=sys.stderr)

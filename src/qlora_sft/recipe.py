@@ -663,7 +663,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[st
         for i, part in enumerate(parts[:-1]):
             here = ".".join(parts[: i + 1])
             if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
+                if not part.isdecimal() or int(part) >= len(node):
                     problems.append(f"override `{dotted}`: `{part}` is not an index of the list")
                     ok = False
                     break
@@ -674,7 +674,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[st
                 problems.append(f"override `{dotted}`: `{here}` is not a section")
                 ok = False
                 break
-            elif parts[i + 1].isdigit() and not isinstance(node.get(part), list):
+            elif parts[i + 1].isdecimal() and not isinstance(node.get(part), list):
                 rest = ".".join(parts[i + 2 :])
                 entry = f"{{{rest}: {raw.strip()}}}" if rest else raw.strip()
                 if rest and rest != "path":
@@ -693,7 +693,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[st
             continue
         last = parts[-1]
         if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
+            if not last.isdecimal() or int(last) >= len(node):
                 problems.append(f"override `{dotted}`: `{last}` is not an index of the list")
                 continue
             node[int(last)] = value

@@ -203,7 +203,7 @@ def node_gpus(gres: str) -> int | None:
         parts = entry.strip().split(":")
         if parts[0] != "gpu":
             continue
-        if len(parts) < 2 or not parts[-1].isdigit():
+        if len(parts) < 2 or not parts[-1].isdecimal():
             return None
         total += int(parts[-1])
     return total
@@ -233,7 +233,7 @@ def partition_problems(
                 )
             )
     count, total, max_nodes = params["nodes"], part.get("TotalNodes", ""), part.get("MaxNodes", "")
-    if total.isdigit() and count > int(total):
+    if total.isdecimal() and count > int(total):
         problems.append(
             (
                 f"cluster.nodes={count} (--nodes) is more than the {total} node(s) it has; give --nodes {total} or "
@@ -242,7 +242,7 @@ def partition_problems(
                 None,
             )
         )
-    elif max_nodes.isdigit() and count > int(max_nodes):
+    elif max_nodes.isdecimal() and count > int(max_nodes):
         problems.append(
             (
                 f"cluster.nodes={count} (--nodes) is more than its MaxNodes={max_nodes}; give --nodes {max_nodes} or "
@@ -270,7 +270,7 @@ def partition_problems(
     if "overcommit" not in extra:  # (--overcommit: tasks share CPUs)
         if cpus and max(cpus) < tasks * per_task:
             beyond = f"but its nodes have {max(cpus)} at most; ask for fewer"
-        elif max_cpus.isdigit() and tasks * per_task > int(max_cpus):  # (SLURM 22.05: pending, PartitionConfig)
+        elif max_cpus.isdecimal() and tasks * per_task > int(max_cpus):  # (SLURM 22.05: pending, PartitionConfig)
             beyond = f"more than its MaxCPUsPerNode={max_cpus}; ask for {max_cpus} or fewer"
     if beyond:
         problems.append((f"{asked}, {beyond}", "PartitionConfig", None))
@@ -280,7 +280,7 @@ def partition_problems(
         mem = os.environ["SBATCH_MEM_PER_NODE"].strip()
         named = f"SBATCH_MEM_PER_NODE={mem} (sbatch reads it over --mem)"
     mb = slurm_megabytes(str(mem)) if mem else None
-    if mb and max_mem.isdigit() and mb > int(max_mem):  # (--mem=0: all of a node's memory, whatever it is)
+    if mb and max_mem.isdecimal() and mb > int(max_mem):  # (--mem=0: all of a node's memory, whatever it is)
         problems.append(
             (
                 f"{named} is more than its MaxMemPerNode={max_mem} (megabytes); give --mem {max_mem}M or less",
@@ -365,7 +365,7 @@ def check_partition_limits(params: Mapping[str, Any]) -> None:
     for line in out.splitlines():
         row = line.strip().split("|")
         if len(row) == 3 and row[0] in nodes:
-            nodes[row[0]].append((int(row[1]) if row[1].isdigit() else None, node_gpus(row[2])))
+            nodes[row[0]].append((int(row[1]) if row[1].isdecimal() else None, node_gpus(row[2])))
     found = {n: partition_problems(parts[n], nodes[n], params) for n in names}
     if not all(found.values()):
         return  # a partition it may run in can run it
@@ -410,7 +410,7 @@ SBATCH_ENV = {
 def _flag_set(value: str) -> bool:
     """Whether sbatch reads a flag option's environment variable as given: empty, `yes` or a number not 0."""
     text = value.strip().lower()
-    return text in ("", "yes") or (text.isdigit() and int(text) != 0)
+    return text in ("", "yes") or (text.isdecimal() and int(text) != 0)
 
 
 def check_sbatch_environment(params: Mapping[str, Any], env: Mapping[str, str] | None = None) -> None:
@@ -622,7 +622,7 @@ def jobs_still_queued(folder: Path, tag: str) -> list[tuple[str, str]]:
     """(job id, state) of the jobs of this run that SLURM still holds (pending, running, requeued...):
     submitted into `folder` before (`<folder>/<id>/<id>_submitted.pkl`), or from any job folder with the
     comment `tag` (run_tag). Empty where squeue cannot tell, with a warning where `folder` holds jobs."""
-    ids = {p.parent.name for p in folder.glob("*/*_submitted.pkl") if p.parent.name.isdigit()}
+    ids = {p.parent.name for p in folder.glob("*/*_submitted.pkl") if p.parent.name.isdecimal()}
     out, failed = slurm_query(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %T %k"])
     if failed:
         if not ids:
@@ -711,7 +711,7 @@ def export_torch_env() -> dict[str, str]:
         job = os.environ.get("SLURM_JOB_ID", "")
         if chosen_port:
             os.environ["MASTER_PORT"] = chosen_port
-        elif os.environ.get("MASTER_PORT") and job.isdigit():
+        elif os.environ.get("MASTER_PORT") and job.isdecimal():
             os.environ["MASTER_PORT"] = str(20000 + int(job) % 20000)
     else:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")

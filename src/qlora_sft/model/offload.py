@@ -46,7 +46,7 @@ def _env_whole(name: str, low: int, high: int, what: str, env: Any) -> int | Non
     raw = (os.environ if env is None else env).get(name, "").strip()
     if not raw:
         return None
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not raw.isdecimal() or not low <= int(raw) <= high:
         raise _switch_error(name, raw, f"name a whole number of {what} from {low} to {high}")
     return int(raw)
 
