@@ -184,6 +184,9 @@ def test_launch_variables_torch_or_accelerate_would_refuse_late_are_named_first(
     assert not accelerate_flag("ACCELERATE_USE_CPU", {})
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
+    from accelerate import PartialState
+
+    monkeypatch.setattr(PartialState, "_shared_state", {})  # (not yet created, as in a fresh `export`)
     with pytest.raises(UserError, match="LOCAL_RANK=0 is set"):
         distributed_state()  # (what export reaches first, through main_process_writes)
     recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model, toy_data, tmp_path / "runs"))

@@ -220,7 +220,8 @@ def distributed_state(timeout_s: float | None = None) -> Any:
     import torch
     from accelerate import PartialState
 
-    check_launch_environment()
+    if not PartialState._shared_state:  # (created here: its variables checked once, not at each call)
+        check_launch_environment()
     cpu = accelerate_flag("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
     if timeout_s is None:
         return PartialState(cpu=cpu)
@@ -313,7 +314,8 @@ def check_launch_environment(env: Mapping[str, str] | None = None) -> int:
 
 
 def launcher_started(env: Mapping[str, str] | None = None) -> bool:
-    """Whether a launcher (torchrun, accelerate launch) set its variables for this process."""
+    """Whether a launcher set its variables for this process (`LAUNCHER_VARIABLES`: torchrun or
+    accelerate launch, srun, submitit's local executor, MPI, DeepSpeed's launcher)."""
     env = os.environ if env is None else env
     return any(env.get(name) for name in LAUNCHER_VARIABLES)
 
