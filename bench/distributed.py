@@ -85,6 +85,7 @@ from qlora_sft.launch import (
     ZERO3_UNITS_ENV,
 )
 from qlora_sft.model.fused_lora import ABSMAX_CACHE_ENV, DIRECT_DEQUANT_ENV, GROUPED_ENV
+from qlora_sft.model.layer_graphs import LAYER_GRAPHS_ENV
 from qlora_sft.model.offload import HEAD_LEAD_ENV, HEAD_TILE_ENV, OFFLOAD_PREFETCH_ENV
 from qlora_sft.profiling import PROFILE_HOST_ENV
 
@@ -129,6 +130,8 @@ TORCH_NORM = ((NORM_ENV, "torch"),)  # torch's fused RMSNorm in place of Liger's
 TORCH_SWIGLU = ((SWIGLU_ENV, "torch"),)  # transformers' MLP instead of Liger's SwiGLU
 UNGROUPED = ((GROUPED_ENV, "0"),)  # each fused LoRA layer computed alone, not with its siblings
 MB2 = ("train.micro_batch_tokens=4096",)
+GRAPHS = ((LAYER_GRAPHS_ENV, "on"),)
+FORWARD_GRAPHS = ((LAYER_GRAPHS_ENV, "forward"),)
 EXPANDABLE = (("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_ALLOC_CONF),)  # what qlora-sft sets unless the user did
 SEGMENTS_OFF = (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),)
 RELEASE_HEAD = ((FSDP_RELEASE_HEAD_ENV, "1"),)
@@ -322,6 +325,14 @@ MODES = {
     "1gpu_ungrouped": Mode("single_gpu.yaml", UNGROUPED),
     "1gpu_mb2_ungrouped": Mode("single_gpu.yaml", UNGROUPED, overrides=MB2),
     "1gpu_mb2_hosttables_ungrouped": Mode("single_gpu.yaml", UNGROUPED, overrides=(*MB2, *HOST_TABLES)),
+    # the checkpointed decoder layers replayed from CUDA graphs (QLORA_SFT_LAYER_GRAPHS): the forward
+    # without gradients, the recompute and backward too (`on`), or only the forward (`fwdgraphs`)
+    "1gpu_graphs": Mode("single_gpu.yaml", GRAPHS),
+    "1gpu_mb2_graphs": Mode("single_gpu.yaml", GRAPHS, overrides=MB2),
+    "1gpu_mb2_fwdgraphs": Mode("single_gpu.yaml", FORWARD_GRAPHS, overrides=MB2),
+    "1gpu_hosttables_graphs": Mode("single_gpu.yaml", GRAPHS, overrides=HOST_TABLES),
+    "1gpu_mb2_hosttables_graphs": Mode("single_gpu.yaml", GRAPHS, overrides=(*MB2, *HOST_TABLES)),
+    "1gpu_mb2_graphs_profiled": Mode("single_gpu.yaml", (*GRAPHS, *PROFILED), overrides=MB2),
     "1gpu_adamw32": Mode("single_gpu.yaml", overrides=("train.optim=adamw_torch",)),
     "1gpu_expandable": Mode("single_gpu.yaml", EXPANDABLE),
     "1gpu_mb2_expandable": Mode("single_gpu.yaml", EXPANDABLE, overrides=("train.micro_batch_tokens=4096",)),
@@ -446,6 +457,8 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     # the allocator hit its limit and freed its cache to retry (a cap at the edge)
     out["outside_allocator_gib_per_rank"] = per_rank("outside_allocator_gib")
     out["alloc_retries_per_rank"] = [r.get("alloc_retries") for r in ranks]
+    if any("layer_graphs" in r for r in ranks):  # replays, captures and the graphs' pool (not in the peak)
+        out["layer_graphs_per_rank"] = [r.get("layer_graphs") for r in ranks]
     out["steady_gib_per_rank"] = per_rank("steady_gib")
     out["held_parameter_gib_per_rank"] = per_rank("held_parameter_gib")
     out["unsharded_parameter_gib"] = per_rank("unsharded_parameter_gib")[0] if ranks else None

@@ -1251,6 +1251,10 @@ def sharding_callback(mode: LaunchMode, logs_dir: Path, rank: int) -> Any:
                     outside_allocator_gib=gpu_memory_outside_allocator_gib(),
                     alloc_retries=int(torch.cuda.memory_stats().get("num_alloc_retries", 0)),
                 )
+                from .model import offload
+
+                if offload._GRAPHS is not None:  # QLORA_SFT_LAYER_GRAPHS: replays, captures, their pool
+                    self.record["layer_graphs"] = offload._GRAPHS.report()
             self.write()
 
         def write(self) -> None:

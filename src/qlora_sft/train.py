@@ -125,15 +125,40 @@ def sft_args(recipe: Recipe, batch: BatchPlan, mode: launch.LaunchMode, compute_
     return SFTConfig(**args)
 
 
-def offload_callback() -> Any:
+def layer_graphs_for(mode: launch.LaunchMode) -> str:
+    """QLORA_SFT_LAYER_GRAPHS as this launch allows it: graphs read the weights where they are, so
+    not where FSDP or ZeRO-3 gather them anew; the backward's adds the adapters' gradients itself,
+    past the hooks DDP reduces them with, so DDP replays only the forward."""
+    asked = model.layer_graphs.layer_graphs()
+    if mode.kind == "single_gpu":
+        return asked
+    if mode.kind == "ddp":
+        return "forward" if asked == "on" else asked
+    return "off"
+
+
+def offload_callback(mode: launch.LaunchMode) -> Any:
     """At the start of training, after transformers and TRL have (re)enabled gradient checkpointing,
     switch the checkpointed layers to `model.offloaded_checkpoint` (train.offload_activations)."""
     from transformers import TrainerCallback
 
+    graphs = layer_graphs_for(mode)
+
     class OffloadActivations(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            n = model.offload_checkpointed_inputs(kw["model"])
+            n = model.offload_checkpointed_inputs(kw["model"], graphs)
             log.info("activations: the inputs of %d checkpointed layers wait in pinned host memory", n)
+            if graphs != "off":
+                log.info(
+                    "layer graphs (%s=%s): %s",
+                    model.layer_graphs.LAYER_GRAPHS_ENV,
+                    graphs,
+                    (
+                        "each layer's forward, recompute and backward replay CUDA graphs"
+                        if graphs == "on"
+                        else "each layer's forward without gradients replays a CUDA graph"
+                    ),
+                )
             if not model.offload.prefetch_offloaded_inputs():
                 log.info(
                     "activations: %s=0: each input is fetched back only when its layer needs it",
@@ -224,6 +249,7 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     model.offload.prefetch_offloaded_inputs()  # the benchmark switches, checked before anything loads
     model.offload.head_tile()
     model.offload.head_lead()
+    model.layer_graphs.layer_graphs()
     hostwork.norm_kernel()
     hostwork.swiglu_kernel()
     max_steps = int(recipe.train.args.get("max_steps") or 0)
@@ -420,7 +446,7 @@ def _train(
         *(extra_callbacks or []),
     ]
     if launch.offloads_activations(recipe, mode):
-        callbacks.append(offload_callback())
+        callbacks.append(offload_callback(mode))
     profile_at = profiling.profile_step()  # (checked before the model was loaded)
     profiler = (
         None

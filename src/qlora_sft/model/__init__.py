@@ -11,13 +11,16 @@ checkpointed layers offloaded (`offload_checkpointed_inputs`).
                 (LoRA), attention choice, Liger kernels, the sharded-dtype check, summaries
     fused_lora  the fused 4-bit + LoRA layer (`lora.fused`)
     offload     offloaded gradient checkpointing (`train.offload_activations`)
+    layer_graphs  CUDA graphs of the checkpointed layers' calls (QLORA_SFT_LAYER_GRAPHS, offload's)
     sharding    prepare_sharding: FSDP layer units with replicated adapters, fp32 buffers under FSDP,
                 ZeRO-3 partitioning, materialize_placeholders
 
-`load` uses `fused_lora`; the other modules use none of each other. Each known trap of QLoRA is
-handled in the one function that owns the choice, with a comment that says why.
+`load` uses `fused_lora`, `offload` uses `layer_graphs`; the other modules use none of each other.
+Each known trap of QLoRA is handled in the one function that owns the choice, with a comment that
+says why.
 """
 
+from . import layer_graphs
 from .fused_lora import FusedLoraMatmul, fuse_lora_layers, uses_fused_lora
 from .load import (
     check_sharded_dtypes,
@@ -62,6 +65,7 @@ __all__ = [
     "fuse_lora_layers",
     "keep_buffers_fp32_under_fsdp",
     "keep_cpu_4bit_trainable",
+    "layer_graphs",
     "layer_units_policy",
     "load_base",
     "load_model",

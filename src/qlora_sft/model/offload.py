@@ -139,6 +139,8 @@ class HeldInput:
 
 _LAST_HELD: dict[torch.device, HeldInput] = {}
 _PREFETCH = True  # set from QLORA_SFT_OFFLOAD_PREFETCH when offloading starts (offload_checkpointed_inputs)
+# the layers' CUDA graphs (QLORA_SFT_LAYER_GRAPHS, `layer_graphs.LayerGraphs`), or None: eager
+_GRAPHS: Any = None
 
 
 @functools.cache
@@ -176,16 +178,21 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.below = _LAST_HELD.get(hidden.device) if _PREFETCH else None
         _LAST_HELD[hidden.device] = ctx.held
         with torch.no_grad():
-            out = run(hidden, *args)
+            out = run(hidden, *args) if _GRAPHS is None else _GRAPHS.forward(run, hidden, args)
         ctx.held.release()  # the stream waits here, after the layer's kernels, for the copy
         return out
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:
-        hidden = ctx.held.take().detach().requires_grad_(True)
+        hidden = ctx.held.take().detach()
         if ctx.below is not None:
             ctx.below.fetch()
         ctx.held = ctx.below = None
+        if _GRAPHS is not None:
+            grad = _GRAPHS.backward(ctx.run, hidden, ctx.args, grads, ctx.autocast)
+            if grad is not None:
+                return (None, grad, *([None] * len(ctx.args)))
+        hidden.requires_grad_(True)
         devices = [ctx.device] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
             torch.set_rng_state(ctx.cpu_rng)
@@ -212,16 +219,24 @@ def offloaded_checkpoint(run: Any, hidden: torch.Tensor, *args: Any) -> Any:
     return OffloadedCheckpoint.apply(run, hidden, *args)
 
 
-def offload_checkpointed_inputs(model: Any) -> int:
+def offload_checkpointed_inputs(model: Any, graphs: str = "off") -> int:
     """Point every checkpointed decoder layer at `offloaded_checkpoint`; returns how many. Called at
-    the start of training, after transformers/TRL have (re)enabled checkpointing."""
+    the start of training, after transformers/TRL have (re)enabled checkpointing. `graphs`
+    (`layer_graphs.LAYER_GRAPHS`, as the launch allows it): which of the layers' calls replay CUDA
+    graphs on a GPU."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    global _PREFETCH
+    from .layer_graphs import LayerGraphs
+
+    global _PREFETCH, _GRAPHS
     _PREFETCH = prefetch_offloaded_inputs()
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
     for m in layers:
         m._gradient_checkpointing_func = offloaded_checkpoint
+    device = next((p.device for m in layers for p in m.parameters()), None)
+    _GRAPHS = None
+    if graphs != "off" and device is not None and device.type == "cuda":
+        _GRAPHS = LayerGraphs(device, backward=graphs == "on")
     return len(layers)
 
 
@@ -466,10 +481,14 @@ def host_head_hooks(model: Any) -> HostHead | None:
         table.data = table.data.pin_memory()
     model.register_forward_pre_hook(lambda module, args: head.arm())
     model.register_forward_hook(lambda module, args, out: head.release(), always_call=True)
+    from .layer_graphs import replay_safe
+
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
     if isinstance(layers, torch.nn.ModuleList) and len(layers):
-        layers[max(0, len(layers) - head_lead())].register_forward_pre_hook(lambda module, args: head.prefetch())
+        # (replay-safe: a replayed layer's graph leaves its pre-hooks out, which then run before it)
+        prefetch = replay_safe(lambda module, args: head.prefetch())
+        layers[max(0, len(layers) - head_lead())].register_forward_pre_hook(prefetch)
     else:
         model.register_forward_pre_hook(lambda module, args: head.prefetch())
     return head

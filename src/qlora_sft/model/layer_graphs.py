@@ -1,0 +1,436 @@
+"""CUDA graphs of the checkpointed decoder layers (`QLORA_SFT_LAYER_GRAPHS`).
+
+With activation offloading (`offload.OffloadedCheckpoint`) each decoder layer runs three times per
+micro batch: a forward without gradients, then in the backward its recompute and its backward. At a
+small micro batch on a fast GPU the host, not the GPU, sets the pace: it spends longer queueing a
+layer's kernels (Python, autograd, op dispatch; some 220 per layer and micro batch) than the GPU
+spends running them (8B at 2 x 2048 tokens on an H200: ~0.45 s of host work per micro batch against
+~0.36 s of GPU work, docs/benchmarks.md). Here each layer's forward without gradients, and its
+recompute and backward together, are captured once into CUDA graphs and replayed afterwards: one
+launch in place of the layer's kernels.
+
+What a replay needs, and how it is kept true:
+  * the same shapes: a graph per layer and per signature of its inputs (shapes, dtypes, strides,
+    the non-tensor arguments, autocast). A packed row's example boundaries (`cu_seq_lens_*`, one
+    more entry than it has examples, which vary) are padded to a bucket of at least `MIN_BOUNDS`
+    entries with empty examples at the end, which the varlen kernel skips, and the row's length is
+    passed as its longest example (an upper bound the kernel accepts);
+  * the same addresses: inputs are copied into static buffers that the graphs of one signature
+    share, outputs and gradients copied out of others; weights are read where they are, so the
+    optimizer's in-place updates of the adapters reach every replay. Only launches whose weights
+    stay put use it: one GPU, and DDP for the forward (`offload_checkpointed_inputs`), never FSDP or
+    ZeRO-3, which gather weights into new memory each time. The backward's graph returns the
+    adapters' gradients, which are added to `.grad` after the replay as autograd would; DDP's
+    reducer hooks on that accumulation, so under DDP the backward runs eagerly;
+  * nothing on the host inside: a layer with forward hooks, dropout in training, a positional
+    argument, or a non-tensor argument that is not a plain value runs eagerly; pre-forward hooks
+    marked replay-safe (the host head's prefetch, `replay_safe`) run eagerly before each replay of
+    an older transformers' checkpointed `__call__`; a capture that fails (an operation a graph
+    cannot hold) is logged once and that layer and signature run eagerly from then on.
+
+Each graph's layer and signature run eagerly the first time they are seen (lazy set-up: compiled
+kernels, one-time checks) and are captured the second time. All graphs share one memory pool and
+keep nothing in it between replays (their inputs and outputs are outside it), so the pool holds the
+largest single graph's intermediates, which the eager allocator then no longer needs."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# QLORA_SFT_LAYER_GRAPHS (a benchmark switch): `on` replays the checkpointed decoder layers from CUDA
+# graphs (the forward without gradients, and the recompute with the backward where the launch
+# allows), `forward` only the forward, `off` (or unset) none
+LAYER_GRAPHS_ENV = "QLORA_SFT_LAYER_GRAPHS"
+LAYER_GRAPHS = ("off", "forward", "on")
+BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k")
+LENGTH_KEYS = ("max_length_q", "max_length_k")
+MIN_BOUNDS = 64  # padded boundary tensors hold at least this many entries (63 examples per row)
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def layer_graphs(env: Any = None) -> str:
+    """QLORA_SFT_LAYER_GRAPHS, checked: `off` (unset), `forward` or `on`."""
+    from ..launch import env_choice
+
+    return env_choice(LAYER_GRAPHS_ENV, LAYER_GRAPHS, env)
+
+
+def replay_safe(hook: Any) -> Any:
+    """Mark a forward pre-hook of a decoder layer as one that may run before a replay of the layer's
+    graph instead of inside the layer's call (it returns None and queues nothing the graph needs)."""
+    hook._qlora_sft_replay_safe = True
+    return hook
+
+
+def bucket(n: int) -> int:
+    """How many entries a padded boundary tensor of `n` entries holds: the next power of two, at
+    least `MIN_BOUNDS` (each bucket is another capture, so few of them)."""
+    return max(MIN_BOUNDS, 1 << (n - 1).bit_length())
+
+
+def padded_boundaries(cu: torch.Tensor, size: int) -> torch.Tensor:
+    """`cu` (0, the end of each example) extended to `size` entries by empty examples at the end:
+    the same attention (the kernel, and the per-example path, skip an empty example)."""
+    out = cu.new_empty(size)
+    out[: cu.numel()].copy_(cu)
+    out[cu.numel() :].copy_(cu[-1:].expand(size - cu.numel()))
+    return out
+
+
+def layer_call(run: Any) -> tuple[torch.nn.Module, Any, bool] | None:
+    """From the `run` a checkpointed layer hands its checkpoint function: the layer, the function to
+    capture, and whether `run` would have run the layer's hooks; None where `run` is neither of
+    transformers' forms (`partial(forward, layer, **kw)`, newer; `partial(layer.__call__, **kw)`
+    through `super().__call__`, older)."""
+    if not isinstance(run, functools.partial):
+        return None
+    func, args = run.func, run.args
+    if len(args) == 1 and isinstance(args[0], torch.nn.Module):
+        return args[0], functools.partial(func, args[0]), False
+    owner = getattr(func, "__self__", None)
+    name = getattr(func, "__name__", "")
+    if not args and isinstance(owner, torch.nn.Module) and name in ("__call__", "_wrapped_call_impl"):
+        return owner, owner.forward, True
+    return None
+
+
+def layer_problem(layer: torch.nn.Module, hooked: bool) -> str | None:
+    """Why this layer's calls cannot be replayed (what would not run, or not run the same), or None."""
+    from torch.nn.modules import module as nn_module
+
+    if getattr(layer, "_hf_hook", None) is not None:
+        return "accelerate's hooks move its weights"
+    if hooked:
+        if layer._forward_hooks or layer._backward_hooks or layer._backward_pre_hooks:
+            return "it has forward or backward hooks"
+        if layer._forward_pre_hooks_with_kwargs or not all(
+            getattr(h, "_qlora_sft_replay_safe", False) for h in layer._forward_pre_hooks.values()
+        ):
+            return "it has forward pre-hooks that a replay would skip"
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return "global module hooks are set"
+    for m in layer.modules():
+        if m.training and isinstance(m, torch.nn.Dropout) and m.p > 0:
+            return "it has dropout in training"
+        if m.training and float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0:
+            return "its attention has dropout in training"
+    return None
+
+
+def _describe(value: Any) -> Any:
+    """A hashable description of one argument for a signature; TypeError for what has none."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device, value.stride(), value.requires_grad)
+    if isinstance(value, tuple | list):
+        return (type(value).__name__, tuple(_describe(v) for v in value))
+    if isinstance(value, _PLAIN):
+        return ("value", value)
+    raise TypeError(type(value).__name__)
+
+
+def _leaves(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in _leaves(v)]
+    return []
+
+
+def _rebuild(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """`value` with its tensors replaced, in order, by `tensors` (consumed from the front)."""
+    if isinstance(value, torch.Tensor):
+        return tensors.pop(0)
+    if isinstance(value, tuple | list):
+        return type(value)(_rebuild(v, tensors) for v in value)
+    return value
+
+
+def _like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+
+
+class StaticInputs:
+    """The buffers the graphs of one signature read (the layer input and its keyword arguments,
+    every layer's graph the same ones) and write (the forward's output). `load` copies a call's
+    inputs in; an argument that is the same tensor, unchanged, as the one loaded last (the rotary
+    tables and the boundaries, for every layer of one forward) is not copied again."""
+
+    def __init__(self, hidden: torch.Tensor, kwargs: dict[str, Any], sizes: dict[str, int]) -> None:
+        self.sizes = sizes  # padded boundary keys -> their bucket
+        self.hidden = _like(hidden)
+        self.kwargs: dict[str, Any] = {}
+        for name, value in kwargs.items():
+            if name in sizes:
+                self.kwargs[name] = value.new_empty(sizes[name])
+            else:
+                self.kwargs[name] = _rebuild(value, [_like(t) for t in _leaves(value)])
+        self.last: dict[str, list[tuple[torch.Tensor, int]]] = {}
+        self.out: Any = None  # the forward's output: its structure, static tensors (from an eager call)
+
+    def load(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        self.hidden.copy_(hidden)
+        for name, value in kwargs.items():
+            sources = _leaves(value)
+            if not sources:
+                continue
+            seen = [(t, t._version) for t in sources]
+            last = self.last.get(name)
+            if last is not None and all(a is b and va == vb for (a, va), (b, vb) in zip(last, seen, strict=True)):
+                continue
+            if name in self.sizes:
+                self.kwargs[name].copy_(padded_boundaries(value, self.sizes[name]))
+            else:
+                for dst, src in zip(_leaves(self.kwargs[name]), sources, strict=True):
+                    dst.copy_(src)
+            self.last[name] = seen
+
+
+@dataclass
+class Backward:
+    """A captured recompute and backward: what it reads besides the layer's inputs, what it writes."""
+
+    graph: Any
+    grads_in: list[torch.Tensor]  # the output gradients, static (None outputs left out)
+    grad_hidden: torch.Tensor
+    params: list[torch.nn.Parameter]
+    grads_out: list[torch.Tensor | None]  # each parameter's gradient, static; None: it got none
+
+
+class LayerGraphs:
+    """The captured layers of one process (see the module's docstring). `backward`: the recompute
+    and backward are captured too (one GPU), else only the forward without gradients."""
+
+    def __init__(self, device: torch.device, backward: bool) -> None:
+        self.device = device
+        self.with_backward = backward
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device)
+        self.graphs: dict[Any, Any] = {}  # key -> a CUDAGraph or Backward, or None: runs eagerly
+        self.seen: set[Any] = set()
+        self.inputs: dict[Any, StaticInputs] = {}
+        self.grad_buffers: dict[Any, list[torch.Tensor]] = {}
+        self.layers: dict[int, str | None] = {}  # id(layer) -> why it runs eagerly, or None
+        self.kept: list[torch.nn.Module] = []  # the layers whose ids are keys (so no id is reused)
+        self.warm = False
+        self.counts = {"forward": 0, "backward": 0, "captures": 0, "failures": 0}
+
+    def report(self) -> dict[str, Any]:
+        """How often the graphs replayed and were captured, and the memory their pool reserves on
+        the GPU (outside what `max_memory_allocated` counts after the captures: a card must hold it
+        besides the allocator's peak)."""
+        pool = tuple(self.pool)
+        held = sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", ())) == pool)
+        return {**self.counts, "pool_gib": held / 2**30, "backward_on": self.with_backward}
+
+    # -- what every call does first -------------------------------------------------------------
+
+    def _prepare(self, run: Any, hidden: torch.Tensor, args: tuple[Any, ...]) -> Any:
+        """(layer, fn, hooked, kwargs, sizes, signature), or None where this call runs eagerly."""
+        call = layer_call(run) if not args and hidden.device == self.device else None
+        if call is None or torch.cuda.is_current_stream_capturing():
+            return None
+        layer, fn, hooked = call
+        if id(layer) not in self.layers:
+            self.layers[id(layer)] = layer_problem(layer, hooked)
+            self.kept.append(layer)
+            if self.layers[id(layer)]:
+                log.info("layer graphs: %s runs eagerly: %s", type(layer).__name__, self.layers[id(layer)])
+        if self.layers[id(layer)]:
+            return None
+        kwargs, sizes = dict(run.keywords), {}
+        for name in BOUNDARY_KEYS:
+            cu = kwargs.get(name)
+            if isinstance(cu, torch.Tensor) and cu.dim() == 1 and cu.device == self.device:
+                sizes[name] = bucket(cu.numel())
+        if sizes:
+            for name in LENGTH_KEYS:
+                if isinstance(kwargs.get(name), int):
+                    kwargs[name] = hidden.shape[-2]  # the row: at least its longest example
+        try:
+            inputs = (_describe(hidden.detach()), tuple(sorted((k, _describe(v)) for k, v in kwargs.items())))
+        except TypeError:
+            return None
+        return layer, fn, hooked, kwargs, sizes, inputs
+
+    def _static(
+        self, signature: Any, hidden: torch.Tensor, kwargs: dict[str, Any], sizes: dict[str, int]
+    ) -> StaticInputs:
+        inputs = self.inputs.get(signature)
+        if inputs is None:
+            inputs = self.inputs[signature] = StaticInputs(hidden, kwargs, sizes)
+        return inputs
+
+    def _first(self, key: Any) -> bool:
+        """True the first time `key` is seen: that call runs eagerly (lazy set-up outside graphs)."""
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+    # -- the forward without gradients ----------------------------------------------------------
+
+    def forward(self, run: Any, hidden: torch.Tensor, args: tuple[Any, ...]) -> Any:
+        """`run(hidden, *args)` without gradients, from the layer's graph where it has one."""
+        prepared = self._prepare(run, hidden, args)
+        if prepared is None:
+            return run(hidden, *args)
+        layer, fn, hooked, kwargs, sizes, inputs_sig = prepared
+        kind = self.device.type
+        signature = (inputs_sig, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        key = ("forward", id(layer), signature)
+        static = self._static(signature, hidden, kwargs, sizes)
+        if key not in self.graphs:
+            if self._first(key) or static.out is None:
+                out = run(hidden, *args)
+                if static.out is None:  # its buffers, made outside the graphs' pool
+                    static.out = _rebuild(out, [_like(t) for t in _leaves(out)])
+                return out
+            autocast = {"enabled": torch.is_autocast_enabled(kind), "dtype": torch.get_autocast_dtype(kind)}
+            self.graphs[key] = self._capture(layer, lambda: self._forward_body(fn, static), autocast, grad=False)
+        graph = self.graphs[key]
+        if graph is None:
+            return run(hidden, *args)
+        if hooked:
+            for hook in layer._forward_pre_hooks.values():
+                hook(layer, (hidden,))
+        static.load(hidden, kwargs)
+        graph.replay()
+        self.counts["forward"] += 1
+        return _rebuild(static.out, [t.clone() for t in _leaves(static.out)])
+
+    @staticmethod
+    def _forward_body(fn: Any, static: StaticInputs) -> None:
+        out = fn(static.hidden, **static.kwargs)
+        for dst, src in zip(_leaves(static.out), _leaves(out), strict=True):
+            dst.copy_(src)
+
+    # -- the recompute and backward ---------------------------------------------------------------
+
+    def backward(
+        self, run: Any, hidden: torch.Tensor, args: tuple[Any, ...], grads: tuple[Any, ...], autocast: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """The layer's input gradient for output gradients `grads`, its parameters' gradients added to
+        their `.grad`, from the layer's graph; None where this call must run eagerly (the caller
+        does, as before)."""
+        if not self.with_backward:
+            return None
+        prepared = self._prepare(run, hidden, args)
+        if prepared is None:
+            return None
+        layer, fn, _, kwargs, sizes, inputs_sig = prepared
+        params = [p for p in layer.parameters() if p.requires_grad]
+        if any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params):
+            return None  # (a hook on the accumulation, as DDP's, would not run)
+        try:
+            grads_sig = tuple(None if g is None else _describe(g) for g in grads)
+        except TypeError:
+            return None
+        signature = (inputs_sig, autocast["enabled"], autocast["dtype"])
+        key = ("backward", id(layer), signature, grads_sig)
+        static = self._static(signature, hidden, kwargs, sizes)
+        if key not in self.graphs:
+            if self._first(key):
+                return None
+            self.graphs[key] = self._capture_backward(layer, fn, static, grads, params, autocast)
+        entry = self.graphs[key]
+        if entry is None:
+            return None
+        static.load(hidden, kwargs)
+        for dst, g in zip(entry.grads_in, [g for g in grads if g is not None], strict=True):
+            dst.copy_(g)
+        entry.graph.replay()
+        self.counts["backward"] += 1
+        for p, g in zip(entry.params, entry.grads_out, strict=True):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)  # (as autograd accumulates a second micro batch's gradient)
+        return entry.grad_hidden.clone()
+
+    def _capture_backward(
+        self,
+        layer: torch.nn.Module,
+        fn: Any,
+        static: StaticInputs,
+        grads: tuple[Any, ...],
+        params: list[Any],
+        autocast: dict[str, Any],
+    ) -> Backward | None:
+        grads_in = [_like(g) for g in grads if g is not None]
+        shapes = tuple((tuple(p.shape), p.dtype) for p in params)
+        buffers = self.grad_buffers.get(shapes)
+        if buffers is None:  # shared by the layers of one shape: each replay's are read at once
+            buffers = self.grad_buffers[shapes] = [torch.empty_like(p) for p in params]
+        entry = Backward(None, grads_in, _like(static.hidden), params, list(buffers))
+
+        def body() -> None:
+            h = static.hidden.detach().requires_grad_(True)
+            out = fn(h, **static.kwargs)
+            given = _grads_in_order(grads, grads_in)
+            pairs = [(o, g) for o, g in zip(_leaves(out), given, strict=False) if o.requires_grad and g is not None]
+            got = torch.autograd.grad([o for o, _ in pairs], [h, *params], [g for _, g in pairs], allow_unused=True)
+            entry.grad_hidden.copy_(got[0])
+            for i, g in enumerate(got[1:]):
+                if g is None:
+                    entry.grads_out[i] = None
+                else:
+                    entry.grads_out[i].copy_(g)
+
+        entry.graph = self._capture(layer, body, autocast, grad=True)
+        return entry if entry.graph is not None else None
+
+    # -- capture ----------------------------------------------------------------------------------
+
+    def _capture(self, layer: torch.nn.Module, body: Any, autocast: dict[str, Any], grad: bool) -> Any:
+        """`body()` captured on the side stream into a graph of the shared pool, with gradients on
+        where `grad`, under `autocast`; None (logged) where the capture fails."""
+        compute = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(compute)
+        graph = torch.cuda.CUDAGraph()
+        kind = self.device.type
+        try:
+            with torch.cuda.stream(self.stream):
+                if not self.warm:  # cuBLAS's handle and workspace for this stream, outside any graph
+                    for dtype in (torch.float32, torch.bfloat16):
+                        a = torch.ones(16, 16, dtype=dtype, device=self.device)
+                        torch.addmm(a, a, a)
+                    self.warm = True
+                with (
+                    torch.set_grad_enabled(grad),
+                    # a cast cached inside a graph would outlive it
+                    torch.autocast(kind, dtype=autocast["dtype"], enabled=autocast["enabled"], cache_enabled=False),
+                ):
+                    graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                    try:
+                        body()
+                    finally:
+                        graph.capture_end()
+        except Exception as exc:  # an operation a graph cannot hold: this layer runs eagerly
+            compute.wait_stream(self.stream)
+            self.counts["failures"] += 1
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            log.warning(
+                "layer graphs: capturing %s failed (%s: %s); it runs eagerly",
+                type(layer).__name__,
+                type(exc).__name__,
+                first,
+            )
+            return None
+        compute.wait_stream(self.stream)
+        self.counts["captures"] += 1
+        return graph
+
+
+def _grads_in_order(grads: tuple[Any, ...], static: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The output gradients as the layer's outputs line up: the static copy for each one given."""
+    it = iter(static)
+    return [None if g is None else next(it) for g in grads]

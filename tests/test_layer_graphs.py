@@ -1,0 +1,228 @@
+"""QLORA_SFT_LAYER_GRAPHS: the checkpointed decoder layers replayed from CUDA graphs train exactly as
+the eager layers do (on a GPU: the same losses and gradients over steps whose optimizer updates the
+adapters between replays, packed rows with other example boundaries each micro batch, gradients
+accumulated over micro batches), and what cannot be replayed runs eagerly. On the CPU: the switch,
+the padded boundaries (the same attention), the two call forms of transformers' checkpointing, what
+keeps a layer eager, and which launches may use which graphs."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_sft.model import layer_graphs
+
+
+def test_switch_takes_off_forward_on_and_refuses_the_rest():
+    from qlora_sft.errors import UserError
+
+    assert layer_graphs.layer_graphs({}) == "off"
+    for value in ("off", "forward", "on", " ON "):
+        assert layer_graphs.layer_graphs({"QLORA_SFT_LAYER_GRAPHS": value}) == value.strip().lower()
+    for bad in ("1", "yes", "backward"):
+        with pytest.raises(UserError, match="QLORA_SFT_LAYER_GRAPHS"):
+            layer_graphs.layer_graphs({"QLORA_SFT_LAYER_GRAPHS": bad})
+
+
+@pytest.mark.parametrize(
+    ("kind", "asked", "allowed"),
+    [
+        ("single_gpu", "on", "on"),
+        ("single_gpu", "forward", "forward"),
+        ("ddp", "on", "forward"),  # DDP reduces gradients in hooks the backward's graph would pass by
+        ("ddp", "forward", "forward"),
+        ("fsdp", "on", "off"),  # the weights are gathered into new memory for each call
+        ("deepspeed", "on", "off"),
+        ("cpu", "on", "off"),
+        ("single_gpu", "off", "off"),
+    ],
+)
+def test_launches_use_only_the_graphs_that_stay_true(monkeypatch, kind: str, asked: str, allowed: str):
+    from types import SimpleNamespace
+
+    from qlora_sft.train import layer_graphs_for
+
+    monkeypatch.setenv("QLORA_SFT_LAYER_GRAPHS", asked)
+    assert layer_graphs_for(SimpleNamespace(kind=kind)) == allowed
+
+
+def test_padded_boundaries_give_the_same_attention():
+    """Empty examples after the last: the per-example path (the kernel's contract) skips them."""
+    from qlora_sft.attention import _per_example_sdpa
+
+    assert [layer_graphs.bucket(n) for n in (2, 64, 65, 200)] == [64, 64, 128, 256]
+    cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
+    padded = layer_graphs.padded_boundaries(cu, 8)
+    assert padded.tolist() == [0, 5, 6, 13, 13, 13, 13, 13] and padded.dtype == torch.int32
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(13, 4, 8, generator=g) for _ in range(3))
+    assert torch.equal(_per_example_sdpa(q, k, v, cu, 0.3), _per_example_sdpa(q, k, v, padded, 0.3))
+
+
+def test_both_checkpoint_call_forms_name_the_layer():
+    """transformers >= 5.2x checkpoints `partial(forward, layer, **kw)` (hooks outside); older ones
+    `partial(layer.__call__, **kw)` (hooks inside, which a replay must run itself)."""
+    layer = torch.nn.Linear(2, 2)
+    newer = functools.partial(type(layer).forward, layer, bias=None)
+    got = layer_graphs.layer_call(newer)
+    assert got is not None and got[0] is layer and got[2] is False
+    x = torch.ones(1, 2)
+    assert torch.equal(got[1](x), layer(x))
+    older = functools.partial(layer.__call__)
+    got = layer_graphs.layer_call(older)
+    assert got is not None and got[0] is layer and got[1] == layer.forward and got[2] is True
+    assert layer_graphs.layer_call(lambda x: x) is None
+    assert layer_graphs.layer_call(functools.partial(torch.add, torch.ones(1))) is None
+
+
+def test_what_a_replay_would_skip_keeps_a_layer_eager():
+    layer = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)).train()
+    assert "dropout" in layer_graphs.layer_problem(layer, hooked=False)
+    layer.eval()
+    assert layer_graphs.layer_problem(layer, hooked=False) is None
+    attn = torch.nn.Linear(2, 2).train()
+    attn.attention_dropout = 0.1  # as transformers' attention modules keep it
+    assert "attention" in layer_graphs.layer_problem(attn, hooked=False)
+    plain = torch.nn.Linear(2, 2)
+    handle = plain.register_forward_pre_hook(lambda m, a: None)
+    assert "pre-hooks" in layer_graphs.layer_problem(plain, hooked=True)
+    assert layer_graphs.layer_problem(plain, hooked=False) is None  # (newer: hooks run outside)
+    handle.remove()
+    plain.register_forward_pre_hook(layer_graphs.replay_safe(lambda m, a: None))
+    assert layer_graphs.layer_problem(plain, hooked=True) is None
+    plain.register_forward_hook(lambda m, a, o: None)
+    assert "forward or backward hooks" in layer_graphs.layer_problem(plain, hooked=True)
+
+
+def test_no_graphs_without_a_gpu(tiny_model: Path, monkeypatch):
+    """On the CPU the switch changes nothing: the layers run eagerly."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_sft.model import offload
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        assert offload.offload_checkpointed_inputs(model, "on") == model.config.num_hidden_layers
+        assert offload._GRAPHS is None
+    finally:
+        offload.offload_checkpointed_inputs(torch.nn.Module())
+
+
+# -- on a GPU ------------------------------------------------------------------------------------
+
+
+def _nf4_varlen_model(model_dir: Path):
+    """A tiny Llama as training loads it on a GPU: NF4 weights, bf16 compute, varlen attention,
+    Liger's kernels where installed, the fused (grouped) LoRA layers, offloaded checkpointing."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora_sft import attention
+    from qlora_sft.model import fused_lora
+    from qlora_sft.model.load import apply_liger
+
+    attention.register()
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16, quantization_config=q, device_map={"": "cuda"}, attn_implementation="varlen"
+    )
+    try:
+        apply_liger(base)
+    except ImportError:
+        pass
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # B = 0 would leave A without gradient
+    assert fused_lora.fuse_lora_layers(peft) == 7 * base.config.num_hidden_layers
+    fused_lora.group_siblings(peft)
+    peft.train()
+    return peft
+
+
+def _packed(vocab: int, splits: list[int], seed: int) -> dict[str, object]:
+    """One padding-free row as TRL's collator gives it, on the GPU."""
+    total = sum(splits)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (1, total), generator=g)
+    positions = torch.cat([torch.arange(n) for n in splits]).unsqueeze(0)
+    cu = torch.tensor([0, *itertools.accumulate(splits)], dtype=torch.int32)
+    return {
+        "input_ids": ids.cuda(),
+        "labels": ids.cuda(),
+        "position_ids": positions.cuda(),
+        "cu_seq_lens_q": cu.cuda(),
+        "cu_seq_lens_k": cu.cuda(),
+        "max_length_q": max(splits),
+        "max_length_k": max(splits),
+    }
+
+
+def _train(model_dir: Path, graphs: str) -> tuple[list[float], list[dict[str, torch.Tensor]], dict[str, int]]:
+    """Four steps of two micro batches each (the example boundaries differ in every one), AdamW on
+    the adapters between steps: each step's losses and the gradients it applied."""
+    from qlora_sft.model import offload
+
+    peft = _nf4_varlen_model(model_dir)
+    assert offload.offload_checkpointed_inputs(peft, graphs) == peft.config.num_hidden_layers
+    assert (offload._GRAPHS is None) == (graphs == "off")
+    params = [p for p in peft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    splits = [[20, 12, 32], [64], [5, 7, 9, 11, 32], [1, 63], [30, 34], [8] * 8, [40, 24], [63, 1]]
+    losses, grads = [], []
+    try:
+        for step in range(4):
+            for micro in range(2):
+                batch = _packed(peft.config.vocab_size, splits[2 * step + micro], seed=10 * step + micro)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = peft(**batch).loss
+                (loss / 2).backward()
+                losses.append(loss.item())
+            applied = {n: p.grad.detach().float().cpu().clone() for n, p in peft.named_parameters() if p.requires_grad}
+            grads.append(applied)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        counts = dict(offload._GRAPHS.counts) if offload._GRAPHS is not None else {}
+    finally:
+        offload.offload_checkpointed_inputs(torch.nn.Module())  # eager again for later tests
+    return losses, grads, counts
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", ["forward", "on"])
+def test_replayed_layers_train_as_the_eager_ones(tiny_model: Path, graphs: str):
+    """The first micro batch runs eagerly, the second captures, the rest replay: losses and the
+    applied gradients of every step equal the eager run's (the adapters the optimizer changed are
+    read by the replays, which a graph with the weights copied or folded in would not do)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from qlora_sft.attention import available_on_cuda
+
+    if not available_on_cuda():
+        pytest.skip("this torch has no varlen attention kernel")
+    eager_losses, eager_grads, _ = _train(tiny_model, "off")
+    losses, grads, counts = _train(tiny_model, graphs)
+    layers = 2  # tests/tiny.py's model
+    assert counts["failures"] == 0, counts
+    assert counts["forward"] == layers * 7, counts  # micro batch 1 eager, 2 captures, 2-8 replay
+    assert counts["backward"] == (layers * 7 if graphs == "on" else 0), counts
+    assert len(set(eager_losses)) == len(eager_losses)  # the steps changed the adapters
+    assert losses == pytest.approx(eager_losses, rel=2e-3, abs=0)
+    for step, (a, b) in enumerate(zip(eager_grads, grads, strict=True)):
+        assert a.keys() == b.keys() and len(a) == 7 * 2 * layers
+        for name in a:
+            assert a[name].abs().max() > 0, (step, name)
+            torch.testing.assert_close(b[name], a[name], rtol=2e-2, atol=2e-4, msg=f"step {step} {name}")
