@@ -113,6 +113,77 @@ def test_no_graphs_without_a_gpu(tiny_model: Path, monkeypatch):
         offload.offload_checkpointed_inputs(torch.nn.Module())
 
 
+class _Rerun:
+    """On the CPU, where nothing can be captured: a 'graph' whose replay runs its body again, on the
+    static buffers, as a captured graph would run its kernels."""
+
+    def __init__(self, body, autocast: dict, grad: bool) -> None:
+        self.body, self.autocast, self.grad = body, autocast, grad
+
+    def replay(self) -> None:
+        autocast = torch.autocast("cpu", dtype=self.autocast["dtype"], enabled=self.autocast["enabled"])
+        with torch.set_grad_enabled(self.grad), autocast:
+            self.body()
+
+
+class _CpuGraphs(layer_graphs.LayerGraphs):
+    def _capture(self, layer, body, autocast, grad):
+        self.counts["captures"] += 1
+        return _Rerun(body, autocast, grad)
+
+
+def _cpu_train(model_dir: Path, graphs: bool) -> tuple[list[float], list[dict[str, torch.Tensor]], dict[str, int]]:
+    from transformers import AutoModelForCausalLM
+
+    from qlora_sft import attention
+    from qlora_sft.model import offload
+
+    attention.register()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="varlen")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    offload.offload_checkpointed_inputs(model)
+    if graphs:
+        offload._GRAPHS = _CpuGraphs(torch.device("cpu"), backward=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses, applied = [], []
+    try:
+        for step in range(3):
+            for micro in range(2):
+                batch = _packed(model.config.vocab_size, SPLITS[2 * step + micro], 10 * step + micro, "cpu")
+                loss = model(**batch).loss
+                (loss / 2).backward()
+                losses.append(loss.item())
+            applied.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        counts = dict(offload._GRAPHS.counts) if graphs else {}
+        if graphs:
+            assert offload._GRAPHS.report()["pool_gib"] == 0
+    finally:
+        offload.offload_checkpointed_inputs(torch.nn.Module())
+    return losses, applied, counts
+
+
+def test_replays_read_fresh_inputs_and_weights_and_accumulate_gradients(tiny_model: Path):
+    """The graphs' bookkeeping on the CPU (a replay runs its body again): every micro batch's input,
+    its example boundaries (padded), the weights the optimizer changed, the output copied out before
+    the next layer overwrites it, and the parameters' gradients added over two micro batches give
+    the eager losses and gradients, every parameter trained (not only adapters)."""
+    eager_losses, eager_grads, _ = _cpu_train(tiny_model, graphs=False)
+    losses, grads, counts = _cpu_train(tiny_model, graphs=True)
+    layers = 2
+    # micro batch 1 eagerly, 2 captures (forward and backward per layer), 2-6 replay
+    assert counts == {"forward": 5 * layers, "backward": 5 * layers, "captures": 2 * layers, "failures": 0}
+    assert len(set(eager_losses)) == len(eager_losses)
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    for a, b in zip(eager_grads, grads, strict=True):
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 # -- on a GPU ------------------------------------------------------------------------------------
 
 
@@ -153,19 +224,22 @@ def _nf4_varlen_model(model_dir: Path):
     return peft
 
 
-def _packed(vocab: int, splits: list[int], seed: int) -> dict[str, object]:
-    """One padding-free row as TRL's collator gives it, on the GPU."""
+SPLITS = [[20, 12, 32], [64], [5, 7, 9, 11, 32], [1, 63], [30, 34], [8] * 8, [40, 24], [63, 1]]
+
+
+def _packed(vocab: int, splits: list[int], seed: int, device: str = "cuda") -> dict[str, object]:
+    """One padding-free row as TRL's collator gives it (its example boundaries differ per call)."""
     total = sum(splits)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (1, total), generator=g)
     positions = torch.cat([torch.arange(n) for n in splits]).unsqueeze(0)
     cu = torch.tensor([0, *itertools.accumulate(splits)], dtype=torch.int32)
     return {
-        "input_ids": ids.cuda(),
-        "labels": ids.cuda(),
-        "position_ids": positions.cuda(),
-        "cu_seq_lens_q": cu.cuda(),
-        "cu_seq_lens_k": cu.cuda(),
+        "input_ids": ids.to(device),
+        "labels": ids.to(device),
+        "position_ids": positions.to(device),
+        "cu_seq_lens_q": cu.to(device),
+        "cu_seq_lens_k": cu.to(device),
         "max_length_q": max(splits),
         "max_length_k": max(splits),
     }
@@ -181,12 +255,11 @@ def _train(model_dir: Path, graphs: str) -> tuple[list[float], list[dict[str, to
     assert (offload._GRAPHS is None) == (graphs == "off")
     params = [p for p in peft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
-    splits = [[20, 12, 32], [64], [5, 7, 9, 11, 32], [1, 63], [30, 34], [8] * 8, [40, 24], [63, 1]]
     losses, grads = [], []
     try:
         for step in range(4):
             for micro in range(2):
-                batch = _packed(peft.config.vocab_size, splits[2 * step + micro], seed=10 * step + micro)
+                batch = _packed(peft.config.vocab_size, SPLITS[2 * step + micro], seed=10 * step + micro)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss = peft(**batch).loss
                 (loss / 2).backward()

@@ -52,6 +52,9 @@ LAYER_GRAPHS = ("off", "forward", "on")
 BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k")
 LENGTH_KEYS = ("max_length_q", "max_length_k")
 MIN_BOUNDS = 64  # padded boundary tensors hold at least this many entries (63 examples per row)
+# input signatures given graphs at most (each holds its static buffers, ~4 x the layer input): a
+# packed micro batch has one shape, and a few boundary buckets; any more run eagerly
+MAX_SIGNATURES = 4
 _PLAIN = (type(None), bool, int, float, str)
 
 
@@ -210,8 +213,9 @@ class LayerGraphs:
     def __init__(self, device: torch.device, backward: bool) -> None:
         self.device = device
         self.with_backward = backward
-        self.pool = torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream(device)
+        cuda = device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if cuda else None
+        self.stream = torch.cuda.Stream(device) if cuda else None
         self.graphs: dict[Any, Any] = {}  # key -> a CUDAGraph or Backward, or None: runs eagerly
         self.seen: set[Any] = set()
         self.inputs: dict[Any, StaticInputs] = {}
@@ -219,14 +223,18 @@ class LayerGraphs:
         self.layers: dict[int, str | None] = {}  # id(layer) -> why it runs eagerly, or None
         self.kept: list[torch.nn.Module] = []  # the layers whose ids are keys (so no id is reused)
         self.warm = False
+        self.full = False  # MAX_SIGNATURES reached (logged once)
         self.counts = {"forward": 0, "backward": 0, "captures": 0, "failures": 0}
 
     def report(self) -> dict[str, Any]:
         """How often the graphs replayed and were captured, and the memory their pool reserves on
         the GPU (outside what `max_memory_allocated` counts after the captures: a card must hold it
         besides the allocator's peak)."""
-        pool = tuple(self.pool)
-        held = sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", ())) == pool)
+        held = 0
+        if self.pool is not None:
+            pool = tuple(self.pool)
+            segments = torch.cuda.memory_snapshot()
+            held = sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", ())) == pool)
         return {**self.counts, "pool_gib": held / 2**30, "backward_on": self.with_backward}
 
     # -- what every call does first -------------------------------------------------------------
@@ -234,7 +242,7 @@ class LayerGraphs:
     def _prepare(self, run: Any, hidden: torch.Tensor, args: tuple[Any, ...]) -> Any:
         """(layer, fn, hooked, kwargs, sizes, signature), or None where this call runs eagerly."""
         call = layer_call(run) if not args and hidden.device == self.device else None
-        if call is None or torch.cuda.is_current_stream_capturing():
+        if call is None or (self.stream is not None and torch.cuda.is_current_stream_capturing()):
             return None
         layer, fn, hooked = call
         if id(layer) not in self.layers:
@@ -254,16 +262,23 @@ class LayerGraphs:
                 if isinstance(kwargs.get(name), int):
                     kwargs[name] = hidden.shape[-2]  # the row: at least its longest example
         try:
-            inputs = (_describe(hidden.detach()), tuple(sorted((k, _describe(v)) for k, v in kwargs.items())))
+            described = [(k, ("padded", sizes[k], v.dtype) if k in sizes else _describe(v)) for k, v in kwargs.items()]
+            inputs = (_describe(hidden.detach()), tuple(sorted(described)))
         except TypeError:
             return None
         return layer, fn, hooked, kwargs, sizes, inputs
 
     def _static(
         self, signature: Any, hidden: torch.Tensor, kwargs: dict[str, Any], sizes: dict[str, int]
-    ) -> StaticInputs:
+    ) -> StaticInputs | None:
+        """The static buffers of `signature`, made at its first call; None past `MAX_SIGNATURES`."""
         inputs = self.inputs.get(signature)
         if inputs is None:
+            if len(self.inputs) >= MAX_SIGNATURES:
+                if not self.full:
+                    log.info("layer graphs: %d input shapes have graphs; other shapes run eagerly", MAX_SIGNATURES)
+                    self.full = True
+                return None
             inputs = self.inputs[signature] = StaticInputs(hidden, kwargs, sizes)
         return inputs
 
@@ -286,6 +301,8 @@ class LayerGraphs:
         signature = (inputs_sig, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         key = ("forward", id(layer), signature)
         static = self._static(signature, hidden, kwargs, sizes)
+        if static is None:
+            return run(hidden, *args)
         if key not in self.graphs:
             if self._first(key) or static.out is None:
                 out = run(hidden, *args)
@@ -335,6 +352,8 @@ class LayerGraphs:
         signature = (inputs_sig, autocast["enabled"], autocast["dtype"])
         key = ("backward", id(layer), signature, grads_sig)
         static = self._static(signature, hidden, kwargs, sizes)
+        if static is None:
+            return None
         if key not in self.graphs:
             if self._first(key):
                 return None
