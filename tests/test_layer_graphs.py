@@ -50,17 +50,21 @@ def test_launches_use_only_the_graphs_that_stay_true(monkeypatch, kind: str, ask
     assert layer_graphs_for(SimpleNamespace(kind=kind)) == allowed
 
 
-def test_padded_boundaries_give_the_same_attention():
-    """Empty examples after the last: the per-example path (the kernel's contract) skips them."""
+def test_padded_rows_and_boundaries_give_the_same_attention():
+    """A row padded to a multiple of `ROW_GRANULE`: the padding is one more example, then empty ones;
+    the per-example path (the kernel's contract) gives the real rows the same attention."""
     from qlora_sft.attention import _per_example_sdpa
 
     assert [layer_graphs.bucket(n) for n in (2, 64, 65, 200)] == [64, 64, 128, 256]
     cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
-    padded = layer_graphs.padded_boundaries(cu, 8)
-    assert padded.tolist() == [0, 5, 6, 13, 13, 13, 13, 13] and padded.dtype == torch.int32
+    padded = layer_graphs.padded_boundaries(cu, 8, 16)
+    assert padded.tolist() == [0, 5, 6, 13, 16, 16, 16, 16] and padded.dtype == torch.int32
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(13, 4, 8, generator=g) for _ in range(3))
-    assert torch.equal(_per_example_sdpa(q, k, v, cu, 0.3), _per_example_sdpa(q, k, v, padded, 0.3))
+    zeros = torch.zeros(3, 4, 8)
+    out = _per_example_sdpa(*(torch.cat([t, zeros]) for t in (q, k, v)), padded, 0.3)
+    torch.testing.assert_close(out[:13], _per_example_sdpa(q, k, v, cu, 0.3), rtol=0, atol=0)
+    assert torch.isfinite(out).all()
 
 
 def test_both_checkpoint_call_forms_name_the_layer():
@@ -224,7 +228,8 @@ def _nf4_varlen_model(model_dir: Path):
     return peft
 
 
-SPLITS = [[20, 12, 32], [64], [5, 7, 9, 11, 32], [1, 63], [30, 34], [8] * 8, [40, 24], [63, 1]]
+# rows of 49 to 64 tokens (one padded length), split into 1 to 8 examples
+SPLITS = [[20, 12, 25], [64], [5, 7, 9, 11, 17], [1, 63], [30, 30], [8] * 8, [40, 24], [63, 1]]
 
 
 def _packed(vocab: int, splits: list[int], seed: int, device: str = "cuda") -> dict[str, object]:

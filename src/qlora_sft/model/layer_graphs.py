@@ -52,6 +52,7 @@ LAYER_GRAPHS = ("off", "forward", "on")
 BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k")
 LENGTH_KEYS = ("max_length_q", "max_length_k")
 MIN_BOUNDS = 64  # padded boundary tensors hold at least this many entries (63 examples per row)
+ROW_GRANULE = 128  # a packed row is padded to a multiple of this many tokens (fewer shapes, fewer captures)
 # input signatures given graphs at most (each holds its static buffers, ~4 x the layer input): a
 # packed micro batch has one shape, and a few boundary buckets; any more run eagerly
 MAX_SIGNATURES = 4
@@ -78,12 +79,13 @@ def bucket(n: int) -> int:
     return max(MIN_BOUNDS, 1 << (n - 1).bit_length())
 
 
-def padded_boundaries(cu: torch.Tensor, size: int) -> torch.Tensor:
-    """`cu` (0, the end of each example) extended to `size` entries by empty examples at the end:
-    the same attention (the kernel, and the per-example path, skip an empty example)."""
+def padded_boundaries(cu: torch.Tensor, size: int, rows: int) -> torch.Tensor:
+    """`cu` (0, the end of each example) for a row padded to `rows`: the padding one more example
+    (attending only to itself), then empty examples up to `size` entries. The real examples attend
+    as before (the kernel, and the per-example path, skip an empty example)."""
     out = cu.new_empty(size)
     out[: cu.numel()].copy_(cu)
-    out[cu.numel() :].copy_(cu[-1:].expand(size - cu.numel()))
+    out[cu.numel() :] = rows
     return out
 
 
@@ -127,12 +129,17 @@ def layer_problem(layer: torch.nn.Module, hooked: bool) -> str | None:
     return None
 
 
-def _describe(value: Any) -> Any:
-    """A hashable description of one argument for a signature; TypeError for what has none."""
+def _describe(value: Any, n: int, rows: int) -> Any:
+    """A hashable description of one argument for a signature, as its static copy is shaped (the
+    row dimension, of size `n`, padded to `rows`); TypeError for what has none."""
     if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), value.dtype, value.device, value.stride(), value.requires_grad)
+        shape = list(value.shape)
+        d = _row_dim(value, n)
+        if d is not None:
+            shape[d] = rows
+        return ("tensor", tuple(shape), value.dtype, value.device)
     if isinstance(value, tuple | list):
-        return (type(value).__name__, tuple(_describe(v) for v in value))
+        return (type(value).__name__, tuple(_describe(v, n, rows) for v in value))
     if isinstance(value, _PLAIN):
         return ("value", value)
     raise TypeError(type(value).__name__)
@@ -159,26 +166,61 @@ def _like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
 
 
-class StaticInputs:
-    """The buffers the graphs of one signature read (the layer input and its keyword arguments,
-    every layer's graph the same ones) and write (the forward's output). `load` copies a call's
-    inputs in; an argument that is the same tensor, unchanged, as the one loaded last (the rotary
-    tables and the boundaries, for every layer of one forward) is not copied again."""
+def _row_dim(t: torch.Tensor, rows: int) -> int | None:
+    """The dimension of a keyword argument that runs along the packed row (the rotary tables, the
+    positions), or None: the first of its size."""
+    return next((d for d, n in enumerate(t.shape) if n == rows), None)
 
-    def __init__(self, hidden: torch.Tensor, kwargs: dict[str, Any], sizes: dict[str, int]) -> None:
-        self.sizes = sizes  # padded boundary keys -> their bucket
-        self.hidden = _like(hidden)
+
+class Arena:
+    """The layer input, output and their gradients for every signature's graphs, as views of one
+    set of buffers of the longest padded row so far (per hidden size and dtype): the graphs of
+    shorter rows read and write their first rows."""
+
+    def __init__(self, rows: int, hidden: torch.Tensor) -> None:
+        shape = (*hidden.shape[:-2], rows, hidden.shape[-1])
+        self.rows = rows
+        self.hidden, self.out, self.grad_out, self.grad_hidden = (
+            torch.empty(shape, dtype=hidden.dtype, device=hidden.device) for _ in range(4)
+        )
+
+
+class StaticInputs:
+    """What the graphs of one signature read and write: the layer input and its output and their
+    gradients (views of the `Arena`, `rows` long, the row padded), and the keyword arguments. `load`
+    copies a call's inputs in, the row's padding zeroed; an argument that is the same tensor,
+    unchanged, as the one loaded last (the rotary tables and the boundaries, for every layer of one
+    forward) is not copied again."""
+
+    def __init__(self, arena: Arena, rows: int, hidden: torch.Tensor, kwargs: dict[str, Any], sizes: dict[str, int]):
+        self.rows, self.sizes = rows, sizes  # the padded row; padded boundary keys -> their bucket
+        cut = (slice(None),) * (hidden.dim() - 2) + (slice(0, rows),)
+        self.hidden, self.out, self.grad_out, self.grad_hidden = (
+            arena.hidden[cut],
+            arena.out[cut],
+            arena.grad_out[cut],
+            arena.grad_hidden[cut],
+        )
         self.kwargs: dict[str, Any] = {}
+        self.dims: dict[str, list[int | None]] = {}  # each argument tensor's row dimension
+        n = hidden.shape[-2]
         for name, value in kwargs.items():
             if name in sizes:
                 self.kwargs[name] = value.new_empty(sizes[name])
-            else:
-                self.kwargs[name] = _rebuild(value, [_like(t) for t in _leaves(value)])
+                continue
+            leaves = _leaves(value)
+            self.dims[name] = [_row_dim(t, n) for t in leaves]
+            fresh = []
+            for t, d in zip(leaves, self.dims[name], strict=True):
+                shape = list(t.shape)
+                if d is not None:
+                    shape[d] = rows
+                fresh.append(torch.empty(shape, dtype=t.dtype, device=t.device))
+            self.kwargs[name] = _rebuild(value, fresh)
         self.last: dict[str, list[tuple[torch.Tensor, int]]] = {}
-        self.out: Any = None  # the forward's output: its structure, static tensors (from an eager call)
 
     def load(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
-        self.hidden.copy_(hidden)
+        _fill(self.hidden, hidden, hidden.dim() - 2)
         for name, value in kwargs.items():
             sources = _leaves(value)
             if not sources:
@@ -188,20 +230,31 @@ class StaticInputs:
             if last is not None and all(a is b and va == vb for (a, va), (b, vb) in zip(last, seen, strict=True)):
                 continue
             if name in self.sizes:
-                self.kwargs[name].copy_(padded_boundaries(value, self.sizes[name]))
+                self.kwargs[name].copy_(padded_boundaries(value, self.sizes[name], self.rows))
             else:
-                for dst, src in zip(_leaves(self.kwargs[name]), sources, strict=True):
-                    dst.copy_(src)
+                for dst, src, d in zip(_leaves(self.kwargs[name]), sources, self.dims[name], strict=True):
+                    _fill(dst, src, d)
             self.last[name] = seen
+
+    def load_grad(self, grad: torch.Tensor) -> None:
+        _fill(self.grad_out, grad, grad.dim() - 2)
+
+
+def _fill(dst: torch.Tensor, src: torch.Tensor, dim: int | None) -> None:
+    """`src` into the first rows of `dst` along `dim` (all of it where None), the rest zeroed."""
+    if dim is None or src.shape[dim] == dst.shape[dim]:
+        dst.copy_(src)
+        return
+    n = src.shape[dim]
+    dst.narrow(dim, 0, n).copy_(src)
+    dst.narrow(dim, n, dst.shape[dim] - n).zero_()
 
 
 @dataclass
 class Backward:
-    """A captured recompute and backward: what it reads besides the layer's inputs, what it writes."""
+    """A captured recompute and backward, and the parameters whose gradients it writes."""
 
     graph: Any
-    grads_in: list[torch.Tensor]  # the output gradients, static (None outputs left out)
-    grad_hidden: torch.Tensor
     params: list[torch.nn.Parameter]
     grads_out: list[torch.Tensor | None]  # each parameter's gradient, static; None: it got none
 
@@ -219,6 +272,7 @@ class LayerGraphs:
         self.graphs: dict[Any, Any] = {}  # key -> a CUDAGraph or Backward, or None: runs eagerly
         self.seen: set[Any] = set()
         self.inputs: dict[Any, StaticInputs] = {}
+        self.arenas: dict[Any, Arena] = {}
         self.grad_buffers: dict[Any, list[torch.Tensor]] = {}
         self.layers: dict[int, str | None] = {}  # id(layer) -> why it runs eagerly, or None
         self.kept: list[torch.nn.Module] = []  # the layers whose ids are keys (so no id is reused)
@@ -239,47 +293,78 @@ class LayerGraphs:
 
     # -- what every call does first -------------------------------------------------------------
 
-    def _prepare(self, run: Any, hidden: torch.Tensor, args: tuple[Any, ...]) -> Any:
-        """(layer, fn, hooked, kwargs, sizes, signature), or None where this call runs eagerly."""
-        call = layer_call(run) if not args and hidden.device == self.device else None
+    def _prepare(self, run: Any, hidden: torch.Tensor, args: tuple[Any, ...], autocast: tuple[bool, Any]) -> Any:
+        """(layer, fn, hooked, kwargs, static), or None where this call runs eagerly."""
+        usable = not args and hidden.device == self.device and hidden.dim() >= 2 and hidden.shape[-2] >= 2
+        call = layer_call(run) if usable else None
         if call is None or (self.stream is not None and torch.cuda.is_current_stream_capturing()):
             return None
         layer, fn, hooked = call
         if id(layer) not in self.layers:
-            self.layers[id(layer)] = layer_problem(layer, hooked)
-            self.kept.append(layer)
-            if self.layers[id(layer)]:
-                log.info("layer graphs: %s runs eagerly: %s", type(layer).__name__, self.layers[id(layer)])
+            self._judge(layer, layer_problem(layer, hooked))
         if self.layers[id(layer)]:
             return None
         kwargs, sizes = dict(run.keywords), {}
+        n = rows = hidden.shape[-2]
         for name in BOUNDARY_KEYS:
             cu = kwargs.get(name)
             if isinstance(cu, torch.Tensor) and cu.dim() == 1 and cu.device == self.device:
-                sizes[name] = bucket(cu.numel())
-        if sizes:
+                sizes[name] = bucket(cu.numel() + 1)
+        if sizes and kwargs.get("attention_mask") is None:
+            rows = -(-n // ROW_GRANULE) * ROW_GRANULE  # the padding is an example of its own
             for name in LENGTH_KEYS:
                 if isinstance(kwargs.get(name), int):
-                    kwargs[name] = hidden.shape[-2]  # the row: at least its longest example
+                    kwargs[name] = rows  # (at least the longest example)
+        elif sizes:
+            return None
         try:
-            described = [(k, ("padded", sizes[k], v.dtype) if k in sizes else _describe(v)) for k, v in kwargs.items()]
-            inputs = (_describe(hidden.detach()), tuple(sorted(described)))
+            described = []
+            for k, v in kwargs.items():
+                if k in sizes:
+                    described.append((k, ("boundaries", sizes[k], v.dtype)))
+                else:
+                    described.append((k, _describe(v, n, rows)))
         except TypeError:
             return None
-        return layer, fn, hooked, kwargs, sizes, inputs
+        signature = (
+            ("hidden", (*hidden.shape[:-2], rows, hidden.shape[-1]), hidden.dtype),
+            tuple(sorted(described)),
+            autocast,
+        )
+        static = self._static(signature, hidden, kwargs, sizes, rows)
+        if static is None:
+            return None
+        return layer, fn, hooked, kwargs, static
+
+    def _judge(self, layer: torch.nn.Module, problem: str | None) -> None:
+        if id(layer) not in self.layers:
+            self.kept.append(layer)
+        self.layers[id(layer)] = problem
+        if problem:
+            log.info("layer graphs: %s runs eagerly: %s", type(layer).__name__, problem)
 
     def _static(
-        self, signature: Any, hidden: torch.Tensor, kwargs: dict[str, Any], sizes: dict[str, int]
+        self, signature: Any, hidden: torch.Tensor, kwargs: dict[str, Any], sizes: dict[str, int], rows: int
     ) -> StaticInputs | None:
-        """The static buffers of `signature`, made at its first call; None past `MAX_SIGNATURES`."""
+        """The static buffers of `signature`, made at its first call; None past `MAX_SIGNATURES`. A
+        longer row than the arena holds makes a longer arena and drops the graphs of the old one (they
+        are captured again as their shapes come)."""
         inputs = self.inputs.get(signature)
-        if inputs is None:
-            if len(self.inputs) >= MAX_SIGNATURES:
-                if not self.full:
-                    log.info("layer graphs: %d input shapes have graphs; other shapes run eagerly", MAX_SIGNATURES)
-                    self.full = True
-                return None
-            inputs = self.inputs[signature] = StaticInputs(hidden, kwargs, sizes)
+        if inputs is not None:
+            return inputs
+        if len(self.inputs) >= MAX_SIGNATURES:
+            if not self.full:
+                log.info("layer graphs: %d input shapes have graphs; other shapes run eagerly", MAX_SIGNATURES)
+                self.full = True
+            return None
+        where = (tuple(hidden.shape[:-2]), hidden.shape[-1], hidden.dtype)
+        arena = self.arenas.get(where)
+        if arena is None or arena.rows < rows:
+            if arena is not None:
+                self.graphs.clear()
+                self.inputs.clear()
+            arena = self.arenas[where] = Arena(rows, hidden)
+        inputs = self.inputs[signature] = StaticInputs(arena, rows, hidden, kwargs, sizes)
         return inputs
 
     def _first(self, key: Any) -> bool:
@@ -293,24 +378,21 @@ class LayerGraphs:
 
     def forward(self, run: Any, hidden: torch.Tensor, args: tuple[Any, ...]) -> Any:
         """`run(hidden, *args)` without gradients, from the layer's graph where it has one."""
-        prepared = self._prepare(run, hidden, args)
+        kind = self.device.type
+        autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        prepared = self._prepare(run, hidden, args, autocast)
         if prepared is None:
             return run(hidden, *args)
-        layer, fn, hooked, kwargs, sizes, inputs_sig = prepared
-        kind = self.device.type
-        signature = (inputs_sig, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-        key = ("forward", id(layer), signature)
-        static = self._static(signature, hidden, kwargs, sizes)
-        if static is None:
-            return run(hidden, *args)
+        layer, fn, hooked, kwargs, static = prepared
+        key = ("forward", id(layer), static)
         if key not in self.graphs:
-            if self._first(key) or static.out is None:
+            if self._first(key):
                 out = run(hidden, *args)
-                if static.out is None:  # its buffers, made outside the graphs' pool
-                    static.out = _rebuild(out, [_like(t) for t in _leaves(out)])
+                if not (isinstance(out, torch.Tensor) and out.shape == hidden.shape and out.dtype == hidden.dtype):
+                    self._judge(layer, "its output is not one tensor shaped as its input")
                 return out
-            autocast = {"enabled": torch.is_autocast_enabled(kind), "dtype": torch.get_autocast_dtype(kind)}
-            self.graphs[key] = self._capture(layer, lambda: self._forward_body(fn, static), autocast, grad=False)
+            body = functools.partial(self._forward_body, fn, static)
+            self.graphs[key] = self._capture(layer, body, {"enabled": autocast[0], "dtype": autocast[1]}, grad=False)
         graph = self.graphs[key]
         if graph is None:
             return run(hidden, *args)
@@ -320,13 +402,11 @@ class LayerGraphs:
         static.load(hidden, kwargs)
         graph.replay()
         self.counts["forward"] += 1
-        return _rebuild(static.out, [t.clone() for t in _leaves(static.out)])
+        return static.out.narrow(-2, 0, hidden.shape[-2]).clone()
 
     @staticmethod
     def _forward_body(fn: Any, static: StaticInputs) -> None:
-        out = fn(static.hidden, **static.kwargs)
-        for dst, src in zip(_leaves(static.out), _leaves(out), strict=True):
-            dst.copy_(src)
+        static.out.copy_(fn(static.hidden, **static.kwargs))
 
     # -- the recompute and backward ---------------------------------------------------------------
 
@@ -336,34 +416,29 @@ class LayerGraphs:
         """The layer's input gradient for output gradients `grads`, its parameters' gradients added to
         their `.grad`, from the layer's graph; None where this call must run eagerly (the caller
         does, as before)."""
-        if not self.with_backward:
+        if not self.with_backward or len(grads) != 1 or not isinstance(grads[0], torch.Tensor):
             return None
-        prepared = self._prepare(run, hidden, args)
+        (grad,) = grads
+        if grad.shape != hidden.shape or grad.dtype != hidden.dtype:
+            return None
+        prepared = self._prepare(run, hidden, args, (autocast["enabled"], autocast["dtype"]))
         if prepared is None:
             return None
-        layer, fn, _, kwargs, sizes, inputs_sig = prepared
-        params = [p for p in layer.parameters() if p.requires_grad]
-        if any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params):
-            return None  # (a hook on the accumulation, as DDP's, would not run)
-        try:
-            grads_sig = tuple(None if g is None else _describe(g) for g in grads)
-        except TypeError:
-            return None
-        signature = (inputs_sig, autocast["enabled"], autocast["dtype"])
-        key = ("backward", id(layer), signature, grads_sig)
-        static = self._static(signature, hidden, kwargs, sizes)
-        if static is None:
-            return None
+        layer, fn, _, kwargs, static = prepared
+        key = ("backward", id(layer), static)
         if key not in self.graphs:
             if self._first(key):
                 return None
-            self.graphs[key] = self._capture_backward(layer, fn, static, grads, params, autocast)
+            params = [p for p in layer.parameters() if p.requires_grad]
+            if any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params):
+                self._judge(layer, "a hook on its parameters' gradients (as DDP's) would not run")
+                return None
+            self.graphs[key] = self._capture_backward(layer, fn, static, params, autocast)
         entry = self.graphs[key]
         if entry is None:
             return None
         static.load(hidden, kwargs)
-        for dst, g in zip(entry.grads_in, [g for g in grads if g is not None], strict=True):
-            dst.copy_(g)
+        static.load_grad(grad)
         entry.graph.replay()
         self.counts["backward"] += 1
         for p, g in zip(entry.params, entry.grads_out, strict=True):
@@ -373,31 +448,22 @@ class LayerGraphs:
                 p.grad = g.clone()
             else:
                 p.grad.add_(g)  # (as autograd accumulates a second micro batch's gradient)
-        return entry.grad_hidden.clone()
+        return static.grad_hidden.narrow(-2, 0, hidden.shape[-2]).clone()
 
     def _capture_backward(
-        self,
-        layer: torch.nn.Module,
-        fn: Any,
-        static: StaticInputs,
-        grads: tuple[Any, ...],
-        params: list[Any],
-        autocast: dict[str, Any],
+        self, layer: torch.nn.Module, fn: Any, static: StaticInputs, params: list[Any], autocast: dict[str, Any]
     ) -> Backward | None:
-        grads_in = [_like(g) for g in grads if g is not None]
         shapes = tuple((tuple(p.shape), p.dtype) for p in params)
         buffers = self.grad_buffers.get(shapes)
         if buffers is None:  # shared by the layers of one shape: each replay's are read at once
             buffers = self.grad_buffers[shapes] = [torch.empty_like(p) for p in params]
-        entry = Backward(None, grads_in, _like(static.hidden), params, list(buffers))
+        entry = Backward(None, params, list(buffers))
 
         def body() -> None:
             h = static.hidden.detach().requires_grad_(True)
             out = fn(h, **static.kwargs)
-            given = _grads_in_order(grads, grads_in)
-            pairs = [(o, g) for o, g in zip(_leaves(out), given, strict=False) if o.requires_grad and g is not None]
-            got = torch.autograd.grad([o for o, _ in pairs], [h, *params], [g for _, g in pairs], allow_unused=True)
-            entry.grad_hidden.copy_(got[0])
+            got = torch.autograd.grad([out], [h, *params], [static.grad_out], allow_unused=True)
+            static.grad_hidden.copy_(got[0])
             for i, g in enumerate(got[1:]):
                 if g is None:
                     entry.grads_out[i] = None
@@ -447,9 +513,3 @@ class LayerGraphs:
         compute.wait_stream(self.stream)
         self.counts["captures"] += 1
         return graph
-
-
-def _grads_in_order(grads: tuple[Any, ...], static: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """The output gradients as the layer's outputs line up: the static copy for each one given."""
-    it = iter(static)
-    return [None if g is None else next(it) for g in grads]
