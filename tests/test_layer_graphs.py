@@ -55,7 +55,7 @@ def test_padded_rows_and_boundaries_give_the_same_attention():
     the per-example path (the kernel's contract) gives the real rows the same attention."""
     from qlora_sft.attention import _per_example_sdpa
 
-    assert [layer_graphs.bucket(n) for n in (2, 64, 65, 200)] == [64, 64, 128, 256]
+    assert [layer_graphs.bucket(n) for n in (2, 16, 17, 65, 200)] == [16, 16, 32, 128, 256]
     cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
     padded = layer_graphs.padded_boundaries(cu, 8, 16)
     assert padded.tolist() == [0, 5, 6, 13, 16, 16, 16, 16] and padded.dtype == torch.int32
@@ -65,6 +65,18 @@ def test_padded_rows_and_boundaries_give_the_same_attention():
     out = _per_example_sdpa(*(torch.cat([t, zeros]) for t in (q, k, v)), padded, 0.3)
     torch.testing.assert_close(out[:13], _per_example_sdpa(q, k, v, cu, 0.3), rtol=0, atol=0)
     assert torch.isfinite(out).all()
+
+
+def test_the_longest_example_a_graph_is_captured_for():
+    """The recipe's data.max_length where the micro batch is within it, else a power of two (at
+    least 128); never less than the padding example, never more than the padded row."""
+    graphs = layer_graphs.LayerGraphs(torch.device("cpu"), backward=True, longest=300)
+    assert graphs._longest(40, 5, 4096) == 300
+    assert graphs._longest(301, 5, 4096) == 512  # beyond the recipe's: a power of two
+    assert graphs._longest(40, 5, 256) == 256  # within the row
+    unknown = layer_graphs.LayerGraphs(torch.device("cpu"), backward=True)
+    assert unknown._longest(3, 5, 4096) == 128 and unknown._longest(1500, 5, 4096) == 2048
+    assert unknown._longest(3, 127, 4096) == 128 and unknown._longest(3, 127, 120) == 120
 
 
 def test_both_checkpoint_call_forms_name_the_layer():

@@ -137,7 +137,7 @@ def layer_graphs_for(mode: launch.LaunchMode) -> str:
     return "off"
 
 
-def offload_callback(mode: launch.LaunchMode) -> Any:
+def offload_callback(mode: launch.LaunchMode, recipe: Recipe) -> Any:
     """At the start of training, after transformers and TRL have (re)enabled gradient checkpointing,
     switch the checkpointed layers to `model.offloaded_checkpoint` (train.offload_activations)."""
     from transformers import TrainerCallback
@@ -146,7 +146,8 @@ def offload_callback(mode: launch.LaunchMode) -> Any:
 
     class OffloadActivations(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            n = model.offload_checkpointed_inputs(kw["model"], graphs)
+            longest = recipe.data.max_length if recipe.data.packing else None
+            n = model.offload_checkpointed_inputs(kw["model"], graphs, longest)
             log.info("activations: the inputs of %d checkpointed layers wait in pinned host memory", n)
             if graphs != "off":
                 log.info(
@@ -446,7 +447,7 @@ def _train(
         *(extra_callbacks or []),
     ]
     if launch.offloads_activations(recipe, mode):
-        callbacks.append(offload_callback(mode))
+        callbacks.append(offload_callback(mode, recipe))
     profile_at = profiling.profile_step()  # (checked before the model was loaded)
     profiler = (
         None

@@ -51,11 +51,11 @@ LAYER_GRAPHS_ENV = "QLORA_SFT_LAYER_GRAPHS"
 LAYER_GRAPHS = ("off", "forward", "on")
 BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k")
 LENGTH_KEYS = ("max_length_q", "max_length_k")
-MIN_BOUNDS = 64  # padded boundary tensors hold at least this many entries (63 examples per row)
+MIN_BOUNDS = 16  # padded boundary tensors hold at least this many entries (14 examples and the padding)
 ROW_GRANULE = 128  # a packed row is padded to a multiple of this many tokens (fewer shapes, fewer captures)
 # input signatures given graphs at most (each holds its static buffers, ~4 x the layer input): a
 # packed micro batch has one shape, and a few boundary buckets; any more run eagerly
-MAX_SIGNATURES = 4
+MAX_SIGNATURES = 6
 _PLAIN = (type(None), bool, int, float, str)
 
 
@@ -263,9 +263,10 @@ class LayerGraphs:
     """The captured layers of one process (see the module's docstring). `backward`: the recompute
     and backward are captured too (one GPU), else only the forward without gradients."""
 
-    def __init__(self, device: torch.device, backward: bool) -> None:
+    def __init__(self, device: torch.device, backward: bool, longest: int | None = None) -> None:
         self.device = device
         self.with_backward = backward
+        self.longest = longest  # the recipe's longest example (data.max_length), where known
         cuda = device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if cuda else None
         self.stream = torch.cuda.Stream(device) if cuda else None
@@ -313,8 +314,9 @@ class LayerGraphs:
         if sizes and kwargs.get("attention_mask") is None:
             rows = -(-n // ROW_GRANULE) * ROW_GRANULE  # the padding is an example of its own
             for name in LENGTH_KEYS:
-                if isinstance(kwargs.get(name), int):
-                    kwargs[name] = rows  # (at least the longest example)
+                longest = kwargs.get(name)
+                if isinstance(longest, int):
+                    kwargs[name] = self._longest(longest, rows - n, rows)
         elif sizes:
             return None
         try:
@@ -335,6 +337,17 @@ class LayerGraphs:
         if static is None:
             return None
         return layer, fn, hooked, kwargs, static
+
+    def _longest(self, longest: int, padding: int, rows: int) -> int:
+        """The longest example a graph is captured for (a launch parameter of the attention kernel,
+        fixed in the graph): the recipe's `data.max_length` where this micro batch is within it, else
+        the next power of two. Not the whole row: the kernel runs a block per 128 positions of it for
+        every example, most of them with nothing to do (at 4 x 2048 that cost ~3% of a step)."""
+        if self.longest is not None and longest <= self.longest:
+            bound = self.longest
+        else:
+            bound = 1 << max(7, (longest - 1).bit_length())
+        return min(rows, max(bound, padding))
 
     def _judge(self, layer: torch.nn.Module, problem: str | None) -> None:
         if id(layer) not in self.layers:

@@ -219,11 +219,11 @@ def offloaded_checkpoint(run: Any, hidden: torch.Tensor, *args: Any) -> Any:
     return OffloadedCheckpoint.apply(run, hidden, *args)
 
 
-def offload_checkpointed_inputs(model: Any, graphs: str = "off") -> int:
+def offload_checkpointed_inputs(model: Any, graphs: str = "off", longest: int | None = None) -> int:
     """Point every checkpointed decoder layer at `offloaded_checkpoint`; returns how many. Called at
     the start of training, after transformers/TRL have (re)enabled checkpointing. `graphs`
     (`layer_graphs.LAYER_GRAPHS`, as the launch allows it): which of the layers' calls replay CUDA
-    graphs on a GPU."""
+    graphs on a GPU; `longest`: the longest example a packed row holds (data.max_length), if known."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from .layer_graphs import LayerGraphs
@@ -236,7 +236,7 @@ def offload_checkpointed_inputs(model: Any, graphs: str = "off") -> int:
     device = next((p.device for m in layers for p in m.parameters()), None)
     _GRAPHS = None
     if graphs != "off" and device is not None and device.type == "cuda":
-        _GRAPHS = LayerGraphs(device, backward=graphs == "on")
+        _GRAPHS = LayerGraphs(device, backward=graphs == "on", longest=longest)
     return len(layers)
 
 
