@@ -24,6 +24,9 @@ FSDP's own timing; fsdp_release_head, fsdp_offload_release_head: =1, as measured
 (1gpu_hostemb, 1gpu_mb2, 1gpu_mb1, 1gpu_mb2_hostemb, 1gpu_hosthead, 1gpu_hosttables,
 1gpu_mb2_hosttables, 1gpu_adamw32; since 2026-12-02 one GPU keeps both frozen tables in host memory
 by default, and 1gpu_gputables and 1gpu_mb2_gputables keep them on the GPU, the default before),
+the checkpointed decoder layers replayed from CUDA graphs (*_graphs: QLORA_SFT_LAYER_GRAPHS=on;
+1gpu_mb2_fwdgraphs: =forward, the forward only; the JSON's layer_graphs_per_rank counts the replays
+and the graphs' pool, which only the reserved peak holds),
 ZeRO-3 with parameter offload (zero3_offload, zero3_offload_modules, zero3_offload_live), each
 recomputed layer released after its backward or kept (zero3_release_layers, zero3_keep_layers,
 zero3_offload_keep_layers: QLORA_SFT_ZERO3_RELEASE_LAYERS=1/0; zero3_own, zero3_offload_own, zero3_offload_live_own and
