@@ -148,7 +148,9 @@ class _CpuGraphs(layer_graphs.LayerGraphs):
         return _Rerun(body, autocast, grad)
 
 
-def _cpu_train(model_dir: Path, graphs: bool) -> tuple[list[float], list[dict[str, torch.Tensor]], dict[str, int]]:
+def _cpu_train(
+    model_dir: Path, graphs: bool, splits: list[list[int]] | None = None
+) -> tuple[list[float], list[dict[str, torch.Tensor]], dict[str, int]]:
     from transformers import AutoModelForCausalLM
 
     from qlora_sft import attention
@@ -164,10 +166,11 @@ def _cpu_train(model_dir: Path, graphs: bool) -> tuple[list[float], list[dict[st
         offload._GRAPHS = _CpuGraphs(torch.device("cpu"), backward=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     losses, applied = [], []
+    splits = splits or SPLITS[:6]
     try:
-        for step in range(3):
+        for step in range(len(splits) // 2):
             for micro in range(2):
-                batch = _packed(model.config.vocab_size, SPLITS[2 * step + micro], 10 * step + micro, "cpu")
+                batch = _packed(model.config.vocab_size, splits[2 * step + micro], 10 * step + micro, "cpu")
                 loss = model(**batch).loss
                 (loss / 2).backward()
                 losses.append(loss.item())
@@ -196,6 +199,20 @@ def test_replays_read_fresh_inputs_and_weights_and_accumulate_gradients(tiny_mod
     assert losses == pytest.approx(eager_losses, rel=1e-5)
     for a, b in zip(eager_grads, grads, strict=True):
         assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_longer_row_makes_a_longer_arena_and_captures_again(tiny_model: Path):
+    """Rows of 64 tokens (padded to 128), then of 200 (256): the longer row replaces the buffers and
+    drops the graphs on the old ones; both lengths train as eagerly."""
+    splits = [[30, 34], [64], [150, 50], [200], [20, 180], [64, 136]]  # (longest examples: 129-256)
+    eager_losses, eager_grads, _ = _cpu_train(tiny_model, graphs=False, splits=splits)
+    losses, grads, counts = _cpu_train(tiny_model, graphs=True, splits=splits)
+    # 128 rows: micro batch 1 eager, 2 captured; 256 rows: 3 eager, 4 captured, 5-6 replayed
+    assert counts == {"forward": 2 * 4, "backward": 2 * 4, "captures": 2 * 2 * 2, "failures": 0}
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    for a, b in zip(eager_grads, grads, strict=True):
         for name in a:
             torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
 

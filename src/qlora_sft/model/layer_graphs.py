@@ -377,9 +377,10 @@ class LayerGraphs:
         where = (tuple(hidden.shape[:-2]), hidden.shape[-1], hidden.dtype)
         arena = self.arenas.get(where)
         if arena is None or arena.rows < rows:
-            if arena is not None:
+            if arena is not None:  # (the keys hold the old buffers: all of them go)
                 self.graphs.clear()
                 self.inputs.clear()
+                self.seen.clear()
             arena = self.arenas[where] = Arena(rows, hidden)
         inputs = self.inputs[signature] = StaticInputs(arena, rows, hidden, kwargs, sizes)
         return inputs
