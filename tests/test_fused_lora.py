@@ -10,23 +10,34 @@ from pathlib import Path
 import pytest
 
 
-def nf4_peft_model(model_dir: Path, dropout: float = 0.0, device: str = "cpu", bias: str = "none", **lora_extra):
+def nf4_peft_model(
+    model_dir: Path,
+    dropout: float = 0.0,
+    device: str = "cpu",
+    bias: str = "none",
+    dtype_name: str = "float32",
+    on_base=None,
+    **lora_extra,
+):
+    """An NF4 peft model of `model_dir` on `device`, computing in `dtype_name`; `on_base(base)` runs
+    on the quantized base before LoRA is added (an attention choice, Liger's kernels)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from qlora_sft import model as model_mod
 
+    dtype = getattr(torch, dtype_name)
     q = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_compute_dtype=dtype,
     )
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, quantization_config=q, device_map={"": device}
-    )
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=q, device_map={"": device})
+    if on_base is not None:
+        on_base(base)
     model_mod.keep_cpu_4bit_trainable(base)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.enable_input_require_grads()

@@ -223,35 +223,24 @@ def test_a_longer_row_makes_a_longer_arena_and_captures_again(tiny_model: Path):
 def _nf4_varlen_model(model_dir: Path):
     """A tiny Llama as training loads it on a GPU: NF4 weights, bf16 compute, varlen attention,
     Liger's kernels where installed, the fused (grouped) LoRA layers, offloaded checkpointing."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from test_fused_lora import nf4_peft_model
 
     from qlora_sft import attention
     from qlora_sft.model import fused_lora
     from qlora_sft.model.load import apply_liger
 
     attention.register()
-    q = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16, quantization_config=q, device_map={"": "cuda"}, attn_implementation="varlen"
-    )
-    try:
-        apply_liger(base)
-    except ImportError:
-        pass
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base.enable_input_require_grads()
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
-    for name, p in peft.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)  # B = 0 would leave A without gradient
-    assert fused_lora.fuse_lora_layers(peft) == 7 * base.config.num_hidden_layers
+
+    def varlen_and_liger(base) -> None:
+        base.set_attn_implementation("varlen")
+        try:
+            apply_liger(base)
+        except ImportError:
+            pass
+
+    peft = nf4_peft_model(model_dir, device="cuda", dtype_name="bfloat16", on_base=varlen_and_liger)
+    assert peft.config._attn_implementation == "varlen"
+    assert fused_lora.fuse_lora_layers(peft) == 7 * peft.config.num_hidden_layers
     fused_lora.group_siblings(peft)
     peft.train()
     return peft
