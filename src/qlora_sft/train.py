@@ -149,16 +149,18 @@ def offload_callback(mode: launch.LaunchMode, recipe: Recipe) -> Any:
             longest = recipe.data.max_length if recipe.data.packing else None
             n = model.offload_checkpointed_inputs(kw["model"], graphs, longest)
             log.info("activations: the inputs of %d checkpointed layers wait in pinned host memory", n)
-            if graphs != "off":
+            asked = model.layer_graphs.layer_graphs()
+            if asked != "off":
                 log.info(
                     "layer graphs (%s=%s): %s",
                     model.layer_graphs.LAYER_GRAPHS_ENV,
-                    graphs,
-                    (
-                        "each layer's forward, recompute and backward replay CUDA graphs"
-                        if graphs == "on"
-                        else "each layer's forward without gradients replays a CUDA graph"
-                    ),
+                    asked,
+                    {
+                        "on": "each layer's forward, recompute and backward replay CUDA graphs",
+                        "forward": "each layer's forward without gradients replays a CUDA graph"
+                        + ("" if asked == "forward" else " (DDP reduces gradients in hooks a replay would pass by)"),
+                        "off": f"none under {mode.describe()} (graphs need one GPU, or DDP for the forward)",
+                    }[graphs],
                 )
             if not model.offload.prefetch_offloaded_inputs():
                 log.info(
