@@ -466,6 +466,13 @@ HOST_TABLES_DEFAULT_RUNS = {
     "2026-12-02-NVIDIA_H200-llama3-8b-distributed-1gpu-host-tables-default.json",
     "2026-12-02-NVIDIA_H200-llama3-8b-distributed-1gpu-host-tables-order.json",
 }
+# Two calls of 2026-12-03 ran versions of QLORA_SFT_LAYER_GRAPHS that recaptured the graphs for nearly
+# every micro batch and piled up their buffers (their results files say so): those rows' peaks
+# measure that defect, not the launch. Their eager rows are checked as any.
+RECAPTURING_GRAPH_RUNS = {
+    "2026-12-03-NVIDIA_H200-llama3-8b-distributed-1gpu-layer-graphs.json",
+    "2026-12-03-NVIDIA_H200-llama3-8b-distributed-1gpu-layer-graphs-2.json",
+}
 
 
 def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
@@ -491,6 +498,8 @@ def test_plan_models_sharded_modes_and_matches_the_gpu_runs(tmp_path: Path):
         for r in run["results"]:
             peaks = [p for p in r.get("peak_gib_per_rank") or [] if p]
             if r["returncode"] != 0 or not peaks:
+                continue
+            if result.name in RECAPTURING_GRAPH_RUNS and "QLORA_SFT_LAYER_GRAPHS" in r.get("env", {}):
                 continue
             peak = max(peaks)
             # runs before 2026-11-30 record no overrides per row: those of their command line then
