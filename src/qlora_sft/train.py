@@ -125,11 +125,12 @@ def sft_args(recipe: Recipe, batch: BatchPlan, mode: launch.LaunchMode, compute_
     return SFTConfig(**args)
 
 
-def layer_graphs_for(mode: launch.LaunchMode) -> str:
-    """QLORA_SFT_LAYER_GRAPHS as this launch allows it: graphs read the weights where they are, so
-    not where FSDP or ZeRO-3 gather them anew; the backward's adds the adapters' gradients itself,
-    past the hooks DDP reduces them with, so DDP replays only the forward."""
-    asked = model.layer_graphs.layer_graphs()
+def layer_graphs_for(mode: launch.LaunchMode, asked: str | None = None) -> str:
+    """QLORA_SFT_LAYER_GRAPHS (or `asked`, its value read already) as this launch allows it: graphs
+    read the weights where they are, so not where FSDP or ZeRO-3 gather them anew; the backward's
+    adds the adapters' gradients itself, past the hooks DDP reduces them with, so DDP replays only
+    the forward."""
+    asked = model.layer_graphs.layer_graphs() if asked is None else asked
     if mode.kind == "single_gpu":
         return asked
     if mode.kind == "ddp":
@@ -142,14 +143,14 @@ def offload_callback(mode: launch.LaunchMode, recipe: Recipe) -> Any:
     switch the checkpointed layers to `model.offloaded_checkpoint` (train.offload_activations)."""
     from transformers import TrainerCallback
 
-    graphs = layer_graphs_for(mode)
+    asked = model.layer_graphs.layer_graphs()
+    graphs = layer_graphs_for(mode, asked)
+    longest = recipe.data.max_length if recipe.data.packing else None  # a packed row's longest example
 
     class OffloadActivations(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            longest = recipe.data.max_length if recipe.data.packing else None
             n = model.offload_checkpointed_inputs(kw["model"], graphs, longest)
             log.info("activations: the inputs of %d checkpointed layers wait in pinned host memory", n)
-            asked = model.layer_graphs.layer_graphs()
             if asked != "off":
                 log.info(
                     "layer graphs (%s=%s): %s",

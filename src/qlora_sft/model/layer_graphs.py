@@ -10,16 +10,18 @@ recompute and backward together, are captured once into CUDA graphs and replayed
 launch in place of the layer's kernels.
 
 What a replay needs, and how it is kept true:
-  * the same shapes: a graph per layer and per signature of its inputs (shapes, dtypes, strides,
-    the non-tensor arguments, autocast). A packed row's example boundaries (`cu_seq_lens_*`, one
-    more entry than it has examples, which vary) are padded to a bucket of at least `MIN_BOUNDS`
-    entries with empty examples at the end, which the varlen kernel skips, and the row's length is
-    passed as its longest example (an upper bound the kernel accepts);
-  * the same addresses: inputs are copied into static buffers that the graphs of one signature
-    share, outputs and gradients copied out of others; weights are read where they are, so the
-    optimizer's in-place updates of the adapters reach every replay. Only launches whose weights
-    stay put use it: one GPU, and DDP for the forward (`offload_checkpointed_inputs`), never FSDP or
-    ZeRO-3, which gather weights into new memory each time. The backward's graph returns the
+  * the same shapes: a graph per layer and per signature of its inputs (shapes and dtypes as
+    copied in, the non-tensor arguments, autocast). A packed row is padded to a multiple of
+    `ROW_GRANULE` tokens, the padding an example of its own; its example boundaries (`cu_seq_lens_*`,
+    one more entry than it has examples, which vary) to a bucket of at least `MIN_BOUNDS` entries of
+    empty examples, which the varlen kernel skips; its longest example to the recipe's
+    `data.max_length` (or a power of two), an upper bound the kernel accepts;
+  * the same addresses: inputs are copied into static buffers (the layer input, output and their
+    gradients as views of one arena for all signatures), outputs and gradients copied out; weights
+    are read where they are, so the optimizer's in-place updates of the adapters reach every replay.
+    Only launches whose weights stay put use it: one GPU, and DDP for the forward
+    (`offload_checkpointed_inputs`), never FSDP or ZeRO-3, which gather weights into new memory
+    each time. The backward's graph returns the
     adapters' gradients, which are added to `.grad` after the replay as autograd would; DDP's
     reducer hooks on that accumulation, so under DDP the backward runs eagerly;
   * nothing on the host inside: a layer with forward hooks, dropout in training, a positional
@@ -57,8 +59,8 @@ BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k")
 LENGTH_KEYS = ("max_length_q", "max_length_k")
 MIN_BOUNDS = 16  # padded boundary tensors hold at least this many entries (14 examples and the padding)
 ROW_GRANULE = 128  # a packed row is padded to a multiple of this many tokens (fewer shapes, fewer captures)
-# input signatures given graphs at most (each holds its static buffers, ~4 x the layer input): a
-# packed micro batch has one shape, and a few boundary buckets; any more run eagerly
+# input signatures given graphs at most (each holds 2 x 32 graphs and its own copies of the keyword
+# arguments): packed micro batches have a few padded lengths and boundary buckets; more run eagerly
 MAX_SIGNATURES = 6
 _PLAIN = (type(None), bool, int, float, str)
 
@@ -133,15 +135,19 @@ def layer_problem(layer: torch.nn.Module, hooked: bool) -> str | None:
     return None
 
 
+def _padded_shape(t: torch.Tensor, dim: int | None, rows: int) -> tuple[int, ...]:
+    """`t`'s shape with its row dimension `dim` (None: none) padded to `rows`: its static copy's."""
+    shape = list(t.shape)
+    if dim is not None:
+        shape[dim] = rows
+    return tuple(shape)
+
+
 def _describe(value: Any, n: int, rows: int) -> Any:
     """A hashable description of one argument for a signature, as its static copy is shaped (the
     row dimension, of size `n`, padded to `rows`); TypeError for what has none."""
     if isinstance(value, torch.Tensor):
-        shape = list(value.shape)
-        d = _row_dim(value, n)
-        if d is not None:
-            shape[d] = rows
-        return ("tensor", tuple(shape), value.dtype, value.device)
+        return ("tensor", _padded_shape(value, _row_dim(value, n), rows), value.dtype, value.device)
     if isinstance(value, tuple | list):
         return (type(value).__name__, tuple(_describe(v, n, rows) for v in value))
     if isinstance(value, _PLAIN):
@@ -164,10 +170,6 @@ def _rebuild(value: Any, tensors: list[torch.Tensor]) -> Any:
     if isinstance(value, tuple | list):
         return type(value)(_rebuild(v, tensors) for v in value)
     return value
-
-
-def _like(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
 
 
 def _row_dim(t: torch.Tensor, rows: int) -> int | None:
@@ -214,12 +216,10 @@ class StaticInputs:
                 continue
             leaves = _leaves(value)
             self.dims[name] = [_row_dim(t, n) for t in leaves]
-            fresh = []
-            for t, d in zip(leaves, self.dims[name], strict=True):
-                shape = list(t.shape)
-                if d is not None:
-                    shape[d] = rows
-                fresh.append(torch.empty(shape, dtype=t.dtype, device=t.device))
+            fresh = [
+                torch.empty(_padded_shape(t, d, rows), dtype=t.dtype, device=t.device)
+                for t, d in zip(leaves, self.dims[name], strict=True)
+            ]
             self.kwargs[name] = _rebuild(value, fresh)
         self.last: dict[str, list[tuple[torch.Tensor, int]]] = {}
 
