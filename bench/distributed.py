@@ -55,6 +55,9 @@ the first 10 steps, and `qlora-sft plan`'s estimate for the same launch.
                       split over several calls of a time-limited machine)
 --gpu-cap GIB         cap every rank's GPU memory (QLORA_SFT_GPU_MEMORY_GIB) to behave like a
                       smaller card
+--gpu-sms N           run every rank's kernels on N of its GPU's streaming multiprocessors
+                      (QLORA_SFT_GPU_SMS, a CUDA green context): with --gpu-cap, a stand-in for
+                      a slower card whose host is as fast (a proxy, not a measurement of a card)
 --prequantized        build the model directly in NF4 (bf16 storage): 70B in ~41 GB of disk
 
 Writes bench/results/<date>-<gpu>-<shape>-distributed.{json,md}.
@@ -89,6 +92,7 @@ from qlora_sft.launch import (
 )
 from qlora_sft.model.fused_lora import ABSMAX_CACHE_ENV, DIRECT_DEQUANT_ENV, GROUPED_ENV
 from qlora_sft.model.layer_graphs import LAYER_GRAPHS_ENV
+from qlora_sft.model.nf4_kernel import TRITON_DEQUANT_ENV
 from qlora_sft.model.offload import HEAD_LEAD_ENV, HEAD_TILE_ENV, OFFLOAD_PREFETCH_ENV
 from qlora_sft.profiling import PROFILE_HOST_ENV
 
@@ -132,6 +136,7 @@ LIGER_NORM = ((NORM_ENV, "liger"),)  # Liger's RMSNorm kernel (the default; name
 TORCH_NORM = ((NORM_ENV, "torch"),)  # torch's fused RMSNorm in place of Liger's
 TORCH_SWIGLU = ((SWIGLU_ENV, "torch"),)  # transformers' MLP instead of Liger's SwiGLU
 UNGROUPED = ((GROUPED_ENV, "0"),)  # each fused LoRA layer computed alone, not with its siblings
+BNB_DEQUANT = ((TRITON_DEQUANT_ENV, "0"),)  # bitsandbytes' kernels dequantize, not model/nf4_kernel.py's
 MB2 = ("train.micro_batch_tokens=4096",)
 GRAPHS = ((LAYER_GRAPHS_ENV, "on"),)
 FORWARD_GRAPHS = ((LAYER_GRAPHS_ENV, "forward"),)
@@ -328,6 +333,10 @@ MODES = {
     "1gpu_ungrouped": Mode("single_gpu.yaml", UNGROUPED),
     "1gpu_mb2_ungrouped": Mode("single_gpu.yaml", UNGROUPED, overrides=MB2),
     "1gpu_mb2_hosttables_ungrouped": Mode("single_gpu.yaml", UNGROUPED, overrides=(*MB2, *HOST_TABLES)),
+    # NF4 weights dequantized by the Triton kernel (the default since 2026-12-04) or bitsandbytes' three
+    "1gpu_bnbkernels": Mode("single_gpu.yaml", BNB_DEQUANT),
+    "1gpu_mb2_bnbkernels": Mode("single_gpu.yaml", BNB_DEQUANT, overrides=MB2),
+    "1gpu_mb2_hosttables_bnbkernels": Mode("single_gpu.yaml", BNB_DEQUANT, overrides=(*MB2, *HOST_TABLES)),
     # the checkpointed decoder layers replayed from CUDA graphs (QLORA_SFT_LAYER_GRAPHS): the forward
     # without gradients, the recompute and backward too (`on`), or only the forward (`fwdgraphs`)
     "1gpu_graphs": Mode("single_gpu.yaml", GRAPHS),
@@ -575,6 +584,9 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=4000)
     ap.add_argument("--gpu-cap", type=gib, help="cap each rank's GPU memory at this many GiB")
     ap.add_argument(
+        "--gpu-sms", type=int, help="run each rank's kernels on this many of its GPU's SMs (QLORA_SFT_GPU_SMS)"
+    )
+    ap.add_argument(
         "--kill-resume", default="all", help="modes to also kill at step 7 and resume (default all; 'none')"
     )
     ap.add_argument(
@@ -622,6 +634,8 @@ def main() -> int:
     env = dict(os.environ)
     if args.gpu_cap:
         env["QLORA_SFT_GPU_MEMORY_GIB"] = str(args.gpu_cap)
+    if args.gpu_sms:
+        env["QLORA_SFT_GPU_SMS"] = str(args.gpu_sms)
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -712,6 +726,7 @@ def merge(files: list[Path], out: Path, tag: str, notes: list[str]) -> Path:
             "shape",
             "num_gpus",
             "per_gpu_cap_gib",
+            "per_gpu_sms",
             "busy_gpu_processes",
             "prequantized",
             "steps",
@@ -807,6 +822,7 @@ def write_results(base: Path, args: argparse.Namespace, results: list[dict]) -> 
         "shape": args.shape,
         "num_gpus": args.gpus,
         "per_gpu_cap_gib": args.gpu_cap,
+        "per_gpu_sms": args.gpu_sms,  # kernels held to this many SMs (None: all; results without the key: all)
         "busy_gpu_processes": args.busy_gpu,  # sharing the GPU while training (0 in results without the key)
         "prequantized": args.prequantized,
         "steps": args.steps,
@@ -855,6 +871,8 @@ def checks_of(results: list[dict]) -> dict[str, float]:
 
 def render(p: dict) -> list[str]:
     cap = f", each GPU capped at {p['per_gpu_cap_gib']:g} GiB" if p.get("per_gpu_cap_gib") else ""
+    if p.get("per_gpu_sms"):
+        cap += f", its kernels held to {p['per_gpu_sms']} streaming multiprocessors (a green context)"
     if p.get("busy_gpu_processes"):
         cap += f", the GPU shared with {p['busy_gpu_processes']} busy processes (bench.busy_gpu)"
     rows = []

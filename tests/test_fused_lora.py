@@ -303,9 +303,10 @@ def test_fused_resolution_and_refusals():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_dequantized_weights_are_bitsandbytes_own_values(device: str, monkeypatch):
-    """`dequantized` (on a GPU bitsandbytes' CUDA kernels called without torch's op dispatch; with
-    QLORA_SFT_ABSMAX_CACHE the block scales kept) gives exactly the values of bitsandbytes' public
-    `dequantize_4bit`, for NF4 and FP4, with and without double quantization, in each compute dtype."""
+    """`dequantized` (on a GPU bitsandbytes' CUDA kernels called without torch's op dispatch, or for
+    NF4 the Triton kernel; with QLORA_SFT_ABSMAX_CACHE the block scales kept) gives exactly the values
+    of bitsandbytes' public `dequantize_4bit`, for NF4 and FP4, with and without double quantization,
+    in each compute dtype."""
     import bitsandbytes as bnb
     import torch
     from bitsandbytes.functional import dequantize_4bit
@@ -322,7 +323,14 @@ def test_dequantized_weights_are_bitsandbytes_own_values(device: str, monkeypatc
                 w = torch.randn(96, 160) * 0.05
                 w[3, 7] = 4.0  # one large weight: its block's scale differs from the rest
                 want = None
-                for direct, cache in ((True, False), (False, True), (True, True), (False, False)):
+                for direct, cache, triton in (
+                    (True, False, False),
+                    (False, True, False),
+                    (True, True, False),
+                    (False, False, False),
+                    (True, False, True),
+                    (True, True, True),
+                ):
                     param = bnb.nn.Params4bit(
                         w,
                         requires_grad=False,
@@ -336,10 +344,11 @@ def test_dequantized_weights_are_bitsandbytes_own_values(device: str, monkeypatc
                         want = dequantize_4bit(param.data, param.quant_state)
                     monkeypatch.setattr(fused_lora, "_DIRECT", direct)
                     monkeypatch.setattr(fused_lora, "_ABSMAX_CACHE", cache)
+                    monkeypatch.setattr(fused_lora, "_TRITON", triton)
                     for _ in range(2):  # (the second call reads the kept scales)
                         got = fused_lora.dequantized(param)
                         assert got.dtype == want.dtype == dtype and got.shape == want.shape == (96, 160)
-                        assert torch.equal(got, want), (quant_type, nested, dtype, direct, cache)
+                        assert torch.equal(got, want), (quant_type, nested, dtype, direct, cache, triton)
                     state = param.quant_state
                     # kept: the state made plain (fp32 scales), which bitsandbytes' own function reads alike
                     assert state.nested == (nested and not cache)
@@ -349,12 +358,27 @@ def test_dequantized_weights_are_bitsandbytes_own_values(device: str, monkeypatc
     assert cases == 12
 
 
+def dequantized_three_times(param, want, caplog, marker: str) -> list[str]:
+    """`fused_lora.dequantized(param)` three times, each equal to `want`; the warnings logged that
+    contain `marker`."""
+    import logging
+
+    import torch
+
+    from qlora_sft.model import fused_lora
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qlora_sft"):
+        for _ in range(3):
+            assert torch.equal(fused_lora.dequantized(param), want)
+    return [r.getMessage() for r in caplog.records if marker in r.getMessage()]
+
+
 def test_direct_kernels_that_disagree_with_bitsandbytes_are_dropped_with_a_warning(monkeypatch, caplog):
     """The private bitsandbytes functions `dequantized` calls directly are compared once per process
     with bitsandbytes' public `dequantize_4bit`; where another bitsandbytes computes other values or
     takes other arguments, training goes on with the public path and says so (here on the CPU, with
     stand-ins for the CUDA functions)."""
-    import logging
 
     import bitsandbytes as bnb
     import torch
@@ -390,12 +414,8 @@ def test_direct_kernels_that_disagree_with_bitsandbytes_are_dropped_with_a_warni
             return (blockwise, second) if fused_lora._DIRECT else None
 
         monkeypatch.setattr(fused_lora, "_direct_kernels", kernels)
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="qlora_sft"):
-            for _ in range(3):
-                assert torch.equal(fused_lora.dequantized(param), want)
+        warned = dequantized_three_times(param, want, caplog, "dequantization called directly")
         assert fused_lora._DIRECT is stays and fused_lora._CHECKED
-        warned = [r.getMessage() for r in caplog.records if "dequantization called directly" in r.getMessage()]
         if stays:
             assert warned == []
         else:

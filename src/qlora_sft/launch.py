@@ -50,6 +50,9 @@ KINDS = ("cpu", "single_gpu", "ddp", "deepspeed", "fsdp")
 # Caps each rank's GPU memory (GiB) so a run behaves like a smaller card: the benchmark's size proofs
 # and a user rehearsing a 24 GiB cluster on a larger workstation GPU.
 GPU_MEMORY_CAP_ENV = "QLORA_SFT_GPU_MEMORY_GIB"
+# Runs this process's kernels on that many of the GPU's streaming multiprocessors (a CUDA green
+# context): with the memory cap, a benchmark's stand-in for a slower card on a fast one.
+GPU_SMS_ENV = "QLORA_SFT_GPU_SMS"
 # How FSDP cuts the model into units: `layers` (default) one unit per decoder layer, embedding and
 # output head, the adapters replicated on every rank; `peft`: peft's policy (every LoRA layer its own
 # unit too), kept for comparison (docs/larger-models.md, bench/results).
@@ -879,6 +882,52 @@ def apply_gpu_memory_cap() -> tuple[float, float] | None:
     cap, fraction = allocator_fraction(raw, total, outside)
     torch.cuda.set_per_process_memory_fraction(fraction, device)
     return cap, outside
+
+
+_GREEN: list[Any] = []  # the green context and its stream, alive while the process runs on them
+
+
+def sm_count(raw: str, total: int) -> int:
+    """QLORA_SFT_GPU_SMS=`raw` on a GPU of `total` streaming multiprocessors, checked."""
+    try:
+        n = int(raw)
+    except ValueError:
+        raise UserError(f"{GPU_SMS_ENV}={raw!r}: give a whole number of streaming multiprocessors (e.g. 16)") from None
+    if not 0 < n <= total:
+        raise UserError(f"{GPU_SMS_ENV}={raw}: must be > 0 and at most this GPU's {total} streaming multiprocessors")
+    return n
+
+
+def apply_gpu_sm_cap() -> tuple[int, int] | None:
+    """With QLORA_SFT_GPU_SMS set, run this process's kernels on that many of the GPU's streaming
+    multiprocessors: a CUDA green context holding them, and its stream made this thread's current
+    stream for the rest of the process. Kernels run where their stream is, so the backward (run by
+    autograd on the streams of the forward) and the optimizer are held to them too; copies on other
+    streams use the copy engines. The driver rounds the count up to its granule (8 on an H100/H200).
+    A benchmark's stand-in for a slower GPU (bench.distributed --gpu-sms): the host stays as fast and
+    the memory bandwidth is what the SMs can draw, so it is a proxy, not a measurement of a card.
+    Known defect (8B on one H200, 2026-12-04): runs under it did not train as runs without it (the
+    losses never fell, and differed from step 1). Not established why; bitsandbytes' optimizer
+    kernels take no stream and run on the legacy default stream, which nothing orders with this
+    one (`tests/test_distributed.py`'s GPU test of the switch is marked as failing until it trains).
+    Returns (SMs asked, SMs of the GPU), or None."""
+    import torch
+
+    raw = os.environ.get(GPU_SMS_ENV)
+    if not raw or not torch.cuda.is_available():
+        return None
+    device = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(device).multi_processor_count
+    n = sm_count(raw, total)
+    from torch.cuda import green_contexts
+
+    if not getattr(green_contexts, "SUPPORTED", False):
+        raise UserError(f"{GPU_SMS_ENV}={raw}: this PyTorch build has no CUDA green contexts (CUDA 12.8+ needed)")
+    green = green_contexts.GreenContext.create(num_sms=n, device_id=device)
+    stream = green.Stream()
+    torch.cuda.set_stream(stream)
+    _GREEN[:] = [green, stream]
+    return n, total
 
 
 def gpu_memory_outside_allocator_gib(device: int | None = None) -> float:

@@ -10,17 +10,19 @@ checkpointed layers offloaded (`offload_checkpointed_inputs`).
     load        quantization config, load_base and placement, tokenizer and pad token, load_model
                 (LoRA), attention choice, Liger kernels, the sharded-dtype check, summaries
     fused_lora  the fused 4-bit + LoRA layer (`lora.fused`)
+    nf4_kernel  one Triton kernel dequantizing an NF4 weight (fused_lora's, QLORA_SFT_TRITON_DEQUANT)
     offload     offloaded gradient checkpointing (`train.offload_activations`)
     layer_graphs  CUDA graphs of the checkpointed layers' calls (QLORA_SFT_LAYER_GRAPHS, offload's)
     sharding    prepare_sharding: FSDP layer units with replicated adapters, fp32 buffers under FSDP,
                 ZeRO-3 partitioning, materialize_placeholders
 
-`load` uses `fused_lora`, `offload` uses `layer_graphs`; the other modules use none of each other.
+`load` uses `fused_lora`, `fused_lora` uses `nf4_kernel`, `offload` uses `layer_graphs`; the other
+modules use none of each other.
 Each known trap of QLoRA is handled in the one function that owns the choice, with a comment that
 says why.
 """
 
-from . import layer_graphs
+from . import layer_graphs, nf4_kernel
 from .fused_lora import FusedLoraMatmul, fuse_lora_layers, uses_fused_lora
 from .load import (
     check_sharded_dtypes,
@@ -71,6 +73,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "materialize_placeholders",
+    "nf4_kernel",
     "offload_checkpointed_inputs",
     "offloaded_checkpoint",
     "partition_for_zero3",

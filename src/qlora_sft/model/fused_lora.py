@@ -20,6 +20,7 @@ import torch
 
 from ..launch import LaunchMode
 from ..recipe import Recipe, fused_lora_obstacles
+from . import nf4_kernel
 
 log = logging.getLogger("qlora_sft")
 
@@ -39,7 +40,8 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # read when the layers are fused (`fuse_lora_layers`), not per call: each call is host time
 _ABSMAX_CACHE = False
 _DIRECT = True  # bitsandbytes' CUDA kernels called without torch's op dispatch (`direct_dequant`)
-_CHECKED = False  # the direct call compared once with bitsandbytes' dequantize_4bit
+_TRITON = True  # NF4 weights dequantized by one Triton kernel (`nf4_kernel`, QLORA_SFT_TRITON_DEQUANT)
+_CHECKED = False  # the direct call or the Triton kernel compared once with bitsandbytes' dequantize_4bit
 
 
 def direct_dequant(env: Mapping[str, str] | None = None) -> bool:
@@ -109,37 +111,45 @@ def dequantized(weight: Any) -> torch.Tensor:
     `bitsandbytes.functional.dequantize_4bit` returns. On a GPU its CUDA kernels are called
     directly: through torch's op dispatch the two kernel calls of a double-quantized weight cost
     the host more than the rest of the layer's Python (host profile of 8B on an H200, 2026-12-03),
-    and a weight is dequantized three times per layer per micro batch."""
-    global _DIRECT, _CHECKED
+    and a weight is dequantized three times per layer per micro batch. An NF4 weight on a GPU is
+    dequantized by one Triton kernel instead (`nf4_kernel`; QLORA_SFT_TRITON_DEQUANT=0: not)."""
+    global _DIRECT, _TRITON, _CHECKED
     state, data = weight.quant_state, weight.data
-    kernels = _direct_kernels(data)
-    if kernels is None and not (_ABSMAX_CACHE and state.nested):  # (cached: made plain below)
+    triton = _TRITON and nf4_kernel.usable(data, state)
+    kernels = None if triton else _direct_kernels(data)
+    if not triton and kernels is None and not (_ABSMAX_CACHE and state.nested):  # (cached: made plain below)
         from bitsandbytes.functional import dequantize_4bit
 
         return dequantize_4bit(data, state)
-    if kernels is not None and not _CHECKED:  # once per process: the private functions still do the same
+    if (triton or kernels is not None) and not _CHECKED:  # once per process: still the same values
         from bitsandbytes.functional import dequantize_4bit
 
+        what = "the Triton kernel (nf4_kernel)" if triton else "bitsandbytes' CUDA dequantization called directly"
         try:
-            same = torch.equal(_dequantized_with(weight, kernels), dequantize_4bit(data, state))
-        except Exception as exc:  # another bitsandbytes: other arguments
+            same = torch.equal(_dequantized_with(weight, kernels, triton), dequantize_4bit(data, state))
+        except Exception as exc:  # another bitsandbytes or Triton: other arguments
             same, why = False, f"{type(exc).__name__}: {exc}"
         else:
             why = "other values"
         _CHECKED = True
         if not same:
-            _DIRECT = False
+            _DIRECT = _TRITON = False
             log.warning(
-                "fused LoRA layer: bitsandbytes' CUDA dequantization called directly gave %s than its "
-                "dequantize_4bit; using dequantize_4bit (slower on the host)",
+                "fused LoRA layer: %s gave %s than bitsandbytes' dequantize_4bit; using dequantize_4bit (slower)",
+                what,
                 why,
             )
             return dequantize_4bit(data, state)
-    return _dequantized_with(weight, kernels)
+    return _dequantized_with(weight, kernels, triton)
 
 
-def _dequantized_with(weight: Any, kernels: tuple[Any, Any] | None) -> torch.Tensor:
+def _dequantized_with(weight: Any, kernels: tuple[Any, Any] | None, triton: bool = False) -> torch.Tensor:
     state, data = weight.quant_state, weight.data
+    if triton:
+        if _ABSMAX_CACHE and state.nested:  # (the state made plain once, as below)
+            _block_scales(state, None)
+        out = nf4_kernel.dequantize_nf4(data, state)
+        return out.t() if data.shape[0] == 1 else out
     absmax = _block_scales(state, kernels)
     if kernels is not None:
         out = torch.empty(state.shape, dtype=state.dtype, device=data.device)
@@ -390,8 +400,8 @@ def fuse_lora_layers(model: Any) -> int:
     parameters, state dict, saving and merging stay peft's."""
     from peft.tuners.lora.bnb import Linear4bit
 
-    global _ABSMAX_CACHE, _DIRECT
-    _ABSMAX_CACHE, _DIRECT = absmax_cached(), direct_dequant()
+    global _ABSMAX_CACHE, _DIRECT, _TRITON
+    _ABSMAX_CACHE, _DIRECT, _TRITON = absmax_cached(), direct_dequant(), nf4_kernel.triton_dequant()
     fused = fused_lora_class()
     count = 0
     for module in model.modules():
