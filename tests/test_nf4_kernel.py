@@ -32,14 +32,20 @@ def interpreted(monkeypatch):
     nf4_kernel._kernel.cache_clear()
 
 
-def _quantized(shape, nested: bool, device: str = "cpu", seed: int = 0):
+def _quantized(shape, nested: bool, device: str = "cpu", seed: int = 0, storage=None):
     import bitsandbytes.functional as F
     import torch
 
     torch.manual_seed(seed)
     w = torch.randn(shape) * 0.05
     w.view(-1)[7] = 4.0  # one large weight: its block's scale differs from the rest
-    return F.quantize_4bit(w.to(device), quant_type="nf4", compress_statistics=nested, blocksize=64)
+    return F.quantize_4bit(
+        w.to(device),
+        quant_type="nf4",
+        compress_statistics=nested,
+        blocksize=64,
+        quant_storage=storage or torch.uint8,
+    )
 
 
 def _reference(packed, state):
@@ -95,6 +101,19 @@ def test_kernel_gives_bitsandbytes_values_under_the_interpreter(interpreted):
                     assert torch.equal(got, dequantize_4bit(packed, state)), (shape, nested, dtype)
                 cases += 1
     assert cases == len(SHAPES) * 6
+
+
+def test_kernel_reads_the_bytes_of_another_quant_storage(interpreted):
+    """bnb_4bit_quant_storage=bfloat16 (what FSDP shards): the packed bytes are the same, held in
+    bf16 elements; the kernel reads them as bytes, as bitsandbytes does."""
+    import torch
+
+    packed, state = _quantized((96, 200), nested=True)
+    packed16, state16 = _quantized((96, 200), nested=True, storage=torch.bfloat16)
+    assert packed16.dtype == torch.bfloat16 and torch.equal(packed16.view(torch.uint8).reshape(-1), packed.reshape(-1))
+    state.dtype = state16.dtype = torch.float32
+    assert torch.equal(interpreted.dequantize_nf4(packed16, state16), interpreted.dequantize_nf4(packed, state))
+    assert torch.equal(interpreted.dequantize_nf4(packed16, state16), _reference(packed, state))
 
 
 def test_kernel_serves_only_nf4_with_triton_on_a_gpu_or_interpreted(monkeypatch):
@@ -184,4 +203,6 @@ def test_kernel_gives_bitsandbytes_cuda_values_on_a_gpu():
                 assert got.dtype == want.dtype == dtype and got.shape == want.shape
                 assert torch.equal(got, want), (shape, nested, dtype)
                 cases += 1
+    packed, state = _quantized((4096, 1024), nested=True, device="cuda", storage=torch.bfloat16)  # FSDP's storage
+    assert torch.equal(nf4_kernel.dequantize_nf4(packed, state), dequantize_4bit(packed, state))
     assert cases == (len(SHAPES) + 2) * 6

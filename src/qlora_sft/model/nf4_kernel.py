@@ -116,9 +116,12 @@ def dequantize_nf4(data: torch.Tensor, state: Any) -> torch.Tensor:
         scales2 = code2 = offset = scales  # (not read)
         blocksize2 = 1
     code = state.code.to(device=data.device, dtype=torch.float32)
+    packed = data.reshape(-1)
+    if packed.dtype != torch.uint8:  # bnb_4bit_quant_storage (bf16 under FSDP): the same bytes
+        packed = packed.view(torch.uint8)
     grid = (triton_cdiv(n, 2 * BYTES_PER_PROGRAM),)
     _kernel()[grid](
-        data.reshape(-1),
+        packed,
         scales,
         scales2,
         code2,
