@@ -573,6 +573,17 @@ def export(mode: str, runs: Path, log: Path, env: dict[str, str]) -> dict:
     return result
 
 
+def positive_int(raw: str) -> int:
+    """An argparse type: a whole number above 0."""
+    try:
+        n = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{raw} must be above 0")
+    return n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama3-8b")
@@ -584,7 +595,9 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=4000)
     ap.add_argument("--gpu-cap", type=gib, help="cap each rank's GPU memory at this many GiB")
     ap.add_argument(
-        "--gpu-sms", type=int, help="run each rank's kernels on this many of its GPU's SMs (QLORA_SFT_GPU_SMS)"
+        "--gpu-sms",
+        type=positive_int,
+        help="run each rank's kernels on this many of its GPU's SMs (QLORA_SFT_GPU_SMS; known defect: see its section)",
     )
     ap.add_argument(
         "--kill-resume", default="all", help="modes to also kill at step 7 and resume (default all; 'none')"

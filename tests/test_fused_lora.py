@@ -331,6 +331,8 @@ def test_dequantized_weights_are_bitsandbytes_own_values(device: str, monkeypatc
                     (True, False, True),
                     (True, True, True),
                 ):
+                    if triton and device == "cpu":
+                        continue  # (the kernel runs on the CPU only interpreted: tests/test_nf4_kernel.py)
                     param = bnb.nn.Params4bit(
                         w,
                         requires_grad=False,
@@ -345,6 +347,8 @@ def test_dequantized_weights_are_bitsandbytes_own_values(device: str, monkeypatc
                     monkeypatch.setattr(fused_lora, "_DIRECT", direct)
                     monkeypatch.setattr(fused_lora, "_ABSMAX_CACHE", cache)
                     monkeypatch.setattr(fused_lora, "_TRITON", triton)
+                    monkeypatch.setattr(fused_lora, "_CHECKED", False)  # each path checked in its own row
+                    monkeypatch.setattr(fused_lora, "_TRITON_CHECKED", False)
                     for _ in range(2):  # (the second call reads the kept scales)
                         got = fused_lora.dequantized(param)
                         assert got.dtype == want.dtype == dtype and got.shape == want.shape == (96, 160)
@@ -354,6 +358,9 @@ def test_dequantized_weights_are_bitsandbytes_own_values(device: str, monkeypatc
                     assert state.nested == (nested and not cache)
                     assert (state.absmax.dtype == torch.float32) == (not state.nested)
                     assert torch.equal(dequantize_4bit(param.data, state), want)
+                    # each fast path kept (none fell back after its check); the kernel serves NF4 only
+                    assert fused_lora._TRITON is triton and fused_lora._DIRECT is direct
+                    assert fused_lora._TRITON_CHECKED is (triton and quant_type == "nf4")
                 cases += 1
     assert cases == 12
 
@@ -419,4 +426,4 @@ def test_direct_kernels_that_disagree_with_bitsandbytes_are_dropped_with_a_warni
         if stays:
             assert warned == []
         else:
-            assert len(warned) == 1 and why in warned[0] and "using dequantize_4bit" in warned[0], warned
+            assert len(warned) == 1 and why in warned[0] and "using bitsandbytes' kernels" in warned[0], warned

@@ -144,7 +144,7 @@ def test_switch_values_and_refusal():
 def test_fused_layer_uses_the_kernel_and_drops_one_that_disagrees(interpreted, monkeypatch, caplog):
     """`fused_lora.dequantized` calls the kernel where it serves, compares it once per process with
     bitsandbytes' `dequantize_4bit`, and where the values differ (here a kernel made wrong) goes on
-    with bitsandbytes and says so."""
+    with bitsandbytes' kernels and says so; the direct kernels keep their own check."""
     import bitsandbytes as bnb
     import torch
     from bitsandbytes.functional import dequantize_4bit
@@ -169,13 +169,17 @@ def test_fused_layer_uses_the_kernel_and_drops_one_that_disagrees(interpreted, m
 
     for kernel, stays in ((counted, True), (wrong, False)):
         monkeypatch.setattr(fused_lora, "_TRITON", True)
-        monkeypatch.setattr(fused_lora, "_CHECKED", False)
+        monkeypatch.setattr(fused_lora, "_TRITON_CHECKED", False)
+        monkeypatch.setattr(fused_lora, "_DIRECT", fused_lora._DIRECT)  # (put back after the test)
+        monkeypatch.setattr(fused_lora, "_CHECKED", fused_lora._CHECKED)
+        direct_before = fused_lora._DIRECT
         monkeypatch.setattr(interpreted, "dequantize_nf4", kernel)
         calls.clear()
         warned = dequantized_three_times(param, want, caplog, "Triton kernel")
-        assert fused_lora._TRITON is stays and fused_lora._CHECKED
+        assert fused_lora._TRITON is stays and fused_lora._TRITON_CHECKED
+        assert fused_lora._DIRECT is direct_before  # a failed Triton check leaves the direct kernels' own
         if stays:
-            assert warned == [] and len(calls) == 1 + 3  # the check, then every call
+            assert warned == [] and len(calls) == 3  # every call (the first one's values the checked ones)
         else:
             assert len(warned) == 1 and "other values" in warned[0] and len(calls) == 1  # then bitsandbytes
 

@@ -907,24 +907,37 @@ def apply_gpu_sm_cap() -> tuple[int, int] | None:
     A benchmark's stand-in for a slower GPU (bench.distributed --gpu-sms): the host stays as fast and
     the memory bandwidth is what the SMs can draw, so it is a proxy, not a measurement of a card.
     Known defect (8B on one H200, 2026-12-04): runs under it did not train as runs without it (the
-    losses never fell, and differed from step 1). Not established why; bitsandbytes' optimizer
-    kernels take no stream and run on the legacy default stream, which nothing orders with this
-    one (`tests/test_distributed.py`'s GPU test of the switch is marked as failing until it trains).
-    Returns (SMs asked, SMs of the GPU), or None."""
+    losses never fell, and differed from step 1 on). Not established why. The step-1 losses come
+    before any optimizer step, so something in the forward or its data is affected; that the
+    losses do not fall may also come from bitsandbytes' optimizer kernels, which take no stream and
+    run on the legacy default stream, which nothing orders with this one. Until that is found, the
+    switch's tokens/s are not of correct training (its log line says so).
+    Returns (SMs asked, SMs of the GPU), or None; the driver rounds the count up to its granule."""
     import torch
 
     raw = os.environ.get(GPU_SMS_ENV)
-    if not raw or not torch.cuda.is_available():
+    if not raw:
+        return None
+    if not torch.cuda.is_available():
+        sm_count(raw, sys.maxsize)  # the value checked all the same; no GPU to hold it to
         return None
     device = torch.cuda.current_device()
     total = torch.cuda.get_device_properties(device).multi_processor_count
     n = sm_count(raw, total)
-    from torch.cuda import green_contexts
-
+    try:
+        from torch.cuda import green_contexts
+    except ImportError:
+        green_contexts = None
     if not getattr(green_contexts, "SUPPORTED", False):
         raise UserError(f"{GPU_SMS_ENV}={raw}: this PyTorch build has no CUDA green contexts (CUDA 12.8+ needed)")
-    green = green_contexts.GreenContext.create(num_sms=n, device_id=device)
-    stream = green.Stream()
+    try:
+        green = green_contexts.GreenContext.create(num_sms=n, device_id=device)
+        stream = green.Stream()
+    except Exception as exc:  # the driver's own limits
+        raise UserError(
+            f"{GPU_SMS_ENV}={raw}: the CUDA driver could not hold this GPU's kernels to {n} of its {total} streaming "
+            f"multiprocessors ({type(exc).__name__}: {exc}); give fewer, or unset it"
+        ) from exc
     torch.cuda.set_stream(stream)
     _GREEN[:] = [green, stream]
     return n, total

@@ -41,7 +41,8 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _ABSMAX_CACHE = False
 _DIRECT = True  # bitsandbytes' CUDA kernels called without torch's op dispatch (`direct_dequant`)
 _TRITON = True  # NF4 weights dequantized by one Triton kernel (`nf4_kernel`, QLORA_SFT_TRITON_DEQUANT)
-_CHECKED = False  # the direct call or the Triton kernel compared once with bitsandbytes' dequantize_4bit
+_CHECKED = False  # the direct call compared once with bitsandbytes' dequantize_4bit
+_TRITON_CHECKED = False  # the Triton kernel compared once with it
 
 
 def direct_dequant(env: Mapping[str, str] | None = None) -> bool:
@@ -113,37 +114,59 @@ def dequantized(weight: Any) -> torch.Tensor:
     the host more than the rest of the layer's Python (host profile of 8B on an H200, 2026-12-03),
     and a weight is dequantized three times per layer per micro batch. An NF4 weight on a GPU is
     dequantized by one Triton kernel instead (`nf4_kernel`; QLORA_SFT_TRITON_DEQUANT=0: not)."""
-    global _DIRECT, _TRITON, _CHECKED
+    global _DIRECT, _TRITON, _CHECKED, _TRITON_CHECKED
     state, data = weight.quant_state, weight.data
-    triton = _TRITON and nf4_kernel.usable(data, state)
-    kernels = None if triton else _direct_kernels(data)
-    if not triton and kernels is None and not (_ABSMAX_CACHE and state.nested):  # (cached: made plain below)
+    if _TRITON and nf4_kernel.usable(data, state):
+        if _TRITON_CHECKED:
+            return _dequantized_with(weight, None, triton=True)
+        _TRITON_CHECKED = True  # once per process: still bitsandbytes' values
+        out = _checked(weight, lambda: _dequantized_with(weight, None, triton=True), "the Triton kernel (nf4_kernel)")
+        if out is not None:
+            return out
+        _TRITON = False  # (the direct kernels below keep their own check)
+    kernels = _direct_kernels(data)
+    if kernels is None and not (_ABSMAX_CACHE and state.nested):  # (cached: made plain below)
         from bitsandbytes.functional import dequantize_4bit
 
         return dequantize_4bit(data, state)
-    if (triton or kernels is not None) and not _CHECKED:  # once per process: still the same values
-        from bitsandbytes.functional import dequantize_4bit
+    if kernels is not None and not _CHECKED:
+        _CHECKED = True  # once per process: the private functions still do the same
+        what = "bitsandbytes' CUDA dequantization called directly"
+        out = _checked(weight, lambda: _dequantized_with(weight, kernels), what)
+        if out is not None:
+            return out
+        _DIRECT = False
+        kernels = None
+        if not (_ABSMAX_CACHE and state.nested):
+            from bitsandbytes.functional import dequantize_4bit
 
-        what = "the Triton kernel (nf4_kernel)" if triton else "bitsandbytes' CUDA dequantization called directly"
-        try:
-            same = torch.equal(_dequantized_with(weight, kernels, triton), dequantize_4bit(data, state))
-        except Exception as exc:  # another bitsandbytes or Triton: other arguments
-            same, why = False, f"{type(exc).__name__}: {exc}"
-        else:
-            why = "other values"
-        _CHECKED = True
-        if not same:
-            _DIRECT = _TRITON = False
-            log.warning(
-                "fused LoRA layer: %s gave %s than bitsandbytes' dequantize_4bit; using dequantize_4bit (slower)",
-                what,
-                why,
-            )
             return dequantize_4bit(data, state)
-    return _dequantized_with(weight, kernels, triton)
+    return _dequantized_with(weight, kernels)
 
 
-def _dequantized_with(weight: Any, kernels: tuple[Any, Any] | None, triton: bool = False) -> torch.Tensor:
+def _checked(weight: Any, compute: Any, what: str) -> torch.Tensor | None:
+    """`compute()` where it gives exactly `bitsandbytes.functional.dequantize_4bit`'s values for
+    `weight`, else None, with a warning naming `what` and why (other values, or its exception)."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    try:
+        out = compute()
+        same = torch.equal(out, dequantize_4bit(weight.data, weight.quant_state))
+    except Exception as exc:  # another bitsandbytes or Triton: other arguments, a failed compile
+        same, why = False, f"{type(exc).__name__}: {exc}"
+    else:
+        why = "other values"
+    if same:
+        return out
+    log.warning(
+        "fused LoRA layer: %s gave %s than bitsandbytes' dequantize_4bit; using bitsandbytes' kernels instead",
+        what,
+        why,
+    )
+    return None
+
+
+def _dequantized_with(weight: Any, kernels: tuple[Any, Any] | None = None, triton: bool = False) -> torch.Tensor:
     state, data = weight.quant_state, weight.data
     if triton:
         if _ABSMAX_CACHE and state.nested:  # (the state made plain once, as below)
