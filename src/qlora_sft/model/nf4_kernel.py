@@ -5,10 +5,10 @@ bit (the fused LoRA layer checks that once per process against `bitsandbytes.fun
 and falls back to bitsandbytes where they differ).
 
 Why: every 4-bit weight is dequantized three times per decoder layer and micro batch (the forward,
-its recompute, the backward), a fixed cost per micro batch whatever its tokens. On a GPU that the
-compute limits (an H200 held to 16 of its SMs, 2026-12-04) that cost is most of what makes 2 x 2048
-tokens per micro batch slower than 4 x 2048. One kernel also reads the packed bytes once, with
-wide stores, and is one launch instead of three.
+its recompute, the backward), a fixed cost per micro batch whatever its tokens (at 8B about 28 ms
+on a whole H200 and 0.19 s on 16 of its SMs, from the time per weight, 2026-12-04). One kernel
+reads the packed bytes once and is one launch instead of three: 1.14-1.52x faster per weight,
+1.005-1.010x end to end at 8B on an H200 (docs/benchmarks.md).
 
 `QLORA_SFT_TRITON_DEQUANT=0` (a benchmark switch) keeps bitsandbytes' kernels. Used on CUDA
 tensors where Triton is installed (it comes with PyTorch's CUDA builds); on the CPU only under
