@@ -139,6 +139,10 @@ def test_wandb_without_a_login_stops_before_the_data_and_the_model(
     assert "train.report_to asks for wandb, which cannot log in here" in message
     assert "wandb login" in message and "WANDB_API_KEY" in message and "WANDB_MODE=offline" in message
     assert not Path(recipe.data_cache_root).exists()  # no data was prepared either
+    monkeypatch.setenv("WANDB_MODE", "ofline")  # misspelt: named as such, not as a missing login
+    with pytest.raises(UserError) as exc:
+        train(recipe)
+    assert "WANDB_MODE='ofline' is not a mode W&B knows" in str(exc.value) and "cannot log in" not in str(exc.value)
     monkeypatch.setenv("WANDB_MODE", "offline")
     with pytest.raises(AssertionError, match="the model was loaded"):  # past the check, up to the model
         train(recipe)
