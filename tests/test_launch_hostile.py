@@ -749,7 +749,8 @@ def test_a_global_batch_no_micro_batch_fits_says_why():
         resolve_batch(recipe.train, 3)
     text = str(exc.value)
     assert "smaller" not in text and "32 is not a multiple of the 3 processes" in text
-    with pytest.raises(RecipeError, match="2 is smaller than the 4 processes"):
+    assert "WORLD_SIZE" in text  # where the count came from (a stray WORLD_SIZE=1000 was not named)
+    with pytest.raises(RecipeError, match="2 is smaller than the 4 processes: the launcher's WORLD_SIZE"):
         resolve_batch(build_recipe({**MINIMAL_RECIPE, "train": {"global_batch_size": 2}}).train, 4)
 
 

@@ -1804,6 +1804,10 @@ def micro_batches_dividing(global_batch: int, world_size: int, most: int | None 
     return [m for m in range(1, top + 1) if global_batch % (m * world_size) == 0]
 
 
+# where a process count that no batch fits came from (a stray or mistyped WORLD_SIZE was not named)
+PROCESSES_FROM = ": the launcher's WORLD_SIZE, or plan's --gpus x --nodes"
+
+
 def resolve_batch(train: TrainConfig, world_size: int) -> BatchPlan:
     """Gradient accumulation from the global batch, the micro batch and the world size."""
     micro = int(train.args.get("per_device_train_batch_size", 1))
@@ -1816,9 +1820,9 @@ def resolve_batch(train: TrainConfig, world_size: int) -> BatchPlan:
         fix = (
             f"or set train.per_device_train_batch_size to one of {micros}"
             if micros
-            else f"({gbs} is smaller than the {world_size} processes)"
+            else f"({gbs} is smaller than the {world_size} processes{PROCESSES_FROM})"
             if gbs < world_size
-            else f"({gbs} is not a multiple of the {world_size} processes: no micro batch fits)"
+            else f"({gbs} is not a multiple of the {world_size} processes{PROCESSES_FROM}: no micro batch fits)"
         )
         raise RecipeError(
             [
