@@ -531,7 +531,7 @@ def test_gpu_sm_cap_values_and_refusals(monkeypatch):
         monkeypatch.setenv(GPU_SMS_ENV, "16")
         assert apply_gpu_sm_cap() is None
         monkeypatch.setenv(GPU_SMS_ENV, "-16")  # checked even without a GPU to hold it to
-        with pytest.raises(UserError, match=f"{GPU_SMS_ENV}=-16"):
+        with pytest.raises(UserError, match=f"{GPU_SMS_ENV}=-16: must be > 0$"):  # (no GPU's count to name)
             apply_gpu_sm_cap()
 
 

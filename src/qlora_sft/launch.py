@@ -887,14 +887,15 @@ def apply_gpu_memory_cap() -> tuple[float, float] | None:
 _GREEN: list[Any] = []  # the green context and its stream, alive while the process runs on them
 
 
-def sm_count(raw: str, total: int) -> int:
-    """QLORA_SFT_GPU_SMS=`raw` on a GPU of `total` streaming multiprocessors, checked."""
+def sm_count(raw: str, total: int | None) -> int:
+    """QLORA_SFT_GPU_SMS=`raw` on a GPU of `total` streaming multiprocessors (None: no GPU here), checked."""
     try:
         n = int(raw)
     except ValueError:
         raise UserError(f"{GPU_SMS_ENV}={raw!r}: give a whole number of streaming multiprocessors (e.g. 16)") from None
-    if not 0 < n <= total:
-        raise UserError(f"{GPU_SMS_ENV}={raw}: must be > 0 and at most this GPU's {total} streaming multiprocessors")
+    if n <= 0 or (total is not None and n > total):
+        most = "" if total is None else f" and at most this GPU's {total} streaming multiprocessors"
+        raise UserError(f"{GPU_SMS_ENV}={raw}: must be > 0{most}")
     return n
 
 
@@ -919,7 +920,7 @@ def apply_gpu_sm_cap() -> tuple[int, int] | None:
     if not raw:
         return None
     if not torch.cuda.is_available():
-        sm_count(raw, sys.maxsize)  # the value checked all the same; no GPU to hold it to
+        sm_count(raw, None)  # the value checked all the same; no GPU to hold it to
         return None
     device = torch.cuda.current_device()
     total = torch.cuda.get_device_properties(device).multi_processor_count

@@ -97,15 +97,17 @@ def credential_problems(report_to: Any) -> list[str]:
     run opens after the model has loaded, where the job then died with "No API key configured").
     Checked by the main process before the data and the model, with W&B's own login (which asks on
     a terminal, as wandb.init would, and reads WANDB_API_KEY or ~/.netrc elsewhere)."""
-    problems = []
+    problems: list[str] = []
+    if "wandb" not in requested(report_to):
+        return problems
     mode = os.environ.get("WANDB_MODE", "")
-    if "wandb" in requested(report_to) and mode and mode.lower() not in WANDB_MODES:
+    if mode and mode.lower() not in WANDB_MODES:
         # (checked first: a misspelt offline mode would otherwise be reported as a missing login)
         return [
             f"train.report_to asks for wandb, and WANDB_MODE={mode!r} is not a mode W&B knows: set it to one of "
             f"{', '.join(WANDB_MODES)} (offline logs into the run directory), or unset it"
         ]
-    if "wandb" in requested(report_to) and mode.lower() not in WANDB_LOCAL_MODES:
+    if mode.lower() not in WANDB_LOCAL_MODES:
         import wandb
 
         leave_inherited_wandb_service()

@@ -296,9 +296,9 @@ def train(recipe: Recipe, extra_callbacks: list[Any] | None = None, on_trainer: 
     if sms is not None:
         log.warning(
             "GPU compute held to %d (rounded up by the driver) of its %d streaming multiprocessors (%s, a CUDA "
-            "green context), a stand-in "
-            "for a slower GPU for benchmarks. Known defect: runs under it did not train as runs without it "
-            "(8B on one H200, 2026-12-04: the losses never fell); its tokens/s are not of correct training",
+            "green context), a stand-in for a slower GPU for benchmarks. Known defect: runs under it did not "
+            "train as runs without it (8B on one H200, 2026-12-04: the losses never fell); its tokens/s are not "
+            "of correct training",
             *sms,
             launch.GPU_SMS_ENV,
         )

@@ -125,22 +125,17 @@ def dequantized(weight: Any) -> torch.Tensor:
             return out
         _TRITON = False  # (the direct kernels below keep their own check)
     kernels = _direct_kernels(data)
-    if kernels is None and not (_ABSMAX_CACHE and state.nested):  # (cached: made plain below)
-        from bitsandbytes.functional import dequantize_4bit
-
-        return dequantize_4bit(data, state)
     if kernels is not None and not _CHECKED:
         _CHECKED = True  # once per process: the private functions still do the same
         what = "bitsandbytes' CUDA dequantization called directly"
         out = _checked(weight, lambda: _dequantized_with(weight, kernels), what)
         if out is not None:
             return out
-        _DIRECT = False
-        kernels = None
-        if not (_ABSMAX_CACHE and state.nested):
-            from bitsandbytes.functional import dequantize_4bit
+        _DIRECT, kernels = False, None
+    if kernels is None and not (_ABSMAX_CACHE and state.nested):  # (cached: made plain below)
+        from bitsandbytes.functional import dequantize_4bit
 
-            return dequantize_4bit(data, state)
+        return dequantize_4bit(data, state)
     return _dequantized_with(weight, kernels)
 
 

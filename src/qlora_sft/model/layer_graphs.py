@@ -21,9 +21,9 @@ What a replay needs, and how it is kept true:
     are read where they are, so the optimizer's in-place updates of the adapters reach every replay.
     Only launches whose weights stay put use it: one GPU, and DDP for the forward
     (`offload_checkpointed_inputs`), never FSDP or ZeRO-3, which gather weights into new memory
-    each time. The backward's graph returns the
-    adapters' gradients, which are added to `.grad` after the replay as autograd would; DDP's
-    reducer hooks on that accumulation, so under DDP the backward runs eagerly;
+    each time. The backward's graph returns the adapters' gradients, which are added to `.grad`
+    after the replay as autograd would; DDP's reducer hooks on that accumulation, so under DDP the
+    backward runs eagerly;
   * nothing on the host inside: a layer with forward hooks, dropout in training, a positional
     argument, or a non-tensor argument that is not a plain value runs eagerly; pre-forward hooks
     marked replay-safe (the host head's prefetch, `replay_safe`) run eagerly before each replay of

@@ -92,7 +92,7 @@ def _kernel() -> Any:
 def usable(data: torch.Tensor, state: Any) -> bool:
     """Whether `dequantize_nf4` serves this weight: NF4 with even blocks, a Triton that imports,
     and a CUDA tensor (or the interpreter)."""
-    if state.quant_type != "nf4" or state.blocksize % 2 or (state.nested and state.state2.blocksize <= 0):
+    if state.quant_type != "nf4" or state.blocksize % 2:
         return False
     if not (data.is_cuda or _interpreted()):
         return False
@@ -119,7 +119,7 @@ def dequantize_nf4(data: torch.Tensor, state: Any) -> torch.Tensor:
     packed = data.reshape(-1)
     if packed.dtype != torch.uint8:  # bnb_4bit_quant_storage (bf16 under FSDP): the same bytes
         packed = packed.view(torch.uint8)
-    grid = (triton_cdiv(n, 2 * BYTES_PER_PROGRAM),)
+    grid = (-(-n // (2 * BYTES_PER_PROGRAM)),)
     _kernel()[grid](
         packed,
         scales,
@@ -136,7 +136,3 @@ def dequantize_nf4(data: torch.Tensor, state: Any) -> torch.Tensor:
         enable_fp_fusion=False,  # a scale times its code, then plus the offset: two roundings, as bitsandbytes
     )
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
